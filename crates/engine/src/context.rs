@@ -1,0 +1,500 @@
+//! A context: what one open `/dev/iommu` holds. Objects live in a table of
+//! u32 IDs; an object is in use while anything else holds a reference to it
+//! (an `Arc` clone), so `destroy` is `EBUSY` exactly when Linux's `users`
+//! count would be above one.
+
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::account::{AccountMode, Accounting, Limit};
+use crate::device::{Device, DeviceInfo};
+use crate::error::{Error, Result};
+use crate::hwpt::{HwptFlags, HwptPaging};
+use crate::ioas::{Ioas, Owner, Source};
+use crate::iova::IovaRange;
+use crate::memory::Trust;
+use crate::pages::Pages;
+use crate::pgtable::Perm;
+
+/// Object IDs are positive and fit in 31 bits, as Linux allocates them.
+const MAX_ID: u32 = i32::MAX as u32;
+
+#[derive(Clone)]
+pub enum Object {
+    Ioas(Arc<Ioas>),
+    HwptPaging(Arc<HwptPaging>),
+    Device(Arc<Device>),
+}
+
+impl Object {
+    fn strong_count(&self) -> usize {
+        match self {
+            Object::Ioas(o) => Arc::strong_count(o),
+            Object::HwptPaging(o) => Arc::strong_count(o),
+            Object::Device(o) => Arc::strong_count(o),
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Ioas(_) => "IOAS",
+            Object::HwptPaging(_) => "HWPT paging",
+            Object::Device(_) => "device",
+        }
+    }
+}
+
+/// How a context charges pinned memory and what its caller may do.
+#[derive(Debug, Clone)]
+pub struct ContextConfig {
+    pub memlock_limit: Limit,
+    /// The caller holds `CAP_IPC_LOCK`: pinned pages are not charged.
+    pub memlock_exempt: bool,
+    /// The caller holds `CAP_SYS_RESOURCE`: it may change the accounting mode.
+    pub sys_resource: bool,
+}
+
+impl ContextConfig {
+    /// The privileges of this process, as Linux would judge them.
+    pub fn from_process() -> Self {
+        ContextConfig {
+            memlock_limit: Limit::Rlimit,
+            memlock_exempt: crate::account::has_cap_ipc_lock(),
+            sys_resource: crate::account::has_capability(crate::account::CAP_SYS_RESOURCE),
+        }
+    }
+}
+
+pub struct Context {
+    objects: Mutex<BTreeMap<u32, Object>>,
+    /// Serialises changes to the object graph (attach, detach, destroy) so
+    /// checks of who uses what stay true while they act.
+    graph: Mutex<()>,
+    account_mode: Mutex<AccountMode>,
+    config: ContextConfig,
+}
+
+impl Default for Context {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Context {
+    pub fn new() -> Self {
+        Self::with_config(ContextConfig::from_process())
+    }
+
+    pub fn with_config(config: ContextConfig) -> Self {
+        Context {
+            objects: Mutex::new(BTreeMap::new()),
+            graph: Mutex::new(()),
+            account_mode: Mutex::new(AccountMode::User),
+            config,
+        }
+    }
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<u32, Object>> {
+        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn graph(&self) -> MutexGuard<'_, ()> {
+        self.graph.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, obj: Object) -> Result<u32> {
+        let mut t = self.table();
+        // The lowest free ID, like an allocating xarray.
+        let mut id = 1u32;
+        for &used in t.keys() {
+            if used != id {
+                break;
+            }
+            id += 1;
+        }
+        if id > MAX_ID {
+            return Err(Error::NoSpace("object IDs exhausted"));
+        }
+        t.insert(id, obj);
+        Ok(id)
+    }
+
+    pub fn object(&self, id: u32) -> Result<Object> {
+        self.table()
+            .get(&id)
+            .cloned()
+            .ok_or(Error::NotFound("no object with that ID"))
+    }
+
+    pub fn ioas(&self, id: u32) -> Result<Arc<Ioas>> {
+        match self.object(id)? {
+            Object::Ioas(o) => Ok(o),
+            _ => Err(Error::NotFound("object is not an IOAS")),
+        }
+    }
+
+    pub fn device(&self, id: u32) -> Result<Arc<Device>> {
+        match self.object(id)? {
+            Object::Device(o) => Ok(o),
+            _ => Err(Error::NotFound("object is not a device")),
+        }
+    }
+
+    pub fn hwpt(&self, id: u32) -> Result<Arc<HwptPaging>> {
+        match self.object(id)? {
+            Object::HwptPaging(o) => Ok(o),
+            _ => Err(Error::NotFound("object is not a HWPT")),
+        }
+    }
+
+    /// IDs and kinds of every object, in ID order.
+    pub fn objects(&self) -> Vec<(u32, &'static str)> {
+        self.table().iter().map(|(&id, o)| (id, o.kind())).collect()
+    }
+
+    fn accounting(&self) -> Accounting {
+        let mode = *self.account_mode.lock().unwrap_or_else(|e| e.into_inner());
+        Accounting::new(mode, self.config.memlock_exempt, self.config.memlock_limit)
+    }
+
+    pub fn account_mode(&self) -> AccountMode {
+        *self.account_mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `IOMMU_OPTION_RLIMIT_MODE`: needs `CAP_SYS_RESOURCE` and an empty context.
+    pub fn set_account_mode(&self, mode: AccountMode) -> Result<()> {
+        if !self.config.sys_resource {
+            return Err(Error::Permission(
+                "changing the accounting mode needs CAP_SYS_RESOURCE",
+            ));
+        }
+        let t = self.table();
+        if !t.is_empty() {
+            return Err(Error::Busy("the context already has objects"));
+        }
+        *self.account_mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        Ok(())
+    }
+
+    pub fn ioas_alloc(&self) -> Result<u32> {
+        self.insert(Object::Ioas(Arc::new(Ioas::new())))
+    }
+
+    /// Maps user memory that the caller keeps mapped while it is in the IOAS;
+    /// DMA touches it directly.
+    ///
+    /// # Safety
+    /// `[uptr, uptr + len)` must stay mapped (with the rights given in
+    /// `perm`) until it is unmapped from the IOAS or the context is dropped.
+    pub unsafe fn map_user(
+        &self,
+        ioas: u32,
+        uptr: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Direct)
+    }
+
+    /// Maps user memory that its owner may unmap at any time: pinning checks
+    /// it is mapped, and DMA that finds it gone fails instead of crashing.
+    pub fn map_user_checked(
+        &self,
+        ioas: u32,
+        uptr: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Checked)
+    }
+
+    fn map_user_trust(
+        &self,
+        ioas: u32,
+        uptr: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+        trust: Trust,
+    ) -> Result<u64> {
+        let ioas = self.ioas(ioas)?;
+        let (pages, lead) = Pages::user(uptr, len, perm.write, trust, self.accounting())?;
+        ioas.map(
+            &[Source {
+                pages,
+                start_byte: lead,
+                len,
+                align_hint: uptr,
+            }],
+            iova,
+            perm,
+        )
+    }
+
+    /// Maps `[start, start + len)` of a file (a memfd, typically).
+    pub fn map_file(
+        &self,
+        ioas: u32,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let ioas = self.ioas(ioas)?;
+        let (pages, lead) = Pages::file(fd, start, len, perm.write, self.accounting())?;
+        ioas.map(
+            &[Source {
+                pages,
+                start_byte: lead,
+                len,
+                align_hint: start,
+            }],
+            iova,
+            perm,
+        )
+    }
+
+    /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
+    /// `[src_iova, src_iova + len)` of `src`, sharing its pins.
+    pub fn copy(
+        &self,
+        dst: u32,
+        src: u32,
+        src_iova: u64,
+        len: u64,
+        dst_iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let srcs = self.ioas(src)?.sources(src_iova, len)?;
+        self.ioas(dst)?.map(&srcs, dst_iova, perm)
+    }
+
+    /// Unmaps whole mappings inside `[iova, iova + len)`; `0, u64::MAX`
+    /// unmaps everything. Returns the bytes unmapped.
+    pub fn unmap(&self, ioas: u32, iova: u64, len: u64) -> Result<u64> {
+        let ioas = self.ioas(ioas)?;
+        if iova == 0 && len == u64::MAX {
+            return Ok(ioas.unmap_all());
+        }
+        let (unmapped, res) = ioas.unmap(IovaRange::from_len(iova, len)?);
+        res?;
+        if unmapped == 0 {
+            return Err(Error::NotFound("nothing is mapped in that range"));
+        }
+        Ok(unmapped)
+    }
+
+    /// Binds an emulated device; it can then be attached to page tables.
+    pub fn bind_device(&self, info: DeviceInfo) -> Result<u32> {
+        let _g = self.graph();
+        self.insert(Object::Device(Arc::new(Device::new(info))))
+    }
+
+    /// Detaches and forgets a device (what closing its VFIO fd does).
+    pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        self.detach_locked(&dev);
+        self.table().remove(&dev_id);
+        Ok(())
+    }
+
+    /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device.
+    pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags) -> Result<u32> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let ioas = self
+            .ioas(ioas_id)
+            .map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
+        if flags.dirty_tracking && !dev.info().dirty_tracking {
+            return Err(Error::Unsupported(
+                "the device's IOMMU cannot track dirty pages",
+            ));
+        }
+        let info = dev.info();
+        let hwpt = HwptPaging::new(ioas, info.format, info.aperture, flags, false)?;
+        self.insert_hwpt(hwpt)
+    }
+
+    fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
+        self.insert(Object::HwptPaging(hwpt.clone()))
+            .inspect_err(|_| hwpt.release())
+    }
+
+    /// Attaches a device (its RID) to an IOAS, through an automatically
+    /// created HWPT, or to a paging HWPT. Returns the HWPT's ID.
+    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        if dev.attached().is_some() {
+            return Err(Error::Invalid("device is already attached; use replace"));
+        }
+        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
+        if let Err(e) = hwpt
+            .ioas()
+            .reserve(&dev.info().reserved, Owner::Device(dev.key()))
+        {
+            self.drop_if_unused_auto(id, hwpt);
+            return Err(e);
+        }
+        dev.set_attached(Some(hwpt));
+        Ok(id)
+    }
+
+    /// Moves an attached device to another page table without a window in
+    /// which its DMA is blocked.
+    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let Some(old) = dev.attached() else {
+            return Err(Error::Invalid("device is not attached"));
+        };
+        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
+        if Arc::ptr_eq(&old, &hwpt) {
+            return Ok(id);
+        }
+        let owner = Owner::Device(dev.key());
+        let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
+        if new_ioas && let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner) {
+            self.drop_if_unused_auto(id, hwpt);
+            return Err(e);
+        }
+        let old = dev.set_attached(Some(hwpt)).expect("attached above");
+        if new_ioas {
+            old.ioas().unreserve(owner);
+        }
+        self.release_attachment(old);
+        Ok(id)
+    }
+
+    pub fn detach(&self, dev_id: u32) -> Result<()> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        if dev.attached().is_none() {
+            return Err(Error::Invalid("device is not attached"));
+        }
+        self.detach_locked(&dev);
+        Ok(())
+    }
+
+    fn detach_locked(&self, dev: &Device) {
+        if let Some(old) = dev.set_attached(None) {
+            old.ioas().unreserve(Owner::Device(dev.key()));
+            self.release_attachment(old);
+        }
+    }
+
+    /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
+    /// IOAS a compatible automatic one, created when there is none.
+    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Arc<HwptPaging>)> {
+        let info = dev.info();
+        match self.object(pt_id)? {
+            Object::HwptPaging(h) => {
+                if h.domain().format() != info.format {
+                    return Err(Error::Invalid(
+                        "HWPT format does not match the device's IOMMU",
+                    ));
+                }
+                Ok((pt_id, h))
+            }
+            Object::Ioas(ioas) => {
+                let found = self.table().iter().find_map(|(&id, o)| match o {
+                    Object::HwptPaging(h)
+                        if h.is_auto()
+                            && Arc::ptr_eq(h.ioas(), &ioas)
+                            && h.domain().format() == info.format
+                            && h.domain().aperture() == info.aperture =>
+                    {
+                        Some((id, h.clone()))
+                    }
+                    _ => None,
+                });
+                if let Some(found) = found {
+                    return Ok(found);
+                }
+                let hwpt =
+                    HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
+                Ok((self.insert_hwpt(hwpt.clone())?, hwpt))
+            }
+            Object::Device(_) => Err(Error::Invalid("pt_id is a device")),
+        }
+    }
+
+    /// Drops a device's reference to a HWPT; an automatic HWPT goes with
+    /// its last device.
+    fn release_attachment(&self, hwpt: Arc<HwptPaging>) {
+        if let Some(id) = self.id_of(&hwpt) {
+            self.drop_if_unused_auto(id, hwpt);
+        }
+    }
+
+    fn id_of(&self, hwpt: &Arc<HwptPaging>) -> Option<u32> {
+        self.table().iter().find_map(|(&id, o)| match o {
+            Object::HwptPaging(h) if Arc::ptr_eq(h, hwpt) => Some(id),
+            _ => None,
+        })
+    }
+
+    fn drop_if_unused_auto(&self, id: u32, hwpt: Arc<HwptPaging>) {
+        if !hwpt.is_auto() {
+            return;
+        }
+        drop(hwpt);
+        let mut t = self.table();
+        if let Some(Object::HwptPaging(h)) = t.get(&id)
+            && Arc::strong_count(h) == 1
+        {
+            let Some(Object::HwptPaging(h)) = t.remove(&id) else {
+                unreachable!()
+            };
+            drop(t);
+            h.release();
+        }
+    }
+
+    /// `IOMMU_DESTROY`.
+    pub fn destroy(&self, id: u32) -> Result<()> {
+        let _g = self.graph();
+        let mut t = self.table();
+        let obj = t
+            .get(&id)
+            .ok_or(Error::NotFound("no object with that ID"))?;
+        if matches!(obj, Object::Device(_)) {
+            return Err(Error::Busy("a bound device is released by unbinding it"));
+        }
+        if obj.strong_count() > 1 {
+            return Err(Error::Busy("object is in use"));
+        }
+        let obj = t.remove(&id).expect("present");
+        drop(t);
+        if let Object::HwptPaging(h) = &obj {
+            h.release();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // Leaves first: devices hold HWPTs, HWPTs hold IOASes.
+        let devices: Vec<u32> = self
+            .table()
+            .iter()
+            .filter(|(_, o)| matches!(o, Object::Device(_)))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in devices {
+            let _ = self.unbind_device(id);
+        }
+        let t = std::mem::take(&mut *self.table());
+        for obj in t.into_values() {
+            if let Object::HwptPaging(h) = obj {
+                h.release();
+            }
+        }
+    }
+}

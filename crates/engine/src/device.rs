@@ -1,0 +1,165 @@
+//! Emulated devices: what a device brings to an IOMMU (RID, aperture,
+//! reserved regions, PASID width, format) and the DMA it does through the
+//! page table it is attached to.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
+use thiserror::Error;
+
+use crate::epoch;
+use crate::hwpt::{FaultReason, HwptPaging, PageFormat};
+use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::memory;
+use crate::pgtable::Perm;
+
+/// A device as its IOMMU sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// PCI requester ID (bus << 8 | devfn).
+    pub rid: u32,
+    /// The page-table format of the IOMMU instance in front of the device.
+    pub format: PageFormat,
+    /// IOVAs the device's IOMMU can translate.
+    pub aperture: IovaRange,
+    /// IOVAs the device must never be given (MSI windows and the like).
+    pub reserved: Vec<IovaRange>,
+    /// log2 of the PASID space; 0 when the device has no PASID capability.
+    pub max_pasid_log2: u8,
+    /// Whether its IOMMU can track dirty pages.
+    pub dirty_tracking: bool,
+}
+
+impl DeviceInfo {
+    /// A device behind a 4-level VT-d IOMMU with the whole 48-bit aperture.
+    pub fn new(name: impl Into<String>, rid: u32) -> Self {
+        DeviceInfo {
+            name: name.into(),
+            rid,
+            format: PageFormat::VtdSs4,
+            aperture: IovaRange::new(0, (1 << 48) - 1),
+            reserved: Vec::new(),
+            max_pasid_log2: 0,
+            dirty_tracking: false,
+        }
+    }
+}
+
+/// Why a DMA did not complete.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum DmaError {
+    #[error("DMA blocked: the device is not attached to a page table")]
+    Blocked,
+    #[error("IOMMU fault at IOVA {iova:#x} ({reason:?}, {})", if *.write { "write" } else { "read" })]
+    Fault {
+        iova: u64,
+        reason: FaultReason,
+        write: bool,
+    },
+    #[error("the memory behind IOVA {iova:#x} is no longer mapped by its owner")]
+    Memory { iova: u64 },
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+pub struct Device {
+    info: DeviceInfo,
+    /// Identity for reservations, unique in the process.
+    key: u64,
+    attached: ArcSwapOption<HwptPaging>,
+}
+
+impl Device {
+    pub(crate) fn new(info: DeviceInfo) -> Self {
+        Device {
+            info,
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            attached: ArcSwapOption::empty(),
+        }
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub(crate) fn key(&self) -> u64 {
+        self.key
+    }
+
+    pub fn attached(&self) -> Option<Arc<HwptPaging>> {
+        self.attached.load_full()
+    }
+
+    /// Switches the page table DMA uses and waits for DMA that still uses the
+    /// old one, so the old one is unreachable when this returns.
+    pub(crate) fn set_attached(&self, hwpt: Option<Arc<HwptPaging>>) -> Option<Arc<HwptPaging>> {
+        let old = self.attached.swap(hwpt);
+        epoch::synchronize();
+        old
+    }
+
+    /// Host address of `iova` for an access needing `need`, valid to the end
+    /// of its 4 KiB page; the caller must stay inside `guard` while using it.
+    #[inline]
+    pub fn translate(
+        &self,
+        iova: u64,
+        need: Perm,
+        guard: &epoch::Guard,
+    ) -> Result<(u64, bool), DmaError> {
+        let att = self.attached.load();
+        let hwpt = att.as_ref().ok_or(DmaError::Blocked)?;
+        hwpt.domain()
+            .translate(iova, need, guard)
+            .map_err(|reason| DmaError::Fault {
+                iova,
+                reason,
+                write: need.write,
+            })
+    }
+
+    /// Device reads `buf.len()` bytes at `iova`.
+    pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let guard = epoch::pin();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = iova.wrapping_add(done as u64);
+            let (host, checked) = self.translate(at, Perm::R, &guard)?;
+            let n = chunk(at, buf.len() - done);
+            memory::read(trust(checked), host, &mut buf[done..done + n])
+                .map_err(|_| DmaError::Memory { iova: at })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Device writes `buf` at `iova`.
+    pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
+        let guard = epoch::pin();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = iova.wrapping_add(done as u64);
+            let (host, checked) = self.translate(at, Perm::W, &guard)?;
+            let n = chunk(at, buf.len() - done);
+            memory::write(trust(checked), host, &buf[done..done + n])
+                .map_err(|_| DmaError::Memory { iova: at })?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn trust(checked: bool) -> memory::Trust {
+    if checked {
+        memory::Trust::Checked
+    } else {
+        memory::Trust::Direct
+    }
+}
+
+/// Bytes from `iova` to the end of its page, at most `left`.
+fn chunk(iova: u64, left: usize) -> usize {
+    ((PAGE_SIZE - iova % PAGE_SIZE) as usize).min(left)
+}

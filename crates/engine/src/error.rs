@@ -1,0 +1,47 @@
+//! Typed engine errors. The ABI layer maps each kind to exactly one errno
+//! (see `ioasid_abi::errno`), so the kind must be chosen as Linux chooses its
+//! errno; the message is for people.
+
+use thiserror::Error;
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// An ID, IOVA or range that does not exist (ENOENT).
+    #[error("not found: {0}")]
+    NotFound(&'static str),
+    /// An object still used by another (EBUSY).
+    #[error("busy: {0}")]
+    Busy(&'static str),
+    /// A field that is understood but not correct (EINVAL).
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// A known field with a value that is not supported (EOPNOTSUPP).
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
+    /// Arithmetic on IOVAs or lengths overflowed (EOVERFLOW).
+    #[error("overflow: {0}")]
+    Overflow(&'static str),
+    /// A fixed IOVA range that is already mapped (EEXIST).
+    #[error("already mapped: {0}")]
+    Exists(&'static str),
+    /// No IOVA hole large enough (ENOSPC).
+    #[error("no space: {0}")]
+    NoSpace(&'static str),
+    /// A reservation that collides with a mapping or an allowed range (EADDRINUSE).
+    #[error("address in use: {0}")]
+    AddrInUse(&'static str),
+    /// Out of memory, or over the locked-memory limit (ENOMEM).
+    #[error("out of memory: {0}")]
+    NoMemory(&'static str),
+    /// A user address that is not mapped (EFAULT).
+    #[error("bad address: {0}")]
+    Fault(&'static str),
+    /// Writing to read-only memory, or a privileged option (EPERM).
+    #[error("not permitted: {0}")]
+    Permission(&'static str),
+    /// A file descriptor that is not usable (EBADF).
+    #[error("bad file descriptor: {0}")]
+    BadFd(&'static str),
+}

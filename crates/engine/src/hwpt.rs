@@ -1,0 +1,228 @@
+//! Hardware page tables. A paging HWPT owns a [`Domain`]: a page table in a
+//! real format that mirrors every mapping of its IOAS, with the IOTLB that
+//! caches its translations.
+
+use std::sync::Arc;
+
+use crossbeam_epoch::Guard;
+
+use crate::ioas::Ioas;
+use crate::iotlb::{Hit, Iotlb};
+use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::pgtable::x86::{VtdSs4, VtdSs5};
+use crate::pgtable::{self, Format, PageTable, Perm, Summary};
+
+/// The page-table formats a domain can use; each arm is monomorphic, so the
+/// walk is specialised per format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFormat {
+    VtdSs4,
+    VtdSs5,
+}
+
+impl PageFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            PageFormat::VtdSs4 => VtdSs4::NAME,
+            PageFormat::VtdSs5 => VtdSs5::NAME,
+        }
+    }
+
+    pub fn pgsize_bitmap(self) -> u64 {
+        match self {
+            PageFormat::VtdSs4 => pgtable::pgsize_bitmap::<VtdSs4>(),
+            PageFormat::VtdSs5 => pgtable::pgsize_bitmap::<VtdSs5>(),
+        }
+    }
+
+    pub fn iova_bits(self) -> u32 {
+        match self {
+            PageFormat::VtdSs4 => VtdSs4::iova_bits(),
+            PageFormat::VtdSs5 => VtdSs5::iova_bits(),
+        }
+    }
+}
+
+enum AnyTable {
+    VtdSs4(PageTable<VtdSs4>),
+    VtdSs5(PageTable<VtdSs5>),
+}
+
+macro_rules! with_table {
+    ($t:expr, $pt:ident => $body:expr) => {
+        match $t {
+            AnyTable::VtdSs4($pt) => $body,
+            AnyTable::VtdSs5($pt) => $body,
+        }
+    };
+}
+
+/// Why a translation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultReason {
+    /// The IOVA is outside the domain's aperture.
+    Aperture,
+    /// No leaf maps the IOVA.
+    NotPresent,
+    /// A leaf maps it without the needed right.
+    Permission,
+}
+
+/// An I/O page table and its IOTLB (Linux's `iommu_domain`).
+pub struct Domain {
+    table: AnyTable,
+    iotlb: Iotlb,
+    format: PageFormat,
+    aperture: IovaRange,
+}
+
+impl Domain {
+    pub fn new(format: PageFormat, aperture: IovaRange) -> Self {
+        let table = match format {
+            PageFormat::VtdSs4 => AnyTable::VtdSs4(PageTable::new()),
+            PageFormat::VtdSs5 => AnyTable::VtdSs5(PageTable::new()),
+        };
+        let max = (1u128 << format.iova_bits()) - 1;
+        let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
+        Domain {
+            table,
+            iotlb: Iotlb::new(),
+            format,
+            aperture,
+        }
+    }
+
+    pub fn format(&self) -> PageFormat {
+        self.format
+    }
+
+    pub fn aperture(&self) -> IovaRange {
+        self.aperture
+    }
+
+    pub fn pgsize_bitmap(&self) -> u64 {
+        self.format.pgsize_bitmap()
+    }
+
+    pub(crate) fn map(
+        &self,
+        iova: u64,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        checked: bool,
+        huge: bool,
+    ) -> crate::Result<()> {
+        with_table!(&self.table, pt => pt.map(iova, addr, len, perm, checked, huge))
+    }
+
+    /// Clears the range and invalidates the IOTLB. The caller must wait for
+    /// readers (`crate::epoch::synchronize`) before the memory goes away.
+    pub(crate) fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
+        with_table!(&self.table, pt => pt.unmap(iova, len, guard));
+        self.iotlb.invalidate_all();
+    }
+
+    pub fn summary(&self) -> Summary {
+        with_table!(&self.table, pt => pt.summary())
+    }
+
+    /// Translates the 4 KiB page holding `iova` for an access needing `need`.
+    /// Returns the host address of `iova` and whether it needs checked copies.
+    #[inline]
+    pub fn translate(
+        &self,
+        iova: u64,
+        need: Perm,
+        guard: &Guard,
+    ) -> Result<(u64, bool), FaultReason> {
+        let page = iova / PAGE_SIZE;
+        let offset = iova % PAGE_SIZE;
+        if let Some(hit) = self.iotlb.lookup(page) {
+            return if hit.perm.allows(need) {
+                Ok((hit.host_page + offset, hit.checked))
+            } else {
+                Err(FaultReason::Permission)
+            };
+        }
+        if iova < self.aperture.start || iova > self.aperture.last {
+            return Err(FaultReason::Aperture);
+        }
+        let generation = self.iotlb.generation();
+        let t =
+            with_table!(&self.table, pt => pt.walk(iova, guard)).ok_or(FaultReason::NotPresent)?;
+        let host_page = t.addr - offset;
+        self.iotlb.fill(
+            page,
+            generation,
+            Hit {
+                host_page,
+                perm: t.perm,
+                checked: t.checked,
+            },
+        );
+        if t.perm.allows(need) {
+            Ok((t.addr, t.checked))
+        } else {
+            Err(FaultReason::Permission)
+        }
+    }
+}
+
+/// Flags a paging HWPT was allocated with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HwptFlags {
+    pub nest_parent: bool,
+    pub dirty_tracking: bool,
+}
+
+/// A paging HWPT: a domain attached to an IOAS, which fills it.
+pub struct HwptPaging {
+    domain: Arc<Domain>,
+    ioas: Arc<Ioas>,
+    flags: HwptFlags,
+    /// Created by attaching a device to an IOAS, and destroyed with the last
+    /// such attachment.
+    auto: bool,
+}
+
+impl HwptPaging {
+    /// Creates a domain and adds it to `ioas`, which maps everything into it.
+    pub(crate) fn new(
+        ioas: Arc<Ioas>,
+        format: PageFormat,
+        aperture: IovaRange,
+        flags: HwptFlags,
+        auto: bool,
+    ) -> crate::Result<Arc<HwptPaging>> {
+        let domain = Arc::new(Domain::new(format, aperture));
+        ioas.add_domain(&domain)?;
+        Ok(Arc::new(HwptPaging {
+            domain,
+            ioas,
+            flags,
+            auto,
+        }))
+    }
+
+    pub fn domain(&self) -> &Arc<Domain> {
+        &self.domain
+    }
+
+    pub fn ioas(&self) -> &Arc<Ioas> {
+        &self.ioas
+    }
+
+    pub fn flags(&self) -> HwptFlags {
+        self.flags
+    }
+
+    pub fn is_auto(&self) -> bool {
+        self.auto
+    }
+
+    /// Detaches the domain from its IOAS; called when the object is destroyed.
+    pub(crate) fn release(&self) {
+        self.ioas.remove_domain(&self.domain);
+    }
+}

@@ -1,0 +1,537 @@
+//! The I/O address space: IOVA → memory areas, the allowed and reserved
+//! ranges that constrain them, and the domains that mirror them.
+//!
+//! All changes are serialised by one mutex per IOAS; translation never takes
+//! it (it reads the domains' page tables).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::epoch;
+use crate::error::{Error, Result};
+use crate::hwpt::Domain;
+use crate::iova::{self, IovaRange, PAGE_SIZE};
+use crate::memory::Trust;
+use crate::pages::Pages;
+use crate::pgtable::Perm;
+
+/// Who reserved a range of IOVA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Outside a domain's aperture (keyed by the domain's address).
+    Domain(usize),
+    /// A device's reserved region (keyed by the device's key).
+    Device(u64),
+    /// Added by hand (the selftests' `add_reserved`).
+    User,
+}
+
+/// Memory to place at consecutive IOVAs: part of a `Pages`.
+#[derive(Clone)]
+pub struct Source {
+    pub pages: Arc<Pages>,
+    pub start_byte: u64,
+    pub len: u64,
+    /// Address that automatic IOVA allocation aligns to (user VA or file offset).
+    pub align_hint: u64,
+}
+
+#[derive(Clone)]
+struct Area {
+    last: u64,
+    src: Source,
+    perm: Perm,
+    /// Pinned because the IOAS has domains.
+    pinned: bool,
+}
+
+/// A mapping as reported to callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AreaInfo {
+    pub iova: u64,
+    pub len: u64,
+    pub perm: Perm,
+    pub host_addr: u64,
+    pub file: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    areas: BTreeMap<u64, Area>,
+    allowed: Vec<IovaRange>,
+    reserved: Vec<(IovaRange, Owner)>,
+    domains: Vec<Arc<Domain>>,
+    iova_alignment: u64,
+    disable_large_pages: bool,
+}
+
+pub struct Ioas {
+    inner: Mutex<Inner>,
+}
+
+impl Default for Ioas {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ioas {
+    pub fn new() -> Self {
+        Ioas {
+            inner: Mutex::new(Inner {
+                iova_alignment: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Maps `srcs` at consecutive IOVAs from `iova`, or from an IOVA chosen
+    /// here when `iova` is `None`. Returns the IOVA used.
+    pub fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
+        let total: u64 = srcs.iter().map(|s| s.len).sum();
+        let mut g = self.lock();
+        if total == 0 || total & (g.iova_alignment - 1) != 0 {
+            return Err(Error::Invalid(
+                "length is zero or not aligned to the IOVA alignment",
+            ));
+        }
+        let iova = match iova {
+            None => g.alloc_iova(srcs[0].align_hint, total)?,
+            Some(iova) => {
+                g.check_iova(iova, total)?;
+                iova
+            }
+        };
+        for s in srcs {
+            if perm.write && !s.pages.writable() {
+                return Err(Error::Permission("memory is not writable"));
+            }
+            if (s.start_byte % PAGE_SIZE) & (g.iova_alignment - 1) != 0 {
+                return Err(Error::Invalid(
+                    "memory offset is not aligned to the IOVA alignment",
+                ));
+            }
+        }
+        let mut placed: Vec<(u64, Area)> = Vec::with_capacity(srcs.len());
+        let mut cur = iova;
+        for s in srcs {
+            let area = Area {
+                last: cur + (s.len - 1),
+                src: s.clone(),
+                perm,
+                pinned: false,
+            };
+            match g.fill_area(cur, area) {
+                Ok(a) => placed.push((cur, a)),
+                Err(e) => {
+                    let guard = epoch::pin();
+                    for (at, a) in &placed {
+                        g.unfill_area(*at, a, &guard);
+                    }
+                    return Err(e);
+                }
+            }
+            cur += s.len;
+        }
+        g.areas.extend(placed);
+        Ok(iova)
+    }
+
+    /// The memory behind `[iova, iova + len)`, which must be mapped without a
+    /// hole; for `IOMMU_IOAS_COPY`.
+    pub fn sources(&self, iova: u64, len: u64) -> Result<Vec<Source>> {
+        let range = IovaRange::from_len(iova, len)?;
+        let g = self.lock();
+        let mut out = Vec::new();
+        let mut cur = range.start;
+        loop {
+            let Some((&start, a)) = g.areas.range(..=cur).next_back() else {
+                return Err(Error::NotFound("source range is not fully mapped"));
+            };
+            if a.last < cur {
+                return Err(Error::NotFound("source range is not fully mapped"));
+            }
+            let last = a.last.min(range.last);
+            let offset = cur - start;
+            out.push(Source {
+                pages: a.src.pages.clone(),
+                start_byte: a.src.start_byte + offset,
+                len: last - cur + 1,
+                align_hint: a.src.align_hint + offset,
+            });
+            if last == range.last {
+                return Ok(out);
+            }
+            cur = last + 1;
+        }
+    }
+
+    /// Unmaps every area inside `[first, last]`. Areas must lie wholly inside
+    /// (`ENOENT` otherwise, after unmapping those before it, as Linux does).
+    /// Returns the bytes unmapped; when it returns, no DMA reaches them.
+    pub fn unmap(&self, range: IovaRange) -> (u64, Result<()>) {
+        let mut g = self.lock();
+        let guard = epoch::pin();
+        let mut removed = Vec::new();
+        let mut unmapped = 0u64;
+        let mut cur = range.start;
+        let res = loop {
+            let Some((start, a)) = g.first_area_in(IovaRange::new(cur, range.last)) else {
+                break Ok(());
+            };
+            if start < range.start || a.last > range.last {
+                break Err(Error::NotFound("range would split a mapping"));
+            }
+            let a = g.areas.remove(&start).expect("area just found");
+            for d in &g.domains {
+                d.unmap(start, a.last - start + 1, &guard);
+            }
+            unmapped += a.last - start + 1;
+            let done = a.last >= range.last;
+            cur = a.last.wrapping_add(1);
+            removed.push(a);
+            if done {
+                break Ok(());
+            }
+        };
+        drop(guard);
+        drop(g);
+        if !removed.is_empty() {
+            epoch::synchronize();
+        }
+        for a in removed {
+            if a.pinned {
+                a.src.pages.unpin(a.src.start_byte, a.src.len);
+            }
+        }
+        (unmapped, res)
+    }
+
+    pub fn unmap_all(&self) -> u64 {
+        self.unmap(IovaRange::ALL).0
+    }
+
+    /// The usable IOVA ranges: the holes between reserved ranges.
+    pub fn iova_ranges(&self) -> (Vec<IovaRange>, u64) {
+        let g = self.lock();
+        let used = iova::union(g.reserved.iter().map(|r| r.0));
+        (iova::holes(&used, IovaRange::ALL), g.iova_alignment)
+    }
+
+    /// Replaces the allowed list; fails with `EADDRINUSE` when part of it is
+    /// already reserved.
+    pub fn allow_iovas(&self, ranges: &[IovaRange]) -> Result<()> {
+        for (i, r) in ranges.iter().enumerate() {
+            if r.start >= r.last {
+                return Err(Error::Invalid("allowed range is empty or reversed"));
+            }
+            if ranges[..i].iter().any(|o| o.overlaps(r)) {
+                return Err(Error::Invalid("allowed ranges overlap"));
+            }
+        }
+        let mut g = self.lock();
+        if ranges
+            .iter()
+            .any(|a| g.reserved.iter().any(|(r, _)| r.overlaps(a)))
+        {
+            return Err(Error::AddrInUse("allowed range is reserved"));
+        }
+        g.allowed = ranges.to_vec();
+        g.allowed.sort_unstable();
+        Ok(())
+    }
+
+    /// Reserves `ranges` for `owner`, all or none.
+    pub fn reserve(&self, ranges: &[IovaRange], owner: Owner) -> Result<()> {
+        let mut g = self.lock();
+        for r in ranges {
+            if let Err(e) = g.reserve(*r, owner) {
+                g.reserved.retain(|(_, o)| *o != owner);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn unreserve(&self, owner: Owner) {
+        self.lock().reserved.retain(|(_, o)| *o != owner);
+    }
+
+    /// `IOMMU_OPTION_HUGE_PAGES`.
+    pub fn huge_pages(&self) -> bool {
+        !self.lock().disable_large_pages
+    }
+
+    pub fn set_huge_pages(&self, enable: bool) -> Result<()> {
+        let mut g = self.lock();
+        if enable {
+            g.disable_large_pages = false;
+            return g.recalc_alignment();
+        }
+        if g.disable_large_pages {
+            return Ok(());
+        }
+        if !g.domains.is_empty() && !g.areas.is_empty() {
+            return Err(Error::Invalid(
+                "cannot disable huge pages while mapped into a domain",
+            ));
+        }
+        g.disable_large_pages = true;
+        let r = g.recalc_alignment();
+        if r.is_err() {
+            g.disable_large_pages = false;
+        }
+        r
+    }
+
+    /// Mirrors every mapping into `domain` and keeps it mirrored.
+    pub(crate) fn add_domain(&self, domain: &Arc<Domain>) -> Result<()> {
+        let mut g = self.lock();
+        let align = (1u64 << domain.pgsize_bitmap().trailing_zeros()).max(g.iova_alignment);
+        if align > PAGE_SIZE {
+            return Err(Error::Invalid("domain page size is larger than a page"));
+        }
+        if align != g.iova_alignment {
+            g.check_alignment(align)?;
+        }
+        let owner = Owner::Domain(Arc::as_ptr(domain) as usize);
+        let ap = domain.aperture();
+        let outside = [
+            (ap.start != 0).then(|| IovaRange::new(0, ap.start - 1)),
+            (ap.last != u64::MAX).then(|| IovaRange::new(ap.last + 1, u64::MAX)),
+        ];
+        for r in outside.into_iter().flatten() {
+            if let Err(e) = g.reserve(r, owner) {
+                g.reserved.retain(|(_, o)| *o != owner);
+                return Err(e);
+            }
+        }
+        let first = g.domains.is_empty();
+        let huge = !g.disable_large_pages;
+        let keys: Vec<u64> = g.areas.keys().copied().collect();
+        for (i, &at) in keys.iter().enumerate() {
+            let a = g.areas.get_mut(&at).expect("key from map");
+            let r = map_into(domain, at, a, first, huge);
+            if let Err(e) = r {
+                let guard = epoch::pin();
+                for &undo in &keys[..i] {
+                    let a = g.areas.get_mut(&undo).expect("key from map");
+                    domain.unmap(undo, a.last - undo + 1, &guard);
+                    if first {
+                        a.src.pages.unpin(a.src.start_byte, a.src.len);
+                        a.pinned = false;
+                    }
+                }
+                g.reserved.retain(|(_, o)| *o != owner);
+                return Err(e);
+            }
+        }
+        g.iova_alignment = align;
+        g.domains.push(domain.clone());
+        Ok(())
+    }
+
+    pub(crate) fn remove_domain(&self, domain: &Arc<Domain>) {
+        let mut g = self.lock();
+        let Some(i) = g.domains.iter().position(|d| Arc::ptr_eq(d, domain)) else {
+            return;
+        };
+        g.domains.swap_remove(i);
+        {
+            let guard = epoch::pin();
+            for (&at, a) in &g.areas {
+                domain.unmap(at, a.last - at + 1, &guard);
+            }
+        }
+        if g.domains.is_empty() {
+            epoch::synchronize();
+            for a in g.areas.values_mut() {
+                a.src.pages.unpin(a.src.start_byte, a.src.len);
+                a.pinned = false;
+            }
+        }
+        let owner = Owner::Domain(Arc::as_ptr(domain) as usize);
+        g.reserved.retain(|(_, o)| *o != owner);
+        let _ = g.recalc_alignment();
+    }
+
+    /// The current mappings, in IOVA order.
+    pub fn areas(&self) -> Vec<AreaInfo> {
+        self.lock()
+            .areas
+            .iter()
+            .map(|(&iova, a)| AreaInfo {
+                iova,
+                len: a.last - iova + 1,
+                perm: a.perm,
+                host_addr: a.src.pages.host_addr(a.src.start_byte),
+                file: a.src.pages.is_file(),
+            })
+            .collect()
+    }
+
+    pub fn domain_count(&self) -> usize {
+        self.lock().domains.len()
+    }
+}
+
+fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> Result<()> {
+    let len = a.last - iova + 1;
+    if pin {
+        a.src.pages.pin(a.src.start_byte, len)?;
+        a.pinned = true;
+    }
+    let pages = &a.src.pages;
+    let host = pages.host_addr(a.src.start_byte);
+    let checked = pages.trust() == Trust::Checked;
+    let r = domain.map(iova, host, len, a.perm, checked, huge);
+    if r.is_err() {
+        domain.unmap(iova, len, &epoch::pin());
+        if pin {
+            pages.unpin(a.src.start_byte, len);
+            a.pinned = false;
+        }
+    }
+    r
+}
+
+impl Inner {
+    fn first_area_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
+        if let Some((&s, a)) = self.areas.range(..=r.start).next_back()
+            && a.last >= r.start
+        {
+            return Some((s, a));
+        }
+        self.areas
+            .range(r.start..=r.last)
+            .next()
+            .map(|(&s, a)| (s, a))
+    }
+
+    fn reserve(&mut self, r: IovaRange, owner: Owner) -> Result<()> {
+        if self.first_area_in(r).is_some() || self.allowed.iter().any(|a| a.overlaps(&r)) {
+            return Err(Error::AddrInUse("range is mapped or allowed"));
+        }
+        self.reserved.push((r, owner));
+        Ok(())
+    }
+
+    fn check_iova(&self, iova: u64, len: u64) -> Result<()> {
+        if iova & (self.iova_alignment - 1) != 0 {
+            return Err(Error::Invalid("IOVA is not aligned to the IOVA alignment"));
+        }
+        let r = IovaRange::from_len(iova, len)?;
+        if self.reserved.iter().any(|(res, _)| res.overlaps(&r)) {
+            return Err(Error::Invalid("IOVA range is reserved"));
+        }
+        if self.first_area_in(r).is_some() {
+            return Err(Error::Exists("IOVA range is already mapped"));
+        }
+        Ok(())
+    }
+
+    fn alloc_iova(&self, hint: u64, len: u64) -> Result<u64> {
+        if len == 0 || len >= u64::MAX / 2 {
+            return Err(Error::Overflow("length too large to place"));
+        }
+        let align = iova::alloc_alignment(hint, len);
+        if align < self.iova_alignment {
+            return Err(Error::Invalid(
+                "memory is less aligned than the IOVA alignment",
+            ));
+        }
+        let offset = hint % PAGE_SIZE;
+        let window = IovaRange::new(PAGE_SIZE, u64::MAX - PAGE_SIZE);
+        let allowed: Vec<IovaRange> = if self.allowed.is_empty() {
+            vec![window]
+        } else {
+            self.allowed
+                .iter()
+                .filter_map(|a| a.intersect(&window))
+                .collect()
+        };
+        let used = iova::union(
+            self.reserved
+                .iter()
+                .map(|r| r.0)
+                .chain(self.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last))),
+        );
+        allowed
+            .iter()
+            .filter(|span| iova::fit(**span, len, align, offset).is_some())
+            .flat_map(|span| iova::holes(&used, *span))
+            .find_map(|hole| iova::fit(hole, len, align, offset))
+            .ok_or(Error::NoSpace("no IOVA hole fits the mapping"))
+    }
+
+    /// Maps a new area into every domain (pinning first); returns it.
+    fn fill_area(&mut self, iova: u64, mut area: Area) -> Result<Area> {
+        let huge = !self.disable_large_pages;
+        for (i, d) in self.domains.iter().enumerate() {
+            if let Err(e) = map_into(d, iova, &mut area, i == 0, huge) {
+                let guard = epoch::pin();
+                for d in &self.domains[..i] {
+                    d.unmap(iova, area.last - iova + 1, &guard);
+                }
+                if area.pinned {
+                    area.src.pages.unpin(area.src.start_byte, area.src.len);
+                }
+                return Err(e);
+            }
+        }
+        Ok(area)
+    }
+
+    /// Undoes `fill_area` for an area that was never published.
+    fn unfill_area(&self, iova: u64, a: &Area, guard: &epoch::Guard) {
+        for d in &self.domains {
+            d.unmap(iova, a.last - iova + 1, guard);
+        }
+        if a.pinned {
+            a.src.pages.unpin(a.src.start_byte, a.src.len);
+        }
+    }
+
+    fn check_alignment(&self, align: u64) -> Result<()> {
+        let mask = align - 1;
+        let bad = self.areas.iter().any(|(&s, a)| {
+            s & mask != 0
+                || (a.last - s + 1) & mask != 0
+                || (a.src.start_byte % PAGE_SIZE) & mask != 0
+        });
+        if bad {
+            return Err(Error::AddrInUse(
+                "existing mappings are not aligned for this domain",
+            ));
+        }
+        Ok(())
+    }
+
+    fn recalc_alignment(&mut self) -> Result<()> {
+        let base = if self.disable_large_pages {
+            PAGE_SIZE
+        } else {
+            1
+        };
+        let align = self
+            .domains
+            .iter()
+            .map(|d| 1u64 << d.pgsize_bitmap().trailing_zeros())
+            .fold(base, u64::max);
+        if align > self.iova_alignment {
+            self.check_alignment(align)?;
+        }
+        self.iova_alignment = align;
+        Ok(())
+    }
+}
+
+impl Drop for Ioas {
+    fn drop(&mut self) {
+        self.unmap_all();
+    }
+}

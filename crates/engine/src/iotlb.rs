@@ -1,0 +1,154 @@
+//! The IOTLB: a direct-mapped cache of 4 KiB translations, read without locks
+//! or read-modify-write operations.
+//!
+//! Each entry is a small seqlock. Every fill is tagged with the generation
+//! that was current before its walk started; invalidation bumps the
+//! generation, so a walk that raced an unmap can insert its (stale) result but
+//! that result never hits again. Lookups compare generations, so invalidating
+//! costs one atomic increment whatever the IOTLB's size.
+
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use crate::pgtable::Perm;
+
+const ENTRIES: usize = 512;
+const READ: u64 = 1;
+const WRITE: u64 = 2;
+const CHECKED: u64 = 4;
+
+#[repr(align(32))]
+#[derive(Default)]
+struct Entry {
+    seq: AtomicU64,
+    tag: AtomicU64,
+    generation: AtomicU64,
+    /// Host page address | rights.
+    data: AtomicU64,
+}
+
+/// A cached translation of one 4 KiB IOVA page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hit {
+    pub host_page: u64,
+    pub perm: Perm,
+    pub checked: bool,
+}
+
+pub struct Iotlb {
+    generation: AtomicU64,
+    entries: Box<[Entry]>,
+}
+
+impl Default for Iotlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Iotlb {
+    pub fn new() -> Self {
+        Iotlb {
+            // Generation 0 is what empty entries carry; start above it.
+            generation: AtomicU64::new(1),
+            entries: (0..ENTRIES).map(|_| Entry::default()).collect(),
+        }
+    }
+
+    fn slot(&self, page: u64) -> &Entry {
+        &self.entries[(page as usize) & (ENTRIES - 1)]
+    }
+
+    /// The generation to pass to [`Iotlb::fill`] after a walk started now.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn lookup(&self, page: u64) -> Option<Hit> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let e = self.slot(page);
+        let s1 = e.seq.load(Ordering::Acquire);
+        let tag = e.tag.load(Ordering::Relaxed);
+        let g = e.generation.load(Ordering::Relaxed);
+        let data = e.data.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let s2 = e.seq.load(Ordering::Relaxed);
+        if s1 != s2 || s1 & 1 != 0 || tag != page || g != generation {
+            return None;
+        }
+        Some(Hit {
+            host_page: data & !0xfff,
+            perm: Perm {
+                read: data & READ != 0,
+                write: data & WRITE != 0,
+            },
+            checked: data & CHECKED != 0,
+        })
+    }
+
+    /// Caches a translation found by a walk that began at `generation`.
+    /// Gives up silently if another thread is filling the same slot.
+    pub fn fill(&self, page: u64, generation: u64, hit: Hit) {
+        let e = self.slot(page);
+        let s = e.seq.load(Ordering::Relaxed);
+        if s & 1 != 0
+            || e.seq
+                .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        fence(Ordering::Release);
+        let mut data = hit.host_page;
+        if hit.perm.read {
+            data |= READ;
+        }
+        if hit.perm.write {
+            data |= WRITE;
+        }
+        if hit.checked {
+            data |= CHECKED;
+        }
+        e.tag.store(page, Ordering::Relaxed);
+        e.generation.store(generation, Ordering::Relaxed);
+        e.data.store(data, Ordering::Relaxed);
+        e.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Makes every cached entry miss from now on.
+    pub fn invalidate_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HIT: Hit = Hit {
+        host_page: 0x7000,
+        perm: Perm::R,
+        checked: true,
+    };
+
+    #[test]
+    fn fill_then_hit() {
+        let t = Iotlb::new();
+        assert_eq!(t.lookup(5), None);
+        t.fill(5, t.generation(), HIT);
+        assert_eq!(t.lookup(5), Some(HIT));
+        assert_eq!(t.lookup(5 + ENTRIES as u64), None);
+    }
+
+    #[test]
+    fn a_fill_from_before_an_invalidation_never_hits() {
+        let t = Iotlb::new();
+        let g = t.generation();
+        t.invalidate_all();
+        t.fill(5, g, HIT);
+        assert_eq!(t.lookup(5), None);
+        t.fill(5, t.generation(), HIT);
+        assert_eq!(t.lookup(5), Some(HIT));
+        t.invalidate_all();
+        assert_eq!(t.lookup(5), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! IOVA intervals and the hole search used for automatic IOVA allocation.
+//!
+//! Intervals are inclusive (`start..=last`) like the uAPI's
+//! `struct iommu_iova_range`, so the whole 64-bit space is representable.
+
+use crate::error::{Error, Result};
+
+/// The host page size that alignment rules are written against.
+pub const PAGE_SIZE: u64 = 4096;
+/// The largest alignment automatic allocation asks for (a transparent huge page).
+pub const HUGE_ALIGN: u64 = 2 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IovaRange {
+    pub start: u64,
+    pub last: u64,
+}
+
+impl IovaRange {
+    pub const ALL: IovaRange = IovaRange {
+        start: 0,
+        last: u64::MAX,
+    };
+
+    pub const fn new(start: u64, last: u64) -> Self {
+        IovaRange { start, last }
+    }
+
+    /// `[iova, iova + length)`, rejecting empty and overflowing ranges.
+    pub fn from_len(iova: u64, length: u64) -> Result<Self> {
+        if length == 0 {
+            return Err(Error::Invalid("length is zero"));
+        }
+        let last = iova
+            .checked_add(length - 1)
+            .ok_or(Error::Overflow("iova + length wraps"))?;
+        Ok(IovaRange { start: iova, last })
+    }
+
+    pub fn len(&self) -> u64 {
+        // Saturates only for the whole 2^64 space, which no mapping can have.
+        (self.last - self.start).saturating_add(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn overlaps(&self, other: &IovaRange) -> bool {
+        self.start <= other.last && other.start <= self.last
+    }
+
+    pub fn contains(&self, other: &IovaRange) -> bool {
+        self.start <= other.start && other.last <= self.last
+    }
+
+    pub fn intersect(&self, other: &IovaRange) -> Option<IovaRange> {
+        let start = self.start.max(other.start);
+        let last = self.last.min(other.last);
+        (start <= last).then_some(IovaRange { start, last })
+    }
+}
+
+/// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
+pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
+    let mut v: Vec<IovaRange> = ranges.into_iter().collect();
+    v.sort_unstable();
+    let mut out: Vec<IovaRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(prev) if prev.last == u64::MAX || r.start <= prev.last + 1 => {
+                prev.last = prev.last.max(r.last)
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The holes of `used` (sorted, disjoint) inside `window`.
+pub fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
+    let mut out = Vec::new();
+    let mut cursor = Some(window.start);
+    for u in used {
+        let Some(c) = cursor else { break };
+        if u.last < c {
+            continue;
+        }
+        if u.start > window.last {
+            break;
+        }
+        if u.start > c {
+            out.push(IovaRange::new(c, u.start - 1));
+        }
+        cursor = u.last.checked_add(1);
+    }
+    if let Some(c) = cursor
+        && c <= window.last
+    {
+        out.push(IovaRange::new(c, window.last));
+    }
+    out
+}
+
+/// Fits `length` bytes into `span` at `alignment`, keeping the sub-page offset
+/// of the memory so the IOVA and the memory share their offset in a page.
+pub fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Option<u64> {
+    let aligned = span.start.checked_add(alignment - 1)? & !(alignment - 1);
+    let start = aligned | page_offset;
+    if start >= span.last || span.last - start < length - 1 {
+        return None;
+    }
+    Some(start)
+}
+
+/// The alignment automatic allocation uses for memory at `uptr`: the largest
+/// power of two that divides both the length (rounded up) and the address,
+/// capped at a huge page so huge IO pages remain possible.
+pub fn alloc_alignment(uptr: u64, length: u64) -> u64 {
+    let by_len = length.checked_next_power_of_two().unwrap_or(1 << 63);
+    let a = if uptr == 0 {
+        by_len
+    } else {
+        by_len.min(1 << uptr.trailing_zeros())
+    };
+    a.min(HUGE_ALIGN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_len_rejects_empty_and_wrapping() {
+        assert_eq!(
+            IovaRange::from_len(0, 0),
+            Err(Error::Invalid("length is zero"))
+        );
+        assert!(matches!(
+            IovaRange::from_len(u64::MAX, 2),
+            Err(Error::Overflow(_))
+        ));
+        assert_eq!(IovaRange::from_len(u64::MAX, 1).unwrap().last, u64::MAX);
+    }
+
+    #[test]
+    fn union_merges_overlapping_and_adjacent() {
+        let u = union([
+            IovaRange::new(10, 20),
+            IovaRange::new(0, 4),
+            IovaRange::new(5, 9),
+            IovaRange::new(30, u64::MAX),
+            IovaRange::new(40, 50),
+        ]);
+        assert_eq!(u, vec![IovaRange::new(0, 20), IovaRange::new(30, u64::MAX)]);
+    }
+
+    #[test]
+    fn holes_cover_the_complement() {
+        let used = [IovaRange::new(0, 9), IovaRange::new(20, 29)];
+        assert_eq!(
+            holes(&used, IovaRange::new(0, 100)),
+            vec![IovaRange::new(10, 19), IovaRange::new(30, 100)]
+        );
+        assert_eq!(holes(&[IovaRange::ALL], IovaRange::ALL), vec![]);
+        assert_eq!(holes(&[], IovaRange::ALL), vec![IovaRange::ALL]);
+        assert_eq!(
+            holes(&[IovaRange::new(5, u64::MAX)], IovaRange::ALL),
+            vec![IovaRange::new(0, 4)]
+        );
+    }
+
+    #[test]
+    fn fit_honours_alignment_and_offset() {
+        let span = IovaRange::new(0x1001, 0x10_0000);
+        assert_eq!(fit(span, 0x1000, 0x1000, 0), Some(0x2000));
+        assert_eq!(fit(span, 0x1000, 0x1000, 0x10), Some(0x2010));
+        assert_eq!(fit(IovaRange::new(0, 0xfff), 0x1000, 0x1000, 0), Some(0));
+        assert_eq!(fit(IovaRange::new(0, 0xffe), 0x1000, 0x1000, 0), None);
+        assert_eq!(
+            fit(IovaRange::new(u64::MAX - 10, u64::MAX), 2, 1 << 20, 0),
+            None
+        );
+    }
+
+    #[test]
+    fn alloc_alignment_is_capped_at_a_huge_page() {
+        assert_eq!(alloc_alignment(0x20_0000, 1 << 30), HUGE_ALIGN);
+        assert_eq!(alloc_alignment(0x1000, 1 << 30), 0x1000);
+        assert_eq!(alloc_alignment(0x4000, 0x3000), 0x4000);
+        assert_eq!(alloc_alignment(0, 0x3000), 0x4000);
+    }
+}

@@ -1,0 +1,47 @@
+//! The ioasid engine: I/O address spaces, hardware page tables in real
+//! formats, emulated devices and their DMA, in the object model of Linux's
+//! iommufd. Front ends (the ABI, the preload shim, the daemon) sit on top.
+//!
+//! ```
+//! use ioasid_engine::{Context, DeviceInfo, HostBuffer, Perm};
+//!
+//! let ctx = Context::new();
+//! let ioas = ctx.ioas_alloc()?;
+//! let dev = ctx.bind_device(DeviceInfo::new("nic", 0x0100))?;
+//! ctx.attach(dev, ioas)?;
+//!
+//! let ram = HostBuffer::new(8192)?;
+//! // SAFETY: `ram` outlives the mapping (it is unmapped below).
+//! let iova = unsafe { ctx.map_user(ioas, ram.addr(), 8192, None, Perm::RW)? };
+//! ctx.device(dev)?.dma_write(iova + 10, b"hello")?;
+//! ctx.unmap(ioas, iova, 8192)?;
+//!
+//! let mut seen = [0u8; 5];
+//! ram.read_at(10, &mut seen);
+//! assert_eq!(&seen, b"hello");
+//! // After unmap, the device's DMA faults instead of reaching `ram`.
+//! assert!(ctx.device(dev)?.dma_write(iova, b"late").is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod account;
+pub mod context;
+pub mod device;
+pub mod epoch;
+pub mod error;
+pub mod hwpt;
+pub mod ioas;
+pub mod iotlb;
+pub mod iova;
+pub mod memory;
+pub mod pages;
+pub mod pgtable;
+
+pub use account::{AccountMode, Limit};
+pub use context::{Context, ContextConfig, Object};
+pub use device::{Device, DeviceInfo, DmaError};
+pub use error::{Error, Result};
+pub use hwpt::{FaultReason, HwptFlags, HwptPaging, PageFormat};
+pub use iova::{IovaRange, PAGE_SIZE};
+pub use memory::HostBuffer;
+pub use pgtable::Perm;

@@ -1,0 +1,317 @@
+//! Raw host memory: the only module of the engine that dereferences addresses
+//! it did not allocate itself (page tables excepted, see `pgtable`).
+//!
+//! A page-table entry holds a host virtual address. Who vouches for that
+//! address decides how it is touched:
+//! - [`Trust::Direct`]: memory the embedding program promised to keep mapped
+//!   (`Ioas::map_user` is `unsafe` for that reason) or that the engine mapped
+//!   itself (files). Copies are plain `memcpy`s.
+//! - [`Trust::Checked`]: addresses that came through the ABI from a program
+//!   that may unmap them at any time. Copies go through `process_vm_readv`/
+//!   `process_vm_writev` on our own pid, which report `EFAULT` instead of
+//!   raising `SIGSEGV`, so a bad address is an error and never a crash.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+use crate::iova::PAGE_SIZE;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    Direct,
+    Checked,
+}
+
+/// Copies `buf.len()` bytes from host address `addr` into `buf`.
+pub fn read(trust: Trust, addr: u64, buf: &mut [u8]) -> Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    match trust {
+        Trust::Direct => {
+            // SAFETY: Direct addresses are mapped for as long as the mapping
+            // that produced them exists (the caller of `map_user` promised it,
+            // or the engine owns the file mapping), and DMA runs inside an
+            // epoch critical section that unmap waits for.
+            unsafe {
+                std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len())
+            };
+            Ok(())
+        }
+        Trust::Checked => vm_copy(addr, buf.as_mut_ptr(), buf.len(), false),
+    }
+}
+
+/// Copies `buf` to host address `addr`.
+pub fn write(trust: Trust, addr: u64, buf: &[u8]) -> Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    match trust {
+        Trust::Direct => {
+            // SAFETY: as in `read`; the mapping was checked writable by the
+            // permission bits of the page-table entry that yielded `addr`.
+            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), addr as *mut u8, buf.len()) };
+            Ok(())
+        }
+        Trust::Checked => vm_copy(addr, buf.as_ptr() as *mut u8, buf.len(), true),
+    }
+}
+
+fn vm_copy(remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<()> {
+    let local_iov = libc::iovec {
+        iov_base: local.cast(),
+        iov_len: len,
+    };
+    let remote_iov = libc::iovec {
+        iov_base: remote as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: both iovecs describe `len` bytes; the local one is a live Rust
+    // buffer, the remote one is validated by the kernel, which fails with
+    // EFAULT rather than touching an unmapped page.
+    let n = unsafe {
+        let pid = libc::getpid();
+        if to_remote {
+            libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0)
+        } else {
+            libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0)
+        }
+    };
+    if n == len as isize {
+        Ok(())
+    } else {
+        Err(Error::Fault("user memory is not mapped"))
+    }
+}
+
+/// Fails with `EFAULT` unless every page of `[addr, addr + len)` is mapped;
+/// this is the check that pinning does before memory enters a page table.
+pub fn check_mapped(addr: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let start = addr & !(PAGE_SIZE - 1);
+    let end = addr
+        .checked_add(len)
+        .ok_or(Error::Overflow("address + length wraps"))?;
+    // Ask in chunks so the residency vector stays on the stack.
+    const CHUNK_PAGES: u64 = 4096;
+    let mut vec = [0u8; CHUNK_PAGES as usize];
+    let mut cur = start;
+    while cur < end {
+        let n = (end - cur).min(CHUNK_PAGES * PAGE_SIZE);
+        // SAFETY: mincore only inspects the mappings of the range and writes
+        // one byte per page into `vec`, which has room for CHUNK_PAGES pages.
+        let rc = unsafe { libc::mincore(cur as *mut libc::c_void, n as usize, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(Error::Fault("user memory is not mapped"));
+        }
+        cur += n;
+    }
+    Ok(())
+}
+
+/// A shared mapping of part of a file that the engine owns, so memory mapped
+/// with `IOMMU_IOAS_MAP_FILE` stays valid whatever the program does with its
+/// own mappings of the file.
+#[derive(Debug)]
+pub struct FileMapping {
+    base: NonNull<u8>,
+    len: usize,
+    /// Offset of the first requested byte from `base` (the mapping starts on a page).
+    lead: u64,
+}
+
+// SAFETY: the mapping is plain shared memory; the struct only carries its
+// address and unmaps it once, on drop.
+unsafe impl Send for FileMapping {}
+// SAFETY: as above; no interior state is mutated through `&self`.
+unsafe impl Sync for FileMapping {}
+
+impl FileMapping {
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: u64, writable: bool) -> Result<Self> {
+        let st = rustix::fs::fstat(fd).map_err(|_| Error::BadFd("fd cannot be inspected"))?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::Overflow("start + length wraps"))?;
+        if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || len == 0 {
+            return Err(Error::Invalid("fd is not a regular file"));
+        }
+        if end > st.st_size as u64 {
+            return Err(Error::Invalid("range extends past the end of the file"));
+        }
+        let lead = offset % PAGE_SIZE;
+        let map_len = (lead + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping chosen by the kernel; nothing else
+        // refers to its address until we hand it out.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len as usize,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                (offset - lead) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EACCES) => Error::Permission("file is not open for that access"),
+                Some(libc::ENOMEM) => Error::NoMemory("cannot map the file"),
+                _ => Error::Invalid("file cannot be mapped"),
+            });
+        }
+        let base = NonNull::new(p.cast()).ok_or(Error::Invalid("file mapped at 0"))?;
+        Ok(FileMapping {
+            base,
+            len: map_len as usize,
+            lead,
+        })
+    }
+
+    /// Host address of the first requested byte.
+    pub fn addr(&self) -> u64 {
+        self.base.as_ptr() as u64 + self.lead
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` is exactly the mapping created in `new`, and
+        // the last user of its addresses (a page table via its pages) is gone.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Page-aligned anonymous memory owned by the caller: what a VMM's guest RAM
+/// looks like. Devices may write it at any time through DMA, so its contents
+/// are read and written by copies, never through references.
+#[derive(Debug)]
+pub struct HostBuffer {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain anonymous memory; accesses go through copies.
+unsafe impl Send for HostBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// `len` bytes (rounded up to whole pages) of zeroed memory.
+    pub fn new(len: usize) -> Result<Self> {
+        let len = (len.max(1) as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // SAFETY: a fresh private anonymous mapping; no other user.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::NoMemory("cannot allocate host memory"));
+        }
+        let base = NonNull::new(p.cast()).ok_or(Error::NoMemory("mapped at 0"))?;
+        Ok(HostBuffer {
+            base,
+            len: len as usize,
+        })
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies out `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) {
+        assert!(
+            offset.checked_add(buf.len()).is_some_and(|e| e <= self.len),
+            "read past the buffer"
+        );
+        // The range is inside our own live mapping.
+        read(Trust::Direct, self.addr() + offset as u64, buf).expect("direct reads cannot fail");
+    }
+
+    /// Copies `data` in at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) {
+        assert!(
+            offset
+                .checked_add(data.len())
+                .is_some_and(|e| e <= self.len),
+            "write past the buffer"
+        );
+        write(Trust::Direct, self.addr() + offset as u64, data).expect("direct writes cannot fail");
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `new`. Dropping it while it is
+        // still mapped into an IOAS is the caller's broken promise to
+        // `Context::map_user`, which is `unsafe` for that reason.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_copy_reports_unmapped_memory() {
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            read(Trust::Checked, 8, &mut buf),
+            Err(Error::Fault("user memory is not mapped"))
+        );
+        assert!(write(Trust::Checked, 8, &buf).is_err());
+        assert!(check_mapped(0x1000, 0x1000).is_err());
+    }
+
+    #[test]
+    fn checked_copy_round_trips() {
+        let src = vec![7u8; 10_000];
+        let mut dst = vec![0u8; 10_000];
+        read(Trust::Checked, src.as_ptr() as u64, &mut dst).unwrap();
+        assert_eq!(src, dst);
+        check_mapped(src.as_ptr() as u64, src.len() as u64).unwrap();
+        write(Trust::Checked, dst.as_mut_ptr() as u64, &[1, 2, 3]).unwrap();
+        assert_eq!(&dst[..3], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn file_mapping_sees_file_contents() {
+        let f = memfd::MemfdOptions::new().create("t").unwrap();
+        let file = f.as_file();
+        file.set_len(3 * PAGE_SIZE).unwrap();
+        rustix::io::pwrite(file, b"hello", PAGE_SIZE + 5).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(file);
+        let m = FileMapping::new(fd, PAGE_SIZE + 5, 5, false).unwrap();
+        let mut buf = [0u8; 5];
+        read(Trust::Direct, m.addr(), &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(matches!(
+            FileMapping::new(fd, 2 * PAGE_SIZE, 2 * PAGE_SIZE, false),
+            Err(Error::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,241 @@
+//! The memory behind mappings: a run of host pages from a user address or a
+//! file, shared by every area that maps part of it (copies share it too, so
+//! memory is pinned and charged once however often it is mapped).
+
+use std::os::fd::BorrowedFd;
+use std::sync::{Arc, Mutex};
+
+use crate::account::Accounting;
+use crate::error::{Error, Result};
+use crate::iova::{self, IovaRange, PAGE_SIZE};
+use crate::memory::{self, FileMapping, Trust};
+
+#[derive(Debug)]
+enum Backing {
+    User,
+    File(#[allow(dead_code)] FileMapping),
+}
+
+#[derive(Debug)]
+pub struct Pages {
+    /// Host address of the first page (page aligned).
+    base: u64,
+    npages: u64,
+    writable: bool,
+    trust: Trust,
+    backing: Backing,
+    accounting: Accounting,
+    /// Page ranges currently pinned, one entry per pinning user; the union is
+    /// what is charged.
+    pins: Mutex<Vec<IovaRange>>,
+}
+
+impl Pages {
+    /// Pages of the user address range `[uptr, uptr + length)`; returns them
+    /// and the byte offset of `uptr` inside them.
+    pub fn user(
+        uptr: u64,
+        length: u64,
+        writable: bool,
+        trust: Trust,
+        accounting: Accounting,
+    ) -> Result<(Arc<Pages>, u64)> {
+        if length == 0 || length > u64::MAX - PAGE_SIZE {
+            return Err(Error::Invalid("length is zero or too large"));
+        }
+        uptr.checked_add(length)
+            .ok_or(Error::Overflow("user_va + length wraps"))?;
+        let base = uptr & !(PAGE_SIZE - 1);
+        let lead = uptr - base;
+        let pages = Pages {
+            base,
+            npages: (length + lead).div_ceil(PAGE_SIZE),
+            writable,
+            trust,
+            backing: Backing::User,
+            accounting,
+            pins: Mutex::new(Vec::new()),
+        };
+        Ok((Arc::new(pages), lead))
+    }
+
+    /// Pages of `[start, start + length)` of a file, mapped by the engine.
+    pub fn file(
+        fd: BorrowedFd<'_>,
+        start: u64,
+        length: u64,
+        writable: bool,
+        accounting: Accounting,
+    ) -> Result<(Arc<Pages>, u64)> {
+        if length == 0 || length > u64::MAX - PAGE_SIZE {
+            return Err(Error::Invalid("length is zero or too large"));
+        }
+        let map = FileMapping::new(fd, start, length, writable)?;
+        let lead = start % PAGE_SIZE;
+        let pages = Pages {
+            base: map.addr() - lead,
+            npages: (length + lead).div_ceil(PAGE_SIZE),
+            writable,
+            trust: Trust::Direct,
+            backing: Backing::File(map),
+            accounting,
+            pins: Mutex::new(Vec::new()),
+        };
+        Ok((Arc::new(pages), lead))
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    pub fn trust(&self) -> Trust {
+        self.trust
+    }
+
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    pub fn is_file(&self) -> bool {
+        matches!(self.backing, Backing::File(_))
+    }
+
+    /// Host address of byte `offset` of these pages.
+    pub fn host_addr(&self, offset: u64) -> u64 {
+        self.base + offset
+    }
+
+    /// Pins the pages holding bytes `[offset, offset + len)`: checks that
+    /// untrusted memory is mapped and charges the pages not already pinned.
+    pub fn pin(&self, offset: u64, len: u64) -> Result<()> {
+        let range = self.page_range(offset, len);
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let before = pinned_pages(pins.iter().copied());
+        let after = pinned_pages(pins.iter().copied().chain([range]));
+        if after > before {
+            if self.trust == Trust::Checked {
+                memory::check_mapped(self.host_addr(offset), len)?;
+            }
+            self.accounting.charge(after - before)?;
+        }
+        pins.push(range);
+        Ok(())
+    }
+
+    /// Undoes one `pin` of the same bytes.
+    pub fn unpin(&self, offset: u64, len: u64) {
+        let range = self.page_range(offset, len);
+        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = pins.iter().position(|r| *r == range) else {
+            debug_assert!(false, "unpin of a range that was not pinned");
+            return;
+        };
+        let before = pinned_pages(pins.iter().copied());
+        pins.swap_remove(i);
+        self.accounting
+            .uncharge(before - pinned_pages(pins.iter().copied()));
+    }
+
+    /// Number of distinct pages pinned now.
+    pub fn pinned(&self) -> u64 {
+        pinned_pages(
+            self.pins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied(),
+        )
+    }
+
+    fn page_range(&self, offset: u64, len: u64) -> IovaRange {
+        let first = offset / PAGE_SIZE;
+        let last = (offset + len - 1) / PAGE_SIZE;
+        debug_assert!(last < self.npages);
+        IovaRange::new(first, last)
+    }
+}
+
+fn pinned_pages(ranges: impl IntoIterator<Item = IovaRange>) -> u64 {
+    iova::union(ranges).iter().map(IovaRange::len).sum()
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        let pins = self.pins.get_mut().unwrap_or_else(|e| e.into_inner());
+        debug_assert!(pins.is_empty(), "pages dropped while pinned");
+        let n = pinned_pages(pins.drain(..));
+        self.accounting.uncharge(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::account::Limit;
+
+    #[test]
+    fn overlapping_pins_are_charged_once() {
+        let acct = Accounting::isolated(Limit::Pages(100));
+        let buf = vec![0u8; 10 * PAGE_SIZE as usize];
+        let (p, lead) = Pages::user(
+            buf.as_ptr() as u64,
+            buf.len() as u64,
+            true,
+            Trust::Checked,
+            acct.clone(),
+        )
+        .unwrap();
+        p.pin(lead, 4 * PAGE_SIZE).unwrap();
+        p.pin(lead + 2 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap();
+        assert_eq!(p.pinned(), 6 + u64::from(lead != 0));
+        assert_eq!(acct.charged(), p.pinned());
+        p.unpin(lead, 4 * PAGE_SIZE);
+        p.unpin(lead + 2 * PAGE_SIZE, 4 * PAGE_SIZE);
+        assert_eq!(acct.charged(), 0);
+    }
+
+    #[test]
+    fn pin_over_the_limit_fails_and_charges_nothing() {
+        let acct = Accounting::isolated(Limit::Pages(2));
+        let buf = vec![0u8; 4 * PAGE_SIZE as usize];
+        let (p, lead) = Pages::user(
+            buf.as_ptr() as u64,
+            buf.len() as u64,
+            true,
+            Trust::Direct,
+            acct.clone(),
+        )
+        .unwrap();
+        assert!(matches!(
+            p.pin(lead, buf.len() as u64),
+            Err(Error::NoMemory(_))
+        ));
+        assert_eq!(acct.charged(), 0);
+        assert_eq!(p.pinned(), 0);
+    }
+
+    #[test]
+    fn pinning_unmapped_user_memory_is_efault() {
+        let (p, lead) = Pages::user(
+            PAGE_SIZE,
+            PAGE_SIZE,
+            true,
+            Trust::Checked,
+            Accounting::none(),
+        )
+        .unwrap();
+        assert!(matches!(p.pin(lead, PAGE_SIZE), Err(Error::Fault(_))));
+    }
+
+    #[test]
+    fn user_pages_reject_bad_lengths() {
+        assert!(matches!(
+            Pages::user(0, 0, true, Trust::Direct, Accounting::none()),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            Pages::user(u64::MAX - 10, 100, true, Trust::Direct, Accounting::none()),
+            Err(Error::Overflow(_))
+        ));
+    }
+}

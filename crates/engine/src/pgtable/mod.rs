@@ -1,0 +1,399 @@
+//! I/O page tables in hardware layouts, and the one walker that serves every
+//! format.
+//!
+//! A table is a 4 KiB block of 512 atomic 64-bit entries; an entry points to
+//! the next table or to memory by host address (see `memory`). Readers walk
+//! with plain atomic loads inside an epoch critical section and never block;
+//! writers (map, unmap) are serialised by the owner of the table (the IOAS
+//! lock) and free tables only after every reader that could see them is gone.
+
+pub mod x86;
+
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_epoch::Guard;
+
+use crate::error::{Error, Result};
+
+pub const ENTRIES: usize = 512;
+const STRIDE: u32 = 9;
+const PAGE_SHIFT: u32 = 12;
+
+/// DMA permissions, as the page-table formats encode them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Perm {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Perm {
+    pub const R: Perm = Perm {
+        read: true,
+        write: false,
+    };
+    pub const W: Perm = Perm {
+        read: false,
+        write: true,
+    };
+    pub const RW: Perm = Perm {
+        read: true,
+        write: true,
+    };
+
+    /// Whether an access needing `need` is allowed by `self`.
+    pub fn allows(self, need: Perm) -> bool {
+        (self.read || !need.read) && (self.write || !need.write)
+    }
+}
+
+/// One decoded entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pte {
+    None,
+    Table(u64),
+    Leaf {
+        addr: u64,
+        perm: Perm,
+        checked: bool,
+        dirty: bool,
+    },
+}
+
+/// A page-table format: how entries are laid out at each level. Level 0 holds
+/// 4 KiB leaves; level `LEVELS - 1` is the root.
+pub trait Format: Send + Sync + 'static {
+    const NAME: &'static str;
+    const LEVELS: u32;
+    /// Bit `n` set when level `n` may hold a leaf.
+    const LEAF_LEVELS: u32;
+    /// Bit that hardware sets on a write through a leaf (dirty tracking).
+    const DIRTY: u64;
+
+    fn decode(pte: u64, level: u32) -> Pte;
+    fn table(addr: u64) -> u64;
+    /// A leaf mapping `addr`; `checked` marks memory reached through checked
+    /// copies, kept in a bit the hardware ignores.
+    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64;
+
+    /// Bits of IOVA this format translates.
+    fn iova_bits() -> u32 {
+        PAGE_SHIFT + STRIDE * Self::LEVELS
+    }
+}
+
+pub const fn level_shift(level: u32) -> u32 {
+    PAGE_SHIFT + STRIDE * level
+}
+
+/// Page sizes (as a bitmap, like Linux's `pgsize_bitmap`) that `F` supports.
+pub fn pgsize_bitmap<F: Format>() -> u64 {
+    (0..F::LEVELS)
+        .filter(|l| F::LEAF_LEVELS & (1 << l) != 0)
+        .fold(0, |acc, l| acc | 1u64 << level_shift(l))
+}
+
+#[repr(C, align(4096))]
+struct Table([AtomicU64; ENTRIES]);
+
+impl Table {
+    fn new() -> Box<Table> {
+        Box::new(Table(std::array::from_fn(|_| AtomicU64::new(0))))
+    }
+
+    fn index(iova: u64, level: u32) -> usize {
+        ((iova >> level_shift(level)) as usize) & (ENTRIES - 1)
+    }
+}
+
+/// The result of a walk: where `iova` lands and with what rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Host address of the byte at the walked IOVA.
+    pub addr: u64,
+    /// log2 of the leaf's size.
+    pub shift: u32,
+    pub perm: Perm,
+    pub checked: bool,
+}
+
+/// Counts of tables and leaves, by level.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub tables: Vec<u64>,
+    pub leaves: Vec<u64>,
+}
+
+pub struct PageTable<F: Format> {
+    root: Box<Table>,
+    _format: PhantomData<F>,
+}
+
+impl<F: Format> Default for PageTable<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Format> PageTable<F> {
+    pub fn new() -> Self {
+        PageTable {
+            root: Table::new(),
+            _format: PhantomData,
+        }
+    }
+
+    fn max_iova() -> u64 {
+        let bits = F::iova_bits();
+        if bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << bits) - 1
+        }
+    }
+
+    /// Host address of the root table (what a context entry would hold).
+    pub fn root_addr(&self) -> u64 {
+        &*self.root as *const Table as u64
+    }
+
+    /// Translates one IOVA. The guard keeps every table it reads alive.
+    pub fn walk(&self, iova: u64, _guard: &Guard) -> Option<Translation> {
+        if iova > Self::max_iova() {
+            return None;
+        }
+        let mut table: &Table = &self.root;
+        for level in (0..F::LEVELS).rev() {
+            let raw = table.0[Table::index(iova, level)].load(Ordering::Acquire);
+            match F::decode(raw, level) {
+                Pte::None => return None,
+                Pte::Leaf {
+                    addr,
+                    perm,
+                    checked,
+                    ..
+                } => {
+                    let shift = level_shift(level);
+                    let offset = iova & ((1u64 << shift) - 1);
+                    return Some(Translation {
+                        addr: addr + offset,
+                        shift,
+                        perm,
+                        checked,
+                    });
+                }
+                Pte::Table(next) => {
+                    // SAFETY: table entries only ever hold addresses of live
+                    // `Table`s from `Table::new`; one that is unlinked is freed
+                    // through the epoch only after `_guard` is dropped.
+                    table = unsafe { &*(next as *const Table) };
+                }
+            }
+        }
+        None
+    }
+
+    /// Maps `[iova, iova + len)` to host memory at `addr`. `huge` allows leaves
+    /// above 4 KiB where IOVA and memory are aligned and contiguous. The caller
+    /// serialises writers and guarantees the range is unmapped.
+    pub fn map(
+        &self,
+        iova: u64,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        checked: bool,
+        huge: bool,
+    ) -> Result<()> {
+        let page_mask = (1u64 << PAGE_SHIFT) - 1;
+        if len == 0 || (iova | addr | len) & page_mask != 0 {
+            return Err(Error::Invalid("page table maps whole pages only"));
+        }
+        let last = iova
+            .checked_add(len - 1)
+            .ok_or(Error::Overflow("iova + length wraps"))?;
+        if last > Self::max_iova() {
+            return Err(Error::Invalid("IOVA beyond the page table's address width"));
+        }
+        let op = MapOp {
+            addr_base: addr.wrapping_sub(iova),
+            perm,
+            checked,
+            huge,
+        };
+        op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last)
+    }
+
+    /// Unmaps `[iova, iova + len)`, splitting huge leaves that are only partly
+    /// covered and freeing tables left empty once readers are done with them.
+    pub fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
+        if len == 0 || iova > Self::max_iova() {
+            return;
+        }
+        let last = iova.saturating_add(len - 1).min(Self::max_iova());
+        unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard);
+    }
+
+    /// Number of tables and leaves at each level.
+    pub fn summary(&self) -> Summary {
+        let n = F::LEVELS as usize;
+        let mut s = Summary {
+            tables: vec![0; n],
+            leaves: vec![0; n],
+        };
+        count::<F>(&self.root, F::LEVELS - 1, &mut s);
+        s
+    }
+}
+
+struct MapOp {
+    /// `host = iova + addr_base` (wrapping), so sub-ranges need no bookkeeping.
+    addr_base: u64,
+    perm: Perm,
+    checked: bool,
+    huge: bool,
+}
+
+impl MapOp {
+    fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64) -> Result<()> {
+        let size = 1u64 << level_shift(level);
+        let mut cur = first;
+        loop {
+            let entry_start = cur & !(size - 1);
+            let entry_last = entry_start + (size - 1);
+            let chunk_last = last.min(entry_last);
+            let host = cur.wrapping_add(self.addr_base);
+            let slot = &table.0[Table::index(cur, level)];
+            let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
+                && (level == 0 || self.huge)
+                && cur == entry_start
+                && chunk_last == entry_last
+                && host & (size - 1) == 0;
+            let existing = F::decode(slot.load(Ordering::Relaxed), level);
+            if leaf_ok && existing == Pte::None {
+                slot.store(
+                    F::leaf(host, level, self.perm, self.checked),
+                    Ordering::Release,
+                );
+            } else {
+                let child = match existing {
+                    Pte::Leaf { .. } => {
+                        return Err(Error::Exists("IOVA already mapped in the page table"));
+                    }
+                    Pte::Table(next) => next as *const Table,
+                    Pte::None => {
+                        let t = Box::into_raw(Table::new());
+                        slot.store(F::table(t as u64), Ordering::Release);
+                        t.cast_const()
+                    }
+                };
+                // SAFETY: `child` is a live table linked from `slot`; only this
+                // serialised writer unlinks tables.
+                self.map_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last)?;
+            }
+            if chunk_last == last {
+                return Ok(());
+            }
+            cur = chunk_last + 1;
+        }
+    }
+}
+
+/// Returns whether `table` holds no entries afterwards.
+fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard) -> bool {
+    let size = 1u64 << level_shift(level);
+    let mut cur = first;
+    loop {
+        let entry_start = cur & !(size - 1);
+        let entry_last = entry_start + (size - 1);
+        let chunk_last = last.min(entry_last);
+        let whole = cur == entry_start && chunk_last == entry_last;
+        let slot = &table.0[Table::index(cur, level)];
+        match F::decode(slot.load(Ordering::Relaxed), level) {
+            Pte::None => {}
+            Pte::Leaf { .. } if whole => slot.store(0, Ordering::Release),
+            Pte::Leaf {
+                addr,
+                perm,
+                checked,
+                ..
+            } => {
+                // A partial unmap of a huge leaf: replace it by a table of
+                // next-level leaves covering the same memory, then unmap there.
+                let t = Table::new();
+                let sub = 1u64 << level_shift(level - 1);
+                for (i, e) in t.0.iter().enumerate() {
+                    e.store(
+                        F::leaf(addr + i as u64 * sub, level - 1, perm, checked),
+                        Ordering::Relaxed,
+                    );
+                }
+                let t = Box::into_raw(t);
+                slot.store(F::table(t as u64), Ordering::Release);
+                // SAFETY: just linked; only this serialised writer changes it.
+                if unmap_level::<F>(unsafe { &*t }, level - 1, cur, chunk_last, guard) {
+                    slot.store(0, Ordering::Release);
+                    defer_free::<F>(t, level - 1, guard);
+                }
+            }
+            Pte::Table(next) => {
+                let child = next as *mut Table;
+                // SAFETY: a live table linked from `slot`.
+                if whole || unmap_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last, guard)
+                {
+                    slot.store(0, Ordering::Release);
+                    defer_free::<F>(child, level - 1, guard);
+                }
+            }
+        }
+        if chunk_last == last {
+            break;
+        }
+        cur = chunk_last + 1;
+    }
+    table.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
+}
+
+fn defer_free<F: Format>(table: *mut Table, level: u32, guard: &Guard) {
+    let addr = table as usize;
+    // SAFETY: the table is unlinked, so no new reader can reach it; readers
+    // already inside hold guards, and the epoch runs this only after them.
+    unsafe { guard.defer_unchecked(move || free_tree::<F>(addr as *mut Table, level)) };
+}
+
+/// Frees a detached table and every table below it.
+fn free_tree<F: Format>(table: *mut Table, level: u32) {
+    // SAFETY: the caller passes a table that is unreachable by any reader and
+    // was created by `Box::into_raw`.
+    let t = unsafe { Box::from_raw(table) };
+    if level > 0 {
+        for e in t.0.iter() {
+            if let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), level) {
+                free_tree::<F>(next as *mut Table, level - 1);
+            }
+        }
+    }
+}
+
+fn count<F: Format>(table: &Table, level: u32, s: &mut Summary) {
+    s.tables[level as usize] += 1;
+    for e in table.0.iter() {
+        match F::decode(e.load(Ordering::Acquire), level) {
+            Pte::None => {}
+            Pte::Leaf { .. } => s.leaves[level as usize] += 1,
+            // SAFETY: linked tables are live while `&PageTable` is held by a
+            // writer-serialised caller.
+            Pte::Table(next) => count::<F>(unsafe { &*(next as *const Table) }, level - 1, s),
+        }
+    }
+}
+
+impl<F: Format> Drop for PageTable<F> {
+    fn drop(&mut self) {
+        for e in self.root.0.iter() {
+            if let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), F::LEVELS - 1) {
+                free_tree::<F>(next as *mut Table, F::LEVELS - 2);
+            }
+        }
+    }
+}

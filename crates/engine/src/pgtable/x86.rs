@@ -1,0 +1,164 @@
+//! x86-64 page tables as VT-d's second stage uses them (4 or 5 levels;
+//! 4 KiB, 2 MiB and 1 GiB leaves), per the VT-d specification's
+//! second-stage paging-entry layout.
+
+use super::{Format, Perm, Pte};
+
+const READ: u64 = 1 << 0;
+const WRITE: u64 = 1 << 1;
+/// Page size: set on a leaf above level 0.
+const PS: u64 = 1 << 7;
+const ACCESSED: u64 = 1 << 8;
+const DIRTY: u64 = 1 << 9;
+/// Bits 52..61 are ignored by hardware; ioasid keeps its "checked memory"
+/// mark in the lowest of them.
+const SW_CHECKED: u64 = 1 << 52;
+const ADDR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
+
+/// VT-d second-stage format with `L` levels (4: 48-bit IOVA, 5: 57-bit).
+pub struct VtdSecondStage<const L: u32>;
+
+pub type VtdSs4 = VtdSecondStage<4>;
+pub type VtdSs5 = VtdSecondStage<5>;
+
+impl<const L: u32> Format for VtdSecondStage<L> {
+    const NAME: &'static str = if L == 5 {
+        "VT-d second stage, 5-level"
+    } else {
+        "VT-d second stage, 4-level"
+    };
+    const LEVELS: u32 = L;
+    const LEAF_LEVELS: u32 = 0b111;
+    const DIRTY: u64 = DIRTY;
+
+    fn decode(pte: u64, level: u32) -> Pte {
+        if pte & (READ | WRITE) == 0 {
+            return Pte::None;
+        }
+        if level > 0 && pte & PS == 0 {
+            return Pte::Table(pte & ADDR_MASK);
+        }
+        Pte::Leaf {
+            addr: pte & ADDR_MASK,
+            perm: Perm {
+                read: pte & READ != 0,
+                write: pte & WRITE != 0,
+            },
+            checked: pte & SW_CHECKED != 0,
+            dirty: pte & DIRTY != 0,
+        }
+    }
+
+    fn table(addr: u64) -> u64 {
+        debug_assert_eq!(addr & !ADDR_MASK, 0);
+        // Non-leaf entries grant everything; rights are decided at the leaf.
+        addr | READ | WRITE
+    }
+
+    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+        debug_assert_eq!(addr & !ADDR_MASK, 0, "host address does not fit the format");
+        let mut pte = addr | ACCESSED;
+        if perm.read {
+            pte |= READ;
+        }
+        if perm.write {
+            pte |= WRITE;
+        }
+        if level > 0 {
+            pte |= PS;
+        }
+        if checked {
+            pte |= SW_CHECKED;
+        }
+        pte
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgtable::{PageTable, Translation, pgsize_bitmap};
+
+    const G: u64 = 1 << 30;
+    const M2: u64 = 2 << 20;
+    const K4: u64 = 4096;
+
+    fn walk<F: Format>(pt: &PageTable<F>, iova: u64) -> Option<Translation> {
+        pt.walk(iova, &crossbeam_epoch::pin())
+    }
+
+    #[test]
+    fn golden_entries() {
+        // A 2 MiB read-only leaf at level 1: R | PS | A | address.
+        assert_eq!(
+            VtdSs4::leaf(0x4020_0000, 1, Perm::R, false),
+            0x4020_0000 | 1 | 1 << 7 | 1 << 8
+        );
+        assert_eq!(VtdSs4::decode(0x1234_5000 | 3, 2), Pte::Table(0x1234_5000));
+        assert_eq!(
+            VtdSs4::decode(0x1234_5000 | 1 << 7 | 2, 2),
+            Pte::Leaf {
+                addr: 0x1234_5000,
+                perm: Perm::W,
+                checked: false,
+                dirty: false
+            }
+        );
+        assert_eq!(VtdSs4::decode(0x1234_5000 | 1 << 9, 0), Pte::None);
+        assert_eq!(pgsize_bitmap::<VtdSs4>(), K4 | M2 | G);
+        assert_eq!(VtdSs5::iova_bits(), 57);
+    }
+
+    #[test]
+    fn huge_leaves_are_used_when_aligned() {
+        let pt = PageTable::<VtdSs4>::new();
+        pt.map(G, 4 * G, G + M2 + K4, Perm::RW, false, true)
+            .unwrap();
+        let s = pt.summary();
+        assert_eq!(s.leaves, vec![1, 1, 1, 0]);
+        assert_eq!(walk(&pt, G + 5).unwrap().addr, 4 * G + 5);
+        assert_eq!(walk(&pt, G + 5).unwrap().shift, 30);
+        assert_eq!(walk(&pt, 2 * G + M2 + 7).unwrap().addr, 5 * G + M2 + 7);
+        assert_eq!(walk(&pt, 2 * G + M2 + K4), None);
+    }
+
+    #[test]
+    fn misaligned_memory_uses_small_leaves() {
+        let pt = PageTable::<VtdSs4>::new();
+        pt.map(0, K4, M2, Perm::R, false, true).unwrap();
+        assert_eq!(pt.summary().leaves, vec![512, 0, 0, 0]);
+        let pt = PageTable::<VtdSs4>::new();
+        pt.map(0, 0, M2, Perm::R, false, false).unwrap();
+        assert_eq!(pt.summary().leaves, vec![512, 0, 0, 0]);
+    }
+
+    #[test]
+    fn partial_unmap_splits_a_huge_leaf() {
+        let pt = PageTable::<VtdSs4>::new();
+        pt.map(0, G, M2, Perm::RW, false, true).unwrap();
+        pt.unmap(K4, K4, &crossbeam_epoch::pin());
+        assert_eq!(pt.summary().leaves, vec![511, 0, 0, 0]);
+        assert_eq!(walk(&pt, 0).unwrap().addr, G);
+        assert_eq!(walk(&pt, K4), None);
+        assert_eq!(walk(&pt, 2 * K4 + 1).unwrap().addr, G + 2 * K4 + 1);
+    }
+
+    #[test]
+    fn unmap_frees_empty_tables() {
+        let pt = PageTable::<VtdSs5>::new();
+        pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, true, true)
+            .unwrap();
+        assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
+        assert!(walk(&pt, (1 << 50) + K4).unwrap().checked);
+        pt.unmap(1 << 50, 3 * K4, &crossbeam_epoch::pin());
+        assert_eq!(pt.summary().tables, vec![0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn mapping_over_a_leaf_is_refused() {
+        let pt = PageTable::<VtdSs4>::new();
+        pt.map(0, 0, M2, Perm::R, false, true).unwrap();
+        assert!(pt.map(K4, K4, K4, Perm::R, false, true).is_err());
+        assert!(pt.map(1 << 48, 0, K4, Perm::R, false, true).is_err());
+    }
+}
