@@ -1,1 +1,12 @@
+//! The iommufd ABI of ioasid: Linux's uAPI structs with their layouts
+//! asserted, the ioctl dispatcher, and the mapping of engine errors to
+//! errnos. Front ends (preload shim, daemon) hand ioctls to [`ioctl`].
 
+pub mod dispatch;
+pub mod errno;
+pub mod uapi;
+pub mod user;
+
+pub use dispatch::ioctl;
+pub use errno::Errno;
+pub use user::{InProcess, UserMemory};

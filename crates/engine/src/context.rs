@@ -162,8 +162,9 @@ impl Context {
         *self.account_mode.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `IOMMU_OPTION_RLIMIT_MODE`: needs `CAP_SYS_RESOURCE` and an empty context.
-    pub fn set_account_mode(&self, mode: AccountMode) -> Result<()> {
+    /// `IOMMU_OPTION_RLIMIT_MODE` with its value (0: per user, 1: per
+    /// process): needs `CAP_SYS_RESOURCE` and a context without objects.
+    pub fn set_account_mode(&self, value: u64) -> Result<()> {
         if !self.config.sys_resource {
             return Err(Error::Permission(
                 "changing the accounting mode needs CAP_SYS_RESOURCE",
@@ -173,6 +174,11 @@ impl Context {
         if !t.is_empty() {
             return Err(Error::Busy("the context already has objects"));
         }
+        let mode = match value {
+            0 => AccountMode::User,
+            1 => AccountMode::Process,
+            _ => return Err(Error::Invalid("accounting mode is 0 or 1")),
+        };
         *self.account_mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
         Ok(())
     }
@@ -439,20 +445,26 @@ impl Context {
         })
     }
 
+    /// Removes an automatic HWPT once no device is attached to it, as
+    /// Linux destroys an auto domain with its last device.
     fn drop_if_unused_auto(&self, id: u32, hwpt: Arc<HwptPaging>) {
         if !hwpt.is_auto() {
             return;
         }
-        drop(hwpt);
         let mut t = self.table();
+        let in_use = t.values().any(|o| match o {
+            Object::Device(d) => d.attached().is_some_and(|a| Arc::ptr_eq(&a, &hwpt)),
+            _ => false,
+        });
+        if in_use {
+            return;
+        }
         if let Some(Object::HwptPaging(h)) = t.get(&id)
-            && Arc::strong_count(h) == 1
+            && Arc::ptr_eq(h, &hwpt)
         {
-            let Some(Object::HwptPaging(h)) = t.remove(&id) else {
-                unreachable!()
-            };
+            t.remove(&id);
             drop(t);
-            h.release();
+            hwpt.release();
         }
     }
 

@@ -1,0 +1,397 @@
+//! The ioctl dispatcher: one table from command number to handler, the
+//! `size` rules of iommufd's extensible structs, and each command's checks in
+//! the order Linux makes them, so the same bad input gets the same errno.
+
+use std::os::fd::AsFd;
+
+use ioasid_engine::{AccountMode, Context, HwptFlags, IovaRange, Perm};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::errno::Errno;
+use crate::uapi::*;
+use crate::user::{UserMemory, dup_fd};
+
+type Res = Result<(), Errno>;
+
+/// One ioctl in flight: where its struct lives and how big the caller said it is.
+pub struct Ucmd<'a> {
+    pub ctx: &'a Context,
+    pub mem: &'a dyn UserMemory,
+    arg: u64,
+    user_size: u32,
+}
+
+impl Ucmd<'_> {
+    /// Copies the (updated) struct back, no more than the caller's size.
+    fn respond<T: IntoBytes + Immutable>(&self, cmd: &T) -> Res {
+        let b = cmd.as_bytes();
+        let n = (self.user_size as usize).min(b.len());
+        self.mem.write(self.arg, &b[..n])
+    }
+}
+
+struct Op {
+    num: u32,
+    size: usize,
+    min_size: usize,
+    run: fn(&Ucmd, &[u8]) -> Res,
+}
+
+macro_rules! op {
+    ($num:expr, $ty:ty, $last:ident, $handler:path) => {
+        Some(Op {
+            num: $num,
+            size: core::mem::size_of::<$ty>(),
+            min_size: core::mem::offset_of!($ty, $last) + size_of_field!($ty, $last),
+            run: |u, b| {
+                $handler(
+                    u,
+                    <$ty>::read_from_bytes(b).expect("buffer sized for the struct"),
+                )
+            },
+        })
+    };
+}
+
+macro_rules! size_of_field {
+    ($ty:ty, $field:ident) => {{
+        const fn size_of_return<T>(_: fn(&$ty) -> &T) -> usize {
+            core::mem::size_of::<T>()
+        }
+        size_of_return(|s: &$ty| &s.$field)
+    }};
+}
+
+const NOPS: usize = (IOMMUFD_CMD_IOAS_MAP_FILE - IOMMUFD_CMD_BASE + 1) as usize;
+
+static OPS: [Option<Op>; NOPS] = [
+    op!(IOMMU_DESTROY, iommu_destroy, id, destroy),
+    op!(IOMMU_IOAS_ALLOC, iommu_ioas_alloc, out_ioas_id, ioas_alloc),
+    op!(
+        IOMMU_IOAS_ALLOW_IOVAS,
+        iommu_ioas_allow_iovas,
+        allowed_iovas,
+        ioas_allow_iovas
+    ),
+    op!(IOMMU_IOAS_COPY, iommu_ioas_copy, src_iova, ioas_copy),
+    op!(
+        IOMMU_IOAS_IOVA_RANGES,
+        iommu_ioas_iova_ranges,
+        out_iova_alignment,
+        ioas_iova_ranges
+    ),
+    op!(IOMMU_IOAS_MAP, iommu_ioas_map, iova, ioas_map),
+    op!(IOMMU_IOAS_UNMAP, iommu_ioas_unmap, length, ioas_unmap),
+    op!(IOMMU_OPTION, iommu_option, val64, option),
+    None, // IOMMU_VFIO_IOAS: VFIO compatibility
+    op!(IOMMU_HWPT_ALLOC, iommu_hwpt_alloc, __reserved, hwpt_alloc),
+    op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
+    None, // IOMMU_HWPT_SET_DIRTY_TRACKING: dirty tracking
+    None, // IOMMU_HWPT_GET_DIRTY_BITMAP: dirty tracking
+    None, // IOMMU_HWPT_INVALIDATE: nested translation
+    None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
+    op!(
+        IOMMU_IOAS_MAP_FILE,
+        iommu_ioas_map_file,
+        iova,
+        ioas_map_file
+    ),
+];
+
+/// Largest struct in the table; commands are decoded into a stack buffer.
+const MAX_SIZE: usize = 64;
+
+/// Runs one iommufd ioctl. `arg` is the caller's pointer to the struct.
+pub fn ioctl(ctx: &Context, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
+    let nr = request & 0xff;
+    let Some(idx) = nr
+        .checked_sub(IOMMUFD_CMD_BASE)
+        .filter(|&i| (i as usize) < NOPS)
+    else {
+        return Err(Errno::ENOTTY);
+    };
+    let mut size = [0u8; 4];
+    mem.read(arg, &mut size)?;
+    let user_size = u32::from_ne_bytes(size);
+    let Some(op) = OPS[idx as usize].as_ref().filter(|op| op.num == request) else {
+        return Err(Errno::ENOTTY);
+    };
+    if (user_size as usize) < op.min_size {
+        return Err(Errno::EINVAL);
+    }
+    let mut buf = [0u8; MAX_SIZE];
+    let known = op.size.min(user_size as usize);
+    mem.read(arg, &mut buf[..known])?;
+    check_zeroed(
+        mem,
+        arg + op.size as u64,
+        (user_size as usize).saturating_sub(op.size),
+    )?;
+    (op.run)(
+        &Ucmd {
+            ctx,
+            mem,
+            arg,
+            user_size,
+        },
+        &buf[..op.size],
+    )
+}
+
+/// `E2BIG` unless the caller's bytes past what we understand are all zero.
+fn check_zeroed(mem: &dyn UserMemory, mut addr: u64, mut len: usize) -> Res {
+    let mut chunk = [0u8; 256];
+    while len > 0 {
+        let n = len.min(chunk.len());
+        mem.read(addr, &mut chunk[..n])?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Err(Errno::E2BIG);
+        }
+        addr += n as u64;
+        len -= n;
+    }
+    Ok(())
+}
+
+fn destroy(u: &Ucmd, c: iommu_destroy) -> Res {
+    Ok(u.ctx.destroy(c.id)?)
+}
+
+fn ioas_alloc(u: &Ucmd, mut c: iommu_ioas_alloc) -> Res {
+    if c.flags != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    c.out_ioas_id = u.ctx.ioas_alloc()?;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.destroy(c.out_ioas_id);
+    })
+}
+
+fn ioas_iova_ranges(u: &Ucmd, mut c: iommu_ioas_iova_ranges) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let (ranges, alignment) = u.ctx.ioas(c.ioas_id)?.iova_ranges();
+    let max = c.num_iovas as usize;
+    for (i, r) in ranges.iter().take(max).enumerate() {
+        let elm = iommu_iova_range {
+            start: r.start,
+            last: r.last,
+        };
+        u.mem
+            .write(c.allowed_iovas.wrapping_add(16 * i as u64), elm.as_bytes())?;
+    }
+    c.num_iovas = ranges.len() as u32;
+    c.out_iova_alignment = alignment;
+    u.respond(&c)?;
+    if ranges.len() > max {
+        return Err(Errno::EMSGSIZE);
+    }
+    Ok(())
+}
+
+fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let ioas = u.ctx.ioas(c.ioas_id)?;
+    let mut ranges: Vec<IovaRange> = Vec::new();
+    for i in 0..c.num_iovas as u64 {
+        let mut elm = iommu_iova_range::default();
+        u.mem
+            .read(c.allowed_iovas.wrapping_add(16 * i), elm.as_mut_bytes())?;
+        let r = IovaRange::new(elm.start, elm.last);
+        if r.start >= r.last || ranges.iter().any(|o| o.overlaps(&r)) {
+            return Err(Errno::EINVAL);
+        }
+        ranges.push(r);
+    }
+    Ok(ioas.allow_iovas(&ranges)?)
+}
+
+const MAP_FLAGS: u32 =
+    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
+
+/// The checks MAP, MAP_FILE and COPY share, in Linux's order after the flags.
+fn map_perm(flags: u32, values: &[u64]) -> Result<Perm, Errno> {
+    if values.contains(&u64::MAX) {
+        return Err(Errno::EOVERFLOW);
+    }
+    let perm = Perm {
+        read: flags & IOMMU_IOAS_MAP_READABLE != 0,
+        write: flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
+    };
+    if !perm.read && !perm.write {
+        return Err(Errno::EINVAL);
+    }
+    Ok(perm)
+}
+
+fn fixed(flags: u32, iova: u64) -> Option<u64> {
+    (flags & IOMMU_IOAS_MAP_FIXED_IOVA != 0).then_some(iova)
+}
+
+fn ioas_map(u: &Ucmd, mut c: iommu_ioas_map) -> Res {
+    if c.flags & !MAP_FLAGS != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let perm = map_perm(c.flags, &[c.iova, c.length])?;
+    c.iova =
+        u.ctx
+            .map_user_checked(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
+    u.respond(&c)
+}
+
+fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
+    if c.flags & !MAP_FLAGS != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let perm = map_perm(c.flags, &[c.iova, c.length])?;
+    u.ctx.ioas(c.ioas_id)?;
+    let fd = dup_fd(c.fd)?;
+    c.iova = u.ctx.map_file(
+        c.ioas_id,
+        fd.as_fd(),
+        c.start,
+        c.length,
+        fixed(c.flags, c.iova),
+        perm,
+    )?;
+    u.respond(&c)
+}
+
+fn ioas_copy(u: &Ucmd, mut c: iommu_ioas_copy) -> Res {
+    if c.flags & !MAP_FLAGS != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let perm = map_perm(c.flags, &[c.length, c.src_iova, c.dst_iova])?;
+    c.dst_iova = u.ctx.copy(
+        c.dst_ioas_id,
+        c.src_ioas_id,
+        c.src_iova,
+        c.length,
+        fixed(c.flags, c.dst_iova),
+        perm,
+    )?;
+    u.respond(&c)
+}
+
+fn ioas_unmap(u: &Ucmd, mut c: iommu_ioas_unmap) -> Res {
+    u.ctx.ioas(c.ioas_id)?;
+    let unmap_all = c.iova == 0 && c.length == u64::MAX;
+    if !unmap_all && (c.iova == u64::MAX || c.length == u64::MAX) {
+        return Err(Errno::EOVERFLOW);
+    }
+    c.length = u.ctx.unmap(c.ioas_id, c.iova, c.length)?;
+    u.respond(&c)
+}
+
+fn option(u: &Ucmd, mut c: iommu_option) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    match c.option_id {
+        IOMMU_OPTION_RLIMIT_MODE => {
+            if c.object_id != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            match c.op {
+                IOMMU_OPTION_OP_GET => {
+                    c.val64 = u64::from(u.ctx.account_mode() == AccountMode::Process)
+                }
+                IOMMU_OPTION_OP_SET => u.ctx.set_account_mode(c.val64).map_err(Errno::from)?,
+                _ => return Err(Errno::EOPNOTSUPP),
+            }
+        }
+        IOMMU_OPTION_HUGE_PAGES => {
+            let ioas = u.ctx.ioas(c.object_id)?;
+            match (c.op, c.val64) {
+                (IOMMU_OPTION_OP_GET, _) => c.val64 = u64::from(ioas.huge_pages()),
+                (IOMMU_OPTION_OP_SET, v @ (0 | 1)) => ioas.set_huge_pages(v == 1)?,
+                (IOMMU_OPTION_OP_SET, _) => return Err(Errno::EINVAL),
+                _ => return Err(Errno::EOPNOTSUPP),
+            }
+        }
+        _ => return Err(Errno::EOPNOTSUPP),
+    }
+    // Only val64 is written back.
+    u.mem.write(
+        u.arg + core::mem::offset_of!(iommu_option, val64) as u64,
+        c.val64.as_bytes(),
+    )
+}
+
+fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    if (c.data_type == IOMMU_HWPT_DATA_NONE) != (c.data_len == 0) {
+        return Err(Errno::EINVAL);
+    }
+    let dev = u.ctx.device(c.dev_id)?;
+    let pt = u.ctx.object(c.pt_id).map_err(|_| Errno::EINVAL)?;
+    match pt {
+        ioasid_engine::Object::Ioas(_) => {
+            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT
+                | IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+                | IOMMU_HWPT_FAULT_ID_VALID;
+            if c.flags & !valid != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0 && !dev.info().dirty_tracking {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0
+                && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0
+            {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if c.data_len != 0 {
+                // No paging format here takes driver data.
+                return Err(Errno::EOPNOTSUPP);
+            }
+        }
+        // Nested HWPTs need a stage-1 format this IOMMU model lacks.
+        ioasid_engine::Object::HwptPaging(_) => return Err(Errno::EOPNOTSUPP),
+        ioasid_engine::Object::Device(_) => return Err(Errno::EINVAL),
+    }
+    let flags = HwptFlags {
+        nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
+        dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
+    };
+    let id = u.ctx.hwpt_alloc(c.dev_id, c.pt_id, flags)?;
+    if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
+        // Fault queues do not exist in this context, so no ID names one.
+        let _ = u.ctx.destroy(id);
+        return Err(Errno::ENOENT);
+    }
+    c.out_hwpt_id = id;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.destroy(id);
+    })
+}
+
+fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
+    if c.flags != 0 || c.__reserved != [0; 3] {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let dev = u.ctx.device(c.dev_id)?;
+    let info = dev.info();
+    // No vendor data: zero the caller's whole buffer and report length 0.
+    let zeros = [0u8; 256];
+    let mut off = 0u64;
+    while off < u64::from(c.data_len) {
+        let n = (u64::from(c.data_len) - off).min(zeros.len() as u64) as usize;
+        u.mem.write(c.data_uptr.wrapping_add(off), &zeros[..n])?;
+        off += n as u64;
+    }
+    c.data_len = 0;
+    c.out_data_type = IOMMU_HW_INFO_TYPE_NONE;
+    c.out_capabilities = if info.dirty_tracking {
+        IOMMU_HW_CAP_DIRTY_TRACKING
+    } else {
+        0
+    };
+    c.out_max_pasid_log2 = info.max_pasid_log2;
+    u.respond(&c)
+}

@@ -1,0 +1,183 @@
+//! The structs and numbers of Linux's `include/uapi/linux/iommufd.h`: the
+//! 6.12 set plus `IOMMU_IOAS_MAP_FILE` from later kernels. Every layout is
+//! asserted against the C header's sizes and offsets.
+
+#![allow(non_camel_case_types)]
+
+use core::mem::{offset_of, size_of};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+pub const IOMMUFD_TYPE: u32 = b';' as u32;
+
+/// `_IO(IOMMUFD_TYPE, nr)`: no direction or size bits, as iommufd encodes them.
+pub const fn io(nr: u32) -> u32 {
+    (IOMMUFD_TYPE << 8) | nr
+}
+
+pub const IOMMUFD_CMD_BASE: u32 = 0x80;
+pub const IOMMUFD_CMD_DESTROY: u32 = 0x80;
+pub const IOMMUFD_CMD_IOAS_ALLOC: u32 = 0x81;
+pub const IOMMUFD_CMD_IOAS_ALLOW_IOVAS: u32 = 0x82;
+pub const IOMMUFD_CMD_IOAS_COPY: u32 = 0x83;
+pub const IOMMUFD_CMD_IOAS_IOVA_RANGES: u32 = 0x84;
+pub const IOMMUFD_CMD_IOAS_MAP: u32 = 0x85;
+pub const IOMMUFD_CMD_IOAS_UNMAP: u32 = 0x86;
+pub const IOMMUFD_CMD_OPTION: u32 = 0x87;
+pub const IOMMUFD_CMD_VFIO_IOAS: u32 = 0x88;
+pub const IOMMUFD_CMD_HWPT_ALLOC: u32 = 0x89;
+pub const IOMMUFD_CMD_GET_HW_INFO: u32 = 0x8a;
+pub const IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING: u32 = 0x8b;
+pub const IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP: u32 = 0x8c;
+pub const IOMMUFD_CMD_HWPT_INVALIDATE: u32 = 0x8d;
+pub const IOMMUFD_CMD_FAULT_QUEUE_ALLOC: u32 = 0x8e;
+pub const IOMMUFD_CMD_IOAS_MAP_FILE: u32 = 0x8f;
+
+pub const IOMMU_DESTROY: u32 = io(IOMMUFD_CMD_DESTROY);
+pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_CMD_IOAS_ALLOC);
+pub const IOMMU_IOAS_ALLOW_IOVAS: u32 = io(IOMMUFD_CMD_IOAS_ALLOW_IOVAS);
+pub const IOMMU_IOAS_COPY: u32 = io(IOMMUFD_CMD_IOAS_COPY);
+pub const IOMMU_IOAS_IOVA_RANGES: u32 = io(IOMMUFD_CMD_IOAS_IOVA_RANGES);
+pub const IOMMU_IOAS_MAP: u32 = io(IOMMUFD_CMD_IOAS_MAP);
+pub const IOMMU_IOAS_UNMAP: u32 = io(IOMMUFD_CMD_IOAS_UNMAP);
+pub const IOMMU_OPTION: u32 = io(IOMMUFD_CMD_OPTION);
+pub const IOMMU_VFIO_IOAS: u32 = io(IOMMUFD_CMD_VFIO_IOAS);
+pub const IOMMU_HWPT_ALLOC: u32 = io(IOMMUFD_CMD_HWPT_ALLOC);
+pub const IOMMU_GET_HW_INFO: u32 = io(IOMMUFD_CMD_GET_HW_INFO);
+pub const IOMMU_HWPT_SET_DIRTY_TRACKING: u32 = io(IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING);
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u32 = io(IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP);
+pub const IOMMU_HWPT_INVALIDATE: u32 = io(IOMMUFD_CMD_HWPT_INVALIDATE);
+pub const IOMMU_FAULT_QUEUE_ALLOC: u32 = io(IOMMUFD_CMD_FAULT_QUEUE_ALLOC);
+pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_CMD_IOAS_MAP_FILE);
+
+pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
+pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
+pub const IOMMU_IOAS_MAP_READABLE: u32 = 1 << 2;
+
+pub const IOMMU_OPTION_RLIMIT_MODE: u32 = 0;
+pub const IOMMU_OPTION_HUGE_PAGES: u32 = 1;
+pub const IOMMU_OPTION_OP_SET: u16 = 0;
+pub const IOMMU_OPTION_OP_GET: u16 = 1;
+
+pub const IOMMU_VFIO_IOAS_GET: u16 = 0;
+pub const IOMMU_VFIO_IOAS_SET: u16 = 1;
+pub const IOMMU_VFIO_IOAS_CLEAR: u16 = 2;
+
+pub const IOMMU_HWPT_ALLOC_NEST_PARENT: u32 = 1 << 0;
+pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: u32 = 1 << 1;
+pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+
+pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
+pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;
+
+pub const IOMMU_VTD_S1_SRE: u64 = 1 << 0;
+pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
+pub const IOMMU_VTD_S1_WPE: u64 = 1 << 2;
+
+pub const IOMMU_HW_INFO_TYPE_NONE: u32 = 0;
+pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
+pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
+
+pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
+pub const IOMMU_HW_CAP_PCI_PASID_EXEC: u64 = 1 << 1;
+pub const IOMMU_HW_CAP_PCI_PASID_PRIV: u64 = 1 << 2;
+
+pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 = 1;
+
+pub const IOMMU_HWPT_INVALIDATE_DATA_VTD_S1: u32 = 0;
+pub const IOMMU_VTD_INV_FLAGS_LEAF: u32 = 1 << 0;
+
+pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
+pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
+pub const IOMMU_PGFAULT_PERM_READ: u32 = 1 << 0;
+pub const IOMMU_PGFAULT_PERM_WRITE: u32 = 1 << 1;
+pub const IOMMU_PGFAULT_PERM_EXEC: u32 = 1 << 2;
+pub const IOMMU_PGFAULT_PERM_PRIV: u32 = 1 << 3;
+pub const IOMMUFD_PAGE_RESP_SUCCESS: u32 = 0;
+pub const IOMMUFD_PAGE_RESP_INVALID: u32 = 1;
+
+macro_rules! uapi_struct {
+    ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } size $size:literal) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+        pub struct $name { $(pub $field: $ty),* }
+        const _: () = assert!(size_of::<$name>() == $size);
+    };
+}
+
+uapi_struct!(iommu_destroy { size: u32, id: u32 } size 8);
+uapi_struct!(iommu_ioas_alloc { size: u32, flags: u32, out_ioas_id: u32 } size 12);
+uapi_struct!(iommu_iova_range { start: u64, last: u64 } size 16);
+uapi_struct!(iommu_ioas_iova_ranges {
+    size: u32, ioas_id: u32, num_iovas: u32, __reserved: u32, allowed_iovas: u64, out_iova_alignment: u64,
+} size 32);
+uapi_struct!(iommu_ioas_allow_iovas {
+    size: u32, ioas_id: u32, num_iovas: u32, __reserved: u32, allowed_iovas: u64,
+} size 24);
+uapi_struct!(iommu_ioas_map {
+    size: u32, flags: u32, ioas_id: u32, __reserved: u32, user_va: u64, length: u64, iova: u64,
+} size 40);
+uapi_struct!(iommu_ioas_map_file {
+    size: u32, flags: u32, ioas_id: u32, fd: i32, start: u64, length: u64, iova: u64,
+} size 40);
+uapi_struct!(iommu_ioas_copy {
+    size: u32, flags: u32, dst_ioas_id: u32, src_ioas_id: u32, length: u64, dst_iova: u64, src_iova: u64,
+} size 40);
+uapi_struct!(iommu_ioas_unmap { size: u32, ioas_id: u32, iova: u64, length: u64 } size 24);
+uapi_struct!(iommu_option {
+    size: u32, option_id: u32, op: u16, __reserved: u16, object_id: u32, val64: u64,
+} size 24);
+uapi_struct!(iommu_vfio_ioas { size: u32, ioas_id: u32, op: u16, __reserved: u16 } size 12);
+uapi_struct!(iommu_hwpt_vtd_s1 { flags: u64, pgtbl_addr: u64, addr_width: u32, __reserved: u32 } size 24);
+uapi_struct!(iommu_hwpt_alloc {
+    size: u32, flags: u32, dev_id: u32, pt_id: u32, out_hwpt_id: u32, __reserved: u32,
+    data_type: u32, data_len: u32, data_uptr: u64, fault_id: u32, __reserved2: u32,
+} size 48);
+uapi_struct!(iommu_hw_info_vtd { flags: u32, __reserved: u32, cap_reg: u64, ecap_reg: u64 } size 24);
+uapi_struct!(iommu_hw_info {
+    size: u32, flags: u32, dev_id: u32, data_len: u32, data_uptr: u64,
+    out_data_type: u32, out_max_pasid_log2: u8, __reserved: [u8; 3], out_capabilities: u64,
+} size 40);
+uapi_struct!(iommu_hwpt_set_dirty_tracking { size: u32, flags: u32, hwpt_id: u32, __reserved: u32 } size 16);
+uapi_struct!(iommu_hwpt_get_dirty_bitmap {
+    size: u32, hwpt_id: u32, flags: u32, __reserved: u32, iova: u64, length: u64, page_size: u64, data: u64,
+} size 48);
+uapi_struct!(iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24);
+uapi_struct!(iommu_hwpt_invalidate {
+    size: u32, hwpt_id: u32, data_uptr: u64, data_type: u32, entry_len: u32, entry_num: u32, __reserved: u32,
+} size 32);
+uapi_struct!(iommu_hwpt_pgfault {
+    flags: u32, dev_id: u32, pasid: u32, grpid: u32, perm: u32, __reserved: u32, addr: u64, length: u32, cookie: u32,
+} size 40);
+uapi_struct!(iommu_hwpt_page_response { cookie: u32, code: u32 } size 8);
+uapi_struct!(iommu_fault_alloc { size: u32, flags: u32, out_fault_id: u32, out_fault_fd: u32 } size 16);
+
+// Offsets that differ from a naive packing, checked against the C header.
+const _: () = {
+    assert!(offset_of!(iommu_ioas_iova_ranges, allowed_iovas) == 16);
+    assert!(offset_of!(iommu_ioas_map, user_va) == 16);
+    assert!(offset_of!(iommu_ioas_map_file, fd) == 12);
+    assert!(offset_of!(iommu_ioas_unmap, iova) == 8);
+    assert!(offset_of!(iommu_option, object_id) == 12);
+    assert!(offset_of!(iommu_hwpt_alloc, data_uptr) == 32);
+    assert!(offset_of!(iommu_hwpt_alloc, fault_id) == 40);
+    assert!(offset_of!(iommu_hw_info, out_max_pasid_log2) == 28);
+    assert!(offset_of!(iommu_hw_info, out_capabilities) == 32);
+    assert!(offset_of!(iommu_hwpt_invalidate, entry_num) == 24);
+    assert!(offset_of!(iommu_hwpt_pgfault, addr) == 24);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_header() {
+        // _IO(';', 0x80) and friends, as a C compiler computes them.
+        assert_eq!(IOMMU_DESTROY, 0x3b80);
+        assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
+        assert_eq!(IOMMU_FAULT_QUEUE_ALLOC, 0x3b8e);
+        assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
+    }
+}

@@ -1,0 +1,43 @@
+//! Access to the calling program's memory and file descriptors: the ABI's
+//! pointers and fds are untrusted, so every access is checked.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use ioasid_engine::memory::{self, Trust};
+
+use crate::errno::Errno;
+
+/// The memory of the program issuing ioctls.
+pub trait UserMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno>;
+}
+
+/// The calling program is this process (the preload shim, and tests).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct InProcess;
+
+impl UserMemory for InProcess {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        memory::read(Trust::Checked, addr, buf).map_err(Errno::from)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        memory::write(Trust::Checked, addr, data).map_err(Errno::from)
+    }
+}
+
+/// Takes a reference of our own to the program's fd, so it stays valid
+/// whatever the program does with its own; `EBADF` when it is not open.
+pub fn dup_fd(fd: i32) -> Result<OwnedFd, Errno> {
+    if fd < 0 {
+        return Err(Errno::EBADF);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC only reads the fd table; a closed fd fails.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(Errno::EBADF);
+    }
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
