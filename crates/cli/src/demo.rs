@@ -214,11 +214,7 @@ fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
     let hw = ctx.hwpt(hwpt)?;
     let domain = hw.domain();
     row(out, "format", domain.format().name())?;
-    writeln!(
-        out,
-        "   {:<8} {:>8} {:>8}  {}",
-        "level", "tables", "leaves", "leaf size"
-    )?;
+    writeln!(out, "   level      tables   leaves  leaf size")?;
     let s = domain.summary();
     for level in (0..s.tables.len()).rev() {
         let leaf_size = if level < 3 {
