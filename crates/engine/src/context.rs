@@ -53,6 +53,9 @@ pub struct ContextConfig {
     pub memlock_exempt: bool,
     /// The caller holds `CAP_SYS_RESOURCE`: it may change the accounting mode.
     pub sys_resource: bool,
+    /// Charge this context's pins to a counter of its own instead of the
+    /// user's or process's (a VMM accounting each VM apart; tests).
+    pub private_counter: bool,
 }
 
 impl ContextConfig {
@@ -62,6 +65,7 @@ impl ContextConfig {
             memlock_limit: Limit::Rlimit,
             memlock_exempt: crate::account::has_cap_ipc_lock(),
             sys_resource: crate::account::has_capability(crate::account::CAP_SYS_RESOURCE),
+            private_counter: false,
         }
     }
 }
@@ -73,6 +77,7 @@ pub struct Context {
     graph: Mutex<()>,
     account_mode: Mutex<AccountMode>,
     config: ContextConfig,
+    private: Option<Accounting>,
 }
 
 impl Default for Context {
@@ -91,6 +96,9 @@ impl Context {
             objects: Mutex::new(BTreeMap::new()),
             graph: Mutex::new(()),
             account_mode: Mutex::new(AccountMode::User),
+            private: config
+                .private_counter
+                .then(|| Accounting::isolated(config.memlock_limit)),
             config,
         }
     }
@@ -154,8 +162,16 @@ impl Context {
     }
 
     fn accounting(&self) -> Accounting {
+        if let Some(private) = &self.private {
+            return private.clone();
+        }
         let mode = *self.account_mode.lock().unwrap_or_else(|e| e.into_inner());
         Accounting::new(mode, self.config.memlock_exempt, self.config.memlock_limit)
+    }
+
+    /// Pages pinned and charged through this context's counter.
+    pub fn locked_pages(&self) -> u64 {
+        self.accounting().charged()
     }
 
     pub fn account_mode(&self) -> AccountMode {
