@@ -519,10 +519,17 @@ impl Drop for Context {
             let _ = self.unbind_device(id);
         }
         let t = std::mem::take(&mut *self.table());
+        let mut ioases = Vec::new();
         for obj in t.into_values() {
-            if let Object::HwptPaging(h) = obj {
-                h.release();
+            match obj {
+                Object::HwptPaging(h) => h.release(),
+                Object::Ioas(i) => ioases.push(i),
+                Object::Device(_) => {}
             }
+        }
+        // Closing tears mappings down even if a handle outlives the context.
+        for ioas in ioases {
+            ioas.unmap_all();
         }
     }
 }

@@ -1,0 +1,168 @@
+//! Object lifetimes: IDs, EBUSY while used, automatic HWPTs, replace, and
+//! teardown that leaves nothing pinned.
+
+use ioasid_engine::{
+    Context, ContextConfig, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Limit, Perm,
+};
+
+const PAGE: u64 = 4096;
+
+fn ctx() -> Context {
+    Context::with_config(ContextConfig {
+        memlock_limit: Limit::Pages(1 << 20),
+        memlock_exempt: false,
+        sys_resource: true,
+        private_counter: true,
+    })
+}
+
+#[test]
+fn unknown_and_wrong_type_ids_are_not_found() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    assert!(matches!(ctx.device(ioas), Err(Error::NotFound(_))));
+    assert!(matches!(ctx.ioas(77), Err(Error::NotFound(_))));
+    assert!(matches!(ctx.destroy(77), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn auto_hwpt_is_shared_and_goes_with_its_last_device() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let a = ctx.bind_device(DeviceInfo::new("a", 1)).unwrap();
+    let b = ctx.bind_device(DeviceInfo::new("b", 2)).unwrap();
+    let h1 = ctx.attach(a, ioas).unwrap();
+    let h2 = ctx.attach(b, ioas).unwrap();
+    assert_eq!(h1, h2);
+    assert_eq!(ctx.ioas(ioas).unwrap().domain_count(), 1);
+    assert!(matches!(ctx.destroy(ioas), Err(Error::Busy(_))));
+    ctx.detach(a).unwrap();
+    assert!(ctx.hwpt(h1).is_ok(), "still used by b");
+    ctx.detach(b).unwrap();
+    assert!(
+        ctx.hwpt(h1).is_err(),
+        "auto HWPT destroyed with its last device"
+    );
+    assert_eq!(ctx.ioas(ioas).unwrap().domain_count(), 0);
+    ctx.destroy(ioas).unwrap();
+}
+
+#[test]
+fn attach_twice_and_detach_unattached_are_invalid() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    assert!(matches!(ctx.detach(d), Err(Error::Invalid(_))));
+    assert!(matches!(ctx.replace(d, ioas), Err(Error::Invalid(_))));
+    assert!(matches!(ctx.attach(d, 99), Err(Error::NotFound(_))));
+    ctx.attach(d, ioas).unwrap();
+    assert!(matches!(ctx.attach(d, ioas), Err(Error::Invalid(_))));
+    ctx.detach(d).unwrap();
+    assert!(matches!(ctx.attach(d, d), Err(Error::Invalid(_))));
+}
+
+#[test]
+fn replace_moves_dma_to_the_new_ioas_and_its_reservations() {
+    let ctx = ctx();
+    let (x, y) = (ctx.ioas_alloc().unwrap(), ctx.ioas_alloc().unwrap());
+    let mut info = DeviceInfo::new("d", 1);
+    info.reserved.push(IovaRange::new(0xfee0_0000, 0xfeef_ffff));
+    let d = ctx.bind_device(info).unwrap();
+    let bx = HostBuffer::new(PAGE as usize).unwrap();
+    let by = HostBuffer::new(PAGE as usize).unwrap();
+    // SAFETY: both buffers outlive the context's use of them (dropped last).
+    unsafe {
+        ctx.map_user(x, bx.addr(), PAGE, Some(0x1000), Perm::RW)
+            .unwrap();
+        ctx.map_user(y, by.addr(), PAGE, Some(0x1000), Perm::RW)
+            .unwrap();
+    }
+    ctx.attach(d, x).unwrap();
+    let dev = ctx.device(d).unwrap();
+    dev.dma_write(0x1000, b"x").unwrap();
+    ctx.replace(d, y).unwrap();
+    dev.dma_write(0x1000, b"y").unwrap();
+    let (mut gx, mut gy) = ([0u8], [0u8]);
+    bx.read_at(0, &mut gx);
+    by.read_at(0, &mut gy);
+    assert_eq!((gx, gy), (*b"x", *b"y"));
+    // The reservation moved with the device.
+    assert_eq!(ctx.ioas(x).unwrap().iova_ranges().0, vec![IovaRange::ALL]);
+    assert_eq!(ctx.ioas(y).unwrap().iova_ranges().0.len(), 2);
+    assert!(
+        ctx.ioas(x).unwrap().domain_count() == 0,
+        "x's auto HWPT went with the device"
+    );
+}
+
+#[test]
+fn attach_over_a_mapped_reserved_region_is_addr_in_use() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let b = HostBuffer::new(PAGE as usize).unwrap();
+    // SAFETY: `b` outlives the context.
+    unsafe {
+        ctx.map_user(ioas, b.addr(), PAGE, Some(0xfee0_0000), Perm::RW)
+            .unwrap()
+    };
+    let mut info = DeviceInfo::new("d", 1);
+    info.reserved.push(IovaRange::new(0xfee0_0000, 0xfeef_ffff));
+    let d = ctx.bind_device(info).unwrap();
+    assert!(matches!(ctx.attach(d, ioas), Err(Error::AddrInUse(_))));
+    assert_eq!(
+        ctx.objects().len(),
+        2,
+        "the automatic HWPT was not left behind"
+    );
+}
+
+#[test]
+fn dropping_the_context_unpins_everything() {
+    let b = HostBuffer::new(16 * PAGE as usize).unwrap();
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    let hwpt = ctx.hwpt_alloc(d, ioas, HwptFlags::default()).unwrap();
+    ctx.attach(d, hwpt).unwrap();
+    // SAFETY: `b` outlives the context.
+    unsafe {
+        ctx.map_user(ioas, b.addr(), 16 * PAGE, None, Perm::RW)
+            .unwrap()
+    };
+    let copy_ioas = ctx.ioas_alloc().unwrap();
+    ctx.copy(
+        copy_ioas,
+        ioas,
+        ctx.ioas(ioas).unwrap().areas()[0].iova,
+        16 * PAGE,
+        None,
+        Perm::R,
+    )
+    .unwrap();
+    assert_eq!(ctx.locked_pages(), 16);
+    let probe = ctx.ioas(ioas).unwrap();
+    drop(ctx);
+    assert!(probe.areas().is_empty(), "the IOAS was emptied on close");
+    assert_eq!(probe.domain_count(), 0);
+}
+
+#[test]
+fn unmapping_the_last_domain_user_uncharges() {
+    let b = HostBuffer::new(4 * PAGE as usize).unwrap();
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    // SAFETY: `b` outlives the context.
+    let iova = unsafe {
+        ctx.map_user(ioas, b.addr(), 4 * PAGE, None, Perm::RW)
+            .unwrap()
+    };
+    assert_eq!(ctx.locked_pages(), 0, "nothing pinned without a domain");
+    let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    ctx.attach(d, ioas).unwrap();
+    assert_eq!(ctx.locked_pages(), 4, "attaching a domain pins");
+    ctx.detach(d).unwrap();
+    assert_eq!(ctx.locked_pages(), 0, "the last domain leaving unpins");
+    ctx.attach(d, ioas).unwrap();
+    ctx.unmap(ioas, iova, 4 * PAGE).unwrap();
+    assert_eq!(ctx.locked_pages(), 0);
+}
