@@ -11,12 +11,7 @@ use zerocopy::{FromBytes, IntoBytes};
 const PAGE: u64 = 4096;
 
 fn ctx() -> Context {
-    Context::with_config(ContextConfig {
-        memlock_limit: Limit::Pages(1 << 20),
-        memlock_exempt: false,
-        sys_resource: true,
-        private_counter: true,
-    })
+    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
 }
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Context, req: u32, cmd: &mut T) -> Result<(), Errno> {

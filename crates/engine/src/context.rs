@@ -59,6 +59,17 @@ pub struct ContextConfig {
 }
 
 impl ContextConfig {
+    /// A context that charges pins to a counter of its own against `limit`
+    /// and may change its accounting mode: one VM's memory accounted apart.
+    pub fn isolated(limit: Limit) -> Self {
+        ContextConfig {
+            memlock_limit: limit,
+            memlock_exempt: false,
+            sys_resource: true,
+            private_counter: true,
+        }
+    }
+
     /// The privileges of this process, as Linux would judge them.
     pub fn from_process() -> Self {
         ContextConfig {

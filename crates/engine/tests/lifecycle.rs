@@ -8,12 +8,7 @@ use ioasid_engine::{
 const PAGE: u64 = 4096;
 
 fn ctx() -> Context {
-    Context::with_config(ContextConfig {
-        memlock_limit: Limit::Pages(1 << 20),
-        memlock_exempt: false,
-        sys_resource: true,
-        private_counter: true,
-    })
+    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
 }
 
 #[test]

@@ -85,12 +85,7 @@ impl Model {
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let ctx = Context::with_config(ContextConfig {
-        memlock_limit: Limit::Pages(u64::MAX),
-        memlock_exempt: false,
-        sys_resource: true,
-        private_counter: true,
-    });
+    let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX)));
     let mem = HostBuffer::new((MEM_PAGES * PAGE) as usize).unwrap();
     let ioas = [ctx.ioas_alloc().unwrap(), ctx.ioas_alloc().unwrap()];
     let devs = [
