@@ -83,12 +83,17 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_IOAS_MAP, iommu_ioas_map, iova, ioas_map),
     op!(IOMMU_IOAS_UNMAP, iommu_ioas_unmap, length, ioas_unmap),
     op!(IOMMU_OPTION, iommu_option, val64, option),
-    None, // IOMMU_VFIO_IOAS: VFIO compatibility
+    op!(IOMMU_VFIO_IOAS, iommu_vfio_ioas, __reserved, vfio_ioas),
     op!(IOMMU_HWPT_ALLOC, iommu_hwpt_alloc, __reserved, hwpt_alloc),
     op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
     None, // IOMMU_HWPT_SET_DIRTY_TRACKING: dirty tracking
     None, // IOMMU_HWPT_GET_DIRTY_BITMAP: dirty tracking
-    None, // IOMMU_HWPT_INVALIDATE: nested translation
+    op!(
+        IOMMU_HWPT_INVALIDATE,
+        iommu_hwpt_invalidate,
+        __reserved,
+        hwpt_invalidate
+    ),
     None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
     op!(
         IOMMU_IOAS_MAP_FILE,
@@ -394,4 +399,43 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
     };
     c.out_max_pasid_log2 = info.max_pasid_log2;
     u.respond(&c)
+}
+
+fn vfio_ioas(u: &Ucmd, mut c: iommu_vfio_ioas) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    match c.op {
+        IOMMU_VFIO_IOAS_GET => {
+            c.ioas_id = u.ctx.vfio_ioas()?;
+            u.respond(&c)
+        }
+        IOMMU_VFIO_IOAS_SET => Ok(u.ctx.set_vfio_ioas(Some(c.ioas_id))?),
+        IOMMU_VFIO_IOAS_CLEAR => Ok(u.ctx.set_vfio_ioas(None)?),
+        _ => Err(Errno::EOPNOTSUPP),
+    }
+}
+
+/// Bounds one call's work, as Linux does.
+const INVALIDATE_ENTRY_NUM_MAX: u32 = 1 << 19;
+
+fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
+    let rc = if c.__reserved != 0 {
+        Err(Errno::EOPNOTSUPP)
+    } else if c.entry_num != 0
+        && (c.data_uptr == 0
+            || c.entry_len == 0
+            || c.entry_len > 4096
+            || c.entry_num > INVALIDATE_ENTRY_NUM_MAX)
+    {
+        Err(Errno::EINVAL)
+    } else {
+        // Only nested HWPTs take user invalidations, and the IOMMU models
+        // here have no stage-1 format yet, so no ID names one.
+        Err(Errno::ENOENT)
+    };
+    // Linux reports how many entries it handled, even on failure.
+    c.entry_num = 0;
+    u.respond(&c).map_err(|_| Errno::EFAULT)?;
+    rc
 }

@@ -22,6 +22,7 @@ impl Errno {
     pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
     pub const EADDRINUSE: Errno = Errno(libc::EADDRINUSE);
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -40,6 +41,7 @@ impl Errno {
             libc::EOPNOTSUPP => "EOPNOTSUPP",
             libc::EADDRINUSE => "EADDRINUSE",
             libc::EOVERFLOW => "EOVERFLOW",
+            libc::ENODEV => "ENODEV",
             _ => "errno",
         }
     }
@@ -66,6 +68,7 @@ impl From<Error> for Errno {
             Error::Fault(_) => Errno::EFAULT,
             Error::Permission(_) => Errno::EPERM,
             Error::BadFd(_) => Errno::EBADF,
+            Error::NoDevice(_) => Errno::ENODEV,
         }
     }
 }

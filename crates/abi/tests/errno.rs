@@ -1055,3 +1055,133 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
     );
     assert_eq!(c.out_capabilities, IOMMU_HW_CAP_DIRTY_TRACKING);
 }
+
+// ---- IOMMU_VFIO_IOAS -------------------------------------------------------
+
+fn vfio_ioas(ctx: &Context, op: u16, ioas_id: u32) -> Result<u32, Errno> {
+    let mut c = iommu_vfio_ioas {
+        size: sz::<iommu_vfio_ioas>(),
+        ioas_id,
+        op,
+        __reserved: 0,
+    };
+    call(ctx, IOMMU_VFIO_IOAS, &mut c).map(|()| c.ioas_id)
+}
+
+errno_test!(vfio_ioas_reserved_is_eopnotsupp, EOPNOTSUPP, {
+    let mut c = iommu_vfio_ioas {
+        size: 12,
+        ioas_id: 0,
+        op: IOMMU_VFIO_IOAS_GET,
+        __reserved: 1,
+    };
+    call(&ctx(), IOMMU_VFIO_IOAS, &mut c)
+});
+errno_test!(
+    vfio_ioas_get_when_unset_is_enodev,
+    ENODEV,
+    vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_GET, 0).map(drop)
+);
+errno_test!(
+    vfio_ioas_set_unknown_ioas_is_enoent,
+    ENOENT,
+    vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_SET, 4).map(drop)
+);
+errno_test!(
+    vfio_ioas_unknown_op_is_eopnotsupp,
+    EOPNOTSUPP,
+    vfio_ioas(&ctx(), 3, 0).map(drop)
+);
+errno_test!(
+    vfio_ioas_get_after_its_ioas_is_destroyed_is_enodev,
+    ENODEV,
+    {
+        let ctx = ctx();
+        let id = ioas(&ctx);
+        vfio_ioas(&ctx, IOMMU_VFIO_IOAS_SET, id).unwrap();
+        call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id }).unwrap();
+        vfio_ioas(&ctx, IOMMU_VFIO_IOAS_GET, 0).map(drop)
+    }
+);
+
+#[test]
+fn vfio_ioas_set_get_clear() {
+    let ctx = ctx();
+    let id = ioas(&ctx);
+    vfio_ioas(&ctx, IOMMU_VFIO_IOAS_SET, id).unwrap();
+    assert_eq!(vfio_ioas(&ctx, IOMMU_VFIO_IOAS_GET, 0), Ok(id));
+    vfio_ioas(&ctx, IOMMU_VFIO_IOAS_CLEAR, 0).unwrap();
+    assert_eq!(vfio_ioas(&ctx, IOMMU_VFIO_IOAS_GET, 0), Err(Errno::ENODEV));
+}
+
+// ---- IOMMU_HWPT_INVALIDATE -------------------------------------------------
+
+fn invalidate(ctx: &Context, c: &mut iommu_hwpt_invalidate) -> Result<(), Errno> {
+    c.size = sz::<iommu_hwpt_invalidate>();
+    call(ctx, IOMMU_HWPT_INVALIDATE, c)
+}
+
+errno_test!(invalidate_reserved_is_eopnotsupp, EOPNOTSUPP, {
+    invalidate(
+        &ctx(),
+        &mut iommu_hwpt_invalidate {
+            __reserved: 1,
+            ..Default::default()
+        },
+    )
+});
+errno_test!(invalidate_entries_without_a_pointer_is_einval, EINVAL, {
+    invalidate(
+        &ctx(),
+        &mut iommu_hwpt_invalidate {
+            entry_num: 1,
+            entry_len: 24,
+            ..Default::default()
+        },
+    )
+});
+errno_test!(invalidate_zero_entry_len_is_einval, EINVAL, {
+    invalidate(
+        &ctx(),
+        &mut iommu_hwpt_invalidate {
+            entry_num: 1,
+            data_uptr: 64,
+            ..Default::default()
+        },
+    )
+});
+errno_test!(invalidate_entry_len_above_a_page_is_einval, EINVAL, {
+    let mut c = iommu_hwpt_invalidate {
+        entry_num: 1,
+        entry_len: 4097,
+        data_uptr: 64,
+        ..Default::default()
+    };
+    invalidate(&ctx(), &mut c)
+});
+errno_test!(invalidate_too_many_entries_is_einval, EINVAL, {
+    let mut c = iommu_hwpt_invalidate {
+        entry_num: (1 << 19) + 1,
+        entry_len: 24,
+        data_uptr: 64,
+        ..Default::default()
+    };
+    invalidate(&ctx(), &mut c)
+});
+
+#[test]
+fn invalidate_of_a_paging_hwpt_is_enoent_and_reports_no_entries() {
+    let (ctx, _, dev, _buf) = attached(1);
+    let hwpt = ctx.device(dev).unwrap().attached().map(|_| 3).unwrap();
+    let mut entry = iommu_hwpt_vtd_s1_invalidate::default();
+    let mut c = iommu_hwpt_invalidate {
+        hwpt_id: hwpt,
+        data_uptr: &mut entry as *mut _ as u64,
+        data_type: IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+        entry_len: 24,
+        entry_num: 1,
+        ..Default::default()
+    };
+    assert_eq!(invalidate(&ctx, &mut c), Err(Errno::ENOENT));
+    assert_eq!(c.entry_num, 0);
+}

@@ -89,6 +89,8 @@ pub struct Context {
     account_mode: Mutex<AccountMode>,
     config: ContextConfig,
     private: Option<Accounting>,
+    /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`).
+    vfio_ioas: Mutex<Option<u32>>,
 }
 
 impl Default for Context {
@@ -111,6 +113,7 @@ impl Context {
                 .private_counter
                 .then(|| Accounting::isolated(config.memlock_limit)),
             config,
+            vfio_ioas: Mutex::new(None),
         }
     }
 
@@ -207,6 +210,25 @@ impl Context {
             _ => return Err(Error::Invalid("accounting mode is 0 or 1")),
         };
         *self.account_mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        Ok(())
+    }
+
+    /// `IOMMU_VFIO_IOAS_GET`: the compatibility IOAS, `ENODEV` when unset.
+    pub fn vfio_ioas(&self) -> Result<u32> {
+        let _g = self.graph();
+        self.vfio_ioas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ok_or(Error::NoDevice("no VFIO compatibility IOAS is set"))
+    }
+
+    /// `IOMMU_VFIO_IOAS_SET` (`Some`) and `IOMMU_VFIO_IOAS_CLEAR` (`None`).
+    pub fn set_vfio_ioas(&self, ioas: Option<u32>) -> Result<()> {
+        let _g = self.graph();
+        if let Some(id) = ioas {
+            self.ioas(id)?;
+        }
+        *self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner()) = ioas;
         Ok(())
     }
 
@@ -510,6 +532,11 @@ impl Context {
         }
         let obj = t.remove(&id).expect("present");
         drop(t);
+        let mut vfio = self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner());
+        if *vfio == Some(id) {
+            *vfio = None;
+        }
+        drop(vfio);
         if let Object::HwptPaging(h) = &obj {
             h.release();
         }

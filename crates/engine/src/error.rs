@@ -41,6 +41,9 @@ pub enum Error {
     /// Writing to read-only memory, or a privileged option (EPERM).
     #[error("not permitted: {0}")]
     Permission(&'static str),
+    /// Something that is not set up, like the VFIO compatibility IOAS (ENODEV).
+    #[error("no such device: {0}")]
+    NoDevice(&'static str),
     /// A file descriptor that is not usable (EBADF).
     #[error("bad file descriptor: {0}")]
     BadFd(&'static str),

@@ -215,6 +215,68 @@ impl Ioas {
         self.unmap(IovaRange::ALL).0
     }
 
+    /// Splits the areas holding each of `iovas` so that one ends at it, as
+    /// VFIO type1 compatibility needs for partial unmaps. Where a domain
+    /// holds the area, splitting needs huge pages off (no leaf may straddle
+    /// the cut); both halves keep sharing the memory and its pins.
+    pub fn cut(&self, iovas: &[u64]) -> Result<()> {
+        let mut g = self.lock();
+        for &iova in iovas {
+            let Some((start, a)) = g.first_area_in(IovaRange::new(iova, iova)) else {
+                continue;
+            };
+            if iova == start || iova == a.last {
+                continue;
+            }
+            let new_start = iova + 1;
+            let align = g.iova_alignment - 1;
+            let rhs_byte = a.src.start_byte + (new_start - start);
+            if new_start & align != 0 || rhs_byte & align != 0 {
+                return Err(Error::Invalid("cut is not aligned to the IOVA alignment"));
+            }
+            if a.pinned && !g.disable_large_pages {
+                return Err(Error::Invalid(
+                    "cutting a mapped area needs huge pages disabled",
+                ));
+            }
+            let a = g.areas.remove(&start).expect("area just found");
+            let lhs_len = new_start - start;
+            let lhs_src = Source {
+                len: lhs_len,
+                ..a.src.clone()
+            };
+            let rhs_src = Source {
+                pages: a.src.pages.clone(),
+                start_byte: rhs_byte,
+                len: a.src.len - lhs_len,
+                align_hint: a.src.align_hint + lhs_len,
+            };
+            if a.pinned {
+                // The union of pinned pages is unchanged, so nothing is charged.
+                lhs_src.pages.pin(lhs_src.start_byte, lhs_src.len)?;
+                rhs_src.pages.pin(rhs_src.start_byte, rhs_src.len)?;
+                a.src.pages.unpin(a.src.start_byte, a.src.len);
+            }
+            g.areas.insert(
+                start,
+                Area {
+                    last: iova,
+                    src: lhs_src,
+                    ..a.clone()
+                },
+            );
+            g.areas.insert(
+                new_start,
+                Area {
+                    last: a.last,
+                    src: rhs_src,
+                    ..a
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// The usable IOVA ranges: the holes between reserved ranges.
     pub fn iova_ranges(&self) -> (Vec<IovaRange>, u64) {
         let g = self.lock();

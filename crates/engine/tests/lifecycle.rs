@@ -161,3 +161,79 @@ fn unmapping_the_last_domain_user_uncharges() {
     ctx.unmap(ioas, iova, 4 * PAGE).unwrap();
     assert_eq!(ctx.locked_pages(), 0);
 }
+
+#[test]
+fn cut_splits_areas_where_linux_allows_it() {
+    let b = HostBuffer::new(8 * PAGE as usize).unwrap();
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    ctx.attach(d, ioas).unwrap();
+    // SAFETY: `b` outlives the context.
+    unsafe {
+        ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW)
+            .unwrap()
+    };
+    let io = ctx.ioas(ioas).unwrap();
+    assert!(
+        matches!(io.cut(&[0x10_0000 + 2 * PAGE - 1]), Err(Error::Invalid(_))),
+        "huge pages are on"
+    );
+    // Huge pages can only be turned off before anything is mapped into a domain.
+    ctx.unmap(ioas, 0, u64::MAX).unwrap();
+    io.set_huge_pages(false).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW)
+            .unwrap()
+    };
+    let pinned = ctx.locked_pages();
+    assert!(
+        matches!(io.cut(&[0x10_0000 + 100]), Err(Error::Invalid(_))),
+        "unaligned cut"
+    );
+    io.cut(&[0x10_0000 + 2 * PAGE - 1, 0x10_0000, 0x9999_0000])
+        .unwrap();
+    assert_eq!(io.areas().len(), 2);
+    assert_eq!(ctx.locked_pages(), pinned, "cutting charges nothing");
+    assert_eq!(ctx.unmap(ioas, 0x10_0000, 2 * PAGE), Ok(2 * PAGE));
+    let dev = ctx.device(d).unwrap();
+    assert!(dev.dma_write(0x10_0000, b"x").is_err());
+    dev.dma_write(0x10_0000 + 2 * PAGE, b"y").unwrap();
+}
+
+#[test]
+fn dma_into_memory_its_owner_unmapped_is_an_error_not_a_crash() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    ctx.attach(d, ioas).unwrap();
+    let b = HostBuffer::new(2 * PAGE as usize).unwrap();
+    let iova = ctx
+        .map_user_checked(ioas, b.addr(), 2 * PAGE, None, Perm::RW)
+        .unwrap();
+    let dev = ctx.device(d).unwrap();
+    dev.dma_write(iova, b"before").unwrap();
+    // The owner revokes the memory. (PROT_NONE rather than munmap so no
+    // concurrent test can be handed the same addresses meanwhile.)
+    // SAFETY: changes the protection of our own buffer, which no Rust
+    // reference points into.
+    unsafe {
+        rustix::mm::mprotect(
+            b.addr() as *mut _,
+            b.len(),
+            rustix::mm::MprotectFlags::empty(),
+        )
+    }
+    .unwrap();
+    assert_eq!(
+        dev.dma_write(iova, b"after"),
+        Err(ioasid_engine::DmaError::Memory { iova })
+    );
+    let mut r = [0u8; 4];
+    assert_eq!(
+        dev.dma_read(iova + PAGE, &mut r),
+        Err(ioasid_engine::DmaError::Memory { iova: iova + PAGE })
+    );
+    assert_eq!(ctx.unmap(ioas, iova, 2 * PAGE), Ok(2 * PAGE));
+}
