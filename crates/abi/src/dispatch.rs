@@ -43,12 +43,7 @@ macro_rules! op {
             num: $num,
             size: core::mem::size_of::<$ty>(),
             min_size: core::mem::offset_of!($ty, $last) + size_of_field!($ty, $last),
-            run: |u, b| {
-                $handler(
-                    u,
-                    <$ty>::read_from_bytes(b).expect("buffer sized for the struct"),
-                )
-            },
+            run: |u, b| $handler(u, <$ty>::read_from_bytes(b).expect("buffer sized for the struct")),
         })
     };
 }
@@ -67,19 +62,9 @@ const NOPS: usize = (IOMMUFD_CMD_IOAS_MAP_FILE - IOMMUFD_CMD_BASE + 1) as usize;
 static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_DESTROY, iommu_destroy, id, destroy),
     op!(IOMMU_IOAS_ALLOC, iommu_ioas_alloc, out_ioas_id, ioas_alloc),
-    op!(
-        IOMMU_IOAS_ALLOW_IOVAS,
-        iommu_ioas_allow_iovas,
-        allowed_iovas,
-        ioas_allow_iovas
-    ),
+    op!(IOMMU_IOAS_ALLOW_IOVAS, iommu_ioas_allow_iovas, allowed_iovas, ioas_allow_iovas),
     op!(IOMMU_IOAS_COPY, iommu_ioas_copy, src_iova, ioas_copy),
-    op!(
-        IOMMU_IOAS_IOVA_RANGES,
-        iommu_ioas_iova_ranges,
-        out_iova_alignment,
-        ioas_iova_ranges
-    ),
+    op!(IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, out_iova_alignment, ioas_iova_ranges),
     op!(IOMMU_IOAS_MAP, iommu_ioas_map, iova, ioas_map),
     op!(IOMMU_IOAS_UNMAP, iommu_ioas_unmap, length, ioas_unmap),
     op!(IOMMU_OPTION, iommu_option, val64, option),
@@ -88,19 +73,9 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
     None, // IOMMU_HWPT_SET_DIRTY_TRACKING: dirty tracking
     None, // IOMMU_HWPT_GET_DIRTY_BITMAP: dirty tracking
-    op!(
-        IOMMU_HWPT_INVALIDATE,
-        iommu_hwpt_invalidate,
-        __reserved,
-        hwpt_invalidate
-    ),
+    op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
     None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
-    op!(
-        IOMMU_IOAS_MAP_FILE,
-        iommu_ioas_map_file,
-        iova,
-        ioas_map_file
-    ),
+    op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
 ];
 
 /// Largest struct in the table; commands are decoded into a stack buffer.
@@ -109,10 +84,7 @@ const MAX_SIZE: usize = 64;
 /// Runs one iommufd ioctl. `arg` is the caller's pointer to the struct.
 pub fn ioctl(ctx: &Context, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
     let nr = request & 0xff;
-    let Some(idx) = nr
-        .checked_sub(IOMMUFD_CMD_BASE)
-        .filter(|&i| (i as usize) < NOPS)
-    else {
+    let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
         return Err(Errno::ENOTTY);
     };
     let mut size = [0u8; 4];
@@ -127,20 +99,8 @@ pub fn ioctl(ctx: &Context, mem: &dyn UserMemory, request: u32, arg: u64) -> Res
     let mut buf = [0u8; MAX_SIZE];
     let known = op.size.min(user_size as usize);
     mem.read(arg, &mut buf[..known])?;
-    check_zeroed(
-        mem,
-        arg + op.size as u64,
-        (user_size as usize).saturating_sub(op.size),
-    )?;
-    (op.run)(
-        &Ucmd {
-            ctx,
-            mem,
-            arg,
-            user_size,
-        },
-        &buf[..op.size],
-    )
+    check_zeroed(mem, arg + op.size as u64, (user_size as usize).saturating_sub(op.size))?;
+    (op.run)(&Ucmd { ctx, mem, arg, user_size }, &buf[..op.size])
 }
 
 /// `E2BIG` unless the caller's bytes past what we understand are all zero.
@@ -179,12 +139,8 @@ fn ioas_iova_ranges(u: &Ucmd, mut c: iommu_ioas_iova_ranges) -> Res {
     let (ranges, alignment) = u.ctx.ioas(c.ioas_id)?.iova_ranges();
     let max = c.num_iovas as usize;
     for (i, r) in ranges.iter().take(max).enumerate() {
-        let elm = iommu_iova_range {
-            start: r.start,
-            last: r.last,
-        };
-        u.mem
-            .write(c.allowed_iovas.wrapping_add(16 * i as u64), elm.as_bytes())?;
+        let elm = iommu_iova_range { start: r.start, last: r.last };
+        u.mem.write(c.allowed_iovas.wrapping_add(16 * i as u64), elm.as_bytes())?;
     }
     c.num_iovas = ranges.len() as u32;
     c.out_iova_alignment = alignment;
@@ -203,8 +159,7 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
     let mut ranges: Vec<IovaRange> = Vec::new();
     for i in 0..c.num_iovas as u64 {
         let mut elm = iommu_iova_range::default();
-        u.mem
-            .read(c.allowed_iovas.wrapping_add(16 * i), elm.as_mut_bytes())?;
+        u.mem.read(c.allowed_iovas.wrapping_add(16 * i), elm.as_mut_bytes())?;
         let r = IovaRange::new(elm.start, elm.last);
         if r.start >= r.last || ranges.iter().any(|o| o.overlaps(&r)) {
             return Err(Errno::EINVAL);
@@ -214,18 +169,14 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
     Ok(ioas.allow_iovas(&ranges)?)
 }
 
-const MAP_FLAGS: u32 =
-    IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
+const MAP_FLAGS: u32 = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE;
 
 /// The checks MAP, MAP_FILE and COPY share, in Linux's order after the flags.
 fn map_perm(flags: u32, values: &[u64]) -> Result<Perm, Errno> {
     if values.contains(&u64::MAX) {
         return Err(Errno::EOVERFLOW);
     }
-    let perm = Perm {
-        read: flags & IOMMU_IOAS_MAP_READABLE != 0,
-        write: flags & IOMMU_IOAS_MAP_WRITEABLE != 0,
-    };
+    let perm = Perm { read: flags & IOMMU_IOAS_MAP_READABLE != 0, write: flags & IOMMU_IOAS_MAP_WRITEABLE != 0 };
     if !perm.read && !perm.write {
         return Err(Errno::EINVAL);
     }
@@ -241,9 +192,7 @@ fn ioas_map(u: &Ucmd, mut c: iommu_ioas_map) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
-    c.iova =
-        u.ctx
-            .map_user_checked(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
+    c.iova = u.ctx.map_user_checked(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
 
@@ -254,14 +203,7 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
     u.ctx.ioas(c.ioas_id)?;
     let fd = dup_fd(c.fd)?;
-    c.iova = u.ctx.map_file(
-        c.ioas_id,
-        fd.as_fd(),
-        c.start,
-        c.length,
-        fixed(c.flags, c.iova),
-        perm,
-    )?;
+    c.iova = u.ctx.map_file(c.ioas_id, fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
 
@@ -270,14 +212,7 @@ fn ioas_copy(u: &Ucmd, mut c: iommu_ioas_copy) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.length, c.src_iova, c.dst_iova])?;
-    c.dst_iova = u.ctx.copy(
-        c.dst_ioas_id,
-        c.src_ioas_id,
-        c.src_iova,
-        c.length,
-        fixed(c.flags, c.dst_iova),
-        perm,
-    )?;
+    c.dst_iova = u.ctx.copy(c.dst_ioas_id, c.src_ioas_id, c.src_iova, c.length, fixed(c.flags, c.dst_iova), perm)?;
     u.respond(&c)
 }
 
@@ -301,9 +236,7 @@ fn option(u: &Ucmd, mut c: iommu_option) -> Res {
                 return Err(Errno::EOPNOTSUPP);
             }
             match c.op {
-                IOMMU_OPTION_OP_GET => {
-                    c.val64 = u64::from(u.ctx.account_mode() == AccountMode::Process)
-                }
+                IOMMU_OPTION_OP_GET => c.val64 = u64::from(u.ctx.account_mode() == AccountMode::Process),
                 IOMMU_OPTION_OP_SET => u.ctx.set_account_mode(c.val64).map_err(Errno::from)?,
                 _ => return Err(Errno::EOPNOTSUPP),
             }
@@ -320,10 +253,7 @@ fn option(u: &Ucmd, mut c: iommu_option) -> Res {
         _ => return Err(Errno::EOPNOTSUPP),
     }
     // Only val64 is written back.
-    u.mem.write(
-        u.arg + core::mem::offset_of!(iommu_option, val64) as u64,
-        c.val64.as_bytes(),
-    )
+    u.mem.write(u.arg + core::mem::offset_of!(iommu_option, val64) as u64, c.val64.as_bytes())
 }
 
 fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
@@ -337,18 +267,14 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
     let pt = u.ctx.object(c.pt_id).map_err(|_| Errno::EINVAL)?;
     match pt {
         ioasid_engine::Object::Ioas(_) => {
-            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT
-                | IOMMU_HWPT_ALLOC_DIRTY_TRACKING
-                | IOMMU_HWPT_FAULT_ID_VALID;
+            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | IOMMU_HWPT_FAULT_ID_VALID;
             if c.flags & !valid != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             if c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0 && !dev.info().dirty_tracking {
                 return Err(Errno::EOPNOTSUPP);
             }
-            if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0
-                && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0
-            {
+            if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             if c.data_len != 0 {
@@ -392,11 +318,7 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
     }
     c.data_len = 0;
     c.out_data_type = IOMMU_HW_INFO_TYPE_NONE;
-    c.out_capabilities = if info.dirty_tracking {
-        IOMMU_HW_CAP_DIRTY_TRACKING
-    } else {
-        0
-    };
+    c.out_capabilities = if info.dirty_tracking { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
     c.out_max_pasid_log2 = info.max_pasid_log2;
     u.respond(&c)
 }
@@ -423,10 +345,7 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
     let rc = if c.__reserved != 0 {
         Err(Errno::EOPNOTSUPP)
     } else if c.entry_num != 0
-        && (c.data_uptr == 0
-            || c.entry_len == 0
-            || c.entry_len > 4096
-            || c.entry_num > INVALIDATE_ENTRY_NUM_MAX)
+        && (c.data_uptr == 0 || c.entry_len == 0 || c.entry_len > 4096 || c.entry_num > INVALIDATE_ENTRY_NUM_MAX)
     {
         Err(Errno::EINVAL)
     } else {

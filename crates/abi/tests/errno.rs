@@ -23,10 +23,7 @@ fn sz<T>() -> u32 {
 }
 
 fn ioas(ctx: &Context) -> u32 {
-    let mut c = iommu_ioas_alloc {
-        size: sz::<iommu_ioas_alloc>(),
-        ..Default::default()
-    };
+    let mut c = iommu_ioas_alloc { size: sz::<iommu_ioas_alloc>(), ..Default::default() };
     call(ctx, IOMMU_IOAS_ALLOC, &mut c).unwrap();
     c.out_ioas_id
 }
@@ -36,11 +33,7 @@ fn map_cmd(ioas_id: u32, buf: &HostBuffer, len: u64, iova: Option<u64>) -> iommu
         size: sz::<iommu_ioas_map>(),
         flags: IOMMU_IOAS_MAP_READABLE
             | IOMMU_IOAS_MAP_WRITEABLE
-            | if iova.is_some() {
-                IOMMU_IOAS_MAP_FIXED_IOVA
-            } else {
-                0
-            },
+            | if iova.is_some() { IOMMU_IOAS_MAP_FIXED_IOVA } else { 0 },
         ioas_id,
         user_va: buf.addr(),
         length: len,
@@ -58,12 +51,7 @@ fn attached(pages: u64) -> (Context, u32, u32, HostBuffer) {
     let dev = ctx.bind_device(info).unwrap();
     ctx.attach(dev, ioas_id).unwrap();
     let buf = HostBuffer::new((pages * PAGE) as usize).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(ioas_id, &buf, pages * PAGE, Some(1 << 20)),
-    )
-    .unwrap();
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas_id, &buf, pages * PAGE, Some(1 << 20))).unwrap();
     (ctx, ioas_id, dev, buf)
 }
 
@@ -92,17 +80,11 @@ errno_test!(dispatch_request_with_other_type_is_enotty, ENOTTY, {
     call(&ctx(), (b'V' as u32) << 8 | IOMMUFD_CMD_DESTROY, &mut c)
 });
 errno_test!(dispatch_unimplemented_slot_is_enotty, ENOTTY, {
-    let mut c = iommu_fault_alloc {
-        size: 16,
-        ..Default::default()
-    };
+    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
     call(&ctx(), IOMMU_FAULT_QUEUE_ALLOC, &mut c)
 });
 errno_test!(dispatch_size_below_minimum_is_einval, EINVAL, {
-    let mut c = iommu_ioas_alloc {
-        size: 8,
-        ..Default::default()
-    };
+    let mut c = iommu_ioas_alloc { size: 8, ..Default::default() };
     call(&ctx(), IOMMU_IOAS_ALLOC, &mut c)
 });
 errno_test!(dispatch_nonzero_tail_is_e2big, E2BIG, {
@@ -111,27 +93,16 @@ errno_test!(dispatch_nonzero_tail_is_e2big, E2BIG, {
     c[5] = 1;
     call(&ctx(), IOMMU_IOAS_ALLOC, &mut c)
 });
-errno_test!(dispatch_unreadable_struct_is_efault, EFAULT, {
-    ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, 8)
-});
+errno_test!(dispatch_unreadable_struct_is_efault, EFAULT, { ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, 8) });
 errno_test!(dispatch_unreadable_tail_is_efault, EFAULT, {
     // The struct ends a page; the page after it is inaccessible.
     let buf = HostBuffer::new(2 * PAGE as usize).unwrap();
     // SAFETY: changes the protection of the second page of our own mapping,
     // which nothing references.
-    unsafe {
-        rustix::mm::mprotect(
-            (buf.addr() + PAGE) as *mut _,
-            PAGE as usize,
-            rustix::mm::MprotectFlags::empty(),
-        )
-    }
-    .unwrap();
+    unsafe { rustix::mm::mprotect((buf.addr() + PAGE) as *mut _, PAGE as usize, rustix::mm::MprotectFlags::empty()) }
+        .unwrap();
     let at = buf.addr() + PAGE - 12;
-    let c = iommu_ioas_alloc {
-        size: 64,
-        ..Default::default()
-    };
+    let c = iommu_ioas_alloc { size: 64, ..Default::default() };
     buf.write_at((PAGE - 12) as usize, c.as_bytes());
     ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, at)
 });
@@ -149,31 +120,16 @@ fn dispatch_zero_tail_is_accepted_and_short_struct_is_padded() {
 // ---- IOMMU_DESTROY ---------------------------------------------------------
 
 errno_test!(destroy_unknown_id_is_enoent, ENOENT, {
-    call(
-        &ctx(),
-        IOMMU_DESTROY,
-        &mut iommu_destroy { size: 8, id: 42 },
-    )
+    call(&ctx(), IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: 42 })
 });
 errno_test!(destroy_ioas_with_a_hwpt_is_ebusy, EBUSY, {
     let (ctx, ioas_id, _, _) = attached(1);
-    call(
-        &ctx,
-        IOMMU_DESTROY,
-        &mut iommu_destroy {
-            size: 8,
-            id: ioas_id,
-        },
-    )
+    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: ioas_id })
 });
 errno_test!(destroy_attached_hwpt_is_ebusy, EBUSY, {
     let (ctx, _, dev, _) = attached(1);
     let hwpt = ctx.device(dev).unwrap().attached().map(|_| 3).unwrap();
-    call(
-        &ctx,
-        IOMMU_DESTROY,
-        &mut iommu_destroy { size: 8, id: hwpt },
-    )
+    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt })
 });
 errno_test!(destroy_bound_device_is_ebusy, EBUSY, {
     let (ctx, _, dev, _) = attached(1);
@@ -193,11 +149,7 @@ fn destroy_frees_the_id_for_reuse() {
 // ---- IOMMU_IOAS_ALLOC -------------------------------------------------------
 
 errno_test!(ioas_alloc_flags_is_eopnotsupp, EOPNOTSUPP, {
-    let mut c = iommu_ioas_alloc {
-        size: 12,
-        flags: 1,
-        ..Default::default()
-    };
+    let mut c = iommu_ioas_alloc { size: 12, flags: 1, ..Default::default() };
     call(&ctx(), IOMMU_IOAS_ALLOC, &mut c)
 });
 
@@ -235,10 +187,7 @@ fn iova_ranges_too_small_is_emsgsize_with_the_count() {
     let (ctx, ioas_id, _, _) = attached(1);
     let mut out = [iommu_iova_range::default(); 1];
     let mut c = ranges_cmd(ioas_id, &mut out);
-    assert_eq!(
-        call(&ctx, IOMMU_IOAS_IOVA_RANGES, &mut c),
-        Err(Errno::EMSGSIZE)
-    );
+    assert_eq!(call(&ctx, IOMMU_IOAS_IOVA_RANGES, &mut c), Err(Errno::EMSGSIZE));
     assert_eq!(c.num_iovas, 2);
     assert_eq!((out[0].start, out[0].last), (0, 0xfedf_ffff));
     assert_eq!(c.out_iova_alignment, PAGE);
@@ -254,10 +203,7 @@ fn iova_ranges_of_a_fresh_ioas_is_everything_at_alignment_one() {
     let mut out = [iommu_iova_range::default(); 1];
     let mut c = ranges_cmd(ioas(&ctx), &mut out);
     call(&ctx, IOMMU_IOAS_IOVA_RANGES, &mut c).unwrap();
-    assert_eq!(
-        (c.num_iovas, out[0].start, out[0].last, c.out_iova_alignment),
-        (1, 0, u64::MAX, 1)
-    );
+    assert_eq!((c.num_iovas, out[0].start, out[0].last, c.out_iova_alignment), (1, 0, u64::MAX, 1));
 }
 
 // ---- IOMMU_IOAS_ALLOW_IOVAS ------------------------------------------------
@@ -275,30 +221,14 @@ fn allow(ctx: &Context, ioas_id: u32, ranges: &mut [iommu_iova_range]) -> Result
 
 errno_test!(allow_iovas_reserved_is_eopnotsupp, EOPNOTSUPP, {
     let ctx = ctx();
-    let mut c = iommu_ioas_allow_iovas {
-        size: 24,
-        ioas_id: ioas(&ctx),
-        __reserved: 1,
-        ..Default::default()
-    };
+    let mut c = iommu_ioas_allow_iovas { size: 24, ioas_id: ioas(&ctx), __reserved: 1, ..Default::default() };
     call(&ctx, IOMMU_IOAS_ALLOW_IOVAS, &mut c)
 });
-errno_test!(
-    allow_iovas_unknown_ioas_is_enoent,
-    ENOENT,
-    allow(&ctx(), 5, &mut [])
-);
+errno_test!(allow_iovas_unknown_ioas_is_enoent, ENOENT, allow(&ctx(), 5, &mut []));
 errno_test!(allow_iovas_empty_range_is_einval, EINVAL, {
     let ctx = ctx();
     let id = ioas(&ctx);
-    allow(
-        &ctx,
-        id,
-        &mut [iommu_iova_range {
-            start: 0x1000,
-            last: 0x1000,
-        }],
-    )
+    allow(&ctx, id, &mut [iommu_iova_range { start: 0x1000, last: 0x1000 }])
 });
 errno_test!(allow_iovas_overlapping_ranges_is_einval, EINVAL, {
     let ctx = ctx();
@@ -306,42 +236,17 @@ errno_test!(allow_iovas_overlapping_ranges_is_einval, EINVAL, {
     allow(
         &ctx,
         id,
-        &mut [
-            iommu_iova_range {
-                start: 0x1000,
-                last: 0x4fff,
-            },
-            iommu_iova_range {
-                start: 0x4000,
-                last: 0x8fff,
-            },
-        ],
+        &mut [iommu_iova_range { start: 0x1000, last: 0x4fff }, iommu_iova_range { start: 0x4000, last: 0x8fff }],
     )
 });
-errno_test!(
-    allow_iovas_over_a_reserved_range_is_eaddrinuse,
-    EADDRINUSE,
-    {
-        let (ctx, id, _, _) = attached(1);
-        allow(
-            &ctx,
-            id,
-            &mut [iommu_iova_range {
-                start: 0xfe00_0000,
-                last: 0xfeff_ffff,
-            }],
-        )
-    }
-);
+errno_test!(allow_iovas_over_a_reserved_range_is_eaddrinuse, EADDRINUSE, {
+    let (ctx, id, _, _) = attached(1);
+    allow(&ctx, id, &mut [iommu_iova_range { start: 0xfe00_0000, last: 0xfeff_ffff }])
+});
 errno_test!(allow_iovas_bad_array_is_efault, EFAULT, {
     let ctx = ctx();
-    let mut c = iommu_ioas_allow_iovas {
-        size: 24,
-        ioas_id: ioas(&ctx),
-        num_iovas: 1,
-        allowed_iovas: 8,
-        ..Default::default()
-    };
+    let mut c =
+        iommu_ioas_allow_iovas { size: 24, ioas_id: ioas(&ctx), num_iovas: 1, allowed_iovas: 8, ..Default::default() };
     call(&ctx, IOMMU_IOAS_ALLOW_IOVAS, &mut c)
 });
 
@@ -349,15 +254,7 @@ errno_test!(allow_iovas_bad_array_is_efault, EFAULT, {
 fn allowed_ranges_steer_automatic_iovas_and_refuse_reservations() {
     let ctx = ctx();
     let id = ioas(&ctx);
-    allow(
-        &ctx,
-        id,
-        &mut [iommu_iova_range {
-            start: 0x4000_0000,
-            last: 0x4fff_ffff,
-        }],
-    )
-    .unwrap();
+    allow(&ctx, id, &mut [iommu_iova_range { start: 0x4000_0000, last: 0x4fff_ffff }]).unwrap();
     let buf = HostBuffer::new(PAGE as usize).unwrap();
     let mut m = map_cmd(id, &buf, PAGE, None);
     call(&ctx, IOMMU_IOAS_MAP, &mut m).unwrap();
@@ -365,10 +262,7 @@ fn allowed_ranges_steer_automatic_iovas_and_refuse_reservations() {
     let mut info = DeviceInfo::new("d", 1);
     info.reserved.push(IovaRange::new(0x4800_0000, 0x48ff_ffff));
     let dev = ctx.bind_device(info).unwrap();
-    assert_eq!(
-        ctx.attach(dev, id).map_err(Errno::from),
-        Err(Errno::EADDRINUSE)
-    );
+    assert_eq!(ctx.attach(dev, id).map_err(Errno::from), Err(Errno::EADDRINUSE));
 }
 
 // ---- IOMMU_IOAS_MAP ----------------------------------------------------------
@@ -390,20 +284,12 @@ errno_test!(map_reserved_is_eopnotsupp, EOPNOTSUPP, {
 errno_test!(map_iova_u64_max_is_eoverflow, EOVERFLOW, {
     let ctx = ctx();
     let buf = HostBuffer::new(4096).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(ioas(&ctx), &buf, PAGE, Some(u64::MAX)),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas(&ctx), &buf, PAGE, Some(u64::MAX)))
 });
 errno_test!(map_length_u64_max_is_eoverflow, EOVERFLOW, {
     let ctx = ctx();
     let buf = HostBuffer::new(4096).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(ioas(&ctx), &buf, u64::MAX, None),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas(&ctx), &buf, u64::MAX, None))
 });
 errno_test!(map_without_read_or_write_is_einval, EINVAL, {
     let ctx = ctx();
@@ -419,11 +305,7 @@ errno_test!(map_unknown_ioas_is_enoent, ENOENT, {
 errno_test!(map_zero_length_is_einval, EINVAL, {
     let ctx = ctx();
     let buf = HostBuffer::new(4096).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(ioas(&ctx), &buf, 0, None),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas(&ctx), &buf, 0, None))
 });
 errno_test!(map_user_va_wrapping_is_eoverflow, EOVERFLOW, {
     let ctx = ctx();
@@ -440,35 +322,19 @@ errno_test!(map_user_va_wrapping_is_eoverflow, EOVERFLOW, {
 errno_test!(map_fixed_iova_wrapping_is_eoverflow, EOVERFLOW, {
     let ctx = ctx();
     let buf = HostBuffer::new(8192).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(ioas(&ctx), &buf, 2 * PAGE, Some(u64::MAX - PAGE + 1)),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas(&ctx), &buf, 2 * PAGE, Some(u64::MAX - PAGE + 1)))
 });
 errno_test!(map_over_an_existing_mapping_is_eexist, EEXIST, {
     let (ctx, id, _, buf) = attached(2);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(id, &buf, PAGE, Some((1 << 20) + PAGE)),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, PAGE, Some((1 << 20) + PAGE)))
 });
 errno_test!(map_into_a_reserved_range_is_einval, EINVAL, {
     let (ctx, id, _, buf) = attached(1);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(id, &buf, PAGE, Some(0xfee0_0000)),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, PAGE, Some(0xfee0_0000)))
 });
 errno_test!(map_unaligned_iova_with_a_domain_is_einval, EINVAL, {
     let (ctx, id, _, buf) = attached(1);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(id, &buf, PAGE, Some(0x100_0010)),
-    )
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, PAGE, Some(0x100_0010)))
 });
 errno_test!(map_unaligned_length_with_a_domain_is_einval, EINVAL, {
     let (ctx, id, _, buf) = attached(1);
@@ -502,15 +368,7 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
 errno_test!(map_with_no_space_left_is_enospc, ENOSPC, {
     let ctx = ctx();
     let id = ioas(&ctx);
-    allow(
-        &ctx,
-        id,
-        &mut [iommu_iova_range {
-            start: 0x10000,
-            last: 0x10fff,
-        }],
-    )
-    .unwrap();
+    allow(&ctx, id, &mut [iommu_iova_range { start: 0x10000, last: 0x10fff }]).unwrap();
     let buf = HostBuffer::new(8192).unwrap();
     call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, 2 * PAGE, None))
 });
@@ -555,37 +413,21 @@ errno_test!(map_file_unknown_flag_is_eopnotsupp, EOPNOTSUPP, {
 });
 errno_test!(map_file_bad_fd_is_ebadf, EBADF, {
     let ctx = ctx();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP_FILE,
-        &mut map_file_cmd(ioas(&ctx), -1, 0, PAGE),
-    )
+    call(&ctx, IOMMU_IOAS_MAP_FILE, &mut map_file_cmd(ioas(&ctx), -1, 0, PAGE))
 });
 errno_test!(map_file_unknown_ioas_is_enoent, ENOENT, {
     let f = memfd(PAGE);
-    call(
-        &ctx(),
-        IOMMU_IOAS_MAP_FILE,
-        &mut map_file_cmd(7, f.as_raw_fd(), 0, PAGE),
-    )
+    call(&ctx(), IOMMU_IOAS_MAP_FILE, &mut map_file_cmd(7, f.as_raw_fd(), 0, PAGE))
 });
 errno_test!(map_file_past_the_end_is_einval, EINVAL, {
     let ctx = ctx();
     let f = memfd(PAGE);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP_FILE,
-        &mut map_file_cmd(ioas(&ctx), f.as_raw_fd(), PAGE, PAGE),
-    )
+    call(&ctx, IOMMU_IOAS_MAP_FILE, &mut map_file_cmd(ioas(&ctx), f.as_raw_fd(), PAGE, PAGE))
 });
 errno_test!(map_file_length_u64_max_is_eoverflow, EOVERFLOW, {
     let ctx = ctx();
     let f = memfd(PAGE);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP_FILE,
-        &mut map_file_cmd(ioas(&ctx), f.as_raw_fd(), 0, u64::MAX),
-    )
+    call(&ctx, IOMMU_IOAS_MAP_FILE, &mut map_file_cmd(ioas(&ctx), f.as_raw_fd(), 0, u64::MAX))
 });
 
 #[test]
@@ -623,11 +465,7 @@ errno_test!(copy_unknown_flag_is_eopnotsupp, EOPNOTSUPP, {
 });
 errno_test!(copy_length_u64_max_is_eoverflow, EOVERFLOW, {
     let (ctx, id, _, _) = attached(1);
-    call(
-        &ctx,
-        IOMMU_IOAS_COPY,
-        &mut copy_cmd(id, id, 1 << 20, u64::MAX),
-    )
+    call(&ctx, IOMMU_IOAS_COPY, &mut copy_cmd(id, id, 1 << 20, u64::MAX))
 });
 errno_test!(copy_without_read_or_write_is_einval, EINVAL, {
     let (ctx, id, _, _) = attached(1);
@@ -642,11 +480,7 @@ errno_test!(copy_unknown_source_is_enoent, ENOENT, {
 errno_test!(copy_unmapped_source_range_is_enoent, ENOENT, {
     let (ctx, id, _, _) = attached(1);
     let dst = ioas(&ctx);
-    call(
-        &ctx,
-        IOMMU_IOAS_COPY,
-        &mut copy_cmd(dst, id, 1 << 20, 2 * PAGE),
-    )
+    call(&ctx, IOMMU_IOAS_COPY, &mut copy_cmd(dst, id, 1 << 20, 2 * PAGE))
 });
 errno_test!(copy_zero_length_is_einval, EINVAL, {
     let (ctx, id, _, _) = attached(1);
@@ -663,11 +497,7 @@ errno_test!(copy_writeable_from_read_only_memory_is_eperm, EPERM, {
     m.flags = IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_FIXED_IOVA;
     call(&ctx, IOMMU_IOAS_MAP, &mut m).unwrap();
     let dst = ioas(&ctx);
-    call(
-        &ctx,
-        IOMMU_IOAS_COPY,
-        &mut copy_cmd(dst, id, 0x4000_0000, PAGE),
-    )
+    call(&ctx, IOMMU_IOAS_COPY, &mut copy_cmd(dst, id, 0x4000_0000, PAGE))
 });
 
 #[test]
@@ -680,29 +510,17 @@ fn copy_shares_pins_and_maps_a_subrange() {
     let mut c = copy_cmd(dst, id, (1 << 20) + PAGE, 2 * PAGE);
     call(&ctx, IOMMU_IOAS_COPY, &mut c).unwrap();
     assert_eq!(ctx.locked_pages(), pinned, "copied pages are pinned once");
-    ctx.device(dev)
-        .unwrap()
-        .dma_write(c.dst_iova, b"x")
-        .unwrap();
+    ctx.device(dev).unwrap().dma_write(c.dst_iova, b"x").unwrap();
 }
 
 // ---- IOMMU_IOAS_UNMAP ------------------------------------------------------
 
 fn unmap(ctx: &Context, ioas_id: u32, iova: u64, length: u64) -> Result<u64, Errno> {
-    let mut c = iommu_ioas_unmap {
-        size: sz::<iommu_ioas_unmap>(),
-        ioas_id,
-        iova,
-        length,
-    };
+    let mut c = iommu_ioas_unmap { size: sz::<iommu_ioas_unmap>(), ioas_id, iova, length };
     call(ctx, IOMMU_IOAS_UNMAP, &mut c).map(|()| c.length)
 }
 
-errno_test!(
-    unmap_unknown_ioas_is_enoent,
-    ENOENT,
-    unmap(&ctx(), 4, 0, PAGE).map(drop)
-);
+errno_test!(unmap_unknown_ioas_is_enoent, ENOENT, unmap(&ctx(), 4, 0, PAGE).map(drop));
 errno_test!(unmap_length_u64_max_is_eoverflow, EOVERFLOW, {
     let (ctx, id, _, _) = attached(1);
     unmap(&ctx, id, PAGE, u64::MAX).map(drop)
@@ -731,19 +549,10 @@ errno_test!(unmap_of_nothing_is_enoent, ENOENT, {
 #[test]
 fn unmap_returns_bytes_and_unmap_all_empties() {
     let (ctx, id, dev, buf) = attached(2);
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(id, &buf, PAGE, Some(1 << 30)),
-    )
-    .unwrap();
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, PAGE, Some(1 << 30))).unwrap();
     assert_eq!(unmap(&ctx, id, 0, 1 << 29), Ok(2 * PAGE));
     assert_eq!(unmap(&ctx, id, 0, u64::MAX), Ok(PAGE));
-    assert_eq!(
-        unmap(&ctx, id, 0, u64::MAX),
-        Ok(0),
-        "unmap all of nothing succeeds"
-    );
+    assert_eq!(unmap(&ctx, id, 0, u64::MAX), Ok(0), "unmap all of nothing succeeds");
     assert_eq!(ctx.locked_pages(), 0);
     assert!(ctx.device(dev).unwrap().dma_write(1 << 30, b"x").is_err());
 }
@@ -751,14 +560,7 @@ fn unmap_returns_bytes_and_unmap_all_empties() {
 // ---- IOMMU_OPTION ----------------------------------------------------------
 
 fn option_cmd(option_id: u32, op: u16, object_id: u32, val64: u64) -> iommu_option {
-    iommu_option {
-        size: sz::<iommu_option>(),
-        option_id,
-        op,
-        __reserved: 0,
-        object_id,
-        val64,
-    }
+    iommu_option { size: sz::<iommu_option>(), option_id, op, __reserved: 0, object_id, val64 }
 }
 
 errno_test!(option_reserved_is_eopnotsupp, EOPNOTSUPP, {
@@ -767,90 +569,43 @@ errno_test!(option_reserved_is_eopnotsupp, EOPNOTSUPP, {
     call(&ctx(), IOMMU_OPTION, &mut c)
 });
 errno_test!(option_unknown_option_is_eopnotsupp, EOPNOTSUPP, {
-    call(
-        &ctx(),
-        IOMMU_OPTION,
-        &mut option_cmd(9, IOMMU_OPTION_OP_GET, 0, 0),
-    )
+    call(&ctx(), IOMMU_OPTION, &mut option_cmd(9, IOMMU_OPTION_OP_GET, 0, 0))
 });
 errno_test!(option_rlimit_with_an_object_is_eopnotsupp, EOPNOTSUPP, {
-    call(
-        &ctx(),
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 1, 0),
-    )
+    call(&ctx(), IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_GET, 1, 0))
 });
 errno_test!(option_rlimit_unknown_op_is_eopnotsupp, EOPNOTSUPP, {
-    call(
-        &ctx(),
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, 5, 0, 0),
-    )
+    call(&ctx(), IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, 5, 0, 0))
 });
 errno_test!(option_rlimit_set_unprivileged_is_eperm, EPERM, {
-    let ctx = Context::with_config(ContextConfig {
-        sys_resource: false,
-        ..ContextConfig::from_process()
-    });
-    call(
-        &ctx,
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1),
-    )
+    let ctx = Context::with_config(ContextConfig { sys_resource: false, ..ContextConfig::from_process() });
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1))
 });
 errno_test!(option_rlimit_set_with_objects_is_ebusy, EBUSY, {
     let ctx = ctx();
     ioas(&ctx);
-    call(
-        &ctx,
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1),
-    )
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1))
 });
 errno_test!(option_rlimit_set_bad_value_is_einval, EINVAL, {
-    call(
-        &ctx(),
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 2),
-    )
+    call(&ctx(), IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 2))
 });
 errno_test!(option_huge_pages_unknown_ioas_is_enoent, ENOENT, {
-    call(
-        &ctx(),
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, 3, 0),
-    )
+    call(&ctx(), IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, 3, 0))
 });
 errno_test!(option_huge_pages_bad_value_is_einval, EINVAL, {
     let ctx = ctx();
     let id = ioas(&ctx);
-    call(
-        &ctx,
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 2),
-    )
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 2))
 });
 errno_test!(option_huge_pages_unknown_op_is_eopnotsupp, EOPNOTSUPP, {
     let ctx = ctx();
     let id = ioas(&ctx);
-    call(
-        &ctx,
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, 7, id, 0),
-    )
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, 7, id, 0))
 });
-errno_test!(
-    option_huge_pages_disable_while_mapped_into_a_domain_is_einval,
-    EINVAL,
-    {
-        let (ctx, id, _, _) = attached(1);
-        call(
-            &ctx,
-            IOMMU_OPTION,
-            &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 0),
-        )
-    }
-);
+errno_test!(option_huge_pages_disable_while_mapped_into_a_domain_is_einval, EINVAL, {
+    let (ctx, id, _, _) = attached(1);
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 0))
+});
 
 #[test]
 fn option_get_and_set_round_trip() {
@@ -864,12 +619,7 @@ fn option_get_and_set_round_trip() {
     let mut c = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, id, 7);
     call(&ctx, IOMMU_OPTION, &mut c).unwrap();
     assert_eq!(c.val64, 1);
-    call(
-        &ctx,
-        IOMMU_OPTION,
-        &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 0),
-    )
-    .unwrap();
+    call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_SET, id, 0)).unwrap();
     let mut c = option_cmd(IOMMU_OPTION_HUGE_PAGES, IOMMU_OPTION_OP_GET, id, 7);
     call(&ctx, IOMMU_OPTION, &mut c).unwrap();
     assert_eq!(c.val64, 0);
@@ -878,13 +628,7 @@ fn option_get_and_set_round_trip() {
 // ---- IOMMU_HWPT_ALLOC ------------------------------------------------------
 
 fn hwpt_cmd(dev_id: u32, pt_id: u32, flags: u32) -> iommu_hwpt_alloc {
-    iommu_hwpt_alloc {
-        size: sz::<iommu_hwpt_alloc>(),
-        flags,
-        dev_id,
-        pt_id,
-        ..Default::default()
-    }
+    iommu_hwpt_alloc { size: sz::<iommu_hwpt_alloc>(), flags, dev_id, pt_id, ..Default::default() }
 }
 
 fn with_device(dirty: bool) -> (Context, u32, u32) {
@@ -930,34 +674,14 @@ errno_test!(hwpt_alloc_unknown_flag_is_eopnotsupp, EOPNOTSUPP, {
     let (ctx, id, dev) = with_device(false);
     call(&ctx, IOMMU_HWPT_ALLOC, &mut hwpt_cmd(dev, id, 1 << 5))
 });
-errno_test!(
-    hwpt_alloc_dirty_tracking_without_support_is_eopnotsupp,
-    EOPNOTSUPP,
-    {
-        let (ctx, id, dev) = with_device(false);
-        call(
-            &ctx,
-            IOMMU_HWPT_ALLOC,
-            &mut hwpt_cmd(dev, id, IOMMU_HWPT_ALLOC_DIRTY_TRACKING),
-        )
-    }
-);
-errno_test!(
-    hwpt_alloc_fault_on_a_nest_parent_is_eopnotsupp,
-    EOPNOTSUPP,
-    {
-        let (ctx, id, dev) = with_device(false);
-        call(
-            &ctx,
-            IOMMU_HWPT_ALLOC,
-            &mut hwpt_cmd(
-                dev,
-                id,
-                IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_NEST_PARENT,
-            ),
-        )
-    }
-);
+errno_test!(hwpt_alloc_dirty_tracking_without_support_is_eopnotsupp, EOPNOTSUPP, {
+    let (ctx, id, dev) = with_device(false);
+    call(&ctx, IOMMU_HWPT_ALLOC, &mut hwpt_cmd(dev, id, IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+});
+errno_test!(hwpt_alloc_fault_on_a_nest_parent_is_eopnotsupp, EOPNOTSUPP, {
+    let (ctx, id, dev) = with_device(false);
+    call(&ctx, IOMMU_HWPT_ALLOC, &mut hwpt_cmd(dev, id, IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_NEST_PARENT))
+});
 errno_test!(hwpt_alloc_unknown_fault_id_is_enoent, ENOENT, {
     let (ctx, id, dev) = with_device(false);
     let mut c = hwpt_cmd(dev, id, IOMMU_HWPT_FAULT_ID_VALID);
@@ -969,36 +693,15 @@ errno_test!(hwpt_alloc_unknown_fault_id_is_enoent, ENOENT, {
 fn hwpt_alloc_mirrors_the_ioas_and_is_busy_while_attached() {
     let (ctx, id, dev) = with_device(true);
     let buf = HostBuffer::new(4096).unwrap();
-    call(
-        &ctx,
-        IOMMU_IOAS_MAP,
-        &mut map_cmd(id, &buf, PAGE, Some(0x8000)),
-    )
-    .unwrap();
-    let mut c = hwpt_cmd(
-        dev,
-        id,
-        IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-    );
+    call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, PAGE, Some(0x8000))).unwrap();
+    let mut c = hwpt_cmd(dev, id, IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING);
     call(&ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
     let hwpt = c.out_hwpt_id;
     assert_eq!(ctx.attach(dev, hwpt), Ok(hwpt));
-    assert_eq!(
-        call(
-            &ctx,
-            IOMMU_DESTROY,
-            &mut iommu_destroy { size: 8, id: hwpt }
-        ),
-        Err(Errno::EBUSY)
-    );
+    assert_eq!(call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt }), Err(Errno::EBUSY));
     ctx.device(dev).unwrap().dma_write(0x8000, b"ok").unwrap();
     ctx.detach(dev).unwrap();
-    call(
-        &ctx,
-        IOMMU_DESTROY,
-        &mut iommu_destroy { size: 8, id: hwpt },
-    )
-    .unwrap();
+    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt }).unwrap();
     call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id }).unwrap();
 }
 
@@ -1049,60 +752,31 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
     let mut c = hw_info_cmd(dev, &mut data);
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
     assert_eq!(data, [0; 32]);
-    assert_eq!(
-        (c.data_len, c.out_data_type, c.out_max_pasid_log2),
-        (0, IOMMU_HW_INFO_TYPE_NONE, 20)
-    );
+    assert_eq!((c.data_len, c.out_data_type, c.out_max_pasid_log2), (0, IOMMU_HW_INFO_TYPE_NONE, 20));
     assert_eq!(c.out_capabilities, IOMMU_HW_CAP_DIRTY_TRACKING);
 }
 
 // ---- IOMMU_VFIO_IOAS -------------------------------------------------------
 
 fn vfio_ioas(ctx: &Context, op: u16, ioas_id: u32) -> Result<u32, Errno> {
-    let mut c = iommu_vfio_ioas {
-        size: sz::<iommu_vfio_ioas>(),
-        ioas_id,
-        op,
-        __reserved: 0,
-    };
+    let mut c = iommu_vfio_ioas { size: sz::<iommu_vfio_ioas>(), ioas_id, op, __reserved: 0 };
     call(ctx, IOMMU_VFIO_IOAS, &mut c).map(|()| c.ioas_id)
 }
 
 errno_test!(vfio_ioas_reserved_is_eopnotsupp, EOPNOTSUPP, {
-    let mut c = iommu_vfio_ioas {
-        size: 12,
-        ioas_id: 0,
-        op: IOMMU_VFIO_IOAS_GET,
-        __reserved: 1,
-    };
+    let mut c = iommu_vfio_ioas { size: 12, ioas_id: 0, op: IOMMU_VFIO_IOAS_GET, __reserved: 1 };
     call(&ctx(), IOMMU_VFIO_IOAS, &mut c)
 });
-errno_test!(
-    vfio_ioas_get_when_unset_is_enodev,
-    ENODEV,
-    vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_GET, 0).map(drop)
-);
-errno_test!(
-    vfio_ioas_set_unknown_ioas_is_enoent,
-    ENOENT,
-    vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_SET, 4).map(drop)
-);
-errno_test!(
-    vfio_ioas_unknown_op_is_eopnotsupp,
-    EOPNOTSUPP,
-    vfio_ioas(&ctx(), 3, 0).map(drop)
-);
-errno_test!(
-    vfio_ioas_get_after_its_ioas_is_destroyed_is_enodev,
-    ENODEV,
-    {
-        let ctx = ctx();
-        let id = ioas(&ctx);
-        vfio_ioas(&ctx, IOMMU_VFIO_IOAS_SET, id).unwrap();
-        call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id }).unwrap();
-        vfio_ioas(&ctx, IOMMU_VFIO_IOAS_GET, 0).map(drop)
-    }
-);
+errno_test!(vfio_ioas_get_when_unset_is_enodev, ENODEV, vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_GET, 0).map(drop));
+errno_test!(vfio_ioas_set_unknown_ioas_is_enoent, ENOENT, vfio_ioas(&ctx(), IOMMU_VFIO_IOAS_SET, 4).map(drop));
+errno_test!(vfio_ioas_unknown_op_is_eopnotsupp, EOPNOTSUPP, vfio_ioas(&ctx(), 3, 0).map(drop));
+errno_test!(vfio_ioas_get_after_its_ioas_is_destroyed_is_enodev, ENODEV, {
+    let ctx = ctx();
+    let id = ioas(&ctx);
+    vfio_ioas(&ctx, IOMMU_VFIO_IOAS_SET, id).unwrap();
+    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id }).unwrap();
+    vfio_ioas(&ctx, IOMMU_VFIO_IOAS_GET, 0).map(drop)
+});
 
 #[test]
 fn vfio_ioas_set_get_clear() {
@@ -1122,50 +796,20 @@ fn invalidate(ctx: &Context, c: &mut iommu_hwpt_invalidate) -> Result<(), Errno>
 }
 
 errno_test!(invalidate_reserved_is_eopnotsupp, EOPNOTSUPP, {
-    invalidate(
-        &ctx(),
-        &mut iommu_hwpt_invalidate {
-            __reserved: 1,
-            ..Default::default()
-        },
-    )
+    invalidate(&ctx(), &mut iommu_hwpt_invalidate { __reserved: 1, ..Default::default() })
 });
 errno_test!(invalidate_entries_without_a_pointer_is_einval, EINVAL, {
-    invalidate(
-        &ctx(),
-        &mut iommu_hwpt_invalidate {
-            entry_num: 1,
-            entry_len: 24,
-            ..Default::default()
-        },
-    )
+    invalidate(&ctx(), &mut iommu_hwpt_invalidate { entry_num: 1, entry_len: 24, ..Default::default() })
 });
 errno_test!(invalidate_zero_entry_len_is_einval, EINVAL, {
-    invalidate(
-        &ctx(),
-        &mut iommu_hwpt_invalidate {
-            entry_num: 1,
-            data_uptr: 64,
-            ..Default::default()
-        },
-    )
+    invalidate(&ctx(), &mut iommu_hwpt_invalidate { entry_num: 1, data_uptr: 64, ..Default::default() })
 });
 errno_test!(invalidate_entry_len_above_a_page_is_einval, EINVAL, {
-    let mut c = iommu_hwpt_invalidate {
-        entry_num: 1,
-        entry_len: 4097,
-        data_uptr: 64,
-        ..Default::default()
-    };
+    let mut c = iommu_hwpt_invalidate { entry_num: 1, entry_len: 4097, data_uptr: 64, ..Default::default() };
     invalidate(&ctx(), &mut c)
 });
 errno_test!(invalidate_too_many_entries_is_einval, EINVAL, {
-    let mut c = iommu_hwpt_invalidate {
-        entry_num: (1 << 19) + 1,
-        entry_len: 24,
-        data_uptr: 64,
-        ..Default::default()
-    };
+    let mut c = iommu_hwpt_invalidate { entry_num: (1 << 19) + 1, entry_len: 24, data_uptr: 64, ..Default::default() };
     invalidate(&ctx(), &mut c)
 });
 

@@ -37,10 +37,7 @@ fn rid(r: u32) -> String {
 }
 
 pub fn run(out: &mut impl Write) -> Result<()> {
-    writeln!(
-        out,
-        "ioasid demo: one I/O address space, two devices, DMA through real page tables"
-    )?;
+    writeln!(out, "ioasid demo: one I/O address space, two devices, DMA through real page tables")?;
 
     section(out, 1, "Context and I/O address space")?;
     let ctx = Context::new();
@@ -50,21 +47,9 @@ pub fn run(out: &mut impl Write) -> Result<()> {
 
     section(out, 2, "Memory")?;
     let ram = HostBuffer::new(RAM as usize)?;
-    row(
-        out,
-        "guest RAM",
-        format!(
-            "{:>8}  anonymous memory at host {:#x}",
-            size(RAM),
-            ram.addr()
-        ),
-    )?;
+    row(out, "guest RAM", format!("{:>8}  anonymous memory at host {:#x}", size(RAM), ram.addr()))?;
     let ring = memfd_with(b"descriptor ring, written by the driver")?;
-    row(
-        out,
-        "descriptor ring",
-        format!("{:>8}  memfd, mapped by the engine itself", size(RING)),
-    )?;
+    row(out, "descriptor ring", format!("{:>8}  memfd, mapped by the engine itself", size(RING)))?;
 
     section(out, 3, "Devices")?;
     let mut nic_info = DeviceInfo::new("nic0", 0x0008);
@@ -88,17 +73,9 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     }
     let hwpt = ctx.attach(nic, ioas)?;
     let hwpt2 = ctx.attach(nvme, ioas)?;
-    row(
-        out,
-        "attached",
-        format!("both to IOAS {ioas}, sharing HWPT {hwpt} (created for them)"),
-    )?;
+    row(out, "attached", format!("both to IOAS {ioas}, sharing HWPT {hwpt} (created for them)"))?;
     assert_eq!(hwpt, hwpt2, "compatible devices share one automatic HWPT");
-    row(
-        out,
-        "reserved by nic0",
-        format!("{:#x}..={:#x} (MSI window)", MSI.start, MSI.last),
-    )?;
+    row(out, "reserved by nic0", format!("{:#x}..={:#x} (MSI window)", MSI.start, MSI.last))?;
 
     section(out, 4, "Mappings")?;
     // SAFETY: `ram` lives until the end of this function, after the unmap below.
@@ -114,11 +91,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
         row(
             out,
             &format!("IOVA {:#012x}", a.iova),
-            format!(
-                "{:>8}  {rights}  {what} at host {:#x}",
-                size(a.len),
-                a.host_addr
-            ),
+            format!("{:>8}  {rights}  {what} at host {:#x}", size(a.len), a.host_addr),
         )?;
     }
     row(out, "usable IOVA", usable_ranges(&ctx, ioas)?)?;
@@ -133,34 +106,18 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     let took = t.elapsed();
     let mut in_ram = vec![0u8; packet.len()];
     ram.read_at((3 * MIB + 100) as usize, &mut in_ram);
-    let ok = if in_ram == packet {
-        "landed in guest RAM, bytes match"
-    } else {
-        "MISMATCH"
-    };
-    row(
-        out,
-        "nic0 writes packet",
-        format!("1500 B at IOVA {pkt_iova:#x} in {took:.1?}: {ok}"),
-    )?;
+    let ok = if in_ram == packet { "landed in guest RAM, bytes match" } else { "MISMATCH" };
+    row(out, "nic0 writes packet", format!("1500 B at IOVA {pkt_iova:#x} in {took:.1?}: {ok}"))?;
     let mut copy = vec![0u8; packet.len()];
     nvme_dev.dma_read(pkt_iova, &mut copy)?;
     row(
         out,
         "nvme0 reads it back",
-        if copy == packet {
-            "same 1500 B through the same page table"
-        } else {
-            "MISMATCH"
-        },
+        if copy == packet { "same 1500 B through the same page table" } else { "MISMATCH" },
     )?;
     let mut desc = [0u8; 38];
     nvme_dev.dma_read(ring_iova, &mut desc)?;
-    row(
-        out,
-        "nvme0 reads ring",
-        format!("\"{}\"", String::from_utf8_lossy(&desc)),
-    )?;
+    row(out, "nvme0 reads ring", format!("\"{}\"", String::from_utf8_lossy(&desc)))?;
     match nvme_dev.dma_write(ring_iova, b"overwrite") {
         Err(e) => row(out, "nvme0 writes ring", format!("refused: {e}"))?,
         Ok(()) => row(out, "nvme0 writes ring", "UNEXPECTEDLY ALLOWED")?,
@@ -185,15 +142,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
         Ok(()) => row(out, "nic0 DMA after unmap", "UNEXPECTEDLY REACHED MEMORY")?,
     }
     ram.read_at((3 * MIB + 100) as usize, &mut in_ram);
-    row(
-        out,
-        "guest RAM",
-        if in_ram == packet {
-            "untouched by the late DMA"
-        } else {
-            "CHANGED"
-        },
-    )?;
+    row(out, "guest RAM", if in_ram == packet { "untouched by the late DMA" } else { "CHANGED" })?;
     ctx.unmap(ioas, 0, u64::MAX)?;
     ctx.detach(nic)?;
     ctx.detach(nvme)?;
@@ -217,20 +166,10 @@ fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
     writeln!(out, "   level      tables   leaves  leaf size")?;
     let s = domain.summary();
     for level in (0..s.tables.len()).rev() {
-        let leaf_size = if level < 3 {
-            size(1u64 << (12 + 9 * level))
-        } else {
-            "-".into()
-        };
-        writeln!(
-            out,
-            "   {:<8} {:>8} {:>8}  {}",
-            level, s.tables[level], s.leaves[level], leaf_size
-        )?;
+        let leaf_size = if level < 3 { size(1u64 << (12 + 9 * level)) } else { "-".into() };
+        writeln!(out, "   {:<8} {:>8} {:>8}  {}", level, s.tables[level], s.leaves[level], leaf_size)?;
     }
-    let mapped: u64 = (0..s.leaves.len())
-        .map(|l| s.leaves[l] << (12 + 9 * l))
-        .sum();
+    let mapped: u64 = (0..s.leaves.len()).map(|l| s.leaves[l] << (12 + 9 * l)).sum();
     let huge = s.leaves.iter().skip(1).sum::<u64>();
     row(
         out,
@@ -255,12 +194,9 @@ fn usable_ranges(ctx: &Context, ioas: u32) -> Result<String> {
         ..Default::default()
     };
     let arg = &mut cmd as *mut _ as u64;
-    ioasid_abi::ioctl(ctx, &InProcess, IOMMU_IOAS_IOVA_RANGES, arg)
-        .map_err(|e: Errno| e.to_string())?;
-    let shown: Vec<String> = ranges[..cmd.num_iovas as usize]
-        .iter()
-        .map(|r| format!("{:#x}..={:#x}", r.start, r.last))
-        .collect();
+    ioasid_abi::ioctl(ctx, &InProcess, IOMMU_IOAS_IOVA_RANGES, arg).map_err(|e: Errno| e.to_string())?;
+    let shown: Vec<String> =
+        ranges[..cmd.num_iovas as usize].iter().map(|r| format!("{:#x}..={:#x}", r.start, r.last)).collect();
     Ok(format!("{}  (IOMMU_IOAS_IOVA_RANGES)", shown.join(", ")))
 }
 

@@ -36,8 +36,7 @@ pub enum Limit {
     Pages(u64),
 }
 
-static USER_COUNTERS: LazyLock<Mutex<HashMap<u32, Arc<AtomicU64>>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
+static USER_COUNTERS: LazyLock<Mutex<HashMap<u32, Arc<AtomicU64>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 static PROCESS_COUNTER: LazyLock<Arc<AtomicU64>> = LazyLock::new(|| Arc::new(AtomicU64::new(0)));
 
 impl Accounting {
@@ -56,17 +55,11 @@ impl Accounting {
 
     /// A private counter, for tests that must not share the process's.
     pub fn isolated(limit: Limit) -> Self {
-        Accounting {
-            counter: Some(Arc::new(AtomicU64::new(0))),
-            limit,
-        }
+        Accounting { counter: Some(Arc::new(AtomicU64::new(0))), limit }
     }
 
     pub fn none() -> Self {
-        Accounting {
-            counter: None,
-            limit: Limit::Rlimit,
-        }
+        Accounting { counter: None, limit: Limit::Rlimit }
     }
 
     fn limit_pages(&self) -> u64 {
@@ -85,11 +78,9 @@ impl Accounting {
             return Ok(());
         };
         let limit = self.limit_pages();
-        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-            cur.checked_add(npages).filter(|&n| n <= limit)
-        })
-        .map(drop)
-        .map_err(|_| Error::NoMemory("RLIMIT_MEMLOCK would be exceeded"))
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| cur.checked_add(npages).filter(|&n| n <= limit))
+            .map(drop)
+            .map_err(|_| Error::NoMemory("RLIMIT_MEMLOCK would be exceeded"))
     }
 
     pub fn uncharge(&self, npages: u64) {
@@ -101,9 +92,7 @@ impl Accounting {
 
     /// Pages currently charged to this accounting's counter.
     pub fn charged(&self) -> u64 {
-        self.counter
-            .as_ref()
-            .map_or(0, |c| c.load(Ordering::Acquire))
+        self.counter.as_ref().map_or(0, |c| c.load(Ordering::Acquire))
     }
 }
 
@@ -120,9 +109,7 @@ pub fn has_capability(cap: u32) -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << cap) != 0)
 }
@@ -135,10 +122,7 @@ mod tests {
     fn charge_stops_at_the_limit_and_uncharge_restores() {
         let a = Accounting::isolated(Limit::Pages(10));
         a.charge(6).unwrap();
-        assert_eq!(
-            a.charge(5),
-            Err(Error::NoMemory("RLIMIT_MEMLOCK would be exceeded"))
-        );
+        assert_eq!(a.charge(5), Err(Error::NoMemory("RLIMIT_MEMLOCK would be exceeded")));
         assert_eq!(a.charged(), 6);
         a.charge(4).unwrap();
         a.uncharge(10);

@@ -62,12 +62,7 @@ impl ContextConfig {
     /// A context that charges pins to a counter of its own against `limit`
     /// and may change its accounting mode: one VM's memory accounted apart.
     pub fn isolated(limit: Limit) -> Self {
-        ContextConfig {
-            memlock_limit: limit,
-            memlock_exempt: false,
-            sys_resource: true,
-            private_counter: true,
-        }
+        ContextConfig { memlock_limit: limit, memlock_exempt: false, sys_resource: true, private_counter: true }
     }
 
     /// The privileges of this process, as Linux would judge them.
@@ -109,9 +104,7 @@ impl Context {
             objects: Mutex::new(BTreeMap::new()),
             graph: Mutex::new(()),
             account_mode: Mutex::new(AccountMode::User),
-            private: config
-                .private_counter
-                .then(|| Accounting::isolated(config.memlock_limit)),
+            private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
             vfio_ioas: Mutex::new(None),
         }
@@ -143,10 +136,7 @@ impl Context {
     }
 
     pub fn object(&self, id: u32) -> Result<Object> {
-        self.table()
-            .get(&id)
-            .cloned()
-            .ok_or(Error::NotFound("no object with that ID"))
+        self.table().get(&id).cloned().ok_or(Error::NotFound("no object with that ID"))
     }
 
     pub fn ioas(&self, id: u32) -> Result<Arc<Ioas>> {
@@ -196,9 +186,7 @@ impl Context {
     /// process): needs `CAP_SYS_RESOURCE` and a context without objects.
     pub fn set_account_mode(&self, value: u64) -> Result<()> {
         if !self.config.sys_resource {
-            return Err(Error::Permission(
-                "changing the accounting mode needs CAP_SYS_RESOURCE",
-            ));
+            return Err(Error::Permission("changing the accounting mode needs CAP_SYS_RESOURCE"));
         }
         let t = self.table();
         if !t.is_empty() {
@@ -242,27 +230,13 @@ impl Context {
     /// # Safety
     /// `[uptr, uptr + len)` must stay mapped (with the rights given in
     /// `perm`) until it is unmapped from the IOAS or the context is dropped.
-    pub unsafe fn map_user(
-        &self,
-        ioas: u32,
-        uptr: u64,
-        len: u64,
-        iova: Option<u64>,
-        perm: Perm,
-    ) -> Result<u64> {
+    pub unsafe fn map_user(&self, ioas: u32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
         self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Direct)
     }
 
     /// Maps user memory that its owner may unmap at any time: pinning checks
     /// it is mapped, and DMA that finds it gone fails instead of crashing.
-    pub fn map_user_checked(
-        &self,
-        ioas: u32,
-        uptr: u64,
-        len: u64,
-        iova: Option<u64>,
-        perm: Perm,
-    ) -> Result<u64> {
+    pub fn map_user_checked(&self, ioas: u32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
         self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Checked)
     }
 
@@ -277,16 +251,7 @@ impl Context {
     ) -> Result<u64> {
         let ioas = self.ioas(ioas)?;
         let (pages, lead) = Pages::user(uptr, len, perm.write, trust, self.accounting())?;
-        ioas.map(
-            &[Source {
-                pages,
-                start_byte: lead,
-                len,
-                align_hint: uptr,
-            }],
-            iova,
-            perm,
-        )
+        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
     }
 
     /// Maps `[start, start + len)` of a file (a memfd, typically).
@@ -301,29 +266,12 @@ impl Context {
     ) -> Result<u64> {
         let ioas = self.ioas(ioas)?;
         let (pages, lead) = Pages::file(fd, start, len, perm.write, self.accounting())?;
-        ioas.map(
-            &[Source {
-                pages,
-                start_byte: lead,
-                len,
-                align_hint: start,
-            }],
-            iova,
-            perm,
-        )
+        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: start }], iova, perm)
     }
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
     /// `[src_iova, src_iova + len)` of `src`, sharing its pins.
-    pub fn copy(
-        &self,
-        dst: u32,
-        src: u32,
-        src_iova: u64,
-        len: u64,
-        dst_iova: Option<u64>,
-        perm: Perm,
-    ) -> Result<u64> {
+    pub fn copy(&self, dst: u32, src: u32, src_iova: u64, len: u64, dst_iova: Option<u64>, perm: Perm) -> Result<u64> {
         let srcs = self.ioas(src)?.sources(src_iova, len)?;
         self.ioas(dst)?.map(&srcs, dst_iova, perm)
     }
@@ -362,13 +310,9 @@ impl Context {
     pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
-        let ioas = self
-            .ioas(ioas_id)
-            .map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
+        let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
         if flags.dirty_tracking && !dev.info().dirty_tracking {
-            return Err(Error::Unsupported(
-                "the device's IOMMU cannot track dirty pages",
-            ));
+            return Err(Error::Unsupported("the device's IOMMU cannot track dirty pages"));
         }
         let info = dev.info();
         let hwpt = HwptPaging::new(ioas, info.format, info.aperture, flags, false)?;
@@ -376,8 +320,7 @@ impl Context {
     }
 
     fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
-        self.insert(Object::HwptPaging(hwpt.clone()))
-            .inspect_err(|_| hwpt.release())
+        self.insert(Object::HwptPaging(hwpt.clone())).inspect_err(|_| hwpt.release())
     }
 
     /// Attaches a device (its RID) to an IOAS, through an automatically
@@ -389,10 +332,7 @@ impl Context {
             return Err(Error::Invalid("device is already attached; use replace"));
         }
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        if let Err(e) = hwpt
-            .ioas()
-            .reserve(&dev.info().reserved, Owner::Device(dev.key()))
-        {
+        if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, Owner::Device(dev.key())) {
             self.drop_if_unused_auto(id, hwpt);
             return Err(e);
         }
@@ -450,9 +390,7 @@ impl Context {
         match self.object(pt_id)? {
             Object::HwptPaging(h) => {
                 if h.domain().format() != info.format {
-                    return Err(Error::Invalid(
-                        "HWPT format does not match the device's IOMMU",
-                    ));
+                    return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
                 }
                 Ok((pt_id, h))
             }
@@ -471,8 +409,7 @@ impl Context {
                 if let Some(found) = found {
                     return Ok(found);
                 }
-                let hwpt =
-                    HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
+                let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
                 Ok((self.insert_hwpt(hwpt.clone())?, hwpt))
             }
             Object::Device(_) => Err(Error::Invalid("pt_id is a device")),
@@ -521,9 +458,7 @@ impl Context {
     pub fn destroy(&self, id: u32) -> Result<()> {
         let _g = self.graph();
         let mut t = self.table();
-        let obj = t
-            .get(&id)
-            .ok_or(Error::NotFound("no object with that ID"))?;
+        let obj = t.get(&id).ok_or(Error::NotFound("no object with that ID"))?;
         if matches!(obj, Object::Device(_)) {
             return Err(Error::Busy("a bound device is released by unbinding it"));
         }
@@ -547,12 +482,8 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // Leaves first: devices hold HWPTs, HWPTs hold IOASes.
-        let devices: Vec<u32> = self
-            .table()
-            .iter()
-            .filter(|(_, o)| matches!(o, Object::Device(_)))
-            .map(|(&id, _)| id)
-            .collect();
+        let devices: Vec<u32> =
+            self.table().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(&id, _)| id).collect();
         for id in devices {
             let _ = self.unbind_device(id);
         }

@@ -10,7 +10,7 @@ use thiserror::Error;
 
 use crate::epoch;
 use crate::hwpt::{FaultReason, HwptPaging, PageFormat};
-use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::iova::IovaRange;
 use crate::memory;
 use crate::pgtable::Perm;
 
@@ -53,11 +53,7 @@ pub enum DmaError {
     #[error("DMA blocked: the device is not attached to a page table")]
     Blocked,
     #[error("IOMMU fault at IOVA {iova:#x} ({reason:?}, {})", if *.write { "write" } else { "read" })]
-    Fault {
-        iova: u64,
-        reason: FaultReason,
-        write: bool,
-    },
+    Fault { iova: u64, reason: FaultReason, write: bool },
     #[error("the memory behind IOVA {iova:#x} is no longer mapped by its owner")]
     Memory { iova: u64 },
 }
@@ -73,11 +69,7 @@ pub struct Device {
 
 impl Device {
     pub(crate) fn new(info: DeviceInfo) -> Self {
-        Device {
-            info,
-            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
-            attached: ArcSwapOption::empty(),
-        }
+        Device { info, key: NEXT_KEY.fetch_add(1, Ordering::Relaxed), attached: ArcSwapOption::empty() }
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -103,21 +95,15 @@ impl Device {
     /// Host address of `iova` for an access needing `need`, valid to the end
     /// of its 4 KiB page; the caller must stay inside `guard` while using it.
     #[inline]
-    pub fn translate(
-        &self,
-        iova: u64,
-        need: Perm,
-        guard: &epoch::Guard,
-    ) -> Result<(u64, bool), DmaError> {
+    pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<(u64, bool), DmaError> {
         let att = self.attached.load();
         let hwpt = att.as_ref().ok_or(DmaError::Blocked)?;
-        hwpt.domain()
-            .translate(iova, need, guard)
-            .map_err(|reason| DmaError::Fault {
-                iova,
-                reason,
-                write: need.write,
-            })
+        hwpt.domain().translate(iova, need, guard).map_err(|reason| DmaError::Fault { iova, reason, write: need.write })
+    }
+
+    /// The smallest IO page of the device's IOMMU.
+    fn granule(&self) -> u64 {
+        1 << self.info.format.page_shift()
     }
 
     /// Device reads `buf.len()` bytes at `iova`.
@@ -127,9 +113,8 @@ impl Device {
         while done < buf.len() {
             let at = iova.wrapping_add(done as u64);
             let (host, checked) = self.translate(at, Perm::R, &guard)?;
-            let n = chunk(at, buf.len() - done);
-            memory::read(trust(checked), host, &mut buf[done..done + n])
-                .map_err(|_| DmaError::Memory { iova: at })?;
+            let n = chunk(at, buf.len() - done, self.granule());
+            memory::read(trust(checked), host, &mut buf[done..done + n]).map_err(|_| DmaError::Memory { iova: at })?;
             done += n;
         }
         Ok(())
@@ -142,9 +127,8 @@ impl Device {
         while done < buf.len() {
             let at = iova.wrapping_add(done as u64);
             let (host, checked) = self.translate(at, Perm::W, &guard)?;
-            let n = chunk(at, buf.len() - done);
-            memory::write(trust(checked), host, &buf[done..done + n])
-                .map_err(|_| DmaError::Memory { iova: at })?;
+            let n = chunk(at, buf.len() - done, self.granule());
+            memory::write(trust(checked), host, &buf[done..done + n]).map_err(|_| DmaError::Memory { iova: at })?;
             done += n;
         }
         Ok(())
@@ -152,14 +136,10 @@ impl Device {
 }
 
 fn trust(checked: bool) -> memory::Trust {
-    if checked {
-        memory::Trust::Checked
-    } else {
-        memory::Trust::Direct
-    }
+    if checked { memory::Trust::Checked } else { memory::Trust::Direct }
 }
 
-/// Bytes from `iova` to the end of its page, at most `left`.
-fn chunk(iova: u64, left: usize) -> usize {
-    ((PAGE_SIZE - iova % PAGE_SIZE) as usize).min(left)
+/// Bytes from `iova` to the end of its IO page of `granule` bytes, at most `left`.
+fn chunk(iova: u64, left: usize, granule: u64) -> usize {
+    ((granule - iova % granule) as usize).min(left)
 }

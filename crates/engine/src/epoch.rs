@@ -49,11 +49,7 @@ mod tests {
         });
         rx.recv().unwrap();
         synchronize();
-        assert_eq!(
-            state.load(Ordering::Acquire),
-            1,
-            "synchronize returned while a reader was inside"
-        );
+        assert_eq!(state.load(Ordering::Acquire), 1, "synchronize returned while a reader was inside");
         reader.join().unwrap();
     }
 }

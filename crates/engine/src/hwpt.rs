@@ -8,7 +8,8 @@ use crossbeam_epoch::Guard;
 
 use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
-use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::iova::IovaRange;
+use crate::pgtable::mock::Mock;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
 use crate::pgtable::{self, Format, PageTable, Perm, Summary};
 
@@ -18,34 +19,64 @@ use crate::pgtable::{self, Format, PageTable, Perm, Summary};
 pub enum PageFormat {
     VtdSs4,
     VtdSs5,
+    /// Linux's selftest mock IOMMU: 2 KiB IO pages.
+    Mock,
+    /// The mock with 1 MiB huge pages too.
+    MockHuge,
+}
+
+/// Runs `$body` with `$F` bound to the format type of `$format`.
+macro_rules! with_format {
+    ($format:expr, $F:ident => $body:expr) => {
+        match $format {
+            PageFormat::VtdSs4 => {
+                type $F = VtdSs4;
+                $body
+            }
+            PageFormat::VtdSs5 => {
+                type $F = VtdSs5;
+                $body
+            }
+            PageFormat::Mock => {
+                type $F = Mock<false>;
+                $body
+            }
+            PageFormat::MockHuge => {
+                type $F = Mock<true>;
+                $body
+            }
+        }
+    };
 }
 
 impl PageFormat {
     pub fn name(self) -> &'static str {
-        match self {
-            PageFormat::VtdSs4 => VtdSs4::NAME,
-            PageFormat::VtdSs5 => VtdSs5::NAME,
-        }
+        with_format!(self, F => F::NAME)
     }
 
     pub fn pgsize_bitmap(self) -> u64 {
-        match self {
-            PageFormat::VtdSs4 => pgtable::pgsize_bitmap::<VtdSs4>(),
-            PageFormat::VtdSs5 => pgtable::pgsize_bitmap::<VtdSs5>(),
-        }
+        with_format!(self, F => pgtable::pgsize_bitmap::<F>())
     }
 
     pub fn iova_bits(self) -> u32 {
-        match self {
-            PageFormat::VtdSs4 => VtdSs4::iova_bits(),
-            PageFormat::VtdSs5 => VtdSs5::iova_bits(),
-        }
+        with_format!(self, F => F::iova_bits())
+    }
+
+    /// log2 of the smallest IO page.
+    pub fn page_shift(self) -> u32 {
+        with_format!(self, F => F::PAGE_SHIFT)
+    }
+
+    pub fn is_mock(self) -> bool {
+        matches!(self, PageFormat::Mock | PageFormat::MockHuge)
     }
 }
 
 enum AnyTable {
     VtdSs4(PageTable<VtdSs4>),
     VtdSs5(PageTable<VtdSs5>),
+    Mock(PageTable<Mock<false>>),
+    MockHuge(PageTable<Mock<true>>),
 }
 
 macro_rules! with_table {
@@ -53,6 +84,8 @@ macro_rules! with_table {
         match $t {
             AnyTable::VtdSs4($pt) => $body,
             AnyTable::VtdSs5($pt) => $body,
+            AnyTable::Mock($pt) => $body,
+            AnyTable::MockHuge($pt) => $body,
         }
     };
 }
@@ -81,15 +114,12 @@ impl Domain {
         let table = match format {
             PageFormat::VtdSs4 => AnyTable::VtdSs4(PageTable::new()),
             PageFormat::VtdSs5 => AnyTable::VtdSs5(PageTable::new()),
+            PageFormat::Mock => AnyTable::Mock(PageTable::new()),
+            PageFormat::MockHuge => AnyTable::MockHuge(PageTable::new()),
         };
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
-        Domain {
-            table,
-            iotlb: Iotlb::new(),
-            format,
-            aperture,
-        }
+        Domain { table, iotlb: Iotlb::new(), format, aperture }
     }
 
     pub fn format(&self) -> PageFormat {
@@ -127,17 +157,19 @@ impl Domain {
         with_table!(&self.table, pt => pt.summary())
     }
 
-    /// Translates the 4 KiB page holding `iova` for an access needing `need`.
+    /// Where `iova` leads, whatever the rights (what hardware would fetch).
+    pub fn lookup(&self, iova: u64) -> Option<u64> {
+        let guard = crate::epoch::pin();
+        with_table!(&self.table, pt => pt.walk(iova, &guard)).map(|t| t.addr)
+    }
+
+    /// Translates the IO page holding `iova` for an access needing `need`.
     /// Returns the host address of `iova` and whether it needs checked copies.
     #[inline]
-    pub fn translate(
-        &self,
-        iova: u64,
-        need: Perm,
-        guard: &Guard,
-    ) -> Result<(u64, bool), FaultReason> {
-        let page = iova / PAGE_SIZE;
-        let offset = iova % PAGE_SIZE;
+    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
+        let shift = self.format.page_shift();
+        let page = iova >> shift;
+        let offset = iova & ((1 << shift) - 1);
         if let Some(hit) = self.iotlb.lookup(page) {
             return if hit.perm.allows(need) {
                 Ok((hit.host_page + offset, hit.checked))
@@ -149,23 +181,10 @@ impl Domain {
             return Err(FaultReason::Aperture);
         }
         let generation = self.iotlb.generation();
-        let t =
-            with_table!(&self.table, pt => pt.walk(iova, guard)).ok_or(FaultReason::NotPresent)?;
+        let t = with_table!(&self.table, pt => pt.walk(iova, guard)).ok_or(FaultReason::NotPresent)?;
         let host_page = t.addr - offset;
-        self.iotlb.fill(
-            page,
-            generation,
-            Hit {
-                host_page,
-                perm: t.perm,
-                checked: t.checked,
-            },
-        );
-        if t.perm.allows(need) {
-            Ok((t.addr, t.checked))
-        } else {
-            Err(FaultReason::Permission)
-        }
+        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, checked: t.checked });
+        if t.perm.allows(need) { Ok((t.addr, t.checked)) } else { Err(FaultReason::Permission) }
     }
 }
 
@@ -197,12 +216,7 @@ impl HwptPaging {
     ) -> crate::Result<Arc<HwptPaging>> {
         let domain = Arc::new(Domain::new(format, aperture));
         ioas.add_domain(&domain)?;
-        Ok(Arc::new(HwptPaging {
-            domain,
-            ioas,
-            flags,
-            auto,
-        }))
+        Ok(Arc::new(HwptPaging { domain, ioas, flags, auto }))
     }
 
     pub fn domain(&self) -> &Arc<Domain> {

@@ -77,12 +77,7 @@ impl Default for Ioas {
 
 impl Ioas {
     pub fn new() -> Self {
-        Ioas {
-            inner: Mutex::new(Inner {
-                iova_alignment: 1,
-                ..Default::default()
-            }),
-        }
+        Ioas { inner: Mutex::new(Inner { iova_alignment: 1, ..Default::default() }) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -95,9 +90,7 @@ impl Ioas {
         let total: u64 = srcs.iter().map(|s| s.len).sum();
         let mut g = self.lock();
         if total == 0 || total & (g.iova_alignment - 1) != 0 {
-            return Err(Error::Invalid(
-                "length is zero or not aligned to the IOVA alignment",
-            ));
+            return Err(Error::Invalid("length is zero or not aligned to the IOVA alignment"));
         }
         let iova = match iova {
             None => g.alloc_iova(srcs[0].align_hint, total)?,
@@ -111,20 +104,13 @@ impl Ioas {
                 return Err(Error::Permission("memory is not writable"));
             }
             if (s.start_byte % PAGE_SIZE) & (g.iova_alignment - 1) != 0 {
-                return Err(Error::Invalid(
-                    "memory offset is not aligned to the IOVA alignment",
-                ));
+                return Err(Error::Invalid("memory offset is not aligned to the IOVA alignment"));
             }
         }
         let mut placed: Vec<(u64, Area)> = Vec::with_capacity(srcs.len());
         let mut cur = iova;
         for s in srcs {
-            let area = Area {
-                last: cur + (s.len - 1),
-                src: s.clone(),
-                perm,
-                pinned: false,
-            };
+            let area = Area { last: cur + (s.len - 1), src: s.clone(), perm, pinned: false };
             match g.fill_area(cur, area) {
                 Ok(a) => placed.push((cur, a)),
                 Err(e) => {
@@ -235,16 +221,11 @@ impl Ioas {
                 return Err(Error::Invalid("cut is not aligned to the IOVA alignment"));
             }
             if a.pinned && !g.disable_large_pages {
-                return Err(Error::Invalid(
-                    "cutting a mapped area needs huge pages disabled",
-                ));
+                return Err(Error::Invalid("cutting a mapped area needs huge pages disabled"));
             }
             let a = g.areas.remove(&start).expect("area just found");
             let lhs_len = new_start - start;
-            let lhs_src = Source {
-                len: lhs_len,
-                ..a.src.clone()
-            };
+            let lhs_src = Source { len: lhs_len, ..a.src.clone() };
             let rhs_src = Source {
                 pages: a.src.pages.clone(),
                 start_byte: rhs_byte,
@@ -257,22 +238,8 @@ impl Ioas {
                 rhs_src.pages.pin(rhs_src.start_byte, rhs_src.len)?;
                 a.src.pages.unpin(a.src.start_byte, a.src.len);
             }
-            g.areas.insert(
-                start,
-                Area {
-                    last: iova,
-                    src: lhs_src,
-                    ..a.clone()
-                },
-            );
-            g.areas.insert(
-                new_start,
-                Area {
-                    last: a.last,
-                    src: rhs_src,
-                    ..a
-                },
-            );
+            g.areas.insert(start, Area { last: iova, src: lhs_src, ..a.clone() });
+            g.areas.insert(new_start, Area { last: a.last, src: rhs_src, ..a });
         }
         Ok(())
     }
@@ -296,10 +263,7 @@ impl Ioas {
             }
         }
         let mut g = self.lock();
-        if ranges
-            .iter()
-            .any(|a| g.reserved.iter().any(|(r, _)| r.overlaps(a)))
-        {
+        if ranges.iter().any(|a| g.reserved.iter().any(|(r, _)| r.overlaps(a))) {
             return Err(Error::AddrInUse("allowed range is reserved"));
         }
         g.allowed = ranges.to_vec();
@@ -338,9 +302,7 @@ impl Ioas {
             return Ok(());
         }
         if !g.domains.is_empty() && !g.areas.is_empty() {
-            return Err(Error::Invalid(
-                "cannot disable huge pages while mapped into a domain",
-            ));
+            return Err(Error::Invalid("cannot disable huge pages while mapped into a domain"));
         }
         g.disable_large_pages = true;
         let r = g.recalc_alignment();
@@ -468,10 +430,7 @@ impl Inner {
         {
             return Some((s, a));
         }
-        self.areas
-            .range(r.start..=r.last)
-            .next()
-            .map(|(&s, a)| (s, a))
+        self.areas.range(r.start..=r.last).next().map(|(&s, a)| (s, a))
     }
 
     fn reserve(&mut self, r: IovaRange, owner: Owner) -> Result<()> {
@@ -502,25 +461,17 @@ impl Inner {
         }
         let align = iova::alloc_alignment(hint, len);
         if align < self.iova_alignment {
-            return Err(Error::Invalid(
-                "memory is less aligned than the IOVA alignment",
-            ));
+            return Err(Error::Invalid("memory is less aligned than the IOVA alignment"));
         }
         let offset = hint % PAGE_SIZE;
         let window = IovaRange::new(PAGE_SIZE, u64::MAX - PAGE_SIZE);
         let allowed: Vec<IovaRange> = if self.allowed.is_empty() {
             vec![window]
         } else {
-            self.allowed
-                .iter()
-                .filter_map(|a| a.intersect(&window))
-                .collect()
+            self.allowed.iter().filter_map(|a| a.intersect(&window)).collect()
         };
         let used = iova::union(
-            self.reserved
-                .iter()
-                .map(|r| r.0)
-                .chain(self.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last))),
+            self.reserved.iter().map(|r| r.0).chain(self.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last))),
         );
         allowed
             .iter()
@@ -560,30 +511,19 @@ impl Inner {
 
     fn check_alignment(&self, align: u64) -> Result<()> {
         let mask = align - 1;
-        let bad = self.areas.iter().any(|(&s, a)| {
-            s & mask != 0
-                || (a.last - s + 1) & mask != 0
-                || (a.src.start_byte % PAGE_SIZE) & mask != 0
-        });
+        let bad = self
+            .areas
+            .iter()
+            .any(|(&s, a)| s & mask != 0 || (a.last - s + 1) & mask != 0 || (a.src.start_byte % PAGE_SIZE) & mask != 0);
         if bad {
-            return Err(Error::AddrInUse(
-                "existing mappings are not aligned for this domain",
-            ));
+            return Err(Error::AddrInUse("existing mappings are not aligned for this domain"));
         }
         Ok(())
     }
 
     fn recalc_alignment(&mut self) -> Result<()> {
-        let base = if self.disable_large_pages {
-            PAGE_SIZE
-        } else {
-            1
-        };
-        let align = self
-            .domains
-            .iter()
-            .map(|d| 1u64 << d.pgsize_bitmap().trailing_zeros())
-            .fold(base, u64::max);
+        let base = if self.disable_large_pages { PAGE_SIZE } else { 1 };
+        let align = self.domains.iter().map(|d| 1u64 << d.pgsize_bitmap().trailing_zeros()).fold(base, u64::max);
         if align > self.iova_alignment {
             self.check_alignment(align)?;
         }

@@ -15,6 +15,8 @@ const ENTRIES: usize = 512;
 const READ: u64 = 1;
 const WRITE: u64 = 2;
 const CHECKED: u64 = 4;
+/// Rights live in the low bits of `data`; IO pages are at least 2 KiB aligned.
+const FLAGS: u64 = READ | WRITE | CHECKED;
 
 #[repr(align(32))]
 #[derive(Default)]
@@ -76,11 +78,8 @@ impl Iotlb {
             return None;
         }
         Some(Hit {
-            host_page: data & !0xfff,
-            perm: Perm {
-                read: data & READ != 0,
-                write: data & WRITE != 0,
-            },
+            host_page: data & !FLAGS,
+            perm: Perm { read: data & READ != 0, write: data & WRITE != 0 },
             checked: data & CHECKED != 0,
         })
     }
@@ -90,11 +89,7 @@ impl Iotlb {
     pub fn fill(&self, page: u64, generation: u64, hit: Hit) {
         let e = self.slot(page);
         let s = e.seq.load(Ordering::Relaxed);
-        if s & 1 != 0
-            || e.seq
-                .compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
+        if s & 1 != 0 || e.seq.compare_exchange(s, s + 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
             return;
         }
         fence(Ordering::Release);
@@ -124,11 +119,15 @@ impl Iotlb {
 mod tests {
     use super::*;
 
-    const HIT: Hit = Hit {
-        host_page: 0x7000,
-        perm: Perm::R,
-        checked: true,
-    };
+    const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, checked: true };
+
+    #[test]
+    fn half_page_addresses_survive() {
+        let t = Iotlb::new();
+        let hit = Hit { host_page: 0x7800, perm: Perm::RW, checked: false };
+        t.fill(9, t.generation(), hit);
+        assert_eq!(t.lookup(9), Some(hit));
+    }
 
     #[test]
     fn fill_then_hit() {

@@ -17,10 +17,7 @@ pub struct IovaRange {
 }
 
 impl IovaRange {
-    pub const ALL: IovaRange = IovaRange {
-        start: 0,
-        last: u64::MAX,
-    };
+    pub const ALL: IovaRange = IovaRange { start: 0, last: u64::MAX };
 
     pub const fn new(start: u64, last: u64) -> Self {
         IovaRange { start, last }
@@ -31,9 +28,7 @@ impl IovaRange {
         if length == 0 {
             return Err(Error::Invalid("length is zero"));
         }
-        let last = iova
-            .checked_add(length - 1)
-            .ok_or(Error::Overflow("iova + length wraps"))?;
+        let last = iova.checked_add(length - 1).ok_or(Error::Overflow("iova + length wraps"))?;
         Ok(IovaRange { start: iova, last })
     }
 
@@ -68,9 +63,7 @@ pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
     let mut out: Vec<IovaRange> = Vec::with_capacity(v.len());
     for r in v {
         match out.last_mut() {
-            Some(prev) if prev.last == u64::MAX || r.start <= prev.last + 1 => {
-                prev.last = prev.last.max(r.last)
-            }
+            Some(prev) if prev.last == u64::MAX || r.start <= prev.last + 1 => prev.last = prev.last.max(r.last),
             _ => out.push(r),
         }
     }
@@ -118,11 +111,7 @@ pub fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Op
 /// capped at a huge page so huge IO pages remain possible.
 pub fn alloc_alignment(uptr: u64, length: u64) -> u64 {
     let by_len = length.checked_next_power_of_two().unwrap_or(1 << 63);
-    let a = if uptr == 0 {
-        by_len
-    } else {
-        by_len.min(1 << uptr.trailing_zeros())
-    };
+    let a = if uptr == 0 { by_len } else { by_len.min(1 << uptr.trailing_zeros()) };
     a.min(HUGE_ALIGN)
 }
 
@@ -132,14 +121,8 @@ mod tests {
 
     #[test]
     fn from_len_rejects_empty_and_wrapping() {
-        assert_eq!(
-            IovaRange::from_len(0, 0),
-            Err(Error::Invalid("length is zero"))
-        );
-        assert!(matches!(
-            IovaRange::from_len(u64::MAX, 2),
-            Err(Error::Overflow(_))
-        ));
+        assert_eq!(IovaRange::from_len(0, 0), Err(Error::Invalid("length is zero")));
+        assert!(matches!(IovaRange::from_len(u64::MAX, 2), Err(Error::Overflow(_))));
         assert_eq!(IovaRange::from_len(u64::MAX, 1).unwrap().last, u64::MAX);
     }
 
@@ -158,16 +141,10 @@ mod tests {
     #[test]
     fn holes_cover_the_complement() {
         let used = [IovaRange::new(0, 9), IovaRange::new(20, 29)];
-        assert_eq!(
-            holes(&used, IovaRange::new(0, 100)),
-            vec![IovaRange::new(10, 19), IovaRange::new(30, 100)]
-        );
+        assert_eq!(holes(&used, IovaRange::new(0, 100)), vec![IovaRange::new(10, 19), IovaRange::new(30, 100)]);
         assert_eq!(holes(&[IovaRange::ALL], IovaRange::ALL), vec![]);
         assert_eq!(holes(&[], IovaRange::ALL), vec![IovaRange::ALL]);
-        assert_eq!(
-            holes(&[IovaRange::new(5, u64::MAX)], IovaRange::ALL),
-            vec![IovaRange::new(0, 4)]
-        );
+        assert_eq!(holes(&[IovaRange::new(5, u64::MAX)], IovaRange::ALL), vec![IovaRange::new(0, 4)]);
     }
 
     #[test]
@@ -177,10 +154,7 @@ mod tests {
         assert_eq!(fit(span, 0x1000, 0x1000, 0x10), Some(0x2010));
         assert_eq!(fit(IovaRange::new(0, 0xfff), 0x1000, 0x1000, 0), Some(0));
         assert_eq!(fit(IovaRange::new(0, 0xffe), 0x1000, 0x1000, 0), None);
-        assert_eq!(
-            fit(IovaRange::new(u64::MAX - 10, u64::MAX), 2, 1 << 20, 0),
-            None
-        );
+        assert_eq!(fit(IovaRange::new(u64::MAX - 10, u64::MAX), 2, 1 << 20, 0), None);
     }
 
     #[test]

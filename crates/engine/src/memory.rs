@@ -34,9 +34,7 @@ pub fn read(trust: Trust, addr: u64, buf: &mut [u8]) -> Result<()> {
             // that produced them exists (the caller of `map_user` promised it,
             // or the engine owns the file mapping), and DMA runs inside an
             // epoch critical section that unmap waits for.
-            unsafe {
-                std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len())
-            };
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
             Ok(())
         }
         Trust::Checked => vm_copy(addr, buf.as_mut_ptr(), buf.len(), false),
@@ -60,14 +58,8 @@ pub fn write(trust: Trust, addr: u64, buf: &[u8]) -> Result<()> {
 }
 
 fn vm_copy(remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<()> {
-    let local_iov = libc::iovec {
-        iov_base: local.cast(),
-        iov_len: len,
-    };
-    let remote_iov = libc::iovec {
-        iov_base: remote as *mut libc::c_void,
-        iov_len: len,
-    };
+    let local_iov = libc::iovec { iov_base: local.cast(), iov_len: len };
+    let remote_iov = libc::iovec { iov_base: remote as *mut libc::c_void, iov_len: len };
     // SAFETY: both iovecs describe `len` bytes; the local one is a live Rust
     // buffer, the remote one is validated by the kernel, which fails with
     // EFAULT rather than touching an unmapped page.
@@ -79,11 +71,7 @@ fn vm_copy(remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<(
             libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0)
         }
     };
-    if n == len as isize {
-        Ok(())
-    } else {
-        Err(Error::Fault("user memory is not mapped"))
-    }
+    if n == len as isize { Ok(()) } else { Err(Error::Fault("user memory is not mapped")) }
 }
 
 /// Fails with `EFAULT` unless every page of `[addr, addr + len)` is mapped;
@@ -93,9 +81,7 @@ pub fn check_mapped(addr: u64, len: u64) -> Result<()> {
         return Ok(());
     }
     let start = addr & !(PAGE_SIZE - 1);
-    let end = addr
-        .checked_add(len)
-        .ok_or(Error::Overflow("address + length wraps"))?;
+    let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
     // Ask in chunks so the residency vector stays on the stack.
     const CHUNK_PAGES: u64 = 4096;
     let mut vec = [0u8; CHUNK_PAGES as usize];
@@ -133,9 +119,7 @@ unsafe impl Sync for FileMapping {}
 impl FileMapping {
     pub fn new(fd: BorrowedFd<'_>, offset: u64, len: u64, writable: bool) -> Result<Self> {
         let st = rustix::fs::fstat(fd).map_err(|_| Error::BadFd("fd cannot be inspected"))?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::Overflow("start + length wraps"))?;
+        let end = offset.checked_add(len).ok_or(Error::Overflow("start + length wraps"))?;
         if (st.st_mode & libc::S_IFMT) != libc::S_IFREG || len == 0 {
             return Err(Error::Invalid("fd is not a regular file"));
         }
@@ -144,11 +128,7 @@ impl FileMapping {
         }
         let lead = offset % PAGE_SIZE;
         let map_len = (lead + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
         // SAFETY: a fresh shared mapping chosen by the kernel; nothing else
         // refers to its address until we hand it out.
         let p = unsafe {
@@ -169,11 +149,7 @@ impl FileMapping {
             });
         }
         let base = NonNull::new(p.cast()).ok_or(Error::Invalid("file mapped at 0"))?;
-        Ok(FileMapping {
-            base,
-            len: map_len as usize,
-            lead,
-        })
+        Ok(FileMapping { base, len: map_len as usize, lead })
     }
 
     /// Host address of the first requested byte.
@@ -223,10 +199,7 @@ impl HostBuffer {
             return Err(Error::NoMemory("cannot allocate host memory"));
         }
         let base = NonNull::new(p.cast()).ok_or(Error::NoMemory("mapped at 0"))?;
-        Ok(HostBuffer {
-            base,
-            len: len as usize,
-        })
+        Ok(HostBuffer { base, len: len as usize })
     }
 
     pub fn addr(&self) -> u64 {
@@ -243,22 +216,14 @@ impl HostBuffer {
 
     /// Copies out `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: usize, buf: &mut [u8]) {
-        assert!(
-            offset.checked_add(buf.len()).is_some_and(|e| e <= self.len),
-            "read past the buffer"
-        );
+        assert!(offset.checked_add(buf.len()).is_some_and(|e| e <= self.len), "read past the buffer");
         // The range is inside our own live mapping.
         read(Trust::Direct, self.addr() + offset as u64, buf).expect("direct reads cannot fail");
     }
 
     /// Copies `data` in at `offset`.
     pub fn write_at(&self, offset: usize, data: &[u8]) {
-        assert!(
-            offset
-                .checked_add(data.len())
-                .is_some_and(|e| e <= self.len),
-            "write past the buffer"
-        );
+        assert!(offset.checked_add(data.len()).is_some_and(|e| e <= self.len), "write past the buffer");
         write(Trust::Direct, self.addr() + offset as u64, data).expect("direct writes cannot fail");
     }
 }
@@ -279,10 +244,7 @@ mod tests {
     #[test]
     fn checked_copy_reports_unmapped_memory() {
         let mut buf = [0u8; 8];
-        assert_eq!(
-            read(Trust::Checked, 8, &mut buf),
-            Err(Error::Fault("user memory is not mapped"))
-        );
+        assert_eq!(read(Trust::Checked, 8, &mut buf), Err(Error::Fault("user memory is not mapped")));
         assert!(write(Trust::Checked, 8, &buf).is_err());
         assert!(check_mapped(0x1000, 0x1000).is_err());
     }
@@ -309,9 +271,6 @@ mod tests {
         let mut buf = [0u8; 5];
         read(Trust::Direct, m.addr(), &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
-        assert!(matches!(
-            FileMapping::new(fd, 2 * PAGE_SIZE, 2 * PAGE_SIZE, false),
-            Err(Error::Invalid(_))
-        ));
+        assert!(matches!(FileMapping::new(fd, 2 * PAGE_SIZE, 2 * PAGE_SIZE, false), Err(Error::Invalid(_))));
     }
 }

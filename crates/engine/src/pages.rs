@@ -43,8 +43,7 @@ impl Pages {
         if length == 0 || length > u64::MAX - PAGE_SIZE {
             return Err(Error::Invalid("length is zero or too large"));
         }
-        uptr.checked_add(length)
-            .ok_or(Error::Overflow("user_va + length wraps"))?;
+        uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
         let base = uptr & !(PAGE_SIZE - 1);
         let lead = uptr - base;
         let pages = Pages {
@@ -132,19 +131,12 @@ impl Pages {
         };
         let before = pinned_pages(pins.iter().copied());
         pins.swap_remove(i);
-        self.accounting
-            .uncharge(before - pinned_pages(pins.iter().copied()));
+        self.accounting.uncharge(before - pinned_pages(pins.iter().copied()));
     }
 
     /// Number of distinct pages pinned now.
     pub fn pinned(&self) -> u64 {
-        pinned_pages(
-            self.pins
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .copied(),
-        )
+        pinned_pages(self.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().copied())
     }
 
     fn page_range(&self, offset: u64, len: u64) -> IovaRange {
@@ -177,14 +169,7 @@ mod tests {
     fn overlapping_pins_are_charged_once() {
         let acct = Accounting::isolated(Limit::Pages(100));
         let buf = vec![0u8; 10 * PAGE_SIZE as usize];
-        let (p, lead) = Pages::user(
-            buf.as_ptr() as u64,
-            buf.len() as u64,
-            true,
-            Trust::Checked,
-            acct.clone(),
-        )
-        .unwrap();
+        let (p, lead) = Pages::user(buf.as_ptr() as u64, buf.len() as u64, true, Trust::Checked, acct.clone()).unwrap();
         p.pin(lead, 4 * PAGE_SIZE).unwrap();
         p.pin(lead + 2 * PAGE_SIZE, 4 * PAGE_SIZE).unwrap();
         assert_eq!(p.pinned(), 6 + u64::from(lead != 0));
@@ -198,41 +183,21 @@ mod tests {
     fn pin_over_the_limit_fails_and_charges_nothing() {
         let acct = Accounting::isolated(Limit::Pages(2));
         let buf = vec![0u8; 4 * PAGE_SIZE as usize];
-        let (p, lead) = Pages::user(
-            buf.as_ptr() as u64,
-            buf.len() as u64,
-            true,
-            Trust::Direct,
-            acct.clone(),
-        )
-        .unwrap();
-        assert!(matches!(
-            p.pin(lead, buf.len() as u64),
-            Err(Error::NoMemory(_))
-        ));
+        let (p, lead) = Pages::user(buf.as_ptr() as u64, buf.len() as u64, true, Trust::Direct, acct.clone()).unwrap();
+        assert!(matches!(p.pin(lead, buf.len() as u64), Err(Error::NoMemory(_))));
         assert_eq!(acct.charged(), 0);
         assert_eq!(p.pinned(), 0);
     }
 
     #[test]
     fn pinning_unmapped_user_memory_is_efault() {
-        let (p, lead) = Pages::user(
-            PAGE_SIZE,
-            PAGE_SIZE,
-            true,
-            Trust::Checked,
-            Accounting::none(),
-        )
-        .unwrap();
+        let (p, lead) = Pages::user(PAGE_SIZE, PAGE_SIZE, true, Trust::Checked, Accounting::none()).unwrap();
         assert!(matches!(p.pin(lead, PAGE_SIZE), Err(Error::Fault(_))));
     }
 
     #[test]
     fn user_pages_reject_bad_lengths() {
-        assert!(matches!(
-            Pages::user(0, 0, true, Trust::Direct, Accounting::none()),
-            Err(Error::Invalid(_))
-        ));
+        assert!(matches!(Pages::user(0, 0, true, Trust::Direct, Accounting::none()), Err(Error::Invalid(_))));
         assert!(matches!(
             Pages::user(u64::MAX - 10, 100, true, Trust::Direct, Accounting::none()),
             Err(Error::Overflow(_))

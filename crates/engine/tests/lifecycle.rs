@@ -1,9 +1,7 @@
 //! Object lifetimes: IDs, EBUSY while used, automatic HWPTs, replace, and
 //! teardown that leaves nothing pinned.
 
-use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Limit, Perm,
-};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Limit, Perm};
 
 const PAGE: u64 = 4096;
 
@@ -34,10 +32,7 @@ fn auto_hwpt_is_shared_and_goes_with_its_last_device() {
     ctx.detach(a).unwrap();
     assert!(ctx.hwpt(h1).is_ok(), "still used by b");
     ctx.detach(b).unwrap();
-    assert!(
-        ctx.hwpt(h1).is_err(),
-        "auto HWPT destroyed with its last device"
-    );
+    assert!(ctx.hwpt(h1).is_err(), "auto HWPT destroyed with its last device");
     assert_eq!(ctx.ioas(ioas).unwrap().domain_count(), 0);
     ctx.destroy(ioas).unwrap();
 }
@@ -67,10 +62,8 @@ fn replace_moves_dma_to_the_new_ioas_and_its_reservations() {
     let by = HostBuffer::new(PAGE as usize).unwrap();
     // SAFETY: both buffers outlive the context's use of them (dropped last).
     unsafe {
-        ctx.map_user(x, bx.addr(), PAGE, Some(0x1000), Perm::RW)
-            .unwrap();
-        ctx.map_user(y, by.addr(), PAGE, Some(0x1000), Perm::RW)
-            .unwrap();
+        ctx.map_user(x, bx.addr(), PAGE, Some(0x1000), Perm::RW).unwrap();
+        ctx.map_user(y, by.addr(), PAGE, Some(0x1000), Perm::RW).unwrap();
     }
     ctx.attach(d, x).unwrap();
     let dev = ctx.device(d).unwrap();
@@ -84,10 +77,7 @@ fn replace_moves_dma_to_the_new_ioas_and_its_reservations() {
     // The reservation moved with the device.
     assert_eq!(ctx.ioas(x).unwrap().iova_ranges().0, vec![IovaRange::ALL]);
     assert_eq!(ctx.ioas(y).unwrap().iova_ranges().0.len(), 2);
-    assert!(
-        ctx.ioas(x).unwrap().domain_count() == 0,
-        "x's auto HWPT went with the device"
-    );
+    assert!(ctx.ioas(x).unwrap().domain_count() == 0, "x's auto HWPT went with the device");
 }
 
 #[test]
@@ -96,19 +86,12 @@ fn attach_over_a_mapped_reserved_region_is_addr_in_use() {
     let ioas = ctx.ioas_alloc().unwrap();
     let b = HostBuffer::new(PAGE as usize).unwrap();
     // SAFETY: `b` outlives the context.
-    unsafe {
-        ctx.map_user(ioas, b.addr(), PAGE, Some(0xfee0_0000), Perm::RW)
-            .unwrap()
-    };
+    unsafe { ctx.map_user(ioas, b.addr(), PAGE, Some(0xfee0_0000), Perm::RW).unwrap() };
     let mut info = DeviceInfo::new("d", 1);
     info.reserved.push(IovaRange::new(0xfee0_0000, 0xfeef_ffff));
     let d = ctx.bind_device(info).unwrap();
     assert!(matches!(ctx.attach(d, ioas), Err(Error::AddrInUse(_))));
-    assert_eq!(
-        ctx.objects().len(),
-        2,
-        "the automatic HWPT was not left behind"
-    );
+    assert_eq!(ctx.objects().len(), 2, "the automatic HWPT was not left behind");
 }
 
 #[test]
@@ -120,20 +103,9 @@ fn dropping_the_context_unpins_everything() {
     let hwpt = ctx.hwpt_alloc(d, ioas, HwptFlags::default()).unwrap();
     ctx.attach(d, hwpt).unwrap();
     // SAFETY: `b` outlives the context.
-    unsafe {
-        ctx.map_user(ioas, b.addr(), 16 * PAGE, None, Perm::RW)
-            .unwrap()
-    };
+    unsafe { ctx.map_user(ioas, b.addr(), 16 * PAGE, None, Perm::RW).unwrap() };
     let copy_ioas = ctx.ioas_alloc().unwrap();
-    ctx.copy(
-        copy_ioas,
-        ioas,
-        ctx.ioas(ioas).unwrap().areas()[0].iova,
-        16 * PAGE,
-        None,
-        Perm::R,
-    )
-    .unwrap();
+    ctx.copy(copy_ioas, ioas, ctx.ioas(ioas).unwrap().areas()[0].iova, 16 * PAGE, None, Perm::R).unwrap();
     assert_eq!(ctx.locked_pages(), 16);
     let probe = ctx.ioas(ioas).unwrap();
     drop(ctx);
@@ -147,10 +119,7 @@ fn unmapping_the_last_domain_user_uncharges() {
     let ctx = ctx();
     let ioas = ctx.ioas_alloc().unwrap();
     // SAFETY: `b` outlives the context.
-    let iova = unsafe {
-        ctx.map_user(ioas, b.addr(), 4 * PAGE, None, Perm::RW)
-            .unwrap()
-    };
+    let iova = unsafe { ctx.map_user(ioas, b.addr(), 4 * PAGE, None, Perm::RW).unwrap() };
     assert_eq!(ctx.locked_pages(), 0, "nothing pinned without a domain");
     let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(d, ioas).unwrap();
@@ -170,30 +139,17 @@ fn cut_splits_areas_where_linux_allows_it() {
     let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(d, ioas).unwrap();
     // SAFETY: `b` outlives the context.
-    unsafe {
-        ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW)
-            .unwrap()
-    };
+    unsafe { ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW).unwrap() };
     let io = ctx.ioas(ioas).unwrap();
-    assert!(
-        matches!(io.cut(&[0x10_0000 + 2 * PAGE - 1]), Err(Error::Invalid(_))),
-        "huge pages are on"
-    );
+    assert!(matches!(io.cut(&[0x10_0000 + 2 * PAGE - 1]), Err(Error::Invalid(_))), "huge pages are on");
     // Huge pages can only be turned off before anything is mapped into a domain.
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     io.set_huge_pages(false).unwrap();
     // SAFETY: as above.
-    unsafe {
-        ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW)
-            .unwrap()
-    };
+    unsafe { ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW).unwrap() };
     let pinned = ctx.locked_pages();
-    assert!(
-        matches!(io.cut(&[0x10_0000 + 100]), Err(Error::Invalid(_))),
-        "unaligned cut"
-    );
-    io.cut(&[0x10_0000 + 2 * PAGE - 1, 0x10_0000, 0x9999_0000])
-        .unwrap();
+    assert!(matches!(io.cut(&[0x10_0000 + 100]), Err(Error::Invalid(_))), "unaligned cut");
+    io.cut(&[0x10_0000 + 2 * PAGE - 1, 0x10_0000, 0x9999_0000]).unwrap();
     assert_eq!(io.areas().len(), 2);
     assert_eq!(ctx.locked_pages(), pinned, "cutting charges nothing");
     assert_eq!(ctx.unmap(ioas, 0x10_0000, 2 * PAGE), Ok(2 * PAGE));
@@ -209,31 +165,16 @@ fn dma_into_memory_its_owner_unmapped_is_an_error_not_a_crash() {
     let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(d, ioas).unwrap();
     let b = HostBuffer::new(2 * PAGE as usize).unwrap();
-    let iova = ctx
-        .map_user_checked(ioas, b.addr(), 2 * PAGE, None, Perm::RW)
-        .unwrap();
+    let iova = ctx.map_user_checked(ioas, b.addr(), 2 * PAGE, None, Perm::RW).unwrap();
     let dev = ctx.device(d).unwrap();
     dev.dma_write(iova, b"before").unwrap();
     // The owner revokes the memory. (PROT_NONE rather than munmap so no
     // concurrent test can be handed the same addresses meanwhile.)
     // SAFETY: changes the protection of our own buffer, which no Rust
     // reference points into.
-    unsafe {
-        rustix::mm::mprotect(
-            b.addr() as *mut _,
-            b.len(),
-            rustix::mm::MprotectFlags::empty(),
-        )
-    }
-    .unwrap();
-    assert_eq!(
-        dev.dma_write(iova, b"after"),
-        Err(ioasid_engine::DmaError::Memory { iova })
-    );
+    unsafe { rustix::mm::mprotect(b.addr() as *mut _, b.len(), rustix::mm::MprotectFlags::empty()) }.unwrap();
+    assert_eq!(dev.dma_write(iova, b"after"), Err(ioasid_engine::DmaError::Memory { iova }));
     let mut r = [0u8; 4];
-    assert_eq!(
-        dev.dma_read(iova + PAGE, &mut r),
-        Err(ioasid_engine::DmaError::Memory { iova: iova + PAGE })
-    );
+    assert_eq!(dev.dma_read(iova + PAGE, &mut r), Err(ioasid_engine::DmaError::Memory { iova: iova + PAGE }));
     assert_eq!(ctx.unmap(ioas, iova, 2 * PAGE), Ok(2 * PAGE));
 }

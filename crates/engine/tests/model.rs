@@ -13,31 +13,11 @@ const MEM_PAGES: u64 = 1024;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Map {
-        ioas: usize,
-        page: u64,
-        npages: u64,
-        mem_page: u64,
-        write: bool,
-    },
-    Copy {
-        from: usize,
-        page: u64,
-        npages: u64,
-        to_page: u64,
-    },
-    Unmap {
-        ioas: usize,
-        page: u64,
-        npages: u64,
-    },
-    Attach {
-        dev: usize,
-        ioas: usize,
-    },
-    Detach {
-        dev: usize,
-    },
+    Map { ioas: usize, page: u64, npages: u64, mem_page: u64, write: bool },
+    Copy { from: usize, page: u64, npages: u64, to_page: u64 },
+    Unmap { ioas: usize, page: u64, npages: u64 },
+    Attach { dev: usize, ioas: usize },
+    Detach { dev: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -73,9 +53,7 @@ struct Model {
 
 impl Model {
     fn overlaps(&self, ioas: usize, page: u64, npages: u64) -> bool {
-        self.areas[ioas]
-            .iter()
-            .any(|(&p, a)| p < page + npages && page < p + a.npages())
+        self.areas[ioas].iter().any(|(&p, a)| p < page + npages && page < p + a.npages())
     }
 
     fn lookup(&self, ioas: usize, page: u64) -> Option<(u64, bool)> {
@@ -88,99 +66,49 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX)));
     let mem = HostBuffer::new((MEM_PAGES * PAGE) as usize).unwrap();
     let ioas = [ctx.ioas_alloc().unwrap(), ctx.ioas_alloc().unwrap()];
-    let devs = [
-        ctx.bind_device(DeviceInfo::new("a", 1)).unwrap(),
-        ctx.bind_device(DeviceInfo::new("b", 2)).unwrap(),
-    ];
+    let devs = [ctx.bind_device(DeviceInfo::new("a", 1)).unwrap(), ctx.bind_device(DeviceInfo::new("b", 2)).unwrap()];
     let mut m = Model::default();
     for op in ops {
         match op {
-            Op::Map {
-                ioas: i,
-                page,
-                npages,
-                mem_page,
-                write,
-            } => {
+            Op::Map { ioas: i, page, npages, mem_page, write } => {
                 let perm = if write { Perm::RW } else { Perm::R };
                 // SAFETY: `mem` outlives the context's mappings (dropped after `ctx`).
                 let r = unsafe {
-                    ctx.map_user(
-                        ioas[i],
-                        mem.addr() + mem_page * PAGE,
-                        npages * PAGE,
-                        Some(page * PAGE),
-                        perm,
-                    )
+                    ctx.map_user(ioas[i], mem.addr() + mem_page * PAGE, npages * PAGE, Some(page * PAGE), perm)
                 };
                 if m.overlaps(i, page, npages) {
-                    prop_assert!(
-                        matches!(r, Err(Error::Exists(_))),
-                        "overlap must be EEXIST: {r:?}"
-                    );
+                    prop_assert!(matches!(r, Err(Error::Exists(_))), "overlap must be EEXIST: {r:?}");
                 } else {
                     prop_assert_eq!(r, Ok(page * PAGE));
-                    m.areas[i].insert(
-                        page,
-                        Area {
-                            mem: (mem_page..mem_page + npages).collect(),
-                            write,
-                        },
-                    );
+                    m.areas[i].insert(page, Area { mem: (mem_page..mem_page + npages).collect(), write });
                 }
             }
-            Op::Copy {
-                from,
-                page,
-                npages,
-                to_page,
-            } => {
+            Op::Copy { from, page, npages, to_page } => {
                 let to = 1 - from;
                 let covered = (page..page + npages).all(|p| m.lookup(from, p).is_some());
-                let r = ctx.copy(
-                    ioas[to],
-                    ioas[from],
-                    page * PAGE,
-                    npages * PAGE,
-                    Some(to_page * PAGE),
-                    Perm::R,
-                );
+                let r = ctx.copy(ioas[to], ioas[from], page * PAGE, npages * PAGE, Some(to_page * PAGE), Perm::R);
                 if !covered {
-                    prop_assert!(
-                        matches!(r, Err(Error::NotFound(_))),
-                        "hole must be ENOENT: {r:?}"
-                    );
+                    prop_assert!(matches!(r, Err(Error::NotFound(_))), "hole must be ENOENT: {r:?}");
                 } else if m.overlaps(to, to_page, npages) {
                     prop_assert!(matches!(r, Err(Error::Exists(_))), "{r:?}");
                 } else {
                     prop_assert_eq!(r, Ok(to_page * PAGE));
-                    let mem = (page..page + npages)
-                        .map(|p| m.lookup(from, p).unwrap().0)
-                        .collect();
+                    let mem = (page..page + npages).map(|p| m.lookup(from, p).unwrap().0).collect();
                     m.areas[to].insert(to_page, Area { mem, write: false });
                 }
             }
-            Op::Unmap {
-                ioas: i,
-                page,
-                npages,
-            } => {
+            Op::Unmap { ioas: i, page, npages } => {
                 let r = ctx.unmap(ioas[i], page * PAGE, npages * PAGE);
                 let inside: Vec<u64> = m.areas[i]
                     .iter()
                     .filter(|&(&p, a)| p < page + npages && page < p + a.npages())
                     .map(|(&p, _)| p)
                     .collect();
-                let splits = inside
-                    .iter()
-                    .any(|&p| p < page || p + m.areas[i][&p].npages() > page + npages);
+                let splits = inside.iter().any(|&p| p < page || p + m.areas[i][&p].npages() > page + npages);
                 if inside.is_empty() {
                     prop_assert!(matches!(r, Err(Error::NotFound(_))), "{r:?}");
                 } else if splits {
-                    prop_assert!(
-                        matches!(r, Err(Error::NotFound(_))),
-                        "split must be ENOENT: {r:?}"
-                    );
+                    prop_assert!(matches!(r, Err(Error::NotFound(_))), "split must be ENOENT: {r:?}");
                     // Linux unmaps whole areas before the one that would split.
                     for p in inside {
                         if p < page || p + m.areas[i][&p].npages() > page + npages {
@@ -230,8 +158,7 @@ fn check(ctx: &Context, devs: &[u32; 2], m: &Model, mem: &HostBuffer) -> Result<
             match m.lookup(i, page) {
                 None => prop_assert!(got.is_err(), "page {page} should fault, got {got:?}"),
                 Some((mem_page, write)) => {
-                    let (host, _) =
-                        got.map_err(|e| TestCaseError::fail(format!("page {page}: {e}")))?;
+                    let (host, _) = got.map_err(|e| TestCaseError::fail(format!("page {page}: {e}")))?;
                     prop_assert_eq!(host, mem.addr() + mem_page * PAGE + 8);
                     let w = dev.translate(page * PAGE, Perm::W, &guard);
                     prop_assert_eq!(w.is_ok(), write, "write right of page {}", page);

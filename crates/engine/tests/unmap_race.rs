@@ -45,10 +45,7 @@ fn no_dma_lands_after_unmap_returns() {
         rounds += 1;
         let buf = HostBuffer::new(LEN as usize).unwrap();
         // SAFETY: `buf` is dropped only after it is unmapped below.
-        unsafe {
-            ctx.map_user(ioas, buf.addr(), LEN, Some(IOVA), Perm::RW)
-                .unwrap()
-        };
+        unsafe { ctx.map_user(ioas, buf.addr(), LEN, Some(IOVA), Perm::RW).unwrap() };
         std::thread::sleep(Duration::from_micros(50));
         ctx.unmap(ioas, IOVA, LEN).unwrap();
         let mut before = [0u8; LEN as usize];
@@ -65,12 +62,6 @@ fn no_dma_lands_after_unmap_returns() {
     for w in writers {
         w.join().unwrap();
     }
-    assert_eq!(
-        stale, 0,
-        "DMA reached memory after unmap returned in {stale} of {rounds} rounds"
-    );
-    assert!(
-        landed.load(Ordering::Relaxed) > 0,
-        "writers never hit a mapping: the test tested nothing"
-    );
+    assert_eq!(stale, 0, "DMA reached memory after unmap returned in {stale} of {rounds} rounds");
+    assert!(landed.load(Ordering::Relaxed) > 0, "writers never hit a mapping: the test tested nothing");
 }

@@ -7,6 +7,7 @@
 //! writers (map, unmap) are serialised by the owner of the table (the IOAS
 //! lock) and free tables only after every reader that could see them is gone.
 
+pub mod mock;
 pub mod x86;
 
 use std::marker::PhantomData;
@@ -18,7 +19,6 @@ use crate::error::{Error, Result};
 
 pub const ENTRIES: usize = 512;
 const STRIDE: u32 = 9;
-const PAGE_SHIFT: u32 = 12;
 
 /// DMA permissions, as the page-table formats encode them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,18 +28,9 @@ pub struct Perm {
 }
 
 impl Perm {
-    pub const R: Perm = Perm {
-        read: true,
-        write: false,
-    };
-    pub const W: Perm = Perm {
-        read: false,
-        write: true,
-    };
-    pub const RW: Perm = Perm {
-        read: true,
-        write: true,
-    };
+    pub const R: Perm = Perm { read: true, write: false };
+    pub const W: Perm = Perm { read: false, write: true };
+    pub const RW: Perm = Perm { read: true, write: true };
 
     /// Whether an access needing `need` is allowed by `self`.
     pub fn allows(self, need: Perm) -> bool {
@@ -52,19 +43,16 @@ impl Perm {
 pub enum Pte {
     None,
     Table(u64),
-    Leaf {
-        addr: u64,
-        perm: Perm,
-        checked: bool,
-        dirty: bool,
-    },
+    Leaf { addr: u64, perm: Perm, checked: bool, dirty: bool },
 }
 
 /// A page-table format: how entries are laid out at each level. Level 0 holds
-/// 4 KiB leaves; level `LEVELS - 1` is the root.
+/// the smallest leaves (`1 << PAGE_SHIFT` bytes); level `LEVELS - 1` is the root.
 pub trait Format: Send + Sync + 'static {
     const NAME: &'static str;
     const LEVELS: u32;
+    /// log2 of the smallest IO page.
+    const PAGE_SHIFT: u32 = 12;
     /// Bit `n` set when level `n` may hold a leaf.
     const LEAF_LEVELS: u32;
     /// Bit that hardware sets on a write through a leaf (dirty tracking).
@@ -78,19 +66,18 @@ pub trait Format: Send + Sync + 'static {
 
     /// Bits of IOVA this format translates.
     fn iova_bits() -> u32 {
-        PAGE_SHIFT + STRIDE * Self::LEVELS
+        Self::PAGE_SHIFT + STRIDE * Self::LEVELS
     }
-}
 
-pub const fn level_shift(level: u32) -> u32 {
-    PAGE_SHIFT + STRIDE * level
+    /// log2 of the size an entry at `level` covers.
+    fn level_shift(level: u32) -> u32 {
+        Self::PAGE_SHIFT + STRIDE * level
+    }
 }
 
 /// Page sizes (as a bitmap, like Linux's `pgsize_bitmap`) that `F` supports.
 pub fn pgsize_bitmap<F: Format>() -> u64 {
-    (0..F::LEVELS)
-        .filter(|l| F::LEAF_LEVELS & (1 << l) != 0)
-        .fold(0, |acc, l| acc | 1u64 << level_shift(l))
+    (0..F::LEVELS).filter(|l| F::LEAF_LEVELS & (1 << l) != 0).fold(0, |acc, l| acc | 1u64 << F::level_shift(l))
 }
 
 #[repr(C, align(4096))]
@@ -101,8 +88,8 @@ impl Table {
         Box::new(Table(std::array::from_fn(|_| AtomicU64::new(0))))
     }
 
-    fn index(iova: u64, level: u32) -> usize {
-        ((iova >> level_shift(level)) as usize) & (ENTRIES - 1)
+    fn index<F: Format>(iova: u64, level: u32) -> usize {
+        ((iova >> F::level_shift(level)) as usize) & (ENTRIES - 1)
     }
 }
 
@@ -137,19 +124,12 @@ impl<F: Format> Default for PageTable<F> {
 
 impl<F: Format> PageTable<F> {
     pub fn new() -> Self {
-        PageTable {
-            root: Table::new(),
-            _format: PhantomData,
-        }
+        PageTable { root: Table::new(), _format: PhantomData }
     }
 
     fn max_iova() -> u64 {
         let bits = F::iova_bits();
-        if bits >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << bits) - 1
-        }
+        if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
     }
 
     /// Host address of the root table (what a context entry would hold).
@@ -164,23 +144,13 @@ impl<F: Format> PageTable<F> {
         }
         let mut table: &Table = &self.root;
         for level in (0..F::LEVELS).rev() {
-            let raw = table.0[Table::index(iova, level)].load(Ordering::Acquire);
+            let raw = table.0[Table::index::<F>(iova, level)].load(Ordering::Acquire);
             match F::decode(raw, level) {
                 Pte::None => return None,
-                Pte::Leaf {
-                    addr,
-                    perm,
-                    checked,
-                    ..
-                } => {
-                    let shift = level_shift(level);
+                Pte::Leaf { addr, perm, checked, .. } => {
+                    let shift = F::level_shift(level);
                     let offset = iova & ((1u64 << shift) - 1);
-                    return Some(Translation {
-                        addr: addr + offset,
-                        shift,
-                        perm,
-                        checked,
-                    });
+                    return Some(Translation { addr: addr + offset, shift, perm, checked });
                 }
                 Pte::Table(next) => {
                     // SAFETY: table entries only ever hold addresses of live
@@ -196,31 +166,16 @@ impl<F: Format> PageTable<F> {
     /// Maps `[iova, iova + len)` to host memory at `addr`. `huge` allows leaves
     /// above 4 KiB where IOVA and memory are aligned and contiguous. The caller
     /// serialises writers and guarantees the range is unmapped.
-    pub fn map(
-        &self,
-        iova: u64,
-        addr: u64,
-        len: u64,
-        perm: Perm,
-        checked: bool,
-        huge: bool,
-    ) -> Result<()> {
-        let page_mask = (1u64 << PAGE_SHIFT) - 1;
+    pub fn map(&self, iova: u64, addr: u64, len: u64, perm: Perm, checked: bool, huge: bool) -> Result<()> {
+        let page_mask = (1u64 << F::PAGE_SHIFT) - 1;
         if len == 0 || (iova | addr | len) & page_mask != 0 {
             return Err(Error::Invalid("page table maps whole pages only"));
         }
-        let last = iova
-            .checked_add(len - 1)
-            .ok_or(Error::Overflow("iova + length wraps"))?;
+        let last = iova.checked_add(len - 1).ok_or(Error::Overflow("iova + length wraps"))?;
         if last > Self::max_iova() {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
-        let op = MapOp {
-            addr_base: addr.wrapping_sub(iova),
-            perm,
-            checked,
-            huge,
-        };
+        let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, checked, huge };
         op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last)
     }
 
@@ -237,10 +192,7 @@ impl<F: Format> PageTable<F> {
     /// Number of tables and leaves at each level.
     pub fn summary(&self) -> Summary {
         let n = F::LEVELS as usize;
-        let mut s = Summary {
-            tables: vec![0; n],
-            leaves: vec![0; n],
-        };
+        let mut s = Summary { tables: vec![0; n], leaves: vec![0; n] };
         count::<F>(&self.root, F::LEVELS - 1, &mut s);
         s
     }
@@ -256,14 +208,14 @@ struct MapOp {
 
 impl MapOp {
     fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64) -> Result<()> {
-        let size = 1u64 << level_shift(level);
+        let size = 1u64 << F::level_shift(level);
         let mut cur = first;
         loop {
             let entry_start = cur & !(size - 1);
             let entry_last = entry_start + (size - 1);
             let chunk_last = last.min(entry_last);
             let host = cur.wrapping_add(self.addr_base);
-            let slot = &table.0[Table::index(cur, level)];
+            let slot = &table.0[Table::index::<F>(cur, level)];
             let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
                 && (level == 0 || self.huge)
                 && cur == entry_start
@@ -271,10 +223,7 @@ impl MapOp {
                 && host & (size - 1) == 0;
             let existing = F::decode(slot.load(Ordering::Relaxed), level);
             if leaf_ok && existing == Pte::None {
-                slot.store(
-                    F::leaf(host, level, self.perm, self.checked),
-                    Ordering::Release,
-                );
+                slot.store(F::leaf(host, level, self.perm, self.checked), Ordering::Release);
             } else {
                 let child = match existing {
                     Pte::Leaf { .. } => {
@@ -301,32 +250,24 @@ impl MapOp {
 
 /// Returns whether `table` holds no entries afterwards.
 fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard) -> bool {
-    let size = 1u64 << level_shift(level);
+    let size = 1u64 << F::level_shift(level);
     let mut cur = first;
     loop {
         let entry_start = cur & !(size - 1);
         let entry_last = entry_start + (size - 1);
         let chunk_last = last.min(entry_last);
         let whole = cur == entry_start && chunk_last == entry_last;
-        let slot = &table.0[Table::index(cur, level)];
+        let slot = &table.0[Table::index::<F>(cur, level)];
         match F::decode(slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
             Pte::Leaf { .. } if whole => slot.store(0, Ordering::Release),
-            Pte::Leaf {
-                addr,
-                perm,
-                checked,
-                ..
-            } => {
+            Pte::Leaf { addr, perm, checked, .. } => {
                 // A partial unmap of a huge leaf: replace it by a table of
                 // next-level leaves covering the same memory, then unmap there.
                 let t = Table::new();
-                let sub = 1u64 << level_shift(level - 1);
+                let sub = 1u64 << F::level_shift(level - 1);
                 for (i, e) in t.0.iter().enumerate() {
-                    e.store(
-                        F::leaf(addr + i as u64 * sub, level - 1, perm, checked),
-                        Ordering::Relaxed,
-                    );
+                    e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, checked), Ordering::Relaxed);
                 }
                 let t = Box::into_raw(t);
                 slot.store(F::table(t as u64), Ordering::Release);
@@ -339,8 +280,7 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
             Pte::Table(next) => {
                 let child = next as *mut Table;
                 // SAFETY: a live table linked from `slot`.
-                if whole || unmap_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last, guard)
-                {
+                if whole || unmap_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last, guard) {
                     slot.store(0, Ordering::Release);
                     defer_free::<F>(child, level - 1, guard);
                 }

@@ -22,11 +22,7 @@ pub type VtdSs4 = VtdSecondStage<4>;
 pub type VtdSs5 = VtdSecondStage<5>;
 
 impl<const L: u32> Format for VtdSecondStage<L> {
-    const NAME: &'static str = if L == 5 {
-        "VT-d second stage, 5-level"
-    } else {
-        "VT-d second stage, 4-level"
-    };
+    const NAME: &'static str = if L == 5 { "VT-d second stage, 5-level" } else { "VT-d second stage, 4-level" };
     const LEVELS: u32 = L;
     const LEAF_LEVELS: u32 = 0b111;
     const DIRTY: u64 = DIRTY;
@@ -40,10 +36,7 @@ impl<const L: u32> Format for VtdSecondStage<L> {
         }
         Pte::Leaf {
             addr: pte & ADDR_MASK,
-            perm: Perm {
-                read: pte & READ != 0,
-                write: pte & WRITE != 0,
-            },
+            perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
             checked: pte & SW_CHECKED != 0,
             dirty: pte & DIRTY != 0,
         }
@@ -90,19 +83,11 @@ mod tests {
     #[test]
     fn golden_entries() {
         // A 2 MiB read-only leaf at level 1: R | PS | A | address.
-        assert_eq!(
-            VtdSs4::leaf(0x4020_0000, 1, Perm::R, false),
-            0x4020_0000 | 1 | 1 << 7 | 1 << 8
-        );
+        assert_eq!(VtdSs4::leaf(0x4020_0000, 1, Perm::R, false), 0x4020_0000 | 1 | 1 << 7 | 1 << 8);
         assert_eq!(VtdSs4::decode(0x1234_5000 | 3, 2), Pte::Table(0x1234_5000));
         assert_eq!(
             VtdSs4::decode(0x1234_5000 | 1 << 7 | 2, 2),
-            Pte::Leaf {
-                addr: 0x1234_5000,
-                perm: Perm::W,
-                checked: false,
-                dirty: false
-            }
+            Pte::Leaf { addr: 0x1234_5000, perm: Perm::W, checked: false, dirty: false }
         );
         assert_eq!(VtdSs4::decode(0x1234_5000 | 1 << 9, 0), Pte::None);
         assert_eq!(pgsize_bitmap::<VtdSs4>(), K4 | M2 | G);
@@ -112,8 +97,7 @@ mod tests {
     #[test]
     fn huge_leaves_are_used_when_aligned() {
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(G, 4 * G, G + M2 + K4, Perm::RW, false, true)
-            .unwrap();
+        pt.map(G, 4 * G, G + M2 + K4, Perm::RW, false, true).unwrap();
         let s = pt.summary();
         assert_eq!(s.leaves, vec![1, 1, 1, 0]);
         assert_eq!(walk(&pt, G + 5).unwrap().addr, 4 * G + 5);
@@ -146,8 +130,7 @@ mod tests {
     #[test]
     fn unmap_frees_empty_tables() {
         let pt = PageTable::<VtdSs5>::new();
-        pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, true, true)
-            .unwrap();
+        pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, true, true).unwrap();
         assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
         assert!(walk(&pt, (1 << 50) + K4).unwrap().checked);
         pt.unmap(1 << 50, 3 * K4, &crossbeam_epoch::pin());

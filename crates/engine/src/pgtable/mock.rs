@@ -1,0 +1,89 @@
+//! The format of Linux's selftest mock IOMMU: IO pages of half a CPU page
+//! (2 KiB), so that the core's handling of IO pages smaller than CPU pages is
+//! exercised, and optionally 1 MiB huge pages (512 of them). The mock has no
+//! hardware layout of its own; entries here use the same bits as x86's.
+
+use super::{Format, Perm, Pte};
+
+const READ: u64 = 1 << 0;
+const WRITE: u64 = 1 << 1;
+const HUGE: u64 = 1 << 7;
+const DIRTY: u64 = 1 << 9;
+const SW_CHECKED: u64 = 1 << 52;
+const ADDR_MASK: u64 = ((1 << 52) - 1) & !0x7ff;
+
+/// The mock format; `H` enables 1 MiB leaves (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
+pub struct Mock<const H: bool>;
+
+impl<const H: bool> Format for Mock<H> {
+    const NAME: &'static str = if H { "selftest mock, 2 KiB and 1 MiB pages" } else { "selftest mock, 2 KiB pages" };
+    /// 11 + 3 * 9 = 38 bits, above the mock aperture's 31.
+    const LEVELS: u32 = 3;
+    const PAGE_SHIFT: u32 = 11;
+    const LEAF_LEVELS: u32 = if H { 0b11 } else { 0b01 };
+    const DIRTY: u64 = DIRTY;
+
+    fn decode(pte: u64, level: u32) -> Pte {
+        if pte & (READ | WRITE) == 0 {
+            return Pte::None;
+        }
+        if level > 0 && pte & HUGE == 0 {
+            return Pte::Table(pte & !0xfff & ADDR_MASK);
+        }
+        Pte::Leaf {
+            addr: pte & ADDR_MASK,
+            perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
+            checked: pte & SW_CHECKED != 0,
+            dirty: pte & DIRTY != 0,
+        }
+    }
+
+    fn table(addr: u64) -> u64 {
+        addr | READ | WRITE
+    }
+
+    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+        debug_assert_eq!(addr & !ADDR_MASK, 0);
+        let mut pte = addr;
+        if perm.read {
+            pte |= READ;
+        }
+        if perm.write {
+            pte |= WRITE;
+        }
+        if level > 0 {
+            pte |= HUGE;
+        }
+        if checked {
+            pte |= SW_CHECKED;
+        }
+        pte
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgtable::{PageTable, pgsize_bitmap};
+
+    #[test]
+    fn half_page_leaves_translate_independently() {
+        let pt = PageTable::<Mock<false>>::new();
+        // Two 2 KiB IO pages of one IOVA page map to different memory.
+        pt.map(0x100_0000, 0x5000, 0x800, Perm::R, false, true).unwrap();
+        pt.map(0x100_0800, 0x9800, 0x800, Perm::RW, false, true).unwrap();
+        let g = crossbeam_epoch::pin();
+        assert_eq!(pt.walk(0x100_0010, &g).unwrap().addr, 0x5010);
+        assert_eq!(pt.walk(0x100_0810, &g).unwrap().addr, 0x9810);
+        assert_eq!(pt.walk(0x100_0810, &g).unwrap().shift, 11);
+        assert_eq!(pgsize_bitmap::<Mock<false>>(), 0x800);
+        assert_eq!(pgsize_bitmap::<Mock<true>>(), 0x800 | 0x10_0000);
+    }
+
+    #[test]
+    fn huge_mock_pages_are_one_mebibyte() {
+        let pt = PageTable::<Mock<true>>::new();
+        pt.map(0x100_0000, 0x4000_0000, 0x20_0000, Perm::RW, false, true).unwrap();
+        assert_eq!(pt.summary().leaves, vec![0, 2, 0]);
+    }
+}

@@ -1,0 +1,170 @@
+//! The exported functions that stand in for the C library's.
+
+use std::cell::Cell;
+use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
+use std::sync::Arc;
+
+use ioasid_abi::InProcess;
+use ioasid_engine::Context;
+
+use crate::{real, table};
+
+thread_local! {
+    /// Set while a hook runs, so calls made from inside it are forwarded.
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` as a hook unless we are already inside one (then `fallback`).
+/// A panic becomes an errno instead of unwinding into C.
+fn hook(fallback: impl FnOnce() -> c_int, f: impl FnOnce() -> c_int) -> c_int {
+    if IN_HOOK.with(|h| h.replace(true)) {
+        return fallback();
+    }
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        set_errno(libc::EIO);
+        -1
+    });
+    IN_HOOK.with(|h| h.set(false));
+    r
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: the calling thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+const IOMMU: &CStr = c"/dev/iommu";
+
+fn is_iommu(path: *const c_char) -> bool {
+    // SAFETY: `open`'s contract: a valid nul-terminated path (or null).
+    !path.is_null() && unsafe { CStr::from_ptr(path) } == IOMMU
+}
+
+/// A new context behind a real descriptor.
+fn open_iommu(flags: c_int) -> c_int {
+    let cloexec = if flags & libc::O_CLOEXEC != 0 { libc::MFD_CLOEXEC } else { 0 };
+    // SAFETY: memfd_create with a valid name; the fd it returns is ours to hand out.
+    let fd = unsafe { libc::memfd_create(c"ioasid:/dev/iommu".as_ptr(), cloexec) };
+    if fd >= 0 {
+        table::insert(fd, Arc::new(Context::new()));
+    }
+    fd
+}
+
+macro_rules! open_hook {
+    ($name:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(path, flags, mode) };
+            hook(fwd, || if is_iommu(path) { open_iommu(flags) } else { fwd() })
+        }
+    };
+}
+
+macro_rules! openat_hook {
+    ($name:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(dirfd, path, flags, mode) };
+            hook(fwd, || if is_iommu(path) { open_iommu(flags) } else { fwd() })
+        }
+    };
+}
+
+open_hook!(open, open);
+open_hook!(open64, open64);
+openat_hook!(openat, openat);
+openat_hook!(openat64, openat64);
+
+/// # Safety
+/// As the C library's `ioctl`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::ioctl()(fd, request, arg) };
+    hook(fwd, || match table::get(fd) {
+        None => fwd(),
+        Some(ctx) => match ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64) {
+            Ok(()) => 0,
+            Err(e) => {
+                set_errno(e.0);
+                -1
+            }
+        },
+    })
+}
+
+/// # Safety
+/// As the C library's `close`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument.
+    let fwd = || unsafe { real::close()(fd) };
+    hook(fwd, || {
+        table::remove(fd);
+        fwd()
+    })
+}
+
+/// Records `new` as another descriptor of whatever `old` is.
+fn duplicated(old: c_int, new: c_int) -> c_int {
+    if new >= 0 {
+        match table::get(old) {
+            Some(ctx) => table::insert(new, ctx),
+            None => table::remove(new),
+        }
+    }
+    new
+}
+
+/// # Safety
+/// As the C library's `dup`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(old: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own argument.
+    let fwd = || unsafe { real::dup()(old) };
+    hook(fwd, || duplicated(old, fwd()))
+}
+
+/// # Safety
+/// As the C library's `dup2`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::dup2()(old, new) };
+    hook(fwd, || if old == new { fwd() } else { duplicated(old, fwd()) })
+}
+
+/// # Safety
+/// As the C library's `dup3`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::dup3()(old, new, flags) };
+    hook(fwd, || duplicated(old, fwd()))
+}
+
+macro_rules! fcntl_hook {
+    ($name:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(fd, cmd, arg) };
+            hook(fwd, || match cmd {
+                libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => duplicated(fd, fwd()),
+                _ => fwd(),
+            })
+        }
+    };
+}
+
+fcntl_hook!(fcntl, fcntl);
+fcntl_hook!(fcntl64, fcntl64);

@@ -1,0 +1,56 @@
+//! The C library's own functions, found past this library with
+//! `dlsym(RTLD_NEXT)`, so forwarded calls never re-enter our hooks.
+
+use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
+use std::sync::OnceLock;
+
+pub type OpenFn = unsafe extern "C" fn(*const c_char, c_int, c_uint) -> c_int;
+pub type OpenatFn = unsafe extern "C" fn(c_int, *const c_char, c_int, c_uint) -> c_int;
+pub type IoctlFn = unsafe extern "C" fn(c_int, c_ulong, *mut c_void) -> c_int;
+pub type CloseFn = unsafe extern "C" fn(c_int) -> c_int;
+pub type DupFn = unsafe extern "C" fn(c_int) -> c_int;
+pub type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
+pub type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+pub type FcntlFn = unsafe extern "C" fn(c_int, c_int, c_ulong) -> c_int;
+
+/// The next definition of `name` (nul-terminated), as a function pointer of
+/// type `T`, looked up once.
+pub fn next<T: Copy>(cell: &'static OnceLock<usize>, name: &'static str) -> T {
+    let p = *cell.get_or_init(|| {
+        let c = CStr::from_bytes_with_nul(name.as_bytes()).expect("nul-terminated name");
+        // SAFETY: dlsym with a valid, nul-terminated symbol name.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, c.as_ptr()) };
+        if p.is_null() {
+            // Without the C library's function there is nothing to forward to.
+            eprintln!("ioasid-preload: cannot find {name} in the C library");
+            std::process::abort();
+        }
+        p as usize
+    });
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<usize>());
+    // SAFETY: `T` is one of the function-pointer aliases above, matching the
+    // C signature of the symbol its caller names.
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+/// Declares a forwarder `$fn` to the C library's `$sym` of type `$ty`.
+macro_rules! forward {
+    ($fn:ident, $ty:ty, $sym:literal) => {
+        pub fn $fn() -> $ty {
+            static CELL: OnceLock<usize> = OnceLock::new();
+            next::<$ty>(&CELL, concat!($sym, "\0"))
+        }
+    };
+}
+
+forward!(open, OpenFn, "open");
+forward!(open64, OpenFn, "open64");
+forward!(openat, OpenatFn, "openat");
+forward!(openat64, OpenatFn, "openat64");
+forward!(ioctl, IoctlFn, "ioctl");
+forward!(close, CloseFn, "close");
+forward!(dup, DupFn, "dup");
+forward!(dup2, Dup2Fn, "dup2");
+forward!(dup3, Dup3Fn, "dup3");
+forward!(fcntl, FcntlFn, "fcntl");
+forward!(fcntl64, FcntlFn, "fcntl64");
