@@ -14,7 +14,7 @@ for line in open(sys.argv[1], errors="replace"):
     m = result.match(line)
     if not m:
         if line.startswith("# ") and ("Expected" in line or "Test " in line or "SKIP" in line):
-            reasons.append(line[2:].strip())
+            reasons.append(re.sub(r"^\S*/", "", line[2:].strip()))
         continue
     verdict, name, directive = m.groups()
     if directive and directive.upper().startswith("SKIP"):

@@ -8,6 +8,7 @@ use ioasid_engine::{AccountMode, Context, HwptFlags, IovaRange, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::errno::Errno;
+use crate::selftest;
 use crate::uapi::*;
 use crate::user::{UserMemory, dup_fd};
 
@@ -23,7 +24,7 @@ pub struct Ucmd<'a> {
 
 impl Ucmd<'_> {
     /// Copies the (updated) struct back, no more than the caller's size.
-    fn respond<T: IntoBytes + Immutable>(&self, cmd: &T) -> Res {
+    pub(crate) fn respond<T: IntoBytes + Immutable>(&self, cmd: &T) -> Res {
         let b = cmd.as_bytes();
         let n = (self.user_size as usize).min(b.len());
         self.mem.write(self.arg, &b[..n])
@@ -57,7 +58,8 @@ macro_rules! size_of_field {
     }};
 }
 
-const NOPS: usize = (IOMMUFD_CMD_IOAS_MAP_FILE - IOMMUFD_CMD_BASE + 1) as usize;
+/// Up to and including the selftest command, 0x80 + 32.
+const NOPS: usize = 33;
 
 static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_DESTROY, iommu_destroy, id, destroy),
@@ -76,10 +78,27 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
     None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
+    None, // 0x90 IOMMU_VIOMMU_ALLOC
+    None, // 0x91 IOMMU_VDEVICE_ALLOC
+    None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
+    None, // 0x93 IOMMU_VEVENTQ_ALLOC
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    op!(selftest::IOMMU_TEST_CMD, selftest::iommu_test_cmd, last, selftest::run),
 ];
 
 /// Largest struct in the table; commands are decoded into a stack buffer.
-const MAX_SIZE: usize = 64;
+const MAX_SIZE: usize = 72;
 
 /// Runs one iommufd ioctl. `arg` is the caller's pointer to the struct.
 pub fn ioctl(ctx: &Context, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
@@ -284,7 +303,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
         }
         // Nested HWPTs need a stage-1 format this IOMMU model lacks.
         ioasid_engine::Object::HwptPaging(_) => return Err(Errno::EOPNOTSUPP),
-        ioasid_engine::Object::Device(_) => return Err(Errno::EINVAL),
+        ioasid_engine::Object::Device(_) | ioasid_engine::Object::Selftest(_) => return Err(Errno::EINVAL),
     }
     let flags = HwptFlags {
         nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
@@ -303,21 +322,34 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
 }
 
 fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
-    if c.flags != 0 || c.__reserved != [0; 3] {
+    if c.flags & !IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 || c.__reserved != [0; 3] {
         return Err(Errno::EOPNOTSUPP);
     }
+    // The type field is in/out: a caller may ask for one type (later kernels).
+    let wanted =
+        if c.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 { c.out_data_type } else { IOMMU_HW_INFO_TYPE_DEFAULT };
     let dev = u.ctx.device(c.dev_id)?;
     let info = dev.info();
-    // No vendor data: zero the caller's whole buffer and report length 0.
-    let zeros = [0u8; 256];
-    let mut off = 0u64;
-    while off < u64::from(c.data_len) {
-        let n = (u64::from(c.data_len) - off).min(zeros.len() as u64) as usize;
-        u.mem.write(c.data_uptr.wrapping_add(off), &zeros[..n])?;
-        off += n as u64;
+    let (kind, data) = if info.format.is_mock() {
+        (selftest::IOMMU_HW_INFO_TYPE_SELFTEST, selftest::hw_info().as_bytes().to_vec())
+    } else {
+        (IOMMU_HW_INFO_TYPE_NONE, Vec::new())
+    };
+    if wanted != IOMMU_HW_INFO_TYPE_DEFAULT && wanted != kind {
+        return Err(Errno::EOPNOTSUPP);
     }
-    c.data_len = 0;
-    c.out_data_type = IOMMU_HW_INFO_TYPE_NONE;
+    // Copy what fits, zero the rest of the caller's buffer.
+    let n = data.len().min(c.data_len as usize);
+    u.mem.write(c.data_uptr, &data[..n])?;
+    let zeros = [0u8; 256];
+    let mut off = n as u64;
+    while off < u64::from(c.data_len) {
+        let k = (u64::from(c.data_len) - off).min(zeros.len() as u64) as usize;
+        u.mem.write(c.data_uptr.wrapping_add(off), &zeros[..k])?;
+        off += k as u64;
+    }
+    c.data_len = data.len() as u32;
+    c.out_data_type = kind;
     c.out_capabilities = if info.dirty_tracking { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
     c.out_max_pasid_log2 = info.max_pasid_log2;
     u.respond(&c)

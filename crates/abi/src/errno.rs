@@ -23,6 +23,7 @@ impl Errno {
     pub const EADDRINUSE: Errno = Errno(libc::EADDRINUSE);
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
     pub const ENODEV: Errno = Errno(libc::ENODEV);
+    pub const EIO: Errno = Errno(libc::EIO);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -42,6 +43,7 @@ impl Errno {
             libc::EADDRINUSE => "EADDRINUSE",
             libc::EOVERFLOW => "EOVERFLOW",
             libc::ENODEV => "ENODEV",
+            libc::EIO => "EIO",
             _ => "errno",
         }
     }

@@ -74,6 +74,10 @@ pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
 pub const IOMMU_VTD_S1_WPE: u64 = 1 << 2;
 
 pub const IOMMU_HW_INFO_TYPE_NONE: u32 = 0;
+/// Later kernels' name for "whatever the IOMMU has" (the same value as NONE).
+pub const IOMMU_HW_INFO_TYPE_DEFAULT: u32 = 0;
+/// Later kernels: `out_data_type` carries the type the caller asks for.
+pub const IOMMU_HW_INFO_FLAG_INPUT_TYPE: u32 = 1 << 0;
 pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
 pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
 

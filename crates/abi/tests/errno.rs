@@ -717,10 +717,17 @@ fn hw_info_cmd(dev_id: u32, data: &mut [u8]) -> iommu_hw_info {
     }
 }
 
-errno_test!(hw_info_flags_is_eopnotsupp, EOPNOTSUPP, {
+errno_test!(hw_info_unknown_flag_is_eopnotsupp, EOPNOTSUPP, {
     let (ctx, _, dev) = with_device(false);
     let mut c = hw_info_cmd(dev, &mut []);
-    c.flags = 1;
+    c.flags = 2;
+    call(&ctx, IOMMU_GET_HW_INFO, &mut c)
+});
+errno_test!(hw_info_asking_for_another_type_is_eopnotsupp, EOPNOTSUPP, {
+    let (ctx, _, dev) = with_device(false);
+    let mut c = hw_info_cmd(dev, &mut []);
+    c.flags = IOMMU_HW_INFO_FLAG_INPUT_TYPE;
+    c.out_data_type = IOMMU_HW_INFO_TYPE_INTEL_VTD;
     call(&ctx, IOMMU_GET_HW_INFO, &mut c)
 });
 errno_test!(hw_info_reserved_is_eopnotsupp, EOPNOTSUPP, {

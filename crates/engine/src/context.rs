@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
@@ -25,6 +25,20 @@ pub enum Object {
     Ioas(Arc<Ioas>),
     HwptPaging(Arc<HwptPaging>),
     Device(Arc<Device>),
+    /// A mock device made by the selftest command; destroying it unbinds
+    /// the device (Linux's `IOMMUFD_OBJ_SELFTEST`).
+    Selftest(Arc<SelftestDevice>),
+}
+
+#[derive(Default)]
+pub struct SelftestDevice {
+    dev_id: OnceLock<u32>,
+}
+
+impl SelftestDevice {
+    pub fn dev_id(&self) -> Option<u32> {
+        self.dev_id.get().copied()
+    }
 }
 
 impl Object {
@@ -33,6 +47,7 @@ impl Object {
             Object::Ioas(o) => Arc::strong_count(o),
             Object::HwptPaging(o) => Arc::strong_count(o),
             Object::Device(o) => Arc::strong_count(o),
+            Object::Selftest(o) => Arc::strong_count(o),
         }
     }
 
@@ -41,6 +56,7 @@ impl Object {
             Object::Ioas(_) => "IOAS",
             Object::HwptPaging(_) => "HWPT paging",
             Object::Device(_) => "device",
+            Object::Selftest(_) => "selftest device",
         }
     }
 }
@@ -300,10 +316,51 @@ impl Context {
     /// Detaches and forgets a device (what closing its VFIO fd does).
     pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
         let _g = self.graph();
+        self.unbind_locked(dev_id)
+    }
+
+    fn unbind_locked(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
         self.detach_locked(&dev);
         self.table().remove(&dev_id);
         Ok(())
+    }
+
+    /// The selftest's `MOCK_DOMAIN`: a selftest object, a mock device bound
+    /// under it and attached to `pt_id`. Returns (selftest, HWPT, device) IDs.
+    pub fn mock_domain(&self, pt_id: u32, info: DeviceInfo) -> Result<(u32, u32, u32)> {
+        let _g = self.graph();
+        let stdev = Arc::new(SelftestDevice::default());
+        let stdev_id = self.insert(Object::Selftest(stdev.clone()))?;
+        let dev_id = match self.insert(Object::Device(Arc::new(Device::new(info)))) {
+            Ok(id) => id,
+            Err(e) => {
+                self.table().remove(&stdev_id);
+                return Err(e);
+            }
+        };
+        match self.attach_locked(dev_id, pt_id) {
+            Ok(hwpt_id) => {
+                stdev.dev_id.set(dev_id).expect("set once");
+                Ok((stdev_id, hwpt_id, dev_id))
+            }
+            Err(e) => {
+                let mut t = self.table();
+                t.remove(&dev_id);
+                t.remove(&stdev_id);
+                Err(e)
+            }
+        }
+    }
+
+    /// The selftest's `MOCK_DOMAIN_REPLACE`, by selftest object ID.
+    pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        let Object::Selftest(stdev) = self.object(stdev_id)? else {
+            return Err(Error::NotFound("object is not a selftest device"));
+        };
+        let dev_id = stdev.dev_id().ok_or(Error::NotFound("selftest device is not bound"))?;
+        self.replace_locked(dev_id, pt_id)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device.
@@ -327,6 +384,10 @@ impl Context {
     /// created HWPT, or to a paging HWPT. Returns the HWPT's ID.
     pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let _g = self.graph();
+        self.attach_locked(dev_id, pt_id)
+    }
+
+    fn attach_locked(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let dev = self.device(dev_id)?;
         if dev.attached().is_some() {
             return Err(Error::Invalid("device is already attached; use replace"));
@@ -344,6 +405,10 @@ impl Context {
     /// which its DMA is blocked.
     pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let _g = self.graph();
+        self.replace_locked(dev_id, pt_id)
+    }
+
+    fn replace_locked(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let dev = self.device(dev_id)?;
         let Some(old) = dev.attached() else {
             return Err(Error::Invalid("device is not attached"));
@@ -412,7 +477,7 @@ impl Context {
                 let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
                 Ok((self.insert_hwpt(hwpt.clone())?, hwpt))
             }
-            Object::Device(_) => Err(Error::Invalid("pt_id is a device")),
+            Object::Device(_) | Object::Selftest(_) => Err(Error::Invalid("pt_id is not a page table")),
         }
     }
 
@@ -472,8 +537,14 @@ impl Context {
             *vfio = None;
         }
         drop(vfio);
-        if let Object::HwptPaging(h) = &obj {
-            h.release();
+        match &obj {
+            Object::HwptPaging(h) => h.release(),
+            Object::Selftest(s) => {
+                if let Some(dev_id) = s.dev_id() {
+                    let _ = self.unbind_locked(dev_id);
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -493,7 +564,7 @@ impl Drop for Context {
             match obj {
                 Object::HwptPaging(h) => h.release(),
                 Object::Ioas(i) => ioases.push(i),
-                Object::Device(_) => {}
+                Object::Device(_) | Object::Selftest(_) => {}
             }
         }
         // Closing tears mappings down even if a handle outlives the context.

@@ -47,6 +47,34 @@ impl DeviceInfo {
     }
 }
 
+/// Flags of Linux's selftest mock devices (`MOCK_FLAGS_DEVICE_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MockFlags {
+    pub no_dirty: bool,
+    pub huge_iova: bool,
+    pub pasid: bool,
+}
+
+impl DeviceInfo {
+    /// A device behind Linux's selftest mock IOMMU.
+    pub fn mock(rid: u32, flags: MockFlags) -> Self {
+        DeviceInfo {
+            name: format!("mock{rid}"),
+            rid,
+            format: if flags.huge_iova { PageFormat::MockHuge } else { PageFormat::Mock },
+            aperture: MOCK_APERTURE,
+            reserved: Vec::new(),
+            max_pasid_log2: if flags.pasid { MOCK_PASID_WIDTH } else { 0 },
+            dirty_tracking: !flags.no_dirty,
+        }
+    }
+}
+
+/// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
+pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
+/// PASID width of a PASID-capable mock device.
+pub const MOCK_PASID_WIDTH: u8 = 20;
+
 /// Why a DMA did not complete.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum DmaError {

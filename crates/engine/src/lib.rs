@@ -38,8 +38,8 @@ pub mod pages;
 pub mod pgtable;
 
 pub use account::{AccountMode, Limit};
-pub use context::{Context, ContextConfig, Object};
-pub use device::{Device, DeviceInfo, DmaError};
+pub use context::{Context, ContextConfig, Object, SelftestDevice};
+pub use device::{Device, DeviceInfo, DmaError, MockFlags};
 pub use error::{Error, Result};
 pub use hwpt::{FaultReason, HwptFlags, HwptPaging, PageFormat};
 pub use iova::{IovaRange, PAGE_SIZE};

@@ -3,7 +3,7 @@
 //! memory is pinned and charged once however often it is mapped).
 
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::account::Accounting;
 use crate::error::{Error, Result};
@@ -28,6 +28,34 @@ pub struct Pages {
     /// Page ranges currently pinned, one entry per pinning user; the union is
     /// what is charged.
     pins: Mutex<Vec<IovaRange>>,
+}
+
+/// Every `Pages` of user memory alive in the process, so the number of pins
+/// on a page can be counted (what Linux reads from `struct page`'s refcount).
+/// Touched only when pages are created and by `pin_count`.
+static LIVE: LazyLock<Mutex<Vec<Weak<Pages>>>> = LazyLock::new(|| Mutex::new(Vec::new()));
+
+fn register(pages: Pages) -> Arc<Pages> {
+    let pages = Arc::new(pages);
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(&pages));
+    pages
+}
+
+/// How many `Pages` hold the user page at `addr` pinned: each pins it once,
+/// however many areas and domains use it.
+pub fn pin_count(addr: u64) -> u32 {
+    let page = addr & !(PAGE_SIZE - 1);
+    let live: Vec<Arc<Pages>> =
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    live.iter()
+        .filter(|p| matches!(p.backing, Backing::User) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
+        .filter(|p| {
+            let index = (page - p.base) / PAGE_SIZE;
+            p.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.start <= index && index <= r.last)
+        })
+        .count() as u32
 }
 
 impl Pages {
@@ -55,7 +83,7 @@ impl Pages {
             accounting,
             pins: Mutex::new(Vec::new()),
         };
-        Ok((Arc::new(pages), lead))
+        Ok((register(pages), lead))
     }
 
     /// Pages of `[start, start + length)` of a file, mapped by the engine.
@@ -177,6 +205,24 @@ mod tests {
         p.unpin(lead, 4 * PAGE_SIZE);
         p.unpin(lead + 2 * PAGE_SIZE, 4 * PAGE_SIZE);
         assert_eq!(acct.charged(), 0);
+    }
+
+    #[test]
+    fn pin_count_counts_each_pages_object_once() {
+        let buf = crate::memory::HostBuffer::new(4 * PAGE_SIZE as usize).unwrap();
+        let (a, _) = Pages::user(buf.addr(), 4 * PAGE_SIZE, true, Trust::Direct, Accounting::none()).unwrap();
+        let (b, _) = Pages::user(buf.addr() + PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, Accounting::none()).unwrap();
+        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
+        a.pin(0, 2 * PAGE_SIZE).unwrap();
+        a.pin(PAGE_SIZE, PAGE_SIZE).unwrap();
+        b.pin(0, PAGE_SIZE).unwrap();
+        assert_eq!(pin_count(buf.addr() + PAGE_SIZE + 5), 2);
+        assert_eq!(pin_count(buf.addr()), 1);
+        assert_eq!(pin_count(buf.addr() + 3 * PAGE_SIZE), 0);
+        a.unpin(0, 2 * PAGE_SIZE);
+        a.unpin(PAGE_SIZE, PAGE_SIZE);
+        b.unpin(0, PAGE_SIZE);
+        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
     }
 
     #[test]
