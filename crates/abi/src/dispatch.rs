@@ -3,8 +3,10 @@
 //! the order Linux makes them, so the same bad input gets the same errno.
 
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use ioasid_engine::{AccountMode, Context, HwptFlags, IovaRange, Perm};
+
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::errno::Errno;
@@ -16,7 +18,7 @@ type Res = Result<(), Errno>;
 
 /// One ioctl in flight: where its struct lives and how big the caller said it is.
 pub struct Ucmd<'a> {
-    pub ctx: &'a Context,
+    pub ctx: &'a Arc<Context>,
     pub mem: &'a dyn UserMemory,
     arg: u64,
     user_size: u32,
@@ -73,8 +75,8 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_VFIO_IOAS, iommu_vfio_ioas, __reserved, vfio_ioas),
     op!(IOMMU_HWPT_ALLOC, iommu_hwpt_alloc, __reserved, hwpt_alloc),
     op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
-    None, // IOMMU_HWPT_SET_DIRTY_TRACKING: dirty tracking
-    None, // IOMMU_HWPT_GET_DIRTY_BITMAP: dirty tracking
+    op!(IOMMU_HWPT_SET_DIRTY_TRACKING, iommu_hwpt_set_dirty_tracking, __reserved, hwpt_set_dirty_tracking),
+    op!(IOMMU_HWPT_GET_DIRTY_BITMAP, iommu_hwpt_get_dirty_bitmap, data, hwpt_get_dirty_bitmap),
     op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
     None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
@@ -101,7 +103,7 @@ static OPS: [Option<Op>; NOPS] = [
 const MAX_SIZE: usize = 72;
 
 /// Runs one iommufd ioctl. `arg` is the caller's pointer to the struct.
-pub fn ioctl(ctx: &Context, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
+pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
     let nr = request & 0xff;
     let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
         return Err(Errno::ENOTTY);
@@ -303,7 +305,9 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
         }
         // Nested HWPTs need a stage-1 format this IOMMU model lacks.
         ioasid_engine::Object::HwptPaging(_) => return Err(Errno::EOPNOTSUPP),
-        ioasid_engine::Object::Device(_) | ioasid_engine::Object::Selftest(_) => return Err(Errno::EINVAL),
+        ioasid_engine::Object::Device(_) | ioasid_engine::Object::Selftest(_) | ioasid_engine::Object::Access(_) => {
+            return Err(Errno::EINVAL);
+        }
     }
     let flags = HwptFlags {
         nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
@@ -389,4 +393,77 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
     c.entry_num = 0;
     u.respond(&c).map_err(|_| Errno::EFAULT)?;
     rc
+}
+
+fn hwpt_set_dirty_tracking(u: &Ucmd, c: iommu_hwpt_set_dirty_tracking) -> Res {
+    if c.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let hwpt = u.ctx.hwpt(c.hwpt_id)?;
+    Ok(hwpt.set_dirty_tracking(c.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0)?)
+}
+
+fn hwpt_get_dirty_bitmap(u: &Ucmd, c: iommu_hwpt_get_dirty_bitmap) -> Res {
+    if c.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let hwpt = u.ctx.hwpt(c.hwpt_id)?;
+    // Linux's iommufd_check_iova_range, in its order.
+    if c.length == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let last = c.iova.checked_add(c.length - 1).ok_or(Errno::EOVERFLOW)?;
+    let align = hwpt.ioas().iova_ranges().1;
+    if c.iova & (align - 1) != 0 || last.wrapping_add(1) & (align - 1) != 0 || c.page_size == 0 {
+        return Err(Errno::EINVAL);
+    }
+    if c.iova % c.page_size != 0 || last.wrapping_add(1) % c.page_size != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let nbits = c.length / c.page_size;
+    let bitmap = Bitmap { mem: u.mem, base: c.data, nbytes: nbits.div_ceil(8) };
+    bitmap.check()?;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let range = IovaRange::new(c.iova, last);
+    let keep = c.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0;
+    hwpt.read_and_clear_dirty(range, keep, &mut |start, size| {
+        let lo = start.max(c.iova);
+        let hi = (start + (size - 1)).min(last);
+        if lo <= hi {
+            runs.push(((lo - c.iova) / c.page_size, (hi - c.iova) / c.page_size));
+        }
+    })?;
+    runs.iter().try_for_each(|&(first, last)| bitmap.set(first, last))
+}
+
+/// A caller's bitmap, one bit per page, set without disturbing other bits.
+struct Bitmap<'a> {
+    mem: &'a dyn crate::UserMemory,
+    base: u64,
+    nbytes: u64,
+}
+
+impl Bitmap<'_> {
+    /// `EFAULT` unless the whole bitmap is readable.
+    fn check(&self) -> Res {
+        let mut buf = [0u8; 4096];
+        let mut off = 0;
+        while off < self.nbytes {
+            let n = (self.nbytes - off).min(buf.len() as u64) as usize;
+            self.mem.read(self.base.wrapping_add(off), &mut buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Sets bits `first..=last`.
+    fn set(&self, first: u64, last: u64) -> Res {
+        let (b0, b1) = (first / 8, last / 8);
+        let mut bytes = vec![0u8; (b1 - b0 + 1) as usize];
+        self.mem.read(self.base + b0, &mut bytes)?;
+        for bit in first..=last {
+            bytes[(bit / 8 - b0) as usize] |= 1 << (bit % 8);
+        }
+        self.mem.write(self.base + b0, &bytes)
+    }
 }

@@ -24,6 +24,8 @@ impl Errno {
     pub const EOVERFLOW: Errno = Errno(libc::EOVERFLOW);
     pub const ENODEV: Errno = Errno(libc::ENODEV);
     pub const EIO: Errno = Errno(libc::EIO);
+    pub const EBADFD: Errno = Errno(libc::EBADFD);
+    pub const EBADE: Errno = Errno(libc::EBADE);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -44,6 +46,8 @@ impl Errno {
             libc::EOVERFLOW => "EOVERFLOW",
             libc::ENODEV => "ENODEV",
             libc::EIO => "EIO",
+            libc::EBADFD => "EBADFD",
+            libc::EBADE => "EBADE",
             _ => "errno",
         }
     }

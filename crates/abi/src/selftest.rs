@@ -3,15 +3,19 @@
 //! engine's emulated devices behind the mock page-table format.
 
 use core::mem::size_of;
+use std::os::fd::IntoRawFd;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ioasid_engine::device::MockFlags;
 use ioasid_engine::ioas::Owner;
-use ioasid_engine::{DeviceInfo, IovaRange, Object, PAGE_SIZE, memory, pages};
+use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, Object, PAGE_SIZE, memory, pages};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::dispatch::Ucmd;
 use crate::errno::Errno;
+use crate::files::{self, File};
 use crate::uapi::io;
+use crate::user::new_fd;
 
 pub const IOMMU_TEST_CMD: u32 = io(0x80 + 32);
 
@@ -30,6 +34,12 @@ pub const IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS: u32 = 12;
 pub const IOMMU_TEST_OP_DIRTY: u32 = 13;
 pub const IOMMU_TEST_OP_MD_CHECK_IOTLB: u32 = 14;
 pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
+
+pub const MOCK_FLAGS_ACCESS_WRITE: u32 = 1 << 0;
+pub const MOCK_FLAGS_ACCESS_SYZ: u32 = 1 << 16;
+pub const MOCK_ACCESS_RW_WRITE: u32 = 1 << 0;
+pub const MOCK_ACCESS_RW_SLOW_PATH: u32 = 1 << 2;
+pub const MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES: u32 = 1 << 0;
 
 pub const MOCK_FLAGS_DEVICE_NO_DIRTY: u32 = 1 << 0;
 pub const MOCK_FLAGS_DEVICE_HUGE_IOVA: u32 = 1 << 1;
@@ -76,7 +86,12 @@ union_arm!(MockDomain { out_stdev_id: u32, out_hwpt_id: u32, out_idev_id: u32, d
 union_arm!(MockDomainReplace { pt_id: u32 });
 union_arm!(CheckMap { iova: u64, length: u64, uptr: u64 });
 union_arm!(CheckRefs { length: u64, uptr: u64, refs: u32, __pad: u32 });
-union_arm!(MemoryLimit { limit: u32 });
+union_arm!(CreateAccess { out_access_fd: u32, flags: u32 });
+union_arm!(DestroyAccessPages { access_pages_id: u32 });
+union_arm!(AccessPages { flags: u32, out_access_pages_id: u32, iova: u64, length: u64, uptr: u64 });
+union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 });
+union_arm!(AccessReplaceIoas { ioas_id: u32 });
+union_arm!(Dirty { flags: u32, __pad: u32, iova: u64, length: u64, page_size: u64, uptr: u64, out_nr_dirty: u64 });
 
 impl iommu_test_cmd {
     fn arm<T: FromBytes>(&self) -> T {
@@ -125,12 +140,63 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
             c.set_arm(&a);
             u.respond(&c)
         }
+        IOMMU_TEST_OP_CREATE_ACCESS => create_access(u, c),
+        IOMMU_TEST_OP_ACCESS_PAGES => access_pages(u, c),
+        IOMMU_TEST_OP_DESTROY_ACCESS_PAGES => {
+            let a: DestroyAccessPages = c.arm();
+            access_file(c.id)?.driver.destroy_item(a.access_pages_id)
+        }
+        IOMMU_TEST_OP_ACCESS_RW => access_rw(u, c.id, c.arm()),
+        IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => {
+            let a: AccessReplaceIoas = c.arm();
+            let f = access_file(c.id)?;
+            Ok(f.ctx.access_replace(f.id, a.ioas_id)?)
+        }
+        IOMMU_TEST_OP_DIRTY => dirty(u, c),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => Ok(()),
         _ => Err(Errno::EOPNOTSUPP),
     }
+}
+
+/// A paging HWPT of the mock IOMMU (Linux's `get_md_pagetable`).
+fn mock_hwpt(u: &Ucmd, hwpt_id: u32) -> Result<Arc<ioasid_engine::HwptPaging>, Errno> {
+    let hwpt = match u.ctx.object(hwpt_id)? {
+        Object::HwptPaging(h) => h,
+        _ => return Err(Errno::ENOENT),
+    };
+    if !hwpt.domain().format().is_mock() {
+        return Err(Errno::EINVAL);
+    }
+    Ok(hwpt)
+}
+
+/// Marks dirty, as device writes would, the IO pages whose bits are set in
+/// the caller's bitmap; reports how many were mapped.
+fn dirty(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
+    let mut a: Dirty = c.arm();
+    if a.page_size == 0 || a.length == 0 || a.iova % a.page_size != 0 || a.length % a.page_size != 0 || a.uptr == 0 {
+        return Err(Errno::EINVAL);
+    }
+    let max = a.length / a.page_size;
+    if max > (16 << 20) * 8 {
+        return Err(Errno::EOVERFLOW);
+    }
+    let hwpt = mock_hwpt(u, c.id)?;
+    if !hwpt.domain().dirty_tracking() {
+        return Err(Errno::EINVAL);
+    }
+    let mut bits = vec![0u8; max.div_ceil(8) as usize];
+    u.mem.read(a.uptr, &mut bits)?;
+    let count = (0..max)
+        .filter(|&i| bits[(i / 8) as usize] & (1 << (i % 8)) != 0)
+        .filter(|&i| hwpt.domain().mark_dirty(a.iova + i * a.page_size))
+        .count();
+    a.out_nr_dirty = count as u64;
+    c.set_arm(&a);
+    u.respond(&c)
 }
 
 /// Every mock IO page of `[iova, iova + length)` leads to the matching byte
@@ -143,13 +209,7 @@ fn check_map(u: &Ucmd, hwpt_id: u32, a: CheckMap) -> Res {
     {
         return Err(Errno::EINVAL);
     }
-    let hwpt = match u.ctx.object(hwpt_id)? {
-        Object::HwptPaging(h) => h,
-        _ => return Err(Errno::ENOENT),
-    };
-    if !hwpt.domain().format().is_mock() {
-        return Err(Errno::EINVAL);
-    }
+    let hwpt = mock_hwpt(u, hwpt_id)?;
     let mut off = 0;
     while off < a.length {
         memory::check_mapped(a.uptr + off, 1)?;
@@ -173,6 +233,151 @@ fn check_refs(a: CheckRefs) -> Res {
             return Err(Errno::EIO);
         }
         off += PAGE_SIZE;
+    }
+    Ok(())
+}
+
+/// The largest buffer a test access may pin or copy at once, as Linux limits it.
+const ACCESS_MAX: u64 = 16 << 20;
+
+/// The mock driver behind a test access: a list of pinned ranges ("items")
+/// that it unpins when told the IOAS is unmapping them.
+#[derive(Default)]
+pub struct MockAccessDriver {
+    access: OnceLock<Weak<Access>>,
+    items: Mutex<(u32, Vec<Item>)>,
+}
+
+struct Item {
+    id: u32,
+    iova: u64,
+    len: u64,
+}
+
+impl MockAccessDriver {
+    fn access(&self) -> Option<Arc<Access>> {
+        self.access.get().and_then(Weak::upgrade)
+    }
+
+    fn destroy_item(&self, id: u32) -> Result<(), Errno> {
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let i = items.1.iter().position(|it| it.id == id).ok_or(Errno::ENOENT)?;
+        let it = items.1.remove(i);
+        if let Some(access) = self.access() {
+            access.unpin_pages(it.iova, it.len);
+        }
+        Ok(())
+    }
+}
+
+impl AccessOps for MockAccessDriver {
+    fn unmap(&self, iova: u64, len: u64) {
+        let last = iova.saturating_add(len - 1);
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let access = self.access();
+        items.1.retain(|it| {
+            let overlaps = iova <= it.iova + (it.len - 1) && it.iova <= last;
+            if overlaps && let Some(a) = &access {
+                a.unpin_pages(it.iova, it.len);
+            }
+            !overlaps
+        });
+    }
+}
+
+/// What an access fd refers to; closing the fd destroys the access.
+pub struct AccessFile {
+    ctx: Arc<Context>,
+    id: u32,
+    driver: Arc<MockAccessDriver>,
+    access: Arc<Access>,
+}
+
+impl Drop for AccessFile {
+    fn drop(&mut self) {
+        self.driver.unmap(0, u64::MAX);
+        self.ctx.access_destroy(self.id);
+    }
+}
+
+fn access_file(fd: u32) -> Result<Arc<AccessFile>, Errno> {
+    match files::get(fd as i32) {
+        Some(File::TestAccess(f)) => Ok(f),
+        _ => Err(Errno::EBADFD),
+    }
+}
+
+fn create_access(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
+    let mut a: CreateAccess = c.arm();
+    if a.flags & !MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let fd = new_fd(c"ioasid:[iommufd_test_staccess]")?;
+    let driver = Arc::new(MockAccessDriver::default());
+    let needs_pin = a.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0;
+    let (id, access) = u.ctx.access_create(c.id, driver.clone(), needs_pin)?;
+    driver.access.set(Arc::downgrade(&access)).map_err(|_| Errno::EINVAL)?;
+    let file = Arc::new(AccessFile { ctx: u.ctx.clone(), id, driver, access });
+    a.out_access_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    c.set_arm(&a);
+    // On failure `file` drops here and destroys the access; `fd` closes.
+    u.respond(&c)?;
+    files::insert(fd.into_raw_fd(), File::TestAccess(file));
+    Ok(())
+}
+
+fn access_pages(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
+    let mut a: AccessPages = c.arm();
+    if a.length > ACCESS_MAX {
+        return Err(Errno::ENOMEM);
+    }
+    if a.flags & !MOCK_FLAGS_ACCESS_WRITE != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let f = access_file(c.id)?;
+    let mut items = f.driver.items.lock().unwrap_or_else(|e| e.into_inner());
+    let pages = f.access.pin_pages(a.iova, a.length, a.flags & MOCK_FLAGS_ACCESS_WRITE != 0)?;
+    if a.uptr != 0 {
+        // The pinned pages must be the caller's pages at `uptr`.
+        let first = (a.uptr - (a.iova % PAGE_SIZE)) & !(PAGE_SIZE - 1);
+        let check = pages.iter().enumerate().try_for_each(|(k, &host)| {
+            let expect = first + k as u64 * PAGE_SIZE;
+            memory::check_mapped(expect, 1)?;
+            if host != expect { Err(Errno::EBADE) } else { Ok(()) }
+        });
+        if let Err(e) = check {
+            f.access.unpin_pages(a.iova, a.length);
+            return Err(e);
+        }
+    }
+    let id = items.0;
+    items.0 += 1;
+    items.1.push(Item { id, iova: a.iova, len: a.length });
+    a.out_access_pages_id = id;
+    c.set_arm(&a);
+    if let Err(e) = u.respond(&c) {
+        items.1.pop();
+        f.access.unpin_pages(a.iova, a.length);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn access_rw(u: &Ucmd, fd: u32, a: AccessRw) -> Res {
+    if a.length > ACCESS_MAX {
+        return Err(Errno::ENOMEM);
+    }
+    if a.flags & !(MOCK_ACCESS_RW_WRITE | MOCK_ACCESS_RW_SLOW_PATH) != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let f = access_file(fd)?;
+    let mut tmp = vec![0u8; a.length as usize];
+    if a.flags & MOCK_ACCESS_RW_WRITE != 0 {
+        u.mem.read(a.uptr, &mut tmp)?;
+        f.access.write(a.iova, &tmp)?;
+    } else {
+        f.access.read(a.iova, &mut tmp)?;
+        u.mem.write(a.uptr, &tmp)?;
     }
     Ok(())
 }

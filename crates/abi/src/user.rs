@@ -41,3 +41,16 @@ pub fn dup_fd(fd: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: `new` is a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// A new descriptor for an object the ABI hands out (close-on-exec, as
+/// Linux's anonymous-inode files are). It is a memfd: a real descriptor that
+/// ordinary fd handling works on.
+pub fn new_fd(name: &std::ffi::CStr) -> Result<OwnedFd, Errno> {
+    // SAFETY: memfd_create with a valid nul-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Errno::ENOMEM);
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

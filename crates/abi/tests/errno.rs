@@ -2,6 +2,7 @@
 //! dispatcher with real pointers, as a program's ioctl would be.
 
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
@@ -10,11 +11,11 @@ use zerocopy::{FromBytes, IntoBytes};
 
 const PAGE: u64 = 4096;
 
-fn ctx() -> Context {
-    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
+fn ctx() -> Arc<Context> {
+    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
 }
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Context, req: u32, cmd: &mut T) -> Result<(), Errno> {
+fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
     ioctl(ctx, &InProcess, req, cmd as *mut T as u64)
 }
 
@@ -22,7 +23,7 @@ fn sz<T>() -> u32 {
     std::mem::size_of::<T>() as u32
 }
 
-fn ioas(ctx: &Context) -> u32 {
+fn ioas(ctx: &Arc<Context>) -> u32 {
     let mut c = iommu_ioas_alloc { size: sz::<iommu_ioas_alloc>(), ..Default::default() };
     call(ctx, IOMMU_IOAS_ALLOC, &mut c).unwrap();
     c.out_ioas_id
@@ -43,7 +44,7 @@ fn map_cmd(ioas_id: u32, buf: &HostBuffer, len: u64, iova: Option<u64>) -> iommu
 }
 
 /// A context with an IOAS, a device attached to it and `pages` mapped at 1 MiB.
-fn attached(pages: u64) -> (Context, u32, u32, HostBuffer) {
+fn attached(pages: u64) -> (Arc<Context>, u32, u32, HostBuffer) {
     let ctx = ctx();
     let ioas_id = ioas(&ctx);
     let mut info = DeviceInfo::new("dev", 8);
@@ -208,7 +209,7 @@ fn iova_ranges_of_a_fresh_ioas_is_everything_at_alignment_one() {
 
 // ---- IOMMU_IOAS_ALLOW_IOVAS ------------------------------------------------
 
-fn allow(ctx: &Context, ioas_id: u32, ranges: &mut [iommu_iova_range]) -> Result<(), Errno> {
+fn allow(ctx: &Arc<Context>, ioas_id: u32, ranges: &mut [iommu_iova_range]) -> Result<(), Errno> {
     let mut c = iommu_ioas_allow_iovas {
         size: sz::<iommu_ioas_allow_iovas>(),
         ioas_id,
@@ -353,12 +354,12 @@ errno_test!(map_unmapped_memory_with_a_domain_is_efault, EFAULT, {
     call(&ctx, IOMMU_IOAS_MAP, &mut c)
 });
 errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
-    let ctx = Context::with_config(ContextConfig {
+    let ctx = Arc::new(Context::with_config(ContextConfig {
         memlock_limit: Limit::Pages(2),
         memlock_exempt: false,
         sys_resource: false,
         private_counter: true,
-    });
+    }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(dev, id).unwrap();
@@ -515,7 +516,7 @@ fn copy_shares_pins_and_maps_a_subrange() {
 
 // ---- IOMMU_IOAS_UNMAP ------------------------------------------------------
 
-fn unmap(ctx: &Context, ioas_id: u32, iova: u64, length: u64) -> Result<u64, Errno> {
+fn unmap(ctx: &Arc<Context>, ioas_id: u32, iova: u64, length: u64) -> Result<u64, Errno> {
     let mut c = iommu_ioas_unmap { size: sz::<iommu_ioas_unmap>(), ioas_id, iova, length };
     call(ctx, IOMMU_IOAS_UNMAP, &mut c).map(|()| c.length)
 }
@@ -578,7 +579,7 @@ errno_test!(option_rlimit_unknown_op_is_eopnotsupp, EOPNOTSUPP, {
     call(&ctx(), IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, 5, 0, 0))
 });
 errno_test!(option_rlimit_set_unprivileged_is_eperm, EPERM, {
-    let ctx = Context::with_config(ContextConfig { sys_resource: false, ..ContextConfig::from_process() });
+    let ctx = Arc::new(Context::with_config(ContextConfig { sys_resource: false, ..ContextConfig::from_process() }));
     call(&ctx, IOMMU_OPTION, &mut option_cmd(IOMMU_OPTION_RLIMIT_MODE, IOMMU_OPTION_OP_SET, 0, 1))
 });
 errno_test!(option_rlimit_set_with_objects_is_ebusy, EBUSY, {
@@ -631,7 +632,7 @@ fn hwpt_cmd(dev_id: u32, pt_id: u32, flags: u32) -> iommu_hwpt_alloc {
     iommu_hwpt_alloc { size: sz::<iommu_hwpt_alloc>(), flags, dev_id, pt_id, ..Default::default() }
 }
 
-fn with_device(dirty: bool) -> (Context, u32, u32) {
+fn with_device(dirty: bool) -> (Arc<Context>, u32, u32) {
     let ctx = ctx();
     let id = ioas(&ctx);
     let mut info = DeviceInfo::new("d", 1);
@@ -765,7 +766,7 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
 
 // ---- IOMMU_VFIO_IOAS -------------------------------------------------------
 
-fn vfio_ioas(ctx: &Context, op: u16, ioas_id: u32) -> Result<u32, Errno> {
+fn vfio_ioas(ctx: &Arc<Context>, op: u16, ioas_id: u32) -> Result<u32, Errno> {
     let mut c = iommu_vfio_ioas { size: sz::<iommu_vfio_ioas>(), ioas_id, op, __reserved: 0 };
     call(ctx, IOMMU_VFIO_IOAS, &mut c).map(|()| c.ioas_id)
 }
@@ -797,7 +798,7 @@ fn vfio_ioas_set_get_clear() {
 
 // ---- IOMMU_HWPT_INVALIDATE -------------------------------------------------
 
-fn invalidate(ctx: &Context, c: &mut iommu_hwpt_invalidate) -> Result<(), Errno> {
+fn invalidate(ctx: &Arc<Context>, c: &mut iommu_hwpt_invalidate) -> Result<(), Errno> {
     c.size = sz::<iommu_hwpt_invalidate>();
     call(ctx, IOMMU_HWPT_INVALIDATE, c)
 }

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ioasid_abi::uapi::{IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, iommu_iova_range};
@@ -40,7 +41,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     writeln!(out, "ioasid demo: one I/O address space, two devices, DMA through real page tables")?;
 
     section(out, 1, "Context and I/O address space")?;
-    let ctx = Context::new();
+    let ctx = Arc::new(Context::new());
     let ioas = ctx.ioas_alloc()?;
     row(out, "context", "in-process engine (what /dev/iommu opens)")?;
     row(out, "IOAS", format!("id {ioas}"))?;
@@ -184,7 +185,7 @@ fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
 }
 
 /// The IOAS's usable ranges, asked the way a program asks: through the ABI.
-fn usable_ranges(ctx: &Context, ioas: u32) -> Result<String> {
+fn usable_ranges(ctx: &Arc<Context>, ioas: u32) -> Result<String> {
     let mut ranges = [iommu_iova_range::default(); 4];
     let mut cmd = iommu_ioas_iova_ranges {
         size: std::mem::size_of::<iommu_ioas_iova_ranges>() as u32,

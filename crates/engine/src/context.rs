@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::access::{Access, AccessOps};
 use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
@@ -28,6 +29,8 @@ pub enum Object {
     /// A mock device made by the selftest command; destroying it unbinds
     /// the device (Linux's `IOMMUFD_OBJ_SELFTEST`).
     Selftest(Arc<SelftestDevice>),
+    /// An in-engine user of an IOAS, owned by its driver.
+    Access(Arc<Access>),
 }
 
 #[derive(Default)]
@@ -48,6 +51,7 @@ impl Object {
             Object::HwptPaging(o) => Arc::strong_count(o),
             Object::Device(o) => Arc::strong_count(o),
             Object::Selftest(o) => Arc::strong_count(o),
+            Object::Access(o) => Arc::strong_count(o),
         }
     }
 
@@ -57,6 +61,7 @@ impl Object {
             Object::HwptPaging(_) => "HWPT paging",
             Object::Device(_) => "device",
             Object::Selftest(_) => "selftest device",
+            Object::Access(_) => "access",
         }
     }
 }
@@ -326,6 +331,45 @@ impl Context {
         Ok(())
     }
 
+    /// Creates an access for a driver and attaches it to `ioas_id`.
+    pub fn access_create(
+        &self,
+        ioas_id: u32,
+        ops: Arc<dyn AccessOps>,
+        needs_pin_pages: bool,
+    ) -> Result<(u32, Arc<Access>)> {
+        let _g = self.graph();
+        let access = Access::new(ops, needs_pin_pages);
+        let id = self.insert(Object::Access(access.clone()))?;
+        let attached = self.ioas(ioas_id).and_then(|ioas| access.set_ioas(Some(ioas)));
+        if let Err(e) = attached {
+            self.table().remove(&id);
+            return Err(e);
+        }
+        Ok((id, access))
+    }
+
+    /// Moves an attached access to another IOAS.
+    pub fn access_replace(&self, id: u32, ioas_id: u32) -> Result<()> {
+        let _g = self.graph();
+        let Object::Access(access) = self.object(id)? else {
+            return Err(Error::NotFound("object is not an access"));
+        };
+        if access.ioas().is_none() {
+            return Err(Error::NotFound("access is not attached"));
+        }
+        access.set_ioas(Some(self.ioas(ioas_id)?))
+    }
+
+    /// The driver is done with its access: detach and forget it.
+    pub fn access_destroy(&self, id: u32) {
+        let _g = self.graph();
+        let removed = self.table().remove(&id);
+        if let Some(Object::Access(access)) = removed {
+            let _ = access.set_ioas(None);
+        }
+    }
+
     /// The selftest's `MOCK_DOMAIN`: a selftest object, a mock device bound
     /// under it and attached to `pt_id`. Returns (selftest, HWPT, device) IDs.
     pub fn mock_domain(&self, pt_id: u32, info: DeviceInfo) -> Result<(u32, u32, u32)> {
@@ -454,8 +498,11 @@ impl Context {
         let info = dev.info();
         match self.object(pt_id)? {
             Object::HwptPaging(h) => {
-                if h.domain().format() != info.format {
+                if !info.format.compatible(h.domain().format()) {
                     return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
+                }
+                if h.domain().dirty_capable() && !info.dirty_tracking {
+                    return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
                 }
                 Ok((pt_id, h))
             }
@@ -477,7 +524,9 @@ impl Context {
                 let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
                 Ok((self.insert_hwpt(hwpt.clone())?, hwpt))
             }
-            Object::Device(_) | Object::Selftest(_) => Err(Error::Invalid("pt_id is not a page table")),
+            Object::Device(_) | Object::Selftest(_) | Object::Access(_) => {
+                Err(Error::Invalid("pt_id is not a page table"))
+            }
         }
     }
 
@@ -524,8 +573,8 @@ impl Context {
         let _g = self.graph();
         let mut t = self.table();
         let obj = t.get(&id).ok_or(Error::NotFound("no object with that ID"))?;
-        if matches!(obj, Object::Device(_)) {
-            return Err(Error::Busy("a bound device is released by unbinding it"));
+        if matches!(obj, Object::Device(_) | Object::Access(_)) {
+            return Err(Error::Busy("owned by its driver, which releases it"));
         }
         if obj.strong_count() > 1 {
             return Err(Error::Busy("object is in use"));
@@ -564,6 +613,9 @@ impl Drop for Context {
             match obj {
                 Object::HwptPaging(h) => h.release(),
                 Object::Ioas(i) => ioases.push(i),
+                Object::Access(a) => {
+                    let _ = a.set_ioas(None);
+                }
                 Object::Device(_) | Object::Selftest(_) => {}
             }
         }

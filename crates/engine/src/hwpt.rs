@@ -3,6 +3,7 @@
 //! caches its translations.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_epoch::Guard;
 
@@ -70,6 +71,13 @@ impl PageFormat {
     pub fn is_mock(self) -> bool {
         matches!(self, PageFormat::Mock | PageFormat::MockHuge)
     }
+
+    /// Whether a device behind an IOMMU using `self` can attach to a table in
+    /// `other`: the same IOMMU family (the mock's huge-page flag is a device
+    /// option, not another IOMMU).
+    pub fn compatible(self, other: PageFormat) -> bool {
+        self == other || (self.is_mock() && other.is_mock())
+    }
 }
 
 enum AnyTable {
@@ -107,10 +115,18 @@ pub struct Domain {
     iotlb: Iotlb,
     format: PageFormat,
     aperture: IovaRange,
+    /// Allocated with dirty tracking support (has Linux's `dirty_ops`).
+    dirty_capable: bool,
+    /// Dirty tracking is on: writes set the leaves' dirty bits.
+    tracking: AtomicBool,
 }
 
 impl Domain {
     pub fn new(format: PageFormat, aperture: IovaRange) -> Self {
+        Self::with_dirty(format, aperture, false)
+    }
+
+    pub fn with_dirty(format: PageFormat, aperture: IovaRange, dirty_capable: bool) -> Self {
         let table = match format {
             PageFormat::VtdSs4 => AnyTable::VtdSs4(PageTable::new()),
             PageFormat::VtdSs5 => AnyTable::VtdSs5(PageTable::new()),
@@ -119,7 +135,7 @@ impl Domain {
         };
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
-        Domain { table, iotlb: Iotlb::new(), format, aperture }
+        Domain { table, iotlb: Iotlb::new(), format, aperture, dirty_capable, tracking: AtomicBool::new(false) }
     }
 
     pub fn format(&self) -> PageFormat {
@@ -153,6 +169,48 @@ impl Domain {
         self.iotlb.invalidate_all();
     }
 
+    pub fn dirty_capable(&self) -> bool {
+        self.dirty_capable
+    }
+
+    pub fn dirty_tracking(&self) -> bool {
+        self.tracking.load(Ordering::Acquire)
+    }
+
+    fn set_dirty(&self, iova: u64, guard: &Guard) -> bool {
+        with_table!(&self.table, pt => pt.set_dirty(iova, guard))
+    }
+
+    /// Marks the leaf mapping `iova` dirty as a device write would; false
+    /// when nothing maps it.
+    pub fn mark_dirty(&self, iova: u64) -> bool {
+        let guard = crate::epoch::pin();
+        self.set_dirty(iova, &guard)
+    }
+
+    /// Turns dirty tracking on (starting from clean leaves) or off.
+    pub(crate) fn set_dirty_tracking(&self, enable: bool, mapped: &[IovaRange]) -> crate::Result<()> {
+        if !self.dirty_capable {
+            return Err(crate::Error::Unsupported("HWPT was not allocated with dirty tracking"));
+        }
+        if enable && !self.dirty_tracking() {
+            for r in mapped {
+                self.read_and_clear_dirty(*r, false, &mut |_, _| {});
+            }
+        }
+        self.tracking.store(enable, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reports dirty leaves in `range` and, unless `keep`, cleans them; the
+    /// IOTLB forgets them so the next write marks them again.
+    pub(crate) fn read_and_clear_dirty(&self, range: IovaRange, keep: bool, record: &mut dyn FnMut(u64, u64)) {
+        with_table!(&self.table, pt => pt.read_and_clear_dirty(range.start, range.last, keep, record));
+        if !keep {
+            self.iotlb.invalidate_all();
+        }
+    }
+
     pub fn summary(&self) -> Summary {
         with_table!(&self.table, pt => pt.summary())
     }
@@ -171,20 +229,25 @@ impl Domain {
         let page = iova >> shift;
         let offset = iova & ((1 << shift) - 1);
         if let Some(hit) = self.iotlb.lookup(page) {
-            return if hit.perm.allows(need) {
-                Ok((hit.host_page + offset, hit.checked))
-            } else {
-                Err(FaultReason::Permission)
-            };
+            let must_dirty = need.write && !hit.dirty && self.tracking.load(Ordering::Relaxed);
+            if !hit.perm.allows(need) {
+                return Err(FaultReason::Permission);
+            }
+            if !must_dirty {
+                return Ok((hit.host_page + offset, hit.checked));
+            }
         }
         if iova < self.aperture.start || iova > self.aperture.last {
             return Err(FaultReason::Aperture);
         }
         let generation = self.iotlb.generation();
         let t = with_table!(&self.table, pt => pt.walk(iova, guard)).ok_or(FaultReason::NotPresent)?;
+        let allowed = t.perm.allows(need);
+        // A write with tracking on marks the leaf, as the hardware does.
+        let dirty = allowed && need.write && self.tracking.load(Ordering::Relaxed) && self.set_dirty(iova, guard);
         let host_page = t.addr - offset;
-        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, checked: t.checked });
-        if t.perm.allows(need) { Ok((t.addr, t.checked)) } else { Err(FaultReason::Permission) }
+        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, checked: t.checked, dirty });
+        if allowed { Ok((t.addr, t.checked)) } else { Err(FaultReason::Permission) }
     }
 }
 
@@ -214,7 +277,7 @@ impl HwptPaging {
         flags: HwptFlags,
         auto: bool,
     ) -> crate::Result<Arc<HwptPaging>> {
-        let domain = Arc::new(Domain::new(format, aperture));
+        let domain = Arc::new(Domain::with_dirty(format, aperture, flags.dirty_tracking));
         ioas.add_domain(&domain)?;
         Ok(Arc::new(HwptPaging { domain, ioas, flags, auto }))
     }
@@ -233,6 +296,28 @@ impl HwptPaging {
 
     pub fn is_auto(&self) -> bool {
         self.auto
+    }
+
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING`.
+    pub fn set_dirty_tracking(&self, enable: bool) -> crate::Result<()> {
+        self.ioas.set_dirty_tracking(&self.domain, enable)
+    }
+
+    /// `IOMMU_HWPT_GET_DIRTY_BITMAP`: reports dirty leaves in `range`, which
+    /// must be mapped without a hole.
+    pub fn read_and_clear_dirty(
+        &self,
+        range: IovaRange,
+        keep: bool,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> crate::Result<()> {
+        if !self.domain.dirty_capable() {
+            return Err(crate::Error::Unsupported("HWPT was not allocated with dirty tracking"));
+        }
+        if !self.domain.dirty_tracking() {
+            return Err(crate::Error::Invalid("dirty tracking is off"));
+        }
+        self.ioas.read_and_clear_dirty(&self.domain, range, keep, record)
     }
 
     /// Detaches the domain from its IOAS; called when the object is destroyed.

@@ -5,8 +5,9 @@
 //! it (it reads the domains' page tables).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use crate::access::Access;
 use crate::epoch;
 use crate::error::{Error, Result};
 use crate::hwpt::Domain;
@@ -43,6 +44,10 @@ struct Area {
     perm: Perm,
     /// Pinned because the IOAS has domains.
     pinned: bool,
+    /// Pins held on this area by accesses; unmap waits for them to go.
+    num_accesses: u32,
+    /// Being unmapped: accesses may not pin or copy through it.
+    prevent_access: bool,
 }
 
 /// A mapping as reported to callers.
@@ -61,6 +66,8 @@ struct Inner {
     allowed: Vec<IovaRange>,
     reserved: Vec<(IovaRange, Owner)>,
     domains: Vec<Arc<Domain>>,
+    /// Accesses attached here, with the IOVA alignment each needs.
+    accesses: Vec<(Weak<Access>, u64)>,
     iova_alignment: u64,
     disable_large_pages: bool,
 }
@@ -110,7 +117,14 @@ impl Ioas {
         let mut placed: Vec<(u64, Area)> = Vec::with_capacity(srcs.len());
         let mut cur = iova;
         for s in srcs {
-            let area = Area { last: cur + (s.len - 1), src: s.clone(), perm, pinned: false };
+            let area = Area {
+                last: cur + (s.len - 1),
+                src: s.clone(),
+                perm,
+                pinned: false,
+                num_accesses: 0,
+                prevent_access: false,
+            };
             match g.fill_area(cur, area) {
                 Ok(a) => placed.push((cur, a)),
                 Err(e) => {
@@ -132,60 +146,71 @@ impl Ioas {
     pub fn sources(&self, iova: u64, len: u64) -> Result<Vec<Source>> {
         let range = IovaRange::from_len(iova, len)?;
         let g = self.lock();
-        let mut out = Vec::new();
-        let mut cur = range.start;
-        loop {
-            let Some((&start, a)) = g.areas.range(..=cur).next_back() else {
-                return Err(Error::NotFound("source range is not fully mapped"));
-            };
-            if a.last < cur {
-                return Err(Error::NotFound("source range is not fully mapped"));
-            }
-            let last = a.last.min(range.last);
-            let offset = cur - start;
-            out.push(Source {
-                pages: a.src.pages.clone(),
-                start_byte: a.src.start_byte + offset,
-                len: last - cur + 1,
-                align_hint: a.src.align_hint + offset,
-            });
-            if last == range.last {
-                return Ok(out);
-            }
-            cur = last + 1;
-        }
+        let parts = g.contig(range)?;
+        Ok(parts
+            .into_iter()
+            .map(|(area, offset, len)| {
+                let a = &g.areas[&area].src;
+                Source {
+                    pages: a.pages.clone(),
+                    start_byte: a.start_byte + offset,
+                    len,
+                    align_hint: a.align_hint + offset,
+                }
+            })
+            .collect())
     }
 
     /// Unmaps every area inside `[first, last]`. Areas must lie wholly inside
     /// (`ENOENT` otherwise, after unmapping those before it, as Linux does).
-    /// Returns the bytes unmapped; when it returns, no DMA reaches them.
+    /// Accesses pinning an area are told to let go first. Returns the bytes
+    /// unmapped; when it returns, no DMA reaches them.
     pub fn unmap(&self, range: IovaRange) -> (u64, Result<()>) {
-        let mut g = self.lock();
-        let guard = epoch::pin();
         let mut removed = Vec::new();
         let mut unmapped = 0u64;
         let mut cur = range.start;
-        let res = loop {
-            let Some((start, a)) = g.first_area_in(IovaRange::new(cur, range.last)) else {
-                break Ok(());
-            };
-            if start < range.start || a.last > range.last {
-                break Err(Error::NotFound("range would split a mapping"));
-            }
-            let a = g.areas.remove(&start).expect("area just found");
-            for d in &g.domains {
-                d.unmap(start, a.last - start + 1, &guard);
-            }
-            unmapped += a.last - start + 1;
-            let done = a.last >= range.last;
-            cur = a.last.wrapping_add(1);
-            removed.push(a);
-            if done {
-                break Ok(());
+        let mut tries = 0u32;
+        let res = 'retry: loop {
+            let mut g = self.lock();
+            let guard = epoch::pin();
+            loop {
+                let Some((start, a)) = g.first_area_in(IovaRange::new(cur, range.last)) else {
+                    break 'retry Ok(());
+                };
+                let (last, num_accesses) = (a.last, a.num_accesses);
+                if start < range.start || last > range.last {
+                    break 'retry Err(Error::NotFound("range would split a mapping"));
+                }
+                if num_accesses > 0 {
+                    if start != cur {
+                        tries = 0;
+                    }
+                    cur = start;
+                    tries += 1;
+                    if tries > 100 {
+                        break 'retry Err(Error::Busy("an access keeps the range pinned"));
+                    }
+                    g.areas.get_mut(&start).expect("area just found").prevent_access = true;
+                    let accesses: Vec<Arc<Access>> = g.accesses.iter().filter_map(|(w, _)| w.upgrade()).collect();
+                    drop(guard);
+                    drop(g);
+                    for access in accesses {
+                        access.notify_unmap(start, last - start + 1);
+                    }
+                    continue 'retry;
+                }
+                let a = g.areas.remove(&start).expect("area just found");
+                for d in &g.domains {
+                    d.unmap(start, last - start + 1, &guard);
+                }
+                unmapped += last - start + 1;
+                removed.push(a);
+                if last >= range.last {
+                    break 'retry Ok(());
+                }
+                cur = last + 1;
             }
         };
-        drop(guard);
-        drop(g);
         if !removed.is_empty() {
             epoch::synchronize();
         }
@@ -219,6 +244,9 @@ impl Ioas {
             let rhs_byte = a.src.start_byte + (new_start - start);
             if new_start & align != 0 || rhs_byte & align != 0 {
                 return Err(Error::Invalid("cut is not aligned to the IOVA alignment"));
+            }
+            if a.num_accesses > 0 {
+                return Err(Error::Invalid("an access pins the area"));
             }
             if a.pinned && !g.disable_large_pages {
                 return Err(Error::Invalid("cutting a mapped area needs huge pages disabled"));
@@ -383,6 +411,134 @@ impl Ioas {
         let _ = g.recalc_alignment();
     }
 
+    /// Adds an access needing `alignment`; fails like a domain would when
+    /// existing mappings are less aligned.
+    pub(crate) fn add_access(&self, access: &Arc<Access>, alignment: u64) -> Result<()> {
+        let mut g = self.lock();
+        g.accesses.push((Arc::downgrade(access), alignment));
+        let r = g.recalc_alignment();
+        if r.is_err() {
+            g.accesses.pop();
+        }
+        r
+    }
+
+    pub(crate) fn remove_access(&self, access: &Access) {
+        let mut g = self.lock();
+        g.accesses.retain(|(w, _)| !std::ptr::eq(w.as_ptr(), access));
+        let _ = g.recalc_alignment();
+    }
+
+    /// Pins `[iova, iova + len)` for an access: every area it crosses gains an
+    /// access pin and its pages are pinned. Returns the pinned parts and the
+    /// host address of each CPU page.
+    pub(crate) fn access_pin(&self, range: IovaRange, write: bool) -> Result<(Vec<Pinned>, Vec<u64>)> {
+        let mut g = self.lock();
+        let parts = g.contig(range)?;
+        let mut pinned: Vec<Pinned> = Vec::with_capacity(parts.len());
+        let mut pages = Vec::new();
+        let n = parts.len();
+        let undo = |g: &mut Inner, pinned: &[Pinned]| {
+            for p in pinned {
+                p.pages.unpin(p.start_byte, p.len);
+                if let Some(a) = g.areas.get_mut(&p.area) {
+                    a.num_accesses -= 1;
+                }
+            }
+        };
+        for (i, (area, offset, len)) in parts.into_iter().enumerate() {
+            let a = &g.areas[&area];
+            let start_byte = a.src.start_byte + offset;
+            let aligned = start_byte % PAGE_SIZE == 0 && (i + 1 == n || (start_byte + len) % PAGE_SIZE == 0);
+            let err = if a.prevent_access || !aligned {
+                Some(Error::Invalid("range is being unmapped or not page aligned"))
+            } else if !(if write { a.perm.write } else { a.perm.read }) {
+                Some(Error::Permission("mapping does not allow that access"))
+            } else {
+                a.src.pages.pin(start_byte, len).err()
+            };
+            if let Some(e) = err {
+                undo(&mut g, &pinned);
+                return Err(e);
+            }
+            let a = g.areas.get_mut(&area).expect("area from contig");
+            a.num_accesses += 1;
+            let host = a.src.pages.host_addr(start_byte);
+            pages.extend((0..len.div_ceil(PAGE_SIZE)).map(|k| host + k * PAGE_SIZE));
+            pinned.push(Pinned { area, pages: a.src.pages.clone(), start_byte, len });
+        }
+        Ok((pinned, pages))
+    }
+
+    /// Undoes `access_pin`.
+    pub(crate) fn access_unpin(&self, pinned: &[Pinned]) {
+        let mut g = self.lock();
+        for p in pinned {
+            p.pages.unpin(p.start_byte, p.len);
+            if let Some(a) = g.areas.get_mut(&p.area) {
+                a.num_accesses -= 1;
+            }
+        }
+    }
+
+    /// Copies between `buf` and `[iova, iova + buf.len())` as an access does,
+    /// without a page table: through the memory behind the areas.
+    pub(crate) fn access_rw(&self, iova: u64, buf: &mut [u8], write: bool) -> Result<()> {
+        let range = IovaRange::from_len(iova, buf.len() as u64)?;
+        let g = self.lock();
+        let mut done = 0usize;
+        let mut result = Ok(());
+        let parts = g.contig_prefix(range);
+        for (area, offset, len) in &parts {
+            let a = &g.areas[area];
+            if a.prevent_access {
+                return Err(Error::Invalid("range is being unmapped"));
+            }
+            if !(if write { a.perm.write } else { a.perm.read }) {
+                return Err(Error::Permission("mapping does not allow that access"));
+            }
+            let host = a.src.pages.host_addr(a.src.start_byte + offset);
+            let chunk = &mut buf[done..done + *len as usize];
+            let trust = a.src.pages.trust();
+            let r =
+                if write { crate::memory::write(trust, host, chunk) } else { crate::memory::read(trust, host, chunk) };
+            if r.is_err() {
+                result = r;
+                break;
+            }
+            done += *len as usize;
+        }
+        result?;
+        if done as u64 != range.len() {
+            return Err(Error::NotFound("range is not fully mapped"));
+        }
+        Ok(())
+    }
+
+    /// Turns a domain's dirty tracking on or off with the IOAS steady.
+    pub(crate) fn set_dirty_tracking(&self, domain: &Domain, enable: bool) -> Result<()> {
+        let g = self.lock();
+        let mapped: Vec<IovaRange> = g.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last)).collect();
+        domain.set_dirty_tracking(enable, &mapped)
+    }
+
+    /// Reads (and clears) the dirty state of `range`, mapped without a hole.
+    pub(crate) fn read_and_clear_dirty(
+        &self,
+        domain: &Domain,
+        range: IovaRange,
+        keep: bool,
+        record: &mut dyn FnMut(u64, u64),
+    ) -> Result<()> {
+        let g = self.lock();
+        let parts = g.contig(range).map_err(|_| Error::Invalid("range is not fully mapped"))?;
+        for (area, offset, len) in parts {
+            let start = area + offset;
+            domain.read_and_clear_dirty(IovaRange::new(start, start + (len - 1)), keep, record);
+        }
+        Ok(())
+    }
+
     /// The current mappings, in IOVA order.
     pub fn areas(&self) -> Vec<AreaInfo> {
         self.lock()
@@ -423,7 +579,44 @@ fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> 
     r
 }
 
+/// One area's share of an access pin.
+pub(crate) struct Pinned {
+    area: u64,
+    pages: Arc<Pages>,
+    start_byte: u64,
+    len: u64,
+}
+
 impl Inner {
+    /// The areas covering `range` without a hole, as (area start, offset in
+    /// the area, length); `ENOENT` when there is a hole.
+    fn contig(&self, range: IovaRange) -> Result<Vec<(u64, u64, u64)>> {
+        let parts = self.contig_prefix(range);
+        let covered: u64 = parts.iter().map(|p| p.2).sum();
+        if covered != range.len() {
+            return Err(Error::NotFound("range is not fully mapped"));
+        }
+        Ok(parts)
+    }
+
+    /// The areas covering `range` from its start up to the first hole.
+    fn contig_prefix(&self, range: IovaRange) -> Vec<(u64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut cur = range.start;
+        while let Some((&start, a)) = self.areas.range(..=cur).next_back() {
+            if a.last < cur {
+                break;
+            }
+            let last = a.last.min(range.last);
+            out.push((start, cur - start, last - cur + 1));
+            if last == range.last {
+                break;
+            }
+            cur = last + 1;
+        }
+        out
+    }
+
     fn first_area_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
         if let Some((&s, a)) = self.areas.range(..=r.start).next_back()
             && a.last >= r.start

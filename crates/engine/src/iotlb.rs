@@ -15,8 +15,9 @@ const ENTRIES: usize = 512;
 const READ: u64 = 1;
 const WRITE: u64 = 2;
 const CHECKED: u64 = 4;
+const DIRTY: u64 = 8;
 /// Rights live in the low bits of `data`; IO pages are at least 2 KiB aligned.
-const FLAGS: u64 = READ | WRITE | CHECKED;
+const FLAGS: u64 = READ | WRITE | CHECKED | DIRTY;
 
 #[repr(align(32))]
 #[derive(Default)]
@@ -34,6 +35,9 @@ pub struct Hit {
     pub host_page: u64,
     pub perm: Perm,
     pub checked: bool,
+    /// The leaf's dirty bit was set when this was cached, so writes through
+    /// it need not set it again.
+    pub dirty: bool,
 }
 
 pub struct Iotlb {
@@ -81,6 +85,7 @@ impl Iotlb {
             host_page: data & !FLAGS,
             perm: Perm { read: data & READ != 0, write: data & WRITE != 0 },
             checked: data & CHECKED != 0,
+            dirty: data & DIRTY != 0,
         })
     }
 
@@ -103,6 +108,9 @@ impl Iotlb {
         if hit.checked {
             data |= CHECKED;
         }
+        if hit.dirty {
+            data |= DIRTY;
+        }
         e.tag.store(page, Ordering::Relaxed);
         e.generation.store(generation, Ordering::Relaxed);
         e.data.store(data, Ordering::Relaxed);
@@ -119,12 +127,12 @@ impl Iotlb {
 mod tests {
     use super::*;
 
-    const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, checked: true };
+    const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, checked: true, dirty: false };
 
     #[test]
     fn half_page_addresses_survive() {
         let t = Iotlb::new();
-        let hit = Hit { host_page: 0x7800, perm: Perm::RW, checked: false };
+        let hit = Hit { host_page: 0x7800, perm: Perm::RW, checked: false, dirty: true };
         t.fill(9, t.generation(), hit);
         assert_eq!(t.lookup(9), Some(hit));
     }

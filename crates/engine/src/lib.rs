@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod access;
 pub mod account;
 pub mod context;
 pub mod device;
@@ -37,6 +38,7 @@ pub mod memory;
 pub mod pages;
 pub mod pgtable;
 
+pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
 pub use context::{Context, ContextConfig, Object, SelftestDevice};
 pub use device::{Device, DeviceInfo, DmaError, MockFlags};

@@ -5,9 +5,10 @@ use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
 use std::sync::Arc;
 
 use ioasid_abi::InProcess;
+use ioasid_abi::files::{self, File};
 use ioasid_engine::Context;
 
-use crate::{real, table};
+use crate::real;
 
 thread_local! {
     /// Set while a hook runs, so calls made from inside it are forwarded.
@@ -46,7 +47,7 @@ fn open_iommu(flags: c_int) -> c_int {
     // SAFETY: memfd_create with a valid name; the fd it returns is ours to hand out.
     let fd = unsafe { libc::memfd_create(c"ioasid:/dev/iommu".as_ptr(), cloexec) };
     if fd >= 0 {
-        table::insert(fd, Arc::new(Context::new()));
+        files::insert(fd, File::Iommufd(Arc::new(Context::new())));
     }
     fd
 }
@@ -88,7 +89,7 @@ openat_hook!(openat64, openat64);
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
     let fwd = || unsafe { real::ioctl()(fd, request, arg) };
-    hook(fwd, || match table::get(fd) {
+    hook(fwd, || match files::context(fd) {
         None => fwd(),
         Some(ctx) => match ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64) {
             Ok(()) => 0,
@@ -107,7 +108,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: forwarding the caller's own argument.
     let fwd = || unsafe { real::close()(fd) };
     hook(fwd, || {
-        table::remove(fd);
+        files::remove(fd);
         fwd()
     })
 }
@@ -115,10 +116,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Records `new` as another descriptor of whatever `old` is.
 fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 {
-        match table::get(old) {
-            Some(ctx) => table::insert(new, ctx),
-            None => table::remove(new),
-        }
+        files::duplicate(old, new);
     }
     new
 }

@@ -10,4 +10,3 @@
 
 mod hooks;
 mod real;
-mod table;

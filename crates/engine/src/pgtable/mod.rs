@@ -189,6 +189,42 @@ impl<F: Format> PageTable<F> {
         unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard);
     }
 
+    /// Sets the dirty bit of the leaf mapping `iova`, as hardware does on a
+    /// write; false when nothing maps it.
+    pub fn set_dirty(&self, iova: u64, _guard: &Guard) -> bool {
+        self.leaf_slot(iova).is_some_and(|slot| {
+            slot.fetch_or(F::DIRTY, Ordering::AcqRel);
+            true
+        })
+    }
+
+    /// Calls `record(leaf_start, leaf_size)` for every dirty leaf overlapping
+    /// `[first, last]`, clearing the dirty bit unless `keep`.
+    pub fn read_and_clear_dirty(&self, first: u64, last: u64, keep: bool, record: &mut dyn FnMut(u64, u64)) {
+        let last = last.min(Self::max_iova());
+        if first <= last {
+            dirty_level::<F>(&self.root, F::LEVELS - 1, first, last, keep, record);
+        }
+    }
+
+    /// The entry of the leaf that maps `iova`.
+    fn leaf_slot(&self, iova: u64) -> Option<&AtomicU64> {
+        if iova > Self::max_iova() {
+            return None;
+        }
+        let mut table: &Table = &self.root;
+        for level in (0..F::LEVELS).rev() {
+            let slot = &table.0[Table::index::<F>(iova, level)];
+            match F::decode(slot.load(Ordering::Acquire), level) {
+                Pte::None => return None,
+                Pte::Leaf { .. } => return Some(slot),
+                // SAFETY: as in `walk`; callers hold an epoch guard.
+                Pte::Table(next) => table = unsafe { &*(next as *const Table) },
+            }
+        }
+        None
+    }
+
     /// Number of tables and leaves at each level.
     pub fn summary(&self) -> Summary {
         let n = F::LEVELS as usize;
@@ -312,6 +348,43 @@ fn free_tree<F: Format>(table: *mut Table, level: u32) {
                 free_tree::<F>(next as *mut Table, level - 1);
             }
         }
+    }
+}
+
+fn dirty_level<F: Format>(
+    table: &Table,
+    level: u32,
+    first: u64,
+    last: u64,
+    keep: bool,
+    record: &mut dyn FnMut(u64, u64),
+) {
+    let size = 1u64 << F::level_shift(level);
+    let mut cur = first;
+    loop {
+        let entry_start = cur & !(size - 1);
+        let chunk_last = last.min(entry_start + (size - 1));
+        let slot = &table.0[Table::index::<F>(cur, level)];
+        match F::decode(slot.load(Ordering::Acquire), level) {
+            Pte::None => {}
+            Pte::Leaf { dirty, .. } => {
+                if dirty {
+                    if !keep {
+                        slot.fetch_and(!F::DIRTY, Ordering::AcqRel);
+                    }
+                    record(entry_start, size);
+                }
+            }
+            // SAFETY: a live table linked from `slot`; the caller holds the
+            // owner's lock, so no writer unlinks it meanwhile.
+            Pte::Table(next) => {
+                dirty_level::<F>(unsafe { &*(next as *const Table) }, level - 1, cur, chunk_last, keep, record)
+            }
+        }
+        if chunk_last == last {
+            return;
+        }
+        cur = chunk_last + 1;
     }
 }
 

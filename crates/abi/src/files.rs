@@ -1,0 +1,59 @@
+//! The file descriptors of this process that are ioasid objects: iommufd
+//! contexts, and the test accesses the selftest command hands out. Like a
+//! kernel's file table, it is process-wide; the preload shim consults it on
+//! every `ioctl`, `close` and `dup`.
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use ioasid_engine::Context;
+
+use crate::selftest::AccessFile;
+
+#[derive(Clone)]
+pub enum File {
+    /// An open `/dev/iommu`.
+    Iommufd(Arc<Context>),
+    /// A selftest access (`IOMMU_TEST_OP_CREATE_ACCESS`).
+    TestAccess(Arc<AccessFile>),
+}
+
+static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn files() -> MutexGuard<'static, HashMap<c_int, File>> {
+    FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn get(fd: c_int) -> Option<File> {
+    files().get(&fd).cloned()
+}
+
+pub fn context(fd: c_int) -> Option<Arc<Context>> {
+    match get(fd)? {
+        File::Iommufd(ctx) => Some(ctx),
+        File::TestAccess(_) => None,
+    }
+}
+
+/// `fd` now refers to `file` (a new open, or a duplicate).
+pub fn insert(fd: c_int, file: File) {
+    // What `fd` named before was closed by the call that reused the number;
+    // it is dropped outside the lock, since dropping may tear objects down.
+    let old = files().insert(fd, file);
+    drop(old);
+}
+
+/// `fd` was closed: an object goes with its last descriptor.
+pub fn remove(fd: c_int) {
+    let old = files().remove(&fd);
+    drop(old);
+}
+
+/// Records `new` as another descriptor of whatever `old` is.
+pub fn duplicate(old: c_int, new: c_int) {
+    match get(old) {
+        Some(file) => insert(new, file),
+        None => remove(new),
+    }
+}

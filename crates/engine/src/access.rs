@@ -1,0 +1,118 @@
+//! Accesses: users of an IOAS inside the engine that reach its memory
+//! without a page table — an emulated device doing DMA by IOVA, a mediated
+//! driver. They pin ranges or copy through them, and are told when a range
+//! they pin is being unmapped so they can let go (Linux's `iommufd_access`).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::ioas::{Ioas, Pinned};
+use crate::iova::{IovaRange, PAGE_SIZE};
+
+/// The driver behind an access.
+pub trait AccessOps: Send + Sync {
+    /// `[iova, iova + len)` is being unmapped: unpin whatever pins it holds
+    /// there before returning, or the unmap fails.
+    fn unmap(&self, iova: u64, len: u64);
+}
+
+pub struct Access {
+    ops: Arc<dyn AccessOps>,
+    /// Drivers that pin pages need page-aligned IOVAs.
+    needs_pin_pages: bool,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    ioas: Option<Arc<Ioas>>,
+    pins: Vec<(IovaRange, Vec<Pinned>)>,
+}
+
+impl Access {
+    pub(crate) fn new(ops: Arc<dyn AccessOps>, needs_pin_pages: bool) -> Arc<Access> {
+        Arc::new(Access { ops, needs_pin_pages, state: Mutex::new(State::default()) })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alignment(&self) -> u64 {
+        if self.needs_pin_pages { PAGE_SIZE } else { 1 }
+    }
+
+    pub fn ioas(&self) -> Option<Arc<Ioas>> {
+        self.state().ioas.clone()
+    }
+
+    /// Moves the access to `new` (or detaches it). The driver is told to drop
+    /// everything it pinned in the old IOAS first.
+    pub(crate) fn set_ioas(self: &Arc<Self>, new: Option<Arc<Ioas>>) -> Result<()> {
+        let old = self.ioas();
+        if let (Some(o), Some(n)) = (&old, &new)
+            && Arc::ptr_eq(o, n)
+        {
+            return Ok(());
+        }
+        if let Some(n) = &new {
+            n.add_access(self, self.alignment())?;
+        }
+        if let Some(o) = &old {
+            self.ops.unmap(0, u64::MAX);
+            o.remove_access(self);
+        }
+        self.state().ioas = new;
+        Ok(())
+    }
+
+    /// Pins `[iova, iova + len)` and returns the host address of each CPU
+    /// page it covers.
+    pub fn pin_pages(&self, iova: u64, len: u64, write: bool) -> Result<Vec<u64>> {
+        if !self.needs_pin_pages {
+            return Err(Error::Invalid("this access does not pin pages"));
+        }
+        let range = IovaRange::from_len(iova, len)?;
+        let mut st = self.state();
+        let ioas = st.ioas.clone().ok_or(Error::NotFound("access is not attached"))?;
+        let (pinned, pages) = ioas.access_pin(range, write)?;
+        st.pins.push((range, pinned));
+        Ok(pages)
+    }
+
+    /// Undoes a `pin_pages` of the same range.
+    pub fn unpin_pages(&self, iova: u64, len: u64) {
+        let Ok(range) = IovaRange::from_len(iova, len) else { return };
+        let mut st = self.state();
+        let Some(i) = st.pins.iter().position(|(r, _)| *r == range) else {
+            debug_assert!(false, "unpin of a range that was not pinned");
+            return;
+        };
+        let (_, pinned) = st.pins.swap_remove(i);
+        if let Some(ioas) = &st.ioas {
+            ioas.access_unpin(&pinned);
+        }
+    }
+
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+        self.rw(iova, buf, false)
+    }
+
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
+        let mut tmp = data.to_vec();
+        self.rw(iova, &mut tmp, true)
+    }
+
+    fn rw(&self, iova: u64, buf: &mut [u8], write: bool) -> Result<()> {
+        if buf.is_empty() {
+            return Err(Error::Invalid("length is zero"));
+        }
+        let ioas = self.ioas().ok_or(Error::NotFound("access is not attached"))?;
+        ioas.access_rw(iova, buf, write)
+    }
+
+    /// Called by an unmap of a range this access may pin.
+    pub(crate) fn notify_unmap(&self, iova: u64, len: u64) {
+        self.ops.unmap(iova, len);
+    }
+}
