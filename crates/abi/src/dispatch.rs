@@ -20,7 +20,7 @@ type Res = Result<(), Errno>;
 pub struct Ucmd<'a> {
     pub ctx: &'a Arc<Context>,
     pub mem: &'a dyn UserMemory,
-    arg: u64,
+    pub(crate) arg: u64,
     user_size: u32,
 }
 
@@ -102,11 +102,14 @@ static OPS: [Option<Op>; NOPS] = [
 /// Largest struct in the table; commands are decoded into a stack buffer.
 const MAX_SIZE: usize = 72;
 
-/// Runs one iommufd ioctl. `arg` is the caller's pointer to the struct.
-pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Res {
+/// Runs one ioctl on an iommufd. `arg` is the caller's argument (for
+/// iommufd's own commands, a pointer to the struct). `Ok` carries the value
+/// the ioctl returns.
+pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
     let nr = request & 0xff;
     let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
-        return Err(Errno::ENOTTY);
+        // Outside iommufd's numbers: VFIO's container ioctls, as Linux routes them.
+        return crate::vfio::ioctl(&Ucmd { ctx, mem, arg, user_size: 0 }, request);
     };
     let mut size = [0u8; 4];
     mem.read(arg, &mut size)?;
@@ -121,7 +124,7 @@ pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -
     let known = op.size.min(user_size as usize);
     mem.read(arg, &mut buf[..known])?;
     check_zeroed(mem, arg + op.size as u64, (user_size as usize).saturating_sub(op.size))?;
-    (op.run)(&Ucmd { ctx, mem, arg, user_size }, &buf[..op.size])
+    (op.run)(&Ucmd { ctx, mem, arg, user_size }, &buf[..op.size]).map(|()| 0)
 }
 
 /// `E2BIG` unless the caller's bytes past what we understand are all zero.

@@ -8,6 +8,7 @@ pub mod files;
 pub mod selftest;
 pub mod uapi;
 pub mod user;
+pub mod vfio;
 
 pub use dispatch::ioctl;
 pub use errno::Errno;

@@ -16,7 +16,7 @@ fn ctx() -> Arc<Context> {
 }
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64)
+    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
 }
 
 fn sz<T>() -> u32 {
@@ -94,7 +94,7 @@ errno_test!(dispatch_nonzero_tail_is_e2big, E2BIG, {
     c[5] = 1;
     call(&ctx(), IOMMU_IOAS_ALLOC, &mut c)
 });
-errno_test!(dispatch_unreadable_struct_is_efault, EFAULT, { ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, 8) });
+errno_test!(dispatch_unreadable_struct_is_efault, EFAULT, { ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, 8).map(drop) });
 errno_test!(dispatch_unreadable_tail_is_efault, EFAULT, {
     // The struct ends a page; the page after it is inaccessible.
     let buf = HostBuffer::new(2 * PAGE as usize).unwrap();
@@ -105,7 +105,7 @@ errno_test!(dispatch_unreadable_tail_is_efault, EFAULT, {
     let at = buf.addr() + PAGE - 12;
     let c = iommu_ioas_alloc { size: 64, ..Default::default() };
     buf.write_at((PAGE - 12) as usize, c.as_bytes());
-    ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, at)
+    ioctl(&ctx(), &InProcess, IOMMU_IOAS_ALLOC, at).map(drop)
 });
 
 #[test]

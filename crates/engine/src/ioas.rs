@@ -539,6 +539,18 @@ impl Ioas {
         Ok(())
     }
 
+    /// The page sizes every domain here supports, as VFIO type1 reports
+    /// them: sub-page sizes fold into the CPU page, and never below the IOVA
+    /// alignment.
+    pub fn pgsize_bitmap(&self) -> u64 {
+        let g = self.lock();
+        let mut bitmap = g.domains.iter().fold(u64::MAX, |acc, d| acc & d.pgsize_bitmap());
+        if bitmap & (PAGE_SIZE - 1) != 0 {
+            bitmap = (bitmap & !(PAGE_SIZE - 1)) | PAGE_SIZE;
+        }
+        bitmap.max(g.iova_alignment)
+    }
+
     /// The current mappings, in IOVA order.
     pub fn areas(&self) -> Vec<AreaInfo> {
         self.lock()

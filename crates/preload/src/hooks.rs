@@ -92,7 +92,7 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     hook(fwd, || match files::context(fd) {
         None => fwd(),
         Some(ctx) => match ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64) {
-            Ok(()) => 0,
+            Ok(value) => value,
             Err(e) => {
                 set_errno(e.0);
                 -1
