@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_int;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use ioasid_engine::Context;
@@ -17,9 +18,19 @@ pub enum File {
     Iommufd(Arc<Context>),
     /// A selftest access (`IOMMU_TEST_OP_CREATE_ACCESS`).
     TestAccess(Arc<AccessFile>),
+    /// A thread's `fail-nth` file (the thread's ID).
+    FailNth(i32),
 }
 
 static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// How many `FailNth` descriptors exist, so `read` and `write` of every
+/// other descriptor skip the table.
+static FAIL_NTH_FILES: AtomicUsize = AtomicUsize::new(0);
+
+fn counted(file: Option<&File>) -> usize {
+    usize::from(matches!(file, Some(File::FailNth(_))))
+}
 
 fn files() -> MutexGuard<'static, HashMap<c_int, File>> {
     FILES.lock().unwrap_or_else(|e| e.into_inner())
@@ -32,7 +43,18 @@ pub fn get(fd: c_int) -> Option<File> {
 pub fn context(fd: c_int) -> Option<Arc<Context>> {
     match get(fd)? {
         File::Iommufd(ctx) => Some(ctx),
-        File::TestAccess(_) => None,
+        File::TestAccess(_) | File::FailNth(_) => None,
+    }
+}
+
+/// The thread whose `fail-nth` file `fd` is, if it is one.
+pub fn fail_nth(fd: c_int) -> Option<i32> {
+    if FAIL_NTH_FILES.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    match get(fd)? {
+        File::FailNth(tid) => Some(tid),
+        _ => None,
     }
 }
 
@@ -40,13 +62,16 @@ pub fn context(fd: c_int) -> Option<Arc<Context>> {
 pub fn insert(fd: c_int, file: File) {
     // What `fd` named before was closed by the call that reused the number;
     // it is dropped outside the lock, since dropping may tear objects down.
+    FAIL_NTH_FILES.fetch_add(counted(Some(&file)), Ordering::AcqRel);
     let old = files().insert(fd, file);
+    FAIL_NTH_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
     drop(old);
 }
 
 /// `fd` was closed: an object goes with its last descriptor.
 pub fn remove(fd: c_int) {
     let old = files().remove(&fd);
+    FAIL_NTH_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
     drop(old);
 }
 

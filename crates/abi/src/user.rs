@@ -46,8 +46,15 @@ pub fn dup_fd(fd: i32) -> Result<OwnedFd, Errno> {
 /// Linux's anonymous-inode files are). It is a memfd: a real descriptor that
 /// ordinary fd handling works on.
 pub fn new_fd(name: &std::ffi::CStr) -> Result<OwnedFd, Errno> {
+    new_fd_with(name, true)
+}
+
+/// `new_fd`, choosing close-on-exec (as `open` does with `O_CLOEXEC`).
+pub fn new_fd_with(name: &std::ffi::CStr, cloexec: bool) -> Result<OwnedFd, Errno> {
+    ioasid_engine::inject::check("file")?;
+    let flags = if cloexec { libc::MFD_CLOEXEC } else { 0 };
     // SAFETY: memfd_create with a valid nul-terminated name.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
         return Err(Errno::ENOMEM);
     }

@@ -140,6 +140,7 @@ impl Context {
     }
 
     fn insert(&self, obj: Object) -> Result<u32> {
+        crate::inject::check("object ID")?;
         let mut t = self.table();
         // The lowest free ID, like an allocating xarray.
         let mut id = 1u32;

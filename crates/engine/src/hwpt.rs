@@ -277,6 +277,7 @@ impl HwptPaging {
         flags: HwptFlags,
         auto: bool,
     ) -> crate::Result<Arc<HwptPaging>> {
+        crate::inject::check("domain")?;
         let domain = Arc::new(Domain::with_dirty(format, aperture, flags.dirty_tracking));
         ioas.add_domain(&domain)?;
         Ok(Arc::new(HwptPaging { domain, ioas, flags, auto }))

@@ -95,6 +95,7 @@ impl Ioas {
     /// here when `iova` is `None`. Returns the IOVA used.
     pub fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
         let total: u64 = srcs.iter().map(|s| s.len).sum();
+        crate::inject::check("area")?;
         let mut g = self.lock();
         if total == 0 || total & (g.iova_alignment - 1) != 0 {
             return Err(Error::Invalid("length is zero or not aligned to the IOVA alignment"));
@@ -433,6 +434,7 @@ impl Ioas {
     /// access pin and its pages are pinned. Returns the pinned parts and the
     /// host address of each CPU page.
     pub(crate) fn access_pin(&self, range: IovaRange, write: bool) -> Result<(Vec<Pinned>, Vec<u64>)> {
+        crate::inject::check("access pin")?;
         let mut g = self.lock();
         let parts = g.contig(range)?;
         let mut pinned: Vec<Pinned> = Vec::with_capacity(parts.len());
@@ -485,6 +487,7 @@ impl Ioas {
     /// without a page table: through the memory behind the areas.
     pub(crate) fn access_rw(&self, iova: u64, buf: &mut [u8], write: bool) -> Result<()> {
         let range = IovaRange::from_len(iova, buf.len() as u64)?;
+        crate::inject::check("access copy")?;
         let g = self.lock();
         let mut done = 0usize;
         let mut result = Ok(());
@@ -639,6 +642,7 @@ impl Inner {
     }
 
     fn reserve(&mut self, r: IovaRange, owner: Owner) -> Result<()> {
+        crate::inject::check("reserved range")?;
         if self.first_area_in(r).is_some() || self.allowed.iter().any(|a| a.overlaps(&r)) {
             return Err(Error::AddrInUse("range is mapped or allowed"));
         }

@@ -31,6 +31,7 @@ pub mod device;
 pub mod epoch;
 pub mod error;
 pub mod hwpt;
+pub mod inject;
 pub mod ioas;
 pub mod iotlb;
 pub mod iova;

@@ -72,6 +72,7 @@ impl Pages {
             return Err(Error::Invalid("length is zero or too large"));
         }
         uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
+        crate::inject::check("pages")?;
         let base = uptr & !(PAGE_SIZE - 1);
         let lead = uptr - base;
         let pages = Pages {
@@ -97,6 +98,7 @@ impl Pages {
         if length == 0 || length > u64::MAX - PAGE_SIZE {
             return Err(Error::Invalid("length is zero or too large"));
         }
+        crate::inject::check("pages")?;
         let map = FileMapping::new(fd, start, length, writable)?;
         let lead = start % PAGE_SIZE;
         let pages = Pages {
@@ -140,6 +142,7 @@ impl Pages {
         let before = pinned_pages(pins.iter().copied());
         let after = pinned_pages(pins.iter().copied().chain([range]));
         if after > before {
+            crate::inject::check("pin")?;
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }

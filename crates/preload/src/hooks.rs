@@ -8,7 +8,7 @@ use ioasid_abi::InProcess;
 use ioasid_abi::files::{self, File};
 use ioasid_engine::Context;
 
-use crate::real;
+use crate::{fail_nth, real};
 
 thread_local! {
     /// Set while a hook runs, so calls made from inside it are forwarded.
@@ -36,20 +36,39 @@ fn set_errno(e: c_int) {
 
 const IOMMU: &CStr = c"/dev/iommu";
 
-fn is_iommu(path: *const c_char) -> bool {
-    // SAFETY: `open`'s contract: a valid nul-terminated path (or null).
-    !path.is_null() && unsafe { CStr::from_ptr(path) } == IOMMU
+/// A new context behind a real descriptor.
+fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
+    let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    files::insert(fd, File::Iommufd(Arc::new(Context::new())));
+    Ok(fd)
 }
 
-/// A new context behind a real descriptor.
-fn open_iommu(flags: c_int) -> c_int {
-    let cloexec = if flags & libc::O_CLOEXEC != 0 { libc::MFD_CLOEXEC } else { 0 };
-    // SAFETY: memfd_create with a valid name; the fd it returns is ours to hand out.
-    let fd = unsafe { libc::memfd_create(c"ioasid:/dev/iommu".as_ptr(), cloexec) };
-    if fd >= 0 {
-        files::insert(fd, File::Iommufd(Arc::new(Context::new())));
+/// The descriptor to return for an open of `path`, or `None` to forward it.
+fn open_special(dirfd: c_int, path: *const c_char, flags: c_int, fwd: impl FnOnce() -> c_int) -> c_int {
+    if path.is_null() {
+        return fwd();
     }
-    fd
+    // SAFETY: `open`'s contract: a valid nul-terminated path.
+    let p = unsafe { CStr::from_ptr(path) };
+    let r = if p == IOMMU {
+        open_iommu(flags)
+    } else if let Some(tid) = fail_nth::thread_of(p) {
+        fail_nth::open(tid, flags)
+    } else if fail_nth::is_debugfs_knob(dirfd, p) {
+        let fd = fwd();
+        // SAFETY: reading this thread's errno.
+        if fd >= 0 || unsafe { *libc::__errno_location() } != libc::ENOENT {
+            return fd;
+        }
+        fail_nth::knob_sink(flags)
+    } else {
+        return fwd();
+    };
+    r.unwrap_or_else(|e| {
+        set_errno(e);
+        -1
+    })
 }
 
 macro_rules! open_hook {
@@ -60,7 +79,7 @@ macro_rules! open_hook {
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
             let fwd = || unsafe { real::$real()(path, flags, mode) };
-            hook(fwd, || if is_iommu(path) { open_iommu(flags) } else { fwd() })
+            hook(fwd, || open_special(libc::AT_FDCWD, path, flags, fwd))
         }
     };
 }
@@ -73,7 +92,7 @@ macro_rules! openat_hook {
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
             let fwd = || unsafe { real::$real()(dirfd, path, flags, mode) };
-            hook(fwd, || if is_iommu(path) { open_iommu(flags) } else { fwd() })
+            hook(fwd, || open_special(dirfd, path, flags, fwd))
         }
     };
 }
@@ -166,3 +185,53 @@ macro_rules! fcntl_hook {
 
 fcntl_hook!(fcntl, fcntl);
 fcntl_hook!(fcntl64, fcntl64);
+
+macro_rules! read_hook {
+    ($name:ident, $real:ident $(, $off:ident)?) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
+            let Some(tid) = files::fail_nth(fd) else {
+                // SAFETY: forwarding the caller's own arguments.
+                return unsafe { real::$real()(fd, buf, count $(, $off)?) };
+            };
+            #[allow(unused_mut, unused_assignments)]
+            let mut offset = 0usize;
+            $(offset = $off.max(0) as usize;)?
+            // SAFETY: the caller hands us `count` writable bytes at `buf`.
+            let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
+            fail_nth::read(tid, out, offset) as isize
+        }
+    };
+}
+
+macro_rules! write_hook {
+    ($name:ident, $real:ident $(, $off:ident)?) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
+            let Some(tid) = files::fail_nth(fd) else {
+                // SAFETY: forwarding the caller's own arguments.
+                return unsafe { real::$real()(fd, buf, count $(, $off)?) };
+            };
+            // SAFETY: the caller hands us `count` readable bytes at `buf`.
+            let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) };
+            fail_nth::write(tid, data).map_or_else(
+                |e| {
+                    set_errno(e);
+                    -1
+                },
+                |n| n as isize,
+            )
+        }
+    };
+}
+
+read_hook!(read, read);
+read_hook!(pread, pread, offset);
+read_hook!(pread64, pread64, offset);
+write_hook!(write, write);
+write_hook!(pwrite, pwrite, offset);
+write_hook!(pwrite64, pwrite64, offset);

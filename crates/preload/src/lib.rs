@@ -8,5 +8,6 @@
 //! the C library untouched. While a hook runs, calls it makes itself (the
 //! engine reading `/proc`, say) go straight to the C library.
 
+mod fail_nth;
 mod hooks;
 mod real;

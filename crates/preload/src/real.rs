@@ -12,6 +12,10 @@ pub type DupFn = unsafe extern "C" fn(c_int) -> c_int;
 pub type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 pub type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 pub type FcntlFn = unsafe extern "C" fn(c_int, c_int, c_ulong) -> c_int;
+pub type ReadFn = unsafe extern "C" fn(c_int, *mut c_void, usize) -> isize;
+pub type WriteFn = unsafe extern "C" fn(c_int, *const c_void, usize) -> isize;
+pub type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, usize, i64) -> isize;
+pub type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, usize, i64) -> isize;
 
 /// The next definition of `name` (nul-terminated), as a function pointer of
 /// type `T`, looked up once.
@@ -54,3 +58,9 @@ forward!(dup2, Dup2Fn, "dup2");
 forward!(dup3, Dup3Fn, "dup3");
 forward!(fcntl, FcntlFn, "fcntl");
 forward!(fcntl64, FcntlFn, "fcntl64");
+forward!(read, ReadFn, "read");
+forward!(write, WriteFn, "write");
+forward!(pread, PreadFn, "pread");
+forward!(pread64, PreadFn, "pread64");
+forward!(pwrite, PwriteFn, "pwrite");
+forward!(pwrite64, PwriteFn, "pwrite64");

@@ -267,6 +267,7 @@ impl MapOp {
                     }
                     Pte::Table(next) => next as *const Table,
                     Pte::None => {
+                        crate::inject::check("page table")?;
                         let t = Box::into_raw(Table::new());
                         slot.store(F::table(t as u64), Ordering::Release);
                         t.cast_const()

@@ -1,0 +1,84 @@
+//! Failure injection, as Linux's `/proc/<pid>/task/<tid>/fail-nth` does it:
+//! a thread armed with N has the Nth fallible step it reaches fail (with
+//! `ENOMEM`, as a failed allocation would), and then reads back 0. Every
+//! fallible step of the engine calls [`check`], so a test can sweep every
+//! failure path of an operation and check that each ends cleanly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+
+/// Threads with a non-zero count; lets `check` skip the lock when none is.
+static ARMED: AtomicUsize = AtomicUsize::new(0);
+static NTH: LazyLock<Mutex<HashMap<i32, u32>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn nth() -> MutexGuard<'static, HashMap<i32, u32>> {
+    NTH.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set(map: &mut HashMap<i32, u32>, tid: i32, n: u32) {
+    let old = map.insert(tid, n).unwrap_or(0);
+    match (old > 0, n > 0) {
+        (false, true) => ARMED.fetch_add(1, Ordering::AcqRel),
+        (true, false) => ARMED.fetch_sub(1, Ordering::AcqRel),
+        _ => 0,
+    };
+}
+
+/// Arms thread `tid` to fail its `n`th fallible step (0 disarms).
+pub fn set_fail_nth(tid: i32, n: u32) {
+    set(&mut nth(), tid, n);
+}
+
+/// What thread `tid` would read from its `fail-nth`: 0 once the failure
+/// fired (or when never armed), else the steps still to go.
+pub fn fail_nth(tid: i32) -> u32 {
+    nth().get(&tid).copied().unwrap_or(0)
+}
+
+pub fn current_tid() -> i32 {
+    rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+/// A fallible step: fails when the calling thread's count runs out here.
+pub fn check(what: &'static str) -> Result<()> {
+    if ARMED.load(Ordering::Acquire) == 0 {
+        return Ok(());
+    }
+    let tid = current_tid();
+    let mut map = nth();
+    match map.get(&tid).copied() {
+        Some(n) if n > 0 => {
+            set(&mut map, tid, n - 1);
+            if n == 1 { Err(Error::NoMemory(what)) } else { Ok(()) }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nth_check_fails_once() {
+        let tid = current_tid();
+        set_fail_nth(tid, 3);
+        assert!(check("a").is_ok());
+        assert_eq!(fail_nth(tid), 2);
+        assert!(check("b").is_ok());
+        assert_eq!(check("c"), Err(Error::NoMemory("c")));
+        assert_eq!(fail_nth(tid), 0);
+        assert!(check("d").is_ok());
+    }
+
+    #[test]
+    fn other_threads_are_not_affected() {
+        let tid = current_tid();
+        set_fail_nth(tid, 1);
+        std::thread::spawn(|| assert!(check("elsewhere").is_ok())).join().unwrap();
+        assert!(check("here").is_err());
+    }
+}
