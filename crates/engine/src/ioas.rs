@@ -732,7 +732,12 @@ impl Inner {
 
     fn recalc_alignment(&mut self) -> Result<()> {
         let base = if self.disable_large_pages { PAGE_SIZE } else { 1 };
-        let align = self.domains.iter().map(|d| 1u64 << d.pgsize_bitmap().trailing_zeros()).fold(base, u64::max);
+        let align = self
+            .domains
+            .iter()
+            .map(|d| 1u64 << d.pgsize_bitmap().trailing_zeros())
+            .chain(self.accesses.iter().map(|(_, a)| *a))
+            .fold(base, u64::max);
         if align > self.iova_alignment {
             self.check_alignment(align)?;
         }
