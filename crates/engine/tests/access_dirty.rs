@@ -26,7 +26,7 @@ impl AccessOps for Driver {
         let access = self.access.lock().unwrap().as_ref().and_then(Weak::upgrade);
         let last = iova.saturating_add(len - 1);
         self.pins.lock().unwrap().retain(|&(i, l)| {
-            let hit = i <= last && iova <= i + l - 1;
+            let hit = i <= last && iova < i + l;
             if hit && let Some(a) = &access {
                 a.unpin_pages(i, l);
             }
