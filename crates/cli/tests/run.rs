@@ -1,0 +1,130 @@
+//! `ioasid run` end to end: a C program, built here, opens /dev/iommu and
+//! uses it as a program written for Linux would.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PROGRAM: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/types.h>
+
+struct ioas_alloc { __u32 size, flags, out_ioas_id; };
+struct ioas_map { __u32 size, flags, ioas_id, reserved; __u64 user_va, length, iova; };
+#define IOAS_ALLOC ((';' << 8) | 0x81)
+#define IOAS_MAP ((';' << 8) | 0x85)
+#define VFIO_CHECK_EXTENSION ((';' << 8) | 101)
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); return 1; } } while (0)
+
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR | O_CLOEXEC);
+    CHECK(fd >= 0);
+    CHECK((fcntl(fd, F_GETFD) & FD_CLOEXEC) != 0);
+    struct ioas_alloc a = { sizeof(a), 0, 0 };
+    CHECK(ioctl(fd, IOAS_ALLOC, &a) == 0 && a.out_ioas_id == 1);
+
+    /* A duplicate names the same context. */
+    int fd2 = fcntl(fd, F_DUPFD_CLOEXEC, 100);
+    CHECK(fd2 >= 100);
+    close(fd);
+    void *buf = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    struct ioas_map m = { sizeof(m), 6, a.out_ioas_id, 0, (__u64)buf, 8192, 0 };
+    CHECK(ioctl(fd2, IOAS_MAP, &m) == 0 && m.iova != 0);
+
+    /* Errors come back through errno, as from the kernel. */
+    a.flags = 1;
+    CHECK(ioctl(fd2, IOAS_ALLOC, &a) == -1 && errno == EOPNOTSUPP);
+    CHECK(ioctl(fd2, VFIO_CHECK_EXTENSION, 3) == 1);
+
+    /* Closing the last descriptor ends the context. */
+    dup2(fd2, 200);
+    close(fd2);
+    CHECK(ioctl(200, IOAS_ALLOC, &a) == -1 && errno == EOPNOTSUPP);
+    close(200);
+    CHECK(ioctl(200, IOAS_ALLOC, &a) == -1 && errno == EBADF);
+
+    /* Failure injection through fail-nth. */
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/task/%d/fail-nth", getpid());
+    int nth = open(path, O_RDWR);
+    CHECK(nth >= 0);
+    CHECK(pwrite(nth, "1", 1, 0) == 1);
+    CHECK(open("/dev/iommu", O_RDWR) == -1 && errno == ENOMEM);
+    char out[8] = {0};
+    CHECK(pread(nth, out, sizeof(out), 0) == 2 && out[0] == '0');
+    CHECK(open("/dev/iommu", O_RDWR) >= 0);
+
+    /* Ordinary files are untouched. */
+    CHECK(open("/definitely/not/here", O_RDONLY) == -1 && errno == ENOENT);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+fn target_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn build_shim() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "ioasid-preload"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the shim failed");
+    assert!(target_dir().join("libioasid_preload.so").is_file());
+}
+
+fn compile(dir: &Path) -> PathBuf {
+    let src = dir.join("prog.c");
+    std::fs::write(&src, PROGRAM).unwrap();
+    let exe = dir.join("prog");
+    let status = Command::new("cc").arg("-o").arg(&exe).arg(&src).status().expect("a C compiler (cc)");
+    assert!(status.success(), "compiling the test program failed");
+    exe
+}
+
+#[test]
+fn a_c_program_gets_a_working_dev_iommu() {
+    build_shim();
+    let dir = std::env::temp_dir().join(format!("ioasid-run-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = compile(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
+        .arg("run")
+        .arg("--")
+        .arg(&prog)
+        .env("IOASID_PRELOAD", target_dir().join("libioasid_preload.so"))
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.trim() == "ok", "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn run_without_a_program_is_a_usage_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasid")).arg("run").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("required"));
+}
+
+#[test]
+fn run_reports_a_missing_shim_clearly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
+        .args(["run", "--", "true"])
+        .env("IOASID_PRELOAD", "/nonexistent/libioasid_preload.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("IOASID_PRELOAD"));
+}
