@@ -5,7 +5,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use ioasid_engine::{AccountMode, Context, HwptFlags, IovaRange, Perm};
+use ioasid_engine::{AccountMode, Context, HwptFlags, HwptPaging, IovaRange, NestedData, Object, Perm};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -78,7 +78,7 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_HWPT_SET_DIRTY_TRACKING, iommu_hwpt_set_dirty_tracking, __reserved, hwpt_set_dirty_tracking),
     op!(IOMMU_HWPT_GET_DIRTY_BITMAP, iommu_hwpt_get_dirty_bitmap, data, hwpt_get_dirty_bitmap),
     op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
-    None, // IOMMU_FAULT_QUEUE_ALLOC: I/O page faults
+    op!(IOMMU_FAULT_QUEUE_ALLOC, iommu_fault_alloc, out_fault_fd, fault_alloc),
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
     None, // 0x90 IOMMU_VIOMMU_ALLOC
     None, // 0x91 IOMMU_VDEVICE_ALLOC
@@ -289,8 +289,9 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
     }
     let dev = u.ctx.device(c.dev_id)?;
     let pt = u.ctx.object(c.pt_id).map_err(|_| Errno::EINVAL)?;
-    match pt {
-        ioasid_engine::Object::Ioas(_) => {
+    let fault = (c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0).then_some(c.fault_id);
+    let id = match pt {
+        Object::Ioas(_) => {
             let valid = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | IOMMU_HWPT_FAULT_ID_VALID;
             if c.flags & !valid != 0 {
                 return Err(Errno::EOPNOTSUPP);
@@ -305,27 +306,71 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
                 // No paging format here takes driver data.
                 return Err(Errno::EOPNOTSUPP);
             }
+            let flags = HwptFlags {
+                nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
+                dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
+            };
+            u.ctx.hwpt_alloc(c.dev_id, c.pt_id, flags, fault)?
         }
-        // Nested HWPTs need a stage-1 format this IOMMU model lacks.
-        ioasid_engine::Object::HwptPaging(_) => return Err(Errno::EOPNOTSUPP),
-        ioasid_engine::Object::Device(_) | ioasid_engine::Object::Selftest(_) | ioasid_engine::Object::Access(_) => {
-            return Err(Errno::EINVAL);
+        Object::HwptPaging(parent) => {
+            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            parent.check_nest_parent()?;
+            let data = nested_data(u, &parent, &c)?;
+            u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
         }
-    }
-    let flags = HwptFlags {
-        nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
-        dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
+        _ => return Err(Errno::EINVAL),
     };
-    let id = u.ctx.hwpt_alloc(c.dev_id, c.pt_id, flags)?;
-    if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 {
-        // Fault queues do not exist in this context, so no ID names one.
-        let _ = u.ctx.destroy(id);
-        return Err(Errno::ENOENT);
-    }
     c.out_hwpt_id = id;
     u.respond(&c).inspect_err(|_| {
         let _ = u.ctx.destroy(id);
     })
+}
+
+/// The stage-1 data of a nested HWPT, in the type the parent's IOMMU takes.
+fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<NestedData, Errno> {
+    if !parent.domain().format().is_mock() || c.data_type != selftest::IOMMU_HWPT_DATA_SELFTEST {
+        // Vendor stage-1 formats come with the vendor IOMMU models.
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let mut cfg = selftest::iommu_hwpt_selftest::default();
+    copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
+    Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) })
+}
+
+/// Linux's `iommu_copy_struct_from_user`: driver data of `len` bytes must
+/// hold at least `min` and at most `out.len()`; the rest of `out` stays zero.
+pub(crate) fn copy_driver_data(mem: &dyn UserMemory, uptr: u64, len: usize, min: usize, out: &mut [u8]) -> Res {
+    if len < min || len > out.len() {
+        return Err(Errno::EINVAL);
+    }
+    mem.read(uptr, &mut out[..len])
+}
+
+fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
+    if c.flags != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let (id, queue) = u.ctx.fault_alloc()?;
+    let fd = match crate::user::new_fd(c"ioasid:[iommufd-pgfault]") {
+        Ok(fd) => fd,
+        Err(e) => {
+            drop(queue);
+            let _ = u.ctx.destroy(id);
+            return Err(e);
+        }
+    };
+    c.out_fault_id = id;
+    c.out_fault_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    if let Err(e) = u.respond(&c) {
+        drop(queue);
+        let _ = u.ctx.destroy(id);
+        return Err(e);
+    }
+    let file = crate::fault::FaultFile { _ctx: u.ctx.clone(), queue };
+    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), crate::files::File::Fault(Arc::new(file)));
+    Ok(())
 }
 
 fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
@@ -381,6 +426,7 @@ fn vfio_ioas(u: &Ucmd, mut c: iommu_vfio_ioas) -> Res {
 const INVALIDATE_ENTRY_NUM_MAX: u32 = 1 << 19;
 
 fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
+    let mut processed = 0;
     let rc = if c.__reserved != 0 {
         Err(Errno::EOPNOTSUPP)
     } else if c.entry_num != 0
@@ -388,12 +434,20 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
     {
         Err(Errno::EINVAL)
     } else {
-        // Only nested HWPTs take user invalidations, and the IOMMU models
-        // here have no stage-1 format yet, so no ID names one.
-        Err(Errno::ENOENT)
+        // Only nested HWPTs take user invalidations.
+        match u.ctx.object(c.hwpt_id) {
+            Ok(Object::HwptNested(n)) => match n.data() {
+                NestedData::Selftest { iotlb } => {
+                    let (done, rc) = selftest::invalidate(u, &c, iotlb);
+                    processed = done;
+                    rc
+                }
+            },
+            _ => Err(Errno::ENOENT),
+        }
     };
     // Linux reports how many entries it handled, even on failure.
-    c.entry_num = 0;
+    c.entry_num = processed;
     u.respond(&c).map_err(|_| Errno::EFAULT)?;
     rc
 }

@@ -26,6 +26,7 @@ impl Errno {
     pub const EIO: Errno = Errno(libc::EIO);
     pub const EBADFD: Errno = Errno(libc::EBADFD);
     pub const EBADE: Errno = Errno(libc::EBADE);
+    pub const ESPIPE: Errno = Errno(libc::ESPIPE);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -48,6 +49,7 @@ impl Errno {
             libc::EIO => "EIO",
             libc::EBADFD => "EBADFD",
             libc::EBADE => "EBADE",
+            libc::ESPIPE => "ESPIPE",
             _ => "errno",
         }
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use ioasid_engine::Context;
 
+use crate::fault::FaultFile;
 use crate::selftest::AccessFile;
 
 #[derive(Clone)]
@@ -20,16 +21,18 @@ pub enum File {
     TestAccess(Arc<AccessFile>),
     /// A thread's `fail-nth` file (the thread's ID).
     FailNth(i32),
+    /// A fault queue (`IOMMU_FAULT_QUEUE_ALLOC`).
+    Fault(Arc<FaultFile>),
 }
 
 static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// How many `FailNth` descriptors exist, so `read` and `write` of every
-/// other descriptor skip the table.
-static FAIL_NTH_FILES: AtomicUsize = AtomicUsize::new(0);
+/// How many descriptors have their own `read` and `write`, so those calls
+/// on every other descriptor skip the table.
+static RW_FILES: AtomicUsize = AtomicUsize::new(0);
 
 fn counted(file: Option<&File>) -> usize {
-    usize::from(matches!(file, Some(File::FailNth(_))))
+    usize::from(matches!(file, Some(File::FailNth(_) | File::Fault(_))))
 }
 
 fn files() -> MutexGuard<'static, HashMap<c_int, File>> {
@@ -43,35 +46,32 @@ pub fn get(fd: c_int) -> Option<File> {
 pub fn context(fd: c_int) -> Option<Arc<Context>> {
     match get(fd)? {
         File::Iommufd(ctx) => Some(ctx),
-        File::TestAccess(_) | File::FailNth(_) => None,
+        _ => None,
     }
 }
 
-/// The thread whose `fail-nth` file `fd` is, if it is one.
-pub fn fail_nth(fd: c_int) -> Option<i32> {
-    if FAIL_NTH_FILES.load(Ordering::Acquire) == 0 {
+/// `fd`, when `read` and `write` on it are ours to answer.
+pub fn rw_file(fd: c_int) -> Option<File> {
+    if RW_FILES.load(Ordering::Acquire) == 0 {
         return None;
     }
-    match get(fd)? {
-        File::FailNth(tid) => Some(tid),
-        _ => None,
-    }
+    get(fd).filter(|f| counted(Some(f)) == 1)
 }
 
 /// `fd` now refers to `file` (a new open, or a duplicate).
 pub fn insert(fd: c_int, file: File) {
     // What `fd` named before was closed by the call that reused the number;
     // it is dropped outside the lock, since dropping may tear objects down.
-    FAIL_NTH_FILES.fetch_add(counted(Some(&file)), Ordering::AcqRel);
+    RW_FILES.fetch_add(counted(Some(&file)), Ordering::AcqRel);
     let old = files().insert(fd, file);
-    FAIL_NTH_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
+    RW_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
     drop(old);
 }
 
 /// `fd` was closed: an object goes with its last descriptor.
 pub fn remove(fd: c_int) {
     let old = files().remove(&fd);
-    FAIL_NTH_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
+    RW_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
     drop(old);
 }
 

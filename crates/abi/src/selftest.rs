@@ -7,8 +7,9 @@ use std::os::fd::IntoRawFd;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ioasid_engine::device::MockFlags;
+use ioasid_engine::fault::{Group, LAST_PAGE, PASID_VALID, PageRequest};
 use ioasid_engine::ioas::Owner;
-use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, Object, PAGE_SIZE, memory, pages};
+use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, memory, pages};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::dispatch::Ucmd;
@@ -46,6 +47,11 @@ pub const MOCK_FLAGS_DEVICE_HUGE_IOVA: u32 = 1 << 1;
 pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
 pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
+pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0xbad_beef;
+pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
+pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
 pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
 pub const MOCK_IO_PAGE_SIZE: u64 = PAGE_SIZE / 2;
 
@@ -63,6 +69,21 @@ pub struct iommu_test_cmd {
 }
 const _: () = assert!(size_of::<iommu_test_cmd>() == 72);
 pub const TEST_CMD_MIN_SIZE: usize = core::mem::offset_of!(iommu_test_cmd, last) + 4;
+
+/// `struct iommu_hwpt_selftest`: a selftest nested HWPT's data.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct iommu_hwpt_selftest {
+    pub iotlb: u32,
+}
+
+/// `struct iommu_hwpt_invalidate_selftest`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct iommu_hwpt_invalidate_selftest {
+    pub flags: u32,
+    pub iotlb_id: u32,
+}
 
 /// `struct iommu_test_hw_info`.
 #[repr(C)]
@@ -91,6 +112,8 @@ union_arm!(DestroyAccessPages { access_pages_id: u32 });
 union_arm!(AccessPages { flags: u32, out_access_pages_id: u32, iova: u64, length: u64, uptr: u64 });
 union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 });
 union_arm!(AccessReplaceIoas { ioas_id: u32 });
+union_arm!(CheckIotlb { id: u32, iotlb: u32 });
+union_arm!(TriggerIopf { dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64 });
 union_arm!(Dirty { flags: u32, __pad: u32, iova: u64, length: u64, page_size: u64, uptr: u64, out_nr_dirty: u64 });
 
 impl iommu_test_cmd {
@@ -153,6 +176,20 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
             Ok(f.ctx.access_replace(f.id, a.ioas_id)?)
         }
         IOMMU_TEST_OP_DIRTY => dirty(u, c),
+        IOMMU_TEST_OP_MD_CHECK_IOTLB => {
+            let a: CheckIotlb = c.arm();
+            let nested = match u.ctx.object(c.id)? {
+                Object::HwptNested(n) => n,
+                _ => return Err(Errno::ENOENT),
+            };
+            let NestedData::Selftest { iotlb } = nested.data();
+            let iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
+            match iotlb.get(a.id as usize) {
+                Some(&v) if v == a.iotlb => Ok(()),
+                _ => Err(Errno::EINVAL),
+            }
+        }
+        IOMMU_TEST_OP_TRIGGER_IOPF => trigger_iopf(u, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
@@ -380,6 +417,56 @@ fn access_rw(u: &Ucmd, fd: u32, a: AccessRw) -> Res {
         u.mem.write(a.uptr, &tmp)?;
     }
     Ok(())
+}
+
+/// The mock IOMMU reporting a page request from a device, as a PCIe PRI
+/// message would; it goes to the fault queue of the HWPT the device is
+/// attached to (the RID's, when nothing is attached at that PASID).
+fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
+    let dev = u.ctx.device(a.dev_id)?;
+    if !dev.info().format.is_mock() {
+        return Err(Errno::EINVAL);
+    }
+    let flags = LAST_PAGE | if a.pasid != 0 { PASID_VALID } else { 0 };
+    let request = PageRequest { flags, dev_id: a.dev_id, pasid: a.pasid, grpid: a.grpid, perm: a.perm, addr: a.addr };
+    if let Some(queue) = dev.attached().as_ref().and_then(|h| h.fault()) {
+        queue.report(Group { requests: vec![request] });
+    }
+    Ok(())
+}
+
+/// `IOMMU_HWPT_INVALIDATE` of a selftest nested HWPT: each entry clears one
+/// mock IOTLB entry, or all of them. Returns the entries handled and how
+/// the call ends.
+pub fn invalidate(
+    u: &Ucmd,
+    c: &crate::uapi::iommu_hwpt_invalidate,
+    iotlb: &Mutex<[u32; 4]>,
+) -> (u32, Result<(), Errno>) {
+    if c.data_type != IOMMU_HWPT_INVALIDATE_DATA_SELFTEST {
+        return (0, Err(Errno::EINVAL));
+    }
+    let mut iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
+    for i in 0..c.entry_num {
+        let mut inv = iommu_hwpt_invalidate_selftest::default();
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
+        let copied = crate::dispatch::copy_driver_data(u.mem, at, c.entry_len as usize, 8, inv.as_mut_bytes());
+        if let Err(e) = copied {
+            return (i, Err(e));
+        }
+        if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            return (i, Err(Errno::EOPNOTSUPP));
+        }
+        if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
+            return (i, Err(Errno::EINVAL));
+        }
+        if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            *iotlb = [0; 4];
+        } else {
+            iotlb[inv.iotlb_id as usize] = 0;
+        }
+    }
+    (c.entry_num, Ok(()))
 }
 
 /// The hardware info of a mock device.

@@ -11,7 +11,8 @@ use crate::access::{Access, AccessOps};
 use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
-use crate::hwpt::{HwptFlags, HwptPaging};
+use crate::fault::FaultQueue;
+use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData};
 use crate::ioas::{Ioas, Owner, Source};
 use crate::iova::IovaRange;
 use crate::memory::Trust;
@@ -31,6 +32,8 @@ pub enum Object {
     Selftest(Arc<SelftestDevice>),
     /// An in-engine user of an IOAS, owned by its driver.
     Access(Arc<Access>),
+    HwptNested(Arc<HwptNested>),
+    Fault(Arc<FaultQueue>),
 }
 
 #[derive(Default)]
@@ -52,6 +55,8 @@ impl Object {
             Object::Device(o) => Arc::strong_count(o),
             Object::Selftest(o) => Arc::strong_count(o),
             Object::Access(o) => Arc::strong_count(o),
+            Object::HwptNested(o) => Arc::strong_count(o),
+            Object::Fault(o) => Arc::strong_count(o),
         }
     }
 
@@ -62,6 +67,8 @@ impl Object {
             Object::Device(_) => "device",
             Object::Selftest(_) => "selftest device",
             Object::Access(_) => "access",
+            Object::HwptNested(_) => "HWPT nested",
+            Object::Fault(_) => "fault queue",
         }
     }
 }
@@ -408,17 +415,57 @@ impl Context {
         self.replace_locked(dev_id, pt_id)
     }
 
-    /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device.
-    pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags) -> Result<u32> {
+    /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device;
+    /// page requests on it go to fault queue `fault` when given.
+    pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags, fault: Option<u32>) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
         if flags.dirty_tracking && !dev.info().dirty_tracking {
             return Err(Error::Unsupported("the device's IOMMU cannot track dirty pages"));
         }
+        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
         let info = dev.info();
-        let hwpt = HwptPaging::new(ioas, info.format, info.aperture, flags, false)?;
+        let hwpt = HwptPaging::new(ioas, info.format, info.aperture, flags, false, fault)?;
         self.insert_hwpt(hwpt)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` of a nested HWPT over paging HWPT `parent_id`.
+    pub fn hwpt_alloc_nested(&self, dev_id: u32, parent_id: u32, data: NestedData, fault: Option<u32>) -> Result<u32> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let Object::HwptPaging(parent) = self.object(parent_id)? else {
+            return Err(Error::Invalid("a nested HWPT needs a paging parent"));
+        };
+        if !dev.info().format.compatible(parent.domain().format()) {
+            return Err(Error::Invalid("parent HWPT format does not match the device's IOMMU"));
+        }
+        parent.check_nest_parent()?;
+        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
+        let nested = parent.nest(data, fault)?;
+        self.insert(Object::HwptNested(nested))
+    }
+
+    /// `IOMMU_FAULT_QUEUE_ALLOC`.
+    pub fn fault_alloc(&self) -> Result<(u32, Arc<FaultQueue>)> {
+        let queue = FaultQueue::new();
+        Ok((self.insert(Object::Fault(queue.clone()))?, queue))
+    }
+
+    pub fn fault_queue(&self, id: u32) -> Result<Arc<FaultQueue>> {
+        match self.object(id)? {
+            Object::Fault(q) => Ok(q),
+            _ => Err(Error::NotFound("object is not a fault queue")),
+        }
+    }
+
+    /// A HWPT of either kind.
+    pub fn any_hwpt(&self, id: u32) -> Result<Hwpt> {
+        match self.object(id)? {
+            Object::HwptPaging(h) => Ok(Hwpt::Paging(h)),
+            Object::HwptNested(n) => Ok(Hwpt::Nested(n)),
+            _ => Err(Error::NotFound("object is not a HWPT")),
+        }
     }
 
     fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
@@ -426,7 +473,7 @@ impl Context {
     }
 
     /// Attaches a device (its RID) to an IOAS, through an automatically
-    /// created HWPT, or to a paging HWPT. Returns the HWPT's ID.
+    /// created HWPT, or to a HWPT. Returns the HWPT's ID.
     pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let _g = self.graph();
         self.attach_locked(dev_id, pt_id)
@@ -439,7 +486,7 @@ impl Context {
         }
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
         if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, Owner::Device(dev.key())) {
-            self.drop_if_unused_auto(id, hwpt);
+            self.release_attachment(hwpt);
             return Err(e);
         }
         dev.set_attached(Some(hwpt));
@@ -459,13 +506,13 @@ impl Context {
             return Err(Error::Invalid("device is not attached"));
         };
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        if Arc::ptr_eq(&old, &hwpt) {
+        if old.is_same(&hwpt) {
             return Ok(id);
         }
         let owner = Owner::Device(dev.key());
         let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
         if new_ioas && let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner) {
-            self.drop_if_unused_auto(id, hwpt);
+            self.release_attachment(hwpt);
             return Err(e);
         }
         let old = dev.set_attached(Some(hwpt)).expect("attached above");
@@ -495,18 +542,11 @@ impl Context {
 
     /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
     /// IOAS a compatible automatic one, created when there is none.
-    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Arc<HwptPaging>)> {
+    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Hwpt)> {
         let info = dev.info();
-        match self.object(pt_id)? {
-            Object::HwptPaging(h) => {
-                if !info.format.compatible(h.domain().format()) {
-                    return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
-                }
-                if h.domain().dirty_capable() && !info.dirty_tracking {
-                    return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
-                }
-                Ok((pt_id, h))
-            }
+        let hwpt = match self.object(pt_id)? {
+            Object::HwptPaging(h) => Hwpt::Paging(h),
+            Object::HwptNested(n) => Hwpt::Nested(n),
             Object::Ioas(ioas) => {
                 let found = self.table().iter().find_map(|(&id, o)| match o {
                     Object::HwptPaging(h)
@@ -515,54 +555,44 @@ impl Context {
                             && h.domain().format() == info.format
                             && h.domain().aperture() == info.aperture =>
                     {
-                        Some((id, h.clone()))
+                        Some((id, Hwpt::Paging(h.clone())))
                     }
                     _ => None,
                 });
                 if let Some(found) = found {
                     return Ok(found);
                 }
-                let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true)?;
-                Ok((self.insert_hwpt(hwpt.clone())?, hwpt))
+                let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true, None)?;
+                return Ok((self.insert_hwpt(hwpt.clone())?, Hwpt::Paging(hwpt)));
             }
-            Object::Device(_) | Object::Selftest(_) | Object::Access(_) => {
-                Err(Error::Invalid("pt_id is not a page table"))
-            }
+            _ => return Err(Error::Invalid("pt_id is not a page table")),
+        };
+        if !info.format.compatible(hwpt.format()) {
+            return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
         }
-    }
-
-    /// Drops a device's reference to a HWPT; an automatic HWPT goes with
-    /// its last device.
-    fn release_attachment(&self, hwpt: Arc<HwptPaging>) {
-        if let Some(id) = self.id_of(&hwpt) {
-            self.drop_if_unused_auto(id, hwpt);
+        if hwpt.dirty_capable() && !info.dirty_tracking {
+            return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
         }
+        Ok((pt_id, hwpt))
     }
 
-    fn id_of(&self, hwpt: &Arc<HwptPaging>) -> Option<u32> {
-        self.table().iter().find_map(|(&id, o)| match o {
-            Object::HwptPaging(h) if Arc::ptr_eq(h, hwpt) => Some(id),
-            _ => None,
-        })
-    }
-
-    /// Removes an automatic HWPT once no device is attached to it, as
-    /// Linux destroys an auto domain with its last device.
-    fn drop_if_unused_auto(&self, id: u32, hwpt: Arc<HwptPaging>) {
+    /// Drops a device's reference to a HWPT: an automatic HWPT goes with its
+    /// last device, as Linux destroys an auto domain with its last device.
+    fn release_attachment(&self, hwpt: Hwpt) {
+        let Hwpt::Paging(hwpt) = hwpt else { return };
         if !hwpt.is_auto() {
             return;
         }
         let mut t = self.table();
         let in_use = t.values().any(|o| match o {
-            Object::Device(d) => d.attached().is_some_and(|a| Arc::ptr_eq(&a, &hwpt)),
+            Object::Device(d) => d.attached().is_some_and(|a| matches!(a, Hwpt::Paging(p) if Arc::ptr_eq(&p, &hwpt))),
             _ => false,
         });
-        if in_use {
-            return;
-        }
-        if let Some(Object::HwptPaging(h)) = t.get(&id)
-            && Arc::ptr_eq(h, &hwpt)
-        {
+        let id = t.iter().find_map(|(&id, o)| match o {
+            Object::HwptPaging(h) if Arc::ptr_eq(h, &hwpt) => Some(id),
+            _ => None,
+        });
+        if let (false, Some(id)) = (in_use, id) {
             t.remove(&id);
             drop(t);
             hwpt.release();
@@ -617,7 +647,7 @@ impl Drop for Context {
                 Object::Access(a) => {
                     let _ = a.set_ioas(None);
                 }
-                Object::Device(_) | Object::Selftest(_) => {}
+                _ => {}
             }
         }
         // Closing tears mappings down even if a handle outlives the context.

@@ -9,7 +9,7 @@ use arc_swap::ArcSwapOption;
 use thiserror::Error;
 
 use crate::epoch;
-use crate::hwpt::{FaultReason, HwptPaging, PageFormat};
+use crate::hwpt::{FaultReason, Hwpt, PageFormat};
 use crate::iova::IovaRange;
 use crate::memory;
 use crate::pgtable::Perm;
@@ -92,7 +92,7 @@ pub struct Device {
     info: DeviceInfo,
     /// Identity for reservations, unique in the process.
     key: u64,
-    attached: ArcSwapOption<HwptPaging>,
+    attached: ArcSwapOption<Hwpt>,
 }
 
 impl Device {
@@ -108,16 +108,16 @@ impl Device {
         self.key
     }
 
-    pub fn attached(&self) -> Option<Arc<HwptPaging>> {
-        self.attached.load_full()
+    pub fn attached(&self) -> Option<Hwpt> {
+        self.attached.load_full().map(|h| (*h).clone())
     }
 
     /// Switches the page table DMA uses and waits for DMA that still uses the
     /// old one, so the old one is unreachable when this returns.
-    pub(crate) fn set_attached(&self, hwpt: Option<Arc<HwptPaging>>) -> Option<Arc<HwptPaging>> {
-        let old = self.attached.swap(hwpt);
+    pub(crate) fn set_attached(&self, hwpt: Option<Hwpt>) -> Option<Hwpt> {
+        let old = self.attached.swap(hwpt.map(Arc::new));
         epoch::synchronize();
-        old
+        old.map(|h| (*h).clone())
     }
 
     /// Host address of `iova` for an access needing `need`, valid to the end
@@ -126,7 +126,9 @@ impl Device {
     pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<(u64, bool), DmaError> {
         let att = self.attached.load();
         let hwpt = att.as_ref().ok_or(DmaError::Blocked)?;
-        hwpt.domain().translate(iova, need, guard).map_err(|reason| DmaError::Fault { iova, reason, write: need.write })
+        let fault = |reason| DmaError::Fault { iova, reason, write: need.write };
+        let domain = hwpt.paging_domain().ok_or(fault(FaultReason::NotPresent))?;
+        domain.translate(iova, need, guard).map_err(fault)
     }
 
     /// The smallest IO page of the device's IOMMU.

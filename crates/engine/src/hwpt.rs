@@ -2,11 +2,12 @@
 //! real format that mirrors every mapping of its IOAS, with the IOTLB that
 //! caches its translations.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crossbeam_epoch::Guard;
 
+use crate::fault::FaultQueue;
 use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
@@ -263,6 +264,8 @@ pub struct HwptPaging {
     domain: Arc<Domain>,
     ioas: Arc<Ioas>,
     flags: HwptFlags,
+    /// Where page requests on this table go.
+    fault: Option<Arc<FaultQueue>>,
     /// Created by attaching a device to an IOAS, and destroyed with the last
     /// such attachment.
     auto: bool,
@@ -276,11 +279,12 @@ impl HwptPaging {
         aperture: IovaRange,
         flags: HwptFlags,
         auto: bool,
+        fault: Option<Arc<FaultQueue>>,
     ) -> crate::Result<Arc<HwptPaging>> {
         crate::inject::check("domain")?;
         let domain = Arc::new(Domain::with_dirty(format, aperture, flags.dirty_tracking));
         ioas.add_domain(&domain)?;
-        Ok(Arc::new(HwptPaging { domain, ioas, flags, auto }))
+        Ok(Arc::new(HwptPaging { domain, ioas, flags, fault, auto }))
     }
 
     pub fn domain(&self) -> &Arc<Domain> {
@@ -324,5 +328,112 @@ impl HwptPaging {
     /// Detaches the domain from its IOAS; called when the object is destroyed.
     pub(crate) fn release(&self) {
         self.ioas.remove_domain(&self.domain);
+    }
+}
+
+/// What a nested HWPT's stage 1 is: the vendor data it was allocated with.
+pub enum NestedData {
+    /// Linux's selftest type: no table, only a mock IOTLB of four entries
+    /// that invalidations clear.
+    Selftest { iotlb: Mutex<[u32; 4]> },
+}
+
+/// A nested HWPT: a user-owned stage 1 over a paging HWPT's stage 2.
+pub struct HwptNested {
+    parent: Arc<HwptPaging>,
+    data: NestedData,
+    fault: Option<Arc<FaultQueue>>,
+}
+
+impl HwptNested {
+    pub fn parent(&self) -> &Arc<HwptPaging> {
+        &self.parent
+    }
+
+    pub fn data(&self) -> &NestedData {
+        &self.data
+    }
+}
+
+/// A HWPT a device can attach to.
+#[derive(Clone)]
+pub enum Hwpt {
+    Paging(Arc<HwptPaging>),
+    Nested(Arc<HwptNested>),
+}
+
+impl Hwpt {
+    /// The IOAS whose mappings back this table (the parent's, when nested).
+    pub fn ioas(&self) -> &Arc<Ioas> {
+        match self {
+            Hwpt::Paging(h) => &h.ioas,
+            Hwpt::Nested(n) => &n.parent.ioas,
+        }
+    }
+
+    pub fn fault(&self) -> Option<&Arc<FaultQueue>> {
+        match self {
+            Hwpt::Paging(h) => h.fault.as_ref(),
+            Hwpt::Nested(n) => n.fault.as_ref(),
+        }
+    }
+
+    /// The format of the table a device attached here walks last.
+    pub fn format(&self) -> PageFormat {
+        match self {
+            Hwpt::Paging(h) => h.domain.format(),
+            Hwpt::Nested(n) => n.parent.domain.format(),
+        }
+    }
+
+    pub fn dirty_capable(&self) -> bool {
+        match self {
+            Hwpt::Paging(h) => h.domain.dirty_capable(),
+            Hwpt::Nested(_) => false,
+        }
+    }
+
+    pub fn is_same(&self, other: &Hwpt) -> bool {
+        match (self, other) {
+            (Hwpt::Paging(a), Hwpt::Paging(b)) => Arc::ptr_eq(a, b),
+            (Hwpt::Nested(a), Hwpt::Nested(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// The domain DMA is translated by, for tables the engine can walk.
+    /// Nested stage-1 formats come with vendor IOMMU models; until then a
+    /// DMA through a nested HWPT faults.
+    pub fn paging_domain(&self) -> Option<&Arc<Domain>> {
+        match self {
+            Hwpt::Paging(h) => Some(&h.domain),
+            Hwpt::Nested(_) => None,
+        }
+    }
+}
+
+impl HwptPaging {
+    pub fn fault(&self) -> Option<&Arc<FaultQueue>> {
+        self.fault.as_ref()
+    }
+
+    /// `EINVAL` unless nested HWPTs may be built on this one.
+    pub fn check_nest_parent(&self) -> crate::Result<()> {
+        if self.auto || !self.flags.nest_parent || self.fault.is_some() {
+            return Err(crate::Error::Invalid("parent HWPT cannot be a nesting parent"));
+        }
+        Ok(())
+    }
+
+    /// A nested HWPT over this one, which must have been allocated as a
+    /// nesting parent and not be an automatic or faulting one.
+    pub(crate) fn nest(
+        self: &Arc<Self>,
+        data: NestedData,
+        fault: Option<Arc<FaultQueue>>,
+    ) -> crate::Result<Arc<HwptNested>> {
+        self.check_nest_parent()?;
+        crate::inject::check("nested HWPT")?;
+        Ok(Arc::new(HwptNested { parent: self.clone(), data, fault }))
     }
 }

@@ -120,7 +120,7 @@ fn device_writes_set_dirty_bits_that_reading_clears() {
     let mut info = DeviceInfo::new("d", 1);
     info.dirty_tracking = true;
     let dev = ctx.bind_device(info).unwrap();
-    let hwpt_id = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }).unwrap();
+    let hwpt_id = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }, None).unwrap();
     ctx.attach(dev, hwpt_id).unwrap();
     let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
     // SAFETY: `buf` outlives the context.
@@ -156,9 +156,9 @@ fn dirty_tracking_needs_a_capable_hwpt_and_device() {
     let mut info = DeviceInfo::new("d", 1);
     info.dirty_tracking = true;
     let dev = ctx.bind_device(info).unwrap();
-    let plain = ctx.hwpt_alloc(dev, ioas, HwptFlags::default()).unwrap();
+    let plain = ctx.hwpt_alloc(dev, ioas, HwptFlags::default(), None).unwrap();
     assert!(matches!(ctx.hwpt(plain).unwrap().set_dirty_tracking(true), Err(Error::Unsupported(_))));
-    let tracking = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }).unwrap();
+    let tracking = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }, None).unwrap();
     let blind = ctx.bind_device(DeviceInfo::new("blind", 2)).unwrap();
     assert!(matches!(ctx.attach(blind, tracking), Err(Error::Invalid(_))));
     ctx.attach(blind, plain).unwrap();

@@ -17,7 +17,7 @@ fn scenario(ctx: &Context, buf: &HostBuffer) -> ioasid_engine::Result<()> {
     let ioas = ctx.ioas_alloc()?;
     let other = ctx.ioas_alloc()?;
     let dev = ctx.bind_device(DeviceInfo::new("d", 1))?;
-    let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: false })?;
+    let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: false }, None)?;
     ctx.attach(dev, hwpt)?;
     // SAFETY: `buf` outlives every context the sweep makes.
     let iova = unsafe { ctx.map_user(ioas, buf.addr(), 64 * PAGE, None, Perm::RW)? };

@@ -100,7 +100,7 @@ fn dropping_the_context_unpins_everything() {
     let ctx = ctx();
     let ioas = ctx.ioas_alloc().unwrap();
     let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
-    let hwpt = ctx.hwpt_alloc(d, ioas, HwptFlags::default()).unwrap();
+    let hwpt = ctx.hwpt_alloc(d, ioas, HwptFlags::default(), None).unwrap();
     ctx.attach(d, hwpt).unwrap();
     // SAFETY: `b` outlives the context.
     unsafe { ctx.map_user(ioas, b.addr(), 16 * PAGE, None, Perm::RW).unwrap() };

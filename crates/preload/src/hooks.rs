@@ -4,8 +4,8 @@ use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
 use std::sync::Arc;
 
-use ioasid_abi::InProcess;
 use ioasid_abi::files::{self, File};
+use ioasid_abi::{InProcess, UserMemory};
 use ioasid_engine::Context;
 
 use crate::{fail_nth, real};
@@ -192,16 +192,23 @@ macro_rules! read_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
-            let Some(tid) = files::fail_nth(fd) else {
+            let Some(file) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
             #[allow(unused_mut, unused_assignments)]
-            let mut offset = 0usize;
-            $(offset = $off.max(0) as usize;)?
-            // SAFETY: the caller hands us `count` writable bytes at `buf`.
-            let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
-            fail_nth::read(tid, out, offset) as isize
+            let mut offset = 0i64;
+            $(offset = $off;)?
+            let r = match file {
+                File::FailNth(tid) => {
+                    // SAFETY: the caller hands us `count` writable bytes at `buf`.
+                    let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
+                    Ok(fail_nth::read(tid, out, offset.max(0) as usize))
+                }
+                File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+                _ => unreachable!("rw_file returns only files with their own read"),
+            };
+            finish(r)
         }
     };
 }
@@ -212,21 +219,36 @@ macro_rules! write_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
-            let Some(tid) = files::fail_nth(fd) else {
+            let Some(file) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
-            // SAFETY: the caller hands us `count` readable bytes at `buf`.
-            let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), count) };
-            fail_nth::write(tid, data).map_or_else(
-                |e| {
-                    set_errno(e);
-                    -1
-                },
-                |n| n as isize,
-            )
+            #[allow(unused_mut, unused_assignments)]
+            let mut offset = 0i64;
+            $(offset = $off;)?
+            let mut data = vec![0u8; count];
+            if let Err(e) = InProcess.read(buf as u64, &mut data) {
+                return finish(Err(e.0));
+            }
+            let r = match file {
+                File::FailNth(tid) => fail_nth::write(tid, &data),
+                File::Fault(f) => f.write(&data, offset).map_err(|e| e.0),
+                _ => unreachable!("rw_file returns only files with their own write"),
+            };
+            finish(r)
         }
     };
+}
+
+/// A byte count, or -1 with `errno` set.
+fn finish(r: Result<usize, c_int>) -> isize {
+    r.map_or_else(
+        |e| {
+            set_errno(e);
+            -1
+        },
+        |n| n as isize,
+    )
 }
 
 read_hook!(read, read);

@@ -1,0 +1,86 @@
+//! The fault queue's file descriptor: `read` delivers page requests as
+//! `struct iommu_hwpt_pgfault` records, whole groups at a time; `write`
+//! takes `struct iommu_hwpt_page_response`s. Both follow Linux's rules
+//! (positioned I/O is `ESPIPE`, as are sizes that are not whole records).
+
+use std::sync::Arc;
+
+use ioasid_engine::fault::Response;
+use ioasid_engine::{Context, FaultQueue};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::errno::Errno;
+use crate::uapi::{IOMMUFD_PAGE_RESP_INVALID, IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
+use crate::user::UserMemory;
+
+pub struct FaultFile {
+    /// The fd keeps its context open, as in Linux.
+    pub(crate) _ctx: Arc<Context>,
+    pub(crate) queue: Arc<FaultQueue>,
+}
+
+const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
+const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
+
+impl FaultFile {
+    /// `read(2)` of `count` bytes into `buf` at file position `offset`.
+    pub fn read(&self, mem: &dyn UserMemory, buf: u64, count: usize, offset: i64) -> Result<usize, Errno> {
+        if offset != 0 || count % RECORD != 0 {
+            return Err(Errno::ESPIPE);
+        }
+        let groups = self.queue.read(count / RECORD)?;
+        let mut out = Vec::with_capacity(count);
+        for (cookie, group) in &groups {
+            for r in &group.requests {
+                let rec = iommu_hwpt_pgfault {
+                    flags: r.flags,
+                    dev_id: r.dev_id,
+                    pasid: r.pasid,
+                    grpid: r.grpid,
+                    perm: r.perm,
+                    __reserved: 0,
+                    addr: r.addr,
+                    length: 0,
+                    cookie: *cookie,
+                };
+                out.extend_from_slice(rec.as_bytes());
+            }
+        }
+        if let Err(e) = mem.write(buf, &out) {
+            let cookies: Vec<u32> = groups.iter().map(|g| g.0).collect();
+            self.queue.unread(&cookies);
+            return Err(e);
+        }
+        Ok(out.len())
+    }
+
+    /// `write(2)` of responses; stops at the first bad one, reporting what
+    /// was taken before it.
+    pub fn write(&self, data: &[u8], offset: i64) -> Result<usize, Errno> {
+        if offset != 0 || data.len() % RESPONSE != 0 {
+            return Err(Errno::ESPIPE);
+        }
+        let mut done = 0;
+        let mut err = None;
+        for chunk in data.chunks_exact(RESPONSE) {
+            let r = iommu_hwpt_page_response::read_from_bytes(chunk).expect("chunk is one response");
+            let response = match r.code {
+                IOMMUFD_PAGE_RESP_SUCCESS => Response::Success,
+                IOMMUFD_PAGE_RESP_INVALID => Response::Invalid,
+                _ => {
+                    err = Some(Errno::EINVAL);
+                    break;
+                }
+            };
+            if let Err(e) = self.queue.respond(r.cookie, response) {
+                err = Some(e.into());
+                break;
+            }
+            done += RESPONSE;
+        }
+        match (done, err) {
+            (0, Some(e)) => Err(e),
+            _ => Ok(done),
+        }
+    }
+}

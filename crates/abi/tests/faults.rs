@@ -1,0 +1,141 @@
+//! Fault queues and nested HWPTs of the selftest type, through the ABI.
+
+use std::sync::Arc;
+
+use ioasid_abi::fault::FaultFile;
+use ioasid_abi::files::{self, File};
+use ioasid_abi::selftest::*;
+use ioasid_abi::uapi::*;
+use ioasid_abi::{Errno, InProcess, ioctl};
+use ioasid_engine::device::MockFlags;
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit};
+use zerocopy::{FromBytes, IntoBytes};
+
+fn ctx() -> Arc<Context> {
+    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
+}
+
+fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
+    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
+}
+
+fn fault_alloc(ctx: &Arc<Context>) -> (u32, Arc<FaultFile>) {
+    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
+    call(ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
+    match files::get(c.out_fault_fd as i32) {
+        Some(File::Fault(f)) => (c.out_fault_id, f),
+        _ => panic!("the fault fd is not registered"),
+    }
+}
+
+/// A mock device on an IOAS, a nest-parent HWPT, and a fault queue.
+fn setup() -> (Arc<Context>, u32, u32, u32, Arc<FaultFile>) {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let (stdev, _, dev) = ctx.mock_domain(ioas, DeviceInfo::mock(1, MockFlags::default())).unwrap();
+    let mut c = iommu_hwpt_alloc {
+        size: 48,
+        flags: IOMMU_HWPT_ALLOC_NEST_PARENT,
+        dev_id: dev,
+        pt_id: ioas,
+        ..Default::default()
+    };
+    call(&ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
+    let (fault_id, fault) = fault_alloc(&ctx);
+    let _ = stdev;
+    (ctx, dev, c.out_hwpt_id, fault_id, fault)
+}
+
+fn alloc_nested(ctx: &Arc<Context>, dev: u32, parent: u32, fault: Option<u32>, data: &mut [u8]) -> Result<u32, Errno> {
+    let mut c = iommu_hwpt_alloc {
+        size: 48,
+        flags: if fault.is_some() { IOMMU_HWPT_FAULT_ID_VALID } else { 0 },
+        dev_id: dev,
+        pt_id: parent,
+        data_type: IOMMU_HWPT_DATA_SELFTEST,
+        data_len: data.len() as u32,
+        data_uptr: data.as_mut_ptr() as u64,
+        fault_id: fault.unwrap_or(0),
+        ..Default::default()
+    };
+    call(ctx, IOMMU_HWPT_ALLOC, &mut c).map(|()| c.out_hwpt_id)
+}
+
+#[test]
+fn fault_alloc_with_flags_is_eopnotsupp() {
+    let mut c = iommu_fault_alloc { size: 16, flags: 1, ..Default::default() };
+    assert_eq!(call(&ctx(), IOMMU_FAULT_QUEUE_ALLOC, &mut c), Err(Errno::EOPNOTSUPP));
+}
+
+#[test]
+fn nested_alloc_checks_its_data_as_linux_does() {
+    let (ctx, dev, parent, _, _) = setup();
+    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
+    assert_eq!(alloc_nested(&ctx, dev, parent, None, &mut data[..3]), Err(Errno::EINVAL), "shorter than the struct");
+    let mut long = [0u8; 5];
+    assert_eq!(alloc_nested(&ctx, dev, parent, None, &mut long), Err(Errno::EINVAL), "longer than the struct");
+    assert_eq!(alloc_nested(&ctx, dev, parent, Some(999), &mut data), Err(Errno::ENOENT), "no such fault queue");
+    let nested = alloc_nested(&ctx, dev, parent, None, &mut data).unwrap();
+    assert_eq!(alloc_nested(&ctx, dev, nested, None, &mut data), Err(Errno::EINVAL), "nested over nested");
+    let mut destroy = iommu_destroy { size: 8, id: parent };
+    assert_eq!(call(&ctx, IOMMU_DESTROY, &mut destroy), Err(Errno::EBUSY), "the parent is in use");
+}
+
+#[test]
+fn selftest_invalidation_reports_what_it_handled() {
+    let (ctx, dev, parent, _, _) = setup();
+    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
+    let nested = alloc_nested(&ctx, dev, parent, None, &mut data).unwrap();
+    let mut reqs = [
+        iommu_hwpt_invalidate_selftest { flags: 0, iotlb_id: 2 },
+        iommu_hwpt_invalidate_selftest { flags: 0, iotlb_id: 9 },
+    ];
+    let mut c = iommu_hwpt_invalidate {
+        size: 32,
+        hwpt_id: nested,
+        data_uptr: reqs.as_mut_ptr() as u64,
+        data_type: IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+        entry_len: 8,
+        entry_num: 2,
+        __reserved: 0,
+    };
+    assert_eq!(call(&ctx, IOMMU_HWPT_INVALIDATE, &mut c), Err(Errno::EINVAL));
+    assert_eq!(c.entry_num, 1, "the first entry was handled");
+    let check = |index: u32, value: u32| {
+        let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_MD_CHECK_IOTLB, id: nested, ..Default::default() };
+        t.union.as_mut_bytes()[..8].copy_from_slice([index, value].as_bytes());
+        call(&ctx, IOMMU_TEST_CMD, &mut t)
+    };
+    assert_eq!(check(2, 0), Ok(()));
+    assert_eq!(check(1, IOMMU_TEST_IOTLB_DEFAULT), Ok(()));
+    assert_eq!(check(4, 0), Err(Errno::EINVAL));
+}
+
+#[test]
+fn page_requests_reach_the_fault_fd_and_are_answered_once() {
+    let (ctx, dev, parent, fault_id, fault) = setup();
+    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
+    let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
+    ctx.replace(dev, iopf).unwrap();
+    let mut buf = [iommu_hwpt_pgfault::default(); 2];
+    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(fault.read(&InProcess, addr, 80, 0), Ok(0), "nothing pending");
+    let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_TRIGGER_IOPF, ..Default::default() };
+    t.union.as_mut_bytes()[..24].copy_from_slice([dev, 1, 2, 3, 0, 0].as_bytes());
+    t.union[2] = 0xdead_b000;
+    call(&ctx, IOMMU_TEST_CMD, &mut t).unwrap();
+    assert_eq!(fault.read(&InProcess, addr, 41, 0), Err(Errno::ESPIPE), "not whole records");
+    assert_eq!(fault.read(&InProcess, addr, 40, 8), Err(Errno::ESPIPE), "positioned");
+    assert_eq!(fault.read(&InProcess, addr, 80, 0), Ok(40));
+    let r = buf[0];
+    assert_eq!((r.dev_id, r.pasid, r.grpid, r.perm, r.addr), (dev, 1, 2, 3, 0xdead_b000));
+    assert_eq!(r.flags, IOMMU_PGFAULT_FLAGS_PASID_VALID | IOMMU_PGFAULT_FLAGS_LAST_PAGE);
+    let bad_code = iommu_hwpt_page_response { cookie: r.cookie, code: 7 };
+    assert_eq!(fault.write(bad_code.as_bytes(), 0), Err(Errno::EINVAL));
+    let ok = iommu_hwpt_page_response { cookie: r.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
+    assert_eq!(fault.write(ok.as_bytes(), 0), Ok(8));
+    assert_eq!(fault.write(ok.as_bytes(), 0), Err(Errno::EINVAL), "answered already");
+    // The queue is busy while its HWPT or its fd holds it.
+    let mut destroy = iommu_destroy { size: 8, id: fault_id };
+    assert_eq!(call(&ctx, IOMMU_DESTROY, &mut destroy), Err(Errno::EBUSY));
+}
