@@ -75,6 +75,11 @@ pub fn remove(fd: c_int) {
     drop(old);
 }
 
+/// Every descriptor in the table.
+pub fn fds() -> Vec<c_int> {
+    files().keys().copied().collect()
+}
+
 /// Records `new` as another descriptor of whatever `old` is.
 pub fn duplicate(old: c_int, new: c_int) {
     match get(old) {
