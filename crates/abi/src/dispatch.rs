@@ -128,18 +128,8 @@ pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -
 }
 
 /// `E2BIG` unless the caller's bytes past what we understand are all zero.
-fn check_zeroed(mem: &dyn UserMemory, mut addr: u64, mut len: usize) -> Res {
-    let mut chunk = [0u8; 256];
-    while len > 0 {
-        let n = len.min(chunk.len());
-        mem.read(addr, &mut chunk[..n])?;
-        if chunk[..n].iter().any(|&b| b != 0) {
-            return Err(Errno::E2BIG);
-        }
-        addr += n as u64;
-        len -= n;
-    }
-    Ok(())
+fn check_zeroed(mem: &dyn UserMemory, addr: u64, len: usize) -> Res {
+    if mem.is_zero(addr, len as u64)? { Ok(()) } else { Err(Errno::E2BIG) }
 }
 
 fn destroy(u: &Ucmd, c: iommu_destroy) -> Res {
@@ -393,13 +383,7 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
     // Copy what fits, zero the rest of the caller's buffer.
     let n = data.len().min(c.data_len as usize);
     u.mem.write(c.data_uptr, &data[..n])?;
-    let zeros = [0u8; 256];
-    let mut off = n as u64;
-    while off < u64::from(c.data_len) {
-        let k = (u64::from(c.data_len) - off).min(zeros.len() as u64) as usize;
-        u.mem.write(c.data_uptr.wrapping_add(off), &zeros[..k])?;
-        off += k as u64;
-    }
+    u.mem.zero(c.data_uptr.wrapping_add(n as u64), u64::from(c.data_len) - n as u64)?;
     c.data_len = data.len() as u32;
     c.out_data_type = kind;
     c.out_capabilities = if info.dirty_tracking { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
@@ -503,14 +487,7 @@ struct Bitmap<'a> {
 impl Bitmap<'_> {
     /// `EFAULT` unless the whole bitmap is readable.
     fn check(&self) -> Res {
-        let mut buf = [0u8; 4096];
-        let mut off = 0;
-        while off < self.nbytes {
-            let n = (self.nbytes - off).min(buf.len() as u64) as usize;
-            self.mem.read(self.base.wrapping_add(off), &mut buf[..n])?;
-            off += n as u64;
-        }
-        Ok(())
+        self.mem.is_zero(self.base, self.nbytes).map(drop)
     }
 
     /// Sets bits `first..=last`.

@@ -11,6 +11,33 @@ use crate::errno::Errno;
 pub trait UserMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno>;
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno>;
+
+    /// Writes `len` zero bytes at `addr` (Linux's `clear_user`).
+    fn zero(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        let zeros = [0u8; 256];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(zeros.len() as u64) as usize;
+            self.write(addr.wrapping_add(off), &zeros[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether the `len` bytes at `addr` are all zero; `EFAULT` when any
+    /// of them cannot be read.
+    fn is_zero(&self, addr: u64, len: u64) -> Result<bool, Errno> {
+        let mut chunk = [0u8; 256];
+        let mut off = 0;
+        let mut zero = true;
+        while off < len {
+            let n = (len - off).min(chunk.len() as u64) as usize;
+            self.read(addr.wrapping_add(off), &mut chunk[..n])?;
+            zero &= chunk[..n].iter().all(|&b| b == 0);
+            off += n as u64;
+        }
+        Ok(zero)
+    }
 }
 
 /// The calling program is this process (the preload shim, and tests).

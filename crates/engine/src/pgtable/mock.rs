@@ -1,16 +1,10 @@
 //! The format of Linux's selftest mock IOMMU: IO pages of half a CPU page
 //! (2 KiB), so that the core's handling of IO pages smaller than CPU pages is
 //! exercised, and optionally 1 MiB huge pages (512 of them). The mock has no
-//! hardware layout of its own; entries here use the same bits as x86's.
+//! hardware layout of its own; it uses x86's entry layout at 2 KiB alignment.
 
+use super::x86::{DIRTY, decode_entry, leaf_entry, table_entry};
 use super::{Format, Perm, Pte};
-
-const READ: u64 = 1 << 0;
-const WRITE: u64 = 1 << 1;
-const HUGE: u64 = 1 << 7;
-const DIRTY: u64 = 1 << 9;
-const SW_CHECKED: u64 = 1 << 52;
-const ADDR_MASK: u64 = ((1 << 52) - 1) & !0x7ff;
 
 /// The mock format; `H` enables 1 MiB leaves (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
 pub struct Mock<const H: bool>;
@@ -24,40 +18,16 @@ impl<const H: bool> Format for Mock<H> {
     const DIRTY: u64 = DIRTY;
 
     fn decode(pte: u64, level: u32) -> Pte {
-        if pte & (READ | WRITE) == 0 {
-            return Pte::None;
-        }
-        if level > 0 && pte & HUGE == 0 {
-            return Pte::Table(pte & !0xfff & ADDR_MASK);
-        }
-        Pte::Leaf {
-            addr: pte & ADDR_MASK,
-            perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
-            checked: pte & SW_CHECKED != 0,
-            dirty: pte & DIRTY != 0,
-        }
+        decode_entry(pte, level, 1 << 11)
     }
 
     fn table(addr: u64) -> u64 {
-        addr | READ | WRITE
+        table_entry(addr)
     }
 
     fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
-        debug_assert_eq!(addr & !ADDR_MASK, 0);
-        let mut pte = addr;
-        if perm.read {
-            pte |= READ;
-        }
-        if perm.write {
-            pte |= WRITE;
-        }
-        if level > 0 {
-            pte |= HUGE;
-        }
-        if checked {
-            pte |= SW_CHECKED;
-        }
-        pte
+        debug_assert_eq!(addr & 0x7ff, 0);
+        leaf_entry(addr, level, perm, checked)
     }
 }
 

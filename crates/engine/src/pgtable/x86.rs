@@ -9,11 +9,54 @@ const WRITE: u64 = 1 << 1;
 /// Page size: set on a leaf above level 0.
 const PS: u64 = 1 << 7;
 const ACCESSED: u64 = 1 << 8;
-const DIRTY: u64 = 1 << 9;
+pub(super) const DIRTY: u64 = 1 << 9;
 /// Bits 52..61 are ignored by hardware; ioasid keeps its "checked memory"
 /// mark in the lowest of them.
 const SW_CHECKED: u64 = 1 << 52;
-const ADDR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
+/// Address bits of an entry (bits 12..51 for tables).
+const ADDR_BITS: u64 = (1 << 52) - 1;
+const ADDR_MASK: u64 = ADDR_BITS & !0xfff;
+
+/// Decodes an entry in this layout; leaves are aligned to `leaf_align`
+/// bytes (4 KiB here; the selftest mock reuses the layout at 2 KiB).
+pub(super) fn decode_entry(pte: u64, level: u32, leaf_align: u64) -> Pte {
+    if pte & (READ | WRITE) == 0 {
+        return Pte::None;
+    }
+    if level > 0 && pte & PS == 0 {
+        return Pte::Table(pte & ADDR_MASK);
+    }
+    Pte::Leaf {
+        addr: pte & ADDR_BITS & !(leaf_align - 1),
+        perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
+        checked: pte & SW_CHECKED != 0,
+        dirty: pte & DIRTY != 0,
+    }
+}
+
+pub(super) fn table_entry(addr: u64) -> u64 {
+    debug_assert_eq!(addr & !ADDR_MASK, 0);
+    // Non-leaf entries grant everything; rights are decided at the leaf.
+    addr | READ | WRITE
+}
+
+pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+    debug_assert_eq!(addr & !ADDR_BITS, 0, "host address does not fit the format");
+    let mut pte = addr | ACCESSED;
+    if perm.read {
+        pte |= READ;
+    }
+    if perm.write {
+        pte |= WRITE;
+    }
+    if level > 0 {
+        pte |= PS;
+    }
+    if checked {
+        pte |= SW_CHECKED;
+    }
+    pte
+}
 
 /// VT-d second-stage format with `L` levels (4: 48-bit IOVA, 5: 57-bit).
 pub struct VtdSecondStage<const L: u32>;
@@ -28,42 +71,16 @@ impl<const L: u32> Format for VtdSecondStage<L> {
     const DIRTY: u64 = DIRTY;
 
     fn decode(pte: u64, level: u32) -> Pte {
-        if pte & (READ | WRITE) == 0 {
-            return Pte::None;
-        }
-        if level > 0 && pte & PS == 0 {
-            return Pte::Table(pte & ADDR_MASK);
-        }
-        Pte::Leaf {
-            addr: pte & ADDR_MASK,
-            perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
-            checked: pte & SW_CHECKED != 0,
-            dirty: pte & DIRTY != 0,
-        }
+        decode_entry(pte, level, 1 << 12)
     }
 
     fn table(addr: u64) -> u64 {
-        debug_assert_eq!(addr & !ADDR_MASK, 0);
-        // Non-leaf entries grant everything; rights are decided at the leaf.
-        addr | READ | WRITE
+        table_entry(addr)
     }
 
     fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
-        debug_assert_eq!(addr & !ADDR_MASK, 0, "host address does not fit the format");
-        let mut pte = addr | ACCESSED;
-        if perm.read {
-            pte |= READ;
-        }
-        if perm.write {
-            pte |= WRITE;
-        }
-        if level > 0 {
-            pte |= PS;
-        }
-        if checked {
-            pte |= SW_CHECKED;
-        }
-        pte
+        debug_assert_eq!(addr & 0xfff, 0);
+        leaf_entry(addr, level, perm, checked)
     }
 }
 
