@@ -46,7 +46,7 @@ pub use context::{Context, ContextConfig, Object, SelftestDevice};
 pub use device::{Device, DeviceInfo, DmaError, MockFlags};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
-pub use hwpt::{FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
+pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
 pub use pgtable::Perm;
