@@ -343,8 +343,8 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let (id, queue) = u.ctx.fault_alloc()?;
-    let fd = match crate::user::new_fd(c"ioasid:[iommufd-pgfault]") {
-        Ok(fd) => fd,
+    let (fd, signal) = match crate::user::new_eventfd() {
+        Ok(fds) => fds,
         Err(e) => {
             drop(queue);
             let _ = u.ctx.destroy(id);
@@ -358,7 +358,7 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
         let _ = u.ctx.destroy(id);
         return Err(e);
     }
-    let file = crate::fault::FaultFile { _ctx: u.ctx.clone(), queue };
+    let file = crate::fault::FaultFile::new(u.ctx.clone(), queue, signal);
     crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), crate::files::File::Fault(Arc::new(file)));
     Ok(())
 }

@@ -11,12 +11,31 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::errno::Errno;
 use crate::uapi::{IOMMUFD_PAGE_RESP_INVALID, IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
-use crate::user::UserMemory;
+use crate::user::{UserMemory, signal_eventfd};
+use std::os::fd::OwnedFd;
 
 pub struct FaultFile {
     /// The fd keeps its context open, as in Linux.
-    pub(crate) _ctx: Arc<Context>,
-    pub(crate) queue: Arc<FaultQueue>,
+    _ctx: Arc<Context>,
+    queue: Arc<FaultQueue>,
+}
+
+impl FaultFile {
+    /// Ties `queue` to a descriptor: `signal` (a second descriptor of the
+    /// program's eventfd) is made readable while requests wait.
+    pub(crate) fn new(ctx: Arc<Context>, queue: Arc<FaultQueue>, signal: OwnedFd) -> Self {
+        queue.set_notifier(Box::new(move |ready| signal_eventfd(&signal, ready)));
+        FaultFile { _ctx: ctx, queue }
+    }
+}
+
+impl Drop for FaultFile {
+    /// The last descriptor closed: nobody will answer, so every request
+    /// still pending is refused, and no device waits forever.
+    fn drop(&mut self) {
+        self.queue.set_notifier(Box::new(|_| {}));
+        self.queue.abort(None);
+    }
 }
 
 const RECORD: usize = size_of::<iommu_hwpt_pgfault>();

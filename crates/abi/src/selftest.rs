@@ -430,7 +430,7 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     let flags = LAST_PAGE | if a.pasid != 0 { PASID_VALID } else { 0 };
     let request = PageRequest { flags, dev_id: a.dev_id, pasid: a.pasid, grpid: a.grpid, perm: a.perm, addr: a.addr };
     if let Some(queue) = dev.attached().as_ref().and_then(|h| h.fault()) {
-        queue.report(Group { requests: vec![request] });
+        queue.report(Group::new(vec![request]));
     }
     Ok(())
 }

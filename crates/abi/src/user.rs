@@ -69,6 +69,38 @@ pub fn dup_fd(fd: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// A non-blocking eventfd: the fault queue's descriptor, readable while
+/// page requests wait. Returns it and a second descriptor of the same
+/// eventfd for the engine to signal through, whatever the program does
+/// with its own.
+pub fn new_eventfd() -> Result<(OwnedFd, OwnedFd), Errno> {
+    ioasid_engine::inject::check("file")?;
+    // SAFETY: eventfd creates a fresh descriptor.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Errno::ENOMEM);
+    }
+    // SAFETY: `fd` is fresh and ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let signal = fd.try_clone().map_err(|_| Errno::ENOMEM)?;
+    Ok((fd, signal))
+}
+
+/// Makes an eventfd readable (`ready`) or drains it.
+pub fn signal_eventfd(fd: &OwnedFd, ready: bool) {
+    use std::os::fd::AsRawFd;
+    let mut value = 1u64;
+    // SAFETY: eight bytes to or from a live eventfd; errors (a full counter,
+    // nothing to drain) leave it as wanted.
+    unsafe {
+        if ready {
+            libc::write(fd.as_raw_fd(), (&raw const value).cast(), 8);
+        } else {
+            libc::read(fd.as_raw_fd(), (&raw mut value).cast(), 8);
+        }
+    }
+}
+
 /// A new descriptor for an object the ABI hands out (close-on-exec, as
 /// Linux's anonymous-inode files are). It is a memfd: a real descriptor that
 /// ordinary fd handling works on.

@@ -139,3 +139,43 @@ fn page_requests_reach_the_fault_fd_and_are_answered_once() {
     let mut destroy = iommu_destroy { size: 8, id: fault_id };
     assert_eq!(call(&ctx, IOMMU_DESTROY, &mut destroy), Err(Errno::EBUSY));
 }
+
+fn readable(fd: i32) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd for a descriptor this test owns; no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}
+
+#[test]
+fn the_fault_fd_polls_readable_while_requests_wait_and_close_answers_them() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let mut info = DeviceInfo::new("pri", 1);
+    info.pri = true;
+    let dev = ctx.bind_device(info).unwrap();
+    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
+    call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
+    let fd = c.out_fault_fd as i32;
+    let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
+    let hwpt = ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(c.out_fault_id)).unwrap();
+    ctx.attach(dev, hwpt).unwrap();
+    assert!(!readable(fd));
+
+    let device = ctx.device(dev).unwrap();
+    let dma = std::thread::spawn(move || device.dma_write(0x10000, b"x"));
+    while !readable(fd) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let mut rec = [iommu_hwpt_pgfault::default(); 1];
+    assert_eq!(file.read(&InProcess, rec.as_mut_ptr() as u64, 40, 0), Ok(40));
+    assert_eq!((rec[0].dev_id, rec[0].addr, rec[0].perm), (dev, 0x10000, IOMMU_PGFAULT_PERM_WRITE));
+    assert!(!readable(fd), "read drains readiness");
+
+    // The owner closes the fd without answering: the DMA is refused, not stuck.
+    drop(file);
+    files::remove(fd);
+    // SAFETY: the fault fd this test was handed.
+    unsafe { libc::close(fd) };
+    assert!(dma.join().unwrap().is_err());
+}

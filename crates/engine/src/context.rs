@@ -323,7 +323,10 @@ impl Context {
     /// Binds an emulated device; it can then be attached to page tables.
     pub fn bind_device(&self, info: DeviceInfo) -> Result<u32> {
         let _g = self.graph();
-        self.insert(Object::Device(Arc::new(Device::new(info))))
+        let dev = Arc::new(Device::new(info));
+        let id = self.insert(Object::Device(dev.clone()))?;
+        dev.set_id(id);
+        Ok(id)
     }
 
     /// Detaches and forgets a device (what closing its VFIO fd does).
@@ -384,8 +387,12 @@ impl Context {
         let _g = self.graph();
         let stdev = Arc::new(SelftestDevice::default());
         let stdev_id = self.insert(Object::Selftest(stdev.clone()))?;
-        let dev_id = match self.insert(Object::Device(Arc::new(Device::new(info)))) {
-            Ok(id) => id,
+        let dev = Arc::new(Device::new(info));
+        let dev_id = match self.insert(Object::Device(dev.clone())) {
+            Ok(id) => {
+                dev.set_id(id);
+                id
+            }
             Err(e) => {
                 self.table().remove(&stdev_id);
                 return Err(e);
@@ -519,6 +526,10 @@ impl Context {
         if new_ioas {
             old.ioas().unreserve(owner);
         }
+        // Requests made through the old table will never be answered by it.
+        if let Some(q) = old.fault() {
+            q.abort(Some(dev.id()));
+        }
         self.release_attachment(old);
         Ok(id)
     }
@@ -536,6 +547,9 @@ impl Context {
     fn detach_locked(&self, dev: &Device) {
         if let Some(old) = dev.set_attached(None) {
             old.ioas().unreserve(Owner::Device(dev.key()));
+            if let Some(q) = old.fault() {
+                q.abort(Some(dev.id()));
+            }
             self.release_attachment(old);
         }
     }

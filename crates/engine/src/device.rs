@@ -2,13 +2,14 @@
 //! reserved regions, PASID width, format) and the DMA it does through the
 //! page table it is attached to.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
 use thiserror::Error;
 
 use crate::epoch;
+use crate::fault::{Group, LAST_PAGE, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
 use crate::hwpt::{FaultReason, Hwpt, PageFormat};
 use crate::iova::IovaRange;
 use crate::memory;
@@ -30,6 +31,9 @@ pub struct DeviceInfo {
     pub max_pasid_log2: u8,
     /// Whether its IOMMU can track dirty pages.
     pub dirty_tracking: bool,
+    /// PCIe Page Request Interface: a DMA that misses asks for the page and
+    /// waits, instead of failing.
+    pub pri: bool,
 }
 
 impl DeviceInfo {
@@ -43,6 +47,7 @@ impl DeviceInfo {
             reserved: Vec::new(),
             max_pasid_log2: 0,
             dirty_tracking: false,
+            pri: false,
         }
     }
 }
@@ -66,6 +71,7 @@ impl DeviceInfo {
             reserved: Vec::new(),
             max_pasid_log2: if flags.pasid { MOCK_PASID_WIDTH } else { 0 },
             dirty_tracking: !flags.no_dirty,
+            pri: false,
         }
     }
 }
@@ -92,12 +98,21 @@ pub struct Device {
     info: DeviceInfo,
     /// Identity for reservations, unique in the process.
     key: u64,
+    /// Object ID in the context, as fault records name the device.
+    id: OnceLock<u32>,
     attached: ArcSwapOption<Hwpt>,
+    next_group: AtomicU32,
 }
 
 impl Device {
     pub(crate) fn new(info: DeviceInfo) -> Self {
-        Device { info, key: NEXT_KEY.fetch_add(1, Ordering::Relaxed), attached: ArcSwapOption::empty() }
+        Device {
+            info,
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            id: OnceLock::new(),
+            attached: ArcSwapOption::empty(),
+            next_group: AtomicU32::new(0),
+        }
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -138,32 +153,96 @@ impl Device {
 
     /// Device reads `buf.len()` bytes at `iova`.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let guard = epoch::pin();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = iova.wrapping_add(done as u64);
-            let (host, checked) = self.translate(at, Perm::R, &guard)?;
-            let n = chunk(at, buf.len() - done, self.granule());
-            memory::read(trust(checked), host, &mut buf[done..done + n]).map_err(|_| DmaError::Memory { iova: at })?;
-            done += n;
-        }
-        Ok(())
+        let len = buf.len();
+        self.dma(iova, len, Perm::R, |t, host, r| memory::read(t, host, &mut buf[r]))
     }
 
     /// Device writes `buf` at `iova`.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        let guard = epoch::pin();
+        self.dma(iova, buf.len(), Perm::W, |t, host, r| memory::write(t, host, &buf[r]))
+    }
+
+    /// Runs a DMA of `len` bytes, one IO page at a time. A miss on a device
+    /// with PRI, attached to a HWPT with a fault queue, becomes a page request;
+    /// the DMA waits for the answer (outside its epoch section, so the
+    /// handler may unmap) and then retries, or fails if it was refused.
+    fn dma(
+        &self,
+        iova: u64,
+        len: usize,
+        need: Perm,
+        mut copy: impl FnMut(memory::Trust, u64, std::ops::Range<usize>) -> crate::Result<()>,
+    ) -> Result<(), DmaError> {
         let mut done = 0usize;
-        while done < buf.len() {
+        let mut retries = 0;
+        let mut guard = epoch::pin();
+        while done < len {
             let at = iova.wrapping_add(done as u64);
-            let (host, checked) = self.translate(at, Perm::W, &guard)?;
-            let n = chunk(at, buf.len() - done, self.granule());
-            memory::write(trust(checked), host, &buf[done..done + n]).map_err(|_| DmaError::Memory { iova: at })?;
-            done += n;
+            match self.translate(at, need, &guard) {
+                Ok((host, checked)) => {
+                    let n = chunk(at, len - done, self.granule());
+                    copy(trust(checked), host, done..done + n).map_err(|_| DmaError::Memory { iova: at })?;
+                    done += n;
+                    retries = 0;
+                }
+                Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
+                    drop(guard);
+                    let Some(waiter) = self.page_request(at, need) else { return Err(e) };
+                    // A handler that answers "success" without mapping gets
+                    // a few more requests, then the DMA gives up.
+                    if waiter.wait() != Response::Success || retries == MAX_RETRIES {
+                        return Err(e);
+                    }
+                    retries += 1;
+                    guard = epoch::pin();
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }
+
+    /// Sends a page request for the IO page holding `iova`, if the device can
+    /// and its table has a queue; returns where the answer will come.
+    fn page_request(&self, iova: u64, need: Perm) -> Option<Arc<Waiter>> {
+        if !self.info.pri {
+            return None;
+        }
+        let hwpt = self.attached()?;
+        let queue = hwpt.fault()?;
+        let mut perm = 0;
+        if need.read {
+            perm |= PERM_READ;
+        }
+        if need.write {
+            perm |= PERM_WRITE;
+        }
+        let request = PageRequest {
+            flags: LAST_PAGE,
+            dev_id: self.id(),
+            pasid: 0,
+            // PCIe's page request group index is 9 bits.
+            grpid: self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff,
+            perm,
+            addr: iova & !(self.granule() - 1),
+        };
+        let (group, waiter) = Group::awaited(vec![request]);
+        queue.report(group);
+        Some(waiter)
+    }
+
+    /// The device's object ID in its context.
+    pub fn id(&self) -> u32 {
+        self.id.get().copied().unwrap_or(0)
+    }
+
+    pub(crate) fn set_id(&self, id: u32) {
+        let _ = self.id.set(id);
+    }
 }
+
+/// Answers of "success" a DMA accepts for one page before it gives up.
+const MAX_RETRIES: u32 = 8;
 
 fn trust(checked: bool) -> memory::Trust {
     if checked { memory::Trust::Checked } else { memory::Trust::Direct }

@@ -3,13 +3,17 @@
 //! `iommufd_fault`).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
 /// `IOMMU_PGFAULT_FLAGS_*`.
 pub const PASID_VALID: u32 = 1 << 0;
 pub const LAST_PAGE: u32 = 1 << 1;
+/// `IOMMU_PGFAULT_PERM_*`.
+pub const PERM_READ: u32 = 1 << 0;
+pub const PERM_WRITE: u32 = 1 << 1;
 
 /// One page request, as a PCIe PRI message carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +29,66 @@ pub struct PageRequest {
 }
 
 /// The requests of one group, answered together.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Group {
     pub requests: Vec<PageRequest>,
+    /// Where the device waits for the answer (none for injected requests).
+    waiter: Option<Arc<Waiter>>,
+}
+
+impl Group {
+    pub fn new(requests: Vec<PageRequest>) -> Self {
+        Group { requests, waiter: None }
+    }
+
+    /// A group a device waits on; the returned handle receives the answer.
+    pub fn awaited(requests: Vec<PageRequest>) -> (Self, Arc<Waiter>) {
+        let w = Arc::new(Waiter::default());
+        (Group { requests, waiter: Some(w.clone()) }, w)
+    }
+
+    fn answer(&self, r: Response) {
+        if let Some(w) = &self.waiter {
+            w.set(r);
+        }
+    }
+}
+
+/// A device's wait for the answer to its page request group.
+#[derive(Debug, Default)]
+pub struct Waiter {
+    answer: Mutex<Option<Response>>,
+    cv: Condvar,
+}
+
+impl Waiter {
+    fn set(&self, r: Response) {
+        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        a.get_or_insert(r);
+        self.cv.notify_all();
+    }
+
+    /// Blocks until the group is answered.
+    pub fn wait(&self) -> Response {
+        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = *a {
+                return r;
+            }
+            a = self.cv.wait(a).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The answer, if it came within `timeout`.
+    pub fn wait_for(&self, timeout: Duration) -> Option<Response> {
+        let a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
+        let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| a.is_none()).unwrap_or_else(|e| e.into_inner());
+        *a
+    }
+
+    pub fn answered(&self) -> Option<Response> {
+        *self.answer.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// How a group is answered (`IOMMUFD_PAGE_RESP_*`).
@@ -43,11 +104,24 @@ struct Queue {
     deliver: VecDeque<Group>,
     /// Read, awaiting a response, by cookie.
     pending: BTreeMap<u32, Group>,
+    /// Groups answered without their owner (detach, close), and requests
+    /// refused because the queue was full: nothing is lost silently.
+    auto_answered: u64,
+    dropped: u64,
 }
+
+/// Told whether groups are waiting to be read (an fd's readiness).
+pub type Notifier = Box<dyn Fn(bool) + Send + Sync>;
+
+/// The most groups a queue holds unread; beyond it requests are refused.
+pub const QUEUE_LIMIT: usize = 4096;
 
 #[derive(Default)]
 pub struct FaultQueue {
     queue: Mutex<Queue>,
+    /// Wakes readers that block in `next`.
+    arrived: Condvar,
+    notifier: Mutex<Option<Notifier>>,
 }
 
 impl FaultQueue {
@@ -59,8 +133,46 @@ impl FaultQueue {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Makes `f` hear whether groups are waiting to be read.
+    pub fn set_notifier(&self, f: Notifier) {
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    fn notify(&self, ready: bool) {
+        if let Some(f) = &*self.notifier.lock().unwrap_or_else(|e| e.into_inner()) {
+            f(ready);
+        }
+    }
+
+    /// Queues a group for its owner. A full queue answers it `Invalid` at
+    /// once (and counts it) rather than lose it.
     pub fn report(&self, group: Group) {
-        self.queue().deliver.push_back(group);
+        let mut q = self.queue();
+        if q.deliver.len() >= QUEUE_LIMIT {
+            q.dropped += 1;
+            drop(q);
+            group.answer(Response::Invalid);
+            return;
+        }
+        let was_empty = q.deliver.is_empty();
+        q.deliver.push_back(group);
+        drop(q);
+        self.arrived.notify_all();
+        if was_empty {
+            self.notify(true);
+        }
+    }
+
+    /// Blocks up to `timeout` for a group and reads it (for handlers that
+    /// live in the same program, without a file descriptor).
+    pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
+        let q = self.queue();
+        let (q, _) =
+            self.arrived.wait_timeout_while(q, timeout, |q| q.deliver.is_empty()).unwrap_or_else(|e| e.into_inner());
+        // Exactly one group: as many records as its first one holds.
+        let first = q.deliver.front()?.requests.len();
+        drop(q);
+        self.read(first).ok()?.into_iter().next()
     }
 
     /// Takes whole groups, in order, while their requests fit in `max`
@@ -83,6 +195,11 @@ impl FaultQueue {
             q.pending.insert(cookie, g.clone());
             out.push((cookie, g));
         }
+        let empty = q.deliver.is_empty();
+        drop(q);
+        if empty && !out.is_empty() {
+            self.notify(false);
+        }
         Ok(out)
     }
 
@@ -94,12 +211,53 @@ impl FaultQueue {
                 q.deliver.push_front(g);
             }
         }
+        let ready = !q.deliver.is_empty();
+        drop(q);
+        if ready {
+            self.notify(true);
+        }
     }
 
-    /// Answers the group read with `cookie`.
+    /// Answers the group read with `cookie`; the device waiting on it goes on.
     pub fn respond(&self, cookie: u32, response: Response) -> Result<Group> {
-        let _ = response;
-        self.queue().pending.remove(&cookie).ok_or(Error::Invalid("no fault group has that cookie"))
+        let g = self.queue().pending.remove(&cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
+        g.answer(response);
+        Ok(g)
+    }
+
+    /// Answers `Invalid` every group, read or not, of device `dev_id` (its
+    /// table went away), or of every device when `None` (the owner left).
+    pub fn abort(&self, dev_id: Option<u32>) {
+        let mut q = self.queue();
+        let hit = |g: &Group| dev_id.is_none_or(|d| g.requests.iter().any(|r| r.dev_id == d));
+        let mut gone: Vec<Group> = Vec::new();
+        q.deliver.retain(|g| {
+            let h = hit(g);
+            if h {
+                gone.push(g.clone());
+            }
+            !h
+        });
+        let cookies: Vec<u32> = q.pending.iter().filter(|(_, g)| hit(g)).map(|(&c, _)| c).collect();
+        for c in cookies {
+            gone.extend(q.pending.remove(&c));
+        }
+        q.auto_answered += gone.len() as u64;
+        let empty = q.deliver.is_empty();
+        drop(q);
+        for g in &gone {
+            g.answer(Response::Invalid);
+        }
+        if empty {
+            self.notify(false);
+        }
+    }
+
+    /// Groups answered without their owner, and requests refused for a full
+    /// queue, since the queue was made.
+    pub fn lost(&self) -> (u64, u64) {
+        let q = self.queue();
+        (q.auto_answered, q.dropped)
     }
 
     /// Groups waiting to be read, and groups awaiting a response.
@@ -115,7 +273,7 @@ mod tests {
 
     fn group(n: usize) -> Group {
         let r = PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 2, perm: 1, addr: 0x1000 };
-        Group { requests: vec![r; n] }
+        Group::new(vec![r; n])
     }
 
     #[test]
@@ -123,7 +281,7 @@ mod tests {
         let q = FaultQueue::new();
         q.report(group(2));
         q.report(group(1));
-        assert_eq!(q.read(1), Err(Error::Invalid("buffer too small for the next fault group")));
+        assert!(matches!(q.read(1), Err(Error::Invalid(_))), "the first group does not fit");
         let got = q.read(2).unwrap();
         assert_eq!((got.len(), got[0].0), (1, 1));
         let got = q.read(8).unwrap();
@@ -134,5 +292,63 @@ mod tests {
         assert_eq!(q.counts(), (0, 1));
         q.unread(&[2]);
         assert_eq!(q.counts(), (1, 0));
+    }
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use super::*;
+
+    fn request(dev_id: u32) -> PageRequest {
+        PageRequest { flags: LAST_PAGE, dev_id, pasid: 0, grpid: 0, perm: 1, addr: 0 }
+    }
+
+    #[test]
+    fn next_takes_one_group_at_a_time() {
+        let q = FaultQueue::new();
+        q.report(Group::new(vec![request(1)]));
+        q.report(Group::new(vec![request(2)]));
+        let (_, g) = q.next(Duration::ZERO).unwrap();
+        assert_eq!(g.requests[0].dev_id, 1);
+        assert_eq!(q.counts(), (1, 1), "the second group is still unread");
+    }
+
+    #[test]
+    fn the_waiting_device_hears_the_answer() {
+        let q = FaultQueue::new();
+        let (g, w) = Group::awaited(vec![request(1)]);
+        q.report(g);
+        assert_eq!(w.answered(), None);
+        let (cookie, _) = q.next(Duration::from_secs(1)).unwrap();
+        q.respond(cookie, Response::Success).unwrap();
+        assert_eq!(w.wait(), Response::Success);
+    }
+
+    #[test]
+    fn abort_answers_invalid_and_counts() {
+        let q = FaultQueue::new();
+        let (a, wa) = Group::awaited(vec![request(1)]);
+        let (b, wb) = Group::awaited(vec![request(2)]);
+        q.report(a);
+        q.report(b);
+        q.read(1).unwrap();
+        q.abort(Some(1));
+        assert_eq!(wa.answered(), Some(Response::Invalid));
+        assert_eq!(wb.answered(), None);
+        q.abort(None);
+        assert_eq!(wb.answered(), Some(Response::Invalid));
+        assert_eq!(q.lost(), (2, 0));
+    }
+
+    #[test]
+    fn the_notifier_follows_readiness() {
+        let q = FaultQueue::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        q.set_notifier(Box::new(move |r| s.lock().unwrap().push(r)));
+        q.report(Group::new(vec![request(1)]));
+        q.report(Group::new(vec![request(1)]));
+        q.read(8).unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![true, false]);
     }
 }
