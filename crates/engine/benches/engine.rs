@@ -206,6 +206,56 @@ fn dma(c: &mut Criterion) {
     g.finish();
 }
 
+fn fault_round_trip(c: &mut Criterion) {
+    use ioasid_engine::fault::{Group, LAST_PAGE, PageRequest, Response};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    let mut g = c.benchmark_group("fault round trip: request, handler wakes, answer, device wakes");
+    let queue = ioasid_engine::FaultQueue::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (queue, stop) = (queue.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some((cookie, _)) = queue.next(Duration::from_millis(10)) {
+                    queue.respond(cookie, Response::Success).unwrap();
+                }
+            }
+        })
+    };
+    let request = PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 0, perm: 2, addr: IOVA };
+    g.bench_function("ioasid", |b| {
+        b.iter(|| {
+            let (group, waiter) = Group::awaited(vec![request.clone()]);
+            queue.report(group);
+            waiter.wait()
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    handler.join().unwrap();
+
+    // The least any cross-thread request and answer can cost here.
+    let (to_handler, requests) = mpsc::channel::<u64>();
+    let (to_device, answers) = mpsc::channel::<u64>();
+    let echo = std::thread::spawn(move || {
+        while let Ok(v) = requests.recv() {
+            if to_device.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    g.bench_function("std mpsc ping-pong", |b| {
+        b.iter(|| {
+            to_handler.send(1).unwrap();
+            answers.recv().unwrap()
+        })
+    });
+    drop(to_handler);
+    echo.join().unwrap();
+    g.finish();
+}
+
 fn config() -> Criterion {
     let quick = std::env::var_os("IOASID_BENCH_QUICK").is_some();
     let (warm, measure) = if quick { (200, 700) } else { (1000, 3000) };
@@ -215,5 +265,5 @@ fn config() -> Criterion {
         .sample_size(if quick { 20 } else { 60 })
 }
 
-criterion_group! { name = benches; config = config(); targets = iotlb_hit, page_walk, working_set, map_unmap, dma }
+criterion_group! { name = benches; config = config(); targets = iotlb_hit, page_walk, working_set, map_unmap, dma, fault_round_trip }
 criterion_main!(benches);

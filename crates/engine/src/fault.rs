@@ -3,8 +3,27 @@
 //! `iommufd_fault`).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a waiter spins before it sleeps: a handler that answers at
+/// once is heard in microseconds instead of two thread wake-ups.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Spins up to `SPIN` until `done()`.
+fn spin_until(done: impl Fn() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < SPIN {
+        for _ in 0..64 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    done()
+}
 
 use crate::error::{Error, Result};
 
@@ -57,37 +76,48 @@ impl Group {
 /// A device's wait for the answer to its page request group.
 #[derive(Debug, Default)]
 pub struct Waiter {
-    answer: Mutex<Option<Response>>,
+    /// 0 until answered, then 1 (success) or 2 (invalid); the first answer wins.
+    answer: AtomicU8,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl Waiter {
     fn set(&self, r: Response) {
-        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
-        a.get_or_insert(r);
-        self.cv.notify_all();
+        let v = if r == Response::Success { 1 } else { 2 };
+        if self.answer.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // Taking the lock orders this after a sleeper's last check.
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
+    }
+
+    pub fn answered(&self) -> Option<Response> {
+        match self.answer.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Response::Success),
+            _ => Some(Response::Invalid),
+        }
     }
 
     /// Blocks until the group is answered.
     pub fn wait(&self) -> Response {
-        let mut a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(r) = *a {
+            if let Some(r) = self.wait_for(Duration::from_secs(3600)) {
                 return r;
             }
-            a = self.cv.wait(a).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// The answer, if it came within `timeout`.
+    /// The answer, if it came within `timeout`: spins briefly, then sleeps.
     pub fn wait_for(&self, timeout: Duration) -> Option<Response> {
-        let a = self.answer.lock().unwrap_or_else(|e| e.into_inner());
-        let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| a.is_none()).unwrap_or_else(|e| e.into_inner());
-        *a
-    }
-
-    pub fn answered(&self) -> Option<Response> {
-        *self.answer.lock().unwrap_or_else(|e| e.into_inner())
+        if spin_until(|| self.answered().is_some()) {
+            return self.answered();
+        }
+        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _g =
+            self.cv.wait_timeout_while(g, timeout, |_| self.answered().is_none()).unwrap_or_else(|e| e.into_inner());
+        self.answered()
     }
 }
 
@@ -119,6 +149,8 @@ pub const QUEUE_LIMIT: usize = 4096;
 #[derive(Default)]
 pub struct FaultQueue {
     queue: Mutex<Queue>,
+    /// Groups not yet read, readable without the lock (readers spin on it).
+    unread: AtomicUsize,
     /// Wakes readers that block in `next`.
     arrived: Condvar,
     notifier: Mutex<Option<Notifier>>,
@@ -156,6 +188,7 @@ impl FaultQueue {
         }
         let was_empty = q.deliver.is_empty();
         q.deliver.push_back(group);
+        self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         self.arrived.notify_all();
         if was_empty {
@@ -166,6 +199,7 @@ impl FaultQueue {
     /// Blocks up to `timeout` for a group and reads it (for handlers that
     /// live in the same program, without a file descriptor).
     pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
+        spin_until(|| self.unread.load(Ordering::Acquire) > 0);
         let q = self.queue();
         let (q, _) =
             self.arrived.wait_timeout_while(q, timeout, |q| q.deliver.is_empty()).unwrap_or_else(|e| e.into_inner());
@@ -196,6 +230,7 @@ impl FaultQueue {
             out.push((cookie, g));
         }
         let empty = q.deliver.is_empty();
+        self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         if empty && !out.is_empty() {
             self.notify(false);
@@ -212,6 +247,7 @@ impl FaultQueue {
             }
         }
         let ready = !q.deliver.is_empty();
+        self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         if ready {
             self.notify(true);
@@ -244,6 +280,7 @@ impl FaultQueue {
         }
         q.auto_answered += gone.len() as u64;
         let empty = q.deliver.is_empty();
+        self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         for g in &gone {
             g.answer(Response::Invalid);
