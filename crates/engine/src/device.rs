@@ -102,6 +102,7 @@ pub struct Device {
     id: OnceLock<u32>,
     attached: ArcSwapOption<Hwpt>,
     next_group: AtomicU32,
+    unrecoverable: AtomicU64,
 }
 
 impl Device {
@@ -112,6 +113,7 @@ impl Device {
             id: OnceLock::new(),
             attached: ArcSwapOption::empty(),
             next_group: AtomicU32::new(0),
+            unrecoverable: AtomicU64::new(0),
         }
     }
 
@@ -151,15 +153,36 @@ impl Device {
         1 << self.info.format.page_shift()
     }
 
-    /// Device reads `buf.len()` bytes at `iova`.
+    /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI
+    /// device waits for its answer.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len();
-        self.dma(iova, len, Perm::R, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.dma(iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r])).map_err(Stall::into_error)
     }
 
-    /// Device writes `buf` at `iova`.
+    /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
+    /// its answer.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(iova, buf.len(), Perm::W, |t, host, r| memory::write(t, host, &buf[r]))
+        self.dma(iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// `dma_read` that does not wait: a page fault returns the pending page
+    /// request. Bytes before the fault are read; retry once it is answered.
+    pub fn try_dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Stall> {
+        let len = buf.len();
+        self.dma(iova, len, Perm::R, false, |t, host, r| memory::read(t, host, &mut buf[r]))
+    }
+
+    /// `dma_write` that does not wait (see `try_dma_read`).
+    pub fn try_dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), Stall> {
+        self.dma(iova, buf.len(), Perm::W, false, |t, host, r| memory::write(t, host, &buf[r]))
+    }
+
+    /// Faults that no page request could cover (no PRI, or no fault queue on
+    /// the table): counted, not lost silently.
+    pub fn unrecoverable_faults(&self) -> u64 {
+        self.unrecoverable.load(Ordering::Relaxed)
     }
 
     /// Runs a DMA of `len` bytes, one IO page at a time. A miss on a device
@@ -171,8 +194,9 @@ impl Device {
         iova: u64,
         len: usize,
         need: Perm,
+        wait: bool,
         mut copy: impl FnMut(memory::Trust, u64, std::ops::Range<usize>) -> crate::Result<()>,
-    ) -> Result<(), DmaError> {
+    ) -> Result<(), Stall> {
         let mut done = 0usize;
         let mut retries = 0;
         let mut guard = epoch::pin();
@@ -181,22 +205,34 @@ impl Device {
             match self.translate(at, need, &guard) {
                 Ok((host, checked)) => {
                     let n = chunk(at, len - done, self.granule());
-                    copy(trust(checked), host, done..done + n).map_err(|_| DmaError::Memory { iova: at })?;
+                    copy(trust(checked), host, done..done + n)
+                        .map_err(|_| Stall::Failed(DmaError::Memory { iova: at }))?;
                     done += n;
                     retries = 0;
                 }
                 Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
                     drop(guard);
-                    let Some(waiter) = self.page_request(at, need) else { return Err(e) };
+                    let Some(waiter) = self.page_request(at, need) else {
+                        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                        return Err(Stall::Failed(e));
+                    };
+                    if !wait {
+                        return Err(Stall::PageRequest(Pending { waiter, fault: e }));
+                    }
                     // A handler that answers "success" without mapping gets
                     // a few more requests, then the DMA gives up.
                     if waiter.wait() != Response::Success || retries == MAX_RETRIES {
-                        return Err(e);
+                        return Err(Stall::Failed(e));
                     }
                     retries += 1;
                     guard = epoch::pin();
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, DmaError::Fault { .. }) {
+                        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(Stall::Failed(e));
+                }
             }
         }
         Ok(())
@@ -238,6 +274,47 @@ impl Device {
 
     pub(crate) fn set_id(&self, id: u32) {
         let _ = self.id.set(id);
+    }
+}
+
+/// Why a non-waiting DMA stopped.
+#[derive(Debug)]
+pub enum Stall {
+    /// It failed, as a waiting DMA would have.
+    Failed(DmaError),
+    /// It faulted and asked for the page; the answer comes on `Pending`.
+    PageRequest(Pending),
+}
+
+impl Stall {
+    fn into_error(self) -> DmaError {
+        match self {
+            Stall::Failed(e) | Stall::PageRequest(Pending { fault: e, .. }) => e,
+        }
+    }
+}
+
+/// A page request a DMA made, not yet answered.
+#[derive(Debug)]
+pub struct Pending {
+    waiter: Arc<Waiter>,
+    fault: DmaError,
+}
+
+impl Pending {
+    /// The fault that made the request.
+    pub fn fault(&self) -> DmaError {
+        self.fault
+    }
+
+    /// The answer, once it came.
+    pub fn answered(&self) -> Option<Response> {
+        self.waiter.answered()
+    }
+
+    /// Blocks for the answer; on `Success`, retry the DMA.
+    pub fn wait(&self) -> Response {
+        self.waiter.wait()
     }
 }
 

@@ -43,7 +43,7 @@ pub mod pgtable;
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
 pub use context::{Context, ContextConfig, Object, SelftestDevice};
-pub use device::{Device, DeviceInfo, DmaError, MockFlags};
+pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
 pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};

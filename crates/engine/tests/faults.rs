@@ -142,3 +142,68 @@ fn concurrent_faults_are_all_served() {
     assert_eq!(served as u64, THREADS * PAGES_EACH, "one request per page, none lost");
     assert_eq!(s.queue.lost(), (0, 0));
 }
+
+#[test]
+fn a_non_waiting_dma_hands_back_the_page_request() {
+    let s = setup(1);
+    let dev = s.ctx.device(s.dev).unwrap();
+    let pending = match dev.try_dma_write(IOVA + 8, b"later") {
+        Err(ioasid_engine::Stall::PageRequest(p)) => p,
+        other => panic!("expected a page request, got {other:?}"),
+    };
+    assert_eq!(pending.answered(), None);
+    let (cookie, group) = s.queue.next(Duration::from_secs(1)).unwrap();
+    assert_eq!(group.requests[0].addr, IOVA);
+    // SAFETY: `ram` outlives the context.
+    unsafe { s.ctx.map_user(s.ioas, s.ram.addr(), PAGE, Some(IOVA), Perm::RW).unwrap() };
+    s.queue.respond(cookie, Response::Success).unwrap();
+    assert_eq!(pending.wait(), Response::Success);
+    dev.try_dma_write(IOVA + 8, b"later").unwrap();
+}
+
+#[test]
+fn unrecoverable_faults_are_counted() {
+    let s = setup(1);
+    let plain = s.ctx.bind_device(DeviceInfo::new("plain", 2)).unwrap();
+    s.ctx.attach(plain, 4).unwrap();
+    let dev = s.ctx.device(plain).unwrap();
+    assert!(dev.dma_write(IOVA, b"x").is_err());
+    assert!(dev.dma_read(IOVA, &mut [0u8; 4]).is_err());
+    assert_eq!(dev.unrecoverable_faults(), 2);
+    s.ctx.detach(plain).unwrap();
+    assert_eq!(dev.dma_write(IOVA, b"x"), Err(DmaError::Blocked));
+    assert_eq!(dev.unrecoverable_faults(), 2, "a blocked DMA is not an IOMMU fault");
+}
+
+#[test]
+fn many_devices_share_one_queue_and_records_name_each() {
+    let s = setup(8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = serve(&s, stop.clone(), Response::Success);
+    let mut devs = vec![s.dev];
+    for rid in 2..5 {
+        let mut info = DeviceInfo::new("pri", rid);
+        info.pri = true;
+        let d = s.ctx.bind_device(info).unwrap();
+        s.ctx.attach(d, 4).unwrap();
+        devs.push(d);
+    }
+    let threads: Vec<_> = devs
+        .iter()
+        .enumerate()
+        .map(|(k, &d)| {
+            let dev = s.ctx.device(d).unwrap();
+            thread::spawn(move || dev.dma_write(IOVA + 2 * k as u64 * PAGE, &[k as u8; 16]))
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(handler.join().unwrap(), devs.len());
+    for k in 0..devs.len() {
+        let mut v = [0u8; 16];
+        s.ram.read_at(2 * k * PAGE as usize, &mut v);
+        assert_eq!(v, [k as u8; 16]);
+    }
+}
