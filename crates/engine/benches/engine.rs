@@ -251,6 +251,47 @@ fn fault_round_trip(c: &mut Criterion) {
             answers.recv().unwrap()
         })
     });
+    g.finish();
+
+    // Batched: 64 requests in flight, the handler takes whatever is waiting.
+    const BATCH: usize = 64;
+    let mut g = c.benchmark_group("fault round trip: 64 requests answered in a batch");
+    let queue = ioasid_engine::FaultQueue::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (queue, stop) = (queue.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if queue.next(Duration::from_millis(10)).map(|(c, _)| queue.respond(c, Response::Success)).is_some() {
+                    for (cookie, _) in queue.read(usize::MAX).unwrap_or_default() {
+                        queue.respond(cookie, Response::Success).unwrap();
+                    }
+                }
+            }
+        })
+    };
+    g.bench_function("ioasid", |b| {
+        b.iter(|| {
+            let waiters: Vec<_> = (0..BATCH)
+                .map(|_| {
+                    let (group, waiter) = Group::awaited(vec![request.clone()]);
+                    queue.report(group);
+                    waiter
+                })
+                .collect();
+            waiters.iter().map(|w| w.wait() == Response::Success).filter(|ok| *ok).count()
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    handler.join().unwrap();
+    g.bench_function("std mpsc ping-pong", |b| {
+        b.iter(|| {
+            for _ in 0..BATCH {
+                to_handler.send(1).unwrap();
+            }
+            (0..BATCH).map(|_| answers.recv().unwrap()).sum::<u64>()
+        })
+    });
     drop(to_handler);
     echo.join().unwrap();
     g.finish();
