@@ -66,7 +66,9 @@ out.append(
     "to 50 µs before they sleep, so an answer that comes at once costs no thread "
     "wake-up; the peer is a plain blocking channel handoff, which pays two. The "
     "walk and working-set figures make each lookup depend on the previous result, "
-    "so they measure latency, not overlapped throughput."
+    "so they measure latency, not overlapped throughput. The PASID peer is a bare "
+    "free set under a lock; ioasid also keeps quotas along the set hierarchy, "
+    "reference counts, and an entry per ID that lookups read without a lock."
 )
 out.append("\n![translate cost against working set](benches/working-set.svg)\n")
 out.append(

@@ -27,6 +27,7 @@ impl Errno {
     pub const EBADFD: Errno = Errno(libc::EBADFD);
     pub const EBADE: Errno = Errno(libc::EBADE);
     pub const ESPIPE: Errno = Errno(libc::ESPIPE);
+    pub const EDQUOT: Errno = Errno(libc::EDQUOT);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -50,6 +51,7 @@ impl Errno {
             libc::EBADFD => "EBADFD",
             libc::EBADE => "EBADE",
             libc::ESPIPE => "ESPIPE",
+            libc::EDQUOT => "EDQUOT",
             _ => "errno",
         }
     }
@@ -77,6 +79,7 @@ impl From<Error> for Errno {
             Error::Permission(_) => Errno::EPERM,
             Error::BadFd(_) => Errno::EBADF,
             Error::NoDevice(_) => Errno::ENODEV,
+            Error::Quota(_) => Errno::EDQUOT,
         }
     }
 }

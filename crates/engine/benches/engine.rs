@@ -297,6 +297,66 @@ fn fault_round_trip(c: &mut Criterion) {
     g.finish();
 }
 
+/// The allocator a VMM would write by hand: a lock around a set of free IDs.
+struct PlainAllocator(std::sync::Mutex<std::collections::BTreeSet<u32>>);
+
+impl PlainAllocator {
+    fn new(width: u32) -> Self {
+        PlainAllocator(std::sync::Mutex::new((1..1u32 << width).collect()))
+    }
+    fn alloc(&self) -> Option<u32> {
+        self.0.lock().unwrap().pop_first()
+    }
+    fn free(&self, id: u32) {
+        self.0.lock().unwrap().insert(id);
+    }
+}
+
+fn pasid(c: &mut Criterion) {
+    use ioasid_engine::ioasid_set::PasidSpace;
+    let mut g = c.benchmark_group("PASID: alloc + free");
+    let space = PasidSpace::new(20).unwrap();
+    let set = space.create_set(None, 1 << 20).unwrap();
+    g.bench_function("ioasid", |b| {
+        b.iter(|| {
+            let p = space.alloc(set, 1, u32::MAX, 7).unwrap();
+            space.free(set, p).unwrap();
+        })
+    });
+    let plain = PlainAllocator::new(20);
+    g.bench_function("Mutex<BTreeSet>", |b| {
+        b.iter(|| {
+            let p = plain.alloc().unwrap();
+            plain.free(p);
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("PASID: exhaust and release all 2^20");
+    g.sample_size(10);
+    g.bench_function("ioasid", |b| {
+        b.iter(|| {
+            let space = PasidSpace::new(20).unwrap();
+            let set = space.create_set(None, 1 << 20).unwrap();
+            while space.alloc(set, 1, u32::MAX, 0).is_ok() {}
+            space.destroy_set(set).unwrap();
+        })
+    });
+    g.bench_function("Mutex<BTreeSet>", |b| {
+        b.iter(|| {
+            let plain = PlainAllocator::new(20);
+            let mut ids = Vec::with_capacity(1 << 20);
+            while let Some(p) = plain.alloc() {
+                ids.push(p);
+            }
+            for p in ids {
+                plain.free(p);
+            }
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     let quick = std::env::var_os("IOASID_BENCH_QUICK").is_some();
     let (warm, measure) = if quick { (200, 700) } else { (1000, 3000) };
@@ -306,5 +366,5 @@ fn config() -> Criterion {
         .sample_size(if quick { 20 } else { 60 })
 }
 
-criterion_group! { name = benches; config = config(); targets = iotlb_hit, page_walk, working_set, map_unmap, dma, fault_round_trip }
+criterion_group! { name = benches; config = config(); targets = iotlb_hit, page_walk, working_set, map_unmap, dma, fault_round_trip, pasid }
 criterion_main!(benches);

@@ -44,6 +44,9 @@ pub enum Error {
     /// Something that is not set up, like the VFIO compatibility IOAS (ENODEV).
     #[error("no such device: {0}")]
     NoDevice(&'static str),
+    /// A quota would be exceeded (EDQUOT).
+    #[error("quota exceeded: {0}")]
+    Quota(&'static str),
     /// A file descriptor that is not usable (EBADF).
     #[error("bad file descriptor: {0}")]
     BadFd(&'static str),

@@ -34,6 +34,7 @@ pub mod fault;
 pub mod hwpt;
 pub mod inject;
 pub mod ioas;
+pub mod ioasid_set;
 pub mod iotlb;
 pub mod iova;
 pub mod memory;

@@ -1,0 +1,492 @@
+//! PASID allocation in IOASID sets: a global PASID space carved into sets,
+//! each with a quota inside its parent's (like a cgroup controller), IDs
+//! reference-counted so a free while referenced completes at the last put,
+//! private data per ID, set-private IDs (a guest's vPASIDs) mapped to host
+//! PASIDs, and notifications of alloc, free, bind and unbind.
+//!
+//! Changes are serialised by one lock; lookups (`find`, `host_pasid`,
+//! `vpasid`, `get`) take none: IDs live in a two-level table of
+//! `ArcSwapOption` slots, allocated a leaf at a time.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::error::{Error, Result};
+
+/// PASID 0 is the RID's own address space (`IOMMU_NO_PASID`): never allocated.
+pub const NO_PASID: u32 = 0;
+pub const MAX_WIDTH: u8 = 20;
+
+/// An IOASID set's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SetId(pub u32);
+
+/// What subscribers hear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    Alloc {
+        set: SetId,
+        pasid: u32,
+    },
+    /// The ID is gone (its last reference was put).
+    Free {
+        set: SetId,
+        pasid: u32,
+    },
+    Bind {
+        set: SetId,
+        pasid: u32,
+        device: u64,
+    },
+    Unbind {
+        set: SetId,
+        pasid: u32,
+        device: u64,
+    },
+}
+
+impl Event {
+    fn set(&self) -> SetId {
+        match *self {
+            Event::Alloc { set, .. }
+            | Event::Free { set, .. }
+            | Event::Bind { set, .. }
+            | Event::Unbind { set, .. } => set,
+        }
+    }
+
+    fn bit(&self) -> u8 {
+        match self {
+            Event::Alloc { .. } => Events::ALLOC.0,
+            Event::Free { .. } => Events::FREE.0,
+            Event::Bind { .. } => Events::BIND.0,
+            Event::Unbind { .. } => Events::UNBIND.0,
+        }
+    }
+}
+
+/// A mask of the events a subscriber wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Events(pub u8);
+
+impl Events {
+    pub const ALLOC: Events = Events(1);
+    pub const FREE: Events = Events(2);
+    pub const BIND: Events = Events(4);
+    pub const UNBIND: Events = Events(8);
+    pub const ALL: Events = Events(15);
+}
+
+/// Who a subscriber is; subscribers hear each event in this order (the CPU
+/// side first, then the IOMMU, then devices), as the original series had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Class {
+    Cpu,
+    Iommu,
+    Device,
+}
+
+/// One allocated PASID.
+pub struct Entry {
+    pasid: u32,
+    set: SetId,
+    private: u64,
+    vpasid: Option<u32>,
+    /// The allocation's own reference plus every `get`.
+    refs: AtomicU32,
+    freed: AtomicBool,
+}
+
+impl Entry {
+    pub fn pasid(&self) -> u32 {
+        self.pasid
+    }
+    pub fn set(&self) -> SetId {
+        self.set
+    }
+    pub fn private(&self) -> u64 {
+        self.private
+    }
+    pub fn vpasid(&self) -> Option<u32> {
+        self.vpasid
+    }
+}
+
+const LEAF_BITS: u32 = 10;
+const LEAF: usize = 1 << LEAF_BITS;
+
+/// A lock-free map from 20-bit IDs to entries.
+struct Slots {
+    leaves: Box<[OnceLock<Box<[ArcSwapOption<Entry>]>>]>,
+}
+
+impl Slots {
+    fn new(width: u8) -> Self {
+        let n = (1usize << width).div_ceil(LEAF);
+        Slots { leaves: (0..n).map(|_| OnceLock::new()).collect() }
+    }
+
+    fn get(&self, id: u32) -> Option<Arc<Entry>> {
+        let leaf = self.leaves.get((id >> LEAF_BITS) as usize)?.get()?;
+        leaf[id as usize & (LEAF - 1)].load_full()
+    }
+
+    fn set(&self, id: u32, e: Option<Arc<Entry>>) {
+        let leaf =
+            self.leaves[(id >> LEAF_BITS) as usize].get_or_init(|| (0..LEAF).map(|_| ArcSwapOption::empty()).collect());
+        leaf[id as usize & (LEAF - 1)].store(e);
+    }
+}
+
+struct SetState {
+    parent: Option<SetId>,
+    quota: u32,
+    /// IDs of this set and all its descendants.
+    used: u32,
+    children: u32,
+    /// IDs allocated in this set (including those freed but still referenced).
+    own: u32,
+}
+
+/// What lookups read without the lock.
+struct SetShared {
+    by_vpasid: Slots,
+}
+
+struct Subscriber {
+    class: Class,
+    set: Option<SetId>,
+    events: Events,
+    tx: Sender<Event>,
+}
+
+struct Inner {
+    /// One bit per PASID, set when allocated.
+    bitmap: Vec<u64>,
+    sets: BTreeMap<SetId, SetState>,
+    next_set: u32,
+    /// Where the search for a free ID starts, so alloc + free cycles stay cheap.
+    hint: u32,
+    subscribers: Vec<Subscriber>,
+}
+
+pub struct PasidSpace {
+    width: u8,
+    inner: Mutex<Inner>,
+    slots: Slots,
+    shared: ArcSwap<BTreeMap<SetId, Arc<SetShared>>>,
+}
+
+impl PasidSpace {
+    /// A space of `width`-bit PASIDs (1 to 20).
+    pub fn new(width: u8) -> Result<Self> {
+        if width == 0 || width > MAX_WIDTH {
+            return Err(Error::Invalid("PASID width is 1 to 20 bits"));
+        }
+        let words = (1usize << width).div_ceil(64);
+        let mut bitmap = vec![0u64; words];
+        bitmap[0] |= 1 << NO_PASID;
+        Ok(PasidSpace {
+            width,
+            inner: Mutex::new(Inner { bitmap, sets: BTreeMap::new(), next_set: 1, hint: 1, subscribers: Vec::new() }),
+            slots: Slots::new(width),
+            shared: ArcSwap::from_pointee(BTreeMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The largest PASID.
+    pub fn max_pasid(&self) -> u32 {
+        (1u32 << self.width) - 1
+    }
+
+    /// A set holding at most `quota` IDs, inside `parent`'s quota.
+    pub fn create_set(&self, parent: Option<SetId>, quota: u32) -> Result<SetId> {
+        crate::inject::check("IOASID set")?;
+        let mut g = self.lock();
+        if let Some(p) = parent {
+            let ps = g.sets.get_mut(&p).ok_or(Error::NotFound("no such parent set"))?;
+            if quota > ps.quota {
+                return Err(Error::Invalid("a set's quota must fit in its parent's"));
+            }
+            ps.children += 1;
+        }
+        let id = SetId(g.next_set);
+        g.next_set += 1;
+        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: 0 });
+        let mut shared = (**self.shared.load()).clone();
+        shared.insert(id, Arc::new(SetShared { by_vpasid: Slots::new(self.width) }));
+        self.shared.store(Arc::new(shared));
+        Ok(id)
+    }
+
+    /// Changes a quota live; never below what the set uses.
+    pub fn set_quota(&self, set: SetId, quota: u32) -> Result<()> {
+        let mut g = self.lock();
+        let parent_quota = match g.sets.get(&set).ok_or(Error::NotFound("no such set"))?.parent {
+            Some(p) => g.sets[&p].quota,
+            None => u32::MAX,
+        };
+        let s = g.sets.get_mut(&set).expect("checked");
+        if quota < s.used {
+            return Err(Error::Busy("the set uses more IDs than that"));
+        }
+        if quota > parent_quota {
+            return Err(Error::Invalid("a set's quota must fit in its parent's"));
+        }
+        s.quota = quota;
+        Ok(())
+    }
+
+    /// (quota, IDs in use in the set and below it).
+    pub fn usage(&self, set: SetId) -> Result<(u32, u32)> {
+        let g = self.lock();
+        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        Ok((s.quota, s.used))
+    }
+
+    /// Frees every ID of a set that has no child sets, then the set.
+    /// Referenced IDs complete their free at their last `put`.
+    pub fn destroy_set(&self, set: SetId) -> Result<()> {
+        if self.lock().sets.get(&set).ok_or(Error::NotFound("no such set"))?.children > 0 {
+            return Err(Error::Busy("the set has child sets"));
+        }
+        for pasid in self.ids(set)? {
+            let _ = self.free(set, pasid);
+        }
+        let mut g = self.lock();
+        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        if s.own > 0 {
+            return Err(Error::Busy("IDs of the set are still referenced"));
+        }
+        let parent = s.parent;
+        g.sets.remove(&set);
+        if let Some(p) = parent {
+            g.sets.get_mut(&p).expect("parents outlive children").children -= 1;
+        }
+        let mut shared = (**self.shared.load()).clone();
+        shared.remove(&set);
+        self.shared.store(Arc::new(shared));
+        Ok(())
+    }
+
+    /// Allocates a PASID in `[min, max]` for `set`, charged to the set and
+    /// every ancestor (`EDQUOT` past a quota, `ENOSPC` when none is free).
+    pub fn alloc(&self, set: SetId, min: u32, max: u32, private: u64) -> Result<u32> {
+        self.alloc_with(set, min, max, private, None)
+    }
+
+    /// Allocates a host PASID standing for the set's own ID `vpasid` (a
+    /// guest's PASID); `EEXIST` when the set already uses `vpasid`.
+    pub fn alloc_private(&self, set: SetId, vpasid: u32, private: u64) -> Result<u32> {
+        if vpasid > self.max_pasid() {
+            return Err(Error::Invalid("set-private ID out of range"));
+        }
+        self.alloc_with(set, 1, self.max_pasid(), private, Some(vpasid))
+    }
+
+    fn alloc_with(&self, set: SetId, min: u32, max: u32, private: u64, vpasid: Option<u32>) -> Result<u32> {
+        crate::inject::check("PASID")?;
+        let mut g = self.lock();
+        if !g.sets.contains_key(&set) {
+            return Err(Error::NotFound("no such set"));
+        }
+        let shared = self.shared.load().get(&set).cloned().expect("every set is shared");
+        if let Some(v) = vpasid
+            && shared.by_vpasid.get(v).is_some()
+        {
+            return Err(Error::Exists("the set already uses that ID"));
+        }
+        // Quota along the path to the root.
+        let mut at = Some(set);
+        while let Some(s) = at {
+            let st = &g.sets[&s];
+            if st.used >= st.quota {
+                return Err(Error::Quota("IOASID set quota exhausted"));
+            }
+            at = st.parent;
+        }
+        let lo = min.max(1);
+        let hi = max.min(self.max_pasid());
+        if lo > hi {
+            return Err(Error::Invalid("empty PASID range"));
+        }
+        let pasid = g.find_free(lo, hi).ok_or(Error::NoSpace("no free PASID in range"))?;
+        g.bitmap[(pasid / 64) as usize] |= 1 << (pasid % 64);
+        g.hint = pasid + 1;
+        let mut at = Some(set);
+        while let Some(s) = at {
+            let st = g.sets.get_mut(&s).expect("on the path");
+            st.used += 1;
+            at = st.parent;
+        }
+        let entry =
+            Arc::new(Entry { pasid, set, private, vpasid, refs: AtomicU32::new(1), freed: AtomicBool::new(false) });
+        g.sets.get_mut(&set).expect("checked").own += 1;
+        self.slots.set(pasid, Some(entry.clone()));
+        if let Some(v) = vpasid {
+            shared.by_vpasid.set(v, Some(entry));
+        }
+        g.notify(Event::Alloc { set, pasid });
+        Ok(pasid)
+    }
+
+    /// The private data of `pasid`, if `set` allocated it. Lock-free.
+    pub fn find(&self, set: SetId, pasid: u32) -> Option<u64> {
+        self.slots.get(pasid).filter(|e| e.set == set).map(|e| e.private)
+    }
+
+    /// The entry of `pasid`, whoever allocated it. Lock-free.
+    pub fn entry(&self, pasid: u32) -> Option<Arc<Entry>> {
+        self.slots.get(pasid)
+    }
+
+    /// The host PASID standing for `set`'s own ID `vpasid`. Lock-free.
+    pub fn host_pasid(&self, set: SetId, vpasid: u32) -> Option<u32> {
+        self.shared.load().get(&set)?.by_vpasid.get(vpasid).map(|e| e.pasid)
+    }
+
+    /// The set-private ID `pasid` stands for. Lock-free.
+    pub fn vpasid(&self, pasid: u32) -> Option<u32> {
+        self.slots.get(pasid)?.vpasid
+    }
+
+    /// The IDs a set allocated, in order (a scan of the allocated IDs).
+    pub fn ids(&self, set: SetId) -> Result<Vec<u32>> {
+        let g = self.lock();
+        if !g.sets.contains_key(&set) {
+            return Err(Error::NotFound("no such set"));
+        }
+        let mut out = Vec::new();
+        for (w, &word) in g.bitmap.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let pasid = w as u32 * 64 + bits.trailing_zeros();
+                bits &= bits - 1;
+                if self.slots.get(pasid).is_some_and(|e| e.set == set) {
+                    out.push(pasid);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes a reference; `ENOENT` once the ID is freed.
+    pub fn get(&self, pasid: u32) -> Result<()> {
+        let e = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
+        if e.freed.load(Ordering::Acquire) {
+            return Err(Error::NotFound("PASID is being freed"));
+        }
+        e.refs
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > 0).then_some(r + 1))
+            .map(drop)
+            .map_err(|_| Error::NotFound("PASID is being freed"))
+    }
+
+    /// Drops a reference; the last one of a freed ID completes the free.
+    pub fn put(&self, pasid: u32) -> Result<()> {
+        let e = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
+        let prev = e.refs.fetch_sub(1, Ordering::AcqRel);
+        if prev == 0 {
+            e.refs.fetch_add(1, Ordering::AcqRel);
+            return Err(Error::Invalid("put without a reference"));
+        }
+        if prev == 1 {
+            self.release(&e);
+        }
+        Ok(())
+    }
+
+    /// Frees `pasid` for `set`: at once when nothing references it, else at
+    /// the last `put`.
+    pub fn free(&self, set: SetId, pasid: u32) -> Result<()> {
+        let e = self.slots.get(pasid).filter(|e| e.set == set).ok_or(Error::NotFound("set did not allocate it"))?;
+        if e.freed.swap(true, Ordering::AcqRel) {
+            return Err(Error::NotFound("PASID already freed"));
+        }
+        self.put(pasid)
+    }
+
+    /// Tells subscribers `device` now uses `pasid`, holding a reference.
+    pub fn bind(&self, pasid: u32, device: u64) -> Result<()> {
+        self.get(pasid)?;
+        let set = self.slots.get(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
+        self.lock().notify(Event::Bind { set, pasid, device });
+        Ok(())
+    }
+
+    /// Undoes `bind`.
+    pub fn unbind(&self, pasid: u32, device: u64) -> Result<()> {
+        let set = self.slots.get(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
+        self.lock().notify(Event::Unbind { set, pasid, device });
+        self.put(pasid)
+    }
+
+    /// Subscribes to `events` of `set` (or of every set). Events arrive on
+    /// the receiver in order; a slow reader never holds up allocation.
+    pub fn subscribe(&self, class: Class, set: Option<SetId>, events: Events) -> Receiver<Event> {
+        let (tx, rx) = channel();
+        let mut g = self.lock();
+        g.subscribers.push(Subscriber { class, set, events, tx });
+        g.subscribers.sort_by_key(|s| s.class);
+        rx
+    }
+
+    fn release(&self, e: &Entry) {
+        let mut g = self.lock();
+        self.slots.set(e.pasid, None);
+        if let Some(v) = e.vpasid
+            && let Some(shared) = self.shared.load().get(&e.set)
+        {
+            shared.by_vpasid.set(v, None);
+        }
+        g.bitmap[(e.pasid / 64) as usize] &= !(1 << (e.pasid % 64));
+        g.hint = g.hint.min(e.pasid);
+        if let Some(s) = g.sets.get_mut(&e.set) {
+            s.own -= 1;
+        }
+        let mut at = Some(e.set);
+        while let Some(s) = at {
+            let Some(st) = g.sets.get_mut(&s) else { break };
+            st.used -= 1;
+            at = st.parent;
+        }
+        g.notify(Event::Free { set: e.set, pasid: e.pasid });
+    }
+}
+
+impl Inner {
+    /// The lowest free ID in `[lo, hi]`, searching from the hint first.
+    fn find_free(&self, lo: u32, hi: u32) -> Option<u32> {
+        let start = self.hint.clamp(lo, hi);
+        self.scan(start, hi).or_else(|| self.scan(lo, start.saturating_sub(1).max(lo)))
+    }
+
+    fn scan(&self, lo: u32, hi: u32) -> Option<u32> {
+        let mut id = lo;
+        while id <= hi {
+            let word = self.bitmap[(id / 64) as usize] | ((1u64 << (id % 64)) - 1);
+            if word != u64::MAX {
+                let free = (id / 64) * 64 + (!word).trailing_zeros();
+                return (free <= hi).then_some(free);
+            }
+            id = (id / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// Delivers `ev` to its subscribers, CPU side first; drops the gone.
+    fn notify(&mut self, ev: Event) {
+        self.subscribers.retain(|s| {
+            let wanted = s.events.0 & ev.bit() != 0 && s.set.is_none_or(|set| set == ev.set());
+            !wanted || s.tx.send(ev).is_ok()
+        });
+    }
+}

@@ -1,0 +1,223 @@
+//! PASID allocation in IOASID sets.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use ioasid_engine::Error;
+use ioasid_engine::ioasid_set::{Class, Event, Events, PasidSpace, SetId};
+use proptest::prelude::*;
+
+#[test]
+fn width_is_checked_and_pasid_zero_is_never_given() {
+    assert!(matches!(PasidSpace::new(0), Err(Error::Invalid(_))));
+    assert!(matches!(PasidSpace::new(21), Err(Error::Invalid(_))));
+    let space = PasidSpace::new(2).unwrap();
+    let set = space.create_set(None, 10).unwrap();
+    let ids: Vec<u32> = (0..3).map(|_| space.alloc(set, 0, u32::MAX, 0).unwrap()).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert!(matches!(space.alloc(set, 0, u32::MAX, 0), Err(Error::NoSpace(_))));
+}
+
+#[test]
+fn quotas_hold_at_every_level() {
+    let space = PasidSpace::new(20).unwrap();
+    let vm = space.create_set(None, 4).unwrap();
+    let a = space.create_set(Some(vm), 3).unwrap();
+    let b = space.create_set(Some(vm), 3).unwrap();
+    assert!(matches!(space.create_set(Some(vm), 5), Err(Error::Invalid(_))), "inside the parent's quota");
+    space.alloc(a, 1, 1000, 0).unwrap();
+    space.alloc(a, 1, 1000, 0).unwrap();
+    space.alloc(b, 1, 1000, 0).unwrap();
+    let last = space.alloc(b, 1, 1000, 0).unwrap();
+    assert!(matches!(space.alloc(a, 1, 1000, 0), Err(Error::Quota(_))), "the parent is full");
+    assert_eq!(space.usage(vm).unwrap(), (4, 4));
+    assert!(matches!(space.set_quota(vm, 3), Err(Error::Busy(_))), "never below use");
+    space.free(b, last).unwrap();
+    space.set_quota(a, 2).unwrap();
+    assert!(matches!(space.alloc(a, 1, 1000, 0), Err(Error::Quota(_))), "the child is full");
+    space.alloc(b, 1, 1000, 0).unwrap();
+    assert!(matches!(space.destroy_set(vm), Err(Error::Busy(_))), "children first");
+    space.destroy_set(a).unwrap();
+    assert_eq!(space.usage(vm).unwrap().1, 2);
+}
+
+#[test]
+fn a_free_while_referenced_completes_at_the_last_put() {
+    let space = PasidSpace::new(20).unwrap();
+    let set = space.create_set(None, 8).unwrap();
+    let p = space.alloc(set, 1, 100, 77).unwrap();
+    space.get(p).unwrap();
+    space.get(p).unwrap();
+    space.free(set, p).unwrap();
+    assert_eq!(space.find(set, p), Some(77), "still there while referenced");
+    assert!(matches!(space.get(p), Err(Error::NotFound(_))), "no new references once freed");
+    assert!(matches!(space.free(set, p), Err(Error::NotFound(_))), "freed once");
+    space.put(p).unwrap();
+    assert_eq!(space.usage(set).unwrap().1, 1);
+    space.put(p).unwrap();
+    assert_eq!(space.find(set, p), None);
+    assert_eq!(space.usage(set).unwrap().1, 0);
+    assert!(space.put(p).is_err());
+}
+
+#[test]
+fn set_private_ids_translate_both_ways() {
+    let space = PasidSpace::new(20).unwrap();
+    let guest = space.create_set(None, 8).unwrap();
+    let other = space.create_set(None, 8).unwrap();
+    let host = space.alloc_private(guest, 5, 0).unwrap();
+    let host2 = space.alloc_private(other, 5, 0).unwrap();
+    assert_ne!(host, host2, "each set has its own vPASID 5");
+    assert_eq!(space.host_pasid(guest, 5), Some(host));
+    assert_eq!(space.vpasid(host), Some(5));
+    assert!(matches!(space.alloc_private(guest, 5, 0), Err(Error::Exists(_))));
+    assert_eq!(space.find(other, host), None, "lookups respect the set");
+    space.free(guest, host).unwrap();
+    assert_eq!(space.host_pasid(guest, 5), None);
+}
+
+#[test]
+fn subscribers_hear_events_in_order_and_by_class() {
+    let space = PasidSpace::new(20).unwrap();
+    let set = space.create_set(None, 8).unwrap();
+    let other = space.create_set(None, 8).unwrap();
+    let device = space.subscribe(Class::Device, Some(set), Events::ALL);
+    let cpu = space.subscribe(Class::Cpu, None, Events(Events::ALLOC.0 | Events::FREE.0));
+    let p = space.alloc(set, 1, 100, 0).unwrap();
+    space.bind(p, 42).unwrap();
+    let q = space.alloc(other, 1, 100, 0).unwrap();
+    space.free(set, p).unwrap();
+    space.unbind(p, 42).unwrap();
+    let heard: Vec<Event> = device.try_iter().collect();
+    assert_eq!(
+        heard,
+        vec![
+            Event::Alloc { set, pasid: p },
+            Event::Bind { set, pasid: p, device: 42 },
+            Event::Unbind { set, pasid: p, device: 42 },
+            Event::Free { set, pasid: p },
+        ]
+    );
+    let heard: Vec<Event> = cpu.try_iter().collect();
+    assert_eq!(
+        heard,
+        vec![Event::Alloc { set, pasid: p }, Event::Alloc { set: other, pasid: q }, Event::Free { set, pasid: p }]
+    );
+    drop(cpu);
+    space.alloc(set, 1, 100, 0).unwrap();
+    assert_eq!(device.try_iter().count(), 1, "a dropped subscriber is forgotten");
+}
+
+#[test]
+fn lookups_run_beside_allocation_on_many_threads() {
+    let space = Arc::new(PasidSpace::new(20).unwrap());
+    let sets: Vec<SetId> = (0..4).map(|_| space.create_set(None, 1 << 20).unwrap()).collect();
+    let threads: Vec<_> = sets
+        .iter()
+        .map(|&set| {
+            let space = space.clone();
+            std::thread::spawn(move || {
+                for round in 0..2000u64 {
+                    let p = space.alloc(set, 1, u32::MAX, round).unwrap();
+                    assert_eq!(space.find(set, p), Some(round));
+                    space.get(p).unwrap();
+                    space.free(set, p).unwrap();
+                    assert_eq!(space.find(set, p), Some(round));
+                    space.put(p).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for set in sets {
+        assert_eq!(space.usage(set).unwrap().1, 0);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc(usize),
+    Free(usize, usize),
+    Get(usize),
+    Put(usize),
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn allocation_matches_a_model(ops in proptest::collection::vec(prop_oneof![
+        (0..3usize).prop_map(Op::Alloc),
+        (0..3usize, 0..16usize).prop_map(|(s, i)| Op::Free(s, i)),
+        (0..16usize).prop_map(Op::Get),
+        (0..16usize).prop_map(Op::Put),
+    ], 1..120)) {
+        // Width 4: 15 PASIDs. Parent quota 10, two children of quota 6.
+        let space = PasidSpace::new(4).unwrap();
+        let root = space.create_set(None, 10).unwrap();
+        let sets = [root, space.create_set(Some(root), 6).unwrap(), space.create_set(Some(root), 6).unwrap()];
+        // Model: pasid -> (set index, references, freed).
+        let mut live: BTreeMap<u32, (usize, u32, bool)> = BTreeMap::new();
+        let mut seen: Vec<u32> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Alloc(s) => {
+                    let used = |k: usize| live.values().filter(|v| v.0 == k).count();
+                    let root_used = live.len();
+                    let r = space.alloc(sets[s], 1, 15, s as u64);
+                    let over = root_used >= 10 || (s > 0 && used(s) >= 6);
+                    if over {
+                        prop_assert!(matches!(r, Err(Error::Quota(_))), "{:?}", r);
+                    } else {
+                        let p = r.unwrap();
+                        prop_assert!(!live.contains_key(&p));
+                        prop_assert!(p >= 1 && p <= 15);
+                        live.insert(p, (s, 1, false));
+                        seen.push(p);
+                    }
+                }
+                Op::Free(s, i) if !seen.is_empty() => {
+                    let p = seen[i % seen.len()];
+                    let r = space.free(sets[s], p);
+                    match live.get_mut(&p) {
+                        Some(e) if e.0 == s && !e.2 => {
+                            prop_assert!(r.is_ok());
+                            e.2 = true;
+                            e.1 -= 1;
+                            if e.1 == 0 { live.remove(&p); }
+                        }
+                        _ => prop_assert!(r.is_err()),
+                    }
+                }
+                Op::Get(i) if !seen.is_empty() => {
+                    let p = seen[i % seen.len()];
+                    let r = space.get(p);
+                    match live.get_mut(&p) {
+                        Some(e) if !e.2 => { prop_assert!(r.is_ok()); e.1 += 1; }
+                        _ => prop_assert!(r.is_err()),
+                    }
+                }
+                Op::Put(i) if !seen.is_empty() => {
+                    let p = seen[i % seen.len()];
+                    // Only put what the model says was taken by a get.
+                    if let Some(e) = live.get_mut(&p) && e.1 > 1 {
+                        space.put(p).unwrap();
+                        e.1 -= 1;
+                    }
+                }
+                _ => {}
+            }
+            // Every live ID is findable in its set; every other ID is gone.
+            for p in 1..=15u32 {
+                let found = space.find(sets[0], p).or(space.find(sets[1], p)).or(space.find(sets[2], p));
+                prop_assert_eq!(found.is_some(), live.contains_key(&p), "pasid {}", p);
+            }
+            let ids: BTreeSet<u32> = live.keys().copied().collect();
+            let counted: usize = (0..3).map(|k| space.ids(sets[k]).unwrap().len()).sum();
+            prop_assert_eq!(counted, ids.len());
+            prop_assert_eq!(space.usage(root).unwrap().1 as usize, live.len());
+        }
+    }
+}
