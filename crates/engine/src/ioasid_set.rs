@@ -119,9 +119,12 @@ impl Entry {
 const LEAF_BITS: u32 = 10;
 const LEAF: usize = 1 << LEAF_BITS;
 
+/// 1024 consecutive IDs' entries.
+type Leaf = Box<[ArcSwapOption<Entry>]>;
+
 /// A lock-free map from 20-bit IDs to entries.
 struct Slots {
-    leaves: Box<[OnceLock<Box<[ArcSwapOption<Entry>]>>]>,
+    leaves: Box<[OnceLock<Leaf>]>,
 }
 
 impl Slots {
