@@ -173,7 +173,7 @@ proptest! {
                     } else {
                         let p = r.unwrap();
                         prop_assert!(!live.contains_key(&p));
-                        prop_assert!(p >= 1 && p <= 15);
+                        prop_assert!((1..=15).contains(&p));
                         live.insert(p, (s, 1, false));
                         seen.push(p);
                     }
