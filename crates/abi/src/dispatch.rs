@@ -33,11 +33,13 @@ impl Ucmd<'_> {
     }
 }
 
-struct Op {
-    num: u32,
-    size: usize,
-    min_size: usize,
-    run: fn(&Ucmd, &[u8]) -> Res,
+/// One command of a dispatch table: its number, struct size, the size up
+/// to its last mandatory field, and its handler.
+pub(crate) struct Op {
+    pub(crate) num: u32,
+    pub(crate) size: usize,
+    pub(crate) min_size: usize,
+    pub(crate) run: fn(&Ucmd, &[u8]) -> Res,
 }
 
 macro_rules! op {
@@ -59,6 +61,8 @@ macro_rules! size_of_field {
         size_of_return(|s: &$ty| &s.$field)
     }};
 }
+
+pub(crate) use {op, size_of_field};
 
 /// Up to and including the selftest command, 0x80 + 32.
 const NOPS: usize = 33;
@@ -106,15 +110,29 @@ const MAX_SIZE: usize = 72;
 /// iommufd's own commands, a pointer to the struct). `Ok` carries the value
 /// the ioctl returns.
 pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
+    if (request >> 8) & 0xff == crate::ext::IOASID_TYPE {
+        return crate::ext::ioctl(ctx, mem, request, arg);
+    }
     let nr = request & 0xff;
     let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
         // Outside iommufd's numbers: VFIO's container ioctls, as Linux routes them.
         return crate::vfio::ioctl(&Ucmd { ctx, mem, arg, user_size: 0 }, request);
     };
+    run_op(OPS[idx as usize].as_ref(), ctx, mem, request, arg)
+}
+
+/// Decodes the caller's struct for `op` under the size rules and runs it.
+pub(crate) fn run_op(
+    op: Option<&Op>,
+    ctx: &Arc<Context>,
+    mem: &dyn UserMemory,
+    request: u32,
+    arg: u64,
+) -> Result<i32, Errno> {
     let mut size = [0u8; 4];
     mem.read(arg, &mut size)?;
     let user_size = u32::from_ne_bytes(size);
-    let Some(op) = OPS[idx as usize].as_ref().filter(|op| op.num == request) else {
+    let Some(op) = op.filter(|op| op.num == request) else {
         return Err(Errno::ENOTTY);
     };
     if (user_size as usize) < op.min_size {

@@ -4,6 +4,7 @@
 
 pub mod dispatch;
 pub mod errno;
+pub mod ext;
 pub mod fault;
 pub mod files;
 pub mod selftest;

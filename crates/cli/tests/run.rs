@@ -84,21 +84,23 @@ fn build_shim() {
     assert!(target_dir().join("libioasid_preload.so").is_file());
 }
 
-fn compile(dir: &Path) -> PathBuf {
+fn compile(dir: &Path, program: &str) -> PathBuf {
     let src = dir.join("prog.c");
-    std::fs::write(&src, PROGRAM).unwrap();
+    std::fs::write(&src, program).unwrap();
     let exe = dir.join("prog");
-    let status = Command::new("cc").arg("-o").arg(&exe).arg(&src).status().expect("a C compiler (cc)");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
+    let status =
+        Command::new("cc").arg("-I").arg(include).arg("-o").arg(&exe).arg(&src).status().expect("a C compiler (cc)");
     assert!(status.success(), "compiling the test program failed");
     exe
 }
 
-#[test]
-fn a_c_program_gets_a_working_dev_iommu() {
+/// Runs `program` under `ioasid run` and expects it to print "ok".
+fn run_c(tag: &str, program: &str) {
     build_shim();
-    let dir = std::env::temp_dir().join(format!("ioasid-run-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("ioasid-run-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let prog = compile(&dir);
+    let prog = compile(&dir, program);
     let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
         .arg("run")
         .arg("--")
@@ -109,6 +111,43 @@ fn a_c_program_gets_a_working_dev_iommu() {
     std::fs::remove_dir_all(&dir).ok();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.trim() == "ok", "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+const SETS_PROGRAM: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <ioasid/ioasid.h>
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); return 1; } } while (0)
+
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
+    struct ioasid_set_alloc vm = { .size = sizeof(vm), .quota = 2 };
+    CHECK(ioctl(fd, IOASID_SET_ALLOC, &vm) == 0);
+    struct ioasid_pasid_alloc a = { .size = sizeof(a), .flags = IOASID_PASID_ALLOC_PRIVATE,
+                                    .set_id = vm.out_set_id, .vpasid = 5, .private_data = 99 };
+    CHECK(ioctl(fd, IOASID_PASID_ALLOC, &a) == 0 && a.out_pasid != 0);
+    struct ioasid_vpasid_lookup l = { .size = sizeof(l), .set_id = vm.out_set_id, .vpasid = 5 };
+    CHECK(ioctl(fd, IOASID_VPASID_LOOKUP, &l) == 0 && l.out_pasid == a.out_pasid);
+    struct ioasid_pasid_alloc b = { .size = sizeof(b), .set_id = vm.out_set_id, .min = 1, .max = 100 };
+    CHECK(ioctl(fd, IOASID_PASID_ALLOC, &b) == 0);
+    CHECK(ioctl(fd, IOASID_PASID_ALLOC, &b) == -1 && errno == EDQUOT);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn a_c_program_uses_ioasid_sets_through_the_header() {
+    run_c("sets", SETS_PROGRAM);
+}
+
+#[test]
+fn a_c_program_gets_a_working_dev_iommu() {
+    run_c("basic", PROGRAM);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData};
 use crate::ioas::{Ioas, Owner, Source};
+use crate::ioasid_set::SetHandle;
 use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::pages::Pages;
@@ -34,6 +35,8 @@ pub enum Object {
     Access(Arc<Access>),
     HwptNested(Arc<HwptNested>),
     Fault(Arc<FaultQueue>),
+    /// An IOASID set of the global PASID space.
+    IoasidSet(Arc<SetHandle>),
 }
 
 #[derive(Default)]
@@ -57,6 +60,7 @@ impl Object {
             Object::Access(o) => Arc::strong_count(o),
             Object::HwptNested(o) => Arc::strong_count(o),
             Object::Fault(o) => Arc::strong_count(o),
+            Object::IoasidSet(o) => Arc::strong_count(o),
         }
     }
 
@@ -69,6 +73,7 @@ impl Object {
             Object::Access(_) => "access",
             Object::HwptNested(_) => "HWPT nested",
             Object::Fault(_) => "fault queue",
+            Object::IoasidSet(_) => "IOASID set",
         }
     }
 }
@@ -451,6 +456,20 @@ impl Context {
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
         let nested = parent.nest(data, fault)?;
         self.insert(Object::HwptNested(nested))
+    }
+
+    /// A new IOASID set under set object `parent` (or at the top).
+    pub fn ioasid_set_alloc(&self, parent: Option<u32>, quota: u32) -> Result<u32> {
+        let parent = parent.map(|id| self.ioasid_set(id)).transpose()?;
+        let set = crate::ioasid_set::new_set(parent, quota)?;
+        self.insert(Object::IoasidSet(set))
+    }
+
+    pub fn ioasid_set(&self, id: u32) -> Result<Arc<SetHandle>> {
+        match self.object(id)? {
+            Object::IoasidSet(s) => Ok(s),
+            _ => Err(Error::NotFound("object is not an IOASID set")),
+        }
     }
 
     /// `IOMMU_FAULT_QUEUE_ALLOC`.

@@ -153,6 +153,8 @@ struct SetState {
     children: u32,
     /// IDs allocated in this set (including those freed but still referenced).
     own: u32,
+    /// Destroyed while IDs were still referenced: goes with the last of them.
+    dying: bool,
 }
 
 /// What lookups read without the lock.
@@ -223,7 +225,7 @@ impl PasidSpace {
         }
         let id = SetId(g.next_set);
         g.next_set += 1;
-        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: 0 });
+        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: 0, dying: false });
         let mut shared = (**self.shared.load()).clone();
         shared.insert(id, Arc::new(SetShared { by_vpasid: Slots::new(self.width) }));
         self.shared.store(Arc::new(shared));
@@ -265,19 +267,24 @@ impl PasidSpace {
             let _ = self.free(set, pasid);
         }
         let mut g = self.lock();
-        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        let s = g.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
         if s.own > 0 {
-            return Err(Error::Busy("IDs of the set are still referenced"));
+            // Referenced IDs finish their free later; the set goes with them.
+            s.dying = true;
+            return Ok(());
         }
-        let parent = s.parent;
-        g.sets.remove(&set);
-        if let Some(p) = parent {
+        self.remove_set(&mut g, set);
+        Ok(())
+    }
+
+    fn remove_set(&self, g: &mut Inner, set: SetId) {
+        let Some(s) = g.sets.remove(&set) else { return };
+        if let Some(p) = s.parent {
             g.sets.get_mut(&p).expect("parents outlive children").children -= 1;
         }
         let mut shared = (**self.shared.load()).clone();
         shared.remove(&set);
         self.shared.store(Arc::new(shared));
-        Ok(())
     }
 
     /// Allocates a PASID in `[min, max]` for `set`, charged to the set and
@@ -452,9 +459,10 @@ impl PasidSpace {
         }
         g.bitmap[(e.pasid / 64) as usize] &= !(1 << (e.pasid % 64));
         g.hint = g.hint.min(e.pasid);
-        if let Some(s) = g.sets.get_mut(&e.set) {
+        let finished = g.sets.get_mut(&e.set).is_some_and(|s| {
             s.own -= 1;
-        }
+            s.dying && s.own == 0
+        });
         let mut at = Some(e.set);
         while let Some(s) = at {
             let Some(st) = g.sets.get_mut(&s) else { break };
@@ -462,7 +470,43 @@ impl PasidSpace {
             at = st.parent;
         }
         g.notify(Event::Free { set: e.set, pasid: e.pasid });
+        if finished {
+            self.remove_set(&mut g, e.set);
+        }
     }
+}
+
+/// The process's PASID space (20 bits), shared by every context, as the
+/// system's PASID space is shared by every process.
+pub fn global() -> &'static PasidSpace {
+    static SPACE: std::sync::LazyLock<PasidSpace> =
+        std::sync::LazyLock::new(|| PasidSpace::new(MAX_WIDTH).expect("20 bits is a valid width"));
+    &SPACE
+}
+
+/// A set owned by a context object: destroying the object destroys the
+/// set. Child sets hold their parent, so a parent outlives its children.
+pub struct SetHandle {
+    set: SetId,
+    _parent: Option<Arc<SetHandle>>,
+}
+
+impl SetHandle {
+    pub fn id(&self) -> SetId {
+        self.set
+    }
+}
+
+impl Drop for SetHandle {
+    fn drop(&mut self) {
+        let _ = global().destroy_set(self.set);
+    }
+}
+
+/// A new set in the global space, owned by the returned handle.
+pub fn new_set(parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
+    let set = global().create_set(parent.as_ref().map(|p| p.set), quota)?;
+    Ok(Arc::new(SetHandle { set, _parent: parent }))
 }
 
 impl Inner {

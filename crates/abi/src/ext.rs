@@ -1,0 +1,132 @@
+//! ioasid's extension commands (`include/ioasid/ioasid.h`): PASID
+//! allocation in IOASID sets. They use their own ioctl type byte, so they
+//! can never collide with iommufd's or VFIO's numbers, and follow iommufd's
+//! size rules through the same decoder.
+
+use std::sync::Arc;
+
+use ioasid_engine::Context;
+use ioasid_engine::ioasid_set::global;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+use crate::dispatch::{Op, Ucmd, op, run_op, size_of_field};
+use crate::errno::Errno;
+use crate::user::UserMemory;
+
+pub const IOASID_TYPE: u32 = b'i' as u32;
+
+pub const fn ext_io(nr: u32) -> u32 {
+    (IOASID_TYPE << 8) | nr
+}
+
+pub const IOASID_SET_ALLOC: u32 = ext_io(0x00);
+pub const IOASID_SET_QUOTA: u32 = ext_io(0x01);
+pub const IOASID_SET_USAGE: u32 = ext_io(0x02);
+pub const IOASID_PASID_ALLOC: u32 = ext_io(0x03);
+pub const IOASID_PASID_FREE: u32 = ext_io(0x04);
+pub const IOASID_PASID_GET: u32 = ext_io(0x05);
+pub const IOASID_PASID_PUT: u32 = ext_io(0x06);
+pub const IOASID_PASID_FIND: u32 = ext_io(0x07);
+pub const IOASID_VPASID_LOOKUP: u32 = ext_io(0x08);
+
+pub const IOASID_PASID_ALLOC_PRIVATE: u32 = 1 << 0;
+
+macro_rules! ext_struct {
+    ($name:ident { $($field:ident : $ty:ty),* $(,)? } size $size:literal) => {
+        #[repr(C)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
+        pub struct $name { $(pub $field: $ty),* }
+        const _: () = assert!(core::mem::size_of::<$name>() == $size);
+    };
+}
+
+ext_struct!(ioasid_set_alloc { size: u32, flags: u32, parent_id: u32, quota: u32, out_set_id: u32, __reserved: u32 } size 24);
+ext_struct!(ioasid_set_quota { size: u32, set_id: u32, quota: u32, __reserved: u32 } size 16);
+ext_struct!(ioasid_set_usage { size: u32, set_id: u32, out_quota: u32, out_used: u32 } size 16);
+ext_struct!(ioasid_pasid_alloc {
+    size: u32, flags: u32, set_id: u32, min: u32, max: u32, vpasid: u32, private_data: u64, out_pasid: u32, __reserved: u32,
+} size 40);
+ext_struct!(ioasid_pasid_free { size: u32, set_id: u32, pasid: u32, __reserved: u32 } size 16);
+ext_struct!(ioasid_pasid_ref { size: u32, pasid: u32 } size 8);
+ext_struct!(ioasid_pasid_find { size: u32, set_id: u32, pasid: u32, __reserved: u32, out_private_data: u64 } size 24);
+ext_struct!(ioasid_vpasid_lookup { size: u32, set_id: u32, vpasid: u32, out_pasid: u32 } size 16);
+
+type Res = Result<(), Errno>;
+
+static OPS: [Option<Op>; 9] = [
+    op!(IOASID_SET_ALLOC, ioasid_set_alloc, out_set_id, set_alloc),
+    op!(IOASID_SET_QUOTA, ioasid_set_quota, quota, set_quota),
+    op!(IOASID_SET_USAGE, ioasid_set_usage, out_used, set_usage),
+    op!(IOASID_PASID_ALLOC, ioasid_pasid_alloc, out_pasid, pasid_alloc),
+    op!(IOASID_PASID_FREE, ioasid_pasid_free, pasid, pasid_free),
+    op!(IOASID_PASID_GET, ioasid_pasid_ref, pasid, pasid_get),
+    op!(IOASID_PASID_PUT, ioasid_pasid_ref, pasid, pasid_put),
+    op!(IOASID_PASID_FIND, ioasid_pasid_find, out_private_data, pasid_find),
+    op!(IOASID_VPASID_LOOKUP, ioasid_vpasid_lookup, out_pasid, vpasid_lookup),
+];
+
+pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
+    run_op(OPS.get((request & 0xff) as usize).and_then(Option::as_ref), ctx, mem, request, arg)
+}
+
+fn set_alloc(u: &Ucmd, mut c: ioasid_set_alloc) -> Res {
+    if c.flags != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let parent = (c.parent_id != 0).then_some(c.parent_id);
+    c.out_set_id = u.ctx.ioasid_set_alloc(parent, c.quota)?;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.destroy(c.out_set_id);
+    })
+}
+
+fn set_quota(u: &Ucmd, c: ioasid_set_quota) -> Res {
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    Ok(global().set_quota(set.id(), c.quota)?)
+}
+
+fn set_usage(u: &Ucmd, mut c: ioasid_set_usage) -> Res {
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    (c.out_quota, c.out_used) = global().usage(set.id())?;
+    u.respond(&c)
+}
+
+fn pasid_alloc(u: &Ucmd, mut c: ioasid_pasid_alloc) -> Res {
+    if c.flags & !IOASID_PASID_ALLOC_PRIVATE != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    c.out_pasid = if c.flags & IOASID_PASID_ALLOC_PRIVATE != 0 {
+        global().alloc_private(set.id(), c.vpasid, c.private_data)?
+    } else {
+        global().alloc(set.id(), c.min, c.max, c.private_data)?
+    };
+    u.respond(&c).inspect_err(|_| {
+        let _ = global().free(set.id(), c.out_pasid);
+    })
+}
+
+fn pasid_free(u: &Ucmd, c: ioasid_pasid_free) -> Res {
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    Ok(global().free(set.id(), c.pasid)?)
+}
+
+fn pasid_get(_: &Ucmd, c: ioasid_pasid_ref) -> Res {
+    Ok(global().get(c.pasid)?)
+}
+
+fn pasid_put(_: &Ucmd, c: ioasid_pasid_ref) -> Res {
+    Ok(global().put(c.pasid)?)
+}
+
+fn pasid_find(u: &Ucmd, mut c: ioasid_pasid_find) -> Res {
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    c.out_private_data = global().find(set.id(), c.pasid).ok_or(Errno::ENOENT)?;
+    u.respond(&c)
+}
+
+fn vpasid_lookup(u: &Ucmd, mut c: ioasid_vpasid_lookup) -> Res {
+    let set = u.ctx.ioasid_set(c.set_id)?;
+    c.out_pasid = global().host_pasid(set.id(), c.vpasid).ok_or(Errno::ENOENT)?;
+    u.respond(&c)
+}

@@ -1,0 +1,124 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * ioasid extensions to the iommufd ABI: PASID allocation in IOASID sets.
+ *
+ * These ioctls are issued on an open /dev/iommu (under `ioasid run`). They
+ * use their own ioctl type byte, 'i', so they can never collide with
+ * iommufd's or VFIO's commands (type ';'). Structs follow iommufd's rules:
+ * the first u32 is the size; a size below the minimum is EINVAL, non-zero
+ * bytes past what ioasid understands are E2BIG, unknown numbers ENOTTY.
+ *
+ * Errors: ENOENT (no such set or PASID), EDQUOT (a quota along the set's
+ * path is full), ENOSPC (no free PASID in range), EEXIST (the set already
+ * uses that private ID), EBUSY (child sets exist, or a quota below use),
+ * EINVAL (bad range or width, a quota above the parent's).
+ */
+#ifndef _IOASID_IOASID_H
+#define _IOASID_IOASID_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define IOASID_TYPE ('i')
+
+enum {
+	IOASID_CMD_SET_ALLOC = 0x00,
+	IOASID_CMD_SET_QUOTA = 0x01,
+	IOASID_CMD_SET_USAGE = 0x02,
+	IOASID_CMD_PASID_ALLOC = 0x03,
+	IOASID_CMD_PASID_FREE = 0x04,
+	IOASID_CMD_PASID_GET = 0x05,
+	IOASID_CMD_PASID_PUT = 0x06,
+	IOASID_CMD_PASID_FIND = 0x07,
+	IOASID_CMD_VPASID_LOOKUP = 0x08,
+};
+
+/*
+ * Allocate a set holding at most @quota PASIDs, inside set @parent_id's
+ * quota (0: a top-level set). The set is an object of the context:
+ * IOMMU_DESTROY frees it and all its PASIDs (EBUSY while it has children).
+ */
+struct ioasid_set_alloc {
+	__u32 size;
+	__u32 flags;		/* must be 0 */
+	__u32 parent_id;
+	__u32 quota;
+	__u32 out_set_id;
+	__u32 __reserved;
+};
+#define IOASID_SET_ALLOC _IO(IOASID_TYPE, IOASID_CMD_SET_ALLOC)
+
+/* Change a quota live; never below what the set uses. */
+struct ioasid_set_quota {
+	__u32 size;
+	__u32 set_id;
+	__u32 quota;
+	__u32 __reserved;
+};
+#define IOASID_SET_QUOTA _IO(IOASID_TYPE, IOASID_CMD_SET_QUOTA)
+
+/* A set's quota and the PASIDs used by it and its descendants. */
+struct ioasid_set_usage {
+	__u32 size;
+	__u32 set_id;
+	__u32 out_quota;
+	__u32 out_used;
+};
+#define IOASID_SET_USAGE _IO(IOASID_TYPE, IOASID_CMD_SET_USAGE)
+
+enum ioasid_pasid_alloc_flags {
+	/* Allocate a host PASID for the set's own ID @vpasid (a guest's). */
+	IOASID_PASID_ALLOC_PRIVATE = 1 << 0,
+};
+
+/* Allocate a PASID in [@min, @max] for a set, with opaque @private data. */
+struct ioasid_pasid_alloc {
+	__u32 size;
+	__u32 flags;
+	__u32 set_id;
+	__u32 min;
+	__u32 max;
+	__u32 vpasid;
+	__aligned_u64 private_data;
+	__u32 out_pasid;
+	__u32 __reserved;
+};
+#define IOASID_PASID_ALLOC _IO(IOASID_TYPE, IOASID_CMD_PASID_ALLOC)
+
+/* Free a set's PASID: at once, or at the last PUT while referenced. */
+struct ioasid_pasid_free {
+	__u32 size;
+	__u32 set_id;
+	__u32 pasid;
+	__u32 __reserved;
+};
+#define IOASID_PASID_FREE _IO(IOASID_TYPE, IOASID_CMD_PASID_FREE)
+
+/* Take or drop a reference (GET is ENOENT once the PASID is freed). */
+struct ioasid_pasid_ref {
+	__u32 size;
+	__u32 pasid;
+};
+#define IOASID_PASID_GET _IO(IOASID_TYPE, IOASID_CMD_PASID_GET)
+#define IOASID_PASID_PUT _IO(IOASID_TYPE, IOASID_CMD_PASID_PUT)
+
+/* The private data of a set's PASID. */
+struct ioasid_pasid_find {
+	__u32 size;
+	__u32 set_id;
+	__u32 pasid;
+	__u32 __reserved;
+	__aligned_u64 out_private_data;
+};
+#define IOASID_PASID_FIND _IO(IOASID_TYPE, IOASID_CMD_PASID_FIND)
+
+/* The host PASID for a set's own ID, and back. */
+struct ioasid_vpasid_lookup {
+	__u32 size;
+	__u32 set_id;
+	__u32 vpasid;
+	__u32 out_pasid;
+};
+#define IOASID_VPASID_LOOKUP _IO(IOASID_TYPE, IOASID_CMD_VPASID_LOOKUP)
+
+#endif
