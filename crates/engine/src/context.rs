@@ -342,7 +342,9 @@ impl Context {
 
     fn unbind_locked(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
-        self.detach_locked(&dev);
+        for (pasid, _) in dev.attachments() {
+            self.detach_locked(&dev, pasid);
+        }
         self.table().remove(&dev_id);
         Ok(())
     }
@@ -403,7 +405,7 @@ impl Context {
                 return Err(e);
             }
         };
-        match self.attach_locked(dev_id, pt_id) {
+        match self.attach_locked(dev_id, None, pt_id) {
             Ok(hwpt_id) => {
                 stdev.dev_id.set(dev_id).expect("set once");
                 Ok((stdev_id, hwpt_id, dev_id))
@@ -424,7 +426,7 @@ impl Context {
             return Err(Error::NotFound("object is not a selftest device"));
         };
         let dev_id = stdev.dev_id().ok_or(Error::NotFound("selftest device is not bound"))?;
-        self.replace_locked(dev_id, pt_id)
+        self.replace_locked(dev_id, None, pt_id)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device;
@@ -502,20 +504,30 @@ impl Context {
     /// created HWPT, or to a HWPT. Returns the HWPT's ID.
     pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let _g = self.graph();
-        self.attach_locked(dev_id, pt_id)
+        self.attach_locked(dev_id, None, pt_id)
     }
 
-    fn attach_locked(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+    /// Attaches the device's `pasid` to a table; DMA tagged with that PASID
+    /// translates there, apart from the RID's and every other PASID's.
+    pub fn attach_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        self.attach_locked(dev_id, Some(pasid), pt_id)
+    }
+
+    fn attach_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
         let dev = self.device(dev_id)?;
-        if dev.attached().is_some() {
-            return Err(Error::Invalid("device is already attached; use replace"));
+        if let Some(p) = pasid {
+            dev.check_pasid(p)?;
+        }
+        if dev.attached_at(pasid).is_some() {
+            return Err(Error::Invalid("already attached there; use replace"));
         }
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, Owner::Device(dev.key())) {
+        if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner(&dev, pasid)) {
             self.release_attachment(hwpt);
             return Err(e);
         }
-        dev.set_attached(Some(hwpt));
+        dev.set_attached_at(pasid, Some(hwpt));
         Ok(id)
     }
 
@@ -523,51 +535,64 @@ impl Context {
     /// which its DMA is blocked.
     pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
         let _g = self.graph();
-        self.replace_locked(dev_id, pt_id)
+        self.replace_locked(dev_id, None, pt_id)
     }
 
-    fn replace_locked(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+    pub fn replace_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        self.replace_locked(dev_id, Some(pasid), pt_id)
+    }
+
+    fn replace_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
         let dev = self.device(dev_id)?;
-        let Some(old) = dev.attached() else {
-            return Err(Error::Invalid("device is not attached"));
+        let Some(old) = dev.attached_at(pasid) else {
+            return Err(Error::Invalid("device is not attached there"));
         };
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
         if old.is_same(&hwpt) {
             return Ok(id);
         }
-        let owner = Owner::Device(dev.key());
+        let owner = owner(&dev, pasid);
         let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
         if new_ioas && let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner) {
             self.release_attachment(hwpt);
             return Err(e);
         }
-        let old = dev.set_attached(Some(hwpt)).expect("attached above");
+        let old = dev.set_attached_at(pasid, Some(hwpt)).expect("attached above");
         if new_ioas {
             old.ioas().unreserve(owner);
         }
         // Requests made through the old table will never be answered by it.
         if let Some(q) = old.fault() {
-            q.abort(Some(dev.id()));
+            q.abort(Some((dev.id(), pasid)));
         }
         self.release_attachment(old);
         Ok(id)
     }
 
     pub fn detach(&self, dev_id: u32) -> Result<()> {
+        self.detach_at(dev_id, None)
+    }
+
+    pub fn detach_pasid(&self, dev_id: u32, pasid: u32) -> Result<()> {
+        self.detach_at(dev_id, Some(pasid))
+    }
+
+    fn detach_at(&self, dev_id: u32, pasid: Option<u32>) -> Result<()> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
-        if dev.attached().is_none() {
-            return Err(Error::Invalid("device is not attached"));
+        if dev.attached_at(pasid).is_none() {
+            return Err(Error::Invalid("device is not attached there"));
         }
-        self.detach_locked(&dev);
+        self.detach_locked(&dev, pasid);
         Ok(())
     }
 
-    fn detach_locked(&self, dev: &Device) {
-        if let Some(old) = dev.set_attached(None) {
-            old.ioas().unreserve(Owner::Device(dev.key()));
+    fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
+        if let Some(old) = dev.set_attached_at(pasid, None) {
+            old.ioas().unreserve(owner(dev, pasid));
             if let Some(q) = old.fault() {
-                q.abort(Some(dev.id()));
+                q.abort(Some((dev.id(), pasid)));
             }
             self.release_attachment(old);
         }
@@ -618,7 +643,9 @@ impl Context {
         }
         let mut t = self.table();
         let in_use = t.values().any(|o| match o {
-            Object::Device(d) => d.attached().is_some_and(|a| matches!(a, Hwpt::Paging(p) if Arc::ptr_eq(&p, &hwpt))),
+            Object::Device(d) => {
+                d.attachments().into_iter().any(|(_, a)| matches!(a, Hwpt::Paging(p) if Arc::ptr_eq(&p, &hwpt)))
+            }
             _ => false,
         });
         let id = t.iter().find_map(|(&id, o)| match o {
@@ -660,6 +687,15 @@ impl Context {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Who owns the reservations a device brings when attached at `pasid`:
+/// each attachment its own, so detaching one leaves the others' in place.
+fn owner(dev: &Device, pasid: Option<u32>) -> Owner {
+    match pasid {
+        None => Owner::Device(dev.key()),
+        Some(p) => Owner::DevicePasid(dev.key(), p),
     }
 }
 

@@ -5,11 +5,13 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwapOption;
+use std::collections::BTreeMap;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use thiserror::Error;
 
 use crate::epoch;
-use crate::fault::{Group, LAST_PAGE, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
+use crate::fault::{Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
 use crate::hwpt::{FaultReason, Hwpt, PageFormat};
 use crate::iova::IovaRange;
 use crate::memory;
@@ -100,7 +102,11 @@ pub struct Device {
     key: u64,
     /// Object ID in the context, as fault records name the device.
     id: OnceLock<u32>,
+    /// The RID's table (what DMA without a PASID uses).
     attached: ArcSwapOption<Hwpt>,
+    /// Tables attached per PASID, replaced whole on change so DMA reads
+    /// them without a lock.
+    pasids: ArcSwap<BTreeMap<u32, Hwpt>>,
     next_group: AtomicU32,
     unrecoverable: AtomicU64,
 }
@@ -112,6 +118,7 @@ impl Device {
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             id: OnceLock::new(),
             attached: ArcSwapOption::empty(),
+            pasids: ArcSwap::from_pointee(BTreeMap::new()),
             next_group: AtomicU32::new(0),
             unrecoverable: AtomicU64::new(0),
         }
@@ -129,6 +136,44 @@ impl Device {
         self.attached.load_full().map(|h| (*h).clone())
     }
 
+    /// The table attached at `pasid` (`None`: the RID's).
+    pub fn attached_at(&self, pasid: Option<u32>) -> Option<Hwpt> {
+        match pasid {
+            None => self.attached(),
+            Some(p) => self.pasids.load().get(&p).cloned(),
+        }
+    }
+
+    /// Every table the device is attached to, the RID's first.
+    pub fn attachments(&self) -> Vec<(Option<u32>, Hwpt)> {
+        let rid = self.attached().map(|h| (None, h));
+        rid.into_iter().chain(self.pasids.load().iter().map(|(&p, h)| (Some(p), h.clone()))).collect()
+    }
+
+    /// Whether `pasid` is one this device can issue.
+    pub(crate) fn check_pasid(&self, pasid: u32) -> crate::Result<()> {
+        if self.info.max_pasid_log2 == 0 {
+            return Err(crate::Error::Invalid("the device has no PASID capability"));
+        }
+        if pasid == 0 || u64::from(pasid) >= 1u64 << self.info.max_pasid_log2 {
+            return Err(crate::Error::Invalid("PASID outside the device's PASID width"));
+        }
+        Ok(())
+    }
+
+    /// `set_attached` for one PASID (`None`: the RID).
+    pub(crate) fn set_attached_at(&self, pasid: Option<u32>, hwpt: Option<Hwpt>) -> Option<Hwpt> {
+        let Some(p) = pasid else { return self.set_attached(hwpt) };
+        let mut map = (**self.pasids.load()).clone();
+        let old = match hwpt {
+            Some(h) => map.insert(p, h),
+            None => map.remove(&p),
+        };
+        self.pasids.store(Arc::new(map));
+        epoch::synchronize();
+        old
+    }
+
     /// Switches the page table DMA uses and waits for DMA that still uses the
     /// old one, so the old one is unreachable when this returns.
     pub(crate) fn set_attached(&self, hwpt: Option<Hwpt>) -> Option<Hwpt> {
@@ -142,10 +187,32 @@ impl Device {
     #[inline]
     pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<(u64, bool), DmaError> {
         let att = self.attached.load();
-        let hwpt = att.as_ref().ok_or(DmaError::Blocked)?;
-        let fault = |reason| DmaError::Fault { iova, reason, write: need.write };
-        let domain = hwpt.paging_domain().ok_or(fault(FaultReason::NotPresent))?;
-        domain.translate(iova, need, guard).map_err(fault)
+        translate_through(att.as_deref(), iova, need, guard)
+    }
+
+    /// `translate` for a DMA tagged with `pasid`.
+    pub fn translate_pasid(
+        &self,
+        pasid: u32,
+        iova: u64,
+        need: Perm,
+        guard: &epoch::Guard,
+    ) -> Result<(u64, bool), DmaError> {
+        let map = self.pasids.load();
+        translate_through(map.get(&pasid), iova, need, guard)
+    }
+
+    fn translate_at(
+        &self,
+        pasid: Option<u32>,
+        iova: u64,
+        need: Perm,
+        guard: &epoch::Guard,
+    ) -> Result<(u64, bool), DmaError> {
+        match pasid {
+            None => self.translate(iova, need, guard),
+            Some(p) => self.translate_pasid(p, iova, need, guard),
+        }
     }
 
     /// The smallest IO page of the device's IOMMU.
@@ -157,13 +224,27 @@ impl Device {
     /// device waits for its answer.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len();
-        self.dma(iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r])).map_err(Stall::into_error)
+        self.dma(None, iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r]))
+            .map_err(Stall::into_error)
     }
 
     /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
     /// its answer.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
+        self.dma(None, iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// `dma_read` tagged with `pasid`: through the table attached there.
+    pub fn dma_read_pasid(&self, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = buf.len();
+        self.dma(Some(pasid), iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// `dma_write` tagged with `pasid`.
+    pub fn dma_write_pasid(&self, pasid: u32, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.dma(Some(pasid), iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
             .map_err(Stall::into_error)
     }
 
@@ -171,12 +252,12 @@ impl Device {
     /// request. Bytes before the fault are read; retry once it is answered.
     pub fn try_dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Stall> {
         let len = buf.len();
-        self.dma(iova, len, Perm::R, false, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.dma(None, iova, len, Perm::R, false, |t, host, r| memory::read(t, host, &mut buf[r]))
     }
 
     /// `dma_write` that does not wait (see `try_dma_read`).
     pub fn try_dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), Stall> {
-        self.dma(iova, buf.len(), Perm::W, false, |t, host, r| memory::write(t, host, &buf[r]))
+        self.dma(None, iova, buf.len(), Perm::W, false, |t, host, r| memory::write(t, host, &buf[r]))
     }
 
     /// Faults that no page request could cover (no PRI, or no fault queue on
@@ -191,6 +272,7 @@ impl Device {
     /// handler may unmap) and then retries, or fails if it was refused.
     fn dma(
         &self,
+        pasid: Option<u32>,
         iova: u64,
         len: usize,
         need: Perm,
@@ -202,7 +284,7 @@ impl Device {
         let mut guard = epoch::pin();
         while done < len {
             let at = iova.wrapping_add(done as u64);
-            match self.translate(at, need, &guard) {
+            match self.translate_at(pasid, at, need, &guard) {
                 Ok((host, checked)) => {
                     let n = chunk(at, len - done, self.granule());
                     copy(trust(checked), host, done..done + n)
@@ -212,7 +294,7 @@ impl Device {
                 }
                 Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
                     drop(guard);
-                    let Some(waiter) = self.page_request(at, need) else {
+                    let Some(waiter) = self.page_request(pasid, at, need) else {
                         self.unrecoverable.fetch_add(1, Ordering::Relaxed);
                         return Err(Stall::Failed(e));
                     };
@@ -240,11 +322,11 @@ impl Device {
 
     /// Sends a page request for the IO page holding `iova`, if the device can
     /// and its table has a queue; returns where the answer will come.
-    fn page_request(&self, iova: u64, need: Perm) -> Option<Arc<Waiter>> {
+    fn page_request(&self, pasid: Option<u32>, iova: u64, need: Perm) -> Option<Arc<Waiter>> {
         if !self.info.pri {
             return None;
         }
-        let hwpt = self.attached()?;
+        let hwpt = self.attached_at(pasid)?;
         let queue = hwpt.fault()?;
         let mut perm = 0;
         if need.read {
@@ -254,9 +336,9 @@ impl Device {
             perm |= PERM_WRITE;
         }
         let request = PageRequest {
-            flags: LAST_PAGE,
+            flags: LAST_PAGE | if pasid.is_some() { PASID_VALID } else { 0 },
             dev_id: self.id(),
-            pasid: 0,
+            pasid: pasid.unwrap_or(0),
             // PCIe's page request group index is 9 bits.
             grpid: self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff,
             perm,
@@ -320,6 +402,19 @@ impl Pending {
 
 /// Answers of "success" a DMA accepts for one page before it gives up.
 const MAX_RETRIES: u32 = 8;
+
+#[inline]
+fn translate_through(
+    hwpt: Option<&Hwpt>,
+    iova: u64,
+    need: Perm,
+    guard: &epoch::Guard,
+) -> Result<(u64, bool), DmaError> {
+    let hwpt = hwpt.ok_or(DmaError::Blocked)?;
+    let fault = |reason| DmaError::Fault { iova, reason, write: need.write };
+    let domain = hwpt.paging_domain().ok_or(fault(FaultReason::NotPresent))?;
+    domain.translate(iova, need, guard).map_err(fault)
+}
 
 fn trust(checked: bool) -> memory::Trust {
     if checked { memory::Trust::Checked } else { memory::Trust::Direct }

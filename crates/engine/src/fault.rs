@@ -261,11 +261,19 @@ impl FaultQueue {
         Ok(g)
     }
 
-    /// Answers `Invalid` every group, read or not, of device `dev_id` (its
-    /// table went away), or of every device when `None` (the owner left).
-    pub fn abort(&self, dev_id: Option<u32>) {
+    /// Answers `Invalid` every group, read or not, that device `dev` made
+    /// at `pasid` (`None`: without one) — its table went away — or every
+    /// group when `who` is `None` (the owner left).
+    pub fn abort(&self, who: Option<(u32, Option<u32>)>) {
         let mut q = self.queue();
-        let hit = |g: &Group| dev_id.is_none_or(|d| g.requests.iter().any(|r| r.dev_id == d));
+        let made_by = |r: &PageRequest, dev: u32, pasid: Option<u32>| {
+            r.dev_id == dev
+                && match pasid {
+                    None => r.flags & PASID_VALID == 0,
+                    Some(p) => r.flags & PASID_VALID != 0 && r.pasid == p,
+                }
+        };
+        let hit = |g: &Group| who.is_none_or(|(d, p)| g.requests.iter().any(|r| made_by(r, d, p)));
         let mut gone: Vec<Group> = Vec::new();
         q.deliver.retain(|g| {
             let h = hit(g);
@@ -369,7 +377,7 @@ mod wait_tests {
         q.report(a);
         q.report(b);
         q.read(1).unwrap();
-        q.abort(Some(1));
+        q.abort(Some((1, None)));
         assert_eq!(wa.answered(), Some(Response::Invalid));
         assert_eq!(wb.answered(), None);
         q.abort(None);

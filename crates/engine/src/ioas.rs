@@ -23,6 +23,8 @@ pub enum Owner {
     Domain(usize),
     /// A device's reserved region (keyed by the device's key).
     Device(u64),
+    /// The same, for the device attached at a PASID.
+    DevicePasid(u64, u32),
     /// Added by hand (the selftests' `add_reserved`).
     User,
 }
