@@ -16,7 +16,7 @@ use crate::user::UserMemory;
 pub const IOASID_TYPE: u32 = b'i' as u32;
 
 pub const fn ext_io(nr: u32) -> u32 {
-    (IOASID_TYPE << 8) | nr
+    crate::uapi::io_type(IOASID_TYPE, nr)
 }
 
 pub const IOASID_SET_ALLOC: u32 = ext_io(0x00);

@@ -9,9 +9,14 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 pub const IOMMUFD_TYPE: u32 = b';' as u32;
 
-/// `_IO(IOMMUFD_TYPE, nr)`: no direction or size bits, as iommufd encodes them.
+/// `_IO(ty, nr)`: no direction or size bits, as iommufd encodes them.
+pub const fn io_type(ty: u32, nr: u32) -> u32 {
+    (ty << 8) | nr
+}
+
+/// `_IO(IOMMUFD_TYPE, nr)`.
 pub const fn io(nr: u32) -> u32 {
-    (IOMMUFD_TYPE << 8) | nr
+    io_type(IOMMUFD_TYPE, nr)
 }
 
 pub const IOMMUFD_CMD_BASE: u32 = 0x80;

@@ -13,11 +13,11 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::dispatch::Ucmd;
 use crate::errno::Errno;
 
-const VFIO_TYPE: u32 = b';' as u32;
+/// VFIO shares iommufd's ioctl type (`VFIO_TYPE` is `';'`), from number 100.
 const VFIO_BASE: u32 = 100;
 
 const fn vfio_io(n: u32) -> u32 {
-    (VFIO_TYPE << 8) | (VFIO_BASE + n)
+    crate::uapi::io(VFIO_BASE + n)
 }
 
 pub const VFIO_GET_API_VERSION: u32 = vfio_io(0);

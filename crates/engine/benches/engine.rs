@@ -206,24 +206,37 @@ fn dma(c: &mut Criterion) {
     g.finish();
 }
 
-fn fault_round_trip(c: &mut Criterion) {
-    use ioasid_engine::fault::{Group, LAST_PAGE, PageRequest, Response};
+/// A handler thread that answers every request "success": it waits for
+/// one, then takes whatever else is waiting. Stop it through the flag.
+fn answer_everything(
+    queue: &Arc<ioasid_engine::FaultQueue>,
+) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    use ioasid_engine::fault::Response;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc;
-
-    let mut g = c.benchmark_group("fault round trip: request, handler wakes, answer, device wakes");
-    let queue = ioasid_engine::FaultQueue::new();
     let stop = Arc::new(AtomicBool::new(false));
     let handler = {
         let (queue, stop) = (queue.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let Some((cookie, _)) = queue.next(Duration::from_millis(10)) {
-                    queue.respond(cookie, Response::Success).unwrap();
+                if queue.next(Duration::from_millis(10)).map(|(c, _)| queue.respond(c, Response::Success)).is_some() {
+                    for (cookie, _) in queue.read(usize::MAX).unwrap_or_default() {
+                        queue.respond(cookie, Response::Success).unwrap();
+                    }
                 }
             }
         })
     };
+    (stop, handler)
+}
+
+fn fault_round_trip(c: &mut Criterion) {
+    use ioasid_engine::fault::{Group, LAST_PAGE, PageRequest, Response};
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc;
+
+    let mut g = c.benchmark_group("fault round trip: request, handler wakes, answer, device wakes");
+    let queue = ioasid_engine::FaultQueue::new();
+    let (stop, handler) = answer_everything(&queue);
     let request = PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 0, perm: 2, addr: IOVA };
     g.bench_function("ioasid", |b| {
         b.iter(|| {
@@ -257,19 +270,7 @@ fn fault_round_trip(c: &mut Criterion) {
     const BATCH: usize = 64;
     let mut g = c.benchmark_group("fault round trip: 64 requests answered in a batch");
     let queue = ioasid_engine::FaultQueue::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let (queue, stop) = (queue.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                if queue.next(Duration::from_millis(10)).map(|(c, _)| queue.respond(c, Response::Success)).is_some() {
-                    for (cookie, _) in queue.read(usize::MAX).unwrap_or_default() {
-                        queue.respond(cookie, Response::Success).unwrap();
-                    }
-                }
-            }
-        })
-    };
+    let (stop, handler) = answer_everything(&queue);
     g.bench_function("ioasid", |b| {
         b.iter(|| {
             let waiters: Vec<_> = (0..BATCH)
