@@ -5,7 +5,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use ioasid_engine::{AccountMode, Context, HwptFlags, HwptPaging, IovaRange, NestedData, Object, Perm};
+use ioasid_engine::{AccountMode, Context, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -338,13 +338,55 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
 
 /// The stage-1 data of a nested HWPT, in the type the parent's IOMMU takes.
 fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<NestedData, Errno> {
-    if !parent.domain().format().is_mock() || c.data_type != selftest::IOMMU_HWPT_DATA_SELFTEST {
-        // Vendor stage-1 formats come with the vendor IOMMU models.
-        return Err(Errno::EOPNOTSUPP);
+    let format = parent.domain().format();
+    if format.is_mock() && c.data_type == selftest::IOMMU_HWPT_DATA_SELFTEST {
+        let mut cfg = selftest::iommu_hwpt_selftest::default();
+        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
+        return Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) });
     }
-    let mut cfg = selftest::iommu_hwpt_selftest::default();
-    copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
-    Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) })
+    if !format.is_mock() && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {
+        let mut s1 = iommu_hwpt_vtd_s1::default();
+        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, size_of::<iommu_hwpt_vtd_s1>(), s1.as_mut_bytes())?;
+        if s1.flags & !(IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE) != 0 || s1.__reserved != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let levels = match s1.addr_width {
+            48 => 4,
+            57 => 5,
+            _ => return Err(Errno::EINVAL),
+        };
+        if s1.pgtbl_addr & 0xfff != 0 {
+            return Err(Errno::EINVAL);
+        }
+        return Ok(NestedData::vtd_s1(s1.pgtbl_addr, levels));
+    }
+    // Other vendors' stage-1 formats come with their IOMMU models.
+    Err(Errno::EOPNOTSUPP)
+}
+
+/// `IOMMU_HWPT_INVALIDATE` with VT-d stage-1 descriptors, as Intel's driver
+/// checks them. Any valid descriptor drops the whole combined IOTLB: exact,
+/// if coarser than ranges.
+fn vtd_s1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, hwpt: &HwptNested) -> (u32, Res) {
+    if c.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
+        return (0, Err(Errno::EINVAL));
+    }
+    for i in 0..c.entry_num {
+        let mut inv = iommu_hwpt_vtd_s1_invalidate::default();
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
+        let min = size_of::<iommu_hwpt_vtd_s1_invalidate>();
+        if let Err(e) = copy_driver_data(u.mem, at, c.entry_len as usize, min, inv.as_mut_bytes()) {
+            return (i, Err(e));
+        }
+        if inv.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || inv.__reserved != 0 {
+            return (i, Err(Errno::EOPNOTSUPP));
+        }
+        if inv.addr & 0xfff != 0 || (inv.npages == u64::MAX && inv.addr != 0) {
+            return (i, Err(Errno::EINVAL));
+        }
+        hwpt.invalidate();
+    }
+    (c.entry_num, Ok(()))
 }
 
 /// Linux's `iommu_copy_struct_from_user`: driver data of `len` bytes must
@@ -441,6 +483,11 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
             Ok(Object::HwptNested(n)) => match n.data() {
                 NestedData::Selftest { iotlb } => {
                     let (done, rc) = selftest::invalidate(u, &c, iotlb);
+                    processed = done;
+                    rc
+                }
+                NestedData::VtdS1 { .. } => {
+                    let (done, rc) = vtd_s1_invalidate(u, &c, &n);
                     processed = done;
                     rc
                 }

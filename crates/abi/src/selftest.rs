@@ -182,7 +182,9 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                 Object::HwptNested(n) => n,
                 _ => return Err(Errno::ENOENT),
             };
-            let NestedData::Selftest { iotlb } = nested.data();
+            let NestedData::Selftest { iotlb } = nested.data() else {
+                return Err(Errno::EINVAL);
+            };
             let iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
             match iotlb.get(a.id as usize) {
                 Some(&v) if v == a.iotlb => Ok(()),

@@ -411,9 +411,7 @@ fn translate_through(
     guard: &epoch::Guard,
 ) -> Result<(u64, bool), DmaError> {
     let hwpt = hwpt.ok_or(DmaError::Blocked)?;
-    let fault = |reason| DmaError::Fault { iova, reason, write: need.write };
-    let domain = hwpt.paging_domain().ok_or(fault(FaultReason::NotPresent))?;
-    domain.translate(iova, need, guard).map_err(fault)
+    hwpt.translate(iova, need, guard).map_err(|reason| DmaError::Fault { iova, reason, write: need.write })
 }
 
 fn trust(checked: bool) -> memory::Trust {

@@ -11,7 +11,10 @@ use crate::fault::FaultQueue;
 use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
+use crate::memory::Trust;
+use crate::pgtable::Pte;
 use crate::pgtable::mock::Mock;
+use crate::pgtable::x86::first_stage;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
 use crate::pgtable::{self, Format, PageTable, Perm, Summary};
 
@@ -104,10 +107,13 @@ macro_rules! with_table {
 pub enum FaultReason {
     /// The IOVA is outside the domain's aperture.
     Aperture,
-    /// No leaf maps the IOVA.
+    /// No leaf maps the IOVA (in a nested table: the stage-1 walk found none).
     NotPresent,
     /// A leaf maps it without the needed right.
     Permission,
+    /// Nested: stage 2 does not map guest-physical address `gpa` (a stage-1
+    /// table or the final page) with the rights needed.
+    Stage2 { gpa: u64, permission: bool },
 }
 
 /// An I/O page table and its IOTLB (Linux's `iommu_domain`).
@@ -214,6 +220,18 @@ impl Domain {
 
     pub fn summary(&self) -> Summary {
         with_table!(&self.table, pt => pt.summary())
+    }
+
+    pub(crate) fn iotlb_generation(&self) -> u64 {
+        self.iotlb.generation()
+    }
+
+    /// The rights the leaf mapping `iova` grants.
+    fn perm_of(&self, iova: u64, guard: &Guard) -> Option<Perm> {
+        if let Some(hit) = self.iotlb.lookup(iova >> self.format.page_shift()) {
+            return Some(hit.perm);
+        }
+        with_table!(&self.table, pt => pt.walk(iova, guard)).map(|t| t.perm)
     }
 
     /// Where `iova` leads, whatever the rights (what hardware would fetch).
@@ -336,6 +354,16 @@ pub enum NestedData {
     /// Linux's selftest type: no table, only a mock IOTLB of four entries
     /// that invalidations clear.
     Selftest { iotlb: Mutex<[u32; 4]> },
+    /// A VT-d first-stage table owned by the guest: its root at
+    /// guest-physical `root` (an IOVA of the parent's IOAS), `levels` deep
+    /// (4 or 5). `iotlb` caches combined stage-1 + stage-2 translations.
+    VtdS1 { root: u64, levels: u32, iotlb: Iotlb },
+}
+
+impl NestedData {
+    pub fn vtd_s1(root: u64, levels: u32) -> Self {
+        NestedData::VtdS1 { root, levels, iotlb: Iotlb::new() }
+    }
 }
 
 /// A nested HWPT: a user-owned stage 1 over a paging HWPT's stage 2.
@@ -348,6 +376,65 @@ pub struct HwptNested {
 impl HwptNested {
     pub fn parent(&self) -> &Arc<HwptPaging> {
         &self.parent
+    }
+
+    /// Drops every cached translation (the guest changed its stage 1).
+    pub fn invalidate(&self) {
+        if let NestedData::VtdS1 { iotlb, .. } = &self.data {
+            iotlb.invalidate_all();
+        }
+    }
+
+    /// Translates through both stages: each stage-1 entry is read through
+    /// stage 2, rights are intersected, and the combined result is cached
+    /// until either stage is invalidated.
+    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
+        let NestedData::VtdS1 { root, levels, iotlb } = &self.data else {
+            return Err(FaultReason::NotPresent);
+        };
+        let s2 = &self.parent.domain;
+        let page = iova >> 12;
+        let offset = iova & 0xfff;
+        // Both generations only grow, so their sum changes when either does.
+        let generation = iotlb.generation() + s2.iotlb_generation();
+        if let Some(hit) = iotlb.lookup_at(page, generation) {
+            return if hit.perm.allows(need) {
+                Ok((hit.host_page + offset, hit.checked))
+            } else {
+                Err(FaultReason::Permission)
+            };
+        }
+        let stage2 = |gpa: u64, r: FaultReason| FaultReason::Stage2 { gpa, permission: r == FaultReason::Permission };
+        let mut table = *root;
+        let mut perm = Perm::RW;
+        for level in (0..*levels).rev() {
+            let entry = table + ((iova >> (12 + 9 * level)) & 511) * 8;
+            let (host, checked) = s2.translate(entry, Perm::R, guard).map_err(|r| stage2(entry, r))?;
+            let mut raw = [0u8; 8];
+            crate::memory::read(trust(checked), host, &mut raw).map_err(|_| stage2(entry, FaultReason::NotPresent))?;
+            let (pte, p) = first_stage::decode(u64::from_le_bytes(raw), level);
+            perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
+            match pte {
+                Pte::None => return Err(FaultReason::NotPresent),
+                Pte::Table(next) => table = next,
+                Pte::Leaf { addr, .. } => {
+                    let gpa = addr + (iova & ((1u64 << (12 + 9 * level)) - 1));
+                    if !perm.allows(need) {
+                        return Err(FaultReason::Permission);
+                    }
+                    let (host, checked) = s2.translate(gpa, need, guard).map_err(|r| stage2(gpa, r))?;
+                    let s2perm = s2.perm_of(gpa, guard).unwrap_or_default();
+                    let combined = Perm { read: perm.read && s2perm.read, write: perm.write && s2perm.write };
+                    // Writes through a dirty-tracking stage 2 must reach it.
+                    if !s2.dirty_tracking() {
+                        let hit = Hit { host_page: host - offset, perm: combined, checked, dirty: false };
+                        iotlb.fill(page, generation, hit);
+                    }
+                    return Ok((host, checked));
+                }
+            }
+        }
+        Err(FaultReason::NotPresent)
     }
 
     pub fn data(&self) -> &NestedData {
@@ -401,13 +488,12 @@ impl Hwpt {
         }
     }
 
-    /// The domain DMA is translated by, for tables the engine can walk.
-    /// Nested stage-1 formats come with vendor IOMMU models; until then a
-    /// DMA through a nested HWPT faults.
-    pub fn paging_domain(&self) -> Option<&Arc<Domain>> {
+    /// Translates `iova` for an access needing `need`.
+    #[inline]
+    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
         match self {
-            Hwpt::Paging(h) => Some(&h.domain),
-            Hwpt::Nested(_) => None,
+            Hwpt::Paging(h) => h.domain.translate(iova, need, guard),
+            Hwpt::Nested(n) => n.translate(iova, need, guard),
         }
     }
 }
@@ -436,4 +522,8 @@ impl HwptPaging {
         crate::inject::check("nested HWPT")?;
         Ok(Arc::new(HwptNested { parent: self.clone(), data, fault }))
     }
+}
+
+fn trust(checked: bool) -> Trust {
+    if checked { Trust::Checked } else { Trust::Direct }
 }

@@ -70,7 +70,12 @@ impl Iotlb {
     }
 
     pub fn lookup(&self, page: u64) -> Option<Hit> {
-        let generation = self.generation.load(Ordering::Acquire);
+        self.lookup_at(page, self.generation.load(Ordering::Acquire))
+    }
+
+    /// `lookup` of entries filled at `generation` (a nested table passes
+    /// the sum of its own and its parent's, which changes when either does).
+    pub fn lookup_at(&self, page: u64, generation: u64) -> Option<Hit> {
         let e = self.slot(page);
         let s1 = e.seq.load(Ordering::Acquire);
         let tag = e.tag.load(Ordering::Relaxed);

@@ -58,6 +58,49 @@ pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, checked: bool) -> u6
     pte
 }
 
+/// VT-d first-stage entries (x86-64 IA-32e paging, as VT-d's first stage
+/// uses it): present bit 0, writable bit 1, user bit 2, accessed bit 5,
+/// dirty bit 6 (leaves), page size bit 7, execute-disable bit 63. Unlike the
+/// second stage, rights accumulate: a write needs bit 1 at every level.
+pub mod first_stage {
+    use super::super::{Perm, Pte};
+
+    pub const PRESENT: u64 = 1 << 0;
+    pub const WRITABLE: u64 = 1 << 1;
+    pub const USER: u64 = 1 << 2;
+    pub const ACCESSED: u64 = 1 << 5;
+    pub const DIRTY: u64 = 1 << 6;
+    pub const PAGE_SIZE: u64 = 1 << 7;
+    pub const XD: u64 = 1 << 63;
+    const ADDR: u64 = ((1 << 52) - 1) & !0xfff;
+
+    /// Decodes one entry at `level` (0: 4 KiB leaves; 1 and 2 may be 2 MiB
+    /// and 1 GiB leaves), with the rights this entry grants.
+    pub fn decode(pte: u64, level: u32) -> (Pte, Perm) {
+        if pte & PRESENT == 0 {
+            return (Pte::None, Perm::default());
+        }
+        let perm = Perm { read: true, write: pte & WRITABLE != 0 };
+        if level > 0 && (pte & PAGE_SIZE == 0 || level > 2) {
+            return (Pte::Table(pte & ADDR), perm);
+        }
+        let size_mask = (1u64 << (12 + 9 * level)) - 1;
+        (Pte::Leaf { addr: pte & ADDR & !size_mask, perm, checked: false, dirty: pte & DIRTY != 0 }, perm)
+    }
+
+    /// An entry a guest would write: a table pointer or a leaf.
+    pub fn encode(addr: u64, level: u32, leaf: bool, write: bool) -> u64 {
+        let mut pte = addr | PRESENT | ACCESSED | USER;
+        if write {
+            pte |= WRITABLE;
+        }
+        if leaf && level > 0 {
+            pte |= PAGE_SIZE;
+        }
+        pte
+    }
+}
+
 /// VT-d second-stage format with `L` levels (4: 48-bit IOVA, 5: 57-bit).
 pub struct VtdSecondStage<const L: u32>;
 
@@ -95,6 +138,24 @@ mod tests {
 
     fn walk<F: Format>(pt: &PageTable<F>, iova: u64) -> Option<Translation> {
         pt.walk(iova, &crossbeam_epoch::pin())
+    }
+
+    #[test]
+    fn golden_first_stage_entries() {
+        use first_stage::*;
+        // A 4 KiB read-only leaf: present, accessed, user; not writable.
+        let (pte, perm) = decode(0x1234_5000 | PRESENT | ACCESSED | USER, 0);
+        assert_eq!(pte, Pte::Leaf { addr: 0x1234_5000, perm: Perm::R, checked: false, dirty: false });
+        assert_eq!(perm, Perm::R);
+        // A 2 MiB leaf at level 1 needs PS; without it, it is a table.
+        let (pte, _) = decode(0x4020_0000 | PRESENT | WRITABLE | PAGE_SIZE | DIRTY, 1);
+        assert_eq!(pte, Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, checked: false, dirty: true });
+        assert_eq!(decode(0x4020_0000 | PRESENT, 1).0, Pte::Table(0x4020_0000));
+        // PS means nothing at level 3 (no 512 GiB pages): still a table.
+        assert_eq!(decode(0x8000_0000 | PRESENT | PAGE_SIZE, 3).0, Pte::Table(0x8000_0000));
+        // Not present whatever else is set.
+        assert_eq!(decode(0xffff_f000 | WRITABLE | PAGE_SIZE, 1).0, Pte::None);
+        assert_eq!(encode(0x5000, 0, true, true), 0x5000 | PRESENT | ACCESSED | USER | WRITABLE);
     }
 
     #[test]
