@@ -9,7 +9,7 @@ use std::time::Instant;
 use ioasid_abi::uapi::{IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, iommu_iova_range};
 use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::fault::{PageRequest, Response};
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, IovaRange, Perm};
+use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, IovaRange, NestedData, Perm};
 use std::time::Duration;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -149,6 +149,11 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     section(out, 8, "I/O page fault")?;
     fault_scene(out, &ctx, ioas, &ram)?;
 
+    section(out, 9, "Nested translation: a guest's stage 1 over the host's stage 2")?;
+    nested_scene(out, &ctx)?;
+
+    section(out, 10, "Teardown")?;
+
     ctx.unmap(ioas, 0, u64::MAX)?;
     ctx.detach(nic)?;
     ctx.detach(nvme)?;
@@ -216,6 +221,96 @@ fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, ram: &HostBu
     ctx.unbind_device(gpu)?;
     ctx.destroy(hwpt)?;
     ctx.destroy(fault_id)?;
+    Ok(())
+}
+
+/// A guest-owned VT-d first-stage table in guest memory, over a stage 2
+/// that maps the guest's physical memory: a DMA walks both, step by step.
+fn nested_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
+    use ioasid_engine::pgtable::x86::first_stage;
+    const GUEST_RAM: u64 = 256 * 1024;
+    let gpa_space = ctx.ioas_alloc()?;
+    let guest_ram = HostBuffer::new(GUEST_RAM as usize)?;
+    // SAFETY: `guest_ram` outlives the mapping: the scene unmaps it below.
+    unsafe { ctx.map_user(gpa_space, guest_ram.addr(), GUEST_RAM, Some(0), Perm::RW)? };
+    let vf = ctx.bind_device(DeviceInfo::new("vf0", 0x0020))?;
+    let parent = ctx.hwpt_alloc(vf, gpa_space, HwptFlags { nest_parent: true, dirty_tracking: false }, None)?;
+    let nested = ctx.hwpt_alloc_nested(vf, parent, NestedData::vtd_s1(0x1000, 4), None)?;
+    ctx.attach(vf, nested)?;
+    row(
+        out,
+        "guest RAM",
+        format!("{} at guest-physical 0, behind stage 2 (HWPT {parent}, nest parent)", size(GUEST_RAM)),
+    )?;
+    row(out, "guest stage 1", format!("VT-d first stage, 4 levels, root at GPA 0x1000 (HWPT {nested}, nested)"))?;
+
+    // The guest builds its table: IOVA 0x4000_0000 -> GPA 0x10000.
+    let iova = 0x4000_0000u64;
+    let map = |gpa: u64| {
+        let idx = |level: u32| (iova >> (12 + 9 * level)) & 511;
+        let tables = [(0x1000u64, 3u32, 0x2000u64), (0x2000, 2, 0x3000), (0x3000, 1, 0x4000)];
+        for (table, level, next) in tables {
+            guest_ram.write_at(
+                (table + idx(level) * 8) as usize,
+                &first_stage::encode(next, level, false, true).to_le_bytes(),
+            );
+        }
+        guest_ram.write_at((0x4000 + idx(0) * 8) as usize, &first_stage::encode(gpa, 0, true, true).to_le_bytes());
+    };
+    map(0x10000);
+    let device = ctx.device(vf)?;
+    device.dma_write(iova + 0x10, b"through both stages")?;
+    row(out, "vf0 writes", format!("19 B at guest IOVA {:#x}", iova + 0x10))?;
+    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { return Err("not a nested HWPT".into()) };
+    let (steps, landed) = hwpt.trace(iova + 0x10);
+    writeln!(out, "   walk                   level  entry at GPA  (host)              entry")?;
+    for st in &steps {
+        let (kind, _) = first_stage::decode(st.pte, st.level);
+        let what = match kind {
+            ioasid_engine::pgtable::Pte::Table(a) => format!("table at GPA {a:#x}"),
+            ioasid_engine::pgtable::Pte::Leaf { addr, perm, .. } => {
+                format!("4 KiB page at GPA {addr:#x}, {}", if perm.write { "RW" } else { "R-" })
+            }
+            ioasid_engine::pgtable::Pte::None => "not present".into(),
+        };
+        writeln!(
+            out,
+            "   {:<22} {:<6} {:<13} ({:#x})  {what}",
+            "",
+            st.level,
+            format!("{:#x}", st.entry_gpa),
+            st.entry_host
+        )?;
+    }
+    let host = landed.map_err(|e| format!("walk failed: {e:?}"))?;
+    let mut seen = [0u8; 19];
+    guest_ram.read_at(0x10010, &mut seen);
+    row(out, "lands at", format!("GPA 0x10010 = host {host:#x}: \"{}\"", String::from_utf8_lossy(&seen)))?;
+
+    // The guest remaps the page; the combined IOTLB keeps the old
+    // translation until the guest invalidates, as hardware would.
+    map(0x11000);
+    device.dma_write(iova + 0x10, b"X")?;
+    let mut stale = [0u8; 1];
+    guest_ram.read_at(0x10010, &mut stale);
+    row(
+        out,
+        "guest remaps",
+        format!(
+            "IOVA {iova:#x} to GPA 0x11000; before invalidating, a DMA still lands at GPA 0x10010 ({})",
+            if &stale == b"X" { "cached" } else { "?" }
+        ),
+    )?;
+    hwpt.invalidate();
+    device.dma_write(iova + 0x10, b"after invalidation")?;
+    let mut now = [0u8; 18];
+    guest_ram.read_at(0x11010, &mut now);
+    row(out, "after invalidation", format!("the DMA lands at GPA 0x11010: \"{}\"", String::from_utf8_lossy(&now)))?;
+    drop((device, hwpt));
+    ctx.unbind_device(vf)?;
+    ctx.destroy(nested)?;
+    ctx.destroy(parent)?;
+    ctx.destroy(gpa_space)?;
     Ok(())
 }
 

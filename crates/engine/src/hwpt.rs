@@ -389,7 +389,7 @@ impl HwptNested {
     /// stage 2, rights are intersected, and the combined result is cached
     /// until either stage is invalidated.
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
-        let NestedData::VtdS1 { root, levels, iotlb } = &self.data else {
+        let NestedData::VtdS1 { iotlb, .. } = &self.data else {
             return Err(FaultReason::NotPresent);
         };
         let s2 = &self.parent.domain;
@@ -404,7 +404,46 @@ impl HwptNested {
                 Err(FaultReason::Permission)
             };
         }
-        let stage2 = |gpa: u64, r: FaultReason| FaultReason::Stage2 { gpa, permission: r == FaultReason::Permission };
+        let (gpa, perm) = self.walk_stage1(iova, guard, &mut |_| {})?;
+        if !perm.allows(need) {
+            return Err(FaultReason::Permission);
+        }
+        let (host, checked) = s2.translate(gpa, need, guard).map_err(|r| stage2(gpa, r))?;
+        let s2perm = s2.perm_of(gpa, guard).unwrap_or_default();
+        let combined = Perm { read: perm.read && s2perm.read, write: perm.write && s2perm.write };
+        // Writes through a dirty-tracking stage 2 must reach it.
+        if !s2.dirty_tracking() {
+            iotlb.fill(page, generation, Hit { host_page: host - offset, perm: combined, checked, dirty: false });
+        }
+        Ok((host, checked))
+    }
+
+    /// The two-dimensional walk of `iova`, step by step (no IOTLB), for
+    /// people: where each stage-1 entry was read and what it said, then where
+    /// the final guest-physical address lands in host memory.
+    pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<u64, FaultReason>) {
+        let guard = crate::epoch::pin();
+        let mut steps = Vec::new();
+        let walked = self.walk_stage1(iova, &guard, &mut |s| steps.push(s));
+        let result = walked.and_then(|(gpa, _)| {
+            let (host, _) = self.parent.domain.translate(gpa, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
+            Ok(host)
+        });
+        (steps, result)
+    }
+
+    /// Walks the guest's stage-1 table: returns the guest-physical address
+    /// `iova` maps to and the rights along the way.
+    fn walk_stage1(
+        &self,
+        iova: u64,
+        guard: &Guard,
+        step: &mut dyn FnMut(WalkStep),
+    ) -> Result<(u64, Perm), FaultReason> {
+        let NestedData::VtdS1 { root, levels, .. } = &self.data else {
+            return Err(FaultReason::NotPresent);
+        };
+        let s2 = &self.parent.domain;
         let mut table = *root;
         let mut perm = Perm::RW;
         for level in (0..*levels).rev() {
@@ -412,26 +451,14 @@ impl HwptNested {
             let (host, checked) = s2.translate(entry, Perm::R, guard).map_err(|r| stage2(entry, r))?;
             let mut raw = [0u8; 8];
             crate::memory::read(trust(checked), host, &mut raw).map_err(|_| stage2(entry, FaultReason::NotPresent))?;
-            let (pte, p) = first_stage::decode(u64::from_le_bytes(raw), level);
+            let raw = u64::from_le_bytes(raw);
+            step(WalkStep { level, entry_gpa: entry, entry_host: host, pte: raw });
+            let (pte, p) = first_stage::decode(raw, level);
             perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
             match pte {
                 Pte::None => return Err(FaultReason::NotPresent),
                 Pte::Table(next) => table = next,
-                Pte::Leaf { addr, .. } => {
-                    let gpa = addr + (iova & ((1u64 << (12 + 9 * level)) - 1));
-                    if !perm.allows(need) {
-                        return Err(FaultReason::Permission);
-                    }
-                    let (host, checked) = s2.translate(gpa, need, guard).map_err(|r| stage2(gpa, r))?;
-                    let s2perm = s2.perm_of(gpa, guard).unwrap_or_default();
-                    let combined = Perm { read: perm.read && s2perm.read, write: perm.write && s2perm.write };
-                    // Writes through a dirty-tracking stage 2 must reach it.
-                    if !s2.dirty_tracking() {
-                        let hit = Hit { host_page: host - offset, perm: combined, checked, dirty: false };
-                        iotlb.fill(page, generation, hit);
-                    }
-                    return Ok((host, checked));
-                }
+                Pte::Leaf { addr, .. } => return Ok((addr + (iova & ((1u64 << (12 + 9 * level)) - 1)), perm)),
             }
         }
         Err(FaultReason::NotPresent)
@@ -440,6 +467,20 @@ impl HwptNested {
     pub fn data(&self) -> &NestedData {
         &self.data
     }
+}
+
+/// One stage-1 entry read during a nested walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStep {
+    pub level: u32,
+    /// Where the entry is, guest-physical, and where stage 2 put it.
+    pub entry_gpa: u64,
+    pub entry_host: u64,
+    pub pte: u64,
+}
+
+fn stage2(gpa: u64, r: FaultReason) -> FaultReason {
+    FaultReason::Stage2 { gpa, permission: r == FaultReason::Permission }
 }
 
 /// A HWPT a device can attach to.
