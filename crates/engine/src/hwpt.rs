@@ -397,13 +397,13 @@ impl HwptNested {
         let offset = iova & 0xfff;
         // Both generations only grow, so their sum changes when either does.
         let generation = iotlb.generation() + s2.iotlb_generation();
-        if let Some(hit) = iotlb.lookup_at(page, generation) {
-            return if hit.perm.allows(need) {
-                Ok((hit.host_page + offset, hit.checked))
-            } else {
-                Err(FaultReason::Permission)
-            };
+        if let Some(hit) = iotlb.lookup_at(page, generation)
+            && hit.perm.allows(need)
+        {
+            return Ok((hit.host_page + offset, hit.checked));
         }
+        // A miss, or rights the cached combination lacks: walk, so the fault
+        // names the stage that denies it.
         let (gpa, perm) = self.walk_stage1(iova, guard, &mut |_| {})?;
         if !perm.allows(need) {
             return Err(FaultReason::Permission);
