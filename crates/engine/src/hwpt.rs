@@ -529,6 +529,21 @@ impl Hwpt {
         }
     }
 
+    /// Changes whenever a translation through this table may have changed:
+    /// the table's identity and its IOTLB generations (both stages, nested).
+    pub fn generation(&self) -> (usize, u64) {
+        match self {
+            Hwpt::Paging(h) => (Arc::as_ptr(&h.domain) as usize, h.domain.iotlb_generation()),
+            Hwpt::Nested(n) => {
+                let own = match &n.data {
+                    NestedData::VtdS1 { iotlb, .. } => iotlb.generation(),
+                    NestedData::Selftest { .. } => 0,
+                };
+                (Arc::as_ptr(n) as usize, own + n.parent.domain.iotlb_generation())
+            }
+        }
+    }
+
     /// Translates `iova` for an access needing `need`.
     #[inline]
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {

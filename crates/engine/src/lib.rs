@@ -40,6 +40,8 @@ pub mod iova;
 pub mod memory;
 pub mod pages;
 pub mod pgtable;
+#[cfg(feature = "vm-memory")]
+pub mod vm_memory_iommu;
 
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};

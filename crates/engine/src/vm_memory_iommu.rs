@@ -1,0 +1,124 @@
+//! vm-memory's IOMMU interface on ioasid: an [`IommuPort`] is one device's
+//! (and optionally one PASID's) view of its page table, so rust-vmm device
+//! models that use `vm_memory::iommu::IommuMemory` (virtio-queue included)
+//! do their DMA through ioasid's translation.
+//!
+//! vm-memory's IOMMU yields guest-physical addresses in the backend memory,
+//! while ioasid's tables hold host addresses, so the port carries the guest
+//! memory layout to convert back. Translations are cached in vm-memory's own
+//! `Iotlb`, dropped whole when the device's table changes: a replace, an
+//! unmap, or an invalidation of either nested stage.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
+
+use crate::device::Device;
+use crate::pgtable::Perm;
+
+const PAGE: u64 = 4096;
+
+/// One device's IOMMU, as vm-memory sees it.
+pub struct IommuPort {
+    device: Arc<Device>,
+    pasid: Option<u32>,
+    /// (host address, guest-physical address, length) of each RAM region.
+    layout: Vec<(u64, u64, u64)>,
+    iotlb: RwLock<Iotlb>,
+    /// The table identity and generation the cache was filled under.
+    table: AtomicUsize,
+    generation: AtomicU64,
+}
+
+impl fmt::Debug for IommuPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IommuPort").field("device", &self.device.id()).field("pasid", &self.pasid).finish()
+    }
+}
+
+impl IommuPort {
+    /// The port of `device` (at `pasid`, or its RID) over guest memory laid
+    /// out as `layout`: (host address, guest-physical address, length).
+    pub fn new(device: Arc<Device>, pasid: Option<u32>, layout: Vec<(u64, u64, u64)>) -> Self {
+        IommuPort {
+            device,
+            pasid,
+            layout,
+            iotlb: RwLock::new(Iotlb::new()),
+            table: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The port over the regions of a vm-memory guest memory.
+    pub fn for_memory<M: GuestMemoryBackend>(device: Arc<Device>, pasid: Option<u32>, memory: &M) -> Self {
+        let layout = memory
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
+                Some((host, r.start_addr().0, r.len()))
+            })
+            .collect();
+        Self::new(device, pasid, layout)
+    }
+
+    fn gpa_of(&self, host: u64) -> Option<u64> {
+        self.layout.iter().find(|(h, _, len)| host >= *h && host < h + len).map(|(h, gpa, _)| gpa + (host - h))
+    }
+
+    /// Drops the cache when the device's table changed since it was filled.
+    fn refresh(&self) {
+        let (table, generation) = self.device.attached_at(self.pasid).map_or((0, 0), |h| h.generation());
+        if self.table.load(Ordering::Acquire) != table || self.generation.load(Ordering::Acquire) != generation {
+            self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate_all();
+            self.table.store(table, Ordering::Release);
+            self.generation.store(generation, Ordering::Release);
+        }
+    }
+
+    /// Resolves every page of the range through ioasid into the cache.
+    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<(), String> {
+        let need = Perm { read: access.allow(Permissions::Read), write: access.allow(Permissions::Write) };
+        let guard = crate::epoch::pin();
+        let mut iotlb = self.iotlb.write().unwrap_or_else(|e| e.into_inner());
+        let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
+        let mut page = iova & !(PAGE - 1);
+        while page < end {
+            let translated = match self.pasid {
+                None => self.device.translate(page, need, &guard),
+                Some(p) => self.device.translate_pasid(p, page, need, &guard),
+            };
+            let (host, _) = translated.map_err(|e| e.to_string())?;
+            let gpa = self.gpa_of(host).ok_or("the page is outside guest memory")?;
+            iotlb
+                .set_mapping(GuestAddress(page), GuestAddress(gpa), PAGE as usize, access)
+                .map_err(|e| e.to_string())?;
+            page += PAGE;
+        }
+        Ok(())
+    }
+}
+
+impl Iommu for IommuPort {
+    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+
+    fn translate(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
+        self.refresh();
+        if let Ok(hit) = Iotlb::lookup(self.iotlb.read().unwrap_or_else(|e| e.into_inner()), iova, length, access) {
+            return Ok(hit);
+        }
+        self.fill(iova.0, length, access)
+            .map_err(|reason| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason })?;
+        Iotlb::lookup(self.iotlb.read().unwrap_or_else(|e| e.into_inner()), iova, length, access).map_err(|_| {
+            Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason: "not mapped".into() }
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! vm-memory's `IommuMemory` driven by an ioasid device: guest memory seen
+//! through the device's I/O page table, with faults and unmaps honoured.
+
+#![cfg(feature = "vm-memory")]
+
+use std::sync::Arc;
+
+use ioasid_engine::vm_memory_iommu::IommuPort;
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit, Perm};
+use vm_memory::iommu::{Iommu, IommuMemory};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress, Permissions,
+};
+
+const PAGE: u64 = 4096;
+const RAM_GPA: u64 = 0x10_0000;
+const IOVA: u64 = 0x4000_0000;
+
+struct Guest {
+    ctx: Arc<Context>,
+    ioas: u32,
+    ram: GuestMemoryMmap,
+    memory: IommuMemory<GuestMemoryMmap, IommuPort>,
+}
+
+/// Four pages of guest RAM; the device sees IOVA page `i` at RAM page
+/// `3 - i` for the first two pages, read-only for the second.
+fn guest() -> Guest {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_GPA), 4 * PAGE as usize)]).unwrap();
+    let host = ram.iter().next().unwrap().get_host_address(MemoryRegionAddress(0)).unwrap() as u64;
+    let ioas = ctx.ioas_alloc().unwrap();
+    // SAFETY: `ram` is kept in the returned Guest, beside the context.
+    unsafe {
+        ctx.map_user(ioas, host + 3 * PAGE, PAGE, Some(IOVA), Perm::RW).unwrap();
+        ctx.map_user(ioas, host + 2 * PAGE, PAGE, Some(IOVA + PAGE), Perm { read: true, write: false }).unwrap();
+    }
+    let dev = ctx.bind_device(DeviceInfo::new("virtio-net", 1)).unwrap();
+    ctx.attach(dev, ioas).unwrap();
+    let port = IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram);
+    let memory = IommuMemory::new(ram.clone(), port, true, ());
+    Guest { ctx, ioas, ram, memory }
+}
+
+#[test]
+fn device_accesses_land_where_the_page_table_says() {
+    let g = guest();
+    g.memory.write_slice(b"to the last page", GuestAddress(IOVA + 8)).unwrap();
+    let mut back = [0u8; 16];
+    g.ram.read_slice(&mut back, GuestAddress(RAM_GPA + 3 * PAGE + 8)).unwrap();
+    assert_eq!(&back, b"to the last page");
+
+    g.ram.write_slice(b"ro", GuestAddress(RAM_GPA + 2 * PAGE)).unwrap();
+    let mut two = [0u8; 2];
+    g.memory.read_slice(&mut two, GuestAddress(IOVA + PAGE)).unwrap();
+    assert_eq!(&two, b"ro");
+
+    // An access that crosses from the first IOVA page into the second reads
+    // two RAM pages that are not adjacent in guest-physical order.
+    g.ram.write_slice(b"A", GuestAddress(RAM_GPA + 4 * PAGE - 1)).unwrap();
+    let mut cross = [0u8; 3];
+    g.memory.read_slice(&mut cross, GuestAddress(IOVA + PAGE - 1)).unwrap();
+    assert_eq!(&cross, b"Aro");
+}
+
+#[test]
+fn writes_to_read_only_and_unmapped_pages_fault() {
+    let g = guest();
+    assert!(g.memory.write_slice(b"x", GuestAddress(IOVA + PAGE)).is_err(), "the second page is read-only");
+    assert!(g.memory.read_slice(&mut [0u8; 1], GuestAddress(IOVA + 2 * PAGE)).is_err(), "nothing mapped there");
+    let err = g.memory.iommu().translate(GuestAddress(IOVA + 2 * PAGE), 1, Permissions::Read).unwrap_err();
+    assert!(err.to_string().contains("0x40002000"), "the error names the IOVA: {err}");
+}
+
+#[test]
+fn an_unmap_is_seen_by_the_next_access() {
+    let g = guest();
+    g.memory.write_slice(b"cached", GuestAddress(IOVA)).unwrap();
+    g.ctx.unmap(g.ioas, IOVA, PAGE).unwrap();
+    assert!(g.memory.write_slice(b"stale", GuestAddress(IOVA)).is_err(), "the cached translation was dropped");
+    let mut back = [0u8; 6];
+    g.ram.read_slice(&mut back, GuestAddress(RAM_GPA + 3 * PAGE)).unwrap();
+    assert_eq!(&back, b"cached");
+}
