@@ -19,6 +19,7 @@ use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
+use crate::viommu::{Vdevice, Viommu, ViommuType};
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -37,6 +38,8 @@ pub enum Object {
     Fault(Arc<FaultQueue>),
     /// An IOASID set of the global PASID space.
     IoasidSet(Arc<SetHandle>),
+    Viommu(Arc<Viommu>),
+    Vdevice(Arc<Vdevice>),
 }
 
 #[derive(Default)]
@@ -61,6 +64,8 @@ impl Object {
             Object::HwptNested(o) => Arc::strong_count(o),
             Object::Fault(o) => Arc::strong_count(o),
             Object::IoasidSet(o) => Arc::strong_count(o),
+            Object::Viommu(o) => Arc::strong_count(o),
+            Object::Vdevice(o) => Arc::strong_count(o),
         }
     }
 
@@ -74,6 +79,8 @@ impl Object {
             Object::HwptNested(_) => "HWPT nested",
             Object::Fault(_) => "fault queue",
             Object::IoasidSet(_) => "IOASID set",
+            Object::Viommu(_) => "vIOMMU",
+            Object::Vdevice(_) => "vDEVICE",
         }
     }
 }
@@ -345,7 +352,11 @@ impl Context {
         for (pasid, _) in dev.attachments() {
             self.detach_locked(&dev, pasid);
         }
-        self.table().remove(&dev_id);
+        let mut t = self.table();
+        t.remove(&dev_id);
+        // Its vDEVICEs go with it: the guest's name for a device that is
+        // gone must not resolve.
+        t.retain(|_, o| !matches!(o, Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev)));
         Ok(())
     }
 
@@ -448,16 +459,46 @@ impl Context {
     pub fn hwpt_alloc_nested(&self, dev_id: u32, parent_id: u32, data: NestedData, fault: Option<u32>) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
-        let Object::HwptPaging(parent) = self.object(parent_id)? else {
-            return Err(Error::Invalid("a nested HWPT needs a paging parent"));
+        let (parent, viommu) = match self.object(parent_id)? {
+            Object::HwptPaging(parent) => (parent, None),
+            Object::Viommu(v) => (v.hwpt().clone(), Some(v)),
+            _ => return Err(Error::Invalid("a nested HWPT needs a paging parent or a vIOMMU")),
         };
         if !dev.info().format.compatible(parent.domain().format()) {
             return Err(Error::Invalid("parent HWPT format does not match the device's IOMMU"));
         }
         parent.check_nest_parent()?;
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
-        let nested = parent.nest(data, fault)?;
+        let nested = parent.nest(data, fault, viommu)?;
         self.insert(Object::HwptNested(nested))
+    }
+
+    /// `IOMMU_VIOMMU_ALLOC`: a vIOMMU of `kind` for `dev_id`'s IOMMU,
+    /// translating through nesting-parent HWPT `hwpt_id`.
+    pub fn viommu_alloc(&self, dev_id: u32, hwpt_id: u32, kind: ViommuType) -> Result<u32> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
+            return Err(Error::NotFound("object is not a paging HWPT"));
+        };
+        let viommu = Viommu::new(kind, &dev, hwpt)?;
+        self.insert(Object::Viommu(viommu))
+    }
+
+    pub fn viommu(&self, id: u32) -> Result<Arc<Viommu>> {
+        match self.object(id)? {
+            Object::Viommu(v) => Ok(v),
+            _ => Err(Error::NotFound("object is not a vIOMMU")),
+        }
+    }
+
+    /// `IOMMU_VDEVICE_ALLOC`: names `dev_id` `virt_id` behind `viommu_id`.
+    pub fn vdevice_alloc(&self, viommu_id: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+        let _g = self.graph();
+        let viommu = self.viommu(viommu_id)?;
+        let dev = self.device(dev_id)?;
+        let vdev = Vdevice::new(viommu, dev, virt_id)?;
+        self.insert(Object::Vdevice(vdev))
     }
 
     /// A new IOASID set under set object `parent` (or at the top).

@@ -371,11 +371,17 @@ pub struct HwptNested {
     parent: Arc<HwptPaging>,
     data: NestedData,
     fault: Option<Arc<FaultQueue>>,
+    /// The vIOMMU it was allocated on, kept alive (and busy) by it.
+    viommu: Option<Arc<crate::viommu::Viommu>>,
 }
 
 impl HwptNested {
     pub fn parent(&self) -> &Arc<HwptPaging> {
         &self.parent
+    }
+
+    pub fn viommu(&self) -> Option<&Arc<crate::viommu::Viommu>> {
+        self.viommu.as_ref()
     }
 
     /// Drops every cached translation (the guest changed its stage 1).
@@ -573,10 +579,11 @@ impl HwptPaging {
         self: &Arc<Self>,
         data: NestedData,
         fault: Option<Arc<FaultQueue>>,
+        viommu: Option<Arc<crate::viommu::Viommu>>,
     ) -> crate::Result<Arc<HwptNested>> {
         self.check_nest_parent()?;
         crate::inject::check("nested HWPT")?;
-        Ok(Arc::new(HwptNested { parent: self.clone(), data, fault }))
+        Ok(Arc::new(HwptNested { parent: self.clone(), data, fault, viommu }))
     }
 }
 

@@ -1,0 +1,114 @@
+//! vIOMMUs and vDEVICEs: a VM's slice of one physical IOMMU instance.
+//!
+//! A vIOMMU pins a nesting-parent HWPT (the VM's stage 2) and is the parent
+//! that nested HWPTs can be allocated on. A vDEVICE gives a bound device
+//! the ID the guest knows it by (a virtual StreamID or RID), so that
+//! guest-issued commands naming that ID reach the right device. IDs are
+//! unique per vIOMMU and each device has at most one per vIOMMU.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::device::Device;
+use crate::hwpt::{HwptPaging, PageFormat};
+use crate::{Error, Result};
+
+/// The IOMMU model a vIOMMU emulates for its guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViommuType {
+    /// The selftest mock IOMMU's vIOMMU.
+    Selftest,
+}
+
+impl ViommuType {
+    fn serves(self, format: PageFormat) -> bool {
+        match self {
+            ViommuType::Selftest => format.is_mock(),
+        }
+    }
+}
+
+pub struct Viommu {
+    kind: ViommuType,
+    hwpt: Arc<HwptPaging>,
+    /// Virtual ID → device; weak so that unbinding a device is never held
+    /// up by the table (its vDEVICE object owns the entry).
+    vdevices: Mutex<BTreeMap<u64, Weak<Device>>>,
+}
+
+impl Viommu {
+    /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
+    pub(crate) fn new(kind: ViommuType, dev: &Device, hwpt: Arc<HwptPaging>) -> Result<Arc<Self>> {
+        if !kind.serves(dev.info().format) {
+            return Err(Error::Unsupported("the device's IOMMU does not offer this vIOMMU type"));
+        }
+        if !dev.info().format.compatible(hwpt.domain().format()) {
+            return Err(Error::Invalid("the HWPT belongs to another IOMMU"));
+        }
+        hwpt.check_nest_parent()?;
+        crate::inject::check("vIOMMU")?;
+        Ok(Arc::new(Viommu { kind, hwpt, vdevices: Mutex::new(BTreeMap::new()) }))
+    }
+
+    pub fn kind(&self) -> ViommuType {
+        self.kind
+    }
+
+    /// The stage-2 HWPT this vIOMMU's nested HWPTs translate through.
+    pub fn hwpt(&self) -> &Arc<HwptPaging> {
+        &self.hwpt
+    }
+
+    /// The device the guest calls `virt_id`, if it still exists.
+    pub fn device(&self, virt_id: u64) -> Option<Arc<Device>> {
+        self.table().get(&virt_id)?.upgrade()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Weak<Device>>> {
+        self.vdevices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A device as the guest behind one vIOMMU names it.
+pub struct Vdevice {
+    viommu: Arc<Viommu>,
+    device: Arc<Device>,
+    virt_id: u64,
+}
+
+impl Vdevice {
+    pub(crate) fn new(viommu: Arc<Viommu>, device: Arc<Device>, virt_id: u64) -> Result<Arc<Self>> {
+        if !device.info().format.compatible(viommu.hwpt.domain().format()) {
+            return Err(Error::Invalid("the device is behind another IOMMU"));
+        }
+        let mut table = viommu.table();
+        if table.contains_key(&virt_id) {
+            return Err(Error::Exists("the virtual ID is taken in this vIOMMU"));
+        }
+        if table.values().any(|d| d.upgrade().is_some_and(|d| Arc::ptr_eq(&d, &device))) {
+            return Err(Error::Exists("the device already has a vDEVICE in this vIOMMU"));
+        }
+        crate::inject::check("vDEVICE")?;
+        table.insert(virt_id, Arc::downgrade(&device));
+        drop(table);
+        Ok(Arc::new(Vdevice { viommu, device, virt_id }))
+    }
+
+    pub fn viommu(&self) -> &Arc<Viommu> {
+        &self.viommu
+    }
+
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    pub fn virt_id(&self) -> u64 {
+        self.virt_id
+    }
+}
+
+impl Drop for Vdevice {
+    fn drop(&mut self) {
+        self.viommu.table().remove(&self.virt_id);
+    }
+}
