@@ -5,7 +5,9 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
-use ioasid_engine::{AccountMode, Context, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm};
+use ioasid_engine::{
+    AccountMode, Context, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm, ViommuType,
+};
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -84,8 +86,8 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
     op!(IOMMU_FAULT_QUEUE_ALLOC, iommu_fault_alloc, out_fault_fd, fault_alloc),
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
-    None, // 0x90 IOMMU_VIOMMU_ALLOC
-    None, // 0x91 IOMMU_VDEVICE_ALLOC
+    op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
+    op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
     None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
     None, // 0x93 IOMMU_VEVENTQ_ALLOC
     None,
@@ -328,6 +330,13 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             let data = nested_data(u, &parent, &c)?;
             u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
         }
+        Object::Viommu(viommu) => {
+            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            let data = nested_data(u, viommu.hwpt(), &c)?;
+            u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
+        }
         _ => return Err(Errno::EINVAL),
     };
     c.out_hwpt_id = id;
@@ -396,6 +405,35 @@ pub(crate) fn copy_driver_data(mem: &dyn UserMemory, uptr: u64, len: usize, min:
         return Err(Errno::EINVAL);
     }
     mem.read(uptr, &mut out[..len])
+}
+
+fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
+    if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VIOMMU_TYPE_DEFAULT {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let kind = match c.r#type {
+        IOMMU_VIOMMU_TYPE_SELFTEST => ViommuType::Selftest,
+        _ => {
+            // Linux finds the device before asking its driver about the type.
+            u.ctx.device(c.dev_id)?;
+            return Err(Errno::EOPNOTSUPP);
+        }
+    };
+    // The selftest vIOMMU takes no driver data.
+    if c.data_len != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.destroy(c.out_viommu_id);
+    })
+}
+
+fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
+    c.out_vdevice_id = u.ctx.vdevice_alloc(c.viommu_id, c.dev_id, c.virt_id)?;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.destroy(c.out_vdevice_id);
+    })
 }
 
 fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {

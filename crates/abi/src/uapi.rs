@@ -36,6 +36,8 @@ pub const IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP: u32 = 0x8c;
 pub const IOMMUFD_CMD_HWPT_INVALIDATE: u32 = 0x8d;
 pub const IOMMUFD_CMD_FAULT_QUEUE_ALLOC: u32 = 0x8e;
 pub const IOMMUFD_CMD_IOAS_MAP_FILE: u32 = 0x8f;
+pub const IOMMUFD_CMD_VIOMMU_ALLOC: u32 = 0x90;
+pub const IOMMUFD_CMD_VDEVICE_ALLOC: u32 = 0x91;
 
 pub const IOMMU_DESTROY: u32 = io(IOMMUFD_CMD_DESTROY);
 pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_CMD_IOAS_ALLOC);
@@ -53,6 +55,13 @@ pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u32 = io(IOMMUFD_CMD_HWPT_GET_DIRTY_BITMA
 pub const IOMMU_HWPT_INVALIDATE: u32 = io(IOMMUFD_CMD_HWPT_INVALIDATE);
 pub const IOMMU_FAULT_QUEUE_ALLOC: u32 = io(IOMMUFD_CMD_FAULT_QUEUE_ALLOC);
 pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_CMD_IOAS_MAP_FILE);
+pub const IOMMU_VIOMMU_ALLOC: u32 = io(IOMMUFD_CMD_VIOMMU_ALLOC);
+pub const IOMMU_VDEVICE_ALLOC: u32 = io(IOMMUFD_CMD_VDEVICE_ALLOC);
+
+/// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
+pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
+/// The selftest driver's vIOMMU (`iommufd_test.h`).
+pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdeadbeef;
 
 pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
 pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
@@ -161,6 +170,11 @@ uapi_struct!(iommu_hwpt_pgfault {
 } size 40);
 uapi_struct!(iommu_hwpt_page_response { cookie: u32, code: u32 } size 8);
 uapi_struct!(iommu_fault_alloc { size: u32, flags: u32, out_fault_id: u32, out_fault_fd: u32 } size 16);
+uapi_struct!(iommu_viommu_alloc {
+    size: u32, flags: u32, r#type: u32, dev_id: u32, hwpt_id: u32, out_viommu_id: u32,
+    data_len: u32, __reserved: u32, data_uptr: u64,
+} size 40);
+uapi_struct!(iommu_vdevice_alloc { size: u32, viommu_id: u32, dev_id: u32, out_vdevice_id: u32, virt_id: u64 } size 24);
 
 // Offsets that differ from a naive packing, checked against the C header.
 const _: () = {
@@ -175,6 +189,8 @@ const _: () = {
     assert!(offset_of!(iommu_hw_info, out_capabilities) == 32);
     assert!(offset_of!(iommu_hwpt_invalidate, entry_num) == 24);
     assert!(offset_of!(iommu_hwpt_pgfault, addr) == 24);
+    assert!(offset_of!(iommu_viommu_alloc, data_uptr) == 32);
+    assert!(offset_of!(iommu_vdevice_alloc, virt_id) == 16);
 };
 
 #[cfg(test)]
@@ -188,5 +204,7 @@ mod tests {
         assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
         assert_eq!(IOMMU_FAULT_QUEUE_ALLOC, 0x3b8e);
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
+        assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
+        assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
     }
 }

@@ -39,13 +39,14 @@ pub struct Viommu {
 impl Viommu {
     /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
     pub(crate) fn new(kind: ViommuType, dev: &Device, hwpt: Arc<HwptPaging>) -> Result<Arc<Self>> {
+        // Linux's order: the parent is checked before the driver is asked.
+        hwpt.check_nest_parent()?;
         if !kind.serves(dev.info().format) {
             return Err(Error::Unsupported("the device's IOMMU does not offer this vIOMMU type"));
         }
         if !dev.info().format.compatible(hwpt.domain().format()) {
             return Err(Error::Invalid("the HWPT belongs to another IOMMU"));
         }
-        hwpt.check_nest_parent()?;
         crate::inject::check("vIOMMU")?;
         Ok(Arc::new(Viommu { kind, hwpt, vdevices: Mutex::new(BTreeMap::new()) }))
     }

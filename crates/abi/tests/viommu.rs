@@ -1,0 +1,115 @@
+//! `IOMMU_VIOMMU_ALLOC` and `IOMMU_VDEVICE_ALLOC`, and nested HWPTs
+//! allocated on a vIOMMU, through the ABI.
+
+use std::sync::Arc;
+
+use ioasid_abi::selftest::IOMMU_HWPT_DATA_SELFTEST;
+use ioasid_abi::uapi::*;
+use ioasid_abi::{Errno, InProcess, ioctl};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, MockFlags};
+use zerocopy::{FromBytes, IntoBytes};
+
+fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
+    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
+}
+
+struct Vm {
+    ctx: Arc<Context>,
+    ioas: u32,
+    dev: u32,
+    parent: u32,
+}
+
+fn vm() -> Vm {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags::default())).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    Vm { ctx, ioas, dev, parent }
+}
+
+fn viommu(v: &Vm, c: iommu_viommu_alloc) -> Result<u32, Errno> {
+    let mut c =
+        iommu_viommu_alloc { size: 40, dev_id: v.dev, hwpt_id: v.parent, r#type: IOMMU_VIOMMU_TYPE_SELFTEST, ..c };
+    call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut c).map(|()| c.out_viommu_id)
+}
+
+fn vdevice(v: &Vm, viommu_id: u32, dev_id: u32, virt_id: u64) -> Result<u32, Errno> {
+    let mut c = iommu_vdevice_alloc { size: 24, viommu_id, dev_id, virt_id, out_vdevice_id: 0 };
+    call(&v.ctx, IOMMU_VDEVICE_ALLOC, &mut c).map(|()| c.out_vdevice_id)
+}
+
+fn destroy(v: &Vm, id: u32) -> Result<(), Errno> {
+    call(&v.ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id })
+}
+
+#[test]
+fn viommu_alloc_errnos_follow_linux() {
+    let v = vm();
+    let d = iommu_viommu_alloc::default();
+    assert_eq!(viommu(&v, iommu_viommu_alloc { flags: 1, ..d }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(viommu(&v, iommu_viommu_alloc { __reserved: 1, ..d }), Err(Errno::EOPNOTSUPP));
+    let default_type = iommu_viommu_alloc { size: 40, dev_id: v.dev, hwpt_id: v.parent, ..d };
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut { default_type }), Err(Errno::EOPNOTSUPP), "type 0");
+    let unknown = iommu_viommu_alloc { r#type: 77, ..default_type };
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut { unknown }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(
+        call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { dev_id: 999, ..unknown }),
+        Err(Errno::ENOENT)
+    );
+    assert_eq!(viommu(&v, iommu_viommu_alloc { data_len: 8, ..d }), Err(Errno::EOPNOTSUPP));
+    let mut short =
+        iommu_viommu_alloc { size: 20, r#type: IOMMU_VIOMMU_TYPE_SELFTEST, dev_id: v.dev, hwpt_id: v.parent, ..d };
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut short), Err(Errno::EINVAL), "shorter than the first version");
+    let mut first_version = iommu_viommu_alloc { size: 24, ..short };
+    call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut first_version).unwrap();
+    assert_ne!(first_version.out_viommu_id, 0);
+
+    let plain = v.ctx.hwpt_alloc(v.dev, v.ioas, HwptFlags::default(), None).unwrap();
+    let mut c = iommu_viommu_alloc { size: 40, dev_id: v.dev, r#type: IOMMU_VIOMMU_TYPE_SELFTEST, ..d };
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { hwpt_id: plain, ..c }), Err(Errno::EINVAL));
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { hwpt_id: v.ioas, ..c }), Err(Errno::ENOENT));
+    assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { dev_id: v.ioas, ..c }), Err(Errno::ENOENT));
+    c.hwpt_id = v.parent;
+    call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut c).unwrap();
+}
+
+#[test]
+fn vdevice_ids_are_unique_and_objects_keep_each_other_busy() {
+    let v = vm();
+    let other = v.ctx.bind_device(DeviceInfo::mock(2, MockFlags::default())).unwrap();
+    let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
+    assert_eq!(vdevice(&v, v.parent, v.dev, 1), Err(Errno::ENOENT), "not a vIOMMU");
+    assert_eq!(vdevice(&v, id, 999, 1), Err(Errno::ENOENT));
+    let vdev = vdevice(&v, id, v.dev, 0x1234).unwrap();
+    assert_eq!(vdevice(&v, id, other, 0x1234), Err(Errno::EEXIST));
+    assert_eq!(vdevice(&v, id, v.dev, 0x5678), Err(Errno::EEXIST));
+    let vtd = v.ctx.bind_device(DeviceInfo::new("vtd", 3)).unwrap();
+    assert_eq!(vdevice(&v, id, vtd, 9), Err(Errno::EINVAL), "behind another IOMMU");
+    assert_eq!(destroy(&v, v.parent), Err(Errno::EBUSY));
+    assert_eq!(destroy(&v, id), Err(Errno::EBUSY));
+    destroy(&v, vdev).unwrap();
+    vdevice(&v, id, other, 0x1234).unwrap();
+}
+
+#[test]
+fn nested_hwpts_can_be_allocated_on_a_viommu() {
+    let v = vm();
+    let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
+    let mut data = ioasid_abi::selftest::iommu_hwpt_selftest { iotlb: 0xbeef };
+    let mut c = iommu_hwpt_alloc {
+        size: 48,
+        dev_id: v.dev,
+        pt_id: id,
+        data_type: IOMMU_HWPT_DATA_SELFTEST,
+        data_len: 4,
+        data_uptr: &mut data as *mut _ as u64,
+        ..Default::default()
+    };
+    assert_eq!(call(&v.ctx, IOMMU_HWPT_ALLOC, &mut iommu_hwpt_alloc { flags: 1, ..c }), Err(Errno::EOPNOTSUPP));
+    call(&v.ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
+    assert_eq!(destroy(&v, id), Err(Errno::EBUSY), "the nested HWPT holds its vIOMMU");
+    destroy(&v, c.out_hwpt_id).unwrap();
+    destroy(&v, id).unwrap();
+    destroy(&v, v.parent).unwrap();
+}
