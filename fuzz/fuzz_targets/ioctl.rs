@@ -60,6 +60,8 @@ const REQUESTS: &[u32] = &[
     IOMMU_HWPT_INVALIDATE,
     IOMMU_FAULT_QUEUE_ALLOC,
     IOMMU_IOAS_MAP_FILE,
+    IOMMU_VIOMMU_ALLOC,
+    IOMMU_VDEVICE_ALLOC,
     IOMMU_TEST_CMD,
     VFIO_CHECK_EXTENSION,
     VFIO_SET_IOMMU,
@@ -74,7 +76,7 @@ fn pointer_fields(request: u32) -> &'static [usize] {
     match request {
         IOMMU_IOAS_ALLOW_IOVAS | IOMMU_IOAS_IOVA_RANGES => &[16],
         IOMMU_IOAS_MAP => &[16],
-        IOMMU_HWPT_ALLOC => &[32],
+        IOMMU_HWPT_ALLOC | IOMMU_VIOMMU_ALLOC => &[32],
         IOMMU_GET_HW_INFO => &[16],
         IOMMU_HWPT_GET_DIRTY_BITMAP => &[40],
         IOMMU_HWPT_INVALIDATE => &[8],
