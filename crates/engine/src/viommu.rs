@@ -5,6 +5,19 @@
 //! the ID the guest knows it by (a virtual StreamID or RID), so that
 //! guest-issued commands naming that ID reach the right device. IDs are
 //! unique per vIOMMU and each device has at most one per vIOMMU.
+//!
+//! ```
+//! use ioasid_engine::{Context, DeviceInfo, HwptFlags, MockFlags, ViommuType};
+//!
+//! let ctx = Context::new();
+//! let ioas = ctx.ioas_alloc()?;
+//! let dev = ctx.bind_device(DeviceInfo::mock(0x10, MockFlags::default()))?;
+//! let stage2 = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, ..Default::default() }, None)?;
+//! let viommu = ctx.viommu_alloc(dev, stage2, ViommuType::Selftest)?;
+//! ctx.vdevice_alloc(viommu, dev, 0x300)?; // the guest calls it StreamID 0x300
+//! assert_eq!(ctx.viommu(viommu)?.device(0x300).map(|d| d.id()), Some(dev));
+//! # Ok::<(), ioasid_engine::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};

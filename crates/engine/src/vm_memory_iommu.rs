@@ -8,6 +8,28 @@
 //! memory layout to convert back. Translations are cached in vm-memory's own
 //! `Iotlb`, dropped whole when the device's table changes: a replace, an
 //! unmap, or an invalidation of either nested stage.
+//!
+//! ```
+//! use ioasid_engine::vm_memory_iommu::IommuPort;
+//! use ioasid_engine::{Context, DeviceInfo, Perm};
+//! use vm_memory::iommu::IommuMemory;
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+//!
+//! let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+//! let host = ram.iter().next().unwrap().as_ptr() as u64;
+//! let ctx = Context::new();
+//! let ioas = ctx.ioas_alloc()?;
+//! // SAFETY: `ram` outlives the mapping (the context is dropped first).
+//! unsafe { ctx.map_user(ioas, host + 0x3000, 0x1000, Some(0x8000_0000), Perm::RW)? };
+//! let dev = ctx.bind_device(DeviceInfo::new("virtio-net", 0x08))?;
+//! ctx.attach(dev, ioas)?;
+//!
+//! let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev)?, None, &ram), true, ());
+//! memory.write_obj(0xfeed_u32, GuestAddress(0x8000_0010)).unwrap(); // an IOVA
+//! assert_eq!(ram.read_obj::<u32>(GuestAddress(0x3010)).unwrap(), 0xfeed); // lands at its GPA
+//! assert!(memory.read_obj::<u32>(GuestAddress(0x9000_0000)).is_err()); // unmapped: a fault
+//! # Ok::<(), ioasid_engine::Error>(())
+//! ```
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
