@@ -349,6 +349,17 @@ impl Context {
 
     fn unbind_locked(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
+        let vdevs: Vec<Arc<Vdevice>> = self
+            .table()
+            .values()
+            .filter_map(|o| match o {
+                Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev) => Some(v.clone()),
+                _ => None,
+            })
+            .collect();
+        for v in &vdevs {
+            self.vdevice_release_locked(v);
+        }
         for (pasid, _) in dev.attachments() {
             self.detach_locked(&dev, pasid);
         }
@@ -492,6 +503,78 @@ impl Context {
         }
     }
 
+    /// Gives vIOMMU `viommu_id` the IOASID set object `set_id` to draw its
+    /// guest's PASIDs from.
+    pub fn viommu_set_pasid_set(&self, viommu_id: u32, set_id: u32) -> Result<()> {
+        let _g = self.graph();
+        self.viommu(viommu_id)?.set_pasid_set(self.ioasid_set(set_id)?)
+    }
+
+    pub fn vdevice(&self, id: u32) -> Result<Arc<Vdevice>> {
+        match self.object(id)? {
+            Object::Vdevice(v) => Ok(v),
+            _ => Err(Error::NotFound("object is not a vDEVICE")),
+        }
+    }
+
+    /// Attaches the device behind vDEVICE `vdev_id` at the guest's `vpasid`
+    /// to `pt_id`: the vPASID's host PASID (allocated from the vIOMMU's set
+    /// on first use) is what the device is attached at, and fault records
+    /// from it name `vpasid`. Returns the host PASID.
+    pub fn vdevice_attach_pasid(&self, vdev_id: u32, vpasid: u32, pt_id: u32) -> Result<u32> {
+        let _g = self.graph();
+        let vdev = self.vdevice(vdev_id)?;
+        if vdev.attached().contains_key(&vpasid) {
+            return Err(Error::Busy("the vDEVICE is already attached at that vPASID"));
+        }
+        let dev = vdev.device().clone();
+        let host = vdev.viommu().claim(vpasid)?;
+        let attached = (|| {
+            dev.check_pasid(host)?;
+            if dev.attached_at(Some(host)).is_some() {
+                return Err(Error::Busy("the host PASID is already attached on the device"));
+            }
+            crate::ioasid_set::global().bind(host, dev.key())?;
+            self.attach_locked(dev.id(), Some(host), pt_id).inspect_err(|_| {
+                let _ = crate::ioasid_set::global().unbind(host, dev.key());
+            })
+        })();
+        if let Err(e) = attached {
+            vdev.viommu().release(vpasid);
+            return Err(e);
+        }
+        dev.set_guest_pasid(host, Some(vpasid));
+        vdev.attached().insert(vpasid, host);
+        Ok(host)
+    }
+
+    /// Undoes `vdevice_attach_pasid`.
+    pub fn vdevice_detach_pasid(&self, vdev_id: u32, vpasid: u32) -> Result<()> {
+        let _g = self.graph();
+        let vdev = self.vdevice(vdev_id)?;
+        let host = vdev.attached().remove(&vpasid).ok_or(Error::Invalid("not attached at that vPASID"))?;
+        self.vdevice_detach_locked(&vdev, vpasid, host);
+        Ok(())
+    }
+
+    fn vdevice_detach_locked(&self, vdev: &Vdevice, vpasid: u32, host: u32) {
+        let dev = vdev.device();
+        // Detached while the guest's name still holds, so pending requests
+        // are aborted under the name they were reported with.
+        self.detach_locked(dev, Some(host));
+        dev.set_guest_pasid(host, None);
+        let _ = crate::ioasid_set::global().unbind(host, dev.key());
+        vdev.viommu().release(vpasid);
+    }
+
+    /// Detaches every PASID a vDEVICE attached, before it goes.
+    fn vdevice_release_locked(&self, vdev: &Vdevice) {
+        let pasids = std::mem::take(&mut *vdev.attached());
+        for (vpasid, host) in pasids {
+            self.vdevice_detach_locked(vdev, vpasid, host);
+        }
+    }
+
     /// `IOMMU_VDEVICE_ALLOC`: names `dev_id` `virt_id` behind `viommu_id`.
     pub fn vdevice_alloc(&self, viommu_id: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
         let _g = self.graph();
@@ -605,7 +688,7 @@ impl Context {
         }
         // Requests made through the old table will never be answered by it.
         if let Some(q) = old.fault() {
-            q.abort(Some((dev.id(), pasid)));
+            q.abort(Some(dev.fault_origin(pasid)));
         }
         self.release_attachment(old);
         Ok(id)
@@ -633,7 +716,7 @@ impl Context {
         if let Some(old) = dev.set_attached_at(pasid, None) {
             old.ioas().unreserve(owner(dev, pasid));
             if let Some(q) = old.fault() {
-                q.abort(Some((dev.id(), pasid)));
+                q.abort(Some(dev.fault_origin(pasid)));
             }
             self.release_attachment(old);
         }
@@ -720,6 +803,7 @@ impl Context {
         drop(vfio);
         match &obj {
             Object::HwptPaging(h) => h.release(),
+            Object::Vdevice(v) => self.vdevice_release_locked(v),
             Object::Selftest(s) => {
                 if let Some(dev_id) = s.dev_id() {
                     let _ = self.unbind_locked(dev_id);

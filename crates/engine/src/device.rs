@@ -3,7 +3,7 @@
 //! page table it is attached to.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use std::collections::BTreeMap;
 
@@ -109,6 +109,9 @@ pub struct Device {
     pasids: ArcSwap<BTreeMap<u32, Hwpt>>,
     next_group: AtomicU32,
     unrecoverable: AtomicU64,
+    /// PASIDs whose owner knows them by another number (a guest's vPASID
+    /// behind a vIOMMU): host PASID → the PASID fault records carry.
+    guest_pasids: Mutex<BTreeMap<u32, u32>>,
 }
 
 impl Device {
@@ -121,6 +124,7 @@ impl Device {
             pasids: ArcSwap::from_pointee(BTreeMap::new()),
             next_group: AtomicU32::new(0),
             unrecoverable: AtomicU64::new(0),
+            guest_pasids: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -338,7 +342,7 @@ impl Device {
         let request = PageRequest {
             flags: LAST_PAGE | if pasid.is_some() { PASID_VALID } else { 0 },
             dev_id: self.id(),
-            pasid: pasid.unwrap_or(0),
+            pasid: pasid.map_or(0, |p| self.reported_pasid(p)),
             // PCIe's page request group index is 9 bits.
             grpid: self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff,
             perm,
@@ -347,6 +351,25 @@ impl Device {
         let (group, waiter) = Group::awaited(vec![request]);
         queue.report(group);
         Some(waiter)
+    }
+
+    /// The PASID a fault at host `pasid` is reported with: the guest's
+    /// number when the PASID was attached through a vIOMMU.
+    pub fn reported_pasid(&self, pasid: u32) -> u32 {
+        self.guest_pasids.lock().unwrap_or_else(|e| e.into_inner()).get(&pasid).copied().unwrap_or(pasid)
+    }
+
+    pub(crate) fn set_guest_pasid(&self, pasid: u32, vpasid: Option<u32>) {
+        let mut map = self.guest_pasids.lock().unwrap_or_else(|e| e.into_inner());
+        match vpasid {
+            Some(v) => map.insert(pasid, v),
+            None => map.remove(&pasid),
+        };
+    }
+
+    /// How this device's fault records at `pasid` are named, for aborting them.
+    pub(crate) fn fault_origin(&self, pasid: Option<u32>) -> (u32, Option<u32>) {
+        (self.id(), pasid.map(|p| self.reported_pasid(p)))
     }
 
     /// The device's object ID in its context.

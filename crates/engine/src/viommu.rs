@@ -20,10 +20,11 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use crate::device::Device;
+use crate::device::{Device, DmaError};
 use crate::hwpt::{HwptPaging, PageFormat};
+use crate::ioasid_set::{SetHandle, global};
 use crate::{Error, Result};
 
 /// The IOMMU model a vIOMMU emulates for its guest.
@@ -47,6 +48,18 @@ pub struct Viommu {
     /// Virtual ID → device; weak so that unbinding a device is never held
     /// up by the table (its vDEVICE object owns the entry).
     vdevices: Mutex<BTreeMap<u64, Weak<Device>>>,
+    /// The IOASID set the guest's PASIDs are drawn from, once given.
+    pasid_set: OnceLock<Arc<SetHandle>>,
+    /// vPASIDs in use by this vIOMMU's devices.
+    vpasids: Mutex<BTreeMap<u32, VpasidUse>>,
+}
+
+struct VpasidUse {
+    host: u32,
+    users: usize,
+    /// Allocated on first attach (and so freed on last detach), rather
+    /// than allocated beforehand by the set's owner.
+    allocated: bool,
 }
 
 impl Viommu {
@@ -61,7 +74,13 @@ impl Viommu {
             return Err(Error::Invalid("the HWPT belongs to another IOMMU"));
         }
         crate::inject::check("vIOMMU")?;
-        Ok(Arc::new(Viommu { kind, hwpt, vdevices: Mutex::new(BTreeMap::new()) }))
+        Ok(Arc::new(Viommu {
+            kind,
+            hwpt,
+            vdevices: Mutex::new(BTreeMap::new()),
+            pasid_set: OnceLock::new(),
+            vpasids: Mutex::new(BTreeMap::new()),
+        }))
     }
 
     pub fn kind(&self) -> ViommuType {
@@ -78,8 +97,53 @@ impl Viommu {
         self.table().get(&virt_id)?.upgrade()
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Weak<Device>>> {
+    fn table(&self) -> MutexGuard<'_, BTreeMap<u64, Weak<Device>>> {
         self.vdevices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the vIOMMU the IOASID set its guest's PASIDs come from: a
+    /// device attached at vPASID N gets the host PASID the set maps N to,
+    /// allocated against the set's quota when the set has none yet.
+    pub fn set_pasid_set(&self, set: Arc<SetHandle>) -> Result<()> {
+        self.pasid_set.set(set).map_err(|_| Error::Busy("the vIOMMU already has an IOASID set"))
+    }
+
+    pub fn pasid_set(&self) -> Option<&Arc<SetHandle>> {
+        self.pasid_set.get()
+    }
+
+    /// The host PASID standing for the guest's `vpasid`. Lock-free.
+    pub fn host_pasid(&self, vpasid: u32) -> Option<u32> {
+        global().host_pasid(self.pasid_set.get()?.id(), vpasid)
+    }
+
+    /// Takes a use of `vpasid`, allocating its host PASID on the first.
+    pub(crate) fn claim(&self, vpasid: u32) -> Result<u32> {
+        let set = self.pasid_set.get().ok_or(Error::Invalid("the vIOMMU has no IOASID set"))?.id();
+        let mut uses = self.vpasids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = uses.get_mut(&vpasid) {
+            u.users += 1;
+            return Ok(u.host);
+        }
+        let (host, allocated) = match global().host_pasid(set, vpasid) {
+            Some(host) => (host, false),
+            None => (global().alloc_private(set, vpasid, 0)?, true),
+        };
+        uses.insert(vpasid, VpasidUse { host, users: 1, allocated });
+        Ok(host)
+    }
+
+    /// Drops a use of `vpasid`; the last frees what `claim` allocated.
+    pub(crate) fn release(&self, vpasid: u32) {
+        let mut uses = self.vpasids.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(u) = uses.get_mut(&vpasid) else { return };
+        u.users -= 1;
+        if u.users == 0 {
+            let u = uses.remove(&vpasid).expect("present");
+            if let (true, Some(set)) = (u.allocated, self.pasid_set.get()) {
+                let _ = global().free(set.id(), u.host);
+            }
+        }
     }
 }
 
@@ -88,6 +152,8 @@ pub struct Vdevice {
     viommu: Arc<Viommu>,
     device: Arc<Device>,
     virt_id: u64,
+    /// vPASID → host PASID of each PASID attached through this vDEVICE.
+    vpasids: Mutex<BTreeMap<u32, u32>>,
 }
 
 impl Vdevice {
@@ -105,7 +171,7 @@ impl Vdevice {
         crate::inject::check("vDEVICE")?;
         table.insert(virt_id, Arc::downgrade(&device));
         drop(table);
-        Ok(Arc::new(Vdevice { viommu, device, virt_id }))
+        Ok(Arc::new(Vdevice { viommu, device, virt_id, vpasids: Mutex::new(BTreeMap::new()) }))
     }
 
     pub fn viommu(&self) -> &Arc<Viommu> {
@@ -118,6 +184,28 @@ impl Vdevice {
 
     pub fn virt_id(&self) -> u64 {
         self.virt_id
+    }
+
+    /// The PASIDs attached through this vDEVICE: (vPASID, host PASID).
+    pub fn pasids(&self) -> Vec<(u32, u32)> {
+        self.attached().iter().map(|(&v, &h)| (v, h)).collect()
+    }
+
+    pub(crate) fn attached(&self) -> MutexGuard<'_, BTreeMap<u32, u32>> {
+        self.vpasids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A DMA read tagged with the guest's `vpasid`, as the device emits it
+    /// once the vIOMMU has translated the tag.
+    pub fn dma_read(&self, vpasid: u32, iova: u64, buf: &mut [u8]) -> std::result::Result<(), DmaError> {
+        let host = self.viommu.host_pasid(vpasid).ok_or(DmaError::Blocked)?;
+        self.device.dma_read_pasid(host, iova, buf)
+    }
+
+    /// A DMA write tagged with the guest's `vpasid`.
+    pub fn dma_write(&self, vpasid: u32, iova: u64, buf: &[u8]) -> std::result::Result<(), DmaError> {
+        let host = self.viommu.host_pasid(vpasid).ok_or(DmaError::Blocked)?;
+        self.device.dma_write_pasid(host, iova, buf)
     }
 }
 

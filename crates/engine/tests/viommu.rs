@@ -2,9 +2,14 @@
 //! are unique, what holds what busy) and the guest-ID lookup they exist for.
 
 use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
 
+use ioasid_engine::fault::{PASID_VALID, Response};
+use ioasid_engine::ioasid_set::global;
 use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, Error, Hwpt, HwptFlags, Limit, MockFlags, NestedData, ViommuType,
+    Context, ContextConfig, DeviceInfo, DmaError, Error, HostBuffer, Hwpt, HwptFlags, Limit, MockFlags, NestedData,
+    Perm, ViommuType,
 };
 
 struct Vm {
@@ -95,4 +100,132 @@ fn unbinding_a_device_removes_its_vdevices() {
     assert!(matches!(v.ctx.destroy(vdev), Err(Error::NotFound(_))), "gone with its device");
     assert!(v.ctx.viommu(viommu).unwrap().device(3).is_none());
     v.ctx.destroy(viommu).unwrap();
+}
+
+/// Inside the mock IOMMU's aperture.
+const IOVA: u64 = (1 << 24) + 0x1000;
+
+/// A VM whose vIOMMU draws its guest's PASIDs from an IOASID set of quota
+/// 2, with a PASID- and PRI-capable device named 0x10 behind it.
+struct PasidVm {
+    vm: Vm,
+    viommu: u32,
+    set: u32,
+    vdev: u32,
+}
+
+fn pasid_device(ctx: &Context, rid: u32) -> u32 {
+    let mut info = DeviceInfo::mock(rid, MockFlags { pasid: true, ..MockFlags::default() });
+    info.pri = true;
+    ctx.bind_device(info).unwrap()
+}
+
+fn pasid_vm() -> PasidVm {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = pasid_device(&ctx, 1);
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let vm = Vm { ctx, dev, parent };
+    let viommu = vm.ctx.viommu_alloc(vm.dev, vm.parent, ViommuType::Selftest).unwrap();
+    let set = vm.ctx.ioasid_set_alloc(None, 2).unwrap();
+    vm.ctx.viommu_set_pasid_set(viommu, set).unwrap();
+    let vdev = vm.ctx.vdevice_alloc(viommu, vm.dev, 0x10).unwrap();
+    PasidVm { vm, viommu, set, vdev }
+}
+
+/// An IOAS with one page of `buf` at `IOVA`.
+fn mapped_ioas(ctx: &Context, buf: &HostBuffer) -> u32 {
+    let ioas = ctx.ioas_alloc().unwrap();
+    // SAFETY: the test keeps `buf` alive past the context's use of it.
+    unsafe { ctx.map_user(ioas, buf.addr(), 4096, Some(IOVA), Perm::RW).unwrap() };
+    ioas
+}
+
+#[test]
+fn a_vpasid_gets_a_host_pasid_from_the_set_and_dma_tagged_with_it_uses_it() {
+    let p = pasid_vm();
+    let ctx = &p.vm.ctx;
+    let set_id = ctx.ioasid_set(p.set).unwrap().id();
+    let buf = HostBuffer::new(4096).unwrap();
+    let ioas = mapped_ioas(ctx, &buf);
+    let host = ctx.vdevice_attach_pasid(p.vdev, 5, ioas).unwrap();
+    let viommu = ctx.viommu(p.viommu).unwrap();
+    assert_eq!(viommu.host_pasid(5), Some(host));
+    assert_eq!(global().vpasid(host), Some(5), "the host PASID stands for vPASID 5");
+    assert_eq!(global().usage(set_id).unwrap(), (2, 1), "charged to the set");
+
+    let vdev = ctx.vdevice(p.vdev).unwrap();
+    vdev.dma_write(5, IOVA, b"v5").unwrap();
+    let mut seen = [0u8; 2];
+    buf.read_at(0, &mut seen);
+    assert_eq!(&seen, b"v5");
+    assert_eq!(vdev.dma_write(6, IOVA, b"x"), Err(DmaError::Blocked), "vPASID 6 is not attached");
+    assert!(matches!(ctx.vdevice_attach_pasid(p.vdev, 5, ioas), Err(Error::Busy(_))), "already attached");
+
+    // A second device of the same guest shares vPASID 5's host PASID.
+    let other = pasid_device(ctx, 2);
+    let other_vdev = ctx.vdevice_alloc(p.viommu, other, 0x20).unwrap();
+    assert_eq!(ctx.vdevice_attach_pasid(other_vdev, 5, ioas).unwrap(), host);
+    assert_eq!(global().usage(set_id).unwrap().1, 1);
+    ctx.vdevice_attach_pasid(other_vdev, 6, ioas).unwrap();
+    assert!(matches!(ctx.vdevice_attach_pasid(other_vdev, 7, ioas), Err(Error::Quota(_))), "the set's quota is 2");
+    assert_eq!(viommu.host_pasid(7), None, "nothing left behind by the failed attach");
+
+    ctx.vdevice_detach_pasid(p.vdev, 5).unwrap();
+    assert_eq!(viommu.host_pasid(5), Some(host), "still used by the other device");
+    assert_eq!(vdev.dma_write(5, IOVA, b"x"), Err(DmaError::Blocked));
+    ctx.destroy(other_vdev).unwrap();
+    assert_eq!(global().usage(set_id).unwrap().1, 0, "destroying the vDEVICE freed its vPASIDs");
+    assert!(ctx.device(other).unwrap().attachments().is_empty());
+}
+
+#[test]
+fn page_requests_name_the_guests_pasid_and_detaching_aborts_them() {
+    // High, so that no host PASID of this process can have the same number.
+    const VPASID: u32 = 0xabcde;
+    let p = pasid_vm();
+    let ctx = &p.vm.ctx;
+    let ioas = ctx.ioas_alloc().unwrap();
+    let (fault_id, queue) = ctx.fault_alloc().unwrap();
+    let hwpt = ctx.hwpt_alloc(p.vm.dev, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
+    let host = ctx.vdevice_attach_pasid(p.vdev, VPASID, hwpt).unwrap();
+    assert_ne!(host, VPASID, "the guest's number is not the host's");
+    let vdev = ctx.vdevice(p.vdev).unwrap();
+
+    let dma = {
+        let vdev = vdev.clone();
+        thread::spawn(move || vdev.dma_write(VPASID, IOVA + 0x6000, b"x"))
+    };
+    let (cookie, group) = queue.next(Duration::from_secs(5)).expect("a page request");
+    let r = &group.requests[0];
+    assert_eq!((r.pasid, r.flags & PASID_VALID, r.addr, r.dev_id), (VPASID, PASID_VALID, IOVA + 0x6000, p.vm.dev));
+    queue.respond(cookie, Response::Invalid).unwrap();
+    assert!(dma.join().unwrap().is_err(), "a refused request fails the DMA");
+
+    let dma = {
+        let vdev = vdev.clone();
+        thread::spawn(move || vdev.dma_write(VPASID, IOVA + 0x7000, b"x"))
+    };
+    queue.next(Duration::from_secs(5)).expect("a page request");
+    ctx.vdevice_detach_pasid(p.vdev, VPASID).unwrap();
+    assert!(dma.join().unwrap().is_err(), "detaching released the waiting DMA");
+}
+
+#[test]
+fn unbinding_releases_the_vpasids_of_the_devices_vdevices() {
+    let p = pasid_vm();
+    let ctx = &p.vm.ctx;
+    let set_id = ctx.ioasid_set(p.set).unwrap().id();
+    let buf = HostBuffer::new(4096).unwrap();
+    let ioas = mapped_ioas(ctx, &buf);
+    let other = pasid_device(ctx, 2);
+    let vdev = ctx.vdevice_alloc(p.viommu, other, 0x20).unwrap();
+    ctx.vdevice_attach_pasid(vdev, 3, ioas).unwrap();
+    assert_eq!(global().usage(set_id).unwrap().1, 1);
+    ctx.unbind_device(other).unwrap();
+    assert_eq!(global().usage(set_id).unwrap().1, 0);
+    assert!(matches!(ctx.destroy(p.set), Err(Error::Busy(_))), "the vIOMMU holds its set");
+    ctx.destroy(p.vdev).unwrap();
+    ctx.destroy(p.viommu).unwrap();
+    ctx.destroy(p.set).unwrap();
 }
