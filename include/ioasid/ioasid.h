@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
- * ioasid extensions to the iommufd ABI: PASID allocation in IOASID sets.
+ * ioasid extensions to the iommufd ABI: PASID allocation in IOASID sets,
+ * and vIOMMUs that draw their guest's PASIDs from a set.
  *
  * These ioctls are issued on an open /dev/iommu (under `ioasid run`). They
  * use their own ioctl type byte, 'i', so they can never collide with
@@ -31,6 +32,9 @@ enum {
 	IOASID_CMD_PASID_PUT = 0x06,
 	IOASID_CMD_PASID_FIND = 0x07,
 	IOASID_CMD_VPASID_LOOKUP = 0x08,
+	IOASID_CMD_VIOMMU_SET_PASIDS = 0x09,
+	IOASID_CMD_VDEVICE_ATTACH_PASID = 0x0a,
+	IOASID_CMD_VDEVICE_DETACH_PASID = 0x0b,
 };
 
 /*
@@ -120,5 +124,45 @@ struct ioasid_vpasid_lookup {
 	__u32 out_pasid;
 };
 #define IOASID_VPASID_LOOKUP _IO(IOASID_TYPE, IOASID_CMD_VPASID_LOOKUP)
+
+/*
+ * Give vIOMMU @viommu_id (from IOMMU_VIOMMU_ALLOC) the set its guest's
+ * PASIDs are drawn from. Once only (EBUSY after); the set stays busy while
+ * the vIOMMU exists.
+ */
+struct ioasid_viommu_set_pasids {
+	__u32 size;
+	__u32 viommu_id;
+	__u32 set_id;
+	__u32 __reserved;
+};
+#define IOASID_VIOMMU_SET_PASIDS _IO(IOASID_TYPE, IOASID_CMD_VIOMMU_SET_PASIDS)
+
+/*
+ * Attach the device behind vDEVICE @vdevice_id at the guest's @vpasid to
+ * @pt_id (an IOAS or HWPT). The device is attached at the host PASID the
+ * vIOMMU's set maps @vpasid to, allocated against the set's quota on first
+ * use (EDQUOT past it) and shared with the guest's other devices; it is
+ * returned in @out_pasid. Page requests from it carry @vpasid. EINVAL when
+ * the vIOMMU has no set, EBUSY when already attached at @vpasid.
+ */
+struct ioasid_vdevice_attach_pasid {
+	__u32 size;
+	__u32 flags;		/* must be 0 */
+	__u32 vdevice_id;
+	__u32 vpasid;
+	__u32 pt_id;
+	__u32 out_pasid;
+};
+#define IOASID_VDEVICE_ATTACH_PASID _IO(IOASID_TYPE, IOASID_CMD_VDEVICE_ATTACH_PASID)
+
+/* Undo IOASID_VDEVICE_ATTACH_PASID; the last user frees the host PASID. */
+struct ioasid_vdevice_detach_pasid {
+	__u32 size;
+	__u32 vdevice_id;
+	__u32 vpasid;
+	__u32 __reserved;
+};
+#define IOASID_VDEVICE_DETACH_PASID _IO(IOASID_TYPE, IOASID_CMD_VDEVICE_DETACH_PASID)
 
 #endif

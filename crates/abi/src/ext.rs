@@ -1,5 +1,6 @@
 //! ioasid's extension commands (`include/ioasid/ioasid.h`): PASID
-//! allocation in IOASID sets. They use their own ioctl type byte, so they
+//! allocation in IOASID sets, and vIOMMUs drawing guest PASIDs from a
+//! set. They use their own ioctl type byte, so they
 //! can never collide with iommufd's or VFIO's numbers, and follow iommufd's
 //! size rules through the same decoder.
 
@@ -28,6 +29,9 @@ pub const IOASID_PASID_GET: u32 = ext_io(0x05);
 pub const IOASID_PASID_PUT: u32 = ext_io(0x06);
 pub const IOASID_PASID_FIND: u32 = ext_io(0x07);
 pub const IOASID_VPASID_LOOKUP: u32 = ext_io(0x08);
+pub const IOASID_VIOMMU_SET_PASIDS: u32 = ext_io(0x09);
+pub const IOASID_VDEVICE_ATTACH_PASID: u32 = ext_io(0x0a);
+pub const IOASID_VDEVICE_DETACH_PASID: u32 = ext_io(0x0b);
 
 pub const IOASID_PASID_ALLOC_PRIVATE: u32 = 1 << 0;
 
@@ -50,10 +54,15 @@ ext_struct!(ioasid_pasid_free { size: u32, set_id: u32, pasid: u32, __reserved: 
 ext_struct!(ioasid_pasid_ref { size: u32, pasid: u32 } size 8);
 ext_struct!(ioasid_pasid_find { size: u32, set_id: u32, pasid: u32, __reserved: u32, out_private_data: u64 } size 24);
 ext_struct!(ioasid_vpasid_lookup { size: u32, set_id: u32, vpasid: u32, out_pasid: u32 } size 16);
+ext_struct!(ioasid_viommu_set_pasids { size: u32, viommu_id: u32, set_id: u32, __reserved: u32 } size 16);
+ext_struct!(ioasid_vdevice_attach_pasid {
+    size: u32, flags: u32, vdevice_id: u32, vpasid: u32, pt_id: u32, out_pasid: u32,
+} size 24);
+ext_struct!(ioasid_vdevice_detach_pasid { size: u32, vdevice_id: u32, vpasid: u32, __reserved: u32 } size 16);
 
 type Res = Result<(), Errno>;
 
-static OPS: [Option<Op>; 9] = [
+static OPS: [Option<Op>; 12] = [
     op!(IOASID_SET_ALLOC, ioasid_set_alloc, out_set_id, set_alloc),
     op!(IOASID_SET_QUOTA, ioasid_set_quota, quota, set_quota),
     op!(IOASID_SET_USAGE, ioasid_set_usage, out_used, set_usage),
@@ -63,6 +72,9 @@ static OPS: [Option<Op>; 9] = [
     op!(IOASID_PASID_PUT, ioasid_pasid_ref, pasid, pasid_put),
     op!(IOASID_PASID_FIND, ioasid_pasid_find, out_private_data, pasid_find),
     op!(IOASID_VPASID_LOOKUP, ioasid_vpasid_lookup, out_pasid, vpasid_lookup),
+    op!(IOASID_VIOMMU_SET_PASIDS, ioasid_viommu_set_pasids, __reserved, viommu_set_pasids),
+    op!(IOASID_VDEVICE_ATTACH_PASID, ioasid_vdevice_attach_pasid, out_pasid, vdevice_attach_pasid),
+    op!(IOASID_VDEVICE_DETACH_PASID, ioasid_vdevice_detach_pasid, __reserved, vdevice_detach_pasid),
 ];
 
 pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
@@ -129,4 +141,28 @@ fn vpasid_lookup(u: &Ucmd, mut c: ioasid_vpasid_lookup) -> Res {
     let set = u.ctx.ioasid_set(c.set_id)?;
     c.out_pasid = global().host_pasid(set.id(), c.vpasid).ok_or(Errno::ENOENT)?;
     u.respond(&c)
+}
+
+fn viommu_set_pasids(u: &Ucmd, c: ioasid_viommu_set_pasids) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    Ok(u.ctx.viommu_set_pasid_set(c.viommu_id, c.set_id)?)
+}
+
+fn vdevice_attach_pasid(u: &Ucmd, mut c: ioasid_vdevice_attach_pasid) -> Res {
+    if c.flags != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    c.out_pasid = u.ctx.vdevice_attach_pasid(c.vdevice_id, c.vpasid, c.pt_id)?;
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.vdevice_detach_pasid(c.vdevice_id, c.vpasid);
+    })
+}
+
+fn vdevice_detach_pasid(u: &Ucmd, c: ioasid_vdevice_detach_pasid) -> Res {
+    if c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    Ok(u.ctx.vdevice_detach_pasid(c.vdevice_id, c.vpasid)?)
 }

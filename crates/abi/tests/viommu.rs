@@ -113,3 +113,51 @@ fn nested_hwpts_can_be_allocated_on_a_viommu() {
     destroy(&v, id).unwrap();
     destroy(&v, v.parent).unwrap();
 }
+
+#[test]
+fn a_viommu_attaches_guest_pasids_from_its_set_through_the_extension_commands() {
+    use ioasid_abi::ext::*;
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let v = Vm { ctx: ctx.clone(), ioas, dev, parent };
+    let viommu_id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
+    let vdevice_id = vdevice(&v, viommu_id, dev, 0x10).unwrap();
+    let attach = |vpasid: u32| {
+        let mut c = ioasid_vdevice_attach_pasid { size: 24, vdevice_id, vpasid, pt_id: ioas, ..Default::default() };
+        call(&ctx, IOASID_VDEVICE_ATTACH_PASID, &mut c).map(|()| c.out_pasid)
+    };
+    assert_eq!(attach(4), Err(Errno::EINVAL), "the vIOMMU has no set yet");
+
+    let mut set = ioasid_set_alloc { size: 24, quota: 1, ..Default::default() };
+    call(&ctx, IOASID_SET_ALLOC, &mut set).unwrap();
+    let mut give = ioasid_viommu_set_pasids { size: 16, viommu_id, set_id: set.out_set_id, __reserved: 0 };
+    assert_eq!(call(&ctx, IOASID_VIOMMU_SET_PASIDS, &mut { give }), Ok(()));
+    assert_eq!(call(&ctx, IOASID_VIOMMU_SET_PASIDS, &mut give), Err(Errno::EBUSY), "once only");
+    assert_eq!(
+        call(&ctx, IOASID_VIOMMU_SET_PASIDS, &mut { ioasid_viommu_set_pasids { viommu_id: 999, ..give } }),
+        Err(Errno::ENOENT)
+    );
+
+    let host = attach(4).unwrap();
+    let mut lookup = ioasid_vpasid_lookup { size: 16, set_id: set.out_set_id, vpasid: 4, out_pasid: 0 };
+    call(&ctx, IOASID_VPASID_LOOKUP, &mut lookup).unwrap();
+    assert_eq!(lookup.out_pasid, host, "the set maps vPASID 4 to the host PASID the device uses");
+    assert_eq!(attach(4), Err(Errno::EBUSY));
+    assert_eq!(attach(5), Err(Errno::EDQUOT), "the set's quota is 1");
+    assert_eq!(
+        call(
+            &ctx,
+            IOASID_VDEVICE_ATTACH_PASID,
+            &mut ioasid_vdevice_attach_pasid { size: 24, flags: 1, ..Default::default() }
+        ),
+        Err(Errno::EOPNOTSUPP)
+    );
+
+    let mut detach = ioasid_vdevice_detach_pasid { size: 16, vdevice_id, vpasid: 4, __reserved: 0 };
+    call(&ctx, IOASID_VDEVICE_DETACH_PASID, &mut detach).unwrap();
+    assert_eq!(call(&ctx, IOASID_VDEVICE_DETACH_PASID, &mut detach), Err(Errno::EINVAL), "not attached any more");
+    assert_eq!(call(&ctx, IOASID_VPASID_LOOKUP, &mut lookup), Err(Errno::ENOENT), "freed with its last user");
+    assert_eq!(destroy(&v, set.out_set_id), Err(Errno::EBUSY), "the vIOMMU holds its set");
+}
