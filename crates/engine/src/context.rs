@@ -19,6 +19,7 @@ use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
+use crate::veventq::Veventq;
 use crate::viommu::{Vdevice, Viommu, ViommuType};
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
@@ -40,6 +41,7 @@ pub enum Object {
     IoasidSet(Arc<SetHandle>),
     Viommu(Arc<Viommu>),
     Vdevice(Arc<Vdevice>),
+    Veventq(Arc<Veventq>),
 }
 
 #[derive(Default)]
@@ -66,6 +68,7 @@ impl Object {
             Object::IoasidSet(o) => Arc::strong_count(o),
             Object::Viommu(o) => Arc::strong_count(o),
             Object::Vdevice(o) => Arc::strong_count(o),
+            Object::Veventq(o) => Arc::strong_count(o),
         }
     }
 
@@ -81,6 +84,7 @@ impl Object {
             Object::IoasidSet(_) => "IOASID set",
             Object::Viommu(_) => "vIOMMU",
             Object::Vdevice(_) => "vDEVICE",
+            Object::Veventq(_) => "vEVENTQ",
         }
     }
 }
@@ -573,6 +577,17 @@ impl Context {
         for (vpasid, host) in pasids {
             self.vdevice_detach_locked(vdev, vpasid, host);
         }
+    }
+
+    /// `IOMMU_VEVENTQ_ALLOC`: an event queue of `kind` for vIOMMU
+    /// `viommu_id`, holding at most `depth` events.
+    pub fn veventq_alloc(&self, viommu_id: u32, kind: u32, depth: u32) -> Result<(u32, Arc<Veventq>)> {
+        if depth == 0 {
+            return Err(Error::Invalid("a vEVENTQ needs a depth"));
+        }
+        let _g = self.graph();
+        let q = self.viommu(viommu_id)?.add_veventq(kind, depth)?;
+        Ok((self.insert(Object::Veventq(q.clone()))?, q))
     }
 
     /// `IOMMU_VDEVICE_ALLOC`: names `dev_id` `virt_id` behind `viommu_id`.

@@ -299,7 +299,7 @@ impl Device {
                 Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
                     drop(guard);
                     let Some(waiter) = self.page_request(pasid, at, need) else {
-                        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                        self.unrecoverable(pasid);
                         return Err(Stall::Failed(e));
                     };
                     if !wait {
@@ -315,7 +315,7 @@ impl Device {
                 }
                 Err(e) => {
                     if matches!(e, DmaError::Fault { .. }) {
-                        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                        self.unrecoverable(pasid);
                     }
                     return Err(Stall::Failed(e));
                 }
@@ -351,6 +351,17 @@ impl Device {
         let (group, waiter) = Group::awaited(vec![request]);
         queue.report(group);
         Some(waiter)
+    }
+
+    /// Counts a fault no page request can resolve, and reports it to the
+    /// guest when the table is a vIOMMU's with an event queue listening.
+    fn unrecoverable(&self, pasid: Option<u32>) {
+        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+        if let Some(Hwpt::Nested(n)) = self.attached_at(pasid)
+            && let Some(viommu) = n.viommu()
+        {
+            viommu.report_fault(self);
+        }
     }
 
     /// The PASID a fault at host `pasid` is reported with: the guest's

@@ -40,6 +40,7 @@ pub mod iova;
 pub mod memory;
 pub mod pages;
 pub mod pgtable;
+pub mod veventq;
 pub mod viommu;
 #[cfg(feature = "vm-memory")]
 pub mod vm_memory_iommu;
@@ -54,4 +55,5 @@ pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, Nes
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
 pub use pgtable::Perm;
+pub use veventq::Veventq;
 pub use viommu::{Vdevice, Viommu, ViommuType};

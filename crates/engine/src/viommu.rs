@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use crate::device::{Device, DmaError};
 use crate::hwpt::{HwptPaging, PageFormat};
 use crate::ioasid_set::{SetHandle, global};
+use crate::veventq::{VEVENTQ_TYPE_SELFTEST, Veventq};
 use crate::{Error, Result};
 
 /// The IOMMU model a vIOMMU emulates for its guest.
@@ -52,6 +53,9 @@ pub struct Viommu {
     pasid_set: OnceLock<Arc<SetHandle>>,
     /// vPASIDs in use by this vIOMMU's devices.
     vpasids: Mutex<BTreeMap<u32, VpasidUse>>,
+    /// Its event queues, at most one per type; weak, as each queue holds
+    /// its vIOMMU.
+    veventqs: Mutex<Vec<Weak<Veventq>>>,
 }
 
 struct VpasidUse {
@@ -80,6 +84,7 @@ impl Viommu {
             vdevices: Mutex::new(BTreeMap::new()),
             pasid_set: OnceLock::new(),
             vpasids: Mutex::new(BTreeMap::new()),
+            veventqs: Mutex::new(Vec::new()),
         }))
     }
 
@@ -99,6 +104,39 @@ impl Viommu {
 
     fn table(&self) -> MutexGuard<'_, BTreeMap<u64, Weak<Device>>> {
         self.vdevices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The virtual ID the guest knows `dev` by here.
+    pub fn virt_id_of(&self, dev: &Device) -> Option<u64> {
+        self.table().iter().find(|(_, d)| std::ptr::eq(d.as_ptr(), dev)).map(|(&id, _)| id)
+    }
+
+    /// A new event queue for events of `kind`; one per kind.
+    pub(crate) fn add_veventq(self: &Arc<Self>, kind: u32, depth: u32) -> Result<Arc<Veventq>> {
+        let mut queues = self.veventqs.lock().unwrap_or_else(|e| e.into_inner());
+        queues.retain(|q| q.strong_count() > 0);
+        if queues.iter().filter_map(Weak::upgrade).any(|q| q.kind() == kind) {
+            return Err(Error::Exists("the vIOMMU already has an event queue of that type"));
+        }
+        crate::inject::check("vEVENTQ")?;
+        let q = Veventq::new(self.clone(), kind, depth);
+        queues.push(Arc::downgrade(&q));
+        Ok(q)
+    }
+
+    /// The event queue for events of `kind`, if there is one.
+    pub fn veventq(&self, kind: u32) -> Option<Arc<Veventq>> {
+        let queues = self.veventqs.lock().unwrap_or_else(|e| e.into_inner());
+        queues.iter().filter_map(Weak::upgrade).find(|q| q.kind() == kind)
+    }
+
+    /// Tells the guest's owner that `dev` took a fault it cannot recover
+    /// from, in this vIOMMU's event format. False when nobody listens.
+    pub(crate) fn report_fault(&self, dev: &Device) -> bool {
+        let (Some(virt_id), ViommuType::Selftest) = (self.virt_id_of(dev), self.kind) else { return false };
+        let Some(q) = self.veventq(VEVENTQ_TYPE_SELFTEST) else { return false };
+        q.report(&(virt_id as u32).to_le_bytes());
+        true
     }
 
     /// Gives the vIOMMU the IOASID set its guest's PASIDs come from: a

@@ -229,3 +229,31 @@ fn unbinding_releases_the_vpasids_of_the_devices_vdevices() {
     ctx.destroy(p.viommu).unwrap();
     ctx.destroy(p.set).unwrap();
 }
+
+#[test]
+fn unrecoverable_faults_reach_the_viommus_event_queue_named_by_virtual_id() {
+    use ioasid_engine::veventq::{HEADER, VEVENTQ_TYPE_SELFTEST};
+    let v = vm();
+    let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
+    let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None);
+    v.ctx.attach(v.dev, nested.unwrap()).unwrap();
+    let dev = v.ctx.device(v.dev).unwrap();
+    assert!(dev.dma_write(IOVA, b"x").is_err());
+    assert_eq!(dev.unrecoverable_faults(), 1, "counted when nobody listens");
+
+    assert!(matches!(v.ctx.veventq_alloc(viommu, VEVENTQ_TYPE_SELFTEST, 0), Err(Error::Invalid(_))));
+    let (qid, q) = v.ctx.veventq_alloc(viommu, VEVENTQ_TYPE_SELFTEST, 2).unwrap();
+    assert!(matches!(v.ctx.veventq_alloc(viommu, VEVENTQ_TYPE_SELFTEST, 2), Err(Error::Exists(_))), "one per type");
+    assert!(dev.dma_write(IOVA, b"x").is_err());
+    assert!(q.is_empty(), "the device has no vDEVICE: the guest has no name for it");
+
+    v.ctx.vdevice_alloc(viommu, v.dev, 0x77).unwrap();
+    assert!(dev.dma_write(IOVA, b"x").is_err());
+    let events = q.read(4 * HEADER).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].data, 0x77u32.to_le_bytes());
+    assert_eq!(dev.unrecoverable_faults(), 3);
+    assert!(matches!(v.ctx.destroy(viommu), Err(Error::Busy(_))), "the queue holds its vIOMMU");
+    drop(q);
+    v.ctx.destroy(qid).unwrap();
+}

@@ -1,0 +1,210 @@
+//! vEVENTQs: the queue through which a vIOMMU tells its guest's owner about
+//! events the guest's IOMMU would have logged (faults it cannot recover,
+//! for one), one queue per event type.
+//!
+//! Each event carries a sequence number (31 bits, wrapping) so the reader
+//! sees gaps. The queue holds at most `depth` events; past that, events are
+//! dropped and a single lost-events marker is queued in their place, whose
+//! sequence is that of the latest event dropped.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::viommu::Viommu;
+
+/// The selftest vIOMMU's event type; its events are the vDEVICE's virtual
+/// ID as a little-endian `u32`.
+pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
+/// Header flag: events were dropped because the queue was full.
+pub const LOST_EVENTS: u32 = 1 << 0;
+/// Size of the header every event is read with: flags, then sequence.
+pub const HEADER: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vevent {
+    pub flags: u32,
+    pub sequence: u32,
+    pub data: Vec<u8>,
+}
+
+impl Vevent {
+    fn is_lost_marker(&self) -> bool {
+        self.flags & LOST_EVENTS != 0
+    }
+
+    fn size(&self) -> usize {
+        HEADER + self.data.len()
+    }
+}
+
+type Notifier = Box<dyn Fn(bool) + Send + Sync>;
+
+pub struct Veventq {
+    viommu: Arc<Viommu>,
+    kind: u32,
+    depth: usize,
+    inner: Mutex<Inner>,
+    notifier: Mutex<Option<Notifier>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    events: VecDeque<Vevent>,
+    /// Real events queued (the lost marker is not one).
+    queued: usize,
+    sequence: u32,
+}
+
+impl Veventq {
+    pub(crate) fn new(viommu: Arc<Viommu>, kind: u32, depth: u32) -> Arc<Self> {
+        Arc::new(Veventq {
+            viommu,
+            kind,
+            depth: depth as usize,
+            inner: Mutex::new(Inner::default()),
+            notifier: Mutex::new(None),
+        })
+    }
+
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    pub fn viommu(&self) -> &Arc<Viommu> {
+        &self.viommu
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with whether events wait, after every change.
+    pub fn set_notifier(&self, f: Notifier) {
+        let ready = !self.inner().events.is_empty();
+        f(ready);
+        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    fn notify(&self, ready: bool) {
+        if let Some(f) = &*self.notifier.lock().unwrap_or_else(|e| e.into_inner()) {
+            f(ready);
+        }
+    }
+
+    /// Queues an event, or records its loss when the queue is full.
+    pub fn report(&self, data: &[u8]) {
+        let mut q = self.inner();
+        let sequence = q.sequence;
+        q.sequence = (q.sequence + 1) & i32::MAX as u32;
+        if q.queued >= self.depth {
+            match q.events.back_mut() {
+                Some(last) if last.is_lost_marker() => last.sequence = sequence,
+                _ => q.events.push_back(Vevent { flags: LOST_EVENTS, sequence, data: Vec::new() }),
+            }
+        } else {
+            q.events.push_back(Vevent { flags: 0, sequence, data: data.to_vec() });
+            q.queued += 1;
+        }
+        drop(q);
+        self.notify(true);
+    }
+
+    /// Takes the events that fit, whole, in `room` bytes (headers included),
+    /// oldest first. `None` when the first waiting event does not fit.
+    pub fn read(&self, room: usize) -> Option<Vec<Vevent>> {
+        let mut q = self.inner();
+        let mut out = Vec::new();
+        let mut used = 0;
+        while let Some(next) = q.events.front() {
+            if next.size() > room - used {
+                break;
+            }
+            used += next.size();
+            let event = q.events.pop_front().expect("peeked");
+            if !event.is_lost_marker() {
+                q.queued -= 1;
+            }
+            out.push(event);
+        }
+        let ready = !q.events.is_empty();
+        if out.is_empty() && ready {
+            return None;
+        }
+        drop(q);
+        self.notify(ready);
+        Some(out)
+    }
+
+    /// Events waiting, the lost marker included.
+    pub fn len(&self) -> usize {
+        self.inner().events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, MockFlags, ViommuType};
+
+    fn queue(depth: u32) -> (Context, Arc<Veventq>) {
+        let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 10)));
+        let ioas = ctx.ioas_alloc().unwrap();
+        let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags::default())).unwrap();
+        let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+        let viommu = ctx.viommu_alloc(dev, hwpt, ViommuType::Selftest).unwrap();
+        let q = Veventq::new(ctx.viommu(viommu).unwrap(), VEVENTQ_TYPE_SELFTEST, depth);
+        (ctx, q)
+    }
+
+    fn seqs(events: &[Vevent]) -> Vec<(u32, u32)> {
+        events.iter().map(|e| (e.flags, e.sequence)).collect()
+    }
+
+    #[test]
+    fn events_carry_rising_sequence_numbers_and_their_data() {
+        let (_ctx, q) = queue(4);
+        q.report(&[1, 0, 0, 0]);
+        q.report(&[2, 0, 0, 0]);
+        let got = q.read(64).unwrap();
+        assert_eq!(seqs(&got), [(0, 0), (0, 1)]);
+        assert_eq!(got[1].data, [2, 0, 0, 0]);
+        assert_eq!(q.read(64), Some(vec![]), "empty");
+    }
+
+    #[test]
+    fn a_full_queue_drops_events_behind_one_lost_marker() {
+        let (_ctx, q) = queue(2);
+        for i in 0..5u8 {
+            q.report(&[i, 0, 0, 0]);
+        }
+        assert_eq!(q.len(), 3, "two events and one marker");
+        let got = q.read(1024).unwrap();
+        assert_eq!(seqs(&got), [(0, 0), (0, 1), (LOST_EVENTS, 4)], "the marker has the latest dropped number");
+        assert!(got[2].data.is_empty());
+        q.report(&[9, 0, 0, 0]);
+        assert_eq!(seqs(&q.read(1024).unwrap()), [(0, 5)], "room again after reading");
+    }
+
+    #[test]
+    fn reads_take_whole_events_only() {
+        let (_ctx, q) = queue(4);
+        q.report(&[1, 0, 0, 0]);
+        q.report(&[2, 0, 0, 0]);
+        assert_eq!(q.read(11), None, "12 bytes needed for the first");
+        assert_eq!(seqs(&q.read(20).unwrap()), [(0, 0)], "the second does not fit whole");
+        assert_eq!(seqs(&q.read(12).unwrap()), [(0, 1)]);
+    }
+
+    #[test]
+    fn sequence_numbers_wrap_at_31_bits() {
+        let (_ctx, q) = queue(4);
+        q.inner().sequence = i32::MAX as u32;
+        q.report(&[]);
+        q.report(&[]);
+        assert_eq!(seqs(&q.read(64).unwrap()), [(0, i32::MAX as u32), (0, 0)]);
+    }
+}
