@@ -89,7 +89,7 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
     op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
     None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
-    None, // 0x93 IOMMU_VEVENTQ_ALLOC
+    op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, __reserved, veventq_alloc),
     None,
     None,
     None,
@@ -434,6 +434,33 @@ fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
     u.respond(&c).inspect_err(|_| {
         let _ = u.ctx.destroy(c.out_vdevice_id);
     })
+}
+
+fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
+    if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VEVENTQ_TYPE_DEFAULT {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;
+    let undo = |queue| {
+        drop(queue);
+        let _ = u.ctx.destroy(id);
+    };
+    let (fd, signal) = match crate::user::new_eventfd() {
+        Ok(fds) => fds,
+        Err(e) => {
+            undo(queue);
+            return Err(e);
+        }
+    };
+    c.out_veventq_id = id;
+    c.out_veventq_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    if let Err(e) = u.respond(&c) {
+        undo(queue);
+        return Err(e);
+    }
+    let file = crate::veventq::VeventqFile::new(u.ctx.clone(), queue, signal);
+    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), crate::files::File::Veventq(Arc::new(file)));
+    Ok(())
 }
 
 fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {

@@ -23,6 +23,8 @@ pub enum File {
     FailNth(i32),
     /// A fault queue (`IOMMU_FAULT_QUEUE_ALLOC`).
     Fault(Arc<FaultFile>),
+    /// A vIOMMU's event queue (`IOMMU_VEVENTQ_ALLOC`).
+    Veventq(Arc<crate::veventq::VeventqFile>),
 }
 
 static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
@@ -32,7 +34,7 @@ static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::ne
 static RW_FILES: AtomicUsize = AtomicUsize::new(0);
 
 fn counted(file: Option<&File>) -> usize {
-    usize::from(matches!(file, Some(File::FailNth(_) | File::Fault(_))))
+    usize::from(matches!(file, Some(File::FailNth(_) | File::Fault(_) | File::Veventq(_))))
 }
 
 fn files() -> MutexGuard<'static, HashMap<c_int, File>> {

@@ -10,6 +10,7 @@ pub mod files;
 pub mod selftest;
 pub mod uapi;
 pub mod user;
+pub mod veventq;
 pub mod vfio;
 
 pub use dispatch::ioctl;

@@ -38,6 +38,7 @@ pub const IOMMUFD_CMD_FAULT_QUEUE_ALLOC: u32 = 0x8e;
 pub const IOMMUFD_CMD_IOAS_MAP_FILE: u32 = 0x8f;
 pub const IOMMUFD_CMD_VIOMMU_ALLOC: u32 = 0x90;
 pub const IOMMUFD_CMD_VDEVICE_ALLOC: u32 = 0x91;
+pub const IOMMUFD_CMD_VEVENTQ_ALLOC: u32 = 0x93;
 
 pub const IOMMU_DESTROY: u32 = io(IOMMUFD_CMD_DESTROY);
 pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_CMD_IOAS_ALLOC);
@@ -57,6 +58,13 @@ pub const IOMMU_FAULT_QUEUE_ALLOC: u32 = io(IOMMUFD_CMD_FAULT_QUEUE_ALLOC);
 pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_CMD_IOAS_MAP_FILE);
 pub const IOMMU_VIOMMU_ALLOC: u32 = io(IOMMUFD_CMD_VIOMMU_ALLOC);
 pub const IOMMU_VDEVICE_ALLOC: u32 = io(IOMMUFD_CMD_VDEVICE_ALLOC);
+pub const IOMMU_VEVENTQ_ALLOC: u32 = io(IOMMUFD_CMD_VEVENTQ_ALLOC);
+
+/// `enum iommu_veventq_type`: 0 is never a queue's type.
+pub const IOMMU_VEVENTQ_TYPE_DEFAULT: u32 = 0;
+/// The selftest driver's events (`iommufd_test.h`).
+pub const IOMMU_VEVENTQ_TYPE_SELFTEST: u32 = ioasid_engine::veventq::VEVENTQ_TYPE_SELFTEST;
+pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: u32 = ioasid_engine::veventq::LOST_EVENTS;
 
 /// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
 pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
@@ -174,6 +182,11 @@ uapi_struct!(iommu_viommu_alloc {
     size: u32, flags: u32, r#type: u32, dev_id: u32, hwpt_id: u32, out_viommu_id: u32,
     data_len: u32, __reserved: u32, data_uptr: u64,
 } size 40);
+uapi_struct!(iommu_veventq_alloc {
+    size: u32, flags: u32, viommu_id: u32, r#type: u32, veventq_depth: u32, out_veventq_id: u32, out_veventq_fd: u32,
+    __reserved: u32,
+} size 32);
+uapi_struct!(iommufd_vevent_header { flags: u32, sequence: u32 } size 8);
 uapi_struct!(iommu_vdevice_alloc { size: u32, viommu_id: u32, dev_id: u32, out_vdevice_id: u32, virt_id: u64 } size 24);
 
 // Offsets that differ from a naive packing, checked against the C header.
@@ -206,5 +219,6 @@ mod tests {
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
         assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
         assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
+        assert_eq!(IOMMU_VEVENTQ_ALLOC, 0x3b93);
     }
 }

@@ -161,3 +161,55 @@ fn a_viommu_attaches_guest_pasids_from_its_set_through_the_extension_commands() 
     assert_eq!(call(&ctx, IOASID_VPASID_LOOKUP, &mut lookup), Err(Errno::ENOENT), "freed with its last user");
     assert_eq!(destroy(&v, set.out_set_id), Err(Errno::EBUSY), "the vIOMMU holds its set");
 }
+
+#[test]
+fn veventq_alloc_and_its_fd_follow_linux() {
+    use ioasid_abi::files::{self, File};
+    use std::sync::Mutex;
+    let v = vm();
+    let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
+    let alloc = |c: iommu_veventq_alloc| {
+        let mut c = iommu_veventq_alloc { size: 32, ..c };
+        call(&v.ctx, IOMMU_VEVENTQ_ALLOC, &mut c).map(|()| c)
+    };
+    let good = iommu_veventq_alloc {
+        viommu_id: id,
+        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
+        veventq_depth: 2,
+        ..Default::default()
+    };
+    assert_eq!(alloc(iommu_veventq_alloc { flags: 1, ..good }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(alloc(iommu_veventq_alloc { __reserved: 1, ..good }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(alloc(iommu_veventq_alloc { r#type: IOMMU_VEVENTQ_TYPE_DEFAULT, ..good }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(alloc(iommu_veventq_alloc { veventq_depth: 0, ..good }), Err(Errno::EINVAL));
+    assert_eq!(alloc(iommu_veventq_alloc { viommu_id: v.parent, ..good }), Err(Errno::ENOENT));
+    let c = alloc(good).unwrap();
+    assert_eq!(alloc(good), Err(Errno::EEXIST), "one queue per type");
+    let Some(File::Veventq(file)) = files::get(c.out_veventq_fd as i32) else { panic!("not a vEVENTQ fd") };
+
+    // A device behind the vIOMMU, named 0x42, faults three times.
+    let nested =
+        v.ctx.hwpt_alloc_nested(v.dev, id, ioasid_engine::NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None);
+    v.ctx.attach(v.dev, nested.unwrap()).unwrap();
+    vdevice(&v, id, v.dev, 0x42).unwrap();
+    let dev = v.ctx.device(v.dev).unwrap();
+    for _ in 0..3 {
+        assert!(dev.dma_write(1 << 24, b"x").is_err());
+    }
+    let mut buf = [0u8; 64];
+    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(file.read(&InProcess, addr, 64, 8), Err(Errno::ESPIPE));
+    assert_eq!(file.read(&InProcess, addr, 11, 0), Err(Errno::EINVAL), "too short for the first event");
+    assert_eq!(file.read(&InProcess, addr, 12, 0), Ok(12));
+    assert_eq!(buf[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0x42, 0, 0, 0], "header (flags 0, sequence 0), then the ID");
+    assert_eq!(file.read(&InProcess, addr, 64, 0), Ok(20), "the second event and the lost marker");
+    assert_eq!(buf[..12], [0, 0, 0, 0, 1, 0, 0, 0, 0x42, 0, 0, 0]);
+    assert_eq!(buf[12..20], [IOMMU_VEVENTQ_FLAG_LOST_EVENTS as u8, 0, 0, 0, 2, 0, 0, 0], "the third was lost");
+    assert_eq!(file.read(&InProcess, addr, 64, 0), Ok(0), "empty");
+
+    assert_eq!(destroy(&v, c.out_veventq_id), Err(Errno::EBUSY), "its fd holds it");
+    drop(file);
+    files::remove(c.out_veventq_fd as i32);
+    destroy(&v, c.out_veventq_id).unwrap();
+    alloc(good).unwrap();
+}

@@ -135,6 +135,20 @@ impl Veventq {
         Some(out)
     }
 
+    /// Puts back, in front and in order, events `read` took but that could
+    /// not be delivered.
+    pub fn unread(&self, events: Vec<Vevent>) {
+        let mut q = self.inner();
+        for event in events.into_iter().rev() {
+            if !event.is_lost_marker() {
+                q.queued += 1;
+            }
+            q.events.push_front(event);
+        }
+        drop(q);
+        self.notify(true);
+    }
+
     /// Events waiting, the lost marker included.
     pub fn len(&self) -> usize {
         self.inner().events.len()

@@ -206,6 +206,7 @@ macro_rules! read_hook {
                     Ok(fail_nth::read(tid, out, offset.max(0) as usize))
                 }
                 File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+                File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
                 _ => unreachable!("rw_file returns only files with their own read"),
             };
             finish(r)
@@ -233,6 +234,8 @@ macro_rules! write_hook {
             let r = match file {
                 File::FailNth(tid) => fail_nth::write(tid, &data),
                 File::Fault(f) => f.write(&data, offset).map_err(|e| e.0),
+                // Linux's vEVENTQ file has no write.
+                File::Veventq(_) => Err(libc::EINVAL),
                 _ => unreachable!("rw_file returns only files with their own write"),
             };
             finish(r)
