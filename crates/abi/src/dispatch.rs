@@ -441,7 +441,42 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;
-    let undo = |queue| {
+    c.out_veventq_id = id;
+    let respond = |fd| {
+        c.out_veventq_fd = fd;
+        u.respond(&c)
+    };
+    queue_fd(u, id, queue, respond, |q, signal| {
+        crate::files::File::Veventq(Arc::new(crate::veventq::VeventqFile::new(u.ctx.clone(), q, signal)))
+    })
+}
+
+fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
+    if c.flags != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let (id, queue) = u.ctx.fault_alloc()?;
+    c.out_fault_id = id;
+    let respond = |fd| {
+        c.out_fault_fd = fd;
+        u.respond(&c)
+    };
+    queue_fd(u, id, queue, respond, |q, signal| {
+        crate::files::File::Fault(Arc::new(crate::fault::FaultFile::new(u.ctx.clone(), q, signal)))
+    })
+}
+
+/// Gives the caller an fd for new queue object `id`: `respond` writes the
+/// command back with the fd's number, and `file` makes what the fd is. On
+/// any failure the object is destroyed and no fd is left behind.
+fn queue_fd<Q>(
+    u: &Ucmd,
+    id: u32,
+    queue: Arc<Q>,
+    respond: impl FnOnce(u32) -> Res,
+    file: impl FnOnce(Arc<Q>, std::os::fd::OwnedFd) -> crate::files::File,
+) -> Res {
+    let undo = |queue: Arc<Q>| {
         drop(queue);
         let _ = u.ctx.destroy(id);
     };
@@ -452,39 +487,11 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
             return Err(e);
         }
     };
-    c.out_veventq_id = id;
-    c.out_veventq_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
-    if let Err(e) = u.respond(&c) {
+    if let Err(e) = respond(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32) {
         undo(queue);
         return Err(e);
     }
-    let file = crate::veventq::VeventqFile::new(u.ctx.clone(), queue, signal);
-    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), crate::files::File::Veventq(Arc::new(file)));
-    Ok(())
-}
-
-fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
-    if c.flags != 0 {
-        return Err(Errno::EOPNOTSUPP);
-    }
-    let (id, queue) = u.ctx.fault_alloc()?;
-    let (fd, signal) = match crate::user::new_eventfd() {
-        Ok(fds) => fds,
-        Err(e) => {
-            drop(queue);
-            let _ = u.ctx.destroy(id);
-            return Err(e);
-        }
-    };
-    c.out_fault_id = id;
-    c.out_fault_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
-    if let Err(e) = u.respond(&c) {
-        drop(queue);
-        let _ = u.ctx.destroy(id);
-        return Err(e);
-    }
-    let file = crate::fault::FaultFile::new(u.ctx.clone(), queue, signal);
-    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), crate::files::File::Fault(Arc::new(file)));
+    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), file(queue, signal));
     Ok(())
 }
 
