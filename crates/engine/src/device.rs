@@ -82,6 +82,8 @@ impl DeviceInfo {
 pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
 /// PASID width of a PASID-capable mock device.
 pub const MOCK_PASID_WIDTH: u8 = 20;
+/// Most pages one page request group asks for.
+pub const MAX_GROUP_PAGES: usize = 16;
 
 /// Why a DMA did not complete.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
@@ -298,7 +300,8 @@ impl Device {
                 }
                 Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
                     drop(guard);
-                    let Some(waiter) = self.page_request(pasid, at, need) else {
+                    let end = iova.saturating_add(len as u64);
+                    let Some(waiter) = self.page_request(pasid, at, end, need) else {
                         self.unrecoverable(pasid);
                         return Err(Stall::Failed(e));
                     };
@@ -324,9 +327,11 @@ impl Device {
         Ok(())
     }
 
-    /// Sends a page request for the IO page holding `iova`, if the device can
-    /// and its table has a queue; returns where the answer will come.
-    fn page_request(&self, pasid: Option<u32>, iova: u64, need: Perm) -> Option<Arc<Waiter>> {
+    /// Sends a page request group for the IO page holding `iova` and the
+    /// pages up to `end` that miss too (at most `MAX_GROUP_PAGES`), if the
+    /// device can and its table has a queue; returns where the answer will
+    /// come. One group, so the owner maps them all before the DMA retries.
+    fn page_request(&self, pasid: Option<u32>, iova: u64, end: u64, need: Perm) -> Option<Arc<Waiter>> {
         if !self.info.pri {
             return None;
         }
@@ -339,16 +344,22 @@ impl Device {
         if need.write {
             perm |= PERM_WRITE;
         }
-        let request = PageRequest {
-            flags: LAST_PAGE | if pasid.is_some() { PASID_VALID } else { 0 },
-            dev_id: self.id(),
-            pasid: pasid.map_or(0, |p| self.reported_pasid(p)),
-            // PCIe's page request group index is 9 bits.
-            grpid: self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff,
-            perm,
-            addr: iova & !(self.granule() - 1),
-        };
-        let (group, waiter) = Group::awaited(vec![request]);
+        let granule = self.granule();
+        let first = iova & !(granule - 1);
+        let guard = epoch::pin();
+        let missing = (0..MAX_GROUP_PAGES as u64)
+            .map(|i| first + i * granule)
+            .take_while(|&page| page < end && page >= first)
+            .filter(|&page| page == first || self.translate_at(pasid, page, need, &guard).is_err());
+        let flags = if pasid.is_some() { PASID_VALID } else { 0 };
+        // PCIe's page request group index is 9 bits.
+        let grpid = self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff;
+        let (dev_id, reported) = (self.id(), pasid.map_or(0, |p| self.reported_pasid(p)));
+        let mut requests: Vec<PageRequest> =
+            missing.map(|addr| PageRequest { flags, dev_id, pasid: reported, grpid, perm, addr }).collect();
+        drop(guard);
+        requests.last_mut().expect("the faulting page").flags |= LAST_PAGE;
+        let (group, waiter) = Group::awaited(requests);
         queue.report(group);
         Some(waiter)
     }

@@ -207,3 +207,33 @@ fn many_devices_share_one_queue_and_records_name_each() {
         assert_eq!(v, [k as u8; 16]);
     }
 }
+
+#[test]
+fn a_dma_over_several_missing_pages_asks_for_them_in_one_group() {
+    let s = setup(4);
+    // SAFETY: `ram` outlives the context.
+    unsafe { s.ctx.map_user(s.ioas, s.ram.addr() + PAGE, PAGE, Some(IOVA + PAGE), Perm::RW).unwrap() };
+    let dev = s.ctx.device(s.dev).unwrap();
+    let data = vec![7u8; 3 * PAGE as usize + 16];
+    let pending = match dev.try_dma_write(IOVA + 8, &data) {
+        Err(ioasid_engine::Stall::PageRequest(p)) => p,
+        other => panic!("expected a page request, got {other:?}"),
+    };
+    let (cookie, group) = s.queue.next(Duration::from_secs(1)).unwrap();
+    let pages: Vec<(u64, bool)> =
+        group.requests.iter().map(|r| (r.addr, r.flags & ioasid_engine::fault::LAST_PAGE != 0)).collect();
+    assert_eq!(
+        pages,
+        [(IOVA, false), (IOVA + 2 * PAGE, false), (IOVA + 3 * PAGE, true)],
+        "the missing pages the DMA will touch, the mapped one left out, the last one marked"
+    );
+    assert!(group.requests.iter().all(|r| r.grpid == group.requests[0].grpid), "one group index");
+    for r in &group.requests {
+        // SAFETY: `ram` outlives the context.
+        unsafe { s.ctx.map_user(s.ioas, s.ram.addr() + (r.addr - IOVA), PAGE, Some(r.addr), Perm::RW).unwrap() };
+    }
+    s.queue.respond(cookie, Response::Success).unwrap();
+    assert_eq!(pending.wait(), Response::Success);
+    dev.try_dma_write(IOVA + 8, &data).unwrap();
+    assert!(s.queue.next(Duration::from_millis(20)).is_none(), "one answer was enough");
+}
