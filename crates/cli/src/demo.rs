@@ -152,7 +152,10 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     section(out, 9, "Nested translation: a guest's stage 1 over the host's stage 2")?;
     nested_scene(out, &ctx)?;
 
-    section(out, 10, "Teardown")?;
+    section(out, 10, "Guest PASIDs: a vIOMMU drawing from an IOASID set")?;
+    vpasid_scene(out, &ctx)?;
+
+    section(out, 11, "Teardown")?;
 
     ctx.unmap(ioas, 0, u64::MAX)?;
     ctx.detach(nic)?;
@@ -311,6 +314,59 @@ fn nested_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     ctx.destroy(nested)?;
     ctx.destroy(parent)?;
     ctx.destroy(gpa_space)?;
+    Ok(())
+}
+
+/// A guest numbers its own PASIDs; its vIOMMU maps each onto a host PASID
+/// from the guest's IOASID set, within the set's quota, and the device's
+/// DMA tagged with the guest's number goes through it.
+fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
+    use ioasid_engine::ioasid_set::{Class, Event, Events, global};
+    use ioasid_engine::{MockFlags, ViommuType};
+    const IOVA: u64 = 1 << 24;
+    let buffer = HostBuffer::new(4096)?;
+    let space = ctx.ioas_alloc()?;
+    // SAFETY: `buffer` outlives the mapping: the scene destroys the IOAS below.
+    unsafe { ctx.map_user(space, buffer.addr(), 4096, Some(IOVA), Perm::RW)? };
+    let dev = ctx.bind_device(DeviceInfo::mock(0x0028, MockFlags { pasid: true, ..MockFlags::default() }))?;
+    let stage2 = ctx.hwpt_alloc(dev, space, HwptFlags { nest_parent: true, dirty_tracking: false }, None)?;
+    let viommu = ctx.viommu_alloc(dev, stage2, ViommuType::Selftest)?;
+    let set = ctx.ioasid_set_alloc(None, 2)?;
+    ctx.viommu_set_pasid_set(viommu, set)?;
+    let set_id = ctx.ioasid_set(set)?.id();
+    let events = global().subscribe(Class::Iommu, Some(set_id), Events::ALL);
+    let vdev = ctx.vdevice_alloc(viommu, dev, 0x28)?;
+    row(out, "vIOMMU", format!("id {viommu}, over HWPT {stage2}; draws guest PASIDs from set {set} (quota 2)"))?;
+    row(out, "vDEVICE", format!("id {vdev}: device {dev}, which the guest calls 0x28"))?;
+    for vpasid in [5, 9] {
+        let host = ctx.vdevice_attach_pasid(vdev, vpasid, space)?;
+        row(out, "attach", format!("guest PASID {vpasid} -> host PASID {host}"))?;
+    }
+    match ctx.vdevice_attach_pasid(vdev, 12, space) {
+        Err(e) => row(out, "attach guest PASID 12", format!("refused: {e} (EDQUOT through the ABI)"))?,
+        Ok(host) => row(out, "attach guest PASID 12", format!("UNEXPECTEDLY got host PASID {host}"))?,
+    }
+    ctx.vdevice(vdev)?.dma_write(5, IOVA, b"tagged with guest PASID 5")?;
+    let mut landed = [0u8; 25];
+    buffer.read_at(0, &mut landed);
+    row(out, "DMA, guest PASID 5", format!("landed: \"{}\"", String::from_utf8_lossy(&landed)))?;
+    ctx.destroy(vdev)?;
+    let heard: Vec<String> = events
+        .try_iter()
+        .map(|e| match e {
+            Event::Alloc { pasid, .. } => format!("alloc {pasid}"),
+            Event::Bind { pasid, .. } => format!("bind {pasid}"),
+            Event::Unbind { pasid, .. } => format!("unbind {pasid}"),
+            Event::Free { pasid, .. } => format!("free {pasid}"),
+        })
+        .collect();
+    row(out, "set notifications", heard.join(", "))?;
+    row(out, "set usage", format!("{} after the vDEVICE is destroyed", global().usage(set_id)?.1))?;
+    ctx.unbind_device(dev)?;
+    ctx.destroy(viommu)?;
+    ctx.destroy(set)?;
+    ctx.destroy(stage2)?;
+    ctx.destroy(space)?;
     Ok(())
 }
 
