@@ -33,6 +33,14 @@ impl Ucmd<'_> {
         let n = (self.user_size as usize).min(b.len());
         self.mem.write(self.arg, &b[..n])
     }
+
+    /// `respond` for a command that created object `id`: a caller who cannot
+    /// be told its ID never gets the object either.
+    pub(crate) fn respond_created<T: IntoBytes + Immutable>(&self, cmd: &T, id: u32) -> Res {
+        self.respond(cmd).inspect_err(|_| {
+            let _ = self.ctx.destroy(id);
+        })
+    }
 }
 
 /// One command of a dispatch table: its number, struct size, the size up
@@ -161,9 +169,7 @@ fn ioas_alloc(u: &Ucmd, mut c: iommu_ioas_alloc) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     c.out_ioas_id = u.ctx.ioas_alloc()?;
-    u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.destroy(c.out_ioas_id);
-    })
+    u.respond_created(&c, c.out_ioas_id)
 }
 
 fn ioas_iova_ranges(u: &Ucmd, mut c: iommu_ioas_iova_ranges) -> Res {
@@ -340,9 +346,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
         _ => return Err(Errno::EINVAL),
     };
     c.out_hwpt_id = id;
-    u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.destroy(id);
-    })
+    u.respond_created(&c, id)
 }
 
 /// The stage-1 data of a nested HWPT, in the type the parent's IOMMU takes.
@@ -424,16 +428,12 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
-    u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.destroy(c.out_viommu_id);
-    })
+    u.respond_created(&c, c.out_viommu_id)
 }
 
 fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
     c.out_vdevice_id = u.ctx.vdevice_alloc(c.viommu_id, c.dev_id, c.virt_id)?;
-    u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.destroy(c.out_vdevice_id);
-    })
+    u.respond_created(&c, c.out_vdevice_id)
 }
 
 fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {

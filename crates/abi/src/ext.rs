@@ -87,9 +87,7 @@ fn set_alloc(u: &Ucmd, mut c: ioasid_set_alloc) -> Res {
     }
     let parent = (c.parent_id != 0).then_some(c.parent_id);
     c.out_set_id = u.ctx.ioasid_set_alloc(parent, c.quota)?;
-    u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.destroy(c.out_set_id);
-    })
+    u.respond_created(&c, c.out_set_id)
 }
 
 fn set_quota(u: &Ucmd, c: ioasid_set_quota) -> Res {

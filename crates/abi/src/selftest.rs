@@ -153,9 +153,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
             let (stdev, hwpt, idev) = u.ctx.mock_domain(c.id, info)?;
             (a.out_stdev_id, a.out_hwpt_id, a.out_idev_id) = (stdev, hwpt, idev);
             c.set_arm(&a);
-            u.respond(&c).inspect_err(|_| {
-                let _ = u.ctx.destroy(stdev);
-            })
+            u.respond_created(&c, stdev)
         }
         IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => {
             let mut a: MockDomainReplace = c.arm();

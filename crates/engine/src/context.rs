@@ -353,15 +353,17 @@ impl Context {
 
     fn unbind_locked(&self, dev_id: u32) -> Result<()> {
         let dev = self.device(dev_id)?;
-        let vdevs: Vec<Arc<Vdevice>> = self
+        // Its vDEVICEs go with it: the guest's name for a device that is
+        // gone must not resolve.
+        let vdevs: Vec<(u32, Arc<Vdevice>)> = self
             .table()
-            .values()
-            .filter_map(|o| match o {
-                Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev) => Some(v.clone()),
+            .iter()
+            .filter_map(|(&id, o)| match o {
+                Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev) => Some((id, v.clone())),
                 _ => None,
             })
             .collect();
-        for v in &vdevs {
+        for (_, v) in &vdevs {
             self.vdevice_release_locked(v);
         }
         for (pasid, _) in dev.attachments() {
@@ -369,9 +371,9 @@ impl Context {
         }
         let mut t = self.table();
         t.remove(&dev_id);
-        // Its vDEVICEs go with it: the guest's name for a device that is
-        // gone must not resolve.
-        t.retain(|_, o| !matches!(o, Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev)));
+        for (id, _) in &vdevs {
+            t.remove(id);
+        }
         Ok(())
     }
 
