@@ -1,0 +1,115 @@
+//! The DMA hot paths allocate nothing: an IOTLB hit, a page walk on a
+//! miss, a nested two-dimensional walk, and device reads and writes into
+//! both trusted and checked (ABI-mapped) memory. A counting allocator
+//! sees every allocation this thread makes while they run.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+
+use ioasid_engine::pgtable::x86::first_stage::encode;
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, HwptFlags, Limit, NestedData, Perm};
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: forwards to the system allocator; the counter is thread-local
+// and const-initialised, so counting itself never allocates.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations `f` makes on this thread, after one warm-up call (which may
+/// set up thread-local epoch state once).
+fn allocations(mut f: impl FnMut()) -> u64 {
+    f();
+    let before = ALLOCATIONS.with(Cell::get);
+    for _ in 0..100 {
+        f();
+    }
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+const PAGE: u64 = 4096;
+const PAGES: u64 = 2048;
+
+#[test]
+fn translate_and_dma_do_not_allocate() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
+    let hwpt = ctx.attach(dev, ioas).unwrap();
+    let trusted = HostBuffer::new((PAGES * PAGE) as usize).unwrap();
+    let checked = HostBuffer::new((PAGES * PAGE) as usize).unwrap();
+    // SAFETY: `trusted` outlives the context's use of it in this test.
+    unsafe { ctx.map_user(ioas, trusted.addr(), PAGES * PAGE, Some(0), Perm::RW).unwrap() };
+    ctx.map_user_checked(ioas, checked.addr(), PAGES * PAGE, Some(1 << 30), Perm::RW).unwrap();
+    let domain = ctx.hwpt(hwpt).unwrap().domain().clone();
+    let device = ctx.device(dev).unwrap();
+    let guard = ioasid_engine::epoch::pin();
+    let mut buf = [0u8; 256];
+    assert_eq!(allocations(|| drop(std::hint::black_box(Box::new(1)))), 100, "the counter sees allocations");
+
+    assert_eq!(allocations(|| _ = domain.translate(64, Perm::R, &guard).unwrap()), 0, "IOTLB hit");
+    // More pages than the IOTLB holds, so most translations walk.
+    let mut page = 0;
+    let walk = || {
+        page = (page + 97) % PAGES;
+        domain.translate(page * PAGE, Perm::RW, &guard).unwrap();
+    };
+    assert_eq!(allocations(walk), 0, "page walk on a miss");
+    assert_eq!(allocations(|| device.dma_read(3 * PAGE - 100, &mut buf).unwrap()), 0, "DMA read");
+    assert_eq!(allocations(|| device.dma_write(5 * PAGE - 100, &buf).unwrap()), 0, "DMA write");
+    let base = 1 << 30;
+    assert_eq!(allocations(|| device.dma_read(base + PAGE - 100, &mut buf).unwrap()), 0, "checked read");
+    assert_eq!(allocations(|| device.dma_write(base + PAGE - 100, &buf).unwrap()), 0, "checked write");
+}
+
+#[test]
+fn nested_translation_does_not_allocate() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::new("vf", 1)).unwrap();
+    let ram = HostBuffer::new((64 * PAGE) as usize).unwrap();
+    // SAFETY: `ram` outlives the context's use of it in this test.
+    unsafe { ctx.map_user(ioas, ram.addr(), 64 * PAGE, Some(0), Perm::RW).unwrap() };
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let nested = ctx.hwpt_alloc_nested(dev, parent, NestedData::vtd_s1(0x1000, 4), None).unwrap();
+    // Guest stage 1: IOVA 0x40_0000 + p pages -> guest-physical 0x10000 + p pages.
+    let put = |table: u64, index: u64, pte: u64| ram.write_at((table + index * 8) as usize, &pte.to_le_bytes());
+    put(0x1000, 0, encode(0x2000, 3, false, true));
+    put(0x2000, 0, encode(0x3000, 2, false, true));
+    put(0x3000, 2, encode(0x4000, 1, false, true));
+    for p in 0..16 {
+        put(0x4000, p, encode(0x10000 + p * PAGE, 0, true, true));
+    }
+    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { panic!("not nested") };
+    let guard = ioasid_engine::epoch::pin();
+    assert_eq!(hwpt.translate(0x40_0010, Perm::R, &guard), Ok((ram.addr() + 0x10010, false)));
+    assert_eq!(allocations(|| _ = hwpt.translate(0x40_0010, Perm::R, &guard).unwrap()), 0, "combined hit");
+    let walk = || {
+        hwpt.invalidate();
+        hwpt.translate(0x40_3000, Perm::W, &guard).unwrap();
+    };
+    assert_eq!(allocations(walk), 0, "two-dimensional walk");
+}
