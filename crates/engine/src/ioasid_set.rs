@@ -308,8 +308,9 @@ impl PasidSpace {
         if !g.sets.contains_key(&set) {
             return Err(Error::NotFound("no such set"));
         }
-        let shared = self.shared.load().get(&set).cloned().expect("every set is shared");
-        if let Some(v) = vpasid
+        // Only a set-private ID needs the set's lookup table.
+        let shared = vpasid.map(|_| self.shared.load().get(&set).cloned().expect("every set is shared"));
+        if let (Some(v), Some(shared)) = (vpasid, &shared)
             && shared.by_vpasid.get(v).is_some()
         {
             return Err(Error::Exists("the set already uses that ID"));
@@ -341,7 +342,7 @@ impl PasidSpace {
             Arc::new(Entry { pasid, set, private, vpasid, refs: AtomicU32::new(1), freed: AtomicBool::new(false) });
         g.sets.get_mut(&set).expect("checked").own += 1;
         self.slots.set(pasid, Some(entry.clone()));
-        if let Some(v) = vpasid {
+        if let (Some(v), Some(shared)) = (vpasid, shared) {
             shared.by_vpasid.set(v, Some(entry));
         }
         g.notify(Event::Alloc { set, pasid });
