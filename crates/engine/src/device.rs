@@ -150,6 +150,15 @@ impl Device {
         }
     }
 
+    /// `Hwpt::generation` of the table attached at `pasid` ((0, 0): none),
+    /// read without taking a reference, for caches to check on every use.
+    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+        match pasid {
+            None => self.attached.load().as_deref().map_or((0, 0), Hwpt::generation),
+            Some(p) => self.pasids.load().get(&p).map_or((0, 0), Hwpt::generation),
+        }
+    }
+
     /// Every table the device is attached to, the RID's first.
     pub fn attachments(&self) -> Vec<(Option<u32>, Hwpt)> {
         let rid = self.attached().map(|h| (None, h));

@@ -93,7 +93,7 @@ impl IommuPort {
 
     /// Drops the cache when the device's table changed since it was filled.
     fn refresh(&self) {
-        let (table, generation) = self.device.attached_at(self.pasid).map_or((0, 0), |h| h.generation());
+        let (table, generation) = self.device.generation_at(self.pasid);
         if self.table.load(Ordering::Acquire) != table || self.generation.load(Ordering::Acquire) != generation {
             self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate_all();
             self.table.store(table, Ordering::Release);
