@@ -21,7 +21,7 @@ impl<const H: bool> Format for Mock<H> {
         decode_entry(pte, level, 1 << 11)
     }
 
-    fn table(addr: u64) -> u64 {
+    fn table(addr: u64, _level: u32) -> u64 {
         table_entry(addr)
     }
 

@@ -7,6 +7,9 @@
 //! writers (map, unmap) are serialised by the owner of the table (the IOAS
 //! lock) and free tables only after every reader that could see them is gone.
 
+pub mod amd;
+pub mod arm;
+pub mod image;
 pub mod mock;
 pub mod x86;
 
@@ -46,6 +49,27 @@ pub enum Pte {
     Leaf { addr: u64, perm: Perm, checked: bool, dirty: bool },
 }
 
+/// One entry of a table image, decoded for a walk (see [`Format::step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Invalid,
+    /// The next table, at level `next` (below `level - 1` when levels are
+    /// skipped), and the most rights anything below may grant.
+    Table {
+        addr: u64,
+        next: u32,
+        limit: Perm,
+    },
+    /// A leaf of `1 << shift` bytes at `addr` (aligned to its size).
+    Leaf {
+        addr: u64,
+        shift: u32,
+        perm: Perm,
+        dirty: bool,
+        accessed: bool,
+    },
+}
+
 /// A page-table format: how entries are laid out at each level. Level 0 holds
 /// the smallest leaves (`1 << PAGE_SHIFT` bytes); level `LEVELS - 1` is the root.
 pub trait Format: Send + Sync + 'static {
@@ -59,10 +83,36 @@ pub trait Format: Send + Sync + 'static {
     const DIRTY: u64;
 
     fn decode(pte: u64, level: u32) -> Pte;
-    fn table(addr: u64) -> u64;
+    /// An entry at `level` pointing to a table of level `level - 1`.
+    fn table(addr: u64, level: u32) -> u64;
     /// A leaf mapping `addr`; `checked` marks memory reached through checked
     /// copies, kept in a bit the hardware ignores.
     fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64;
+
+    /// Records a write in the leaf at `slot`, as the hardware's dirty
+    /// tracking does.
+    fn set_dirty(slot: &AtomicU64) {
+        slot.fetch_or(Self::DIRTY, Ordering::AcqRel);
+    }
+
+    /// Makes the leaf at `slot` clean again.
+    fn clear_dirty(slot: &AtomicU64) {
+        slot.fetch_and(!Self::DIRTY, Ordering::AcqRel);
+    }
+
+    /// One step of a walk through a table image someone else built (a
+    /// guest's, or a golden test's), with what this format allows there
+    /// that ioasid's own tables never use: skipped levels, odd page sizes,
+    /// rights limited by table entries, leaves not yet accessed.
+    fn step(pte: u64, level: u32) -> Step {
+        match Self::decode(pte, level) {
+            Pte::None => Step::Invalid,
+            Pte::Table(addr) => Step::Table { addr, next: level - 1, limit: Perm::RW },
+            Pte::Leaf { addr, perm, dirty, .. } => {
+                Step::Leaf { addr, shift: Self::level_shift(level), perm, dirty, accessed: true }
+            }
+        }
+    }
 
     /// Bits of IOVA this format translates.
     fn iova_bits() -> u32 {
@@ -193,7 +243,7 @@ impl<F: Format> PageTable<F> {
     /// write; false when nothing maps it.
     pub fn set_dirty(&self, iova: u64, _guard: &Guard) -> bool {
         self.leaf_slot(iova).is_some_and(|slot| {
-            slot.fetch_or(F::DIRTY, Ordering::AcqRel);
+            F::set_dirty(slot);
             true
         })
     }
@@ -269,7 +319,7 @@ impl MapOp {
                     Pte::None => {
                         crate::inject::check("page table")?;
                         let t = Box::into_raw(Table::new());
-                        slot.store(F::table(t as u64), Ordering::Release);
+                        slot.store(F::table(t as u64, level), Ordering::Release);
                         t.cast_const()
                     }
                 };
@@ -307,7 +357,7 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
                     e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, checked), Ordering::Relaxed);
                 }
                 let t = Box::into_raw(t);
-                slot.store(F::table(t as u64), Ordering::Release);
+                slot.store(F::table(t as u64, level), Ordering::Release);
                 // SAFETY: just linked; only this serialised writer changes it.
                 if unmap_level::<F>(unsafe { &*t }, level - 1, cur, chunk_last, guard) {
                     slot.store(0, Ordering::Release);
@@ -371,7 +421,7 @@ fn dirty_level<F: Format>(
             Pte::Leaf { dirty, .. } => {
                 if dirty {
                     if !keep {
-                        slot.fetch_and(!F::DIRTY, Ordering::AcqRel);
+                        F::clear_dirty(slot);
                     }
                     record(entry_start, size);
                 }

@@ -117,7 +117,7 @@ impl<const L: u32> Format for VtdSecondStage<L> {
         decode_entry(pte, level, 1 << 12)
     }
 
-    fn table(addr: u64) -> u64 {
+    fn table(addr: u64, _level: u32) -> u64 {
         table_entry(addr)
     }
 
