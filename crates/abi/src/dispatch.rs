@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ioasid_engine::{
-    AccountMode, Context, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm, ViommuType,
+    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm, ViommuType,
 };
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -504,10 +504,17 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
         if c.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 { c.out_data_type } else { IOMMU_HW_INFO_TYPE_DEFAULT };
     let dev = u.ctx.device(c.dev_id)?;
     let info = dev.info();
-    let (kind, data) = if info.format.is_mock() {
-        (selftest::IOMMU_HW_INFO_TYPE_SELFTEST, selftest::hw_info().as_bytes().to_vec())
-    } else {
-        (IOMMU_HW_INFO_TYPE_NONE, Vec::new())
+    let (kind, data) = match info.hw_info() {
+        HwInfo::IntelVtd { cap_reg, ecap_reg } => {
+            let vtd = iommu_hw_info_vtd { cap_reg, ecap_reg, ..Default::default() };
+            (IOMMU_HW_INFO_TYPE_INTEL_VTD, vtd.as_bytes().to_vec())
+        }
+        HwInfo::ArmSmmuV3 { idr, iidr, aidr } => {
+            let smmu = iommu_hw_info_arm_smmuv3 { idr, iidr, aidr, ..Default::default() };
+            (IOMMU_HW_INFO_TYPE_ARM_SMMUV3, smmu.as_bytes().to_vec())
+        }
+        HwInfo::AmdVi { efr, efr2 } => (IOMMU_HW_INFO_TYPE_AMD, iommu_hw_info_amd { efr, efr2 }.as_bytes().to_vec()),
+        HwInfo::Selftest => (selftest::IOMMU_HW_INFO_TYPE_SELFTEST, selftest::hw_info().as_bytes().to_vec()),
     };
     if wanted != IOMMU_HW_INFO_TYPE_DEFAULT && wanted != kind {
         return Err(Errno::EOPNOTSUPP);

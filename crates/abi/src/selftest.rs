@@ -424,7 +424,7 @@ fn access_rw(u: &Ucmd, fd: u32, a: AccessRw) -> Res {
 /// attached to (the RID's, when nothing is attached at that PASID).
 fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     let dev = u.ctx.device(a.dev_id)?;
-    if !dev.info().format.is_mock() {
+    if !dev.info().iommu.is_selftest() {
         return Err(Errno::EINVAL);
     }
     let flags = LAST_PAGE | if a.pasid != 0 { PASID_VALID } else { 0 };

@@ -102,6 +102,9 @@ pub const IOMMU_HW_INFO_TYPE_DEFAULT: u32 = 0;
 pub const IOMMU_HW_INFO_FLAG_INPUT_TYPE: u32 = 1 << 0;
 pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
 pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
+pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
+/// Later kernels (AMD's hw_info arrived after 6.12).
+pub const IOMMU_HW_INFO_TYPE_AMD: u32 = 4;
 
 pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
 pub const IOMMU_HW_CAP_PCI_PASID_EXEC: u64 = 1 << 1;
@@ -161,6 +164,8 @@ uapi_struct!(iommu_hwpt_alloc {
     data_type: u32, data_len: u32, data_uptr: u64, fault_id: u32, __reserved2: u32,
 } size 48);
 uapi_struct!(iommu_hw_info_vtd { flags: u32, __reserved: u32, cap_reg: u64, ecap_reg: u64 } size 24);
+uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
+uapi_struct!(iommu_hw_info_amd { efr: u64, efr2: u64 } size 16);
 uapi_struct!(iommu_hw_info {
     size: u32, flags: u32, dev_id: u32, data_len: u32, data_uptr: u64,
     out_data_type: u32, out_max_pasid_log2: u8, __reserved: [u8; 3], out_capabilities: u64,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, IovaRange, Limit};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, IommuModel, IovaRange, Limit};
 use zerocopy::{FromBytes, IntoBytes};
 
 const PAGE: u64 = 4096;
@@ -729,7 +729,7 @@ errno_test!(hw_info_asking_for_another_type_is_eopnotsupp, EOPNOTSUPP, {
     let (ctx, _, dev) = with_device(false);
     let mut c = hw_info_cmd(dev, &mut []);
     c.flags = IOMMU_HW_INFO_FLAG_INPUT_TYPE;
-    c.out_data_type = IOMMU_HW_INFO_TYPE_INTEL_VTD;
+    c.out_data_type = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
     call(&ctx, IOMMU_GET_HW_INFO, &mut c)
 });
 errno_test!(hw_info_reserved_is_eopnotsupp, EOPNOTSUPP, {
@@ -760,9 +760,39 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
     let mut data = [0xffu8; 32];
     let mut c = hw_info_cmd(dev, &mut data);
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
-    assert_eq!(data, [0; 32]);
-    assert_eq!((c.data_len, c.out_data_type, c.out_max_pasid_log2), (0, IOMMU_HW_INFO_TYPE_NONE, 20));
+    assert_eq!((c.data_len, c.out_data_type, c.out_max_pasid_log2), (24, IOMMU_HW_INFO_TYPE_INTEL_VTD, 20));
     assert_eq!(c.out_capabilities, IOMMU_HW_CAP_DIRTY_TRACKING);
+    let vtd = iommu_hw_info_vtd::read_from_bytes(&data[..24]).unwrap();
+    assert_eq!((vtd.cap_reg >> 16) & 0x3f, 47, "MGAW of a 48-bit IOMMU");
+    assert_eq!((vtd.ecap_reg >> 35) & 0x1f, 19, "20-bit PASIDs");
+    assert_eq!(data[24..], [0; 8], "the rest of the buffer is cleared");
+    // A shorter buffer gets what fits, and the full length.
+    let mut short = [0u8; 8];
+    let mut c = hw_info_cmd(dev, &mut short);
+    call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
+    assert_eq!((c.data_len, u32::from_le_bytes(short[..4].try_into().unwrap())), (24, vtd.flags));
+}
+
+#[test]
+fn hw_info_describes_each_iommu_model() {
+    let ctx = ctx();
+    let smmu = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu", 1)).unwrap();
+    let amd = ctx.bind_device(DeviceInfo::behind(IommuModel::AmdVi, "amd", 2)).unwrap();
+    let mut data = [0u8; 40];
+    let mut c = hw_info_cmd(smmu, &mut data);
+    call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
+    assert_eq!((c.data_len, c.out_data_type), (40, IOMMU_HW_INFO_TYPE_ARM_SMMUV3));
+    let info = iommu_hw_info_arm_smmuv3::read_from_bytes(&data[..]).unwrap();
+    assert_eq!(info.idr[0] & 0b11, 0b11, "stage 1 and stage 2");
+    assert_eq!(info.idr[5] & 0b111, 0b101, "48-bit output");
+    // Asking for the model's own type works; another is refused.
+    let mut c = hw_info_cmd(amd, &mut data);
+    c.flags = IOMMU_HW_INFO_FLAG_INPUT_TYPE;
+    c.out_data_type = IOMMU_HW_INFO_TYPE_AMD;
+    call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
+    assert_eq!((c.data_len, c.out_data_type), (16, IOMMU_HW_INFO_TYPE_AMD));
+    c.out_data_type = IOMMU_HW_INFO_TYPE_INTEL_VTD;
+    assert_eq!(call(&ctx, IOMMU_GET_HW_INFO, &mut c), Err(Errno::EOPNOTSUPP));
 }
 
 // ---- IOMMU_VFIO_IOAS -------------------------------------------------------

@@ -68,7 +68,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             format!(
                 "RID {}  {}  aperture {:#x}..={:#x}",
                 rid(i.rid),
-                i.format.name(),
+                i.format().name(),
                 i.aperture.start,
                 i.aperture.last
             ),

@@ -468,7 +468,8 @@ impl Context {
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
         let info = dev.info();
-        let hwpt = HwptPaging::new(ioas, info.format, info.aperture, flags, false, fault)?;
+        let hwpt =
+            HwptPaging::new(ioas, info.iommu.paging_format(flags.nest_parent), info.aperture, flags, false, fault)?;
         self.insert_hwpt(hwpt)
     }
 
@@ -481,7 +482,7 @@ impl Context {
             Object::Viommu(v) => (v.hwpt().clone(), Some(v)),
             _ => return Err(Error::Invalid("a nested HWPT needs a paging parent or a vIOMMU")),
         };
-        if !dev.info().format.compatible(parent.domain().format()) {
+        if !dev.info().iommu.serves(parent.domain().format()) {
             return Err(Error::Invalid("parent HWPT format does not match the device's IOMMU"));
         }
         parent.check_nest_parent()?;
@@ -751,7 +752,7 @@ impl Context {
                     Object::HwptPaging(h)
                         if h.is_auto()
                             && Arc::ptr_eq(h.ioas(), &ioas)
-                            && h.domain().format() == info.format
+                            && h.domain().format() == info.format()
                             && h.domain().aperture() == info.aperture =>
                     {
                         Some((id, Hwpt::Paging(h.clone())))
@@ -761,12 +762,12 @@ impl Context {
                 if let Some(found) = found {
                     return Ok(found);
                 }
-                let hwpt = HwptPaging::new(ioas, info.format, info.aperture, HwptFlags::default(), true, None)?;
+                let hwpt = HwptPaging::new(ioas, info.format(), info.aperture, HwptFlags::default(), true, None)?;
                 return Ok((self.insert_hwpt(hwpt.clone())?, Hwpt::Paging(hwpt)));
             }
             _ => return Err(Error::Invalid("pt_id is not a page table")),
         };
-        if !info.format.compatible(hwpt.format()) {
+        if !info.iommu.serves(hwpt.format()) {
             return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
         }
         if hwpt.dirty_capable() && !info.dirty_tracking {

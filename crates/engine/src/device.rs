@@ -15,6 +15,7 @@ use crate::fault::{Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageReq
 use crate::hwpt::{FaultReason, Hwpt, PageFormat};
 use crate::iova::IovaRange;
 use crate::memory;
+use crate::model::{Features, HwInfo, IommuModel};
 use crate::pgtable::Perm;
 
 /// A device as its IOMMU sees it.
@@ -23,8 +24,8 @@ pub struct DeviceInfo {
     pub name: String,
     /// PCI requester ID (bus << 8 | devfn).
     pub rid: u32,
-    /// The page-table format of the IOMMU instance in front of the device.
-    pub format: PageFormat,
+    /// The IOMMU in front of the device.
+    pub iommu: IommuModel,
     /// IOVAs the device's IOMMU can translate.
     pub aperture: IovaRange,
     /// IOVAs the device must never be given (MSI windows and the like).
@@ -41,16 +42,35 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// A device behind a 4-level VT-d IOMMU with the whole 48-bit aperture.
     pub fn new(name: impl Into<String>, rid: u32) -> Self {
+        Self::behind(IommuModel::VTD, name, rid)
+    }
+
+    /// A device behind an IOMMU of model `iommu`, with its whole aperture.
+    pub fn behind(iommu: IommuModel, name: impl Into<String>, rid: u32) -> Self {
         DeviceInfo {
             name: name.into(),
             rid,
-            format: PageFormat::VtdSs4,
-            aperture: IovaRange::new(0, (1 << 48) - 1),
+            iommu,
+            aperture: iommu.aperture(),
             reserved: Vec::new(),
             max_pasid_log2: 0,
             dirty_tracking: false,
             pri: false,
         }
+    }
+}
+
+impl DeviceInfo {
+    /// The format of the device's default paging domains.
+    pub fn format(&self) -> PageFormat {
+        self.iommu.paging_format(false)
+    }
+
+    /// What `IOMMU_GET_HW_INFO` reports of the device's IOMMU.
+    pub fn hw_info(&self) -> HwInfo {
+        let features =
+            Features { max_pasid_log2: self.max_pasid_log2, pri: self.pri, dirty_tracking: self.dirty_tracking };
+        self.iommu.hw_info(features)
     }
 }
 
@@ -68,7 +88,7 @@ impl DeviceInfo {
         DeviceInfo {
             name: format!("mock{rid}"),
             rid,
-            format: if flags.huge_iova { PageFormat::MockHuge } else { PageFormat::Mock },
+            iommu: IommuModel::Selftest { huge: flags.huge_iova },
             aperture: MOCK_APERTURE,
             reserved: Vec::new(),
             max_pasid_log2: if flags.pasid { MOCK_PASID_WIDTH } else { 0 },
@@ -232,7 +252,7 @@ impl Device {
 
     /// The smallest IO page of the device's IOMMU.
     fn granule(&self) -> u64 {
-        1 << self.info.format.page_shift()
+        1 << self.info.format().page_shift()
     }
 
     /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI

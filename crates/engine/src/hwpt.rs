@@ -13,6 +13,8 @@ use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::pgtable::Pte;
+use crate::pgtable::amd::AmdV1Mode4;
+use crate::pgtable::arm::{ArmS1, ArmS2};
 use crate::pgtable::mock::Mock;
 use crate::pgtable::x86::first_stage;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
@@ -28,6 +30,11 @@ pub enum PageFormat {
     Mock,
     /// The mock with 1 MiB huge pages too.
     MockHuge,
+    /// AMD-Vi v1, Mode 4.
+    AmdV1,
+    /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
+    ArmS1,
+    ArmS2,
 }
 
 /// Runs `$body` with `$F` bound to the format type of `$format`.
@@ -48,6 +55,18 @@ macro_rules! with_format {
             }
             PageFormat::MockHuge => {
                 type $F = Mock<true>;
+                $body
+            }
+            PageFormat::AmdV1 => {
+                type $F = AmdV1Mode4;
+                $body
+            }
+            PageFormat::ArmS1 => {
+                type $F = ArmS1;
+                $body
+            }
+            PageFormat::ArmS2 => {
+                type $F = ArmS2;
                 $body
             }
         }
@@ -75,13 +94,6 @@ impl PageFormat {
     pub fn is_mock(self) -> bool {
         matches!(self, PageFormat::Mock | PageFormat::MockHuge)
     }
-
-    /// Whether a device behind an IOMMU using `self` can attach to a table in
-    /// `other`: the same IOMMU family (the mock's huge-page flag is a device
-    /// option, not another IOMMU).
-    pub fn compatible(self, other: PageFormat) -> bool {
-        self == other || (self.is_mock() && other.is_mock())
-    }
 }
 
 enum AnyTable {
@@ -89,6 +101,9 @@ enum AnyTable {
     VtdSs5(PageTable<VtdSs5>),
     Mock(PageTable<Mock<false>>),
     MockHuge(PageTable<Mock<true>>),
+    AmdV1(PageTable<AmdV1Mode4>),
+    ArmS1(PageTable<ArmS1>),
+    ArmS2(PageTable<ArmS2>),
 }
 
 macro_rules! with_table {
@@ -98,6 +113,9 @@ macro_rules! with_table {
             AnyTable::VtdSs5($pt) => $body,
             AnyTable::Mock($pt) => $body,
             AnyTable::MockHuge($pt) => $body,
+            AnyTable::AmdV1($pt) => $body,
+            AnyTable::ArmS1($pt) => $body,
+            AnyTable::ArmS2($pt) => $body,
         }
     };
 }
@@ -139,6 +157,9 @@ impl Domain {
             PageFormat::VtdSs5 => AnyTable::VtdSs5(PageTable::new()),
             PageFormat::Mock => AnyTable::Mock(PageTable::new()),
             PageFormat::MockHuge => AnyTable::MockHuge(PageTable::new()),
+            PageFormat::AmdV1 => AnyTable::AmdV1(PageTable::new()),
+            PageFormat::ArmS1 => AnyTable::ArmS1(PageTable::new()),
+            PageFormat::ArmS2 => AnyTable::ArmS2(PageTable::new()),
         };
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));

@@ -23,8 +23,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
-use crate::hwpt::{HwptPaging, PageFormat};
+use crate::hwpt::HwptPaging;
 use crate::ioasid_set::{SetHandle, global};
+use crate::model::IommuModel;
 use crate::veventq::{VEVENTQ_TYPE_SELFTEST, Veventq};
 use crate::{Error, Result};
 
@@ -36,9 +37,10 @@ pub enum ViommuType {
 }
 
 impl ViommuType {
-    fn serves(self, format: PageFormat) -> bool {
+    /// Whether a guest of this vIOMMU can be given devices behind `iommu`.
+    fn serves(self, iommu: IommuModel) -> bool {
         match self {
-            ViommuType::Selftest => format.is_mock(),
+            ViommuType::Selftest => iommu.is_selftest(),
         }
     }
 }
@@ -71,10 +73,10 @@ impl Viommu {
     pub(crate) fn new(kind: ViommuType, dev: &Device, hwpt: Arc<HwptPaging>) -> Result<Arc<Self>> {
         // Linux's order: the parent is checked before the driver is asked.
         hwpt.check_nest_parent()?;
-        if !kind.serves(dev.info().format) {
+        if !kind.serves(dev.info().iommu) {
             return Err(Error::Unsupported("the device's IOMMU does not offer this vIOMMU type"));
         }
-        if !dev.info().format.compatible(hwpt.domain().format()) {
+        if !dev.info().iommu.serves(hwpt.domain().format()) {
             return Err(Error::Invalid("the HWPT belongs to another IOMMU"));
         }
         crate::inject::check("vIOMMU")?;
@@ -196,7 +198,7 @@ pub struct Vdevice {
 
 impl Vdevice {
     pub(crate) fn new(viommu: Arc<Viommu>, device: Arc<Device>, virt_id: u64) -> Result<Arc<Self>> {
-        if !device.info().format.compatible(viommu.hwpt.domain().format()) {
+        if !device.info().iommu.serves(viommu.hwpt.domain().format()) {
             return Err(Error::Invalid("the device is behind another IOMMU"));
         }
         let mut table = viommu.table();
