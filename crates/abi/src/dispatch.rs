@@ -6,7 +6,8 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ioasid_engine::{
-    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, Perm, ViommuType,
+    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, PageFormat, Perm,
+    ViommuType,
 };
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -357,7 +358,7 @@ fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<Ne
         copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
         return Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) });
     }
-    if !format.is_mock() && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {
+    if matches!(format, PageFormat::VtdSs4 | PageFormat::VtdSs5) && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {
         let mut s1 = iommu_hwpt_vtd_s1::default();
         copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, size_of::<iommu_hwpt_vtd_s1>(), s1.as_mut_bytes())?;
         if s1.flags & !(IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE) != 0 || s1.__reserved != 0 {
@@ -373,7 +374,17 @@ fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<Ne
         }
         return Ok(NestedData::vtd_s1(s1.pgtbl_addr, levels));
     }
-    // Other vendors' stage-1 formats come with their IOMMU models.
+    if c.data_type == IOMMU_HWPT_DATA_ARM_SMMUV3 && parent.domain().format() == PageFormat::ArmS2 {
+        let mut vste = iommu_hwpt_arm_smmuv3::default();
+        copy_driver_data(
+            u.mem,
+            c.data_uptr,
+            c.data_len as usize,
+            size_of::<iommu_hwpt_arm_smmuv3>(),
+            vste.as_mut_bytes(),
+        )?;
+        return Ok(NestedData::arm_smmuv3(vste.ste)?);
+    }
     Err(Errno::EOPNOTSUPP)
 }
 
@@ -402,6 +413,26 @@ fn vtd_s1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, hwpt: &HwptNested) -> 
     (c.entry_num, Ok(()))
 }
 
+/// `IOMMU_HWPT_INVALIDATE` on an SMMUv3 vIOMMU: each entry is one command
+/// of the guest's queue, stopping at the first it rejects (`EIO`).
+fn smmuv3_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, viommu: &ioasid_engine::Viommu) -> (u32, Res) {
+    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
+        return (0, Err(Errno::EINVAL));
+    }
+    for i in 0..c.entry_num {
+        let mut inv = iommu_viommu_arm_smmuv3_invalidate::default();
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
+        let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
+        if let Err(e) = copy_driver_data(u.mem, at, c.entry_len as usize, min, inv.as_mut_bytes()) {
+            return (i, Err(e));
+        }
+        if let Err(e) = viommu.invalidate(inv.cmd) {
+            return (i, Err(e.into()));
+        }
+    }
+    (c.entry_num, Ok(()))
+}
+
 /// Linux's `iommu_copy_struct_from_user`: driver data of `len` bytes must
 /// hold at least `min` and at most `out.len()`; the rest of `out` stays zero.
 pub(crate) fn copy_driver_data(mem: &dyn UserMemory, uptr: u64, len: usize, min: usize, out: &mut [u8]) -> Res {
@@ -417,13 +448,14 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
     }
     let kind = match c.r#type {
         IOMMU_VIOMMU_TYPE_SELFTEST => ViommuType::Selftest,
+        IOMMU_VIOMMU_TYPE_ARM_SMMUV3 => ViommuType::ArmSmmuV3,
         _ => {
             // Linux finds the device before asking its driver about the type.
             u.ctx.device(c.dev_id)?;
             return Err(Errno::EOPNOTSUPP);
         }
     };
-    // The selftest vIOMMU takes no driver data.
+    // Neither vIOMMU type takes driver data.
     if c.data_len != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
@@ -570,7 +602,14 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
                     processed = done;
                     rc
                 }
+                NestedData::ArmSmmuV3 { .. } => Err(Errno::EOPNOTSUPP),
             },
+            // SMMUv3 invalidations go to the vIOMMU, as its command queue.
+            Ok(Object::Viommu(v)) if v.kind() == ViommuType::ArmSmmuV3 => {
+                let (done, rc) = smmuv3_invalidate(u, &c, &v);
+                processed = done;
+                rc
+            }
             _ => Err(Errno::ENOENT),
         }
     };

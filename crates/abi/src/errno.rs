@@ -80,6 +80,7 @@ impl From<Error> for Errno {
             Error::BadFd(_) => Errno::EBADF,
             Error::NoDevice(_) => Errno::ENODEV,
             Error::Quota(_) => Errno::EDQUOT,
+            Error::Io(_) => Errno::EIO,
         }
     }
 }

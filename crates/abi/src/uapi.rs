@@ -70,6 +70,7 @@ pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: u32 = ioasid_engine::veventq::LOST_EVE
 pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
 /// The selftest driver's vIOMMU (`iommufd_test.h`).
 pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdeadbeef;
+pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
 
 pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
 pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
@@ -90,6 +91,7 @@ pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
 
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
 pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;
+pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
 
 pub const IOMMU_VTD_S1_SRE: u64 = 1 << 0;
 pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
@@ -114,6 +116,7 @@ pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
 pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 = 1;
 
 pub const IOMMU_HWPT_INVALIDATE_DATA_VTD_S1: u32 = 0;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
 pub const IOMMU_VTD_INV_FLAGS_LEAF: u32 = 1 << 0;
 
 pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
@@ -175,6 +178,8 @@ uapi_struct!(iommu_hwpt_get_dirty_bitmap {
     size: u32, hwpt_id: u32, flags: u32, __reserved: u32, iova: u64, length: u64, page_size: u64, data: u64,
 } size 48);
 uapi_struct!(iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24);
+uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
+uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
 uapi_struct!(iommu_hwpt_invalidate {
     size: u32, hwpt_id: u32, data_uptr: u64, data_type: u32, entry_len: u32, entry_num: u32, __reserved: u32,
 } size 32);

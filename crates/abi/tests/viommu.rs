@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ioasid_abi::selftest::IOMMU_HWPT_DATA_SELFTEST;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, MockFlags};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, IommuModel, Limit, MockFlags};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
@@ -212,4 +212,95 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     files::remove(c.out_veventq_fd as i32);
     destroy(&v, c.out_veventq_id).unwrap();
     alloc(good).unwrap();
+}
+
+/// An SMMUv3 guest: a vIOMMU of type ARM_SMMUV3 over a stage-2 parent, the
+/// device known to the guest as stream 0x42.
+fn smmu_vm() -> (Vm, u32) {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu", 1)).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let v = Vm { ctx, ioas, dev, parent };
+    let mut c = iommu_viommu_alloc {
+        size: 40,
+        dev_id: v.dev,
+        hwpt_id: v.parent,
+        r#type: IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+        ..Default::default()
+    };
+    call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut c).unwrap();
+    let id = c.out_viommu_id;
+    vdevice(&v, id, v.dev, 0x42).unwrap();
+    (v, id)
+}
+
+fn smmu_nested(v: &Vm, pt_id: u32, ste: [u64; 2]) -> Result<u32, Errno> {
+    let data = iommu_hwpt_arm_smmuv3 { ste };
+    let mut c = iommu_hwpt_alloc {
+        size: 48,
+        dev_id: v.dev,
+        pt_id,
+        data_type: IOMMU_HWPT_DATA_ARM_SMMUV3,
+        data_len: 16,
+        data_uptr: data.as_bytes().as_ptr() as u64,
+        ..Default::default()
+    };
+    call(&v.ctx, IOMMU_HWPT_ALLOC, &mut c).map(|()| c.out_hwpt_id)
+}
+
+fn smmu_invalidate(v: &Vm, hwpt_id: u32, data_type: u32, cmds: &[[u64; 2]]) -> (u32, Result<(), Errno>) {
+    let mut c = iommu_hwpt_invalidate {
+        size: 32,
+        hwpt_id,
+        data_uptr: cmds.as_ptr() as u64,
+        data_type,
+        entry_len: 16,
+        entry_num: cmds.len() as u32,
+        ..Default::default()
+    };
+    let rc = call(&v.ctx, IOMMU_HWPT_INVALIDATE, &mut c);
+    (c.entry_num, rc)
+}
+
+#[test]
+fn smmuv3_nested_stes_are_checked_as_linux_checks_them() {
+    let (v, viommu_id) = smmu_vm();
+    let s1 = [1 | 0b101 << 1 | 0x1000, 0];
+    smmu_nested(&v, viommu_id, s1).unwrap();
+    smmu_nested(&v, viommu_id, [0, 0]).unwrap();
+    assert_eq!(smmu_nested(&v, viommu_id, [1 | 0b110 << 1, 0]), Err(Errno::EIO), "stage-2 Config");
+    assert_eq!(smmu_nested(&v, viommu_id, [s1[0] | 1 << 52, 0]), Err(Errno::EIO), "a reserved bit");
+    assert_eq!(smmu_nested(&v, v.parent, s1), Err(Errno::EOPNOTSUPP), "SMMUv3 nesting needs the vIOMMU");
+    // The selftest's data on an SMMU vIOMMU, and an STE too short.
+    let mut c = iommu_hwpt_alloc {
+        size: 48,
+        dev_id: v.dev,
+        pt_id: viommu_id,
+        data_type: IOMMU_HWPT_DATA_SELFTEST,
+        data_len: 4,
+        data_uptr: s1.as_ptr() as u64,
+        ..Default::default()
+    };
+    assert_eq!(call(&v.ctx, IOMMU_HWPT_ALLOC, &mut c), Err(Errno::EOPNOTSUPP));
+    c.data_type = IOMMU_HWPT_DATA_ARM_SMMUV3;
+    assert_eq!(call(&v.ctx, IOMMU_HWPT_ALLOC, &mut c), Err(Errno::EINVAL));
+}
+
+#[test]
+fn smmuv3_commands_go_to_the_viommu() {
+    let (v, viommu_id) = smmu_vm();
+    let nested = smmu_nested(&v, viommu_id, [1 | 0b101 << 1 | 0x1000, 0]).unwrap();
+    let t = IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
+    let good = [[0x12 | 1 << 48, 0x40_0000], [0x05 | 0x42 << 32, 1], [0x28, 0]];
+    assert_eq!(smmu_invalidate(&v, viommu_id, t, &good), (3, Ok(())));
+    // Processing stops at the first rejected command, and says where.
+    let bad = [[0x11 | 1 << 48, 0], [0x46, 0], [0x28, 0]];
+    assert_eq!(smmu_invalidate(&v, viommu_id, t, &bad), (1, Err(Errno::EIO)), "CMD_SYNC");
+    let unknown_sid = [[0x03 | 0x77 << 32, 0]];
+    assert_eq!(smmu_invalidate(&v, viommu_id, t, &unknown_sid), (0, Err(Errno::EIO)));
+    assert_eq!(smmu_invalidate(&v, viommu_id, IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, &good), (0, Err(Errno::EINVAL)));
+    assert_eq!(smmu_invalidate(&v, viommu_id, t, &[]), (0, Ok(())), "an empty array probes the type");
+    // The nested HWPT itself takes no invalidations: its vIOMMU does.
+    assert_eq!(smmu_invalidate(&v, nested, t, &good).1, Err(Errno::EOPNOTSUPP));
 }

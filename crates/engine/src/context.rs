@@ -17,6 +17,7 @@ use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::SetHandle;
 use crate::iova::IovaRange;
 use crate::memory::Trust;
+use crate::model::IommuModel;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
 use crate::veventq::Veventq;
@@ -486,6 +487,15 @@ impl Context {
             return Err(Error::Invalid("parent HWPT format does not match the device's IOMMU"));
         }
         parent.check_nest_parent()?;
+        // Each stage-1 type belongs to one IOMMU; SMMUv3's needs its vIOMMU.
+        let fits = match &data {
+            NestedData::ArmSmmuV3 { .. } => viommu.as_ref().is_some_and(|v| v.kind() == ViommuType::ArmSmmuV3),
+            NestedData::VtdS1 { .. } => matches!(dev.info().iommu, IommuModel::IntelVtd { .. }),
+            NestedData::Selftest { .. } => dev.info().iommu.is_selftest(),
+        };
+        if !fits {
+            return Err(Error::Unsupported("the IOMMU does not take this stage-1 type here"));
+        }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
         let nested = parent.nest(data, fault, viommu)?;
         self.insert(Object::HwptNested(nested))

@@ -50,4 +50,8 @@ pub enum Error {
     /// A file descriptor that is not usable (EBADF).
     #[error("bad file descriptor: {0}")]
     BadFd(&'static str),
+    /// Hardware data a guest wrote (an STE, a command) that the IOMMU
+    /// rejects; Linux reserves EIO for exactly this.
+    #[error("rejected by the IOMMU: {0}")]
+    Io(&'static str),
 }

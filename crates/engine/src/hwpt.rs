@@ -379,11 +379,28 @@ pub enum NestedData {
     /// guest-physical `root` (an IOVA of the parent's IOAS), `levels` deep
     /// (4 or 5). `iotlb` caches combined stage-1 + stage-2 translations.
     VtdS1 { root: u64, levels: u32, iotlb: Iotlb },
+    /// An SMMUv3 stream table entry the guest wrote (its first two words,
+    /// validated): abort, bypass to stage 2, or stage 1 through the guest's
+    /// context descriptors. `iotlb` caches combined translations.
+    ArmSmmuV3 { ste: [u64; 2], iotlb: Iotlb },
 }
 
 impl NestedData {
     pub fn vtd_s1(root: u64, levels: u32) -> Self {
         NestedData::VtdS1 { root, levels, iotlb: Iotlb::new() }
+    }
+
+    /// A nested SMMUv3 STE, checked as Linux checks it (`EIO` if rejected).
+    pub fn arm_smmuv3(ste: [u64; 2]) -> crate::Result<Self> {
+        Ok(NestedData::ArmSmmuV3 { ste: crate::smmuv3::validate_ste(ste)?, iotlb: Iotlb::new() })
+    }
+
+    /// The cache of combined translations, for types that walk a table.
+    fn iotlb(&self) -> Option<&Iotlb> {
+        match self {
+            NestedData::VtdS1 { iotlb, .. } | NestedData::ArmSmmuV3 { iotlb, .. } => Some(iotlb),
+            NestedData::Selftest { .. } => None,
+        }
     }
 }
 
@@ -407,7 +424,7 @@ impl HwptNested {
 
     /// Drops every cached translation (the guest changed its stage 1).
     pub fn invalidate(&self) {
-        if let NestedData::VtdS1 { iotlb, .. } = &self.data {
+        if let Some(iotlb) = self.data.iotlb() {
             iotlb.invalidate_all();
         }
     }
@@ -416,7 +433,7 @@ impl HwptNested {
     /// stage 2, rights are intersected, and the combined result is cached
     /// until either stage is invalidated.
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
-        let NestedData::VtdS1 { iotlb, .. } = &self.data else {
+        let Some(iotlb) = self.data.iotlb() else {
             return Err(FaultReason::NotPresent);
         };
         let s2 = &self.parent.domain;
@@ -467,18 +484,27 @@ impl HwptNested {
         guard: &Guard,
         step: &mut dyn FnMut(WalkStep),
     ) -> Result<(u64, Perm), FaultReason> {
-        let NestedData::VtdS1 { root, levels, .. } = &self.data else {
-            return Err(FaultReason::NotPresent);
-        };
         let s2 = &self.parent.domain;
-        let mut table = *root;
+        let (root, levels) = match &self.data {
+            NestedData::VtdS1 { root, levels, .. } => (*root, *levels),
+            NestedData::ArmSmmuV3 { ste, .. } => {
+                let mut failed = None;
+                let mut read = |gpa| read_guest(s2, gpa, guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+                return match crate::smmuv3::translate(*ste, iova, &mut read) {
+                    Ok(translated) => Ok(translated),
+                    Err(crate::smmuv3::S1Fault::Read { gpa }) => {
+                        Err(failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)))
+                    }
+                    Err(_) => Err(FaultReason::NotPresent),
+                };
+            }
+            NestedData::Selftest { .. } => return Err(FaultReason::NotPresent),
+        };
+        let mut table = root;
         let mut perm = Perm::RW;
-        for level in (0..*levels).rev() {
+        for level in (0..levels).rev() {
             let entry = table + ((iova >> (12 + 9 * level)) & 511) * 8;
-            let (host, checked) = s2.translate(entry, Perm::R, guard).map_err(|r| stage2(entry, r))?;
-            let mut raw = [0u8; 8];
-            crate::memory::read(trust(checked), host, &mut raw).map_err(|_| stage2(entry, FaultReason::NotPresent))?;
-            let raw = u64::from_le_bytes(raw);
+            let (host, raw) = read_guest(s2, entry, guard)?;
             step(WalkStep { level, entry_gpa: entry, entry_host: host, pte: raw });
             let (pte, p) = first_stage::decode(raw, level);
             perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
@@ -504,6 +530,15 @@ pub struct WalkStep {
     pub entry_gpa: u64,
     pub entry_host: u64,
     pub pte: u64,
+}
+
+/// Reads the 8-byte entry at guest-physical `gpa` through stage 2; returns
+/// where it is in host memory and its value.
+fn read_guest(s2: &Domain, gpa: u64, guard: &Guard) -> Result<(u64, u64), FaultReason> {
+    let (host, checked) = s2.translate(gpa, Perm::R, guard).map_err(|r| stage2(gpa, r))?;
+    let mut raw = [0u8; 8];
+    crate::memory::read(trust(checked), host, &mut raw).map_err(|_| stage2(gpa, FaultReason::NotPresent))?;
+    Ok((host, u64::from_le_bytes(raw)))
 }
 
 fn stage2(gpa: u64, r: FaultReason) -> FaultReason {
@@ -562,10 +597,7 @@ impl Hwpt {
         match self {
             Hwpt::Paging(h) => (Arc::as_ptr(&h.domain) as usize, h.domain.iotlb_generation()),
             Hwpt::Nested(n) => {
-                let own = match &n.data {
-                    NestedData::VtdS1 { iotlb, .. } => iotlb.generation(),
-                    NestedData::Selftest { .. } => 0,
-                };
+                let own = n.data.iotlb().map_or(0, Iotlb::generation);
                 (Arc::as_ptr(n) as usize, own + n.parent.domain.iotlb_generation())
             }
         }
@@ -604,7 +636,11 @@ impl HwptPaging {
     ) -> crate::Result<Arc<HwptNested>> {
         self.check_nest_parent()?;
         crate::inject::check("nested HWPT")?;
-        Ok(Arc::new(HwptNested { parent: self.clone(), data, fault, viommu }))
+        let nested = Arc::new(HwptNested { parent: self.clone(), data, fault, viommu });
+        if let Some(v) = &nested.viommu {
+            v.add_nested(&nested);
+        }
+        Ok(nested)
     }
 }
 

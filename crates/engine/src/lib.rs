@@ -41,6 +41,7 @@ pub mod memory;
 pub mod model;
 pub mod pages;
 pub mod pgtable;
+pub mod smmuv3;
 pub mod veventq;
 pub mod viommu;
 #[cfg(feature = "vm-memory")]

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
-use crate::hwpt::HwptPaging;
+use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
 use crate::model::IommuModel;
 use crate::veventq::{VEVENTQ_TYPE_SELFTEST, Veventq};
@@ -34,6 +34,10 @@ use crate::{Error, Result};
 pub enum ViommuType {
     /// The selftest mock IOMMU's vIOMMU.
     Selftest,
+    /// An Arm SMMUv3 for the guest: nested HWPTs take its stream table
+    /// entries, and its command queue's invalidations come through
+    /// `Viommu::invalidate`.
+    ArmSmmuV3,
 }
 
 impl ViommuType {
@@ -41,6 +45,7 @@ impl ViommuType {
     fn serves(self, iommu: IommuModel) -> bool {
         match self {
             ViommuType::Selftest => iommu.is_selftest(),
+            ViommuType::ArmSmmuV3 => iommu == IommuModel::ArmSmmuV3,
         }
     }
 }
@@ -58,6 +63,9 @@ pub struct Viommu {
     /// Its event queues, at most one per type; weak, as each queue holds
     /// its vIOMMU.
     veventqs: Mutex<Vec<Weak<Veventq>>>,
+    /// The nested HWPTs allocated on it, whose caches its invalidations
+    /// reach; weak, as each holds its vIOMMU.
+    nested: Mutex<Vec<Weak<HwptNested>>>,
 }
 
 struct VpasidUse {
@@ -87,11 +95,44 @@ impl Viommu {
             pasid_set: OnceLock::new(),
             vpasids: Mutex::new(BTreeMap::new()),
             veventqs: Mutex::new(Vec::new()),
+            nested: Mutex::new(Vec::new()),
         }))
     }
 
     pub fn kind(&self) -> ViommuType {
         self.kind
+    }
+
+    pub(crate) fn add_nested(&self, hwpt: &Arc<HwptNested>) {
+        let mut nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        nested.retain(|n| n.strong_count() > 0);
+        nested.push(Arc::downgrade(hwpt));
+    }
+
+    /// Carries out one command of the guest's SMMUv3 command queue (16
+    /// bytes): TLB invalidations drop the combined translations of every
+    /// nested HWPT of this vIOMMU (its one VMID; finer ASID or address
+    /// ranges are honoured by dropping more, never less); configuration
+    /// invalidations name the guest's stream ID, which must be a vDEVICE
+    /// here (`EIO` otherwise, as in Linux), and drop that device's nested
+    /// translations, so a changed context descriptor is read again.
+    pub fn invalidate(&self, cmd: [u64; 2]) -> Result<()> {
+        if self.kind != ViommuType::ArmSmmuV3 {
+            return Err(Error::Unsupported("this vIOMMU takes no invalidation commands"));
+        }
+        let command = crate::smmuv3::Command::decode(cmd)?;
+        if let Some(sid) = command.sid() {
+            let dev = self.device(u64::from(sid)).ok_or(Error::Io("no vDEVICE has that stream ID"))?;
+            for (_, hwpt) in dev.attachments() {
+                if let Hwpt::Nested(n) = hwpt {
+                    n.invalidate();
+                }
+            }
+            return Ok(());
+        }
+        let nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        nested.iter().filter_map(Weak::upgrade).for_each(|n| n.invalidate());
+        Ok(())
     }
 
     /// The stage-2 HWPT this vIOMMU's nested HWPTs translate through.

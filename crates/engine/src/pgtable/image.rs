@@ -42,12 +42,24 @@ pub fn walk_image<F: Format>(
     input: u64,
     read: &mut dyn FnMut(u64) -> Option<u64>,
 ) -> Result<ImageTranslation, ImageFault> {
-    if F::iova_bits() < 64 && input >> F::iova_bits() != 0 {
+    walk_image_from::<F>(root, F::LEVELS - 1, input, read)
+}
+
+/// `walk_image` of a table whose root is at level `top`, as a smaller input
+/// size gives (Arm's T0SZ); the input must fit that table.
+pub fn walk_image_from<F: Format>(
+    root: u64,
+    top: u32,
+    input: u64,
+    read: &mut dyn FnMut(u64) -> Option<u64>,
+) -> Result<ImageTranslation, ImageFault> {
+    let bits = F::level_shift(top.min(F::LEVELS - 1)) + 9;
+    if bits < 64 && input >> bits != 0 {
         return Err(ImageFault::AddressSize);
     }
     let index = |level: u32| (input >> F::level_shift(level)) & (super::ENTRIES as u64 - 1);
     let mut table = root;
-    let mut level = F::LEVELS - 1;
+    let mut level = top.min(F::LEVELS - 1);
     let mut limit = Perm::RW;
     loop {
         let entry = table + index(level) * 8;

@@ -1,0 +1,167 @@
+//! Nested translation on an Arm SMMUv3: the guest's stream table entry
+//! points at context descriptors in guest memory, whose TTB0 is a stage-1
+//! table walked through the host's stage 2; the guest's commands
+//! (TLBI, CFGI) reach the vIOMMU, and nothing stale survives them.
+
+use std::sync::Arc;
+
+use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
+use ioasid_engine::smmuv3::{cd, ste};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel, Limit,
+    NestedData, Perm, ViommuType,
+};
+
+const PAGE: u64 = 4096;
+const RAM_PAGES: u64 = 64;
+const VSID: u32 = 0x42;
+const CD_TABLE: u64 = 0x1000;
+
+struct Guest {
+    ctx: Arc<Context>,
+    ioas: u32,
+    dev: u32,
+    viommu: u32,
+    ram: HostBuffer,
+}
+
+impl Guest {
+    fn put(&self, gpa: u64, value: u64) {
+        self.ram.write_at(gpa as usize, &value.to_le_bytes());
+    }
+
+    /// Writes CD 0: valid, AArch64, 4 KiB granule, 48-bit input, `asid`, TTB0.
+    fn write_cd(&self, ttb0: u64, asid: u64) {
+        self.put(CD_TABLE, cd::V | cd::AA64 | 16 | asid << cd::ASID_SHIFT);
+        self.put(CD_TABLE + 8, ttb0);
+    }
+
+    /// Maps 4 KiB at `iova` to `gpa` in the table at `ttb0` (next levels at
+    /// `ttb0 + 0x1000`, `+ 0x2000`, `+ 0x3000`).
+    fn map(&self, ttb0: u64, iova: u64, gpa: u64, write: bool) {
+        let idx = |level: u32| (iova >> (12 + 9 * level)) & 511;
+        self.put(ttb0 + idx(3) * 8, (ttb0 + 0x1000) | 0b11);
+        self.put(ttb0 + 0x1000 + idx(2) * 8, (ttb0 + 0x2000) | 0b11);
+        self.put(ttb0 + 0x2000 + idx(1) * 8, (ttb0 + 0x3000) | 0b11);
+        let rights = if write { 0 } else { AP_RDONLY };
+        self.put(ttb0 + 0x3000 + idx(0) * 8, gpa | 0b11 | AF | rights);
+    }
+
+    fn nested(&self, words: [u64; 2]) -> u32 {
+        let data = NestedData::arm_smmuv3(words).unwrap();
+        let id = self.ctx.hwpt_alloc_nested(self.dev, self.viommu, data, None).unwrap();
+        let dev = self.ctx.device(self.dev).unwrap();
+        if dev.attached().is_some() { self.ctx.replace(self.dev, id) } else { self.ctx.attach(self.dev, id) }.unwrap();
+        id
+    }
+
+    fn command(&self, cmd: [u64; 2]) -> Result<(), Error> {
+        self.ctx.viommu(self.viommu).unwrap().invalidate(cmd)
+    }
+
+    fn read_ram(&self, gpa: u64) -> u8 {
+        let mut b = [0u8; 1];
+        self.ram.read_at(gpa as usize, &mut b);
+        b[0]
+    }
+}
+
+const S1: [u64; 2] = [ste::V | ste::CONFIG_S1 << 1 | CD_TABLE, 0];
+
+fn guest() -> Guest {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let ram = HostBuffer::new((RAM_PAGES * PAGE) as usize).unwrap();
+    // SAFETY: `ram` lives in the returned struct, beside the context.
+    unsafe { ctx.map_user(ioas, ram.addr(), RAM_PAGES * PAGE, Some(0), Perm::RW).unwrap() };
+    let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu-vf", 1)).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let viommu = ctx.viommu_alloc(dev, parent, ViommuType::ArmSmmuV3).unwrap();
+    ctx.vdevice_alloc(viommu, dev, u64::from(VSID)).unwrap();
+    Guest { ctx, ioas, dev, viommu, ram }
+}
+
+fn fault(r: Result<(), DmaError>) -> FaultReason {
+    match r {
+        Err(DmaError::Fault { reason, .. }) => reason,
+        other => panic!("expected a fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn dma_goes_through_the_cd_and_both_stages() {
+    let g = guest();
+    g.write_cd(0x10000, 1);
+    g.map(0x10000, 0x40_0000, 0x20000, true);
+    g.map(0x10000, 0x40_1000, 0x21000, false);
+    g.nested(S1);
+    let dev = g.ctx.device(g.dev).unwrap();
+    dev.dma_write(0x40_0010, b"s").unwrap();
+    assert_eq!(g.read_ram(0x20010), b's');
+    assert_eq!(fault(dev.dma_write(0x40_1000, b"x")), FaultReason::Permission, "stage 1 is read-only");
+    assert_eq!(fault(dev.dma_write(0x50_0000, b"x")), FaultReason::NotPresent);
+    // Stage 1 names guest memory stage 2 does not map.
+    g.map(0x10000, 0x40_2000, (RAM_PAGES + 1) * PAGE, true);
+    assert_eq!(
+        fault(dev.dma_write(0x40_2000, b"x")),
+        FaultReason::Stage2 { gpa: (RAM_PAGES + 1) * PAGE, permission: false }
+    );
+    g.ctx.unmap(g.ioas, 0, u64::MAX).unwrap();
+    assert!(matches!(fault(dev.dma_write(0x40_0010, b"x")), FaultReason::Stage2 { .. }), "stage 2 went away");
+}
+
+#[test]
+fn tlbi_and_cfgi_drop_what_they_must() {
+    let g = guest();
+    g.write_cd(0x10000, 1);
+    g.map(0x10000, 0x40_0000, 0x20000, true);
+    g.nested(S1);
+    let dev = g.ctx.device(g.dev).unwrap();
+    dev.dma_write(0x40_0000, b"a").unwrap();
+    // A remap without a TLBI: the SMMU's TLB still holds the old page.
+    g.map(0x10000, 0x40_0000, 0x22000, true);
+    dev.dma_write(0x40_0000, b"b").unwrap();
+    assert_eq!(g.read_ram(0x20000), b'b', "stale until invalidated");
+    g.command([u64::from(ioasid_engine::smmuv3::CMD_TLBI_NH_VA) | 1 << 48, 0x40_0000]).unwrap();
+    dev.dma_write(0x40_0000, b"c").unwrap();
+    assert_eq!(g.read_ram(0x22000), b'c', "TLBI_NH_VA");
+    // A new CD (another table) is read only after CFGI_CD for the stream.
+    g.map(0x30000, 0x40_0000, 0x23000, true);
+    g.write_cd(0x30000, 2);
+    dev.dma_write(0x40_0000, b"d").unwrap();
+    assert_eq!(g.read_ram(0x22000), b'd', "the old CD's translation, still cached");
+    assert!(matches!(g.command([0x05 | 0x99 << 32, 1]), Err(Error::Io(_))), "no vDEVICE has stream 0x99");
+    g.command([0x05 | u64::from(VSID) << 32, 1]).unwrap();
+    dev.dma_write(0x40_0000, b"e").unwrap();
+    assert_eq!(g.read_ram(0x23000), b'e', "CFGI_CD");
+    // TLBI by VMID (S12_VMALL) reaches every nested table of the vIOMMU.
+    g.map(0x30000, 0x40_0000, 0x24000, true);
+    g.command([0x28, 0]).unwrap();
+    dev.dma_write(0x40_0000, b"f").unwrap();
+    assert_eq!(g.read_ram(0x24000), b'f', "TLBI_S12_VMALL");
+    assert!(matches!(g.command([0x46, 0]), Err(Error::Io(_))), "CMD_SYNC is the host's");
+}
+
+#[test]
+fn bypass_and_abort_stes() {
+    let g = guest();
+    g.nested([ste::V | ste::CONFIG_BYPASS << 1, 0]);
+    let dev = g.ctx.device(g.dev).unwrap();
+    dev.dma_write(0x3000, b"p").unwrap();
+    assert_eq!(g.read_ram(0x3000), b'p', "bypass: stage 2 alone");
+    g.nested([0, 0]);
+    assert_eq!(fault(dev.dma_write(0x3000, b"x")), FaultReason::NotPresent, "an invalid STE aborts");
+}
+
+#[test]
+fn smmu_nesting_needs_its_viommu_and_a_valid_ste() {
+    let g = guest();
+    assert!(matches!(NestedData::arm_smmuv3([ste::V | 0b110 << 1, 0]), Err(Error::Io(_))));
+    let parent = g.ctx.hwpt_alloc(g.dev, g.ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let data = NestedData::arm_smmuv3(S1).unwrap();
+    assert!(matches!(g.ctx.hwpt_alloc_nested(g.dev, parent, data, None), Err(Error::Unsupported(_))));
+    let vtd = g.ctx.bind_device(DeviceInfo::new("vtd", 2)).unwrap();
+    let vtd_parent =
+        g.ctx.hwpt_alloc(vtd, g.ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    assert!(matches!(g.ctx.viommu_alloc(vtd, vtd_parent, ViommuType::ArmSmmuV3), Err(Error::Unsupported(_))));
+}
