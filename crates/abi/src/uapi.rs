@@ -64,6 +64,7 @@ pub const IOMMU_VEVENTQ_ALLOC: u32 = io(IOMMUFD_CMD_VEVENTQ_ALLOC);
 pub const IOMMU_VEVENTQ_TYPE_DEFAULT: u32 = 0;
 /// The selftest driver's events (`iommufd_test.h`).
 pub const IOMMU_VEVENTQ_TYPE_SELFTEST: u32 = ioasid_engine::veventq::VEVENTQ_TYPE_SELFTEST;
+pub const IOMMU_VEVENTQ_TYPE_ARM_SMMUV3: u32 = ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
 pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: u32 = ioasid_engine::veventq::LOST_EVENTS;
 
 /// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
@@ -180,6 +181,7 @@ uapi_struct!(iommu_hwpt_get_dirty_bitmap {
 uapi_struct!(iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24);
 uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
 uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
+uapi_struct!(iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32);
 uapi_struct!(iommu_hwpt_invalidate {
     size: u32, hwpt_id: u32, data_uptr: u64, data_type: u32, entry_len: u32, entry_num: u32, __reserved: u32,
 } size 32);

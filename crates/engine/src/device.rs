@@ -331,7 +331,7 @@ impl Device {
                     drop(guard);
                     let end = iova.saturating_add(len as u64);
                     let Some(waiter) = self.page_request(pasid, at, end, need) else {
-                        self.unrecoverable(pasid);
+                        self.unrecoverable(pasid, e);
                         return Err(Stall::Failed(e));
                     };
                     if !wait {
@@ -347,7 +347,7 @@ impl Device {
                 }
                 Err(e) => {
                     if matches!(e, DmaError::Fault { .. }) {
-                        self.unrecoverable(pasid);
+                        self.unrecoverable(pasid, e);
                     }
                     return Err(Stall::Failed(e));
                 }
@@ -395,12 +395,12 @@ impl Device {
 
     /// Counts a fault no page request can resolve, and reports it to the
     /// guest when the table is a vIOMMU's with an event queue listening.
-    fn unrecoverable(&self, pasid: Option<u32>) {
+    fn unrecoverable(&self, pasid: Option<u32>, fault: DmaError) {
         self.unrecoverable.fetch_add(1, Ordering::Relaxed);
         if let Some(Hwpt::Nested(n)) = self.attached_at(pasid)
             && let Some(viommu) = n.viommu()
         {
-            viommu.report_fault(self);
+            viommu.report_fault(self, fault);
         }
     }
 

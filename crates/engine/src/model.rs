@@ -2,6 +2,50 @@
 //! formats its domains use, the aperture, and the hardware description
 //! `IOMMU_GET_HW_INFO` reports: the registers a VMM reads to build a
 //! matching virtual IOMMU for its guest.
+//!
+//! A guest behind an emulated SMMUv3: its stream table entry and stage-1
+//! tables live in guest memory, the host's stage 2 under them, and the
+//! guest's TLB invalidations go to the vIOMMU.
+//!
+//! ```
+//! use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
+//! use ioasid_engine::smmuv3::{cd, ste, CMD_TLBI_NH_ASID};
+//! use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwInfo, HwptFlags, IommuModel, NestedData, Perm, ViommuType};
+//!
+//! let ctx = Context::new();
+//! let ioas = ctx.ioas_alloc()?;
+//! let ram = HostBuffer::new(0x20000)?; // guest RAM, guest-physical 0
+//! // SAFETY: `ram` outlives the context's use of it.
+//! unsafe { ctx.map_user(ioas, ram.addr(), 0x20000, Some(0), Perm::RW)? };
+//! let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "nic", 0x10))?;
+//! let HwInfo::ArmSmmuV3 { idr, .. } = ctx.device(dev)?.info().hw_info() else { unreachable!() };
+//! assert_eq!(idr[0] & 0b11, 0b11, "stage 1 and stage 2");
+//!
+//! // The guest: CD 0 at 0x1000 (TTB0 0x2000, 48-bit input); four table
+//! // levels at 0x2000..0x5000 map IOVA 0 to guest page 0x8000, read-only.
+//! let put = |gpa: usize, v: u64| ram.write_at(gpa, &v.to_le_bytes());
+//! put(0x1000, cd::V | cd::AA64 | 16 | 7 << cd::ASID_SHIFT);
+//! put(0x1008, 0x2000);
+//! put(0x2000, 0x3000 | 0b11);
+//! put(0x3000, 0x4000 | 0b11);
+//! put(0x4000, 0x5000 | 0b11);
+//! put(0x5000, 0x8000 | 0b11 | AF | AP_RDONLY);
+//! ram.write_at(0x8000, b"hello");
+//!
+//! let s2 = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None)?;
+//! let viommu = ctx.viommu_alloc(dev, s2, ViommuType::ArmSmmuV3)?;
+//! ctx.vdevice_alloc(viommu, dev, 0x10)?; // the guest's StreamID
+//! let vste = [ste::V | ste::CONFIG_S1 << 1 | 0x1000, 0];
+//! let nested = ctx.hwpt_alloc_nested(dev, viommu, NestedData::arm_smmuv3(vste)?, None)?;
+//! ctx.attach(dev, nested)?;
+//!
+//! let mut buf = [0u8; 5];
+//! ctx.device(dev)?.dma_read(0, &mut buf)?;
+//! assert_eq!(&buf, b"hello");
+//! assert!(ctx.device(dev)?.dma_write(0, b"x").is_err(), "stage 1 is read-only");
+//! ctx.viommu(viommu)?.invalidate([u64::from(CMD_TLBI_NH_ASID) | 7 << 48, 0])?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use crate::hwpt::PageFormat;
 use crate::iova::IovaRange;

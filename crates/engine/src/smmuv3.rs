@@ -153,6 +153,38 @@ pub fn asid(cd0: u64) -> u16 {
     (cd0 >> cd::ASID_SHIFT) as u16
 }
 
+/// Event record types (SMMUv3 7.3).
+pub const F_TRANSLATION: u64 = 0x10;
+pub const F_ADDR_SIZE: u64 = 0x11;
+pub const F_PERMISSION: u64 = 0x13;
+
+/// The event record (SMMUv3 7.3) an SMMU writes for a fault no page
+/// request covers, for the guest's event queue: type and the guest's
+/// StreamID, read/write (RnW), whether stage 2 faulted (S2, with the IPA),
+/// the class (an input address), and the input address.
+pub fn event(vsid: u32, fault: crate::DmaError) -> Option<[u64; 4]> {
+    use crate::FaultReason;
+    let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
+    let (kind, ipa) = match reason {
+        FaultReason::NotPresent => (F_TRANSLATION, None),
+        FaultReason::Permission => (F_PERMISSION, None),
+        FaultReason::Aperture => (F_ADDR_SIZE, None),
+        FaultReason::Stage2 { gpa, permission } => (if permission { F_PERMISSION } else { F_TRANSLATION }, Some(gpa)),
+    };
+    const RNW: u64 = 1 << 35;
+    const S2: u64 = 1 << 39;
+    const CLASS_IN: u64 = 0b10 << 40;
+    let mut word1 = CLASS_IN;
+    if !write {
+        word1 |= RNW;
+    }
+    if ipa.is_some() {
+        word1 |= S2;
+    }
+    let ipa = ipa.unwrap_or(0) & (((1 << 52) - 1) & !0xfff);
+    Some([kind | u64::from(vsid) << 32, word1, iova, ipa])
+}
+
 /// A command from a guest's command queue (SMMUv3 4.1), as a vIOMMU
 /// accepts it. Stream IDs are the guest's (virtual) ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use crate::device::{Device, DmaError};
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
 use crate::model::IommuModel;
-use crate::veventq::{VEVENTQ_TYPE_SELFTEST, Veventq};
+use crate::veventq::{VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, Veventq};
 use crate::{Error, Result};
 
 /// The IOMMU model a vIOMMU emulates for its guest.
@@ -175,10 +175,20 @@ impl Viommu {
 
     /// Tells the guest's owner that `dev` took a fault it cannot recover
     /// from, in this vIOMMU's event format. False when nobody listens.
-    pub(crate) fn report_fault(&self, dev: &Device) -> bool {
-        let (Some(virt_id), ViommuType::Selftest) = (self.virt_id_of(dev), self.kind) else { return false };
-        let Some(q) = self.veventq(VEVENTQ_TYPE_SELFTEST) else { return false };
-        q.report(&(virt_id as u32).to_le_bytes());
+    pub(crate) fn report_fault(&self, dev: &Device, fault: DmaError) -> bool {
+        let Some(virt_id) = self.virt_id_of(dev) else { return false };
+        match self.kind {
+            ViommuType::Selftest => {
+                let Some(q) = self.veventq(VEVENTQ_TYPE_SELFTEST) else { return false };
+                q.report(&(virt_id as u32).to_le_bytes());
+            }
+            ViommuType::ArmSmmuV3 => {
+                let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
+                let Some(record) = crate::smmuv3::event(virt_id as u32, fault) else { return false };
+                let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
+                q.report(&bytes);
+            }
+        }
         true
     }
 

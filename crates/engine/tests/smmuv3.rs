@@ -165,3 +165,28 @@ fn smmu_nesting_needs_its_viommu_and_a_valid_ste() {
         g.ctx.hwpt_alloc(vtd, g.ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     assert!(matches!(g.ctx.viommu_alloc(vtd, vtd_parent, ViommuType::ArmSmmuV3), Err(Error::Unsupported(_))));
 }
+
+#[test]
+fn faults_reach_the_guests_event_queue_as_smmu_event_records() {
+    use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
+    let g = guest();
+    let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
+    g.write_cd(0x10000, 1);
+    g.map(0x10000, 0x40_1000, 0x21000, false);
+    g.map(0x10000, 0x40_2000, (RAM_PAGES + 3) * PAGE, true);
+    g.nested(S1);
+    let dev = g.ctx.device(g.dev).unwrap();
+    dev.dma_write(0x40_1008, b"x").unwrap_err();
+    dev.dma_read(0x40_2000, &mut [0u8; 4]).unwrap_err();
+    let events = queue.read(4096).unwrap();
+    let words = |i: usize| -> Vec<u64> {
+        events[i].data.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect()
+    };
+    // F_PERMISSION on a write (RnW clear) by stream 0x42, at the input address.
+    assert_eq!(words(0), [0x13 | u64::from(VSID) << 32, 0b10 << 40, 0x40_1008, 0]);
+    // F_TRANSLATION in stage 2, a read, with the IPA stage 2 could not map.
+    assert_eq!(
+        words(1),
+        [0x10 | u64::from(VSID) << 32, 1 << 35 | 1 << 39 | 0b10 << 40, 0x40_2000, (RAM_PAGES + 3) * PAGE]
+    );
+}
