@@ -155,7 +155,10 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     section(out, 10, "Guest PASIDs: a vIOMMU drawing from an IOASID set")?;
     vpasid_scene(out, &ctx)?;
 
-    section(out, 11, "Teardown")?;
+    section(out, 11, "IOMMU models: VT-d, SMMUv3, AMD-Vi")?;
+    models_scene(out, &ctx)?;
+
+    section(out, 12, "Teardown")?;
 
     ctx.unmap(ioas, 0, u64::MAX)?;
     ctx.detach(nic)?;
@@ -366,6 +369,85 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     ctx.destroy(viommu)?;
     ctx.destroy(set)?;
     ctx.destroy(stage2)?;
+    ctx.destroy(space)?;
+    Ok(())
+}
+
+/// The same DMA behind each IOMMU architecture, each with its own table
+/// format and registers; then an SMMUv3 guest whose stream table entry and
+/// stage-1 table live in its memory, and the event record its fault makes.
+fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
+    use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
+    use ioasid_engine::smmuv3::{cd, ste};
+    use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
+    use ioasid_engine::{HwInfo, IommuModel, NestedData, ViommuType};
+    let ram = HostBuffer::new(0x20000)?;
+    let space = ctx.ioas_alloc()?;
+    // SAFETY: `ram` outlives the mapping: the scene destroys the IOAS below.
+    unsafe { ctx.map_user(space, ram.addr(), 0x20000, Some(0), Perm::RW)? };
+    let mut devices = Vec::new();
+    for (rid, model) in [(0x30, IommuModel::VTD), (0x31, IommuModel::ArmSmmuV3), (0x32, IommuModel::AmdVi)] {
+        let dev = ctx.bind_device(DeviceInfo::behind(model, format!("dev{rid:x}"), rid))?;
+        devices.push(dev);
+        let hwpt = ctx.attach(dev, space)?;
+        let device = ctx.device(dev)?;
+        device.dma_write(0x9000 + u64::from(rid), b"m")?;
+        let registers = match device.info().hw_info() {
+            HwInfo::IntelVtd { cap_reg, ecap_reg } => format!("cap {cap_reg:#x}, ecap {ecap_reg:#x}"),
+            HwInfo::ArmSmmuV3 { idr, .. } => format!("IDR0 {:#x}, IDR1 {:#x}, IDR5 {:#x}", idr[0], idr[1], idr[5]),
+            HwInfo::AmdVi { efr, .. } => format!("EFR {efr:#x}"),
+            HwInfo::Selftest => String::new(),
+        };
+        let format = ctx.hwpt(hwpt)?.domain().format().name();
+        row(out, model.name(), format!("{format}; DMA ok; GET_HW_INFO: {registers}"))?;
+    }
+    // An SMMUv3 guest: CD 0 at guest-physical 0x1000, its stage-1 table at
+    // 0x2000..0x5000 mapping IOVA 0x1000 to guest page 0x8000, read-only.
+    let put = |gpa: usize, v: u64| ram.write_at(gpa, &v.to_le_bytes());
+    put(0x1000, cd::V | cd::AA64 | 16 | 7 << cd::ASID_SHIFT);
+    put(0x1008, 0x2000);
+    put(0x2000, 0x3000 | 0b11);
+    put(0x3000, 0x4000 | 0b11);
+    put(0x4000, 0x5000 | 0b11);
+    put(0x5008, 0x8000 | 0b11 | AF | AP_RDONLY);
+    ram.write_at(0x8000, b"from the guest's page");
+    let smmu = devices[1];
+    ctx.detach(smmu)?;
+    let stage2 = ctx.hwpt_alloc(smmu, space, HwptFlags { nest_parent: true, dirty_tracking: false }, None)?;
+    let viommu = ctx.viommu_alloc(smmu, stage2, ViommuType::ArmSmmuV3)?;
+    let vdev = ctx.vdevice_alloc(viommu, smmu, 0x31)?;
+    let (veventq, events) = ctx.veventq_alloc(viommu, VEVENTQ_TYPE_ARM_SMMUV3, 16)?;
+    let vste = [ste::V | ste::CONFIG_S1 << 1 | 0x1000, 0];
+    let nested = ctx.hwpt_alloc_nested(smmu, viommu, NestedData::arm_smmuv3(vste)?, None)?;
+    ctx.attach(smmu, nested)?;
+    row(
+        out,
+        "SMMUv3 guest",
+        format!("STE {:#x}: stage 1 through CD table 0x1000, over stage 2 (HWPT {stage2})", vste[0]),
+    )?;
+    let mut buf = [0u8; 21];
+    let device = ctx.device(smmu)?;
+    device.dma_read(0x1000, &mut buf)?;
+    row(
+        out,
+        "DMA read, IOVA 0x1000",
+        format!("\"{}\" (CD, then 4 levels, each read through stage 2)", String::from_utf8_lossy(&buf)),
+    )?;
+    let refused = device.dma_write(0x1000, b"x").map_err(|e| e.to_string()).err().unwrap_or_default();
+    row(out, "DMA write, IOVA 0x1000", format!("refused: {refused}"))?;
+    for event in events.read(4096).unwrap_or_default() {
+        let words: Vec<String> =
+            event.data.chunks(8).map(|w| format!("{:#x}", u64::from_le_bytes(w.try_into().unwrap()))).collect();
+        row(out, "guest event queue", format!("F_PERMISSION record for stream 0x31: [{}]", words.join(", ")))?;
+    }
+    ctx.detach(smmu)?;
+    drop(events);
+    for id in [nested, veventq, vdev, viommu, stage2] {
+        ctx.destroy(id)?;
+    }
+    for dev in devices {
+        ctx.unbind_device(dev)?;
+    }
     ctx.destroy(space)?;
     Ok(())
 }

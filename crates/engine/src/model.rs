@@ -114,6 +114,15 @@ impl IommuModel {
         }
     }
 
+    pub fn name(self) -> &'static str {
+        match self {
+            IommuModel::IntelVtd { .. } => "Intel VT-d",
+            IommuModel::ArmSmmuV3 => "Arm SMMUv3",
+            IommuModel::AmdVi => "AMD-Vi",
+            IommuModel::Selftest { .. } => "selftest mock",
+        }
+    }
+
     pub fn is_selftest(self) -> bool {
         matches!(self, IommuModel::Selftest { .. })
     }
