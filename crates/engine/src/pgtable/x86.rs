@@ -173,6 +173,30 @@ mod tests {
     }
 
     #[test]
+    fn golden_second_stage_walks() {
+        use crate::pgtable::image::{ImageFault, ImageTranslation, walk_image};
+        use std::collections::BTreeMap;
+        // A 4-level image rooted at 0x1000: IOVA 0 -> tables 0x2000, 0x3000;
+        // a 2 MiB read-only leaf at level 1 index 1, and a 4 KiB write-only
+        // page under table 0x4000 (level 1 index 2, page 3).
+        let image: BTreeMap<u64, u64> = [
+            (0x1000, 0x2000 | 3),
+            (0x2000, 0x3000 | 3),
+            (0x3000 + 8, 0x80_0000 | 1 | PS),
+            (0x3000 + 2 * 8, 0x4000 | 3),
+            (0x4000 + 3 * 8, 0x9000 | 2 | DIRTY),
+        ]
+        .into();
+        let walk = |iova| walk_image::<VtdSs4>(0x1000, iova, &mut |a| Some(image.get(&a).copied().unwrap_or(0)));
+        let t = |addr, shift, perm, dirty| Ok(ImageTranslation { addr, shift, perm, dirty });
+        assert_eq!(walk(M2 + 0x1234), t(0x80_1234, 21, Perm::R, false));
+        assert_eq!(walk(2 * M2 + 3 * K4 + 8), t(0x9008, 12, Perm::W, true));
+        assert_eq!(walk(2 * M2 + 4 * K4), Err(ImageFault::Translation { level: 0 }));
+        assert_eq!(walk(G), Err(ImageFault::Translation { level: 2 }));
+        assert_eq!(walk(1 << 48), Err(ImageFault::AddressSize));
+    }
+
+    #[test]
     fn huge_leaves_are_used_when_aligned() {
         let pt = PageTable::<VtdSs4>::new();
         pt.map(G, 4 * G, G + M2 + K4, Perm::RW, false, true).unwrap();
