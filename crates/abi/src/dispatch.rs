@@ -28,6 +28,20 @@ pub struct Ucmd<'a> {
 }
 
 impl Ucmd<'_> {
+    /// Maps the caller's memory: this process's, checked, or another's.
+    pub(crate) fn map_user(&self, ioas: u32, va: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64, Errno> {
+        Ok(match self.mem.pid() {
+            None => self.ctx.map_user_checked(ioas, va, len, iova, perm)?,
+            Some(pid) => self.ctx.map_remote(ioas, pid, va, len, iova, perm)?,
+        })
+    }
+
+    /// Commands that hand the caller a new descriptor, or take one of its
+    /// own, work only for this process: another's fd table is not ours.
+    pub(crate) fn local_only(&self) -> Res {
+        if self.mem.pid().is_some() { Err(Errno::EOPNOTSUPP) } else { Ok(()) }
+    }
+
     /// Copies the (updated) struct back, no more than the caller's size.
     pub(crate) fn respond<T: IntoBytes + Immutable>(&self, cmd: &T) -> Res {
         let b = cmd.as_bytes();
@@ -233,7 +247,7 @@ fn ioas_map(u: &Ucmd, mut c: iommu_ioas_map) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
-    c.iova = u.ctx.map_user_checked(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
+    c.iova = u.map_user(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
 
@@ -243,6 +257,7 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
     u.ctx.ioas(c.ioas_id)?;
+    u.local_only()?;
     let fd = dup_fd(c.fd)?;
     c.iova = u.ctx.map_file(c.ioas_id, fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
@@ -472,6 +487,7 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
     if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VEVENTQ_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
     }
+    u.local_only()?;
     let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;
     c.out_veventq_id = id;
     let respond = |fd| {
@@ -487,6 +503,7 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
     if c.flags != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
+    u.local_only()?;
     let (id, queue) = u.ctx.fault_alloc()?;
     c.out_fault_id = id;
     let respond = |fd| {

@@ -349,6 +349,7 @@ fn create_access(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     if a.flags & !MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
+    u.local_only()?;
     let fd = new_fd(c"ioasid:[iommufd_test_staccess]")?;
     let driver = Arc::new(MockAccessDriver::default());
     let needs_pin = a.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0;

@@ -24,6 +24,12 @@ pub trait UserMemory {
         Ok(())
     }
 
+    /// The process whose memory this is, when it is not this one (a forked
+    /// child whose ioctls its parent's ioasid carries out).
+    fn pid(&self) -> Option<i32> {
+        None
+    }
+
     /// Whether the `len` bytes at `addr` are all zero; `EFAULT` when any
     /// of them cannot be read.
     fn is_zero(&self, addr: u64, len: u64) -> Result<bool, Errno> {
@@ -51,6 +57,27 @@ impl UserMemory for InProcess {
 
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
         memory::write(Trust::Checked, addr, data).map_err(Errno::from)
+    }
+}
+
+/// The calling program is another process, `pid`: a child forked after it
+/// opened `/dev/iommu`, whose ioctls on the shared descriptor run here.
+#[derive(Debug, Clone, Copy)]
+pub struct OtherProcess {
+    pub pid: i32,
+}
+
+impl UserMemory for OtherProcess {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        memory::read_process(self.pid, addr, buf).map_err(Errno::from)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), Errno> {
+        memory::write_process(self.pid, addr, data).map_err(Errno::from)
+    }
+
+    fn pid(&self) -> Option<i32> {
+        Some(self.pid)
     }
 }
 

@@ -141,7 +141,7 @@ fn map_dma(u: &Ucmd) -> Result<(), Errno> {
     }
     let perm = Perm { read: m.flags & VFIO_DMA_MAP_FLAG_READ != 0, write: m.flags & VFIO_DMA_MAP_FLAG_WRITE != 0 };
     let id = u.ctx.vfio_ioas()?;
-    u.ctx.map_user_checked(id, m.vaddr, m.size, Some(m.iova), perm)?;
+    u.map_user(id, m.vaddr, m.size, Some(m.iova), perm)?;
     Ok(())
 }
 

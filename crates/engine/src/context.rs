@@ -300,6 +300,14 @@ impl Context {
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
     }
 
+    /// Maps memory of another process sharing this context (a forked
+    /// child): `[uptr, uptr + len)` of `pid`, taken when first pinned.
+    pub fn map_remote(&self, ioas: u32, pid: i32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
+        let ioas = self.ioas(ioas)?;
+        let (pages, lead) = Pages::remote(pid, uptr, len, perm.write, self.accounting())?;
+        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
+    }
+
     /// Maps `[start, start + len)` of a file (a memfd, typically).
     pub fn map_file(
         &self,

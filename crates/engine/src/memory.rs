@@ -185,20 +185,104 @@ mod guarded {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn vm_copy(remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<()> {
+    // SAFETY: getpid has no preconditions.
+    process_copy(unsafe { libc::getpid() }, remote, local, len, to_remote)
+}
+
+/// Copies `buf.len()` bytes from address `addr` of process `pid` (another
+/// process sharing an iommufd, a forked child): `EFAULT` when the memory or
+/// the process is gone.
+pub fn read_process(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+    process_copy(pid, addr, buf.as_mut_ptr(), buf.len(), false)
+}
+
+/// Copies `data` to address `addr` of process `pid`.
+pub fn write_process(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+    process_copy(pid, addr, data.as_ptr() as *mut u8, data.len(), true)
+}
+
+fn process_copy(pid: i32, remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
     let local_iov = libc::iovec { iov_base: local.cast(), iov_len: len };
     let remote_iov = libc::iovec { iov_base: remote as *mut libc::c_void, iov_len: len };
-    // SAFETY: both iovecs describe `len` bytes; the local one is a live Rust
-    // buffer, the remote one is validated by the kernel, which fails with
-    // EFAULT rather than touching an unmapped page.
+    // SAFETY: the local iovec is `len` bytes of a live Rust buffer (read-only
+    // when copying out); the kernel checks the remote one against `pid`'s
+    // memory and fails rather than touching anything unmapped.
     let n = unsafe {
-        let pid = libc::getpid();
         if to_remote {
             libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0)
         } else {
             libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0)
         }
     };
-    if n == len as isize { Ok(()) } else { Err(Error::Fault("user memory is not mapped")) }
+    if n == len as isize { Ok(()) } else { Err(Error::Fault("the other process's memory is not mapped")) }
+}
+
+/// Whether `[addr, addr + len)` of process `pid` is shared memory that this
+/// process maps at the same address (the same object at the same offset):
+/// what a forked child inherits of its parent's `MAP_SHARED` mappings.
+/// Such memory is one set of pages, reachable here directly.
+pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
+    let (Ok(theirs), Ok(ours)) =
+        (std::fs::read_to_string(format!("/proc/{pid}/maps")), std::fs::read_to_string("/proc/self/maps"))
+    else {
+        return false;
+    };
+    let end = addr.saturating_add(len);
+    let shared = |maps: &str| -> Vec<Region> {
+        maps.lines().filter_map(Region::parse).filter(|r| r.shared && r.start < end && addr < r.end).collect()
+    };
+    let (theirs, ours) = (shared(&theirs), shared(&ours));
+    // Their shared regions must cover the range, each matched by ours.
+    let mut at = addr;
+    for r in &theirs {
+        if r.start > at || !ours.iter().any(|o| o.same_object(r)) {
+            return false;
+        }
+        at = at.max(r.end);
+    }
+    at >= end
+}
+
+/// One line of `/proc/<pid>/maps`.
+#[derive(Debug, PartialEq, Eq)]
+struct Region {
+    start: u64,
+    end: u64,
+    shared: bool,
+    offset: u64,
+    dev: String,
+    inode: u64,
+}
+
+impl Region {
+    fn parse(line: &str) -> Option<Region> {
+        let mut f = line.split_whitespace();
+        let (start, end) = f.next()?.split_once('-')?;
+        let perms = f.next()?;
+        let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+        let dev = f.next()?.to_string();
+        let inode = f.next()?.parse().ok()?;
+        Some(Region {
+            start: u64::from_str_radix(start, 16).ok()?,
+            end: u64::from_str_radix(end, 16).ok()?,
+            shared: perms.as_bytes().get(3) == Some(&b's'),
+            offset,
+            dev,
+            inode,
+        })
+    }
+
+    /// The same object mapped at the same place and offset.
+    fn same_object(&self, other: &Region) -> bool {
+        self.start == other.start
+            && self.end == other.end
+            && self.offset == other.offset
+            && self.dev == other.dev
+            && self.inode == other.inode
+    }
 }
 
 /// Fails with `EFAULT` unless every page of `[addr, addr + len)` is mapped;

@@ -3,17 +3,33 @@
 //! memory is pinned and charged once however often it is mapped).
 
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
 
 use crate::account::Accounting;
 use crate::error::{Error, Result};
 use crate::iova::{self, IovaRange, PAGE_SIZE};
-use crate::memory::{self, FileMapping, Trust};
+use crate::memory::{self, FileMapping, HostBuffer, Trust};
 
 #[derive(Debug)]
 enum Backing {
     User,
     File(#[allow(dead_code)] FileMapping),
+    /// Memory of another process (a forked child mapping through the fd it
+    /// shares), taken when Linux would pin it.
+    Remote {
+        pid: i32,
+        taken: OnceLock<Taken>,
+    },
+}
+
+#[derive(Debug)]
+enum Taken {
+    /// Shared memory this process maps at the same address: the same pages,
+    /// used in place (and checked, as any memory of a program is).
+    Shared,
+    /// Private memory ioasid cannot map from another address space: copied,
+    /// and ours from then on.
+    Copy(HostBuffer),
 }
 
 #[derive(Debug)]
@@ -87,6 +103,57 @@ impl Pages {
         Ok((register(pages), lead))
     }
 
+    /// Pages of `[uptr, uptr + length)` in process `pid`'s memory, taken at
+    /// the first pin (EFAULT then if they, or the process, are gone).
+    pub fn remote(
+        pid: i32,
+        uptr: u64,
+        length: u64,
+        writable: bool,
+        accounting: Accounting,
+    ) -> Result<(Arc<Pages>, u64)> {
+        if length == 0 || length > u64::MAX - PAGE_SIZE {
+            return Err(Error::Invalid("length is zero or too large"));
+        }
+        uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
+        crate::inject::check("pages")?;
+        let base = uptr & !(PAGE_SIZE - 1);
+        let lead = uptr - base;
+        let pages = Pages {
+            base,
+            npages: (length + lead).div_ceil(PAGE_SIZE),
+            writable,
+            trust: Trust::Direct,
+            backing: Backing::Remote { pid, taken: OnceLock::new() },
+            accounting,
+            pins: Mutex::new(Vec::new()),
+        };
+        Ok((Arc::new(pages), lead))
+    }
+
+    /// Takes another process's pages into memory of ours, once; a no-op
+    /// for every other kind of pages.
+    pub fn materialize(&self) -> Result<()> {
+        let Backing::Remote { pid, taken } = &self.backing else { return Ok(()) };
+        if taken.get().is_some() {
+            return Ok(());
+        }
+        let len = self.npages * PAGE_SIZE;
+        let mut bytes = vec![0u8; len as usize];
+        // Readable in the process now, or EFAULT (gone, or never mapped).
+        memory::read_process(*pid, self.base, &mut bytes)?;
+        let took = if memory::shared_with(*pid, self.base, len) {
+            Taken::Shared
+        } else {
+            let buf = HostBuffer::new(len as usize)?;
+            buf.write_at(0, &bytes);
+            Taken::Copy(buf)
+        };
+        // A racing materialize may have won; both took the same memory.
+        let _ = taken.set(took);
+        Ok(())
+    }
+
     /// Pages of `[start, start + length)` of a file, mapped by the engine.
     pub fn file(
         fd: BorrowedFd<'_>,
@@ -118,7 +185,10 @@ impl Pages {
     }
 
     pub fn trust(&self) -> Trust {
-        self.trust
+        match &self.backing {
+            Backing::Remote { taken, .. } if matches!(taken.get(), Some(Taken::Shared)) => Trust::Checked,
+            _ => self.trust,
+        }
     }
 
     pub fn npages(&self) -> u64 {
@@ -129,9 +199,16 @@ impl Pages {
         matches!(self.backing, Backing::File(_))
     }
 
-    /// Host address of byte `offset` of these pages.
+    /// Host address of byte `offset` of these pages (for another process's
+    /// pages not yet taken, where they are in that process).
     pub fn host_addr(&self, offset: u64) -> u64 {
-        self.base + offset
+        match &self.backing {
+            Backing::Remote { taken: t, .. } => match t.get() {
+                Some(Taken::Copy(buf)) => buf.addr() + offset,
+                _ => self.base + offset,
+            },
+            _ => self.base + offset,
+        }
     }
 
     /// Pins the pages holding bytes `[offset, offset + len)`: checks that
@@ -143,6 +220,7 @@ impl Pages {
         let after = pinned_pages(pins.iter().copied().chain([range]));
         if after > before {
             crate::inject::check("pin")?;
+            self.materialize()?;
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }

@@ -41,6 +41,7 @@ fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
     let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
     files::insert(fd, File::Iommufd(Arc::new(Context::new())));
+    crate::fork::install();
     Ok(fd)
 }
 
@@ -108,15 +109,14 @@ openat_hook!(openat64, openat64);
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
     let fwd = || unsafe { real::ioctl()(fd, request, arg) };
-    hook(fwd, || match files::context(fd) {
-        None => fwd(),
-        Some(ctx) => match ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64) {
-            Ok(value) => value,
-            Err(e) => {
-                set_errno(e.0);
-                -1
-            }
-        },
+    hook(fwd, || {
+        let Some(ctx) = files::context(fd) else { return fwd() };
+        let result = crate::fork::forward(fd, request, arg)
+            .unwrap_or_else(|| ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0));
+        result.unwrap_or_else(|e| {
+            set_errno(e);
+            -1
+        })
     })
 }
 

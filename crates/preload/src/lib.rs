@@ -6,8 +6,10 @@
 //! this library remembers which descriptors are iommufd contexts and answers
 //! their `ioctl`s through the ABI dispatcher. Everything else is forwarded to
 //! the C library untouched. While a hook runs, calls it makes itself (the
-//! engine reading `/proc`, say) go straight to the C library.
+//! engine reading `/proc`, say) go straight to the C library. A child forked
+//! afterwards has its ioctls carried out by its parent (see `fork`).
 
 mod fail_nth;
+mod fork;
 mod hooks;
 mod real;
