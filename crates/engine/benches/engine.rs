@@ -56,16 +56,16 @@ fn domain_with(mem: &HostBuffer, n: u64, huge: bool) -> (Arc<Context>, Arc<Domai
 /// vm-memory's IOTLB holding the same mappings, one per page.
 fn vm_iotlb(mem: &HostBuffer, n: u64) -> Iotlb {
     let mut t = Iotlb::new();
-    for p in 0..n {
-        t.set_mapping(
-            GuestAddress(IOVA + p * PAGE),
-            GuestAddress(mem.addr() + p * PAGE),
-            PAGE as usize,
-            Permissions::ReadWrite,
-        )
-        .unwrap();
-    }
+    vm_map(&mut t, mem, n);
     t
+}
+
+/// `n` pages of `mem` mapped at `IOVA` in `t`, one entry per page.
+fn vm_map(t: &mut Iotlb, mem: &HostBuffer, n: u64) {
+    for p in 0..n {
+        let (iova, host) = (GuestAddress(IOVA + p * PAGE), GuestAddress(mem.addr() + p * PAGE));
+        t.set_mapping(iova, host, PAGE as usize, Permissions::ReadWrite).unwrap();
+    }
 }
 
 fn vm_lookup(t: &Iotlb, iova: u64) -> u64 {
@@ -653,16 +653,7 @@ impl Dma for Engine {
 /// under its lock, the memory accessed after it is released.
 impl Dma for VmIotlb {
     fn map(&self, buf: &HostBuffer) {
-        let mut t = self.0.write().unwrap();
-        for p in 0..RACE_PAGES {
-            t.set_mapping(
-                GuestAddress(IOVA + p * PAGE),
-                GuestAddress(buf.addr() + p * PAGE),
-                PAGE as usize,
-                Permissions::ReadWrite,
-            )
-            .unwrap();
-        }
+        vm_map(&mut self.0.write().unwrap(), buf, RACE_PAGES);
     }
     fn unmap(&self) {
         self.0.write().unwrap().invalidate_mapping(GuestAddress(IOVA), (RACE_PAGES * PAGE) as usize);

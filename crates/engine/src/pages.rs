@@ -84,6 +84,20 @@ impl Pages {
         trust: Trust,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
+        let (pages, lead) = Self::of_range(uptr, length, writable, trust, Backing::User, accounting)?;
+        Ok((register(pages), lead))
+    }
+
+    /// Pages holding `[uptr, uptr + length)` of some address space, and the
+    /// offset of `uptr` in them.
+    fn of_range(
+        uptr: u64,
+        length: u64,
+        writable: bool,
+        trust: Trust,
+        backing: Backing,
+        accounting: Accounting,
+    ) -> Result<(Pages, u64)> {
         if length == 0 || length > u64::MAX - PAGE_SIZE {
             return Err(Error::Invalid("length is zero or too large"));
         }
@@ -91,16 +105,8 @@ impl Pages {
         crate::inject::check("pages")?;
         let base = uptr & !(PAGE_SIZE - 1);
         let lead = uptr - base;
-        let pages = Pages {
-            base,
-            npages: (length + lead).div_ceil(PAGE_SIZE),
-            writable,
-            trust,
-            backing: Backing::User,
-            accounting,
-            pins: Mutex::new(Vec::new()),
-        };
-        Ok((register(pages), lead))
+        let npages = (length + lead).div_ceil(PAGE_SIZE);
+        Ok((Pages { base, npages, writable, trust, backing, accounting, pins: Mutex::new(Vec::new()) }, lead))
     }
 
     /// Pages of `[uptr, uptr + length)` in process `pid`'s memory, taken at
@@ -112,22 +118,8 @@ impl Pages {
         writable: bool,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
-        if length == 0 || length > u64::MAX - PAGE_SIZE {
-            return Err(Error::Invalid("length is zero or too large"));
-        }
-        uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
-        crate::inject::check("pages")?;
-        let base = uptr & !(PAGE_SIZE - 1);
-        let lead = uptr - base;
-        let pages = Pages {
-            base,
-            npages: (length + lead).div_ceil(PAGE_SIZE),
-            writable,
-            trust: Trust::Direct,
-            backing: Backing::Remote { pid, taken: OnceLock::new() },
-            accounting,
-            pins: Mutex::new(Vec::new()),
-        };
+        let backing = Backing::Remote { pid, taken: OnceLock::new() };
+        let (pages, lead) = Self::of_range(uptr, length, writable, Trust::Direct, backing, accounting)?;
         Ok((Arc::new(pages), lead))
     }
 

@@ -115,56 +115,22 @@ fn a_stage_2_unmap_invalidates_combined_translations() {
     assert!(matches!(fault_reason(dev.dma_write(0x40_0000, b"x")), FaultReason::Stage2 { .. }));
 }
 
+mod two_d;
+
 mod model {
+    use super::two_d::{Model, Op, op};
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     /// Guest IOVA pages 0..32 (all under one stage-1 leaf table), data at
     /// guest-physical pages 16..64.
     const IOVA_BASE: u64 = 0x40_0000;
 
-    #[derive(Debug, Clone)]
-    enum Op {
-        /// Stage 1: map IOVA page to GPA page (writable?), or unmap it.
-        S1(u64, Option<(u64, bool)>),
-        /// Stage 2: map a data GPA page (writable?), or unmap it.
-        S2(u64, Option<bool>),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0..32u64, proptest::option::of((16..RAM_PAGES, any::<bool>()))).prop_map(|(p, m)| Op::S1(p, m)),
-            (16..RAM_PAGES, proptest::option::of(any::<bool>())).prop_map(|(g, m)| Op::S2(g, m)),
-        ]
-    }
-
-    /// What the model says an access to byte `offset` of IOVA page `p` gives:
-    /// the guest-physical address, or the fault (naming the exact GPA).
-    fn expect(
-        s1: &BTreeMap<u64, (u64, bool)>,
-        s2: &BTreeMap<u64, bool>,
-        p: u64,
-        offset: u64,
-        write: bool,
-    ) -> Result<u64, FaultReason> {
-        let &(g, w1) = s1.get(&p).ok_or(FaultReason::NotPresent)?;
-        if write && !w1 {
-            return Err(FaultReason::Permission);
-        }
-        let gpa = g * PAGE + offset;
-        match s2.get(&g) {
-            None => Err(FaultReason::Stage2 { gpa, permission: false }),
-            Some(&w2) if write && !w2 => Err(FaultReason::Stage2 { gpa, permission: true }),
-            Some(_) => Ok(gpa),
-        }
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
         #[test]
-        fn two_dimensional_translation_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        fn two_dimensional_translation_matches_a_model(ops in proptest::collection::vec(op(RAM_PAGES), 1..40)) {
             let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
             let ioas = ctx.ioas_alloc().unwrap();
             let dev = ctx.bind_device(DeviceInfo::new("vf", 1)).unwrap();
@@ -181,8 +147,7 @@ mod model {
             g.map4k(IOVA_BASE, 16 * PAGE, true);
             g.write_entry(0x4000, (IOVA_BASE >> 12) & 511, 0);
             let device = ctx.device(dev).unwrap();
-            let mut s1: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
-            let mut s2: BTreeMap<u64, bool> = BTreeMap::new();
+            let mut model = Model::default();
             for op in ops {
                 match op {
                     Op::S1(p, m) => {
@@ -190,32 +155,11 @@ mod model {
                         let pte = m.map_or(0, |(gp, w)| encode(gp * PAGE, 0, true, w));
                         g.write_entry(0x4000, idx, pte);
                         hwpt.invalidate();
-                        match m { Some(v) => { s1.insert(p, v); } None => { s1.remove(&p); } }
+                        model.apply(&Op::S1(p, m));
                     }
-                    Op::S2(gp, m) => {
-                        if s2.remove(&gp).is_some() {
-                            ctx.unmap(ioas, gp * PAGE, PAGE).unwrap();
-                        }
-                        if let Some(w) = m {
-                            let perm = if w { Perm::RW } else { Perm::R };
-                            // SAFETY: as above.
-                            unsafe { ctx.map_user(ioas, g.ram.addr() + gp * PAGE, PAGE, Some(gp * PAGE), perm).unwrap() };
-                            s2.insert(gp, w);
-                        }
-                    }
+                    Op::S2(gp, m) => model.stage_2(&ctx, ioas, &g.ram, gp, m),
                 }
-                for p in 0..32u64 {
-                    let iova = IOVA_BASE + p * PAGE + 8;
-                    for write in [false, true] {
-                        let need = if write { Perm::W } else { Perm::R };
-                        let guard = ioasid_engine::epoch::pin();
-                        let got = device.translate(iova, need, &guard);
-                        match expect(&s1, &s2, p, 8, write) {
-                            Ok(gpa) => prop_assert_eq!(got.map(|t| t.0), Ok(g.ram.addr() + gpa)),
-                            Err(reason) => prop_assert_eq!(got, Err(DmaError::Fault { iova, reason, write })),
-                        }
-                    }
-                }
+                model.check(IOVA_BASE, g.ram.addr(), |iova, need| device.translate(iova, need, &ioasid_engine::epoch::pin()))?;
             }
             drop(device);
             drop(hwpt);

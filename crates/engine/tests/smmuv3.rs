@@ -191,50 +191,18 @@ fn faults_reach_the_guests_event_queue_as_smmu_event_records() {
     );
 }
 
+mod two_d;
+
 mod model {
+    use super::two_d::{Model, Op, op};
     use super::*;
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     /// Guest IOVA pages 0..32 under one stage-1 leaf table; tables in the
     /// first 16 guest pages (always mapped by stage 2), data pages 16..64.
     const IOVA_BASE: u64 = 0x40_0000;
     const TTB0: u64 = 0x2000;
     const LEAF_TABLE: u64 = TTB0 + 0x3000;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        /// Stage 1: map IOVA page to GPA page (writable?), or unmap it.
-        S1(u64, Option<(u64, bool)>),
-        /// Stage 2: map a data GPA page (writable?), or unmap it.
-        S2(u64, Option<bool>),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0..32u64, proptest::option::of((16..RAM_PAGES, any::<bool>()))).prop_map(|(p, m)| Op::S1(p, m)),
-            (16..RAM_PAGES, proptest::option::of(any::<bool>())).prop_map(|(g, m)| Op::S2(g, m)),
-        ]
-    }
-
-    /// The model 2D translation: stage 1's page and rights, then stage 2's.
-    fn expect(
-        s1: &BTreeMap<u64, (u64, bool)>,
-        s2: &BTreeMap<u64, bool>,
-        p: u64,
-        write: bool,
-    ) -> Result<u64, FaultReason> {
-        let &(g, w1) = s1.get(&p).ok_or(FaultReason::NotPresent)?;
-        if write && !w1 {
-            return Err(FaultReason::Permission);
-        }
-        let gpa = g * PAGE + 8;
-        match s2.get(&g) {
-            None => Err(FaultReason::Stage2 { gpa, permission: false }),
-            Some(&w2) if write && !w2 => Err(FaultReason::Stage2 { gpa, permission: true }),
-            Some(_) => Ok(gpa),
-        }
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
@@ -243,7 +211,7 @@ mod model {
         /// map and unmap) changes; after each, every page translates as the
         /// model says, faults naming the stage and address that failed.
         #[test]
-        fn smmu_two_dimensional_translation_matches_a_model(ops in proptest::collection::vec(op(), 1..40)) {
+        fn smmu_two_dimensional_translation_matches_a_model(ops in proptest::collection::vec(op(RAM_PAGES), 1..40)) {
             let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
             let ioas = ctx.ioas_alloc().unwrap();
             let ram = HostBuffer::new((RAM_PAGES * PAGE) as usize).unwrap();
@@ -258,42 +226,21 @@ mod model {
             g.put(LEAF_TABLE + ((IOVA_BASE >> 12) & 511) * 8, 0);
             g.nested(S1);
             let device = ctx.device(dev).unwrap();
-            let mut s1: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
-            let mut s2: BTreeMap<u64, bool> = BTreeMap::new();
+            let mut model = Model::default();
             for op in ops {
                 match op {
                     Op::S1(p, m) => {
                         let iova = IOVA_BASE + p * PAGE;
                         match m {
-                            Some((gp, w)) => { g.map(TTB0, iova, gp * PAGE, w); s1.insert(p, (gp, w)); }
-                            None => { g.put(LEAF_TABLE + ((iova >> 12) & 511) * 8, 0); s1.remove(&p); }
+                            Some((gp, w)) => g.map(TTB0, iova, gp * PAGE, w),
+                            None => g.put(LEAF_TABLE + ((iova >> 12) & 511) * 8, 0),
                         }
                         g.command([u64::from(ioasid_engine::smmuv3::CMD_TLBI_NH_VA) | 3 << 48, iova]).unwrap();
+                        model.apply(&Op::S1(p, m));
                     }
-                    Op::S2(gp, m) => {
-                        if s2.remove(&gp).is_some() {
-                            ctx.unmap(ioas, gp * PAGE, PAGE).unwrap();
-                        }
-                        if let Some(w) = m {
-                            let perm = if w { Perm::RW } else { Perm::R };
-                            // SAFETY: as above.
-                            unsafe { ctx.map_user(ioas, g.ram.addr() + gp * PAGE, PAGE, Some(gp * PAGE), perm).unwrap() };
-                            s2.insert(gp, w);
-                        }
-                    }
+                    Op::S2(gp, m) => model.stage_2(&ctx, ioas, &g.ram, gp, m),
                 }
-                for p in 0..32u64 {
-                    let iova = IOVA_BASE + p * PAGE + 8;
-                    for write in [false, true] {
-                        let need = if write { Perm::W } else { Perm::R };
-                        let guard = ioasid_engine::epoch::pin();
-                        let got = device.translate(iova, need, &guard);
-                        match expect(&s1, &s2, p, write) {
-                            Ok(gpa) => prop_assert_eq!(got.map(|t| t.0), Ok(g.ram.addr() + gpa)),
-                            Err(reason) => prop_assert_eq!(got, Err(DmaError::Fault { iova, reason, write })),
-                        }
-                    }
-                }
+                model.check(IOVA_BASE, g.ram.addr(), |iova, need| device.translate(iova, need, &ioasid_engine::epoch::pin()))?;
             }
             drop(device);
             drop(g);

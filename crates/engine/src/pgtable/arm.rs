@@ -63,6 +63,33 @@ fn leaf_addr(pte: u64, level: u32) -> u64 {
     pte & ADDR & !((1u64 << (12 + 9 * level)) - 1)
 }
 
+/// A descriptor as `Pte`, given the stage's reading of the leaf's rights
+/// and dirty state.
+fn decode_as(pte: u64, level: u32, perm: Perm, dirty: bool) -> Pte {
+    match kind(pte, level) {
+        None => Pte::None,
+        Some(false) => Pte::Table(pte & ADDR),
+        Some(true) => Pte::Leaf { addr: leaf_addr(pte, level), perm, checked: pte & SW_CHECKED != 0, dirty },
+    }
+}
+
+/// `decoded` as a walk step; `limit` is what a table entry allows below it.
+fn step_as<F: Format>(decoded: Pte, pte: u64, level: u32, limit: Perm) -> Step {
+    match decoded {
+        Pte::None => Step::Invalid,
+        Pte::Table(addr) => Step::Table { addr, next: level - 1, limit },
+        Pte::Leaf { addr, perm, dirty, .. } => {
+            Step::Leaf { addr, shift: F::level_shift(level), perm, dirty, accessed: pte & AF != 0 }
+        }
+    }
+}
+
+/// Whether the leaf at `slot` has a dirty state: only DBM leaves do, and
+/// flipping a rights bit of any other would change what it allows.
+fn has_dbm(slot: &AtomicU64) -> bool {
+    slot.load(Ordering::Acquire) & DBM != 0
+}
+
 /// Common bits of a leaf at `level`: its address, type and access flag.
 fn leaf_base(addr: u64, level: u32, checked: bool) -> u64 {
     let kind = if level == 0 { VALID | TABLE_OR_PAGE } else { VALID };
@@ -85,16 +112,7 @@ impl Format for ArmS1 {
     const DIRTY: u64 = AP_RDONLY;
 
     fn decode(pte: u64, level: u32) -> Pte {
-        match kind(pte, level) {
-            None => Pte::None,
-            Some(false) => Pte::Table(pte & ADDR),
-            Some(true) => Pte::Leaf {
-                addr: leaf_addr(pte, level),
-                perm: Self::perm(pte),
-                checked: pte & SW_CHECKED != 0,
-                dirty: pte & DBM != 0 && pte & AP_RDONLY == 0,
-            },
-        }
+        decode_as(pte, level, Self::perm(pte), pte & DBM != 0 && pte & AP_RDONLY == 0)
     }
 
     fn table(addr: u64, _level: u32) -> u64 {
@@ -109,33 +127,20 @@ impl Format for ArmS1 {
     }
 
     fn set_dirty(slot: &AtomicU64) {
-        if slot.load(Ordering::Acquire) & DBM != 0 {
+        if has_dbm(slot) {
             slot.fetch_and(!AP_RDONLY, Ordering::AcqRel);
         }
     }
 
     fn clear_dirty(slot: &AtomicU64) {
-        if slot.load(Ordering::Acquire) & DBM != 0 {
+        if has_dbm(slot) {
             slot.fetch_or(AP_RDONLY, Ordering::AcqRel);
         }
     }
 
     fn step(pte: u64, level: u32) -> Step {
-        match kind(pte, level) {
-            None => Step::Invalid,
-            Some(false) => Step::Table {
-                addr: pte & ADDR,
-                next: level - 1,
-                limit: Perm { read: true, write: pte & AP_TABLE_RDONLY == 0 },
-            },
-            Some(true) => Step::Leaf {
-                addr: leaf_addr(pte, level),
-                shift: Self::level_shift(level),
-                perm: Self::perm(pte),
-                dirty: pte & DBM != 0 && pte & AP_RDONLY == 0,
-                accessed: pte & AF != 0,
-            },
-        }
+        let limit = Perm { read: true, write: pte & AP_TABLE_RDONLY == 0 };
+        step_as::<Self>(Self::decode(pte, level), pte, level, limit)
     }
 }
 
@@ -147,16 +152,8 @@ impl Format for ArmS2 {
     const DIRTY: u64 = S2AP_WRITE;
 
     fn decode(pte: u64, level: u32) -> Pte {
-        match kind(pte, level) {
-            None => Pte::None,
-            Some(false) => Pte::Table(pte & ADDR),
-            Some(true) => Pte::Leaf {
-                addr: leaf_addr(pte, level),
-                perm: Perm { read: pte & S2AP_READ != 0, write: pte & (S2AP_WRITE | DBM) != 0 },
-                checked: pte & SW_CHECKED != 0,
-                dirty: pte & DBM != 0 && pte & S2AP_WRITE != 0,
-            },
-        }
+        let perm = Perm { read: pte & S2AP_READ != 0, write: pte & (S2AP_WRITE | DBM) != 0 };
+        decode_as(pte, level, perm, pte & DBM != 0 && pte & S2AP_WRITE != 0)
     }
 
     fn table(addr: u64, _level: u32) -> u64 {
@@ -175,25 +172,19 @@ impl Format for ArmS2 {
     }
 
     fn set_dirty(slot: &AtomicU64) {
-        if slot.load(Ordering::Acquire) & DBM != 0 {
+        if has_dbm(slot) {
             slot.fetch_or(S2AP_WRITE, Ordering::AcqRel);
         }
     }
 
     fn clear_dirty(slot: &AtomicU64) {
-        if slot.load(Ordering::Acquire) & DBM != 0 {
+        if has_dbm(slot) {
             slot.fetch_and(!S2AP_WRITE, Ordering::AcqRel);
         }
     }
 
     fn step(pte: u64, level: u32) -> Step {
-        match Self::decode(pte, level) {
-            Pte::Leaf { addr, perm, dirty, .. } => {
-                Step::Leaf { addr, shift: Self::level_shift(level), perm, dirty, accessed: pte & AF != 0 }
-            }
-            Pte::Table(addr) => Step::Table { addr, next: level - 1, limit: Perm::RW },
-            Pte::None => Step::Invalid,
-        }
+        step_as::<Self>(Self::decode(pte, level), pte, level, Perm::RW)
     }
 }
 
