@@ -80,7 +80,9 @@ fn checked_copy(src: *const u8, dst: *mut u8, len: usize, to_user: bool) -> Resu
 /// with one `rep movsb` and returns how many bytes it did not copy. A
 /// `SIGSEGV` or `SIGBUS` raised by that instruction resumes right after it,
 /// where `rcx` still counts the bytes left; any other fault goes to the
-/// handler that was installed before ours.
+/// handler that was installed before ours. A program that installs its own
+/// handler later takes over both: a bad pointer then reaches its handler,
+/// as its own dereference would.
 #[cfg(target_arch = "x86_64")]
 mod guarded {
     use std::sync::{Once, OnceLock};
