@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use ioasid_engine::Context;
 
@@ -38,7 +40,22 @@ fn counted(file: Option<&File>) -> usize {
 }
 
 fn files() -> MutexGuard<'static, HashMap<c_int, File>> {
-    FILES.lock().unwrap_or_else(|e| e.into_inner())
+    FILES.lock()
+}
+
+/// Holds the table across a `fork`, so the child cannot inherit it locked
+/// by a thread that does not exist there (every hook of the child needs it).
+pub fn lock_for_fork() {
+    std::mem::forget(files());
+}
+
+/// Releases what `lock_for_fork` took, in the parent and in the child.
+///
+/// # Safety
+/// Only once on each side of a fork, after `lock_for_fork`.
+pub unsafe fn unlock_after_fork() {
+    // SAFETY: the caller's contract: this side holds the forgotten guard.
+    unsafe { FILES.force_unlock() };
 }
 
 pub fn get(fd: c_int) -> Option<File> {

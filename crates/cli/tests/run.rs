@@ -140,6 +140,69 @@ int main(void) {
 }
 "#;
 
+const FORK_PROGRAM: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/types.h>
+
+struct ioas_alloc { __u32 size, flags, out_ioas_id; };
+struct ioas_map { __u32 size, flags, ioas_id, reserved; __u64 user_va, length, iova; };
+struct ioas_unmap { __u32 size, ioas_id; __u64 iova, length; };
+struct fault_alloc { __u32 size, flags, out_fault_id, out_fault_fd; };
+#define IOAS_ALLOC ((';' << 8) | 0x81)
+#define IOAS_MAP ((';' << 8) | 0x85)
+#define IOAS_UNMAP ((';' << 8) | 0x86)
+#define FAULT_QUEUE_ALLOC ((';' << 8) | 0x8e)
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); exit(1); } } while (0)
+
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
+    struct ioas_alloc a = { sizeof(a), 0, 0 };
+    CHECK(ioctl(fd, IOAS_ALLOC, &a) == 0 && a.out_ioas_id == 1);
+    char *buf = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+        /* The child's calls act on the one context it shares. */
+        struct ioas_alloc b = { sizeof(b), 0, 0 };
+        CHECK(ioctl(fd, IOAS_ALLOC, &b) == 0 && b.out_ioas_id == 2);
+        memset(buf, 'c', 8192);
+        struct ioas_map m = { sizeof(m), 7, a.out_ioas_id, 0, (__u64)buf, 8192, 0x100000 };
+        CHECK(ioctl(fd, IOAS_MAP, &m) == 0);
+        m.user_va = 0x1000; m.iova = 0x200000;
+        CHECK(ioctl(fd, IOAS_MAP, &m) == 0);
+        struct fault_alloc f = { sizeof(f), 0, 0, 0 };
+        CHECK(ioctl(fd, FAULT_QUEUE_ALLOC, &f) == -1 && errno == EOPNOTSUPP);
+        exit(0);
+    }
+    int status;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    /* What the child made is in the parent's context. */
+    struct ioas_alloc c = { sizeof(c), 0, 0 };
+    CHECK(ioctl(fd, IOAS_ALLOC, &c) == 0 && c.out_ioas_id == 3);
+    struct ioas_unmap u = { sizeof(u), a.out_ioas_id, 0x100000, 8192 };
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0 && u.length == 8192);
+    u.iova = 0x200000;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0 && u.length == 8192);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn a_forked_child_shares_its_parents_context() {
+    run_c("fork", FORK_PROGRAM);
+}
+
 #[test]
 fn a_c_program_uses_ioasid_sets_through_the_header() {
     run_c("sets", SETS_PROGRAM);

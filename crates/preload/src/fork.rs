@@ -6,14 +6,16 @@
 //! each fork gets a socket to its parent: the child's ioctls on iommufd
 //! descriptors it inherited travel there and run on the parent's contexts,
 //! which read and write the child's memory by pid (and take mapped pages
-//! when Linux would pin them). Commands that would hand the child a new
+//! when Linux would pin them); so do its reads and writes of fault queues
+//! and vEVENTQs it inherited. Commands that would hand the child a new
 //! descriptor answer `EOPNOTSUPP`. A grandchild shares its parent's link.
 
-use std::ffi::{c_int, c_ulong, c_void};
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, Once};
 
-use ioasid_abi::files;
+use ioasid_abi::UserMemory;
+use ioasid_abi::files::{self, File};
 use ioasid_abi::user::OtherProcess;
 
 use crate::real;
@@ -26,9 +28,48 @@ static PARENT: AtomicI32 = AtomicI32::new(-1);
 /// One request at a time per link, whatever the child's threads do.
 static LINK: Mutex<()> = Mutex::new(());
 
-/// `{fd, pid, request, 0, arg}` and `{value or -1, errno, 0}`.
-const REQUEST: usize = 24;
+/// What a child asks its parent to do on one of its descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Ioctl { request: u32, arg: u64 },
+    Read { buf: u64, count: u64, offset: i64 },
+    Write { buf: u64, count: u64, offset: i64 },
+}
+
+/// `{op, fd, pid, request, a, b, c}` and `{value or -1, errno, 0}`.
+const REQUEST: usize = 40;
 const REPLY: usize = 16;
+
+impl Call {
+    fn encode(self, fd: c_int, pid: i32) -> [u8; REQUEST] {
+        let (op, request, a, b, c) = match self {
+            Call::Ioctl { request, arg } => (0u32, request, arg, 0, 0),
+            Call::Read { buf, count, offset } => (1, 0, buf, count, offset as u64),
+            Call::Write { buf, count, offset } => (2, 0, buf, count, offset as u64),
+        };
+        let mut m = [0u8; REQUEST];
+        m[0..4].copy_from_slice(&op.to_le_bytes());
+        m[4..8].copy_from_slice(&fd.to_le_bytes());
+        m[8..12].copy_from_slice(&pid.to_le_bytes());
+        m[12..16].copy_from_slice(&request.to_le_bytes());
+        m[16..24].copy_from_slice(&a.to_le_bytes());
+        m[24..32].copy_from_slice(&b.to_le_bytes());
+        m[32..40].copy_from_slice(&c.to_le_bytes());
+        m
+    }
+
+    fn decode(m: &[u8; REQUEST]) -> Option<(Call, c_int, i32)> {
+        let w32 = |at: usize| u32::from_le_bytes(m[at..at + 4].try_into().expect("4 bytes"));
+        let w64 = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
+        let call = match w32(0) {
+            0 => Call::Ioctl { request: w32(12), arg: w64(16) },
+            1 => Call::Read { buf: w64(16), count: w64(24), offset: w64(32) as i64 },
+            2 => Call::Write { buf: w64(16), count: w64(24), offset: w64(32) as i64 },
+            _ => return None,
+        };
+        Some((call, w32(4) as c_int, w32(8) as i32))
+    }
+}
 
 /// Registers the fork handlers, once, when the first context is made.
 pub fn install() {
@@ -45,6 +86,7 @@ pub fn install() {
 
 extern "C" fn prepare() {
     let has_context = files::fds().into_iter().any(|fd| files::context(fd).is_some());
+    files::lock_for_fork();
     if !has_context || PARENT.load(Ordering::Acquire) >= 0 {
         return;
     }
@@ -65,6 +107,8 @@ fn take_pending() -> Option<(c_int, c_int)> {
 }
 
 extern "C" fn parent() {
+    // SAFETY: `prepare` locked the table on this side of the fork.
+    unsafe { files::unlock_after_fork() };
     let Some((ours, theirs)) = take_pending() else { return };
     // SAFETY: the child's end, which this process has no use for.
     unsafe { real::close()(theirs) };
@@ -77,6 +121,8 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    // SAFETY: `prepare` locked the table, and this copy of it is ours alone.
+    unsafe { files::unlock_after_fork() };
     let Some((theirs, ours)) = take_pending() else { return };
     // Only async-signal-safe calls here: the parent may have had threads.
     // SAFETY: the parent's end, which belongs to the parent.
@@ -84,21 +130,21 @@ extern "C" fn child() {
     PARENT.store(ours, Ordering::Release);
 }
 
-/// In a child, runs the ioctl on the parent's context; `None` in a process
-/// that is not a forked child (its own contexts are the real ones).
-pub fn forward(fd: c_int, request: c_ulong, arg: *mut c_void) -> Option<Result<c_int, c_int>> {
+/// Whether this process is a forked child whose parent serves its calls.
+pub fn is_child() -> bool {
+    PARENT.load(Ordering::Acquire) >= 0
+}
+
+/// In a child, runs `call` on the parent's object behind `fd`; `None` in a
+/// process that is not a forked child (its own objects are the real ones).
+pub fn forward(fd: c_int, call: Call) -> Option<Result<i64, c_int>> {
     let link = PARENT.load(Ordering::Acquire);
     if link < 0 {
         return None;
     }
     let _one = LINK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut msg = [0u8; REQUEST];
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
-    msg[0..4].copy_from_slice(&fd.to_le_bytes());
-    msg[4..8].copy_from_slice(&pid.to_le_bytes());
-    msg[8..12].copy_from_slice(&(request as u32).to_le_bytes());
-    msg[16..24].copy_from_slice(&(arg as u64).to_le_bytes());
+    let msg = call.encode(fd, unsafe { libc::getpid() });
     let mut reply = [0u8; REPLY];
     // SAFETY: sending and receiving whole messages from and into buffers
     // of their sizes; MSG_NOSIGNAL keeps a gone parent from killing us.
@@ -111,7 +157,27 @@ pub fn forward(fd: c_int, request: c_ulong, arg: *mut c_void) -> Option<Result<c
     }
     let value = i64::from_le_bytes(reply[0..8].try_into().expect("8 bytes"));
     let errno = i32::from_le_bytes(reply[8..12].try_into().expect("4 bytes"));
-    Some(if value < 0 { Err(errno) } else { Ok(value as c_int) })
+    Some(if value < 0 { Err(errno) } else { Ok(value) })
+}
+
+/// Carries out one of a child's calls here, on this process's objects.
+fn run(call: Call, fd: c_int, pid: i32) -> Result<i64, c_int> {
+    let child = OtherProcess { pid };
+    match (call, files::get(fd)) {
+        (Call::Ioctl { request, arg }, Some(File::Iommufd(ctx))) => {
+            return ioasid_abi::ioctl(&ctx, &child, request, arg).map(i64::from).map_err(|e| e.0);
+        }
+        (Call::Read { buf, count, offset }, Some(File::Fault(f))) => f.read(&child, buf, count as usize, offset),
+        (Call::Read { buf, count, offset }, Some(File::Veventq(q))) => q.read(&child, buf, count as usize, offset),
+        (Call::Write { buf, count, offset }, Some(File::Fault(f))) => {
+            let mut data = vec![0u8; count as usize];
+            child.read(buf, &mut data).and_then(|()| f.write(&data, offset))
+        }
+        (Call::Write { .. }, Some(File::Veventq(_))) => return Err(libc::EINVAL),
+        _ => return Err(libc::EBADF),
+    }
+    .map(|n| n as i64)
+    .map_err(|e| e.0)
 }
 
 /// The parent's side of one child's link: runs its requests until it
@@ -120,15 +186,9 @@ fn serve(link: c_int) {
     let mut msg = [0u8; REQUEST];
     // SAFETY: receiving into a buffer of the size given.
     while unsafe { libc::recv(link, msg.as_mut_ptr().cast(), REQUEST, 0) } == REQUEST as isize {
-        let word = |at: usize| u32::from_le_bytes(msg[at..at + 4].try_into().expect("4 bytes"));
-        let (fd, pid, request) = (word(0) as c_int, word(4) as i32, word(8));
-        let arg = u64::from_le_bytes(msg[16..24].try_into().expect("8 bytes"));
-        let result = match files::context(fd) {
-            None => Err(libc::EBADF),
-            Some(ctx) => ioasid_abi::ioctl(&ctx, &OtherProcess { pid }, request, arg).map_err(|e| e.0),
-        };
+        let result = Call::decode(&msg).map_or(Err(libc::EINVAL), |(call, fd, pid)| run(call, fd, pid));
         let (value, errno) = match result {
-            Ok(v) => (i64::from(v), 0),
+            Ok(v) => (v, 0),
             Err(e) => (-1, e),
         };
         let mut reply = [0u8; REPLY];

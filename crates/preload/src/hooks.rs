@@ -8,6 +8,7 @@ use ioasid_abi::files::{self, File};
 use ioasid_abi::{InProcess, UserMemory};
 use ioasid_engine::Context;
 
+use crate::fork::{self, Call};
 use crate::{fail_nth, real};
 
 thread_local! {
@@ -111,8 +112,11 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     let fwd = || unsafe { real::ioctl()(fd, request, arg) };
     hook(fwd, || {
         let Some(ctx) = files::context(fd) else { return fwd() };
-        let result = crate::fork::forward(fd, request, arg)
-            .unwrap_or_else(|| ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0));
+        let call = Call::Ioctl { request: request as u32, arg: arg as u64 };
+        let result = match fork::forward(fd, call) {
+            Some(r) => r.map(|v| v as c_int),
+            None => ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0),
+        };
         result.unwrap_or_else(|e| {
             set_errno(e);
             -1
@@ -199,6 +203,10 @@ macro_rules! read_hook {
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
+            if let (File::Fault(_) | File::Veventq(_), true) = (&file, fork::is_child()) {
+                let call = Call::Read { buf: buf as u64, count: count as u64, offset };
+                return finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize));
+            }
             let r = match file {
                 File::FailNth(tid) => {
                     // SAFETY: the caller hands us `count` writable bytes at `buf`.
@@ -227,6 +235,10 @@ macro_rules! write_hook {
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
+            if let (File::Fault(_) | File::Veventq(_), true) = (&file, fork::is_child()) {
+                let call = Call::Write { buf: buf as u64, count: count as u64, offset };
+                return finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize));
+            }
             let mut data = vec![0u8; count];
             if let Err(e) = InProcess.read(buf as u64, &mut data) {
                 return finish(Err(e.0));
