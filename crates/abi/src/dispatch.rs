@@ -410,22 +410,16 @@ fn vtd_s1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, hwpt: &HwptNested) -> 
     if c.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
         return (0, Err(Errno::EINVAL));
     }
-    for i in 0..c.entry_num {
-        let mut inv = iommu_hwpt_vtd_s1_invalidate::default();
-        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
-        let min = size_of::<iommu_hwpt_vtd_s1_invalidate>();
-        if let Err(e) = copy_driver_data(u.mem, at, c.entry_len as usize, min, inv.as_mut_bytes()) {
-            return (i, Err(e));
-        }
+    each_entry(u, c, size_of::<iommu_hwpt_vtd_s1_invalidate>(), |inv: iommu_hwpt_vtd_s1_invalidate| {
         if inv.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || inv.__reserved != 0 {
-            return (i, Err(Errno::EOPNOTSUPP));
+            return Err(Errno::EOPNOTSUPP);
         }
         if inv.addr & 0xfff != 0 || (inv.npages == u64::MAX && inv.addr != 0) {
-            return (i, Err(Errno::EINVAL));
+            return Err(Errno::EINVAL);
         }
         hwpt.invalidate();
-    }
-    (c.entry_num, Ok(()))
+        Ok(())
+    })
 }
 
 /// `IOMMU_HWPT_INVALIDATE` on an SMMUv3 vIOMMU: each entry is one command
@@ -434,15 +428,26 @@ fn smmuv3_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, viommu: &ioasid_engine
     if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
         return (0, Err(Errno::EINVAL));
     }
+    let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
+    each_entry(u, c, min, |inv: iommu_viommu_arm_smmuv3_invalidate| Ok(viommu.invalidate(inv.cmd)?))
+}
+
+/// The loop every type of `IOMMU_HWPT_INVALIDATE` shares: entry `i`, of
+/// `entry_len` bytes (at least `min`), is copied into a `T` and handled;
+/// the first failure stops it, and the count says how many were handled.
+pub(crate) fn each_entry<T: FromBytes + IntoBytes + Default>(
+    u: &Ucmd,
+    c: &iommu_hwpt_invalidate,
+    min: usize,
+    mut handle: impl FnMut(T) -> Res,
+) -> (u32, Res) {
     for i in 0..c.entry_num {
-        let mut inv = iommu_viommu_arm_smmuv3_invalidate::default();
+        let mut entry = T::default();
         let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
-        let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
-        if let Err(e) = copy_driver_data(u.mem, at, c.entry_len as usize, min, inv.as_mut_bytes()) {
+        let done =
+            copy_driver_data(u.mem, at, c.entry_len as usize, min, entry.as_mut_bytes()).and_then(|()| handle(entry));
+        if let Err(e) = done {
             return (i, Err(e));
-        }
-        if let Err(e) = viommu.invalidate(inv.cmd) {
-            return (i, Err(e.into()));
         }
     }
     (c.entry_num, Ok(()))

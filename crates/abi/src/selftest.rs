@@ -448,26 +448,20 @@ pub fn invalidate(
         return (0, Err(Errno::EINVAL));
     }
     let mut iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
-    for i in 0..c.entry_num {
-        let mut inv = iommu_hwpt_invalidate_selftest::default();
-        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
-        let copied = crate::dispatch::copy_driver_data(u.mem, at, c.entry_len as usize, 8, inv.as_mut_bytes());
-        if let Err(e) = copied {
-            return (i, Err(e));
-        }
+    crate::dispatch::each_entry(u, c, 8, |inv: iommu_hwpt_invalidate_selftest| {
         if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            return (i, Err(Errno::EOPNOTSUPP));
+            return Err(Errno::EOPNOTSUPP);
         }
         if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
-            return (i, Err(Errno::EINVAL));
+            return Err(Errno::EINVAL);
         }
         if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
             *iotlb = [0; 4];
         } else {
             iotlb[inv.iotlb_id as usize] = 0;
         }
-    }
-    (c.entry_num, Ok(()))
+        Ok(())
+    })
 }
 
 /// The hardware info of a mock device.

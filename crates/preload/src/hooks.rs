@@ -203,9 +203,8 @@ macro_rules! read_hook {
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
-            if let (File::Fault(_) | File::Veventq(_), true) = (&file, fork::is_child()) {
-                let call = Call::Read { buf: buf as u64, count: count as u64, offset };
-                return finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize));
+            if let Some(r) = forwarded(&file, fd, Call::Read { buf: buf as u64, count: count as u64, offset }) {
+                return r;
             }
             let r = match file {
                 File::FailNth(tid) => {
@@ -235,9 +234,8 @@ macro_rules! write_hook {
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
-            if let (File::Fault(_) | File::Veventq(_), true) = (&file, fork::is_child()) {
-                let call = Call::Write { buf: buf as u64, count: count as u64, offset };
-                return finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize));
+            if let Some(r) = forwarded(&file, fd, Call::Write { buf: buf as u64, count: count as u64, offset }) {
+                return r;
             }
             let mut data = vec![0u8; count];
             if let Err(e) = InProcess.read(buf as u64, &mut data) {
@@ -253,6 +251,14 @@ macro_rules! write_hook {
             finish(r)
         }
     };
+}
+
+/// In a forked child, a queue's read or write runs on its parent's queue.
+fn forwarded(file: &File, fd: c_int, call: Call) -> Option<isize> {
+    if !matches!(file, File::Fault(_) | File::Veventq(_)) || !fork::is_child() {
+        return None;
+    }
+    Some(finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize)))
 }
 
 /// A byte count, or -1 with `errno` set.
