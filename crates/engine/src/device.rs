@@ -170,13 +170,32 @@ impl Device {
         }
     }
 
-    /// `Hwpt::generation` of the table attached at `pasid` ((0, 0): none),
-    /// read without taking a reference, for caches to check on every use.
-    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+    /// The table DMA tagged with `pasid` goes through (`None`: the RID's):
+    /// the PASID's own attachment, or else an SMMUv3 STE at the RID, which
+    /// covers every substream.
+    pub fn serving(&self, pasid: Option<u32>) -> Option<Hwpt> {
+        let rid = || self.attached().filter(Hwpt::covers_substreams);
         match pasid {
-            None => self.attached.load().as_deref().map_or((0, 0), Hwpt::generation),
-            Some(p) => self.pasids.load().get(&p).map_or((0, 0), Hwpt::generation),
+            None => self.attached(),
+            Some(p) => self.pasids.load().get(&p).cloned().or_else(rid),
         }
+    }
+
+    /// `Hwpt::generation` of the table serving `pasid` ((0, 0): none), read
+    /// without taking a reference, for caches to check on every use.
+    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+        self.with_serving(pasid, |h| h.map_or((0, 0), Hwpt::generation))
+    }
+
+    /// Runs `f` on the table serving `pasid`, read through the arc-swap
+    /// guards (no reference taken: this is on every DMA's path).
+    fn with_serving<R>(&self, pasid: Option<u32>, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
+        let Some(p) = pasid else { return f(self.attached.load().as_deref()) };
+        let map = self.pasids.load();
+        if let Some(own) = map.get(&p) {
+            return f(Some(own));
+        }
+        f(self.attached.load().as_deref().filter(|h| h.covers_substreams()))
     }
 
     /// Every table the device is attached to, the RID's first.
@@ -233,8 +252,14 @@ impl Device {
         need: Perm,
         guard: &epoch::Guard,
     ) -> Result<(u64, bool), DmaError> {
-        let map = self.pasids.load();
-        translate_through(map.get(&pasid), iova, need, guard)
+        self.with_serving(Some(pasid), |hwpt| {
+            let hwpt = hwpt.ok_or(DmaError::Blocked)?;
+            hwpt.translate_substream(iova, need, pasid, guard).map_err(|reason| DmaError::Fault {
+                iova,
+                reason,
+                write: need.write,
+            })
+        })
     }
 
     fn translate_at(
@@ -364,7 +389,7 @@ impl Device {
         if !self.info.pri {
             return None;
         }
-        let hwpt = self.attached_at(pasid)?;
+        let hwpt = self.serving(pasid)?;
         let queue = hwpt.fault()?;
         let mut perm = 0;
         if need.read {
@@ -397,10 +422,10 @@ impl Device {
     /// guest when the table is a vIOMMU's with an event queue listening.
     fn unrecoverable(&self, pasid: Option<u32>, fault: DmaError) {
         self.unrecoverable.fetch_add(1, Ordering::Relaxed);
-        if let Some(Hwpt::Nested(n)) = self.attached_at(pasid)
+        if let Some(Hwpt::Nested(n)) = self.serving(pasid)
             && let Some(viommu) = n.viommu()
         {
-            viommu.report_fault(self, fault);
+            viommu.report_fault(self, pasid, fault);
         }
     }
 

@@ -433,22 +433,41 @@ impl HwptNested {
     /// stage 2, rights are intersected, and the combined result is cached
     /// until either stage is invalidated.
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
+        self.translate_substream(iova, need, 0, guard)
+    }
+
+    /// `translate` of a DMA tagged with substream (PASID) `ssid`: an SMMUv3
+    /// STE picks the guest's context descriptor by it; VT-d stage-1 tables
+    /// have one per PASID attachment, so they ignore it.
+    pub fn translate_substream(
+        &self,
+        iova: u64,
+        need: Perm,
+        ssid: u32,
+        guard: &Guard,
+    ) -> Result<(u64, bool), FaultReason> {
         let Some(iotlb) = self.data.iotlb() else {
             return Err(FaultReason::NotPresent);
         };
+        let ssid = if matches!(self.data, NestedData::ArmSmmuV3 { .. }) { ssid } else { 0 };
+        // Cached per substream: its ID above the page number, which is
+        // below 2^36 for the 48-bit inputs stage 1 takes.
+        if iova >> 48 != 0 {
+            return Err(FaultReason::NotPresent);
+        }
         let s2 = &self.parent.domain;
-        let page = iova >> 12;
+        let tag = iova >> 12 | u64::from(ssid) << 36;
         let offset = iova & 0xfff;
         // Both generations only grow, so their sum changes when either does.
         let generation = iotlb.generation() + s2.iotlb_generation();
-        if let Some(hit) = iotlb.lookup_at(page, generation)
+        if let Some(hit) = iotlb.lookup_at(tag, generation)
             && hit.perm.allows(need)
         {
             return Ok((hit.host_page + offset, hit.checked));
         }
         // A miss, or rights the cached combination lacks: walk, so the fault
         // names the stage that denies it.
-        let (gpa, perm) = self.walk_stage1(iova, guard, &mut |_| {})?;
+        let (gpa, perm) = self.walk_stage1(iova, ssid, guard, &mut |_| {})?;
         if !perm.allows(need) {
             return Err(FaultReason::Permission);
         }
@@ -457,7 +476,7 @@ impl HwptNested {
         let combined = Perm { read: perm.read && s2perm.read, write: perm.write && s2perm.write };
         // Writes through a dirty-tracking stage 2 must reach it.
         if !s2.dirty_tracking() {
-            iotlb.fill(page, generation, Hit { host_page: host - offset, perm: combined, checked, dirty: false });
+            iotlb.fill(tag, generation, Hit { host_page: host - offset, perm: combined, checked, dirty: false });
         }
         Ok((host, checked))
     }
@@ -468,7 +487,7 @@ impl HwptNested {
     pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<u64, FaultReason>) {
         let guard = crate::epoch::pin();
         let mut steps = Vec::new();
-        let walked = self.walk_stage1(iova, &guard, &mut |s| steps.push(s));
+        let walked = self.walk_stage1(iova, 0, &guard, &mut |s| steps.push(s));
         let result = walked.and_then(|(gpa, _)| {
             let (host, _) = self.parent.domain.translate(gpa, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
             Ok(host)
@@ -481,6 +500,7 @@ impl HwptNested {
     fn walk_stage1(
         &self,
         iova: u64,
+        ssid: u32,
         guard: &Guard,
         step: &mut dyn FnMut(WalkStep),
     ) -> Result<(u64, Perm), FaultReason> {
@@ -490,7 +510,7 @@ impl HwptNested {
             NestedData::ArmSmmuV3 { ste, .. } => {
                 let mut failed = None;
                 let mut read = |gpa| read_guest(s2, gpa, guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
-                return match crate::smmuv3::translate(*ste, iova, &mut read) {
+                return match crate::smmuv3::translate(*ste, ssid, iova, &mut read) {
                     Ok(translated) => Ok(translated),
                     Err(crate::smmuv3::S1Fault::Read { gpa }) => {
                         Err(failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)))
@@ -610,6 +630,27 @@ impl Hwpt {
             Hwpt::Paging(h) => h.domain.translate(iova, need, guard),
             Hwpt::Nested(n) => n.translate(iova, need, guard),
         }
+    }
+
+    /// `translate` of a DMA tagged with substream (PASID) `ssid`.
+    pub fn translate_substream(
+        &self,
+        iova: u64,
+        need: Perm,
+        ssid: u32,
+        guard: &Guard,
+    ) -> Result<(u64, bool), FaultReason> {
+        match self {
+            Hwpt::Paging(h) => h.domain.translate(iova, need, guard),
+            Hwpt::Nested(n) => n.translate_substream(iova, need, ssid, guard),
+        }
+    }
+
+    /// Whether DMA with any PASID goes through this table when it is
+    /// attached to the RID: an SMMUv3 STE covers all of a stream's
+    /// substreams, choosing among the guest's context descriptors.
+    pub fn covers_substreams(&self) -> bool {
+        matches!(self, Hwpt::Nested(n) if matches!(n.data, NestedData::ArmSmmuV3 { .. }))
     }
 }
 

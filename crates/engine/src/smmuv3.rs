@@ -106,12 +106,16 @@ pub enum S1Fault {
     Translation,
     /// Reading the guest's memory at `gpa` failed (stage 2).
     Read { gpa: u64 },
+    /// A substream ID the STE has no descriptor for.
+    BadSubstream,
 }
 
-/// Translates `iova` by substream 0 of an STE: returns the guest-physical
-/// address and stage 1's rights. `read` fetches 8 bytes of guest memory.
+/// Translates `iova` of substream `ssid` by an STE: returns the
+/// guest-physical address and stage 1's rights. `read` fetches 8 bytes of
+/// guest memory. Substreams beyond the STE's S1CDMax have no descriptor.
 pub fn translate(
     words: [u64; 2],
+    ssid: u32,
     iova: u64,
     read: &mut dyn FnMut(u64) -> Option<u64>,
 ) -> std::result::Result<(u64, Perm), S1Fault> {
@@ -120,6 +124,11 @@ pub fn translate(
         Config::Bypass => return Ok((iova, Perm::RW)),
         Config::Stage1 { cd_table } => cd_table,
     };
+    let cd_max = (words[0] & ste::S1CDMAX) >> 59;
+    if u64::from(ssid) >> cd_max != 0 {
+        return Err(S1Fault::BadSubstream);
+    }
+    let cd_table = cd_table + u64::from(ssid) * cd::SIZE;
     let word = |i: u64, read: &mut dyn FnMut(u64) -> Option<u64>| {
         let gpa = cd_table + i * 8;
         read(gpa).ok_or(S1Fault::Read { gpa })
@@ -159,10 +168,11 @@ pub const F_ADDR_SIZE: u64 = 0x11;
 pub const F_PERMISSION: u64 = 0x13;
 
 /// The event record (SMMUv3 7.3) an SMMU writes for a fault no page
-/// request covers, for the guest's event queue: type and the guest's
-/// StreamID, read/write (RnW), whether stage 2 faulted (S2, with the IPA),
-/// the class (an input address), and the input address.
-pub fn event(vsid: u32, fault: crate::DmaError) -> Option<[u64; 4]> {
+/// request covers, for the guest's event queue: type, the guest's StreamID
+/// and the substream (SSV, SubstreamID) when the DMA had one, read/write
+/// (RnW), whether stage 2 faulted (S2, with the IPA), the class (an input
+/// address), and the input address.
+pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError) -> Option<[u64; 4]> {
     use crate::FaultReason;
     let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
     let (kind, ipa) = match reason {
@@ -182,7 +192,9 @@ pub fn event(vsid: u32, fault: crate::DmaError) -> Option<[u64; 4]> {
         word1 |= S2;
     }
     let ipa = ipa.unwrap_or(0) & (((1 << 52) - 1) & !0xfff);
-    Some([kind | u64::from(vsid) << 32, word1, iova, ipa])
+    const SSV: u64 = 1 << 11;
+    let substream = ssid.map_or(0, |s| SSV | u64::from(s & 0xf_ffff) << 12);
+    Some([kind | substream | u64::from(vsid) << 32, word1, iova, ipa])
 }
 
 /// A command from a guest's command queue (SMMUv3 4.1), as a vIOMMU
@@ -305,21 +317,26 @@ mod tests {
         let m = guest(16);
         let mut read = |a: u64| m.get(&a).copied().or(Some(0));
         let s1 = [S1 | 0x1000, 0];
-        assert_eq!(translate(s1, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
-        assert_eq!(translate(s1, 0x40_1000, &mut read), Err(S1Fault::Translation));
-        assert_eq!(translate([ste::V | ste::CONFIG_BYPASS << 1, 0], 0x77, &mut read), Ok((0x77, Perm::RW)));
-        assert_eq!(translate([0, 0], 0x77, &mut read), Err(S1Fault::Abort));
+        assert_eq!(translate(s1, 0, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(s1, 0, 0x40_1000, &mut read), Err(S1Fault::Translation));
+        assert_eq!(translate([ste::V | ste::CONFIG_BYPASS << 1, 0], 0, 0x77, &mut read), Ok((0x77, Perm::RW)));
+        assert_eq!(translate([0, 0], 0, 0x77, &mut read), Err(S1Fault::Abort));
         assert_eq!(asid(m[&0x1000]), 5);
         // A 39-bit input starts at level 1: TTB0 is then the level-1 table.
         let mut m = guest(25);
         m.insert(0x1008, 0x3000);
         let mut read = |a: u64| m.get(&a).copied().or(Some(0));
-        assert_eq!(translate(s1, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
-        assert_eq!(translate(s1, 1 << 39, &mut read), Err(S1Fault::Translation), "beyond T0SZ");
+        assert_eq!(translate(s1, 0, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(s1, 0, 1 << 39, &mut read), Err(S1Fault::Translation), "beyond T0SZ");
         // A CD that is not valid, and guest memory that cannot be read.
         let mut read = |a: u64| if a == 0x1000 { Some(0) } else { None };
-        assert_eq!(translate(s1, 0, &mut read), Err(S1Fault::BadCd));
+        assert_eq!(translate(s1, 0, 0, &mut read), Err(S1Fault::BadCd));
         let mut read = |_| None;
-        assert_eq!(translate(s1, 0, &mut read), Err(S1Fault::Read { gpa: 0x1000 }));
+        assert_eq!(translate(s1, 0, 0, &mut read), Err(S1Fault::Read { gpa: 0x1000 }));
+        // Substream 1 needs S1CDMax of at least 1, and reads the second CD.
+        assert_eq!(translate(s1, 1, 0, &mut read), Err(S1Fault::BadSubstream));
+        let s1_two = [s1[0] | 1 << 59, 0];
+        assert_eq!(translate(s1_two, 1, 0, &mut read), Err(S1Fault::Read { gpa: 0x1040 }));
+        assert_eq!(translate(s1_two, 2, 0, &mut read), Err(S1Fault::BadSubstream));
     }
 }

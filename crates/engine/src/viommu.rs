@@ -175,7 +175,7 @@ impl Viommu {
 
     /// Tells the guest's owner that `dev` took a fault it cannot recover
     /// from, in this vIOMMU's event format. False when nobody listens.
-    pub(crate) fn report_fault(&self, dev: &Device, fault: DmaError) -> bool {
+    pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError) -> bool {
         let Some(virt_id) = self.virt_id_of(dev) else { return false };
         match self.kind {
             ViommuType::Selftest => {
@@ -184,7 +184,7 @@ impl Viommu {
             }
             ViommuType::ArmSmmuV3 => {
                 let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
-                let Some(record) = crate::smmuv3::event(virt_id as u32, fault) else { return false };
+                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault) else { return false };
                 let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
                 q.report(&bytes);
             }

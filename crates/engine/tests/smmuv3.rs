@@ -247,3 +247,30 @@ mod model {
         }
     }
 }
+
+#[test]
+fn pasids_pick_the_guests_context_descriptor() {
+    use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
+    let g = guest();
+    // CD 0 (TTB0 0x10000) maps IOVA 0x40_0000 to 0x20000; CD 1 (TTB0
+    // 0x30000) maps it to 0x21000. S1CDMax 1: substreams 0 and 1.
+    g.write_cd(0x10000, 1);
+    g.put(CD_TABLE + cd::SIZE, cd::V | cd::AA64 | 16 | 2 << cd::ASID_SHIFT);
+    g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
+    g.map(0x10000, 0x40_0000, 0x20000, true);
+    g.map(0x30000, 0x40_0000, 0x21000, true);
+    g.nested([S1[0] | 1 << 59, 0]);
+    let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
+    let dev = g.ctx.device(g.dev).unwrap();
+    // Alternate, so each substream's cached translation is checked against the other's.
+    for round in 0..3u8 {
+        dev.dma_write(0x40_0000, &[b'r' + round]).unwrap();
+        dev.dma_write_pasid(1, 0x40_0000, &[b'p' + round]).unwrap();
+        assert_eq!((g.read_ram(0x20000), g.read_ram(0x21000)), (b'r' + round, b'p' + round), "round {round}");
+    }
+    // Substream 2 is beyond S1CDMax: a fault, reported with its SSID.
+    assert_eq!(fault(dev.dma_write_pasid(2, 0x40_0000, b"x")), FaultReason::NotPresent);
+    let events = queue.read(4096).unwrap();
+    let word0 = u64::from_le_bytes(events[0].data[..8].try_into().unwrap());
+    assert_eq!(word0, 0x10 | 1 << 11 | 2 << 12 | u64::from(VSID) << 32, "F_TRANSLATION, SSV, SubstreamID 2");
+}
