@@ -20,57 +20,66 @@ use crate::pgtable::x86::first_stage;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
 use crate::pgtable::{self, Format, PageTable, Perm, Summary};
 
-/// The page-table formats a domain can use; each arm is monomorphic, so the
-/// walk is specialised per format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PageFormat {
-    VtdSs4,
-    VtdSs5,
-    /// Linux's selftest mock IOMMU: 2 KiB IO pages.
-    Mock,
-    /// The mock with 1 MiB huge pages too.
-    MockHuge,
-    /// AMD-Vi v1, Mode 4.
-    AmdV1,
-    /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
-    ArmS1,
-    ArmS2,
-}
+/// Every page-table format a domain can use, listed once. Each becomes a
+/// `PageFormat` variant, an `AnyTable` variant holding its `PageTable`, and
+/// an arm of `with_format!` and `with_table!`, which run code with the
+/// format's type bound, so the walk is specialised per format. (`$d` hands
+/// a `$` to the macros this one defines.)
+macro_rules! formats {
+    ($d:tt $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        /// The page-table formats a domain can use.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum PageFormat {
+            $($(#[$doc])* $name,)*
+        }
 
-/// Runs `$body` with `$F` bound to the format type of `$format`.
-macro_rules! with_format {
-    ($format:expr, $F:ident => $body:expr) => {
-        match $format {
-            PageFormat::VtdSs4 => {
-                type $F = VtdSs4;
-                $body
-            }
-            PageFormat::VtdSs5 => {
-                type $F = VtdSs5;
-                $body
-            }
-            PageFormat::Mock => {
-                type $F = Mock<false>;
-                $body
-            }
-            PageFormat::MockHuge => {
-                type $F = Mock<true>;
-                $body
-            }
-            PageFormat::AmdV1 => {
-                type $F = AmdV1Mode4;
-                $body
-            }
-            PageFormat::ArmS1 => {
-                type $F = ArmS1;
-                $body
-            }
-            PageFormat::ArmS2 => {
-                type $F = ArmS2;
-                $body
+        enum AnyTable {
+            $($name(PageTable<$ty>),)*
+        }
+
+        impl AnyTable {
+            fn new(format: PageFormat) -> Self {
+                match format {
+                    $(PageFormat::$name => AnyTable::$name(PageTable::new()),)*
+                }
             }
         }
+
+        /// Runs `$body` with `$F` bound to the format type of `$format`.
+        macro_rules! with_format {
+            ($d format:expr, $d F:ident => $d body:expr) => {
+                match $d format {
+                    $(PageFormat::$name => {
+                        type $d F = $ty;
+                        $d body
+                    })*
+                }
+            };
+        }
+
+        /// Runs `$body` with `$pt` bound to the typed table inside `$t`.
+        macro_rules! with_table {
+            ($d t:expr, $d pt:ident => $d body:expr) => {
+                match $d t {
+                    $(AnyTable::$name($d pt) => $d body,)*
+                }
+            };
+        }
     };
+}
+
+formats! {$
+    VtdSs4: VtdSs4,
+    VtdSs5: VtdSs5,
+    /// Linux's selftest mock IOMMU: 2 KiB IO pages.
+    Mock: Mock<false>,
+    /// The mock with 1 MiB huge pages too.
+    MockHuge: Mock<true>,
+    /// AMD-Vi v1, Mode 4.
+    AmdV1: AmdV1Mode4,
+    /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
+    ArmS1: ArmS1,
+    ArmS2: ArmS2,
 }
 
 impl PageFormat {
@@ -94,30 +103,6 @@ impl PageFormat {
     pub fn is_mock(self) -> bool {
         matches!(self, PageFormat::Mock | PageFormat::MockHuge)
     }
-}
-
-enum AnyTable {
-    VtdSs4(PageTable<VtdSs4>),
-    VtdSs5(PageTable<VtdSs5>),
-    Mock(PageTable<Mock<false>>),
-    MockHuge(PageTable<Mock<true>>),
-    AmdV1(PageTable<AmdV1Mode4>),
-    ArmS1(PageTable<ArmS1>),
-    ArmS2(PageTable<ArmS2>),
-}
-
-macro_rules! with_table {
-    ($t:expr, $pt:ident => $body:expr) => {
-        match $t {
-            AnyTable::VtdSs4($pt) => $body,
-            AnyTable::VtdSs5($pt) => $body,
-            AnyTable::Mock($pt) => $body,
-            AnyTable::MockHuge($pt) => $body,
-            AnyTable::AmdV1($pt) => $body,
-            AnyTable::ArmS1($pt) => $body,
-            AnyTable::ArmS2($pt) => $body,
-        }
-    };
 }
 
 /// Why a translation failed.
@@ -152,15 +137,7 @@ impl Domain {
     }
 
     pub fn with_dirty(format: PageFormat, aperture: IovaRange, dirty_capable: bool) -> Self {
-        let table = match format {
-            PageFormat::VtdSs4 => AnyTable::VtdSs4(PageTable::new()),
-            PageFormat::VtdSs5 => AnyTable::VtdSs5(PageTable::new()),
-            PageFormat::Mock => AnyTable::Mock(PageTable::new()),
-            PageFormat::MockHuge => AnyTable::MockHuge(PageTable::new()),
-            PageFormat::AmdV1 => AnyTable::AmdV1(PageTable::new()),
-            PageFormat::ArmS1 => AnyTable::ArmS1(PageTable::new()),
-            PageFormat::ArmS2 => AnyTable::ArmS2(PageTable::new()),
-        };
+        let table = AnyTable::new(format);
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
         Domain { table, iotlb: Iotlb::new(), format, aperture, dirty_capable, tracking: AtomicBool::new(false) }
