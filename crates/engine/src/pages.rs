@@ -131,12 +131,14 @@ impl Pages {
             return Ok(());
         }
         let len = self.npages * PAGE_SIZE;
-        let mut bytes = vec![0u8; len as usize];
-        // Readable in the process now, or EFAULT (gone, or never mapped).
-        memory::read_process(*pid, self.base, &mut bytes)?;
+        // Shared memory both processes map is used in place; anything else
+        // must be readable in the process now, or it is EFAULT (gone, or
+        // never mapped).
         let took = if memory::shared_with(*pid, self.base, len) {
             Taken::Shared
         } else {
+            let mut bytes = vec![0u8; len as usize];
+            memory::read_process(*pid, self.base, &mut bytes)?;
             let buf = HostBuffer::new(len as usize)?;
             buf.write_at(0, &bytes);
             Taken::Copy(buf)
