@@ -157,11 +157,6 @@ pub fn translate(
     }
 }
 
-/// The ASID of substream 0's CD, if the STE translates through one.
-pub fn asid(cd0: u64) -> u16 {
-    (cd0 >> cd::ASID_SHIFT) as u16
-}
-
 /// Event record types (SMMUv3 7.3).
 pub const F_TRANSLATION: u64 = 0x10;
 pub const F_ADDR_SIZE: u64 = 0x11;
@@ -321,7 +316,6 @@ mod tests {
         assert_eq!(translate(s1, 0, 0x40_1000, &mut read), Err(S1Fault::Translation));
         assert_eq!(translate([ste::V | ste::CONFIG_BYPASS << 1, 0], 0, 0x77, &mut read), Ok((0x77, Perm::RW)));
         assert_eq!(translate([0, 0], 0, 0x77, &mut read), Err(S1Fault::Abort));
-        assert_eq!(asid(m[&0x1000]), 5);
         // A 39-bit input starts at level 1: TTB0 is then the level-1 table.
         let mut m = guest(25);
         m.insert(0x1008, 0x3000);
