@@ -12,6 +12,7 @@
 //!   faults a signal handler turns into a short count, as the kernel's
 //!   exception table does for `copy_from_user`: no system call per copy.
 //!   Elsewhere copies go through `process_vm_readv`/`process_vm_writev`.
+//!   What that asks of the program's own signal handling is in `guarded`.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
@@ -63,7 +64,8 @@ pub fn write(trust: Trust, addr: u64, buf: &[u8]) -> Result<()> {
 /// may be unmapped, which fails the copy.
 #[cfg(target_arch = "x86_64")]
 fn checked_copy(src: *const u8, dst: *mut u8, len: usize, _to_user: bool) -> Result<()> {
-    guarded::install();
+    guarded::install_fault_handler();
+    guarded::settle_fault_signal_mask();
     // SAFETY: one side is a live Rust buffer of `len` bytes; the other is the
     // untrusted address, whose faults the installed handler turns into a
     // short count, so no access outside the range happens and none crashes.
@@ -76,17 +78,50 @@ fn checked_copy(src: *const u8, dst: *mut u8, len: usize, to_user: bool) -> Resu
     if to_user { vm_copy(dst as u64, src as *mut u8, len, true) } else { vm_copy(src as u64, dst, len, false) }
 }
 
-/// A copy that survives a fault: `ioasid_guarded_copy(dst, src, len)` copies
-/// with one `rep movsb` and returns how many bytes it did not copy. A
-/// `SIGSEGV` or `SIGBUS` raised by that instruction resumes right after it,
-/// where `rcx` still counts the bytes left; any other fault goes to the
-/// handler that was installed before ours. A program that installs its own
-/// handler later takes over both: a bad pointer then reaches its handler,
-/// as its own dereference would.
-#[cfg(target_arch = "x86_64")]
-mod guarded {
-    use std::sync::{Once, OnceLock};
+pub use guarded::{
+    FAULT_SIGNALS, HandlerFrame, SignalAction, call_handler, enter_program_handler, install_fault_handler,
+    ioasid_thread_signals, leave_program_handler, program_blocked_fault_signals, program_fault_action,
+    release_held_fault_signals, set_program_blocked_fault_signals, set_program_fault_action, settle_fault_signal_mask,
+    sigset_bits, sigset_from_bits,
+};
 
+/// SIGSEGV and SIGBUS belong to the guarded copy.
+///
+/// `ioasid_guarded_copy(dst, src, len)` copies with one `rep movsb` and
+/// returns how many bytes it did not copy. A `SIGSEGV` or `SIGBUS` raised by
+/// that instruction resumes right after it, where `rcx` still counts the
+/// bytes left. For that to hold whatever the program does, the kernel must
+/// always run ioasid's handler for those two signals, and must never have
+/// them blocked in a thread that copies (it forces a blocked fault signal to
+/// its default action: death). So ioasid keeps the kernel's side and the
+/// program's side apart:
+/// - the *program's action* for each of the two signals (what it set last,
+///   or what was installed before ioasid) is the one faults that are not the
+///   copy's go to, with the kernel's semantics: its mask and flags, default
+///   action when the program blocked the signal or ignores a fault;
+/// - the *program's mask* for them is kept per thread, and only there; a
+///   handler the program runs may block them in the kernel for its duration
+///   (as the kernel would), and a thread that left such a handler with a
+///   jump has the block moved back to its own side before its next copy.
+///
+/// Under the preload shim, the shim routes the program's `sigaction`,
+/// `signal`, `sigprocmask` and `pthread_sigmask` through these, so the
+/// program's view is exact. A program that embeds the engine as a library
+/// (`InProcess`) has no such interception: installing its own SIGSEGV or
+/// SIGBUS handler after ioasid's first checked copy replaces ioasid's, and
+/// a fault in a copy then reaches its handler (or kills it) instead of
+/// failing with `EFAULT`. Such a program sets its actions through
+/// [`set_program_fault_action`] (ioasid chains to them), or chains to the
+/// action its own `sigaction` call displaced, and leaves both signals
+/// unblocked in threads that make checked copies (or records the wish with
+/// [`set_program_blocked_fault_signals`]).
+mod guarded {
+    use std::cell::Cell;
+    use std::ffi::{c_int, c_void};
+    use std::sync::Once;
+    use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence};
+
+    #[cfg(target_arch = "x86_64")]
     std::arch::global_asm!(
         ".pushsection .text.ioasid_guarded_copy,\"ax\",@progbits",
         ".globl ioasid_guarded_copy",
@@ -107,38 +142,313 @@ mod guarded {
         ".popsection",
     );
 
+    #[cfg(target_arch = "x86_64")]
     unsafe extern "C" {
         pub fn ioasid_guarded_copy(dst: *mut u8, src: *const u8, len: usize) -> usize;
         static ioasid_guarded_copy_insn: u8;
         static ioasid_guarded_copy_resume: u8;
     }
 
-    const SIGNALS: [libc::c_int; 2] = [libc::SIGSEGV, libc::SIGBUS];
-    /// The handlers ours displaced, one per signal of `SIGNALS`.
-    static PREVIOUS: [OnceLock<libc::sigaction>; 2] = [OnceLock::new(), OnceLock::new()];
+    /// SIGSEGV and SIGBUS as bits of a kernel signal set (signal `n` is bit
+    /// `n - 1`, as in the first word of a `sigset_t`).
+    pub const FAULT_SIGNALS: u64 = bit(libc::SIGSEGV) | bit(libc::SIGBUS);
 
-    pub fn install() {
+    const fn bit(sig: c_int) -> u64 {
+        1 << (sig - 1)
+    }
+
+    /// Signals 1 to 64 of `set`, as bits.
+    pub fn sigset_bits(set: &libc::sigset_t) -> u64 {
+        // SAFETY: glibc's sigset_t is an array of words whose first holds
+        // signals 1 to 64, and it is larger than one u64.
+        unsafe { std::ptr::from_ref(set).cast::<u64>().read() }
+    }
+
+    /// A `sigset_t` holding the signals of `bits`.
+    pub fn sigset_from_bits(bits: u64) -> libc::sigset_t {
+        // SAFETY: an all-zero sigset_t is the empty set; the first word is
+        // written as in `sigset_bits`.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            std::ptr::from_mut(&mut set).cast::<u64>().write(bits);
+            set
+        }
+    }
+
+    type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+    type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
+
+    /// The C library's `sigaction` and `pthread_sigmask`, past any library
+    /// (the preload shim) that stands in for them in this process.
+    static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+    static REAL_SIGMASK: AtomicUsize = AtomicUsize::new(0);
+
+    fn resolve(cell: &AtomicUsize, name: &std::ffi::CStr, fallback: usize) -> usize {
+        let p = cell.load(Ordering::Acquire);
+        if p != 0 {
+            return p;
+        }
+        // SAFETY: dlsym with a nul-terminated name; RTLD_NEXT searches the
+        // objects loaded after the one this code is in.
+        let found = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        let p = if found == 0 { fallback } else { found };
+        cell.store(p, Ordering::Release);
+        p
+    }
+
+    fn real_sigaction(sig: c_int, new: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+        let f = resolve(&REAL_SIGACTION, c"sigaction", libc::sigaction as *const () as usize);
+        // SAFETY: the address of the C library's sigaction, called with its
+        // signature; the pointers are the caller's (null or valid).
+        unsafe { std::mem::transmute::<usize, SigactionFn>(f)(sig, new, old) }
+    }
+
+    fn real_sigmask(how: c_int, bits: u64) -> u64 {
+        let f = resolve(&REAL_SIGMASK, c"pthread_sigmask", libc::pthread_sigmask as *const () as usize);
+        let set = sigset_from_bits(bits);
+        // SAFETY: an all-zero sigset_t is a valid set to be written.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the C library's pthread_sigmask with two valid sets; it
+        // leaves the signals it reserves for itself alone.
+        unsafe { std::mem::transmute::<usize, SigmaskFn>(f)(how, &set, &mut old) };
+        sigset_bits(&old)
+    }
+
+    /// A signal's action, readable inside a signal handler while another
+    /// thread replaces it (a sequence lock over plain atomics).
+    pub struct SignalAction {
+        seq: AtomicU32,
+        handler: AtomicUsize,
+        flags: AtomicI32,
+        mask: AtomicU64,
+    }
+
+    impl Default for SignalAction {
+        fn default() -> Self {
+            SignalAction::new()
+        }
+    }
+
+    impl SignalAction {
+        /// The default action.
+        pub const fn new() -> Self {
+            SignalAction {
+                seq: AtomicU32::new(0),
+                handler: AtomicUsize::new(libc::SIG_DFL),
+                flags: AtomicI32::new(0),
+                mask: AtomicU64::new(0),
+            }
+        }
+
+        pub fn load(&self) -> libc::sigaction {
+            loop {
+                let before = self.seq.load(Ordering::Acquire);
+                if before & 1 == 0 {
+                    let handler = self.handler.load(Ordering::Relaxed);
+                    let flags = self.flags.load(Ordering::Relaxed);
+                    let mask = self.mask.load(Ordering::Relaxed);
+                    fence(Ordering::Acquire);
+                    if self.seq.load(Ordering::Relaxed) == before {
+                        // SAFETY: an all-zero sigaction is valid; the
+                        // fields set are plain values.
+                        let mut a: libc::sigaction = unsafe { std::mem::zeroed() };
+                        a.sa_sigaction = handler;
+                        a.sa_flags = flags;
+                        a.sa_mask = sigset_from_bits(mask);
+                        return a;
+                    }
+                }
+                std::hint::spin_loop();
+            }
+        }
+
+        /// Replaces the action. A thread must not be interrupted here by a
+        /// handler that loads the same action (it would wait on itself).
+        pub fn store(&self, a: &libc::sigaction) {
+            let mut seq = self.seq.load(Ordering::Relaxed);
+            loop {
+                if seq & 1 == 0 {
+                    match self.seq.compare_exchange_weak(seq, seq + 1, Ordering::Acquire, Ordering::Relaxed) {
+                        Ok(_) => break,
+                        Err(now) => seq = now,
+                    }
+                } else {
+                    std::hint::spin_loop();
+                    seq = self.seq.load(Ordering::Relaxed);
+                }
+            }
+            fence(Ordering::Release);
+            self.handler.store(a.sa_sigaction, Ordering::Relaxed);
+            self.flags.store(a.sa_flags, Ordering::Relaxed);
+            self.mask.store(sigset_bits(&a.sa_mask), Ordering::Relaxed);
+            self.seq.store(seq + 2, Ordering::Release);
+        }
+    }
+
+    /// The program's actions for SIGSEGV and SIGBUS.
+    static PROGRAM: [SignalAction; 2] = [SignalAction::new(), SignalAction::new()];
+
+    fn slot(sig: c_int) -> Option<&'static SignalAction> {
+        match sig {
+            libc::SIGSEGV => Some(&PROGRAM[0]),
+            libc::SIGBUS => Some(&PROGRAM[1]),
+            _ => None,
+        }
+    }
+
+    thread_local! {
+        /// Of SIGSEGV and SIGBUS, those the program has blocked in this
+        /// thread (the kernel has them unblocked).
+        static PROGRAM_BLOCKED: Cell<u64> = const { Cell::new(0) };
+        /// Faults the program blocked that arrived from kill() and the
+        /// like, held until it unblocks them.
+        static HELD: Cell<u64> = const { Cell::new(0) };
+        /// Set while the kernel may hold SIGSEGV or SIGBUS blocked for this
+        /// thread: a program handler whose mask has them runs, or was left
+        /// by a jump that did not restore the mask.
+        static KERNEL_MAY_BLOCK: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// The program's action for `sig` (SIGSEGV or SIGBUS).
+    pub fn program_fault_action(sig: c_int) -> Option<libc::sigaction> {
+        install_fault_handler();
+        slot(sig).map(SignalAction::load)
+    }
+
+    /// Makes `action` the program's action for `sig` (SIGSEGV or SIGBUS):
+    /// faults that are not ioasid's copy's go to it. Returns the previous one.
+    pub fn set_program_fault_action(sig: c_int, action: &libc::sigaction) -> Option<libc::sigaction> {
+        install_fault_handler();
+        let slot = slot(sig)?;
+        let old = slot.load();
+        slot.store(action);
+        Some(old)
+    }
+
+    /// Of SIGSEGV and SIGBUS (as [`FAULT_SIGNALS`] bits), those the program
+    /// has blocked in the calling thread.
+    pub fn program_blocked_fault_signals() -> u64 {
+        settle_fault_signal_mask();
+        PROGRAM_BLOCKED.get()
+    }
+
+    /// Records which of SIGSEGV and SIGBUS the program has blocked in the
+    /// calling thread; the kernel keeps them unblocked.
+    pub fn set_program_blocked_fault_signals(bits: u64) {
+        PROGRAM_BLOCKED.set(bits & FAULT_SIGNALS);
+    }
+
+    /// The program unblocked `bits`: the faults sent to it meanwhile are
+    /// delivered now.
+    pub fn release_held_fault_signals(bits: u64) {
+        let held = HELD.get() & bits;
+        HELD.set(HELD.get() & !held);
+        for sig in [libc::SIGSEGV, libc::SIGBUS] {
+            if held & bit(sig) != 0 {
+                // SAFETY: raise has no preconditions; the handler runs now.
+                unsafe { libc::raise(sig) };
+            }
+        }
+    }
+
+    /// Moves into the program's mask whatever block of SIGSEGV or SIGBUS a
+    /// program handler left in the kernel, so the next copy's fault reaches
+    /// ioasid. No system call unless a program handler ran since the last.
+    pub fn settle_fault_signal_mask() {
+        if !KERNEL_MAY_BLOCK.get() {
+            return;
+        }
+        KERNEL_MAY_BLOCK.set(false);
+        let old = real_sigmask(libc::SIG_UNBLOCK, FAULT_SIGNALS);
+        PROGRAM_BLOCKED.set(PROGRAM_BLOCKED.get() | (old & FAULT_SIGNALS));
+    }
+
+    /// The thread's signal state saved around a program handler, restored
+    /// when the handler returns (as the kernel restores the mask).
+    #[derive(Debug, Clone, Copy)]
+    pub struct HandlerFrame {
+        blocked: u64,
+        may_block: bool,
+    }
+
+    /// Called before a program handler runs with `mask` blocked in the
+    /// kernel.
+    pub fn enter_program_handler(mask: u64) -> HandlerFrame {
+        let frame = HandlerFrame { blocked: PROGRAM_BLOCKED.get(), may_block: KERNEL_MAY_BLOCK.get() };
+        if mask & FAULT_SIGNALS != 0 {
+            KERNEL_MAY_BLOCK.set(true);
+        }
+        frame
+    }
+
+    /// Called when the handler `enter_program_handler` saw returns. One
+    /// left by a jump never gets here, and its mask stays as the jump left
+    /// it, as in the kernel.
+    pub fn leave_program_handler(frame: HandlerFrame) {
+        PROGRAM_BLOCKED.set(frame.blocked);
+        KERNEL_MAY_BLOCK.set(frame.may_block);
+    }
+
+    /// Calls `action`'s handler as the kernel would.
+    ///
+    /// # Safety
+    /// `action` holds a handler of the program's, and `info` and `context`
+    /// are the ones the kernel passed for `sig`.
+    pub unsafe fn call_handler(action: &libc::sigaction, sig: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+        // SAFETY: the caller's contract: a handler address, called with the
+        // signature its flags declare.
+        unsafe {
+            if action.sa_flags & libc::SA_SIGINFO != 0 {
+                let f: extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) =
+                    std::mem::transmute(action.sa_sigaction);
+                f(sig, info, context)
+            } else {
+                let f: extern "C" fn(c_int) = std::mem::transmute(action.sa_sigaction);
+                f(sig)
+            }
+        }
+    }
+
+    /// Gives the calling thread, one of ioasid's own, the mask its threads
+    /// need: SIGSEGV and SIGBUS unblocked for the guarded copy, every other
+    /// signal blocked, since the program's handlers belong on its threads.
+    /// The fork server thread (`serve` in the preload shim's `fork.rs`)
+    /// calls it first thing; any thread ioasid spawns must.
+    pub fn ioasid_thread_signals() {
+        real_sigmask(libc::SIG_SETMASK, !FAULT_SIGNALS);
+        PROGRAM_BLOCKED.set(0);
+        KERNEL_MAY_BLOCK.set(false);
+    }
+
+    /// Installs ioasid's SIGSEGV and SIGBUS handler, once; what was
+    /// installed before becomes the program's action.
+    pub fn install_fault_handler() {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
-            for (sig, previous) in SIGNALS.iter().zip(&PREVIOUS) {
-                // SAFETY: plain sigaction calls with zeroed, then filled,
-                // structs; the handler only touches its own context and the
-                // saved actions (set before it is installed).
+            // Looked up now: a handler must not call dlsym.
+            resolve(&REAL_SIGMASK, c"pthread_sigmask", libc::pthread_sigmask as *const () as usize);
+            for sig in [libc::SIGSEGV, libc::SIGBUS] {
+                // SAFETY: zeroed sigactions are valid; both calls pass
+                // valid pointers.
                 unsafe {
                     let mut old: libc::sigaction = std::mem::zeroed();
-                    libc::sigaction(*sig, std::ptr::null(), &mut old);
-                    let _ = previous.set(old);
+                    real_sigaction(sig, std::ptr::null(), &mut old);
+                    slot(sig).expect("a fault signal").store(&old);
                     let mut new: libc::sigaction = std::mem::zeroed();
                     new.sa_sigaction = on_fault as *const () as usize;
-                    new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+                    // SA_NODEFER: the kernel never blocks the signal for
+                    // ioasid's own handler, so a program handler left by a
+                    // jump cannot leave it blocked behind ioasid's back.
+                    new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
                     libc::sigemptyset(&mut new.sa_mask);
-                    libc::sigaction(*sig, &new, std::ptr::null_mut());
+                    real_sigaction(sig, &new, std::ptr::null_mut());
                 }
             }
         });
     }
 
-    extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    extern "C" fn on_fault(sig: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO
         // handler; the faulting thread is stopped while we edit its rip.
         unsafe {
@@ -148,40 +458,54 @@ mod guarded {
                 *rip = &raw const ioasid_guarded_copy_resume as i64;
                 return;
             }
-            chain(sig, info, context);
         }
+        // SAFETY: the kernel's arguments for this signal, passed on.
+        unsafe { chain(sig, info, context) }
     }
 
-    /// Hands a fault that is not ours to the handler we displaced.
-    unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
-        let previous = SIGNALS.iter().position(|s| *s == sig).and_then(|i| PREVIOUS[i].get());
-        match previous {
-            Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => {
-                // SAFETY: the address a sigaction call returned for this
-                // signal, called with the signature its flags declare.
-                unsafe {
-                    if p.sa_flags & libc::SA_SIGINFO != 0 {
-                        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-                            std::mem::transmute(p.sa_sigaction);
-                        f(sig, info, context)
-                    } else {
-                        let f: extern "C" fn(libc::c_int) = std::mem::transmute(p.sa_sigaction);
-                        f(sig)
-                    }
-                }
+    /// A fault that is not the copy's: what the kernel would have done with
+    /// the program's action and mask.
+    unsafe fn chain(sig: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
+        let Some(slot) = slot(sig) else { return };
+        let action = slot.load();
+        // SAFETY: the kernel's siginfo for this signal.
+        let code = unsafe { (*info).si_code };
+        // A fault of the thread itself, not a signal someone sent.
+        let forced = code > 0;
+        let blocked = PROGRAM_BLOCKED.get() & bit(sig) != 0;
+        let handler = action.sa_sigaction;
+        if !forced && (handler == libc::SIG_IGN || blocked) {
+            if blocked && handler != libc::SIG_IGN {
+                HELD.set(HELD.get() | bit(sig));
             }
-            // The default action: restore it and return, so the faulting
-            // instruction runs again and the process dies of it as it would
-            // have without us.
-            _ => {
-                // SAFETY: resetting a signal's disposition is async-signal-safe.
-                unsafe {
-                    let mut dfl: libc::sigaction = std::mem::zeroed();
-                    dfl.sa_sigaction = libc::SIG_DFL;
-                    libc::sigaction(sig, &dfl, std::ptr::null_mut());
-                }
-            }
+            return;
         }
+        if forced && (blocked || handler == libc::SIG_IGN) || handler == libc::SIG_DFL {
+            // The default action, as the kernel forces it: back to SIG_DFL;
+            // a fault re-executes and kills, a sent signal is sent again.
+            // SAFETY: an all-zero sigaction is SIG_DFL with no flags.
+            let dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+            real_sigaction(sig, &dfl, std::ptr::null_mut());
+            if !forced {
+                // SAFETY: raise has no preconditions.
+                unsafe { libc::raise(sig) };
+            }
+            return;
+        }
+        let mut mask = sigset_bits(&action.sa_mask);
+        if action.sa_flags & libc::SA_NODEFER == 0 {
+            mask |= bit(sig);
+        }
+        if action.sa_flags & libc::SA_RESETHAND != 0 {
+            // SAFETY: as above.
+            slot.store(&unsafe { std::mem::zeroed() });
+        }
+        let frame = enter_program_handler(mask);
+        real_sigmask(libc::SIG_BLOCK, mask);
+        // SAFETY: the program's handler for `sig`, with the kernel's
+        // arguments; the mask is restored when ours returns.
+        unsafe { call_handler(&action, sig, info, context) };
+        leave_program_handler(frame);
     }
 }
 
@@ -533,6 +857,50 @@ mod tests {
             .status()
             .unwrap();
         assert_eq!(status.signal(), Some(libc::SIGSEGV), "{status:?}");
+    }
+
+    static FIXED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A program's handler that makes the page it faulted on writable.
+    extern "C" fn make_writable(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+        FIXED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the kernel's siginfo of a fault; the page is one of the
+        // test's own.
+        unsafe {
+            let page = (*info).si_addr() as usize & !(PAGE_SIZE as usize - 1);
+            libc::mprotect(page as *mut _, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE);
+        }
+    }
+
+    #[test]
+    fn the_programs_action_gets_its_own_faults_and_never_the_copys() {
+        let buf = guard_page();
+        let guard = buf.addr() + PAGE_SIZE;
+        // SAFETY: an all-zero sigaction with a handler and flags set.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = make_writable as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        let before = set_program_fault_action(libc::SIGSEGV, &act).unwrap();
+        assert!(write(Trust::Checked, guard, &[1]).is_err(), "the copy's fault is the copy's");
+        assert_eq!(FIXED.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // SAFETY: faults, then succeeds once the program's handler made
+        // the page writable.
+        unsafe { (guard as *mut u8).write_volatile(7) };
+        assert_eq!(FIXED.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(program_fault_action(libc::SIGSEGV).unwrap().sa_sigaction, act.sa_sigaction);
+        set_program_fault_action(libc::SIGSEGV, &before).unwrap();
+        write(Trust::Checked, guard, &[1]).unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_blocks_fault_signals_in_its_view_still_gets_errors() {
+        std::thread::spawn(|| {
+            set_program_blocked_fault_signals(FAULT_SIGNALS);
+            assert!(read(Trust::Checked, 8, &mut [0u8; 4]).is_err());
+            assert_eq!(program_blocked_fault_signals(), FAULT_SIGNALS);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

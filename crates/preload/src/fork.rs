@@ -183,6 +183,7 @@ fn run(call: Call, fd: c_int, pid: i32) -> Result<i64, c_int> {
 /// The parent's side of one child's link: runs its requests until it
 /// closes (exits).
 fn serve(link: c_int) {
+    ioasid_engine::memory::ioasid_thread_signals();
     let mut msg = [0u8; REQUEST];
     // SAFETY: receiving into a buffer of the size given.
     while unsafe { libc::recv(link, msg.as_mut_ptr().cast(), REQUEST, 0) } == REQUEST as isize {

@@ -17,8 +17,12 @@ thread_local! {
 }
 
 /// Runs `f` as a hook unless we are already inside one (then `fallback`).
-/// A panic becomes an errno instead of unwinding into C.
+/// A panic becomes an errno instead of unwinding into C. The program's
+/// signal handlers wait until the hook is over (the shield is raised
+/// before `IN_HOOK` is set and dropped after it is cleared), so a handler's
+/// own iommufd call never finds the thread inside ioasid.
 fn hook(fallback: impl FnOnce() -> c_int, f: impl FnOnce() -> c_int) -> c_int {
+    let _shield = crate::signals::Shield::raise();
     if IN_HOOK.with(|h| h.replace(true)) {
         return fallback();
     }
@@ -196,6 +200,7 @@ macro_rules! read_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
+            let _shield = crate::signals::Shield::raise();
             let Some(file) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
@@ -227,6 +232,7 @@ macro_rules! write_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
+            let _shield = crate::signals::Shield::raise();
             let Some(file) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };

@@ -13,3 +13,4 @@ mod fail_nth;
 mod fork;
 mod hooks;
 mod real;
+mod signals;

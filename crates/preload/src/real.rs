@@ -64,3 +64,15 @@ forward!(pread, PreadFn, "pread");
 forward!(pread64, PreadFn, "pread64");
 forward!(pwrite, PwriteFn, "pwrite");
 forward!(pwrite64, PwriteFn, "pwrite64");
+
+pub type SigactionFn = unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+pub type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut libc::sigset_t) -> c_int;
+pub type StartFn = extern "C" fn(*mut c_void) -> *mut c_void;
+pub type PthreadCreateFn =
+    unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartFn, *mut c_void) -> c_int;
+pub type SyscallFn = unsafe extern "C" fn(std::ffi::c_long, ...) -> std::ffi::c_long;
+
+forward!(sigaction, SigactionFn, "sigaction");
+forward!(pthread_sigmask, SigmaskFn, "pthread_sigmask");
+forward!(pthread_create, PthreadCreateFn, "pthread_create");
+forward!(raw_syscall, SyscallFn, "syscall");
