@@ -12,4 +12,5 @@
 mod fail_nth;
 mod fork;
 mod hooks;
+mod paths;
 mod real;
