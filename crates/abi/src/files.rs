@@ -2,13 +2,33 @@
 //! contexts, and the test accesses the selftest command hands out. Like a
 //! kernel's file table, it is process-wide; the preload shim consults it on
 //! every `ioctl`, `close` and `dup`.
+//!
+//! A number is only a name: a program can close a descriptor in ways the
+//! shim never sees (`close_range`, a raw system call) and get the number
+//! back for another file. So each entry remembers the open file it was made
+//! for by its inode (`st_dev`, `st_ino`: every memfd has its own), and a
+//! lookup checks, with a raw `fstat` that no hooked C library function
+//! sees, that the number still names it; an entry whose file is gone is
+//! dropped with its objects. (The queues' eventfds share the kernel's one
+//! anonymous inode, so for them the check only tells an eventfd from
+//! anything else.)
+//!
+//! Lookups take no lock, so no thread can hold the table at `fork` in a
+//! way the child would wait for; writers are serialised by a lock that the
+//! forking thread holds across `fork` and releases on both sides.
+//!
+//! After a `fork` the child's table is a copy: its entries name objects
+//! that live in the parent (their *owner*), where the child's calls on
+//! them are carried out; what the child opens itself is its own.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use parking_lot::{Mutex, MutexGuard};
+use arc_swap::ArcSwap;
 
 use ioasid_engine::Context;
 
@@ -29,37 +49,133 @@ pub enum File {
     Veventq(Arc<crate::veventq::VeventqFile>),
 }
 
-static FILES: LazyLock<Mutex<HashMap<c_int, File>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+/// A process, as the owner of objects: a process ID alone could name a
+/// later process too.
+pub type Owner = u64;
 
-/// How many descriptors have their own `read` and `write`, so those calls
-/// on every other descriptor skip the table.
+/// One descriptor's entry.
+#[derive(Clone)]
+pub struct Entry {
+    pub file: File,
+    /// The open file's inode, which a number must still name.
+    inode: (u64, u64),
+    /// Names the open file among its owner's, the same for every duplicate.
+    pub serial: u64,
+    /// The process whose objects these are.
+    pub owner: Owner,
+}
+
+impl Entry {
+    /// Whether the objects live in this process (not in a parent it was
+    /// forked from).
+    pub fn is_local(&self) -> bool {
+        self.owner == this_process()
+    }
+}
+
+type Table = HashMap<c_int, Entry>;
+
+static TABLE: LazyLock<ArcSwap<Table>> = LazyLock::new(|| ArcSwap::from_pointee(Table::new()));
+/// Serialises writers, who replace the table whole.
+static WRITER: Mutex<()> = Mutex::new(());
+/// How many entries there are, so `read` and `write` on descriptors of a
+/// program without any skip the table.
 static RW_FILES: AtomicUsize = AtomicUsize::new(0);
+static SERIAL: AtomicU64 = AtomicU64::new(1);
+/// This process as an owner, renewed in every forked child.
+static THIS: LazyLock<AtomicU64> = LazyLock::new(|| AtomicU64::new(new_owner()));
 
-fn counted(file: Option<&File>) -> usize {
-    usize::from(matches!(file, Some(File::FailNth(_) | File::Fault(_) | File::Veventq(_))))
+thread_local! {
+    /// The writer lock the forking thread holds across `fork`.
+    static FORK_GUARD: RefCell<Option<MutexGuard<'static, ()>>> = const { RefCell::new(None) };
 }
 
-fn files() -> MutexGuard<'static, HashMap<c_int, File>> {
-    FILES.lock()
+fn new_owner() -> Owner {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    (u64::from(std::process::id()) << 32) ^ (now.as_nanos() as u64)
 }
 
-/// Holds the table across a `fork`, so the child cannot inherit it locked
-/// by a thread that does not exist there (every hook of the child needs it).
+/// This process, as the owner of the objects it made.
+pub fn this_process() -> Owner {
+    THIS.load(Ordering::Relaxed)
+}
+
+/// The inode `fd` names now; raw, so no hook sees it.
+fn inode(fd: c_int) -> Option<(u64, u64)> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: only for the duration of one fstat; a closed number fails it.
+    let st = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
+    Some((st.st_dev, st.st_ino))
+}
+
+fn writer() -> MutexGuard<'static, ()> {
+    WRITER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Replaces the table with `edit`'s version of it. Entries `edit` drops go
+/// with the old table, outside the writer lock when the caller drops what
+/// this returns, since dropping may tear objects down.
+fn update(edit: impl FnOnce(&mut Table)) -> Arc<Table> {
+    let _w = writer();
+    let mut table = Table::clone(&TABLE.load());
+    edit(&mut table);
+    RW_FILES.store(table.len(), Ordering::Release);
+    TABLE.swap(Arc::new(table))
+}
+
+/// Lets go of an entry leaving the table: a copy of a parent's objects,
+/// inherited through `fork`, is never torn down here (the parent's are the
+/// real ones, and their locks may have been held by threads this copy of the
+/// process does not have).
+fn release(entry: Entry) {
+    if !entry.is_local() {
+        std::mem::forget(entry.file);
+    }
+}
+
+/// Holds the table across a `fork`, so the child cannot inherit it half
+/// written by a thread that does not exist there.
 pub fn lock_for_fork() {
-    std::mem::forget(files());
+    let guard = writer();
+    FORK_GUARD.with(|g| *g.borrow_mut() = Some(guard));
 }
 
-/// Releases what `lock_for_fork` took, in the parent and in the child.
-///
-/// # Safety
-/// Only once on each side of a fork, after `lock_for_fork`.
-pub unsafe fn unlock_after_fork() {
-    // SAFETY: the caller's contract: this side holds the forgotten guard.
-    unsafe { FILES.force_unlock() };
+/// Releases what `lock_for_fork` took, in the parent and in the child; in
+/// the child, what the table holds becomes the parent's, and what the child
+/// makes from now on its own.
+pub fn unlock_after_fork(child: bool) {
+    if child {
+        THIS.store(new_owner(), Ordering::Relaxed);
+    }
+    FORK_GUARD.with(|g| g.borrow_mut().take());
+}
+
+/// What `fd` is, when it still names the file its entry was made for. A
+/// stale entry is dropped.
+pub fn lookup(fd: c_int) -> Option<Entry> {
+    let entry = TABLE.load().get(&fd).cloned()?;
+    if inode(fd) == Some(entry.inode) {
+        return Some(entry);
+    }
+    drop_stale(fd, entry.serial);
+    None
+}
+
+fn drop_stale(fd: c_int, serial: u64) {
+    let mut gone = None;
+    let old = update(|t| {
+        if t.get(&fd).is_some_and(|e| e.serial == serial) {
+            gone = t.remove(&fd);
+        }
+    });
+    drop(old);
+    gone.into_iter().for_each(release);
 }
 
 pub fn get(fd: c_int) -> Option<File> {
-    files().get(&fd).cloned()
+    lookup(fd).map(|e| e.file)
 }
 
 pub fn context(fd: c_int) -> Option<Arc<Context>> {
@@ -69,40 +185,76 @@ pub fn context(fd: c_int) -> Option<Arc<Context>> {
     }
 }
 
-/// `fd`, when `read` and `write` on it are ours to answer.
-pub fn rw_file(fd: c_int) -> Option<File> {
+/// `fd`'s entry, for `read` and `write`: every ioasid file answers them
+/// itself (the iommufd with a refusal).
+pub fn rw_file(fd: c_int) -> Option<Entry> {
     if RW_FILES.load(Ordering::Acquire) == 0 {
         return None;
     }
-    get(fd).filter(|f| counted(Some(f)) == 1)
+    lookup(fd)
 }
 
-/// `fd` now refers to `file` (a new open, or a duplicate).
+/// `fd` is a new open file of this process's: `file`. Entries whose files
+/// were closed behind the table's back are dropped on the way.
 pub fn insert(fd: c_int, file: File) {
-    // What `fd` named before was closed by the call that reused the number;
-    // it is dropped outside the lock, since dropping may tear objects down.
-    RW_FILES.fetch_add(counted(Some(&file)), Ordering::AcqRel);
-    let old = files().insert(fd, file);
-    RW_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
+    let Some(ino) = inode(fd) else { return };
+    let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
+    let entry = Entry { file, inode: ino, serial, owner: this_process() };
+    let stale: Vec<c_int> =
+        TABLE.load().iter().filter(|(n, e)| **n != fd && inode(**n) != Some(e.inode)).map(|(n, _)| *n).collect();
+    let mut gone = Vec::new();
+    let old = update(|t| {
+        gone.extend(t.insert(fd, entry));
+        gone.extend(stale.iter().filter_map(|n| t.remove(n)));
+    });
     drop(old);
+    gone.into_iter().for_each(release);
 }
 
 /// `fd` was closed: an object goes with its last descriptor.
 pub fn remove(fd: c_int) {
-    let old = files().remove(&fd);
-    RW_FILES.fetch_sub(counted(old.as_ref()), Ordering::AcqRel);
+    remove_range(fd, fd);
+}
+
+/// Every descriptor from `first` to `last` was closed.
+pub fn remove_range(first: c_int, last: c_int) {
+    if !TABLE.load().keys().any(|n| (first..=last).contains(n)) {
+        return;
+    }
+    let mut gone = Vec::new();
+    let old = update(|t| {
+        t.retain(|n, e| {
+            let keep = !(first..=last).contains(n);
+            if !keep {
+                gone.push(e.clone());
+            }
+            keep
+        })
+    });
     drop(old);
+    gone.into_iter().for_each(release);
 }
 
 /// Every descriptor in the table.
 pub fn fds() -> Vec<c_int> {
-    files().keys().copied().collect()
+    TABLE.load().keys().copied().collect()
+}
+
+/// The open files this process's objects are behind, by serial: what a
+/// child forked now inherits and will ask this process to act on.
+pub fn local_files() -> HashMap<u64, File> {
+    TABLE.load().values().filter(|e| e.is_local()).map(|e| (e.serial, e.file.clone())).collect()
 }
 
 /// Records `new` as another descriptor of whatever `old` is.
 pub fn duplicate(old: c_int, new: c_int) {
-    match get(old) {
-        Some(file) => insert(new, file),
+    match lookup(old) {
+        Some(entry) => {
+            let mut gone = None;
+            let prev = update(|t| gone = t.insert(new, entry));
+            drop(prev);
+            gone.into_iter().for_each(release);
+        }
         None => remove(new),
     }
 }

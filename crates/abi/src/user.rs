@@ -105,11 +105,11 @@ pub fn new_eventfd() -> Result<(OwnedFd, OwnedFd), Errno> {
     // SAFETY: eventfd creates a fresh descriptor.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
-        return Err(Errno::ENOMEM);
+        return Err(new_fd_errno(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is fresh and ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let signal = fd.try_clone().map_err(|_| Errno::ENOMEM)?;
+    let signal = fd.try_clone().map_err(new_fd_errno)?;
     Ok((fd, signal))
 }
 
@@ -142,8 +142,18 @@ pub fn new_fd_with(name: &std::ffi::CStr, cloexec: bool) -> Result<OwnedFd, Errn
     // SAFETY: memfd_create with a valid nul-terminated name.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
     if fd < 0 {
-        return Err(Errno::ENOMEM);
+        return Err(new_fd_errno(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` is a fresh descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Why a new descriptor could not be made, as Linux's `get_unused_fd_flags`
+/// and `alloc_file` say it: out of descriptor numbers is `EMFILE` (the
+/// process's limit) or `ENFILE` (the system's), anything else `ENOMEM`.
+fn new_fd_errno(e: std::io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(n @ (libc::EMFILE | libc::ENFILE)) => Errno(n),
+        _ => Errno::ENOMEM,
+    }
 }

@@ -1,7 +1,7 @@
 //! The exported functions that stand in for the C library's.
 
 use std::cell::Cell;
-use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
+use std::ffi::{CStr, c_char, c_int, c_long, c_uint, c_ulong, c_void};
 use std::sync::Arc;
 
 use ioasid_abi::files::{self, File};
@@ -9,7 +9,7 @@ use ioasid_abi::{InProcess, UserMemory};
 use ioasid_engine::Context;
 
 use crate::fork::{self, Call};
-use crate::{fail_nth, real};
+use crate::{fail_nth, paths, real};
 
 thread_local! {
     /// Set while a hook runs, so calls made from inside it are forwarded.
@@ -39,8 +39,6 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-const IOMMU: &CStr = c"/dev/iommu";
-
 /// A new context behind a real descriptor.
 fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
     let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
@@ -57,7 +55,7 @@ fn open_special(dirfd: c_int, path: *const c_char, flags: c_int, fwd: impl FnOnc
     }
     // SAFETY: `open`'s contract: a valid nul-terminated path.
     let p = unsafe { CStr::from_ptr(path) };
-    let r = if p == IOMMU {
+    let r = if paths::is_iommu(dirfd, p) || paths::reopens_iommufd(p) {
         open_iommu(flags)
     } else if let Some(tid) = fail_nth::thread_of(p) {
         fail_nth::open(tid, flags)
@@ -108,6 +106,137 @@ open_hook!(open64, open64);
 openat_hook!(openat, openat);
 openat_hook!(openat64, openat64);
 
+macro_rules! open_2_hook {
+    ($name:ident, $real:ident) => {
+        /// What `_FORTIFY_SOURCE` makes of an `open` whose flags the
+        /// compiler cannot see: it reaches the C library's open without
+        /// passing through the exported `open`.
+        ///
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(path, flags) };
+            hook(fwd, || open_special(libc::AT_FDCWD, path, flags, fwd))
+        }
+    };
+}
+
+macro_rules! openat_2_hook {
+    ($name:ident, $real:ident) => {
+        /// `openat`'s `_FORTIFY_SOURCE` entry (see `__open_2`).
+        ///
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(dirfd, path, flags) };
+            hook(fwd, || open_special(dirfd, path, flags, fwd))
+        }
+    };
+}
+
+open_2_hook!(__open_2, open_2);
+open_2_hook!(__open64_2, open64_2);
+openat_2_hook!(__openat_2, openat_2);
+openat_2_hook!(__openat64_2, openat64_2);
+
+/// `open`'s flags for `fopen`'s `mode`.
+fn fopen_flags(mode: &CStr) -> c_int {
+    let m = mode.to_bytes();
+    let plus = m.contains(&b'+');
+    let mut flags = match (m.first(), plus) {
+        (Some(b'r'), false) => libc::O_RDONLY,
+        (Some(b'w' | b'a'), false) => libc::O_WRONLY,
+        _ => libc::O_RDWR,
+    };
+    if m.contains(&b'e') {
+        flags |= libc::O_CLOEXEC;
+    }
+    flags
+}
+
+macro_rules! fopen_hook {
+    ($name:ident, $real:ident) => {
+        /// The C library's `fopen` opens without passing through `open`.
+        ///
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(path, mode) };
+            if path.is_null() || mode.is_null() {
+                return fwd();
+            }
+            // SAFETY: `fopen`'s contract: valid nul-terminated strings.
+            let (p, m) = unsafe { (CStr::from_ptr(path), CStr::from_ptr(mode)) };
+            let mut file = std::ptr::null_mut();
+            let fd = hook(
+                || -2,
+                || {
+                    if !paths::is_iommu(libc::AT_FDCWD, p) && !paths::reopens_iommufd(p) {
+                        return -2;
+                    }
+                    match open_iommu(fopen_flags(m)) {
+                        Ok(fd) => {
+                            // SAFETY: a descriptor just opened, and the caller's mode.
+                            file = unsafe { libc::fdopen(fd, mode) };
+                            if file.is_null() {
+                                files::remove(fd);
+                                // SAFETY: the descriptor opened above, nobody else's.
+                                unsafe { real::close()(fd) };
+                            }
+                            fd
+                        }
+                        Err(e) => {
+                            set_errno(e);
+                            -1
+                        }
+                    }
+                },
+            );
+            if fd == -2 { fwd() } else { file }
+        }
+    };
+}
+
+fopen_hook!(fopen, fopen);
+fopen_hook!(fopen64, fopen64);
+
+/// `openat2(2)`, which the C library offers only as a raw system call.
+fn openat2(dirfd: c_int, path: *const c_char, how: *const c_void, size: usize, fwd: impl FnOnce() -> c_long) -> c_long {
+    // `struct open_how { u64 flags, mode, resolve; }`; one Linux would
+    // refuse is for Linux to refuse.
+    let mut raw = [0u8; 24];
+    if path.is_null() || how.is_null() || size < raw.len() || InProcess.read(how as u64, &mut raw).is_err() {
+        return fwd();
+    }
+    let field = |i: usize| u64::from_ne_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (flags, mode) = (field(0), field(1));
+    let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) as u64 != 0;
+    if flags > c_int::MAX as u64 || (mode != 0 && !creates) {
+        return fwd();
+    }
+    let r = hook(
+        || -2,
+        || {
+            // SAFETY: `openat2`'s contract: a valid nul-terminated path.
+            let p = unsafe { CStr::from_ptr(path) };
+            if !paths::is_iommu(dirfd, p) && !paths::reopens_iommufd(p) {
+                return -2;
+            }
+            open_iommu(flags as c_int).unwrap_or_else(|e| {
+                set_errno(e);
+                -1
+            })
+        },
+    );
+    if r == -2 { fwd() } else { c_long::from(r) }
+}
+
 /// # Safety
 /// As the C library's `ioctl`.
 #[unsafe(no_mangle)]
@@ -115,11 +244,13 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     // SAFETY: forwarding the caller's own arguments.
     let fwd = || unsafe { real::ioctl()(fd, request, arg) };
     hook(fwd, || {
-        let Some(ctx) = files::context(fd) else { return fwd() };
-        let call = Call::Ioctl { request: request as u32, arg: arg as u64 };
-        let result = match fork::forward(fd, call) {
-            Some(r) => r.map(|v| v as c_int),
-            None => ioasid_abi::ioctl(&ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0),
+        let Some(entry) = files::lookup(fd) else { return fwd() };
+        let File::Iommufd(ctx) = &entry.file else { return fwd() };
+        let result = if entry.is_local() {
+            ioasid_abi::ioctl(ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0)
+        } else {
+            let call = Call::Ioctl { request: request as u32, arg: arg as u64 };
+            fork::forward(entry.owner, entry.serial, call).map(|v| v as c_int)
         };
         result.unwrap_or_else(|e| {
             set_errno(e);
@@ -201,17 +332,17 @@ macro_rules! read_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
             let _shield = crate::signals::Shield::raise();
-            let Some(file) = files::rw_file(fd) else {
+            let Some(entry) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
-            if let Some(r) = forwarded(&file, fd, Call::Read { buf: buf as u64, count: count as u64, offset }) {
+            if let Some(r) = forwarded(&entry, Call::Read { buf: buf as u64, count: count as u64, offset }) {
                 return r;
             }
-            let r = match file {
+            let r = match entry.file {
                 File::FailNth(tid) => {
                     // SAFETY: the caller hands us `count` writable bytes at `buf`.
                     let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
@@ -219,7 +350,8 @@ macro_rules! read_hook {
                 }
                 File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
                 File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                _ => unreachable!("rw_file returns only files with their own read"),
+                // Linux's iommufd and access files have no read.
+                File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
             };
             finish(r)
         }
@@ -233,38 +365,41 @@ macro_rules! write_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
             let _shield = crate::signals::Shield::raise();
-            let Some(file) = files::rw_file(fd) else {
+            let Some(entry) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
-            if let Some(r) = forwarded(&file, fd, Call::Write { buf: buf as u64, count: count as u64, offset }) {
+            if let Some(r) = forwarded(&entry, Call::Write { buf: buf as u64, count: count as u64, offset }) {
                 return r;
+            }
+            // Linux's iommufd, vEVENTQ and access files have no write.
+            if matches!(entry.file, File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_)) {
+                return finish(Err(libc::EINVAL));
             }
             let mut data = vec![0u8; count];
             if let Err(e) = InProcess.read(buf as u64, &mut data) {
                 return finish(Err(e.0));
             }
-            let r = match file {
+            let r = match entry.file {
                 File::FailNth(tid) => fail_nth::write(tid, &data),
                 File::Fault(f) => f.write(&data, offset).map_err(|e| e.0),
-                // Linux's vEVENTQ file has no write.
-                File::Veventq(_) => Err(libc::EINVAL),
-                _ => unreachable!("rw_file returns only files with their own write"),
+                _ => unreachable!("files without a write were answered above"),
             };
             finish(r)
         }
     };
 }
 
-/// In a forked child, a queue's read or write runs on its parent's queue.
-fn forwarded(file: &File, fd: c_int, call: Call) -> Option<isize> {
-    if !matches!(file, File::Fault(_) | File::Veventq(_)) || !fork::is_child() {
+/// In a forked child, a read or write of a queue it inherited runs on its
+/// parent's queue.
+fn forwarded(entry: &files::Entry, call: Call) -> Option<isize> {
+    if !matches!(entry.file, File::Fault(_) | File::Veventq(_)) || entry.is_local() {
         return None;
     }
-    Some(finish(fork::forward(fd, call).unwrap_or(Err(libc::EIO)).map(|n| n as usize)))
+    Some(finish(fork::forward(entry.owner, entry.serial, call).map(|n| n as usize)))
 }
 
 /// A byte count, or -1 with `errno` set.
@@ -284,3 +419,323 @@ read_hook!(pread64, pread64, offset);
 write_hook!(write, write);
 write_hook!(pwrite, pwrite, offset);
 write_hook!(pwrite64, pwrite64, offset);
+
+/// # Safety
+/// As the C library's `close_range`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::close_range()(first, last, flags) };
+    hook(fwd, || {
+        let known = (libc::CLOSE_RANGE_UNSHARE | libc::CLOSE_RANGE_CLOEXEC) as c_int;
+        // Marking descriptors close-on-exec closes nothing; a call Linux
+        // refuses closes nothing either.
+        if first <= last && flags & !known == 0 && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 {
+            let number = |n: c_uint| n.min(c_int::MAX as c_uint) as c_int;
+            files::remove_range(number(first), number(last));
+        }
+        fwd()
+    })
+}
+
+/// # Safety
+/// As the C library's `closefrom`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(first: c_int) {
+    let fwd = || {
+        // SAFETY: forwarding the caller's own argument.
+        unsafe { real::closefrom()(first) };
+        0
+    };
+    hook(fwd, || {
+        files::remove_range(first.max(0), c_int::MAX);
+        fwd()
+    });
+}
+
+/// # Safety
+/// As the C library's `fclose`: its descriptor is closed without passing
+/// through `close`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fclose(file: *mut libc::FILE) -> c_int {
+    // SAFETY: forwarding the caller's own argument.
+    let fwd = || unsafe { real::fclose()(file) };
+    hook(fwd, || {
+        if !file.is_null() {
+            // SAFETY: the caller's open stream.
+            files::remove(unsafe { libc::fileno(file) });
+        }
+        fwd()
+    })
+}
+
+/// `syscall(3)`, for the system calls that open, close, duplicate or
+/// `ioctl` a descriptor, and `fork`: they get what the C library's
+/// functions of the same names get here. Every other number goes straight
+/// to the C library's `syscall`.
+///
+/// C-variadic functions cannot be defined in stable Rust. On x86-64 a
+/// variadic call passes its integer arguments in the registers a call of a
+/// function taking seven `long`s reads them from, so this definition sees
+/// what the caller passed (arguments it did not pass are whatever the
+/// registers held, which the C library's `syscall` passes on too).
+///
+/// # Safety
+/// As the C library's `syscall`.
+#[cfg(target_arch = "x86_64")]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn syscall(
+    n: c_long,
+    a: c_long,
+    b: c_long,
+    c: c_long,
+    d: c_long,
+    e: c_long,
+    f: c_long,
+) -> c_long {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::syscall(n, a, b, c, d, e, f) };
+    // SAFETY (each arm): the arguments of the system call `n`, handed to
+    // the hook of the C library function that makes it, as the caller's.
+    unsafe {
+        match n {
+            libc::SYS_ioctl => c_long::from(ioctl(a as c_int, b as c_ulong, c as *mut c_void)),
+            libc::SYS_close => c_long::from(close(a as c_int)),
+            libc::SYS_close_range => c_long::from(close_range(a as c_uint, b as c_uint, c as c_int)),
+            libc::SYS_open => c_long::from(open(a as *const c_char, b as c_int, c as c_uint)),
+            libc::SYS_openat => c_long::from(openat(a as c_int, b as *const c_char, c as c_int, d as c_uint)),
+            libc::SYS_openat2 => openat2(a as c_int, b as *const c_char, c as *const c_void, d as usize, fwd),
+            libc::SYS_dup => c_long::from(dup(a as c_int)),
+            libc::SYS_dup2 => c_long::from(dup2(a as c_int, b as c_int)),
+            libc::SYS_dup3 => c_long::from(dup3(a as c_int, b as c_int, c as c_int)),
+            // The fork handlers give the child its own link to this process.
+            libc::SYS_fork => c_long::from(libc::fork()),
+            _ => fwd(),
+        }
+    }
+}
+
+/// Fills `st` for the device, from `/dev`'s times and filesystem.
+///
+/// # Safety
+/// `st` points to a writable `struct stat`.
+unsafe fn device_stat_at(st: *mut libc::stat) -> c_int {
+    // SAFETY: the caller's contract; all-zero is a valid `struct stat`.
+    let st = unsafe {
+        st.write(std::mem::zeroed());
+        &mut *st
+    };
+    if let Ok(dev) = rustix::fs::stat("/dev") {
+        st.st_dev = dev.st_dev;
+        st.st_atime = dev.st_atime;
+        st.st_mtime = dev.st_mtime;
+        st.st_ctime = dev.st_ctime;
+    }
+    st.st_ino = u64::from(paths::IOMMU_MINOR) << 8 | u64::from(paths::MISC_MAJOR);
+    paths::device_stat(st);
+    0
+}
+
+/// `stat` of `path` relative to `dirfd`, answered for the device.
+fn stat_at(dirfd: c_int, path: *const c_char, flags: c_int, st: *mut libc::stat, fwd: impl FnOnce() -> c_int) -> c_int {
+    if path.is_null() || st.is_null() {
+        return fwd();
+    }
+    // SAFETY: `stat`'s contract: a valid nul-terminated path.
+    let p = unsafe { CStr::from_ptr(path) };
+    if p.is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
+        return fstat_of(dirfd, st, fwd);
+    }
+    if !paths::is_iommu(dirfd, p) {
+        return fwd();
+    }
+    // SAFETY: the caller's buffer.
+    unsafe { device_stat_at(st) }
+}
+
+/// `fstat` of `fd`: what the memfd says, as a character device when it is
+/// an iommufd.
+fn fstat_of(fd: c_int, st: *mut libc::stat, fwd: impl FnOnce() -> c_int) -> c_int {
+    let rc = fwd();
+    if rc == 0 && !st.is_null() && paths::is_iommufd(fd) {
+        // SAFETY: `fstat` just filled the caller's buffer.
+        paths::device_stat(unsafe { &mut *st });
+    }
+    rc
+}
+
+macro_rules! stat_hook {
+    ($name:ident, $real:ident, $flags:expr) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(path: *const c_char, st: *mut libc::stat) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(path, st) };
+            hook(fwd, || stat_at(libc::AT_FDCWD, path, $flags, st, fwd))
+        }
+    };
+}
+
+macro_rules! fstat_hook {
+    ($name:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, st: *mut libc::stat) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(fd, st) };
+            hook(fwd, || fstat_of(fd, st, fwd))
+        }
+    };
+}
+
+macro_rules! fstatat_hook {
+    ($name:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, st: *mut libc::stat, flags: c_int) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(dirfd, path, st, flags) };
+            hook(fwd, || stat_at(dirfd, path, flags, st, fwd))
+        }
+    };
+}
+
+/// The entry points of programs built against a C library older than 2.33,
+/// whose `stat` functions call these with a version number.
+macro_rules! xstat_hooks {
+    ($xstat:ident, $lxstat:ident, $fxstat:ident, $fxstatat:ident, $real:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $xstat(ver: c_int, path: *const c_char, st: *mut libc::stat) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, 0) };
+            hook(fwd, || stat_at(libc::AT_FDCWD, path, 0, st, fwd))
+        }
+
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $lxstat(ver: c_int, path: *const c_char, st: *mut libc::stat) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, libc::AT_SYMLINK_NOFOLLOW) };
+            hook(fwd, || stat_at(libc::AT_FDCWD, path, libc::AT_SYMLINK_NOFOLLOW, st, fwd))
+        }
+
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $fxstat(ver: c_int, fd: c_int, st: *mut libc::stat) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(ver, fd, c"".as_ptr(), st, libc::AT_EMPTY_PATH) };
+            hook(fwd, || fstat_of(fd, st, fwd))
+        }
+
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $fxstatat(
+            ver: c_int,
+            dirfd: c_int,
+            path: *const c_char,
+            st: *mut libc::stat,
+            flags: c_int,
+        ) -> c_int {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(ver, dirfd, path, st, flags) };
+            hook(fwd, || stat_at(dirfd, path, flags, st, fwd))
+        }
+    };
+}
+
+stat_hook!(stat, stat, 0);
+stat_hook!(stat64, stat64, 0);
+stat_hook!(lstat, lstat, libc::AT_SYMLINK_NOFOLLOW);
+stat_hook!(lstat64, lstat64, libc::AT_SYMLINK_NOFOLLOW);
+fstat_hook!(fstat, fstat);
+fstat_hook!(fstat64, fstat64);
+fstatat_hook!(fstatat, fstatat);
+fstatat_hook!(fstatat64, fstatat64);
+xstat_hooks!(__xstat, __lxstat, __fxstat, __fxstatat, fxstatat);
+xstat_hooks!(__xstat64, __lxstat64, __fxstat64, __fxstatat64, fxstatat64);
+
+/// # Safety
+/// As the C library's `statx`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn statx(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mask: c_uint,
+    stx: *mut libc::statx,
+) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::statx()(dirfd, path, flags, mask, stx) };
+    hook(fwd, || {
+        if path.is_null() || stx.is_null() {
+            return fwd();
+        }
+        // SAFETY: `statx`'s contract: a valid nul-terminated path.
+        let p = unsafe { CStr::from_ptr(path) };
+        let of_fd = p.is_empty() && flags & libc::AT_EMPTY_PATH != 0;
+        if of_fd {
+            let rc = fwd();
+            if rc == 0 && paths::is_iommufd(dirfd) {
+                // SAFETY: `statx` just filled the caller's buffer.
+                paths::device_statx(unsafe { &mut *stx });
+            }
+            return rc;
+        }
+        if !paths::is_iommu(dirfd, p) {
+            return fwd();
+        }
+        // SAFETY: forwarding for `/dev`, into the caller's buffer.
+        let rc = unsafe { real::statx()(libc::AT_FDCWD, c"/dev".as_ptr(), 0, mask, stx) };
+        if rc == 0 {
+            // SAFETY: filled just now.
+            let stx = unsafe { &mut *stx };
+            stx.stx_ino = u64::from(paths::IOMMU_MINOR) << 8 | u64::from(paths::MISC_MAJOR);
+            paths::device_statx(stx);
+        }
+        rc
+    })
+}
+
+/// `access` of the device.
+fn access_at(dirfd: c_int, path: *const c_char, mode: c_int, fwd: impl FnOnce() -> c_int) -> c_int {
+    if path.is_null() {
+        return fwd();
+    }
+    // SAFETY: `access`'s contract: a valid nul-terminated path.
+    if !paths::is_iommu(dirfd, unsafe { CStr::from_ptr(path) }) {
+        return fwd();
+    }
+    paths::access(mode).map_or_else(
+        |e| {
+            set_errno(e);
+            -1
+        },
+        |()| 0,
+    )
+}
+
+/// # Safety
+/// As the C library's `access`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::access()(path, mode) };
+    hook(fwd, || access_at(libc::AT_FDCWD, path, mode, fwd))
+}
+
+/// # Safety
+/// As the C library's `faccessat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let fwd = || unsafe { real::faccessat()(dirfd, path, mode, flags) };
+    hook(fwd, || access_at(dirfd, path, mode, fwd))
+}

@@ -7,10 +7,13 @@
 //! their `ioctl`s through the ABI dispatcher. Everything else is forwarded to
 //! the C library untouched. While a hook runs, calls it makes itself (the
 //! engine reading `/proc`, say) go straight to the C library. A child forked
-//! afterwards has its ioctls carried out by its parent (see `fork`).
+//! afterwards has its ioctls on what it inherited carried out by its parent
+//! (see `fork`). Which paths name the device, and what `stat` says of it,
+//! is `paths`'s business.
 
 mod fail_nth;
 mod fork;
 mod hooks;
+mod paths;
 mod real;
 mod signals;

@@ -1,8 +1,9 @@
 //! The C library's own functions, found past this library with
 //! `dlsym(RTLD_NEXT)`, so forwarded calls never re-enter our hooks.
 
-use std::ffi::{CStr, c_char, c_int, c_uint, c_ulong, c_void};
+use std::ffi::{CStr, c_char, c_int, c_long, c_uint, c_ulong, c_void};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub type OpenFn = unsafe extern "C" fn(*const c_char, c_int, c_uint) -> c_int;
 pub type OpenatFn = unsafe extern "C" fn(c_int, *const c_char, c_int, c_uint) -> c_int;
@@ -70,9 +71,74 @@ pub type SigmaskFn = unsafe extern "C" fn(c_int, *const libc::sigset_t, *mut lib
 pub type StartFn = extern "C" fn(*mut c_void) -> *mut c_void;
 pub type PthreadCreateFn =
     unsafe extern "C" fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartFn, *mut c_void) -> c_int;
-pub type SyscallFn = unsafe extern "C" fn(std::ffi::c_long, ...) -> std::ffi::c_long;
 
 forward!(sigaction, SigactionFn, "sigaction");
 forward!(pthread_sigmask, SigmaskFn, "pthread_sigmask");
 forward!(pthread_create, PthreadCreateFn, "pthread_create");
-forward!(raw_syscall, SyscallFn, "syscall");
+pub type Open2Fn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+pub type Openat2Fn = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+pub type FopenFn = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
+pub type FcloseFn = unsafe extern "C" fn(*mut libc::FILE) -> c_int;
+pub type CloseRangeFn = unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;
+pub type ClosefromFn = unsafe extern "C" fn(c_int);
+pub type StatFn = unsafe extern "C" fn(*const c_char, *mut libc::stat) -> c_int;
+pub type FstatFn = unsafe extern "C" fn(c_int, *mut libc::stat) -> c_int;
+pub type FstatatFn = unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat, c_int) -> c_int;
+pub type FxstatatFn = unsafe extern "C" fn(c_int, c_int, *const c_char, *mut libc::stat, c_int) -> c_int;
+pub type StatxFn = unsafe extern "C" fn(c_int, *const c_char, c_int, c_uint, *mut libc::statx) -> c_int;
+pub type AccessFn = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+pub type FaccessatFn = unsafe extern "C" fn(c_int, *const c_char, c_int, c_int) -> c_int;
+
+forward!(open_2, Open2Fn, "__open_2");
+forward!(open64_2, Open2Fn, "__open64_2");
+forward!(openat_2, Openat2Fn, "__openat_2");
+forward!(openat64_2, Openat2Fn, "__openat64_2");
+forward!(fopen, FopenFn, "fopen");
+forward!(fopen64, FopenFn, "fopen64");
+forward!(fclose, FcloseFn, "fclose");
+forward!(close_range, CloseRangeFn, "close_range");
+forward!(closefrom, ClosefromFn, "closefrom");
+forward!(stat, StatFn, "stat");
+forward!(stat64, StatFn, "stat64");
+forward!(lstat, StatFn, "lstat");
+forward!(lstat64, StatFn, "lstat64");
+forward!(fstat, FstatFn, "fstat");
+forward!(fstat64, FstatFn, "fstat64");
+forward!(fstatat, FstatatFn, "fstatat");
+forward!(fstatat64, FstatatFn, "fstatat64");
+forward!(fxstatat, FxstatatFn, "__fxstatat");
+forward!(fxstatat64, FxstatatFn, "__fxstatat64");
+forward!(statx, StatxFn, "statx");
+forward!(access, AccessFn, "access");
+forward!(faccessat, FaccessatFn, "faccessat");
+
+pub type SyscallFn = unsafe extern "C" fn(c_long, c_long, c_long, c_long, c_long, c_long, c_long) -> c_long;
+
+/// The C library's `syscall`, called as a function of seven `long`s (see
+/// the `syscall` hook for why that reads a variadic call's arguments, and
+/// the C library's `syscall` reads them the same way: it is written in
+/// assembly and never looks at the vector-register count a variadic call
+/// passes).
+///
+/// Looked up without `OnceLock`: waiting on one can make a futex system
+/// call through `syscall`, which would come back here.
+///
+/// # Safety
+/// As the C library's `syscall` with the same arguments.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn syscall(n: c_long, a: c_long, b: c_long, c: c_long, d: c_long, e: c_long, f: c_long) -> c_long {
+    static FN: AtomicUsize = AtomicUsize::new(0);
+    let mut p = FN.load(Ordering::Relaxed);
+    if p == 0 {
+        // SAFETY: dlsym with a valid, nul-terminated symbol name; looking
+        // it up twice when two threads race is harmless.
+        p = unsafe { libc::dlsym(libc::RTLD_NEXT, c"syscall".as_ptr()) } as usize;
+        if p == 0 {
+            eprintln!("ioasid-preload: cannot find syscall in the C library");
+            std::process::abort();
+        }
+        FN.store(p, Ordering::Relaxed);
+    }
+    // SAFETY: `p` is the C library's `syscall`, called as described above.
+    unsafe { std::mem::transmute::<usize, SyscallFn>(p)(n, a, b, c, d, e, f) }
+}

@@ -92,7 +92,10 @@ static INIT: extern "C" fn() = init;
 extern "C" fn init() {
     memory::install_fault_handler();
     // Looked up now: handlers must not call dlsym.
-    let _ = (real::sigaction(), real::pthread_sigmask(), real::raw_syscall());
+    let _ = (real::sigaction(), real::pthread_sigmask());
+    // SAFETY: getpid takes no arguments; the call resolves `syscall` now,
+    // since `requeue` runs in signal handlers.
+    unsafe { real::syscall(libc::SYS_getpid, 0, 0, 0, 0, 0, 0) };
     let set = sigset_from_bits(FAULT_SIGNALS);
     let mut old = sigset_from_bits(0);
     // SAFETY: two valid sets.
@@ -142,7 +145,7 @@ fn requeue(sig: c_int, info: *mut libc::siginfo_t) {
     // reads the kernel's siginfo of this delivery.
     unsafe {
         let (pid, tid) = (libc::getpid(), libc::gettid());
-        real::raw_syscall()(libc::SYS_rt_tgsigqueueinfo, pid as i64, tid as i64, sig as i64, info);
+        real::syscall(libc::SYS_rt_tgsigqueueinfo, pid as i64, tid as i64, sig as i64, info as i64, 0, 0);
     }
 }
 

@@ -22,22 +22,39 @@ pub fn build_shim() {
 }
 
 pub fn compile(dir: &Path, program: &str) -> PathBuf {
+    compile_with(dir, program, &[])
+}
+
+/// `compile`, with more flags for the compiler (`-static`, say).
+pub fn compile_with(dir: &Path, program: &str, flags: &[&str]) -> PathBuf {
     let src = dir.join("prog.c");
     std::fs::write(&src, program).unwrap();
     let exe = dir.join("prog");
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
-    let status =
-        Command::new("cc").arg("-I").arg(include).arg("-o").arg(&exe).arg(&src).status().expect("a C compiler (cc)");
+    let status = Command::new("cc")
+        .arg("-I")
+        .arg(include)
+        .args(flags)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("a C compiler (cc)");
     assert!(status.success(), "compiling the test program failed");
     exe
 }
 
 /// Runs `program` under `ioasid run` and expects it to print "ok".
 pub fn run_c(tag: &str, program: &str) {
+    run_c_with(tag, program, &[]);
+}
+
+/// `run_c`, with more flags for the compiler.
+pub fn run_c_with(tag: &str, program: &str, flags: &[&str]) {
     build_shim();
     let dir = std::env::temp_dir().join(format!("ioasid-run-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let prog = compile(&dir, program);
+    let prog = compile_with(&dir, program, flags);
     let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
         .arg("run")
         .arg("--")
