@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData};
 use crate::ioas::{Ioas, Owner, Source};
-use crate::ioasid_set::SetHandle;
+use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::model::IommuModel;
@@ -240,6 +240,10 @@ pub struct Context {
     private: Option<Accounting>,
     /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`).
     vfio_ioas: Mutex<Option<u32>>,
+    /// Owner of this context's IOASID sets and of the PASID references it
+    /// took; declared last so it is dropped after the sets, releasing what
+    /// they left referenced.
+    set_owner: SetOwner,
 }
 
 impl Default for Context {
@@ -261,6 +265,7 @@ impl Context {
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
             vfio_ioas: Mutex::new(None),
+            set_owner: SetOwner::default(),
         }
     }
 
@@ -721,8 +726,14 @@ impl Context {
     /// A new IOASID set under set object `parent` (or at the top).
     pub fn ioasid_set_alloc(&self, parent: Option<u32>, quota: u32) -> Result<u32> {
         let parent = parent.map(|id| self.ioasid_set(id)).transpose()?;
-        let set = crate::ioasid_set::new_set(parent, quota)?;
+        let set = crate::ioasid_set::new_set(&self.set_owner, parent, quota)?;
         self.insert(Object::IoasidSet(set))
+    }
+
+    /// The owner of this context's IOASID sets: PASID references go
+    /// through it (`IOASID_PASID_GET` and `PUT`).
+    pub fn set_owner(&self) -> &SetOwner {
+        &self.set_owner
     }
 
     pub fn ioasid_set(&self, id: u32) -> Result<Arc<SetHandle>> {
