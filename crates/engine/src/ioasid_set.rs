@@ -24,7 +24,7 @@
 //! References held inside the engine (a device bound to a PASID) are taken
 //! on the owner's behalf by the context's own commands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -167,8 +167,10 @@ struct SetState {
     /// IDs of this set and all its descendants.
     used: u32,
     children: u32,
-    /// IDs allocated in this set (including those freed but still referenced).
-    own: u32,
+    /// IDs allocated in this set (including those freed but still
+    /// referenced), so destroying a set costs what it holds, not a scan of
+    /// the whole space.
+    own: BTreeSet<u32>,
     /// Destroyed while IDs were still referenced: goes with the last of them.
     dying: bool,
 }
@@ -253,7 +255,7 @@ impl PasidSpace {
         }
         let id = SetId(g.next_set);
         g.next_set += 1;
-        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: 0, dying: false });
+        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: BTreeSet::new(), dying: false });
         let mut shared = (**self.shared.load()).clone();
         shared.insert(id, Arc::new(SetShared { owner, by_vpasid: Slots::new(self.width) }));
         self.shared.store(Arc::new(shared));
@@ -296,7 +298,7 @@ impl PasidSpace {
         }
         let mut g = self.lock();
         let s = g.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
-        if s.own > 0 {
+        if !s.own.is_empty() {
             // Referenced IDs finish their free later; the set goes with them.
             s.dying = true;
             return Ok(());
@@ -368,7 +370,7 @@ impl PasidSpace {
         }
         let entry =
             Arc::new(Entry { pasid, set, private, vpasid, refs: AtomicU32::new(1), freed: AtomicBool::new(false) });
-        g.sets.get_mut(&set).expect("checked").own += 1;
+        g.sets.get_mut(&set).expect("checked").own.insert(pasid);
         self.slots.set(pasid, Some(entry.clone()));
         if let (Some(v), Some(shared)) = (vpasid, shared) {
             shared.by_vpasid.set(v, Some(entry));
@@ -402,24 +404,11 @@ impl PasidSpace {
         self.slots.get(pasid)?.vpasid
     }
 
-    /// The IDs a set allocated, in order (a scan of the allocated IDs).
+    /// The IDs a set allocated, in order.
     pub fn ids(&self, set: SetId) -> Result<Vec<u32>> {
         let g = self.lock();
-        if !g.sets.contains_key(&set) {
-            return Err(Error::NotFound("no such set"));
-        }
-        let mut out = Vec::new();
-        for (w, &word) in g.bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let pasid = w as u32 * 64 + bits.trailing_zeros();
-                bits &= bits - 1;
-                if self.slots.get(pasid).is_some_and(|e| e.set == set) {
-                    out.push(pasid);
-                }
-            }
-        }
-        Ok(out)
+        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        Ok(s.own.iter().copied().collect())
     }
 
     /// Takes a reference; `ENOENT` once the ID is freed.
@@ -488,8 +477,8 @@ impl PasidSpace {
         g.bitmap[(e.pasid / 64) as usize] &= !(1 << (e.pasid % 64));
         g.hint = g.hint.min(e.pasid);
         let finished = g.sets.get_mut(&e.set).is_some_and(|s| {
-            s.own -= 1;
-            s.dying && s.own == 0
+            s.own.remove(&e.pasid);
+            s.dying && s.own.is_empty()
         });
         let mut at = Some(e.set);
         while let Some(s) = at {
