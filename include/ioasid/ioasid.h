@@ -9,7 +9,18 @@
  * the first u32 is the size; a size below the minimum is EINVAL, non-zero
  * bytes past what ioasid understands are E2BIG, unknown numbers ENOTTY.
  *
- * Errors: ENOENT (no such set or PASID), EDQUOT (a quota along the set's
+ * Ownership: PASIDs come from one space shared by every open /dev/iommu,
+ * but each set belongs to the context (the open /dev/iommu) that allocated
+ * it, and so do the PASIDs allocated in it. Sets are named by that
+ * context's object IDs, so no other context can name them; and a PASID of
+ * another context's set, given by number to PASID_GET or PASID_PUT, is not
+ * found (ENOENT), as iommufd answers for another context's objects. There
+ * is no way to share a set between contexts. A context's PASID_GET
+ * references are its own: PASID_PUT drops only one it took (EINVAL when it
+ * holds none; a PASID's allocation is dropped by PASID_FREE alone), and
+ * closing the context drops every reference it still holds.
+ *
+ * Errors: ENOENT (no such set or PASID, or another context's), EDQUOT (a quota along the set's
  * path is full), ENOSPC (no free PASID in range), EEXIST (the set already
  * uses that private ID), EBUSY (child sets exist, or a quota below use),
  * EINVAL (bad range or width, a quota above the parent's).
@@ -98,7 +109,11 @@ struct ioasid_pasid_free {
 };
 #define IOASID_PASID_FREE _IO(IOASID_TYPE, IOASID_CMD_PASID_FREE)
 
-/* Take or drop a reference (GET is ENOENT once the PASID is freed). */
+/*
+ * Take or drop a reference on a PASID of one of this context's sets (ENOENT
+ * for any other PASID; GET is ENOENT once the PASID is freed, PUT is EINVAL
+ * without a reference this context took).
+ */
 struct ioasid_pasid_ref {
 	__u32 size;
 	__u32 pasid;

@@ -121,12 +121,12 @@ fn pasid_free(u: &Ucmd, c: ioasid_pasid_free) -> Res {
     Ok(global().free(set.id(), c.pasid)?)
 }
 
-fn pasid_get(_: &Ucmd, c: ioasid_pasid_ref) -> Res {
-    Ok(global().get(c.pasid)?)
+fn pasid_get(u: &Ucmd, c: ioasid_pasid_ref) -> Res {
+    Ok(u.ctx.set_owner().get(c.pasid)?)
 }
 
-fn pasid_put(_: &Ucmd, c: ioasid_pasid_ref) -> Res {
-    Ok(global().put(c.pasid)?)
+fn pasid_put(u: &Ucmd, c: ioasid_pasid_ref) -> Res {
+    Ok(u.ctx.set_owner().put(c.pasid)?)
 }
 
 fn pasid_find(u: &Ucmd, mut c: ioasid_pasid_find) -> Res {

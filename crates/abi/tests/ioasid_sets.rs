@@ -135,3 +135,248 @@ fn destroying_a_set_frees_its_ids_and_parents_wait_for_children() {
     assert_eq!(usage(&ctx, vm), (8, 0));
     call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: vm }).unwrap();
 }
+
+// Two contexts: what one allocates, the other can neither see nor change.
+// A context's IDs name only its own objects, and a PASID of another
+// context's set answers as a missing one does (ENOENT).
+
+use ioasid_engine::{DeviceInfo, HwptFlags, MockFlags, ViommuType};
+
+/// A guest's context: a set (object 1) with PASID `pasid` (private data 42)
+/// and private ID 5 mapped to `host`; a vIOMMU drawing from a second set,
+/// with a vDEVICE attached at vPASID 4.
+struct Owner {
+    ctx: Arc<Context>,
+    set: u32,
+    pasid: u32,
+    host: u32,
+    viommu: u32,
+    viommu_set: u32,
+    vdevice: u32,
+    ioas: u32,
+}
+
+fn owner() -> Owner {
+    let ctx = ctx();
+    let s = set(&ctx, 0, 8).unwrap();
+    assert_eq!(s, 1);
+    let pasid = alloc(&ctx, s, 42).unwrap();
+    let mut c =
+        ioasid_pasid_alloc { size: 40, flags: IOASID_PASID_ALLOC_PRIVATE, set_id: s, vpasid: 5, ..Default::default() };
+    call(&ctx, IOASID_PASID_ALLOC, &mut c).unwrap();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let viommu = ctx.viommu_alloc(dev, parent, ViommuType::Selftest).unwrap();
+    let vdevice = ctx.vdevice_alloc(viommu, dev, 0x10).unwrap();
+    let viommu_set = set(&ctx, 0, 4).unwrap();
+    ctx.viommu_set_pasid_set(viommu, viommu_set).unwrap();
+    ctx.vdevice_attach_pasid(vdevice, 4, ioas).unwrap();
+    Owner { ctx, set: s, pasid, host: c.out_pasid, viommu, viommu_set, vdevice, ioas }
+}
+
+/// An unrelated context whose own objects sit at the owner's IDs (none of
+/// them a set where the owner has one), with a set and a vIOMMU of its own.
+struct Other {
+    ctx: Arc<Context>,
+    set: u32,
+    viommu: u32,
+}
+
+fn other(o: &Owner) -> Other {
+    let ctx = ctx();
+    assert_eq!(ctx.ioas_alloc().unwrap(), o.set, "the owner's set ID is an IOAS here");
+    let s = set(&ctx, 0, 8).unwrap();
+    alloc(&ctx, s, 7).unwrap();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let viommu = ctx.viommu_alloc(dev, parent, ViommuType::Selftest).unwrap();
+    Other { ctx, set: s, viommu }
+}
+
+fn find(ctx: &Arc<Context>, set_id: u32, pasid: u32) -> Result<u64, Errno> {
+    let mut c = ioasid_pasid_find { size: 24, set_id, pasid, ..Default::default() };
+    call(ctx, IOASID_PASID_FIND, &mut c).map(|()| c.out_private_data)
+}
+
+fn pasid_ref(ctx: &Arc<Context>, req: u32, pasid: u32) -> Result<(), Errno> {
+    call(ctx, req, &mut ioasid_pasid_ref { size: 8, pasid })
+}
+
+fn free(ctx: &Arc<Context>, set_id: u32, pasid: u32) -> Result<(), Errno> {
+    call(ctx, IOASID_PASID_FREE, &mut ioasid_pasid_free { size: 16, set_id, pasid, __reserved: 0 })
+}
+
+/// The owner's sets and PASIDs are as `owner()` left them.
+fn untouched(o: &Owner) {
+    assert_eq!(find(&o.ctx, o.set, o.pasid), Ok(42));
+    assert_eq!(usage(&o.ctx, o.set), (8, 2));
+    assert_eq!(usage(&o.ctx, o.viommu_set), (4, 1));
+    let mut l = ioasid_vpasid_lookup { size: 16, set_id: o.set, vpasid: 5, out_pasid: 0 };
+    call(&o.ctx, IOASID_VPASID_LOOKUP, &mut l).unwrap();
+    assert_eq!(l.out_pasid, o.host);
+    assert_eq!(o.ctx.vdevice(o.vdevice).unwrap().pasids().len(), 1);
+}
+
+#[test]
+fn pasid_put_from_another_context_is_enoent_and_releases_nothing() {
+    let o = owner();
+    let b = other(&o);
+    for _ in 0..3 {
+        assert_eq!(pasid_ref(&b.ctx, IOASID_PASID_PUT, o.pasid), Err(Errno::ENOENT));
+        assert_eq!(pasid_ref(&b.ctx, IOASID_PASID_PUT, o.host), Err(Errno::ENOENT));
+    }
+    untouched(&o);
+}
+
+#[test]
+fn pasid_get_from_another_context_is_enoent_and_holds_nothing() {
+    let o = owner();
+    let b = other(&o);
+    assert_eq!(pasid_ref(&b.ctx, IOASID_PASID_GET, o.pasid), Err(Errno::ENOENT));
+    untouched(&o);
+    free(&o.ctx, o.set, o.pasid).unwrap();
+    assert_eq!(find(&o.ctx, o.set, o.pasid), Err(Errno::ENOENT), "freed at once: nobody else holds it");
+    assert_eq!(usage(&o.ctx, o.set), (8, 1));
+}
+
+#[test]
+fn set_quota_of_another_contexts_set_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    for set_id in [o.set, o.viommu_set] {
+        let mut c = ioasid_set_quota { size: 16, set_id, quota: 2, __reserved: 0 };
+        assert_eq!(call(&b.ctx, IOASID_SET_QUOTA, &mut c), Err(Errno::ENOENT));
+    }
+    untouched(&o);
+}
+
+#[test]
+fn set_usage_of_another_contexts_set_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    let mut c = ioasid_set_usage { size: 16, set_id: o.set, ..Default::default() };
+    assert_eq!(call(&b.ctx, IOASID_SET_USAGE, &mut c), Err(Errno::ENOENT));
+    assert_eq!((c.out_quota, c.out_used), (0, 0));
+}
+
+#[test]
+fn set_alloc_under_another_contexts_set_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    assert_eq!(set(&b.ctx, o.set, 1), Err(Errno::ENOENT));
+    untouched(&o);
+}
+
+#[test]
+fn pasid_alloc_in_another_contexts_set_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    assert_eq!(alloc(&b.ctx, o.set, 0), Err(Errno::ENOENT));
+    let mut c = ioasid_pasid_alloc {
+        size: 40,
+        flags: IOASID_PASID_ALLOC_PRIVATE,
+        set_id: o.viommu_set,
+        vpasid: 9,
+        ..Default::default()
+    };
+    assert_eq!(call(&b.ctx, IOASID_PASID_ALLOC, &mut c), Err(Errno::ENOENT));
+    untouched(&o);
+}
+
+#[test]
+fn pasid_free_of_another_contexts_pasid_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    assert_eq!(free(&b.ctx, o.set, o.pasid), Err(Errno::ENOENT), "the owner's set ID");
+    assert_eq!(free(&b.ctx, b.set, o.pasid), Err(Errno::ENOENT), "its own set");
+    assert_eq!(free(&b.ctx, b.set, o.host), Err(Errno::ENOENT));
+    untouched(&o);
+}
+
+#[test]
+fn pasid_find_of_another_contexts_pasid_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    assert_eq!(find(&b.ctx, o.set, o.pasid), Err(Errno::ENOENT));
+    assert_eq!(find(&b.ctx, b.set, o.pasid), Err(Errno::ENOENT));
+}
+
+#[test]
+fn vpasid_lookup_in_another_contexts_set_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    for set_id in [o.set, b.set] {
+        let mut l = ioasid_vpasid_lookup { size: 16, set_id, vpasid: 5, out_pasid: 0 };
+        assert_eq!(call(&b.ctx, IOASID_VPASID_LOOKUP, &mut l), Err(Errno::ENOENT));
+        assert_eq!(l.out_pasid, 0);
+    }
+}
+
+#[test]
+fn viommu_set_pasids_across_contexts_is_enoent() {
+    let o = owner();
+    let b = other(&o);
+    let mut give = ioasid_viommu_set_pasids { size: 16, viommu_id: b.viommu, set_id: o.set, __reserved: 0 };
+    assert_eq!(call(&b.ctx, IOASID_VIOMMU_SET_PASIDS, &mut give), Err(Errno::ENOENT), "the owner's set");
+    let mut take = ioasid_viommu_set_pasids { size: 16, viommu_id: o.viommu, set_id: b.set, __reserved: 0 };
+    assert_eq!(call(&b.ctx, IOASID_VIOMMU_SET_PASIDS, &mut take), Err(Errno::ENOENT), "the owner's vIOMMU");
+    untouched(&o);
+}
+
+#[test]
+fn vdevice_attach_and_detach_pasid_across_contexts_are_enoent() {
+    let o = owner();
+    let b = other(&o);
+    let mut attach =
+        ioasid_vdevice_attach_pasid { size: 24, vdevice_id: o.vdevice, vpasid: 6, pt_id: o.ioas, ..Default::default() };
+    assert_eq!(call(&b.ctx, IOASID_VDEVICE_ATTACH_PASID, &mut attach), Err(Errno::ENOENT));
+    let mut detach = ioasid_vdevice_detach_pasid { size: 16, vdevice_id: o.vdevice, vpasid: 4, __reserved: 0 };
+    assert_eq!(call(&b.ctx, IOASID_VDEVICE_DETACH_PASID, &mut detach), Err(Errno::ENOENT));
+    untouched(&o);
+}
+
+#[test]
+fn put_without_a_reference_is_einval_and_keeps_the_pasid() {
+    let o = owner();
+    assert_eq!(pasid_ref(&o.ctx, IOASID_PASID_PUT, o.pasid), Err(Errno::EINVAL));
+    assert_eq!(pasid_ref(&o.ctx, IOASID_PASID_PUT, o.host), Err(Errno::EINVAL), "the device's reference is not ours");
+    untouched(&o);
+    pasid_ref(&o.ctx, IOASID_PASID_GET, o.pasid).unwrap();
+    pasid_ref(&o.ctx, IOASID_PASID_PUT, o.pasid).unwrap();
+    assert_eq!(pasid_ref(&o.ctx, IOASID_PASID_PUT, o.pasid), Err(Errno::EINVAL), "one GET, one PUT");
+    untouched(&o);
+}
+
+#[test]
+fn closing_a_context_drops_the_references_it_took_once() {
+    use ioasid_engine::ioasid_set::global;
+    let a = ctx();
+    let s = set(&a, 0, 8).unwrap();
+    let sid = a.ioasid_set(s).unwrap().id();
+    // Other tests share the global space: a number may be theirs again.
+    let gone = |p: u32| global().entry(p).is_none_or(|e| e.set() != sid);
+    let held = alloc(&a, s, 1).unwrap();
+    let done = alloc(&a, s, 2).unwrap();
+    for _ in 0..2 {
+        pasid_ref(&a, IOASID_PASID_GET, held).unwrap();
+    }
+    pasid_ref(&a, IOASID_PASID_GET, done).unwrap();
+    pasid_ref(&a, IOASID_PASID_PUT, done).unwrap();
+    free(&a, s, held).unwrap();
+    free(&a, s, done).unwrap();
+    assert_eq!(find(&a, s, held), Ok(1), "still referenced");
+    assert!(gone(done));
+    // Another context reuses what was released; closing the first must
+    // not put anything of it.
+    let c = ctx();
+    let cs = set(&c, 0, 8).unwrap();
+    let reused: Vec<u32> = (0..4).map(|_| alloc(&c, cs, 3).unwrap()).collect();
+    drop(a);
+    assert!(gone(held), "the closed context's references went with it");
+    for p in reused {
+        assert_eq!(find(&c, cs, p), Ok(3));
+    }
+    assert_eq!(usage(&c, cs), (8, 4));
+}

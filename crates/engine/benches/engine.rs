@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_group};
+use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
 use ioasid_engine::pgtable::{Format, PageTable, Perm};
@@ -559,6 +560,64 @@ fn fault_round_trip(c: &mut Criterion) {
     g.finish();
 }
 
+/// An object table a VMM would write by hand: objects by ID under a lock,
+/// the lowest free ID kept in a set of freed IDs below a high-water mark.
+#[derive(Default)]
+struct PlainTable(std::sync::Mutex<PlainIds>);
+
+#[derive(Default)]
+struct PlainIds {
+    objects: std::collections::BTreeMap<u32, Arc<Ioas>>,
+    free: std::collections::BTreeSet<u32>,
+    top: u32,
+}
+
+impl PlainTable {
+    fn insert(&self, obj: Arc<Ioas>) -> u32 {
+        let mut t = self.0.lock().unwrap();
+        let id = t.free.pop_first().unwrap_or(t.top + 1);
+        t.top = t.top.max(id);
+        t.objects.insert(id, obj);
+        id
+    }
+    fn remove(&self, id: u32) -> Option<Arc<Ioas>> {
+        let mut t = self.0.lock().unwrap();
+        let obj = t.objects.remove(&id)?;
+        t.free.insert(id);
+        Some(obj)
+    }
+}
+
+/// Allocating an object ID in a context that already holds 100 k objects,
+/// with a hole in the middle (Linux's xarray hands out the lowest free ID).
+fn object_ids(c: &mut Criterion) {
+    const LIVE: u32 = 100_000;
+    let mut g = c.benchmark_group("objects: IOAS alloc + destroy, 100 k live");
+    let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX)));
+    for _ in 0..LIVE {
+        ctx.ioas_alloc().unwrap();
+    }
+    ctx.destroy(LIVE / 2).unwrap();
+    g.bench_function("ioasid", |b| {
+        b.iter(|| {
+            let id = ctx.ioas_alloc().unwrap();
+            ctx.destroy(black_box(id)).unwrap();
+        })
+    });
+    let plain = PlainTable::default();
+    for _ in 0..LIVE {
+        plain.insert(Arc::new(Ioas::new()));
+    }
+    plain.remove(LIVE / 2);
+    g.bench_function("Mutex<BTreeMap> + free set", |b| {
+        b.iter(|| {
+            let id = plain.insert(Arc::new(Ioas::new()));
+            black_box(plain.remove(black_box(id)));
+        })
+    });
+    g.finish();
+}
+
 /// The allocator a VMM would write by hand: a lock around a set of free IDs.
 struct PlainAllocator(std::sync::Mutex<std::collections::BTreeSet<u32>>);
 
@@ -783,7 +842,7 @@ criterion_group! {
     name = benches;
     config = config();
     targets = iotlb_hit, page_walk, nested_walk, working_set, map_unmap, map_unmap_gib, dma, iommu_memory, dirty_bitmap,
-        fault_round_trip, pasid
+        fault_round_trip, pasid, object_ids
 }
 
 fn main() {

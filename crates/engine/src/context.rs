@@ -2,8 +2,15 @@
 //! u32 IDs; an object is in use while anything else holds a reference to it
 //! (an `Arc` clone), so `destroy` is `EBUSY` exactly when Linux's `users`
 //! count would be above one.
+//!
+//! Every call on the ioctl path costs O(log n) in the number of live
+//! objects, as Linux's xarray does: IDs come from a set of freed IDs, and
+//! the questions an attach or unbind asks of the table (the automatic HWPT
+//! of an IOAS, whether a device still uses it, a device's vDEVICEs) are
+//! answered from indexes kept beside it, not by a scan.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Deref;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -14,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData};
 use crate::ioas::{Ioas, Owner, Source};
-use crate::ioasid_set::SetHandle;
+use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::IovaRange;
 use crate::memory::Trust;
 use crate::model::IommuModel;
@@ -25,6 +32,108 @@ use crate::viommu::{Vdevice, Viommu, ViommuType};
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
 const MAX_ID: u32 = i32::MAX as u32;
+
+/// The objects of a context by ID, with the indexes that keep every lookup
+/// off a scan. Changed only through `alloc` and `remove`, so the indexes
+/// follow the objects.
+#[derive(Default)]
+struct Table {
+    objects: BTreeMap<u32, Object>,
+    /// IDs freed below `top`; every ID above `top` is free. The lowest free
+    /// ID, which an allocating xarray hands out, is the first of these or
+    /// `top + 1`.
+    free: BTreeSet<u32>,
+    top: u32,
+    /// Automatic HWPTs by their IOAS (its `Arc`'s address).
+    auto_by_ioas: HashMap<usize, Vec<u32>>,
+    /// How many device attachments use each automatic HWPT: it goes with
+    /// the last, as Linux's auto domain does.
+    auto_users: HashMap<u32, usize>,
+    /// vDEVICEs by their device (its `Arc`'s address).
+    vdevices: HashMap<usize, Vec<u32>>,
+}
+
+fn addr<T>(a: &Arc<T>) -> usize {
+    Arc::as_ptr(a) as usize
+}
+
+impl Table {
+    fn alloc(&mut self, obj: Object) -> Result<u32> {
+        let id = match self.free.pop_first() {
+            Some(id) => id,
+            None if self.top >= MAX_ID => return Err(Error::NoSpace("object IDs exhausted")),
+            None => self.top + 1,
+        };
+        self.top = self.top.max(id);
+        match &obj {
+            Object::HwptPaging(h) if h.is_auto() => {
+                self.auto_by_ioas.entry(addr(h.ioas())).or_default().push(id);
+                self.auto_users.insert(id, 0);
+            }
+            Object::Vdevice(v) => self.vdevices.entry(addr(v.device())).or_default().push(id),
+            _ => {}
+        }
+        self.objects.insert(id, obj);
+        Ok(id)
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Object> {
+        let obj = self.objects.remove(&id)?;
+        if id == self.top {
+            self.top -= 1;
+            while self.free.last() == Some(&self.top) {
+                self.free.pop_last();
+                self.top -= 1;
+            }
+        } else {
+            self.free.insert(id);
+        }
+        let unindex = |index: &mut HashMap<usize, Vec<u32>>, key: usize| {
+            if let Some(ids) = index.get_mut(&key) {
+                ids.retain(|&i| i != id);
+                if ids.is_empty() {
+                    index.remove(&key);
+                }
+            }
+        };
+        match &obj {
+            Object::HwptPaging(h) if h.is_auto() => {
+                unindex(&mut self.auto_by_ioas, addr(h.ioas()));
+                self.auto_users.remove(&id);
+            }
+            Object::Vdevice(v) => unindex(&mut self.vdevices, addr(v.device())),
+            _ => {}
+        }
+        Some(obj)
+    }
+
+    /// The ID of automatic HWPT `hwpt`, while it is in the table.
+    fn auto_id(&self, hwpt: &Arc<HwptPaging>) -> Option<u32> {
+        self.auto_by_ioas
+            .get(&addr(hwpt.ioas()))?
+            .iter()
+            .copied()
+            .find(|id| matches!(self.objects.get(id), Some(Object::HwptPaging(h)) if Arc::ptr_eq(h, hwpt)))
+    }
+
+    /// Counts a device attachment gained (`+1`) or lost (`-1`) by `hwpt`.
+    fn count_user(&mut self, hwpt: &Hwpt, delta: isize) {
+        let Hwpt::Paging(h) = hwpt else { return };
+        if let Some(id) = self.auto_id(h)
+            && let Some(users) = self.auto_users.get_mut(&id)
+        {
+            *users = users.checked_add_signed(delta).expect("attachments are counted in pairs");
+        }
+    }
+}
+
+impl Deref for Table {
+    type Target = BTreeMap<u32, Object>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.objects
+    }
+}
 
 #[derive(Clone)]
 pub enum Object {
@@ -122,7 +231,7 @@ impl ContextConfig {
 }
 
 pub struct Context {
-    objects: Mutex<BTreeMap<u32, Object>>,
+    objects: Mutex<Table>,
     /// Serialises changes to the object graph (attach, detach, destroy) so
     /// checks of who uses what stay true while they act.
     graph: Mutex<()>,
@@ -131,6 +240,10 @@ pub struct Context {
     private: Option<Accounting>,
     /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`).
     vfio_ioas: Mutex<Option<u32>>,
+    /// Owner of this context's IOASID sets and of the PASID references it
+    /// took; declared last so it is dropped after the sets, releasing what
+    /// they left referenced.
+    set_owner: SetOwner,
 }
 
 impl Default for Context {
@@ -146,16 +259,17 @@ impl Context {
 
     pub fn with_config(config: ContextConfig) -> Self {
         Context {
-            objects: Mutex::new(BTreeMap::new()),
+            objects: Mutex::new(Table::default()),
             graph: Mutex::new(()),
             account_mode: Mutex::new(AccountMode::User),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
             vfio_ioas: Mutex::new(None),
+            set_owner: SetOwner::default(),
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, BTreeMap<u32, Object>> {
+    fn table(&self) -> MutexGuard<'_, Table> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -165,20 +279,7 @@ impl Context {
 
     fn insert(&self, obj: Object) -> Result<u32> {
         crate::inject::check("object ID")?;
-        let mut t = self.table();
-        // The lowest free ID, like an allocating xarray.
-        let mut id = 1u32;
-        for &used in t.keys() {
-            if used != id {
-                break;
-            }
-            id += 1;
-        }
-        if id > MAX_ID {
-            return Err(Error::NoSpace("object IDs exhausted"));
-        }
-        t.insert(id, obj);
-        Ok(id)
+        self.table().alloc(obj)
     }
 
     pub fn object(&self, id: u32) -> Result<Object> {
@@ -364,14 +465,16 @@ impl Context {
         let dev = self.device(dev_id)?;
         // Its vDEVICEs go with it: the guest's name for a device that is
         // gone must not resolve.
-        let vdevs: Vec<(u32, Arc<Vdevice>)> = self
-            .table()
-            .iter()
-            .filter_map(|(&id, o)| match o {
-                Object::Vdevice(v) if Arc::ptr_eq(v.device(), &dev) => Some((id, v.clone())),
-                _ => None,
-            })
-            .collect();
+        let vdevs: Vec<(u32, Arc<Vdevice>)> = {
+            let t = self.table();
+            let ids = t.vdevices.get(&addr(&dev)).map(Vec::as_slice).unwrap_or_default();
+            ids.iter()
+                .filter_map(|id| match t.get(id) {
+                    Some(Object::Vdevice(v)) => Some((*id, v.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
         for (_, v) in &vdevs {
             self.vdevice_release_locked(v);
         }
@@ -379,9 +482,9 @@ impl Context {
             self.detach_locked(&dev, pasid);
         }
         let mut t = self.table();
-        t.remove(&dev_id);
+        t.remove(dev_id);
         for (id, _) in &vdevs {
-            t.remove(id);
+            t.remove(*id);
         }
         Ok(())
     }
@@ -398,7 +501,7 @@ impl Context {
         let id = self.insert(Object::Access(access.clone()))?;
         let attached = self.ioas(ioas_id).and_then(|ioas| access.set_ioas(Some(ioas)));
         if let Err(e) = attached {
-            self.table().remove(&id);
+            self.table().remove(id);
             return Err(e);
         }
         Ok((id, access))
@@ -419,7 +522,7 @@ impl Context {
     /// The driver is done with its access: detach and forget it.
     pub fn access_destroy(&self, id: u32) {
         let _g = self.graph();
-        let removed = self.table().remove(&id);
+        let removed = self.table().remove(id);
         if let Some(Object::Access(access)) = removed {
             let _ = access.set_ioas(None);
         }
@@ -438,7 +541,7 @@ impl Context {
                 id
             }
             Err(e) => {
-                self.table().remove(&stdev_id);
+                self.table().remove(stdev_id);
                 return Err(e);
             }
         };
@@ -449,8 +552,8 @@ impl Context {
             }
             Err(e) => {
                 let mut t = self.table();
-                t.remove(&dev_id);
-                t.remove(&stdev_id);
+                t.remove(dev_id);
+                t.remove(stdev_id);
                 Err(e)
             }
         }
@@ -623,8 +726,14 @@ impl Context {
     /// A new IOASID set under set object `parent` (or at the top).
     pub fn ioasid_set_alloc(&self, parent: Option<u32>, quota: u32) -> Result<u32> {
         let parent = parent.map(|id| self.ioasid_set(id)).transpose()?;
-        let set = crate::ioasid_set::new_set(parent, quota)?;
+        let set = crate::ioasid_set::new_set(&self.set_owner, parent, quota)?;
         self.insert(Object::IoasidSet(set))
+    }
+
+    /// The owner of this context's IOASID sets: PASID references go
+    /// through it (`IOASID_PASID_GET` and `PUT`).
+    pub fn set_owner(&self) -> &SetOwner {
+        &self.set_owner
     }
 
     pub fn ioasid_set(&self, id: u32) -> Result<Arc<SetHandle>> {
@@ -687,7 +796,7 @@ impl Context {
             self.release_attachment(hwpt);
             return Err(e);
         }
-        dev.set_attached_at(pasid, Some(hwpt));
+        self.set_attachment(&dev, pasid, Some(hwpt));
         Ok(id)
     }
 
@@ -718,7 +827,7 @@ impl Context {
             self.release_attachment(hwpt);
             return Err(e);
         }
-        let old = dev.set_attached_at(pasid, Some(hwpt)).expect("attached above");
+        let old = self.set_attachment(&dev, pasid, Some(hwpt)).expect("attached above");
         if new_ioas {
             old.ioas().unreserve(owner);
         }
@@ -749,13 +858,26 @@ impl Context {
     }
 
     fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
-        if let Some(old) = dev.set_attached_at(pasid, None) {
+        if let Some(old) = self.set_attachment(dev, pasid, None) {
             old.ioas().unreserve(owner(dev, pasid));
             if let Some(q) = old.fault() {
                 q.abort(Some(dev.fault_origin(pasid)));
             }
             self.release_attachment(old);
         }
+    }
+
+    /// Attaches `dev` at `pasid` to `hwpt` (or detaches it), counting the
+    /// users of automatic HWPTs. Returns what it was attached to.
+    fn set_attachment(&self, dev: &Device, pasid: Option<u32>, hwpt: Option<Hwpt>) -> Option<Hwpt> {
+        if let Some(new) = &hwpt {
+            self.table().count_user(new, 1);
+        }
+        let old = dev.set_attached_at(pasid, hwpt);
+        if let Some(old) = &old {
+            self.table().count_user(old, -1);
+        }
+        old
     }
 
     /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
@@ -766,17 +888,18 @@ impl Context {
             Object::HwptPaging(h) => Hwpt::Paging(h),
             Object::HwptNested(n) => Hwpt::Nested(n),
             Object::Ioas(ioas) => {
-                let found = self.table().iter().find_map(|(&id, o)| match o {
-                    Object::HwptPaging(h)
-                        if h.is_auto()
-                            && Arc::ptr_eq(h.ioas(), &ioas)
-                            && h.domain().format() == info.format()
-                            && h.domain().aperture() == info.aperture =>
-                    {
-                        Some((id, Hwpt::Paging(h.clone())))
-                    }
-                    _ => None,
-                });
+                let found = {
+                    let t = self.table();
+                    let autos = t.auto_by_ioas.get(&addr(&ioas)).map(Vec::as_slice).unwrap_or_default();
+                    autos.iter().find_map(|id| match t.get(id) {
+                        Some(Object::HwptPaging(h))
+                            if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
+                        {
+                            Some((*id, Hwpt::Paging(h.clone())))
+                        }
+                        _ => None,
+                    })
+                };
                 if let Some(found) = found {
                     return Ok(found);
                 }
@@ -802,18 +925,9 @@ impl Context {
             return;
         }
         let mut t = self.table();
-        let in_use = t.values().any(|o| match o {
-            Object::Device(d) => {
-                d.attachments().into_iter().any(|(_, a)| matches!(a, Hwpt::Paging(p) if Arc::ptr_eq(&p, &hwpt)))
-            }
-            _ => false,
-        });
-        let id = t.iter().find_map(|(&id, o)| match o {
-            Object::HwptPaging(h) if Arc::ptr_eq(h, &hwpt) => Some(id),
-            _ => None,
-        });
-        if let (false, Some(id)) = (in_use, id) {
-            t.remove(&id);
+        let Some(id) = t.auto_id(&hwpt) else { return };
+        if t.auto_users.get(&id) == Some(&0) {
+            t.remove(id);
             drop(t);
             hwpt.release();
         }
@@ -830,7 +944,7 @@ impl Context {
         if obj.strong_count() > 1 {
             return Err(Error::Busy("object is in use"));
         }
-        let obj = t.remove(&id).expect("present");
+        let obj = t.remove(id).expect("present");
         drop(t);
         let mut vfio = self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner());
         if *vfio == Some(id) {
@@ -870,7 +984,7 @@ impl Drop for Context {
         }
         let t = std::mem::take(&mut *self.table());
         let mut ioases = Vec::new();
-        for obj in t.into_values() {
+        for obj in t.objects.into_values() {
             match obj {
                 Object::HwptPaging(h) => h.release(),
                 Object::Ioas(i) => ioases.push(i),

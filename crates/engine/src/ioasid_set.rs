@@ -7,9 +7,25 @@
 //! Changes are serialised by one lock; lookups (`find`, `host_pasid`,
 //! `vpasid`, `get`) take none: IDs live in a two-level table of
 //! `ArcSwapOption` slots, allocated a leaf at a time.
+//!
+//! # Ownership
+//!
+//! The space is global, as the system's PASIDs are, but what a context may
+//! do in it is not: every set a context allocates belongs to that context
+//! (its `SetOwner`), and so do the PASIDs allocated in it. A context acts
+//! only on its own sets (named by its own object IDs, so another context's
+//! sets cannot even be named) and on their PASIDs; a PASID of another
+//! context's set is not found (`ENOENT`), as iommufd answers for another
+//! context's object IDs. References follow the same rule: `SetOwner::get`
+//! takes one on a PASID of the owner's sets and records it, `put` drops
+//! only a reference the owner recorded (`EINVAL` when it holds none, so the
+//! allocation's own reference is dropped by a free alone), and the owner's
+//! end (its context closing) drops every reference it still holds, once.
+//! References held inside the engine (a device bound to a PASID) are taken
+//! on the owner's behalf by the context's own commands.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -151,14 +167,19 @@ struct SetState {
     /// IDs of this set and all its descendants.
     used: u32,
     children: u32,
-    /// IDs allocated in this set (including those freed but still referenced).
-    own: u32,
+    /// IDs allocated in this set (including those freed but still
+    /// referenced), so destroying a set costs what it holds, not a scan of
+    /// the whole space.
+    own: BTreeSet<u32>,
     /// Destroyed while IDs were still referenced: goes with the last of them.
     dying: bool,
 }
 
 /// What lookups read without the lock.
 struct SetShared {
+    /// The `SetOwner` key of the context the set belongs to (0: none, a set
+    /// made by the engine's own users of a private space).
+    owner: u64,
     by_vpasid: Slots,
 }
 
@@ -214,9 +235,18 @@ impl PasidSpace {
 
     /// A set holding at most `quota` IDs, inside `parent`'s quota.
     pub fn create_set(&self, parent: Option<SetId>, quota: u32) -> Result<SetId> {
+        self.create_owned_set(0, parent, quota)
+    }
+
+    /// `create_set` for the owner with key `owner`, under a parent of the
+    /// same owner only.
+    fn create_owned_set(&self, owner: u64, parent: Option<SetId>, quota: u32) -> Result<SetId> {
         crate::inject::check("IOASID set")?;
         let mut g = self.lock();
         if let Some(p) = parent {
+            if self.owner(p) != Some(owner) {
+                return Err(Error::NotFound("no such parent set"));
+            }
             let ps = g.sets.get_mut(&p).ok_or(Error::NotFound("no such parent set"))?;
             if quota > ps.quota {
                 return Err(Error::Invalid("a set's quota must fit in its parent's"));
@@ -225,9 +255,9 @@ impl PasidSpace {
         }
         let id = SetId(g.next_set);
         g.next_set += 1;
-        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: 0, dying: false });
+        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: BTreeSet::new(), dying: false });
         let mut shared = (**self.shared.load()).clone();
-        shared.insert(id, Arc::new(SetShared { by_vpasid: Slots::new(self.width) }));
+        shared.insert(id, Arc::new(SetShared { owner, by_vpasid: Slots::new(self.width) }));
         self.shared.store(Arc::new(shared));
         Ok(id)
     }
@@ -268,7 +298,7 @@ impl PasidSpace {
         }
         let mut g = self.lock();
         let s = g.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
-        if s.own > 0 {
+        if !s.own.is_empty() {
             // Referenced IDs finish their free later; the set goes with them.
             s.dying = true;
             return Ok(());
@@ -340,7 +370,7 @@ impl PasidSpace {
         }
         let entry =
             Arc::new(Entry { pasid, set, private, vpasid, refs: AtomicU32::new(1), freed: AtomicBool::new(false) });
-        g.sets.get_mut(&set).expect("checked").own += 1;
+        g.sets.get_mut(&set).expect("checked").own.insert(pasid);
         self.slots.set(pasid, Some(entry.clone()));
         if let (Some(v), Some(shared)) = (vpasid, shared) {
             shared.by_vpasid.set(v, Some(entry));
@@ -359,6 +389,11 @@ impl PasidSpace {
         self.slots.get(pasid)
     }
 
+    /// The owner key of `set`, while it exists (dying sets included).
+    fn owner(&self, set: SetId) -> Option<u64> {
+        self.shared.load().get(&set).map(|s| s.owner)
+    }
+
     /// The host PASID standing for `set`'s own ID `vpasid`. Lock-free.
     pub fn host_pasid(&self, set: SetId, vpasid: u32) -> Option<u32> {
         self.shared.load().get(&set)?.by_vpasid.get(vpasid).map(|e| e.pasid)
@@ -369,36 +404,17 @@ impl PasidSpace {
         self.slots.get(pasid)?.vpasid
     }
 
-    /// The IDs a set allocated, in order (a scan of the allocated IDs).
+    /// The IDs a set allocated, in order.
     pub fn ids(&self, set: SetId) -> Result<Vec<u32>> {
         let g = self.lock();
-        if !g.sets.contains_key(&set) {
-            return Err(Error::NotFound("no such set"));
-        }
-        let mut out = Vec::new();
-        for (w, &word) in g.bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let pasid = w as u32 * 64 + bits.trailing_zeros();
-                bits &= bits - 1;
-                if self.slots.get(pasid).is_some_and(|e| e.set == set) {
-                    out.push(pasid);
-                }
-            }
-        }
-        Ok(out)
+        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        Ok(s.own.iter().copied().collect())
     }
 
     /// Takes a reference; `ENOENT` once the ID is freed.
     pub fn get(&self, pasid: u32) -> Result<()> {
         let e = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        if e.freed.load(Ordering::Acquire) {
-            return Err(Error::NotFound("PASID is being freed"));
-        }
-        e.refs
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > 0).then_some(r + 1))
-            .map(drop)
-            .map_err(|_| Error::NotFound("PASID is being freed"))
+        take_ref(&e)
     }
 
     /// Drops a reference; the last one of a freed ID completes the free.
@@ -461,8 +477,8 @@ impl PasidSpace {
         g.bitmap[(e.pasid / 64) as usize] &= !(1 << (e.pasid % 64));
         g.hint = g.hint.min(e.pasid);
         let finished = g.sets.get_mut(&e.set).is_some_and(|s| {
-            s.own -= 1;
-            s.dying && s.own == 0
+            s.own.remove(&e.pasid);
+            s.dying && s.own.is_empty()
         });
         let mut at = Some(e.set);
         while let Some(s) = at {
@@ -477,12 +493,92 @@ impl PasidSpace {
     }
 }
 
+/// Takes a reference on `e` itself, so an ID freed and allocated again
+/// meanwhile is never referenced by mistake; `ENOENT` once `e` is freed.
+fn take_ref(e: &Entry) -> Result<()> {
+    if e.freed.load(Ordering::Acquire) {
+        return Err(Error::NotFound("PASID is being freed"));
+    }
+    e.refs
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > 0).then_some(r + 1))
+        .map(drop)
+        .map_err(|_| Error::NotFound("PASID is being freed"))
+}
+
 /// The process's PASID space (20 bits), shared by every context, as the
 /// system's PASID space is shared by every process.
 pub fn global() -> &'static PasidSpace {
     static SPACE: std::sync::LazyLock<PasidSpace> =
         std::sync::LazyLock::new(|| PasidSpace::new(MAX_WIDTH).expect("20 bits is a valid width"));
     &SPACE
+}
+
+/// A context's identity in the global space and the PASID references it
+/// holds (see the module docs): dropped with the context, it drops them.
+pub struct SetOwner {
+    key: u64,
+    /// PASID -> references this owner took and has not put.
+    refs: Mutex<BTreeMap<u32, u32>>,
+}
+
+impl Default for SetOwner {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SetOwner { key: NEXT.fetch_add(1, Ordering::Relaxed), refs: Mutex::new(BTreeMap::new()) }
+    }
+}
+
+impl SetOwner {
+    fn refs(&self) -> MutexGuard<'_, BTreeMap<u32, u32>> {
+        self.refs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entry of `pasid` when it is allocated in one of this owner's sets.
+    fn owns(&self, pasid: u32) -> Result<Arc<Entry>> {
+        let space = global();
+        match space.entry(pasid) {
+            Some(e) if space.owner(e.set) == Some(self.key) => Ok(e),
+            _ => Err(Error::NotFound("no PASID of this context's sets")),
+        }
+    }
+
+    /// Takes a reference on a PASID of this owner's sets; `ENOENT` for any
+    /// other, or once it is freed.
+    pub fn get(&self, pasid: u32) -> Result<()> {
+        let mut refs = self.refs();
+        take_ref(&*self.owns(pasid)?)?;
+        *refs.entry(pasid).or_default() += 1;
+        Ok(())
+    }
+
+    /// Drops a reference this owner took with `get`.
+    pub fn put(&self, pasid: u32) -> Result<()> {
+        let mut refs = self.refs();
+        let Some(held) = refs.get_mut(&pasid) else {
+            self.owns(pasid)?;
+            return Err(Error::Invalid("no reference taken on that PASID"));
+        };
+        *held -= 1;
+        if *held == 0 {
+            refs.remove(&pasid);
+        }
+        global().put(pasid)
+    }
+
+    /// References this owner holds on `pasid`.
+    pub fn held(&self, pasid: u32) -> u32 {
+        self.refs().get(&pasid).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for SetOwner {
+    fn drop(&mut self) {
+        for (pasid, n) in std::mem::take(&mut *self.refs()) {
+            for _ in 0..n {
+                let _ = global().put(pasid);
+            }
+        }
+    }
 }
 
 /// A set owned by a context object: destroying the object destroys the
@@ -504,9 +600,9 @@ impl Drop for SetHandle {
     }
 }
 
-/// A new set in the global space, owned by the returned handle.
-pub fn new_set(parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
-    let set = global().create_set(parent.as_ref().map(|p| p.set), quota)?;
+/// A new set of `owner` in the global space, held by the returned handle.
+pub fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
+    let set = global().create_owned_set(owner.key, parent.as_ref().map(|p| p.set), quota)?;
     Ok(Arc::new(SetHandle { set, _parent: parent }))
 }
 
