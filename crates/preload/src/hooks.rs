@@ -237,13 +237,13 @@ macro_rules! write_hook {
             if let Some(r) = forwarded(&file, fd, Call::Write { buf: buf as u64, count: count as u64, offset }) {
                 return r;
             }
-            let mut data = vec![0u8; count];
-            if let Err(e) = InProcess.read(buf as u64, &mut data) {
-                return finish(Err(e.0));
-            }
             let r = match file {
-                File::FailNth(tid) => fail_nth::write(tid, &data),
-                File::Fault(f) => f.write(&data, offset).map_err(|e| e.0),
+                File::FailNth(tid) => {
+                    // As Linux's kstrtouint_from_user: the number is in the first bytes.
+                    let mut data = vec![0u8; count.min(34)];
+                    InProcess.read(buf as u64, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(tid, &data)).map(|_| count)
+                }
+                File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
                 // Linux's vEVENTQ file has no write.
                 File::Veventq(_) => Err(libc::EINVAL),
                 _ => unreachable!("rw_file returns only files with their own write"),

@@ -1,0 +1,120 @@
+//! Lengths a program passes under `ioasid run`: whatever the count of a
+//! `read` or `write` on an iommufd queue's descriptor, the answer is a count
+//! or an errno, in the program and in the parent that serves its forked
+//! children.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+// shared helpers: see common/
+fn target_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+// shared helpers: see common/
+fn build_shim() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "ioasid-preload"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the shim failed");
+    assert!(target_dir().join("libioasid_preload.so").is_file());
+}
+
+// shared helpers: see common/
+fn compile(dir: &Path, program: &str) -> PathBuf {
+    let src = dir.join("prog.c");
+    std::fs::write(&src, program).unwrap();
+    let exe = dir.join("prog");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
+    let status =
+        Command::new("cc").arg("-I").arg(include).arg("-o").arg(&exe).arg(&src).status().expect("a C compiler (cc)");
+    assert!(status.success(), "compiling the test program failed");
+    exe
+}
+
+// shared helpers: see common/
+/// Runs `program` under `ioasid run` and expects it to print "ok".
+fn run_c(tag: &str, program: &str) {
+    build_shim();
+    let dir = std::env::temp_dir().join(format!("ioasid-lengths-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = compile(&dir, program);
+    let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
+        .arg("run")
+        .arg("--")
+        .arg(&prog)
+        .env("IOASID_PRELOAD", target_dir().join("libioasid_preload.so"))
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.trim() == "ok", "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Near 2^46 and near SIZE_MAX, in whole fault records (40 bytes) and whole
+/// responses (8 bytes); from the program itself and from a forked child.
+const FAULT_COUNTS_PROGRAM: &str = r#"
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/types.h>
+
+struct ioas_alloc { __u32 size, flags, out_ioas_id; };
+struct fault_alloc { __u32 size, flags, out_fault_id, out_fault_fd; };
+#define IOAS_ALLOC ((';' << 8) | 0x81)
+#define FAULT_QUEUE_ALLOC ((';' << 8) | 0x8e)
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); return 1; } } while (0)
+
+static const size_t reads[] = { (1ull << 46) / 40 * 40, SIZE_MAX / 40 * 40 };
+static const size_t writes[] = { (1ull << 46) / 8 * 8, SIZE_MAX / 8 * 8 };
+
+/* A huge count at the last bytes of a mapping, then unmapped memory. */
+static int queue_io(int ffd, char *end) {
+    for (int i = 0; i < 2; i++) {
+        CHECK(read(ffd, end - 40, reads[i]) == 0);
+        /* A zeroed response (cookie 0, never handed out), then the end. */
+        CHECK(write(ffd, end - 8, writes[i]) == -1 && errno == EINVAL);
+        CHECK(write(ffd, end, writes[i]) == -1 && errno == EFAULT);
+    }
+    return 0;
+}
+
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
+    struct fault_alloc f = { sizeof(f), 0, 0, 0 };
+    CHECK(ioctl(fd, FAULT_QUEUE_ALLOC, &f) == 0);
+    char *page = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(page != MAP_FAILED && munmap(page + 4096, 4096) == 0);
+    CHECK(queue_io(f.out_fault_fd, page + 4096) == 0);
+
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0)
+        _exit(queue_io(f.out_fault_fd, page + 4096) == 0 ? 0 : 1);
+    int status;
+    CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    /* The parent that served the child's calls is alive and well. */
+    struct ioas_alloc a = { sizeof(a), 0, 0 };
+    CHECK(ioctl(fd, IOAS_ALLOC, &a) == 0);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn huge_counts_on_a_fault_queue_are_errnos_in_the_program_and_its_forked_child() {
+    run_c("fault-counts", FAULT_COUNTS_PROGRAM);
+}
