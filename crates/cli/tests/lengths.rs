@@ -118,3 +118,72 @@ int main(void) {
 fn huge_counts_on_a_fault_queue_are_errnos_in_the_program_and_its_forked_child() {
     run_c("fault-counts", FAULT_COUNTS_PROGRAM);
 }
+
+/// A memfd mapped with IOAS_MAP_FILE, then truncated behind the mapping:
+/// a read through the IOAS past the file's end is EFAULT, not SIGBUS.
+const TRUNCATED_FILE_PROGRAM: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <linux/types.h>
+
+struct ioas_alloc { __u32 size, flags, out_ioas_id; };
+struct ioas_map_file { __u32 size, flags, ioas_id; __s32 fd; __u64 start, length, iova; };
+struct test_cmd {
+    __u32 size, op, id, reserved;
+    union {
+        struct { __u32 out_access_fd, flags; } create_access;
+        struct { __u64 iova, length, uptr; __u32 flags, pad; } access_rw;
+        __u64 pad[6];
+    };
+    __u32 last;
+};
+#define IOAS_ALLOC ((';' << 8) | 0x81)
+#define IOAS_MAP_FILE ((';' << 8) | 0x8f)
+#define TEST_CMD ((';' << 8) | 0xa0)
+#define OP_CREATE_ACCESS 5
+#define OP_ACCESS_RW 8
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); return 1; } } while (0)
+
+static int access_read(int fd, __u32 access, __u64 iova, char *out, __u64 len) {
+    struct test_cmd t = { sizeof(t), OP_ACCESS_RW, access };
+    t.access_rw.iova = iova;
+    t.access_rw.length = len;
+    t.access_rw.uptr = (__u64)out;
+    return ioctl(fd, TEST_CMD, &t);
+}
+
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
+    struct ioas_alloc a = { sizeof(a), 0, 0 };
+    CHECK(ioctl(fd, IOAS_ALLOC, &a) == 0);
+    int mfd = memfd_create("dma", 0);
+    CHECK(mfd >= 0 && ftruncate(mfd, 8192) == 0 && pwrite(mfd, "kept", 4, 0) == 4);
+    struct ioas_map_file m = { sizeof(m), 6, a.out_ioas_id, mfd, 0, 8192, 0 };
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    struct test_cmd t = { sizeof(t), OP_CREATE_ACCESS, a.out_ioas_id };
+    CHECK(ioctl(fd, TEST_CMD, &t) == 0);
+    __u32 access = t.create_access.out_access_fd;
+    char out[4];
+    CHECK(access_read(fd, access, m.iova, out, 4) == 0 && memcmp(out, "kept", 4) == 0);
+    CHECK(ftruncate(mfd, 4096) == 0);
+    CHECK(access_read(fd, access, m.iova + 4096, out, 4) == -1 && errno == EFAULT);
+    CHECK(access_read(fd, access, m.iova, out, 4) == 0);
+    CHECK(ftruncate(mfd, 0) == 0);
+    CHECK(access_read(fd, access, m.iova, out, 4) == -1 && errno == EFAULT);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn a_file_truncated_under_map_file_fails_reads_with_efault() {
+    run_c("truncated-file", TRUNCATED_FILE_PROGRAM);
+}

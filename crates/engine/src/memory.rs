@@ -4,11 +4,12 @@
 //! A page-table entry holds a host virtual address. Who vouches for that
 //! address decides how it is touched:
 //! - [`Trust::Direct`]: memory the embedding program promised to keep mapped
-//!   (`Ioas::map_user` is `unsafe` for that reason) or that the engine mapped
-//!   itself (files). Copies are plain `memcpy`s.
+//!   (`Ioas::map_user` is `unsafe` for that reason) or that the engine
+//!   allocated itself. Copies are plain `memcpy`s.
 //! - [`Trust::Checked`]: addresses that came through the ABI from a program
-//!   that may unmap them at any time. A bad address must be an error
-//!   (`EFAULT`), never a crash. On x86-64 the copy is one `rep movsb` whose
+//!   that may unmap them at any time, and files the engine mapped itself,
+//!   which anyone may truncate under the mapping (`SIGBUS` past the new
+//!   end). A bad address must be an error (`EFAULT`), never a crash. On x86-64 the copy is one `rep movsb` whose
 //!   faults a signal handler turns into a short count, as the kernel's
 //!   exception table does for `copy_from_user`: no system call per copy.
 //!   Elsewhere copies go through `process_vm_readv`/`process_vm_writev`.

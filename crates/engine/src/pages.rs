@@ -1,6 +1,13 @@
 //! The memory behind mappings: a run of host pages from a user address or a
 //! file, shared by every area that maps part of it (copies share it too, so
 //! memory is pinned and charged once however often it is mapped).
+//!
+//! A file's pages are the engine's own shared mapping of it, so the program
+//! may close or unmap the file freely. Linux pins a file's pages at map time
+//! and keeps using them after a truncation; a mapping cannot hold pages the
+//! file dropped, so here a DMA or access that reaches past a file's new end
+//! fails (`EFAULT`, a DMA fault) instead, and what is left of the file is
+//! still reached.
 
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock, Weak};
@@ -166,7 +173,10 @@ impl Pages {
             base: map.addr() - lead,
             npages: (length + lead).div_ceil(PAGE_SIZE),
             writable,
-            trust: Trust::Direct,
+            // The engine's own mapping stays, but the file under it may
+            // shrink: its pages past the new end then raise SIGBUS, which
+            // the checked copy turns into EFAULT.
+            trust: Trust::Checked,
             backing: Backing::File(map),
             accounting,
             pins: Mutex::new(Vec::new()),
