@@ -23,8 +23,11 @@ fn fork_writing(buf: &HostBuffer) -> Child {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        // SAFETY: `buf` is mapped in the child too (a copy); the pipes are ours.
+        // SAFETY: `buf` is mapped in the child too (a copy); the pipes are
+        // ours. Without its own write end, the child sees the parent go
+        // even if the parent's test fails before releasing it.
         unsafe {
+            libc::close(go[1]);
             std::ptr::write_bytes(buf.addr() as *mut u8, b'C', buf.len());
             libc::write(ready[1], b"r".as_ptr().cast(), 1);
             let mut b = [0u8];
