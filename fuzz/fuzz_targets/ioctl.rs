@@ -67,13 +67,6 @@ impl UserMemory for Sandbox<'_> {
 
 impl Sandbox<'_> {
     /// Up to `count` bytes from `addr`, as far as the sandbox goes.
-    fn bytes(&self, addr: u64, count: usize) -> Vec<u8> {
-        let Ok(off) = self.offset(addr, 0) else { return Vec::new() };
-        let mut out = vec![0; count.min(self.0.len() - off)];
-        self.0.read_at(off, &mut out);
-        out
-    }
-
     fn offset(&self, addr: u64, len: usize) -> Result<usize, Errno> {
         let off = addr.checked_sub(self.0.addr()).ok_or(Errno::EFAULT)? as usize;
         if off.checked_add(len).is_none_or(|end| end > self.0.len()) {
@@ -134,10 +127,6 @@ enum FileOp {
 }
 
 const FILE_OPS: &[FileOp] = &[FileOp::FaultRead, FileOp::FaultWrite, FileOp::VeventqRead, FileOp::Dma];
-
-/// `FaultFile::read` still sizes its buffer from the count it is given, so
-/// counts are capped here until it is bounded by the records available.
-const FAULT_READ_CAP: usize = 1 << 20;
 
 /// Where the out_pasid of the commands that allocate PASIDs is.
 fn out_pasid(request: u32) -> Option<usize> {
@@ -226,9 +215,9 @@ fn file_op(op: FileOp, arg: &[u8], sandbox: &HostBuffer, mem: &Sandbox, devices:
             let files = queue_files(true);
             let Some(File::Fault(file)) = files.get(pick % files.len().max(1)) else { return };
             if let FileOp::FaultRead = op {
-                let _ = file.read(mem, buf, count % (FAULT_READ_CAP + 1), 0);
+                let _ = file.read(mem, buf, count, 0);
             } else {
-                let _ = file.write(&mem.bytes(buf, count), 0);
+                let _ = file.write(mem, buf, count, 0);
             }
         }
         FileOp::VeventqRead => {

@@ -695,14 +695,26 @@ impl Bitmap<'_> {
         self.mem.is_zero(self.base, self.nbytes).map(drop)
     }
 
-    /// Sets bits `first..=last`.
+    /// Sets bits `first..=last`, a bounded chunk of the caller's bitmap at a
+    /// time however long the dirty run is.
     fn set(&self, first: u64, last: u64) -> Res {
+        const CHUNK: u64 = 4096;
+        let mut bytes = [0u8; CHUNK as usize];
         let (b0, b1) = (first / 8, last / 8);
-        let mut bytes = vec![0u8; (b1 - b0 + 1) as usize];
-        self.mem.read(self.base + b0, &mut bytes)?;
-        for bit in first..=last {
-            bytes[(bit / 8 - b0) as usize] |= 1 << (bit % 8);
+        let mut at = b0;
+        while at <= b1 {
+            let n = (b1 - at + 1).min(CHUNK);
+            let chunk = &mut bytes[..n as usize];
+            self.mem.read(self.base + at, chunk)?;
+            for (k, byte) in chunk.iter_mut().enumerate() {
+                let lo = ((at + k as u64) * 8).max(first);
+                let hi = ((at + k as u64) * 8 + 7).min(last);
+                // Bits lo..=hi of this byte, as a mask.
+                *byte |= (0xffu16 << (lo % 8) & 0xffu16 >> (7 - hi % 8)) as u8;
+            }
+            self.mem.write(self.base + at, chunk)?;
+            at += n;
         }
-        self.mem.write(self.base + b0, &bytes)
+        Ok(())
     }
 }

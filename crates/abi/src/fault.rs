@@ -2,12 +2,17 @@
 //! `struct iommu_hwpt_pgfault` records, whole groups at a time; `write`
 //! takes `struct iommu_hwpt_page_response`s. Both follow Linux's rules
 //! (positioned I/O is `ESPIPE`, as are sizes that are not whole records).
+//!
+//! The caller's count only bounds the work: a read builds no more than the
+//! records waiting, and a write takes responses from the caller's memory one
+//! at a time, as Linux does, so no count (up to `SIZE_MAX`) is ever an
+//! allocation.
 
 use std::sync::Arc;
 
 use ioasid_engine::fault::Response;
 use ioasid_engine::{Context, FaultQueue};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
 use crate::errno::Errno;
 use crate::uapi::{IOMMUFD_PAGE_RESP_INVALID, IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
@@ -48,7 +53,7 @@ impl FaultFile {
             return Err(Errno::ESPIPE);
         }
         let groups = self.queue.read(count / RECORD)?;
-        let mut out = Vec::with_capacity(count);
+        let mut out = Vec::with_capacity(groups.iter().map(|(_, g)| g.requests.len() * RECORD).sum());
         for (cookie, group) in &groups {
             for r in &group.requests {
                 let rec = iommu_hwpt_pgfault {
@@ -73,16 +78,21 @@ impl FaultFile {
         Ok(out.len())
     }
 
-    /// `write(2)` of responses; stops at the first bad one, reporting what
-    /// was taken before it.
-    pub fn write(&self, data: &[u8], offset: i64) -> Result<usize, Errno> {
-        if offset != 0 || data.len() % RESPONSE != 0 {
+    /// `write(2)` of the `count` bytes of responses at `buf`; stops at the
+    /// first bad one (or the first it cannot read), reporting what was taken
+    /// before it.
+    pub fn write(&self, mem: &dyn UserMemory, buf: u64, count: usize, offset: i64) -> Result<usize, Errno> {
+        if offset != 0 || count % RESPONSE != 0 {
             return Err(Errno::ESPIPE);
         }
         let mut done = 0;
         let mut err = None;
-        for chunk in data.chunks_exact(RESPONSE) {
-            let r = iommu_hwpt_page_response::read_from_bytes(chunk).expect("chunk is one response");
+        while done < count {
+            let mut r = iommu_hwpt_page_response::default();
+            if let Err(e) = mem.read(buf.wrapping_add(done as u64), r.as_mut_bytes()) {
+                err = Some(e);
+                break;
+            }
             let response = match r.code {
                 IOMMUFD_PAGE_RESP_SUCCESS => Response::Success,
                 IOMMUFD_PAGE_RESP_INVALID => Response::Invalid,

@@ -445,6 +445,58 @@ fn map_file_dma_sees_the_file() {
     assert_eq!(&got, b"file data");
 }
 
+/// A test access (the selftests' in-kernel user of an IOAS) on `ioas_id`:
+/// its fd, closed by the caller.
+fn test_access(ctx: &Arc<Context>, ioas_id: u32) -> u32 {
+    use ioasid_abi::selftest::*;
+    let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_CREATE_ACCESS, id: ioas_id, ..Default::default() };
+    call(ctx, IOMMU_TEST_CMD, &mut t).unwrap();
+    CreateAccess::read_from_prefix(t.union.as_bytes()).unwrap().0.out_access_fd
+}
+
+fn access_rw(ctx: &Arc<Context>, fd: u32, iova: u64, buf: &mut [u8], write: bool) -> Result<(), Errno> {
+    use ioasid_abi::selftest::*;
+    let a = AccessRw {
+        iova,
+        length: buf.len() as u64,
+        uptr: buf.as_mut_ptr() as u64,
+        flags: if write { MOCK_ACCESS_RW_WRITE } else { 0 },
+        __pad: 0,
+    };
+    let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_ACCESS_RW, id: fd, ..Default::default() };
+    t.union.as_mut_bytes()[..size_of::<AccessRw>()].copy_from_slice(a.as_bytes());
+    call(ctx, IOMMU_TEST_CMD, &mut t)
+}
+
+#[test]
+fn map_file_of_a_file_truncated_later_fails_dma_and_access_cleanly() {
+    let (ctx, id, dev, _) = attached(1);
+    let f = memfd(2 * PAGE);
+    rustix::io::pwrite(&f, b"kept", 0).unwrap();
+    let mut c = map_file_cmd(id, f.as_raw_fd(), 0, 2 * PAGE);
+    call(&ctx, IOMMU_IOAS_MAP_FILE, &mut c).unwrap();
+    let access = test_access(&ctx, id);
+    f.set_len(PAGE).unwrap();
+    let device = ctx.device(dev).unwrap();
+    let mut got = [0u8; 4];
+    // What is left of the file is still reached.
+    device.dma_read(c.iova, &mut got).unwrap();
+    assert_eq!(&got, b"kept");
+    access_rw(&ctx, access, c.iova, &mut got, false).unwrap();
+    // Past the file's new end: an error, not the SIGBUS the pages raise.
+    assert!(device.dma_read(c.iova + PAGE, &mut got).is_err());
+    assert!(device.dma_write(c.iova + PAGE - 2, b"over").is_err());
+    assert_eq!(access_rw(&ctx, access, c.iova + PAGE, &mut got, false), Err(Errno::EFAULT));
+    assert_eq!(access_rw(&ctx, access, c.iova + PAGE, &mut got, true), Err(Errno::EFAULT));
+    f.set_len(0).unwrap();
+    assert!(device.dma_read(c.iova, &mut got).is_err());
+    assert_eq!(access_rw(&ctx, access, c.iova, &mut got, false), Err(Errno::EFAULT));
+    ioasid_abi::files::remove(access as i32);
+    // The mapping itself unmaps as usual.
+    let mut u = iommu_ioas_unmap { size: sz::<iommu_ioas_unmap>(), ioas_id: id, iova: c.iova, length: 2 * PAGE };
+    call(&ctx, IOMMU_IOAS_UNMAP, &mut u).unwrap();
+}
+
 // ---- IOMMU_IOAS_COPY -------------------------------------------------------
 
 fn copy_cmd(dst: u32, src: u32, src_iova: u64, length: u64) -> iommu_ioas_copy {

@@ -131,10 +131,10 @@ fn page_requests_reach_the_fault_fd_and_are_answered_once() {
     assert_eq!((r.dev_id, r.pasid, r.grpid, r.perm, r.addr), (dev, 1, 2, 3, 0xdead_b000));
     assert_eq!(r.flags, IOMMU_PGFAULT_FLAGS_PASID_VALID | IOMMU_PGFAULT_FLAGS_LAST_PAGE);
     let bad_code = iommu_hwpt_page_response { cookie: r.cookie, code: 7 };
-    assert_eq!(fault.write(bad_code.as_bytes(), 0), Err(Errno::EINVAL));
+    assert_eq!(fault.write(&InProcess, bad_code.as_bytes().as_ptr() as u64, 8, 0), Err(Errno::EINVAL));
     let ok = iommu_hwpt_page_response { cookie: r.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
-    assert_eq!(fault.write(ok.as_bytes(), 0), Ok(8));
-    assert_eq!(fault.write(ok.as_bytes(), 0), Err(Errno::EINVAL), "answered already");
+    assert_eq!(fault.write(&InProcess, ok.as_bytes().as_ptr() as u64, 8, 0), Ok(8));
+    assert_eq!(fault.write(&InProcess, ok.as_bytes().as_ptr() as u64, 8, 0), Err(Errno::EINVAL), "answered already");
     // The queue is busy while its HWPT or its fd holds it.
     let mut destroy = iommu_destroy { size: 8, id: fault_id };
     assert_eq!(call(&ctx, IOMMU_DESTROY, &mut destroy), Err(Errno::EBUSY));
@@ -178,4 +178,67 @@ fn the_fault_fd_polls_readable_while_requests_wait_and_close_answers_them() {
     // SAFETY: the fault fd this test was handed.
     unsafe { libc::close(fd) };
     assert!(dma.join().unwrap().is_err());
+}
+
+/// A page whose last `n` bytes are followed by unmapped memory: a copy that
+/// runs past them faults.
+fn at_end_of_mapping(n: usize) -> (u64, impl Drop) {
+    struct Unmap(*mut libc::c_void);
+    impl Drop for Unmap {
+        fn drop(&mut self) {
+            // SAFETY: the page mapped below, no longer used.
+            unsafe { libc::munmap(self.0, 4096) };
+        }
+    }
+    // SAFETY: fresh anonymous mappings; the second page is unmapped at once
+    // so nothing can be mapped behind the first by us.
+    let p = unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        libc::munmap(p.cast::<u8>().add(4096).cast(), 4096);
+        p
+    };
+    (p as u64 + 4096 - n as u64, Unmap(p))
+}
+
+#[test]
+fn huge_counts_on_the_fault_fd_are_bounded_by_the_records() {
+    let (ctx, dev, parent, fault_id, fault) = setup();
+    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
+    let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
+    ctx.replace(dev, iopf).unwrap();
+    const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
+    // Whole records, as Linux requires: near 2^46 bytes, and near SIZE_MAX.
+    let huge = [(1usize << 46) / RECORD * RECORD, usize::MAX / RECORD * RECORD];
+    let (end, _map) = at_end_of_mapping(RECORD);
+    for count in huge {
+        assert_eq!(fault.read(&InProcess, end, count, 0), Ok(0), "nothing pending");
+    }
+    let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_TRIGGER_IOPF, ..Default::default() };
+    t.union.as_mut_bytes()[..24].copy_from_slice([dev, 1, 2, 3, 0, 0].as_bytes());
+    call(&ctx, IOMMU_TEST_CMD, &mut t).unwrap();
+    // The one record waiting fills the last bytes of the mapping and no more.
+    assert_eq!(fault.read(&InProcess, end, huge[1], 0), Ok(RECORD));
+    // SAFETY: the record just written there.
+    let cookie = unsafe { (*(end as *const iommu_hwpt_pgfault)).cookie };
+
+    const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
+    let huge = [(1usize << 46) / RESPONSE * RESPONSE, usize::MAX / RESPONSE * RESPONSE];
+    let (end, _map) = at_end_of_mapping(RESPONSE);
+    for count in huge {
+        assert_eq!(fault.write(&InProcess, end + RESPONSE as u64, count, 0), Err(Errno::EFAULT), "nothing readable");
+    }
+    let ok = iommu_hwpt_page_response { cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
+    // SAFETY: the last bytes of our own mapping.
+    unsafe { std::ptr::write(end as *mut iommu_hwpt_page_response, ok) };
+    // Responses are taken one at a time: the first, then the end of memory.
+    assert_eq!(fault.write(&InProcess, end, huge[0], 0), Ok(RESPONSE));
+    assert_eq!(fault.write(&InProcess, end, huge[1], 0), Err(Errno::EINVAL), "answered already");
 }

@@ -259,3 +259,29 @@ fn dirty_bitmap_reports_device_writes_and_keeps_other_bits() {
     call(&ctx, IOMMU_HWPT_GET_DIRTY_BITMAP, &mut bitmap_cmd(hwpt, 1 << 20, 8 * PAGE, PAGE, &mut bits)).unwrap();
     assert_eq!(bits[0], 0, "cleared by the previous read");
 }
+
+#[test]
+fn dirty_bits_of_small_io_pages_cover_exactly_the_dirty_run() {
+    let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
+    let (ctx, hwpt, dev) = dirty_setup(&buf);
+    set_tracking(&ctx, hwpt, IOMMU_HWPT_DIRTY_TRACKING_ENABLE).unwrap();
+    let device = ctx.device(dev).unwrap();
+    for (page_size, first, last) in [(1024, 8, 11), (1, 2 * PAGE, 3 * PAGE - 1)] {
+        device.dma_write((1 << 20) + 2 * PAGE, b"a").unwrap();
+        let nbits = 8 * PAGE / page_size;
+        // The caller's own bits around the run must survive.
+        let mut bits = vec![0u64; nbits.div_ceil(64) as usize];
+        bits[0] = 1;
+        let own = (first - 1, last + 1);
+        for b in [own.0, own.1] {
+            bits[(b / 64) as usize] |= 1 << (b % 64);
+        }
+        call(&ctx, IOMMU_HWPT_GET_DIRTY_BITMAP, &mut bitmap_cmd(hwpt, 1 << 20, 8 * PAGE, page_size, &mut bits))
+            .unwrap();
+        for b in 0..nbits {
+            let set = bits[(b / 64) as usize] & (1 << (b % 64)) != 0;
+            let want = b == 0 || b == own.0 || b == own.1 || (first..=last).contains(&b);
+            assert_eq!(set, want, "bit {b} with {page_size}-byte IO pages");
+        }
+    }
+}

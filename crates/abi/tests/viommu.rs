@@ -206,6 +206,10 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     assert_eq!(buf[..12], [0, 0, 0, 0, 1, 0, 0, 0, 0x42, 0, 0, 0]);
     assert_eq!(buf[12..20], [IOMMU_VEVENTQ_FLAG_LOST_EVENTS as u8, 0, 0, 0, 2, 0, 0, 0], "the third was lost");
     assert_eq!(file.read(&InProcess, addr, 64, 0), Ok(0), "empty");
+    assert!(dev.dma_write(1 << 24, b"x").is_err());
+    // A count of SIZE_MAX is bounded by the events waiting, never allocated.
+    assert_eq!(file.read(&InProcess, addr, usize::MAX, 0), Ok(12));
+    assert_eq!(file.read(&InProcess, addr, usize::MAX, 0), Ok(0));
 
     assert_eq!(destroy(&v, c.out_veventq_id), Err(Errno::EBUSY), "its fd holds it");
     drop(file);

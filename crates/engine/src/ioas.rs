@@ -502,12 +502,8 @@ impl Ioas {
             if !(if write { a.perm.write } else { a.perm.read }) {
                 return Err(Error::Permission("mapping does not allow that access"));
             }
-            a.src.pages.materialize()?;
-            let host = a.src.pages.host_addr(a.src.start_byte + offset);
             let chunk = &mut buf[done..done + *len as usize];
-            let trust = a.src.pages.trust();
-            let r =
-                if write { crate::memory::write(trust, host, chunk) } else { crate::memory::read(trust, host, chunk) };
+            let r = a.src.pages.rw(a.src.start_byte + offset, chunk, write);
             if r.is_err() {
                 result = r;
                 break;

@@ -4,11 +4,12 @@
 //! A page-table entry holds a host virtual address. Who vouches for that
 //! address decides how it is touched:
 //! - [`Trust::Direct`]: memory the embedding program promised to keep mapped
-//!   (`Ioas::map_user` is `unsafe` for that reason) or that the engine mapped
-//!   itself (files). Copies are plain `memcpy`s.
+//!   (`Ioas::map_user` is `unsafe` for that reason) or that the engine
+//!   allocated itself. Copies are plain `memcpy`s.
 //! - [`Trust::Checked`]: addresses that came through the ABI from a program
-//!   that may unmap them at any time. A bad address must be an error
-//!   (`EFAULT`), never a crash. On x86-64 the copy is one `rep movsb` whose
+//!   that may unmap them at any time, and files the engine mapped itself,
+//!   which anyone may truncate under the mapping (`SIGBUS` past the new
+//!   end). A bad address must be an error (`EFAULT`), never a crash. On x86-64 the copy is one `rep movsb` whose
 //!   faults a signal handler turns into a short count, as the kernel's
 //!   exception table does for `copy_from_user`: no system call per copy.
 //!   Elsewhere copies go through `process_vm_readv`/`process_vm_writev`.
@@ -528,22 +529,128 @@ pub fn write_process(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
 }
 
 fn process_copy(pid: i32, remote: u64, local: *mut u8, len: usize, to_remote: bool) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let local_iov = libc::iovec { iov_base: local.cast(), iov_len: len };
-    let remote_iov = libc::iovec { iov_base: remote as *mut libc::c_void, iov_len: len };
-    // SAFETY: the local iovec is `len` bytes of a live Rust buffer (read-only
-    // when copying out); the kernel checks the remote one against `pid`'s
-    // memory and fails rather than touching anything unmapped.
-    let n = unsafe {
-        if to_remote {
-            libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0)
-        } else {
-            libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0)
+    // One call moves at most about 2 GiB (the kernel's MAX_RW_COUNT), and
+    // may stop short at any page: go on from where it stopped, until it
+    // moves nothing.
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(1 << 30);
+        let local_iov = libc::iovec { iov_base: local.wrapping_add(done).cast(), iov_len: n };
+        let remote_iov = libc::iovec { iov_base: (remote + done as u64) as *mut libc::c_void, iov_len: n };
+        // SAFETY: the local iovec is `n` bytes inside a live Rust buffer of
+        // `len` bytes (read-only when copying out); the kernel checks the
+        // remote one against `pid`'s memory and fails rather than touching
+        // anything unmapped.
+        let moved = unsafe {
+            if to_remote {
+                libc::process_vm_writev(pid, &local_iov, 1, &remote_iov, 1, 0)
+            } else {
+                libc::process_vm_readv(pid, &local_iov, 1, &remote_iov, 1, 0)
+            }
+        };
+        if moved <= 0 {
+            return Err(Error::Fault("the other process's memory is not mapped"));
         }
-    };
-    if n == len as isize { Ok(()) } else { Err(Error::Fault("the other process's memory is not mapped")) }
+        done += moved as usize;
+    }
+    Ok(())
+}
+
+/// Copies what process `pid` holds at `[addr, addr + len)` into our memory
+/// at `dst` (which must be `len` bytes of zeroed memory the engine owns), as
+/// Linux's pin would take it: `EFAULT` unless all of it is mapped readable
+/// in `pid` (and writable, when `writable`). Only pages with contents are
+/// copied: of private anonymous memory, the pages `pid` has populated
+/// (`/proc/<pid>/pagemap`); of any memory, pages that are not all zero. So
+/// the time and memory it takes follow what `pid` has written there, not
+/// the length of the range.
+pub fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
+    let gone = Error::Fault("the other process's memory is not mapped");
+    let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
+    let mut scratch = vec![0u8; TAKE_CHUNK];
+    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+    let mut at = addr;
+    for r in maps.lines().filter_map(Region::parse) {
+        if at >= end {
+            break;
+        }
+        if r.end <= at {
+            continue;
+        }
+        if r.start > at || !r.readable || (writable && !r.writable) {
+            return Err(gone);
+        }
+        let stop = r.end.min(end);
+        let sparse = !r.shared && r.inode == 0;
+        let populated = match (&mut pagemap, sparse) {
+            (Some(pm), true) => populated_runs(pm, at, stop),
+            _ => None,
+        };
+        for (start, run_end) in populated.unwrap_or_else(|| vec![(at, stop)]) {
+            copy_nonzero(pid, start, run_end - start, dst + (start - addr), &mut scratch)?;
+        }
+        at = stop;
+    }
+    if at < end { Err(gone) } else { Ok(()) }
+}
+
+/// Bytes read from another process at a time while taking its memory.
+const TAKE_CHUNK: usize = 1 << 20;
+
+/// The runs of `[start, end)` (page aligned) whose pages are present or
+/// swapped out, from a process's pagemap; `None` if it cannot be read.
+fn populated_runs(pagemap: &mut std::fs::File, start: u64, end: u64) -> Option<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT_OR_SWAPPED: u64 = 3 << 62;
+    const ENTRIES: u64 = 4096;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut raw = vec![0u8; ENTRIES as usize * 8];
+    let mut page = start / PAGE_SIZE;
+    let last = end.div_ceil(PAGE_SIZE);
+    while page < last {
+        let n = (last - page).min(ENTRIES);
+        let bytes = &mut raw[..n as usize * 8];
+        pagemap.read_exact_at(bytes, page * 8).ok()?;
+        for (k, entry) in bytes.chunks_exact(8).enumerate() {
+            let entry = u64::from_ne_bytes(entry.try_into().expect("8 bytes"));
+            if entry & PRESENT_OR_SWAPPED == 0 {
+                continue;
+            }
+            let at = ((page + k as u64) * PAGE_SIZE).max(start);
+            let to = ((page + k as u64 + 1) * PAGE_SIZE).min(end);
+            match runs.last_mut() {
+                Some(run) if run.1 == at => run.1 = to,
+                _ => runs.push((at, to)),
+            }
+        }
+        page += n;
+    }
+    Some(runs)
+}
+
+/// Copies `[addr, addr + len)` of process `pid` to our `dst`, a chunk at a
+/// time through `scratch`, writing only the pages that are not all zero
+/// (`dst` is zeroed already, and stays untouched, unallocated, there).
+fn copy_nonzero(pid: i32, addr: u64, len: u64, dst: u64, scratch: &mut [u8]) -> Result<()> {
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(scratch.len() as u64) as usize;
+        let chunk = &mut scratch[..n];
+        read_process(pid, addr + off, chunk)?;
+        let mut k = 0;
+        while k < n {
+            // Page by page of `pid`'s address space.
+            let to = (((addr + off + k as u64) / PAGE_SIZE + 1) * PAGE_SIZE - (addr + off)) as usize;
+            let page = &chunk[k..to.min(n)];
+            if page.iter().any(|&b| b != 0) {
+                write(Trust::Direct, dst + off + k as u64, page)?;
+            }
+            k += page.len();
+        }
+        off += n as u64;
+    }
+    Ok(())
 }
 
 /// Whether `[addr, addr + len)` of process `pid` is shared memory that this
@@ -577,6 +684,8 @@ pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
 struct Region {
     start: u64,
     end: u64,
+    readable: bool,
+    writable: bool,
     shared: bool,
     offset: u64,
     dev: String,
@@ -594,6 +703,8 @@ impl Region {
         Some(Region {
             start: u64::from_str_radix(start, 16).ok()?,
             end: u64::from_str_radix(end, 16).ok()?,
+            readable: perms.as_bytes().first() == Some(&b'r'),
+            writable: perms.as_bytes().get(1) == Some(&b'w'),
             shared: perms.as_bytes().get(3) == Some(&b's'),
             offset,
             dev,
@@ -720,6 +831,17 @@ unsafe impl Sync for HostBuffer {}
 impl HostBuffer {
     /// `len` bytes (rounded up to whole pages) of zeroed memory.
     pub fn new(len: usize) -> Result<Self> {
+        Self::with_flags(len, 0)
+    }
+
+    /// `new` for memory that is mostly never touched (a copy of another
+    /// process's sparse memory): no swap is reserved for it, so its size is
+    /// not held against the system's commit limit, only the pages written.
+    pub fn sparse(len: usize) -> Result<Self> {
+        Self::with_flags(len, libc::MAP_NORESERVE)
+    }
+
+    fn with_flags(len: usize, flags: libc::c_int) -> Result<Self> {
         let len = (len.max(1) as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping; no other user.
         let p = unsafe {
@@ -727,7 +849,7 @@ impl HostBuffer {
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
                 -1,
                 0,
             )

@@ -37,7 +37,6 @@ use rustix::net::{
     SendFlags, SocketFlags, SocketType,
 };
 
-use ioasid_abi::UserMemory;
 use ioasid_abi::files::{self, File, Owner};
 use ioasid_abi::user::OtherProcess;
 
@@ -264,10 +263,7 @@ fn run(call: Call, file: Option<&File>, pid: i32) -> Result<i64, c_int> {
         }
         (Call::Read { buf, count, offset }, Some(File::Fault(f))) => f.read(&child, buf, count as usize, offset),
         (Call::Read { buf, count, offset }, Some(File::Veventq(q))) => q.read(&child, buf, count as usize, offset),
-        (Call::Write { buf, count, offset }, Some(File::Fault(f))) => {
-            let mut data = vec![0u8; count as usize];
-            child.read(buf, &mut data).and_then(|()| f.write(&data, offset))
-        }
+        (Call::Write { buf, count, offset }, Some(File::Fault(f))) => f.write(&child, buf, count as usize, offset),
         (Call::Write { .. }, Some(File::Veventq(_))) => return Err(libc::EINVAL),
         _ => return Err(libc::EBADF),
     }

@@ -379,13 +379,13 @@ macro_rules! write_hook {
             if matches!(entry.file, File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_)) {
                 return finish(Err(libc::EINVAL));
             }
-            let mut data = vec![0u8; count];
-            if let Err(e) = InProcess.read(buf as u64, &mut data) {
-                return finish(Err(e.0));
-            }
             let r = match entry.file {
-                File::FailNth(tid) => fail_nth::write(tid, &data),
-                File::Fault(f) => f.write(&data, offset).map_err(|e| e.0),
+                File::FailNth(tid) => {
+                    // As Linux's kstrtouint_from_user: the number is in the first bytes.
+                    let mut data = vec![0u8; count.min(34)];
+                    InProcess.read(buf as u64, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(tid, &data)).map(|_| count)
+                }
+                File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
                 _ => unreachable!("files without a write were answered above"),
             };
             finish(r)
