@@ -15,35 +15,7 @@ struct Child {
 }
 
 fn fork_writing(buf: &HostBuffer) -> Child {
-    let (mut ready, mut go) = ([0; 2], [0; 2]);
-    // SAFETY: plain pipe creation into arrays of two.
-    unsafe { assert_eq!((libc::pipe(ready.as_mut_ptr()), libc::pipe(go.as_mut_ptr())), (0, 0)) };
-    // SAFETY: the child only writes memory it owns, uses pipes and _exits,
-    // all async-signal-safe, as a child of a threaded process must.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0);
-    if pid == 0 {
-        // SAFETY: `buf` is mapped in the child too (a copy); the pipes are
-        // ours. Without its own write end, the child sees the parent go
-        // even if the parent's test fails before releasing it.
-        unsafe {
-            libc::close(go[1]);
-            std::ptr::write_bytes(buf.addr() as *mut u8, b'C', buf.len());
-            libc::write(ready[1], b"r".as_ptr().cast(), 1);
-            let mut b = [0u8];
-            libc::read(go[0], b.as_mut_ptr().cast(), 1);
-            libc::_exit(0);
-        }
-    }
-    let mut b = [0u8];
-    // SAFETY: reading one byte from our pipe; closing our copies of the ends.
-    unsafe {
-        assert_eq!(libc::read(ready[0], b.as_mut_ptr().cast(), 1), 1);
-        libc::close(ready[0]);
-        libc::close(ready[1]);
-        libc::close(go[0]);
-    }
-    Child { pid, go: go[1] }
+    fork_writing_at(buf.addr() as *mut u8, 0, &[b'C'; 8192][..buf.len()])
 }
 
 impl Child {
@@ -167,8 +139,8 @@ fn fork_writing_at(mem: *mut u8, at: usize, data: &'static [u8]) -> Child {
     let (mut ready, mut go) = ([0; 2], [0; 2]);
     // SAFETY: plain pipe creation into arrays of two.
     unsafe { assert_eq!((libc::pipe(ready.as_mut_ptr()), libc::pipe(go.as_mut_ptr())), (0, 0)) };
-    // SAFETY: as in `fork_writing`: the child writes its own memory, uses
-    // pipes and _exits.
+    // SAFETY: the child only writes memory it owns, uses pipes and _exits,
+    // all async-signal-safe, as a child of a threaded process must.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
