@@ -35,6 +35,12 @@ pub const IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS: u32 = 12;
 pub const IOMMU_TEST_OP_DIRTY: u32 = 13;
 pub const IOMMU_TEST_OP_MD_CHECK_IOTLB: u32 = 14;
 pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
+pub const IOMMU_TEST_OP_DEV_CHECK_CACHE: u32 = 16;
+pub const IOMMU_TEST_OP_TRIGGER_VEVENT: u32 = 17;
+pub const IOMMU_TEST_OP_PASID_ATTACH: u32 = 18;
+pub const IOMMU_TEST_OP_PASID_REPLACE: u32 = 19;
+pub const IOMMU_TEST_OP_PASID_DETACH: u32 = 20;
+pub const IOMMU_TEST_OP_PASID_CHECK_HWPT: u32 = 21;
 
 pub const MOCK_FLAGS_ACCESS_WRITE: u32 = 1 << 0;
 pub const MOCK_FLAGS_ACCESS_SYZ: u32 = 1 << 16;
@@ -54,6 +60,9 @@ pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
 pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
 pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
 pub const MOCK_IO_PAGE_SIZE: u64 = PAGE_SIZE / 2;
+pub const MOCK_DEV_CACHE_ID_MAX: u32 = ioasid_engine::device::MOCK_DEV_CACHE_NUM as u32 - 1;
+pub const IOMMU_TEST_DEV_CACHE_DEFAULT: u32 = ioasid_engine::device::MOCK_DEV_CACHE_DEFAULT;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 
 /// `struct iommu_test_cmd`: a header, a union of per-op arguments, `last`.
 #[repr(C)]
@@ -85,6 +94,16 @@ pub struct iommu_hwpt_invalidate_selftest {
     pub iotlb_id: u32,
 }
 
+/// `struct iommu_viommu_invalidate_selftest`: one command of the mock
+/// vIOMMU, clearing a device's cache entries.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct iommu_viommu_invalidate_selftest {
+    pub flags: u32,
+    pub vdev_id: u32,
+    pub cache_id: u32,
+}
+
 /// `struct iommu_test_hw_info`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
@@ -113,6 +132,7 @@ union_arm!(AccessPages { flags: u32, out_access_pages_id: u32, iova: u64, length
 union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 });
 union_arm!(AccessReplaceIoas { ioas_id: u32 });
 union_arm!(CheckIotlb { id: u32, iotlb: u32 });
+union_arm!(CheckDevCache { id: u32, cache: u32 });
 union_arm!(TriggerIopf { dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64 });
 union_arm!(Dirty { flags: u32, __pad: u32, iova: u64, length: u64, page_size: u64, uptr: u64, out_nr_dirty: u64 });
 
@@ -186,6 +206,15 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
             let iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
             match iotlb.get(a.id as usize) {
                 Some(&v) if v == a.iotlb => Ok(()),
+                _ => Err(Errno::EINVAL),
+            }
+        }
+        IOMMU_TEST_OP_DEV_CHECK_CACHE => {
+            let a: CheckDevCache = c.arm();
+            let dev = u.ctx.device(c.id)?;
+            let cache = dev.mock_cache().ok_or(Errno::EINVAL)?;
+            match cache.get(a.id as usize) {
+                Some(&v) if v == a.cache => Ok(()),
                 _ => Err(Errno::EINVAL),
             }
         }
@@ -462,6 +491,50 @@ pub fn invalidate(
         }
         Ok(())
     })
+}
+
+/// `IOMMU_HWPT_INVALIDATE` on a selftest vIOMMU: each command clears one
+/// entry, or all, of the cache of the device the guest calls `vdev_id`.
+/// The whole array is read before any command runs, as the mock does.
+pub fn viommu_invalidate(
+    u: &Ucmd,
+    c: &crate::uapi::iommu_hwpt_invalidate,
+    viommu: &ioasid_engine::Viommu,
+) -> (u32, Result<(), Errno>) {
+    // An empty array only checks the type.
+    if c.entry_num == 0 && c.data_type == IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST {
+        return (0, Ok(()));
+    }
+    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST || c.entry_num == 0 {
+        return (0, Err(Errno::EINVAL));
+    }
+    let mut cmds = Vec::with_capacity(c.entry_num as usize);
+    for i in 0..u64::from(c.entry_num) {
+        let mut cmd = iommu_viommu_invalidate_selftest::default();
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * i);
+        if let Err(e) = crate::dispatch::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
+            return (0, Err(e));
+        }
+        cmds.push(cmd);
+    }
+    for (done, cmd) in cmds.iter().enumerate() {
+        if cmd.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            return (done as u32, Err(Errno::EOPNOTSUPP));
+        }
+        if cmd.cache_id > MOCK_DEV_CACHE_ID_MAX {
+            return (done as u32, Err(Errno::EINVAL));
+        }
+        let dev = viommu.device(u64::from(cmd.vdev_id));
+        let Some(mut cache) = dev.as_ref().and_then(|d| d.mock_cache()) else {
+            return (done as u32, Err(Errno::EINVAL));
+        };
+        if cmd.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            cache.fill(0);
+        } else {
+            cache[cmd.cache_id as usize] = 0;
+        }
+    }
+    (c.entry_num, Ok(()))
 }
 
 /// The hardware info of a mock device.

@@ -1,0 +1,132 @@
+//! The selftest mock IOMMU of Linux 7.3 (`drivers/iommu/iommufd/selftest.c`)
+//! through `IOMMU_TEST_CMD` and the commands its objects take: the mock
+//! device's cache, selftest data sizes, page-table types, PASIDs and events.
+
+use std::sync::Arc;
+
+use ioasid_abi::selftest::*;
+use ioasid_abi::uapi::*;
+use ioasid_abi::{Errno, InProcess, ioctl};
+use ioasid_engine::{Context, ContextConfig, Limit};
+use zerocopy::{FromBytes, IntoBytes};
+
+fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
+    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
+}
+
+fn test_cmd(ctx: &Arc<Context>, op: u32, id: u32, arm: &[u32]) -> Result<iommu_test_cmd, Errno> {
+    let mut c = iommu_test_cmd { size: 72, op, id, ..Default::default() };
+    c.union.as_mut_bytes()[..arm.len() * 4].copy_from_slice(arm.as_bytes());
+    call(ctx, IOMMU_TEST_CMD, &mut c).map(|()| c)
+}
+
+/// An IOAS with one mock device attached: (ctx, ioas, stdev, hwpt, idev).
+fn mock_domain(flags: u32) -> (Arc<Context>, u32, u32, u32, u32) {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let mut a = iommu_ioas_alloc { size: 12, ..Default::default() };
+    call(&ctx, IOMMU_IOAS_ALLOC, &mut a).unwrap();
+    let c = test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS, a.out_ioas_id, &[0, 0, 0, flags]).unwrap();
+    let out: [u32; 3] = <[u32; 3]>::read_from_prefix(c.union.as_bytes()).unwrap().0;
+    (ctx, a.out_ioas_id, out[0], out[1], out[2])
+}
+
+fn check_cache(ctx: &Arc<Context>, idev: u32, id: u32, value: u32) -> Result<(), Errno> {
+    test_cmd(ctx, IOMMU_TEST_OP_DEV_CHECK_CACHE, idev, &[id, value]).map(drop)
+}
+
+fn alloc_hwpt<T: IntoBytes + FromBytes>(
+    ctx: &Arc<Context>,
+    idev: u32,
+    pt_id: u32,
+    flags: u32,
+    data_type: u32,
+    data: Option<&mut T>,
+    data_len: u32,
+) -> Result<u32, Errno> {
+    let data_uptr = data.map_or(0, |d| d as *mut T as u64);
+    let mut c =
+        iommu_hwpt_alloc { size: 48, flags, dev_id: idev, pt_id, data_type, data_len, data_uptr, ..Default::default() };
+    call(ctx, IOMMU_HWPT_ALLOC, &mut c).map(|()| c.out_hwpt_id)
+}
+
+/// A selftest vIOMMU over a nesting parent, with `idev` known as `virt_id`.
+fn viommu(ctx: &Arc<Context>, ioas: u32, idev: u32, virt_id: u64) -> u32 {
+    let parent =
+        alloc_hwpt::<u8>(ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
+    let mut v = iommu_viommu_alloc {
+        size: 40,
+        r#type: IOMMU_VIOMMU_TYPE_SELFTEST,
+        dev_id: idev,
+        hwpt_id: parent,
+        ..Default::default()
+    };
+    call(ctx, IOMMU_VIOMMU_ALLOC, &mut v).unwrap();
+    let mut d =
+        iommu_vdevice_alloc { size: 24, viommu_id: v.out_viommu_id, dev_id: idev, virt_id, ..Default::default() };
+    call(ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();
+    v.out_viommu_id
+}
+
+fn invalidate<T: IntoBytes + FromBytes>(
+    ctx: &Arc<Context>,
+    id: u32,
+    data_type: u32,
+    entries: &mut [T],
+    entry_len: u32,
+    entry_num: u32,
+) -> (u32, Result<(), Errno>) {
+    let mut c = iommu_hwpt_invalidate {
+        size: 32,
+        hwpt_id: id,
+        data_uptr: entries.as_mut_ptr() as u64,
+        data_type,
+        entry_len,
+        entry_num,
+        __reserved: 0,
+    };
+    let rc = call(ctx, IOMMU_HWPT_INVALIDATE, &mut c);
+    (c.entry_num, rc)
+}
+
+#[test]
+fn a_new_mock_device_has_its_default_cache() {
+    let (ctx, ioas, _, _, idev) = mock_domain(0);
+    for id in 0..=MOCK_DEV_CACHE_ID_MAX {
+        check_cache(&ctx, idev, id, IOMMU_TEST_DEV_CACHE_DEFAULT).unwrap();
+    }
+    assert_eq!(check_cache(&ctx, idev, 0, 0), Err(Errno::EINVAL), "a value it does not hold");
+    assert_eq!(check_cache(&ctx, idev, MOCK_DEV_CACHE_ID_MAX + 1, IOMMU_TEST_DEV_CACHE_DEFAULT), Err(Errno::EINVAL));
+    assert_eq!(check_cache(&ctx, ioas, 0, IOMMU_TEST_DEV_CACHE_DEFAULT), Err(Errno::ENOENT), "not a device");
+    assert_eq!(check_cache(&ctx, 999, 0, IOMMU_TEST_DEV_CACHE_DEFAULT), Err(Errno::ENOENT));
+}
+
+#[test]
+fn viommu_invalidation_clears_the_cache_of_the_device_it_names() {
+    let (ctx, ioas, _, hwpt, idev) = mock_domain(0);
+    let v = viommu(&ctx, ioas, idev, 0x99);
+    let ty = IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST;
+    let cmd = |flags, vdev_id, cache_id| iommu_viommu_invalidate_selftest { flags, vdev_id, cache_id };
+    let mut inv = [cmd(0, 0x99, 0), cmd(0xffff_ffff, 0x99, 1)];
+    assert_eq!(invalidate(&ctx, v, ty, &mut inv, 12, 0), (0, Ok(())), "an empty array checks the type");
+    assert_eq!(invalidate(&ctx, v, ty + 1, &mut inv, 12, 0), (0, Err(Errno::EINVAL)));
+    assert_eq!(invalidate(&ctx, v, ty, &mut inv, 12, 2), (1, Err(Errno::EOPNOTSUPP)), "the first one is done");
+    check_cache(&ctx, idev, 0, 0).unwrap();
+    check_cache(&ctx, idev, 1, IOMMU_TEST_DEV_CACHE_DEFAULT).unwrap();
+    inv[1] = cmd(0, 0x99, MOCK_DEV_CACHE_ID_MAX + 1);
+    assert_eq!(invalidate(&ctx, v, ty, &mut inv, 12, 2), (1, Err(Errno::EINVAL)));
+    assert_eq!(invalidate(&ctx, v, ty, &mut [cmd(0, 0x9, 0)], 12, 1), (0, Err(Errno::EINVAL)), "unknown vdev_id");
+    // Entries longer than the struct are taken when the tail is zero.
+    let mut long = [[0u32; 4]; 1];
+    long[0][..3].copy_from_slice(&[0, 0x99, 2]);
+    assert_eq!(invalidate(&ctx, v, ty, &mut long, 16, 1), (1, Ok(())));
+    check_cache(&ctx, idev, 2, 0).unwrap();
+    long[0][3] = 1;
+    assert_eq!(invalidate(&ctx, v, ty, &mut long, 16, 1), (0, Err(Errno::E2BIG)));
+    assert_eq!(invalidate(&ctx, v, ty, &mut [cmd(IOMMU_TEST_INVALIDATE_FLAG_ALL, 0x99, 0)], 12, 1), (1, Ok(())));
+    for id in 0..=MOCK_DEV_CACHE_ID_MAX {
+        check_cache(&ctx, idev, id, 0).unwrap();
+    }
+    // A paging HWPT takes no invalidations: ENOENT as in 6.12 (7.3 says EINVAL).
+    assert_eq!(invalidate(&ctx, hwpt, ty, &mut inv, 12, 1), (0, Err(Errno::ENOENT)));
+    assert_eq!(invalidate(&ctx, 999, ty, &mut inv, 12, 1), (0, Err(Errno::ENOENT)));
+}
