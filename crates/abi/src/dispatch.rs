@@ -379,7 +379,7 @@ fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<Ne
     let format = parent.domain().format();
     if format.is_mock() && c.data_type == selftest::IOMMU_HWPT_DATA_SELFTEST {
         let mut cfg = selftest::iommu_hwpt_selftest::default();
-        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
+        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, selftest::HWPT_SELFTEST_MIN_LEN, cfg.as_mut_bytes())?;
         return Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) });
     }
     if matches!(format, PageFormat::VtdSs4 | PageFormat::VtdSs5) && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {

@@ -79,12 +79,16 @@ pub struct iommu_test_cmd {
 const _: () = assert!(size_of::<iommu_test_cmd>() == 72);
 pub const TEST_CMD_MIN_SIZE: usize = core::mem::offset_of!(iommu_test_cmd, last) + 4;
 
-/// `struct iommu_hwpt_selftest`: a selftest nested HWPT's data.
+/// `struct iommu_hwpt_selftest`: a selftest HWPT's data. Nested HWPTs
+/// take `iotlb`; paging ones `pagetable_type` (7.3, `MOCK_IOMMUPT_*`).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct iommu_hwpt_selftest {
     pub iotlb: u32,
+    pub pagetable_type: u32,
 }
+/// The size of the struct's first version, up to `iotlb`.
+pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
 
 /// `struct iommu_hwpt_invalidate_selftest`.
 #[repr(C)]

@@ -130,3 +130,20 @@ fn viommu_invalidation_clears_the_cache_of_the_device_it_names() {
     assert_eq!(invalidate(&ctx, hwpt, ty, &mut inv, 12, 1), (0, Err(Errno::ENOENT)));
     assert_eq!(invalidate(&ctx, 999, ty, &mut inv, 12, 1), (0, Err(Errno::ENOENT)));
 }
+
+#[test]
+fn selftest_hwpt_data_is_eight_bytes_and_its_first_version_four() {
+    let (ctx, ioas, _, _, idev) = mock_domain(0);
+    let parent =
+        alloc_hwpt::<u8>(&ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
+    let mut data = [0u32; 3];
+    data[0] = IOMMU_TEST_IOTLB_DEFAULT;
+    let ty = IOMMU_HWPT_DATA_SELFTEST;
+    let nested = |data: Option<&mut [u32; 3]>, len| alloc_hwpt(&ctx, idev, parent, 0, ty, data, len);
+    nested(Some(&mut data), 8).unwrap();
+    nested(Some(&mut data), 4).unwrap();
+    assert_eq!(nested(Some(&mut data), 3), Err(Errno::EINVAL), "shorter than the first version");
+    assert_eq!(nested(Some(&mut data), 12), Err(Errno::EINVAL), "longer than the driver knows");
+    // A whole struct is read, so a bad pointer faults rather than failing the size check.
+    assert_eq!(nested(None, 8), Err(Errno::EFAULT));
+}
