@@ -343,15 +343,17 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            if c.data_len != 0 {
-                // No paging format here takes driver data.
-                return Err(Errno::EOPNOTSUPP);
-            }
+            // Only the mock takes driver data for a paging table: its type.
+            let format = match c.data_len {
+                0 => None,
+                _ if dev.info().iommu.is_selftest() => Some(selftest::paging_format(u, &c)?),
+                _ => return Err(Errno::EOPNOTSUPP),
+            };
             let flags = HwptFlags {
                 nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
                 dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
             };
-            u.ctx.hwpt_alloc(c.dev_id, c.pt_id, flags, fault)?
+            u.ctx.hwpt_alloc_format(c.dev_id, c.pt_id, flags, fault, format)?
         }
         Object::HwptPaging(parent) => {
             if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {

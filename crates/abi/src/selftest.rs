@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use ioasid_engine::device::MockFlags;
 use ioasid_engine::fault::{Group, LAST_PAGE, PASID_VALID, PageRequest};
 use ioasid_engine::ioas::Owner;
-use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, memory, pages};
+use ioasid_engine::{
+    Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, PageFormat, memory, pages,
+};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::dispatch::Ucmd;
@@ -54,6 +56,8 @@ pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
 pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
 pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const MOCK_IOMMUPT_DEFAULT: u32 = 0;
+pub const MOCK_IOMMUPT_HUGE: u32 = 1;
 pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0xbad_beef;
 pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
@@ -539,6 +543,30 @@ pub fn viommu_invalidate(
         }
     }
     (c.entry_num, Ok(()))
+}
+
+/// The table a paging HWPT of the mock gets from its selftest data
+/// (`mock_domain_alloc_paging_flags`): `MOCK_IOMMUPT_DEFAULT` leaves of a
+/// CPU page and up, `MOCK_IOMMUPT_HUGE` 2 KiB and 1 MiB leaves. Without
+/// data the mock keeps the table of 2 KiB leaves that 6.12's suite checks
+/// page by page.
+pub fn paging_format(u: &Ucmd, c: &crate::uapi::iommu_hwpt_alloc) -> Result<PageFormat, Errno> {
+    if c.data_type != IOMMU_HWPT_DATA_SELFTEST {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let mut cfg = iommu_hwpt_selftest::default();
+    crate::dispatch::copy_driver_data(
+        u.mem,
+        c.data_uptr,
+        c.data_len as usize,
+        HWPT_SELFTEST_MIN_LEN,
+        cfg.as_mut_bytes(),
+    )?;
+    match cfg.pagetable_type {
+        MOCK_IOMMUPT_DEFAULT => Ok(PageFormat::MockPt),
+        MOCK_IOMMUPT_HUGE => Ok(PageFormat::MockHuge),
+        _ => Err(Errno::EOPNOTSUPP),
+    }
 }
 
 /// The hardware info of a mock device.

@@ -147,3 +147,56 @@ fn selftest_hwpt_data_is_eight_bytes_and_its_first_version_four() {
     // A whole struct is read, so a bad pointer faults rather than failing the size check.
     assert_eq!(nested(None, 8), Err(Errno::EFAULT));
 }
+
+#[test]
+fn selftest_data_chooses_the_paging_table_and_its_dirty_granule() {
+    use ioasid_engine::PageFormat;
+    let (ctx, ioas, _, _, idev) = mock_domain(0);
+    let ty = IOMMU_HWPT_DATA_SELFTEST;
+    let dirty = IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
+    let mut cfg = iommu_hwpt_selftest { iotlb: 0, pagetable_type: MOCK_IOMMUPT_HUGE };
+    let huge = alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8).unwrap();
+    assert_eq!(ctx.hwpt(huge).unwrap().domain().format(), PageFormat::MockHuge);
+    cfg.pagetable_type = 7;
+    assert_eq!(alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8), Err(Errno::EOPNOTSUPP));
+    assert_eq!(alloc_hwpt(&ctx, idev, ioas, dirty, ty + 1, Some(&mut cfg), 8), Err(Errno::EOPNOTSUPP));
+    cfg.pagetable_type = MOCK_IOMMUPT_DEFAULT;
+    let hwpt = alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8).unwrap();
+    assert_eq!(ctx.hwpt(hwpt).unwrap().domain().format(), PageFormat::MockPt);
+
+    // The IOAS maps CPU pages; dirtying one 2 KiB half reports the whole page.
+    let buf = ioasid_engine::HostBuffer::new(0x4000).unwrap();
+    let mut map = iommu_ioas_map {
+        size: 40,
+        flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+        ioas_id: ioas,
+        user_va: buf.addr(),
+        length: 0x4000,
+        iova: 1 << 24,
+        ..Default::default()
+    };
+    call(&ctx, IOMMU_IOAS_MAP, &mut map).unwrap();
+    let mut track = iommu_hwpt_set_dirty_tracking { size: 16, flags: 1, hwpt_id: hwpt, __reserved: 0 };
+    call(&ctx, IOMMU_HWPT_SET_DIRTY_TRACKING, &mut track).unwrap();
+    let mut bits = [0u8; 8];
+    bits[0] = 0b1_0000; // the 2 KiB page at 8 KiB, first half of the third CPU page
+    let mut arm = [0u32; 12];
+    arm[2..4].copy_from_slice(&[1 << 24, 0]); // iova
+    arm[4..6].copy_from_slice(&[0x4000, 0]); // length
+    arm[6..8].copy_from_slice(&[0x800, 0]); // page_size
+    let ptr = bits.as_mut_ptr() as u64;
+    arm[8..10].copy_from_slice(&[ptr as u32, (ptr >> 32) as u32]);
+    test_cmd(&ctx, IOMMU_TEST_OP_DIRTY, hwpt, &arm).unwrap();
+    bits = [0; 8];
+    let mut get = iommu_hwpt_get_dirty_bitmap {
+        size: 48,
+        hwpt_id: hwpt,
+        iova: 1 << 24,
+        length: 0x4000,
+        page_size: 0x800,
+        data: bits.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    call(&ctx, IOMMU_HWPT_GET_DIRTY_BITMAP, &mut get).unwrap();
+    assert_eq!(bits[0], 0b11_0000, "both halves of the CPU page");
+}
