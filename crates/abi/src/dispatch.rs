@@ -333,7 +333,10 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
     let fault = (c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0).then_some(c.fault_id);
     let id = match pt {
         Object::Ioas(_) => {
-            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | IOMMU_HWPT_FAULT_ID_VALID;
+            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT
+                | IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+                | IOMMU_HWPT_FAULT_ID_VALID
+                | IOMMU_HWPT_ALLOC_PASID;
             if c.flags & !valid != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
@@ -356,7 +359,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             u.ctx.hwpt_alloc_format(c.dev_id, c.pt_id, flags, fault, format)?
         }
         Object::HwptPaging(parent) => {
-            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+            if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             parent.check_nest_parent()?;
@@ -364,7 +367,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
         }
         Object::Viommu(viommu) => {
-            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+            if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             let data = nested_data(u, viommu.hwpt(), &c)?;

@@ -141,6 +141,8 @@ union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 
 union_arm!(AccessReplaceIoas { ioas_id: u32 });
 union_arm!(CheckIotlb { id: u32, iotlb: u32 });
 union_arm!(CheckDevCache { id: u32, cache: u32 });
+union_arm!(PasidAttach { pasid: u32, pt_id: u32 });
+union_arm!(PasidCheck { pasid: u32, hwpt_id: u32 });
 union_arm!(TriggerIopf { dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64 });
 union_arm!(Dirty { flags: u32, __pad: u32, iova: u64, length: u64, page_size: u64, uptr: u64, out_nr_dirty: u64 });
 
@@ -226,12 +228,70 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                 _ => Err(Errno::EINVAL),
             }
         }
+        IOMMU_TEST_OP_PASID_ATTACH | IOMMU_TEST_OP_PASID_REPLACE => pasid_attach(u, c),
+        IOMMU_TEST_OP_PASID_DETACH => {
+            let a: PasidAttach = c.arm();
+            let dev = selftest_device(u, c.id)?;
+            // Detaching what is not attached is no failure.
+            let _ = u.ctx.detach_pasid(dev, a.pasid);
+            Ok(())
+        }
+        IOMMU_TEST_OP_PASID_CHECK_HWPT => pasid_check_hwpt(u, c.id, c.arm()),
         IOMMU_TEST_OP_TRIGGER_IOPF => trigger_iopf(u, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => Ok(()),
         _ => Err(Errno::EOPNOTSUPP),
+    }
+}
+
+/// The device bound under selftest object `stdev_id`.
+fn selftest_device(u: &Ucmd, stdev_id: u32) -> Result<u32, Errno> {
+    match u.ctx.object(stdev_id)? {
+        Object::Selftest(s) => s.dev_id().ok_or(Errno::ENOENT),
+        _ => Err(Errno::ENOENT),
+    }
+}
+
+/// `PASID_ATTACH` and `PASID_REPLACE` of a mock device: its PASID to a HWPT.
+fn pasid_attach(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
+    let mut a: PasidAttach = c.arm();
+    let dev = selftest_device(u, c.id)?;
+    // A PASID takes a HWPT, never an IOAS's automatic one.
+    if !matches!(u.ctx.object(a.pt_id)?, Object::HwptPaging(_) | Object::HwptNested(_)) {
+        return Err(Errno::EINVAL);
+    }
+    if c.op == IOMMU_TEST_OP_PASID_REPLACE {
+        a.pt_id = u.ctx.replace_pasid(dev, a.pasid, a.pt_id)?;
+        c.set_arm(&a);
+        return u.respond(&c);
+    }
+    if u.ctx.device(dev)?.attached_at(Some(a.pasid)).is_some() {
+        return Err(Errno::EBUSY);
+    }
+    a.pt_id = u.ctx.attach_pasid(dev, a.pasid, a.pt_id)?;
+    c.set_arm(&a);
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.detach_pasid(dev, a.pasid);
+    })
+}
+
+/// `PASID_CHECK_HWPT`: the PASID is attached to `hwpt_id`, or (0) to nothing.
+fn pasid_check_hwpt(u: &Ucmd, stdev_id: u32, a: PasidCheck) -> Res {
+    let dev = u.ctx.device(selftest_device(u, stdev_id)?)?;
+    let attached = dev.attached_at(Some(a.pasid));
+    if a.hwpt_id == 0 {
+        return if attached.is_some() { Err(Errno::EINVAL) } else { Ok(()) };
+    }
+    let hwpt = match u.ctx.object(a.hwpt_id)? {
+        Object::HwptPaging(h) => ioasid_engine::Hwpt::Paging(h),
+        Object::HwptNested(n) => ioasid_engine::Hwpt::Nested(n),
+        _ => return Err(Errno::EINVAL),
+    };
+    match attached {
+        Some(h) if h.is_same(&hwpt) => Ok(()),
+        _ => Err(Errno::EINVAL),
     }
 }
 

@@ -200,3 +200,31 @@ fn selftest_data_chooses_the_paging_table_and_its_dirty_granule() {
     call(&ctx, IOMMU_HWPT_GET_DIRTY_BITMAP, &mut get).unwrap();
     assert_eq!(bits[0], 0b11_0000, "both halves of the CPU page");
 }
+
+#[test]
+fn pasid_ops_attach_replace_check_and_detach_a_mock_devices_pasid() {
+    let (ctx, ioas, stdev, _, idev) = mock_domain(MOCK_FLAGS_DEVICE_PASID);
+    let flags = IOMMU_HWPT_ALLOC_PASID;
+    let a = alloc_hwpt::<u8>(&ctx, idev, ioas, flags, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
+    let b = alloc_hwpt::<u8>(&ctx, idev, ioas, flags, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
+    let op = |op, arm: &[u32]| test_cmd(&ctx, op, stdev, arm).map(drop);
+    op(IOMMU_TEST_OP_PASID_DETACH, &[100]).unwrap();
+    op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, 0]).unwrap();
+    assert_eq!(op(IOMMU_TEST_OP_PASID_REPLACE, &[100, a]), Err(Errno::EINVAL), "nothing to replace");
+    assert_eq!(op(IOMMU_TEST_OP_PASID_ATTACH, &[100, ioas]), Err(Errno::EINVAL), "not a HWPT");
+    op(IOMMU_TEST_OP_PASID_ATTACH, &[100, a]).unwrap();
+    op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, a]).unwrap();
+    assert_eq!(op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, 0]), Err(Errno::EINVAL));
+    assert_eq!(op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, ioas]), Err(Errno::EINVAL));
+    assert_eq!(op(IOMMU_TEST_OP_PASID_ATTACH, &[100, b]), Err(Errno::EBUSY), "attach does not overwrite");
+    op(IOMMU_TEST_OP_PASID_REPLACE, &[100, b]).unwrap();
+    op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, b]).unwrap();
+    op(IOMMU_TEST_OP_PASID_DETACH, &[100]).unwrap();
+    op(IOMMU_TEST_OP_PASID_CHECK_HWPT, &[100, 0]).unwrap();
+    assert_eq!(test_cmd(&ctx, IOMMU_TEST_OP_PASID_ATTACH, ioas, &[100, a]).map(drop), Err(Errno::ENOENT));
+
+    // A device without the PASID capability takes none.
+    let other = test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS, ioas, &[0, 0, 0, 0]).unwrap();
+    let other = <[u32; 1]>::read_from_prefix(other.union.as_bytes()).unwrap().0[0];
+    assert_eq!(test_cmd(&ctx, IOMMU_TEST_OP_PASID_ATTACH, other, &[100, a]).map(drop), Err(Errno::EINVAL));
+}
