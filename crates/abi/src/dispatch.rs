@@ -502,9 +502,15 @@ fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
     u.respond_created(&c, c.out_vdevice_id)
 }
 
+/// Linux's bound on a vEVENTQ's depth, one that fits every IOMMU's queue.
+const VEVENTQ_MAX_DEPTH: u32 = 1 << 19;
+
 fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
     if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VEVENTQ_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
+    }
+    if c.veventq_depth == 0 || c.veventq_depth > VEVENTQ_MAX_DEPTH {
+        return Err(Errno::EINVAL);
     }
     u.local_only()?;
     let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;

@@ -141,6 +141,7 @@ union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 
 union_arm!(AccessReplaceIoas { ioas_id: u32 });
 union_arm!(CheckIotlb { id: u32, iotlb: u32 });
 union_arm!(CheckDevCache { id: u32, cache: u32 });
+union_arm!(TriggerVevent { dev_id: u32 });
 union_arm!(PasidAttach { pasid: u32, pt_id: u32 });
 union_arm!(PasidCheck { pasid: u32, hwpt_id: u32 });
 union_arm!(TriggerIopf { dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64 });
@@ -180,6 +181,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                     pasid: flags & MOCK_FLAGS_DEVICE_PASID != 0,
                 },
             );
+            check_vdevice(u, None, c.id)?;
             let (stdev, hwpt, idev) = u.ctx.mock_domain(c.id, info)?;
             (a.out_stdev_id, a.out_hwpt_id, a.out_idev_id) = (stdev, hwpt, idev);
             c.set_arm(&a);
@@ -187,6 +189,8 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         }
         IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => {
             let mut a: MockDomainReplace = c.arm();
+            let dev = u.ctx.device(selftest_device(u, c.id)?)?;
+            check_vdevice(u, Some(&dev), a.pt_id)?;
             a.pt_id = u.ctx.mock_domain_replace(c.id, a.pt_id)?;
             c.set_arm(&a);
             u.respond(&c)
@@ -238,6 +242,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         }
         IOMMU_TEST_OP_PASID_CHECK_HWPT => pasid_check_hwpt(u, c.id, c.arm()),
         IOMMU_TEST_OP_TRIGGER_IOPF => trigger_iopf(u, c.arm()),
+        IOMMU_TEST_OP_TRIGGER_VEVENT => trigger_vevent(u, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
@@ -252,6 +257,30 @@ fn selftest_device(u: &Ucmd, stdev_id: u32) -> Result<u32, Errno> {
         Object::Selftest(s) => s.dev_id().ok_or(Errno::ENOENT),
         _ => Err(Errno::ENOENT),
     }
+}
+
+/// The mock attaches a device to a nested HWPT of a vIOMMU only once the
+/// device has a vDEVICE there (`mock_domain_nop_attach`): `ENOENT` before.
+fn check_vdevice(u: &Ucmd, dev: Option<&ioasid_engine::Device>, pt_id: u32) -> Res {
+    if let Ok(Object::HwptNested(n)) = u.ctx.object(pt_id)
+        && let Some(viommu) = n.viommu()
+        && dev.and_then(|d| viommu.virt_id_of(d)).is_none()
+    {
+        return Err(Errno::ENOENT);
+    }
+    Ok(())
+}
+
+/// The mock vIOMMU reporting an event of a device attached to one of its
+/// nested HWPTs: the device's virtual ID, on the selftest vEVENTQ.
+fn trigger_vevent(u: &Ucmd, a: TriggerVevent) -> Res {
+    let dev = u.ctx.device(a.dev_id)?;
+    let Some(ioasid_engine::Hwpt::Nested(n)) = dev.attached() else { return Err(Errno::ENOENT) };
+    let viommu = n.viommu().ok_or(Errno::ENOENT)?;
+    let virt_id = viommu.virt_id_of(&dev).filter(|&v| v != 0).ok_or(Errno::ENOENT)?;
+    let queue = viommu.veventq(crate::uapi::IOMMU_VEVENTQ_TYPE_SELFTEST).ok_or(Errno::EOPNOTSUPP)?;
+    queue.report(&(virt_id as u32).to_le_bytes());
+    Ok(())
 }
 
 /// `PASID_ATTACH` and `PASID_REPLACE` of a mock device: its PASID to a HWPT.

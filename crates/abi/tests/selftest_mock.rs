@@ -228,3 +228,49 @@ fn pasid_ops_attach_replace_check_and_detach_a_mock_devices_pasid() {
     let other = <[u32; 1]>::read_from_prefix(other.union.as_bytes()).unwrap().0[0];
     assert_eq!(test_cmd(&ctx, IOMMU_TEST_OP_PASID_ATTACH, other, &[100, a]).map(drop), Err(Errno::EINVAL));
 }
+
+#[test]
+fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attached() {
+    let (ctx, ioas, stdev, _, idev) = mock_domain(0);
+    let parent =
+        alloc_hwpt::<u8>(&ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
+    let mut v = iommu_viommu_alloc {
+        size: 40,
+        r#type: IOMMU_VIOMMU_TYPE_SELFTEST,
+        dev_id: idev,
+        hwpt_id: parent,
+        ..Default::default()
+    };
+    call(&ctx, IOMMU_VIOMMU_ALLOC, &mut v).unwrap();
+    let mut data = iommu_hwpt_selftest { iotlb: IOMMU_TEST_IOTLB_DEFAULT, ..Default::default() };
+    let nested = alloc_hwpt(&ctx, idev, v.out_viommu_id, 0, IOMMU_HWPT_DATA_SELFTEST, Some(&mut data), 8).unwrap();
+    let trigger = || test_cmd(&ctx, IOMMU_TEST_OP_TRIGGER_VEVENT, 0, &[idev]).map(drop);
+    let replace = |pt_id| test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, stdev, &[pt_id]).map(drop);
+    assert_eq!(replace(nested), Err(Errno::ENOENT), "no vDEVICE yet");
+    assert_eq!(trigger(), Err(Errno::ENOENT), "not behind the vIOMMU");
+
+    let depth = |veventq_depth| iommu_veventq_alloc {
+        size: 32,
+        viommu_id: v.out_viommu_id,
+        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
+        veventq_depth,
+        ..Default::default()
+    };
+    assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth(0)), Err(Errno::EINVAL));
+    assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth((1 << 19) + 1)), Err(Errno::EINVAL));
+    let mut q = depth(1 << 19);
+    call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
+    let Ok(ioasid_engine::Object::Veventq(queue)) = ctx.object(q.out_veventq_id) else { panic!("a vEVENTQ") };
+
+    let mut d =
+        iommu_vdevice_alloc { size: 24, viommu_id: v.out_viommu_id, dev_id: idev, virt_id: 0x99, ..Default::default() };
+    call(&ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();
+    replace(nested).unwrap();
+    trigger().unwrap();
+    let events = queue.read(64).expect("one event");
+    assert_eq!(events.len(), 1);
+    replace(ioas).unwrap();
+    assert_eq!(trigger(), Err(Errno::ENOENT), "attached to the IOAS again");
+    // SAFETY: the vEVENTQ's fd was made for this test and nothing else uses it.
+    unsafe { libc::close(q.out_veventq_fd as i32) };
+}
