@@ -170,6 +170,15 @@ pub(crate) fn run_op(
     (op.run)(&Ucmd { ctx, mem, arg, user_size }, &buf[..op.size]).map(|()| 0)
 }
 
+/// Linux's `copy_struct_from_user`: `len` bytes of the caller's struct
+/// into `out`. A shorter one leaves the rest of `out` zero; a longer one is
+/// taken when the bytes past `out` are zero, else `E2BIG`.
+pub(crate) fn copy_struct_from_user(mem: &dyn UserMemory, uptr: u64, len: usize, out: &mut [u8]) -> Res {
+    let known = len.min(out.len());
+    check_zeroed(mem, uptr.wrapping_add(out.len() as u64), len.saturating_sub(out.len()))?;
+    mem.read(uptr, &mut out[..known])
+}
+
 /// `E2BIG` unless the caller's bytes past what we understand are all zero.
 fn check_zeroed(mem: &dyn UserMemory, addr: u64, len: usize) -> Res {
     if mem.is_zero(addr, len as u64)? { Ok(()) } else { Err(Errno::E2BIG) }
@@ -324,7 +333,10 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
     let fault = (c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0).then_some(c.fault_id);
     let id = match pt {
         Object::Ioas(_) => {
-            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING | IOMMU_HWPT_FAULT_ID_VALID;
+            let valid = IOMMU_HWPT_ALLOC_NEST_PARENT
+                | IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+                | IOMMU_HWPT_FAULT_ID_VALID
+                | IOMMU_HWPT_ALLOC_PASID;
             if c.flags & !valid != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
@@ -334,18 +346,20 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            if c.data_len != 0 {
-                // No paging format here takes driver data.
-                return Err(Errno::EOPNOTSUPP);
-            }
+            // Only the mock takes driver data for a paging table: its type.
+            let format = match c.data_len {
+                0 => None,
+                _ if dev.info().iommu.is_selftest() => Some(selftest::paging_format(u, &c)?),
+                _ => return Err(Errno::EOPNOTSUPP),
+            };
             let flags = HwptFlags {
                 nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
                 dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
             };
-            u.ctx.hwpt_alloc(c.dev_id, c.pt_id, flags, fault)?
+            u.ctx.hwpt_alloc_format(c.dev_id, c.pt_id, flags, fault, format)?
         }
         Object::HwptPaging(parent) => {
-            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+            if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             parent.check_nest_parent()?;
@@ -353,7 +367,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
         }
         Object::Viommu(viommu) => {
-            if c.flags & !IOMMU_HWPT_FAULT_ID_VALID != 0 || c.data_len == 0 {
+            if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             let data = nested_data(u, viommu.hwpt(), &c)?;
@@ -370,7 +384,7 @@ fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<Ne
     let format = parent.domain().format();
     if format.is_mock() && c.data_type == selftest::IOMMU_HWPT_DATA_SELFTEST {
         let mut cfg = selftest::iommu_hwpt_selftest::default();
-        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, 4, cfg.as_mut_bytes())?;
+        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, selftest::HWPT_SELFTEST_MIN_LEN, cfg.as_mut_bytes())?;
         return Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) });
     }
     if matches!(format, PageFormat::VtdSs4 | PageFormat::VtdSs5) && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {
@@ -488,9 +502,15 @@ fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
     u.respond_created(&c, c.out_vdevice_id)
 }
 
+/// Linux's bound on a vEVENTQ's depth, one that fits every IOMMU's queue.
+const VEVENTQ_MAX_DEPTH: u32 = 1 << 19;
+
 fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
     if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VEVENTQ_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
+    }
+    if c.veventq_depth == 0 || c.veventq_depth > VEVENTQ_MAX_DEPTH {
+        return Err(Errno::EINVAL);
     }
     u.local_only()?;
     let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;
@@ -627,11 +647,16 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
                 NestedData::ArmSmmuV3 { .. } => Err(Errno::EOPNOTSUPP),
             },
             // SMMUv3 invalidations go to the vIOMMU, as its command queue.
-            Ok(Object::Viommu(v)) if v.kind() == ViommuType::ArmSmmuV3 => {
-                let (done, rc) = smmuv3_invalidate(u, &c, &v);
+            Ok(Object::Viommu(v)) => {
+                let (done, rc) = match v.kind() {
+                    ViommuType::ArmSmmuV3 => smmuv3_invalidate(u, &c, &v),
+                    ViommuType::Selftest => selftest::viommu_invalidate(u, &c, &v),
+                };
                 processed = done;
                 rc
             }
+            // Linux 7.3 answers EINVAL for other objects, 6.12 ENOENT; the
+            // two suites check opposite errnos, and 6.12's is kept.
             _ => Err(Errno::ENOENT),
         }
     };

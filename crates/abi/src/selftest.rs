@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use ioasid_engine::device::MockFlags;
 use ioasid_engine::fault::{Group, LAST_PAGE, PASID_VALID, PageRequest};
 use ioasid_engine::ioas::Owner;
-use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, memory, pages};
+use ioasid_engine::{
+    Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, PageFormat, memory, pages,
+};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::dispatch::Ucmd;
@@ -35,6 +37,12 @@ pub const IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS: u32 = 12;
 pub const IOMMU_TEST_OP_DIRTY: u32 = 13;
 pub const IOMMU_TEST_OP_MD_CHECK_IOTLB: u32 = 14;
 pub const IOMMU_TEST_OP_TRIGGER_IOPF: u32 = 15;
+pub const IOMMU_TEST_OP_DEV_CHECK_CACHE: u32 = 16;
+pub const IOMMU_TEST_OP_TRIGGER_VEVENT: u32 = 17;
+pub const IOMMU_TEST_OP_PASID_ATTACH: u32 = 18;
+pub const IOMMU_TEST_OP_PASID_REPLACE: u32 = 19;
+pub const IOMMU_TEST_OP_PASID_DETACH: u32 = 20;
+pub const IOMMU_TEST_OP_PASID_CHECK_HWPT: u32 = 21;
 
 pub const MOCK_FLAGS_ACCESS_WRITE: u32 = 1 << 0;
 pub const MOCK_FLAGS_ACCESS_SYZ: u32 = 1 << 16;
@@ -48,12 +56,17 @@ pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
 pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
 pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const MOCK_IOMMUPT_DEFAULT: u32 = 0;
+pub const MOCK_IOMMUPT_HUGE: u32 = 1;
 pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0xbad_beef;
 pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
 pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
 pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
 pub const MOCK_IO_PAGE_SIZE: u64 = PAGE_SIZE / 2;
+pub const MOCK_DEV_CACHE_ID_MAX: u32 = ioasid_engine::device::MOCK_DEV_CACHE_NUM as u32 - 1;
+pub const IOMMU_TEST_DEV_CACHE_DEFAULT: u32 = ioasid_engine::device::MOCK_DEV_CACHE_DEFAULT;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 
 /// `struct iommu_test_cmd`: a header, a union of per-op arguments, `last`.
 #[repr(C)]
@@ -70,12 +83,16 @@ pub struct iommu_test_cmd {
 const _: () = assert!(size_of::<iommu_test_cmd>() == 72);
 pub const TEST_CMD_MIN_SIZE: usize = core::mem::offset_of!(iommu_test_cmd, last) + 4;
 
-/// `struct iommu_hwpt_selftest`: a selftest nested HWPT's data.
+/// `struct iommu_hwpt_selftest`: a selftest HWPT's data. Nested HWPTs
+/// take `iotlb`; paging ones `pagetable_type` (7.3, `MOCK_IOMMUPT_*`).
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct iommu_hwpt_selftest {
     pub iotlb: u32,
+    pub pagetable_type: u32,
 }
+/// The size of the struct's first version, up to `iotlb`.
+pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
 
 /// `struct iommu_hwpt_invalidate_selftest`.
 #[repr(C)]
@@ -83,6 +100,16 @@ pub struct iommu_hwpt_selftest {
 pub struct iommu_hwpt_invalidate_selftest {
     pub flags: u32,
     pub iotlb_id: u32,
+}
+
+/// `struct iommu_viommu_invalidate_selftest`: one command of the mock
+/// vIOMMU, clearing a device's cache entries.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct iommu_viommu_invalidate_selftest {
+    pub flags: u32,
+    pub vdev_id: u32,
+    pub cache_id: u32,
 }
 
 /// `struct iommu_test_hw_info`.
@@ -113,6 +140,10 @@ union_arm!(AccessPages { flags: u32, out_access_pages_id: u32, iova: u64, length
 union_arm!(AccessRw { iova: u64, length: u64, uptr: u64, flags: u32, __pad: u32 });
 union_arm!(AccessReplaceIoas { ioas_id: u32 });
 union_arm!(CheckIotlb { id: u32, iotlb: u32 });
+union_arm!(CheckDevCache { id: u32, cache: u32 });
+union_arm!(TriggerVevent { dev_id: u32 });
+union_arm!(PasidAttach { pasid: u32, pt_id: u32 });
+union_arm!(PasidCheck { pasid: u32, hwpt_id: u32 });
 union_arm!(TriggerIopf { dev_id: u32, pasid: u32, grpid: u32, perm: u32, addr: u64 });
 union_arm!(Dirty { flags: u32, __pad: u32, iova: u64, length: u64, page_size: u64, uptr: u64, out_nr_dirty: u64 });
 
@@ -150,6 +181,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                     pasid: flags & MOCK_FLAGS_DEVICE_PASID != 0,
                 },
             );
+            check_vdevice(u, None, c.id)?;
             let (stdev, hwpt, idev) = u.ctx.mock_domain(c.id, info)?;
             (a.out_stdev_id, a.out_hwpt_id, a.out_idev_id) = (stdev, hwpt, idev);
             c.set_arm(&a);
@@ -157,6 +189,8 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         }
         IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => {
             let mut a: MockDomainReplace = c.arm();
+            let dev = u.ctx.device(selftest_device(u, c.id)?)?;
+            check_vdevice(u, Some(&dev), a.pt_id)?;
             a.pt_id = u.ctx.mock_domain_replace(c.id, a.pt_id)?;
             c.set_arm(&a);
             u.respond(&c)
@@ -189,12 +223,104 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                 _ => Err(Errno::EINVAL),
             }
         }
+        IOMMU_TEST_OP_DEV_CHECK_CACHE => {
+            let a: CheckDevCache = c.arm();
+            let dev = u.ctx.device(c.id)?;
+            let cache = dev.mock_cache().ok_or(Errno::EINVAL)?;
+            match cache.get(a.id as usize) {
+                Some(&v) if v == a.cache => Ok(()),
+                _ => Err(Errno::EINVAL),
+            }
+        }
+        IOMMU_TEST_OP_PASID_ATTACH | IOMMU_TEST_OP_PASID_REPLACE => pasid_attach(u, c),
+        IOMMU_TEST_OP_PASID_DETACH => {
+            let a: PasidAttach = c.arm();
+            let dev = selftest_device(u, c.id)?;
+            // Detaching what is not attached is no failure.
+            let _ = u.ctx.detach_pasid(dev, a.pasid);
+            Ok(())
+        }
+        IOMMU_TEST_OP_PASID_CHECK_HWPT => pasid_check_hwpt(u, c.id, c.arm()),
         IOMMU_TEST_OP_TRIGGER_IOPF => trigger_iopf(u, c.arm()),
+        IOMMU_TEST_OP_TRIGGER_VEVENT => trigger_vevent(u, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => Ok(()),
         _ => Err(Errno::EOPNOTSUPP),
+    }
+}
+
+/// The device bound under selftest object `stdev_id`.
+fn selftest_device(u: &Ucmd, stdev_id: u32) -> Result<u32, Errno> {
+    match u.ctx.object(stdev_id)? {
+        Object::Selftest(s) => s.dev_id().ok_or(Errno::ENOENT),
+        _ => Err(Errno::ENOENT),
+    }
+}
+
+/// The mock attaches a device to a nested HWPT of a vIOMMU only once the
+/// device has a vDEVICE there (`mock_domain_nop_attach`): `ENOENT` before.
+fn check_vdevice(u: &Ucmd, dev: Option<&ioasid_engine::Device>, pt_id: u32) -> Res {
+    if let Ok(Object::HwptNested(n)) = u.ctx.object(pt_id)
+        && let Some(viommu) = n.viommu()
+        && dev.and_then(|d| viommu.virt_id_of(d)).is_none()
+    {
+        return Err(Errno::ENOENT);
+    }
+    Ok(())
+}
+
+/// The mock vIOMMU reporting an event of a device attached to one of its
+/// nested HWPTs: the device's virtual ID, on the selftest vEVENTQ.
+fn trigger_vevent(u: &Ucmd, a: TriggerVevent) -> Res {
+    let dev = u.ctx.device(a.dev_id)?;
+    let Some(ioasid_engine::Hwpt::Nested(n)) = dev.attached() else { return Err(Errno::ENOENT) };
+    let viommu = n.viommu().ok_or(Errno::ENOENT)?;
+    let virt_id = viommu.virt_id_of(&dev).filter(|&v| v != 0).ok_or(Errno::ENOENT)?;
+    let queue = viommu.veventq(crate::uapi::IOMMU_VEVENTQ_TYPE_SELFTEST).ok_or(Errno::EOPNOTSUPP)?;
+    queue.report(&(virt_id as u32).to_le_bytes());
+    Ok(())
+}
+
+/// `PASID_ATTACH` and `PASID_REPLACE` of a mock device: its PASID to a HWPT.
+fn pasid_attach(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
+    let mut a: PasidAttach = c.arm();
+    let dev = selftest_device(u, c.id)?;
+    // A PASID takes a HWPT, never an IOAS's automatic one.
+    if !matches!(u.ctx.object(a.pt_id)?, Object::HwptPaging(_) | Object::HwptNested(_)) {
+        return Err(Errno::EINVAL);
+    }
+    if c.op == IOMMU_TEST_OP_PASID_REPLACE {
+        a.pt_id = u.ctx.replace_pasid(dev, a.pasid, a.pt_id)?;
+        c.set_arm(&a);
+        return u.respond(&c);
+    }
+    if u.ctx.device(dev)?.attached_at(Some(a.pasid)).is_some() {
+        return Err(Errno::EBUSY);
+    }
+    a.pt_id = u.ctx.attach_pasid(dev, a.pasid, a.pt_id)?;
+    c.set_arm(&a);
+    u.respond(&c).inspect_err(|_| {
+        let _ = u.ctx.detach_pasid(dev, a.pasid);
+    })
+}
+
+/// `PASID_CHECK_HWPT`: the PASID is attached to `hwpt_id`, or (0) to nothing.
+fn pasid_check_hwpt(u: &Ucmd, stdev_id: u32, a: PasidCheck) -> Res {
+    let dev = u.ctx.device(selftest_device(u, stdev_id)?)?;
+    let attached = dev.attached_at(Some(a.pasid));
+    if a.hwpt_id == 0 {
+        return if attached.is_some() { Err(Errno::EINVAL) } else { Ok(()) };
+    }
+    let hwpt = match u.ctx.object(a.hwpt_id)? {
+        Object::HwptPaging(h) => ioasid_engine::Hwpt::Paging(h),
+        Object::HwptNested(n) => ioasid_engine::Hwpt::Nested(n),
+        _ => return Err(Errno::EINVAL),
+    };
+    match attached {
+        Some(h) if h.is_same(&hwpt) => Ok(()),
+        _ => Err(Errno::EINVAL),
     }
 }
 
@@ -462,6 +588,74 @@ pub fn invalidate(
         }
         Ok(())
     })
+}
+
+/// `IOMMU_HWPT_INVALIDATE` on a selftest vIOMMU: each command clears one
+/// entry, or all, of the cache of the device the guest calls `vdev_id`.
+/// The whole array is read before any command runs, as the mock does.
+pub fn viommu_invalidate(
+    u: &Ucmd,
+    c: &crate::uapi::iommu_hwpt_invalidate,
+    viommu: &ioasid_engine::Viommu,
+) -> (u32, Result<(), Errno>) {
+    // An empty array only checks the type.
+    if c.entry_num == 0 && c.data_type == IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST {
+        return (0, Ok(()));
+    }
+    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST || c.entry_num == 0 {
+        return (0, Err(Errno::EINVAL));
+    }
+    let mut cmds = Vec::with_capacity(c.entry_num as usize);
+    for i in 0..u64::from(c.entry_num) {
+        let mut cmd = iommu_viommu_invalidate_selftest::default();
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * i);
+        if let Err(e) = crate::dispatch::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
+            return (0, Err(e));
+        }
+        cmds.push(cmd);
+    }
+    for (done, cmd) in cmds.iter().enumerate() {
+        if cmd.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            return (done as u32, Err(Errno::EOPNOTSUPP));
+        }
+        if cmd.cache_id > MOCK_DEV_CACHE_ID_MAX {
+            return (done as u32, Err(Errno::EINVAL));
+        }
+        let dev = viommu.device(u64::from(cmd.vdev_id));
+        let Some(mut cache) = dev.as_ref().and_then(|d| d.mock_cache()) else {
+            return (done as u32, Err(Errno::EINVAL));
+        };
+        if cmd.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            cache.fill(0);
+        } else {
+            cache[cmd.cache_id as usize] = 0;
+        }
+    }
+    (c.entry_num, Ok(()))
+}
+
+/// The table a paging HWPT of the mock gets from its selftest data
+/// (`mock_domain_alloc_paging_flags`): `MOCK_IOMMUPT_DEFAULT` leaves of a
+/// CPU page and up, `MOCK_IOMMUPT_HUGE` 2 KiB and 1 MiB leaves. Without
+/// data the mock keeps the table of 2 KiB leaves that 6.12's suite checks
+/// page by page.
+pub fn paging_format(u: &Ucmd, c: &crate::uapi::iommu_hwpt_alloc) -> Result<PageFormat, Errno> {
+    if c.data_type != IOMMU_HWPT_DATA_SELFTEST {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let mut cfg = iommu_hwpt_selftest::default();
+    crate::dispatch::copy_driver_data(
+        u.mem,
+        c.data_uptr,
+        c.data_len as usize,
+        HWPT_SELFTEST_MIN_LEN,
+        cfg.as_mut_bytes(),
+    )?;
+    match cfg.pagetable_type {
+        MOCK_IOMMUPT_DEFAULT => Ok(PageFormat::MockPt),
+        MOCK_IOMMUPT_HUGE => Ok(PageFormat::MockHuge),
+        _ => Err(Errno::EOPNOTSUPP),
+    }
 }
 
 /// The hardware info of a mock device.

@@ -89,6 +89,8 @@ pub const IOMMU_VFIO_IOAS_CLEAR: u16 = 2;
 pub const IOMMU_HWPT_ALLOC_NEST_PARENT: u32 = 1 << 0;
 pub const IOMMU_HWPT_ALLOC_DIRTY_TRACKING: u32 = 1 << 1;
 pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
+/// Later kernels: the HWPT may be attached to PASIDs.
+pub const IOMMU_HWPT_ALLOC_PASID: u32 = 1 << 3;
 
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
 pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;

@@ -72,7 +72,7 @@ fn nested_alloc_checks_its_data_as_linux_does() {
     let (ctx, dev, parent, _, _) = setup();
     let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
     assert_eq!(alloc_nested(&ctx, dev, parent, None, &mut data[..3]), Err(Errno::EINVAL), "shorter than the struct");
-    let mut long = [0u8; 5];
+    let mut long = [0u8; 9];
     assert_eq!(alloc_nested(&ctx, dev, parent, None, &mut long), Err(Errno::EINVAL), "longer than the struct");
     assert_eq!(alloc_nested(&ctx, dev, parent, Some(999), &mut data), Err(Errno::ENOENT), "no such fault queue");
     let nested = alloc_nested(&ctx, dev, parent, None, &mut data).unwrap();

@@ -96,7 +96,7 @@ fn vdevice_ids_are_unique_and_objects_keep_each_other_busy() {
 fn nested_hwpts_can_be_allocated_on_a_viommu() {
     let v = vm();
     let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
-    let mut data = ioasid_abi::selftest::iommu_hwpt_selftest { iotlb: 0xbeef };
+    let mut data = ioasid_abi::selftest::iommu_hwpt_selftest { iotlb: 0xbeef, ..Default::default() };
     let mut c = iommu_hwpt_alloc {
         size: 48,
         dev_id: v.dev,

@@ -19,7 +19,7 @@ use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
-use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData};
+use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
 use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::IovaRange;
@@ -572,16 +572,32 @@ impl Context {
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device;
     /// page requests on it go to fault queue `fault` when given.
     pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags, fault: Option<u32>) -> Result<u32> {
+        self.hwpt_alloc_format(dev_id, ioas_id, flags, fault, None)
+    }
+
+    /// `hwpt_alloc` in `format` when given (a driver's data may choose one
+    /// of its IOMMU's formats), else the IOMMU's own for `flags`.
+    pub fn hwpt_alloc_format(
+        &self,
+        dev_id: u32,
+        ioas_id: u32,
+        flags: HwptFlags,
+        fault: Option<u32>,
+        format: Option<PageFormat>,
+    ) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
         if flags.dirty_tracking && !dev.info().dirty_tracking {
             return Err(Error::Unsupported("the device's IOMMU cannot track dirty pages"));
         }
-        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
         let info = dev.info();
-        let hwpt =
-            HwptPaging::new(ioas, info.iommu.paging_format(flags.nest_parent), info.aperture, flags, false, fault)?;
+        let format = format.unwrap_or_else(|| info.iommu.paging_format(flags.nest_parent));
+        if !info.iommu.serves(format) {
+            return Err(Error::Unsupported("the device's IOMMU has no such page-table format"));
+        }
+        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
+        let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?;
         self.insert_hwpt(hwpt)
     }
 

@@ -102,6 +102,11 @@ impl DeviceInfo {
 pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
 /// PASID width of a PASID-capable mock device.
 pub const MOCK_PASID_WIDTH: u8 = 20;
+/// Entries of a mock device's own cache (`MOCK_DEV_CACHE_NUM`), which its
+/// vIOMMU's invalidations clear.
+pub const MOCK_DEV_CACHE_NUM: usize = 4;
+/// What each entry of a new mock device's cache holds (`IOMMU_TEST_DEV_CACHE_DEFAULT`).
+pub const MOCK_DEV_CACHE_DEFAULT: u32 = 0xbaddad;
 /// Most pages one page request group asks for.
 pub const MAX_GROUP_PAGES: usize = 16;
 
@@ -134,11 +139,15 @@ pub struct Device {
     /// PASIDs whose owner knows them by another number (a guest's vPASID
     /// behind a vIOMMU): host PASID → the PASID fault records carry.
     guest_pasids: Mutex<BTreeMap<u32, u32>>,
+    /// The per-device cache of a selftest mock device; `None` otherwise.
+    mock_cache: Option<Mutex<[u32; MOCK_DEV_CACHE_NUM]>>,
 }
 
 impl Device {
     pub(crate) fn new(info: DeviceInfo) -> Self {
+        let mock_cache = info.iommu.is_selftest().then(|| Mutex::new([MOCK_DEV_CACHE_DEFAULT; MOCK_DEV_CACHE_NUM]));
         Device {
+            mock_cache,
             info,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             id: OnceLock::new(),
@@ -446,6 +455,13 @@ impl Device {
     /// How this device's fault records at `pasid` are named, for aborting them.
     pub(crate) fn fault_origin(&self, pasid: Option<u32>) -> (u32, Option<u32>) {
         (self.id(), pasid.map(|p| self.reported_pasid(p)))
+    }
+
+    /// The cache of a selftest mock device (the device-side cache a mock
+    /// vIOMMU's invalidation commands name by virtual ID); `None` for any
+    /// other device.
+    pub fn mock_cache(&self) -> Option<std::sync::MutexGuard<'_, [u32; MOCK_DEV_CACHE_NUM]>> {
+        self.mock_cache.as_ref().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The device's object ID in its context.

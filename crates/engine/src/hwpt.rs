@@ -15,7 +15,7 @@ use crate::memory::Trust;
 use crate::pgtable::Pte;
 use crate::pgtable::amd::AmdV1Mode4;
 use crate::pgtable::arm::{ArmS1, ArmS2};
-use crate::pgtable::mock::Mock;
+use crate::pgtable::mock::{Mock, MockPt};
 use crate::pgtable::x86::first_stage;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
 use crate::pgtable::{self, Format, PageTable, Perm, Summary};
@@ -73,8 +73,11 @@ formats! {$
     VtdSs5: VtdSs5,
     /// Linux's selftest mock IOMMU: 2 KiB IO pages.
     Mock: Mock<false>,
-    /// The mock with 1 MiB huge pages too.
+    /// The mock with 1 MiB huge pages too (`MOCK_IOMMUPT_HUGE`).
     MockHuge: Mock<true>,
+    /// The 7.3 mock's default table: leaves of whole CPU pages and up
+    /// (`MOCK_IOMMUPT_DEFAULT`).
+    MockPt: MockPt,
     /// AMD-Vi v1, Mode 4.
     AmdV1: AmdV1Mode4,
     /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
@@ -101,7 +104,7 @@ impl PageFormat {
     }
 
     pub fn is_mock(self) -> bool {
-        matches!(self, PageFormat::Mock | PageFormat::MockHuge)
+        matches!(self, PageFormat::Mock | PageFormat::MockHuge | PageFormat::MockPt)
     }
 }
 
