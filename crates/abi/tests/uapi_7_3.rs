@@ -186,3 +186,25 @@ fn the_mock_answers_other_hw_info_types_with_eopnotsupp() {
         assert_eq!(hw_info(&ctx, dev, Some(t), &mut []), Err(Errno::EOPNOTSUPP));
     }
 }
+
+#[test]
+fn smmuv3_tlbi_nsnh_all_is_taken_as_tlbi_nh_all() {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "d", 1)).unwrap();
+    let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
+    let viommu = ctx.viommu_alloc(dev, parent, ioasid_engine::ViommuType::ArmSmmuV3).unwrap();
+    // TLBI_NSNH_ALL (0x30), then CMD_SYNC, which is the host's: one taken.
+    let cmds: [[u64; 2]; 2] = [[0x30, 0], [0x46, 0]];
+    let mut c = iommu_hwpt_invalidate {
+        size: 32,
+        hwpt_id: viommu,
+        data_uptr: cmds.as_ptr() as u64,
+        data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+        entry_len: 16,
+        entry_num: 2,
+        ..Default::default()
+    };
+    assert_eq!(call(&ctx, IOMMU_HWPT_INVALIDATE, &mut c), Err(Errno::EIO));
+    assert_eq!(c.entry_num, 1, "NSNH_ALL was taken");
+}
