@@ -112,9 +112,9 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
     op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
     None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
-    op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, __reserved, veventq_alloc),
+    op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, out_veventq_fd, veventq_alloc),
     None,
-    None,
+    op!(IOMMU_IOAS_NOIOMMU_GET_PA, iommu_ioas_noiommu_get_pa, out_phys, ioas_noiommu_get_pa),
     None,
     None,
     None,
@@ -279,6 +279,14 @@ fn ioas_copy(u: &Ucmd, mut c: iommu_ioas_copy) -> Res {
     let perm = map_perm(c.flags, &[c.length, c.src_iova, c.dst_iova])?;
     c.dst_iova = u.ctx.copy(c.dst_ioas_id, c.src_ioas_id, c.src_iova, c.length, fixed(c.flags, c.dst_iova), perm)?;
     u.respond(&c)
+}
+
+/// Linux answers this only for devices with no IOMMU at all (VFIO's
+/// no-IOMMU mode, `CONFIG_IOMMUFD_NOIOMMU`); every device ioasid offers has
+/// one, and its process's physical addresses are not ioasid's to give, so
+/// it answers as a kernel built without that option.
+fn ioas_noiommu_get_pa(_u: &Ucmd, _c: iommu_ioas_noiommu_get_pa) -> Res {
+    Err(Errno::EOPNOTSUPP)
 }
 
 fn ioas_unmap(u: &Ucmd, mut c: iommu_ioas_unmap) -> Res {
@@ -477,7 +485,8 @@ pub(crate) fn copy_driver_data(mem: &dyn UserMemory, uptr: u64, len: usize, min:
 }
 
 fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
-    if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VIOMMU_TYPE_DEFAULT {
+    // Linux has no check of __reserved here.
+    if c.flags != 0 || c.r#type == IOMMU_VIOMMU_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
     }
     let kind = match c.r#type {
@@ -600,7 +609,20 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
     c.data_len = data.len() as u32;
     c.out_data_type = kind;
     c.out_capabilities = if info.dirty_tracking { IOMMU_HW_CAP_DIRTY_TRACKING } else { 0 };
+    // No emulated device has an ATC (nor the mock, whose driver never
+    // claims ATS), so 7.3 tells the caller not to use ATS.
+    c.out_capabilities |= IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED;
     c.out_max_pasid_log2 = info.max_pasid_log2;
+    // The PCI PASID capability's Execute and Privileged bits, enabled
+    // with PASIDs.
+    if info.max_pasid_log2 != 0 {
+        if info.pasid_exec {
+            c.out_capabilities |= IOMMU_HW_CAP_PCI_PASID_EXEC;
+        }
+        if info.pasid_priv {
+            c.out_capabilities |= IOMMU_HW_CAP_PCI_PASID_PRIV;
+        }
+    }
     u.respond(&c)
 }
 

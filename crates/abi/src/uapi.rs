@@ -1,6 +1,8 @@
-//! The structs and numbers of Linux's `include/uapi/linux/iommufd.h`: the
-//! 6.12 set plus `IOMMU_IOAS_MAP_FILE` from later kernels. Every layout is
-//! asserted against the C header's sizes and offsets.
+//! The structs and numbers of Linux's `include/uapi/linux/iommufd.h`, up
+//! to 7.3's. Every layout is asserted against the C header's sizes and
+//! offsets. Types for hardware ioasid does not model (Tegra241 CMDQV, AMD's
+//! guest DTE) are here so the dispatcher can answer them as Linux does on a
+//! machine without that hardware.
 
 #![allow(non_camel_case_types)]
 
@@ -39,6 +41,7 @@ pub const IOMMUFD_CMD_IOAS_MAP_FILE: u32 = 0x8f;
 pub const IOMMUFD_CMD_VIOMMU_ALLOC: u32 = 0x90;
 pub const IOMMUFD_CMD_VDEVICE_ALLOC: u32 = 0x91;
 pub const IOMMUFD_CMD_VEVENTQ_ALLOC: u32 = 0x93;
+pub const IOMMUFD_CMD_IOAS_NOIOMMU_GET_PA: u32 = 0x95;
 
 pub const IOMMU_DESTROY: u32 = io(IOMMUFD_CMD_DESTROY);
 pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_CMD_IOAS_ALLOC);
@@ -59,6 +62,7 @@ pub const IOMMU_IOAS_MAP_FILE: u32 = io(IOMMUFD_CMD_IOAS_MAP_FILE);
 pub const IOMMU_VIOMMU_ALLOC: u32 = io(IOMMUFD_CMD_VIOMMU_ALLOC);
 pub const IOMMU_VDEVICE_ALLOC: u32 = io(IOMMUFD_CMD_VDEVICE_ALLOC);
 pub const IOMMU_VEVENTQ_ALLOC: u32 = io(IOMMUFD_CMD_VEVENTQ_ALLOC);
+pub const IOMMU_IOAS_NOIOMMU_GET_PA: u32 = io(IOMMUFD_CMD_IOAS_NOIOMMU_GET_PA);
 
 /// `enum iommu_veventq_type`: 0 is never a queue's type.
 pub const IOMMU_VEVENTQ_TYPE_DEFAULT: u32 = 0;
@@ -66,12 +70,20 @@ pub const IOMMU_VEVENTQ_TYPE_DEFAULT: u32 = 0;
 pub const IOMMU_VEVENTQ_TYPE_SELFTEST: u32 = ioasid_engine::veventq::VEVENTQ_TYPE_SELFTEST;
 pub const IOMMU_VEVENTQ_TYPE_ARM_SMMUV3: u32 = ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
 pub const IOMMU_VEVENTQ_FLAG_LOST_EVENTS: u32 = ioasid_engine::veventq::LOST_EVENTS;
+/// NVIDIA Tegra241 CMDQV's events (7.3); no device ioasid offers has one.
+pub const IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV: u32 = 2;
 
 /// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
 pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
 /// The selftest driver's vIOMMU (`iommufd_test.h`).
 pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdeadbeef;
 pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+/// An SMMUv3 extended by Tegra241 CMDQV (7.3).
+pub const IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: u32 = 2;
+
+/// `enum iommu_hw_queue_type` (7.3): 0 is never a queue's type.
+pub const IOMMU_HW_QUEUE_TYPE_DEFAULT: u32 = 0;
+pub const IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV: u32 = 1;
 
 pub const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
 pub const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
@@ -95,6 +107,8 @@ pub const IOMMU_HWPT_ALLOC_PASID: u32 = 1 << 3;
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
 pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;
 pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
+/// AMD's guest DTE for a nested HWPT (7.3).
+pub const IOMMU_HWPT_DATA_AMD_GUEST: u32 = 3;
 
 pub const IOMMU_VTD_S1_SRE: u64 = 1 << 0;
 pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
@@ -108,12 +122,18 @@ pub const IOMMU_HW_INFO_FLAG_INPUT_TYPE: u32 = 1 << 0;
 pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
 pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
 pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
+/// Set only on Tegra264's SMMU (erratum T264-SMMU-3): TLBI and CFGI
+/// commands must be issued twice.
+pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
+pub const IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV: u32 = 3;
 /// Later kernels (AMD's hw_info arrived after 6.12).
 pub const IOMMU_HW_INFO_TYPE_AMD: u32 = 4;
 
 pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
 pub const IOMMU_HW_CAP_PCI_PASID_EXEC: u64 = 1 << 1;
 pub const IOMMU_HW_CAP_PCI_PASID_PRIV: u64 = 1 << 2;
+/// 7.3: the device cannot use ATS (its absence means it may).
+pub const IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED: u64 = 1 << 3;
 
 pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
 pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 = 1;
@@ -201,6 +221,13 @@ uapi_struct!(iommu_veventq_alloc {
     __reserved: u32,
 } size 32);
 uapi_struct!(iommufd_vevent_header { flags: u32, sequence: u32 } size 8);
+uapi_struct!(iommu_ioas_noiommu_get_pa {
+    size: u32, flags: u32, ioas_id: u32, __reserved: u32, iova: u64, length: u64, out_phys: u64,
+} size 40);
+uapi_struct!(iommu_hwpt_amd_guest { dte: [u64; 4] } size 32);
+uapi_struct!(iommu_hw_info_tegra241_cmdqv { flags: u32, version: u8, log2vcmdqs: u8, log2vsids: u8, __reserved: u8 } size 8);
+uapi_struct!(iommu_viommu_tegra241_cmdqv { out_vintf_mmap_offset: u64, out_vintf_mmap_length: u64 } size 16);
+uapi_struct!(iommu_vevent_tegra241_cmdqv { lvcmdq_err_map: [u64; 2] } size 16);
 uapi_struct!(iommu_vdevice_alloc { size: u32, viommu_id: u32, dev_id: u32, out_vdevice_id: u32, virt_id: u64 } size 24);
 
 // Offsets that differ from a naive packing, checked against the C header.
@@ -218,6 +245,8 @@ const _: () = {
     assert!(offset_of!(iommu_hwpt_pgfault, addr) == 24);
     assert!(offset_of!(iommu_viommu_alloc, data_uptr) == 32);
     assert!(offset_of!(iommu_vdevice_alloc, virt_id) == 16);
+    assert!(offset_of!(iommu_ioas_noiommu_get_pa, out_phys) == 32);
+    assert!(offset_of!(iommu_hw_info_tegra241_cmdqv, log2vsids) == 6);
 };
 
 #[cfg(test)]
@@ -234,5 +263,6 @@ mod tests {
         assert_eq!(IOMMU_VIOMMU_ALLOC, 0x3b90);
         assert_eq!(IOMMU_VDEVICE_ALLOC, 0x3b91);
         assert_eq!(IOMMU_VEVENTQ_ALLOC, 0x3b93);
+        assert_eq!(IOMMU_IOAS_NOIOMMU_GET_PA, 0x3b95);
     }
 }

@@ -32,6 +32,10 @@ pub struct DeviceInfo {
     pub reserved: Vec<IovaRange>,
     /// log2 of the PASID space; 0 when the device has no PASID capability.
     pub max_pasid_log2: u8,
+    /// The PCI PASID capability's Execute and Privileged Mode bits, which
+    /// the IOMMU driver enables with PASIDs (meaningless without them).
+    pub pasid_exec: bool,
+    pub pasid_priv: bool,
     /// Whether its IOMMU can track dirty pages.
     pub dirty_tracking: bool,
     /// PCIe Page Request Interface: a DMA that misses asks for the page and
@@ -54,6 +58,8 @@ impl DeviceInfo {
             aperture: iommu.aperture(),
             reserved: Vec::new(),
             max_pasid_log2: 0,
+            pasid_exec: false,
+            pasid_priv: false,
             dirty_tracking: false,
             pri: false,
         }
@@ -92,6 +98,9 @@ impl DeviceInfo {
             aperture: MOCK_APERTURE,
             reserved: Vec::new(),
             max_pasid_log2: if flags.pasid { MOCK_PASID_WIDTH } else { 0 },
+            // The mock device is not a PCI function.
+            pasid_exec: false,
+            pasid_priv: false,
             dirty_tracking: !flags.no_dirty,
             pri: false,
         }

@@ -196,7 +196,8 @@ pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError) -> Option<[u6
 /// accepts it. Stream IDs are the guest's (virtual) ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// TLBI_NH_ALL, and TLBI_S12_VMALL: everything of the guest's VMID.
+    /// TLBI_NH_ALL, TLBI_NSNH_ALL (which Linux turns into TLBI_NH_ALL of
+    /// the vIOMMU's VMID) and TLBI_S12_VMALL: everything of the guest's VMID.
     TlbiAll,
     TlbiAsid {
         asid: u16,
@@ -229,6 +230,7 @@ pub const CMD_TLBI_NH_ASID: u8 = 0x11;
 pub const CMD_TLBI_NH_VA: u8 = 0x12;
 pub const CMD_TLBI_NH_VAA: u8 = 0x13;
 pub const CMD_TLBI_S12_VMALL: u8 = 0x28;
+pub const CMD_TLBI_NSNH_ALL: u8 = 0x30;
 pub const CMD_ATC_INV: u8 = 0x40;
 
 impl Command {
@@ -239,7 +241,7 @@ impl Command {
         let sid = (cmd[0] >> 32) as u32;
         let asid = (cmd[0] >> 48) as u16;
         Ok(match cmd[0] as u8 {
-            CMD_TLBI_NH_ALL | CMD_TLBI_S12_VMALL => Command::TlbiAll,
+            CMD_TLBI_NH_ALL | CMD_TLBI_NSNH_ALL | CMD_TLBI_S12_VMALL => Command::TlbiAll,
             CMD_TLBI_NH_ASID => Command::TlbiAsid { asid },
             CMD_TLBI_NH_VA => Command::TlbiVa { asid: Some(asid), addr: cmd[1] & !0xfff },
             CMD_TLBI_NH_VAA => Command::TlbiVa { asid: None, addr: cmd[1] & !0xfff },
@@ -289,6 +291,7 @@ mod tests {
         );
         assert_eq!(Command::decode([0x05 | 9 << 32 | 3 << 12, 1]), Ok(Command::CfgiCd { sid: 9, ssid: 3 }));
         assert_eq!(Command::decode([0x28 | 5 << 32, 0]), Ok(Command::TlbiAll));
+        assert_eq!(Command::decode([0x30, 0]), Ok(Command::TlbiAll), "NSNH_ALL: the guest's whole VMID");
         assert_eq!(Command::decode([0x03 | 2 << 32, 0]).unwrap().sid(), Some(2));
         assert!(matches!(Command::decode([0x46, 0]), Err(Error::Io(_))), "CMD_SYNC is the host's");
     }
