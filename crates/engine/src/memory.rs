@@ -679,6 +679,47 @@ pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
     at >= end
 }
 
+/// This process's mappings, to tell whether two addresses reach the same
+/// page: Linux's mock compares the pages behind addresses, and memory the
+/// engine maps of a file (`IOMMU_IOAS_MAP_FILE`) is at another address than
+/// the program's own mapping of that file.
+pub struct PageMap {
+    regions: Vec<Region>,
+}
+
+impl PageMap {
+    /// A snapshot of this process's mappings.
+    pub fn of_self() -> Result<PageMap> {
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|_| Error::Fault("mappings cannot be read"))?;
+        let mut regions: Vec<Region> = maps.lines().filter_map(Region::parse).collect();
+        regions.sort_by_key(|r| r.start);
+        Ok(PageMap { regions })
+    }
+
+    fn region(&self, addr: u64) -> Option<&Region> {
+        let i = self.regions.partition_point(|r| r.start <= addr).checked_sub(1)?;
+        Some(&self.regions[i]).filter(|r| addr < r.end)
+    }
+
+    /// Whether `a` and `b` are the same byte of the same page: the same
+    /// address, or the same offset of one object (a file, shared memory)
+    /// that shared mappings at both addresses map.
+    pub fn same_byte(&self, a: u64, b: u64) -> bool {
+        if a == b {
+            return true;
+        }
+        let (Some(ra), Some(rb)) = (self.region(a), self.region(b)) else { return false };
+        // A private mapping's pages are its own once written; an inode of 0
+        // is anonymous memory, which only its address names.
+        ra.shared
+            && rb.shared
+            && ra.inode != 0
+            && ra.inode == rb.inode
+            && ra.dev == rb.dev
+            && ra.offset.checked_add(a - ra.start) == rb.offset.checked_add(b - rb.start)
+    }
+}
+
 /// One line of `/proc/<pid>/maps`.
 #[derive(Debug, PartialEq, Eq)]
 struct Region {
@@ -917,6 +958,21 @@ mod tests {
         check_mapped(src.as_ptr() as u64, src.len() as u64).unwrap();
         write(Trust::Checked, dst.as_mut_ptr() as u64, &[1, 2, 3]).unwrap();
         assert_eq!(&dst[..3], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn two_shared_mappings_of_a_file_are_the_same_pages() {
+        let file = rustix::fs::memfd_create("same-pages", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&file, 2 * PAGE_SIZE).unwrap();
+        let a = FileMapping::new(std::os::fd::AsFd::as_fd(&file), 0, 2 * PAGE_SIZE, true).unwrap();
+        let b = FileMapping::new(std::os::fd::AsFd::as_fd(&file), PAGE_SIZE, PAGE_SIZE, true).unwrap();
+        let other = HostBuffer::new(PAGE_SIZE as usize).unwrap();
+        let map = PageMap::of_self().unwrap();
+        assert!(map.same_byte(a.addr() + PAGE_SIZE + 8, b.addr() + 8));
+        assert!(!map.same_byte(a.addr() + 8, b.addr() + 8), "another page of the file");
+        assert!(!map.same_byte(a.addr(), other.addr()));
+        assert!(!map.same_byte(other.addr(), other.addr() + 8));
+        assert!(map.same_byte(other.addr() + 8, other.addr() + 8));
     }
 
     /// Two pages whose second is inaccessible, so copies that run into it
