@@ -111,7 +111,12 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
     op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
     op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
-    None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
+    op!(
+        crate::change_process::IOMMU_IOAS_CHANGE_PROCESS,
+        crate::change_process::iommu_ioas_change_process,
+        __reserved,
+        crate::change_process::change_process
+    ),
     op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, __reserved, veventq_alloc),
     None,
     None,

@@ -72,7 +72,8 @@ pub struct Pages {
     writable: bool,
     trust: Trust,
     backing: Backing,
-    accounting: Accounting,
+    /// Taken after `pins` when both are held.
+    accounting: Mutex<Accounting>,
     /// Page ranges currently pinned, one entry per pinning user; the union is
     /// what is charged.
     pins: Mutex<Vec<IovaRange>>,
@@ -153,7 +154,16 @@ impl Pages {
         let lead = uptr - base;
         let npages = (length + lead).div_ceil(PAGE_SIZE);
         Ok((
-            Pages { base, npages, writable, trust, backing, accounting, pins: Mutex::new(Vec::new()), live: None },
+            Pages {
+                base,
+                npages,
+                writable,
+                trust,
+                backing,
+                accounting: Mutex::new(accounting),
+                pins: Mutex::new(Vec::new()),
+                live: None,
+            },
             lead,
         ))
     }
@@ -257,7 +267,7 @@ impl Pages {
             // the checked copy turns into EFAULT.
             trust: Trust::Checked,
             backing: Backing::File(map),
-            accounting,
+            accounting: Mutex::new(accounting),
             pins: Mutex::new(Vec::new()),
             live: None,
         };
@@ -308,7 +318,7 @@ impl Pages {
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }
-            self.accounting.charge(after - before)?;
+            self.accounting().charge(after - before)?;
         }
         pins.push(range);
         Ok(())
@@ -324,12 +334,43 @@ impl Pages {
         };
         let before = pinned_pages(pins.iter().copied());
         pins.swap_remove(i);
-        self.accounting.uncharge(before - pinned_pages(pins.iter().copied()));
+        self.accounting().uncharge(before - pinned_pages(pins.iter().copied()));
     }
 
     /// Number of distinct pages pinned now.
     pub fn pinned(&self) -> u64 {
         pinned_pages(self.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().copied())
+    }
+
+    fn accounting(&self) -> std::sync::MutexGuard<'_, Accounting> {
+        self.accounting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the charge for these pages to process `pid` (`None`: this
+    /// one), as `IOMMU_IOAS_CHANGE_PROCESS` does: charged there first
+    /// (`ENOMEM` past its limit, nothing moved), then uncharged here.
+    /// Returns the accounting left, for `restore_accounting`; `None` when
+    /// nothing had to move.
+    pub(crate) fn change_process(&self, pid: Option<i32>) -> Result<Option<Accounting>> {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acct = self.accounting();
+        let Some(new) = acct.moved_to(pid) else { return Ok(None) };
+        let n = pinned_pages(pins.iter().copied());
+        if n > 0 {
+            new.charge(n)?;
+            acct.uncharge(n);
+        }
+        Ok(Some(std::mem::replace(&mut *acct, new)))
+    }
+
+    /// Undoes a `change_process` that returned `old`.
+    pub(crate) fn restore_accounting(&self, old: Accounting) {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acct = self.accounting();
+        let n = pinned_pages(pins.iter().copied());
+        acct.uncharge(n);
+        old.recharge(n);
+        *acct = old;
     }
 
     fn page_range(&self, offset: u64, len: u64) -> IovaRange {
@@ -352,7 +393,7 @@ impl Drop for Pages {
         let pins = self.pins.get_mut().unwrap_or_else(|e| e.into_inner());
         debug_assert!(pins.is_empty(), "pages dropped while pinned");
         let n = pinned_pages(pins.drain(..));
-        self.accounting.uncharge(n);
+        self.accounting.get_mut().unwrap_or_else(|e| e.into_inner()).uncharge(n);
     }
 }
 
