@@ -143,6 +143,11 @@ pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -
     if (request >> 8) & 0xff == crate::ext::IOASID_TYPE {
         return crate::ext::ioctl(ctx, mem, request, arg);
     }
+    if request == selftest::IOMMU_TEST_CMD
+        && let Some(r) = crate::dmabuf::test_cmd(ctx, mem, arg)
+    {
+        return r;
+    }
     let nr = request & 0xff;
     let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
         // Outside iommufd's numbers: VFIO's container ioctls, as Linux routes them.
@@ -272,6 +277,10 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
     u.ctx.ioas(c.ioas_id)?;
     u.local_only()?;
+    if let Some(iova) = crate::dmabuf::map_file(u, c.ioas_id, c.fd, c.start, c.length, fixed(c.flags, c.iova), perm) {
+        c.iova = iova?;
+        return u.respond(&c);
+    }
     let fd = dup_fd(c.fd)?;
     c.iova = u.ctx.map_file(c.ioas_id, fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)

@@ -4,6 +4,7 @@
 
 pub mod change_process;
 pub mod dispatch;
+pub mod dmabuf;
 pub mod errno;
 pub mod ext;
 pub mod fault;

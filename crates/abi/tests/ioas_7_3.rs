@@ -273,3 +273,59 @@ fn check_map_matches_a_files_pages_through_the_programs_own_mapping() {
     }
     ioasid_abi::files::remove(access_fd as i32);
 }
+
+// ---- the mock's dma-buf ---------------------------------------------------------
+
+fn get_dmabuf(ctx: &Arc<Context>, length: u32) -> Result<i32, Errno> {
+    let mut c = iommu_test_cmd { size: 72, op: ioasid_abi::dmabuf::IOMMU_TEST_OP_DMABUF_GET, ..Default::default() };
+    c.union[0] = u64::from(length) | (libc::O_CLOEXEC as u64) << 32;
+    ioctl(ctx, &InProcess, IOMMU_TEST_CMD, &mut c as *mut _ as u64)
+}
+
+fn revoke_dmabuf(ctx: &Arc<Context>, fd: i32, revoked: bool) -> Result<(), Errno> {
+    let mut c = iommu_test_cmd { size: 72, op: ioasid_abi::dmabuf::IOMMU_TEST_OP_DMABUF_REVOKE, ..Default::default() };
+    c.union[0] = fd as u32 as u64 | u64::from(revoked) << 32;
+    call(ctx, IOMMU_TEST_CMD, &mut c)
+}
+
+#[test]
+fn dmabuf_maps_by_its_size_and_revoked_stays_out_of_reach() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let id = ioas(&ctx);
+    let c = test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN, id, &[]).unwrap();
+    let [_, _, idev] = <[u32; 3]>::read_from_prefix(c.union.as_bytes()).unwrap().0;
+    assert_eq!(get_dmabuf(&ctx, 0), Err(Errno::EINVAL));
+    assert_eq!(get_dmabuf(&ctx, 513 * PAGE as u32), Err(Errno::EINVAL));
+    let fd = get_dmabuf(&ctx, 3 * PAGE as u32 + 1).unwrap();
+    assert!(fd >= 0);
+    let size = 4 * PAGE;
+    assert_eq!(map_file(&ctx, id, fd, 0, 0), Err(Errno::EINVAL));
+    assert_eq!(map_file(&ctx, id, fd, size, size), Err(Errno::EINVAL));
+    assert_eq!(map_file(&ctx, id, fd, 0, size + 1), Err(Errno::EINVAL));
+    let iova = map_file(&ctx, id, fd, 0, size).unwrap();
+    assert_eq!(ctx.locked_pages(), 0, "a dma-buf is not charged");
+    let dev = ctx.device(idev).unwrap();
+    dev.dma_write(iova + PAGE, b"dma").unwrap();
+
+    revoke_dmabuf(&ctx, fd, true).unwrap();
+    let mut got = [0u8; 3];
+    assert!(dev.dma_read(iova + PAGE, &mut got).is_err(), "DMA to a revoked dma-buf fails");
+    assert_eq!(map_file(&ctx, id, fd, 0, size), Err(Errno::ENODEV));
+    // Another domain still attaches over the revoked mapping.
+    test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN, id, &[]).unwrap();
+
+    revoke_dmabuf(&ctx, fd, false).unwrap();
+    let iova2 = map_file(&ctx, id, fd, 0, size).unwrap();
+    dev.dma_read(iova2 + PAGE, &mut got).unwrap();
+    assert_eq!(&got, b"dma", "the same memory, mapped anew");
+    assert!(dev.dma_read(iova + PAGE, &mut got).is_err(), "what was revoked stays revoked");
+    unmap(&ctx, id, iova, size);
+
+    // Files that are no dma-buf are refused; other files map as files.
+    let f = memfd(PAGE);
+    assert_eq!(revoke_dmabuf(&ctx, f.as_raw_fd(), true), Err(Errno::EINVAL));
+    assert_eq!(revoke_dmabuf(&ctx, -1, true), Err(Errno::EBADF));
+    map_file(&ctx, id, f.as_raw_fd(), 0, PAGE).unwrap();
+    // SAFETY: the dma-buf's fd, which this test owns.
+    unsafe { libc::close(fd) };
+}

@@ -461,6 +461,24 @@ impl Context {
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: start }], iova, perm)
     }
 
+    /// Maps `[start, start + len)` of a dma-buf whose memory is the file
+    /// `fd`; returns the IOVA and the pages, for the exporter to revoke.
+    pub fn map_dmabuf(
+        &self,
+        ioas: u32,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<(u64, Arc<Pages>)> {
+        let ioas = self.ioas(ioas)?;
+        let (pages, lead) = Pages::dmabuf(fd, start, len, perm.write)?;
+        let iova =
+            ioas.map(&[Source { pages: pages.clone(), start_byte: lead, len, align_hint: start }], iova, perm)?;
+        Ok((iova, pages))
+    }
+
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
     /// `[src_iova, src_iova + len)` of `src`, sharing its pins.
     pub fn copy(&self, dst: u32, src: u32, src_iova: u64, len: u64, dst_iova: Option<u64>, perm: Perm) -> Result<u64> {

@@ -845,6 +845,14 @@ impl FileMapping {
     pub fn addr(&self) -> u64 {
         self.base.as_ptr() as u64 + self.lead
     }
+
+    /// Makes the mapping inaccessible for good: every later checked copy
+    /// through it faults (`EFAULT`), as DMA to a revoked dma-buf fails.
+    pub fn revoke(&self) {
+        // SAFETY: exactly the mapping created in `new`; its users copy
+        // through it with checked copies, which turn the fault into EFAULT.
+        unsafe { libc::mprotect(self.base.as_ptr().cast(), self.len, libc::PROT_NONE) };
+    }
 }
 
 impl Drop for FileMapping {

@@ -43,6 +43,8 @@ use crate::memory::{self, FileMapping, HostBuffer, Trust};
 enum Backing {
     User,
     File(#[allow(dead_code)] FileMapping),
+    /// A dma-buf's memory (the mock's), which its exporter may revoke.
+    Dmabuf(FileMapping),
     /// Memory of another process (a forked child mapping through the fd it
     /// shares), reached as the module docs say.
     Remote {
@@ -272,6 +274,26 @@ impl Pages {
             live: None,
         };
         Ok((Arc::new(pages), lead))
+    }
+
+    /// Pages of `[start, start + length)` of a dma-buf whose memory is the
+    /// file `fd`: not charged (Linux charges no dma-buf), and revocable.
+    pub fn dmabuf(fd: BorrowedFd<'_>, start: u64, length: u64, writable: bool) -> Result<(Arc<Pages>, u64)> {
+        let (pages, lead) = Self::file(fd, start, length, writable, Accounting::none())?;
+        let mut pages = Arc::into_inner(pages).expect("not shared yet");
+        let Backing::File(map) = std::mem::replace(&mut pages.backing, Backing::User) else {
+            unreachable!("file pages have a file mapping")
+        };
+        pages.backing = Backing::Dmabuf(map);
+        Ok((Arc::new(pages), lead))
+    }
+
+    /// Revokes a dma-buf's pages: from now on DMA and accesses through
+    /// them fail (`EFAULT`, a DMA fault), whatever maps them.
+    pub fn revoke(&self) {
+        if let Backing::Dmabuf(map) = &self.backing {
+            map.revoke();
+        }
     }
 
     pub fn writable(&self) -> bool {
