@@ -410,10 +410,13 @@ fn check_refs(a: CheckRefs) -> Res {
     if a.length % PAGE_SIZE != 0 || a.uptr % PAGE_SIZE != 0 || a.uptr.checked_add(a.length).is_none() {
         return Err(Errno::EINVAL);
     }
+    // Pins of a file's pages count too when `uptr` is the program's own
+    // mapping of a file mapped with MAP_FILE, as Linux counts a page's pins.
+    let map = memory::PageMap::of_self()?;
     let mut off = 0;
     while off < a.length {
         memory::check_mapped(a.uptr + off, 1)?;
-        if pages::pin_count(a.uptr + off) != a.refs {
+        if pages::pin_count(a.uptr + off) + pages::file_pin_count(&map, a.uptr + off) != a.refs {
             return Err(Errno::EIO);
         }
         off += PAGE_SIZE;

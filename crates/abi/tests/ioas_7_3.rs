@@ -250,6 +250,12 @@ fn check_map_matches_a_files_pages_through_the_programs_own_mapping() {
     let mine = mmap_shared(&f, 4 * PAGE);
     let iova = map_file(&ctx, id, f.as_raw_fd(), PAGE, 2 * PAGE).unwrap();
     check_map(&ctx, hwpt, iova, 2 * PAGE, mine + PAGE).unwrap();
+    // The domain pins those pages once: the program's mapping sees it.
+    let refs = |uptr: u64, len: u64, refs: u64| test_cmd(&ctx, IOMMU_TEST_OP_MD_CHECK_REFS, 0, &[len, uptr, refs]);
+    refs(mine + PAGE, 2 * PAGE, 1).unwrap();
+    refs(mine, PAGE, 0).unwrap();
+    refs(mine + 3 * PAGE, PAGE, 0).unwrap();
+    assert_eq!(refs(mine, 2 * PAGE, 1).map(drop), Err(Errno::EIO));
     assert_eq!(check_map(&ctx, hwpt, iova, 2 * PAGE, mine), Err(Errno::EINVAL), "other pages of the file");
     let other = memfd(4 * PAGE);
     let theirs = mmap_shared(&other, 4 * PAGE);

@@ -701,22 +701,20 @@ impl PageMap {
         Some(&self.regions[i]).filter(|r| addr < r.end)
     }
 
+    /// The object (a file, shared memory) that a shared mapping maps at
+    /// `addr`, and the offset in it: `(device, inode, offset)`. `None` for
+    /// private memory: a private mapping's pages are its own once written,
+    /// and anonymous memory (inode 0) is named by its address alone.
+    pub fn object_at(&self, addr: u64) -> Option<(&str, u64, u64)> {
+        let r = self.region(addr).filter(|r| r.shared && r.inode != 0)?;
+        Some((&r.dev, r.inode, r.offset.checked_add(addr - r.start)?))
+    }
+
     /// Whether `a` and `b` are the same byte of the same page: the same
-    /// address, or the same offset of one object (a file, shared memory)
-    /// that shared mappings at both addresses map.
+    /// address, or the same offset of one object that shared mappings at
+    /// both addresses map.
     pub fn same_byte(&self, a: u64, b: u64) -> bool {
-        if a == b {
-            return true;
-        }
-        let (Some(ra), Some(rb)) = (self.region(a), self.region(b)) else { return false };
-        // A private mapping's pages are its own once written; an inode of 0
-        // is anonymous memory, which only its address names.
-        ra.shared
-            && rb.shared
-            && ra.inode != 0
-            && ra.inode == rb.inode
-            && ra.dev == rb.dev
-            && ra.offset.checked_add(a - ra.start) == rb.offset.checked_add(b - rb.start)
+        a == b || self.object_at(a).is_some_and(|oa| self.object_at(b) == Some(oa))
     }
 }
 

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use crate::account::Accounting;
 use crate::error::{Error, Result};
 use crate::iova::{self, IovaRange, PAGE_SIZE};
-use crate::memory::{self, FileMapping, HostBuffer, Trust};
+use crate::memory::{self, FileMapping, HostBuffer, PageMap, Trust};
 
 #[derive(Debug)]
 enum Backing {
@@ -119,6 +119,27 @@ pub fn pin_count(addr: u64) -> u32 {
         .filter(|p| {
             let index = (page - p.base) / PAGE_SIZE;
             p.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.start <= index && index <= r.last)
+        })
+        .count() as u32
+}
+
+/// How many `Pages` of a file hold pinned the page that `addr` maps, when
+/// `addr` is in a shared mapping of that file (a program's own mapping of a
+/// memfd it mapped with `IOMMU_IOAS_MAP_FILE`); `map` is a snapshot of the
+/// process's mappings taken since those pages were made.
+pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
+    let Some((dev, ino, off)) = map.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
+    let live: Vec<Arc<Pages>> =
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(Weak::upgrade).collect();
+    live.iter()
+        .filter(|p| matches!(p.backing, Backing::File(_)))
+        .filter(|p| {
+            let Some((d, i, first)) = map.object_at(p.base) else { return false };
+            let Some(index) = off.checked_sub(first).map(|o| o / PAGE_SIZE) else { return false };
+            d == dev && i == ino && index < p.npages && {
+                let pins = p.pins.lock().unwrap_or_else(|e| e.into_inner());
+                pins.iter().any(|r| r.start <= index && index <= r.last)
+            }
         })
         .count() as u32
 }
@@ -254,6 +275,17 @@ impl Pages {
         writable: bool,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
+        let (pages, lead) = Self::of_file(fd, start, length, writable, accounting)?;
+        Ok((register(pages), lead))
+    }
+
+    fn of_file(
+        fd: BorrowedFd<'_>,
+        start: u64,
+        length: u64,
+        writable: bool,
+        accounting: Accounting,
+    ) -> Result<(Pages, u64)> {
         if length == 0 || length > u64::MAX - PAGE_SIZE {
             return Err(Error::Invalid("length is zero or too large"));
         }
@@ -273,14 +305,13 @@ impl Pages {
             pins: Mutex::new(Vec::new()),
             live: None,
         };
-        Ok((Arc::new(pages), lead))
+        Ok((pages, lead))
     }
 
     /// Pages of `[start, start + length)` of a dma-buf whose memory is the
     /// file `fd`: not charged (Linux charges no dma-buf), and revocable.
     pub fn dmabuf(fd: BorrowedFd<'_>, start: u64, length: u64, writable: bool) -> Result<(Arc<Pages>, u64)> {
-        let (pages, lead) = Self::file(fd, start, length, writable, Accounting::none())?;
-        let mut pages = Arc::into_inner(pages).expect("not shared yet");
+        let (mut pages, lead) = Self::of_file(fd, start, length, writable, Accounting::none())?;
         let Backing::File(map) = std::mem::replace(&mut pages.backing, Backing::User) else {
             unreachable!("file pages have a file mapping")
         };
