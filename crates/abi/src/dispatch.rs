@@ -111,7 +111,12 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
     op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
     op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
-    None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
+    op!(
+        crate::change_process::IOMMU_IOAS_CHANGE_PROCESS,
+        crate::change_process::iommu_ioas_change_process,
+        __reserved,
+        crate::change_process::change_process
+    ),
     op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, out_veventq_fd, veventq_alloc),
     None,
     op!(IOMMU_IOAS_NOIOMMU_GET_PA, iommu_ioas_noiommu_get_pa, out_phys, ioas_noiommu_get_pa),
@@ -137,6 +142,11 @@ const MAX_SIZE: usize = 72;
 pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
     if (request >> 8) & 0xff == crate::ext::IOASID_TYPE {
         return crate::ext::ioctl(ctx, mem, request, arg);
+    }
+    if request == selftest::IOMMU_TEST_CMD
+        && let Some(r) = crate::dmabuf::test_cmd(ctx, mem, arg)
+    {
+        return r;
     }
     let nr = request & 0xff;
     let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
@@ -267,6 +277,10 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
     u.ctx.ioas(c.ioas_id)?;
     u.local_only()?;
+    if let Some(iova) = crate::dmabuf::map_file(u, c.ioas_id, c.fd, c.start, c.length, fixed(c.flags, c.iova), perm) {
+        c.iova = iova?;
+        return u.respond(&c);
+    }
     let fd = dup_fd(c.fd)?;
     c.iova = u.ctx.map_file(c.ioas_id, fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)

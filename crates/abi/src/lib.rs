@@ -2,7 +2,9 @@
 //! asserted, the ioctl dispatcher, and the mapping of engine errors to
 //! errnos. Front ends (preload shim, daemon) hand ioctls to [`ioctl`].
 
+pub mod change_process;
 pub mod dispatch;
+pub mod dmabuf;
 pub mod errno;
 pub mod ext;
 pub mod fault;

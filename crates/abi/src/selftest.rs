@@ -373,10 +373,12 @@ fn check_map(u: &Ucmd, hwpt_id: u32, a: CheckMap) -> Res {
         return Err(Errno::EINVAL);
     }
     let hwpt = mock_hwpt(u, hwpt_id)?;
+    let mut pages = SamePage::default();
     let mut off = 0;
     while off < a.length {
         memory::check_mapped(a.uptr + off, 1)?;
-        if hwpt.domain().lookup(a.iova + off) != Some(a.uptr + off) {
+        let host = hwpt.domain().lookup(a.iova + off).ok_or(Errno::EINVAL)?;
+        if !pages.same_byte(host, a.uptr + off)? {
             return Err(Errno::EINVAL);
         }
         off += MOCK_IO_PAGE_SIZE;
@@ -384,15 +386,37 @@ fn check_map(u: &Ucmd, hwpt_id: u32, a: CheckMap) -> Res {
     Ok(())
 }
 
+/// Whether two addresses reach the same byte of the same page, as Linux's
+/// mock compares physical pages: the caller may pass its own mapping of a
+/// file the engine maps elsewhere. The process's mappings are read only
+/// once addresses differ, and once per command.
+#[derive(Default)]
+struct SamePage(Option<memory::PageMap>);
+
+impl SamePage {
+    fn same_byte(&mut self, a: u64, b: u64) -> Result<bool, Errno> {
+        if a == b {
+            return Ok(true);
+        }
+        if self.0.is_none() {
+            self.0 = Some(memory::PageMap::of_self()?);
+        }
+        Ok(self.0.as_ref().is_some_and(|m| m.same_byte(a, b)))
+    }
+}
+
 /// Every CPU page of `[uptr, uptr + length)` is pinned exactly `refs` times.
 fn check_refs(a: CheckRefs) -> Res {
     if a.length % PAGE_SIZE != 0 || a.uptr % PAGE_SIZE != 0 || a.uptr.checked_add(a.length).is_none() {
         return Err(Errno::EINVAL);
     }
+    // Pins of a file's pages count too when `uptr` is the program's own
+    // mapping of a file mapped with MAP_FILE, as Linux counts a page's pins.
+    let map = memory::PageMap::of_self()?;
     let mut off = 0;
     while off < a.length {
         memory::check_mapped(a.uptr + off, 1)?;
-        if pages::pin_count(a.uptr + off) != a.refs {
+        if pages::pin_count(a.uptr + off) + pages::file_pin_count(&map, a.uptr + off) != a.refs {
             return Err(Errno::EIO);
         }
         off += PAGE_SIZE;
@@ -504,10 +528,11 @@ fn access_pages(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     if a.uptr != 0 {
         // The pinned pages must be the caller's pages at `uptr`.
         let first = (a.uptr - (a.iova % PAGE_SIZE)) & !(PAGE_SIZE - 1);
+        let mut same = SamePage::default();
         let check = pages.iter().enumerate().try_for_each(|(k, &host)| {
             let expect = first + k as u64 * PAGE_SIZE;
             memory::check_mapped(expect, 1)?;
-            if host != expect { Err(Errno::EBADE) } else { Ok(()) }
+            if same.same_byte(host, expect)? { Ok(()) } else { Err(Errno::EBADE) }
         });
         if let Err(e) = check {
             f.access.unpin_pages(a.iova, a.length);

@@ -26,48 +26,111 @@ pub enum AccountMode {
 pub struct Accounting {
     counter: Option<Arc<AtomicU64>>,
     limit: Limit,
+    /// The process the pages are charged to (`None`: this one), with the
+    /// mode that chose the counter; `None` for private or no accounting,
+    /// which no process owns.
+    owner: Option<(AccountMode, Option<i32>)>,
+    /// That process's pinned pages (`mm->pinned_vm`), which Linux counts in
+    /// both modes.
+    pinned: Option<Arc<AtomicU64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
-    /// `RLIMIT_MEMLOCK` of this process, read at each pin.
+    /// `RLIMIT_MEMLOCK` of the charged process, read at each pin.
     Rlimit,
     /// A fixed number of pages (tests, and the selftests' temporary limit).
     Pages(u64),
 }
 
-static USER_COUNTERS: LazyLock<Mutex<HashMap<u32, Arc<AtomicU64>>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
-static PROCESS_COUNTER: LazyLock<Arc<AtomicU64>> = LazyLock::new(|| Arc::new(AtomicU64::new(0)));
+type Counters<K> = LazyLock<Mutex<HashMap<K, Arc<AtomicU64>>>>;
+
+static USER_COUNTERS: Counters<u32> = LazyLock::new(|| Mutex::new(HashMap::new()));
+/// Per process: `mm->locked_vm` (process mode) and `mm->pinned_vm`. Other
+/// processes are forked children whose ioctls this process carries out.
+static PROCESS_LOCKED: Counters<i32> = LazyLock::new(|| Mutex::new(HashMap::new()));
+static PROCESS_PINNED: Counters<i32> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn counter<K: std::hash::Hash + Eq>(map: &Counters<K>, key: K) -> Arc<AtomicU64> {
+    map.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone()
+}
+
+fn pid_key(pid: Option<i32>) -> i32 {
+    pid.unwrap_or_else(|| rustix::process::getpid().as_raw_nonzero().get())
+}
+
+/// The real user ID of process `pid` (`None`: this one).
+fn uid_of(pid: Option<i32>) -> u32 {
+    let own = || rustix::process::getuid().as_raw();
+    let Some(pid) = pid else { return own() };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")?.split_whitespace().next()?.parse().ok()))
+        .unwrap_or_else(own)
+}
 
 impl Accounting {
     /// The accounting a caller with these privileges gets in `mode`.
     pub fn new(mode: AccountMode, exempt: bool, limit: Limit) -> Self {
-        let counter = (!exempt).then(|| match mode {
-            AccountMode::User => {
-                let uid = rustix::process::getuid().as_raw();
-                let mut map = USER_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-                map.entry(uid).or_default().clone()
-            }
-            AccountMode::Process => PROCESS_COUNTER.clone(),
-        });
-        Accounting { counter, limit }
+        Self::of_process(mode, exempt, limit, None)
+    }
+
+    /// The same, for process `pid` (`None`: this one).
+    pub fn of_process(mode: AccountMode, exempt: bool, limit: Limit, pid: Option<i32>) -> Self {
+        if exempt {
+            return Accounting { counter: None, limit, owner: None, pinned: None };
+        }
+        let locked = match mode {
+            AccountMode::User => counter(&USER_COUNTERS, uid_of(pid)),
+            AccountMode::Process => counter(&PROCESS_LOCKED, pid_key(pid)),
+        };
+        Accounting {
+            counter: Some(locked),
+            limit,
+            owner: Some((mode, pid)),
+            pinned: Some(counter(&PROCESS_PINNED, pid_key(pid))),
+        }
     }
 
     /// A private counter, for tests that must not share the process's.
     pub fn isolated(limit: Limit) -> Self {
-        Accounting { counter: Some(Arc::new(AtomicU64::new(0))), limit }
+        Accounting { counter: Some(Arc::new(AtomicU64::new(0))), limit, owner: None, pinned: None }
     }
 
     pub fn none() -> Self {
-        Accounting { counter: None, limit: Limit::Rlimit }
+        Accounting { counter: None, limit: Limit::Rlimit, owner: None, pinned: None }
+    }
+
+    /// This accounting moved to process `pid` (`None`: this one), as
+    /// `IOMMU_IOAS_CHANGE_PROCESS` moves it; `None` when the charges stay
+    /// where they are (no accounting, a private counter, or the same process).
+    pub fn moved_to(&self, pid: Option<i32>) -> Option<Accounting> {
+        let (mode, from) = self.owner?;
+        if pid_key(from) == pid_key(pid) {
+            return None;
+        }
+        Some(Self::of_process(mode, false, self.limit, pid))
     }
 
     fn limit_pages(&self) -> u64 {
         match self.limit {
             Limit::Pages(p) => p,
             Limit::Rlimit => {
-                let lim = rustix::process::getrlimit(rustix::process::Resource::Memlock);
-                lim.current.map_or(u64::MAX, |b| b / PAGE_SIZE)
+                let Some(pid) = self.owner.and_then(|(_, pid)| pid) else {
+                    let lim = rustix::process::getrlimit(rustix::process::Resource::Memlock);
+                    return lim.current.map_or(u64::MAX, |b| b / PAGE_SIZE);
+                };
+                let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                // SAFETY: reads another process's limit into `lim`; a null
+                // new limit changes nothing.
+                let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_MEMLOCK, std::ptr::null(), &mut lim) };
+                match rc {
+                    // A process gone or out of reach: its limit is unknown,
+                    // and nothing more may be charged to it.
+                    0 if lim.rlim_cur == libc::RLIM_INFINITY => u64::MAX,
+                    0 => lim.rlim_cur / PAGE_SIZE,
+                    _ => 0,
+                }
             }
         }
     }
@@ -79,12 +142,23 @@ impl Accounting {
         };
         let limit = self.limit_pages();
         c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| cur.checked_add(npages).filter(|&n| n <= limit))
-            .map(drop)
-            .map_err(|_| Error::NoMemory("RLIMIT_MEMLOCK would be exceeded"))
+            .map_err(|_| Error::NoMemory("RLIMIT_MEMLOCK would be exceeded"))?;
+        if let Some(p) = &self.pinned {
+            p.fetch_add(npages, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// Charges `npages` whatever the limit: giving back what was just
+    /// taken from here.
+    pub(crate) fn recharge(&self, npages: u64) {
+        for c in self.counter.iter().chain(&self.pinned) {
+            c.fetch_add(npages, Ordering::AcqRel);
+        }
     }
 
     pub fn uncharge(&self, npages: u64) {
-        if let Some(c) = &self.counter {
+        for c in self.counter.iter().chain(&self.pinned) {
             let prev = c.fetch_sub(npages, Ordering::AcqRel);
             debug_assert!(prev >= npages, "uncharged more pages than were charged");
         }
@@ -94,6 +168,16 @@ impl Accounting {
     pub fn charged(&self) -> u64 {
         self.counter.as_ref().map_or(0, |c| c.load(Ordering::Acquire))
     }
+}
+
+/// Pages charged to process `pid`'s own counter (`mm->locked_vm`, process
+/// mode only) and pinned for it in either mode (`mm->pinned_vm`): what its
+/// `VmLck` and `VmPin` would include under Linux. `None`: this process.
+pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
+    let get = |map: &Counters<i32>| {
+        map.lock().unwrap_or_else(|e| e.into_inner()).get(&pid_key(pid)).map_or(0, |c| c.load(Ordering::Acquire))
+    };
+    (get(&PROCESS_LOCKED), get(&PROCESS_PINNED))
 }
 
 pub const CAP_IPC_LOCK: u32 = 14;

@@ -348,6 +348,43 @@ impl Context {
         Ok(())
     }
 
+    /// `IOMMU_IOAS_CHANGE_PROCESS`: the charges for every mapping of every
+    /// IOAS move to process `pid` (`None`: this one) - its user's or its
+    /// own counter, as the mode that charged them says. Only file mappings
+    /// can move (`EINVAL` otherwise), and on failure nothing has moved.
+    pub fn change_process(&self, pid: Option<i32>) -> Result<()> {
+        let _g = self.graph();
+        let ioases: Vec<Arc<Ioas>> = self
+            .table()
+            .values()
+            .filter_map(|o| match o {
+                Object::Ioas(i) => Some(i.clone()),
+                _ => None,
+            })
+            .collect();
+        // Every IOAS stays locked, as Linux takes every IOAS's iova_rwsem:
+        // no mapping comes or goes, and no pin changes, until all moved.
+        let locked: Vec<_> = ioases.iter().map(|i| i.lock_areas()).collect();
+        let pages: Vec<&Arc<Pages>> = locked.iter().flat_map(|l| l.pages()).collect();
+        if pages.iter().any(|p| !p.is_file()) {
+            return Err(Error::Invalid("only file mappings can change process"));
+        }
+        let mut moved = Vec::new();
+        for p in pages {
+            match p.change_process(pid) {
+                Ok(Some(old)) => moved.push((p, old)),
+                Ok(None) => {}
+                Err(e) => {
+                    for (p, old) in moved.into_iter().rev() {
+                        p.restore_accounting(old);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `IOMMU_VFIO_IOAS_GET`: the compatibility IOAS, `ENODEV` when unset.
     pub fn vfio_ioas(&self) -> Result<u32> {
         let _g = self.graph();
@@ -422,6 +459,24 @@ impl Context {
         let ioas = self.ioas(ioas)?;
         let (pages, lead) = Pages::file(fd, start, len, perm.write, self.accounting())?;
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: start }], iova, perm)
+    }
+
+    /// Maps `[start, start + len)` of a dma-buf whose memory is the file
+    /// `fd`; returns the IOVA and the pages, for the exporter to revoke.
+    pub fn map_dmabuf(
+        &self,
+        ioas: u32,
+        fd: BorrowedFd<'_>,
+        start: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<(u64, Arc<Pages>)> {
+        let ioas = self.ioas(ioas)?;
+        let (pages, lead) = Pages::dmabuf(fd, start, len, perm.write)?;
+        let iova =
+            ioas.map(&[Source { pages: pages.clone(), start_byte: lead, len, align_hint: start }], iova, perm)?;
+        Ok((iova, pages))
     }
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at

@@ -93,6 +93,12 @@ impl Ioas {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Holds off every change to the areas (and to the domains that pin
+    /// them) while the guard lives.
+    pub(crate) fn lock_areas(&self) -> AreasLocked<'_> {
+        AreasLocked(self.lock())
+    }
+
     /// Maps `srcs` at consecutive IOVAs from `iova`, or from an IOVA chosen
     /// here when `iova` is `None`. Returns the IOVA used.
     pub fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
@@ -591,6 +597,16 @@ fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> 
         }
     }
     r
+}
+
+/// An IOAS whose areas cannot change: see `Ioas::lock_areas`.
+pub(crate) struct AreasLocked<'a>(MutexGuard<'a, Inner>);
+
+impl AreasLocked<'_> {
+    /// The memory behind each area (the same pages once per area using them).
+    pub(crate) fn pages(&self) -> impl Iterator<Item = &Arc<Pages>> {
+        self.0.areas.values().map(|a| &a.src.pages)
+    }
 }
 
 /// One area's share of an access pin.

@@ -679,6 +679,45 @@ pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
     at >= end
 }
 
+/// This process's mappings, to tell whether two addresses reach the same
+/// page: Linux's mock compares the pages behind addresses, and memory the
+/// engine maps of a file (`IOMMU_IOAS_MAP_FILE`) is at another address than
+/// the program's own mapping of that file.
+pub struct PageMap {
+    regions: Vec<Region>,
+}
+
+impl PageMap {
+    /// A snapshot of this process's mappings.
+    pub fn of_self() -> Result<PageMap> {
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|_| Error::Fault("mappings cannot be read"))?;
+        let mut regions: Vec<Region> = maps.lines().filter_map(Region::parse).collect();
+        regions.sort_by_key(|r| r.start);
+        Ok(PageMap { regions })
+    }
+
+    fn region(&self, addr: u64) -> Option<&Region> {
+        let i = self.regions.partition_point(|r| r.start <= addr).checked_sub(1)?;
+        Some(&self.regions[i]).filter(|r| addr < r.end)
+    }
+
+    /// The object (a file, shared memory) that a shared mapping maps at
+    /// `addr`, and the offset in it: `(device, inode, offset)`. `None` for
+    /// private memory: a private mapping's pages are its own once written,
+    /// and anonymous memory (inode 0) is named by its address alone.
+    pub fn object_at(&self, addr: u64) -> Option<(&str, u64, u64)> {
+        let r = self.region(addr).filter(|r| r.shared && r.inode != 0)?;
+        Some((&r.dev, r.inode, r.offset.checked_add(addr - r.start)?))
+    }
+
+    /// Whether `a` and `b` are the same byte of the same page: the same
+    /// address, or the same offset of one object that shared mappings at
+    /// both addresses map.
+    pub fn same_byte(&self, a: u64, b: u64) -> bool {
+        a == b || self.object_at(a).is_some_and(|oa| self.object_at(b) == Some(oa))
+    }
+}
+
 /// One line of `/proc/<pid>/maps`.
 #[derive(Debug, PartialEq, Eq)]
 struct Region {
@@ -804,6 +843,14 @@ impl FileMapping {
     pub fn addr(&self) -> u64 {
         self.base.as_ptr() as u64 + self.lead
     }
+
+    /// Makes the mapping inaccessible for good: every later checked copy
+    /// through it faults (`EFAULT`), as DMA to a revoked dma-buf fails.
+    pub fn revoke(&self) {
+        // SAFETY: exactly the mapping created in `new`; its users copy
+        // through it with checked copies, which turn the fault into EFAULT.
+        unsafe { libc::mprotect(self.base.as_ptr().cast(), self.len, libc::PROT_NONE) };
+    }
 }
 
 impl Drop for FileMapping {
@@ -917,6 +964,21 @@ mod tests {
         check_mapped(src.as_ptr() as u64, src.len() as u64).unwrap();
         write(Trust::Checked, dst.as_mut_ptr() as u64, &[1, 2, 3]).unwrap();
         assert_eq!(&dst[..3], &[1, 2, 3]);
+    }
+
+    #[test]
+    fn two_shared_mappings_of_a_file_are_the_same_pages() {
+        let file = rustix::fs::memfd_create("same-pages", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&file, 2 * PAGE_SIZE).unwrap();
+        let a = FileMapping::new(std::os::fd::AsFd::as_fd(&file), 0, 2 * PAGE_SIZE, true).unwrap();
+        let b = FileMapping::new(std::os::fd::AsFd::as_fd(&file), PAGE_SIZE, PAGE_SIZE, true).unwrap();
+        let other = HostBuffer::new(PAGE_SIZE as usize).unwrap();
+        let map = PageMap::of_self().unwrap();
+        assert!(map.same_byte(a.addr() + PAGE_SIZE + 8, b.addr() + 8));
+        assert!(!map.same_byte(a.addr() + 8, b.addr() + 8), "another page of the file");
+        assert!(!map.same_byte(a.addr(), other.addr()));
+        assert!(!map.same_byte(other.addr(), other.addr() + 8));
+        assert!(map.same_byte(other.addr() + 8, other.addr() + 8));
     }
 
     /// Two pages whose second is inaccessible, so copies that run into it

@@ -37,12 +37,14 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use crate::account::Accounting;
 use crate::error::{Error, Result};
 use crate::iova::{self, IovaRange, PAGE_SIZE};
-use crate::memory::{self, FileMapping, HostBuffer, Trust};
+use crate::memory::{self, FileMapping, HostBuffer, PageMap, Trust};
 
 #[derive(Debug)]
 enum Backing {
     User,
     File(#[allow(dead_code)] FileMapping),
+    /// A dma-buf's memory (the mock's), which its exporter may revoke.
+    Dmabuf(FileMapping),
     /// Memory of another process (a forked child mapping through the fd it
     /// shares), reached as the module docs say.
     Remote {
@@ -72,7 +74,8 @@ pub struct Pages {
     writable: bool,
     trust: Trust,
     backing: Backing,
-    accounting: Accounting,
+    /// Taken after `pins` when both are held.
+    accounting: Mutex<Accounting>,
     /// Page ranges currently pinned, one entry per pinning user; the union is
     /// what is charged.
     pins: Mutex<Vec<IovaRange>>,
@@ -120,6 +123,27 @@ pub fn pin_count(addr: u64) -> u32 {
         .count() as u32
 }
 
+/// How many `Pages` of a file hold pinned the page that `addr` maps, when
+/// `addr` is in a shared mapping of that file (a program's own mapping of a
+/// memfd it mapped with `IOMMU_IOAS_MAP_FILE`); `map` is a snapshot of the
+/// process's mappings taken since those pages were made.
+pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
+    let Some((dev, ino, off)) = map.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
+    let live: Vec<Arc<Pages>> =
+        LIVE.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(Weak::upgrade).collect();
+    live.iter()
+        .filter(|p| matches!(p.backing, Backing::File(_)))
+        .filter(|p| {
+            let Some((d, i, first)) = map.object_at(p.base) else { return false };
+            let Some(index) = off.checked_sub(first).map(|o| o / PAGE_SIZE) else { return false };
+            d == dev && i == ino && index < p.npages && {
+                let pins = p.pins.lock().unwrap_or_else(|e| e.into_inner());
+                pins.iter().any(|r| r.start <= index && index <= r.last)
+            }
+        })
+        .count() as u32
+}
+
 impl Pages {
     /// Pages of the user address range `[uptr, uptr + length)`; returns them
     /// and the byte offset of `uptr` inside them.
@@ -153,7 +177,16 @@ impl Pages {
         let lead = uptr - base;
         let npages = (length + lead).div_ceil(PAGE_SIZE);
         Ok((
-            Pages { base, npages, writable, trust, backing, accounting, pins: Mutex::new(Vec::new()), live: None },
+            Pages {
+                base,
+                npages,
+                writable,
+                trust,
+                backing,
+                accounting: Mutex::new(accounting),
+                pins: Mutex::new(Vec::new()),
+                live: None,
+            },
             lead,
         ))
     }
@@ -242,6 +275,17 @@ impl Pages {
         writable: bool,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
+        let (pages, lead) = Self::of_file(fd, start, length, writable, accounting)?;
+        Ok((register(pages), lead))
+    }
+
+    fn of_file(
+        fd: BorrowedFd<'_>,
+        start: u64,
+        length: u64,
+        writable: bool,
+        accounting: Accounting,
+    ) -> Result<(Pages, u64)> {
         if length == 0 || length > u64::MAX - PAGE_SIZE {
             return Err(Error::Invalid("length is zero or too large"));
         }
@@ -257,11 +301,30 @@ impl Pages {
             // the checked copy turns into EFAULT.
             trust: Trust::Checked,
             backing: Backing::File(map),
-            accounting,
+            accounting: Mutex::new(accounting),
             pins: Mutex::new(Vec::new()),
             live: None,
         };
+        Ok((pages, lead))
+    }
+
+    /// Pages of `[start, start + length)` of a dma-buf whose memory is the
+    /// file `fd`: not charged (Linux charges no dma-buf), and revocable.
+    pub fn dmabuf(fd: BorrowedFd<'_>, start: u64, length: u64, writable: bool) -> Result<(Arc<Pages>, u64)> {
+        let (mut pages, lead) = Self::of_file(fd, start, length, writable, Accounting::none())?;
+        let Backing::File(map) = std::mem::replace(&mut pages.backing, Backing::User) else {
+            unreachable!("file pages have a file mapping")
+        };
+        pages.backing = Backing::Dmabuf(map);
         Ok((Arc::new(pages), lead))
+    }
+
+    /// Revokes a dma-buf's pages: from now on DMA and accesses through
+    /// them fail (`EFAULT`, a DMA fault), whatever maps them.
+    pub fn revoke(&self) {
+        if let Backing::Dmabuf(map) = &self.backing {
+            map.revoke();
+        }
     }
 
     pub fn writable(&self) -> bool {
@@ -308,7 +371,7 @@ impl Pages {
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }
-            self.accounting.charge(after - before)?;
+            self.accounting().charge(after - before)?;
         }
         pins.push(range);
         Ok(())
@@ -324,12 +387,43 @@ impl Pages {
         };
         let before = pinned_pages(pins.iter().copied());
         pins.swap_remove(i);
-        self.accounting.uncharge(before - pinned_pages(pins.iter().copied()));
+        self.accounting().uncharge(before - pinned_pages(pins.iter().copied()));
     }
 
     /// Number of distinct pages pinned now.
     pub fn pinned(&self) -> u64 {
         pinned_pages(self.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().copied())
+    }
+
+    fn accounting(&self) -> std::sync::MutexGuard<'_, Accounting> {
+        self.accounting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves the charge for these pages to process `pid` (`None`: this
+    /// one), as `IOMMU_IOAS_CHANGE_PROCESS` does: charged there first
+    /// (`ENOMEM` past its limit, nothing moved), then uncharged here.
+    /// Returns the accounting left, for `restore_accounting`; `None` when
+    /// nothing had to move.
+    pub(crate) fn change_process(&self, pid: Option<i32>) -> Result<Option<Accounting>> {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acct = self.accounting();
+        let Some(new) = acct.moved_to(pid) else { return Ok(None) };
+        let n = pinned_pages(pins.iter().copied());
+        if n > 0 {
+            new.charge(n)?;
+            acct.uncharge(n);
+        }
+        Ok(Some(std::mem::replace(&mut *acct, new)))
+    }
+
+    /// Undoes a `change_process` that returned `old`.
+    pub(crate) fn restore_accounting(&self, old: Accounting) {
+        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut acct = self.accounting();
+        let n = pinned_pages(pins.iter().copied());
+        acct.uncharge(n);
+        old.recharge(n);
+        *acct = old;
     }
 
     fn page_range(&self, offset: u64, len: u64) -> IovaRange {
@@ -352,7 +446,7 @@ impl Drop for Pages {
         let pins = self.pins.get_mut().unwrap_or_else(|e| e.into_inner());
         debug_assert!(pins.is_empty(), "pages dropped while pinned");
         let n = pinned_pages(pins.drain(..));
-        self.accounting.uncharge(n);
+        self.accounting.get_mut().unwrap_or_else(|e| e.into_inner()).uncharge(n);
     }
 }
 
