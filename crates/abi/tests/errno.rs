@@ -360,6 +360,7 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
         memlock_exempt: false,
         sys_resource: false,
         private_counter: true,
+        live_capabilities: false,
     }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();

@@ -122,6 +122,7 @@ fn pinned_file_mapping(process_mode: bool) -> (Arc<Context>, u32, std::fs::File)
         memlock_exempt: false,
         sys_resource: true,
         private_counter: false,
+        live_capabilities: false,
     };
     let ctx = Arc::new(Context::with_config(config));
     let mut opt = iommu_option {

@@ -180,22 +180,10 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
     (get(&PROCESS_LOCKED), get(&PROCESS_PINNED))
 }
 
-pub const CAP_IPC_LOCK: u32 = 14;
-pub const CAP_SYS_RESOURCE: u32 = 24;
-
-/// Whether this process holds `CAP_IPC_LOCK`, which exempts it from charging.
-pub fn has_cap_ipc_lock() -> bool {
-    has_capability(CAP_IPC_LOCK)
-}
-
-/// Whether capability `cap` is in this process's effective set.
-pub fn has_capability(cap: u32) -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << cap) != 0)
+/// Whether this process holds capability `cap` now (one `capget`, as
+/// cheap as Linux's own `capable()` check is to it).
+pub fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
+    rustix::thread::capabilities(None).is_ok_and(|sets| sets.effective.contains(cap))
 }
 
 #[cfg(test)]

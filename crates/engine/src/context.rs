@@ -29,6 +29,7 @@ use crate::pages::Pages;
 use crate::pgtable::Perm;
 use crate::veventq::Veventq;
 use crate::viommu::{Vdevice, Viommu, ViommuType};
+use rustix::thread::CapabilitySet;
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -210,22 +211,51 @@ pub struct ContextConfig {
     /// Charge this context's pins to a counter of its own instead of the
     /// user's or process's (a VMM accounting each VM apart; tests).
     pub private_counter: bool,
+    /// Judge `CAP_IPC_LOCK` and `CAP_SYS_RESOURCE` from this process's
+    /// capabilities at each use, as Linux's `capable()` is (a program may
+    /// drop them after opening `/dev/iommu`), instead of the two fields.
+    pub live_capabilities: bool,
 }
 
 impl ContextConfig {
     /// A context that charges pins to a counter of its own against `limit`
     /// and may change its accounting mode: one VM's memory accounted apart.
     pub fn isolated(limit: Limit) -> Self {
-        ContextConfig { memlock_limit: limit, memlock_exempt: false, sys_resource: true, private_counter: true }
+        ContextConfig {
+            memlock_limit: limit,
+            memlock_exempt: false,
+            sys_resource: true,
+            private_counter: true,
+            live_capabilities: false,
+        }
     }
 
     /// The privileges of this process, as Linux would judge them.
     pub fn from_process() -> Self {
         ContextConfig {
             memlock_limit: Limit::Rlimit,
-            memlock_exempt: crate::account::has_cap_ipc_lock(),
-            sys_resource: crate::account::has_capability(crate::account::CAP_SYS_RESOURCE),
+            memlock_exempt: crate::account::has_capability(CapabilitySet::IPC_LOCK),
+            sys_resource: crate::account::has_capability(CapabilitySet::SYS_RESOURCE),
             private_counter: false,
+            live_capabilities: true,
+        }
+    }
+
+    /// Whether pinned pages go uncharged (`CAP_IPC_LOCK`).
+    fn memlock_exempt(&self) -> bool {
+        if self.live_capabilities {
+            crate::account::has_capability(CapabilitySet::IPC_LOCK)
+        } else {
+            self.memlock_exempt
+        }
+    }
+
+    /// Whether the accounting mode may change (`CAP_SYS_RESOURCE`).
+    fn sys_resource(&self) -> bool {
+        if self.live_capabilities {
+            crate::account::has_capability(CapabilitySet::SYS_RESOURCE)
+        } else {
+            self.sys_resource
         }
     }
 }
@@ -317,7 +347,7 @@ impl Context {
             return private.clone();
         }
         let mode = *self.account_mode.lock().unwrap_or_else(|e| e.into_inner());
-        Accounting::new(mode, self.config.memlock_exempt, self.config.memlock_limit)
+        Accounting::new(mode, self.config.memlock_exempt(), self.config.memlock_limit)
     }
 
     /// Pages pinned and charged through this context's counter.
@@ -332,7 +362,7 @@ impl Context {
     /// `IOMMU_OPTION_RLIMIT_MODE` with its value (0: per user, 1: per
     /// process): needs `CAP_SYS_RESOURCE` and a context without objects.
     pub fn set_account_mode(&self, value: u64) -> Result<()> {
-        if !self.config.sys_resource {
+        if !self.config.sys_resource() {
             return Err(Error::Permission("changing the accounting mode needs CAP_SYS_RESOURCE"));
         }
         let t = self.table();
