@@ -61,6 +61,12 @@ pub enum Call {
     },
     /// A link of its own for a child about to be forked.
     NewLink,
+    /// The pages this process's contexts charge to process `pid`: locked
+    /// (`VmLck`) or pinned (`VmPin`).
+    Pages {
+        pid: i32,
+        locked: bool,
+    },
 }
 
 /// A socket to a process that serves some of this one's descriptors.
@@ -102,6 +108,7 @@ impl Call {
             Call::Read { buf, count, offset } => (1, 0, buf, count, offset as u64),
             Call::Write { buf, count, offset } => (2, 0, buf, count, offset as u64),
             Call::NewLink => (3, 0, 0, 0, 0),
+            Call::Pages { pid, locked } => (4, u32::from(locked), pid as u64, 0, 0),
         };
         let mut m = [0u8; REQUEST];
         m[0..4].copy_from_slice(&op.to_le_bytes());
@@ -122,6 +129,7 @@ impl Call {
             1 => Call::Read { buf: w64(16), count: w64(24), offset: w64(32) as i64 },
             2 => Call::Write { buf: w64(16), count: w64(24), offset: w64(32) as i64 },
             3 => Call::NewLink,
+            4 => Call::Pages { pid: w64(16) as i32, locked: w32(8) != 0 },
             _ => return None,
         };
         Some((call, w64(40), w32(4) as i32))
@@ -254,6 +262,27 @@ pub fn forward(owner: Owner, serial: u64, call: Call) -> Result<i64, c_int> {
     link.map_or(Err(libc::EIO), |l| l.call(call, serial))
 }
 
+/// What this process's own contexts charge to process `pid`. A forked
+/// child's copy of its parent's counters is stale for every process but
+/// itself: what the parent charges is the parent's to tell.
+fn local_pages(pid: i32, locked: bool) -> u64 {
+    if !links().is_empty() && pid != std::process::id() as i32 {
+        return 0;
+    }
+    let (lck, pin) = ioasid_engine::account::process_pages(Some(pid));
+    if locked { lck } else { pin }
+}
+
+/// The pages every process this one shares objects with, itself
+/// included, charges to process `pid`: what Linux's `VmLck` (`locked`) or
+/// `VmPin` of `pid` would include of iommufd's pins.
+pub fn charged_pages(pid: i32, locked: bool) -> u64 {
+    let links: Vec<Arc<Link>> = links().clone();
+    let elsewhere: u64 =
+        links.iter().filter_map(|l| l.call(Call::Pages { pid, locked }, 0).ok()).map(|n| n as u64).sum();
+    local_pages(pid, locked) + elsewhere
+}
+
 /// Carries out one of a child's calls here, on this process's objects.
 fn run(call: Call, file: Option<&File>, pid: i32) -> Result<i64, c_int> {
     let child = OtherProcess { pid };
@@ -265,6 +294,7 @@ fn run(call: Call, file: Option<&File>, pid: i32) -> Result<i64, c_int> {
         (Call::Read { buf, count, offset }, Some(File::Veventq(q))) => q.read(&child, buf, count as usize, offset),
         (Call::Write { buf, count, offset }, Some(File::Fault(f))) => f.write(&child, buf, count as usize, offset),
         (Call::Write { .. }, Some(File::Veventq(_))) => return Err(libc::EINVAL),
+        (Call::Pages { pid, locked }, _) => return Ok(local_pages(pid, locked) as i64),
         _ => return Err(libc::EBADF),
     }
     .map(|n| n as i64)

@@ -9,7 +9,7 @@ use ioasid_abi::{InProcess, UserMemory};
 use ioasid_engine::Context;
 
 use crate::fork::{self, Call};
-use crate::{fail_nth, paths, real};
+use crate::{fail_nth, paths, proc_status, real};
 
 thread_local! {
     /// Set while a hook runs, so calls made from inside it are forwarded.
@@ -57,6 +57,8 @@ fn open_special(dirfd: c_int, path: *const c_char, flags: c_int, fwd: impl FnOnc
     let p = unsafe { CStr::from_ptr(path) };
     let r = if paths::is_iommu(dirfd, p) || paths::reopens_iommufd(p) {
         open_iommu(flags)
+    } else if let Some(opened) = proc_status::target(p).and_then(|pid| proc_status::open(p, pid, flags)) {
+        opened
     } else if let Some(tid) = fail_nth::thread_of(p) {
         fail_nth::open(tid, flags)
     } else if fail_nth::is_debugfs_knob(dirfd, p) {
@@ -177,10 +179,16 @@ macro_rules! fopen_hook {
             let fd = hook(
                 || -2,
                 || {
-                    if !paths::is_iommu(libc::AT_FDCWD, p) && !paths::reopens_iommufd(p) {
+                    let flags = fopen_flags(m);
+                    let opened = if paths::is_iommu(libc::AT_FDCWD, p) || paths::reopens_iommufd(p) {
+                        open_iommu(flags)
+                    } else if let Some(status) = proc_status::target(p).and_then(|pid| proc_status::open(p, pid, flags))
+                    {
+                        status
+                    } else {
                         return -2;
-                    }
-                    match open_iommu(fopen_flags(m)) {
+                    };
+                    match opened {
                         Ok(fd) => {
                             // SAFETY: a descriptor just opened, and the caller's mode.
                             file = unsafe { libc::fdopen(fd, mode) };

@@ -15,5 +15,6 @@ mod fail_nth;
 mod fork;
 mod hooks;
 mod paths;
+mod proc_status;
 mod real;
 mod signals;
