@@ -186,6 +186,11 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     let c = alloc(good).unwrap();
     assert_eq!(alloc(good), Err(Errno::EEXIST), "one queue per type");
     let Some(File::Veventq(file)) = files::get(c.out_veventq_fd as i32) else { panic!("not a vEVENTQ fd") };
+    let mut buf = [0u8; 64];
+    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(file.read(&InProcess, addr, 0, 0), Err(Errno::EINVAL), "shorter than a header, though empty");
+    assert_eq!(file.read(&InProcess, addr, 7, 0), Err(Errno::EINVAL));
+    assert_eq!(file.read(&InProcess, addr, 8, 0), Ok(0), "empty");
 
     // A device behind the vIOMMU, named 0x42, faults three times.
     let nested =
@@ -196,8 +201,8 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     for _ in 0..3 {
         assert!(dev.dma_write(1 << 24, b"x").is_err());
     }
-    let mut buf = [0u8; 64];
-    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(file.read(&InProcess, addr, 0, 0), Err(Errno::EINVAL), "shorter than a header");
+    assert_eq!(file.read(&InProcess, addr, 8, 0), Err(Errno::EINVAL), "the header fits, its data does not");
     assert_eq!(file.read(&InProcess, addr, 64, 8), Err(Errno::ESPIPE));
     assert_eq!(file.read(&InProcess, addr, 11, 0), Err(Errno::EINVAL), "too short for the first event");
     assert_eq!(file.read(&InProcess, addr, 12, 0), Ok(12));
