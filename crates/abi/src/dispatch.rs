@@ -113,7 +113,12 @@ static OPS: [Option<Op>; NOPS] = [
     op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
     None, // 0x92 IOMMU_IOAS_CHANGE_PROCESS
     op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, __reserved, veventq_alloc),
-    None,
+    op!(
+        crate::hw_queue::IOMMU_HW_QUEUE_ALLOC,
+        crate::hw_queue::iommu_hw_queue_alloc,
+        length,
+        crate::hw_queue::hw_queue_alloc
+    ),
     None,
     None,
     None,
@@ -489,9 +494,13 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
             return Err(Errno::EOPNOTSUPP);
         }
     };
-    // Neither vIOMMU type takes driver data.
     if c.data_len != 0 {
-        return Err(Errno::EOPNOTSUPP);
+        // Only the mock's vIOMMU takes driver data.
+        if kind != ViommuType::Selftest {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        c.out_viommu_id = selftest::viommu_alloc_with_data(u, &c)?;
+        return u.respond_created(&c, c.out_viommu_id);
     }
     c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
     u.respond_created(&c, c.out_viommu_id)

@@ -19,16 +19,17 @@ use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
+use crate::hw_queue::HwQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
 use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
-use crate::iova::IovaRange;
+use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
 use crate::model::IommuModel;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
 use crate::veventq::Veventq;
-use crate::viommu::{Vdevice, Viommu, ViommuType};
+use crate::viommu::{RegionSpec, Vdevice, Viommu, ViommuType};
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
 const MAX_ID: u32 = i32::MAX as u32;
@@ -51,6 +52,8 @@ struct Table {
     auto_users: HashMap<u32, usize>,
     /// vDEVICEs by their device (its `Arc`'s address).
     vdevices: HashMap<usize, Vec<u32>>,
+    /// Objects' mmap regions by offset: (length, object ID).
+    mmaps: BTreeMap<u64, (u64, u32)>,
 }
 
 fn addr<T>(a: &Arc<T>) -> usize {
@@ -71,6 +74,11 @@ impl Table {
                 self.auto_users.insert(id, 0);
             }
             Object::Vdevice(v) => self.vdevices.entry(addr(v.device())).or_default().push(id),
+            Object::Viommu(v) => {
+                if let Some(r) = v.mmap_region() {
+                    self.mmaps.insert(r.offset(), (r.len(), id));
+                }
+            }
             _ => {}
         }
         self.objects.insert(id, obj);
@@ -102,6 +110,11 @@ impl Table {
                 self.auto_users.remove(&id);
             }
             Object::Vdevice(v) => unindex(&mut self.vdevices, addr(v.device())),
+            Object::Viommu(v) => {
+                if let Some(r) = v.mmap_region() {
+                    self.mmaps.remove(&r.offset());
+                }
+            }
             _ => {}
         }
         Some(obj)
@@ -152,6 +165,7 @@ pub enum Object {
     Viommu(Arc<Viommu>),
     Vdevice(Arc<Vdevice>),
     Veventq(Arc<Veventq>),
+    HwQueue(Arc<HwQueue>),
 }
 
 #[derive(Default)]
@@ -179,6 +193,7 @@ impl Object {
             Object::Viommu(o) => Arc::strong_count(o),
             Object::Vdevice(o) => Arc::strong_count(o),
             Object::Veventq(o) => Arc::strong_count(o),
+            Object::HwQueue(o) => Arc::strong_count(o),
         }
     }
 
@@ -195,6 +210,7 @@ impl Object {
             Object::Viommu(_) => "vIOMMU",
             Object::Vdevice(_) => "vDEVICE",
             Object::Veventq(_) => "vEVENTQ",
+            Object::HwQueue(_) => "HW queue",
         }
     }
 }
@@ -636,8 +652,58 @@ impl Context {
         let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
             return Err(Error::NotFound("object is not a paging HWPT"));
         };
-        let viommu = Viommu::new(kind, &dev, hwpt)?;
+        let viommu = Viommu::new(kind, &dev, hwpt, None)?;
         self.insert(Object::Viommu(viommu))
+    }
+
+    /// `viommu_alloc` for a vIOMMU that shares memory with the program,
+    /// which maps it with `mmap` on the iommufd at the offset its
+    /// `mmap_region` gives: the lowest free one past the first page, as
+    /// Linux allocates them. Once the generic checks pass, `init` (the
+    /// driver taking its data, where Linux's `viommu_init` does) gives the
+    /// region's length and first bytes.
+    pub fn viommu_alloc_mmap<E: From<Error>>(
+        &self,
+        dev_id: u32,
+        hwpt_id: u32,
+        kind: ViommuType,
+        init: impl FnOnce() -> std::result::Result<(u64, Vec<u8>), E>,
+    ) -> std::result::Result<u32, E> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
+            return Err(Error::NotFound("object is not a paging HWPT").into());
+        };
+        Viommu::check(kind, &dev, &hwpt)?;
+        let (len, contents) = init()?;
+        let mut offset = PAGE_SIZE;
+        for (&start, &(used, _)) in &self.table().mmaps {
+            if offset.checked_add(len).is_some_and(|end| end <= start) {
+                break;
+            }
+            offset = offset.max(start + used);
+        }
+        offset.checked_add(len).ok_or(Error::NoSpace("no mmap offset left"))?;
+        let viommu = Viommu::new(kind, &dev, hwpt, Some(RegionSpec { offset, len, contents: &contents }))?;
+        Ok(self.insert(Object::Viommu(viommu))?)
+    }
+
+    /// The object whose mmap region starts at `offset`, if any.
+    pub fn mmap_region(&self, offset: u64) -> Option<Arc<Viommu>> {
+        let t = self.table();
+        let &(_, id) = t.mmaps.get(&offset)?;
+        match t.get(&id) {
+            Some(Object::Viommu(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// `IOMMU_HW_QUEUE_ALLOC`: a HW queue of `kind` at `index` of vIOMMU
+    /// `viommu_id`, over `[base, base + len)` of its stage 2.
+    pub fn hw_queue_alloc(&self, viommu_id: u32, kind: u32, index: u32, base: u64, len: u64) -> Result<u32> {
+        let _g = self.graph();
+        let queue = HwQueue::new(&self.viommu(viommu_id)?, kind, index, base, len)?;
+        self.insert(Object::HwQueue(queue))
     }
 
     pub fn viommu(&self, id: u32) -> Result<Arc<Viommu>> {
