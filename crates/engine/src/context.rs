@@ -20,7 +20,7 @@ use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hw_queue::HwQueue;
-use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
+use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse};
 use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::{IovaRange, PAGE_SIZE};
@@ -601,6 +601,19 @@ impl Context {
         fault: Option<u32>,
         format: Option<PageFormat>,
     ) -> Result<u32> {
+        self.hwpt_alloc_with(dev_id, ioas_id, flags, fault, format, PasidUse::Compatible)
+    }
+
+    /// `hwpt_alloc_format` with the table's `PasidUse` chosen.
+    pub fn hwpt_alloc_with(
+        &self,
+        dev_id: u32,
+        ioas_id: u32,
+        flags: HwptFlags,
+        fault: Option<u32>,
+        format: Option<PageFormat>,
+        pasid_use: PasidUse,
+    ) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
@@ -613,12 +626,24 @@ impl Context {
             return Err(Error::Unsupported("the device's IOMMU has no such page-table format"));
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
-        let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?;
+        let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?.with_pasid_use(pasid_use);
         self.insert_hwpt(hwpt)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a nested HWPT over paging HWPT `parent_id`.
     pub fn hwpt_alloc_nested(&self, dev_id: u32, parent_id: u32, data: NestedData, fault: Option<u32>) -> Result<u32> {
+        self.hwpt_alloc_nested_with(dev_id, parent_id, data, fault, PasidUse::Compatible)
+    }
+
+    /// `hwpt_alloc_nested` with the table's `PasidUse` chosen.
+    pub fn hwpt_alloc_nested_with(
+        &self,
+        dev_id: u32,
+        parent_id: u32,
+        data: NestedData,
+        fault: Option<u32>,
+        pasid_use: PasidUse,
+    ) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let (parent, viommu) = match self.object(parent_id)? {
@@ -640,7 +665,7 @@ impl Context {
             return Err(Error::Unsupported("the IOMMU does not take this stage-1 type here"));
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
-        let nested = parent.nest(data, fault, viommu)?;
+        let nested = parent.nest(data, fault, viommu, pasid_use)?;
         self.insert(Object::HwptNested(nested))
     }
 
@@ -874,6 +899,11 @@ impl Context {
             return Err(Error::Invalid("already attached there; use replace"));
         }
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
+        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
+        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
+            self.release_attachment(hwpt);
+            return Err(e);
+        }
         if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner(&dev, pasid)) {
             self.release_attachment(hwpt);
             return Err(e);
@@ -902,6 +932,11 @@ impl Context {
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
         if old.is_same(&hwpt) {
             return Ok(id);
+        }
+        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
+        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
+            self.release_attachment(hwpt);
+            return Err(e);
         }
         let owner = owner(&dev, pasid);
         let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
@@ -940,6 +975,9 @@ impl Context {
     }
 
     fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
+        if let Some(p) = pasid {
+            let _ = dev.mock_set_pasid(p, true);
+        }
         if let Some(old) = self.set_attachment(dev, pasid, None) {
             old.ioas().unreserve(owner(dev, pasid));
             if let Some(q) = old.fault() {
@@ -1045,6 +1083,17 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// Linux's rule between a device's RID and its PASIDs (see `PasidUse`):
+/// `hwpt` may take `dev` at `pasid` given what else `dev` is attached to.
+fn check_pasid_use(dev: &Device, pasid: Option<u32>, hwpt: &Hwpt) -> Result<()> {
+    let compatible = |h: &Hwpt| h.pasid_use() == PasidUse::Compatible;
+    let ok = match pasid {
+        None => compatible(hwpt) || dev.attachments().iter().all(|(p, _)| p.is_none()),
+        Some(_) => compatible(hwpt) && dev.attached_at(None).is_none_or(|rid| compatible(&rid)),
+    };
+    if ok { Ok(()) } else { Err(Error::Invalid("the HWPT is not PASID-compatible")) }
 }
 
 /// Who owns the reservations a device brings when attached at `pasid`:

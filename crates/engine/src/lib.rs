@@ -55,7 +55,9 @@ pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
 pub use hw_queue::HwQueue;
-pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, WalkStep};
+pub use hwpt::{
+    Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse, WalkStep,
+};
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
 pub use model::{HwInfo, IommuModel};
