@@ -556,7 +556,15 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     }
     let flags = LAST_PAGE | if a.pasid != 0 { PASID_VALID } else { 0 };
     let request = PageRequest { flags, dev_id: a.dev_id, pasid: a.pasid, grpid: a.grpid, perm: a.perm, addr: a.addr };
-    if let Some(queue) = dev.attached().as_ref().and_then(|h| h.fault()) {
+    // A PASID's own table takes its requests; without one, the mock (whose
+    // PASID table a guest may own) routes them to a nested table on the RID.
+    let hwpt = match a.pasid {
+        0 => dev.attached(),
+        pasid => dev
+            .attached_at(Some(pasid))
+            .or_else(|| dev.attached().filter(|h| matches!(h, ioasid_engine::Hwpt::Nested(_)))),
+    };
+    if let Some(queue) = hwpt.as_ref().and_then(|h| h.fault()) {
         queue.report(Group::new(vec![request]));
     }
     Ok(())
