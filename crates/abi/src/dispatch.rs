@@ -6,8 +6,8 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use ioasid_engine::{
-    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, PageFormat, Perm,
-    ViommuType,
+    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, PageFormat,
+    PasidUse, Perm, ViommuType,
 };
 
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -118,7 +118,12 @@ static OPS: [Option<Op>; NOPS] = [
         crate::change_process::change_process
     ),
     op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, out_veventq_fd, veventq_alloc),
-    None,
+    op!(
+        crate::hw_queue::IOMMU_HW_QUEUE_ALLOC,
+        crate::hw_queue::iommu_hw_queue_alloc,
+        length,
+        crate::hw_queue::hw_queue_alloc
+    ),
     op!(IOMMU_IOAS_NOIOMMU_GET_PA, iommu_ioas_noiommu_get_pa, out_phys, ioas_noiommu_get_pa),
     None,
     None,
@@ -378,7 +383,7 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
                 nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
                 dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
             };
-            u.ctx.hwpt_alloc_format(c.dev_id, c.pt_id, flags, fault, format)?
+            u.ctx.hwpt_alloc_with(c.dev_id, c.pt_id, flags, fault, format, pasid_use(c.flags))?
         }
         Object::HwptPaging(parent) => {
             if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
@@ -386,19 +391,25 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             }
             parent.check_nest_parent()?;
             let data = nested_data(u, &parent, &c)?;
-            u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
+            u.ctx.hwpt_alloc_nested_with(c.dev_id, c.pt_id, data, fault, pasid_use(c.flags))?
         }
         Object::Viommu(viommu) => {
             if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             let data = nested_data(u, viommu.hwpt(), &c)?;
-            u.ctx.hwpt_alloc_nested(c.dev_id, c.pt_id, data, fault)?
+            u.ctx.hwpt_alloc_nested_with(c.dev_id, c.pt_id, data, fault, pasid_use(c.flags))?
         }
         _ => return Err(Errno::EINVAL),
     };
     c.out_hwpt_id = id;
     u.respond_created(&c, id)
+}
+
+/// Linux's rule for tables of the uAPI: PASIDs only on those allocated
+/// with `IOMMU_HWPT_ALLOC_PASID`.
+fn pasid_use(flags: u32) -> PasidUse {
+    if flags & IOMMU_HWPT_ALLOC_PASID != 0 { PasidUse::Compatible } else { PasidUse::RidOnly }
 }
 
 /// The stage-1 data of a nested HWPT, in the type the parent's IOMMU takes.
@@ -512,9 +523,13 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
             return Err(Errno::EOPNOTSUPP);
         }
     };
-    // Neither vIOMMU type takes driver data.
     if c.data_len != 0 {
-        return Err(Errno::EOPNOTSUPP);
+        // Only the mock's vIOMMU takes driver data.
+        if kind != ViommuType::Selftest {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        c.out_viommu_id = selftest::viommu_alloc_with_data(u, &c)?;
+        return u.respond_created(&c, c.out_viommu_id);
     }
     c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
     u.respond_created(&c, c.out_viommu_id)

@@ -9,6 +9,8 @@ pub mod errno;
 pub mod ext;
 pub mod fault;
 pub mod files;
+pub mod hw_queue;
+pub mod mmap;
 pub mod selftest;
 pub mod uapi;
 pub mod user;

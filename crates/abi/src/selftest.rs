@@ -581,7 +581,15 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     }
     let flags = LAST_PAGE | if a.pasid != 0 { PASID_VALID } else { 0 };
     let request = PageRequest { flags, dev_id: a.dev_id, pasid: a.pasid, grpid: a.grpid, perm: a.perm, addr: a.addr };
-    if let Some(queue) = dev.attached().as_ref().and_then(|h| h.fault()) {
+    // A PASID's own table takes its requests; without one, the mock (whose
+    // PASID table a guest may own) routes them to a nested table on the RID.
+    let hwpt = match a.pasid {
+        0 => dev.attached(),
+        pasid => dev
+            .attached_at(Some(pasid))
+            .or_else(|| dev.attached().filter(|h| matches!(h, ioasid_engine::Hwpt::Nested(_)))),
+    };
+    if let Some(queue) = hwpt.as_ref().and_then(|h| h.fault()) {
         queue.report(Group::new(vec![request]));
     }
     Ok(())
@@ -686,4 +694,48 @@ pub fn paging_format(u: &Ucmd, c: &crate::uapi::iommu_hwpt_alloc) -> Result<Page
 /// The hardware info of a mock device.
 pub fn hw_info() -> iommu_test_hw_info {
     iommu_test_hw_info { flags: 0, test_reg: IOMMU_HW_INFO_SELFTEST_REGVAL }
+}
+
+/// `struct iommu_viommu_selftest`: the mock vIOMMU's driver data (7.3).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
+pub struct iommu_viommu_selftest {
+    pub in_data: u32,
+    pub out_data: u32,
+    pub out_mmap_offset: u64,
+    pub out_mmap_length: u64,
+}
+const _: () = assert!(size_of::<iommu_viommu_selftest>() == 24);
+/// Linux copies it in up to `out_data`.
+pub const VIOMMU_SELFTEST_MIN_LEN: usize = 8;
+pub const IOMMU_HW_QUEUE_TYPE_SELFTEST: u32 = ioasid_engine::hw_queue::HW_QUEUE_TYPE_SELFTEST;
+pub const IOMMU_TEST_HW_QUEUE_MAX: u32 = ioasid_engine::hw_queue::SELFTEST_HW_QUEUE_MAX;
+
+/// The mock vIOMMU with driver data: `in_data` comes back in `out_data` and
+/// as the first word of two pages the program maps with `mmap` on the
+/// iommufd, at the offset and length it is told. Returns the vIOMMU's ID.
+pub(crate) fn viommu_alloc_with_data(u: &Ucmd, c: &crate::uapi::iommu_viommu_alloc) -> Result<u32, Errno> {
+    let mut data = iommu_viommu_selftest::default();
+    let len = c.data_len as usize;
+    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, ioasid_engine::ViommuType::Selftest, || {
+        if len < VIOMMU_SELFTEST_MIN_LEN {
+            return Err(Errno::EINVAL);
+        }
+        crate::dispatch::copy_struct_from_user(u.mem, c.data_uptr, len, data.as_mut_bytes())?;
+        Ok((2 * PAGE_SIZE, data.in_data.to_ne_bytes().to_vec()))
+    })?;
+    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
+    let (offset, length) = region.expect("made with a region");
+    data.out_data = data.in_data;
+    data.out_mmap_offset = offset;
+    data.out_mmap_length = length;
+    // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
+    let known = len.min(size_of::<iommu_viommu_selftest>());
+    let written = u
+        .mem
+        .write(c.data_uptr, &data.as_bytes()[..known])
+        .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
+    written.map(|()| id).inspect_err(|_| {
+        let _ = u.ctx.destroy(id);
+    })
 }

@@ -1,7 +1,8 @@
 //! A vEVENTQ's file descriptor: `read` delivers whole events, each as a
 //! `struct iommufd_vevent_header` followed by the event's data (nothing
 //! after the lost-events marker's header). Positioned reads are `ESPIPE`;
-//! a read too short for the first waiting event is `EINVAL`.
+//! a read shorter than a header is `EINVAL` whether or not events wait, as
+//! is one too short for the first waiting event.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -35,6 +36,9 @@ impl VeventqFile {
     pub fn read(&self, mem: &dyn UserMemory, buf: u64, count: usize, offset: i64) -> Result<usize, Errno> {
         if offset != 0 {
             return Err(Errno::ESPIPE);
+        }
+        if count < std::mem::size_of::<iommufd_vevent_header>() {
+            return Err(Errno::EINVAL);
         }
         let events = self.queue.read(count).ok_or(Errno::EINVAL)?;
         let mut out = Vec::with_capacity(count.min(4096));

@@ -59,7 +59,7 @@ fn viommu_alloc_errnos_follow_linux() {
         call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { dev_id: 999, ..unknown }),
         Err(Errno::ENOENT)
     );
-    assert_eq!(viommu(&v, iommu_viommu_alloc { data_len: 8, ..d }), Err(Errno::EOPNOTSUPP));
+    assert_eq!(viommu(&v, iommu_viommu_alloc { data_len: 8, ..d }), Err(Errno::EFAULT), "the mock reads its data");
     let mut short =
         iommu_viommu_alloc { size: 20, r#type: IOMMU_VIOMMU_TYPE_SELFTEST, dev_id: v.dev, hwpt_id: v.parent, ..d };
     assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut short), Err(Errno::EINVAL), "shorter than the first version");
@@ -188,6 +188,11 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     let c = alloc(good).unwrap();
     assert_eq!(alloc(good), Err(Errno::EEXIST), "one queue per type");
     let Some(File::Veventq(file)) = files::get(c.out_veventq_fd as i32) else { panic!("not a vEVENTQ fd") };
+    let mut buf = [0u8; 64];
+    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(file.read(&InProcess, addr, 0, 0), Err(Errno::EINVAL), "shorter than a header, though empty");
+    assert_eq!(file.read(&InProcess, addr, 7, 0), Err(Errno::EINVAL));
+    assert_eq!(file.read(&InProcess, addr, 8, 0), Ok(0), "empty");
 
     // A device behind the vIOMMU, named 0x42, faults three times.
     let nested =
@@ -198,8 +203,8 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     for _ in 0..3 {
         assert!(dev.dma_write(1 << 24, b"x").is_err());
     }
-    let mut buf = [0u8; 64];
-    let addr = buf.as_mut_ptr() as u64;
+    assert_eq!(file.read(&InProcess, addr, 0, 0), Err(Errno::EINVAL), "shorter than a header");
+    assert_eq!(file.read(&InProcess, addr, 8, 0), Err(Errno::EINVAL), "the header fits, its data does not");
     assert_eq!(file.read(&InProcess, addr, 64, 8), Err(Errno::ESPIPE));
     assert_eq!(file.read(&InProcess, addr, 11, 0), Err(Errno::EINVAL), "too short for the first event");
     assert_eq!(file.read(&InProcess, addr, 12, 0), Ok(12));
@@ -309,4 +314,117 @@ fn smmuv3_commands_go_to_the_viommu() {
     assert_eq!(smmu_invalidate(&v, viommu_id, t, &[]), (0, Ok(())), "an empty array probes the type");
     // The nested HWPT itself takes no invalidations: its vIOMMU does.
     assert_eq!(smmu_invalidate(&v, nested, t, &good).1, Err(Errno::EOPNOTSUPP));
+}
+
+#[test]
+fn the_mock_viommu_echoes_its_data_and_shares_two_pages_at_an_mmap_offset() {
+    use ioasid_abi::mmap;
+    use ioasid_abi::selftest::iommu_viommu_selftest;
+    let v = vm();
+    let page = ioasid_engine::PAGE_SIZE;
+    let with = |data: &mut [u8]| {
+        let c = iommu_viommu_alloc {
+            data_len: data.len() as u32,
+            data_uptr: data.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        viommu(&v, c)
+    };
+    let mut data = iommu_viommu_selftest { in_data: 0xbeef, ..Default::default() };
+    assert_eq!(with(&mut data.as_mut_bytes()[..7]), Err(Errno::EINVAL), "shorter than up to out_data");
+    let mut longer = [0u8; 32];
+    longer[..4].copy_from_slice(&0xbeefu32.to_ne_bytes());
+    longer[31] = 1;
+    assert_eq!(with(&mut longer), Err(Errno::E2BIG), "unknown bytes that are not zero");
+    assert_eq!(v.ctx.objects().iter().filter(|o| o.1 == "vIOMMU").count(), 0, "nothing left behind");
+
+    let id = with(data.as_mut_bytes()).unwrap();
+    assert_eq!(data.out_data, 0xbeef);
+    assert_eq!((data.out_mmap_offset, data.out_mmap_length), (page, 2 * page), "past the first page");
+    // A second one gets the next free offset; a longer struct's tail is zeroed.
+    longer[31] = 0;
+    longer[24..28].copy_from_slice(&[0; 4]);
+    let second = with(&mut longer).unwrap();
+    assert_eq!(u64::from_ne_bytes(longer[8..16].try_into().unwrap()), 3 * page);
+
+    let region = |len: usize, prot: i32, flags: i32, off: u64| mmap::region(&v.ctx, len, prot, flags, off as i64);
+    let (rw, shared) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+    assert_eq!(region(2 * page as usize, rw, shared, page + page).err(), Some(mmap::ENXIO), "inside, not at, a region");
+    assert_eq!(region(page as usize, rw, shared, page).err(), Some(mmap::ENXIO), "half the length");
+    assert_eq!(region(4 * page as usize, rw, shared, page).err(), Some(mmap::ENXIO), "twice the length");
+    assert_eq!(region(2 * page as usize, rw, shared, 0).err(), Some(mmap::ENXIO), "the first page is no region");
+    assert_eq!(region(2 * page as usize, rw, libc::MAP_PRIVATE, page).err(), Some(Errno::EINVAL));
+    assert_eq!(region(2 * page as usize, rw | libc::PROT_EXEC, shared, page).err(), Some(Errno::EPERM));
+    assert_eq!(region(2 * page as usize, rw, shared, page + 1).err(), Some(Errno::EINVAL), "unaligned offset");
+    let owner = region(2 * page as usize - 100, rw, shared, page).expect("rounded up to whole pages");
+    let r = owner.mmap_region().unwrap();
+    let mut word = [0u8; 4];
+    rustix::io::pread(r.memory(), &mut word, 0).unwrap();
+    assert_eq!(u32::from_ne_bytes(word), 0xbeef, "the region starts with in_data");
+
+    // A mapping holds its vIOMMU until every piece of it is gone.
+    mmap::mapped(0x7000_0000, 2 * page, owner);
+    assert_eq!(destroy(&v, id), Err(Errno::EBUSY));
+    mmap::unmapped(0x7000_0000 + page, page);
+    assert_eq!(destroy(&v, id), Err(Errno::EBUSY), "the first page is still mapped");
+    mmap::unmapped(0x7000_0000, page);
+    destroy(&v, id).unwrap();
+    assert_eq!(region(2 * page as usize, rw, shared, page).err(), Some(mmap::ENXIO), "its offset went with it");
+    destroy(&v, second).unwrap();
+    assert_eq!(with(data.as_mut_bytes()), Ok(id));
+    assert_eq!(data.out_mmap_offset, page, "offsets are reused");
+}
+
+#[test]
+fn hw_queues_pin_their_guest_memory_and_go_in_descending_order() {
+    use ioasid_abi::hw_queue::*;
+    use ioasid_abi::selftest::{IOMMU_HW_QUEUE_TYPE_SELFTEST, IOMMU_TEST_HW_QUEUE_MAX};
+    let v = vm();
+    let page = ioasid_engine::PAGE_SIZE;
+    let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
+    let alloc = |r#type: u32, index: u32, nesting_parent_iova: u64, length: u64| {
+        let mut c = iommu_hw_queue_alloc {
+            size: 40,
+            viommu_id: id,
+            r#type,
+            index,
+            nesting_parent_iova,
+            length,
+            ..Default::default()
+        };
+        call(&v.ctx, IOMMU_HW_QUEUE_ALLOC, &mut c).map(|()| c.out_hw_queue_id)
+    };
+    let st = IOMMU_HW_QUEUE_TYPE_SELFTEST;
+    let iova = 1 << 24; // the mock's aperture
+    assert_eq!(alloc(IOMMU_HW_QUEUE_TYPE_DEFAULT, 0, iova, page), Err(Errno::EOPNOTSUPP));
+    assert_eq!(alloc(77, 0, iova, page), Err(Errno::EOPNOTSUPP), "a type the mock does not have");
+    assert_eq!(alloc(st, 0, iova, 0), Err(Errno::EINVAL));
+    assert_eq!(alloc(st, 0, u64::MAX, page), Err(Errno::EOVERFLOW));
+    assert_eq!(alloc(st, 0, iova, page), Err(Errno::ENOENT), "nothing mapped there");
+    let mut flags =
+        iommu_hw_queue_alloc { size: 40, flags: 1, viommu_id: id, r#type: st, length: page, ..Default::default() };
+    assert_eq!(call(&v.ctx, IOMMU_HW_QUEUE_ALLOC, &mut flags), Err(Errno::EOPNOTSUPP));
+
+    let ram = ioasid_engine::HostBuffer::new(2 * page as usize).unwrap();
+    // SAFETY: `ram` outlives the mappings (the context goes first).
+    unsafe {
+        v.ctx.map_user(v.ioas, ram.addr(), page, Some(iova), ioasid_engine::Perm::RW).unwrap();
+        v.ctx.map_user(v.ioas, ram.addr() + page, page, Some(iova + page), ioasid_engine::Perm::RW).unwrap();
+    }
+    assert_eq!(alloc(st, 1, iova, page), Err(Errno::EIO), "index 0 first");
+    assert_eq!(alloc(st, IOMMU_TEST_HW_QUEUE_MAX, iova, page), Err(Errno::EINVAL));
+    let q0 = alloc(st, 0, iova, page).unwrap();
+    assert_eq!(alloc(st, 0, iova, page), Err(Errno::EEXIST));
+    assert_eq!(v.ctx.unmap(v.ioas, iova, page).map_err(Errno::from), Err(Errno::EBUSY), "the queue locks its page");
+    v.ctx.unmap(v.ioas, iova + page, page).unwrap();
+    let q1 = alloc(st, 1, iova + page / 2, page / 2).unwrap();
+    let Ok(ioasid_engine::Object::HwQueue(q)) = v.ctx.object(q1) else { panic!("a HW queue") };
+    assert_eq!((q.index(), q.range(), q.host_addr()), (1, (iova + page / 2, page / 2), ram.addr() + page / 2));
+    drop(q);
+    assert_eq!(destroy(&v, q0), Err(Errno::EBUSY), "queue 1 depends on it");
+    assert_eq!(destroy(&v, id), Err(Errno::EBUSY), "the queues hold their vIOMMU");
+    destroy(&v, q1).unwrap();
+    destroy(&v, q0).unwrap();
+    v.ctx.unmap(v.ioas, iova, page).unwrap();
+    destroy(&v, id).unwrap();
 }

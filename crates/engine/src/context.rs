@@ -19,16 +19,17 @@ use crate::account::{AccountMode, Accounting, Limit};
 use crate::device::{Device, DeviceInfo};
 use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
-use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat};
+use crate::hw_queue::HwQueue;
+use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse};
 use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
-use crate::iova::IovaRange;
+use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
 use crate::model::IommuModel;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
 use crate::veventq::Veventq;
-use crate::viommu::{Vdevice, Viommu, ViommuType};
+use crate::viommu::{RegionSpec, Vdevice, Viommu, ViommuType};
 use rustix::thread::CapabilitySet;
 
 /// Object IDs are positive and fit in 31 bits, as Linux allocates them.
@@ -52,6 +53,8 @@ struct Table {
     auto_users: HashMap<u32, usize>,
     /// vDEVICEs by their device (its `Arc`'s address).
     vdevices: HashMap<usize, Vec<u32>>,
+    /// Objects' mmap regions by offset: (length, object ID).
+    mmaps: BTreeMap<u64, (u64, u32)>,
 }
 
 fn addr<T>(a: &Arc<T>) -> usize {
@@ -72,6 +75,11 @@ impl Table {
                 self.auto_users.insert(id, 0);
             }
             Object::Vdevice(v) => self.vdevices.entry(addr(v.device())).or_default().push(id),
+            Object::Viommu(v) => {
+                if let Some(r) = v.mmap_region() {
+                    self.mmaps.insert(r.offset(), (r.len(), id));
+                }
+            }
             _ => {}
         }
         self.objects.insert(id, obj);
@@ -103,6 +111,11 @@ impl Table {
                 self.auto_users.remove(&id);
             }
             Object::Vdevice(v) => unindex(&mut self.vdevices, addr(v.device())),
+            Object::Viommu(v) => {
+                if let Some(r) = v.mmap_region() {
+                    self.mmaps.remove(&r.offset());
+                }
+            }
             _ => {}
         }
         Some(obj)
@@ -153,6 +166,7 @@ pub enum Object {
     Viommu(Arc<Viommu>),
     Vdevice(Arc<Vdevice>),
     Veventq(Arc<Veventq>),
+    HwQueue(Arc<HwQueue>),
 }
 
 #[derive(Default)]
@@ -180,6 +194,7 @@ impl Object {
             Object::Viommu(o) => Arc::strong_count(o),
             Object::Vdevice(o) => Arc::strong_count(o),
             Object::Veventq(o) => Arc::strong_count(o),
+            Object::HwQueue(o) => Arc::strong_count(o),
         }
     }
 
@@ -196,6 +211,7 @@ impl Object {
             Object::Viommu(_) => "vIOMMU",
             Object::Vdevice(_) => "vDEVICE",
             Object::Veventq(_) => "vEVENTQ",
+            Object::HwQueue(_) => "HW queue",
         }
     }
 }
@@ -670,6 +686,19 @@ impl Context {
         fault: Option<u32>,
         format: Option<PageFormat>,
     ) -> Result<u32> {
+        self.hwpt_alloc_with(dev_id, ioas_id, flags, fault, format, PasidUse::Compatible)
+    }
+
+    /// `hwpt_alloc_format` with the table's `PasidUse` chosen.
+    pub fn hwpt_alloc_with(
+        &self,
+        dev_id: u32,
+        ioas_id: u32,
+        flags: HwptFlags,
+        fault: Option<u32>,
+        format: Option<PageFormat>,
+        pasid_use: PasidUse,
+    ) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
@@ -682,12 +711,24 @@ impl Context {
             return Err(Error::Unsupported("the device's IOMMU has no such page-table format"));
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
-        let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?;
+        let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?.with_pasid_use(pasid_use);
         self.insert_hwpt(hwpt)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a nested HWPT over paging HWPT `parent_id`.
     pub fn hwpt_alloc_nested(&self, dev_id: u32, parent_id: u32, data: NestedData, fault: Option<u32>) -> Result<u32> {
+        self.hwpt_alloc_nested_with(dev_id, parent_id, data, fault, PasidUse::Compatible)
+    }
+
+    /// `hwpt_alloc_nested` with the table's `PasidUse` chosen.
+    pub fn hwpt_alloc_nested_with(
+        &self,
+        dev_id: u32,
+        parent_id: u32,
+        data: NestedData,
+        fault: Option<u32>,
+        pasid_use: PasidUse,
+    ) -> Result<u32> {
         let _g = self.graph();
         let dev = self.device(dev_id)?;
         let (parent, viommu) = match self.object(parent_id)? {
@@ -709,7 +750,7 @@ impl Context {
             return Err(Error::Unsupported("the IOMMU does not take this stage-1 type here"));
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
-        let nested = parent.nest(data, fault, viommu)?;
+        let nested = parent.nest(data, fault, viommu, pasid_use)?;
         self.insert(Object::HwptNested(nested))
     }
 
@@ -721,8 +762,58 @@ impl Context {
         let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
             return Err(Error::NotFound("object is not a paging HWPT"));
         };
-        let viommu = Viommu::new(kind, &dev, hwpt)?;
+        let viommu = Viommu::new(kind, &dev, hwpt, None)?;
         self.insert(Object::Viommu(viommu))
+    }
+
+    /// `viommu_alloc` for a vIOMMU that shares memory with the program,
+    /// which maps it with `mmap` on the iommufd at the offset its
+    /// `mmap_region` gives: the lowest free one past the first page, as
+    /// Linux allocates them. Once the generic checks pass, `init` (the
+    /// driver taking its data, where Linux's `viommu_init` does) gives the
+    /// region's length and first bytes.
+    pub fn viommu_alloc_mmap<E: From<Error>>(
+        &self,
+        dev_id: u32,
+        hwpt_id: u32,
+        kind: ViommuType,
+        init: impl FnOnce() -> std::result::Result<(u64, Vec<u8>), E>,
+    ) -> std::result::Result<u32, E> {
+        let _g = self.graph();
+        let dev = self.device(dev_id)?;
+        let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
+            return Err(Error::NotFound("object is not a paging HWPT").into());
+        };
+        Viommu::check(kind, &dev, &hwpt)?;
+        let (len, contents) = init()?;
+        let mut offset = PAGE_SIZE;
+        for (&start, &(used, _)) in &self.table().mmaps {
+            if offset.checked_add(len).is_some_and(|end| end <= start) {
+                break;
+            }
+            offset = offset.max(start + used);
+        }
+        offset.checked_add(len).ok_or(Error::NoSpace("no mmap offset left"))?;
+        let viommu = Viommu::new(kind, &dev, hwpt, Some(RegionSpec { offset, len, contents: &contents }))?;
+        Ok(self.insert(Object::Viommu(viommu))?)
+    }
+
+    /// The object whose mmap region starts at `offset`, if any.
+    pub fn mmap_region(&self, offset: u64) -> Option<Arc<Viommu>> {
+        let t = self.table();
+        let &(_, id) = t.mmaps.get(&offset)?;
+        match t.get(&id) {
+            Some(Object::Viommu(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    /// `IOMMU_HW_QUEUE_ALLOC`: a HW queue of `kind` at `index` of vIOMMU
+    /// `viommu_id`, over `[base, base + len)` of its stage 2.
+    pub fn hw_queue_alloc(&self, viommu_id: u32, kind: u32, index: u32, base: u64, len: u64) -> Result<u32> {
+        let _g = self.graph();
+        let queue = HwQueue::new(&self.viommu(viommu_id)?, kind, index, base, len)?;
+        self.insert(Object::HwQueue(queue))
     }
 
     pub fn viommu(&self, id: u32) -> Result<Arc<Viommu>> {
@@ -893,6 +984,11 @@ impl Context {
             return Err(Error::Invalid("already attached there; use replace"));
         }
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
+        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
+        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
+            self.release_attachment(hwpt);
+            return Err(e);
+        }
         if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner(&dev, pasid)) {
             self.release_attachment(hwpt);
             return Err(e);
@@ -921,6 +1017,11 @@ impl Context {
         let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
         if old.is_same(&hwpt) {
             return Ok(id);
+        }
+        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
+        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
+            self.release_attachment(hwpt);
+            return Err(e);
         }
         let owner = owner(&dev, pasid);
         let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
@@ -959,6 +1060,9 @@ impl Context {
     }
 
     fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
+        if let Some(p) = pasid {
+            let _ = dev.mock_set_pasid(p, true);
+        }
         if let Some(old) = self.set_attachment(dev, pasid, None) {
             old.ioas().unreserve(owner(dev, pasid));
             if let Some(q) = old.fault() {
@@ -1064,6 +1168,17 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// Linux's rule between a device's RID and its PASIDs (see `PasidUse`):
+/// `hwpt` may take `dev` at `pasid` given what else `dev` is attached to.
+fn check_pasid_use(dev: &Device, pasid: Option<u32>, hwpt: &Hwpt) -> Result<()> {
+    let compatible = |h: &Hwpt| h.pasid_use() == PasidUse::Compatible;
+    let ok = match pasid {
+        None => compatible(hwpt) || dev.attachments().iter().all(|(p, _)| p.is_none()),
+        Some(_) => compatible(hwpt) && dev.attached_at(None).is_none_or(|rid| compatible(&rid)),
+    };
+    if ok { Ok(()) } else { Err(Error::Invalid("the HWPT is not PASID-compatible")) }
 }
 
 /// Who owns the reservations a device brings when attached at `pasid`:

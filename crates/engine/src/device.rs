@@ -2,7 +2,7 @@
 //! reserved regions, PASID width, format) and the DMA it does through the
 //! page table it is attached to.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use std::collections::BTreeMap;
@@ -116,6 +116,9 @@ pub const MOCK_PASID_WIDTH: u8 = 20;
 pub const MOCK_DEV_CACHE_NUM: usize = 4;
 /// What each entry of a new mock device's cache holds (`IOMMU_TEST_DEV_CACHE_DEFAULT`).
 pub const MOCK_DEV_CACHE_DEFAULT: u32 = 0xbaddad;
+/// The PASID at which the mock's driver fakes a failure
+/// (`IOMMU_TEST_PASID_RESERVED`), so its callers' error paths are seen.
+pub const MOCK_PASID_FAKE_ERROR: u32 = 1024;
 /// Most pages one page request group asks for.
 pub const MAX_GROUP_PAGES: usize = 16;
 
@@ -150,6 +153,8 @@ pub struct Device {
     guest_pasids: Mutex<BTreeMap<u32, u32>>,
     /// The per-device cache of a selftest mock device; `None` otherwise.
     mock_cache: Option<Mutex<[u32; MOCK_DEV_CACHE_NUM]>>,
+    /// The mock's driver fails its next setting of `MOCK_PASID_FAKE_ERROR`.
+    mock_pasid_armed: AtomicBool,
 }
 
 impl Device {
@@ -165,7 +170,26 @@ impl Device {
             next_group: AtomicU32::new(0),
             unrecoverable: AtomicU64::new(0),
             guest_pasids: Mutex::new(BTreeMap::new()),
+            mock_pasid_armed: AtomicBool::new(false),
         }
+    }
+
+    /// The mock driver's `set_dev_pasid` (Linux's selftest): at
+    /// `MOCK_PASID_FAKE_ERROR` the first setting of a table succeeds and
+    /// arms a failure, the next one fails with `ENOMEM` (a replace that
+    /// must leave the old table in place), and blocking it disarms.
+    pub(crate) fn mock_set_pasid(&self, pasid: u32, blocking: bool) -> crate::Result<()> {
+        if !self.info.iommu.is_selftest() || pasid != MOCK_PASID_FAKE_ERROR {
+            return Ok(());
+        }
+        if blocking {
+            self.mock_pasid_armed.store(false, Ordering::Relaxed);
+        } else if self.mock_pasid_armed.swap(false, Ordering::Relaxed) {
+            return Err(crate::Error::NoMemory("the mock fakes a failure at this PASID"));
+        } else {
+            self.mock_pasid_armed.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     pub fn info(&self) -> &DeviceInfo {

@@ -278,11 +278,29 @@ pub struct HwptFlags {
     pub dirty_tracking: bool,
 }
 
+/// How a HWPT may be shared between a device's RID and its PASIDs.
+///
+/// Linux (7.3) lets a PASID attach only to a table allocated with
+/// `IOMMU_HWPT_ALLOC_PASID`, and only while the device's RID is on such a
+/// table too; and a RID may not move to a table without the flag while
+/// PASIDs are attached. The uAPI chooses per table; the engine's typed API
+/// makes PASID-compatible tables, which its own PASID users (the vPASID
+/// extension, VMMs) attach freely.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PasidUse {
+    /// `IOMMU_HWPT_ALLOC_PASID`: PASIDs and the RID alike.
+    #[default]
+    Compatible,
+    /// A uAPI table without the flag: the RID only, and not beside PASIDs.
+    RidOnly,
+}
+
 /// A paging HWPT: a domain attached to an IOAS, which fills it.
 pub struct HwptPaging {
     domain: Arc<Domain>,
     ioas: Arc<Ioas>,
     flags: HwptFlags,
+    pasid_use: PasidUse,
     /// Where page requests on this table go.
     fault: Option<Arc<FaultQueue>>,
     /// Created by attaching a device to an IOAS, and destroyed with the last
@@ -303,7 +321,7 @@ impl HwptPaging {
         crate::inject::check("domain")?;
         let domain = Arc::new(Domain::with_dirty(format, aperture, flags.dirty_tracking));
         ioas.add_domain(&domain)?;
-        Ok(Arc::new(HwptPaging { domain, ioas, flags, fault, auto }))
+        Ok(Arc::new(HwptPaging { domain, ioas, flags, pasid_use: PasidUse::Compatible, fault, auto }))
     }
 
     pub fn domain(&self) -> &Arc<Domain> {
@@ -316,6 +334,12 @@ impl HwptPaging {
 
     pub fn flags(&self) -> HwptFlags {
         self.flags
+    }
+
+    /// A new table's choice, made before anyone else can see it.
+    pub(crate) fn with_pasid_use(mut self: Arc<Self>, pasid_use: PasidUse) -> Arc<Self> {
+        Arc::get_mut(&mut self).expect("a new table").pasid_use = pasid_use;
+        self
     }
 
     pub fn is_auto(&self) -> bool {
@@ -391,6 +415,7 @@ pub struct HwptNested {
     fault: Option<Arc<FaultQueue>>,
     /// The vIOMMU it was allocated on, kept alive (and busy) by it.
     viommu: Option<Arc<crate::viommu::Viommu>>,
+    pasid_use: PasidUse,
 }
 
 impl HwptNested {
@@ -576,6 +601,13 @@ impl Hwpt {
         }
     }
 
+    pub fn pasid_use(&self) -> PasidUse {
+        match self {
+            Hwpt::Paging(h) => h.pasid_use,
+            Hwpt::Nested(n) => n.pasid_use,
+        }
+    }
+
     pub fn dirty_capable(&self) -> bool {
         match self {
             Hwpt::Paging(h) => h.domain.dirty_capable(),
@@ -654,10 +686,11 @@ impl HwptPaging {
         data: NestedData,
         fault: Option<Arc<FaultQueue>>,
         viommu: Option<Arc<crate::viommu::Viommu>>,
+        pasid_use: PasidUse,
     ) -> crate::Result<Arc<HwptNested>> {
         self.check_nest_parent()?;
         crate::inject::check("nested HWPT")?;
-        let nested = Arc::new(HwptNested { parent: self.clone(), data, fault, viommu });
+        let nested = Arc::new(HwptNested { parent: self.clone(), data, fault, viommu, pasid_use });
         if let Some(v) = &nested.viommu {
             v.add_nested(&nested);
         }

@@ -48,6 +48,9 @@ struct Area {
     pinned: bool,
     /// Pins held on this area by accesses; unmap waits for them to go.
     num_accesses: u32,
+    /// Of those, pins held by objects that cannot let go on request (a HW
+    /// queue reading guest memory): unmap is `EBUSY` while any remain.
+    num_locks: u32,
     /// Being unmapped: accesses may not pin or copy through it.
     prevent_access: bool,
 }
@@ -132,6 +135,7 @@ impl Ioas {
                 perm,
                 pinned: false,
                 num_accesses: 0,
+                num_locks: 0,
                 prevent_access: false,
             };
             match g.fill_area(cur, area) {
@@ -187,6 +191,9 @@ impl Ioas {
                     break 'retry Ok(());
                 };
                 let (last, num_accesses) = (a.last, a.num_accesses);
+                if a.num_locks > 0 {
+                    break 'retry Err(Error::Busy("an object locks the area"));
+                }
                 if start < range.start || last > range.last {
                     break 'retry Err(Error::NotFound("range would split a mapping"));
                 }
@@ -442,6 +449,16 @@ impl Ioas {
     /// access pin and its pages are pinned. Returns the pinned parts and the
     /// host address of each CPU page.
     pub(crate) fn access_pin(&self, range: IovaRange, write: bool) -> Result<(Vec<Pinned>, Vec<u64>)> {
+        self.pin_range(range, write, false)
+    }
+
+    /// `access_pin` for an object that keeps its pin until it is destroyed:
+    /// the areas are locked against unmap meanwhile (Linux's internal access).
+    pub(crate) fn lock_pin(&self, range: IovaRange, write: bool) -> Result<(Vec<Pinned>, Vec<u64>)> {
+        self.pin_range(range, write, true)
+    }
+
+    fn pin_range(&self, range: IovaRange, write: bool, lock: bool) -> Result<(Vec<Pinned>, Vec<u64>)> {
         crate::inject::check("access pin")?;
         let mut g = self.lock();
         let parts = g.contig(range)?;
@@ -453,6 +470,7 @@ impl Ioas {
                 p.pages.unpin(p.start_byte, p.len);
                 if let Some(a) = g.areas.get_mut(&p.area) {
                     a.num_accesses -= 1;
+                    a.num_locks -= u32::from(p.locked);
                 }
             }
         };
@@ -473,9 +491,10 @@ impl Ioas {
             }
             let a = g.areas.get_mut(&area).expect("area from contig");
             a.num_accesses += 1;
+            a.num_locks += u32::from(lock);
             let host = a.src.pages.host_addr(start_byte);
             pages.extend((0..len.div_ceil(PAGE_SIZE)).map(|k| host + k * PAGE_SIZE));
-            pinned.push(Pinned { area, pages: a.src.pages.clone(), start_byte, len });
+            pinned.push(Pinned { area, pages: a.src.pages.clone(), start_byte, len, locked: lock });
         }
         Ok((pinned, pages))
     }
@@ -487,6 +506,7 @@ impl Ioas {
             p.pages.unpin(p.start_byte, p.len);
             if let Some(a) = g.areas.get_mut(&p.area) {
                 a.num_accesses -= 1;
+                a.num_locks -= u32::from(p.locked);
             }
         }
     }
@@ -615,6 +635,7 @@ pub(crate) struct Pinned {
     pages: Arc<Pages>,
     start_byte: u64,
     len: u64,
+    locked: bool,
 }
 
 impl Inner {

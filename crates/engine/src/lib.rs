@@ -31,6 +31,7 @@ pub mod device;
 pub mod epoch;
 pub mod error;
 pub mod fault;
+pub mod hw_queue;
 pub mod hwpt;
 pub mod inject;
 pub mod ioas;
@@ -53,10 +54,13 @@ pub use context::{Context, ContextConfig, Object, SelftestDevice};
 pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
-pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, WalkStep};
+pub use hw_queue::HwQueue;
+pub use hwpt::{
+    Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse, WalkStep,
+};
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
 pub use model::{HwInfo, IommuModel};
 pub use pgtable::Perm;
 pub use veventq::Veventq;
-pub use viommu::{Vdevice, Viommu, ViommuType};
+pub use viommu::{MmapRegion, Vdevice, Viommu, ViommuType};

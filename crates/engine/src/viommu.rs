@@ -20,11 +20,14 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
+use crate::hw_queue::{HW_QUEUE_TYPE_SELFTEST, HwQueue};
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
+use crate::iova::PAGE_SIZE;
 use crate::model::IommuModel;
 use crate::veventq::{VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, Veventq};
 use crate::{Error, Result};
@@ -66,6 +69,68 @@ pub struct Viommu {
     /// The nested HWPTs allocated on it, whose caches its invalidations
     /// reach; weak, as each holds its vIOMMU.
     nested: Mutex<Vec<Weak<HwptNested>>>,
+    /// Its HW queues; weak, as each holds its vIOMMU.
+    hw_queues: Mutex<Vec<Weak<HwQueue>>>,
+    /// Memory it shares with the program, if its model has any.
+    region: Option<MmapRegion>,
+}
+
+/// Memory a vIOMMU shares with the program that owns it, which maps it by
+/// calling `mmap` on the iommufd at `offset` with exactly `len` bytes
+/// (Linux's `iommufd_viommu_alloc_mmap`: on hardware, a page of the
+/// IOMMU's registers given to the guest; on the mock, two pages whose first
+/// word echoes the vIOMMU's driver data). Offsets are unique per context
+/// and start past the first page. A mapping holds the vIOMMU, which cannot
+/// be destroyed until it is unmapped.
+/// What a vIOMMU's `MmapRegion` is made of.
+pub(crate) struct RegionSpec<'a> {
+    pub offset: u64,
+    pub len: u64,
+    pub contents: &'a [u8],
+}
+
+pub struct MmapRegion {
+    memory: OwnedFd,
+    offset: u64,
+    len: u64,
+}
+
+impl MmapRegion {
+    /// `len` bytes (a whole number of pages) at mmap offset `offset`,
+    /// starting with `contents`, the rest zero.
+    pub(crate) fn new(offset: u64, len: u64, contents: &[u8]) -> Result<Self> {
+        if len == 0 || len % PAGE_SIZE != 0 || offset % PAGE_SIZE != 0 || contents.len() as u64 > len {
+            return Err(Error::Invalid("an mmap region is whole pages"));
+        }
+        crate::inject::check("mmap region")?;
+        let no_memory = |_| Error::NoMemory("cannot make the vIOMMU's shared memory");
+        let memory = rustix::fs::memfd_create("ioasid:viommu", rustix::fs::MemfdFlags::CLOEXEC).map_err(no_memory)?;
+        rustix::fs::ftruncate(&memory, len).map_err(no_memory)?;
+        let mut done = 0;
+        while done < contents.len() {
+            done += rustix::io::pwrite(&memory, &contents[done..], done as u64).map_err(no_memory)?;
+        }
+        Ok(MmapRegion { memory, offset, len })
+    }
+
+    /// The file to map (at file offset 0).
+    pub fn memory(&self) -> BorrowedFd<'_> {
+        self.memory.as_fd()
+    }
+
+    /// The `offset` argument the program passes to `mmap`.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The `length` argument `mmap` must be given.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 struct VpasidUse {
@@ -78,7 +143,8 @@ struct VpasidUse {
 
 impl Viommu {
     /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
-    pub(crate) fn new(kind: ViommuType, dev: &Device, hwpt: Arc<HwptPaging>) -> Result<Arc<Self>> {
+    /// Whether a vIOMMU of `kind` may be made for `dev` over `hwpt`.
+    pub(crate) fn check(kind: ViommuType, dev: &Device, hwpt: &HwptPaging) -> Result<()> {
         // Linux's order: the parent is checked before the driver is asked.
         hwpt.check_nest_parent()?;
         if !kind.serves(dev.info().iommu) {
@@ -87,7 +153,18 @@ impl Viommu {
         if !dev.info().iommu.serves(hwpt.domain().format()) {
             return Err(Error::Invalid("the HWPT belongs to another IOMMU"));
         }
+        Ok(())
+    }
+
+    pub(crate) fn new(
+        kind: ViommuType,
+        dev: &Device,
+        hwpt: Arc<HwptPaging>,
+        region: Option<RegionSpec<'_>>,
+    ) -> Result<Arc<Self>> {
+        Self::check(kind, dev, &hwpt)?;
         crate::inject::check("vIOMMU")?;
+        let region = region.map(|r| MmapRegion::new(r.offset, r.len, r.contents)).transpose()?;
         Ok(Arc::new(Viommu {
             kind,
             hwpt,
@@ -96,7 +173,23 @@ impl Viommu {
             vpasids: Mutex::new(BTreeMap::new()),
             veventqs: Mutex::new(Vec::new()),
             nested: Mutex::new(Vec::new()),
+            hw_queues: Mutex::new(Vec::new()),
+            region,
         }))
+    }
+
+    /// The memory it shares with the program through `mmap`, if any.
+    pub fn mmap_region(&self) -> Option<&MmapRegion> {
+        self.region.as_ref()
+    }
+
+    /// Whether its model has HW queues of `kind`.
+    pub(crate) fn offers_hw_queue(&self, kind: u32) -> bool {
+        self.kind == ViommuType::Selftest && kind == HW_QUEUE_TYPE_SELFTEST
+    }
+
+    pub(crate) fn hw_queues(&self) -> MutexGuard<'_, Vec<Weak<HwQueue>>> {
+        self.hw_queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn kind(&self) -> ViommuType {

@@ -747,3 +747,105 @@ pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_in
     let fwd = || unsafe { real::faccessat()(dirfd, path, mode, flags) };
     hook(fwd, || access_at(dirfd, path, mode, fwd))
 }
+
+type MmapFn = unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+type MunmapFn = unsafe extern "C" fn(*mut c_void, usize) -> c_int;
+
+fn real_mmap(name: &'static str) -> MmapFn {
+    static MMAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static MMAP64: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    match name {
+        "mmap64\0" => real::next(&MMAP64, name),
+        _ => real::next(&MMAP, name),
+    }
+}
+
+fn real_munmap() -> MunmapFn {
+    static MUNMAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    real::next(&MUNMAP, "munmap\0")
+}
+
+/// `mmap` of an ioasid descriptor. An iommufd maps the memory an object
+/// shares with the program (`ioasid_abi::mmap`) in place of the descriptor's
+/// own file, and the mapping is recorded so that it holds the object until
+/// unmapped; Linux's other iommufd files have no mmap (`ENODEV`).
+fn mmap_ioasid(
+    entry: &files::Entry,
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    off: libc::off_t,
+    fwd: MmapFn,
+) -> Result<*mut c_void, c_int> {
+    let File::Iommufd(ctx) = &entry.file else { return Err(libc::ENODEV) };
+    if !entry.is_local() {
+        // The object's memory is the parent's; a forked child cannot reach it.
+        return Err(libc::EOPNOTSUPP);
+    }
+    let owner = ioasid_abi::mmap::region(ctx, len, prot, flags, off).map_err(|e| e.0)?;
+    let memory = owner.mmap_region().expect("checked by region").memory();
+    // SAFETY: the caller's own mapping request, of a file we own instead of
+    // the descriptor it named; `region` checked the length against the file.
+    let p = unsafe { fwd(addr, len, prot, flags, std::os::fd::AsRawFd::as_raw_fd(&memory), 0) };
+    if p == libc::MAP_FAILED {
+        // SAFETY: reading this thread's errno.
+        return Err(unsafe { *libc::__errno_location() });
+    }
+    if flags & libc::MAP_FIXED != 0 {
+        ioasid_abi::mmap::unmapped(p as u64, len as u64);
+    }
+    ioasid_abi::mmap::mapped(p as u64, len as u64, owner);
+    Ok(p)
+}
+
+macro_rules! mmap_hook {
+    ($name:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            addr: *mut c_void,
+            len: usize,
+            prot: c_int,
+            flags: c_int,
+            fd: c_int,
+            off: libc::off_t,
+        ) -> *mut c_void {
+            let real = real_mmap(concat!(stringify!($name), "\0"));
+            let entry = if fd < 0 || flags & libc::MAP_ANONYMOUS != 0 || IN_HOOK.with(|h| h.get()) {
+                None
+            } else {
+                files::lookup(fd)
+            };
+            let Some(entry) = entry else {
+                // SAFETY: forwarding the caller's own arguments.
+                let p = unsafe { real(addr, len, prot, flags, fd, off) };
+                if p != libc::MAP_FAILED && flags & libc::MAP_FIXED != 0 {
+                    ioasid_abi::mmap::unmapped(p as u64, len as u64);
+                }
+                return p;
+            };
+            let _shield = crate::signals::Shield::raise();
+            mmap_ioasid(&entry, addr, len, prot, flags, off, real).unwrap_or_else(|e| {
+                set_errno(e);
+                libc::MAP_FAILED
+            })
+        }
+    };
+}
+
+mmap_hook!(mmap);
+mmap_hook!(mmap64);
+
+/// # Safety
+/// As the C library's `munmap`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
+    // SAFETY: forwarding the caller's own arguments.
+    let r = unsafe { real_munmap()(addr, len) };
+    if r == 0 {
+        ioasid_abi::mmap::unmapped(addr as u64, len as u64);
+    }
+    r
+}

@@ -1,0 +1,119 @@
+//! HW queues: a queue of a vIOMMU (a command queue, say) that the IOMMU
+//! reads straight from guest memory, which the guest's owner places at a
+//! guest physical address of the vIOMMU's stage 2 (Linux's
+//! `IOMMU_HW_QUEUE_ALLOC`).
+//!
+//! The hardware reads the queue by physical address, so the memory under
+//! it is pinned for the queue's lifetime and its IOVA range is locked:
+//! unmapping it is `EBUSY` until the queue is destroyed. The pages must be
+//! contiguous, as for hardware that takes one base address. Each vIOMMU
+//! model says which queue types it offers and how they are indexed; the
+//! mock's queues start at index 0 and go up one at a time, each holding the
+//! one before it, so they are destroyed in descending order.
+
+use std::sync::{Arc, Weak};
+
+use crate::ioas::{Ioas, Pinned};
+use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::viommu::Viommu;
+use crate::{Error, Result};
+
+/// The mock vIOMMU's queue type.
+pub const HW_QUEUE_TYPE_SELFTEST: u32 = 0xdead_beef;
+/// How many queues a mock vIOMMU has (Linux's `IOMMU_TEST_HW_QUEUE_MAX`).
+pub const SELFTEST_HW_QUEUE_MAX: u32 = 2;
+
+pub struct HwQueue {
+    viommu: Arc<Viommu>,
+    kind: u32,
+    index: u32,
+    base: u64,
+    len: u64,
+    /// Host address of the queue's first byte.
+    host_addr: u64,
+    ioas: Arc<Ioas>,
+    pinned: Vec<Pinned>,
+    /// The queue one index below, which may not go while this one exists.
+    _prev: Option<Arc<HwQueue>>,
+}
+
+impl HwQueue {
+    /// A queue of `kind` at `index` of `viommu`, over `[base, base + len)`
+    /// of its stage 2, checked in Linux's order: the type, then the pin of
+    /// its memory, then the model's rules on the index.
+    pub(crate) fn new(viommu: &Arc<Viommu>, kind: u32, index: u32, base: u64, len: u64) -> Result<Arc<Self>> {
+        let range = IovaRange::from_len(base, len)?;
+        if !viommu.offers_hw_queue(kind) {
+            return Err(Error::Unsupported("the vIOMMU has no HW queue of that type"));
+        }
+        crate::inject::check("HW queue")?;
+        let ioas = viommu.hwpt().ioas().clone();
+        let first = range.start & !(PAGE_SIZE - 1);
+        let pages = (range.last - first) / PAGE_SIZE + 1;
+        let (pinned, hosts) = ioas.lock_pin(IovaRange::from_len(first, pages * PAGE_SIZE)?, false)?;
+        let unpin = |e| {
+            ioas.access_unpin(&pinned);
+            Err(e)
+        };
+        if hosts.windows(2).any(|w| w[1] != w[0] + PAGE_SIZE) {
+            return unpin(Error::Fault("the queue's pages are not contiguous"));
+        }
+        let host_addr = hosts[0] + (range.start - first);
+        let mut queues = viommu.hw_queues();
+        queues.retain(|q| q.strong_count() > 0);
+        let live = |i: u32| queues.iter().filter_map(Weak::upgrade).find(|q| q.kind == kind && q.index == i);
+        // The mock's rules (the only model with HW queues).
+        if index >= SELFTEST_HW_QUEUE_MAX {
+            return unpin(Error::Invalid("no HW queue at that index"));
+        }
+        if live(index).is_some() {
+            return unpin(Error::Exists("the HW queue at that index exists"));
+        }
+        let prev = match index.checked_sub(1).map(live) {
+            Some(None) => return unpin(Error::Io("HW queues are allocated from index 0 up")),
+            Some(prev) => prev,
+            None => None,
+        };
+        let queue = Arc::new(HwQueue {
+            viommu: viommu.clone(),
+            kind,
+            index,
+            base,
+            len,
+            host_addr,
+            ioas: ioas.clone(),
+            pinned,
+            _prev: prev,
+        });
+        queues.push(Arc::downgrade(&queue));
+        Ok(queue)
+    }
+
+    pub fn viommu(&self) -> &Arc<Viommu> {
+        &self.viommu
+    }
+
+    pub fn kind(&self) -> u32 {
+        self.kind
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The queue's guest physical address (IOVA of the vIOMMU's stage 2) and length.
+    pub fn range(&self) -> (u64, u64) {
+        (self.base, self.len)
+    }
+
+    /// Host address of the queue's memory, which stays pinned while the queue exists.
+    pub fn host_addr(&self) -> u64 {
+        self.host_addr
+    }
+}
+
+impl Drop for HwQueue {
+    fn drop(&mut self) {
+        self.ioas.access_unpin(&self.pinned);
+    }
+}
