@@ -53,7 +53,9 @@ pub use context::{Context, ContextConfig, Object, SelftestDevice};
 pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
-pub use hwpt::{Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, WalkStep};
+pub use hwpt::{
+    ConfigFault, Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, WalkStep,
+};
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
 pub use model::{HwInfo, IommuModel};

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
+use crate::fault::DmaAttrs;
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
 use crate::model::IommuModel;
@@ -66,6 +67,8 @@ pub struct Viommu {
     /// The nested HWPTs allocated on it, whose caches its invalidations
     /// reach; weak, as each holds its vIOMMU.
     nested: Mutex<Vec<Weak<HwptNested>>>,
+    /// The SMMU features a guest's commands are checked against.
+    smmu: crate::smmuv3::Features,
 }
 
 struct VpasidUse {
@@ -96,6 +99,7 @@ impl Viommu {
             vpasids: Mutex::new(BTreeMap::new()),
             veventqs: Mutex::new(Vec::new()),
             nested: Mutex::new(Vec::new()),
+            smmu: smmu_features(dev),
         }))
     }
 
@@ -120,7 +124,7 @@ impl Viommu {
         if self.kind != ViommuType::ArmSmmuV3 {
             return Err(Error::Unsupported("this vIOMMU takes no invalidation commands"));
         }
-        let command = crate::smmuv3::Command::decode(cmd)?;
+        let command = crate::smmuv3::Command::decode(cmd, self.smmu)?;
         if let Some(sid) = command.sid() {
             let dev = self.device(u64::from(sid)).ok_or(Error::Io("no vDEVICE has that stream ID"))?;
             for (_, hwpt) in dev.attachments() {
@@ -175,7 +179,7 @@ impl Viommu {
 
     /// Tells the guest's owner that `dev` took a fault it cannot recover
     /// from, in this vIOMMU's event format. False when nobody listens.
-    pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError) -> bool {
+    pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError, attrs: DmaAttrs) -> bool {
         let Some(virt_id) = self.virt_id_of(dev) else { return false };
         match self.kind {
             ViommuType::Selftest => {
@@ -184,7 +188,7 @@ impl Viommu {
             }
             ViommuType::ArmSmmuV3 => {
                 let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
-                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault) else { return false };
+                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault, attrs) else { return false };
                 let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
                 q.report(&bytes);
             }
@@ -303,5 +307,13 @@ impl Vdevice {
 impl Drop for Vdevice {
     fn drop(&mut self) {
         self.viommu.table().remove(&self.virt_id);
+    }
+}
+
+/// What `dev`'s SMMU implements (nothing, for another IOMMU).
+fn smmu_features(dev: &Device) -> crate::smmuv3::Features {
+    match dev.info().hw_info() {
+        crate::model::HwInfo::ArmSmmuV3 { idr, .. } => crate::smmuv3::Features::from_idr(idr),
+        _ => crate::smmuv3::Features::from_idr([0; 6]),
     }
 }
