@@ -242,3 +242,46 @@ fn huge_counts_on_the_fault_fd_are_bounded_by_the_records() {
     assert_eq!(fault.write(&InProcess, end, huge[0], 0), Ok(RESPONSE));
     assert_eq!(fault.write(&InProcess, end, huge[1], 0), Err(Errno::EINVAL), "answered already");
 }
+
+/// A page request of an execute or privileged DMA (PASID-tagged, the
+/// device's PASID capability enabling both) reaches the fault fd's record
+/// with `IOMMU_PGFAULT_PERM_EXEC` and `_PRIV`.
+#[test]
+fn fault_records_carry_exec_and_priv() {
+    use ioasid_abi::uapi::{
+        IOMMU_PGFAULT_FLAGS_PASID_VALID, IOMMU_PGFAULT_PERM_EXEC, IOMMU_PGFAULT_PERM_PRIV, IOMMU_PGFAULT_PERM_READ,
+    };
+    use ioasid_engine::fault::DmaAttrs;
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let info =
+        DeviceInfo { pri: true, max_pasid_log2: 8, pasid_exec: true, pasid_priv: true, ..DeviceInfo::new("pri", 1) };
+    let dev = ctx.bind_device(info).unwrap();
+    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
+    call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
+    let fd = c.out_fault_fd as i32;
+    let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
+    let hwpt = ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(c.out_fault_id)).unwrap();
+    ctx.attach_pasid(dev, 5, hwpt).unwrap();
+    let device = ctx.device(dev).unwrap();
+    let attrs = DmaAttrs { exec: true, privileged: true };
+    let dma = std::thread::spawn(move || device.dma_read_pasid_with(5, 0x10000, &mut [0], attrs));
+    while !readable(fd) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let mut rec = [iommu_hwpt_pgfault::default(); 1];
+    assert_eq!(file.read(&InProcess, rec.as_mut_ptr() as u64, 40, 0), Ok(40));
+    assert_eq!(
+        (rec[0].flags & IOMMU_PGFAULT_FLAGS_PASID_VALID, rec[0].pasid, rec[0].perm),
+        (
+            IOMMU_PGFAULT_FLAGS_PASID_VALID,
+            5,
+            IOMMU_PGFAULT_PERM_READ | IOMMU_PGFAULT_PERM_EXEC | IOMMU_PGFAULT_PERM_PRIV
+        )
+    );
+    drop(file);
+    files::remove(fd);
+    // SAFETY: the fault fd this test was handed.
+    unsafe { libc::close(fd) };
+    assert!(dma.join().unwrap().is_err());
+}

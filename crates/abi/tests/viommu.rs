@@ -303,8 +303,21 @@ fn smmuv3_commands_go_to_the_viommu() {
     let (v, viommu_id) = smmu_vm();
     let nested = smmu_nested(&v, viommu_id, [1 | 0b101 << 1 | 0x1000, 0]).unwrap();
     let t = IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3;
-    let good = [[0x12 | 1 << 48, 0x40_0000], [0x05 | 0x42 << 32, 1], [0x28, 0]];
-    assert_eq!(smmu_invalidate(&v, viommu_id, t, &good), (3, Ok(())));
+    let good = [[0x12 | 1 << 48, 0x40_0000], [0x05 | 0x42 << 32, 1], [0x10, 0], [0x30, 0]];
+    assert_eq!(smmu_invalidate(&v, viommu_id, t, &good), (4, Ok(())));
+    // 7.3 checks each command field by field; the SMMU has no ATS, and
+    // stage-2 invalidation (TLBI_S12_VMALL) is the host's.
+    let refused: [[u64; 2]; 6] = [
+        [0x28, 0],
+        [0x40 | 0x42 << 32, 0],
+        [0x10 | 1 << 48, 0],
+        [0x30 | 1 << 32, 0],
+        [0x05 | 0x42 << 32, 2],
+        [0x12 | 1 << 48 | 1 << 12, 0x40_0000],
+    ];
+    for cmd in refused {
+        assert_eq!(smmu_invalidate(&v, viommu_id, t, &[good[0], cmd]), (1, Err(Errno::EIO)), "{cmd:x?}");
+    }
     // Processing stops at the first rejected command, and says where.
     let bad = [[0x11 | 1 << 48, 0], [0x46, 0], [0x28, 0]];
     assert_eq!(smmu_invalidate(&v, viommu_id, t, &bad), (1, Err(Errno::EIO)), "CMD_SYNC");

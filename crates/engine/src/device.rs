@@ -11,7 +11,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use thiserror::Error;
 
 use crate::epoch;
-use crate::fault::{Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
+use crate::fault::{DmaAttrs, Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
 use crate::hwpt::{FaultReason, Hwpt, PageFormat};
 use crate::iova::IovaRange;
 use crate::memory;
@@ -326,40 +326,66 @@ impl Device {
     /// device waits for its answer.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len();
-        self.dma(None, iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.dma(Request::plain(None, Perm::R), iova, len, true, |t, host, r| memory::read(t, host, &mut buf[r]))
             .map_err(Stall::into_error)
     }
 
     /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
     /// its answer.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(None, iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
+        self.dma(Request::plain(None, Perm::W), iova, buf.len(), true, |t, host, r| memory::write(t, host, &buf[r]))
             .map_err(Stall::into_error)
     }
 
     /// `dma_read` tagged with `pasid`: through the table attached there.
     pub fn dma_read_pasid(&self, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let len = buf.len();
-        self.dma(Some(pasid), iova, len, Perm::R, true, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.dma(Request::plain(Some(pasid), Perm::R), iova, len, true, |t, host, r| memory::read(t, host, &mut buf[r]))
             .map_err(Stall::into_error)
     }
 
     /// `dma_write` tagged with `pasid`.
     pub fn dma_write_pasid(&self, pasid: u32, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(Some(pasid), iova, buf.len(), Perm::W, true, |t, host, r| memory::write(t, host, &buf[r]))
-            .map_err(Stall::into_error)
+        self.dma(Request::plain(Some(pasid), Perm::W), iova, buf.len(), true, |t, host, r| {
+            memory::write(t, host, &buf[r])
+        })
+        .map_err(Stall::into_error)
+    }
+
+    /// `dma_read_pasid` asking for execute or privileged access too, as far
+    /// as the device's PASID capability lets it ask (the bits it does not
+    /// enable are never sent).
+    pub fn dma_read_pasid_with(&self, pasid: u32, iova: u64, buf: &mut [u8], attrs: DmaAttrs) -> Result<(), DmaError> {
+        let (len, attrs) = (buf.len(), self.sendable(attrs));
+        self.dma(Request { pasid: Some(pasid), need: Perm::R, attrs }, iova, len, true, |t, host, r| {
+            memory::read(t, host, &mut buf[r])
+        })
+        .map_err(Stall::into_error)
+    }
+
+    /// `dma_write_pasid` with `attrs` (see `dma_read_pasid_with`).
+    pub fn dma_write_pasid_with(&self, pasid: u32, iova: u64, buf: &[u8], attrs: DmaAttrs) -> Result<(), DmaError> {
+        let attrs = self.sendable(attrs);
+        self.dma(Request { pasid: Some(pasid), need: Perm::W, attrs }, iova, buf.len(), true, |t, host, r| {
+            memory::write(t, host, &buf[r])
+        })
+        .map_err(Stall::into_error)
+    }
+
+    fn sendable(&self, attrs: DmaAttrs) -> DmaAttrs {
+        DmaAttrs { exec: attrs.exec && self.info.pasid_exec, privileged: attrs.privileged && self.info.pasid_priv }
     }
 
     /// `dma_read` that does not wait: a page fault returns the pending page
     /// request. Bytes before the fault are read; retry once it is answered.
     pub fn try_dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Stall> {
         let len = buf.len();
-        self.dma(None, iova, len, Perm::R, false, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.dma(Request::plain(None, Perm::R), iova, len, false, |t, host, r| memory::read(t, host, &mut buf[r]))
     }
 
     /// `dma_write` that does not wait (see `try_dma_read`).
     pub fn try_dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), Stall> {
-        self.dma(None, iova, buf.len(), Perm::W, false, |t, host, r| memory::write(t, host, &buf[r]))
+        self.dma(Request::plain(None, Perm::W), iova, buf.len(), false, |t, host, r| memory::write(t, host, &buf[r]))
     }
 
     /// Faults that no page request could cover (no PRI, or no fault queue on
@@ -374,10 +400,9 @@ impl Device {
     /// handler may unmap) and then retries, or fails if it was refused.
     fn dma(
         &self,
-        pasid: Option<u32>,
+        Request { pasid, need, attrs }: Request,
         iova: u64,
         len: usize,
-        need: Perm,
         wait: bool,
         mut copy: impl FnMut(memory::Trust, u64, std::ops::Range<usize>) -> crate::Result<()>,
     ) -> Result<(), Stall> {
@@ -397,8 +422,8 @@ impl Device {
                 Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
                     drop(guard);
                     let end = iova.saturating_add(len as u64);
-                    let Some(waiter) = self.page_request(pasid, at, end, need) else {
-                        self.unrecoverable(pasid, e);
+                    let Some(waiter) = self.page_request(pasid, at, end, need, attrs) else {
+                        self.unrecoverable(pasid, e, attrs);
                         return Err(Stall::Failed(e));
                     };
                     if !wait {
@@ -414,7 +439,7 @@ impl Device {
                 }
                 Err(e) => {
                     if matches!(e, DmaError::Fault { .. }) {
-                        self.unrecoverable(pasid, e);
+                        self.unrecoverable(pasid, e, attrs);
                     }
                     return Err(Stall::Failed(e));
                 }
@@ -427,7 +452,14 @@ impl Device {
     /// pages up to `end` that miss too (at most `MAX_GROUP_PAGES`), if the
     /// device can and its table has a queue; returns where the answer will
     /// come. One group, so the owner maps them all before the DMA retries.
-    fn page_request(&self, pasid: Option<u32>, iova: u64, end: u64, need: Perm) -> Option<Arc<Waiter>> {
+    fn page_request(
+        &self,
+        pasid: Option<u32>,
+        iova: u64,
+        end: u64,
+        need: Perm,
+        attrs: DmaAttrs,
+    ) -> Option<Arc<Waiter>> {
         if !self.info.pri {
             return None;
         }
@@ -440,6 +472,7 @@ impl Device {
         if need.write {
             perm |= PERM_WRITE;
         }
+        perm |= attrs.perm_bits();
         let granule = self.granule();
         let first = iova & !(granule - 1);
         let guard = epoch::pin();
@@ -462,12 +495,12 @@ impl Device {
 
     /// Counts a fault no page request can resolve, and reports it to the
     /// guest when the table is a vIOMMU's with an event queue listening.
-    fn unrecoverable(&self, pasid: Option<u32>, fault: DmaError) {
+    fn unrecoverable(&self, pasid: Option<u32>, fault: DmaError, attrs: DmaAttrs) {
         self.unrecoverable.fetch_add(1, Ordering::Relaxed);
         if let Some(Hwpt::Nested(n)) = self.serving(pasid)
             && let Some(viommu) = n.viommu()
         {
-            viommu.report_fault(self, pasid, fault);
+            viommu.report_fault(self, pasid, fault, attrs);
         }
     }
 
@@ -504,6 +537,20 @@ impl Device {
 
     pub(crate) fn set_id(&self, id: u32) {
         let _ = self.id.set(id);
+    }
+}
+
+/// Who asks for a DMA and how: the PASID it is tagged with, the rights it
+/// needs, and what else it asks.
+struct Request {
+    pasid: Option<u32>,
+    need: Perm,
+    attrs: DmaAttrs,
+}
+
+impl Request {
+    fn plain(pasid: Option<u32>, need: Perm) -> Self {
+        Request { pasid, need, attrs: DmaAttrs::default() }
     }
 }
 

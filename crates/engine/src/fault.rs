@@ -33,6 +33,26 @@ pub const LAST_PAGE: u32 = 1 << 1;
 /// `IOMMU_PGFAULT_PERM_*`.
 pub const PERM_READ: u32 = 1 << 0;
 pub const PERM_WRITE: u32 = 1 << 1;
+pub const PERM_EXEC: u32 = 1 << 2;
+pub const PERM_PRIV: u32 = 1 << 3;
+
+/// What a DMA tagged with a PASID may ask beyond read and write: the
+/// Execute and Privileged Mode bits of PCIe's PASID prefix, which a
+/// function sends only when its PASID capability enables them. They
+/// travel with the request (into page requests and event records); no
+/// table ioasid keeps grants or denies them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DmaAttrs {
+    pub exec: bool,
+    pub privileged: bool,
+}
+
+impl DmaAttrs {
+    /// `IOMMU_PGFAULT_PERM_EXEC` and `_PRIV` as a page request carries them.
+    pub fn perm_bits(self) -> u32 {
+        (if self.exec { PERM_EXEC } else { 0 }) | if self.privileged { PERM_PRIV } else { 0 }
+    }
+}
 
 /// One page request, as a PCIe PRI message carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -120,6 +120,28 @@ pub enum FaultReason {
     /// Nested: stage 2 does not map guest-physical address `gpa` (a stage-1
     /// table or the final page) with the rights needed.
     Stage2 { gpa: u64, permission: bool },
+    /// Nested: the guest's stage-1 leaf has its access flag clear (an
+    /// SMMUv3 `F_ACCESS`).
+    AccessFlag,
+    /// Nested: the guest's configuration for the stream (an SMMUv3 STE or
+    /// CD) does not let the transaction be translated.
+    Config(ConfigFault),
+}
+
+/// The guest configuration errors of a nested SMMUv3 stream, named as its
+/// event records name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFault {
+    /// The STE's Config aborts the stream: refused, with no event.
+    Abort,
+    /// `C_BAD_STE`: the STE is not valid, or ILLEGAL.
+    BadSte,
+    /// `F_STREAM_DISABLED`: no substream, and the STE takes only substreams.
+    StreamDisabled,
+    /// `C_BAD_SUBSTREAMID`: no context descriptor for the substream.
+    BadSubstream,
+    /// `C_BAD_CD`: the context descriptor is not valid or not walkable.
+    BadCd,
 }
 
 /// An I/O page table and its IOTLB (Linux's `iommu_domain`).
@@ -438,7 +460,7 @@ impl HwptNested {
     /// stage 2, rights are intersected, and the combined result is cached
     /// until either stage is invalidated.
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
-        self.translate_substream(iova, need, 0, guard)
+        self.translate_at(iova, need, None, guard)
     }
 
     /// `translate` of a DMA tagged with substream (PASID) `ssid`: an SMMUv3
@@ -451,17 +473,29 @@ impl HwptNested {
         ssid: u32,
         guard: &Guard,
     ) -> Result<(u64, bool), FaultReason> {
+        self.translate_at(iova, need, Some(ssid), guard)
+    }
+
+    /// `translate` with or without a substream: an SMMUv3 STE treats a
+    /// transaction without one apart from one with substream 0.
+    fn translate_at(
+        &self,
+        iova: u64,
+        need: Perm,
+        ssid: Option<u32>,
+        guard: &Guard,
+    ) -> Result<(u64, bool), FaultReason> {
         let Some(iotlb) = self.data.iotlb() else {
             return Err(FaultReason::NotPresent);
         };
-        let ssid = if matches!(self.data, NestedData::ArmSmmuV3 { .. }) { ssid } else { 0 };
-        // Cached per substream: its ID above the page number, which is
-        // below 2^36 for the 48-bit inputs stage 1 takes.
+        let ssid = if matches!(self.data, NestedData::ArmSmmuV3 { .. }) { ssid } else { None };
+        // Cached per substream: its ID plus one (0: none) above the page
+        // number, which is below 2^36 for the 48-bit inputs stage 1 takes.
         if iova >> 48 != 0 {
             return Err(FaultReason::NotPresent);
         }
         let s2 = &self.parent.domain;
-        let tag = iova >> 12 | u64::from(ssid) << 36;
+        let tag = iova >> 12 | ssid.map_or(0, |s| u64::from(s) + 1) << 36;
         let offset = iova & 0xfff;
         // Both generations only grow, so their sum changes when either does.
         let generation = iotlb.generation() + s2.iotlb_generation();
@@ -492,7 +526,7 @@ impl HwptNested {
     pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<u64, FaultReason>) {
         let guard = crate::epoch::pin();
         let mut steps = Vec::new();
-        let walked = self.walk_stage1(iova, 0, &guard, &mut |s| steps.push(s));
+        let walked = self.walk_stage1(iova, None, &guard, &mut |s| steps.push(s));
         let result = walked.and_then(|(gpa, _)| {
             let (host, _) = self.parent.domain.translate(gpa, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
             Ok(host)
@@ -505,7 +539,7 @@ impl HwptNested {
     fn walk_stage1(
         &self,
         iova: u64,
-        ssid: u32,
+        ssid: Option<u32>,
         guard: &Guard,
         step: &mut dyn FnMut(WalkStep),
     ) -> Result<(u64, Perm), FaultReason> {
@@ -515,13 +549,17 @@ impl HwptNested {
             NestedData::ArmSmmuV3 { ste, .. } => {
                 let mut failed = None;
                 let mut read = |gpa| read_guest(s2, gpa, guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
-                return match crate::smmuv3::translate(*ste, ssid, iova, &mut read) {
-                    Ok(translated) => Ok(translated),
-                    Err(crate::smmuv3::S1Fault::Read { gpa }) => {
-                        Err(failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)))
-                    }
-                    Err(_) => Err(FaultReason::NotPresent),
-                };
+                use crate::smmuv3::S1Fault;
+                return crate::smmuv3::translate(*ste, ssid, iova, &mut read).map_err(|f| match f {
+                    S1Fault::Read { gpa } => failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)),
+                    S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
+                    S1Fault::Translation => FaultReason::NotPresent,
+                    S1Fault::Access => FaultReason::AccessFlag,
+                    S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
+                    S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
+                    S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
+                    S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
+                });
             }
             NestedData::Selftest { .. } => return Err(FaultReason::NotPresent),
         };

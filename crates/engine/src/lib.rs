@@ -56,7 +56,8 @@ pub use error::{Error, Result};
 pub use fault::FaultQueue;
 pub use hw_queue::HwQueue;
 pub use hwpt::{
-    Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse, WalkStep,
+    ConfigFault, Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse,
+    WalkStep,
 };
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;

@@ -74,18 +74,19 @@ pub fn validate_ste(mut words: [u64; 2]) -> Result<[u64; 2]> {
 /// What a (validated) STE does with a stream's transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Config {
+    /// Not valid: every transaction is refused with `C_BAD_STE`.
+    Invalid,
+    /// Valid, Config abort: refused without an event.
     Abort,
     /// Stage 2 alone.
     Bypass,
-    /// Stage 1 through the linear CD table at guest-physical `cd_table`.
-    Stage1 {
-        cd_table: u64,
-    },
+    /// Stage 1 through the CD table at guest-physical `cd_table`.
+    Stage1 { cd_table: u64 },
 }
 
 pub fn config(words: [u64; 2]) -> Config {
     if words[0] & ste::V == 0 {
-        return Config::Abort;
+        return Config::Invalid;
     }
     match (words[0] & ste::CONFIG) >> 1 {
         ste::CONFIG_BYPASS => Config::Bypass,
@@ -94,110 +95,201 @@ pub fn config(words: [u64; 2]) -> Config {
     }
 }
 
-/// Why a stage-1 walk through a CD failed.
+/// Why a stage-1 walk through a CD failed, each as the SMMU reports it
+/// (SMMUv3 7.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum S1Fault {
-    /// The STE aborts the stream.
+    /// The STE's Config aborts the stream: no event.
     Abort,
-    /// The CD is not valid or not one this SMMU walks (AArch64, 4 KiB
-    /// granule, TTB0 enabled): a bad CD.
+    /// `C_BAD_STE`: the STE is not valid, or is ILLEGAL (a reserved S1Fmt
+    /// or S1DSS with substreams enabled).
+    BadSte,
+    /// `F_STREAM_DISABLED`: a transaction without a substream, and the STE
+    /// (S1DSS terminate) takes only substreams.
+    StreamDisabled,
+    /// `C_BAD_SUBSTREAMID`: a substream the STE has no descriptor for
+    /// (substreams disabled, beyond S1CDMax, substream 0 reserved by S1DSS,
+    /// or an invalid level-1 CD table descriptor).
+    BadSubstream,
+    /// `C_BAD_CD`: the CD is not valid or not one this SMMU walks (AArch64,
+    /// 4 KiB granule, an input size it supports).
     BadCd,
-    /// Stage 1 has no translation, or the access flag is clear.
+    /// `F_TRANSLATION`: stage 1 has no translation (or TTB0 walks are
+    /// disabled, or the address is beyond T0SZ).
     Translation,
+    /// `F_ACCESS`: the leaf's access flag is clear.
+    Access,
     /// Reading the guest's memory at `gpa` failed (stage 2).
     Read { gpa: u64 },
-    /// A substream ID the STE has no descriptor for.
-    BadSubstream,
 }
 
-/// Translates `iova` of substream `ssid` by an STE: returns the
-/// guest-physical address and stage 1's rights. `read` fetches 8 bytes of
-/// guest memory. Substreams beyond the STE's S1CDMax have no descriptor.
+/// STE S1DSS: what a transaction without a substream uses when
+/// substreams are enabled.
+const S1DSS_TERMINATE: u64 = 0;
+const S1DSS_BYPASS: u64 = 1;
+const S1DSS_SSID0: u64 = 2;
+/// STE S1Fmt: linear, or two levels with 4 KiB (64 CDs) or 64 KiB (1024
+/// CDs) leaf tables.
+const S1FMT_LINEAR: u64 = 0;
+const S1FMT_4K_L2: u64 = 1;
+const S1FMT_64K_L2: u64 = 2;
+/// Level-1 CD table descriptor (SMMUv3 5.4.1).
+const L1CD_V: u64 = 1;
+const L1CD_L2PTR: u64 = ((1 << 52) - 1) & !0xfff;
+
+/// Translates `iova` of substream `ssid` (`None`: a transaction without
+/// one) by an STE: returns the guest-physical address and stage 1's rights.
+/// `read` fetches 8 bytes of guest memory.
 pub fn translate(
     words: [u64; 2],
-    ssid: u32,
+    ssid: Option<u32>,
     iova: u64,
     read: &mut dyn FnMut(u64) -> Option<u64>,
 ) -> std::result::Result<(u64, Perm), S1Fault> {
     let cd_table = match config(words) {
+        Config::Invalid => return Err(S1Fault::BadSte),
         Config::Abort => return Err(S1Fault::Abort),
         Config::Bypass => return Ok((iova, Perm::RW)),
         Config::Stage1 { cd_table } => cd_table,
     };
     let cd_max = (words[0] & ste::S1CDMAX) >> 59;
-    if u64::from(ssid) >> cd_max != 0 {
-        return Err(S1Fault::BadSubstream);
+    let s1fmt = (words[0] & ste::S1FMT) >> 4;
+    let s1dss = words[1] & ste::S1DSS;
+    // S1Fmt and S1DSS only count when substreams are enabled.
+    if cd_max != 0 && (s1fmt > S1FMT_64K_L2 || s1dss > S1DSS_SSID0) {
+        return Err(S1Fault::BadSte);
     }
-    let cd_table = cd_table + u64::from(ssid) * cd::SIZE;
-    let word = |i: u64, read: &mut dyn FnMut(u64) -> Option<u64>| {
-        let gpa = cd_table + i * 8;
-        read(gpa).ok_or(S1Fault::Read { gpa })
+    let index = match ssid {
+        None if cd_max == 0 => 0,
+        None => match s1dss {
+            S1DSS_TERMINATE => return Err(S1Fault::StreamDisabled),
+            S1DSS_BYPASS => return Ok((iova, Perm::RW)),
+            _ => 0,
+        },
+        Some(s) if cd_max == 0 || u64::from(s) >> cd_max != 0 => return Err(S1Fault::BadSubstream),
+        Some(0) if s1dss == S1DSS_SSID0 => return Err(S1Fault::BadSubstream),
+        Some(s) => u64::from(s),
     };
-    let cd0 = word(0, read)?;
+    let fetch = |gpa: u64, read: &mut dyn FnMut(u64) -> Option<u64>| read(gpa).ok_or(S1Fault::Read { gpa });
+    let cd_addr = if cd_max == 0 || s1fmt == S1FMT_LINEAR {
+        cd_table + index * cd::SIZE
+    } else {
+        let split = if s1fmt == S1FMT_4K_L2 { 6 } else { 10 };
+        let l1 = fetch(cd_table + (index >> split) * 8, read)?;
+        if l1 & L1CD_V == 0 {
+            return Err(S1Fault::BadSubstream);
+        }
+        (l1 & L1CD_L2PTR) + (index & ((1 << split) - 1)) * cd::SIZE
+    };
+    let cd0 = fetch(cd_addr, read)?;
     let t0sz = (cd0 & cd::T0SZ) as u32;
-    if cd0 & cd::V == 0
-        || cd0 & cd::AA64 == 0
-        || cd0 & cd::TG0 != 0
-        || cd0 & cd::EPD0 != 0
-        || !(16..=39).contains(&t0sz)
-    {
+    if cd0 & cd::V == 0 || cd0 & cd::AA64 == 0 || cd0 & cd::TG0 != 0 || !(16..=39).contains(&t0sz) {
         return Err(S1Fault::BadCd);
     }
-    let ttb0 = word(1, read)? & cd::TTB0;
+    let ttb0 = fetch(cd_addr + 8, read)? & cd::TTB0;
     // The input size sets where the walk starts: 4 levels above 39 bits.
     let input_bits = 64 - t0sz;
-    if iova >> input_bits != 0 {
+    if cd0 & cd::EPD0 != 0 || iova >> input_bits != 0 {
         return Err(S1Fault::Translation);
     }
     let top = (input_bits - 12).div_ceil(9) - 1;
     match walk_image_from::<ArmS1>(ttb0, top, iova, read) {
         Ok(t) => Ok((t.addr, t.perm)),
         Err(ImageFault::Read { entry, .. }) => Err(S1Fault::Read { gpa: entry }),
+        Err(ImageFault::AccessFlag { .. }) => Err(S1Fault::Access),
         Err(_) => Err(S1Fault::Translation),
     }
 }
 
-/// Event record types (SMMUv3 7.3).
+/// Event record types (SMMUv3 7.3): those Linux forwards to a vEVENTQ.
+pub const C_BAD_STE: u64 = 0x04;
+pub const F_STREAM_DISABLED: u64 = 0x06;
+pub const C_BAD_SUBSTREAMID: u64 = 0x08;
+pub const C_BAD_CD: u64 = 0x0a;
 pub const F_TRANSLATION: u64 = 0x10;
 pub const F_ADDR_SIZE: u64 = 0x11;
+pub const F_ACCESS: u64 = 0x12;
 pub const F_PERMISSION: u64 = 0x13;
 
 /// The event record (SMMUv3 7.3) an SMMU writes for a fault no page
 /// request covers, for the guest's event queue: type, the guest's StreamID
 /// and the substream (SSV, SubstreamID) when the DMA had one, read/write
-/// (RnW), whether stage 2 faulted (S2, with the IPA), the class (an input
-/// address), and the input address.
-pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError) -> Option<[u64; 4]> {
-    use crate::FaultReason;
+/// (RnW), instruction (InD) and privileged (PnU) accesses, the class (an
+/// input address), and the input address. `None` for what Linux keeps from
+/// the guest: stage-2 faults (`event->s2`), which are the host's, and DMA
+/// that never reached translation. An aborting STE records nothing.
+pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError, attrs: crate::fault::DmaAttrs) -> Option<[u64; 4]> {
+    use crate::{ConfigFault, FaultReason};
     let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
-    let (kind, ipa) = match reason {
-        FaultReason::NotPresent => (F_TRANSLATION, None),
-        FaultReason::Permission => (F_PERMISSION, None),
-        FaultReason::Aperture => (F_ADDR_SIZE, None),
-        FaultReason::Stage2 { gpa, permission } => (if permission { F_PERMISSION } else { F_TRANSLATION }, Some(gpa)),
+    let kind = match reason {
+        FaultReason::NotPresent => F_TRANSLATION,
+        FaultReason::Permission => F_PERMISSION,
+        FaultReason::Aperture => F_ADDR_SIZE,
+        FaultReason::AccessFlag => F_ACCESS,
+        FaultReason::Config(ConfigFault::BadSte) => C_BAD_STE,
+        FaultReason::Config(ConfigFault::StreamDisabled) => F_STREAM_DISABLED,
+        FaultReason::Config(ConfigFault::BadSubstream) => C_BAD_SUBSTREAMID,
+        FaultReason::Config(ConfigFault::BadCd) => C_BAD_CD,
+        FaultReason::Stage2 { .. } | FaultReason::Config(ConfigFault::Abort) => return None,
     };
+    const PNU: u64 = 1 << 33;
+    const IND: u64 = 1 << 34;
     const RNW: u64 = 1 << 35;
-    const S2: u64 = 1 << 39;
     const CLASS_IN: u64 = 0b10 << 40;
     let mut word1 = CLASS_IN;
     if !write {
         word1 |= RNW;
     }
-    if ipa.is_some() {
-        word1 |= S2;
+    if attrs.exec {
+        word1 |= IND;
     }
-    let ipa = ipa.unwrap_or(0) & (((1 << 52) - 1) & !0xfff);
+    if attrs.privileged {
+        word1 |= PNU;
+    }
     const SSV: u64 = 1 << 11;
     let substream = ssid.map_or(0, |s| SSV | u64::from(s & 0xf_ffff) << 12);
-    Some([kind | substream | u64::from(vsid) << 32, word1, iova, ipa])
+    let word0 = kind | substream | u64::from(vsid) << 32;
+    // Configuration errors name the stream alone: no access, no address.
+    if matches!(reason, FaultReason::Config(_)) {
+        return Some([word0, 0, 0, 0]);
+    }
+    Some([word0, word1, iova, 0])
+}
+
+/// What the SMMU under a vIOMMU implements, from its ID registers: the
+/// features 7.3 checks a guest's commands against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    /// IDR0.ATS: ATC_INV is legal.
+    pub ats: bool,
+    /// IDR0.ASID16: 16-bit ASIDs, else 8.
+    pub asid_bits: u32,
+    /// IDR1.SSIDSIZE: substream ID bits (0: no substreams).
+    pub ssid_bits: u32,
+    /// IDR3.RIL: range invalidation.
+    pub range_inv: bool,
+    /// IDR5.DS: 52-bit addresses with 4 and 16 KiB granules.
+    pub ds: bool,
+}
+
+impl Features {
+    pub fn from_idr(idr: [u32; 6]) -> Self {
+        Features {
+            ats: idr[0] & 1 << 10 != 0,
+            asid_bits: if idr[0] & 1 << 12 != 0 { 16 } else { 8 },
+            ssid_bits: (idr[1] >> 6) & 0x1f,
+            range_inv: idr[3] & 1 << 10 != 0,
+            ds: idr[5] & 1 << 7 != 0,
+        }
+    }
 }
 
 /// A command from a guest's command queue (SMMUv3 4.1), as a vIOMMU
 /// accepts it. Stream IDs are the guest's (virtual) ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// TLBI_NH_ALL, TLBI_NSNH_ALL (which Linux turns into TLBI_NH_ALL of
-    /// the vIOMMU's VMID) and TLBI_S12_VMALL: everything of the guest's VMID.
+    /// TLBI_NH_ALL and TLBI_NSNH_ALL (which Linux turns into TLBI_NH_ALL of
+    /// the vIOMMU's VMID): everything of the guest's VMID.
     TlbiAll,
     TlbiAsid {
         asid: u16,
@@ -233,23 +325,134 @@ pub const CMD_TLBI_S12_VMALL: u8 = 0x28;
 pub const CMD_TLBI_NSNH_ALL: u8 = 0x30;
 pub const CMD_ATC_INV: u8 = 0x40;
 
+/// Command fields (SMMUv3 4.1-4.5).
+mod field {
+    const fn mask(hi: u32, lo: u32) -> u64 {
+        (u64::MAX >> (63 - hi)) & !((1 << lo) - 1)
+    }
+    pub const OP: u64 = mask(7, 0);
+    pub const SSV: u64 = 1 << 11;
+    pub const SSID: u64 = mask(31, 12);
+    pub const SID: u64 = mask(63, 32);
+    pub const CFGI_LEAF: u64 = 1;
+    pub const TLBI_NUM: u64 = mask(16, 12);
+    pub const TLBI_SCALE: u64 = mask(25, 20);
+    pub const TLBI_VMID: u64 = mask(47, 32);
+    pub const TLBI_ASID_SHIFT: u32 = 48;
+    pub const TLBI_LEAF: u64 = 1;
+    pub const TLBI_TTL: u64 = mask(9, 8);
+    pub const TLBI_TG: u64 = mask(11, 10);
+    pub const TLBI_VA: u64 = mask(63, 12);
+    pub const ATC_GLOBAL: u64 = 1 << 9;
+    pub const ATC_SIZE: u64 = mask(5, 0);
+    pub const ATC_ADDR: u64 = mask(63, 12);
+    /// ATC_INV Size beyond this (invalidate everything) is reserved.
+    pub const ATC_SIZE_ALL: u64 = 52;
+}
+
+/// The range fields of a TLBI with range invalidation: the combinations
+/// the architecture reserves are refused.
+fn range_is_valid(f: Features, cmd: [u64; 2]) -> bool {
+    let range = cmd[0] & (field::TLBI_NUM | field::TLBI_SCALE) != 0;
+    let ttl = (cmd[1] & field::TLBI_TTL) >> 8;
+    let tg = (cmd[1] & field::TLBI_TG) >> 10;
+    match tg {
+        // NUM, SCALE and TTL are RES0 without a granule.
+        0 => !range && ttl == 0,
+        // TTL 1 with 16 KiB needs DS.
+        2 if ttl == 1 && !f.ds => false,
+        // No range and no TTL is reserved.
+        _ => range || ttl != 0,
+    }
+}
+
+/// The fields a guest may set in a command of opcode `op` on an SMMU with
+/// `f`, as Linux 7.3 collects them; `None` for a command it never takes.
+/// Anything else (a RES0 or Secure bit) could wedge the shared command
+/// queue with CERROR_ILL, so it is refused.
+fn allowed(f: Features, op: u8, cmd: [u64; 2]) -> Option<[u64; 2]> {
+    let asid = ((1u64 << f.asid_bits) - 1) << field::TLBI_ASID_SHIFT;
+    let mut allowed = [field::OP, 0];
+    match op {
+        CMD_TLBI_NSNH_ALL => {}
+        CMD_TLBI_NH_VA | CMD_TLBI_NH_VAA => {
+            if op == CMD_TLBI_NH_VA {
+                allowed[0] |= asid;
+            }
+            if f.range_inv {
+                if !range_is_valid(f, cmd) {
+                    return None;
+                }
+                allowed[0] |= field::TLBI_NUM | field::TLBI_SCALE;
+                allowed[1] |= field::TLBI_TG | field::TLBI_TTL;
+                // SCALE above 31 needs DS.
+                if !f.ds {
+                    allowed[0] &= !(1 << 25);
+                }
+            }
+            allowed[0] |= field::TLBI_VMID;
+            allowed[1] |= field::TLBI_LEAF | field::TLBI_VA;
+        }
+        CMD_TLBI_NH_ASID => allowed[0] |= asid | field::TLBI_VMID,
+        CMD_TLBI_NH_ALL => allowed[0] |= field::TLBI_VMID,
+        CMD_ATC_INV => {
+            if !f.ats || cmd[1] & field::ATC_SIZE > field::ATC_SIZE_ALL {
+                return None;
+            }
+            if f.ssid_bits != 0 {
+                allowed[0] |= field::SSV | field::SSID | field::ATC_GLOBAL;
+            }
+            allowed[0] |= field::SID;
+            allowed[1] |= field::ATC_SIZE | field::ATC_ADDR;
+        }
+        CMD_CFGI_CD | CMD_CFGI_CD_ALL => {
+            if op == CMD_CFGI_CD {
+                if f.ssid_bits != 0 {
+                    allowed[0] |= field::SSID;
+                }
+                allowed[1] |= field::CFGI_LEAF;
+            }
+            allowed[0] |= field::SID;
+        }
+        // Not Linux's: taken as a flush of the stream (see `Command::decode`).
+        CMD_CFGI_STE => {
+            allowed[0] |= field::SID;
+            allowed[1] |= field::CFGI_LEAF;
+        }
+        _ => return None,
+    }
+    Some(allowed)
+}
+
 impl Command {
-    /// Decodes one 16-byte command; `EIO` for opcodes a guest may not
-    /// issue through a vIOMMU (the host issues its own syncs and stage-2
-    /// invalidations). The VMID field is ignored: the vIOMMU has its own.
-    pub fn decode(cmd: [u64; 2]) -> Result<Command> {
+    /// Decodes one 16-byte command from a guest of an SMMU with `f`,
+    /// checked field by field as Linux 7.3 checks it: `EIO` for opcodes a
+    /// guest may not issue through a vIOMMU (the host issues its own syncs
+    /// and stage-2 invalidations, TLBI_S12_VMALL among them), for ATC_INV
+    /// on an SMMU without ATS, for reserved range encodings, and for any
+    /// field the opcode may not set. The VMID field is ignored: the vIOMMU
+    /// has its own. CFGI_STE, which Linux refuses (a guest changes its STE
+    /// by replacing the nested HWPT), is taken as a flush of the stream's
+    /// cached translations, so a guest that rewrites an STE in place keeps
+    /// working.
+    pub fn decode(cmd: [u64; 2], f: Features) -> Result<Command> {
+        let op = cmd[0] as u8;
+        let allowed = allowed(f, op, cmd).ok_or(Error::Io("a command a vIOMMU does not take"))?;
+        if cmd[0] & !allowed[0] != 0 || cmd[1] & !allowed[1] != 0 {
+            return Err(Error::Io("the command sets a field it may not"));
+        }
         let sid = (cmd[0] >> 32) as u32;
-        let asid = (cmd[0] >> 48) as u16;
-        Ok(match cmd[0] as u8 {
-            CMD_TLBI_NH_ALL | CMD_TLBI_NSNH_ALL | CMD_TLBI_S12_VMALL => Command::TlbiAll,
+        let asid = (cmd[0] >> field::TLBI_ASID_SHIFT) as u16;
+        Ok(match op {
+            CMD_TLBI_NH_ALL | CMD_TLBI_NSNH_ALL => Command::TlbiAll,
             CMD_TLBI_NH_ASID => Command::TlbiAsid { asid },
-            CMD_TLBI_NH_VA => Command::TlbiVa { asid: Some(asid), addr: cmd[1] & !0xfff },
-            CMD_TLBI_NH_VAA => Command::TlbiVa { asid: None, addr: cmd[1] & !0xfff },
+            CMD_TLBI_NH_VA => Command::TlbiVa { asid: Some(asid), addr: cmd[1] & field::TLBI_VA },
+            CMD_TLBI_NH_VAA => Command::TlbiVa { asid: None, addr: cmd[1] & field::TLBI_VA },
             CMD_CFGI_STE => Command::CfgiSte { sid },
-            CMD_CFGI_CD => Command::CfgiCd { sid, ssid: ((cmd[0] >> 12) & 0xf_ffff) as u32 },
+            CMD_CFGI_CD => Command::CfgiCd { sid, ssid: ((cmd[0] & field::SSID) >> 12) as u32 },
             CMD_CFGI_CD_ALL => Command::CfgiCdAll { sid },
             CMD_ATC_INV => Command::AtcInv { sid },
-            _ => return Err(Error::Io("a command a vIOMMU does not take")),
+            _ => unreachable!("`allowed` takes no other opcode"),
         })
     }
 
@@ -283,17 +486,59 @@ mod tests {
         assert_eq!(config([ste::V | ste::CONFIG_BYPASS << 1, 0]), Config::Bypass);
     }
 
+    /// The SMMU of ioasid's model: no ATS, 16-bit ASIDs, range invalidation.
+    const SMMU: Features = Features { ats: false, asid_bits: 16, ssid_bits: 20, range_inv: true, ds: false };
+
     #[test]
     fn commands_decode_and_unknown_ones_are_eio() {
-        assert_eq!(
-            Command::decode([0x12 | 7 << 48, 0x4000_1001]),
-            Ok(Command::TlbiVa { asid: Some(7), addr: 0x4000_1000 })
-        );
-        assert_eq!(Command::decode([0x05 | 9 << 32 | 3 << 12, 1]), Ok(Command::CfgiCd { sid: 9, ssid: 3 }));
-        assert_eq!(Command::decode([0x28 | 5 << 32, 0]), Ok(Command::TlbiAll));
-        assert_eq!(Command::decode([0x30, 0]), Ok(Command::TlbiAll), "NSNH_ALL: the guest's whole VMID");
-        assert_eq!(Command::decode([0x03 | 2 << 32, 0]).unwrap().sid(), Some(2));
-        assert!(matches!(Command::decode([0x46, 0]), Err(Error::Io(_))), "CMD_SYNC is the host's");
+        let decode = |cmd| Command::decode(cmd, SMMU);
+        assert_eq!(decode([0x12 | 7 << 48, 0x4000_1001]), Ok(Command::TlbiVa { asid: Some(7), addr: 0x4000_1000 }));
+        assert_eq!(decode([0x05 | 9 << 32 | 3 << 12, 1]), Ok(Command::CfgiCd { sid: 9, ssid: 3 }));
+        assert_eq!(decode([0x30, 0]), Ok(Command::TlbiAll), "NSNH_ALL: the guest's whole VMID");
+        assert_eq!(decode([0x10 | 5 << 32, 0]), Ok(Command::TlbiAll), "NH_ALL: the VMID is ignored");
+        assert_eq!(decode([0x03 | 2 << 32, 0]).unwrap().sid(), Some(2));
+        assert!(matches!(decode([0x46, 0]), Err(Error::Io(_))), "CMD_SYNC is the host's");
+        assert!(matches!(decode([0x28, 0]), Err(Error::Io(_))), "TLBI_S12_VMALL is the host's");
+    }
+
+    #[test]
+    fn commands_are_checked_field_by_field_as_linux_7_3_checks_them() {
+        let eio = |cmd, f| matches!(Command::decode(cmd, f), Err(Error::Io(_)));
+        // A field of another command, a RES0 bit, a Secure bit (SSec, 10).
+        assert!(eio([0x30 | 1 << 32, 0], SMMU), "NSNH_ALL takes no VMID");
+        assert!(eio([0x30, 1], SMMU), "NSNH_ALL: word 1 is RES0");
+        assert!(eio([0x10 | 1 << 48, 0], SMMU), "NH_ALL takes no ASID");
+        assert!(eio([0x11 | 1 << 48, 1 << 12], SMMU), "NH_ASID takes no address");
+        assert!(eio([0x11 | 1 << 10, 0], SMMU), "SSec");
+        assert!(eio([0x13 | 1 << 48, 0x1000 | 1], SMMU), "NH_VAA takes no ASID");
+        assert!(eio([0x12 | 1 << 8, 0x1000 | 1], SMMU), "a RES0 bit of NH_VA");
+        assert!(eio([0x05 | 1 << 11, 0], SMMU), "CFGI_CD has no SSV");
+        assert!(eio([0x05, 2], SMMU), "CFGI_CD: only Leaf in word 1");
+        assert!(eio([0x06 | 3 << 12, 0], SMMU), "CFGI_CD_ALL takes no SSID");
+        assert!(eio([0x06, 1], SMMU), "CFGI_CD_ALL takes no Leaf");
+        assert!(eio([0x03 | 3 << 12, 0], SMMU), "CFGI_STE takes no SSID");
+        // Fields that depend on the SMMU.
+        let no_ssid = Features { ssid_bits: 0, ..SMMU };
+        assert!(!eio([0x05 | 3 << 12, 1], SMMU));
+        assert!(eio([0x05 | 3 << 12, 1], no_ssid), "an SSID needs substreams");
+        let asid8 = Features { asid_bits: 8, ..SMMU };
+        assert!(!eio([0x11 | 0xff << 48, 0], asid8));
+        assert!(eio([0x11 | 0x100 << 48, 0], asid8), "the upper ASID bits are RES0 with 8-bit ASIDs");
+        // ATC_INV needs ATS; its Size may not exceed 52.
+        assert!(eio([0x40 | 2 << 32, 0], SMMU), "no ATS");
+        let ats = Features { ats: true, ..SMMU };
+        assert_eq!(Command::decode([0x40 | 2 << 32 | 1 << 11 | 5 << 12, 52], ats), Ok(Command::AtcInv { sid: 2 }));
+        assert!(eio([0x40, 53], ats), "Size above 52");
+        assert!(eio([0x40 | 1 << 11, 0], Features { ssid_bits: 0, ..ats }), "SSV needs substreams");
+        // Range invalidation: fields only with RIL, and reserved encodings.
+        const TG_4K: u64 = 1 << 10;
+        assert!(!eio([0x12 | 3 << 12, 0x4000 | TG_4K | 1 << 8], SMMU), "NUM with TG and TTL");
+        assert!(eio([0x12 | 3 << 12, 0x4000], SMMU), "NUM without TG");
+        assert!(eio([0x12, 0x4000 | TG_4K], SMMU), "TG without NUM, SCALE or TTL");
+        assert!(eio([0x12, 0x4000 | 2 << 10 | 1 << 8], SMMU), "TTL 1 with 16 KiB needs DS");
+        assert!(!eio([0x12, 0x4000 | 2 << 10 | 1 << 8], Features { ds: true, ..SMMU }));
+        assert!(eio([0x12 | 32 << 20, 0x4000 | TG_4K], SMMU), "SCALE above 31 needs DS");
+        assert!(eio([0x12 | 1 << 12, 0x4000 | TG_4K], Features { range_inv: false, ..SMMU }), "no RIL");
     }
 
     /// Guest memory: a CD table at 0x1000 whose CD 0 has a 48-bit TTB0 at
@@ -315,25 +560,116 @@ mod tests {
         let m = guest(16);
         let mut read = |a: u64| m.get(&a).copied().or(Some(0));
         let s1 = [S1 | 0x1000, 0];
-        assert_eq!(translate(s1, 0, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
-        assert_eq!(translate(s1, 0, 0x40_1000, &mut read), Err(S1Fault::Translation));
-        assert_eq!(translate([ste::V | ste::CONFIG_BYPASS << 1, 0], 0, 0x77, &mut read), Ok((0x77, Perm::RW)));
-        assert_eq!(translate([0, 0], 0, 0x77, &mut read), Err(S1Fault::Abort));
+        assert_eq!(translate(s1, None, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(s1, None, 0x40_1000, &mut read), Err(S1Fault::Translation));
+        assert_eq!(translate([ste::V | ste::CONFIG_BYPASS << 1, 0], None, 0x77, &mut read), Ok((0x77, Perm::RW)));
+        assert_eq!(translate([ste::V, 0], None, 0x77, &mut read), Err(S1Fault::Abort));
+        assert_eq!(translate([0, 0], None, 0x77, &mut read), Err(S1Fault::BadSte), "not valid");
         // A 39-bit input starts at level 1: TTB0 is then the level-1 table.
         let mut m = guest(25);
         m.insert(0x1008, 0x3000);
         let mut read = |a: u64| m.get(&a).copied().or(Some(0));
-        assert_eq!(translate(s1, 0, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
-        assert_eq!(translate(s1, 0, 1 << 39, &mut read), Err(S1Fault::Translation), "beyond T0SZ");
+        assert_eq!(translate(s1, None, 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(s1, None, 1 << 39, &mut read), Err(S1Fault::Translation), "beyond T0SZ");
         // A CD that is not valid, and guest memory that cannot be read.
         let mut read = |a: u64| if a == 0x1000 { Some(0) } else { None };
-        assert_eq!(translate(s1, 0, 0, &mut read), Err(S1Fault::BadCd));
+        assert_eq!(translate(s1, None, 0, &mut read), Err(S1Fault::BadCd));
         let mut read = |_| None;
-        assert_eq!(translate(s1, 0, 0, &mut read), Err(S1Fault::Read { gpa: 0x1000 }));
+        assert_eq!(translate(s1, None, 0, &mut read), Err(S1Fault::Read { gpa: 0x1000 }));
         // Substream 1 needs S1CDMax of at least 1, and reads the second CD.
-        assert_eq!(translate(s1, 1, 0, &mut read), Err(S1Fault::BadSubstream));
+        assert_eq!(translate(s1, Some(1), 0, &mut read), Err(S1Fault::BadSubstream));
         let s1_two = [s1[0] | 1 << 59, 0];
-        assert_eq!(translate(s1_two, 1, 0, &mut read), Err(S1Fault::Read { gpa: 0x1040 }));
-        assert_eq!(translate(s1_two, 2, 0, &mut read), Err(S1Fault::BadSubstream));
+        assert_eq!(translate(s1_two, Some(1), 0, &mut read), Err(S1Fault::Read { gpa: 0x1040 }));
+        assert_eq!(translate(s1_two, Some(2), 0, &mut read), Err(S1Fault::BadSubstream));
+    }
+
+    #[test]
+    fn each_guest_configuration_error_is_its_own_fault() {
+        let m = guest(16);
+        let mut read = |a: u64| m.get(&a).copied().or(Some(0));
+        let s1 = [S1 | 0x1000, 0];
+        // CDs: AArch32, a 64 KiB granule, an input size the SMMU lacks; TTB0
+        // walks disabled is a translation fault, not a bad CD.
+        for bad in [cd::AA64, 0b01 << 6] {
+            let mut m = m.clone();
+            m.insert(0x1000, m[&0x1000] ^ bad);
+            let mut read = |a: u64| m.get(&a).copied().or(Some(0));
+            assert_eq!(translate(s1, None, 0x40_0000, &mut read), Err(S1Fault::BadCd), "{bad:#x}");
+        }
+        let mut m2 = guest(12);
+        let mut read2 = |a: u64| m2.get(&a).copied().or(Some(0));
+        assert_eq!(translate(s1, None, 0x40_0000, &mut read2), Err(S1Fault::BadCd), "T0SZ 12");
+        m2 = guest(16);
+        m2.insert(0x1000, m2[&0x1000] | cd::EPD0);
+        let mut read2 = |a: u64| m2.get(&a).copied().or(Some(0));
+        assert_eq!(translate(s1, None, 0x40_0000, &mut read2), Err(S1Fault::Translation), "EPD0");
+        // The leaf's access flag.
+        let mut m3 = guest(16);
+        m3.insert(0x5000, m3[&0x5000] & !AF);
+        let mut read3 = |a: u64| m3.get(&a).copied().or(Some(0));
+        assert_eq!(translate(s1, None, 0x40_0000, &mut read3), Err(S1Fault::Access));
+        // Substreams disabled (S1CDMax 0): any substream is bad.
+        assert_eq!(translate(s1, Some(0), 0x40_0000, &mut read), Err(S1Fault::BadSubstream));
+        // Substreams enabled: S1DSS decides for transactions without one.
+        let s1dss = |dss: u64| [s1[0] | 2 << 59, dss];
+        assert_eq!(translate(s1dss(0), None, 0x40_0000, &mut read), Err(S1Fault::StreamDisabled));
+        assert_eq!(translate(s1dss(1), None, 0x40_0000, &mut read), Ok((0x40_0000, Perm::RW)), "stage 1 bypassed");
+        assert_eq!(translate(s1dss(2), None, 0x40_0123, &mut read), Ok((0x9123, Perm::R)), "CD 0");
+        assert_eq!(translate(s1dss(2), Some(0), 0x40_0000, &mut read), Err(S1Fault::BadSubstream), "0 is reserved");
+        assert_eq!(translate(s1dss(0), Some(0), 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(s1dss(3), None, 0, &mut read), Err(S1Fault::BadSte), "S1DSS reserved");
+        assert_eq!(translate([s1[0] | 2 << 59 | 3 << 4, 0], Some(1), 0, &mut read), Err(S1Fault::BadSte), "S1Fmt");
+        assert_eq!(translate([s1[0] | 3 << 4, 0], None, 0x40_0123, &mut read), Ok((0x9123, Perm::R)), "S1Fmt unused");
+    }
+
+    #[test]
+    fn two_level_cd_tables() {
+        // L1 at 0x1000: entry 1 points at a 4 KiB leaf table at 0x6000 whose
+        // CD 2 (substream 64 + 2) is CD 0 of `guest`, moved; entry 0 is invalid.
+        let mut m = guest(16);
+        let (cd0, cd1) = (m[&0x1000], m[&0x1008]);
+        m.insert(0x1000, 0);
+        m.insert(0x1008, 0x6000 | L1CD_V);
+        m.insert(0x6000 + 2 * cd::SIZE, cd0);
+        m.insert(0x6000 + 2 * cd::SIZE + 8, cd1);
+        let mut read = |a: u64| m.get(&a).copied().or(Some(0));
+        let l2_4k = [S1 | 0x1000 | 7 << 59 | S1FMT_4K_L2 << 4, 0];
+        assert_eq!(translate(l2_4k, Some(66), 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+        assert_eq!(translate(l2_4k, Some(2), 0, &mut read), Err(S1Fault::BadSubstream), "L1 entry 0 invalid");
+        assert_eq!(translate(l2_4k, Some(67), 0, &mut read), Err(S1Fault::BadCd), "an empty CD");
+        // With 64 KiB leaves, substreams 0..1024 share L1 entry 0.
+        let mut m = m.clone();
+        m.insert(0x1000, 0x6000 | L1CD_V);
+        let mut read = |a: u64| m.get(&a).copied().or(Some(0));
+        let l2_64k = [S1 | 0x1000 | 11 << 59 | S1FMT_64K_L2 << 4, 0];
+        assert_eq!(translate(l2_64k, Some(2), 0x40_0123, &mut read), Ok((0x9123, Perm::R)));
+    }
+
+    #[test]
+    fn events_carry_the_code_of_each_fault_and_never_stage_2() {
+        use crate::fault::DmaAttrs;
+        use crate::{ConfigFault, DmaError, FaultReason};
+        let ev = |reason, ssid| {
+            event(0x42, ssid, DmaError::Fault { iova: 0x1000, reason, write: false }, DmaAttrs::default())
+        };
+        let code = |reason| ev(reason, None).map(|e| e[0] & 0xff);
+        assert_eq!(code(FaultReason::NotPresent), Some(F_TRANSLATION));
+        assert_eq!(code(FaultReason::Permission), Some(F_PERMISSION));
+        assert_eq!(code(FaultReason::Aperture), Some(F_ADDR_SIZE));
+        assert_eq!(code(FaultReason::AccessFlag), Some(F_ACCESS));
+        assert_eq!(code(FaultReason::Config(ConfigFault::BadSte)), Some(C_BAD_STE));
+        assert_eq!(code(FaultReason::Config(ConfigFault::StreamDisabled)), Some(F_STREAM_DISABLED));
+        assert_eq!(code(FaultReason::Config(ConfigFault::BadSubstream)), Some(C_BAD_SUBSTREAMID));
+        assert_eq!(code(FaultReason::Config(ConfigFault::BadCd)), Some(C_BAD_CD));
+        assert_eq!(code(FaultReason::Config(ConfigFault::Abort)), None, "an aborting STE records nothing");
+        assert_eq!(code(FaultReason::Stage2 { gpa: 0x5000, permission: false }), None, "stage 2 is the host's");
+        assert_eq!(
+            ev(FaultReason::Config(ConfigFault::BadCd), Some(3)),
+            Some([0x0a | 1 << 11 | 3 << 12 | 0x42 << 32, 0, 0, 0])
+        );
+        let attrs = DmaAttrs { exec: true, privileged: true };
+        let e =
+            event(0x42, None, DmaError::Fault { iova: 0x1000, reason: FaultReason::NotPresent, write: false }, attrs);
+        assert_eq!(e.unwrap()[1], 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, RnW, class IN");
     }
 }

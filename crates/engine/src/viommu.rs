@@ -24,6 +24,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
+use crate::fault::DmaAttrs;
 use crate::hw_queue::{HW_QUEUE_TYPE_SELFTEST, HwQueue};
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
@@ -73,6 +74,15 @@ pub struct Viommu {
     hw_queues: Mutex<Vec<Weak<HwQueue>>>,
     /// Memory it shares with the program, if its model has any.
     region: Option<MmapRegion>,
+    /// The SMMU features a guest's commands are checked against.
+    smmu: crate::smmuv3::Features,
+}
+
+/// What a vIOMMU's `MmapRegion` is made of.
+pub(crate) struct RegionSpec<'a> {
+    pub offset: u64,
+    pub len: u64,
+    pub contents: &'a [u8],
 }
 
 /// Memory a vIOMMU shares with the program that owns it, which maps it by
@@ -82,13 +92,6 @@ pub struct Viommu {
 /// word echoes the vIOMMU's driver data). Offsets are unique per context
 /// and start past the first page. A mapping holds the vIOMMU, which cannot
 /// be destroyed until it is unmapped.
-/// What a vIOMMU's `MmapRegion` is made of.
-pub(crate) struct RegionSpec<'a> {
-    pub offset: u64,
-    pub len: u64,
-    pub contents: &'a [u8],
-}
-
 pub struct MmapRegion {
     memory: OwnedFd,
     offset: u64,
@@ -175,6 +178,7 @@ impl Viommu {
             nested: Mutex::new(Vec::new()),
             hw_queues: Mutex::new(Vec::new()),
             region,
+            smmu: smmu_features(dev),
         }))
     }
 
@@ -213,7 +217,7 @@ impl Viommu {
         if self.kind != ViommuType::ArmSmmuV3 {
             return Err(Error::Unsupported("this vIOMMU takes no invalidation commands"));
         }
-        let command = crate::smmuv3::Command::decode(cmd)?;
+        let command = crate::smmuv3::Command::decode(cmd, self.smmu)?;
         if let Some(sid) = command.sid() {
             let dev = self.device(u64::from(sid)).ok_or(Error::Io("no vDEVICE has that stream ID"))?;
             for (_, hwpt) in dev.attachments() {
@@ -268,7 +272,7 @@ impl Viommu {
 
     /// Tells the guest's owner that `dev` took a fault it cannot recover
     /// from, in this vIOMMU's event format. False when nobody listens.
-    pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError) -> bool {
+    pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError, attrs: DmaAttrs) -> bool {
         let Some(virt_id) = self.virt_id_of(dev) else { return false };
         match self.kind {
             ViommuType::Selftest => {
@@ -277,7 +281,7 @@ impl Viommu {
             }
             ViommuType::ArmSmmuV3 => {
                 let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
-                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault) else { return false };
+                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault, attrs) else { return false };
                 let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
                 q.report(&bytes);
             }
@@ -396,5 +400,13 @@ impl Vdevice {
 impl Drop for Vdevice {
     fn drop(&mut self) {
         self.viommu.table().remove(&self.virt_id);
+    }
+}
+
+/// What `dev`'s SMMU implements (nothing, for another IOMMU).
+fn smmu_features(dev: &Device) -> crate::smmuv3::Features {
+    match dev.info().hw_info() {
+        crate::model::HwInfo::ArmSmmuV3 { idr, .. } => crate::smmuv3::Features::from_idr(idr),
+        _ => crate::smmuv3::Features::from_idr([0; 6]),
     }
 }

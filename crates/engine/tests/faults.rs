@@ -237,3 +237,33 @@ fn a_dma_over_several_missing_pages_asks_for_them_in_one_group() {
     dev.try_dma_write(IOVA + 8, &data).unwrap();
     assert!(s.queue.next(Duration::from_millis(20)).is_none(), "one answer was enough");
 }
+
+/// A DMA tagged with a PASID may ask for execute or privileged access, as
+/// far as the device's PASID capability allows; its page request carries
+/// `IOMMU_PGFAULT_PERM_EXEC` and `_PRIV` beside read or write.
+#[test]
+fn page_requests_carry_exec_and_privileged() {
+    use ioasid_engine::fault::{DmaAttrs, PASID_VALID, PERM_EXEC, PERM_PRIV, PERM_READ};
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let info =
+        DeviceInfo { pri: true, max_pasid_log2: 8, pasid_exec: true, pasid_priv: true, ..DeviceInfo::new("pri", 1) };
+    let dev_id = ctx.bind_device(info).unwrap();
+    let (fault_id, queue) = ctx.fault_alloc().unwrap();
+    let hwpt = ctx.hwpt_alloc(dev_id, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
+    ctx.attach_pasid(dev_id, 7, hwpt).unwrap();
+    let dev = ctx.device(dev_id).unwrap();
+    let requests = thread::spawn(move || {
+        let mut perms = Vec::new();
+        while perms.len() < 2 {
+            let Some((cookie, group)) = queue.next(Duration::from_millis(20)) else { continue };
+            perms.push((group.requests[0].flags & PASID_VALID, group.requests[0].perm));
+            queue.respond(cookie, Response::Invalid).unwrap();
+        }
+        perms
+    });
+    dev.dma_read_pasid_with(7, IOVA, &mut [0], DmaAttrs { exec: true, privileged: true }).unwrap_err();
+    dev.dma_read_pasid_with(7, IOVA, &mut [0], DmaAttrs { exec: false, privileged: true }).unwrap_err();
+    let perms = requests.join().unwrap();
+    assert_eq!(perms, [(PASID_VALID, PERM_READ | PERM_EXEC | PERM_PRIV), (PASID_VALID, PERM_READ | PERM_PRIV)]);
+}

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
 use ioasid_engine::smmuv3::{cd, ste};
 use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel, Limit,
-    NestedData, Perm, ViommuType,
+    ConfigFault, Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel,
+    Limit, NestedData, Perm, ViommuType,
 };
 
 const PAGE: u64 = 4096;
@@ -69,12 +69,16 @@ impl Guest {
 const S1: [u64; 2] = [ste::V | ste::CONFIG_S1 << 1 | CD_TABLE, 0];
 
 fn guest() -> Guest {
+    guest_with(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu-vf", 1))
+}
+
+fn guest_with(info: DeviceInfo) -> Guest {
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
     let ioas = ctx.ioas_alloc().unwrap();
     let ram = HostBuffer::new((RAM_PAGES * PAGE) as usize).unwrap();
     // SAFETY: `ram` lives in the returned struct, beside the context.
     unsafe { ctx.map_user(ioas, ram.addr(), RAM_PAGES * PAGE, Some(0), Perm::RW).unwrap() };
-    let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu-vf", 1)).unwrap();
+    let dev = ctx.bind_device(info).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     let viommu = ctx.viommu_alloc(dev, parent, ViommuType::ArmSmmuV3).unwrap();
     ctx.vdevice_alloc(viommu, dev, u64::from(VSID)).unwrap();
@@ -134,12 +138,14 @@ fn tlbi_and_cfgi_drop_what_they_must() {
     g.command([0x05 | u64::from(VSID) << 32, 1]).unwrap();
     dev.dma_write(0x40_0000, b"e").unwrap();
     assert_eq!(g.read_ram(0x23000), b'e', "CFGI_CD");
-    // TLBI by VMID (S12_VMALL) reaches every nested table of the vIOMMU.
+    // TLBI of the whole VMID (NH_ALL) reaches every nested table of the vIOMMU.
     g.map(0x30000, 0x40_0000, 0x24000, true);
-    g.command([0x28, 0]).unwrap();
+    g.command([0x10, 0]).unwrap();
     dev.dma_write(0x40_0000, b"f").unwrap();
-    assert_eq!(g.read_ram(0x24000), b'f', "TLBI_S12_VMALL");
+    assert_eq!(g.read_ram(0x24000), b'f', "TLBI_NH_ALL");
     assert!(matches!(g.command([0x46, 0]), Err(Error::Io(_))), "CMD_SYNC is the host's");
+    assert!(matches!(g.command([0x28, 0]), Err(Error::Io(_))), "TLBI_S12_VMALL is the host's");
+    assert!(matches!(g.command([0x40 | u64::from(VSID) << 32, 0]), Err(Error::Io(_))), "ATC_INV: no ATS");
 }
 
 #[test]
@@ -149,8 +155,10 @@ fn bypass_and_abort_stes() {
     let dev = g.ctx.device(g.dev).unwrap();
     dev.dma_write(0x3000, b"p").unwrap();
     assert_eq!(g.read_ram(0x3000), b'p', "bypass: stage 2 alone");
+    g.nested([ste::V, 0]);
+    assert_eq!(fault(dev.dma_write(0x3000, b"x")), FaultReason::Config(ConfigFault::Abort), "Config abort");
     g.nested([0, 0]);
-    assert_eq!(fault(dev.dma_write(0x3000, b"x")), FaultReason::NotPresent, "an invalid STE aborts");
+    assert_eq!(fault(dev.dma_write(0x3000, b"x")), FaultReason::Config(ConfigFault::BadSte), "not valid");
 }
 
 #[test]
@@ -184,11 +192,83 @@ fn faults_reach_the_guests_event_queue_as_smmu_event_records() {
     };
     // F_PERMISSION on a write (RnW clear) by stream 0x42, at the input address.
     assert_eq!(words(0), [0x13 | u64::from(VSID) << 32, 0b10 << 40, 0x40_1008, 0]);
-    // F_TRANSLATION in stage 2, a read, with the IPA stage 2 could not map.
-    assert_eq!(
-        words(1),
-        [0x10 | u64::from(VSID) << 32, 1 << 35 | 1 << 39 | 0b10 << 40, 0x40_2000, (RAM_PAGES + 3) * PAGE]
-    );
+    // The stage-2 fault is the host's: counted, never the guest's event.
+    assert_eq!(events.len(), 1, "no stage-2 event");
+    assert_eq!(dev.unrecoverable_faults(), 2);
+}
+
+/// Every stage-1 condition Linux forwards has its own event code: the
+/// guest's STE and CD errors, a substream it has no CD for, a clear access
+/// flag; an aborting STE records nothing.
+#[test]
+fn each_stage_1_condition_reaches_the_guest_with_its_event_code() {
+    use ioasid_engine::smmuv3::{C_BAD_CD, C_BAD_STE, C_BAD_SUBSTREAMID, F_ACCESS, F_STREAM_DISABLED};
+    use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
+    let g = guest();
+    let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 16).unwrap();
+    let dev = g.ctx.device(g.dev).unwrap();
+    let sid = u64::from(VSID) << 32;
+    let next = || {
+        let e = queue.read(4096).unwrap();
+        assert_eq!(e.len(), 1);
+        let w: Vec<u64> = e[0].data.chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+        (w[0], w[1], w[2])
+    };
+    g.nested([0, 0]);
+    dev.dma_read(0x3000, &mut [0]).unwrap_err();
+    assert_eq!(next(), (C_BAD_STE | sid, 0, 0), "an STE that is not valid");
+    g.nested([ste::V, 0]);
+    dev.dma_read(0x3000, &mut [0]).unwrap_err();
+    assert!(queue.read(4096).unwrap().is_empty(), "Config abort: no event");
+    // Substreams enabled (S1CDMax 1), S1DSS terminate: DMA without a PASID is refused.
+    g.write_cd(0x10000, 1);
+    g.nested([S1[0] | 1 << 59, 0]);
+    dev.dma_read(0x40_0000, &mut [0]).unwrap_err();
+    assert_eq!(next(), (F_STREAM_DISABLED | sid, 0, 0));
+    dev.dma_read_pasid(5, 0x40_0000, &mut [0]).unwrap_err();
+    assert_eq!(next(), (C_BAD_SUBSTREAMID | 1 << 11 | 5 << 12 | sid, 0, 0), "beyond S1CDMax");
+    dev.dma_read_pasid(1, 0x40_0000, &mut [0]).unwrap_err();
+    assert_eq!(next(), (C_BAD_CD | 1 << 11 | 1 << 12 | sid, 0, 0), "CD 1 is all zero");
+    // A leaf without its access flag.
+    g.nested(S1);
+    g.map(0x10000, 0x40_0000, 0x20000, true);
+    g.put(0x10000 + 0x3000, 0x20000 | 0b11);
+    dev.dma_write(0x40_0000, b"x").unwrap_err();
+    assert_eq!(next(), (F_ACCESS | sid, 0b10 << 40, 0x40_0000));
+    assert_eq!(dev.unrecoverable_faults(), 6);
+}
+
+/// Exec and privileged requests, as the device's PASID capability allows
+/// them: an event record sets InD and PnU.
+#[test]
+fn exec_and_privileged_requests_mark_the_event_record() {
+    use ioasid_engine::fault::DmaAttrs;
+    use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
+    let base = DeviceInfo::behind(IommuModel::ArmSmmuV3, "vf", 1);
+    let g = guest_with(DeviceInfo { pasid_exec: true, pasid_priv: true, ..base });
+    let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
+    // CD 1 of two: nothing mapped.
+    g.put(CD_TABLE + cd::SIZE, cd::V | cd::AA64 | 16 | 2 << cd::ASID_SHIFT);
+    g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
+    g.nested([S1[0] | 1 << 59, 0]);
+    let device = g.ctx.device(g.dev).unwrap();
+    let attrs = DmaAttrs { exec: true, privileged: true };
+    device.dma_read_pasid_with(1, 0x1000, &mut [0], attrs).unwrap_err();
+    device.dma_read_pasid_with(1, 0x1000, &mut [0], DmaAttrs { exec: false, privileged: true }).unwrap_err();
+    let e = queue.read(4096).unwrap();
+    let word1 = |i: usize| u64::from_le_bytes(e[i].data[8..16].try_into().unwrap());
+    assert_eq!(word1(0), 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, a read");
+    assert_eq!(word1(1), 1 << 33 | 1 << 35 | 0b10 << 40, "PnU alone");
+    // A device whose PASID capability lacks Execute never asks for it.
+    let g = guest_with(DeviceInfo { pasid_priv: true, ..DeviceInfo::behind(IommuModel::ArmSmmuV3, "vf", 1) });
+    let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
+    g.put(CD_TABLE + cd::SIZE, cd::V | cd::AA64 | 16 | 2 << cd::ASID_SHIFT);
+    g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
+    g.nested([S1[0] | 1 << 59, 0]);
+    g.ctx.device(g.dev).unwrap().dma_read_pasid_with(1, 0x1000, &mut [0], attrs).unwrap_err();
+    let e = queue.read(4096).unwrap();
+    assert_eq!(u64::from_le_bytes(e[0].data[..8].try_into().unwrap()) & 0xff, 0x10, "F_TRANSLATION");
+    assert_eq!(u64::from_le_bytes(e[0].data[8..16].try_into().unwrap()), 1 << 33 | 1 << 35 | 0b10 << 40, "no InD");
 }
 
 mod two_d;
@@ -259,7 +339,8 @@ fn pasids_pick_the_guests_context_descriptor() {
     g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
     g.map(0x10000, 0x40_0000, 0x20000, true);
     g.map(0x30000, 0x40_0000, 0x21000, true);
-    g.nested([S1[0] | 1 << 59, 0]);
+    // S1DSS SSID0: DMA without a PASID uses CD 0.
+    g.nested([S1[0] | 1 << 59, 2]);
     let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
     let dev = g.ctx.device(g.dev).unwrap();
     // Alternate, so each substream's cached translation is checked against the other's.
@@ -269,8 +350,8 @@ fn pasids_pick_the_guests_context_descriptor() {
         assert_eq!((g.read_ram(0x20000), g.read_ram(0x21000)), (b'r' + round, b'p' + round), "round {round}");
     }
     // Substream 2 is beyond S1CDMax: a fault, reported with its SSID.
-    assert_eq!(fault(dev.dma_write_pasid(2, 0x40_0000, b"x")), FaultReason::NotPresent);
+    assert_eq!(fault(dev.dma_write_pasid(2, 0x40_0000, b"x")), FaultReason::Config(ConfigFault::BadSubstream));
     let events = queue.read(4096).unwrap();
     let word0 = u64::from_le_bytes(events[0].data[..8].try_into().unwrap());
-    assert_eq!(word0, 0x10 | 1 << 11 | 2 << 12 | u64::from(VSID) << 32, "F_TRANSLATION, SSV, SubstreamID 2");
+    assert_eq!(word0, 0x08 | 1 << 11 | 2 << 12 | u64::from(VSID) << 32, "C_BAD_SUBSTREAMID, SSV, SubstreamID 2");
 }
