@@ -34,6 +34,18 @@ fn hook(fallback: impl FnOnce() -> c_int, f: impl FnOnce() -> c_int) -> c_int {
     r
 }
 
+/// Runs the C library's own function for a hook's call, outside the hook:
+/// a call that blocks (a `read` of a pipe, a `close` of a socket) lets the
+/// program's signal handlers run, and their own iommufd calls work, as
+/// they would without ioasid. Only for calls made while ioasid holds no
+/// lock; ioasid's own calls from inside a hook stay inside it.
+fn unshielded<R>(call: impl FnOnce() -> R) -> R {
+    let was = IN_HOOK.with(|h| h.replace(false));
+    let r = crate::signals::lowered(call);
+    IN_HOOK.with(|h| h.set(was));
+    r
+}
+
 fn set_errno(e: c_int) {
     // SAFETY: the calling thread's errno slot.
     unsafe { *libc::__errno_location() = e };
@@ -84,8 +96,9 @@ macro_rules! open_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(path, flags, mode) };
-            hook(fwd, || open_special(libc::AT_FDCWD, path, flags, fwd))
+            let raw = || unsafe { real::$real()(path, flags, mode) };
+            let fwd = || unshielded(raw);
+            hook(raw, || open_special(libc::AT_FDCWD, path, flags, fwd))
         }
     };
 }
@@ -97,8 +110,9 @@ macro_rules! openat_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(dirfd, path, flags, mode) };
-            hook(fwd, || open_special(dirfd, path, flags, fwd))
+            let raw = || unsafe { real::$real()(dirfd, path, flags, mode) };
+            let fwd = || unshielded(raw);
+            hook(raw, || open_special(dirfd, path, flags, fwd))
         }
     };
 }
@@ -119,8 +133,9 @@ macro_rules! open_2_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(path, flags) };
-            hook(fwd, || open_special(libc::AT_FDCWD, path, flags, fwd))
+            let raw = || unsafe { real::$real()(path, flags) };
+            let fwd = || unshielded(raw);
+            hook(raw, || open_special(libc::AT_FDCWD, path, flags, fwd))
         }
     };
 }
@@ -134,8 +149,9 @@ macro_rules! openat_2_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(dirfd, path, flags) };
-            hook(fwd, || open_special(dirfd, path, flags, fwd))
+            let raw = || unsafe { real::$real()(dirfd, path, flags) };
+            let fwd = || unshielded(raw);
+            hook(raw, || open_special(dirfd, path, flags, fwd))
         }
     };
 }
@@ -250,8 +266,9 @@ fn openat2(dirfd: c_int, path: *const c_char, how: *const c_void, size: usize, f
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::ioctl()(fd, request, arg) };
-    hook(fwd, || {
+    let raw = || unsafe { real::ioctl()(fd, request, arg) };
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         let Some(entry) = files::lookup(fd) else { return fwd() };
         let File::Iommufd(ctx) = &entry.file else { return fwd() };
         let result = if entry.is_local() {
@@ -272,8 +289,9 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: forwarding the caller's own argument.
-    let fwd = || unsafe { real::close()(fd) };
-    hook(fwd, || {
+    let raw = || unsafe { real::close()(fd) };
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         files::remove(fd);
         fwd()
     })
@@ -292,8 +310,9 @@ fn duplicated(old: c_int, new: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup(old: c_int) -> c_int {
     // SAFETY: forwarding the caller's own argument.
-    let fwd = || unsafe { real::dup()(old) };
-    hook(fwd, || duplicated(old, fwd()))
+    let raw = || unsafe { real::dup()(old) };
+    let fwd = || unshielded(raw);
+    hook(raw, || duplicated(old, fwd()))
 }
 
 /// # Safety
@@ -301,8 +320,9 @@ pub unsafe extern "C" fn dup(old: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::dup2()(old, new) };
-    hook(fwd, || if old == new { fwd() } else { duplicated(old, fwd()) })
+    let raw = || unsafe { real::dup2()(old, new) };
+    let fwd = || unshielded(raw);
+    hook(raw, || if old == new { fwd() } else { duplicated(old, fwd()) })
 }
 
 /// # Safety
@@ -310,8 +330,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::dup3()(old, new, flags) };
-    hook(fwd, || duplicated(old, fwd()))
+    let raw = || unsafe { real::dup3()(old, new, flags) };
+    let fwd = || unshielded(raw);
+    hook(raw, || duplicated(old, fwd()))
 }
 
 macro_rules! fcntl_hook {
@@ -321,8 +342,9 @@ macro_rules! fcntl_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(fd, cmd, arg) };
-            hook(fwd, || match cmd {
+            let raw = || unsafe { real::$real()(fd, cmd, arg) };
+            let fwd = || unshielded(raw);
+            hook(raw, || match cmd {
                 libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => duplicated(fd, fwd()),
                 _ => fwd(),
             })
@@ -339,11 +361,11 @@ macro_rules! read_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
-            let _shield = crate::signals::Shield::raise();
             let Some(entry) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
+            let _shield = crate::signals::Shield::raise();
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
@@ -372,11 +394,11 @@ macro_rules! write_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
-            let _shield = crate::signals::Shield::raise();
             let Some(entry) = files::rw_file(fd) else {
                 // SAFETY: forwarding the caller's own arguments.
                 return unsafe { real::$real()(fd, buf, count $(, $off)?) };
             };
+            let _shield = crate::signals::Shield::raise();
             #[allow(unused_mut, unused_assignments)]
             let mut offset = 0i64;
             $(offset = $off;)?
@@ -433,8 +455,9 @@ write_hook!(pwrite64, pwrite64, offset);
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::close_range()(first, last, flags) };
-    hook(fwd, || {
+    let raw = || unsafe { real::close_range()(first, last, flags) };
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         let known = (libc::CLOSE_RANGE_UNSHARE | libc::CLOSE_RANGE_CLOEXEC) as c_int;
         // Marking descriptors close-on-exec closes nothing; a call Linux
         // refuses closes nothing either.
@@ -450,12 +473,13 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
 /// As the C library's `closefrom`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn closefrom(first: c_int) {
-    let fwd = || {
+    let raw = || {
         // SAFETY: forwarding the caller's own argument.
         unsafe { real::closefrom()(first) };
         0
     };
-    hook(fwd, || {
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         files::remove_range(first.max(0), c_int::MAX);
         fwd()
     });
@@ -467,8 +491,9 @@ pub unsafe extern "C" fn closefrom(first: c_int) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fclose(file: *mut libc::FILE) -> c_int {
     // SAFETY: forwarding the caller's own argument.
-    let fwd = || unsafe { real::fclose()(file) };
-    hook(fwd, || {
+    let raw = || unsafe { real::fclose()(file) };
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         if !file.is_null() {
             // SAFETY: the caller's open stream.
             files::remove(unsafe { libc::fileno(file) });
@@ -579,8 +604,9 @@ macro_rules! stat_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, st: *mut libc::stat) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(path, st) };
-            hook(fwd, || stat_at(libc::AT_FDCWD, path, $flags, st, fwd))
+            let raw = || unsafe { real::$real()(path, st) };
+            let fwd = || unshielded(raw);
+            hook(raw, || stat_at(libc::AT_FDCWD, path, $flags, st, fwd))
         }
     };
 }
@@ -592,8 +618,9 @@ macro_rules! fstat_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, st: *mut libc::stat) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(fd, st) };
-            hook(fwd, || fstat_of(fd, st, fwd))
+            let raw = || unsafe { real::$real()(fd, st) };
+            let fwd = || unshielded(raw);
+            hook(raw, || fstat_of(fd, st, fwd))
         }
     };
 }
@@ -605,8 +632,9 @@ macro_rules! fstatat_hook {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, st: *mut libc::stat, flags: c_int) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(dirfd, path, st, flags) };
-            hook(fwd, || stat_at(dirfd, path, flags, st, fwd))
+            let raw = || unsafe { real::$real()(dirfd, path, st, flags) };
+            let fwd = || unshielded(raw);
+            hook(raw, || stat_at(dirfd, path, flags, st, fwd))
         }
     };
 }
@@ -620,8 +648,9 @@ macro_rules! xstat_hooks {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $xstat(ver: c_int, path: *const c_char, st: *mut libc::stat) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, 0) };
-            hook(fwd, || stat_at(libc::AT_FDCWD, path, 0, st, fwd))
+            let raw = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, 0) };
+            let fwd = || unshielded(raw);
+            hook(raw, || stat_at(libc::AT_FDCWD, path, 0, st, fwd))
         }
 
         /// # Safety
@@ -629,8 +658,9 @@ macro_rules! xstat_hooks {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $lxstat(ver: c_int, path: *const c_char, st: *mut libc::stat) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, libc::AT_SYMLINK_NOFOLLOW) };
-            hook(fwd, || stat_at(libc::AT_FDCWD, path, libc::AT_SYMLINK_NOFOLLOW, st, fwd))
+            let raw = || unsafe { real::$real()(ver, libc::AT_FDCWD, path, st, libc::AT_SYMLINK_NOFOLLOW) };
+            let fwd = || unshielded(raw);
+            hook(raw, || stat_at(libc::AT_FDCWD, path, libc::AT_SYMLINK_NOFOLLOW, st, fwd))
         }
 
         /// # Safety
@@ -638,8 +668,9 @@ macro_rules! xstat_hooks {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $fxstat(ver: c_int, fd: c_int, st: *mut libc::stat) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(ver, fd, c"".as_ptr(), st, libc::AT_EMPTY_PATH) };
-            hook(fwd, || fstat_of(fd, st, fwd))
+            let raw = || unsafe { real::$real()(ver, fd, c"".as_ptr(), st, libc::AT_EMPTY_PATH) };
+            let fwd = || unshielded(raw);
+            hook(raw, || fstat_of(fd, st, fwd))
         }
 
         /// # Safety
@@ -653,8 +684,9 @@ macro_rules! xstat_hooks {
             flags: c_int,
         ) -> c_int {
             // SAFETY: forwarding the caller's own arguments.
-            let fwd = || unsafe { real::$real()(ver, dirfd, path, st, flags) };
-            hook(fwd, || stat_at(dirfd, path, flags, st, fwd))
+            let raw = || unsafe { real::$real()(ver, dirfd, path, st, flags) };
+            let fwd = || unshielded(raw);
+            hook(raw, || stat_at(dirfd, path, flags, st, fwd))
         }
     };
 }
@@ -681,8 +713,9 @@ pub unsafe extern "C" fn statx(
     stx: *mut libc::statx,
 ) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::statx()(dirfd, path, flags, mask, stx) };
-    hook(fwd, || {
+    let raw = || unsafe { real::statx()(dirfd, path, flags, mask, stx) };
+    let fwd = || unshielded(raw);
+    hook(raw, || {
         if path.is_null() || stx.is_null() {
             return fwd();
         }
@@ -735,8 +768,9 @@ fn access_at(dirfd: c_int, path: *const c_char, mode: c_int, fwd: impl FnOnce() 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::access()(path, mode) };
-    hook(fwd, || access_at(libc::AT_FDCWD, path, mode, fwd))
+    let raw = || unsafe { real::access()(path, mode) };
+    let fwd = || unshielded(raw);
+    hook(raw, || access_at(libc::AT_FDCWD, path, mode, fwd))
 }
 
 /// # Safety
@@ -744,8 +778,9 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
-    let fwd = || unsafe { real::faccessat()(dirfd, path, mode, flags) };
-    hook(fwd, || access_at(dirfd, path, mode, fwd))
+    let raw = || unsafe { real::faccessat()(dirfd, path, mode, flags) };
+    let fwd = || unshielded(raw);
+    hook(raw, || access_at(dirfd, path, mode, fwd))
 }
 
 type MmapFn = unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;

@@ -72,15 +72,36 @@ impl Drop for Shield {
         DEPTH.set(depth);
         compiler_fence(Ordering::SeqCst);
         if depth == 0 {
-            let deferred = DEFERRED.replace(0);
-            if deferred != 0 {
-                let set = sigset_from_bits(deferred);
-                // SAFETY: unblocking signals this thread blocked while it
-                // was inside the hook; they are delivered now.
-                unsafe { real::pthread_sigmask()(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
-            }
+            deliver_deferred();
         }
     }
+}
+
+/// Unblocks the signals put back while this thread was inside ioasid:
+/// they are delivered now.
+fn deliver_deferred() {
+    let deferred = DEFERRED.replace(0);
+    if deferred != 0 {
+        let set = sigset_from_bits(deferred);
+        // SAFETY: unblocking signals this thread blocked itself.
+        unsafe { real::pthread_sigmask()(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+    }
+}
+
+/// Runs `call` (the C library's own function, forwarded by a hook) with
+/// this thread's shields lowered: a call that blocks (a `read` of a pipe,
+/// say) must let the program's handlers run, as it would without ioasid.
+/// Only for calls made while ioasid holds no lock.
+pub fn lowered<R>(call: impl FnOnce() -> R) -> R {
+    compiler_fence(Ordering::SeqCst);
+    let depth = DEPTH.replace(0);
+    compiler_fence(Ordering::SeqCst);
+    deliver_deferred();
+    let r = call();
+    compiler_fence(Ordering::SeqCst);
+    DEPTH.set(depth);
+    compiler_fence(Ordering::SeqCst);
+    r
 }
 
 /// Runs at load, before the program: ioasid's fault handler goes in first,
@@ -106,9 +127,16 @@ extern "C" fn init() {
 /// Every catching handler of the program is entered here.
 extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, context: *mut c_void) {
     if DEPTH.get() > 0 {
-        // SAFETY: the kernel's context of this delivery; the signal stays
-        // blocked once this handler returns.
-        unsafe { libc::sigaddset(&mut (*context.cast::<libc::ucontext_t>()).uc_sigmask, sig) };
+        // Blocked now, before it is queued again: with SA_NODEFER it would
+        // otherwise come straight back into this frame's successor. The
+        // kernel's context keeps it blocked once this handler returns.
+        let set = sigset_from_bits(bit(sig));
+        // SAFETY: blocking one signal of this thread; the kernel's context
+        // of this delivery.
+        unsafe {
+            real::pthread_sigmask()(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::sigaddset(&mut (*context.cast::<libc::ucontext_t>()).uc_sigmask, sig);
+        }
         DEFERRED.set(DEFERRED.get() | bit(sig));
         requeue(sig, info);
         return;
