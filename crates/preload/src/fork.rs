@@ -136,6 +136,18 @@ impl Call {
     }
 }
 
+/// A socket call, made again while a signal interrupts it: a reply left
+/// unread would be taken by the next call on the link.
+fn again(mut call: impl FnMut() -> isize) -> isize {
+    loop {
+        let n = call();
+        // SAFETY: reading this thread's errno.
+        if n >= 0 || unsafe { *libc::__errno_location() } != libc::EINTR {
+            return n;
+        }
+    }
+}
+
 fn reply(value: i64, errno: c_int) -> [u8; REPLY] {
     let mut m = [0u8; REPLY];
     m[0..8].copy_from_slice(&value.to_le_bytes());
@@ -223,8 +235,8 @@ impl Link {
         // SAFETY: sending and receiving whole messages from and into buffers
         // of their sizes; MSG_NOSIGNAL keeps a gone parent from killing us.
         let ok = unsafe {
-            libc::send(self.fd, msg.as_ptr().cast(), REQUEST, libc::MSG_NOSIGNAL) == REQUEST as isize
-                && libc::recv(self.fd, answer.as_mut_ptr().cast(), REPLY, 0) == REPLY as isize
+            again(|| libc::send(self.fd, msg.as_ptr().cast(), REQUEST, libc::MSG_NOSIGNAL)) == REQUEST as isize
+                && again(|| libc::recv(self.fd, answer.as_mut_ptr().cast(), REPLY, 0)) == REPLY as isize
         };
         if !ok {
             return Err(libc::EIO);
@@ -240,13 +252,16 @@ impl Link {
         let msg = Call::NewLink.encode(0, 0);
         // SAFETY: `fd` is this link's, open while the link is.
         let sock = unsafe { BorrowedFd::borrow_raw(self.fd) };
-        rustix::net::send(sock, &msg, SendFlags::NOSIGNAL).ok().filter(|&n| n == REQUEST)?;
+        rustix::io::retry_on_intr(|| rustix::net::send(sock, &msg, SendFlags::NOSIGNAL))
+            .ok()
+            .filter(|&n| n == REQUEST)?;
         let mut answer = [0u8; REPLY];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        let got =
+        let got = rustix::io::retry_on_intr(|| {
             rustix::net::recvmsg(sock, &mut [IoSliceMut::new(&mut answer)], &mut control, RecvFlags::CMSG_CLOEXEC)
-                .ok()?;
+        })
+        .ok()?;
         let fd = control.drain().find_map(|m| match m {
             RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
             _ => None,
@@ -341,18 +356,22 @@ fn serve(link: RawFd, served: Arc<HashMap<u64, File>>) {
     ioasid_engine::memory::ioasid_thread_signals();
     let mut msg = [0u8; REQUEST];
     // SAFETY: receiving into a buffer of the size given.
-    while unsafe { libc::recv(link, msg.as_mut_ptr().cast(), REQUEST, 0) } == REQUEST as isize {
+    while unsafe { again(|| libc::recv(link, msg.as_mut_ptr().cast(), REQUEST, 0)) } == REQUEST as isize {
         let sent = match Call::decode(&msg) {
             Some((Call::NewLink, _, _)) => new_link(link, &served),
             decoded => {
-                let result =
-                    decoded.map_or(Err(libc::EINVAL), |(call, serial, pid)| run(call, served.get(&serial), pid));
+                // A panic answers EIO rather than leave the child waiting.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    decoded.map_or(Err(libc::EINVAL), |(call, serial, pid)| run(call, served.get(&serial), pid))
+                }))
+                .unwrap_or(Err(libc::EIO));
                 let answer = match result {
                     Ok(v) => reply(v, 0),
                     Err(e) => reply(-1, e),
                 };
                 // SAFETY: sending a whole message from a buffer of its size.
-                (unsafe { libc::send(link, answer.as_ptr().cast(), REPLY, libc::MSG_NOSIGNAL) }) == REPLY as isize
+                (unsafe { again(|| libc::send(link, answer.as_ptr().cast(), REPLY, libc::MSG_NOSIGNAL)) })
+                    == REPLY as isize
             }
         };
         if !sent {
