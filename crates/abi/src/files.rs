@@ -25,7 +25,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_int;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use arc_swap::ArcSwap;
@@ -83,7 +83,14 @@ static WRITER: Mutex<()> = Mutex::new(());
 static RW_FILES: AtomicUsize = AtomicUsize::new(0);
 static SERIAL: AtomicU64 = AtomicU64::new(1);
 /// This process as an owner, renewed in every forked child.
-static THIS: LazyLock<AtomicU64> = LazyLock::new(|| AtomicU64::new(new_owner()));
+static THIS: LazyLock<AtomicU64> = LazyLock::new(|| {
+    PID.store(std::process::id(), Ordering::Relaxed);
+    AtomicU64::new(new_owner())
+});
+/// The process whose table this is: a `vfork` child (which runs in its
+/// parent's memory without the fork handlers, as CPython's `subprocess`
+/// does when it closes descriptors before `exec`) must not edit it.
+static PID: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
     /// The writer lock the forking thread holds across `fork`.
@@ -118,6 +125,10 @@ fn writer() -> MutexGuard<'static, ()> {
 /// with the old table, outside the writer lock when the caller drops what
 /// this returns, since dropping may tear objects down.
 fn update(edit: impl FnOnce(&mut Table)) -> Arc<Table> {
+    LazyLock::force(&THIS);
+    if std::process::id() != PID.load(Ordering::Relaxed) {
+        return TABLE.load_full();
+    }
     let _w = writer();
     let mut table = Table::clone(&TABLE.load());
     edit(&mut table);
@@ -147,6 +158,7 @@ pub fn lock_for_fork() {
 /// makes from now on its own.
 pub fn unlock_after_fork(child: bool) {
     if child {
+        PID.store(std::process::id(), Ordering::Relaxed);
         THIS.store(new_owner(), Ordering::Relaxed);
     }
     FORK_GUARD.with(|g| g.borrow_mut().take());
@@ -200,12 +212,22 @@ pub fn insert(fd: c_int, file: File) {
     let Some(ino) = inode(fd) else { return };
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
     let entry = Entry { file, inode: ino, serial, owner: this_process() };
-    let stale: Vec<c_int> =
-        TABLE.load().iter().filter(|(n, e)| **n != fd && inode(**n) != Some(e.inode)).map(|(n, _)| *n).collect();
+    // By serial too: another thread may have put a new file at a stale
+    // number since this list was made, and that entry must stay.
+    let stale: Vec<(c_int, u64)> = TABLE
+        .load()
+        .iter()
+        .filter(|(n, e)| **n != fd && inode(**n) != Some(e.inode))
+        .map(|(n, e)| (*n, e.serial))
+        .collect();
     let mut gone = Vec::new();
     let old = update(|t| {
         gone.extend(t.insert(fd, entry));
-        gone.extend(stale.iter().filter_map(|n| t.remove(n)));
+        for (n, serial) in &stale {
+            if t.get(n).is_some_and(|e| e.serial == *serial) {
+                gone.extend(t.remove(n));
+            }
+        }
     });
     drop(old);
     gone.into_iter().for_each(release);

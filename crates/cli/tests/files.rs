@@ -414,3 +414,30 @@ int main(void) {
     );
     common::run_c_with("static", &program, &["-static"]);
 }
+
+/// A `vfork` child runs in its parent's memory, without the fork handlers,
+/// and closes descriptors before `exec` (as CPython's `subprocess` does):
+/// its closes are of its own descriptor table and must leave the parent's
+/// contexts alone.
+#[test]
+fn a_vfork_child_closing_the_iommufd_leaves_the_parents_context() {
+    run(
+        "vfork",
+        r#"
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
+    CHECK(ioas_alloc(fd) == 1);
+    pid_t child = vfork();
+    if (child == 0) {
+        close(fd);
+        _exit(0);
+    }
+    CHECK(child > 0 && reap(child, 10) == 0);
+    CHECK(ioas_alloc(fd) == 2);
+    printf("ok\n");
+    return 0;
+}
+"#,
+    );
+}
