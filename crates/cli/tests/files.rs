@@ -441,3 +441,57 @@ int main(void) {
 "#,
     );
 }
+
+/// A child's link to its parent is the only way to the parent's end: a
+/// sibling forked later does not keep it, so once the parent is gone the
+/// child's calls fail at once instead of waiting on a sibling that holds
+/// the parent's end open.
+#[test]
+fn a_child_sees_its_parent_go_whatever_its_siblings_hold() {
+    run(
+        "siblings",
+        r#"
+#include <poll.h>
+int main(void) {
+    int result[2];
+    CHECK(pipe(result) == 0);
+    pid_t p = fork();
+    CHECK(p >= 0);
+    if (p == 0) {
+        int fd = open("/dev/iommu", O_RDWR);
+        CHECK(fd >= 0);
+        int go[2];
+        CHECK(pipe(go) == 0);
+        pid_t c1 = fork();
+        CHECK(c1 >= 0);
+        if (c1 == 0) {
+            char b;
+            CHECK(read(go[0], &b, 1) == 1);
+            usleep(200000); /* the parent has exited */
+            int r = ioctl(fd, IOAS_ALLOC, &(struct ioas_alloc){ sizeof(struct ioas_alloc), 0, 0 });
+            char answer = r == -1 && errno == EIO ? 'y' : 'n';
+            CHECK(write(result[1], &answer, 1) == 1);
+            _exit(0);
+        }
+        pid_t c2 = fork();
+        CHECK(c2 >= 0);
+        if (c2 == 0) {
+            close(1);
+            close(2);
+            sleep(4);
+            _exit(0);
+        }
+        CHECK(write(go[1], "g", 1) == 1);
+        _exit(0);
+    }
+    close(result[1]);
+    struct pollfd pfd = { result[0], POLLIN, 0 };
+    CHECK(poll(&pfd, 1, 2000) == 1);
+    char answer;
+    CHECK(read(result[0], &answer, 1) == 1 && answer == 'y');
+    printf("ok\n");
+    return 0;
+}
+"#,
+    );
+}

@@ -82,7 +82,15 @@ static LINKS: Mutex<Vec<Arc<Link>>> = Mutex::new(Vec::new());
 
 /// What `prepare` sets up for the parent and child handlers of one fork.
 struct Forking {
+    /// The program's handlers wait until the fork's bookkeeping is done:
+    /// one that made an iommufd call meanwhile would wait on the locks held
+    /// here.
+    _shield: crate::signals::Shield,
     links: MutexGuard<'static, Vec<Arc<Link>>>,
+    /// The ends of links this process serves, which a child must not keep
+    /// (a child holding its sibling's server end would keep that sibling
+    /// from seeing its parent go).
+    serving: MutexGuard<'static, Vec<RawFd>>,
     /// For the child: a new link to each process this one has a link to.
     upstream: Vec<(Owner, RawFd)>,
     /// The link between this process (first) and the child (second).
@@ -172,6 +180,13 @@ fn links() -> MutexGuard<'static, Vec<Arc<Link>>> {
     LINKS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The ends of the links this process serves, one per serving thread.
+static SERVING: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn serving() -> MutexGuard<'static, Vec<RawFd>> {
+    SERVING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn close(fd: RawFd) {
     // SAFETY: a descriptor of this module's, closed once.
     unsafe { real::close()(fd) };
@@ -181,6 +196,7 @@ fn close(fd: RawFd) {
 /// child's links: to this process when it has objects of its own, and a
 /// new one to every process this one has a link to.
 extern "C" fn prepare() {
+    let shield = crate::signals::Shield::raise();
     files::lock_for_fork();
     let links = links();
     let upstream = links.iter().filter_map(|l| Some((l.owner, l.new_link()?))).collect();
@@ -193,12 +209,15 @@ extern "C" fn prepare() {
         None
     };
     let owner = files::this_process();
-    FORKING.with(|f| *f.borrow_mut() = Some(Forking { links, upstream, pair, served, owner }));
+    let serving = serving();
+    let forking = Forking { _shield: shield, links, serving, upstream, pair, served, owner };
+    FORKING.with(|f| *f.borrow_mut() = Some(forking));
 }
 
 extern "C" fn parent() {
     let Some(forking) = FORKING.with(|f| f.borrow_mut().take()) else { return };
     files::unlock_after_fork(false);
+    drop(forking.serving);
     forking.upstream.iter().for_each(|&(_, fd)| close(fd));
     if let Some((ours, theirs)) = forking.pair {
         close(theirs);
@@ -212,6 +231,9 @@ extern "C" fn child() {
     files::unlock_after_fork(true);
     // The parent's objects, which this copy of them must never tear down.
     std::mem::forget(forking.served);
+    let mut serving = forking.serving;
+    serving.drain(..).for_each(close);
+    drop(serving);
     let mut links = forking.links;
     // The parent's own links; a thread of the parent's may have been using
     // one, and whatever it held stays behind with them.
@@ -317,8 +339,10 @@ fn run(call: Call, file: Option<&File>, pid: i32) -> Result<i64, c_int> {
 }
 
 fn spawn_server(link: RawFd, served: Arc<HashMap<u64, File>>) {
+    serving().push(link);
     let spawned = std::thread::Builder::new().name("ioasid-fork".into()).spawn(move || serve(link, served));
     if spawned.is_err() {
+        serving().retain(|&fd| fd != link);
         // The child's requests then fail with EIO rather than wait forever.
         close(link);
     }
@@ -378,5 +402,6 @@ fn serve(link: RawFd, served: Arc<HashMap<u64, File>>) {
             break;
         }
     }
+    serving().retain(|&fd| fd != link);
     close(link);
 }
