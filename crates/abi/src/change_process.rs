@@ -11,9 +11,9 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::Ucmd;
 use crate::errno::Errno;
 use crate::uapi::io;
+use crate::ucmd::Ucmd;
 
 pub const IOMMUFD_CMD_IOAS_CHANGE_PROCESS: u32 = 0x92;
 pub const IOMMU_IOAS_CHANGE_PROCESS: u32 = io(IOMMUFD_CMD_IOAS_CHANGE_PROCESS);

@@ -22,9 +22,9 @@ use ioasid_engine::pages::Pages;
 use ioasid_engine::{Context, PAGE_SIZE, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::{Op, Ucmd};
 use crate::errno::Errno;
 use crate::selftest::{IOMMU_TEST_CMD, TEST_CMD_MIN_SIZE, iommu_test_cmd};
+use crate::ucmd::{Op, Ucmd};
 use crate::user::UserMemory;
 
 pub const IOMMU_TEST_OP_DMABUF_GET: u32 = 22;
@@ -117,7 +117,7 @@ pub(crate) fn test_cmd(ctx: &Arc<Context>, mem: &dyn UserMemory, arg: u64) -> Op
             Ok(())
         },
     };
-    Some(crate::dispatch::run_op(Some(&OP), ctx, mem, IOMMU_TEST_CMD, arg).map(|_| VALUE.take()))
+    Some(crate::ucmd::run_op(Some(&OP), ctx, mem, IOMMU_TEST_CMD, arg).map(|_| VALUE.take()))
 }
 
 thread_local! {

@@ -10,8 +10,8 @@ use ioasid_engine::Context;
 use ioasid_engine::ioasid_set::global;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::{Op, Ucmd, op, run_op, size_of_field};
 use crate::errno::Errno;
+use crate::ucmd::{Op, Ucmd, op, run_op, size_of_field};
 use crate::user::UserMemory;
 
 pub const IOASID_TYPE: u32 = b'i' as u32;

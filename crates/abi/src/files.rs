@@ -17,6 +17,10 @@
 //! way the child would wait for; writers are serialised by a lock that the
 //! forking thread holds across `fork` and releases on both sides.
 //!
+//! This module and `selftest` import each other, on purpose: the table
+//! holds the selftest's access files by their type (as it holds fault
+//! queues and vEVENTQs), and the selftest command registers them here.
+//!
 //! After a `fork` the child's table is a copy: its entries name objects
 //! that live in the parent (their *owner*), where the child's calls on
 //! them are carried out; what the child opens itself is its own.

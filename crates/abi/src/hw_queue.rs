@@ -6,9 +6,9 @@
 use core::mem::size_of;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::Ucmd;
 use crate::errno::Errno;
 use crate::uapi::io;
+use crate::ucmd::Ucmd;
 
 pub const IOMMUFD_CMD_HW_QUEUE_ALLOC: u32 = 0x94;
 pub const IOMMU_HW_QUEUE_ALLOC: u32 = io(IOMMUFD_CMD_HW_QUEUE_ALLOC);

@@ -13,6 +13,7 @@ pub mod hw_queue;
 pub mod mmap;
 pub mod selftest;
 pub mod uapi;
+mod ucmd;
 pub mod user;
 pub mod veventq;
 pub mod vfio;

@@ -14,10 +14,10 @@ use ioasid_engine::{
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::Ucmd;
 use crate::errno::Errno;
 use crate::files::{self, File};
 use crate::uapi::io;
+use crate::ucmd::Ucmd;
 use crate::user::new_fd;
 
 pub const IOMMU_TEST_CMD: u32 = io(0x80 + 32);
@@ -607,7 +607,7 @@ pub fn invalidate(
         return (0, Err(Errno::EINVAL));
     }
     let mut iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
-    crate::dispatch::each_entry(u, c, 8, |inv: iommu_hwpt_invalidate_selftest| {
+    crate::ucmd::each_entry(u, c, 8, |inv: iommu_hwpt_invalidate_selftest| {
         if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
             return Err(Errno::EOPNOTSUPP);
         }
@@ -642,7 +642,7 @@ pub fn viommu_invalidate(
     for i in 0..u64::from(c.entry_num) {
         let mut cmd = iommu_viommu_invalidate_selftest::default();
         let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * i);
-        if let Err(e) = crate::dispatch::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
+        if let Err(e) = crate::ucmd::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
             return (0, Err(e));
         }
         cmds.push(cmd);
@@ -677,13 +677,7 @@ pub fn paging_format(u: &Ucmd, c: &crate::uapi::iommu_hwpt_alloc) -> Result<Page
         return Err(Errno::EOPNOTSUPP);
     }
     let mut cfg = iommu_hwpt_selftest::default();
-    crate::dispatch::copy_driver_data(
-        u.mem,
-        c.data_uptr,
-        c.data_len as usize,
-        HWPT_SELFTEST_MIN_LEN,
-        cfg.as_mut_bytes(),
-    )?;
+    crate::ucmd::copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, HWPT_SELFTEST_MIN_LEN, cfg.as_mut_bytes())?;
     match cfg.pagetable_type {
         MOCK_IOMMUPT_DEFAULT => Ok(PageFormat::MockPt),
         MOCK_IOMMUPT_HUGE => Ok(PageFormat::MockHuge),
@@ -721,7 +715,7 @@ pub(crate) fn viommu_alloc_with_data(u: &Ucmd, c: &crate::uapi::iommu_viommu_all
         if len < VIOMMU_SELFTEST_MIN_LEN {
             return Err(Errno::EINVAL);
         }
-        crate::dispatch::copy_struct_from_user(u.mem, c.data_uptr, len, data.as_mut_bytes())?;
+        crate::ucmd::copy_struct_from_user(u.mem, c.data_uptr, len, data.as_mut_bytes())?;
         Ok((2 * PAGE_SIZE, data.in_data.to_ne_bytes().to_vec()))
     })?;
     let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));

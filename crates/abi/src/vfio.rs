@@ -10,8 +10,8 @@ use ioasid_engine::ioas::Ioas;
 use ioasid_engine::{IovaRange, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::dispatch::Ucmd;
 use crate::errno::Errno;
+use crate::ucmd::Ucmd;
 
 /// VFIO shares iommufd's ioctl type (`VFIO_TYPE` is `';'`), from number 100.
 const VFIO_BASE: u32 = 100;
