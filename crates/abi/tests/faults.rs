@@ -46,6 +46,15 @@ fn setup() -> (Arc<Context>, u32, u32, u32, Arc<FaultFile>) {
     (ctx, dev, c.out_hwpt_id, fault_id, fault)
 }
 
+/// `setup`, with the device on a nested HWPT whose faults go to the queue.
+fn attached_to_queue() -> (Arc<Context>, u32, u32, Arc<FaultFile>) {
+    let (ctx, dev, parent, fault_id, fault) = setup();
+    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
+    let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
+    ctx.replace(dev, iopf).unwrap();
+    (ctx, dev, fault_id, fault)
+}
+
 fn alloc_nested(ctx: &Arc<Context>, dev: u32, parent: u32, fault: Option<u32>, data: &mut [u8]) -> Result<u32, Errno> {
     let mut c = iommu_hwpt_alloc {
         size: 48,
@@ -113,10 +122,7 @@ fn selftest_invalidation_reports_what_it_handled() {
 
 #[test]
 fn page_requests_reach_the_fault_fd_and_are_answered_once() {
-    let (ctx, dev, parent, fault_id, fault) = setup();
-    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
-    let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
-    ctx.replace(dev, iopf).unwrap();
+    let (ctx, dev, fault_id, fault) = attached_to_queue();
     let mut buf = [iommu_hwpt_pgfault::default(); 2];
     let addr = buf.as_mut_ptr() as u64;
     assert_eq!(fault.read(&InProcess, addr, 80, 0), Ok(0), "nothing pending");
@@ -210,10 +216,7 @@ fn at_end_of_mapping(n: usize) -> (u64, impl Drop) {
 
 #[test]
 fn huge_counts_on_the_fault_fd_are_bounded_by_the_records() {
-    let (ctx, dev, parent, fault_id, fault) = setup();
-    let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
-    let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
-    ctx.replace(dev, iopf).unwrap();
+    let (ctx, dev, _, fault) = attached_to_queue();
     const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
     // Whole records, as Linux requires: near 2^46 bytes, and near SIZE_MAX.
     let huge = [(1usize << 46) / RECORD * RECORD, usize::MAX / RECORD * RECORD];

@@ -49,8 +49,8 @@ fn alloc_hwpt<T: IntoBytes + FromBytes>(
     call(ctx, IOMMU_HWPT_ALLOC, &mut c).map(|()| c.out_hwpt_id)
 }
 
-/// A selftest vIOMMU over a nesting parent, with `idev` known as `virt_id`.
-fn viommu(ctx: &Arc<Context>, ioas: u32, idev: u32, virt_id: u64) -> u32 {
+/// A selftest vIOMMU over a new nesting parent of `ioas`, for `idev`.
+fn selftest_viommu(ctx: &Arc<Context>, ioas: u32, idev: u32) -> u32 {
     let parent =
         alloc_hwpt::<u8>(ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
     let mut v = iommu_viommu_alloc {
@@ -61,10 +61,15 @@ fn viommu(ctx: &Arc<Context>, ioas: u32, idev: u32, virt_id: u64) -> u32 {
         ..Default::default()
     };
     call(ctx, IOMMU_VIOMMU_ALLOC, &mut v).unwrap();
-    let mut d =
-        iommu_vdevice_alloc { size: 24, viommu_id: v.out_viommu_id, dev_id: idev, virt_id, ..Default::default() };
-    call(ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();
     v.out_viommu_id
+}
+
+/// A selftest vIOMMU over a nesting parent, with `idev` known as `virt_id`.
+fn viommu(ctx: &Arc<Context>, ioas: u32, idev: u32, virt_id: u64) -> u32 {
+    let viommu_id = selftest_viommu(ctx, ioas, idev);
+    let mut d = iommu_vdevice_alloc { size: 24, viommu_id, dev_id: idev, virt_id, ..Default::default() };
+    call(ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();
+    viommu_id
 }
 
 fn invalidate<T: IntoBytes + FromBytes>(
@@ -232,18 +237,9 @@ fn pasid_ops_attach_replace_check_and_detach_a_mock_devices_pasid() {
 #[test]
 fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attached() {
     let (ctx, ioas, stdev, _, idev) = mock_domain(0);
-    let parent =
-        alloc_hwpt::<u8>(&ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
-    let mut v = iommu_viommu_alloc {
-        size: 40,
-        r#type: IOMMU_VIOMMU_TYPE_SELFTEST,
-        dev_id: idev,
-        hwpt_id: parent,
-        ..Default::default()
-    };
-    call(&ctx, IOMMU_VIOMMU_ALLOC, &mut v).unwrap();
+    let viommu_id = selftest_viommu(&ctx, ioas, idev);
     let mut data = iommu_hwpt_selftest { iotlb: IOMMU_TEST_IOTLB_DEFAULT, ..Default::default() };
-    let nested = alloc_hwpt(&ctx, idev, v.out_viommu_id, 0, IOMMU_HWPT_DATA_SELFTEST, Some(&mut data), 8).unwrap();
+    let nested = alloc_hwpt(&ctx, idev, viommu_id, 0, IOMMU_HWPT_DATA_SELFTEST, Some(&mut data), 8).unwrap();
     let trigger = || test_cmd(&ctx, IOMMU_TEST_OP_TRIGGER_VEVENT, 0, &[idev]).map(drop);
     let replace = |pt_id| test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, stdev, &[pt_id]).map(drop);
     assert_eq!(replace(nested), Err(Errno::ENOENT), "no vDEVICE yet");
@@ -251,7 +247,7 @@ fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attache
 
     let depth = |veventq_depth| iommu_veventq_alloc {
         size: 32,
-        viommu_id: v.out_viommu_id,
+        viommu_id,
         r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
         veventq_depth,
         ..Default::default()
@@ -262,8 +258,7 @@ fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attache
     call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
     let Ok(ioasid_engine::Object::Veventq(queue)) = ctx.object(q.out_veventq_id) else { panic!("a vEVENTQ") };
 
-    let mut d =
-        iommu_vdevice_alloc { size: 24, viommu_id: v.out_viommu_id, dev_id: idev, virt_id: 0x99, ..Default::default() };
+    let mut d = iommu_vdevice_alloc { size: 24, viommu_id, dev_id: idev, virt_id: 0x99, ..Default::default() };
     call(&ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();
     replace(nested).unwrap();
     trigger().unwrap();
