@@ -15,7 +15,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::errno::Errno;
 use crate::selftest;
 use crate::uapi::*;
-use crate::ucmd::{MAX_SIZE, Op, Ucmd, copy_driver_data, each_entry, op, run_op, size_of_field};
+use crate::ucmd::{OpTable, Ucmd, copy_driver_data, each_entry, op, run_op};
 use crate::user::{UserMemory, dup_fd};
 
 type Res = Result<(), Errno>;
@@ -23,62 +23,48 @@ type Res = Result<(), Errno>;
 /// Up to and including the selftest command, 0x80 + 32.
 const NOPS: usize = 33;
 
-static OPS: [Option<Op>; NOPS] = [
-    op!(IOMMU_DESTROY, iommu_destroy, id, destroy),
-    op!(IOMMU_IOAS_ALLOC, iommu_ioas_alloc, out_ioas_id, ioas_alloc),
-    op!(IOMMU_IOAS_ALLOW_IOVAS, iommu_ioas_allow_iovas, allowed_iovas, ioas_allow_iovas),
-    op!(IOMMU_IOAS_COPY, iommu_ioas_copy, src_iova, ioas_copy),
-    op!(IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, out_iova_alignment, ioas_iova_ranges),
-    op!(IOMMU_IOAS_MAP, iommu_ioas_map, iova, ioas_map),
-    op!(IOMMU_IOAS_UNMAP, iommu_ioas_unmap, length, ioas_unmap),
-    op!(IOMMU_OPTION, iommu_option, val64, option),
-    op!(IOMMU_VFIO_IOAS, iommu_vfio_ioas, __reserved, vfio_ioas),
-    op!(IOMMU_HWPT_ALLOC, iommu_hwpt_alloc, __reserved, hwpt_alloc),
-    op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
-    op!(IOMMU_HWPT_SET_DIRTY_TRACKING, iommu_hwpt_set_dirty_tracking, __reserved, hwpt_set_dirty_tracking),
-    op!(IOMMU_HWPT_GET_DIRTY_BITMAP, iommu_hwpt_get_dirty_bitmap, data, hwpt_get_dirty_bitmap),
-    op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
-    op!(IOMMU_FAULT_QUEUE_ALLOC, iommu_fault_alloc, out_fault_fd, fault_alloc),
-    op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
-    op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
-    op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
-    op!(
-        crate::change_process::IOMMU_IOAS_CHANGE_PROCESS,
-        crate::change_process::iommu_ioas_change_process,
-        __reserved,
-        crate::change_process::change_process
-    ),
-    op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, out_veventq_fd, veventq_alloc),
-    op!(
-        crate::hw_queue::IOMMU_HW_QUEUE_ALLOC,
-        crate::hw_queue::iommu_hw_queue_alloc,
-        length,
-        crate::hw_queue::hw_queue_alloc
-    ),
-    op!(IOMMU_IOAS_NOIOMMU_GET_PA, iommu_ioas_noiommu_get_pa, out_phys, ioas_noiommu_get_pa),
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    op!(selftest::IOMMU_TEST_CMD, selftest::iommu_test_cmd, last, selftest::run),
-];
+/// Each command at its `IOMMUFD_CMD_*` number; the order below is free.
+static OPS: OpTable<NOPS> = OpTable::by_number(
+    IOMMUFD_CMD_BASE,
+    &[
+        op!(IOMMU_DESTROY, iommu_destroy, id, destroy),
+        op!(IOMMU_IOAS_ALLOC, iommu_ioas_alloc, out_ioas_id, ioas_alloc),
+        op!(IOMMU_IOAS_ALLOW_IOVAS, iommu_ioas_allow_iovas, allowed_iovas, ioas_allow_iovas),
+        op!(IOMMU_IOAS_COPY, iommu_ioas_copy, src_iova, ioas_copy),
+        op!(IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, out_iova_alignment, ioas_iova_ranges),
+        op!(IOMMU_IOAS_MAP, iommu_ioas_map, iova, ioas_map),
+        op!(IOMMU_IOAS_UNMAP, iommu_ioas_unmap, length, ioas_unmap),
+        op!(IOMMU_OPTION, iommu_option, val64, option),
+        op!(IOMMU_VFIO_IOAS, iommu_vfio_ioas, __reserved, vfio_ioas),
+        op!(IOMMU_HWPT_ALLOC, iommu_hwpt_alloc, __reserved, hwpt_alloc),
+        op!(IOMMU_GET_HW_INFO, iommu_hw_info, __reserved, get_hw_info),
+        op!(IOMMU_HWPT_SET_DIRTY_TRACKING, iommu_hwpt_set_dirty_tracking, __reserved, hwpt_set_dirty_tracking),
+        op!(IOMMU_HWPT_GET_DIRTY_BITMAP, iommu_hwpt_get_dirty_bitmap, data, hwpt_get_dirty_bitmap),
+        op!(IOMMU_HWPT_INVALIDATE, iommu_hwpt_invalidate, __reserved, hwpt_invalidate),
+        op!(IOMMU_FAULT_QUEUE_ALLOC, iommu_fault_alloc, out_fault_fd, fault_alloc),
+        op!(IOMMU_IOAS_MAP_FILE, iommu_ioas_map_file, iova, ioas_map_file),
+        op!(IOMMU_VIOMMU_ALLOC, iommu_viommu_alloc, out_viommu_id, viommu_alloc),
+        op!(IOMMU_VDEVICE_ALLOC, iommu_vdevice_alloc, virt_id, vdevice_alloc),
+        op!(
+            crate::change_process::IOMMU_IOAS_CHANGE_PROCESS,
+            crate::change_process::iommu_ioas_change_process,
+            __reserved,
+            crate::change_process::change_process
+        ),
+        op!(IOMMU_VEVENTQ_ALLOC, iommu_veventq_alloc, out_veventq_fd, veventq_alloc),
+        op!(
+            crate::hw_queue::IOMMU_HW_QUEUE_ALLOC,
+            crate::hw_queue::iommu_hw_queue_alloc,
+            length,
+            crate::hw_queue::hw_queue_alloc
+        ),
+        op!(IOMMU_IOAS_NOIOMMU_GET_PA, iommu_ioas_noiommu_get_pa, out_phys, ioas_noiommu_get_pa),
+        op!(selftest::IOMMU_TEST_CMD, selftest::iommu_test_cmd, last, selftest::run),
+    ],
+);
 
-// Every struct fits the buffer `run_op` decodes into.
-const _: () = {
-    let mut i = 0;
-    while i < NOPS {
-        if let Some(op) = &OPS[i] {
-            assert!(op.size <= MAX_SIZE, "a command's struct is larger than ucmd::MAX_SIZE");
-        }
-        i += 1;
-    }
-};
+/// The buffer commands are decoded into: the table's largest struct.
+const BUF: usize = OPS.largest();
 
 /// Runs one ioctl on an iommufd. `arg` is the caller's argument (for
 /// iommufd's own commands, a pointer to the struct). `Ok` carries the value
@@ -92,12 +78,11 @@ pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -
     {
         return r;
     }
-    let nr = request & 0xff;
-    let Some(idx) = nr.checked_sub(IOMMUFD_CMD_BASE).filter(|&i| (i as usize) < NOPS) else {
+    if !OPS.covers(request) {
         // Outside iommufd's numbers: VFIO's container ioctls, as Linux routes them.
         return crate::vfio::ioctl(&Ucmd::without_struct(ctx, mem, arg), request);
-    };
-    run_op(OPS[idx as usize].as_ref(), ctx, mem, request, arg)
+    }
+    run_op::<BUF>(OPS.get(request), ctx, mem, request, arg)
 }
 
 fn destroy(u: &Ucmd, c: iommu_destroy) -> Res {
@@ -663,5 +648,54 @@ impl Bitmap<'_> {
             at += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change_process::{IOMMU_IOAS_CHANGE_PROCESS, iommu_ioas_change_process};
+    use crate::hw_queue::{IOMMU_HW_QUEUE_ALLOC, iommu_hw_queue_alloc};
+
+    /// Every command iommufd (and its selftest) numbers, with its struct.
+    const COMMANDS: &[(u32, usize)] = &[
+        (IOMMU_DESTROY, size_of::<iommu_destroy>()),
+        (IOMMU_IOAS_ALLOC, size_of::<iommu_ioas_alloc>()),
+        (IOMMU_IOAS_ALLOW_IOVAS, size_of::<iommu_ioas_allow_iovas>()),
+        (IOMMU_IOAS_COPY, size_of::<iommu_ioas_copy>()),
+        (IOMMU_IOAS_IOVA_RANGES, size_of::<iommu_ioas_iova_ranges>()),
+        (IOMMU_IOAS_MAP, size_of::<iommu_ioas_map>()),
+        (IOMMU_IOAS_UNMAP, size_of::<iommu_ioas_unmap>()),
+        (IOMMU_OPTION, size_of::<iommu_option>()),
+        (IOMMU_VFIO_IOAS, size_of::<iommu_vfio_ioas>()),
+        (IOMMU_HWPT_ALLOC, size_of::<iommu_hwpt_alloc>()),
+        (IOMMU_GET_HW_INFO, size_of::<iommu_hw_info>()),
+        (IOMMU_HWPT_SET_DIRTY_TRACKING, size_of::<iommu_hwpt_set_dirty_tracking>()),
+        (IOMMU_HWPT_GET_DIRTY_BITMAP, size_of::<iommu_hwpt_get_dirty_bitmap>()),
+        (IOMMU_HWPT_INVALIDATE, size_of::<iommu_hwpt_invalidate>()),
+        (IOMMU_FAULT_QUEUE_ALLOC, size_of::<iommu_fault_alloc>()),
+        (IOMMU_IOAS_MAP_FILE, size_of::<iommu_ioas_map_file>()),
+        (IOMMU_VIOMMU_ALLOC, size_of::<iommu_viommu_alloc>()),
+        (IOMMU_VDEVICE_ALLOC, size_of::<iommu_vdevice_alloc>()),
+        (IOMMU_IOAS_CHANGE_PROCESS, size_of::<iommu_ioas_change_process>()),
+        (IOMMU_VEVENTQ_ALLOC, size_of::<iommu_veventq_alloc>()),
+        (IOMMU_HW_QUEUE_ALLOC, size_of::<iommu_hw_queue_alloc>()),
+        (IOMMU_IOAS_NOIOMMU_GET_PA, size_of::<iommu_ioas_noiommu_get_pa>()),
+        (selftest::IOMMU_TEST_CMD, size_of::<selftest::iommu_test_cmd>()),
+    ];
+
+    #[test]
+    fn each_command_sits_at_its_number_and_nothing_else_is_taken() {
+        for &(request, size) in COMMANDS {
+            let op = OPS.get(request).expect("a command in the table");
+            assert_eq!((op.num, op.size), (request, size));
+        }
+        let taken = (0..NOPS as u32).filter(|i| OPS.get(IOMMUFD_CMD_BASE + i).is_some()).count();
+        assert_eq!(taken, COMMANDS.len());
+    }
+
+    #[test]
+    fn the_decode_buffer_is_the_largest_command_struct() {
+        assert_eq!(BUF, COMMANDS.iter().map(|&(_, size)| size).max().unwrap());
     }
 }

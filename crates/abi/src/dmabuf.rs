@@ -117,7 +117,10 @@ pub(crate) fn test_cmd(ctx: &Arc<Context>, mem: &dyn UserMemory, arg: u64) -> Op
             Ok(())
         },
     };
-    Some(crate::ucmd::run_op(Some(&OP), ctx, mem, IOMMU_TEST_CMD, arg).map(|_| VALUE.take()))
+    Some(
+        crate::ucmd::run_op::<{ size_of::<iommu_test_cmd>() }>(Some(&OP), ctx, mem, IOMMU_TEST_CMD, arg)
+            .map(|_| VALUE.take()),
+    )
 }
 
 thread_local! {

@@ -11,7 +11,7 @@ use ioasid_engine::ioasid_set::global;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::errno::Errno;
-use crate::ucmd::{Op, Ucmd, op, run_op, size_of_field};
+use crate::ucmd::{OpTable, Ucmd, op, run_op};
 use crate::user::UserMemory;
 
 pub const IOASID_TYPE: u32 = b'i' as u32;
@@ -62,23 +62,30 @@ ext_struct!(ioasid_vdevice_detach_pasid { size: u32, vdevice_id: u32, vpasid: u3
 
 type Res = Result<(), Errno>;
 
-static OPS: [Option<Op>; 12] = [
-    op!(IOASID_SET_ALLOC, ioasid_set_alloc, out_set_id, set_alloc),
-    op!(IOASID_SET_QUOTA, ioasid_set_quota, quota, set_quota),
-    op!(IOASID_SET_USAGE, ioasid_set_usage, out_used, set_usage),
-    op!(IOASID_PASID_ALLOC, ioasid_pasid_alloc, out_pasid, pasid_alloc),
-    op!(IOASID_PASID_FREE, ioasid_pasid_free, pasid, pasid_free),
-    op!(IOASID_PASID_GET, ioasid_pasid_ref, pasid, pasid_get),
-    op!(IOASID_PASID_PUT, ioasid_pasid_ref, pasid, pasid_put),
-    op!(IOASID_PASID_FIND, ioasid_pasid_find, out_private_data, pasid_find),
-    op!(IOASID_VPASID_LOOKUP, ioasid_vpasid_lookup, out_pasid, vpasid_lookup),
-    op!(IOASID_VIOMMU_SET_PASIDS, ioasid_viommu_set_pasids, __reserved, viommu_set_pasids),
-    op!(IOASID_VDEVICE_ATTACH_PASID, ioasid_vdevice_attach_pasid, out_pasid, vdevice_attach_pasid),
-    op!(IOASID_VDEVICE_DETACH_PASID, ioasid_vdevice_detach_pasid, __reserved, vdevice_detach_pasid),
-];
+/// Each command at its number, from 0.
+static OPS: OpTable<12> = OpTable::by_number(
+    0,
+    &[
+        op!(IOASID_SET_ALLOC, ioasid_set_alloc, out_set_id, set_alloc),
+        op!(IOASID_SET_QUOTA, ioasid_set_quota, quota, set_quota),
+        op!(IOASID_SET_USAGE, ioasid_set_usage, out_used, set_usage),
+        op!(IOASID_PASID_ALLOC, ioasid_pasid_alloc, out_pasid, pasid_alloc),
+        op!(IOASID_PASID_FREE, ioasid_pasid_free, pasid, pasid_free),
+        op!(IOASID_PASID_GET, ioasid_pasid_ref, pasid, pasid_get),
+        op!(IOASID_PASID_PUT, ioasid_pasid_ref, pasid, pasid_put),
+        op!(IOASID_PASID_FIND, ioasid_pasid_find, out_private_data, pasid_find),
+        op!(IOASID_VPASID_LOOKUP, ioasid_vpasid_lookup, out_pasid, vpasid_lookup),
+        op!(IOASID_VIOMMU_SET_PASIDS, ioasid_viommu_set_pasids, __reserved, viommu_set_pasids),
+        op!(IOASID_VDEVICE_ATTACH_PASID, ioasid_vdevice_attach_pasid, out_pasid, vdevice_attach_pasid),
+        op!(IOASID_VDEVICE_DETACH_PASID, ioasid_vdevice_detach_pasid, __reserved, vdevice_detach_pasid),
+    ],
+);
+
+/// The buffer commands are decoded into: the table's largest struct.
+const BUF: usize = OPS.largest();
 
 pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
-    run_op(OPS.get((request & 0xff) as usize).and_then(Option::as_ref), ctx, mem, request, arg)
+    run_op::<BUF>(OPS.get(request), ctx, mem, request, arg)
 }
 
 fn set_alloc(u: &Ucmd, mut c: ioasid_set_alloc) -> Res {

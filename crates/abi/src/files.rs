@@ -19,7 +19,12 @@
 //!
 //! This module and `selftest` import each other, on purpose: the table
 //! holds the selftest's access files by their type (as it holds fault
-//! queues and vEVENTQs), and the selftest command registers them here.
+//! queues and vEVENTQs), and the selftest command registers them here and
+//! finds them by number. No single item can move to break the cycle: an
+//! access file is the selftest's mock access driver and the access it
+//! serves, which the selftest's handlers reach into; moving it here would
+//! put the mock driver in the file table, and an untyped entry would trade
+//! the cycle for a downcast on every lookup.
 //!
 //! After a `fork` the child's table is a copy: its entries name objects
 //! that live in the parent (their *owner*), where the child's calls on

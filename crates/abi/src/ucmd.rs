@@ -1,7 +1,8 @@
 //! One ioctl in flight: the caller's struct decoded under iommufd's size
 //! rules (`size` below the last mandatory field is `EINVAL`, non-zero bytes
-//! past what is understood `E2BIG`), the dispatch-table entry type, and the
-//! copy helpers every handler shares. Below the dispatcher and every
+//! past what is understood `E2BIG`), the dispatch tables (built by command
+//! number, with the decode buffer sized from their structs), and the copy
+//! helpers every handler shares. Below the dispatcher and every
 //! handler module, so data flows one way: dispatch → handlers → ucmd.
 
 use std::sync::Arc;
@@ -14,10 +15,6 @@ use crate::uapi::iommu_hwpt_invalidate;
 use crate::user::UserMemory;
 
 type Res = Result<(), Errno>;
-
-/// Largest struct in the dispatch tables; commands are decoded into a
-/// stack buffer of this size (the tables check it at compile time).
-pub(crate) const MAX_SIZE: usize = 72;
 
 /// One ioctl in flight: where its struct lives and how big the caller said it is.
 pub struct Ucmd<'a> {
@@ -66,6 +63,7 @@ impl<'a> Ucmd<'a> {
 
 /// One command of a dispatch table: its number, struct size, the size up
 /// to its last mandatory field, and its handler.
+#[derive(Clone, Copy)]
 pub(crate) struct Op {
     pub(crate) num: u32,
     pub(crate) size: usize,
@@ -73,14 +71,66 @@ pub(crate) struct Op {
     pub(crate) run: fn(&Ucmd, &[u8]) -> Res,
 }
 
+/// A dispatch table: the command whose number (the request's low byte) is
+/// `base + i` sits at `ops[i]`, so no list order has to match the numbers.
+pub(crate) struct OpTable<const N: usize> {
+    base: u32,
+    ops: [Option<Op>; N],
+}
+
+impl<const N: usize> OpTable<N> {
+    /// Places each of `list` at its command number. A number outside
+    /// `base..base + N`, or taken twice, fails the build.
+    pub(crate) const fn by_number(base: u32, list: &[Op]) -> Self {
+        let mut ops = [None; N];
+        let mut i = 0;
+        while i < list.len() {
+            let nr = list[i].num & 0xff;
+            assert!(nr >= base && ((nr - base) as usize) < N, "a command number outside its table");
+            let slot = (nr - base) as usize;
+            assert!(ops[slot].is_none(), "two commands with one number");
+            ops[slot] = Some(list[i]);
+            i += 1;
+        }
+        OpTable { base, ops }
+    }
+
+    /// The largest struct of the table: the size of the buffer `run_op`
+    /// decodes its commands into.
+    pub(crate) const fn largest(&self) -> usize {
+        let mut max = 0;
+        let mut i = 0;
+        while i < N {
+            if let Some(op) = &self.ops[i]
+                && op.size > max
+            {
+                max = op.size;
+            }
+            i += 1;
+        }
+        max
+    }
+
+    /// Whether `request`'s number falls in this table (taken or not).
+    pub(crate) fn covers(&self, request: u32) -> bool {
+        (request & 0xff).checked_sub(self.base).is_some_and(|i| (i as usize) < N)
+    }
+
+    /// The command at `request`'s number, if one is there.
+    pub(crate) fn get(&self, request: u32) -> Option<&Op> {
+        let i = (request & 0xff).checked_sub(self.base)?;
+        self.ops.get(i as usize)?.as_ref()
+    }
+}
+
 macro_rules! op {
     ($num:expr, $ty:ty, $last:ident, $handler:path) => {
-        Some(Op {
+        $crate::ucmd::Op {
             num: $num,
             size: core::mem::size_of::<$ty>(),
-            min_size: core::mem::offset_of!($ty, $last) + size_of_field!($ty, $last),
+            min_size: core::mem::offset_of!($ty, $last) + $crate::ucmd::size_of_field!($ty, $last),
             run: |u, b| $handler(u, <$ty>::read_from_bytes(b).expect("buffer sized for the struct")),
-        })
+        }
     };
 }
 
@@ -95,8 +145,9 @@ macro_rules! size_of_field {
 
 pub(crate) use {op, size_of_field};
 
-/// Decodes the caller's struct for `op` under the size rules and runs it.
-pub(crate) fn run_op(
+/// Decodes the caller's struct for `op` under the size rules, in a buffer
+/// of `BUF` bytes (its table's `largest`), and runs it.
+pub(crate) fn run_op<const BUF: usize>(
     op: Option<&Op>,
     ctx: &Arc<Context>,
     mem: &dyn UserMemory,
@@ -112,7 +163,7 @@ pub(crate) fn run_op(
     if (user_size as usize) < op.min_size {
         return Err(Errno::EINVAL);
     }
-    let mut buf = [0u8; MAX_SIZE];
+    let mut buf = [0u8; BUF];
     let known = op.size.min(user_size as usize);
     mem.read(arg, &mut buf[..known])?;
     check_zeroed(mem, arg + op.size as u64, (user_size as usize).saturating_sub(op.size))?;
@@ -161,4 +212,24 @@ pub(crate) fn copy_driver_data(mem: &dyn UserMemory, uptr: u64, len: usize, min:
         return Err(Errno::EINVAL);
     }
     mem.read(uptr, &mut out[..len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(num: u32, size: usize) -> Op {
+        Op { num, size, min_size: 0, run: |_, _| Ok(()) }
+    }
+
+    #[test]
+    fn a_table_places_commands_by_number_whatever_their_order() {
+        let table: OpTable<4> = OpTable::by_number(0x80, &[op(0x83, 8), op(0x80, 24), op(0x81, 16)]);
+        assert_eq!(table.get(0x80).map(|o| o.size), Some(24));
+        assert_eq!(table.get(0x81).map(|o| o.size), Some(16));
+        assert!(table.get(0x82).is_none());
+        assert_eq!(table.get(0x83).map(|o| o.size), Some(8));
+        assert!(table.covers(0x83) && !table.covers(0x84) && !table.covers(0x7f));
+        assert_eq!(table.largest(), 24);
+    }
 }
