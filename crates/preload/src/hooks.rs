@@ -26,12 +26,18 @@ fn hook(fallback: impl FnOnce() -> c_int, f: impl FnOnce() -> c_int) -> c_int {
     if IN_HOOK.with(|h| h.replace(true)) {
         return fallback();
     }
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        set_errno(libc::EIO);
-        -1
-    });
+    let r = caught(-1, f);
     IN_HOOK.with(|h| h.set(false));
     r
+}
+
+/// Runs `f`, turning a panic into `EIO` and `failed`: unwinding into C
+/// would abort the program.
+fn caught<R>(failed: R, f: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        set_errno(libc::EIO);
+        failed
+    })
 }
 
 /// Runs the C library's own function for a hook's call, outside the hook:
@@ -361,29 +367,31 @@ macro_rules! read_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
-            let Some(entry) = files::rw_file(fd) else {
-                // SAFETY: forwarding the caller's own arguments.
-                return unsafe { real::$real()(fd, buf, count $(, $off)?) };
-            };
-            let _shield = crate::signals::Shield::raise();
-            #[allow(unused_mut, unused_assignments)]
-            let mut offset = 0i64;
-            $(offset = $off;)?
-            if let Some(r) = forwarded(&entry, Call::Read { buf: buf as u64, count: count as u64, offset }) {
-                return r;
-            }
-            let r = match entry.file {
-                File::FailNth(tid) => {
-                    // SAFETY: the caller hands us `count` writable bytes at `buf`.
-                    let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
-                    Ok(fail_nth::read(tid, out, offset.max(0) as usize))
+            let ours = caught(Some(-1), || {
+                let entry = files::rw_file(fd)?;
+                let _shield = crate::signals::Shield::raise();
+                rw_panic_for_test();
+                #[allow(unused_mut, unused_assignments)]
+                let mut offset = 0i64;
+                $(offset = $off;)?
+                if let Some(r) = forwarded(&entry, Call::Read { buf: buf as u64, count: count as u64, offset }) {
+                    return Some(r);
                 }
-                File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                // Linux's iommufd and access files have no read.
-                File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
-            };
-            finish(r)
+                let r = match entry.file {
+                    File::FailNth(tid) => {
+                        // SAFETY: the caller hands us `count` writable bytes at `buf`.
+                        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
+                        Ok(fail_nth::read(tid, out, offset.max(0) as usize))
+                    }
+                    File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+                    File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+                    // Linux's iommufd and access files have no read.
+                    File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
+                };
+                Some(finish(r))
+            });
+            // SAFETY: forwarding the caller's own arguments.
+            ours.unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }
     };
 }
@@ -394,33 +402,49 @@ macro_rules! write_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
-            let Some(entry) = files::rw_file(fd) else {
-                // SAFETY: forwarding the caller's own arguments.
-                return unsafe { real::$real()(fd, buf, count $(, $off)?) };
-            };
-            let _shield = crate::signals::Shield::raise();
-            #[allow(unused_mut, unused_assignments)]
-            let mut offset = 0i64;
-            $(offset = $off;)?
-            if let Some(r) = forwarded(&entry, Call::Write { buf: buf as u64, count: count as u64, offset }) {
-                return r;
-            }
-            // Linux's iommufd, vEVENTQ and access files have no write.
-            if matches!(entry.file, File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_)) {
-                return finish(Err(libc::EINVAL));
-            }
-            let r = match entry.file {
-                File::FailNth(tid) => {
-                    // As Linux's kstrtouint_from_user: the number is in the first bytes.
-                    let mut data = vec![0u8; count.min(34)];
-                    InProcess.read(buf as u64, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(tid, &data)).map(|_| count)
+            let ours = caught(Some(-1), || {
+                let entry = files::rw_file(fd)?;
+                let _shield = crate::signals::Shield::raise();
+                rw_panic_for_test();
+                #[allow(unused_mut, unused_assignments)]
+                let mut offset = 0i64;
+                $(offset = $off;)?
+                if let Some(r) = forwarded(&entry, Call::Write { buf: buf as u64, count: count as u64, offset }) {
+                    return Some(r);
                 }
-                File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                _ => unreachable!("files without a write were answered above"),
-            };
-            finish(r)
+                // Linux's iommufd, vEVENTQ and access files have no write.
+                if matches!(entry.file, File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_)) {
+                    return Some(finish(Err(libc::EINVAL)));
+                }
+                let r = match entry.file {
+                    File::FailNth(tid) => {
+                        // As Linux's kstrtouint_from_user: the number is in the first bytes.
+                        let mut data = vec![0u8; count.min(34)];
+                        InProcess.read(buf as u64, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(tid, &data)).map(|_| count)
+                    }
+                    File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+                    _ => unreachable!("files without a write were answered above"),
+                };
+                Some(finish(r))
+            });
+            // SAFETY: forwarding the caller's own arguments.
+            ours.unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }
     };
+}
+
+thread_local! {
+    /// Set by a test to make this thread's next read or write of an ioasid
+    /// file panic, as a bug in a handler would.
+    #[cfg(test)]
+    static RW_PANIC: Cell<bool> = const { Cell::new(false) };
+}
+
+fn rw_panic_for_test() {
+    #[cfg(test)]
+    if RW_PANIC.take() {
+        panic!("a read or write handler panicked");
+    }
 }
 
 /// In a forked child, a read or write of a queue it inherited runs on its
@@ -789,15 +813,20 @@ type MunmapFn = unsafe extern "C" fn(*mut c_void, usize) -> c_int;
 fn real_mmap(name: &'static str) -> MmapFn {
     static MMAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     static MMAP64: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    match name {
-        "mmap64\0" => real::next(&MMAP64, name),
-        _ => real::next(&MMAP, name),
+    // SAFETY: `MmapFn` is the C signature of `mmap` and `mmap64`, each
+    // cached in its own cell.
+    unsafe {
+        match name {
+            "mmap64\0" => real::next(&MMAP64, name),
+            _ => real::next(&MMAP, name),
+        }
     }
 }
 
 fn real_munmap() -> MunmapFn {
     static MUNMAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    real::next(&MUNMAP, "munmap\0")
+    // SAFETY: `MunmapFn` is the C signature of `munmap`, alone in its cell.
+    unsafe { real::next(&MUNMAP, "munmap\0") }
 }
 
 /// `mmap` of an ioasid descriptor. An iommufd maps the memory an object
@@ -883,4 +912,40 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
         ioasid_abi::mmap::unmapped(addr as u64, len as u64);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errno() -> c_int {
+        // SAFETY: the calling thread's errno slot.
+        unsafe { *libc::__errno_location() }
+    }
+
+    /// A handler's panic must not unwind into the C caller (which aborts
+    /// the program): the call fails with `EIO`, as every other hook's does.
+    #[test]
+    fn a_panic_in_a_read_or_write_handler_fails_the_call_with_eio() {
+        let fd = fail_nth::open(inject_tid(), 0).expect("a fail-nth file");
+        let mut buf = [0u8; 16];
+        RW_PANIC.set(true);
+        // SAFETY: `buf` is 16 writable bytes.
+        let r = unsafe { read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        assert_eq!((r, errno()), (-1, libc::EIO));
+        RW_PANIC.set(true);
+        // SAFETY: `buf` is 16 readable bytes.
+        let r = unsafe { pwrite(fd, buf.as_ptr().cast(), 1, 0) };
+        assert_eq!((r, errno()), (-1, libc::EIO));
+        // The hooks still work afterwards.
+        // SAFETY: `buf` is 16 writable bytes.
+        let r = unsafe { read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(r > 0, "read gave {r}");
+        // SAFETY: `fd` is ours.
+        unsafe { close(fd) };
+    }
+
+    fn inject_tid() -> i32 {
+        ioasid_engine::inject::current_tid()
+    }
 }

@@ -18,9 +18,16 @@ pub type WriteFn = unsafe extern "C" fn(c_int, *const c_void, usize) -> isize;
 pub type PreadFn = unsafe extern "C" fn(c_int, *mut c_void, usize, i64) -> isize;
 pub type PwriteFn = unsafe extern "C" fn(c_int, *const c_void, usize, i64) -> isize;
 
-/// The next definition of `name` (nul-terminated), as a function pointer of
-/// type `T`, looked up once.
-pub fn next<T: Copy>(cell: &'static OnceLock<usize>, name: &'static str) -> T {
+/// The next definition of `name` (nul-terminated) past this library, as a
+/// function pointer of type `T`, looked up once and kept in `cell`.
+///
+/// # Safety
+/// `T` must be a function-pointer type whose signature is the C signature
+/// of `name` (the transmute below takes the caller's word for it), and
+/// `cell` must hold no other symbol: it caches the first lookup whatever
+/// name a later call passes.
+pub unsafe fn next<T: Copy>(cell: &'static OnceLock<usize>, name: &'static str) -> T {
+    const { assert!(std::mem::size_of::<T>() == std::mem::size_of::<usize>(), "T is not a function pointer") };
     let p = *cell.get_or_init(|| {
         let c = CStr::from_bytes_with_nul(name.as_bytes()).expect("nul-terminated name");
         // SAFETY: dlsym with a valid, nul-terminated symbol name.
@@ -32,9 +39,8 @@ pub fn next<T: Copy>(cell: &'static OnceLock<usize>, name: &'static str) -> T {
         }
         p as usize
     });
-    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<usize>());
-    // SAFETY: `T` is one of the function-pointer aliases above, matching the
-    // C signature of the symbol its caller names.
+    // SAFETY: `p` is the address of `name`, non-null, and `T` is a function
+    // pointer of its signature (this function's contract).
     unsafe { std::mem::transmute_copy(&p) }
 }
 
@@ -43,7 +49,9 @@ macro_rules! forward {
     ($fn:ident, $ty:ty, $sym:literal) => {
         pub fn $fn() -> $ty {
             static CELL: OnceLock<usize> = OnceLock::new();
-            next::<$ty>(&CELL, concat!($sym, "\0"))
+            // SAFETY: `$ty` is the C signature of `$sym`, and `CELL` is this
+            // forwarder's alone.
+            unsafe { next::<$ty>(&CELL, concat!($sym, "\0")) }
         }
     };
 }
