@@ -39,22 +39,94 @@ fn rid(r: u32) -> String {
     format!("{:02x}:{:02x}.{}", r >> 8, (r >> 3) & 0x1f, r & 7)
 }
 
+/// The demo, scene by scene: the first seven follow one IOAS and two
+/// devices from creation to unmap; the others stand alone.
 pub fn run(out: &mut impl Write) -> Result<()> {
     writeln!(out, "ioasid demo: one I/O address space, two devices, DMA through real page tables")?;
 
     section(out, 1, "Context and I/O address space")?;
+    let (ctx, ioas) = context_scene(out)?;
+
+    section(out, 2, "Memory")?;
+    let mem = memory_scene(out)?;
+
+    section(out, 3, "Devices")?;
+    let devs = devices_scene(out, &ctx, ioas)?;
+
+    section(out, 4, "Mappings")?;
+    let maps = mappings_scene(out, &ctx, ioas, &mem)?;
+
+    section(out, 5, "DMA")?;
+    dma_scene(out, &ctx, &devs, &maps, &mem)?;
+
+    section(out, 6, "Page table (HWPT shared by both devices)")?;
+    page_table(out, &ctx, devs.hwpt)?;
+
+    section(out, 7, "Unmap")?;
+    unmap_scene(out, &ctx, ioas, &devs, &maps, &mem)?;
+
+    section(out, 8, "I/O page fault")?;
+    fault_scene(out, &ctx, ioas, &mem.ram)?;
+
+    section(out, 9, "Nested translation: a guest's stage 1 over the host's stage 2")?;
+    nested_scene(out, &ctx)?;
+
+    section(out, 10, "Guest PASIDs: a vIOMMU drawing from an IOASID set")?;
+    vpasid_scene(out, &ctx)?;
+
+    section(out, 11, "IOMMU models: VT-d, SMMUv3, AMD-Vi")?;
+    models_scene(out, &ctx)?;
+
+    section(out, 12, "Teardown")?;
+    teardown_scene(out, &ctx, ioas, &devs)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// The memory the first scenes map: the guest's RAM and a descriptor ring.
+struct Memory {
+    ram: HostBuffer,
+    ring: std::fs::File,
+}
+
+/// The two devices sharing the IOAS, and the HWPT made for them.
+struct Devices {
+    nic: u32,
+    nvme: u32,
+    hwpt: u32,
+}
+
+/// Where the guest's RAM and the ring sit in the IOAS.
+struct Mappings {
+    ram: u64,
+    ring: u64,
+}
+
+/// Where in guest RAM nic0's packet lands.
+const PACKET_AT: u64 = 3 * MIB + 100;
+
+fn packet() -> Vec<u8> {
+    (0..1500u32).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+fn context_scene(out: &mut impl Write) -> Result<(Arc<Context>, u32)> {
     let ctx = Arc::new(Context::new());
     let ioas = ctx.ioas_alloc()?;
     row(out, "context", "in-process engine (what /dev/iommu opens)")?;
     row(out, "IOAS", format!("id {ioas}"))?;
+    Ok((ctx, ioas))
+}
 
-    section(out, 2, "Memory")?;
+fn memory_scene(out: &mut impl Write) -> Result<Memory> {
     let ram = HostBuffer::new(RAM as usize)?;
     row(out, "guest RAM", format!("{:>8}  anonymous memory at host {:#x}", size(RAM), ram.addr()))?;
     let ring = memfd_with(b"descriptor ring, written by the driver")?;
     row(out, "descriptor ring", format!("{:>8}  memfd, mapped by the engine itself", size(RING)))?;
+    Ok(Memory { ram, ring })
+}
 
-    section(out, 3, "Devices")?;
+/// Two devices attached to one IOAS share the HWPT made for the first.
+fn devices_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32) -> Result<Devices> {
     let mut nic_info = DeviceInfo::new("nic0", 0x0008);
     nic_info.reserved.push(MSI);
     let nic = ctx.bind_device(nic_info)?;
@@ -79,11 +151,13 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     row(out, "attached", format!("both to IOAS {ioas}, sharing HWPT {hwpt} (created for them)"))?;
     assert_eq!(hwpt, hwpt2, "compatible devices share one automatic HWPT");
     row(out, "reserved by nic0", format!("{:#x}..={:#x} (MSI window)", MSI.start, MSI.last))?;
+    Ok(Devices { nic, nvme, hwpt })
+}
 
-    section(out, 4, "Mappings")?;
-    // SAFETY: `ram` lives until the end of this function, after the unmap below.
-    let ram_iova = unsafe { ctx.map_user(ioas, ram.addr(), RAM, None, Perm::RW)? };
-    let ring_iova = ctx.map_file(ioas, ring.as_fd(), 0, RING, Some(0x1_0000_0000), Perm::R)?;
+fn mappings_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, mem: &Memory) -> Result<Mappings> {
+    // SAFETY: `run` keeps `mem` until after `unmap_scene` has unmapped it.
+    let ram = unsafe { ctx.map_user(ioas, mem.ram.addr(), RAM, None, Perm::RW)? };
+    let ring = ctx.map_file(ioas, mem.ring.as_fd(), 0, RING, Some(0x1_0000_0000), Perm::R)?;
     for a in ctx.ioas(ioas)?.areas() {
         let rights = match (a.perm.read, a.perm.write) {
             (true, true) => "RW",
@@ -97,18 +171,22 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             format!("{:>8}  {rights}  {what} at host {:#x}", size(a.len), a.host_addr),
         )?;
     }
-    row(out, "usable IOVA", usable_ranges(&ctx, ioas)?)?;
+    row(out, "usable IOVA", usable_ranges(ctx, ioas)?)?;
+    Ok(Mappings { ram, ring })
+}
 
-    section(out, 5, "DMA")?;
-    let nic_dev = ctx.device(nic)?;
-    let nvme_dev = ctx.device(nvme)?;
-    let packet: Vec<u8> = (0..1500u32).map(|i| (i * 7 + 3) as u8).collect();
-    let pkt_iova = ram_iova + 3 * MIB + 100;
+/// Both devices reach the same memory through the one page table; the
+/// read-only ring refuses a write.
+fn dma_scene(out: &mut impl Write, ctx: &Arc<Context>, devs: &Devices, maps: &Mappings, mem: &Memory) -> Result<()> {
+    let nic_dev = ctx.device(devs.nic)?;
+    let nvme_dev = ctx.device(devs.nvme)?;
+    let packet = packet();
+    let pkt_iova = maps.ram + PACKET_AT;
     let t = Instant::now();
     nic_dev.dma_write(pkt_iova, &packet)?;
     let took = t.elapsed();
     let mut in_ram = vec![0u8; packet.len()];
-    ram.read_at((3 * MIB + 100) as usize, &mut in_ram);
+    mem.ram.read_at(PACKET_AT as usize, &mut in_ram);
     let ok = if in_ram == packet { "landed in guest RAM, bytes match" } else { "MISMATCH" };
     row(out, "nic0 writes packet", format!("1500 B at IOVA {pkt_iova:#x} in {took:.1?}: {ok}"))?;
     let mut copy = vec![0u8; packet.len()];
@@ -119,18 +197,26 @@ pub fn run(out: &mut impl Write) -> Result<()> {
         if copy == packet { "same 1500 B through the same page table" } else { "MISMATCH" },
     )?;
     let mut desc = [0u8; 38];
-    nvme_dev.dma_read(ring_iova, &mut desc)?;
+    nvme_dev.dma_read(maps.ring, &mut desc)?;
     row(out, "nvme0 reads ring", format!("\"{}\"", String::from_utf8_lossy(&desc)))?;
-    match nvme_dev.dma_write(ring_iova, b"overwrite") {
+    match nvme_dev.dma_write(maps.ring, b"overwrite") {
         Err(e) => row(out, "nvme0 writes ring", format!("refused: {e}"))?,
         Ok(()) => row(out, "nvme0 writes ring", "UNEXPECTEDLY ALLOWED")?,
     }
+    Ok(())
+}
 
-    section(out, 6, "Page table (HWPT shared by both devices)")?;
-    page_table(out, &ctx, hwpt)?;
-    section(out, 7, "Unmap")?;
+/// After the unmap returns, a DMA to the old IOVA no longer reaches memory.
+fn unmap_scene(
+    out: &mut impl Write,
+    ctx: &Arc<Context>,
+    ioas: u32,
+    devs: &Devices,
+    maps: &Mappings,
+    mem: &Memory,
+) -> Result<()> {
     let t = Instant::now();
-    let unmapped = ctx.unmap(ioas, ram_iova, RAM)?;
+    let unmapped = ctx.unmap(ioas, maps.ram, RAM)?;
     row(
         out,
         "unmapped",
@@ -140,29 +226,21 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             t.elapsed()
         ),
     )?;
-    match nic_dev.dma_write(pkt_iova, &packet) {
+    let packet = packet();
+    match ctx.device(devs.nic)?.dma_write(maps.ram + PACKET_AT, &packet) {
         Err(e) => row(out, "nic0 DMA after unmap", format!("{e}"))?,
         Ok(()) => row(out, "nic0 DMA after unmap", "UNEXPECTEDLY REACHED MEMORY")?,
     }
-    ram.read_at((3 * MIB + 100) as usize, &mut in_ram);
+    let mut in_ram = vec![0u8; packet.len()];
+    mem.ram.read_at(PACKET_AT as usize, &mut in_ram);
     row(out, "guest RAM", if in_ram == packet { "untouched by the late DMA" } else { "CHANGED" })?;
-    section(out, 8, "I/O page fault")?;
-    fault_scene(out, &ctx, ioas, &ram)?;
+    Ok(())
+}
 
-    section(out, 9, "Nested translation: a guest's stage 1 over the host's stage 2")?;
-    nested_scene(out, &ctx)?;
-
-    section(out, 10, "Guest PASIDs: a vIOMMU drawing from an IOASID set")?;
-    vpasid_scene(out, &ctx)?;
-
-    section(out, 11, "IOMMU models: VT-d, SMMUv3, AMD-Vi")?;
-    models_scene(out, &ctx)?;
-
-    section(out, 12, "Teardown")?;
-
+fn teardown_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, devs: &Devices) -> Result<()> {
     ctx.unmap(ioas, 0, u64::MAX)?;
-    ctx.detach(nic)?;
-    ctx.detach(nvme)?;
+    ctx.detach(devs.nic)?;
+    ctx.detach(devs.nvme)?;
     ctx.destroy(ioas)?;
     row(
         out,
@@ -172,7 +250,6 @@ pub fn run(out: &mut impl Write) -> Result<()> {
             ctx.objects().len() - 2
         ),
     )?;
-    writeln!(out)?;
     Ok(())
 }
 
