@@ -170,6 +170,12 @@ fn a_c_program_gets_a_working_dev_iommu() {
     run_c("basic", PROGRAM);
 }
 
+/// The C example the README points to keeps working.
+#[test]
+fn the_c_example_runs() {
+    run_c("example", include_str!("../examples/ioas_map.c"));
+}
+
 #[test]
 fn run_without_a_program_is_a_usage_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_ioasid")).arg("run").output().unwrap();
