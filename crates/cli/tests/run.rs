@@ -61,6 +61,9 @@ int main(void) {
     CHECK(open("/dev/iommu", O_RDWR) == -1 && errno == ENOMEM);
     char out[8] = {0};
     CHECK(pread(nth, out, sizeof(out), 0) == 2 && out[0] == '0');
+    /* A bad buffer is EFAULT, as the kernel's copy out gives, not a crash. */
+    CHECK(pread(nth, NULL, sizeof(out), 0) == -1 && errno == EFAULT);
+    CHECK(pread(nth, out, 0, 0) == 0);
     CHECK(open("/dev/iommu", O_RDWR) >= 0);
 
     /* Ordinary files are untouched. */

@@ -379,9 +379,9 @@ macro_rules! read_hook {
                 }
                 let r = match entry.file {
                     File::FailNth(tid) => {
-                        // SAFETY: the caller hands us `count` writable bytes at `buf`.
-                        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), count) };
-                        Ok(fail_nth::read(tid, out, offset.max(0) as usize))
+                        // A checked copy: a bad buffer is EFAULT, as the kernel's copy_to_user gives.
+                        let text = fail_nth::read(tid, count, offset.max(0) as usize);
+                        InProcess.write(buf as u64, &text).map_err(|e| e.0).map(|()| text.len())
                     }
                     File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
                     File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
