@@ -370,7 +370,7 @@ macro_rules! read_hook {
             let ours = caught(Some(-1), || {
                 let entry = files::rw_file(fd)?;
                 let _shield = crate::signals::Shield::raise();
-                rw_panic_for_test();
+                panic_for_test();
                 #[allow(unused_mut, unused_assignments)]
                 let mut offset = 0i64;
                 $(offset = $off;)?
@@ -405,7 +405,7 @@ macro_rules! write_hook {
             let ours = caught(Some(-1), || {
                 let entry = files::rw_file(fd)?;
                 let _shield = crate::signals::Shield::raise();
-                rw_panic_for_test();
+                panic_for_test();
                 #[allow(unused_mut, unused_assignments)]
                 let mut offset = 0i64;
                 $(offset = $off;)?
@@ -434,16 +434,16 @@ macro_rules! write_hook {
 }
 
 thread_local! {
-    /// Set by a test to make this thread's next read or write of an ioasid
+    /// Set by a test to make this thread's next read, write or mmap of an ioasid
     /// file panic, as a bug in a handler would.
     #[cfg(test)]
-    static RW_PANIC: Cell<bool> = const { Cell::new(false) };
+    static HOOK_PANIC: Cell<bool> = const { Cell::new(false) };
 }
 
-fn rw_panic_for_test() {
+fn panic_for_test() {
     #[cfg(test)]
-    if RW_PANIC.take() {
-        panic!("a read or write handler panicked");
+    if HOOK_PANIC.take() {
+        panic!("a hook's handler panicked");
     }
 }
 
@@ -886,14 +886,17 @@ macro_rules! mmap_hook {
                 // SAFETY: forwarding the caller's own arguments.
                 let p = unsafe { real(addr, len, prot, flags, fd, off) };
                 if p != libc::MAP_FAILED && flags & libc::MAP_FIXED != 0 {
-                    ioasid_abi::mmap::unmapped(p as u64, len as u64);
+                    forget_regions(p as u64, len as u64);
                 }
                 return p;
             };
             let _shield = crate::signals::Shield::raise();
-            mmap_ioasid(&entry, addr, len, prot, flags, off, real).unwrap_or_else(|e| {
-                set_errno(e);
-                libc::MAP_FAILED
+            caught(libc::MAP_FAILED, || {
+                panic_for_test();
+                mmap_ioasid(&entry, addr, len, prot, flags, off, real).unwrap_or_else(|e| {
+                    set_errno(e);
+                    libc::MAP_FAILED
+                })
             })
         }
     };
@@ -909,9 +912,16 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
     // SAFETY: forwarding the caller's own arguments.
     let r = unsafe { real_munmap()(addr, len) };
     if r == 0 {
-        ioasid_abi::mmap::unmapped(addr as u64, len as u64);
+        forget_regions(addr as u64, len as u64);
     }
     r
+}
+
+/// Drops ioasid's record of the vIOMMU regions the program no longer maps.
+/// The kernel's call already succeeded, so a panic here must neither unwind
+/// into the C caller nor turn that success into a failure.
+fn forget_regions(addr: u64, len: u64) {
+    let _ = std::panic::catch_unwind(|| ioasid_abi::mmap::unmapped(addr, len));
 }
 
 #[cfg(test)]
@@ -929,11 +939,11 @@ mod tests {
     fn a_panic_in_a_read_or_write_handler_fails_the_call_with_eio() {
         let fd = fail_nth::open(inject_tid(), 0).expect("a fail-nth file");
         let mut buf = [0u8; 16];
-        RW_PANIC.set(true);
+        HOOK_PANIC.set(true);
         // SAFETY: `buf` is 16 writable bytes.
         let r = unsafe { read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         assert_eq!((r, errno()), (-1, libc::EIO));
-        RW_PANIC.set(true);
+        HOOK_PANIC.set(true);
         // SAFETY: `buf` is 16 readable bytes.
         let r = unsafe { pwrite(fd, buf.as_ptr().cast(), 1, 0) };
         assert_eq!((r, errno()), (-1, libc::EIO));
@@ -941,6 +951,21 @@ mod tests {
         // SAFETY: `buf` is 16 writable bytes.
         let r = unsafe { read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         assert!(r > 0, "read gave {r}");
+        // SAFETY: `fd` is ours.
+        unsafe { close(fd) };
+    }
+
+    #[test]
+    fn a_panic_in_the_mmap_handler_fails_the_call_with_eio() {
+        let fd = fail_nth::open(inject_tid(), 0).expect("a fail-nth file");
+        HOOK_PANIC.set(true);
+        // SAFETY: a shared mapping of a file of ours; it fails before mapping anything.
+        let p = unsafe { mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        assert_eq!((p, errno()), (libc::MAP_FAILED, libc::EIO));
+        // Without the panic, the same call is what Linux gives for a file without mmap.
+        // SAFETY: as above.
+        let p = unsafe { mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        assert_eq!((p, errno()), (libc::MAP_FAILED, libc::ENODEV));
         // SAFETY: `fd` is ours.
         unsafe { close(fd) };
     }
