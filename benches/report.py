@@ -77,7 +77,6 @@ out.append(
 out.append("| figure | ioasid | peer | peer time | ratio | range | |")
 out.append("| --- | ---: | --- | ---: | ---: | ---: | --- |")
 sweep = []
-seen = set()
 for r in sorted(rows, key=lambda r: (r["figure"].split(",")[0], r["x"] or 0, r["figure"], r["peer"]["name"])):
     unit, ours, peer = r["unit"], r["ours"], r["peer"]
     lo, hi = min(r["ratios"]), max(r["ratios"])
@@ -91,14 +90,15 @@ for r in sorted(rows, key=lambda r: (r["figure"].split(",")[0], r["x"] or 0, r["
         sweep.append((r["x"], statistics.median(ours["values"]), statistics.median(peer["values"]), peer["name"]))
 
 out.append("\n### What each row compares\n")
-for r in sorted(rows, key=lambda r: (r["figure"].split(",")[0], r["x"] or 0, r["figure"], r["peer"]["name"])):
-    key = (r["figure"] if r["x"] is None else r["figure"].rsplit(",", 1)[0], r["peer"]["name"])
-    if key in seen:
-        continue
-    seen.add(key)
-    out.append(f"- {key[0]}: ioasid does {r['ours']['does']}; {r['peer']['name']} does {r['peer']['does']}.")
-
-
+# Rows that differ only in a parameter (format, working set, percentile)
+# share one line.
+described = {}
+for r in sorted(rows, key=lambda r: r["figure"]):
+    key = (r["ours"]["does"], r["peer"]["name"], r["peer"]["does"])
+    described.setdefault(key, []).append(r["figure"])
+for (ours_does, name, peer_does), figures in described.items():
+    names = "; ".join(dict.fromkeys(figures))
+    out.append(f"- {names}: ioasid does {ours_does}; {name} does {peer_does}.")
 
 
 def ours(figure):
@@ -195,8 +195,8 @@ out.append(
     "not asserted from timings: `crates/engine/tests/hot_path.rs` counts allocations "
     "during IOTLB hits, walks, nested walks and DMA (none); an IOTLB hit is atomic "
     "loads only (a seqlock read, `iotlb.rs`); and copies into memory a program mapped "
-    "make no system call (`memory.rs`). PASID alloc + free is the figure closest to "
-    "its target: most of it is the two stores into the lock-free lookup table "
+    "make no system call (`memory.rs`). Most of PASID alloc + free is the two stores "
+    "into the lock-free lookup table "
     "(arc-swap pays its readers' debts on each) and the entry's allocation. "
     f"Translate throughput (translations per second over all threads): {throughput}; on a "
     "2-core machine shared with other work the 2-thread figure is bounded by the cores "
