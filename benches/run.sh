@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and writes BENCHMARKS.md and benches/working-set.svg.
+# Each figure is timed in alternation with its peer (benches/harness.rs):
+# 15 alternations of about 20 ms samples in a full run, 5 of 5 ms in a quick one.
 #
-#   bash benches/run.sh           full run (about eight minutes)
-#   bash benches/run.sh --quick   short run, under two minutes
+#   bash benches/run.sh           full run
+#   bash benches/run.sh --quick   short run
+# Extra arguments (a figure's name, or part of it) run only matching figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=full
 if [ "${1:-}" = "--quick" ]; then
     mode=quick
     export IOASID_BENCH_QUICK=1
+    shift
 fi
-rm -rf target/criterion target/ioasid-bench
+rm -rf target/ioasid-bench
 log=target/bench.log
 fail() { tail -n 20 "$log"; exit 1; }
 echo "engine benchmarks ($mode run)..."
-cargo bench -q -p ioasid-engine --bench engine >"$log" 2>&1 || fail
+cargo bench -q -p ioasid-engine --bench engine -- "$@" >"$log" 2>&1 || fail
 # The ABI benchmark runs as an unmodified program under the preload shim.
 echo "ABI benchmark under ioasid run..."
 cargo build -q --release -p ioasid -p ioasid-preload >>"$log" 2>&1 || fail
 ioctl_bench=$(cargo bench -q -p ioasid-abi --bench ioctl --no-run --message-format=json 2>>"$log" |
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "ioctl"][0])') || fail
-CARGO_TARGET_DIR=target target/release/ioasid run -- "$ioctl_bench" --bench >>"$log" 2>&1 || fail
+CARGO_TARGET_DIR=target target/release/ioasid run -- "$ioctl_bench" --bench "$@" >>"$log" 2>&1 || fail
 python3 benches/report.py target "$mode" benches/working-set.svg >BENCHMARKS.md
 echo "wrote BENCHMARKS.md and benches/working-set.svg ($mode run)"

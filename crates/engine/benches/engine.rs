@@ -1,13 +1,17 @@
-//! Engine benchmarks, each beside a peer measured in the same run
-//! (vm-memory 0.18's IOMMU support on the same mappings). `benches/run.sh`
-//! runs them and writes BENCHMARKS.md.
+//! Engine benchmarks, each figure timed in alternation with a peer doing
+//! the same work (vm-memory 0.18's IOMMU support on the same mappings, or
+//! what a VMM would write by hand), through `benches/harness.rs`.
+//! `benches/run.sh` runs them and writes BENCHMARKS.md.
 
+#[path = "../../../benches/harness.rs"]
+mod harness;
+
+use std::cell::RefCell;
 use std::hint::black_box;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use criterion::measurement::WallTime;
-use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_group};
+use harness::{Harness, iter, timed};
 use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
@@ -73,67 +77,71 @@ fn vm_lookup(t: &Iotlb, iova: u64) -> u64 {
     Iotlb::lookup(t, GuestAddress(iova), 8, Permissions::Read).unwrap().next().unwrap().base.0
 }
 
-fn iotlb_hit(c: &mut Criterion) {
+fn iotlb_hit(h: &mut Harness) {
     let mem = HostBuffer::new(PAGE as usize).unwrap();
     let (_ctx, domain) = domain_with(&mem, 1, false);
     let guard = ioasid_engine::epoch::pin();
-    let mut g = c.benchmark_group("translate: IOTLB hit, one 4 KiB page");
-    g.bench_function("ioasid", |b| b.iter(|| domain.translate(black_box(IOVA + 64), Perm::R, &guard).unwrap()));
     let t = vm_iotlb(&mem, 1);
-    g.bench_function("vm-memory Iotlb", |b| b.iter(|| vm_lookup(&t, black_box(IOVA + 64))));
     // What a VMM without an IOMMU pays: guest-physical to host, one region.
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(IOVA), PAGE as usize)]).unwrap();
-    g.bench_function("vm-memory GuestMemoryMmap", |b| {
-        b.iter(|| gm.get_host_address(black_box(GuestAddress(IOVA + 64))).unwrap())
-    });
-    g.finish();
+    let figure = "translate: IOTLB hit, one 4 KiB page";
+    let ours = "`Domain::translate` of one mapped page, answered by its IOTLB";
+    h.compare(
+        figure,
+        iter("ioasid", ours, || domain.translate(black_box(IOVA + 64), Perm::R, &guard).unwrap()),
+        iter("vm-memory Iotlb", "`Iotlb::lookup` of the same page", || vm_lookup(&t, black_box(IOVA + 64))),
+    );
+    h.compare(
+        figure,
+        iter("ioasid", ours, || domain.translate(black_box(IOVA + 64), Perm::R, &guard).unwrap()),
+        iter("vm-memory GuestMemoryMmap", "guest-physical to host in one region, no IOMMU", || {
+            gm.get_host_address(black_box(GuestAddress(IOVA + 64))).unwrap()
+        }),
+    );
 }
 
-type WalkBench = fn(&mut BenchmarkGroup<WallTime>, &HostBuffer, &[u64]);
-
-/// One walk per lookup, in format `F`, over 1 GiB mapped in its smallest pages.
-fn walk_in<F: Format>(g: &mut BenchmarkGroup<WallTime>, mem: &HostBuffer, order: &[u64]) {
+/// One walk per lookup, in format `F`, over 1 GiB mapped in its smallest
+/// pages, beside vm-memory's `Iotlb` holding one range per page.
+fn walk_in<F: Format>(h: &mut Harness, name: &str, mem: &HostBuffer, order: &[u64], t: &Iotlb) {
+    let figure = format!("translate: page walk (no IOTLB), random page of 1 GiB, {name}");
+    if !h.wants(&figure) {
+        return;
+    }
     let pt = PageTable::<F>::new();
     pt.map(IOVA, mem.addr(), mem.len() as u64, Perm::RW, false, false).unwrap();
     let guard = ioasid_engine::epoch::pin();
-    let mut i = 0;
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
+    let (mut i, mut j) = (0, 0);
+    h.compare(
+        &figure,
+        iter("ioasid", "`PageTable::walk` to a random page, each lookup waiting for the last", || {
             let host = pt.walk(IOVA + order[i] * PAGE, &guard).unwrap().addr;
             i = chain(i, host, order.len());
-        })
-    });
+        }),
+        iter("vm-memory Iotlb", "`Iotlb::lookup` of the same pages in the same order", || {
+            let host = vm_lookup(t, IOVA + order[j] * PAGE);
+            j = chain(j, host, order.len());
+        }),
+    );
 }
 
-fn page_walk(c: &mut Criterion) {
+fn page_walk(h: &mut Harness) {
     const N: u64 = 1 << 18; // 1 GiB of 4 KiB pages
+    if !h.wants("translate: page walk") {
+        return;
+    }
     let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
     let order = pages(N, 4096);
     let t = vm_iotlb(&mem, N);
-    let formats: [(&str, WalkBench); 3] = [
-        ("VT-d second stage, 4 levels", walk_in::<VtdSs4>),
-        ("VT-d second stage, 5 levels", walk_in::<VtdSs5>),
-        ("selftest mock, 2 KiB pages", walk_in::<Mock<false>>),
-    ];
-    for (name, walk) in formats {
-        let mut g = c.benchmark_group(format!("translate: page walk (no IOTLB), random page of 1 GiB, {name}"));
-        walk(&mut g, &mem, &order);
-        let mut i = 0;
-        g.bench_function("vm-memory Iotlb", |b| {
-            b.iter(|| {
-                let host = vm_lookup(&t, IOVA + order[i] * PAGE);
-                i = chain(i, host, order.len());
-            })
-        });
-        g.finish();
-    }
+    walk_in::<VtdSs4>(h, "VT-d second stage, 4 levels", &mem, &order, &t);
+    walk_in::<VtdSs5>(h, "VT-d second stage, 5 levels", &mem, &order, &t);
+    walk_in::<Mock<false>>(h, "selftest mock, 2 KiB pages", &mem, &order, &t);
 }
 
 /// A guest whose VT-d first-stage table maps `N` scattered pages, nested
 /// over a host second stage in 4 KiB pages: each translation that misses
 /// the combined IOTLB reads four stage-1 entries through stage 2, then
 /// translates the result through stage 2.
-fn nested_walk(c: &mut Criterion) {
+fn nested_walk(h: &mut Harness) {
     use ioasid_engine::NestedData;
     use ioasid_engine::pgtable::x86::first_stage::encode;
     const N: u64 = 1 << 16;
@@ -141,6 +149,10 @@ fn nested_walk(c: &mut Criterion) {
     const LEAF_TABLES: u64 = 0x4000;
     const DATA: u64 = 16 << 20;
     const GIOVA: u64 = 1 << 30;
+    let figure = "translate: nested walk (VT-d stage 1 over stage 2), random page of 256 MiB";
+    if !h.wants(figure) {
+        return;
+    }
     let ram_len = DATA + N * PAGE;
     let ram = HostBuffer::new(ram_len as usize).unwrap();
     let put = |table: u64, index: u64, pte: u64| ram.write_at((table + index * 8) as usize, &pte.to_le_bytes());
@@ -167,14 +179,6 @@ fn nested_walk(c: &mut Criterion) {
     let order = pages(N, 8192);
     let guard = ioasid_engine::epoch::pin();
 
-    let mut g = c.benchmark_group("translate: nested walk (VT-d stage 1 over stage 2), random page of 256 MiB");
-    let mut i = 0;
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            let (host, _) = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
-            i = chain(i, host, order.len());
-        })
-    });
     // vm-memory's two steps for the same mappings: its IOTLB gives the
     // guest-physical page, its guest memory the host address.
     let mut t = Iotlb::new();
@@ -184,150 +188,269 @@ fn nested_walk(c: &mut Criterion) {
             .unwrap();
     }
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), ram_len as usize)]).unwrap();
-    let mut i = 0;
-    g.bench_function("vm-memory Iotlb + GuestMemoryMmap", |b| {
-        b.iter(|| {
-            let gpa = vm_lookup(&t, GIOVA + order[i] * PAGE);
-            let host = gm.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+    let (mut i, mut j) = (0, 0);
+    h.compare(
+        figure,
+        iter("ioasid", "nested HWPT translate: guest table read through stage 2, result through stage 2", || {
+            let (host, _) = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
             i = chain(i, host, order.len());
-        })
-    });
-    g.finish();
+        }),
+        iter("vm-memory Iotlb + GuestMemoryMmap", "`Iotlb::lookup` to guest-physical, then `get_host_address`", || {
+            let gpa = vm_lookup(&t, GIOVA + order[j] * PAGE);
+            let host = gm.get_host_address(GuestAddress(gpa)).unwrap() as u64;
+            j = chain(j, host, order.len());
+        }),
+    );
 }
 
-fn working_set(c: &mut Criterion) {
+fn working_set(h: &mut Harness) {
     const N: u64 = 1 << 16;
+    if !h.wants("translate: working set") {
+        return;
+    }
     let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
     let (_ctx, domain) = domain_with(&mem, N, false);
     let t = vm_iotlb(&mem, N);
     let guard = ioasid_engine::epoch::pin();
-    let mut g = c.benchmark_group("translate: working set (pages)");
     for ws in [1u64, 64, 512, 4096, 65536] {
         let order = pages(ws, 8192);
-        let mut i = 0;
-        g.bench_with_input(BenchmarkId::new("ioasid", ws), &ws, |b, _| {
-            b.iter(|| {
+        let (mut i, mut j) = (0, 0);
+        h.compare_at(
+            &format!("translate: working set (pages), {ws}"),
+            Some(ws),
+            iter("ioasid", "`Domain::translate` of random pages among the set, each waiting for the last", || {
                 let (host, _) = domain.translate(IOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
                 i = chain(i, host, order.len());
-            })
-        });
-        let mut i = 0;
-        g.bench_with_input(BenchmarkId::new("vm-memory Iotlb", ws), &ws, |b, _| {
-            b.iter(|| {
-                let host = vm_lookup(&t, IOVA + order[i] * PAGE);
-                i = chain(i, host, order.len());
-            })
-        });
+            }),
+            iter("vm-memory Iotlb", "`Iotlb::lookup` of the same pages in the same order", || {
+                let host = vm_lookup(&t, IOVA + order[j] * PAGE);
+                j = chain(j, host, order.len());
+            }),
+        );
     }
-    g.finish();
 }
 
-fn map_unmap(c: &mut Criterion) {
-    let mut g = c.benchmark_group("map + unmap: 2 MiB as 512 pages of 4 KiB");
-    let mem = HostBuffer::new(2 << 20).unwrap();
+/// Translations per second from 1 and 2 threads at once on one domain, each
+/// thread looking up random pages of 256 MiB independently of its results.
+fn translate_threads(h: &mut Harness) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const N: u64 = 1 << 16;
+    if !h.wants("translate: throughput") {
+        return;
+    }
+    let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
+    let (_ctx, domain) = domain_with(&mem, N, false);
+    let t = RwLock::new(vm_iotlb(&mem, N));
+    let order = pages(N, 8192);
+    let iova = |k: u64| IOVA + order[k as usize % order.len()] * PAGE;
+    // `n` translations split among `threads`, timed from the first thread's
+    // start to the last one's end. The threads meet at a spinning barrier
+    // first: a loaded machine can take milliseconds to run a new thread,
+    // and that is not the translations' time.
+    let spread = |threads: u64, n: u64, work: &(dyn Fn(std::iter::StepBy<std::ops::Range<u64>>) + Sync)| {
+        let ready = AtomicU64::new(0);
+        let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|w| {
+                    let ready = &ready;
+                    s.spawn(move || {
+                        ready.fetch_add(1, Ordering::AcqRel);
+                        while ready.load(Ordering::Acquire) < threads {
+                            std::hint::spin_loop();
+                        }
+                        let start = Instant::now();
+                        work((w..n).step_by(threads as usize));
+                        (start, Instant::now())
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let start = spans.iter().map(|s| s.0).min().unwrap();
+        spans.iter().map(|s| s.1).max().unwrap() - start
+    };
+    for threads in [1u64, 2] {
+        h.compare(
+            &format!("translate: throughput, {threads} thread(s), random pages of 256 MiB (time per translation)"),
+            timed("ioasid", "`Domain::translate` from each thread, one epoch pin per thread", |n| {
+                spread(threads, n, &|ks| {
+                    let guard = ioasid_engine::epoch::pin();
+                    ks.for_each(|k| {
+                        black_box(domain.translate(black_box(iova(k)), Perm::R, &guard).unwrap());
+                    })
+                })
+            }),
+            timed("vm-memory Iotlb under RwLock", "`Iotlb::lookup` under a read lock all threads share", |n| {
+                spread(threads, n, &|ks| {
+                    ks.for_each(|k| {
+                        black_box(vm_lookup(&t.read().unwrap(), iova(k)));
+                    })
+                })
+            }),
+        );
+    }
+}
+
+fn map_unmap(h: &mut Harness) {
+    let ioas = 1;
+    let figure = "map + unmap: 2 MiB as 512 pages of 4 KiB";
+    if h.wants(figure) {
+        let mem = HostBuffer::new(2 << 20).unwrap();
+        let (ctx, _domain) = domain_with(&mem, 1, false);
+        ctx.unmap(ioas, 0, u64::MAX).unwrap();
+        h.compare(
+            figure,
+            iter("ioasid", "`map_user` of 2 MiB with huge pages off, then `unmap`", || {
+                // SAFETY: `mem` outlives the context.
+                unsafe { ctx.map_user(ioas, mem.addr(), 2 << 20, Some(IOVA), Perm::RW).unwrap() };
+                ctx.unmap(ioas, IOVA, 2 << 20).unwrap()
+            }),
+            iter("vm-memory Iotlb", "512 `set_mapping`s of a page into a new Iotlb, one `invalidate_mapping`", || {
+                let mut t = vm_iotlb(&mem, 512);
+                t.invalidate_mapping(GuestAddress(IOVA), 2 << 20);
+                t
+            }),
+        );
+    }
+
+    let figure = "map + unmap: 1 GiB as 2 MiB leaves";
+    if h.wants(figure) {
+        let mem = HostBuffer::new(1 << 30).unwrap();
+        let (ctx, _domain) = domain_with(&mem, 1, true);
+        ctx.unmap(ioas, 0, u64::MAX).unwrap();
+        // The leaves need 2 MiB-aligned memory: map from the first aligned byte.
+        let start = (mem.addr() + (2 << 20) - 1) & !((2 << 20) - 1);
+        let len = (512u64 - 1) << 21;
+        h.compare(
+            figure,
+            iter("ioasid", "`map_user` of 511 aligned 2 MiB pages in one call, then `unmap`", || {
+                // SAFETY: `mem` outlives the context.
+                unsafe { ctx.map_user(ioas, start, len, Some(IOVA), Perm::RW).unwrap() };
+                ctx.unmap(ioas, IOVA, len).unwrap()
+            }),
+            iter("vm-memory Iotlb", "511 `set_mapping`s of 2 MiB into a new Iotlb, one `invalidate_mapping`", || {
+                let mut t = Iotlb::new();
+                for k in 0..511u64 {
+                    let (iova, host) = (GuestAddress(IOVA + (k << 21)), GuestAddress(start + (k << 21)));
+                    t.set_mapping(iova, host, 2 << 20, Permissions::ReadWrite).unwrap();
+                }
+                t.invalidate_mapping(GuestAddress(IOVA), len as usize);
+                t
+            }),
+        );
+    }
+}
+
+/// One 4 KiB map per call, the way a VMM maps a page the guest just handed
+/// to a device: `BATCH` calls at consecutive IOVAs are timed, their unmap
+/// (one call for all) is not.
+fn map_one_page(h: &mut Harness) {
+    const BATCH: u64 = 512;
+    let figure = "map: one 4 KiB page through the library";
+    if !h.wants(figure) {
+        return;
+    }
+    let mem = HostBuffer::new((BATCH * PAGE) as usize).unwrap();
     let (ctx, _domain) = domain_with(&mem, 1, false);
     let ioas = 1;
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            // SAFETY: `mem` outlives the context.
-            unsafe { ctx.map_user(ioas, mem.addr(), 2 << 20, Some(IOVA), Perm::RW).unwrap() };
-            ctx.unmap(ioas, IOVA, 2 << 20).unwrap()
-        })
-    });
-    g.bench_function("vm-memory Iotlb", |b| {
-        b.iter(|| {
-            let mut t = vm_iotlb(&mem, 512);
-            t.invalidate_mapping(GuestAddress(IOVA), 2 << 20);
-            t
-        })
-    });
-    g.finish();
-
-    let mut g = c.benchmark_group("map + unmap: 1 GiB as 2 MiB leaves");
-    let mem = HostBuffer::new(1 << 30).unwrap();
-    let (ctx, _domain) = domain_with(&mem, 1, true);
-    ctx.unmap(ioas, 0, u64::MAX).unwrap();
-    // The leaves need 2 MiB-aligned memory: map from the first aligned byte.
-    let start = (mem.addr() + (2 << 20) - 1) & !((2 << 20) - 1);
-    let len = (512u64 - 1) << 21;
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            // SAFETY: `mem` outlives the context.
-            unsafe { ctx.map_user(ioas, start, len, Some(IOVA), Perm::RW).unwrap() };
-            ctx.unmap(ioas, IOVA, len).unwrap()
-        })
-    });
-    g.bench_function("vm-memory Iotlb", |b| {
-        b.iter(|| {
-            let mut t = Iotlb::new();
-            for k in 0..511u64 {
-                t.set_mapping(
-                    GuestAddress(IOVA + (k << 21)),
-                    GuestAddress(start + (k << 21)),
-                    2 << 20,
-                    Permissions::ReadWrite,
-                )
-                .unwrap();
-            }
-            t.invalidate_mapping(GuestAddress(IOVA), len as usize);
-            t
-        })
-    });
-    g.finish();
+    let batches = |n: u64, map: &mut dyn FnMut(u64), unmap: &mut dyn FnMut(u64)| {
+        let (mut spent, mut left) = (Duration::ZERO, n);
+        while left > 0 {
+            let k = left.min(BATCH);
+            let t = Instant::now();
+            (0..k).for_each(&mut *map);
+            spent += t.elapsed();
+            unmap(k);
+            left -= k;
+        }
+        spent
+    };
+    let mut vm = Iotlb::new();
+    h.compare(
+        figure,
+        timed("ioasid", "`Context::map_user` of one page at a fixed IOVA (unmap untimed)", |n| {
+            batches(
+                n,
+                // SAFETY: `mem` outlives the context.
+                &mut |p| unsafe {
+                    ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap();
+                },
+                &mut |k| ctx.unmap(ioas, IOVA, k * PAGE).map(drop).unwrap(),
+            )
+        }),
+        timed("vm-memory Iotlb", "`Iotlb::set_mapping` of one page (invalidate untimed)", |n| {
+            let vm = &RefCell::new(&mut vm);
+            batches(
+                n,
+                &mut |p| {
+                    let (iova, host) = (GuestAddress(IOVA + p * PAGE), GuestAddress(mem.addr() + p * PAGE));
+                    vm.borrow_mut().set_mapping(iova, host, PAGE as usize, Permissions::ReadWrite).unwrap()
+                },
+                &mut |k| vm.borrow_mut().invalidate_mapping(GuestAddress(IOVA), (k * PAGE) as usize),
+            )
+        }),
+    );
 }
 
 /// Batch map and unmap of 1 GiB in 4 KiB pages, timed apart: 262,144
 /// entries each way.
-fn map_unmap_gib(c: &mut Criterion) {
+fn map_unmap_gib(h: &mut Harness) {
     const N: u64 = 1 << 18;
     const LEN: u64 = N * PAGE;
-    let mem = HostBuffer::new(LEN as usize).unwrap();
-    mem.write_at(0, &[1]); // one touch so both sides start alike
-    let (ctx, _domain) = domain_with(&mem, 1, false);
     let ioas = 1;
-    ctx.unmap(ioas, 0, u64::MAX).unwrap();
-    let timed = |map: bool| {
-        let (ctx, mem) = (&ctx, &mem);
-        move |iters: u64| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                let t = std::time::Instant::now();
-                // SAFETY: `mem` outlives the context.
-                unsafe { ctx.map_user(ioas, mem.addr(), LEN, Some(IOVA), Perm::RW).unwrap() };
-                let mapped = t.elapsed();
-                let t = std::time::Instant::now();
-                ctx.unmap(ioas, IOVA, LEN).unwrap();
-                spent += if map { mapped } else { t.elapsed() };
+    if h.wants("map: 1 GiB") || h.wants("unmap: 1 GiB") {
+        let mem = HostBuffer::new(LEN as usize).unwrap();
+        mem.write_at(0, &[1]); // one touch so both sides start alike
+        let (ctx, _domain) = domain_with(&mem, 1, false);
+        ctx.unmap(ioas, 0, u64::MAX).unwrap();
+        let ours = |map: bool| {
+            let (ctx, mem) = (&ctx, &mem);
+            move |iters: u64| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    // SAFETY: `mem` outlives the context.
+                    unsafe { ctx.map_user(ioas, mem.addr(), LEN, Some(IOVA), Perm::RW).unwrap() };
+                    let mapped = t.elapsed();
+                    let t = Instant::now();
+                    ctx.unmap(ioas, IOVA, LEN).unwrap();
+                    spent += if map { mapped } else { t.elapsed() };
+                }
+                spent
             }
-            spent
-        }
-    };
-    let vm_timed = |map: bool| {
-        let mem = &mem;
-        move |iters: u64| {
-            let mut spent = Duration::ZERO;
-            for _ in 0..iters {
-                let t = std::time::Instant::now();
-                let mut iotlb = vm_iotlb(mem, N);
-                let mapped = t.elapsed();
-                let t = std::time::Instant::now();
-                iotlb.invalidate_mapping(GuestAddress(IOVA), LEN as usize);
-                spent += if map { mapped } else { t.elapsed() };
+        };
+        let theirs = |map: bool| {
+            let mem = &mem;
+            move |iters: u64| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    let mut iotlb = vm_iotlb(mem, N);
+                    let mapped = t.elapsed();
+                    let t = Instant::now();
+                    iotlb.invalidate_mapping(GuestAddress(IOVA), LEN as usize);
+                    spent += if map { mapped } else { t.elapsed() };
+                }
+                spent
             }
-            spent
-        }
-    };
-    for (name, map) in
-        [("map: 1 GiB as 262,144 pages of 4 KiB", true), ("unmap: 1 GiB as 262,144 pages of 4 KiB", false)]
-    {
-        let mut g = c.benchmark_group(name);
-        g.sample_size(10);
-        g.bench_function("ioasid", |b| b.iter_custom(timed(map)));
-        g.bench_function("vm-memory Iotlb", |b| b.iter_custom(vm_timed(map)));
-        g.finish();
+        };
+        h.compare(
+            "map: 1 GiB as 262,144 pages of 4 KiB",
+            timed("ioasid", "one `map_user` of 1 GiB with huge pages off (its unmap untimed)", ours(true)),
+            timed("vm-memory Iotlb", "262,144 `set_mapping`s of a page into a new Iotlb", theirs(true)),
+        );
+        h.compare(
+            "unmap: 1 GiB as 262,144 pages of 4 KiB",
+            timed("ioasid", "one `unmap` of that 1 GiB (tables freed after the epoch's readers leave)", ours(false)),
+            timed("vm-memory Iotlb", "one `invalidate_mapping` of the Iotlb built page by page", theirs(false)),
+        );
     }
 
+    let figure = "map + unmap: 1 GiB as one 1 GiB leaf";
+    if !h.wants(figure) {
+        return;
+    }
     // One 1 GiB leaf needs 1 GiB-aligned memory: map from the first aligned byte.
     let mem = HostBuffer::new(2 << 30).unwrap();
     let start = (mem.addr() + (1 << 30) - 1) & !((1 << 30) - 1);
@@ -337,29 +460,68 @@ fn map_unmap_gib(c: &mut Criterion) {
     unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
     assert_eq!(domain.summary().leaves[2], 1, "one 1 GiB leaf");
     ctx.unmap(ioas, IOVA, 1 << 30).unwrap();
-    let mut g = c.benchmark_group("map + unmap: 1 GiB as one 1 GiB leaf");
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
+    h.compare(
+        figure,
+        iter("ioasid", "`map_user` of an aligned 1 GiB (one leaf), then `unmap`", || {
             // SAFETY: `mem` outlives the context.
             unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
             ctx.unmap(ioas, IOVA, 1 << 30).unwrap()
-        })
-    });
-    g.bench_function("vm-memory Iotlb", |b| {
-        b.iter(|| {
+        }),
+        iter("vm-memory Iotlb", "one `set_mapping` of 1 GiB into a new Iotlb, one `invalidate_mapping`", || {
             let mut t = Iotlb::new();
             t.set_mapping(GuestAddress(IOVA), GuestAddress(start), 1 << 30, Permissions::ReadWrite).unwrap();
             t.invalidate_mapping(GuestAddress(IOVA), 1 << 30);
             t
-        })
-    });
-    g.finish();
+        }),
+    );
+}
+
+/// Page-table memory for 1 GiB mapped in 4 KiB and in 2 MiB pages, beside
+/// the least a 4-level table of 512-entry tables can hold it in. Counted
+/// from the table itself, so it is exact and needs no alternation.
+fn page_table_memory(h: &mut Harness) {
+    use ioasid_engine::pgtable::ENTRIES;
+    let table = (ENTRIES * 8) as f64;
+    for (label, shift) in [("4 KiB", 12u32), ("2 MiB", 21)] {
+        let figure = format!("page-table memory per mapped GiB, {label} pages");
+        if !h.wants(&figure) {
+            continue;
+        }
+        let mem = HostBuffer::new((1 << 30) + (2 << 20)).unwrap();
+        let start = (mem.addr() + (2 << 20) - 1) & !((2 << 20) - 1);
+        let (ctx, domain) = domain_with(&mem, 1, shift > 12);
+        ctx.unmap(1, 0, u64::MAX).unwrap();
+        // SAFETY: `mem` outlives the context.
+        unsafe { ctx.map_user(1, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
+        let s = domain.summary();
+        assert_eq!(s.leaves.iter().sum::<u64>(), 1 << (30 - shift), "{label} leaves");
+        let ours = s.tables.iter().sum::<u64>() as f64 * table;
+        // Leaves fill tables of 512 entries; each level up needs a table
+        // per 512 below, up to the one root at level 3.
+        let (mut entries, mut floor) = (1u64 << (30 - shift), 0);
+        for _ in (shift - 12) / 9..4 {
+            entries = entries.div_ceil(ENTRIES as u64);
+            floor += entries;
+        }
+        let floor = floor as f64 * table;
+        h.record(
+            &figure,
+            None,
+            "bytes",
+            ("ioasid", "tables of the domain's VT-d 4-level page table after one `map_user` of 1 GiB", &[ours], None),
+            ("4-level floor", "full leaf tables and one table per level above them", &[floor], None),
+        );
+    }
 }
 
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP`'s work for 1 GiB of 4 KiB pages, every one
 /// dirty: walk the leaves, clear their dirty bits, fill a bitmap.
-fn dirty_bitmap(c: &mut Criterion) {
+fn dirty_bitmap(h: &mut Harness) {
     const N: u64 = 1 << 18;
+    let figure = "dirty bitmap: read and clear 1 GiB of 4 KiB pages, all dirty";
+    if !h.wants(figure) {
+        return;
+    }
     let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
@@ -372,7 +534,8 @@ fn dirty_bitmap(c: &mut Criterion) {
     hwpt.set_dirty_tracking(true).unwrap();
     let range = IovaRange::new(IOVA, IOVA + N * PAGE - 1);
     let dirty_all = || (0..N).for_each(|p| assert!(hwpt.domain().mark_dirty(IOVA + p * PAGE)));
-    let read_and_clear = |bitmap: &mut [u64]| {
+    let mut bitmap = vec![0u64; (N / 64) as usize];
+    let mut read_and_clear = || {
         hwpt.read_and_clear_dirty(range, false, &mut |start, size| {
             for page in (start - IOVA) / PAGE..(start - IOVA + size) / PAGE {
                 bitmap[(page / 64) as usize] |= 1 << (page % 64);
@@ -380,39 +543,52 @@ fn dirty_bitmap(c: &mut Criterion) {
         })
         .unwrap()
     };
-    let mut bitmap = vec![0u64; (N / 64) as usize];
     dirty_all();
-    read_and_clear(&mut bitmap);
-    assert!(bitmap.iter().all(|w| *w == u64::MAX), "every page was reported");
-
-    let mut g = c.benchmark_group("dirty bitmap: read and clear 1 GiB of 4 KiB pages, all dirty");
-    g.sample_size(10);
-    g.bench_function("ioasid", |b| {
-        b.iter_batched(dirty_all, |()| read_and_clear(&mut bitmap), BatchSize::PerIteration)
-    });
+    read_and_clear();
     // rust-vmm's dirty log: one bit per page in a flat atomic bitmap.
     let log = vm_memory::bitmap::AtomicBitmap::new((N * PAGE) as usize, std::num::NonZeroUsize::new(4096).unwrap());
-    g.bench_function("vm-memory AtomicBitmap", |b| {
-        b.iter_batched(|| log.set_addr_range(0, (N * PAGE) as usize), |()| log.get_and_reset(), BatchSize::PerIteration)
-    });
-    g.finish();
+    h.compare(
+        figure,
+        timed("ioasid", "`read_and_clear_dirty` over the page table into a bitmap (dirtying untimed)", |n| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..n {
+                dirty_all();
+                let t = Instant::now();
+                read_and_clear();
+                spent += t.elapsed();
+            }
+            spent
+        }),
+        timed("vm-memory AtomicBitmap", "`get_and_reset` of a flat bitmap, one bit per page (filling untimed)", |n| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..n {
+                log.set_addr_range(0, (N * PAGE) as usize);
+                let t = Instant::now();
+                black_box(log.get_and_reset());
+                spent += t.elapsed();
+            }
+            spent
+        }),
+    );
+    assert!(bitmap.iter().all(|w| *w == u64::MAX), "every page was reported");
 }
 
-fn dma(c: &mut Criterion) {
+fn dma(h: &mut Harness) {
     let mem = HostBuffer::new(64 * PAGE as usize).unwrap();
     let (ctx, _domain) = domain_with(&mem, 64, false);
     let dev = ctx.device(2).unwrap();
-    let mut buf = [0u8; 64];
-    let mut g = c.benchmark_group("DMA: 64-byte read through the IOMMU");
-    g.bench_function("ioasid", |b| b.iter(|| dev.dma_read(black_box(IOVA + 3 * PAGE + 8), &mut buf).unwrap()));
     let t = vm_iotlb(&mem, 64);
-    g.bench_function("vm-memory Iotlb", |b| {
-        b.iter(|| {
+    let (mut ours, mut theirs) = ([0u8; 64], [0u8; 64]);
+    h.compare(
+        "DMA: 64-byte read through the IOMMU",
+        iter("ioasid", "`Device::dma_read` of 64 bytes: IOTLB hit, then the copy", || {
+            dev.dma_read(black_box(IOVA + 3 * PAGE + 8), &mut ours).unwrap()
+        }),
+        iter("vm-memory Iotlb", "`Iotlb::lookup`, then a 64-byte copy from the host address", || {
             let host = vm_lookup(&t, black_box(IOVA + 3 * PAGE + 8));
-            mem.read_at((host - mem.addr()) as usize, &mut buf);
-        })
-    });
-    g.finish();
+            mem.read_at((host - mem.addr()) as usize, &mut theirs);
+        }),
+    );
 }
 
 /// vm-memory's `Iommu` as a device model writes it by hand: an `Iotlb`
@@ -441,7 +617,7 @@ impl vm_memory::iommu::Iommu for VmIotlb {
 /// The same 64-byte DMA through vm-memory's `IommuMemory`, the front end
 /// rust-vmm device models use, over ioasid's `IommuPort` and over a plain
 /// locked `Iotlb`.
-fn iommu_memory(c: &mut Criterion) {
+fn iommu_memory(h: &mut Harness) {
     use ioasid_engine::vm_memory_iommu::IommuPort;
     use vm_memory::Bytes;
     use vm_memory::iommu::IommuMemory;
@@ -457,19 +633,21 @@ fn iommu_memory(c: &mut Criterion) {
     let ours = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram), true, ());
     let mut t = Iotlb::new();
     t.set_mapping(GuestAddress(IOVA), GuestAddress(0), (N * PAGE) as usize, Permissions::ReadWrite).unwrap();
-    let theirs = IommuMemory::new(ram.clone(), VmIotlb(std::sync::RwLock::new(t)), true, ());
+    let theirs = IommuMemory::new(ram.clone(), VmIotlb(RwLock::new(t)), true, ());
     let mut buf = [0u8; 64];
-    let mut g = c.benchmark_group("DMA: 64-byte read through vm-memory's IommuMemory");
     let at = GuestAddress(IOVA + 3 * PAGE + 8);
-    g.bench_function("ioasid", |b| b.iter(|| ours.read_slice(&mut buf, black_box(at)).unwrap()));
-    g.bench_function("vm-memory Iotlb under RwLock", |b| {
-        b.iter(|| theirs.read_slice(&mut buf, black_box(at)).unwrap())
-    });
-    g.finish();
+    let mut buf2 = [0u8; 64];
+    h.compare(
+        "DMA: 64-byte read through vm-memory's IommuMemory",
+        iter("ioasid", "`IommuMemory::read_slice` over ioasid's `IommuPort`", || {
+            ours.read_slice(&mut buf, black_box(at)).unwrap()
+        }),
+        iter("vm-memory Iotlb under RwLock", "`IommuMemory::read_slice` over an `Iotlb` behind a `RwLock`", || {
+            theirs.read_slice(&mut buf2, black_box(at)).unwrap()
+        }),
+    );
 }
 
-/// A handler thread that answers every request "success": it waits for
-/// one, then takes whatever else is waiting. Stop it through the flag.
 fn answer_everything(
     queue: &Arc<ioasid_engine::FaultQueue>,
 ) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
@@ -491,25 +669,17 @@ fn answer_everything(
     (stop, handler)
 }
 
-fn fault_round_trip(c: &mut Criterion) {
+fn fault_round_trip(h: &mut Harness) {
     use ioasid_engine::fault::{Group, LAST_PAGE, PageRequest, Response};
     use std::sync::atomic::Ordering;
     use std::sync::mpsc;
-
-    let mut g = c.benchmark_group("fault round trip: request, handler wakes, answer, device wakes");
+    const BATCH: usize = 64;
+    if !h.wants("fault round trip") {
+        return;
+    }
     let queue = ioasid_engine::FaultQueue::new();
     let (stop, handler) = answer_everything(&queue);
     let request = PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 0, perm: 2, addr: IOVA };
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            let (group, waiter) = Group::awaited(vec![request.clone()]);
-            queue.report(group);
-            waiter.wait()
-        })
-    });
-    stop.store(true, Ordering::Relaxed);
-    handler.join().unwrap();
-
     // The least any cross-thread request and answer can cost here.
     let (to_handler, requests) = mpsc::channel::<u64>();
     let (to_device, answers) = mpsc::channel::<u64>();
@@ -520,21 +690,22 @@ fn fault_round_trip(c: &mut Criterion) {
             }
         }
     });
-    g.bench_function("std mpsc ping-pong", |b| {
-        b.iter(|| {
+    h.compare(
+        "fault round trip: request, handler wakes, answer, device wakes",
+        iter("ioasid", "report one awaited page request; a handler thread answers it; the device wakes", || {
+            let (group, waiter) = Group::awaited(vec![request.clone()]);
+            queue.report(group);
+            waiter.wait()
+        }),
+        iter("std mpsc ping-pong", "one value to an echo thread and back over two channels", || {
             to_handler.send(1).unwrap();
             answers.recv().unwrap()
-        })
-    });
-    g.finish();
-
+        }),
+    );
     // Batched: 64 requests in flight, the handler takes whatever is waiting.
-    const BATCH: usize = 64;
-    let mut g = c.benchmark_group("fault round trip: 64 requests answered in a batch");
-    let queue = ioasid_engine::FaultQueue::new();
-    let (stop, handler) = answer_everything(&queue);
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
+    h.compare(
+        "fault round trip: 64 requests answered in a batch",
+        iter("ioasid", "report 64 awaited requests, then wait for all; the handler drains what is queued", || {
             let waiters: Vec<_> = (0..BATCH)
                 .map(|_| {
                     let (group, waiter) = Group::awaited(vec![request.clone()]);
@@ -542,24 +713,20 @@ fn fault_round_trip(c: &mut Criterion) {
                     waiter
                 })
                 .collect();
-            waiters.iter().map(|w| w.wait() == Response::Success).filter(|ok| *ok).count()
-        })
-    });
-    stop.store(true, Ordering::Relaxed);
-    handler.join().unwrap();
-    g.bench_function("std mpsc ping-pong", |b| {
-        b.iter(|| {
+            waiters.iter().filter(|w| w.wait() == Response::Success).count()
+        }),
+        iter("std mpsc ping-pong", "64 values sent to the echo thread, then 64 received", || {
             for _ in 0..BATCH {
                 to_handler.send(1).unwrap();
             }
             (0..BATCH).map(|_| answers.recv().unwrap()).sum::<u64>()
-        })
-    });
+        }),
+    );
+    stop.store(true, Ordering::Relaxed);
+    handler.join().unwrap();
     drop(to_handler);
     echo.join().unwrap();
-    g.finish();
 }
-
 /// An object table a VMM would write by hand: objects by ID under a lock,
 /// the lowest free ID kept in a set of freed IDs below a high-water mark.
 #[derive(Default)]
@@ -590,32 +757,33 @@ impl PlainTable {
 
 /// Allocating an object ID in a context that already holds 100 k objects,
 /// with a hole in the middle (Linux's xarray hands out the lowest free ID).
-fn object_ids(c: &mut Criterion) {
+fn object_ids(h: &mut Harness) {
     const LIVE: u32 = 100_000;
-    let mut g = c.benchmark_group("objects: IOAS alloc + destroy, 100 k live");
+    let figure = "objects: IOAS alloc + destroy, 100 k live";
+    if !h.wants(figure) {
+        return;
+    }
     let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX)));
     for _ in 0..LIVE {
         ctx.ioas_alloc().unwrap();
     }
     ctx.destroy(LIVE / 2).unwrap();
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            let id = ctx.ioas_alloc().unwrap();
-            ctx.destroy(black_box(id)).unwrap();
-        })
-    });
     let plain = PlainTable::default();
     for _ in 0..LIVE {
         plain.insert(Arc::new(Ioas::new()));
     }
     plain.remove(LIVE / 2);
-    g.bench_function("Mutex<BTreeMap> + free set", |b| {
-        b.iter(|| {
+    h.compare(
+        figure,
+        iter("ioasid", "`ioas_alloc` (lowest free ID, the hole) and `destroy` of it", || {
+            let id = ctx.ioas_alloc().unwrap();
+            ctx.destroy(black_box(id)).unwrap();
+        }),
+        iter("Mutex<BTreeMap> + free set", "a new `Ioas` inserted at the lowest free ID and removed", || {
             let id = plain.insert(Arc::new(Ioas::new()));
             black_box(plain.remove(black_box(id)));
-        })
-    });
-    g.finish();
+        }),
+    );
 }
 
 /// The allocator a VMM would write by hand: a lock around a set of free IDs.
@@ -633,38 +801,33 @@ impl PlainAllocator {
     }
 }
 
-fn pasid(c: &mut Criterion) {
+fn pasid(h: &mut Harness) {
     use ioasid_engine::ioasid_set::PasidSpace;
-    let mut g = c.benchmark_group("PASID: alloc + free");
-    let space = PasidSpace::new(20).unwrap();
-    let set = space.create_set(None, 1 << 20).unwrap();
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
-            let p = space.alloc(set, 1, u32::MAX, 7).unwrap();
-            space.free(set, p).unwrap();
-        })
-    });
-    let plain = PlainAllocator::new(20);
-    g.bench_function("Mutex<BTreeSet>", |b| {
-        b.iter(|| {
-            let p = plain.alloc().unwrap();
-            plain.free(p);
-        })
-    });
-    g.finish();
-
-    let mut g = c.benchmark_group("PASID: exhaust and release all 2^20");
-    g.sample_size(10);
-    g.bench_function("ioasid", |b| {
-        b.iter(|| {
+    if h.wants("PASID: alloc + free") {
+        let space = PasidSpace::new(20).unwrap();
+        let set = space.create_set(None, 1 << 20).unwrap();
+        let plain = PlainAllocator::new(20);
+        h.compare(
+            "PASID: alloc + free",
+            iter("ioasid", "`PasidSpace::alloc` in a set under its quota, then `free`", || {
+                let p = space.alloc(set, 1, u32::MAX, 7).unwrap();
+                space.free(set, p).unwrap();
+            }),
+            iter("Mutex<BTreeSet>", "the lowest ID taken from a locked free set, then put back", || {
+                let p = plain.alloc().unwrap();
+                plain.free(p);
+            }),
+        );
+    }
+    h.compare(
+        "PASID: exhaust and release all 2^20",
+        iter("ioasid", "a new space and set, `alloc` until it fails, `destroy_set`", || {
             let space = PasidSpace::new(20).unwrap();
             let set = space.create_set(None, 1 << 20).unwrap();
             while space.alloc(set, 1, u32::MAX, 0).is_ok() {}
             space.destroy_set(set).unwrap();
-        })
-    });
-    g.bench_function("Mutex<BTreeSet>", |b| {
-        b.iter(|| {
+        }),
+        iter("Mutex<BTreeSet>", "a new full free set, every ID taken, then every ID put back", || {
             let plain = PlainAllocator::new(20);
             let mut ids = Vec::with_capacity(1 << 20);
             while let Some(p) = plain.alloc() {
@@ -673,9 +836,8 @@ fn pasid(c: &mut Criterion) {
             for p in ids {
                 plain.free(p);
             }
-        })
-    });
-    g.finish();
+        }),
+    );
 }
 
 /// One side of the unmap-under-translation race: a map, an unmap, and a
@@ -794,64 +956,81 @@ fn race(side: Arc<dyn Dma>, rounds: u32) -> RaceResult {
     RaceResult { p50: at(0.5), p99: at(0.99), stale, rounds, writes: writes.load(Ordering::Relaxed) }
 }
 
-/// Unmap latency under concurrent translation, written where
-/// `benches/report.py` reads it: criterion reports means of batches, and
-/// this figure is about the tail.
-fn unmap_under_translation(quick: bool) {
-    let rounds = if quick { 400 } else { 3000 };
+/// One side's races over all alternations: each alternation's p50 and p99,
+/// and the stale rounds, rounds and device writes of all of them.
+#[derive(Default)]
+struct RaceTally {
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    stale: u32,
+    rounds: u32,
+    writes: u64,
+}
+
+/// Unmap latency under concurrent translation: the race above, ioasid's and
+/// the peer's in alternation. Each alternation gives both sides' p50 and
+/// p99 over its rounds; stale writes are summed over all of them.
+fn unmap_under_translation(h: &mut Harness) {
+    if !h.wants("unmap under concurrent translation") {
+        return;
+    }
+    let rounds = if h.quick() { 200 } else { 1000 };
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
     ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
     let device = ctx.device(dev).unwrap();
-    let sides: [(&str, Arc<dyn Dma>); 2] = [
-        ("ioasid", Arc::new(Engine { ctx, ioas, device })),
-        ("vm-memory Iotlb under RwLock", Arc::new(VmIotlb(std::sync::RwLock::new(Iotlb::new())))),
-    ];
-    let mut rows = Vec::new();
-    for (name, side) in sides {
-        let r = race(side, rounds);
-        println!(
-            "unmap under translation, {name}: p50 {:.0} ns, p99 {:.0} ns, {} stale of {} rounds, {} writes",
-            r.p50, r.p99, r.stale, r.rounds, r.writes
-        );
-        rows.push(format!(
-            r#"{{"impl": "{name}", "p50": {}, "p99": {}, "stale": {}, "rounds": {}, "writes": {}}}"#,
-            r.p50, r.p99, r.stale, r.rounds, r.writes
-        ));
+    let sides: [Arc<dyn Dma>; 2] =
+        [Arc::new(Engine { ctx, ioas, device }), Arc::new(VmIotlb(RwLock::new(Iotlb::new())))];
+    let mut seen: [RaceTally; 2] = Default::default();
+    for _ in 0..h.alternations() {
+        for (side, seen) in sides.iter().zip(&mut seen) {
+            let r = race(side.clone(), rounds);
+            seen.p50.push(r.p50);
+            seen.p99.push(r.p99);
+            seen.stale += r.stale;
+            seen.rounds += r.rounds;
+            seen.writes += r.writes;
+        }
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/ioasid-bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("unmap-race.json"), format!("[{}]\n", rows.join(",\n"))).unwrap();
-}
-
-fn quick() -> bool {
-    std::env::var_os("IOASID_BENCH_QUICK").is_some()
-}
-
-fn config() -> Criterion {
-    let (warm, measure) = if quick() { (200, 700) } else { (1000, 3000) };
-    Criterion::default()
-        .warm_up_time(Duration::from_millis(warm))
-        .measurement_time(Duration::from_millis(measure))
-        .sample_size(if quick() { 20 } else { 60 })
-}
-
-criterion_group! {
-    name = benches;
-    config = config();
-    targets = iotlb_hit, page_walk, nested_walk, working_set, map_unmap, map_unmap_gib, dma, iommu_memory, dirty_bitmap,
-        fault_round_trip, pasid, object_ids
+    let extra =
+        |s: &RaceTally| Some(format!(r#""stale": {}, "rounds": {}, "writes": {}"#, s.stale, s.rounds, s.writes));
+    let ours = "`unmap` of 16 mapped pages while a thread DMAs into them with `Device::dma_write`";
+    let peer = "`invalidate_mapping` under the write lock while a thread looks up under the read lock, writes after";
+    let [a, b] = &seen;
+    for (q, va, vb) in [("p50", &a.p50, &b.p50), ("p99", &a.p99, &b.p99)] {
+        h.record(
+            &format!("unmap under concurrent translation (16 pages), {q}"),
+            None,
+            "ns",
+            ("ioasid", ours, va, extra(a)),
+            ("vm-memory Iotlb under RwLock", peer, vb, extra(b)),
+        );
+    }
 }
 
 fn main() {
-    // `cargo bench -- FILTER` runs only criterion's matching groups; the
-    // race runs on a full run, or when the filter names it.
-    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    if filter.as_deref().is_none_or(|f| "unmap under translation".contains(f)) {
-        unmap_under_translation(quick());
+    let mut h = Harness::new("engine");
+    let benches: [fn(&mut Harness); 16] = [
+        iotlb_hit,
+        page_walk,
+        nested_walk,
+        working_set,
+        translate_threads,
+        map_one_page,
+        map_unmap,
+        map_unmap_gib,
+        page_table_memory,
+        dma,
+        iommu_memory,
+        dirty_bitmap,
+        fault_round_trip,
+        pasid,
+        object_ids,
+        unmap_under_translation,
+    ];
+    for bench in benches {
+        bench(&mut h);
     }
-    benches();
-    Criterion::default().configure_from_args().final_summary();
 }
