@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use ioasid_engine::model::DataLayout;
 use ioasid_engine::{Context, Perm};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
@@ -152,6 +153,35 @@ pub(crate) fn each_entry<T: FromBytes + IntoBytes + Default>(
         }
     }
     (c.entry_num, Ok(()))
+}
+
+/// `each_entry` for entries a model decodes from bytes: each is copied
+/// into `layout.len` bytes under the same rules.
+pub(crate) fn each_entry_bytes(
+    u: &Ucmd,
+    c: &iommu_hwpt_invalidate,
+    layout: DataLayout,
+    mut handle: impl FnMut(&[u8]) -> Res,
+) -> (u32, Res) {
+    let mut entry = vec![0u8; layout.len];
+    for i in 0..c.entry_num {
+        entry.fill(0);
+        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
+        let done =
+            copy_driver_data(u.mem, at, c.entry_len as usize, layout.min_len, &mut entry).and_then(|()| handle(&entry));
+        if let Err(e) = done {
+            return (i, Err(e));
+        }
+    }
+    (c.entry_num, Ok(()))
+}
+
+/// A model's driver data of `len` bytes at `uptr`, as `layout` sizes it
+/// (`copy_driver_data`).
+pub(crate) fn driver_data(mem: &dyn UserMemory, uptr: u64, len: u32, layout: DataLayout) -> Result<Vec<u8>, Errno> {
+    let mut data = vec![0u8; layout.len];
+    copy_driver_data(mem, uptr, len as usize, layout.min_len, &mut data)?;
+    Ok(data)
 }
 
 /// Linux's `iommu_copy_struct_from_user`: driver data of `len` bytes must

@@ -107,8 +107,7 @@ impl DeviceInfo {
     }
 }
 
-/// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
-pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
+pub use crate::model::selftest::MOCK_APERTURE;
 /// PASID width of a PASID-capable mock device.
 pub const MOCK_PASID_WIDTH: u8 = 20;
 /// Entries of a mock device's own cache (`MOCK_DEV_CACHE_NUM`), which its

@@ -29,30 +29,10 @@ use crate::hw_queue::{HW_QUEUE_TYPE_SELFTEST, HwQueue};
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
 use crate::iova::PAGE_SIZE;
-use crate::model::IommuModel;
+pub use crate::model::ViommuType;
+use crate::model::smmuv3;
 use crate::veventq::{VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, Veventq};
 use crate::{Error, Result};
-
-/// The IOMMU model a vIOMMU emulates for its guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViommuType {
-    /// The selftest mock IOMMU's vIOMMU.
-    Selftest,
-    /// An Arm SMMUv3 for the guest: nested HWPTs take its stream table
-    /// entries, and its command queue's invalidations come through
-    /// `Viommu::invalidate`.
-    ArmSmmuV3,
-}
-
-impl ViommuType {
-    /// Whether a guest of this vIOMMU can be given devices behind `iommu`.
-    fn serves(self, iommu: IommuModel) -> bool {
-        match self {
-            ViommuType::Selftest => iommu.is_selftest(),
-            ViommuType::ArmSmmuV3 => iommu == IommuModel::ArmSmmuV3,
-        }
-    }
-}
 
 pub struct Viommu {
     kind: ViommuType,
@@ -75,7 +55,7 @@ pub struct Viommu {
     /// Memory it shares with the program, if its model has any.
     region: Option<MmapRegion>,
     /// The SMMU features a guest's commands are checked against.
-    smmu: crate::smmuv3::Features,
+    smmu: smmuv3::Features,
 }
 
 /// What a vIOMMU's `MmapRegion` is made of.
@@ -217,7 +197,7 @@ impl Viommu {
         if self.kind != ViommuType::ArmSmmuV3 {
             return Err(Error::Unsupported("this vIOMMU takes no invalidation commands"));
         }
-        let command = crate::smmuv3::Command::decode(cmd, self.smmu)?;
+        let command = smmuv3::Command::decode(cmd, self.smmu)?;
         if let Some(sid) = command.sid() {
             let dev = self.device(u64::from(sid)).ok_or(Error::Io("no vDEVICE has that stream ID"))?;
             for (_, hwpt) in dev.attachments() {
@@ -281,7 +261,10 @@ impl Viommu {
             }
             ViommuType::ArmSmmuV3 => {
                 let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
-                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault, attrs) else { return false };
+                let DmaError::Fault { iova, reason, write } = fault else { return false };
+                let Some(record) = smmuv3::event(virt_id as u32, pasid, iova, reason, write, attrs) else {
+                    return false;
+                };
                 let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
                 q.report(&bytes);
             }
@@ -404,9 +387,7 @@ impl Drop for Vdevice {
 }
 
 /// What `dev`'s SMMU implements (nothing, for another IOMMU).
-fn smmu_features(dev: &Device) -> crate::smmuv3::Features {
-    match dev.info().hw_info() {
-        crate::model::HwInfo::ArmSmmuV3 { idr, .. } => crate::smmuv3::Features::from_idr(idr),
-        _ => crate::smmuv3::Features::from_idr([0; 6]),
-    }
+fn smmu_features(dev: &Device) -> smmuv3::Features {
+    let idr = dev.info().hw_info().get::<smmuv3::iommu_hw_info_arm_smmuv3>().map_or([0; 6], |h| h.idr);
+    smmuv3::Features::from_idr(idr)
 }

@@ -1,12 +1,148 @@
 //! Arm SMMUv3 structures a guest hands to ioasid (SMMUv3 architecture
 //! specification): the stream table entry of a nested HWPT, the context
 //! descriptors it points to in guest memory, and the commands a guest's
-//! command queue carries to a vIOMMU.
+//! command queue carries to a vIOMMU, and the event records it writes.
 
+use zerocopy::FromBytes;
+
+use crate::hwpt::{ConfigFault, FaultReason, PageFormat, WalkStep};
+use crate::iotlb::Iotlb;
 use crate::pgtable::Perm;
 use crate::pgtable::arm::ArmS1;
 use crate::pgtable::image::{ImageFault, walk_image_from};
 use crate::{Error, Result};
+
+use super::{DataLayout, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
+
+pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
+/// The SMMU needs TLBI and CFGI commands issued twice (an erratum flag).
+pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
+pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+
+uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
+uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
+uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
+uapi_struct!(iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32);
+
+impl HwInfoData for iommu_hw_info_arm_smmuv3 {
+    const TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+}
+
+/// An SMMUv3: stage-1 tables for paging domains, stage 2 under nesting,
+/// whose nested HWPTs take a guest's STE and live on its vIOMMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ArmSmmuV3;
+
+impl IommuOps for ArmSmmuV3 {
+    fn name(&self) -> &'static str {
+        "Arm SMMUv3"
+    }
+
+    fn paging_format(&self, nest_parent: bool) -> PageFormat {
+        if nest_parent { PageFormat::ArmS2 } else { PageFormat::ArmS1 }
+    }
+
+    /// An SMMU walks both its stages.
+    fn serves(&self, format: PageFormat) -> bool {
+        matches!(format, PageFormat::ArmS1 | PageFormat::ArmS2)
+    }
+
+    fn hw_info(&self, features: super::Features) -> HwInfo {
+        let pasid_bits = u64::from(features.max_pasid_log2);
+        // IDR0 (SMMUv3 6.3.1): stage 1 and 2, AArch64 tables, coherent,
+        // 16-bit ASIDs and VMIDs, MSIs, two-level stream and CD tables;
+        // hardware access/dirty update (HTTU) when it tracks dirty pages;
+        // PRI with page requests.
+        let mut idr0 = 1 | 1 << 1 | 0b10 << 2 | 1 << 4 | 1 << 12 | 1 << 13 | 1 << 18 | 1 << 19 | 0b01 << 27;
+        if features.dirty_tracking {
+            idr0 |= 0b10 << 6;
+        }
+        if features.pri {
+            idr0 |= 1 << 16;
+        }
+        // IDR1: 16-bit stream IDs, substream IDs as wide as PASIDs.
+        let idr1 = 16 | (pasid_bits as u32) << 6;
+        // IDR3: range invalidation (RIL).
+        let idr3 = 1 << 10;
+        // IDR5: 48-bit output addresses, 4 KiB granule.
+        let idr5 = 0b101 | 1 << 4;
+        // IIDR: implementer Arm (JEP106 0x43b); AIDR: SMMUv3.1.
+        let idr = [idr0, idr1, 0, idr3, 0, idr5];
+        HwInfo::new(&iommu_hw_info_arm_smmuv3 { idr, iidr: 0x43b, aidr: 1, ..Default::default() })
+    }
+
+    /// A guest's STE, over a stage-2 table only.
+    fn nested_layout(&self, data_type: u32, parent: PageFormat) -> Option<DataLayout> {
+        (data_type == IOMMU_HWPT_DATA_ARM_SMMUV3 && parent == PageFormat::ArmS2)
+            .then_some(DataLayout::of::<iommu_hwpt_arm_smmuv3>(data_type))
+    }
+
+    fn nested_data(&self, _data_type: u32, data: &[u8]) -> Result<NestedData> {
+        let vste = iommu_hwpt_arm_smmuv3::read_from_prefix(data).map_err(|_| Error::Invalid("short STE"))?.0;
+        NestedData::arm_smmuv3(vste.ste)
+    }
+}
+
+/// An SMMUv3 stream table entry the guest wrote (its first two words,
+/// validated): abort, bypass to stage 2, or stage 1 through the guest's
+/// context descriptors. `iotlb` caches combined translations.
+pub struct NestedSte {
+    ste: [u64; 2],
+    iotlb: Iotlb,
+}
+
+impl NestedData {
+    /// A nested SMMUv3 STE, checked as Linux checks it (`EIO` if rejected).
+    pub fn arm_smmuv3(ste: [u64; 2]) -> Result<Self> {
+        Ok(NestedData::new(NestedSte { ste: validate_ste(ste)?, iotlb: Iotlb::new() }))
+    }
+}
+
+impl Stage1 for NestedSte {
+    /// Only through an SMMUv3 vIOMMU, whose commands invalidate it.
+    fn fits(&self, _iommu: IommuModel, viommu: Option<ViommuType>) -> bool {
+        viommu == Some(ViommuType::ArmSmmuV3)
+    }
+
+    fn iotlb(&self) -> Option<&Iotlb> {
+        Some(&self.iotlb)
+    }
+
+    fn covers_substreams(&self) -> bool {
+        true
+    }
+
+    fn walk(
+        &self,
+        iova: u64,
+        ssid: Option<u32>,
+        read_guest: &mut dyn FnMut(u64) -> std::result::Result<(u64, u64), FaultReason>,
+        _step: &mut dyn FnMut(WalkStep),
+    ) -> std::result::Result<(u64, Perm), FaultReason> {
+        let mut failed = None;
+        let mut read = |gpa| read_guest(gpa).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+        translate(self.ste, ssid, iova, &mut read).map_err(|f| match f {
+            S1Fault::Read { gpa } => failed.unwrap_or(FaultReason::Stage2 { gpa, permission: false }),
+            S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
+            S1Fault::Translation => FaultReason::NotPresent,
+            S1Fault::Access => FaultReason::AccessFlag,
+            S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
+            S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
+            S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
+            S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
+        })
+    }
+
+    /// Its invalidations are the vIOMMU's commands.
+    fn invalidation(&self) -> Option<DataLayout> {
+        None
+    }
+
+    fn invalidate(&self, _entry: &[u8]) -> Result<()> {
+        Err(Error::Unsupported("an SMMUv3 nested HWPT is invalidated through its vIOMMU"))
+    }
+}
 
 /// Stream table entry fields (SMMUv3 5.2) a guest may set in a nested STE.
 pub mod ste {
@@ -216,11 +352,16 @@ pub const F_PERMISSION: u64 = 0x13;
 /// and the substream (SSV, SubstreamID) when the DMA had one, read/write
 /// (RnW), instruction (InD) and privileged (PnU) accesses, the class (an
 /// input address), and the input address. `None` for what Linux keeps from
-/// the guest: stage-2 faults (`event->s2`), which are the host's, and DMA
-/// that never reached translation. An aborting STE records nothing.
-pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError, attrs: crate::fault::DmaAttrs) -> Option<[u64; 4]> {
-    use crate::{ConfigFault, FaultReason};
-    let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
+/// the guest: stage-2 faults (`event->s2`), which are the host's. An
+/// aborting STE records nothing.
+pub fn event(
+    vsid: u32,
+    ssid: Option<u32>,
+    iova: u64,
+    reason: FaultReason,
+    write: bool,
+    attrs: crate::fault::DmaAttrs,
+) -> Option<[u64; 4]> {
     let kind = match reason {
         FaultReason::NotPresent => F_TRANSLATION,
         FaultReason::Permission => F_PERMISSION,
@@ -648,10 +789,7 @@ mod tests {
     #[test]
     fn events_carry_the_code_of_each_fault_and_never_stage_2() {
         use crate::fault::DmaAttrs;
-        use crate::{ConfigFault, DmaError, FaultReason};
-        let ev = |reason, ssid| {
-            event(0x42, ssid, DmaError::Fault { iova: 0x1000, reason, write: false }, DmaAttrs::default())
-        };
+        let ev = |reason, ssid| event(0x42, ssid, 0x1000, reason, false, DmaAttrs::default());
         let code = |reason| ev(reason, None).map(|e| e[0] & 0xff);
         assert_eq!(code(FaultReason::NotPresent), Some(F_TRANSLATION));
         assert_eq!(code(FaultReason::Permission), Some(F_PERMISSION));
@@ -668,8 +806,7 @@ mod tests {
             Some([0x0a | 1 << 11 | 3 << 12 | 0x42 << 32, 0, 0, 0])
         );
         let attrs = DmaAttrs { exec: true, privileged: true };
-        let e =
-            event(0x42, None, DmaError::Fault { iova: 0x1000, reason: FaultReason::NotPresent, write: false }, attrs);
+        let e = event(0x42, None, 0x1000, FaultReason::NotPresent, false, attrs);
         assert_eq!(e.unwrap()[1], 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, RnW, class IN");
     }
 }

@@ -1,0 +1,199 @@
+//! Linux's selftest mock IOMMU (`drivers/iommu/iommufd/selftest.c`) as a
+//! model: its aperture, its hardware info, the paging-table type its
+//! paging HWPTs take, and its nested HWPT (a mock IOTLB of four entries
+//! that invalidations clear). The selftests' test command itself
+//! (`IOMMU_TEST_CMD`) is the ABI's.
+
+use std::sync::Mutex;
+
+use zerocopy::FromBytes;
+
+use crate::hwpt::PageFormat;
+use crate::iova::IovaRange;
+use crate::{Error, Result};
+
+use super::{DataLayout, Features, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
+
+/// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
+pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
+
+pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
+pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
+pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+pub const MOCK_IOMMUPT_DEFAULT: u32 = 0;
+pub const MOCK_IOMMUPT_HUGE: u32 = 1;
+pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
+pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
+
+uapi_struct!(
+    /// The mock's hardware info.
+    iommu_test_hw_info { flags: u32, test_reg: u32 } size 8
+);
+uapi_struct!(
+    /// A selftest HWPT's data. Nested HWPTs take `iotlb`; paging ones
+    /// `pagetable_type` (7.3, `MOCK_IOMMUPT_*`).
+    iommu_hwpt_selftest { iotlb: u32, pagetable_type: u32 } size 8
+);
+/// The size of `iommu_hwpt_selftest`'s first version, up to `iotlb`.
+pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
+uapi_struct!(iommu_hwpt_invalidate_selftest { flags: u32, iotlb_id: u32 } size 8);
+
+impl HwInfoData for iommu_test_hw_info {
+    const TYPE: u32 = IOMMU_HW_INFO_TYPE_SELFTEST;
+}
+
+/// The mock; `huge` adds its 1 MiB IO pages (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Mock {
+    pub huge: bool,
+}
+
+const HWPT_SELFTEST: DataLayout = DataLayout {
+    data_type: IOMMU_HWPT_DATA_SELFTEST,
+    min_len: HWPT_SELFTEST_MIN_LEN,
+    len: size_of::<iommu_hwpt_selftest>(),
+};
+
+fn hwpt_selftest(data: &[u8]) -> iommu_hwpt_selftest {
+    let mut cfg = iommu_hwpt_selftest::default();
+    let n = data.len().min(size_of::<iommu_hwpt_selftest>());
+    zerocopy::IntoBytes::as_mut_bytes(&mut cfg)[..n].copy_from_slice(&data[..n]);
+    cfg
+}
+
+impl IommuOps for Mock {
+    fn name(&self) -> &'static str {
+        "selftest mock"
+    }
+
+    fn paging_format(&self, _nest_parent: bool) -> PageFormat {
+        if self.huge { PageFormat::MockHuge } else { PageFormat::Mock }
+    }
+
+    /// The mock's huge pages are a device option: any mock table will do.
+    fn serves(&self, format: PageFormat) -> bool {
+        format.is_mock()
+    }
+
+    fn aperture(&self) -> IovaRange {
+        MOCK_APERTURE
+    }
+
+    fn hw_info(&self, _features: Features) -> HwInfo {
+        HwInfo::new(&iommu_test_hw_info { flags: 0, test_reg: IOMMU_HW_INFO_SELFTEST_REGVAL })
+    }
+
+    fn paging_layout(&self, data_type: u32) -> Option<DataLayout> {
+        (data_type == IOMMU_HWPT_DATA_SELFTEST).then_some(HWPT_SELFTEST)
+    }
+
+    /// The table a paging HWPT gets from its selftest data
+    /// (`mock_domain_alloc_paging_flags`): `MOCK_IOMMUPT_DEFAULT` leaves of
+    /// a CPU page and up, `MOCK_IOMMUPT_HUGE` 2 KiB and 1 MiB leaves.
+    /// Without data the mock keeps the table of 2 KiB leaves that 6.12's
+    /// suite checks page by page.
+    fn paging_data(&self, data: &[u8]) -> Result<PageFormat> {
+        match hwpt_selftest(data).pagetable_type {
+            MOCK_IOMMUPT_DEFAULT => Ok(PageFormat::MockPt),
+            MOCK_IOMMUPT_HUGE => Ok(PageFormat::MockHuge),
+            _ => Err(Error::Unsupported("unknown mock page-table type")),
+        }
+    }
+
+    fn nested_layout(&self, data_type: u32, parent: PageFormat) -> Option<DataLayout> {
+        (data_type == IOMMU_HWPT_DATA_SELFTEST && parent.is_mock()).then_some(HWPT_SELFTEST)
+    }
+
+    fn nested_data(&self, _data_type: u32, data: &[u8]) -> Result<NestedData> {
+        Ok(NestedData::selftest(hwpt_selftest(data).iotlb))
+    }
+}
+
+/// The mock's nested HWPT: no table, only a mock IOTLB of four entries.
+pub struct MockNested {
+    iotlb: Mutex<[u32; 4]>,
+}
+
+impl NestedData {
+    /// A mock nested HWPT whose IOTLB entries all hold `iotlb`.
+    pub fn selftest(iotlb: u32) -> Self {
+        NestedData::new(MockNested { iotlb: Mutex::new([iotlb; 4]) })
+    }
+}
+
+impl MockNested {
+    /// Mock IOTLB entry `id` (`MD_CHECK_IOTLB`).
+    pub fn iotlb_entry(&self, id: u32) -> Option<u32> {
+        self.iotlb.lock().unwrap_or_else(|e| e.into_inner()).get(id as usize).copied()
+    }
+}
+
+impl Stage1 for MockNested {
+    fn fits(&self, iommu: IommuModel, _viommu: Option<ViommuType>) -> bool {
+        iommu.is_selftest()
+    }
+
+    fn invalidation(&self) -> Option<DataLayout> {
+        Some(DataLayout::of::<iommu_hwpt_invalidate_selftest>(IOMMU_HWPT_INVALIDATE_DATA_SELFTEST))
+    }
+
+    /// Clears one mock IOTLB entry, or all of them.
+    fn invalidate(&self, entry: &[u8]) -> Result<()> {
+        let inv = iommu_hwpt_invalidate_selftest::read_from_prefix(entry)
+            .map_err(|_| Error::Invalid("short mock invalidation"))?
+            .0;
+        if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            return Err(Error::Unsupported("unknown mock invalidation flags"));
+        }
+        if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
+            return Err(Error::Invalid("no such mock IOTLB entry"));
+        }
+        let mut iotlb = self.iotlb.lock().unwrap_or_else(|e| e.into_inner());
+        if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+            *iotlb = [0; 4];
+        } else {
+            iotlb[inv.iotlb_id as usize] = 0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zerocopy::IntoBytes;
+
+    #[test]
+    fn paging_data_picks_the_table() {
+        let mock = Mock { huge: false };
+        assert_eq!(mock.paging_layout(IOMMU_HWPT_DATA_SELFTEST), Some(HWPT_SELFTEST));
+        assert_eq!(mock.paging_layout(1), None);
+        let cfg = |pagetable_type| iommu_hwpt_selftest { iotlb: 0, pagetable_type };
+        assert_eq!(mock.paging_data(cfg(MOCK_IOMMUPT_DEFAULT).as_bytes()), Ok(PageFormat::MockPt));
+        assert_eq!(mock.paging_data(cfg(MOCK_IOMMUPT_HUGE).as_bytes()), Ok(PageFormat::MockHuge));
+        assert_eq!(mock.paging_data(&[0; 4]), Ok(PageFormat::MockPt), "the first version");
+        assert!(matches!(mock.paging_data(cfg(2).as_bytes()), Err(Error::Unsupported(_))));
+        let info = mock.hw_info(Features { max_pasid_log2: 0, pri: false, dirty_tracking: false });
+        assert_eq!(info.get::<iommu_test_hw_info>().unwrap().test_reg, IOMMU_HW_INFO_SELFTEST_REGVAL);
+    }
+
+    #[test]
+    fn nested_iotlb_entries_are_cleared_one_or_all() {
+        let mock = Mock { huge: true };
+        assert!(mock.nested_layout(IOMMU_HWPT_DATA_SELFTEST, PageFormat::VtdSs4).is_none());
+        let data = mock.nested_data(IOMMU_HWPT_DATA_SELFTEST, &7u32.to_le_bytes()).unwrap();
+        let nested = data.downcast::<MockNested>().unwrap();
+        let inv = |flags, iotlb_id| iommu_hwpt_invalidate_selftest { flags, iotlb_id };
+        assert_eq!(nested.invalidate(inv(0, 2).as_bytes()), Ok(()));
+        assert_eq!((nested.iotlb_entry(1), nested.iotlb_entry(2)), (Some(7), Some(0)));
+        assert!(matches!(nested.invalidate(inv(0, 4).as_bytes()), Err(Error::Invalid(_))));
+        assert!(matches!(nested.invalidate(inv(2, 0).as_bytes()), Err(Error::Unsupported(_))));
+        assert_eq!(
+            nested.invalidate(inv(IOMMU_TEST_INVALIDATE_FLAG_ALL, 9).as_bytes()),
+            Err(Error::Invalid("no such mock IOTLB entry"))
+        );
+        assert_eq!(nested.invalidate(inv(IOMMU_TEST_INVALIDATE_FLAG_ALL, 0).as_bytes()), Ok(()));
+        assert_eq!(nested.iotlb_entry(0), Some(0));
+    }
+}
