@@ -16,7 +16,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::errno::Errno;
 use crate::selftest;
 use crate::uapi::*;
-use crate::ucmd::{MAX_SIZE, Op, Ucmd, driver_data, each_entry, each_entry_bytes, op, run_op, size_of_field};
+use crate::ucmd::{MAX_SIZE, Op, Ucmd, UserEntries, driver_data, each_entry_bytes, op, run_op, size_of_field};
 use crate::user::{UserMemory, dup_fd};
 
 type Res = Result<(), Errno>;
@@ -340,29 +340,15 @@ fn stage1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, stage1: &dyn Stage1) -
     each_entry_bytes(u, c, layout, |entry| Ok(stage1.invalidate(entry)?))
 }
 
-/// `IOMMU_HWPT_INVALIDATE` on an SMMUv3 vIOMMU: each entry is one command
-/// of the guest's queue, stopping at the first it rejects (`EIO`).
-fn smmuv3_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, viommu: &ioasid_engine::Viommu) -> (u32, Res) {
-    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
-        return (0, Err(Errno::EINVAL));
-    }
-    let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
-    each_entry(u, c, min, |inv: iommu_viommu_arm_smmuv3_invalidate| Ok(viommu.invalidate(inv.cmd)?))
-}
-
 fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
     // Linux has no check of __reserved here.
     if c.flags != 0 || c.r#type == IOMMU_VIOMMU_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
     }
-    let kind = match c.r#type {
-        IOMMU_VIOMMU_TYPE_SELFTEST => ViommuType::Selftest,
-        IOMMU_VIOMMU_TYPE_ARM_SMMUV3 => ViommuType::ArmSmmuV3,
-        _ => {
-            // Linux finds the device before asking its driver about the type.
-            u.ctx.device(c.dev_id)?;
-            return Err(Errno::EOPNOTSUPP);
-        }
+    let Some(kind) = ViommuType::from_uapi(c.r#type) else {
+        // Linux finds the device before asking its driver about the type.
+        u.ctx.device(c.dev_id)?;
+        return Err(Errno::EOPNOTSUPP);
     };
     if c.data_len != 0 {
         // Only the mock's vIOMMU takes driver data.
@@ -519,14 +505,12 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
                 processed = done;
                 rc
             }
-            // SMMUv3 invalidations go to the vIOMMU, as its command queue.
+            // A vIOMMU's invalidations are its guest's command queue.
             Ok(Object::Viommu(v)) => {
-                let (done, rc) = match v.kind() {
-                    ViommuType::ArmSmmuV3 => smmuv3_invalidate(u, &c, &v),
-                    ViommuType::Selftest => selftest::viommu_invalidate(u, &c, &v),
-                };
+                let mut entries = UserEntries::new(u, &c);
+                let (done, rc) = v.invalidate_entries(&mut entries);
                 processed = done;
-                rc
+                rc.map_err(|e| entries.errno(e))
             }
             // Linux 7.3 answers EINVAL for other objects, 6.12 ENOENT; the
             // two suites check opposite errnos, and 6.12's is kept.

@@ -24,8 +24,9 @@ pub const IOMMU_TEST_CMD: u32 = io(0x80 + 32);
 // The mock IOMMU's own structs and numbers are its model's, in the engine.
 pub use ioasid_engine::model::selftest::{
     HWPT_SELFTEST_MIN_LEN, IOMMU_HW_INFO_SELFTEST_REGVAL, IOMMU_HW_INFO_TYPE_SELFTEST, IOMMU_HWPT_DATA_SELFTEST,
-    IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE,
-    MOCK_NESTED_DOMAIN_IOTLB_ID_MAX, iommu_hwpt_invalidate_selftest, iommu_hwpt_selftest, iommu_test_hw_info,
+    IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL, IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST,
+    MOCK_DEV_CACHE_ID_MAX, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE, MOCK_NESTED_DOMAIN_IOTLB_ID_MAX,
+    iommu_hwpt_invalidate_selftest, iommu_hwpt_selftest, iommu_test_hw_info, iommu_viommu_invalidate_selftest,
 };
 
 pub const IOMMU_TEST_OP_ADD_RESERVED: u32 = 1;
@@ -62,9 +63,7 @@ pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
 pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0xbad_beef;
 pub const MOCK_IO_PAGE_SIZE: u64 = PAGE_SIZE / 2;
-pub const MOCK_DEV_CACHE_ID_MAX: u32 = ioasid_engine::device::MOCK_DEV_CACHE_NUM as u32 - 1;
 pub const IOMMU_TEST_DEV_CACHE_DEFAULT: u32 = ioasid_engine::device::MOCK_DEV_CACHE_DEFAULT;
-pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 
 /// `struct iommu_test_cmd`: a header, a union of per-op arguments, `last`.
 #[repr(C)]
@@ -80,16 +79,6 @@ pub struct iommu_test_cmd {
 }
 const _: () = assert!(size_of::<iommu_test_cmd>() == 72);
 pub const TEST_CMD_MIN_SIZE: usize = core::mem::offset_of!(iommu_test_cmd, last) + 4;
-
-/// `struct iommu_viommu_invalidate_selftest`: one command of the mock
-/// vIOMMU, clearing a device's cache entries.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_viommu_invalidate_selftest {
-    pub flags: u32,
-    pub vdev_id: u32,
-    pub cache_id: u32,
-}
 
 macro_rules! union_arm {
     ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -563,50 +552,6 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
         queue.report(Group::new(vec![request]));
     }
     Ok(())
-}
-
-/// `IOMMU_HWPT_INVALIDATE` on a selftest vIOMMU: each command clears one
-/// entry, or all, of the cache of the device the guest calls `vdev_id`.
-/// The whole array is read before any command runs, as the mock does.
-pub fn viommu_invalidate(
-    u: &Ucmd,
-    c: &crate::uapi::iommu_hwpt_invalidate,
-    viommu: &ioasid_engine::Viommu,
-) -> (u32, Result<(), Errno>) {
-    // An empty array only checks the type.
-    if c.entry_num == 0 && c.data_type == IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST {
-        return (0, Ok(()));
-    }
-    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST || c.entry_num == 0 {
-        return (0, Err(Errno::EINVAL));
-    }
-    let mut cmds = Vec::with_capacity(c.entry_num as usize);
-    for i in 0..u64::from(c.entry_num) {
-        let mut cmd = iommu_viommu_invalidate_selftest::default();
-        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * i);
-        if let Err(e) = crate::ucmd::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
-            return (0, Err(e));
-        }
-        cmds.push(cmd);
-    }
-    for (done, cmd) in cmds.iter().enumerate() {
-        if cmd.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            return (done as u32, Err(Errno::EOPNOTSUPP));
-        }
-        if cmd.cache_id > MOCK_DEV_CACHE_ID_MAX {
-            return (done as u32, Err(Errno::EINVAL));
-        }
-        let dev = viommu.device(u64::from(cmd.vdev_id));
-        let Some(mut cache) = dev.as_ref().and_then(|d| d.mock_cache()) else {
-            return (done as u32, Err(Errno::EINVAL));
-        };
-        if cmd.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            cache.fill(0);
-        } else {
-            cache[cmd.cache_id as usize] = 0;
-        }
-    }
-    (c.entry_num, Ok(()))
 }
 
 /// `struct iommu_viommu_selftest`: the mock vIOMMU's driver data (7.3).

@@ -76,8 +76,8 @@ pub const IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV: u32 = 2;
 /// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
 pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
 /// The selftest driver's vIOMMU (`iommufd_test.h`).
-pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdeadbeef;
-pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+pub use ioasid_engine::model::selftest::IOMMU_VIOMMU_TYPE_SELFTEST;
+pub use ioasid_engine::model::smmuv3::IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
 /// An SMMUv3 extended by Tegra241 CMDQV (7.3).
 pub const IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: u32 = 2;
 

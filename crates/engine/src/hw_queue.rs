@@ -18,10 +18,7 @@ use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::viommu::Viommu;
 use crate::{Error, Result};
 
-/// The mock vIOMMU's queue type.
-pub const HW_QUEUE_TYPE_SELFTEST: u32 = 0xdead_beef;
-/// How many queues a mock vIOMMU has (Linux's `IOMMU_TEST_HW_QUEUE_MAX`).
-pub const SELFTEST_HW_QUEUE_MAX: u32 = 2;
+pub use crate::model::selftest::{HW_QUEUE_TYPE_SELFTEST, SELFTEST_HW_QUEUE_MAX};
 
 pub struct HwQueue {
     viommu: Arc<Viommu>,

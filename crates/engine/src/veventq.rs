@@ -12,11 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::viommu::Viommu;
 
-/// The selftest vIOMMU's event type; its events are the vDEVICE's virtual
-/// ID as a little-endian `u32`.
-pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
-/// SMMUv3 event records (32 bytes), naming the stream by its virtual ID.
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
+pub use crate::model::selftest::VEVENTQ_TYPE_SELFTEST;
+pub use crate::model::smmuv3::VEVENTQ_TYPE_ARM_SMMUV3;
 /// Header flag: events were dropped because the queue was full.
 pub const LOST_EVENTS: u32 = 1 << 0;
 /// Size of the header every event is read with: flags, then sequence.

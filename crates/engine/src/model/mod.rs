@@ -323,23 +323,194 @@ impl IommuModel {
     }
 }
 
-/// The IOMMU model a vIOMMU emulates for its guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViommuType {
+/// What a vIOMMU of one model does for the core (Linux's
+/// `iommufd_viommu_ops`): which devices it serves, the commands of its
+/// guest's queue, its event records and its HW queues.
+pub trait ViommuOps {
+    /// Its `enum iommu_viommu_type` number.
+    fn uapi_type(&self) -> u32;
+
+    /// Whether a guest of this vIOMMU can be given devices behind `iommu`.
+    fn serves(&self, iommu: IommuModel) -> bool;
+
+    /// `IOMMU_HWPT_INVALIDATE` on the vIOMMU: the guest's commands in
+    /// `entries`, carried out on `viommu` up to the first rejected one.
+    /// Returns how many were handled and how the call ends.
+    fn invalidate(&self, viommu: &dyn ViommuCore, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
+        let _ = (viommu, entries);
+        (0, Err(Error::Unsupported("this vIOMMU takes no invalidation commands")))
+    }
+
+    /// One command of the guest's queue, in its uAPI bytes.
+    fn command(&self, viommu: &dyn ViommuCore, command: &[u8]) -> Result<()> {
+        let _ = (viommu, command);
+        Err(Error::Unsupported("this vIOMMU takes no invalidation commands"))
+    }
+
+    /// The event a fault of the device the guest calls `virt_id` becomes:
+    /// the vEVENTQ type it goes to and its record. `fault` is the IOVA,
+    /// the reason and whether it was a write, `None` for a DMA that never
+    /// reached translation. `None` when the guest is not told.
+    fn event(
+        &self,
+        virt_id: u64,
+        pasid: Option<u32>,
+        fault: Option<(u64, FaultReason, bool)>,
+        attrs: crate::fault::DmaAttrs,
+    ) -> Option<(u32, Vec<u8>)>;
+
+    /// Whether it has HW queues of `kind`.
+    fn offers_hw_queue(&self, _kind: u32) -> bool {
+        false
+    }
+}
+
+/// What a vIOMMU's commands act on, as the core gives it to its model.
+pub trait ViommuCore {
+    /// `GET_HW_INFO` of the IOMMU the vIOMMU was made for.
+    fn hw_info(&self) -> &HwInfo;
+
+    /// Drops the cached translations of every nested HWPT on the vIOMMU.
+    fn flush_all(&self);
+
+    /// Drops those of the device the guest calls `virt_id`; false when no
+    /// vDEVICE has that ID.
+    fn flush_device(&self, virt_id: u64) -> bool;
+
+    /// Runs `f` on the device-side cache of the device the guest calls
+    /// `virt_id` (the mock's devices have one); false when there is none.
+    fn with_device_cache(&self, virt_id: u64, f: &mut dyn FnMut(&mut [u32])) -> bool;
+}
+
+/// The caller's array of invalidation entries (Linux's
+/// `iommu_user_data_array`), copied as the model asks.
+pub trait EntryArray {
+    /// The entries' uAPI type.
+    fn data_type(&self) -> u32;
+
+    /// How many entries there are.
+    fn len(&self) -> u32;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Entry `i` into `out`: at least `min` bytes and no more than `out`
+    /// holds (Linux's `iommu_copy_struct_from_user_array`).
+    fn copy(&mut self, i: u32, min: usize, out: &mut [u8]) -> Result<()>;
+
+    /// Entry `i` into `out` whatever its size, as `copy_struct_from_user`
+    /// takes a struct (Linux's `iommu_copy_struct_from_full_user_array`).
+    fn copy_extensible(&mut self, i: u32, out: &mut [u8]) -> Result<()>;
+}
+
+/// The list of vIOMMU types: each line is a `ViommuType` variant and the
+/// type implementing `ViommuOps`.
+macro_rules! viommu_types {
+    ($($(#[$doc:meta])* $name:ident => $module:ident::$ops:ident,)*) => {
+        /// The IOMMU model a vIOMMU emulates for its guest.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum ViommuType {
+            $($(#[$doc])* $name,)*
+        }
+
+        impl ViommuType {
+            /// The type's operations.
+            pub fn ops(self) -> &'static dyn ViommuOps {
+                match self {
+                    $(ViommuType::$name => &$module::$ops,)*
+                }
+            }
+
+            /// The type of `enum iommu_viommu_type` number `uapi_type`.
+            pub fn from_uapi(uapi_type: u32) -> Option<ViommuType> {
+                [$(ViommuType::$name),*].into_iter().find(|t| t.ops().uapi_type() == uapi_type)
+            }
+        }
+    };
+}
+
+viommu_types! {
     /// The selftest mock IOMMU's vIOMMU.
-    Selftest,
+    Selftest => selftest::MockViommu,
     /// An Arm SMMUv3 for the guest: nested HWPTs take its stream table
     /// entries, and its command queue's invalidations come through
     /// `Viommu::invalidate`.
-    ArmSmmuV3,
+    ArmSmmuV3 => smmuv3::SmmuViommu,
 }
 
 impl ViommuType {
     /// Whether a guest of this vIOMMU can be given devices behind `iommu`.
     pub(crate) fn serves(self, iommu: IommuModel) -> bool {
-        match self {
-            ViommuType::Selftest => iommu.is_selftest(),
-            ViommuType::ArmSmmuV3 => iommu == IommuModel::ArmSmmuV3,
+        self.ops().serves(iommu)
+    }
+}
+
+/// Stand-ins for the core in the models' unit tests.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// A vIOMMU with vDEVICEs `0..devices`, recording what it is told.
+    pub struct Core {
+        pub hw_info: HwInfo,
+        pub devices: u64,
+        pub flushed: RefCell<Vec<Option<u64>>>,
+        pub caches: RefCell<Vec<[u32; 4]>>,
+    }
+
+    impl Core {
+        pub fn new(hw_info: HwInfo, devices: u64) -> Self {
+            let caches = RefCell::new(vec![[7; 4]; devices as usize]);
+            Core { hw_info, devices, flushed: RefCell::new(Vec::new()), caches }
+        }
+    }
+
+    impl ViommuCore for Core {
+        fn hw_info(&self) -> &HwInfo {
+            &self.hw_info
+        }
+        fn flush_all(&self) {
+            self.flushed.borrow_mut().push(None);
+        }
+        fn flush_device(&self, virt_id: u64) -> bool {
+            self.flushed.borrow_mut().push(Some(virt_id));
+            virt_id < self.devices
+        }
+        fn with_device_cache(&self, virt_id: u64, f: &mut dyn FnMut(&mut [u32])) -> bool {
+            let mut caches = self.caches.borrow_mut();
+            caches.get_mut(virt_id as usize).map(|c| f(c)).is_some()
+        }
+    }
+
+    /// An invalidation array in memory, copied as the ABI copies it.
+    pub struct Entries {
+        pub data_type: u32,
+        pub entries: Vec<Vec<u8>>,
+    }
+
+    impl EntryArray for Entries {
+        fn data_type(&self) -> u32 {
+            self.data_type
+        }
+        fn len(&self) -> u32 {
+            self.entries.len() as u32
+        }
+        fn copy(&mut self, i: u32, min: usize, out: &mut [u8]) -> Result<()> {
+            let e = &self.entries[i as usize];
+            if e.len() < min || e.len() > out.len() {
+                return Err(Error::Invalid("entry size"));
+            }
+            out[..e.len()].copy_from_slice(e);
+            Ok(())
+        }
+        fn copy_extensible(&mut self, i: u32, out: &mut [u8]) -> Result<()> {
+            let e = &self.entries[i as usize];
+            let n = e.len().min(out.len());
+            out[..n].copy_from_slice(&e[..n]);
+            Ok(())
         }
     }
 }
@@ -347,6 +518,16 @@ impl ViommuType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn viommu_types_by_their_uapi_number() {
+        assert_eq!(ViommuType::from_uapi(1), Some(ViommuType::ArmSmmuV3));
+        assert_eq!(ViommuType::from_uapi(0xdead_beef), Some(ViommuType::Selftest));
+        assert_eq!(ViommuType::from_uapi(0), None);
+        assert!(ViommuType::ArmSmmuV3.serves(IommuModel::ArmSmmuV3));
+        assert!(!ViommuType::ArmSmmuV3.serves(IommuModel::VTD));
+        assert!(ViommuType::Selftest.serves(IommuModel::Selftest { huge: true }));
+    }
 
     #[test]
     fn formats_follow_the_architecture() {

@@ -12,7 +12,10 @@ use crate::hwpt::PageFormat;
 use crate::iova::IovaRange;
 use crate::{Error, Result};
 
-use super::{DataLayout, Features, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
+use super::{
+    DataLayout, EntryArray, Features, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuCore,
+    ViommuOps, ViommuType,
+};
 
 /// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
 pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
@@ -25,6 +28,20 @@ pub const MOCK_IOMMUPT_HUGE: u32 = 1;
 pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
 pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
+/// The mock's vIOMMU type (`IOMMU_VIOMMU_TYPE_SELFTEST`).
+pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+/// The selftest vIOMMU's event type; its events are the vDEVICE's virtual
+/// ID as a little-endian `u32`.
+pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
+/// The mock vIOMMU's HW queue type.
+pub const HW_QUEUE_TYPE_SELFTEST: u32 = 0xdead_beef;
+/// How many queues a mock vIOMMU has (Linux's `IOMMU_TEST_HW_QUEUE_MAX`).
+pub const SELFTEST_HW_QUEUE_MAX: u32 = 2;
+/// Entries of a mock device's own cache (`MOCK_DEV_CACHE_NUM`), which its
+/// vIOMMU's invalidation commands clear.
+pub const MOCK_DEV_CACHE_NUM: usize = 4;
+pub const MOCK_DEV_CACHE_ID_MAX: u32 = MOCK_DEV_CACHE_NUM as u32 - 1;
 
 uapi_struct!(
     /// The mock's hardware info.
@@ -38,6 +55,10 @@ uapi_struct!(
 /// The size of `iommu_hwpt_selftest`'s first version, up to `iotlb`.
 pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
 uapi_struct!(iommu_hwpt_invalidate_selftest { flags: u32, iotlb_id: u32 } size 8);
+uapi_struct!(
+    /// One command of the mock vIOMMU, clearing a device's cache entries.
+    iommu_viommu_invalidate_selftest { flags: u32, vdev_id: u32, cache_id: u32 } size 12
+);
 
 impl HwInfoData for iommu_test_hw_info {
     const TYPE: u32 = IOMMU_HW_INFO_TYPE_SELFTEST;
@@ -159,6 +180,74 @@ impl Stage1 for MockNested {
     }
 }
 
+/// The mock's vIOMMU.
+pub struct MockViommu;
+
+impl ViommuOps for MockViommu {
+    fn uapi_type(&self) -> u32 {
+        IOMMU_VIOMMU_TYPE_SELFTEST
+    }
+
+    fn serves(&self, iommu: IommuModel) -> bool {
+        iommu.is_selftest()
+    }
+
+    /// Each command clears one entry, or all, of the cache of the device
+    /// the guest calls `vdev_id`. The whole array is read before any
+    /// command runs, as the mock does; an empty one only checks the type.
+    fn invalidate(&self, viommu: &dyn ViommuCore, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
+        let right_type = entries.data_type() == IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST;
+        if entries.is_empty() && right_type {
+            return (0, Ok(()));
+        }
+        if !right_type || entries.is_empty() {
+            return (0, Err(Error::Invalid("not the mock vIOMMU's invalidation type")));
+        }
+        let mut cmds = Vec::with_capacity(entries.len() as usize);
+        for i in 0..entries.len() {
+            let mut cmd = iommu_viommu_invalidate_selftest::default();
+            if let Err(e) = entries.copy_extensible(i, zerocopy::IntoBytes::as_mut_bytes(&mut cmd)) {
+                return (0, Err(e));
+            }
+            cmds.push(cmd);
+        }
+        for (done, cmd) in cmds.iter().enumerate() {
+            if cmd.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+                return (done as u32, Err(Error::Unsupported("unknown mock invalidation flags")));
+            }
+            if cmd.cache_id > MOCK_DEV_CACHE_ID_MAX {
+                return (done as u32, Err(Error::Invalid("no such mock device cache entry")));
+            }
+            let cleared = viommu.with_device_cache(u64::from(cmd.vdev_id), &mut |cache| {
+                if cmd.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
+                    cache.fill(0);
+                } else {
+                    cache[cmd.cache_id as usize] = 0;
+                }
+            });
+            if !cleared {
+                return (done as u32, Err(Error::Invalid("no mock vDEVICE has that ID")));
+            }
+        }
+        (entries.len(), Ok(()))
+    }
+
+    /// The device's virtual ID, whatever the fault.
+    fn event(
+        &self,
+        virt_id: u64,
+        _pasid: Option<u32>,
+        _fault: Option<(u64, crate::hwpt::FaultReason, bool)>,
+        _attrs: crate::fault::DmaAttrs,
+    ) -> Option<(u32, Vec<u8>)> {
+        Some((VEVENTQ_TYPE_SELFTEST, (virt_id as u32).to_le_bytes().to_vec()))
+    }
+
+    fn offers_hw_queue(&self, kind: u32) -> bool {
+        kind == HW_QUEUE_TYPE_SELFTEST
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +284,35 @@ mod tests {
         );
         assert_eq!(nested.invalidate(inv(IOMMU_TEST_INVALIDATE_FLAG_ALL, 0).as_bytes()), Ok(()));
         assert_eq!(nested.iotlb_entry(0), Some(0));
+    }
+
+    #[test]
+    fn viommu_commands_clear_device_caches_after_reading_them_all() {
+        use super::super::fake::{Core, Entries};
+        let core = Core::new(
+            Mock { huge: false }.hw_info(Features { max_pasid_log2: 0, pri: false, dirty_tracking: false }),
+            2,
+        );
+        let cmd = |flags, vdev_id, cache_id| {
+            iommu_viommu_invalidate_selftest { flags, vdev_id, cache_id }.as_bytes().to_vec()
+        };
+        let mut entries = Entries {
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST,
+            entries: vec![cmd(0, 0, 1), cmd(IOMMU_TEST_INVALIDATE_FLAG_ALL, 1, 0), cmd(0, 2, 0)],
+        };
+        let (done, rc) = MockViommu.invalidate(&core, &mut entries);
+        assert_eq!(done, 2);
+        assert!(matches!(rc, Err(Error::Invalid(_))), "no vDEVICE 2");
+        assert_eq!(*core.caches.borrow(), [[7, 0, 7, 7], [0; 4]]);
+        entries.entries = vec![cmd(0, 0, 4)];
+        assert!(matches!(MockViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))));
+        entries.entries = vec![cmd(4, 0, 0)];
+        assert!(matches!(MockViommu.invalidate(&core, &mut entries), (0, Err(Error::Unsupported(_)))));
+        entries.entries.clear();
+        assert_eq!(MockViommu.invalidate(&core, &mut entries), (0, Ok(())), "an empty array checks the type");
+        entries.data_type = 1;
+        assert!(matches!(MockViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))));
+        let ev = MockViommu.event(0x0001_2345_6789, None, None, crate::fault::DmaAttrs::default());
+        assert_eq!(ev, Some((VEVENTQ_TYPE_SELFTEST, 0x2345_6789u32.to_le_bytes().to_vec())));
     }
 }

@@ -12,13 +12,19 @@ use crate::pgtable::arm::ArmS1;
 use crate::pgtable::image::{ImageFault, walk_image_from};
 use crate::{Error, Result};
 
-use super::{DataLayout, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
+use super::{
+    DataLayout, EntryArray, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuCore, ViommuOps,
+    ViommuType,
+};
 
 pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
 /// The SMMU needs TLBI and CFGI commands issued twice (an erratum flag).
 pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
 pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
 pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+/// SMMUv3 event records (32 bytes), naming the stream by its virtual ID.
+pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
 
 uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
 uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
@@ -81,6 +87,75 @@ impl IommuOps for ArmSmmuV3 {
     fn nested_data(&self, _data_type: u32, data: &[u8]) -> Result<NestedData> {
         let vste = iommu_hwpt_arm_smmuv3::read_from_prefix(data).map_err(|_| Error::Invalid("short STE"))?.0;
         NestedData::arm_smmuv3(vste.ste)
+    }
+}
+
+/// An SMMUv3 for a guest: its command queue's invalidations and its event
+/// records.
+pub struct SmmuViommu;
+
+impl ViommuOps for SmmuViommu {
+    fn uapi_type(&self) -> u32 {
+        IOMMU_VIOMMU_TYPE_ARM_SMMUV3
+    }
+
+    fn serves(&self, iommu: IommuModel) -> bool {
+        iommu == IommuModel::ArmSmmuV3
+    }
+
+    /// Each entry is one command of the guest's queue, stopping at the
+    /// first it rejects (`EIO`).
+    fn invalidate(&self, viommu: &dyn ViommuCore, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
+        if entries.data_type() != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
+            return (0, Err(Error::Invalid("not SMMUv3 commands")));
+        }
+        for i in 0..entries.len() {
+            let mut inv = iommu_viommu_arm_smmuv3_invalidate::default();
+            let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
+            let done = entries
+                .copy(i, min, zerocopy::IntoBytes::as_mut_bytes(&mut inv))
+                .and_then(|()| self.command(viommu, zerocopy::IntoBytes::as_bytes(&inv)));
+            if let Err(e) = done {
+                return (i, Err(e));
+            }
+        }
+        (entries.len(), Ok(()))
+    }
+
+    /// One command (16 bytes): TLB invalidations drop the combined
+    /// translations of every nested HWPT of the vIOMMU (its one VMID; finer
+    /// ASID or address ranges are honoured by dropping more, never less);
+    /// configuration invalidations name the guest's stream ID, which must
+    /// be a vDEVICE there (`EIO` otherwise, as in Linux), and drop that
+    /// device's nested translations, so a changed context descriptor is
+    /// read again.
+    fn command(&self, viommu: &dyn ViommuCore, command: &[u8]) -> Result<()> {
+        let cmd = iommu_viommu_arm_smmuv3_invalidate::read_from_prefix(command)
+            .map_err(|_| Error::Invalid("short SMMUv3 command"))?
+            .0
+            .cmd;
+        let idr = viommu.hw_info().get::<iommu_hw_info_arm_smmuv3>().map_or([0; 6], |h| h.idr);
+        let command = Command::decode(cmd, Features::from_idr(idr))?;
+        if let Some(sid) = command.sid() {
+            if !viommu.flush_device(u64::from(sid)) {
+                return Err(Error::Io("no vDEVICE has that stream ID"));
+            }
+            return Ok(());
+        }
+        viommu.flush_all();
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        virt_id: u64,
+        pasid: Option<u32>,
+        fault: Option<(u64, FaultReason, bool)>,
+        attrs: crate::fault::DmaAttrs,
+    ) -> Option<(u32, Vec<u8>)> {
+        let (iova, reason, write) = fault?;
+        let record = event(virt_id as u32, pasid, iova, reason, write, attrs)?;
+        Some((VEVENTQ_TYPE_ARM_SMMUV3, record.iter().flat_map(|w| w.to_le_bytes()).collect()))
     }
 }
 
@@ -808,5 +883,45 @@ mod tests {
         let attrs = DmaAttrs { exec: true, privileged: true };
         let e = event(0x42, None, 0x1000, FaultReason::NotPresent, false, attrs);
         assert_eq!(e.unwrap()[1], 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, RnW, class IN");
+    }
+
+    #[test]
+    fn registers_and_nested_data_in_linux_layout() {
+        let full = super::super::Features { max_pasid_log2: 20, pri: true, dirty_tracking: true };
+        let info = ArmSmmuV3.hw_info(full);
+        assert_eq!((info.data_type, info.data.len()), (IOMMU_HW_INFO_TYPE_ARM_SMMUV3, 40));
+        let smmu = info.get::<iommu_hw_info_arm_smmuv3>().unwrap();
+        assert_eq!(smmu.idr[0] & 0b11, 0b11, "stage 1 and stage 2");
+        assert_eq!((smmu.idr[0] >> 6) & 0b11, 0b10, "HTTU: access and dirty");
+        assert_eq!((smmu.idr[1] >> 6) & 0x1f, 20, "SSIDSIZE");
+        assert_eq!(smmu.idr[5] & 0b111, 0b101, "OAS: 48 bits");
+        assert_eq!(smmu.iidr & 0xfff, 0x43b);
+        assert!(ArmSmmuV3.nested_layout(IOMMU_HWPT_DATA_ARM_SMMUV3, PageFormat::ArmS1).is_none(), "stage 2 only");
+        let layout = ArmSmmuV3.nested_layout(IOMMU_HWPT_DATA_ARM_SMMUV3, PageFormat::ArmS2).unwrap();
+        assert_eq!((layout.min_len, layout.len), (16, 16));
+        let vste = |w0: u64| [w0.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        let data = ArmSmmuV3.nested_data(IOMMU_HWPT_DATA_ARM_SMMUV3, &vste(S1 | 0x1000)).unwrap();
+        assert!(data.covers_substreams() && data.invalidation().is_none());
+        assert!(matches!(ArmSmmuV3.nested_data(2, &vste(ste::V | 0b110 << 1)), Err(Error::Io(_))));
+    }
+
+    #[test]
+    fn commands_reach_the_whole_vmid_or_one_stream() {
+        use super::super::fake::{Core, Entries};
+        let full = super::super::Features { max_pasid_log2: 20, pri: false, dirty_tracking: false };
+        let core = Core::new(ArmSmmuV3.hw_info(full), 2);
+        let cmd = |w0: u64| [w0.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        let mut entries = Entries {
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entries: vec![cmd(0x11 | 7 << 48), cmd(0x03 | 1 << 32), cmd(0x03 | 5 << 32), cmd(0x30)],
+        };
+        let (done, rc) = SmmuViommu.invalidate(&core, &mut entries);
+        assert_eq!(done, 2, "stops at the stream with no vDEVICE");
+        assert!(matches!(rc, Err(Error::Io(_))));
+        assert_eq!(*core.flushed.borrow(), [None, Some(1), Some(5)]);
+        entries.data_type = 0;
+        assert!(matches!(SmmuViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))));
+        entries = Entries { data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, entries: vec![vec![0; 8]] };
+        assert!(matches!(SmmuViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))), "short");
     }
 }
