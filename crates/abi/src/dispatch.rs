@@ -16,7 +16,9 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::errno::Errno;
 use crate::selftest;
 use crate::uapi::*;
-use crate::ucmd::{MAX_SIZE, Op, Ucmd, UserEntries, driver_data, each_entry_bytes, op, run_op, size_of_field};
+use crate::ucmd::{
+    MAX_SIZE, Op, Ucmd, UserEntries, copy_struct_from_user, driver_data, each_entry_bytes, op, run_op, size_of_field,
+};
 use crate::user::{UserMemory, dup_fd};
 
 type Res = Result<(), Errno>;
@@ -351,15 +353,41 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
         return Err(Errno::EOPNOTSUPP);
     };
     if c.data_len != 0 {
-        // Only the mock's vIOMMU takes driver data.
-        if kind != ViommuType::Selftest {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        c.out_viommu_id = selftest::viommu_alloc_with_data(u, &c)?;
+        c.out_viommu_id = viommu_alloc_with_data(u, &c, kind)?;
         return u.respond_created(&c, c.out_viommu_id);
     }
     c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
     u.respond_created(&c, c.out_viommu_id)
+}
+
+/// A vIOMMU whose type takes driver data (the mock's, in 7.3): the data
+/// is copied in once the device and HWPT are checked, decides the memory
+/// the vIOMMU shares through `mmap`, and is written back with where to map
+/// it. Returns the vIOMMU's ID.
+fn viommu_alloc_with_data(u: &Ucmd, c: &iommu_viommu_alloc, kind: ViommuType) -> Result<u32, Errno> {
+    let ops = kind.ops();
+    let layout = ops.alloc_layout().ok_or(Errno::EOPNOTSUPP)?;
+    let mut data = vec![0u8; layout.len];
+    let len = c.data_len as usize;
+    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, kind, || {
+        if len < layout.min_len {
+            return Err(Errno::EINVAL);
+        }
+        copy_struct_from_user(u.mem, c.data_uptr, len, &mut data)?;
+        Ok(ops.alloc_region(&data))
+    })?;
+    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
+    let (offset, length) = region.expect("made with a region");
+    let reply = ops.alloc_reply(&data, offset, length);
+    // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
+    let known = len.min(reply.len());
+    let written = u
+        .mem
+        .write(c.data_uptr, &reply[..known])
+        .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
+    written.map(|()| id).inspect_err(|_| {
+        let _ = u.ctx.destroy(id);
+    })
 }
 
 fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {

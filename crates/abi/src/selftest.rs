@@ -26,7 +26,8 @@ pub use ioasid_engine::model::selftest::{
     HWPT_SELFTEST_MIN_LEN, IOMMU_HW_INFO_SELFTEST_REGVAL, IOMMU_HW_INFO_TYPE_SELFTEST, IOMMU_HWPT_DATA_SELFTEST,
     IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL, IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST,
     MOCK_DEV_CACHE_ID_MAX, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE, MOCK_NESTED_DOMAIN_IOTLB_ID_MAX,
-    iommu_hwpt_invalidate_selftest, iommu_hwpt_selftest, iommu_test_hw_info, iommu_viommu_invalidate_selftest,
+    VIOMMU_SELFTEST_MIN_LEN, iommu_hwpt_invalidate_selftest, iommu_hwpt_selftest, iommu_test_hw_info,
+    iommu_viommu_invalidate_selftest, iommu_viommu_selftest,
 };
 
 pub const IOMMU_TEST_OP_ADD_RESERVED: u32 = 1;
@@ -554,46 +555,5 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     Ok(())
 }
 
-/// `struct iommu_viommu_selftest`: the mock vIOMMU's driver data (7.3).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_viommu_selftest {
-    pub in_data: u32,
-    pub out_data: u32,
-    pub out_mmap_offset: u64,
-    pub out_mmap_length: u64,
-}
-const _: () = assert!(size_of::<iommu_viommu_selftest>() == 24);
-/// Linux copies it in up to `out_data`.
-pub const VIOMMU_SELFTEST_MIN_LEN: usize = 8;
 pub const IOMMU_HW_QUEUE_TYPE_SELFTEST: u32 = ioasid_engine::hw_queue::HW_QUEUE_TYPE_SELFTEST;
 pub const IOMMU_TEST_HW_QUEUE_MAX: u32 = ioasid_engine::hw_queue::SELFTEST_HW_QUEUE_MAX;
-
-/// The mock vIOMMU with driver data: `in_data` comes back in `out_data` and
-/// as the first word of two pages the program maps with `mmap` on the
-/// iommufd, at the offset and length it is told. Returns the vIOMMU's ID.
-pub(crate) fn viommu_alloc_with_data(u: &Ucmd, c: &crate::uapi::iommu_viommu_alloc) -> Result<u32, Errno> {
-    let mut data = iommu_viommu_selftest::default();
-    let len = c.data_len as usize;
-    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, ioasid_engine::ViommuType::Selftest, || {
-        if len < VIOMMU_SELFTEST_MIN_LEN {
-            return Err(Errno::EINVAL);
-        }
-        crate::ucmd::copy_struct_from_user(u.mem, c.data_uptr, len, data.as_mut_bytes())?;
-        Ok((2 * PAGE_SIZE, data.in_data.to_ne_bytes().to_vec()))
-    })?;
-    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
-    let (offset, length) = region.expect("made with a region");
-    data.out_data = data.in_data;
-    data.out_mmap_offset = offset;
-    data.out_mmap_length = length;
-    // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
-    let known = len.min(size_of::<iommu_viommu_selftest>());
-    let written = u
-        .mem
-        .write(c.data_uptr, &data.as_bytes()[..known])
-        .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
-    written.map(|()| id).inspect_err(|_| {
-        let _ = u.ctx.destroy(id);
-    })
-}

@@ -363,6 +363,23 @@ pub trait ViommuOps {
     fn offers_hw_queue(&self, _kind: u32) -> bool {
         false
     }
+
+    /// The driver data `IOMMU_VIOMMU_ALLOC` takes for this type, if any
+    /// (copied as `copy_struct_from_user` copies, at least `min_len`).
+    fn alloc_layout(&self) -> Option<DataLayout> {
+        None
+    }
+
+    /// The memory a vIOMMU made with driver `data` shares with the program
+    /// through `mmap`: its length (whole pages) and first bytes.
+    fn alloc_region(&self, _data: &[u8]) -> (u64, Vec<u8>) {
+        (0, Vec::new())
+    }
+
+    /// The driver data written back once that memory is at mmap `offset`.
+    fn alloc_reply(&self, data: &[u8], _offset: u64, _len: u64) -> Vec<u8> {
+        data.to_vec()
+    }
 }
 
 /// What a vIOMMU's commands act on, as the core gives it to its model.

@@ -56,6 +56,12 @@ uapi_struct!(
 pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
 uapi_struct!(iommu_hwpt_invalidate_selftest { flags: u32, iotlb_id: u32 } size 8);
 uapi_struct!(
+    /// The mock vIOMMU's driver data (7.3).
+    iommu_viommu_selftest { in_data: u32, out_data: u32, out_mmap_offset: u64, out_mmap_length: u64 } size 24
+);
+/// Linux copies it in up to `out_data`.
+pub const VIOMMU_SELFTEST_MIN_LEN: usize = 8;
+uapi_struct!(
     /// One command of the mock vIOMMU, clearing a device's cache entries.
     iommu_viommu_invalidate_selftest { flags: u32, vdev_id: u32, cache_id: u32 } size 12
 );
@@ -246,6 +252,29 @@ impl ViommuOps for MockViommu {
     fn offers_hw_queue(&self, kind: u32) -> bool {
         kind == HW_QUEUE_TYPE_SELFTEST
     }
+
+    fn alloc_layout(&self) -> Option<DataLayout> {
+        Some(DataLayout {
+            data_type: IOMMU_VIOMMU_TYPE_SELFTEST,
+            min_len: VIOMMU_SELFTEST_MIN_LEN,
+            len: size_of::<iommu_viommu_selftest>(),
+        })
+    }
+
+    /// Two pages whose first word echoes `in_data`.
+    fn alloc_region(&self, data: &[u8]) -> (u64, Vec<u8>) {
+        let data = iommu_viommu_selftest::read_from_prefix(data).map(|(d, _)| d).unwrap_or_default();
+        (2 * crate::iova::PAGE_SIZE, data.in_data.to_ne_bytes().to_vec())
+    }
+
+    /// `in_data` comes back in `out_data`, with where to map the region.
+    fn alloc_reply(&self, data: &[u8], offset: u64, len: u64) -> Vec<u8> {
+        let mut data = iommu_viommu_selftest::read_from_prefix(data).map(|(d, _)| d).unwrap_or_default();
+        data.out_data = data.in_data;
+        data.out_mmap_offset = offset;
+        data.out_mmap_length = len;
+        zerocopy::IntoBytes::as_bytes(&data).to_vec()
+    }
 }
 
 #[cfg(test)]
@@ -314,5 +343,17 @@ mod tests {
         assert!(matches!(MockViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))));
         let ev = MockViommu.event(0x0001_2345_6789, None, None, crate::fault::DmaAttrs::default());
         assert_eq!(ev, Some((VEVENTQ_TYPE_SELFTEST, 0x2345_6789u32.to_le_bytes().to_vec())));
+    }
+
+    #[test]
+    fn viommu_data_is_echoed_with_its_region() {
+        let layout = MockViommu.alloc_layout().unwrap();
+        assert_eq!((layout.min_len, layout.len), (8, 24));
+        let data = iommu_viommu_selftest { in_data: 0xbeef, ..Default::default() };
+        let (len, contents) = MockViommu.alloc_region(data.as_bytes());
+        assert_eq!((len, contents), (2 * crate::iova::PAGE_SIZE, 0xbeefu32.to_ne_bytes().to_vec()));
+        let reply = MockViommu.alloc_reply(data.as_bytes(), 0x3000, 0x2000);
+        let reply = iommu_viommu_selftest::read_from_bytes(&reply).unwrap();
+        assert_eq!((reply.out_data, reply.out_mmap_offset, reply.out_mmap_length), (0xbeef, 0x3000, 0x2000));
     }
 }
