@@ -806,7 +806,7 @@ impl Context {
     /// `viommu_id`, over `[base, base + len)` of its stage 2.
     pub fn hw_queue_alloc(&self, viommu_id: u32, kind: u32, index: u32, base: u64, len: u64) -> Result<u32> {
         let _g = self.graph();
-        let queue = HwQueue::new(&self.viommu(viommu_id)?, kind, index, base, len)?;
+        let queue = self.viommu(viommu_id)?.add_hw_queue(kind, index, base, len)?;
         self.insert(Object::HwQueue(queue))
     }
 

@@ -7,10 +7,9 @@
 //! dropped and a single lost-events marker is queued in their place, whose
 //! sequence is that of the latest event dropped.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use crate::viommu::Viommu;
 
 pub use crate::model::selftest::VEVENTQ_TYPE_SELFTEST;
 pub use crate::model::smmuv3::VEVENTQ_TYPE_ARM_SMMUV3;
@@ -39,7 +38,8 @@ impl Vevent {
 type Notifier = Box<dyn Fn(bool) + Send + Sync>;
 
 pub struct Veventq {
-    viommu: Arc<Viommu>,
+    /// The vIOMMU it belongs to, kept alive (and busy) by it.
+    _viommu: Arc<dyn Any + Send + Sync>,
     kind: u32,
     depth: usize,
     inner: Mutex<Inner>,
@@ -55,9 +55,10 @@ struct Inner {
 }
 
 impl Veventq {
-    pub(crate) fn new(viommu: Arc<Viommu>, kind: u32, depth: u32) -> Arc<Self> {
+    /// A queue of `viommu`'s events of `kind` (made by `Viommu::add_veventq`).
+    pub(crate) fn new(viommu: Arc<dyn Any + Send + Sync>, kind: u32, depth: u32) -> Arc<Self> {
         Arc::new(Veventq {
-            viommu,
+            _viommu: viommu,
             kind,
             depth: depth as usize,
             inner: Mutex::new(Inner::default()),
@@ -67,10 +68,6 @@ impl Veventq {
 
     pub fn kind(&self) -> u32 {
         self.kind
-    }
-
-    pub fn viommu(&self) -> &Arc<Viommu> {
-        &self.viommu
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {

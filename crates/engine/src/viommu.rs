@@ -168,13 +168,11 @@ impl Viommu {
         self.region.as_ref()
     }
 
-    /// Whether its model has HW queues of `kind`.
-    pub(crate) fn offers_hw_queue(&self, kind: u32) -> bool {
-        self.kind.ops().offers_hw_queue(kind)
-    }
-
-    pub(crate) fn hw_queues(&self) -> MutexGuard<'_, Vec<Weak<HwQueue>>> {
-        self.hw_queues.lock().unwrap_or_else(|e| e.into_inner())
+    /// `IOMMU_HW_QUEUE_ALLOC`: a HW queue of `kind` at `index`, over
+    /// `[base, base + len)` of its stage 2, as its model numbers them.
+    pub(crate) fn add_hw_queue(self: &Arc<Self>, kind: u32, index: u32, base: u64, len: u64) -> Result<Arc<HwQueue>> {
+        let max = self.kind.ops().hw_queues(kind);
+        HwQueue::new(self.clone(), self.hwpt.ioas(), &self.hw_queues, max, kind, index, base, len)
     }
 
     pub fn kind(&self) -> ViommuType {

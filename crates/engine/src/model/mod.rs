@@ -359,9 +359,9 @@ pub trait ViommuOps {
         attrs: crate::fault::DmaAttrs,
     ) -> Option<(u32, Vec<u8>)>;
 
-    /// Whether it has HW queues of `kind`.
-    fn offers_hw_queue(&self, _kind: u32) -> bool {
-        false
+    /// How many HW queues of `kind` it has (`None`: no such type).
+    fn hw_queues(&self, _kind: u32) -> Option<u32> {
+        None
     }
 
     /// The driver data `IOMMU_VIOMMU_ALLOC` takes for this type, if any

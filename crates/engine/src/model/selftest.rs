@@ -249,8 +249,9 @@ impl ViommuOps for MockViommu {
         Some((VEVENTQ_TYPE_SELFTEST, (virt_id as u32).to_le_bytes().to_vec()))
     }
 
-    fn offers_hw_queue(&self, kind: u32) -> bool {
-        kind == HW_QUEUE_TYPE_SELFTEST
+    /// Its queues start at index 0 and go up one at a time.
+    fn hw_queues(&self, kind: u32) -> Option<u32> {
+        (kind == HW_QUEUE_TYPE_SELFTEST).then_some(SELFTEST_HW_QUEUE_MAX)
     }
 
     fn alloc_layout(&self) -> Option<DataLayout> {
