@@ -12,7 +12,7 @@
 //! the run allocated is released once its contexts are closed.
 #![no_main]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ioasid_abi::ext::*;
 use ioasid_abi::files::{self, File};
@@ -181,7 +181,7 @@ fn populate(ctx: &Arc<Context>) -> [Arc<Device>; 2] {
     call(ctx, IOMMU_VEVENTQ_ALLOC, &mut veventq).unwrap();
     let faulting = ctx.hwpt_alloc(pri, ioas, HwptFlags::default(), Some(fault.out_fault_id)).unwrap();
     ctx.attach(pri, faulting).unwrap();
-    let stage1 = ctx.hwpt_alloc_nested(nested, viommu, NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None);
+    let stage1 = ctx.hwpt_alloc_nested(nested, viommu, NestedData::selftest(0), None);
     ctx.attach(nested, stage1.unwrap()).unwrap();
     let vdevice = ctx.vdevice_alloc(viommu, nested, 0x42).unwrap();
     let (guest_set, _) = set_with_pasid(ctx, 0, 16, 1);

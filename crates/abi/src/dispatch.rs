@@ -5,8 +5,9 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 
+use ioasid_engine::model::Stage1;
 use ioasid_engine::{
-    AccountMode, Context, HwInfo, HwptFlags, HwptNested, HwptPaging, IovaRange, NestedData, Object, PageFormat,
+    AccountMode, Context, HwInfo, HwptFlags, HwptPaging, IommuModel, IovaRange, NestedData, Object, PageFormat,
     PasidUse, Perm, ViommuType,
 };
 
@@ -15,7 +16,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::errno::Errno;
 use crate::selftest;
 use crate::uapi::*;
-use crate::ucmd::{OpTable, Ucmd, copy_driver_data, each_entry, op, run_op};
+use crate::ucmd::{OpTable, Ucmd, UserEntries, copy_struct_from_user, driver_data, each_entry_bytes, op, run_op};
 use crate::user::{UserMemory, dup_fd};
 
 type Res = Result<(), Errno>;
@@ -259,11 +260,9 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             if c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0 && c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            // Only the mock takes driver data for a paging table: its type.
             let format = match c.data_len {
                 0 => None,
-                _ if dev.info().iommu.is_selftest() => Some(selftest::paging_format(u, &c)?),
-                _ => return Err(Errno::EOPNOTSUPP),
+                _ => Some(paging_data(u, dev.info().iommu, &c)?),
             };
             let flags = HwptFlags {
                 nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
@@ -298,71 +297,32 @@ fn pasid_use(flags: u32) -> PasidUse {
     if flags & IOMMU_HWPT_ALLOC_PASID != 0 { PasidUse::Compatible } else { PasidUse::RidOnly }
 }
 
+/// The format a paging HWPT's driver data asks the device's IOMMU for.
+fn paging_data(u: &Ucmd, iommu: IommuModel, c: &iommu_hwpt_alloc) -> Result<PageFormat, Errno> {
+    let layout = iommu.with_ops(|m| m.paging_layout(c.data_type)).ok_or(Errno::EOPNOTSUPP)?;
+    let data = driver_data(u.mem, c.data_uptr, c.data_len, layout)?;
+    Ok(iommu.with_ops(|m| m.paging_data(&data))?)
+}
+
 /// The stage-1 data of a nested HWPT, in the type the parent's IOMMU takes.
 fn nested_data(u: &Ucmd, parent: &HwptPaging, c: &iommu_hwpt_alloc) -> Result<NestedData, Errno> {
     let format = parent.domain().format();
-    if format.is_mock() && c.data_type == selftest::IOMMU_HWPT_DATA_SELFTEST {
-        let mut cfg = selftest::iommu_hwpt_selftest::default();
-        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, selftest::HWPT_SELFTEST_MIN_LEN, cfg.as_mut_bytes())?;
-        return Ok(NestedData::Selftest { iotlb: std::sync::Mutex::new([cfg.iotlb; 4]) });
-    }
-    if matches!(format, PageFormat::VtdSs4 | PageFormat::VtdSs5) && c.data_type == IOMMU_HWPT_DATA_VTD_S1 {
-        let mut s1 = iommu_hwpt_vtd_s1::default();
-        copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, size_of::<iommu_hwpt_vtd_s1>(), s1.as_mut_bytes())?;
-        if s1.flags & !(IOMMU_VTD_S1_SRE | IOMMU_VTD_S1_EAFE | IOMMU_VTD_S1_WPE) != 0 || s1.__reserved != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        let levels = match s1.addr_width {
-            48 => 4,
-            57 => 5,
-            _ => return Err(Errno::EINVAL),
-        };
-        if s1.pgtbl_addr & 0xfff != 0 {
-            return Err(Errno::EINVAL);
-        }
-        return Ok(NestedData::vtd_s1(s1.pgtbl_addr, levels));
-    }
-    if c.data_type == IOMMU_HWPT_DATA_ARM_SMMUV3 && parent.domain().format() == PageFormat::ArmS2 {
-        let mut vste = iommu_hwpt_arm_smmuv3::default();
-        copy_driver_data(
-            u.mem,
-            c.data_uptr,
-            c.data_len as usize,
-            size_of::<iommu_hwpt_arm_smmuv3>(),
-            vste.as_mut_bytes(),
-        )?;
-        return Ok(NestedData::arm_smmuv3(vste.ste)?);
-    }
-    Err(Errno::EOPNOTSUPP)
+    let iommu = IommuModel::owning(format).ok_or(Errno::EOPNOTSUPP)?;
+    let layout = iommu.with_ops(|m| m.nested_layout(c.data_type, format)).ok_or(Errno::EOPNOTSUPP)?;
+    let data = driver_data(u.mem, c.data_uptr, c.data_len, layout)?;
+    Ok(iommu.with_ops(|m| m.nested_data(c.data_type, &data))?)
 }
 
-/// `IOMMU_HWPT_INVALIDATE` with VT-d stage-1 descriptors, as Intel's driver
-/// checks them. Any valid descriptor drops the whole combined IOTLB: exact,
-/// if coarser than ranges.
-fn vtd_s1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, hwpt: &HwptNested) -> (u32, Res) {
-    if c.data_type != IOMMU_HWPT_INVALIDATE_DATA_VTD_S1 {
+/// `IOMMU_HWPT_INVALIDATE` on a nested HWPT: each entry goes to its
+/// stage 1's model, stopping at the first it rejects.
+fn stage1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, stage1: &dyn Stage1) -> (u32, Res) {
+    let Some(layout) = stage1.invalidation() else {
+        return (0, Err(Errno::EOPNOTSUPP));
+    };
+    if c.data_type != layout.data_type {
         return (0, Err(Errno::EINVAL));
     }
-    each_entry(u, c, size_of::<iommu_hwpt_vtd_s1_invalidate>(), |inv: iommu_hwpt_vtd_s1_invalidate| {
-        if inv.flags & !IOMMU_VTD_INV_FLAGS_LEAF != 0 || inv.__reserved != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        if inv.addr & 0xfff != 0 || (inv.npages == u64::MAX && inv.addr != 0) {
-            return Err(Errno::EINVAL);
-        }
-        hwpt.invalidate();
-        Ok(())
-    })
-}
-
-/// `IOMMU_HWPT_INVALIDATE` on an SMMUv3 vIOMMU: each entry is one command
-/// of the guest's queue, stopping at the first it rejects (`EIO`).
-fn smmuv3_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, viommu: &ioasid_engine::Viommu) -> (u32, Res) {
-    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
-        return (0, Err(Errno::EINVAL));
-    }
-    let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
-    each_entry(u, c, min, |inv: iommu_viommu_arm_smmuv3_invalidate| Ok(viommu.invalidate(inv.cmd)?))
+    each_entry_bytes(u, c, layout, |entry| Ok(stage1.invalidate(entry)?))
 }
 
 fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
@@ -370,25 +330,47 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
     if c.flags != 0 || c.r#type == IOMMU_VIOMMU_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
     }
-    let kind = match c.r#type {
-        IOMMU_VIOMMU_TYPE_SELFTEST => ViommuType::Selftest,
-        IOMMU_VIOMMU_TYPE_ARM_SMMUV3 => ViommuType::ArmSmmuV3,
-        _ => {
-            // Linux finds the device before asking its driver about the type.
-            u.ctx.device(c.dev_id)?;
-            return Err(Errno::EOPNOTSUPP);
-        }
+    let Some(kind) = ViommuType::from_uapi(c.r#type) else {
+        // Linux finds the device before asking its driver about the type.
+        u.ctx.device(c.dev_id)?;
+        return Err(Errno::EOPNOTSUPP);
     };
     if c.data_len != 0 {
-        // Only the mock's vIOMMU takes driver data.
-        if kind != ViommuType::Selftest {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        c.out_viommu_id = selftest::viommu_alloc_with_data(u, &c)?;
+        c.out_viommu_id = viommu_alloc_with_data(u, &c, kind)?;
         return u.respond_created(&c, c.out_viommu_id);
     }
     c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
     u.respond_created(&c, c.out_viommu_id)
+}
+
+/// A vIOMMU whose type takes driver data (the mock's, in 7.3): the data
+/// is copied in once the device and HWPT are checked, decides the memory
+/// the vIOMMU shares through `mmap`, and is written back with where to map
+/// it. Returns the vIOMMU's ID.
+fn viommu_alloc_with_data(u: &Ucmd, c: &iommu_viommu_alloc, kind: ViommuType) -> Result<u32, Errno> {
+    let ops = kind.ops();
+    let layout = ops.alloc_layout().ok_or(Errno::EOPNOTSUPP)?;
+    let mut data = vec![0u8; layout.len];
+    let len = c.data_len as usize;
+    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, kind, || {
+        if len < layout.min_len {
+            return Err(Errno::EINVAL);
+        }
+        copy_struct_from_user(u.mem, c.data_uptr, len, &mut data)?;
+        Ok(ops.alloc_region(&data))
+    })?;
+    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
+    let (offset, length) = region.expect("made with a region");
+    let reply = ops.alloc_reply(&data, offset, length);
+    // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
+    let known = len.min(reply.len());
+    let written = u
+        .mem
+        .write(c.data_uptr, &reply[..known])
+        .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
+    written.map(|()| id).inspect_err(|_| {
+        let _ = u.ctx.destroy(id);
+    })
 }
 
 fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
@@ -472,18 +454,7 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
         if c.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 { c.out_data_type } else { IOMMU_HW_INFO_TYPE_DEFAULT };
     let dev = u.ctx.device(c.dev_id)?;
     let info = dev.info();
-    let (kind, data) = match info.hw_info() {
-        HwInfo::IntelVtd { cap_reg, ecap_reg } => {
-            let vtd = iommu_hw_info_vtd { cap_reg, ecap_reg, ..Default::default() };
-            (IOMMU_HW_INFO_TYPE_INTEL_VTD, vtd.as_bytes().to_vec())
-        }
-        HwInfo::ArmSmmuV3 { idr, iidr, aidr } => {
-            let smmu = iommu_hw_info_arm_smmuv3 { idr, iidr, aidr, ..Default::default() };
-            (IOMMU_HW_INFO_TYPE_ARM_SMMUV3, smmu.as_bytes().to_vec())
-        }
-        HwInfo::AmdVi { efr, efr2 } => (IOMMU_HW_INFO_TYPE_AMD, iommu_hw_info_amd { efr, efr2 }.as_bytes().to_vec()),
-        HwInfo::Selftest => (selftest::IOMMU_HW_INFO_TYPE_SELFTEST, selftest::hw_info().as_bytes().to_vec()),
-    };
+    let HwInfo { data_type: kind, data } = info.hw_info();
     if wanted != IOMMU_HW_INFO_TYPE_DEFAULT && wanted != kind {
         return Err(Errno::EOPNOTSUPP);
     }
@@ -540,27 +511,17 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
     } else {
         // Only nested HWPTs take user invalidations.
         match u.ctx.object(c.hwpt_id) {
-            Ok(Object::HwptNested(n)) => match n.data() {
-                NestedData::Selftest { iotlb } => {
-                    let (done, rc) = selftest::invalidate(u, &c, iotlb);
-                    processed = done;
-                    rc
-                }
-                NestedData::VtdS1 { .. } => {
-                    let (done, rc) = vtd_s1_invalidate(u, &c, &n);
-                    processed = done;
-                    rc
-                }
-                NestedData::ArmSmmuV3 { .. } => Err(Errno::EOPNOTSUPP),
-            },
-            // SMMUv3 invalidations go to the vIOMMU, as its command queue.
-            Ok(Object::Viommu(v)) => {
-                let (done, rc) = match v.kind() {
-                    ViommuType::ArmSmmuV3 => smmuv3_invalidate(u, &c, &v),
-                    ViommuType::Selftest => selftest::viommu_invalidate(u, &c, &v),
-                };
+            Ok(Object::HwptNested(n)) => {
+                let (done, rc) = stage1_invalidate(u, &c, n.data().stage1());
                 processed = done;
                 rc
+            }
+            // A vIOMMU's invalidations are its guest's command queue.
+            Ok(Object::Viommu(v)) => {
+                let mut entries = UserEntries::new(u, &c);
+                let (done, rc) = v.invalidate_entries(&mut entries);
+                processed = done;
+                rc.map_err(|e| entries.errno(e))
             }
             // Linux 7.3 answers EINVAL for other objects, 6.12 ENOENT; the
             // two suites check opposite errnos, and 6.12's is kept.

@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use ioasid_engine::device::MockFlags;
 use ioasid_engine::fault::{Group, LAST_PAGE, PASID_VALID, PageRequest};
 use ioasid_engine::ioas::Owner;
-use ioasid_engine::{
-    Access, AccessOps, Context, DeviceInfo, IovaRange, NestedData, Object, PAGE_SIZE, PageFormat, memory, pages,
-};
+use ioasid_engine::model::selftest::MockNested;
+use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, Object, PAGE_SIZE, memory, pages};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::errno::Errno;
@@ -21,6 +20,15 @@ use crate::ucmd::Ucmd;
 use crate::user::new_fd;
 
 pub const IOMMU_TEST_CMD: u32 = io(0x80 + 32);
+
+// The mock IOMMU's own structs and numbers are its model's, in the engine.
+pub use ioasid_engine::model::selftest::{
+    HWPT_SELFTEST_MIN_LEN, IOMMU_HW_INFO_SELFTEST_REGVAL, IOMMU_HW_INFO_TYPE_SELFTEST, IOMMU_HWPT_DATA_SELFTEST,
+    IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL, IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST,
+    MOCK_DEV_CACHE_ID_MAX, MOCK_IOMMUPT_DEFAULT, MOCK_IOMMUPT_HUGE, MOCK_NESTED_DOMAIN_IOTLB_ID_MAX,
+    VIOMMU_SELFTEST_MIN_LEN, iommu_hwpt_invalidate_selftest, iommu_hwpt_selftest, iommu_test_hw_info,
+    iommu_viommu_invalidate_selftest, iommu_viommu_selftest,
+};
 
 pub const IOMMU_TEST_OP_ADD_RESERVED: u32 = 1;
 pub const IOMMU_TEST_OP_MOCK_DOMAIN: u32 = 2;
@@ -54,19 +62,9 @@ pub const MOCK_FLAGS_DEVICE_NO_DIRTY: u32 = 1 << 0;
 pub const MOCK_FLAGS_DEVICE_HUGE_IOVA: u32 = 1 << 1;
 pub const MOCK_FLAGS_DEVICE_PASID: u32 = 1 << 2;
 
-pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
-pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
-pub const MOCK_IOMMUPT_DEFAULT: u32 = 0;
-pub const MOCK_IOMMUPT_HUGE: u32 = 1;
 pub const IOMMU_TEST_IOTLB_DEFAULT: u32 = 0xbad_beef;
-pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
-pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
-pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
-pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
 pub const MOCK_IO_PAGE_SIZE: u64 = PAGE_SIZE / 2;
-pub const MOCK_DEV_CACHE_ID_MAX: u32 = ioasid_engine::device::MOCK_DEV_CACHE_NUM as u32 - 1;
 pub const IOMMU_TEST_DEV_CACHE_DEFAULT: u32 = ioasid_engine::device::MOCK_DEV_CACHE_DEFAULT;
-pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 
 /// `struct iommu_test_cmd`: a header, a union of per-op arguments, `last`.
 #[repr(C)]
@@ -82,43 +80,6 @@ pub struct iommu_test_cmd {
 }
 const _: () = assert!(size_of::<iommu_test_cmd>() == 72);
 pub const TEST_CMD_MIN_SIZE: usize = core::mem::offset_of!(iommu_test_cmd, last) + 4;
-
-/// `struct iommu_hwpt_selftest`: a selftest HWPT's data. Nested HWPTs
-/// take `iotlb`; paging ones `pagetable_type` (7.3, `MOCK_IOMMUPT_*`).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_hwpt_selftest {
-    pub iotlb: u32,
-    pub pagetable_type: u32,
-}
-/// The size of the struct's first version, up to `iotlb`.
-pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
-
-/// `struct iommu_hwpt_invalidate_selftest`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_hwpt_invalidate_selftest {
-    pub flags: u32,
-    pub iotlb_id: u32,
-}
-
-/// `struct iommu_viommu_invalidate_selftest`: one command of the mock
-/// vIOMMU, clearing a device's cache entries.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_viommu_invalidate_selftest {
-    pub flags: u32,
-    pub vdev_id: u32,
-    pub cache_id: u32,
-}
-
-/// `struct iommu_test_hw_info`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_test_hw_info {
-    pub flags: u32,
-    pub test_reg: u32,
-}
 
 macro_rules! union_arm {
     ($name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
@@ -214,12 +175,11 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                 Object::HwptNested(n) => n,
                 _ => return Err(Errno::ENOENT),
             };
-            let NestedData::Selftest { iotlb } = nested.data() else {
+            let Some(mock) = nested.data().downcast::<MockNested>() else {
                 return Err(Errno::EINVAL);
             };
-            let iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
-            match iotlb.get(a.id as usize) {
-                Some(&v) if v == a.iotlb => Ok(()),
+            match mock.iotlb_entry(a.id) {
+                Some(v) if v == a.iotlb => Ok(()),
                 _ => Err(Errno::EINVAL),
             }
         }
@@ -595,141 +555,5 @@ fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
     Ok(())
 }
 
-/// `IOMMU_HWPT_INVALIDATE` of a selftest nested HWPT: each entry clears one
-/// mock IOTLB entry, or all of them. Returns the entries handled and how
-/// the call ends.
-pub fn invalidate(
-    u: &Ucmd,
-    c: &crate::uapi::iommu_hwpt_invalidate,
-    iotlb: &Mutex<[u32; 4]>,
-) -> (u32, Result<(), Errno>) {
-    if c.data_type != IOMMU_HWPT_INVALIDATE_DATA_SELFTEST {
-        return (0, Err(Errno::EINVAL));
-    }
-    let mut iotlb = iotlb.lock().unwrap_or_else(|e| e.into_inner());
-    crate::ucmd::each_entry(u, c, 8, |inv: iommu_hwpt_invalidate_selftest| {
-        if inv.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
-            return Err(Errno::EINVAL);
-        }
-        if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            *iotlb = [0; 4];
-        } else {
-            iotlb[inv.iotlb_id as usize] = 0;
-        }
-        Ok(())
-    })
-}
-
-/// `IOMMU_HWPT_INVALIDATE` on a selftest vIOMMU: each command clears one
-/// entry, or all, of the cache of the device the guest calls `vdev_id`.
-/// The whole array is read before any command runs, as the mock does.
-pub fn viommu_invalidate(
-    u: &Ucmd,
-    c: &crate::uapi::iommu_hwpt_invalidate,
-    viommu: &ioasid_engine::Viommu,
-) -> (u32, Result<(), Errno>) {
-    // An empty array only checks the type.
-    if c.entry_num == 0 && c.data_type == IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST {
-        return (0, Ok(()));
-    }
-    if c.data_type != IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST || c.entry_num == 0 {
-        return (0, Err(Errno::EINVAL));
-    }
-    let mut cmds = Vec::with_capacity(c.entry_num as usize);
-    for i in 0..u64::from(c.entry_num) {
-        let mut cmd = iommu_viommu_invalidate_selftest::default();
-        let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * i);
-        if let Err(e) = crate::ucmd::copy_struct_from_user(u.mem, at, c.entry_len as usize, cmd.as_mut_bytes()) {
-            return (0, Err(e));
-        }
-        cmds.push(cmd);
-    }
-    for (done, cmd) in cmds.iter().enumerate() {
-        if cmd.flags & !IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            return (done as u32, Err(Errno::EOPNOTSUPP));
-        }
-        if cmd.cache_id > MOCK_DEV_CACHE_ID_MAX {
-            return (done as u32, Err(Errno::EINVAL));
-        }
-        let dev = viommu.device(u64::from(cmd.vdev_id));
-        let Some(mut cache) = dev.as_ref().and_then(|d| d.mock_cache()) else {
-            return (done as u32, Err(Errno::EINVAL));
-        };
-        if cmd.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
-            cache.fill(0);
-        } else {
-            cache[cmd.cache_id as usize] = 0;
-        }
-    }
-    (c.entry_num, Ok(()))
-}
-
-/// The table a paging HWPT of the mock gets from its selftest data
-/// (`mock_domain_alloc_paging_flags`): `MOCK_IOMMUPT_DEFAULT` leaves of a
-/// CPU page and up, `MOCK_IOMMUPT_HUGE` 2 KiB and 1 MiB leaves. Without
-/// data the mock keeps the table of 2 KiB leaves that 6.12's suite checks
-/// page by page.
-pub fn paging_format(u: &Ucmd, c: &crate::uapi::iommu_hwpt_alloc) -> Result<PageFormat, Errno> {
-    if c.data_type != IOMMU_HWPT_DATA_SELFTEST {
-        return Err(Errno::EOPNOTSUPP);
-    }
-    let mut cfg = iommu_hwpt_selftest::default();
-    crate::ucmd::copy_driver_data(u.mem, c.data_uptr, c.data_len as usize, HWPT_SELFTEST_MIN_LEN, cfg.as_mut_bytes())?;
-    match cfg.pagetable_type {
-        MOCK_IOMMUPT_DEFAULT => Ok(PageFormat::MockPt),
-        MOCK_IOMMUPT_HUGE => Ok(PageFormat::MockHuge),
-        _ => Err(Errno::EOPNOTSUPP),
-    }
-}
-
-/// The hardware info of a mock device.
-pub fn hw_info() -> iommu_test_hw_info {
-    iommu_test_hw_info { flags: 0, test_reg: IOMMU_HW_INFO_SELFTEST_REGVAL }
-}
-
-/// `struct iommu_viommu_selftest`: the mock vIOMMU's driver data (7.3).
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, FromBytes, IntoBytes, Immutable, KnownLayout)]
-pub struct iommu_viommu_selftest {
-    pub in_data: u32,
-    pub out_data: u32,
-    pub out_mmap_offset: u64,
-    pub out_mmap_length: u64,
-}
-const _: () = assert!(size_of::<iommu_viommu_selftest>() == 24);
-/// Linux copies it in up to `out_data`.
-pub const VIOMMU_SELFTEST_MIN_LEN: usize = 8;
 pub const IOMMU_HW_QUEUE_TYPE_SELFTEST: u32 = ioasid_engine::hw_queue::HW_QUEUE_TYPE_SELFTEST;
 pub const IOMMU_TEST_HW_QUEUE_MAX: u32 = ioasid_engine::hw_queue::SELFTEST_HW_QUEUE_MAX;
-
-/// The mock vIOMMU with driver data: `in_data` comes back in `out_data` and
-/// as the first word of two pages the program maps with `mmap` on the
-/// iommufd, at the offset and length it is told. Returns the vIOMMU's ID.
-pub(crate) fn viommu_alloc_with_data(u: &Ucmd, c: &crate::uapi::iommu_viommu_alloc) -> Result<u32, Errno> {
-    let mut data = iommu_viommu_selftest::default();
-    let len = c.data_len as usize;
-    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, ioasid_engine::ViommuType::Selftest, || {
-        if len < VIOMMU_SELFTEST_MIN_LEN {
-            return Err(Errno::EINVAL);
-        }
-        crate::ucmd::copy_struct_from_user(u.mem, c.data_uptr, len, data.as_mut_bytes())?;
-        Ok((2 * PAGE_SIZE, data.in_data.to_ne_bytes().to_vec()))
-    })?;
-    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
-    let (offset, length) = region.expect("made with a region");
-    data.out_data = data.in_data;
-    data.out_mmap_offset = offset;
-    data.out_mmap_length = length;
-    // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
-    let known = len.min(size_of::<iommu_viommu_selftest>());
-    let written = u
-        .mem
-        .write(c.data_uptr, &data.as_bytes()[..known])
-        .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
-    written.map(|()| id).inspect_err(|_| {
-        let _ = u.ctx.destroy(id);
-    })
-}

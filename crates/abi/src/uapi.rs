@@ -76,8 +76,8 @@ pub const IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV: u32 = 2;
 /// `enum iommu_viommu_type`; 0 was the core's generic type, since dropped.
 pub const IOMMU_VIOMMU_TYPE_DEFAULT: u32 = 0;
 /// The selftest driver's vIOMMU (`iommufd_test.h`).
-pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdeadbeef;
-pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+pub use ioasid_engine::model::selftest::IOMMU_VIOMMU_TYPE_SELFTEST;
+pub use ioasid_engine::model::smmuv3::IOMMU_VIOMMU_TYPE_ARM_SMMUV3;
 /// An SMMUv3 extended by Tegra241 CMDQV (7.3).
 pub const IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV: u32 = 2;
 
@@ -105,29 +105,15 @@ pub const IOMMU_HWPT_FAULT_ID_VALID: u32 = 1 << 2;
 pub const IOMMU_HWPT_ALLOC_PASID: u32 = 1 << 3;
 
 pub const IOMMU_HWPT_DATA_NONE: u32 = 0;
-pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;
-pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
 /// AMD's guest DTE for a nested HWPT (7.3).
 pub const IOMMU_HWPT_DATA_AMD_GUEST: u32 = 3;
-
-pub const IOMMU_VTD_S1_SRE: u64 = 1 << 0;
-pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
-pub const IOMMU_VTD_S1_WPE: u64 = 1 << 2;
 
 pub const IOMMU_HW_INFO_TYPE_NONE: u32 = 0;
 /// Later kernels' name for "whatever the IOMMU has" (the same value as NONE).
 pub const IOMMU_HW_INFO_TYPE_DEFAULT: u32 = 0;
 /// Later kernels: `out_data_type` carries the type the caller asks for.
 pub const IOMMU_HW_INFO_FLAG_INPUT_TYPE: u32 = 1 << 0;
-pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
-pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
-pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
-/// Set only on Tegra264's SMMU (erratum T264-SMMU-3): TLBI and CFGI
-/// commands must be issued twice.
-pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
 pub const IOMMU_HW_INFO_TYPE_TEGRA241_CMDQV: u32 = 3;
-/// Later kernels (AMD's hw_info arrived after 6.12).
-pub const IOMMU_HW_INFO_TYPE_AMD: u32 = 4;
 
 pub const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
 pub const IOMMU_HW_CAP_PCI_PASID_EXEC: u64 = 1 << 1;
@@ -138,10 +124,6 @@ pub const IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED: u64 = 1 << 3;
 pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
 pub const IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: u32 = 1;
 
-pub const IOMMU_HWPT_INVALIDATE_DATA_VTD_S1: u32 = 0;
-pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
-pub const IOMMU_VTD_INV_FLAGS_LEAF: u32 = 1 << 0;
-
 pub const IOMMU_PGFAULT_FLAGS_PASID_VALID: u32 = 1 << 0;
 pub const IOMMU_PGFAULT_FLAGS_LAST_PAGE: u32 = 1 << 1;
 pub const IOMMU_PGFAULT_PERM_READ: u32 = 1 << 0;
@@ -150,6 +132,19 @@ pub const IOMMU_PGFAULT_PERM_EXEC: u32 = 1 << 2;
 pub const IOMMU_PGFAULT_PERM_PRIV: u32 = 1 << 3;
 pub const IOMMUFD_PAGE_RESP_SUCCESS: u32 = 0;
 pub const IOMMUFD_PAGE_RESP_INVALID: u32 = 1;
+
+// Each IOMMU model's structs and numbers live beside it in the engine.
+pub use ioasid_engine::model::amd::{IOMMU_HW_INFO_TYPE_AMD, iommu_hw_info_amd};
+pub use ioasid_engine::model::smmuv3::{
+    IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI, IOMMU_HW_INFO_TYPE_ARM_SMMUV3, IOMMU_HWPT_DATA_ARM_SMMUV3,
+    IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, iommu_hw_info_arm_smmuv3, iommu_hwpt_arm_smmuv3, iommu_vevent_arm_smmuv3,
+    iommu_viommu_arm_smmuv3_invalidate,
+};
+pub use ioasid_engine::model::vtd::{
+    IOMMU_HW_INFO_TYPE_INTEL_VTD, IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17, IOMMU_HWPT_DATA_VTD_S1,
+    IOMMU_HWPT_INVALIDATE_DATA_VTD_S1, IOMMU_VTD_INV_FLAGS_LEAF, IOMMU_VTD_S1_EAFE, IOMMU_VTD_S1_SRE, IOMMU_VTD_S1_WPE,
+    iommu_hw_info_vtd, iommu_hwpt_vtd_s1, iommu_hwpt_vtd_s1_invalidate,
+};
 
 macro_rules! uapi_struct {
     ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } size $size:literal) => {
@@ -184,14 +179,10 @@ uapi_struct!(iommu_option {
     size: u32, option_id: u32, op: u16, __reserved: u16, object_id: u32, val64: u64,
 } size 24);
 uapi_struct!(iommu_vfio_ioas { size: u32, ioas_id: u32, op: u16, __reserved: u16 } size 12);
-uapi_struct!(iommu_hwpt_vtd_s1 { flags: u64, pgtbl_addr: u64, addr_width: u32, __reserved: u32 } size 24);
 uapi_struct!(iommu_hwpt_alloc {
     size: u32, flags: u32, dev_id: u32, pt_id: u32, out_hwpt_id: u32, __reserved: u32,
     data_type: u32, data_len: u32, data_uptr: u64, fault_id: u32, __reserved2: u32,
 } size 48);
-uapi_struct!(iommu_hw_info_vtd { flags: u32, __reserved: u32, cap_reg: u64, ecap_reg: u64 } size 24);
-uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
-uapi_struct!(iommu_hw_info_amd { efr: u64, efr2: u64 } size 16);
 uapi_struct!(iommu_hw_info {
     size: u32, flags: u32, dev_id: u32, data_len: u32, data_uptr: u64,
     out_data_type: u32, out_max_pasid_log2: u8, __reserved: [u8; 3], out_capabilities: u64,
@@ -200,10 +191,6 @@ uapi_struct!(iommu_hwpt_set_dirty_tracking { size: u32, flags: u32, hwpt_id: u32
 uapi_struct!(iommu_hwpt_get_dirty_bitmap {
     size: u32, hwpt_id: u32, flags: u32, __reserved: u32, iova: u64, length: u64, page_size: u64, data: u64,
 } size 48);
-uapi_struct!(iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24);
-uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
-uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
-uapi_struct!(iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32);
 uapi_struct!(iommu_hwpt_invalidate {
     size: u32, hwpt_id: u32, data_uptr: u64, data_type: u32, entry_len: u32, entry_num: u32, __reserved: u32,
 } size 32);

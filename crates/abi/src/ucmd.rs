@@ -7,8 +7,9 @@
 
 use std::sync::Arc;
 
+use ioasid_engine::model::{DataLayout, EntryArray};
 use ioasid_engine::{Context, Perm};
-use zerocopy::{FromBytes, Immutable, IntoBytes};
+use zerocopy::{Immutable, IntoBytes};
 
 use crate::errno::Errno;
 use crate::uapi::iommu_hwpt_invalidate;
@@ -184,25 +185,82 @@ fn check_zeroed(mem: &dyn UserMemory, addr: u64, len: usize) -> Res {
     if mem.is_zero(addr, len as u64)? { Ok(()) } else { Err(Errno::E2BIG) }
 }
 
-/// The loop every type of `IOMMU_HWPT_INVALIDATE` shares: entry `i`, of
-/// `entry_len` bytes (at least `min`), is copied into a `T` and handled;
-/// the first failure stops it, and the count says how many were handled.
-pub(crate) fn each_entry<T: FromBytes + IntoBytes + Default>(
+/// The loop of `IOMMU_HWPT_INVALIDATE` on a nested HWPT: entry `i`, of
+/// `entry_len` bytes (at least `layout.min_len`), is copied into
+/// `layout.len` bytes and handled; the first failure stops it, and the
+/// count says how many were handled.
+pub(crate) fn each_entry_bytes(
     u: &Ucmd,
     c: &iommu_hwpt_invalidate,
-    min: usize,
-    mut handle: impl FnMut(T) -> Res,
+    layout: DataLayout,
+    mut handle: impl FnMut(&[u8]) -> Res,
 ) -> (u32, Res) {
+    let mut entry = vec![0u8; layout.len];
     for i in 0..c.entry_num {
-        let mut entry = T::default();
+        entry.fill(0);
         let at = c.data_uptr.wrapping_add(u64::from(c.entry_len) * u64::from(i));
         let done =
-            copy_driver_data(u.mem, at, c.entry_len as usize, min, entry.as_mut_bytes()).and_then(|()| handle(entry));
+            copy_driver_data(u.mem, at, c.entry_len as usize, layout.min_len, &mut entry).and_then(|()| handle(&entry));
         if let Err(e) = done {
             return (i, Err(e));
         }
     }
     (c.entry_num, Ok(()))
+}
+
+/// The caller's invalidation array as a model copies it (Linux's
+/// `iommu_user_data_array`). A failed copy's errno is kept for the reply,
+/// the model seeing only that the copy failed.
+pub(crate) struct UserEntries<'a> {
+    u: &'a Ucmd<'a>,
+    c: &'a iommu_hwpt_invalidate,
+    failed: Option<Errno>,
+}
+
+impl<'a> UserEntries<'a> {
+    pub(crate) fn new(u: &'a Ucmd<'a>, c: &'a iommu_hwpt_invalidate) -> Self {
+        UserEntries { u, c, failed: None }
+    }
+
+    fn at(&self, i: u32) -> u64 {
+        self.c.data_uptr.wrapping_add(u64::from(self.c.entry_len) * u64::from(i))
+    }
+
+    fn fail(&mut self, e: Errno) -> ioasid_engine::Error {
+        self.failed = Some(e);
+        ioasid_engine::Error::Fault("copying an invalidation entry failed")
+    }
+
+    /// The errno a call ending in `e` answers.
+    pub(crate) fn errno(&mut self, e: ioasid_engine::Error) -> Errno {
+        self.failed.take().unwrap_or(Errno::from(e))
+    }
+}
+
+impl EntryArray for UserEntries<'_> {
+    fn data_type(&self) -> u32 {
+        self.c.data_type
+    }
+
+    fn len(&self) -> u32 {
+        self.c.entry_num
+    }
+
+    fn copy(&mut self, i: u32, min: usize, out: &mut [u8]) -> ioasid_engine::Result<()> {
+        copy_driver_data(self.u.mem, self.at(i), self.c.entry_len as usize, min, out).map_err(|e| self.fail(e))
+    }
+
+    fn copy_extensible(&mut self, i: u32, out: &mut [u8]) -> ioasid_engine::Result<()> {
+        copy_struct_from_user(self.u.mem, self.at(i), self.c.entry_len as usize, out).map_err(|e| self.fail(e))
+    }
+}
+
+/// A model's driver data of `len` bytes at `uptr`, as `layout` sizes it
+/// (`copy_driver_data`).
+pub(crate) fn driver_data(mem: &dyn UserMemory, uptr: u64, len: u32, layout: DataLayout) -> Result<Vec<u8>, Errno> {
+    let mut data = vec![0u8; layout.len];
+    copy_driver_data(mem, uptr, len as usize, layout.min_len, &mut data)?;
+    Ok(data)
 }
 
 /// Linux's `iommu_copy_struct_from_user`: driver data of `len` bytes must

@@ -167,7 +167,6 @@ fn a_viommu_attaches_guest_pasids_from_its_set_through_the_extension_commands() 
 #[test]
 fn veventq_alloc_and_its_fd_follow_linux() {
     use ioasid_abi::files::{self, File};
-    use std::sync::Mutex;
     let v = vm();
     let id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
     let alloc = |c: iommu_veventq_alloc| {
@@ -195,8 +194,7 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     assert_eq!(file.read(&InProcess, addr, 8, 0), Ok(0), "empty");
 
     // A device behind the vIOMMU, named 0x42, faults three times.
-    let nested =
-        v.ctx.hwpt_alloc_nested(v.dev, id, ioasid_engine::NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None);
+    let nested = v.ctx.hwpt_alloc_nested(v.dev, id, ioasid_engine::NestedData::selftest(0), None);
     v.ctx.attach(v.dev, nested.unwrap()).unwrap();
     vdevice(&v, id, v.dev, 0x42).unwrap();
     let dev = v.ctx.device(v.dev).unwrap();

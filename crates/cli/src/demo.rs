@@ -454,10 +454,11 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
 /// format and registers; then an SMMUv3 guest whose stream table entry and
 /// stage-1 table live in its memory, and the event record its fault makes.
 fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
+    use ioasid_engine::model::{amd::iommu_hw_info_amd, smmuv3::iommu_hw_info_arm_smmuv3, vtd::iommu_hw_info_vtd};
     use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
     use ioasid_engine::smmuv3::{cd, ste};
     use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
-    use ioasid_engine::{HwInfo, IommuModel, NestedData, ViommuType};
+    use ioasid_engine::{IommuModel, NestedData, ViommuType};
     let ram = HostBuffer::new(0x20000)?;
     let space = ctx.ioas_alloc()?;
     // SAFETY: `ram` outlives the mapping: the scene destroys the IOAS below.
@@ -469,11 +470,16 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         let hwpt = ctx.attach(dev, space)?;
         let device = ctx.device(dev)?;
         device.dma_write(0x9000 + u64::from(rid), b"m")?;
-        let registers = match device.info().hw_info() {
-            HwInfo::IntelVtd { cap_reg, ecap_reg } => format!("cap {cap_reg:#x}, ecap {ecap_reg:#x}"),
-            HwInfo::ArmSmmuV3 { idr, .. } => format!("IDR0 {:#x}, IDR1 {:#x}, IDR5 {:#x}", idr[0], idr[1], idr[5]),
-            HwInfo::AmdVi { efr, .. } => format!("EFR {efr:#x}"),
-            HwInfo::Selftest => String::new(),
+        let info = device.info().hw_info();
+        let registers = if let Some(vtd) = info.get::<iommu_hw_info_vtd>() {
+            format!("cap {:#x}, ecap {:#x}", vtd.cap_reg, vtd.ecap_reg)
+        } else if let Some(smmu) = info.get::<iommu_hw_info_arm_smmuv3>() {
+            let idr = smmu.idr;
+            format!("IDR0 {:#x}, IDR1 {:#x}, IDR5 {:#x}", idr[0], idr[1], idr[5])
+        } else if let Some(amd) = info.get::<iommu_hw_info_amd>() {
+            format!("EFR {:#x}", amd.efr)
+        } else {
+            String::new()
         };
         let format = ctx.hwpt(hwpt)?.domain().format().name();
         row(out, model.name(), format!("{format}; DMA ok; GET_HW_INFO: {registers}"))?;

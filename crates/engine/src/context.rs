@@ -25,7 +25,6 @@ use crate::ioas::{Ioas, Owner, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
-use crate::model::IommuModel;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
 use crate::veventq::Veventq;
@@ -741,12 +740,7 @@ impl Context {
         }
         parent.check_nest_parent()?;
         // Each stage-1 type belongs to one IOMMU; SMMUv3's needs its vIOMMU.
-        let fits = match &data {
-            NestedData::ArmSmmuV3 { .. } => viommu.as_ref().is_some_and(|v| v.kind() == ViommuType::ArmSmmuV3),
-            NestedData::VtdS1 { .. } => matches!(dev.info().iommu, IommuModel::IntelVtd { .. }),
-            NestedData::Selftest { .. } => dev.info().iommu.is_selftest(),
-        };
-        if !fits {
+        if !data.fits(dev.info().iommu, viommu.as_ref().map(|v| v.kind())) {
             return Err(Error::Unsupported("the IOMMU does not take this stage-1 type here"));
         }
         let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
@@ -812,7 +806,7 @@ impl Context {
     /// `viommu_id`, over `[base, base + len)` of its stage 2.
     pub fn hw_queue_alloc(&self, viommu_id: u32, kind: u32, index: u32, base: u64, len: u64) -> Result<u32> {
         let _g = self.graph();
-        let queue = HwQueue::new(&self.viommu(viommu_id)?, kind, index, base, len)?;
+        let queue = self.viommu(viommu_id)?.add_hw_queue(kind, index, base, len)?;
         self.insert(Object::HwQueue(queue))
     }
 

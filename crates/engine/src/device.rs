@@ -107,13 +107,9 @@ impl DeviceInfo {
     }
 }
 
-/// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
-pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
+pub use crate::model::selftest::{MOCK_APERTURE, MOCK_DEV_CACHE_NUM};
 /// PASID width of a PASID-capable mock device.
 pub const MOCK_PASID_WIDTH: u8 = 20;
-/// Entries of a mock device's own cache (`MOCK_DEV_CACHE_NUM`), which its
-/// vIOMMU's invalidations clear.
-pub const MOCK_DEV_CACHE_NUM: usize = 4;
 /// What each entry of a new mock device's cache holds (`IOMMU_TEST_DEV_CACHE_DEFAULT`).
 pub const MOCK_DEV_CACHE_DEFAULT: u32 = 0xbaddad;
 /// The PASID at which the mock's driver fakes a failure

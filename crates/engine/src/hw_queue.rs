@@ -11,20 +11,18 @@
 //! mock's queues start at index 0 and go up one at a time, each holding the
 //! one before it, so they are destroyed in descending order.
 
-use std::sync::{Arc, Weak};
+use std::any::Any;
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::ioas::{Ioas, Pinned};
 use crate::iova::{IovaRange, PAGE_SIZE};
-use crate::viommu::Viommu;
 use crate::{Error, Result};
 
-/// The mock vIOMMU's queue type.
-pub const HW_QUEUE_TYPE_SELFTEST: u32 = 0xdead_beef;
-/// How many queues a mock vIOMMU has (Linux's `IOMMU_TEST_HW_QUEUE_MAX`).
-pub const SELFTEST_HW_QUEUE_MAX: u32 = 2;
+pub use crate::model::selftest::{HW_QUEUE_TYPE_SELFTEST, SELFTEST_HW_QUEUE_MAX};
 
 pub struct HwQueue {
-    viommu: Arc<Viommu>,
+    /// The vIOMMU it belongs to, kept alive (and busy) by it.
+    _viommu: Arc<dyn Any + Send + Sync>,
     kind: u32,
     index: u32,
     base: u64,
@@ -38,16 +36,27 @@ pub struct HwQueue {
 }
 
 impl HwQueue {
-    /// A queue of `kind` at `index` of `viommu`, over `[base, base + len)`
-    /// of its stage 2, checked in Linux's order: the type, then the pin of
-    /// its memory, then the model's rules on the index.
-    pub(crate) fn new(viommu: &Arc<Viommu>, kind: u32, index: u32, base: u64, len: u64) -> Result<Arc<Self>> {
+    /// A queue of `kind` at `index` of `viommu` (made by
+    /// `Viommu::add_hw_queue`), over `[base, base + len)` of its stage 2
+    /// `ioas`, among its `queues`; its model has `max` queues of `kind`
+    /// (`None`: no such type). Checked in Linux's order: the type, then
+    /// the pin of its memory, then the model's rules on the index.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        viommu: Arc<dyn Any + Send + Sync>,
+        ioas: &Arc<Ioas>,
+        queues: &Mutex<Vec<Weak<HwQueue>>>,
+        max: Option<u32>,
+        kind: u32,
+        index: u32,
+        base: u64,
+        len: u64,
+    ) -> Result<Arc<Self>> {
         let range = IovaRange::from_len(base, len)?;
-        if !viommu.offers_hw_queue(kind) {
+        let Some(max) = max else {
             return Err(Error::Unsupported("the vIOMMU has no HW queue of that type"));
-        }
+        };
         crate::inject::check("HW queue")?;
-        let ioas = viommu.hwpt().ioas().clone();
         let first = range.start & !(PAGE_SIZE - 1);
         let pages = (range.last - first) / PAGE_SIZE + 1;
         let (pinned, hosts) = ioas.lock_pin(IovaRange::from_len(first, pages * PAGE_SIZE)?, false)?;
@@ -59,11 +68,10 @@ impl HwQueue {
             return unpin(Error::Fault("the queue's pages are not contiguous"));
         }
         let host_addr = hosts[0] + (range.start - first);
-        let mut queues = viommu.hw_queues();
+        let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
         queues.retain(|q| q.strong_count() > 0);
         let live = |i: u32| queues.iter().filter_map(Weak::upgrade).find(|q| q.kind == kind && q.index == i);
-        // The mock's rules (the only model with HW queues).
-        if index >= SELFTEST_HW_QUEUE_MAX {
+        if index >= max {
             return unpin(Error::Invalid("no HW queue at that index"));
         }
         if live(index).is_some() {
@@ -75,7 +83,7 @@ impl HwQueue {
             None => None,
         };
         let queue = Arc::new(HwQueue {
-            viommu: viommu.clone(),
+            _viommu: viommu,
             kind,
             index,
             base,
@@ -87,10 +95,6 @@ impl HwQueue {
         });
         queues.push(Arc::downgrade(&queue));
         Ok(queue)
-    }
-
-    pub fn viommu(&self) -> &Arc<Viommu> {
-        &self.viommu
     }
 
     pub fn kind(&self) -> u32 {

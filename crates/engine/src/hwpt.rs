@@ -2,8 +2,8 @@
 //! real format that mirrors every mapping of its IOAS, with the IOTLB that
 //! caches its translations.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crossbeam_epoch::Guard;
 
@@ -12,11 +12,10 @@ use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
 use crate::memory::Trust;
-use crate::pgtable::Pte;
+pub use crate::model::NestedData;
 use crate::pgtable::amd::AmdV1Mode4;
 use crate::pgtable::arm::{ArmS1, ArmS2};
 use crate::pgtable::mock::{Mock, MockPt};
-use crate::pgtable::x86::first_stage;
 use crate::pgtable::x86::{VtdSs4, VtdSs5};
 use crate::pgtable::{self, Format, PageTable, Perm, Summary};
 
@@ -396,40 +395,6 @@ impl HwptPaging {
     }
 }
 
-/// What a nested HWPT's stage 1 is: the vendor data it was allocated with.
-pub enum NestedData {
-    /// Linux's selftest type: no table, only a mock IOTLB of four entries
-    /// that invalidations clear.
-    Selftest { iotlb: Mutex<[u32; 4]> },
-    /// A VT-d first-stage table owned by the guest: its root at
-    /// guest-physical `root` (an IOVA of the parent's IOAS), `levels` deep
-    /// (4 or 5). `iotlb` caches combined stage-1 + stage-2 translations.
-    VtdS1 { root: u64, levels: u32, iotlb: Iotlb },
-    /// An SMMUv3 stream table entry the guest wrote (its first two words,
-    /// validated): abort, bypass to stage 2, or stage 1 through the guest's
-    /// context descriptors. `iotlb` caches combined translations.
-    ArmSmmuV3 { ste: [u64; 2], iotlb: Iotlb },
-}
-
-impl NestedData {
-    pub fn vtd_s1(root: u64, levels: u32) -> Self {
-        NestedData::VtdS1 { root, levels, iotlb: Iotlb::new() }
-    }
-
-    /// A nested SMMUv3 STE, checked as Linux checks it (`EIO` if rejected).
-    pub fn arm_smmuv3(ste: [u64; 2]) -> crate::Result<Self> {
-        Ok(NestedData::ArmSmmuV3 { ste: crate::smmuv3::validate_ste(ste)?, iotlb: Iotlb::new() })
-    }
-
-    /// The cache of combined translations, for types that walk a table.
-    fn iotlb(&self) -> Option<&Iotlb> {
-        match self {
-            NestedData::VtdS1 { iotlb, .. } | NestedData::ArmSmmuV3 { iotlb, .. } => Some(iotlb),
-            NestedData::Selftest { .. } => None,
-        }
-    }
-}
-
 /// A nested HWPT: a user-owned stage 1 over a paging HWPT's stage 2.
 pub struct HwptNested {
     parent: Arc<HwptPaging>,
@@ -463,9 +428,9 @@ impl HwptNested {
         self.translate_at(iova, need, None, guard)
     }
 
-    /// `translate` of a DMA tagged with substream (PASID) `ssid`: an SMMUv3
-    /// STE picks the guest's context descriptor by it; VT-d stage-1 tables
-    /// have one per PASID attachment, so they ignore it.
+    /// `translate` of a DMA tagged with substream (PASID) `ssid`: a stage 1
+    /// that covers substreams (an SMMUv3 STE) picks the guest's table by
+    /// it; others (VT-d's) have one per PASID attachment, so ignore it.
     pub fn translate_substream(
         &self,
         iova: u64,
@@ -476,8 +441,9 @@ impl HwptNested {
         self.translate_at(iova, need, Some(ssid), guard)
     }
 
-    /// `translate` with or without a substream: an SMMUv3 STE treats a
-    /// transaction without one apart from one with substream 0.
+    /// `translate` with or without a substream: a stage 1 that covers
+    /// substreams treats a transaction without one apart from one with
+    /// substream 0.
     fn translate_at(
         &self,
         iova: u64,
@@ -488,7 +454,7 @@ impl HwptNested {
         let Some(iotlb) = self.data.iotlb() else {
             return Err(FaultReason::NotPresent);
         };
-        let ssid = if matches!(self.data, NestedData::ArmSmmuV3 { .. }) { ssid } else { None };
+        let ssid = if self.data.covers_substreams() { ssid } else { None };
         // Cached per substream: its ID plus one (0: none) above the page
         // number, which is below 2^36 for the 48-bit inputs stage 1 takes.
         if iova >> 48 != 0 {
@@ -544,40 +510,7 @@ impl HwptNested {
         step: &mut dyn FnMut(WalkStep),
     ) -> Result<(u64, Perm), FaultReason> {
         let s2 = &self.parent.domain;
-        let (root, levels) = match &self.data {
-            NestedData::VtdS1 { root, levels, .. } => (*root, *levels),
-            NestedData::ArmSmmuV3 { ste, .. } => {
-                let mut failed = None;
-                let mut read = |gpa| read_guest(s2, gpa, guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
-                use crate::smmuv3::S1Fault;
-                return crate::smmuv3::translate(*ste, ssid, iova, &mut read).map_err(|f| match f {
-                    S1Fault::Read { gpa } => failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)),
-                    S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
-                    S1Fault::Translation => FaultReason::NotPresent,
-                    S1Fault::Access => FaultReason::AccessFlag,
-                    S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
-                    S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
-                    S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
-                    S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
-                });
-            }
-            NestedData::Selftest { .. } => return Err(FaultReason::NotPresent),
-        };
-        let mut table = root;
-        let mut perm = Perm::RW;
-        for level in (0..levels).rev() {
-            let entry = table + ((iova >> (12 + 9 * level)) & 511) * 8;
-            let (host, raw) = read_guest(s2, entry, guard)?;
-            step(WalkStep { level, entry_gpa: entry, entry_host: host, pte: raw });
-            let (pte, p) = first_stage::decode(raw, level);
-            perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
-            match pte {
-                Pte::None => return Err(FaultReason::NotPresent),
-                Pte::Table(next) => table = next,
-                Pte::Leaf { addr, .. } => return Ok((addr + (iova & ((1u64 << (12 + 9 * level)) - 1)), perm)),
-            }
-        }
-        Err(FaultReason::NotPresent)
+        self.data.walk(iova, ssid, &mut |gpa| read_guest(s2, gpa, guard), step)
     }
 
     pub fn data(&self) -> &NestedData {
@@ -697,10 +630,10 @@ impl Hwpt {
     }
 
     /// Whether DMA with any PASID goes through this table when it is
-    /// attached to the RID: an SMMUv3 STE covers all of a stream's
-    /// substreams, choosing among the guest's context descriptors.
+    /// attached to the RID (an SMMUv3 STE covers all of a stream's
+    /// substreams, choosing among the guest's context descriptors).
     pub fn covers_substreams(&self) -> bool {
-        matches!(self, Hwpt::Nested(n) if matches!(n.data, NestedData::ArmSmmuV3 { .. }))
+        matches!(self, Hwpt::Nested(n) if n.data.covers_substreams())
     }
 }
 

@@ -42,7 +42,6 @@ pub mod memory;
 pub mod model;
 pub mod pages;
 pub mod pgtable;
-pub mod smmuv3;
 pub mod veventq;
 pub mod viommu;
 #[cfg(feature = "vm-memory")]
@@ -61,7 +60,7 @@ pub use hwpt::{
 };
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;
-pub use model::{HwInfo, IommuModel};
+pub use model::{HwInfo, IommuModel, IommuOps, Stage1, smmuv3};
 pub use pgtable::Perm;
 pub use veventq::Veventq;
 pub use viommu::{MmapRegion, Vdevice, Viommu, ViommuType};

@@ -7,16 +7,12 @@
 //! dropped and a single lost-events marker is queued in their place, whose
 //! sequence is that of the latest event dropped.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::viommu::Viommu;
-
-/// The selftest vIOMMU's event type; its events are the vDEVICE's virtual
-/// ID as a little-endian `u32`.
-pub const VEVENTQ_TYPE_SELFTEST: u32 = 0xbeef_beef;
-/// SMMUv3 event records (32 bytes), naming the stream by its virtual ID.
-pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
+pub use crate::model::selftest::VEVENTQ_TYPE_SELFTEST;
+pub use crate::model::smmuv3::VEVENTQ_TYPE_ARM_SMMUV3;
 /// Header flag: events were dropped because the queue was full.
 pub const LOST_EVENTS: u32 = 1 << 0;
 /// Size of the header every event is read with: flags, then sequence.
@@ -42,7 +38,8 @@ impl Vevent {
 type Notifier = Box<dyn Fn(bool) + Send + Sync>;
 
 pub struct Veventq {
-    viommu: Arc<Viommu>,
+    /// The vIOMMU it belongs to, kept alive (and busy) by it.
+    _viommu: Arc<dyn Any + Send + Sync>,
     kind: u32,
     depth: usize,
     inner: Mutex<Inner>,
@@ -58,9 +55,10 @@ struct Inner {
 }
 
 impl Veventq {
-    pub(crate) fn new(viommu: Arc<Viommu>, kind: u32, depth: u32) -> Arc<Self> {
+    /// A queue of `viommu`'s events of `kind` (made by `Viommu::add_veventq`).
+    pub(crate) fn new(viommu: Arc<dyn Any + Send + Sync>, kind: u32, depth: u32) -> Arc<Self> {
         Arc::new(Veventq {
-            viommu,
+            _viommu: viommu,
             kind,
             depth: depth as usize,
             inner: Mutex::new(Inner::default()),
@@ -70,10 +68,6 @@ impl Veventq {
 
     pub fn kind(&self) -> u32 {
         self.kind
-    }
-
-    pub fn viommu(&self) -> &Arc<Viommu> {
-        &self.viommu
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {

@@ -25,34 +25,14 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
 use crate::fault::DmaAttrs;
-use crate::hw_queue::{HW_QUEUE_TYPE_SELFTEST, HwQueue};
+use crate::hw_queue::HwQueue;
 use crate::hwpt::{Hwpt, HwptNested, HwptPaging};
 use crate::ioasid_set::{SetHandle, global};
 use crate::iova::PAGE_SIZE;
-use crate::model::IommuModel;
-use crate::veventq::{VEVENTQ_TYPE_ARM_SMMUV3, VEVENTQ_TYPE_SELFTEST, Veventq};
+pub use crate::model::ViommuType;
+use crate::model::{EntryArray, HwInfo, ViommuCore};
+use crate::veventq::Veventq;
 use crate::{Error, Result};
-
-/// The IOMMU model a vIOMMU emulates for its guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ViommuType {
-    /// The selftest mock IOMMU's vIOMMU.
-    Selftest,
-    /// An Arm SMMUv3 for the guest: nested HWPTs take its stream table
-    /// entries, and its command queue's invalidations come through
-    /// `Viommu::invalidate`.
-    ArmSmmuV3,
-}
-
-impl ViommuType {
-    /// Whether a guest of this vIOMMU can be given devices behind `iommu`.
-    fn serves(self, iommu: IommuModel) -> bool {
-        match self {
-            ViommuType::Selftest => iommu.is_selftest(),
-            ViommuType::ArmSmmuV3 => iommu == IommuModel::ArmSmmuV3,
-        }
-    }
-}
 
 pub struct Viommu {
     kind: ViommuType,
@@ -74,8 +54,9 @@ pub struct Viommu {
     hw_queues: Mutex<Vec<Weak<HwQueue>>>,
     /// Memory it shares with the program, if its model has any.
     region: Option<MmapRegion>,
-    /// The SMMU features a guest's commands are checked against.
-    smmu: crate::smmuv3::Features,
+    /// What the IOMMU it was made for reports: what its model checks a
+    /// guest's commands against.
+    hw_info: HwInfo,
 }
 
 /// What a vIOMMU's `MmapRegion` is made of.
@@ -178,7 +159,7 @@ impl Viommu {
             nested: Mutex::new(Vec::new()),
             hw_queues: Mutex::new(Vec::new()),
             region,
-            smmu: smmu_features(dev),
+            hw_info: dev.info().hw_info(),
         }))
     }
 
@@ -187,13 +168,11 @@ impl Viommu {
         self.region.as_ref()
     }
 
-    /// Whether its model has HW queues of `kind`.
-    pub(crate) fn offers_hw_queue(&self, kind: u32) -> bool {
-        self.kind == ViommuType::Selftest && kind == HW_QUEUE_TYPE_SELFTEST
-    }
-
-    pub(crate) fn hw_queues(&self) -> MutexGuard<'_, Vec<Weak<HwQueue>>> {
-        self.hw_queues.lock().unwrap_or_else(|e| e.into_inner())
+    /// `IOMMU_HW_QUEUE_ALLOC`: a HW queue of `kind` at `index`, over
+    /// `[base, base + len)` of its stage 2, as its model numbers them.
+    pub(crate) fn add_hw_queue(self: &Arc<Self>, kind: u32, index: u32, base: u64, len: u64) -> Result<Arc<HwQueue>> {
+        let max = self.kind.ops().hw_queues(kind);
+        HwQueue::new(self.clone(), self.hwpt.ioas(), &self.hw_queues, max, kind, index, base, len)
     }
 
     pub fn kind(&self) -> ViommuType {
@@ -206,30 +185,18 @@ impl Viommu {
         nested.push(Arc::downgrade(hwpt));
     }
 
-    /// Carries out one command of the guest's SMMUv3 command queue (16
-    /// bytes): TLB invalidations drop the combined translations of every
-    /// nested HWPT of this vIOMMU (its one VMID; finer ASID or address
-    /// ranges are honoured by dropping more, never less); configuration
-    /// invalidations name the guest's stream ID, which must be a vDEVICE
-    /// here (`EIO` otherwise, as in Linux), and drop that device's nested
-    /// translations, so a changed context descriptor is read again.
+    /// Carries out one command of the guest's command queue (an SMMUv3's:
+    /// 16 bytes), as its model does (see `ViommuOps::command`).
     pub fn invalidate(&self, cmd: [u64; 2]) -> Result<()> {
-        if self.kind != ViommuType::ArmSmmuV3 {
-            return Err(Error::Unsupported("this vIOMMU takes no invalidation commands"));
-        }
-        let command = crate::smmuv3::Command::decode(cmd, self.smmu)?;
-        if let Some(sid) = command.sid() {
-            let dev = self.device(u64::from(sid)).ok_or(Error::Io("no vDEVICE has that stream ID"))?;
-            for (_, hwpt) in dev.attachments() {
-                if let Hwpt::Nested(n) = hwpt {
-                    n.invalidate();
-                }
-            }
-            return Ok(());
-        }
-        let nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
-        nested.iter().filter_map(Weak::upgrade).for_each(|n| n.invalidate());
-        Ok(())
+        let bytes: Vec<u8> = cmd.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.kind.ops().command(self, &bytes)
+    }
+
+    /// `IOMMU_HWPT_INVALIDATE` on the vIOMMU: its model carries out the
+    /// guest's commands in `entries`. Returns how many were handled and
+    /// how the call ends.
+    pub fn invalidate_entries(&self, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
+        self.kind.ops().invalidate(self, entries)
     }
 
     /// The stage-2 HWPT this vIOMMU's nested HWPTs translate through.
@@ -274,18 +241,13 @@ impl Viommu {
     /// from, in this vIOMMU's event format. False when nobody listens.
     pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError, attrs: DmaAttrs) -> bool {
         let Some(virt_id) = self.virt_id_of(dev) else { return false };
-        match self.kind {
-            ViommuType::Selftest => {
-                let Some(q) = self.veventq(VEVENTQ_TYPE_SELFTEST) else { return false };
-                q.report(&(virt_id as u32).to_le_bytes());
-            }
-            ViommuType::ArmSmmuV3 => {
-                let Some(q) = self.veventq(VEVENTQ_TYPE_ARM_SMMUV3) else { return false };
-                let Some(record) = crate::smmuv3::event(virt_id as u32, pasid, fault, attrs) else { return false };
-                let bytes: Vec<u8> = record.iter().flat_map(|w| w.to_le_bytes()).collect();
-                q.report(&bytes);
-            }
-        }
+        let fault = match fault {
+            DmaError::Fault { iova, reason, write } => Some((iova, reason, write)),
+            _ => None,
+        };
+        let Some((kind, record)) = self.kind.ops().event(virt_id, pasid, fault, attrs) else { return false };
+        let Some(q) = self.veventq(kind) else { return false };
+        q.report(&record);
         true
     }
 
@@ -403,10 +365,30 @@ impl Drop for Vdevice {
     }
 }
 
-/// What `dev`'s SMMU implements (nothing, for another IOMMU).
-fn smmu_features(dev: &Device) -> crate::smmuv3::Features {
-    match dev.info().hw_info() {
-        crate::model::HwInfo::ArmSmmuV3 { idr, .. } => crate::smmuv3::Features::from_idr(idr),
-        _ => crate::smmuv3::Features::from_idr([0; 6]),
+impl ViommuCore for Viommu {
+    fn hw_info(&self) -> &HwInfo {
+        &self.hw_info
+    }
+
+    fn flush_all(&self) {
+        let nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        nested.iter().filter_map(Weak::upgrade).for_each(|n| n.invalidate());
+    }
+
+    fn flush_device(&self, virt_id: u64) -> bool {
+        let Some(dev) = self.device(virt_id) else { return false };
+        for (_, hwpt) in dev.attachments() {
+            if let Hwpt::Nested(n) = hwpt {
+                n.invalidate();
+            }
+        }
+        true
+    }
+
+    fn with_device_cache(&self, virt_id: u64, f: &mut dyn FnMut(&mut [u32])) -> bool {
+        let dev = self.device(virt_id);
+        let Some(mut cache) = dev.as_ref().and_then(|d| d.mock_cache()) else { return false };
+        f(&mut cache[..]);
+        true
     }
 }

@@ -1,7 +1,7 @@
 //! vIOMMUs and vDEVICEs: the object rules (who may be a parent, which IDs
 //! are unique, what holds what busy) and the guest-ID lookup they exist for.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -75,8 +75,7 @@ fn objects_hold_what_they_name_busy_until_destroyed() {
 fn nested_hwpts_on_a_viommu_translate_through_its_parent() {
     let v = vm();
     let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
-    let nested =
-        v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None).unwrap();
+    let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::selftest(0), None).unwrap();
     let Ok(Hwpt::Nested(n)) = v.ctx.any_hwpt(nested) else { panic!("not nested") };
     let Ok(Hwpt::Paging(p)) = v.ctx.any_hwpt(v.parent) else { panic!("not paging") };
     assert!(Arc::ptr_eq(n.parent(), &p));
@@ -235,7 +234,7 @@ fn unrecoverable_faults_reach_the_viommus_event_queue_named_by_virtual_id() {
     use ioasid_engine::veventq::{HEADER, VEVENTQ_TYPE_SELFTEST};
     let v = vm();
     let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
-    let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::Selftest { iotlb: Mutex::new([0; 4]) }, None);
+    let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::selftest(0), None);
     v.ctx.attach(v.dev, nested.unwrap()).unwrap();
     let dev = v.ctx.device(v.dev).unwrap();
     assert!(dev.dma_write(IOVA, b"x").is_err());

@@ -1,12 +1,223 @@
 //! Arm SMMUv3 structures a guest hands to ioasid (SMMUv3 architecture
 //! specification): the stream table entry of a nested HWPT, the context
 //! descriptors it points to in guest memory, and the commands a guest's
-//! command queue carries to a vIOMMU.
+//! command queue carries to a vIOMMU, and the event records it writes.
 
+use zerocopy::FromBytes;
+
+use crate::hwpt::{ConfigFault, FaultReason, PageFormat, WalkStep};
+use crate::iotlb::Iotlb;
 use crate::pgtable::Perm;
 use crate::pgtable::arm::ArmS1;
 use crate::pgtable::image::{ImageFault, walk_image_from};
 use crate::{Error, Result};
+
+use super::{
+    DataLayout, EntryArray, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuCore, ViommuOps,
+    ViommuType,
+};
+
+pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
+/// The SMMU needs TLBI and CFGI commands issued twice (an erratum flag).
+pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
+pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
+pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
+/// SMMUv3 event records (32 bytes), naming the stream by its virtual ID.
+pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
+
+uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
+uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
+uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
+uapi_struct!(iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32);
+
+impl HwInfoData for iommu_hw_info_arm_smmuv3 {
+    const TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
+}
+
+/// An SMMUv3: stage-1 tables for paging domains, stage 2 under nesting,
+/// whose nested HWPTs take a guest's STE and live on its vIOMMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ArmSmmuV3;
+
+impl IommuOps for ArmSmmuV3 {
+    fn name(&self) -> &'static str {
+        "Arm SMMUv3"
+    }
+
+    fn paging_format(&self, nest_parent: bool) -> PageFormat {
+        if nest_parent { PageFormat::ArmS2 } else { PageFormat::ArmS1 }
+    }
+
+    /// An SMMU walks both its stages.
+    fn serves(&self, format: PageFormat) -> bool {
+        matches!(format, PageFormat::ArmS1 | PageFormat::ArmS2)
+    }
+
+    fn hw_info(&self, features: super::Features) -> HwInfo {
+        let pasid_bits = u64::from(features.max_pasid_log2);
+        // IDR0 (SMMUv3 6.3.1): stage 1 and 2, AArch64 tables, coherent,
+        // 16-bit ASIDs and VMIDs, MSIs, two-level stream and CD tables;
+        // hardware access/dirty update (HTTU) when it tracks dirty pages;
+        // PRI with page requests.
+        let mut idr0 = 1 | 1 << 1 | 0b10 << 2 | 1 << 4 | 1 << 12 | 1 << 13 | 1 << 18 | 1 << 19 | 0b01 << 27;
+        if features.dirty_tracking {
+            idr0 |= 0b10 << 6;
+        }
+        if features.pri {
+            idr0 |= 1 << 16;
+        }
+        // IDR1: 16-bit stream IDs, substream IDs as wide as PASIDs.
+        let idr1 = 16 | (pasid_bits as u32) << 6;
+        // IDR3: range invalidation (RIL).
+        let idr3 = 1 << 10;
+        // IDR5: 48-bit output addresses, 4 KiB granule.
+        let idr5 = 0b101 | 1 << 4;
+        // IIDR: implementer Arm (JEP106 0x43b); AIDR: SMMUv3.1.
+        let idr = [idr0, idr1, 0, idr3, 0, idr5];
+        HwInfo::new(&iommu_hw_info_arm_smmuv3 { idr, iidr: 0x43b, aidr: 1, ..Default::default() })
+    }
+
+    /// A guest's STE, over a stage-2 table only.
+    fn nested_layout(&self, data_type: u32, parent: PageFormat) -> Option<DataLayout> {
+        (data_type == IOMMU_HWPT_DATA_ARM_SMMUV3 && parent == PageFormat::ArmS2)
+            .then_some(DataLayout::of::<iommu_hwpt_arm_smmuv3>(data_type))
+    }
+
+    fn nested_data(&self, _data_type: u32, data: &[u8]) -> Result<NestedData> {
+        let vste = iommu_hwpt_arm_smmuv3::read_from_prefix(data).map_err(|_| Error::Invalid("short STE"))?.0;
+        NestedData::arm_smmuv3(vste.ste)
+    }
+}
+
+/// An SMMUv3 for a guest: its command queue's invalidations and its event
+/// records.
+pub struct SmmuViommu;
+
+impl ViommuOps for SmmuViommu {
+    fn uapi_type(&self) -> u32 {
+        IOMMU_VIOMMU_TYPE_ARM_SMMUV3
+    }
+
+    fn serves(&self, iommu: IommuModel) -> bool {
+        iommu == IommuModel::ArmSmmuV3
+    }
+
+    /// Each entry is one command of the guest's queue, stopping at the
+    /// first it rejects (`EIO`).
+    fn invalidate(&self, viommu: &dyn ViommuCore, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
+        if entries.data_type() != IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3 {
+            return (0, Err(Error::Invalid("not SMMUv3 commands")));
+        }
+        for i in 0..entries.len() {
+            let mut inv = iommu_viommu_arm_smmuv3_invalidate::default();
+            let min = size_of::<iommu_viommu_arm_smmuv3_invalidate>();
+            let done = entries
+                .copy(i, min, zerocopy::IntoBytes::as_mut_bytes(&mut inv))
+                .and_then(|()| self.command(viommu, zerocopy::IntoBytes::as_bytes(&inv)));
+            if let Err(e) = done {
+                return (i, Err(e));
+            }
+        }
+        (entries.len(), Ok(()))
+    }
+
+    /// One command (16 bytes): TLB invalidations drop the combined
+    /// translations of every nested HWPT of the vIOMMU (its one VMID; finer
+    /// ASID or address ranges are honoured by dropping more, never less);
+    /// configuration invalidations name the guest's stream ID, which must
+    /// be a vDEVICE there (`EIO` otherwise, as in Linux), and drop that
+    /// device's nested translations, so a changed context descriptor is
+    /// read again.
+    fn command(&self, viommu: &dyn ViommuCore, command: &[u8]) -> Result<()> {
+        let cmd = iommu_viommu_arm_smmuv3_invalidate::read_from_prefix(command)
+            .map_err(|_| Error::Invalid("short SMMUv3 command"))?
+            .0
+            .cmd;
+        let idr = viommu.hw_info().get::<iommu_hw_info_arm_smmuv3>().map_or([0; 6], |h| h.idr);
+        let command = Command::decode(cmd, Features::from_idr(idr))?;
+        if let Some(sid) = command.sid() {
+            if !viommu.flush_device(u64::from(sid)) {
+                return Err(Error::Io("no vDEVICE has that stream ID"));
+            }
+            return Ok(());
+        }
+        viommu.flush_all();
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        virt_id: u64,
+        pasid: Option<u32>,
+        fault: Option<(u64, FaultReason, bool)>,
+        attrs: crate::fault::DmaAttrs,
+    ) -> Option<(u32, Vec<u8>)> {
+        let (iova, reason, write) = fault?;
+        let record = event(virt_id as u32, pasid, iova, reason, write, attrs)?;
+        Some((VEVENTQ_TYPE_ARM_SMMUV3, record.iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+}
+
+/// An SMMUv3 stream table entry the guest wrote (its first two words,
+/// validated): abort, bypass to stage 2, or stage 1 through the guest's
+/// context descriptors. `iotlb` caches combined translations.
+pub struct NestedSte {
+    ste: [u64; 2],
+    iotlb: Iotlb,
+}
+
+impl NestedData {
+    /// A nested SMMUv3 STE, checked as Linux checks it (`EIO` if rejected).
+    pub fn arm_smmuv3(ste: [u64; 2]) -> Result<Self> {
+        Ok(NestedData::new(NestedSte { ste: validate_ste(ste)?, iotlb: Iotlb::new() }))
+    }
+}
+
+impl Stage1 for NestedSte {
+    /// Only through an SMMUv3 vIOMMU, whose commands invalidate it.
+    fn fits(&self, _iommu: IommuModel, viommu: Option<ViommuType>) -> bool {
+        viommu == Some(ViommuType::ArmSmmuV3)
+    }
+
+    fn iotlb(&self) -> Option<&Iotlb> {
+        Some(&self.iotlb)
+    }
+
+    fn covers_substreams(&self) -> bool {
+        true
+    }
+
+    fn walk(
+        &self,
+        iova: u64,
+        ssid: Option<u32>,
+        read_guest: &mut dyn FnMut(u64) -> std::result::Result<(u64, u64), FaultReason>,
+        _step: &mut dyn FnMut(WalkStep),
+    ) -> std::result::Result<(u64, Perm), FaultReason> {
+        let mut failed = None;
+        let mut read = |gpa| read_guest(gpa).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+        translate(self.ste, ssid, iova, &mut read).map_err(|f| match f {
+            S1Fault::Read { gpa } => failed.unwrap_or(FaultReason::Stage2 { gpa, permission: false }),
+            S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
+            S1Fault::Translation => FaultReason::NotPresent,
+            S1Fault::Access => FaultReason::AccessFlag,
+            S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
+            S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
+            S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
+            S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
+        })
+    }
+
+    /// Its invalidations are the vIOMMU's commands.
+    fn invalidation(&self) -> Option<DataLayout> {
+        None
+    }
+
+    fn invalidate(&self, _entry: &[u8]) -> Result<()> {
+        Err(Error::Unsupported("an SMMUv3 nested HWPT is invalidated through its vIOMMU"))
+    }
+}
 
 /// Stream table entry fields (SMMUv3 5.2) a guest may set in a nested STE.
 pub mod ste {
@@ -216,11 +427,16 @@ pub const F_PERMISSION: u64 = 0x13;
 /// and the substream (SSV, SubstreamID) when the DMA had one, read/write
 /// (RnW), instruction (InD) and privileged (PnU) accesses, the class (an
 /// input address), and the input address. `None` for what Linux keeps from
-/// the guest: stage-2 faults (`event->s2`), which are the host's, and DMA
-/// that never reached translation. An aborting STE records nothing.
-pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError, attrs: crate::fault::DmaAttrs) -> Option<[u64; 4]> {
-    use crate::{ConfigFault, FaultReason};
-    let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
+/// the guest: stage-2 faults (`event->s2`), which are the host's. An
+/// aborting STE records nothing.
+pub fn event(
+    vsid: u32,
+    ssid: Option<u32>,
+    iova: u64,
+    reason: FaultReason,
+    write: bool,
+    attrs: crate::fault::DmaAttrs,
+) -> Option<[u64; 4]> {
     let kind = match reason {
         FaultReason::NotPresent => F_TRANSLATION,
         FaultReason::Permission => F_PERMISSION,
@@ -648,10 +864,7 @@ mod tests {
     #[test]
     fn events_carry_the_code_of_each_fault_and_never_stage_2() {
         use crate::fault::DmaAttrs;
-        use crate::{ConfigFault, DmaError, FaultReason};
-        let ev = |reason, ssid| {
-            event(0x42, ssid, DmaError::Fault { iova: 0x1000, reason, write: false }, DmaAttrs::default())
-        };
+        let ev = |reason, ssid| event(0x42, ssid, 0x1000, reason, false, DmaAttrs::default());
         let code = |reason| ev(reason, None).map(|e| e[0] & 0xff);
         assert_eq!(code(FaultReason::NotPresent), Some(F_TRANSLATION));
         assert_eq!(code(FaultReason::Permission), Some(F_PERMISSION));
@@ -668,8 +881,47 @@ mod tests {
             Some([0x0a | 1 << 11 | 3 << 12 | 0x42 << 32, 0, 0, 0])
         );
         let attrs = DmaAttrs { exec: true, privileged: true };
-        let e =
-            event(0x42, None, DmaError::Fault { iova: 0x1000, reason: FaultReason::NotPresent, write: false }, attrs);
+        let e = event(0x42, None, 0x1000, FaultReason::NotPresent, false, attrs);
         assert_eq!(e.unwrap()[1], 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, RnW, class IN");
+    }
+
+    #[test]
+    fn registers_and_nested_data_in_linux_layout() {
+        let full = super::super::Features { max_pasid_log2: 20, pri: true, dirty_tracking: true };
+        let info = ArmSmmuV3.hw_info(full);
+        assert_eq!((info.data_type, info.data.len()), (IOMMU_HW_INFO_TYPE_ARM_SMMUV3, 40));
+        let smmu = info.get::<iommu_hw_info_arm_smmuv3>().unwrap();
+        assert_eq!(smmu.idr[0] & 0b11, 0b11, "stage 1 and stage 2");
+        assert_eq!((smmu.idr[0] >> 6) & 0b11, 0b10, "HTTU: access and dirty");
+        assert_eq!((smmu.idr[1] >> 6) & 0x1f, 20, "SSIDSIZE");
+        assert_eq!(smmu.idr[5] & 0b111, 0b101, "OAS: 48 bits");
+        assert_eq!(smmu.iidr & 0xfff, 0x43b);
+        assert!(ArmSmmuV3.nested_layout(IOMMU_HWPT_DATA_ARM_SMMUV3, PageFormat::ArmS1).is_none(), "stage 2 only");
+        let layout = ArmSmmuV3.nested_layout(IOMMU_HWPT_DATA_ARM_SMMUV3, PageFormat::ArmS2).unwrap();
+        assert_eq!((layout.min_len, layout.len), (16, 16));
+        let vste = |w0: u64| [w0.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        let data = ArmSmmuV3.nested_data(IOMMU_HWPT_DATA_ARM_SMMUV3, &vste(S1 | 0x1000)).unwrap();
+        assert!(data.covers_substreams() && data.invalidation().is_none());
+        assert!(matches!(ArmSmmuV3.nested_data(2, &vste(ste::V | 0b110 << 1)), Err(Error::Io(_))));
+    }
+
+    #[test]
+    fn commands_reach_the_whole_vmid_or_one_stream() {
+        use super::super::fake::{Core, Entries};
+        let full = super::super::Features { max_pasid_log2: 20, pri: false, dirty_tracking: false };
+        let core = Core::new(ArmSmmuV3.hw_info(full), 2);
+        let cmd = |w0: u64| [w0.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        let mut entries = Entries {
+            data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
+            entries: vec![cmd(0x11 | 7 << 48), cmd(0x03 | 1 << 32), cmd(0x03 | 5 << 32), cmd(0x30)],
+        };
+        let (done, rc) = SmmuViommu.invalidate(&core, &mut entries);
+        assert_eq!(done, 2, "stops at the stream with no vDEVICE");
+        assert!(matches!(rc, Err(Error::Io(_))));
+        assert_eq!(*core.flushed.borrow(), [None, Some(1), Some(5)]);
+        entries.data_type = 0;
+        assert!(matches!(SmmuViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))));
+        entries = Entries { data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3, entries: vec![vec![0; 8]] };
+        assert!(matches!(SmmuViommu.invalidate(&core, &mut entries), (0, Err(Error::Invalid(_)))), "short");
     }
 }
