@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hw_queue::HwQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse};
-use crate::ioas::{Ioas, Owner, Source};
+use crate::ioas::{Ioas, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
@@ -39,7 +39,7 @@ const MAX_ID: u32 = i32::MAX as u32;
 /// off a scan. Changed only through `alloc` and `remove`, so the indexes
 /// follow the objects.
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     objects: BTreeMap<u32, Object>,
     /// IDs freed below `top`; every ID above `top` is free. The lowest free
     /// ID, which an allocating xarray hands out, is the first of these or
@@ -130,8 +130,32 @@ impl Table {
             .find(|id| matches!(self.objects.get(id), Some(Object::HwptPaging(h)) if Arc::ptr_eq(h, hwpt)))
     }
 
+    /// An automatic HWPT of `ioas` that `info`'s device can use.
+    pub(crate) fn find_auto(&self, ioas: &Arc<Ioas>, info: &DeviceInfo) -> Option<(u32, Arc<HwptPaging>)> {
+        let autos = self.auto_by_ioas.get(&addr(ioas))?;
+        autos.iter().find_map(|id| match self.get(id) {
+            Some(Object::HwptPaging(h))
+                if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
+            {
+                Some((*id, h.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Removes automatic HWPT `hwpt` once no device uses it; says whether
+    /// it went.
+    pub(crate) fn remove_unused_auto(&mut self, hwpt: &Arc<HwptPaging>) -> bool {
+        let Some(id) = self.auto_id(hwpt) else { return false };
+        if self.auto_users.get(&id) != Some(&0) {
+            return false;
+        }
+        self.remove(id);
+        true
+    }
+
     /// Counts a device attachment gained (`+1`) or lost (`-1`) by `hwpt`.
-    fn count_user(&mut self, hwpt: &Hwpt, delta: isize) {
+    pub(crate) fn count_user(&mut self, hwpt: &Hwpt, delta: isize) {
         let Hwpt::Paging(h) = hwpt else { return };
         if let Some(id) = self.auto_id(h)
             && let Some(users) = self.auto_users.get_mut(&id)
@@ -315,11 +339,11 @@ impl Context {
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
+    pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn graph(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn graph(&self) -> MutexGuard<'_, ()> {
         self.graph.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -837,64 +861,6 @@ impl Context {
         }
     }
 
-    /// Attaches the device behind vDEVICE `vdev_id` at the guest's `vpasid`
-    /// to `pt_id`: the vPASID's host PASID (allocated from the vIOMMU's set
-    /// on first use) is what the device is attached at, and fault records
-    /// from it name `vpasid`. Returns the host PASID.
-    pub fn vdevice_attach_pasid(&self, vdev_id: u32, vpasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
-        if vdev.attached().contains_key(&vpasid) {
-            return Err(Error::Busy("the vDEVICE is already attached at that vPASID"));
-        }
-        let dev = vdev.device().clone();
-        let host = vdev.viommu().claim(vpasid)?;
-        let attached = (|| {
-            dev.check_pasid(host)?;
-            if dev.attached_at(Some(host)).is_some() {
-                return Err(Error::Busy("the host PASID is already attached on the device"));
-            }
-            crate::ioasid_set::global().bind(host, dev.key())?;
-            self.attach_locked(dev.id(), Some(host), pt_id).inspect_err(|_| {
-                let _ = crate::ioasid_set::global().unbind(host, dev.key());
-            })
-        })();
-        if let Err(e) = attached {
-            vdev.viommu().release(vpasid);
-            return Err(e);
-        }
-        dev.set_guest_pasid(host, Some(vpasid));
-        vdev.attached().insert(vpasid, host);
-        Ok(host)
-    }
-
-    /// Undoes `vdevice_attach_pasid`.
-    pub fn vdevice_detach_pasid(&self, vdev_id: u32, vpasid: u32) -> Result<()> {
-        let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
-        let host = vdev.attached().remove(&vpasid).ok_or(Error::Invalid("not attached at that vPASID"))?;
-        self.vdevice_detach_locked(&vdev, vpasid, host);
-        Ok(())
-    }
-
-    fn vdevice_detach_locked(&self, vdev: &Vdevice, vpasid: u32, host: u32) {
-        let dev = vdev.device();
-        // Detached while the guest's name still holds, so pending requests
-        // are aborted under the name they were reported with.
-        self.detach_locked(dev, Some(host));
-        dev.set_guest_pasid(host, None);
-        let _ = crate::ioasid_set::global().unbind(host, dev.key());
-        vdev.viommu().release(vpasid);
-    }
-
-    /// Detaches every PASID a vDEVICE attached, before it goes.
-    fn vdevice_release_locked(&self, vdev: &Vdevice) {
-        let pasids = std::mem::take(&mut *vdev.attached());
-        for (vpasid, host) in pasids {
-            self.vdevice_detach_locked(vdev, vpasid, host);
-        }
-    }
-
     /// `IOMMU_VEVENTQ_ALLOC`: an event queue of `kind` for vIOMMU
     /// `viommu_id`, holding at most `depth` events.
     pub fn veventq_alloc(&self, viommu_id: u32, kind: u32, depth: u32) -> Result<(u32, Arc<Veventq>)> {
@@ -957,185 +923,8 @@ impl Context {
         }
     }
 
-    fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
+    pub(crate) fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
         self.insert(Object::HwptPaging(hwpt.clone())).inspect_err(|_| hwpt.release())
-    }
-
-    /// Attaches a device (its RID) to an IOAS, through an automatically
-    /// created HWPT, or to a HWPT. Returns the HWPT's ID.
-    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.attach_locked(dev_id, None, pt_id)
-    }
-
-    /// Attaches the device's `pasid` to a table; DMA tagged with that PASID
-    /// translates there, apart from the RID's and every other PASID's.
-    pub fn attach_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.attach_locked(dev_id, Some(pasid), pt_id)
-    }
-
-    fn attach_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
-        let dev = self.device(dev_id)?;
-        if let Some(p) = pasid {
-            dev.check_pasid(p)?;
-        }
-        if dev.attached_at(pasid).is_some() {
-            return Err(Error::Invalid("already attached there; use replace"));
-        }
-        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
-        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner(&dev, pasid)) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        self.set_attachment(&dev, pasid, Some(hwpt));
-        Ok(id)
-    }
-
-    /// Moves an attached device to another page table without a window in
-    /// which its DMA is blocked.
-    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.replace_locked(dev_id, None, pt_id)
-    }
-
-    pub fn replace_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.replace_locked(dev_id, Some(pasid), pt_id)
-    }
-
-    fn replace_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
-        let dev = self.device(dev_id)?;
-        let Some(old) = dev.attached_at(pasid) else {
-            return Err(Error::Invalid("device is not attached there"));
-        };
-        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        if old.is_same(&hwpt) {
-            return Ok(id);
-        }
-        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
-        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        let owner = owner(&dev, pasid);
-        let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
-        if new_ioas && let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        let old = self.set_attachment(&dev, pasid, Some(hwpt)).expect("attached above");
-        if new_ioas {
-            old.ioas().unreserve(owner);
-        }
-        // Requests made through the old table will never be answered by it.
-        if let Some(q) = old.fault() {
-            q.abort(Some(dev.fault_origin(pasid)));
-        }
-        self.release_attachment(old);
-        Ok(id)
-    }
-
-    pub fn detach(&self, dev_id: u32) -> Result<()> {
-        self.detach_at(dev_id, None)
-    }
-
-    pub fn detach_pasid(&self, dev_id: u32, pasid: u32) -> Result<()> {
-        self.detach_at(dev_id, Some(pasid))
-    }
-
-    fn detach_at(&self, dev_id: u32, pasid: Option<u32>) -> Result<()> {
-        let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        if dev.attached_at(pasid).is_none() {
-            return Err(Error::Invalid("device is not attached there"));
-        }
-        self.detach_locked(&dev, pasid);
-        Ok(())
-    }
-
-    fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
-        if let Some(p) = pasid {
-            let _ = dev.mock_set_pasid(p, true);
-        }
-        if let Some(old) = self.set_attachment(dev, pasid, None) {
-            old.ioas().unreserve(owner(dev, pasid));
-            if let Some(q) = old.fault() {
-                q.abort(Some(dev.fault_origin(pasid)));
-            }
-            self.release_attachment(old);
-        }
-    }
-
-    /// Attaches `dev` at `pasid` to `hwpt` (or detaches it), counting the
-    /// users of automatic HWPTs. Returns what it was attached to.
-    fn set_attachment(&self, dev: &Device, pasid: Option<u32>, hwpt: Option<Hwpt>) -> Option<Hwpt> {
-        if let Some(new) = &hwpt {
-            self.table().count_user(new, 1);
-        }
-        let old = dev.set_attached_at(pasid, hwpt);
-        if let Some(old) = &old {
-            self.table().count_user(old, -1);
-        }
-        old
-    }
-
-    /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
-    /// IOAS a compatible automatic one, created when there is none.
-    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Hwpt)> {
-        let info = dev.info();
-        let hwpt = match self.object(pt_id)? {
-            Object::HwptPaging(h) => Hwpt::Paging(h),
-            Object::HwptNested(n) => Hwpt::Nested(n),
-            Object::Ioas(ioas) => {
-                let found = {
-                    let t = self.table();
-                    let autos = t.auto_by_ioas.get(&addr(&ioas)).map(Vec::as_slice).unwrap_or_default();
-                    autos.iter().find_map(|id| match t.get(id) {
-                        Some(Object::HwptPaging(h))
-                            if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
-                        {
-                            Some((*id, Hwpt::Paging(h.clone())))
-                        }
-                        _ => None,
-                    })
-                };
-                if let Some(found) = found {
-                    return Ok(found);
-                }
-                let hwpt = HwptPaging::new(ioas, info.format(), info.aperture, HwptFlags::default(), true, None)?;
-                return Ok((self.insert_hwpt(hwpt.clone())?, Hwpt::Paging(hwpt)));
-            }
-            _ => return Err(Error::Invalid("pt_id is not a page table")),
-        };
-        if !info.iommu.serves(hwpt.format()) {
-            return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
-        }
-        if hwpt.dirty_capable() && !info.dirty_tracking {
-            return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
-        }
-        Ok((pt_id, hwpt))
-    }
-
-    /// Drops a device's reference to a HWPT: an automatic HWPT goes with its
-    /// last device, as Linux destroys an auto domain with its last device.
-    fn release_attachment(&self, hwpt: Hwpt) {
-        let Hwpt::Paging(hwpt) = hwpt else { return };
-        if !hwpt.is_auto() {
-            return;
-        }
-        let mut t = self.table();
-        let Some(id) = t.auto_id(&hwpt) else { return };
-        if t.auto_users.get(&id) == Some(&0) {
-            t.remove(id);
-            drop(t);
-            hwpt.release();
-        }
     }
 
     /// `IOMMU_DESTROY`.
@@ -1167,26 +956,6 @@ impl Context {
             _ => {}
         }
         Ok(())
-    }
-}
-
-/// Linux's rule between a device's RID and its PASIDs (see `PasidUse`):
-/// `hwpt` may take `dev` at `pasid` given what else `dev` is attached to.
-fn check_pasid_use(dev: &Device, pasid: Option<u32>, hwpt: &Hwpt) -> Result<()> {
-    let compatible = |h: &Hwpt| h.pasid_use() == PasidUse::Compatible;
-    let ok = match pasid {
-        None => compatible(hwpt) || dev.attachments().iter().all(|(p, _)| p.is_none()),
-        Some(_) => compatible(hwpt) && dev.attached_at(None).is_none_or(|rid| compatible(&rid)),
-    };
-    if ok { Ok(()) } else { Err(Error::Invalid("the HWPT is not PASID-compatible")) }
-}
-
-/// Who owns the reservations a device brings when attached at `pasid`:
-/// each attachment its own, so detaching one leaves the others' in place.
-fn owner(dev: &Device, pasid: Option<u32>) -> Owner {
-    match pasid {
-        None => Owner::Device(dev.key()),
-        Some(p) => Owner::DevicePasid(dev.key(), p),
     }
 }
 

@@ -26,6 +26,7 @@
 
 pub mod access;
 pub mod account;
+mod attach;
 pub mod context;
 pub mod device;
 pub mod epoch;
