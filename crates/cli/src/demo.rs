@@ -9,7 +9,7 @@ use std::time::Instant;
 use ioasid_abi::uapi::{IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, iommu_iova_range};
 use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::fault::{PageRequest, Response};
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, IovaRange, NestedData, Perm};
+use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, HwptPagingId, IoasId, IovaRange, NestedData, Perm};
 use std::time::Duration;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -60,7 +60,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     let nic = ctx.bind_device(nic_info)?;
     let nvme = ctx.bind_device(DeviceInfo::new("nvme0", 0x0010))?;
     for id in [nic, nvme] {
-        let d = ctx.device(id)?;
+        let d = ctx.get(id)?;
         let i = d.info();
         row(
             out,
@@ -84,7 +84,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     // SAFETY: `ram` lives until the end of this function, after the unmap below.
     let ram_iova = unsafe { ctx.map_user(ioas, ram.addr(), RAM, None, Perm::RW)? };
     let ring_iova = ctx.map_file(ioas, ring.as_fd(), 0, RING, Some(0x1_0000_0000), Perm::R)?;
-    for a in ctx.ioas(ioas)?.areas() {
+    for a in ctx.get(ioas)?.areas() {
         let rights = match (a.perm.read, a.perm.write) {
             (true, true) => "RW",
             (true, false) => "R-",
@@ -100,8 +100,8 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     row(out, "usable IOVA", usable_ranges(&ctx, ioas)?)?;
 
     section(out, 5, "DMA")?;
-    let nic_dev = ctx.device(nic)?;
-    let nvme_dev = ctx.device(nvme)?;
+    let nic_dev = ctx.get(nic)?;
+    let nvme_dev = ctx.get(nvme)?;
     let packet: Vec<u8> = (0..1500u32).map(|i| (i * 7 + 3) as u8).collect();
     let pkt_iova = ram_iova + 3 * MIB + 100;
     let t = Instant::now();
@@ -127,7 +127,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     }
 
     section(out, 6, "Page table (HWPT shared by both devices)")?;
-    page_table(out, &ctx, hwpt)?;
+    page_table(out, &ctx, hwpt.paging())?;
     section(out, 7, "Unmap")?;
     let t = Instant::now();
     let unmapped = ctx.unmap(ioas, ram_iova, RAM)?;
@@ -179,7 +179,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
 /// A device with PRI touches a page nobody mapped; the owner of its page
 /// table hears about it on a fault queue, maps the page, answers, and the
 /// DMA completes.
-fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, ram: &HostBuffer) -> Result<()> {
+fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: IoasId, ram: &HostBuffer) -> Result<()> {
     let mut info = DeviceInfo::new("gpu0", 0x0018);
     info.pri = true;
     let gpu = ctx.bind_device(info)?;
@@ -206,7 +206,7 @@ fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, ram: &HostBu
         })
     };
     drop(queue);
-    let device = ctx.device(gpu)?;
+    let device = ctx.get(gpu)?;
     let t0 = *start.get_or_init(Instant::now);
     device.dma_write(iova + 0x80, b"written after a page fault")?;
     let total = t0.elapsed();
@@ -264,10 +264,10 @@ fn nested_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         guest_ram.write_at((0x4000 + idx(0) * 8) as usize, &first_stage::encode(gpa, 0, true, true).to_le_bytes());
     };
     map(0x10000);
-    let device = ctx.device(vf)?;
+    let device = ctx.get(vf)?;
     device.dma_write(iova + 0x10, b"through both stages")?;
     row(out, "vf0 writes", format!("19 B at guest IOVA {:#x}", iova + 0x10))?;
-    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { return Err("not a nested HWPT".into()) };
+    let Ok(hwpt) = ctx.get(nested) else { return Err("not a nested HWPT".into()) };
     let (steps, landed) = hwpt.trace(iova + 0x10);
     writeln!(out, "   walk                   level  entry at GPA  (host)              entry")?;
     for st in &steps {
@@ -336,7 +336,7 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     let viommu = ctx.viommu_alloc(dev, stage2, ViommuType::Selftest)?;
     let set = ctx.ioasid_set_alloc(None, 2)?;
     ctx.viommu_set_pasid_set(viommu, set)?;
-    let set_id = ctx.ioasid_set(set)?.id();
+    let set_id = ctx.get(set)?.id();
     let events = global().subscribe(Class::Iommu, Some(set_id), Events::ALL);
     let vdev = ctx.vdevice_alloc(viommu, dev, 0x28)?;
     row(out, "vIOMMU", format!("id {viommu}, over HWPT {stage2}; draws guest PASIDs from set {set} (quota 2)"))?;
@@ -349,7 +349,7 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         Err(e) => row(out, "attach guest PASID 12", format!("refused: {e} (EDQUOT through the ABI)"))?,
         Ok(host) => row(out, "attach guest PASID 12", format!("UNEXPECTEDLY got host PASID {host}"))?,
     }
-    ctx.vdevice(vdev)?.dma_write(5, IOVA, b"tagged with guest PASID 5")?;
+    ctx.get(vdev)?.dma_write(5, IOVA, b"tagged with guest PASID 5")?;
     let mut landed = [0u8; 25];
     buffer.read_at(0, &mut landed);
     row(out, "DMA, guest PASID 5", format!("landed: \"{}\"", String::from_utf8_lossy(&landed)))?;
@@ -390,7 +390,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         let dev = ctx.bind_device(DeviceInfo::behind(model, format!("dev{rid:x}"), rid))?;
         devices.push(dev);
         let hwpt = ctx.attach(dev, space)?;
-        let device = ctx.device(dev)?;
+        let device = ctx.get(dev)?;
         device.dma_write(0x9000 + u64::from(rid), b"m")?;
         let registers = match device.info().hw_info() {
             HwInfo::IntelVtd { cap_reg, ecap_reg } => format!("cap {cap_reg:#x}, ecap {ecap_reg:#x}"),
@@ -398,7 +398,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
             HwInfo::AmdVi { efr, .. } => format!("EFR {efr:#x}"),
             HwInfo::Selftest => String::new(),
         };
-        let format = ctx.hwpt(hwpt)?.domain().format().name();
+        let format = ctx.get(hwpt.paging())?.domain().format().name();
         row(out, model.name(), format!("{format}; DMA ok; GET_HW_INFO: {registers}"))?;
     }
     // An SMMUv3 guest: CD 0 at guest-physical 0x1000, its stage-1 table at
@@ -426,7 +426,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         format!("STE {:#x}: stage 1 through CD table 0x1000, over stage 2 (HWPT {stage2})", vste[0]),
     )?;
     let mut buf = [0u8; 21];
-    let device = ctx.device(smmu)?;
+    let device = ctx.get(smmu)?;
     device.dma_read(0x1000, &mut buf)?;
     row(
         out,
@@ -442,7 +442,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     }
     ctx.detach(smmu)?;
     drop(events);
-    for id in [nested, veventq, vdev, viommu, stage2] {
+    for id in [nested.any(), veventq.any(), vdev.any(), viommu.any(), stage2.any()] {
         ctx.destroy(id)?;
     }
     for dev in devices {
@@ -452,8 +452,8 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     Ok(())
 }
 
-fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
-    let hw = ctx.hwpt(hwpt)?;
+fn page_table(out: &mut impl Write, ctx: &Context, hwpt: HwptPagingId) -> Result<()> {
+    let hw = ctx.get(hwpt)?;
     let domain = hw.domain();
     row(out, "format", domain.format().name())?;
     writeln!(out, "   level      tables   leaves  leaf size")?;
@@ -477,11 +477,11 @@ fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
 }
 
 /// The IOAS's usable ranges, asked the way a program asks: through the ABI.
-fn usable_ranges(ctx: &Arc<Context>, ioas: u32) -> Result<String> {
+fn usable_ranges(ctx: &Arc<Context>, ioas: IoasId) -> Result<String> {
     let mut ranges = [iommu_iova_range::default(); 4];
     let mut cmd = iommu_ioas_iova_ranges {
         size: std::mem::size_of::<iommu_ioas_iova_ranges>() as u32,
-        ioas_id: ioas,
+        ioas_id: ioas.get(),
         num_iovas: ranges.len() as u32,
         allowed_iovas: ranges.as_mut_ptr() as u64,
         ..Default::default()

@@ -12,7 +12,7 @@ use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
 use ioasid_engine::pgtable::{Format, PageTable, Perm};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Domain, HostBuffer, HwptFlags, IovaRange, Limit};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, Domain, HostBuffer, HwptFlags, IoasId, IovaRange, Limit};
 use vm_memory::iommu::Iotlb;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
@@ -44,13 +44,13 @@ fn domain_with(mem: &HostBuffer, n: u64, huge: bool) -> (Arc<Context>, Arc<Domai
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
     if !huge {
-        ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+        ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     }
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     let hwpt = ctx.attach(dev, ioas).unwrap();
     // SAFETY: `mem` outlives the context in every benchmark.
     unsafe { ctx.map_user(ioas, mem.addr(), n * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let domain = ctx.hwpt(hwpt).unwrap().domain().clone();
+    let domain = ctx.get(hwpt.paging()).unwrap().domain().clone();
     (ctx, domain)
 }
 
@@ -157,13 +157,13 @@ fn nested_walk(c: &mut Criterion) {
 
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     // SAFETY: `ram` outlives the context.
     unsafe { ctx.map_user(ioas, ram.addr(), ram_len, Some(0), Perm::RW).unwrap() };
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     let nested = ctx.hwpt_alloc_nested(dev, parent, NestedData::vtd_s1(ROOT, 4), None).unwrap();
-    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { panic!("not nested") };
+    let Ok(hwpt) = ctx.get(nested) else { panic!("not nested") };
     let order = pages(N, 8192);
     let guard = ioasid_engine::epoch::pin();
 
@@ -226,7 +226,7 @@ fn map_unmap(c: &mut Criterion) {
     let mut g = c.benchmark_group("map + unmap: 2 MiB as 512 pages of 4 KiB");
     let mem = HostBuffer::new(2 << 20).unwrap();
     let (ctx, _domain) = domain_with(&mem, 1, false);
-    let ioas = 1;
+    let ioas = IoasId::new(1);
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     g.bench_function("ioasid", |b| {
         b.iter(|| {
@@ -285,7 +285,7 @@ fn map_unmap_gib(c: &mut Criterion) {
     let mem = HostBuffer::new(LEN as usize).unwrap();
     mem.write_at(0, &[1]); // one touch so both sides start alike
     let (ctx, _domain) = domain_with(&mem, 1, false);
-    let ioas = 1;
+    let ioas = IoasId::new(1);
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     let timed = |map: bool| {
         let (ctx, mem) = (&ctx, &mem);
@@ -363,12 +363,12 @@ fn dirty_bitmap(c: &mut Criterion) {
     let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo { dirty_tracking: true, ..DeviceInfo::new("bench", 1) }).unwrap();
     let hwpt_id = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }, None).unwrap();
     // SAFETY: `mem` outlives the context.
     unsafe { ctx.map_user(ioas, mem.addr(), N * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let hwpt = ctx.hwpt(hwpt_id).unwrap();
+    let hwpt = ctx.get(hwpt_id).unwrap();
     hwpt.set_dirty_tracking(true).unwrap();
     let range = IovaRange::new(IOVA, IOVA + N * PAGE - 1);
     let dirty_all = || (0..N).for_each(|p| assert!(hwpt.domain().mark_dirty(IOVA + p * PAGE)));
@@ -401,7 +401,7 @@ fn dirty_bitmap(c: &mut Criterion) {
 fn dma(c: &mut Criterion) {
     let mem = HostBuffer::new(64 * PAGE as usize).unwrap();
     let (ctx, _domain) = domain_with(&mem, 64, false);
-    let dev = ctx.device(2).unwrap();
+    let dev = ctx.get(ioasid_engine::DeviceId::new(2)).unwrap();
     let mut buf = [0u8; 64];
     let mut g = c.benchmark_group("DMA: 64-byte read through the IOMMU");
     g.bench_function("ioasid", |b| b.iter(|| dev.dma_read(black_box(IOVA + 3 * PAGE + 8), &mut buf).unwrap()));
@@ -454,7 +454,7 @@ fn iommu_memory(c: &mut Criterion) {
     ctx.attach(dev, ioas).unwrap();
     // SAFETY: `ram` outlives the context.
     unsafe { ctx.map_user(ioas, host, N * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let ours = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram), true, ());
+    let ours = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram), true, ());
     let mut t = Iotlb::new();
     t.set_mapping(GuestAddress(IOVA), GuestAddress(0), (N * PAGE) as usize, Permissions::ReadWrite).unwrap();
     let theirs = IommuMemory::new(ram.clone(), VmIotlb(std::sync::RwLock::new(t)), true, ());
@@ -597,7 +597,7 @@ fn object_ids(c: &mut Criterion) {
     for _ in 0..LIVE {
         ctx.ioas_alloc().unwrap();
     }
-    ctx.destroy(LIVE / 2).unwrap();
+    ctx.destroy(ioasid_engine::ObjectId::new(LIVE / 2)).unwrap();
     g.bench_function("ioasid", |b| {
         b.iter(|| {
             let id = ctx.ioas_alloc().unwrap();
@@ -690,7 +690,7 @@ const RACE_PAGES: u64 = 16;
 
 struct Engine {
     ctx: Arc<Context>,
-    ioas: u32,
+    ioas: IoasId,
     device: Arc<ioasid_engine::Device>,
 }
 
@@ -801,10 +801,10 @@ fn unmap_under_translation(quick: bool) {
     let rounds = if quick { 400 } else { 3000 };
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let sides: [(&str, Arc<dyn Dma>); 2] = [
         ("ioasid", Arc::new(Engine { ctx, ioas, device })),
         ("vm-memory Iotlb under RwLock", Arc::new(VmIotlb(std::sync::RwLock::new(Iotlb::new())))),

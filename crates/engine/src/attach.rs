@@ -16,6 +16,7 @@ use crate::context::{Context, Object};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::hwpt::{Hwpt, HwptFlags, HwptPaging, PasidUse};
+use crate::id::{DeviceId, HwptId, Id, ObjectId, PtId, VdeviceId};
 use crate::ioas::Owner;
 use crate::viommu::Vdevice;
 
@@ -32,44 +33,44 @@ enum Change {
 impl Context {
     /// Attaches a device (its RID) to an IOAS, through an automatically
     /// created HWPT, or to a HWPT. Returns the HWPT's ID.
-    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+    pub fn attach(&self, dev_id: DeviceId, pt_id: impl Into<PtId>) -> Result<HwptId> {
         let _g = self.graph();
-        self.change_pt(dev_id, None, pt_id, Change::Attach)
+        self.change_pt(dev_id, None, pt_id.into(), Change::Attach)
     }
 
     /// Attaches the device's `pasid` to a table; DMA tagged with that PASID
     /// translates there, apart from the RID's and every other PASID's.
-    pub fn attach_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
+    pub fn attach_pasid(&self, dev_id: DeviceId, pasid: u32, pt_id: impl Into<PtId>) -> Result<HwptId> {
         let _g = self.graph();
-        self.change_pt(dev_id, Some(pasid), pt_id, Change::Attach)
+        self.change_pt(dev_id, Some(pasid), pt_id.into(), Change::Attach)
     }
 
     /// Moves an attached device to another page table without a window in
     /// which its DMA is blocked.
-    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
+    pub fn replace(&self, dev_id: DeviceId, pt_id: impl Into<PtId>) -> Result<HwptId> {
         let _g = self.graph();
-        self.change_pt(dev_id, None, pt_id, Change::Replace)
+        self.change_pt(dev_id, None, pt_id.into(), Change::Replace)
     }
 
     /// `replace` of the table the device's `pasid` translates through.
-    pub fn replace_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
+    pub fn replace_pasid(&self, dev_id: DeviceId, pasid: u32, pt_id: impl Into<PtId>) -> Result<HwptId> {
         let _g = self.graph();
-        self.change_pt(dev_id, Some(pasid), pt_id, Change::Replace)
+        self.change_pt(dev_id, Some(pasid), pt_id.into(), Change::Replace)
     }
 
-    pub(crate) fn attach_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
+    pub(crate) fn attach_locked(&self, dev_id: DeviceId, pasid: Option<u32>, pt_id: PtId) -> Result<HwptId> {
         self.change_pt(dev_id, pasid, pt_id, Change::Attach)
     }
 
-    pub(crate) fn replace_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
+    pub(crate) fn replace_locked(&self, dev_id: DeviceId, pasid: Option<u32>, pt_id: PtId) -> Result<HwptId> {
         self.change_pt(dev_id, pasid, pt_id, Change::Replace)
     }
 
     /// Points the device at `pasid` (or its RID) to `pt_id`. The new table
     /// takes the device's reservations before the old one gives them up,
     /// and on any failure the device stays where it was.
-    fn change_pt(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32, change: Change) -> Result<u32> {
-        let dev = self.device(dev_id)?;
+    fn change_pt(&self, dev_id: DeviceId, pasid: Option<u32>, pt_id: PtId, change: Change) -> Result<HwptId> {
+        let dev = self.get(dev_id)?;
         let old = dev.attached_at(pasid);
         match change {
             Change::Attach => {
@@ -103,18 +104,18 @@ impl Context {
     }
 
     /// Detaches the device's RID.
-    pub fn detach(&self, dev_id: u32) -> Result<()> {
+    pub fn detach(&self, dev_id: DeviceId) -> Result<()> {
         self.detach_at(dev_id, None)
     }
 
     /// Detaches the device's `pasid`.
-    pub fn detach_pasid(&self, dev_id: u32, pasid: u32) -> Result<()> {
+    pub fn detach_pasid(&self, dev_id: DeviceId, pasid: u32) -> Result<()> {
         self.detach_at(dev_id, Some(pasid))
     }
 
-    fn detach_at(&self, dev_id: u32, pasid: Option<u32>) -> Result<()> {
+    fn detach_at(&self, dev_id: DeviceId, pasid: Option<u32>) -> Result<()> {
         let _g = self.graph();
-        let dev = self.device(dev_id)?;
+        let dev = self.get(dev_id)?;
         if dev.attached_at(pasid).is_none() {
             return Err(Error::Invalid("device is not attached there"));
         }
@@ -159,17 +160,17 @@ impl Context {
 
     /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
     /// IOAS a compatible automatic one, created when there is none.
-    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Hwpt)> {
+    fn resolve_pt(&self, dev: &Device, pt_id: PtId) -> Result<(HwptId, Hwpt)> {
         let info = dev.info();
-        let hwpt = match self.object(pt_id)? {
+        let hwpt = match self.object(ObjectId::new(pt_id.get()))? {
             Object::HwptPaging(h) => Hwpt::Paging(h),
             Object::HwptNested(n) => Hwpt::Nested(n),
             Object::Ioas(ioas) => {
                 if let Some((id, found)) = self.table().find_auto(&ioas, info) {
-                    return Ok((id, Hwpt::Paging(found)));
+                    return Ok((Id::new(id), Hwpt::Paging(found)));
                 }
                 let hwpt = HwptPaging::new(ioas, info.format(), info.aperture, HwptFlags::default(), true, None)?;
-                return Ok((self.insert_hwpt(hwpt.clone())?, Hwpt::Paging(hwpt)));
+                return Ok((self.insert_hwpt(hwpt.clone())?.into(), Hwpt::Paging(hwpt)));
             }
             _ => return Err(Error::Invalid("pt_id is not a page table")),
         };
@@ -179,7 +180,7 @@ impl Context {
         if hwpt.dirty_capable() && !info.dirty_tracking {
             return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
         }
-        Ok((pt_id, hwpt))
+        Ok((Id::new(pt_id.get()), hwpt))
     }
 
     /// Drops a device's reference to a HWPT: an automatic HWPT goes with its
@@ -195,9 +196,10 @@ impl Context {
     /// to `pt_id`: the vPASID's host PASID (allocated from the vIOMMU's set
     /// on first use) is what the device is attached at, and fault records
     /// from it name `vpasid`. Returns the host PASID.
-    pub fn vdevice_attach_pasid(&self, vdev_id: u32, vpasid: u32, pt_id: u32) -> Result<u32> {
+    pub fn vdevice_attach_pasid(&self, vdev_id: VdeviceId, vpasid: u32, pt_id: impl Into<PtId>) -> Result<u32> {
+        let pt_id = pt_id.into();
         let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
+        let vdev = self.get(vdev_id)?;
         if vdev.attached().contains_key(&vpasid) {
             return Err(Error::Busy("the vDEVICE is already attached at that vPASID"));
         }
@@ -209,7 +211,7 @@ impl Context {
                 return Err(Error::Busy("the host PASID is already attached on the device"));
             }
             crate::ioasid_set::global().bind(host, dev.key())?;
-            self.attach_locked(dev.id(), Some(host), pt_id).inspect_err(|_| {
+            self.attach_locked(Id::new(dev.id()), Some(host), pt_id).inspect_err(|_| {
                 let _ = crate::ioasid_set::global().unbind(host, dev.key());
             })
         })();
@@ -223,9 +225,9 @@ impl Context {
     }
 
     /// Undoes `vdevice_attach_pasid`.
-    pub fn vdevice_detach_pasid(&self, vdev_id: u32, vpasid: u32) -> Result<()> {
+    pub fn vdevice_detach_pasid(&self, vdev_id: VdeviceId, vpasid: u32) -> Result<()> {
         let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
+        let vdev = self.get(vdev_id)?;
         let host = vdev.attached().remove(&vpasid).ok_or(Error::Invalid("not attached at that vPASID"))?;
         self.vdevice_detach_locked(&vdev, vpasid, host);
         Ok(())
