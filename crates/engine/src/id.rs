@@ -128,21 +128,35 @@ pub enum NestParent {}
 /// Any object, as `IOMMU_DESTROY` names it.
 pub enum AnyObject {}
 
+/// An IOAS (`IOMMU_IOAS_ALLOC`).
 pub type IoasId = Id<Ioas>;
+/// A bound device (VFIO's `out_devid`).
 pub type DeviceId = Id<Device>;
 /// A HWPT of either kind, as an attach reports it.
 pub type HwptId = Id<Hwpt>;
+/// A paging HWPT (`IOMMU_HWPT_ALLOC` over an IOAS, or an automatic one).
 pub type HwptPagingId = Id<HwptPaging>;
+/// A nested HWPT (`IOMMU_HWPT_ALLOC` over a parent, with driver data).
 pub type HwptNestedId = Id<HwptNested>;
+/// A vIOMMU (`IOMMU_VIOMMU_ALLOC`).
 pub type ViommuId = Id<Viommu>;
+/// A vDEVICE (`IOMMU_VDEVICE_ALLOC`).
 pub type VdeviceId = Id<Vdevice>;
+/// A fault queue (`IOMMU_FAULT_QUEUE_ALLOC`).
 pub type FaultId = Id<FaultQueue>;
+/// A vEVENTQ (`IOMMU_VEVENTQ_ALLOC`).
 pub type VeventqId = Id<Veventq>;
+/// A HW queue (`IOMMU_HW_QUEUE_ALLOC`).
 pub type HwQueueId = Id<HwQueue>;
+/// An in-engine access to an IOAS.
 pub type AccessId = Id<Access>;
+/// An IOASID set object.
 pub type SetObjectId = Id<SetHandle>;
+/// A `pt_id`: see `PageTable`.
 pub type PtId = Id<PageTable>;
+/// A nested HWPT's parent: see `NestParent`.
 pub type NestParentId = Id<NestParent>;
+/// Any object: see `AnyObject`.
 pub type ObjectId = Id<AnyObject>;
 
 /// An ID of one kind names an object of a wider one.
