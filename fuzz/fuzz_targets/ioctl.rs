@@ -22,7 +22,8 @@ use ioasid_abi::vfio::*;
 use ioasid_abi::{Errno, InProcess, UserMemory, ioctl};
 use ioasid_engine::ioasid_set::global;
 use ioasid_engine::{
-    Context, ContextConfig, Device, DeviceInfo, HostBuffer, HwptFlags, Limit, MockFlags, NestedData, ViommuType,
+    Context, ContextConfig, Device, DeviceInfo, FaultId, HostBuffer, HwptFlags, Limit, MockFlags, NestedData,
+    SetObjectId, ViommuType,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -173,22 +174,22 @@ fn populate(ctx: &Arc<Context>) -> [Arc<Device>; 2] {
     call(ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut fault).unwrap();
     let mut veventq = iommu_veventq_alloc {
         size: 32,
-        viommu_id: viommu,
+        viommu_id: viommu.get(),
         r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
         veventq_depth: 4,
         ..Default::default()
     };
     call(ctx, IOMMU_VEVENTQ_ALLOC, &mut veventq).unwrap();
-    let faulting = ctx.hwpt_alloc(pri, ioas, HwptFlags::default(), Some(fault.out_fault_id)).unwrap();
+    let faulting = ctx.hwpt_alloc(pri, ioas, HwptFlags::default(), Some(FaultId::new(fault.out_fault_id))).unwrap();
     ctx.attach(pri, faulting).unwrap();
     let stage1 = ctx.hwpt_alloc_nested(nested, viommu, NestedData::selftest(0), None);
     ctx.attach(nested, stage1.unwrap()).unwrap();
     let vdevice = ctx.vdevice_alloc(viommu, nested, 0x42).unwrap();
     let (guest_set, _) = set_with_pasid(ctx, 0, 16, 1);
-    ctx.viommu_set_pasid_set(viommu, guest_set).unwrap();
+    ctx.viommu_set_pasid_set(viommu, SetObjectId::new(guest_set)).unwrap();
     ctx.vdevice_attach_pasid(vdevice, 3, ioas).unwrap();
     set_with_pasid(ctx, guest_set, 8, 2);
-    [ctx.device(pri).unwrap(), ctx.device(nested).unwrap()]
+    [ctx.get(pri).unwrap(), ctx.get(nested).unwrap()]
 }
 
 fn read_u64(arg: &[u8], at: usize) -> u64 {
@@ -270,7 +271,7 @@ fuzz_target!(|data: &[u8]| {
     let bystander = new_context();
     let (bystander_set, bystander_pasid) = set_with_pasid(&bystander, 0, 4, 0x5e);
     call(&bystander, IOASID_PASID_GET, &mut ioasid_pasid_ref { size: 8, pasid: bystander_pasid }).unwrap();
-    let bystander_set = bystander.ioasid_set(bystander_set).unwrap().id();
+    let bystander_set = bystander.get(SetObjectId::new(bystander_set)).unwrap().id();
     let contexts = [new_context(), new_context()];
     let devices = populate(&contexts[0]);
     set_with_pasid(&contexts[1], 0, 4, 3);

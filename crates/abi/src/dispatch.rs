@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use ioasid_engine::model::Stage1;
 use ioasid_engine::{
-    AccountMode, Context, HwInfo, HwptFlags, HwptPaging, IommuModel, IovaRange, NestedData, Object, PageFormat,
-    PasidUse, Perm, ViommuType,
+    AccountMode, Context, DeviceId, FaultId, HwInfo, HwptFlags, HwptPaging, HwptPagingId, IoasId, IommuModel,
+    IovaRange, NestParentId, NestedData, Object, ObjectId, PageFormat, PasidUse, Perm, ViommuId, ViommuType,
 };
 
 use zerocopy::{FromBytes, IntoBytes};
@@ -87,14 +87,14 @@ pub fn ioctl(ctx: &Arc<Context>, mem: &dyn UserMemory, request: u32, arg: u64) -
 }
 
 fn destroy(u: &Ucmd, c: iommu_destroy) -> Res {
-    Ok(u.ctx.destroy(c.id)?)
+    Ok(u.ctx.destroy(ObjectId::new(c.id))?)
 }
 
 fn ioas_alloc(u: &Ucmd, mut c: iommu_ioas_alloc) -> Res {
     if c.flags != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    c.out_ioas_id = u.ctx.ioas_alloc()?;
+    c.out_ioas_id = u.ctx.ioas_alloc()?.get();
     u.respond_created(&c, c.out_ioas_id)
 }
 
@@ -102,7 +102,7 @@ fn ioas_iova_ranges(u: &Ucmd, mut c: iommu_ioas_iova_ranges) -> Res {
     if c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let (ranges, alignment) = u.ctx.ioas(c.ioas_id)?.iova_ranges();
+    let (ranges, alignment) = u.ctx.get(IoasId::new(c.ioas_id))?.iova_ranges();
     let max = c.num_iovas as usize;
     for (i, r) in ranges.iter().take(max).enumerate() {
         let elm = iommu_iova_range { start: r.start, last: r.last };
@@ -121,7 +121,7 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
     if c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let ioas = u.ctx.ioas(c.ioas_id)?;
+    let ioas = u.ctx.get(IoasId::new(c.ioas_id))?;
     let mut ranges: Vec<IovaRange> = Vec::new();
     for i in 0..c.num_iovas as u64 {
         let mut elm = iommu_iova_range::default();
@@ -158,7 +158,7 @@ fn ioas_map(u: &Ucmd, mut c: iommu_ioas_map) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
-    c.iova = u.map_user(c.ioas_id, c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
+    c.iova = u.map_user(IoasId::new(c.ioas_id), c.user_va, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
 
@@ -167,14 +167,14 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
-    u.ctx.ioas(c.ioas_id)?;
+    u.ctx.get(IoasId::new(c.ioas_id))?;
     u.local_only()?;
     if let Some(iova) = crate::dmabuf::map_file(u, c.ioas_id, c.fd, c.start, c.length, fixed(c.flags, c.iova), perm) {
         c.iova = iova?;
         return u.respond(&c);
     }
     let fd = dup_fd(c.fd)?;
-    c.iova = u.ctx.map_file(c.ioas_id, fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
+    c.iova = u.ctx.map_file(IoasId::new(c.ioas_id), fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
 
@@ -183,7 +183,14 @@ fn ioas_copy(u: &Ucmd, mut c: iommu_ioas_copy) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let perm = map_perm(c.flags, &[c.length, c.src_iova, c.dst_iova])?;
-    c.dst_iova = u.ctx.copy(c.dst_ioas_id, c.src_ioas_id, c.src_iova, c.length, fixed(c.flags, c.dst_iova), perm)?;
+    c.dst_iova = u.ctx.copy(
+        IoasId::new(c.dst_ioas_id),
+        IoasId::new(c.src_ioas_id),
+        c.src_iova,
+        c.length,
+        fixed(c.flags, c.dst_iova),
+        perm,
+    )?;
     u.respond(&c)
 }
 
@@ -196,12 +203,12 @@ fn ioas_noiommu_get_pa(_u: &Ucmd, _c: iommu_ioas_noiommu_get_pa) -> Res {
 }
 
 fn ioas_unmap(u: &Ucmd, mut c: iommu_ioas_unmap) -> Res {
-    u.ctx.ioas(c.ioas_id)?;
+    u.ctx.get(IoasId::new(c.ioas_id))?;
     let unmap_all = c.iova == 0 && c.length == u64::MAX;
     if !unmap_all && (c.iova == u64::MAX || c.length == u64::MAX) {
         return Err(Errno::EOVERFLOW);
     }
-    c.length = u.ctx.unmap(c.ioas_id, c.iova, c.length)?;
+    c.length = u.ctx.unmap(IoasId::new(c.ioas_id), c.iova, c.length)?;
     u.respond(&c)
 }
 
@@ -221,7 +228,7 @@ fn option(u: &Ucmd, mut c: iommu_option) -> Res {
             }
         }
         IOMMU_OPTION_HUGE_PAGES => {
-            let ioas = u.ctx.ioas(c.object_id)?;
+            let ioas = u.ctx.get(IoasId::new(c.object_id))?;
             match (c.op, c.val64) {
                 (IOMMU_OPTION_OP_GET, _) => c.val64 = u64::from(ioas.huge_pages()),
                 (IOMMU_OPTION_OP_SET, v @ (0 | 1)) => ioas.set_huge_pages(v == 1)?,
@@ -242,9 +249,9 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
     if (c.data_type == IOMMU_HWPT_DATA_NONE) != (c.data_len == 0) {
         return Err(Errno::EINVAL);
     }
-    let dev = u.ctx.device(c.dev_id)?;
-    let pt = u.ctx.object(c.pt_id).map_err(|_| Errno::EINVAL)?;
-    let fault = (c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0).then_some(c.fault_id);
+    let dev = u.ctx.get(DeviceId::new(c.dev_id))?;
+    let pt = u.ctx.object(ObjectId::new(c.pt_id)).map_err(|_| Errno::EINVAL)?;
+    let fault = (c.flags & IOMMU_HWPT_FAULT_ID_VALID != 0).then_some(FaultId::new(c.fault_id));
     let id = match pt {
         Object::Ioas(_) => {
             let valid = IOMMU_HWPT_ALLOC_NEST_PARENT
@@ -268,7 +275,16 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
                 nest_parent: c.flags & IOMMU_HWPT_ALLOC_NEST_PARENT != 0,
                 dirty_tracking: c.flags & IOMMU_HWPT_ALLOC_DIRTY_TRACKING != 0,
             };
-            u.ctx.hwpt_alloc_with(c.dev_id, c.pt_id, flags, fault, format, pasid_use(c.flags))?
+            u.ctx
+                .hwpt_alloc_with(
+                    DeviceId::new(c.dev_id),
+                    IoasId::new(c.pt_id),
+                    flags,
+                    fault,
+                    format,
+                    pasid_use(c.flags),
+                )?
+                .get()
         }
         Object::HwptPaging(parent) => {
             if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
@@ -276,14 +292,30 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
             }
             parent.check_nest_parent()?;
             let data = nested_data(u, &parent, &c)?;
-            u.ctx.hwpt_alloc_nested_with(c.dev_id, c.pt_id, data, fault, pasid_use(c.flags))?
+            u.ctx
+                .hwpt_alloc_nested_with(
+                    DeviceId::new(c.dev_id),
+                    NestParentId::new(c.pt_id),
+                    data,
+                    fault,
+                    pasid_use(c.flags),
+                )?
+                .get()
         }
         Object::Viommu(viommu) => {
             if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
             let data = nested_data(u, viommu.hwpt(), &c)?;
-            u.ctx.hwpt_alloc_nested_with(c.dev_id, c.pt_id, data, fault, pasid_use(c.flags))?
+            u.ctx
+                .hwpt_alloc_nested_with(
+                    DeviceId::new(c.dev_id),
+                    NestParentId::new(c.pt_id),
+                    data,
+                    fault,
+                    pasid_use(c.flags),
+                )?
+                .get()
         }
         _ => return Err(Errno::EINVAL),
     };
@@ -332,14 +364,14 @@ fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {
     }
     let Some(kind) = ViommuType::from_uapi(c.r#type) else {
         // Linux finds the device before asking its driver about the type.
-        u.ctx.device(c.dev_id)?;
+        u.ctx.get(DeviceId::new(c.dev_id))?;
         return Err(Errno::EOPNOTSUPP);
     };
     if c.data_len != 0 {
         c.out_viommu_id = viommu_alloc_with_data(u, &c, kind)?;
         return u.respond_created(&c, c.out_viommu_id);
     }
-    c.out_viommu_id = u.ctx.viommu_alloc(c.dev_id, c.hwpt_id, kind)?;
+    c.out_viommu_id = u.ctx.viommu_alloc(DeviceId::new(c.dev_id), HwptPagingId::new(c.hwpt_id), kind)?.get();
     u.respond_created(&c, c.out_viommu_id)
 }
 
@@ -352,14 +384,14 @@ fn viommu_alloc_with_data(u: &Ucmd, c: &iommu_viommu_alloc, kind: ViommuType) ->
     let layout = ops.alloc_layout().ok_or(Errno::EOPNOTSUPP)?;
     let mut data = vec![0u8; layout.len];
     let len = c.data_len as usize;
-    let id = u.ctx.viommu_alloc_mmap(c.dev_id, c.hwpt_id, kind, || {
+    let id = u.ctx.viommu_alloc_mmap(DeviceId::new(c.dev_id), HwptPagingId::new(c.hwpt_id), kind, || {
         if len < layout.min_len {
             return Err(Errno::EINVAL);
         }
         copy_struct_from_user(u.mem, c.data_uptr, len, &mut data)?;
         Ok(ops.alloc_region(&data))
     })?;
-    let region = u.ctx.viommu(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
+    let region = u.ctx.get(id).ok().and_then(|v| v.mmap_region().map(|r| (r.offset(), r.len())));
     let (offset, length) = region.expect("made with a region");
     let reply = ops.alloc_reply(&data, offset, length);
     // Linux's copy_struct_to_user: what fits, and zeroes past what it knows.
@@ -368,13 +400,13 @@ fn viommu_alloc_with_data(u: &Ucmd, c: &iommu_viommu_alloc, kind: ViommuType) ->
         .mem
         .write(c.data_uptr, &reply[..known])
         .and_then(|()| u.mem.zero(c.data_uptr.wrapping_add(known as u64), (len - known) as u64));
-    written.map(|()| id).inspect_err(|_| {
-        let _ = u.ctx.destroy(id);
+    written.map(|()| id.get()).inspect_err(|_| {
+        let _ = u.ctx.destroy(id.any());
     })
 }
 
 fn vdevice_alloc(u: &Ucmd, mut c: iommu_vdevice_alloc) -> Res {
-    c.out_vdevice_id = u.ctx.vdevice_alloc(c.viommu_id, c.dev_id, c.virt_id)?;
+    c.out_vdevice_id = u.ctx.vdevice_alloc(ViommuId::new(c.viommu_id), DeviceId::new(c.dev_id), c.virt_id)?.get();
     u.respond_created(&c, c.out_vdevice_id)
 }
 
@@ -389,13 +421,13 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
         return Err(Errno::EINVAL);
     }
     u.local_only()?;
-    let (id, queue) = u.ctx.veventq_alloc(c.viommu_id, c.r#type, c.veventq_depth)?;
-    c.out_veventq_id = id;
+    let (id, queue) = u.ctx.veventq_alloc(ViommuId::new(c.viommu_id), c.r#type, c.veventq_depth)?;
+    c.out_veventq_id = id.get();
     let respond = |fd| {
         c.out_veventq_fd = fd;
         u.respond(&c)
     };
-    queue_fd(u, id, queue, respond, |q, signal| {
+    queue_fd(u, id.into(), queue, respond, |q, signal| {
         crate::files::File::Veventq(Arc::new(crate::veventq::VeventqFile::new(u.ctx.clone(), q, signal)))
     })
 }
@@ -406,12 +438,12 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
     }
     u.local_only()?;
     let (id, queue) = u.ctx.fault_alloc()?;
-    c.out_fault_id = id;
+    c.out_fault_id = id.get();
     let respond = |fd| {
         c.out_fault_fd = fd;
         u.respond(&c)
     };
-    queue_fd(u, id, queue, respond, |q, signal| {
+    queue_fd(u, id.into(), queue, respond, |q, signal| {
         crate::files::File::Fault(Arc::new(crate::fault::FaultFile::new(u.ctx.clone(), q, signal)))
     })
 }
@@ -421,7 +453,7 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
 /// any failure the object is destroyed and no fd is left behind.
 fn queue_fd<Q>(
     u: &Ucmd,
-    id: u32,
+    id: ObjectId,
     queue: Arc<Q>,
     respond: impl FnOnce(u32) -> Res,
     file: impl FnOnce(Arc<Q>, std::os::fd::OwnedFd) -> crate::files::File,
@@ -452,7 +484,7 @@ fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {
     // The type field is in/out: a caller may ask for one type (later kernels).
     let wanted =
         if c.flags & IOMMU_HW_INFO_FLAG_INPUT_TYPE != 0 { c.out_data_type } else { IOMMU_HW_INFO_TYPE_DEFAULT };
-    let dev = u.ctx.device(c.dev_id)?;
+    let dev = u.ctx.get(DeviceId::new(c.dev_id))?;
     let info = dev.info();
     let HwInfo { data_type: kind, data } = info.hw_info();
     if wanted != IOMMU_HW_INFO_TYPE_DEFAULT && wanted != kind {
@@ -488,10 +520,10 @@ fn vfio_ioas(u: &Ucmd, mut c: iommu_vfio_ioas) -> Res {
     }
     match c.op {
         IOMMU_VFIO_IOAS_GET => {
-            c.ioas_id = u.ctx.vfio_ioas()?;
+            c.ioas_id = u.ctx.vfio_ioas()?.get();
             u.respond(&c)
         }
-        IOMMU_VFIO_IOAS_SET => Ok(u.ctx.set_vfio_ioas(Some(c.ioas_id))?),
+        IOMMU_VFIO_IOAS_SET => Ok(u.ctx.set_vfio_ioas(Some(IoasId::new(c.ioas_id)))?),
         IOMMU_VFIO_IOAS_CLEAR => Ok(u.ctx.set_vfio_ioas(None)?),
         _ => Err(Errno::EOPNOTSUPP),
     }
@@ -510,7 +542,7 @@ fn hwpt_invalidate(u: &Ucmd, mut c: iommu_hwpt_invalidate) -> Res {
         Err(Errno::EINVAL)
     } else {
         // Only nested HWPTs take user invalidations.
-        match u.ctx.object(c.hwpt_id) {
+        match u.ctx.object(ObjectId::new(c.hwpt_id)) {
             Ok(Object::HwptNested(n)) => {
                 let (done, rc) = stage1_invalidate(u, &c, n.data().stage1());
                 processed = done;
@@ -538,7 +570,7 @@ fn hwpt_set_dirty_tracking(u: &Ucmd, c: iommu_hwpt_set_dirty_tracking) -> Res {
     if c.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let hwpt = u.ctx.hwpt(c.hwpt_id)?;
+    let hwpt = u.ctx.get(HwptPagingId::new(c.hwpt_id))?;
     Ok(hwpt.set_dirty_tracking(c.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0)?)
 }
 
@@ -546,7 +578,7 @@ fn hwpt_get_dirty_bitmap(u: &Ucmd, c: iommu_hwpt_get_dirty_bitmap) -> Res {
     if c.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let hwpt = u.ctx.hwpt(c.hwpt_id)?;
+    let hwpt = u.ctx.get(HwptPagingId::new(c.hwpt_id))?;
     // Linux's iommufd_check_iova_range, in its order.
     if c.length == 0 {
         return Err(Errno::EINVAL);

@@ -197,7 +197,8 @@ pub(crate) fn map_file(
         if d.revoked.load(Ordering::Acquire) {
             return Err(Errno::ENODEV);
         }
-        let (iova, pages) = u.ctx.map_dmabuf(ioas, d.memfd.as_fd(), start, length, iova, perm)?;
+        let (iova, pages) =
+            u.ctx.map_dmabuf(ioasid_engine::IoasId::new(ioas), d.memfd.as_fd(), start, length, iova, perm)?;
         mapped.retain(|p| p.strong_count() > 0);
         mapped.push(Arc::downgrade(&pages));
         Ok(iova)

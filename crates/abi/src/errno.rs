@@ -67,6 +67,7 @@ impl From<Error> for Errno {
     fn from(e: Error) -> Errno {
         match e {
             Error::NotFound(_) => Errno::ENOENT,
+            Error::NoObject { .. } => Errno::ENOENT,
             Error::Busy(_) => Errno::EBUSY,
             Error::Invalid(_) => Errno::EINVAL,
             Error::Unsupported(_) => Errno::EOPNOTSUPP,

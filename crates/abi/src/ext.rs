@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use ioasid_engine::Context;
 use ioasid_engine::ioasid_set::global;
+use ioasid_engine::{Context, PtId, SetObjectId, VdeviceId, ViommuId};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::errno::Errno;
@@ -92,18 +92,18 @@ fn set_alloc(u: &Ucmd, mut c: ioasid_set_alloc) -> Res {
     if c.flags != 0 || c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let parent = (c.parent_id != 0).then_some(c.parent_id);
-    c.out_set_id = u.ctx.ioasid_set_alloc(parent, c.quota)?;
+    let parent = (c.parent_id != 0).then_some(SetObjectId::new(c.parent_id));
+    c.out_set_id = u.ctx.ioasid_set_alloc(parent, c.quota)?.get();
     u.respond_created(&c, c.out_set_id)
 }
 
 fn set_quota(u: &Ucmd, c: ioasid_set_quota) -> Res {
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     Ok(global().set_quota(set.id(), c.quota)?)
 }
 
 fn set_usage(u: &Ucmd, mut c: ioasid_set_usage) -> Res {
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     (c.out_quota, c.out_used) = global().usage(set.id())?;
     u.respond(&c)
 }
@@ -112,7 +112,7 @@ fn pasid_alloc(u: &Ucmd, mut c: ioasid_pasid_alloc) -> Res {
     if c.flags & !IOASID_PASID_ALLOC_PRIVATE != 0 || c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     c.out_pasid = if c.flags & IOASID_PASID_ALLOC_PRIVATE != 0 {
         global().alloc_private(set.id(), c.vpasid, c.private_data)?
     } else {
@@ -124,7 +124,7 @@ fn pasid_alloc(u: &Ucmd, mut c: ioasid_pasid_alloc) -> Res {
 }
 
 fn pasid_free(u: &Ucmd, c: ioasid_pasid_free) -> Res {
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     Ok(global().free(set.id(), c.pasid)?)
 }
 
@@ -137,13 +137,13 @@ fn pasid_put(u: &Ucmd, c: ioasid_pasid_ref) -> Res {
 }
 
 fn pasid_find(u: &Ucmd, mut c: ioasid_pasid_find) -> Res {
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     c.out_private_data = global().find(set.id(), c.pasid).ok_or(Errno::ENOENT)?;
     u.respond(&c)
 }
 
 fn vpasid_lookup(u: &Ucmd, mut c: ioasid_vpasid_lookup) -> Res {
-    let set = u.ctx.ioasid_set(c.set_id)?;
+    let set = u.ctx.get(SetObjectId::new(c.set_id))?;
     c.out_pasid = global().host_pasid(set.id(), c.vpasid).ok_or(Errno::ENOENT)?;
     u.respond(&c)
 }
@@ -152,16 +152,16 @@ fn viommu_set_pasids(u: &Ucmd, c: ioasid_viommu_set_pasids) -> Res {
     if c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    Ok(u.ctx.viommu_set_pasid_set(c.viommu_id, c.set_id)?)
+    Ok(u.ctx.viommu_set_pasid_set(ViommuId::new(c.viommu_id), SetObjectId::new(c.set_id))?)
 }
 
 fn vdevice_attach_pasid(u: &Ucmd, mut c: ioasid_vdevice_attach_pasid) -> Res {
     if c.flags != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    c.out_pasid = u.ctx.vdevice_attach_pasid(c.vdevice_id, c.vpasid, c.pt_id)?;
+    c.out_pasid = u.ctx.vdevice_attach_pasid(VdeviceId::new(c.vdevice_id), c.vpasid, PtId::new(c.pt_id))?;
     u.respond(&c).inspect_err(|_| {
-        let _ = u.ctx.vdevice_detach_pasid(c.vdevice_id, c.vpasid);
+        let _ = u.ctx.vdevice_detach_pasid(VdeviceId::new(c.vdevice_id), c.vpasid);
     })
 }
 
@@ -169,5 +169,5 @@ fn vdevice_detach_pasid(u: &Ucmd, c: ioasid_vdevice_detach_pasid) -> Res {
     if c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    Ok(u.ctx.vdevice_detach_pasid(c.vdevice_id, c.vpasid)?)
+    Ok(u.ctx.vdevice_detach_pasid(VdeviceId::new(c.vdevice_id), c.vpasid)?)
 }

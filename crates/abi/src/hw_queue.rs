@@ -6,6 +6,8 @@
 use core::mem::size_of;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use ioasid_engine::ViommuId;
+
 use crate::errno::Errno;
 use crate::uapi::io;
 use crate::ucmd::Ucmd;
@@ -39,6 +41,7 @@ pub(crate) fn hw_queue_alloc(u: &Ucmd, mut c: iommu_hw_queue_alloc) -> Result<()
     if c.nesting_parent_iova.checked_add(c.length - 1).is_none() {
         return Err(Errno::EOVERFLOW);
     }
-    c.out_hw_queue_id = u.ctx.hw_queue_alloc(c.viommu_id, c.r#type, c.index, c.nesting_parent_iova, c.length)?;
+    c.out_hw_queue_id =
+        u.ctx.hw_queue_alloc(ViommuId::new(c.viommu_id), c.r#type, c.index, c.nesting_parent_iova, c.length)?.get();
     u.respond_created(&c, c.out_hw_queue_id)
 }

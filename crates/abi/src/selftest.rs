@@ -10,7 +10,10 @@ use ioasid_engine::device::MockFlags;
 use ioasid_engine::fault::{Group, LAST_PAGE, PASID_VALID, PageRequest};
 use ioasid_engine::ioas::Owner;
 use ioasid_engine::model::selftest::MockNested;
-use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, IovaRange, Object, PAGE_SIZE, memory, pages};
+use ioasid_engine::{
+    Access, AccessId, AccessOps, Context, DeviceId, DeviceInfo, IoasId, IovaRange, Object, ObjectId, PAGE_SIZE, PtId,
+    SelftestId, memory, pages,
+};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::errno::Errno;
@@ -125,7 +128,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         IOMMU_TEST_OP_ADD_RESERVED => {
             let a: AddReserved = c.arm();
             let range = IovaRange::from_len(a.start, a.length)?;
-            Ok(u.ctx.ioas(c.id)?.reserve(&[range], Owner::User)?)
+            Ok(u.ctx.get(IoasId::new(c.id))?.reserve(&[range], Owner::User)?)
         }
         IOMMU_TEST_OP_MOCK_DOMAIN | IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS => {
             let mut a: MockDomain = c.arm();
@@ -143,16 +146,16 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
                 },
             );
             check_vdevice(u, None, c.id)?;
-            let (stdev, hwpt, idev) = u.ctx.mock_domain(c.id, info)?;
-            (a.out_stdev_id, a.out_hwpt_id, a.out_idev_id) = (stdev, hwpt, idev);
+            let (stdev, hwpt, idev) = u.ctx.mock_domain(PtId::new(c.id), info)?;
+            (a.out_stdev_id, a.out_hwpt_id, a.out_idev_id) = (stdev.get(), hwpt.get(), idev.get());
             c.set_arm(&a);
-            u.respond_created(&c, stdev)
+            u.respond_created(&c, stdev.get())
         }
         IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE => {
             let mut a: MockDomainReplace = c.arm();
-            let dev = u.ctx.device(selftest_device(u, c.id)?)?;
+            let dev = u.ctx.get(selftest_device(u, c.id)?)?;
             check_vdevice(u, Some(&dev), a.pt_id)?;
-            a.pt_id = u.ctx.mock_domain_replace(c.id, a.pt_id)?;
+            a.pt_id = u.ctx.mock_domain_replace(SelftestId::new(c.id), PtId::new(a.pt_id))?.get();
             c.set_arm(&a);
             u.respond(&c)
         }
@@ -166,12 +169,12 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => {
             let a: AccessReplaceIoas = c.arm();
             let f = access_file(c.id)?;
-            Ok(f.ctx.access_replace(f.id, a.ioas_id)?)
+            Ok(f.ctx.access_replace(f.id, IoasId::new(a.ioas_id))?)
         }
         IOMMU_TEST_OP_DIRTY => dirty(u, c),
         IOMMU_TEST_OP_MD_CHECK_IOTLB => {
             let a: CheckIotlb = c.arm();
-            let nested = match u.ctx.object(c.id)? {
+            let nested = match u.ctx.object(ObjectId::new(c.id))? {
                 Object::HwptNested(n) => n,
                 _ => return Err(Errno::ENOENT),
             };
@@ -185,7 +188,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         }
         IOMMU_TEST_OP_DEV_CHECK_CACHE => {
             let a: CheckDevCache = c.arm();
-            let dev = u.ctx.device(c.id)?;
+            let dev = u.ctx.get(DeviceId::new(c.id))?;
             let cache = dev.mock_cache().ok_or(Errno::EINVAL)?;
             match cache.get(a.id as usize) {
                 Some(&v) if v == a.cache => Ok(()),
@@ -212,17 +215,14 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
 }
 
 /// The device bound under selftest object `stdev_id`.
-fn selftest_device(u: &Ucmd, stdev_id: u32) -> Result<u32, Errno> {
-    match u.ctx.object(stdev_id)? {
-        Object::Selftest(s) => s.dev_id().ok_or(Errno::ENOENT),
-        _ => Err(Errno::ENOENT),
-    }
+fn selftest_device(u: &Ucmd, stdev_id: u32) -> Result<DeviceId, Errno> {
+    u.ctx.get(SelftestId::new(stdev_id))?.dev_id().ok_or(Errno::ENOENT)
 }
 
 /// The mock attaches a device to a nested HWPT of a vIOMMU only once the
 /// device has a vDEVICE there (`mock_domain_nop_attach`): `ENOENT` before.
 fn check_vdevice(u: &Ucmd, dev: Option<&ioasid_engine::Device>, pt_id: u32) -> Res {
-    if let Ok(Object::HwptNested(n)) = u.ctx.object(pt_id)
+    if let Ok(Object::HwptNested(n)) = u.ctx.object(ObjectId::new(pt_id))
         && let Some(viommu) = n.viommu()
         && dev.and_then(|d| viommu.virt_id_of(d)).is_none()
     {
@@ -234,7 +234,7 @@ fn check_vdevice(u: &Ucmd, dev: Option<&ioasid_engine::Device>, pt_id: u32) -> R
 /// The mock vIOMMU reporting an event of a device attached to one of its
 /// nested HWPTs: the device's virtual ID, on the selftest vEVENTQ.
 fn trigger_vevent(u: &Ucmd, a: TriggerVevent) -> Res {
-    let dev = u.ctx.device(a.dev_id)?;
+    let dev = u.ctx.get(DeviceId::new(a.dev_id))?;
     let Some(ioasid_engine::Hwpt::Nested(n)) = dev.attached() else { return Err(Errno::ENOENT) };
     let viommu = n.viommu().ok_or(Errno::ENOENT)?;
     let virt_id = viommu.virt_id_of(&dev).filter(|&v| v != 0).ok_or(Errno::ENOENT)?;
@@ -248,18 +248,18 @@ fn pasid_attach(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     let mut a: PasidAttach = c.arm();
     let dev = selftest_device(u, c.id)?;
     // A PASID takes a HWPT, never an IOAS's automatic one.
-    if !matches!(u.ctx.object(a.pt_id)?, Object::HwptPaging(_) | Object::HwptNested(_)) {
+    if !matches!(u.ctx.object(ObjectId::new(a.pt_id))?, Object::HwptPaging(_) | Object::HwptNested(_)) {
         return Err(Errno::EINVAL);
     }
     if c.op == IOMMU_TEST_OP_PASID_REPLACE {
-        a.pt_id = u.ctx.replace_pasid(dev, a.pasid, a.pt_id)?;
+        a.pt_id = u.ctx.replace_pasid(dev, a.pasid, PtId::new(a.pt_id))?.get();
         c.set_arm(&a);
         return u.respond(&c);
     }
-    if u.ctx.device(dev)?.attached_at(Some(a.pasid)).is_some() {
+    if u.ctx.get(dev)?.attached_at(Some(a.pasid)).is_some() {
         return Err(Errno::EBUSY);
     }
-    a.pt_id = u.ctx.attach_pasid(dev, a.pasid, a.pt_id)?;
+    a.pt_id = u.ctx.attach_pasid(dev, a.pasid, PtId::new(a.pt_id))?.get();
     c.set_arm(&a);
     u.respond(&c).inspect_err(|_| {
         let _ = u.ctx.detach_pasid(dev, a.pasid);
@@ -268,12 +268,12 @@ fn pasid_attach(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
 
 /// `PASID_CHECK_HWPT`: the PASID is attached to `hwpt_id`, or (0) to nothing.
 fn pasid_check_hwpt(u: &Ucmd, stdev_id: u32, a: PasidCheck) -> Res {
-    let dev = u.ctx.device(selftest_device(u, stdev_id)?)?;
+    let dev = u.ctx.get(selftest_device(u, stdev_id)?)?;
     let attached = dev.attached_at(Some(a.pasid));
     if a.hwpt_id == 0 {
         return if attached.is_some() { Err(Errno::EINVAL) } else { Ok(()) };
     }
-    let hwpt = match u.ctx.object(a.hwpt_id)? {
+    let hwpt = match u.ctx.object(ObjectId::new(a.hwpt_id))? {
         Object::HwptPaging(h) => ioasid_engine::Hwpt::Paging(h),
         Object::HwptNested(n) => ioasid_engine::Hwpt::Nested(n),
         _ => return Err(Errno::EINVAL),
@@ -286,7 +286,7 @@ fn pasid_check_hwpt(u: &Ucmd, stdev_id: u32, a: PasidCheck) -> Res {
 
 /// A paging HWPT of the mock IOMMU (Linux's `get_md_pagetable`).
 fn mock_hwpt(u: &Ucmd, hwpt_id: u32) -> Result<Arc<ioasid_engine::HwptPaging>, Errno> {
-    let hwpt = match u.ctx.object(hwpt_id)? {
+    let hwpt = match u.ctx.object(ObjectId::new(hwpt_id))? {
         Object::HwptPaging(h) => h,
         _ => return Err(Errno::ENOENT),
     };
@@ -435,7 +435,7 @@ impl AccessOps for MockAccessDriver {
 /// What an access fd refers to; closing the fd destroys the access.
 pub struct AccessFile {
     ctx: Arc<Context>,
-    id: u32,
+    id: AccessId,
     driver: Arc<MockAccessDriver>,
     access: Arc<Access>,
 }
@@ -463,7 +463,7 @@ fn create_access(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     let fd = new_fd(c"ioasid:[iommufd_test_staccess]")?;
     let driver = Arc::new(MockAccessDriver::default());
     let needs_pin = a.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0;
-    let (id, access) = u.ctx.access_create(c.id, driver.clone(), needs_pin)?;
+    let (id, access) = u.ctx.access_create(IoasId::new(c.id), driver.clone(), needs_pin)?;
     driver.access.set(Arc::downgrade(&access)).map_err(|_| Errno::EINVAL)?;
     let file = Arc::new(AccessFile { ctx: u.ctx.clone(), id, driver, access });
     a.out_access_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
@@ -535,7 +535,7 @@ fn access_rw(u: &Ucmd, fd: u32, a: AccessRw) -> Res {
 /// message would; it goes to the fault queue of the HWPT the device is
 /// attached to (the RID's, when nothing is attached at that PASID).
 fn trigger_iopf(u: &Ucmd, a: TriggerIopf) -> Res {
-    let dev = u.ctx.device(a.dev_id)?;
+    let dev = u.ctx.get(DeviceId::new(a.dev_id))?;
     if !dev.info().iommu.is_selftest() {
         return Err(Errno::EINVAL);
     }

@@ -33,7 +33,14 @@ impl<'a> Ucmd<'a> {
     }
 
     /// Maps the caller's memory: this process's, checked, or another's.
-    pub(crate) fn map_user(&self, ioas: u32, va: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64, Errno> {
+    pub(crate) fn map_user(
+        &self,
+        ioas: ioasid_engine::IoasId,
+        va: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64, Errno> {
         Ok(match self.mem.pid() {
             None => self.ctx.map_user_checked(ioas, va, len, iova, perm)?,
             Some(pid) => self.ctx.map_remote(ioas, pid, va, len, iova, perm)?,
@@ -57,7 +64,7 @@ impl<'a> Ucmd<'a> {
     /// be told its ID never gets the object either.
     pub(crate) fn respond_created<T: IntoBytes + Immutable>(&self, cmd: &T, id: u32) -> Res {
         self.respond(cmd).inspect_err(|_| {
-            let _ = self.ctx.destroy(id);
+            let _ = self.ctx.destroy(ioasid_engine::ObjectId::new(id));
         })
     }
 }

@@ -99,7 +99,7 @@ pub fn ioctl(u: &Ucmd, request: u32) -> Result<i32, Errno> {
 
 fn compat_ioas(u: &Ucmd) -> Result<Arc<Ioas>, Errno> {
     let id = u.ctx.vfio_ioas()?;
-    Ok(u.ctx.ioas(id)?)
+    Ok(u.ctx.get(id)?)
 }
 
 fn check_extension(u: &Ucmd, ext: u64) -> Result<i32, Errno> {

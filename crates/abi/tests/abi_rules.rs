@@ -275,7 +275,7 @@ fn a_struct_longer_than_the_kernels_still_gets_its_answer() {
     buf[..4].copy_from_slice(&len.to_ne_bytes());
     ioctl(&ctx, &InProcess, IOMMU_IOAS_ALLOC, buf.as_mut_ptr() as u64).unwrap();
     let id = u32::from_ne_bytes(buf[8..12].try_into().unwrap());
-    assert!(ctx.ioas(id).is_ok());
+    assert!(ctx.get(ioasid_engine::IoasId::new(id)).is_ok());
     assert!(buf[12..].iter().all(|&b| b == 0));
 }
 

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, IommuModel, IovaRange, Limit};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, HostBuffer, HwptPagingId, IoasId, IommuModel, IovaRange, Limit,
+};
 use zerocopy::{FromBytes, IntoBytes};
 
 const PAGE: u64 = 4096;
@@ -44,13 +46,13 @@ fn map_cmd(ioas_id: u32, buf: &HostBuffer, len: u64, iova: Option<u64>) -> iommu
 }
 
 /// A context with an IOAS, a device attached to it and `pages` mapped at 1 MiB.
-fn attached(pages: u64) -> (Arc<Context>, u32, u32, HostBuffer) {
+fn attached(pages: u64) -> (Arc<Context>, u32, DeviceId, HostBuffer) {
     let ctx = ctx();
     let ioas_id = ioas(&ctx);
     let mut info = DeviceInfo::new("dev", 8);
     info.reserved.push(IovaRange::new(0xfee0_0000, 0xfeef_ffff));
     let dev = ctx.bind_device(info).unwrap();
-    ctx.attach(dev, ioas_id).unwrap();
+    ctx.attach(dev, IoasId::new(ioas_id)).unwrap();
     let buf = HostBuffer::new((pages * PAGE) as usize).unwrap();
     call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(ioas_id, &buf, pages * PAGE, Some(1 << 20))).unwrap();
     (ctx, ioas_id, dev, buf)
@@ -130,12 +132,12 @@ errno_test!(destroy_ioas_with_a_hwpt_is_ebusy, EBUSY, {
 });
 errno_test!(destroy_attached_hwpt_is_ebusy, EBUSY, {
     let (ctx, _, dev, _) = attached(1);
-    let hwpt = ctx.device(dev).unwrap().attached().map(|_| 3).unwrap();
+    let hwpt = ctx.get(dev).unwrap().attached().map(|_| 3).unwrap();
     call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt })
 });
 errno_test!(destroy_bound_device_is_ebusy, EBUSY, {
     let (ctx, _, dev, _) = attached(1);
-    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: dev })
+    call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: dev.get() })
 });
 
 #[test]
@@ -264,7 +266,7 @@ fn allowed_ranges_steer_automatic_iovas_and_refuse_reservations() {
     let mut info = DeviceInfo::new("d", 1);
     info.reserved.push(IovaRange::new(0x4800_0000, 0x48ff_ffff));
     let dev = ctx.bind_device(info).unwrap();
-    assert_eq!(ctx.attach(dev, id).map_err(Errno::from), Err(Errno::EADDRINUSE));
+    assert_eq!(ctx.attach(dev, IoasId::new(id)).map_err(Errno::from), Err(Errno::EADDRINUSE));
 }
 
 // ---- IOMMU_IOAS_MAP ----------------------------------------------------------
@@ -364,7 +366,7 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
     }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
-    ctx.attach(dev, id).unwrap();
+    ctx.attach(dev, IoasId::new(id)).unwrap();
     let buf = HostBuffer::new(3 * PAGE as usize).unwrap();
     call(&ctx, IOMMU_IOAS_MAP, &mut map_cmd(id, &buf, 3 * PAGE, None))
 });
@@ -442,7 +444,7 @@ fn map_file_dma_sees_the_file() {
     call(&ctx, IOMMU_IOAS_MAP_FILE, &mut c).unwrap();
     drop(f);
     let mut got = [0u8; 9];
-    ctx.device(dev).unwrap().dma_read(c.iova, &mut got).unwrap();
+    ctx.get(dev).unwrap().dma_read(c.iova, &mut got).unwrap();
     assert_eq!(&got, b"file data");
 }
 
@@ -478,7 +480,7 @@ fn map_file_of_a_file_truncated_later_fails_dma_and_access_cleanly() {
     call(&ctx, IOMMU_IOAS_MAP_FILE, &mut c).unwrap();
     let access = test_access(&ctx, id);
     f.set_len(PAGE).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let mut got = [0u8; 4];
     // What is left of the file is still reached.
     device.dma_read(c.iova, &mut got).unwrap();
@@ -561,11 +563,11 @@ fn copy_shares_pins_and_maps_a_subrange() {
     let pinned = ctx.locked_pages();
     let dst = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("other", 16)).unwrap();
-    ctx.attach(dev, dst).unwrap();
+    ctx.attach(dev, IoasId::new(dst)).unwrap();
     let mut c = copy_cmd(dst, id, (1 << 20) + PAGE, 2 * PAGE);
     call(&ctx, IOMMU_IOAS_COPY, &mut c).unwrap();
     assert_eq!(ctx.locked_pages(), pinned, "copied pages are pinned once");
-    ctx.device(dev).unwrap().dma_write(c.dst_iova, b"x").unwrap();
+    ctx.get(dev).unwrap().dma_write(c.dst_iova, b"x").unwrap();
 }
 
 // ---- IOMMU_IOAS_UNMAP ------------------------------------------------------
@@ -609,7 +611,7 @@ fn unmap_returns_bytes_and_unmap_all_empties() {
     assert_eq!(unmap(&ctx, id, 0, u64::MAX), Ok(PAGE));
     assert_eq!(unmap(&ctx, id, 0, u64::MAX), Ok(0), "unmap all of nothing succeeds");
     assert_eq!(ctx.locked_pages(), 0);
-    assert!(ctx.device(dev).unwrap().dma_write(1 << 30, b"x").is_err());
+    assert!(ctx.get(dev).unwrap().dma_write(1 << 30, b"x").is_err());
 }
 
 // ---- IOMMU_OPTION ----------------------------------------------------------
@@ -692,7 +694,7 @@ fn with_device(dirty: bool) -> (Arc<Context>, u32, u32) {
     let mut info = DeviceInfo::new("d", 1);
     info.dirty_tracking = dirty;
     let dev = ctx.bind_device(info).unwrap();
-    (ctx, id, dev)
+    (ctx, id, dev.get())
 }
 
 errno_test!(hwpt_alloc_reserved_is_eopnotsupp, EOPNOTSUPP, {
@@ -752,9 +754,10 @@ fn hwpt_alloc_mirrors_the_ioas_and_is_busy_while_attached() {
     let mut c = hwpt_cmd(dev, id, IOMMU_HWPT_ALLOC_NEST_PARENT | IOMMU_HWPT_ALLOC_DIRTY_TRACKING);
     call(&ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
     let hwpt = c.out_hwpt_id;
-    assert_eq!(ctx.attach(dev, hwpt), Ok(hwpt));
+    let dev = DeviceId::new(dev);
+    assert_eq!(ctx.attach(dev, HwptPagingId::new(hwpt)).map(|h| h.get()), Ok(hwpt));
     assert_eq!(call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt }), Err(Errno::EBUSY));
-    ctx.device(dev).unwrap().dma_write(0x8000, b"ok").unwrap();
+    ctx.get(dev).unwrap().dma_write(0x8000, b"ok").unwrap();
     ctx.detach(dev).unwrap();
     call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id: hwpt }).unwrap();
     call(&ctx, IOMMU_DESTROY, &mut iommu_destroy { size: 8, id }).unwrap();
@@ -811,7 +814,7 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
     info.max_pasid_log2 = 20;
     let dev = ctx.bind_device(info).unwrap();
     let mut data = [0xffu8; 32];
-    let mut c = hw_info_cmd(dev, &mut data);
+    let mut c = hw_info_cmd(dev.get(), &mut data);
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
     assert_eq!((c.data_len, c.out_data_type, c.out_max_pasid_log2), (24, IOMMU_HW_INFO_TYPE_INTEL_VTD, 20));
     // 7.3 also says when ATS cannot be used, as on every emulated device.
@@ -822,7 +825,7 @@ fn hw_info_reports_capabilities_and_clears_the_buffer() {
     assert_eq!(data[24..], [0; 8], "the rest of the buffer is cleared");
     // A shorter buffer gets what fits, and the full length.
     let mut short = [0u8; 8];
-    let mut c = hw_info_cmd(dev, &mut short);
+    let mut c = hw_info_cmd(dev.get(), &mut short);
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
     assert_eq!((c.data_len, u32::from_le_bytes(short[..4].try_into().unwrap())), (24, vtd.flags));
 }
@@ -833,14 +836,14 @@ fn hw_info_describes_each_iommu_model() {
     let smmu = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu", 1)).unwrap();
     let amd = ctx.bind_device(DeviceInfo::behind(IommuModel::AmdVi, "amd", 2)).unwrap();
     let mut data = [0u8; 40];
-    let mut c = hw_info_cmd(smmu, &mut data);
+    let mut c = hw_info_cmd(smmu.get(), &mut data);
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
     assert_eq!((c.data_len, c.out_data_type), (40, IOMMU_HW_INFO_TYPE_ARM_SMMUV3));
     let info = iommu_hw_info_arm_smmuv3::read_from_bytes(&data[..]).unwrap();
     assert_eq!(info.idr[0] & 0b11, 0b11, "stage 1 and stage 2");
     assert_eq!(info.idr[5] & 0b111, 0b101, "48-bit output");
     // Asking for the model's own type works; another is refused.
-    let mut c = hw_info_cmd(amd, &mut data);
+    let mut c = hw_info_cmd(amd.get(), &mut data);
     c.flags = IOMMU_HW_INFO_FLAG_INPUT_TYPE;
     c.out_data_type = IOMMU_HW_INFO_TYPE_AMD;
     call(&ctx, IOMMU_GET_HW_INFO, &mut c).unwrap();
@@ -909,7 +912,7 @@ errno_test!(invalidate_too_many_entries_is_einval, EINVAL, {
 #[test]
 fn invalidate_of_a_paging_hwpt_is_enoent_and_reports_no_entries() {
     let (ctx, _, dev, _buf) = attached(1);
-    let hwpt = ctx.device(dev).unwrap().attached().map(|_| 3).unwrap();
+    let hwpt = ctx.get(dev).unwrap().attached().map(|_| 3).unwrap();
     let mut entry = iommu_hwpt_vtd_s1_invalidate::default();
     let mut c = iommu_hwpt_invalidate {
         hwpt_id: hwpt,

@@ -8,7 +8,7 @@ use ioasid_abi::selftest::*;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
 use ioasid_engine::device::MockFlags;
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit};
+use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, FaultId, Limit, PtId};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn ctx() -> Arc<Context> {
@@ -36,14 +36,14 @@ fn setup() -> (Arc<Context>, u32, u32, u32, Arc<FaultFile>) {
     let mut c = iommu_hwpt_alloc {
         size: 48,
         flags: IOMMU_HWPT_ALLOC_NEST_PARENT,
-        dev_id: dev,
-        pt_id: ioas,
+        dev_id: dev.get(),
+        pt_id: ioas.get(),
         ..Default::default()
     };
     call(&ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
     let (fault_id, fault) = fault_alloc(&ctx);
     let _ = stdev;
-    (ctx, dev, c.out_hwpt_id, fault_id, fault)
+    (ctx, dev.get(), c.out_hwpt_id, fault_id, fault)
 }
 
 /// `setup`, with the device on a nested HWPT whose faults go to the queue.
@@ -51,7 +51,7 @@ fn attached_to_queue() -> (Arc<Context>, u32, u32, Arc<FaultFile>) {
     let (ctx, dev, parent, fault_id, fault) = setup();
     let mut data = IOMMU_TEST_IOTLB_DEFAULT.to_ne_bytes();
     let iopf = alloc_nested(&ctx, dev, parent, Some(fault_id), &mut data).unwrap();
-    ctx.replace(dev, iopf).unwrap();
+    ctx.replace(DeviceId::new(dev), PtId::new(iopf)).unwrap();
     (ctx, dev, fault_id, fault)
 }
 
@@ -164,18 +164,19 @@ fn the_fault_fd_polls_readable_while_requests_wait_and_close_answers_them() {
     call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
     let fd = c.out_fault_fd as i32;
     let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
-    let hwpt = ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(c.out_fault_id)).unwrap();
+    let hwpt =
+        ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(FaultId::new(c.out_fault_id))).unwrap();
     ctx.attach(dev, hwpt).unwrap();
     assert!(!readable(fd));
 
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let dma = std::thread::spawn(move || device.dma_write(0x10000, b"x"));
     while !readable(fd) {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let mut rec = [iommu_hwpt_pgfault::default(); 1];
     assert_eq!(file.read(&InProcess, rec.as_mut_ptr() as u64, 40, 0), Ok(40));
-    assert_eq!((rec[0].dev_id, rec[0].addr, rec[0].perm), (dev, 0x10000, IOMMU_PGFAULT_PERM_WRITE));
+    assert_eq!((rec[0].dev_id, rec[0].addr, rec[0].perm), (dev.get(), 0x10000, IOMMU_PGFAULT_PERM_WRITE));
     assert!(!readable(fd), "read drains readiness");
 
     // The owner closes the fd without answering: the DMA is refused, not stuck.
@@ -264,9 +265,10 @@ fn fault_records_carry_exec_and_priv() {
     call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
     let fd = c.out_fault_fd as i32;
     let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
-    let hwpt = ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(c.out_fault_id)).unwrap();
+    let hwpt =
+        ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(FaultId::new(c.out_fault_id))).unwrap();
     ctx.attach_pasid(dev, 5, hwpt).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let attrs = DmaAttrs { exec: true, privileged: true };
     let dma = std::thread::spawn(move || device.dma_read_pasid_with(5, 0x10000, &mut [0], attrs));
     while !readable(fd) {

@@ -311,7 +311,7 @@ fn dmabuf_maps_by_its_size_and_revoked_stays_out_of_reach() {
     assert_eq!(map_file(&ctx, id, fd, 0, size + 1), Err(Errno::EINVAL));
     let iova = map_file(&ctx, id, fd, 0, size).unwrap();
     assert_eq!(ctx.locked_pages(), 0, "a dma-buf is not charged");
-    let dev = ctx.device(idev).unwrap();
+    let dev = ctx.get(ioasid_engine::DeviceId::new(idev)).unwrap();
     dev.dma_write(iova + PAGE, b"dma").unwrap();
 
     revoke_dmabuf(&ctx, fd, true).unwrap();

@@ -140,7 +140,7 @@ fn destroying_a_set_frees_its_ids_and_parents_wait_for_children() {
 // A context's IDs name only its own objects, and a PASID of another
 // context's set answers as a missing one does (ENOENT).
 
-use ioasid_engine::{DeviceInfo, HwptFlags, MockFlags, ViommuType};
+use ioasid_engine::{DeviceInfo, HwptFlags, MockFlags, SetObjectId, VdeviceId, ViommuType};
 
 /// A guest's context: a set (object 1) with PASID `pasid` (private data 42)
 /// and private ID 5 mapped to `host`; a vIOMMU drawing from a second set,
@@ -170,9 +170,18 @@ fn owner() -> Owner {
     let viommu = ctx.viommu_alloc(dev, parent, ViommuType::Selftest).unwrap();
     let vdevice = ctx.vdevice_alloc(viommu, dev, 0x10).unwrap();
     let viommu_set = set(&ctx, 0, 4).unwrap();
-    ctx.viommu_set_pasid_set(viommu, viommu_set).unwrap();
+    ctx.viommu_set_pasid_set(viommu, SetObjectId::new(viommu_set)).unwrap();
     ctx.vdevice_attach_pasid(vdevice, 4, ioas).unwrap();
-    Owner { ctx, set: s, pasid, host: c.out_pasid, viommu, viommu_set, vdevice, ioas }
+    Owner {
+        ctx,
+        set: s,
+        pasid,
+        host: c.out_pasid,
+        viommu: viommu.get(),
+        viommu_set,
+        vdevice: vdevice.get(),
+        ioas: ioas.get(),
+    }
 }
 
 /// An unrelated context whose own objects sit at the owner's IDs (none of
@@ -185,14 +194,14 @@ struct Other {
 
 fn other(o: &Owner) -> Other {
     let ctx = ctx();
-    assert_eq!(ctx.ioas_alloc().unwrap(), o.set, "the owner's set ID is an IOAS here");
+    assert_eq!(ctx.ioas_alloc().unwrap().get(), o.set, "the owner's set ID is an IOAS here");
     let s = set(&ctx, 0, 8).unwrap();
     alloc(&ctx, s, 7).unwrap();
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     let viommu = ctx.viommu_alloc(dev, parent, ViommuType::Selftest).unwrap();
-    Other { ctx, set: s, viommu }
+    Other { ctx, set: s, viommu: viommu.get() }
 }
 
 fn find(ctx: &Arc<Context>, set_id: u32, pasid: u32) -> Result<u64, Errno> {
@@ -216,7 +225,7 @@ fn untouched(o: &Owner) {
     let mut l = ioasid_vpasid_lookup { size: 16, set_id: o.set, vpasid: 5, out_pasid: 0 };
     call(&o.ctx, IOASID_VPASID_LOOKUP, &mut l).unwrap();
     assert_eq!(l.out_pasid, o.host);
-    assert_eq!(o.ctx.vdevice(o.vdevice).unwrap().pasids().len(), 1);
+    assert_eq!(o.ctx.get(VdeviceId::new(o.vdevice)).unwrap().pasids().len(), 1);
 }
 
 #[test]
@@ -354,7 +363,7 @@ fn closing_a_context_drops_the_references_it_took_once() {
     use ioasid_engine::ioasid_set::global;
     let a = ctx();
     let s = set(&a, 0, 8).unwrap();
-    let sid = a.ioasid_set(s).unwrap().id();
+    let sid = a.get(SetObjectId::new(s)).unwrap().id();
     // Other tests share the global space: a number may be theirs again.
     let gone = |p: u32| global().entry(p).is_none_or(|e| e.set() != sid);
     let held = alloc(&a, s, 1).unwrap();

@@ -17,7 +17,7 @@ fn setup() -> (Arc<Context>, u32, u32) {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("vf", 1)).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
-    (ctx, dev, parent)
+    (ctx, dev.get(), parent.get())
 }
 
 fn alloc(ctx: &Arc<Context>, dev: u32, parent: u32, s1: &mut iommu_hwpt_vtd_s1, len: u32) -> Result<u32, Errno> {
@@ -45,7 +45,7 @@ fn vtd_s1_alloc_checks_as_intel_does() {
     assert_eq!(alloc(&ctx, dev, parent, &mut iommu_hwpt_vtd_s1 { addr_width: 39, ..s1() }, 24), Err(Errno::EINVAL));
     assert_eq!(alloc(&ctx, dev, parent, &mut iommu_hwpt_vtd_s1 { pgtbl_addr: 0x1008, ..s1() }, 24), Err(Errno::EINVAL));
     let id = alloc(&ctx, dev, parent, &mut iommu_hwpt_vtd_s1 { addr_width: 57, ..s1() }, 24).unwrap();
-    assert!(matches!(ctx.any_hwpt(id), Ok(ioasid_engine::Hwpt::Nested(_))));
+    assert!(matches!(ctx.get(ioasid_engine::HwptId::new(id)), Ok(ioasid_engine::Hwpt::Nested(_))));
 }
 
 #[test]

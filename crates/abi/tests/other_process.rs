@@ -40,9 +40,9 @@ fn another_process_maps_and_gets_answers() {
     };
     call(&ctx, IOMMU_IOAS_MAP, &mut map).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
-    ctx.attach(dev, alloc.out_ioas_id).unwrap();
+    ctx.attach(dev, ioasid_engine::IoasId::new(alloc.out_ioas_id)).unwrap();
     let mut seen = [0u8; 6];
-    ctx.device(dev).unwrap().dma_read(map.iova, &mut seen).unwrap();
+    ctx.get(dev).unwrap().dma_read(map.iova, &mut seen).unwrap();
     assert_eq!(&seen, b"theirs");
     // A mapping of memory the process does not have fails when pinned.
     let mut bad = iommu_ioas_map { user_va: 0x1000, iova: 0, ..map };

@@ -6,24 +6,24 @@ use std::sync::Arc;
 
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, MockFlags};
+use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, HwptFlags, HwptId, IoasId, Limit, MockFlags};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
     ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
 }
 
-fn setup() -> (Arc<Context>, u32, u32) {
+fn setup() -> (Arc<Context>, IoasId, DeviceId) {
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
     (ctx, ioas, dev)
 }
 
-fn hwpt(ctx: &Arc<Context>, dev: u32, pt_id: u32, flags: u32) -> u32 {
-    let mut c = iommu_hwpt_alloc { size: 48, flags, dev_id: dev, pt_id, ..Default::default() };
+fn hwpt(ctx: &Arc<Context>, dev: DeviceId, pt_id: IoasId, flags: u32) -> HwptId {
+    let mut c = iommu_hwpt_alloc { size: 48, flags, dev_id: dev.get(), pt_id: pt_id.get(), ..Default::default() };
     call(ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
-    c.out_hwpt_id
+    HwptId::new(c.out_hwpt_id)
 }
 
 #[test]
@@ -32,7 +32,7 @@ fn pasids_attach_only_to_tables_allocated_for_them_beside_such_a_rid_table() {
     let plain = hwpt(&ctx, dev, ioas, 0);
     let compat = hwpt(&ctx, dev, ioas, IOMMU_HWPT_ALLOC_PASID);
     let compat2 = hwpt(&ctx, dev, ioas, IOMMU_HWPT_ALLOC_PASID);
-    let err = |r: ioasid_engine::Result<u32>| r.map_err(Errno::from);
+    let err = |r: ioasid_engine::Result<HwptId>| r.map_err(Errno::from);
 
     assert_eq!(err(ctx.attach_pasid(dev, 100, plain)), Err(Errno::EINVAL), "the table lacks the flag");
     ctx.attach(dev, plain).unwrap();
@@ -62,11 +62,8 @@ fn the_mock_fails_every_second_setting_of_pasid_1024_until_it_is_blocked() {
     let b = hwpt(&ctx, dev, ioas, IOMMU_HWPT_ALLOC_PASID);
     ctx.attach_pasid(dev, 1024, a).unwrap();
     assert_eq!(ctx.replace_pasid(dev, 1024, b).map_err(Errno::from), Err(Errno::ENOMEM));
-    let hwpt_a = ctx.any_hwpt(a).unwrap();
-    assert!(
-        ctx.device(dev).unwrap().attached_at(Some(1024)).is_some_and(|h| h.is_same(&hwpt_a)),
-        "the old table stays"
-    );
+    let hwpt_a = ctx.get(a).unwrap();
+    assert!(ctx.get(dev).unwrap().attached_at(Some(1024)).is_some_and(|h| h.is_same(&hwpt_a)), "the old table stays");
     ctx.replace_pasid(dev, 1024, b).unwrap();
     ctx.detach_pasid(dev, 1024).unwrap();
     ctx.attach_pasid(dev, 1024, a).unwrap();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ioasid_abi::selftest::*;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, Limit};
+use ioasid_engine::{Context, ContextConfig, HwptPagingId, Limit, ObjectId};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
@@ -161,13 +161,13 @@ fn selftest_data_chooses_the_paging_table_and_its_dirty_granule() {
     let dirty = IOMMU_HWPT_ALLOC_DIRTY_TRACKING;
     let mut cfg = iommu_hwpt_selftest { iotlb: 0, pagetable_type: MOCK_IOMMUPT_HUGE };
     let huge = alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8).unwrap();
-    assert_eq!(ctx.hwpt(huge).unwrap().domain().format(), PageFormat::MockHuge);
+    assert_eq!(ctx.get(HwptPagingId::new(huge)).unwrap().domain().format(), PageFormat::MockHuge);
     cfg.pagetable_type = 7;
     assert_eq!(alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8), Err(Errno::EOPNOTSUPP));
     assert_eq!(alloc_hwpt(&ctx, idev, ioas, dirty, ty + 1, Some(&mut cfg), 8), Err(Errno::EOPNOTSUPP));
     cfg.pagetable_type = MOCK_IOMMUPT_DEFAULT;
     let hwpt = alloc_hwpt(&ctx, idev, ioas, dirty, ty, Some(&mut cfg), 8).unwrap();
-    assert_eq!(ctx.hwpt(hwpt).unwrap().domain().format(), PageFormat::MockPt);
+    assert_eq!(ctx.get(HwptPagingId::new(hwpt)).unwrap().domain().format(), PageFormat::MockPt);
 
     // The IOAS maps CPU pages; dirtying one 2 KiB half reports the whole page.
     let buf = ioasid_engine::HostBuffer::new(0x4000).unwrap();
@@ -256,7 +256,9 @@ fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attache
     assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth((1 << 19) + 1)), Err(Errno::EINVAL));
     let mut q = depth(1 << 19);
     call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
-    let Ok(ioasid_engine::Object::Veventq(queue)) = ctx.object(q.out_veventq_id) else { panic!("a vEVENTQ") };
+    let Ok(ioasid_engine::Object::Veventq(queue)) = ctx.object(ObjectId::new(q.out_veventq_id)) else {
+        panic!("a vEVENTQ")
+    };
 
     let mut d = iommu_vdevice_alloc { size: 24, viommu_id, dev_id: idev, virt_id: 0x99, ..Default::default() };
     call(&ctx, IOMMU_VDEVICE_ALLOC, &mut d).unwrap();

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use ioasid_abi::selftest::IOMMU_HW_INFO_TYPE_SELFTEST;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, HwptFlags, IommuModel, Limit, MockFlags, Perm};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, HostBuffer, HwptFlags, IommuModel, Limit, MockFlags, Perm,
+};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
@@ -20,10 +22,10 @@ fn ctx() -> Arc<Context> {
 
 const MODELS: [IommuModel; 3] = [IommuModel::VTD, IommuModel::ArmSmmuV3, IommuModel::AmdVi];
 
-fn hw_info(ctx: &Arc<Context>, dev: u32, input: Option<u32>, data: &mut [u8]) -> Result<iommu_hw_info, Errno> {
+fn hw_info(ctx: &Arc<Context>, dev: DeviceId, input: Option<u32>, data: &mut [u8]) -> Result<iommu_hw_info, Errno> {
     let mut c = iommu_hw_info {
         size: 40,
-        dev_id: dev,
+        dev_id: dev.get(),
         data_len: data.len() as u32,
         data_uptr: data.as_mut_ptr() as u64,
         flags: if input.is_some() { IOMMU_HW_INFO_FLAG_INPUT_TYPE } else { 0 },
@@ -36,7 +38,8 @@ fn hw_info(ctx: &Arc<Context>, dev: u32, input: Option<u32>, data: &mut [u8]) ->
 #[test]
 fn hw_info_says_ats_is_not_supported_and_smmuv3_has_no_errata() {
     let ctx = ctx();
-    let mut devs: Vec<u32> = MODELS.iter().map(|&m| ctx.bind_device(DeviceInfo::behind(m, "d", 1)).unwrap()).collect();
+    let mut devs: Vec<DeviceId> =
+        MODELS.iter().map(|&m| ctx.bind_device(DeviceInfo::behind(m, "d", 1)).unwrap()).collect();
     devs.push(ctx.bind_device(DeviceInfo::mock(2, MockFlags::default())).unwrap());
     for dev in devs {
         let mut data = [0u8; 64];
@@ -94,8 +97,8 @@ fn tegra241_cmdqv_is_answered_as_an_smmu_without_it() {
         let cmdqv = iommu_viommu_tegra241_cmdqv::default();
         let mut c = iommu_viommu_alloc {
             size: 40,
-            dev_id: dev,
-            hwpt_id: parent,
+            dev_id: dev.get(),
+            hwpt_id: parent.get(),
             r#type: IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV,
             data_len: 16,
             data_uptr: cmdqv.as_bytes().as_ptr() as u64,
@@ -118,14 +121,14 @@ fn a_tegra241_veventq_is_taken_and_never_has_events() {
     let viommu = ctx.viommu_alloc(dev, parent, ioasid_engine::ViommuType::ArmSmmuV3).unwrap();
     let mut c = iommu_veventq_alloc {
         size: 32,
-        viommu_id: viommu,
+        viommu_id: viommu.get(),
         r#type: IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV,
         veventq_depth: 4,
         ..Default::default()
     };
     call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut c).unwrap();
     assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut c), Err(Errno::EEXIST), "one queue per type");
-    assert!(ctx.viommu(viommu).unwrap().veventq(IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV).is_some());
+    assert!(ctx.get(viommu).unwrap().veventq(IOMMU_VEVENTQ_TYPE_TEGRA241_CMDQV).is_some());
     // SAFETY: the fd was just given to this process by the command.
     drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c.out_veventq_fd as i32) });
 }
@@ -141,7 +144,7 @@ fn amd_guest_data_is_answered_as_a_driver_without_amd_nesting() {
     let nested = |pt_id| {
         let mut c = iommu_hwpt_alloc {
             size: 48,
-            dev_id: dev,
+            dev_id: dev.get(),
             pt_id,
             data_type: IOMMU_HWPT_DATA_AMD_GUEST,
             data_len: 32,
@@ -151,14 +154,15 @@ fn amd_guest_data_is_answered_as_a_driver_without_amd_nesting() {
         call(&ctx, IOMMU_HWPT_ALLOC, &mut c)
     };
     // Without CONFIG_AMD_IOMMU_IOMMUFD there is no domain_alloc_nested...
-    assert_eq!(nested(parent), Err(Errno::EOPNOTSUPP));
+    assert_eq!(nested(parent.get()), Err(Errno::EOPNOTSUPP));
     // ...nor an AMD vIOMMU to allocate one on, of whatever type.
     for r#type in [IOMMU_VIOMMU_TYPE_ARM_SMMUV3, IOMMU_VIOMMU_TYPE_TEGRA241_CMDQV, 0x1234] {
-        let mut c = iommu_viommu_alloc { size: 40, dev_id: dev, hwpt_id: parent, r#type, ..Default::default() };
+        let mut c =
+            iommu_viommu_alloc { size: 40, dev_id: dev.get(), hwpt_id: parent.get(), r#type, ..Default::default() };
         assert_eq!(call(&ctx, IOMMU_VIOMMU_ALLOC, &mut c), Err(Errno::EOPNOTSUPP));
     }
     // And a paging HWPT takes no driver data.
-    assert_eq!(nested(ioas), Err(Errno::EOPNOTSUPP));
+    assert_eq!(nested(ioas.get()), Err(Errno::EOPNOTSUPP));
 }
 
 #[test]
@@ -168,8 +172,13 @@ fn noiommu_get_pa_is_answered_as_a_kernel_without_noiommu() {
     let ram = HostBuffer::new(0x1000).unwrap();
     // SAFETY: `ram` outlives the context's use of it.
     unsafe { ctx.map_user(ioas, ram.addr(), 0x1000, Some(0x10000), Perm::RW).unwrap() };
-    let mut c =
-        iommu_ioas_noiommu_get_pa { size: 40, ioas_id: ioas, iova: 0x10000, length: 0x1000, ..Default::default() };
+    let mut c = iommu_ioas_noiommu_get_pa {
+        size: 40,
+        ioas_id: ioas.get(),
+        iova: 0x10000,
+        length: 0x1000,
+        ..Default::default()
+    };
     assert_eq!(call(&ctx, IOMMU_IOAS_NOIOMMU_GET_PA, &mut c), Err(Errno::EOPNOTSUPP));
     assert_eq!(c.out_phys, 0);
     // The generic size rules still come first.
@@ -198,7 +207,7 @@ fn smmuv3_tlbi_nsnh_all_is_taken_as_tlbi_nh_all() {
     let cmds: [[u64; 2]; 2] = [[0x30, 0], [0x46, 0]];
     let mut c = iommu_hwpt_invalidate {
         size: 32,
-        hwpt_id: viommu,
+        hwpt_id: viommu.get(),
         data_uptr: cmds.as_ptr() as u64,
         data_type: IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3,
         entry_len: 16,

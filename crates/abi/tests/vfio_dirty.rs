@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ioasid_abi::uapi::*;
 use ioasid_abi::vfio::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, Limit};
+use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, HostBuffer, HwptPagingId, Limit};
 use zerocopy::{FromBytes, IntoBytes};
 
 const PAGE: u64 = 4096;
@@ -24,7 +24,7 @@ fn value(ctx: &Arc<Context>, req: u32, arg: u64) -> Result<i32, Errno> {
 }
 
 /// A context whose VFIO compatibility IOAS has a device attached.
-fn compat(kind: u64) -> (Arc<Context>, u32) {
+fn compat(kind: u64) -> (Arc<Context>, DeviceId) {
     let ctx = ctx();
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
@@ -102,7 +102,7 @@ fn vfio_type1v2_maps_and_refuses_partial_unmaps() {
     let (ctx, dev) = compat(VFIO_TYPE1V2_IOMMU);
     let buf = HostBuffer::new(4 * PAGE as usize).unwrap();
     call(&ctx, VFIO_IOMMU_MAP_DMA, &mut map_cmd(&buf, 0x10000, 4 * PAGE)).unwrap();
-    ctx.device(dev).unwrap().dma_write(0x10000 + PAGE, b"v2").unwrap();
+    ctx.get(dev).unwrap().dma_write(0x10000 + PAGE, b"v2").unwrap();
     assert_eq!(unmap(&ctx, 0x10000, PAGE, 0), Err(Errno::ENOENT));
     assert_eq!(unmap(&ctx, 0x10000, 4 * PAGE, 0), Ok(4 * PAGE));
     assert_eq!(unmap(&ctx, 0, 0, VFIO_DMA_UNMAP_FLAG_ALL), Ok(0));
@@ -114,7 +114,7 @@ fn vfio_type1_splits_mappings_on_partial_unmap() {
     let buf = HostBuffer::new(4 * PAGE as usize).unwrap();
     call(&ctx, VFIO_IOMMU_MAP_DMA, &mut map_cmd(&buf, 0x10000, 4 * PAGE)).unwrap();
     assert_eq!(unmap(&ctx, 0x10000 + PAGE, PAGE, 0), Ok(PAGE));
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     assert!(device.dma_write(0x10000 + PAGE, b"x").is_err());
     device.dma_write(0x10000, b"y").unwrap();
     device.dma_write(0x10000 + 2 * PAGE, b"z").unwrap();
@@ -151,7 +151,7 @@ fn vfio_info_reports_page_sizes_and_a_capability_chain() {
 // ---- dirty tracking ----------------------------------------------------------
 
 /// A context with a dirty-tracking HWPT over an IOAS holding 8 pages at 1 MiB.
-fn dirty_setup(buf: &HostBuffer) -> (Arc<Context>, u32, u32) {
+fn dirty_setup(buf: &HostBuffer) -> (Arc<Context>, u32, DeviceId) {
     let ctx = ctx();
     let ioas = ctx.ioas_alloc().unwrap();
     let mut info = DeviceInfo::new("d", 1);
@@ -160,12 +160,12 @@ fn dirty_setup(buf: &HostBuffer) -> (Arc<Context>, u32, u32) {
     let mut c = iommu_hwpt_alloc {
         size: 48,
         flags: IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
-        dev_id: dev,
-        pt_id: ioas,
+        dev_id: dev.get(),
+        pt_id: ioas.get(),
         ..Default::default()
     };
     call(&ctx, IOMMU_HWPT_ALLOC, &mut c).unwrap();
-    ctx.attach(dev, c.out_hwpt_id).unwrap();
+    ctx.attach(dev, HwptPagingId::new(c.out_hwpt_id)).unwrap();
     ctx.map_user_checked(ioas, buf.addr(), 8 * PAGE, Some(1 << 20), ioasid_engine::Perm::RW).unwrap();
     (ctx, c.out_hwpt_id, dev)
 }
@@ -198,7 +198,7 @@ errno_test!(set_dirty_on_a_plain_hwpt_is_eopnotsupp, EOPNOTSUPP, {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     let hwpt = ctx.attach(dev, ioas).unwrap();
-    set_tracking(&ctx, hwpt, 1)
+    set_tracking(&ctx, hwpt.get(), 1)
 });
 errno_test!(dirty_bitmap_zero_length_is_einval, EINVAL, {
     let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
@@ -244,7 +244,7 @@ fn dirty_bitmap_reports_device_writes_and_keeps_other_bits() {
     let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
     let (ctx, hwpt, dev) = dirty_setup(&buf);
     set_tracking(&ctx, hwpt, IOMMU_HWPT_DIRTY_TRACKING_ENABLE).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     device.dma_write((1 << 20) + 2 * PAGE, b"a").unwrap();
     device.dma_write((1 << 20) + 7 * PAGE + 100, b"b").unwrap();
     let mut bits = [1u64 << 40];
@@ -265,7 +265,7 @@ fn dirty_bits_of_small_io_pages_cover_exactly_the_dirty_run() {
     let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
     let (ctx, hwpt, dev) = dirty_setup(&buf);
     set_tracking(&ctx, hwpt, IOMMU_HWPT_DIRTY_TRACKING_ENABLE).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     for (page_size, first, last) in [(1024, 8, 11), (1, 2 * PAGE, 3 * PAGE - 1)] {
         device.dma_write((1 << 20) + 2 * PAGE, b"a").unwrap();
         let nbits = 8 * PAGE / page_size;

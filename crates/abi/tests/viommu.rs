@@ -6,7 +6,9 @@ use std::sync::Arc;
 use ioasid_abi::selftest::IOMMU_HWPT_DATA_SELFTEST;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, IommuModel, Limit, MockFlags};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, HwptFlags, IoasId, IommuModel, Limit, MockFlags, ObjectId, ViommuId,
+};
 use zerocopy::{FromBytes, IntoBytes};
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
@@ -25,7 +27,7 @@ fn vm() -> Vm {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags::default())).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
-    Vm { ctx, ioas, dev, parent }
+    Vm { ctx, ioas: ioas.get(), dev: dev.get(), parent: parent.get() }
 }
 
 fn viommu(v: &Vm, c: iommu_viommu_alloc) -> Result<u32, Errno> {
@@ -67,7 +69,7 @@ fn viommu_alloc_errnos_follow_linux() {
     call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut first_version).unwrap();
     assert_ne!(first_version.out_viommu_id, 0);
 
-    let plain = v.ctx.hwpt_alloc(v.dev, v.ioas, HwptFlags::default(), None).unwrap();
+    let plain = v.ctx.hwpt_alloc(DeviceId::new(v.dev), IoasId::new(v.ioas), HwptFlags::default(), None).unwrap().get();
     let mut c = iommu_viommu_alloc { size: 40, dev_id: v.dev, r#type: IOMMU_VIOMMU_TYPE_SELFTEST, ..d };
     assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { hwpt_id: plain, ..c }), Err(Errno::EINVAL));
     assert_eq!(call(&v.ctx, IOMMU_VIOMMU_ALLOC, &mut iommu_viommu_alloc { hwpt_id: v.ioas, ..c }), Err(Errno::ENOENT));
@@ -84,14 +86,14 @@ fn vdevice_ids_are_unique_and_objects_keep_each_other_busy() {
     assert_eq!(vdevice(&v, v.parent, v.dev, 1), Err(Errno::ENOENT), "not a vIOMMU");
     assert_eq!(vdevice(&v, id, 999, 1), Err(Errno::ENOENT));
     let vdev = vdevice(&v, id, v.dev, 0x1234).unwrap();
-    assert_eq!(vdevice(&v, id, other, 0x1234), Err(Errno::EEXIST));
+    assert_eq!(vdevice(&v, id, other.get(), 0x1234), Err(Errno::EEXIST));
     assert_eq!(vdevice(&v, id, v.dev, 0x5678), Err(Errno::EEXIST));
     let vtd = v.ctx.bind_device(DeviceInfo::new("vtd", 3)).unwrap();
-    assert_eq!(vdevice(&v, id, vtd, 9), Err(Errno::EINVAL), "behind another IOMMU");
+    assert_eq!(vdevice(&v, id, vtd.get(), 9), Err(Errno::EINVAL), "behind another IOMMU");
     assert_eq!(destroy(&v, v.parent), Err(Errno::EBUSY));
     assert_eq!(destroy(&v, id), Err(Errno::EBUSY));
     destroy(&v, vdev).unwrap();
-    vdevice(&v, id, other, 0x1234).unwrap();
+    vdevice(&v, id, other.get(), 0x1234).unwrap();
 }
 
 #[test]
@@ -123,11 +125,12 @@ fn a_viommu_attaches_guest_pasids_from_its_set_through_the_extension_commands() 
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags { pasid: true, ..MockFlags::default() })).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
-    let v = Vm { ctx: ctx.clone(), ioas, dev, parent };
+    let v = Vm { ctx: ctx.clone(), ioas: ioas.get(), dev: dev.get(), parent: parent.get() };
     let viommu_id = viommu(&v, iommu_viommu_alloc::default()).unwrap();
-    let vdevice_id = vdevice(&v, viommu_id, dev, 0x10).unwrap();
+    let vdevice_id = vdevice(&v, viommu_id, dev.get(), 0x10).unwrap();
     let attach = |vpasid: u32| {
-        let mut c = ioasid_vdevice_attach_pasid { size: 24, vdevice_id, vpasid, pt_id: ioas, ..Default::default() };
+        let mut c =
+            ioasid_vdevice_attach_pasid { size: 24, vdevice_id, vpasid, pt_id: ioas.get(), ..Default::default() };
         call(&ctx, IOASID_VDEVICE_ATTACH_PASID, &mut c).map(|()| c.out_pasid)
     };
     assert_eq!(attach(4), Err(Errno::EINVAL), "the vIOMMU has no set yet");
@@ -194,10 +197,11 @@ fn veventq_alloc_and_its_fd_follow_linux() {
     assert_eq!(file.read(&InProcess, addr, 8, 0), Ok(0), "empty");
 
     // A device behind the vIOMMU, named 0x42, faults three times.
-    let nested = v.ctx.hwpt_alloc_nested(v.dev, id, ioasid_engine::NestedData::selftest(0), None);
-    v.ctx.attach(v.dev, nested.unwrap()).unwrap();
+    let nested =
+        v.ctx.hwpt_alloc_nested(DeviceId::new(v.dev), ViommuId::new(id), ioasid_engine::NestedData::selftest(0), None);
+    v.ctx.attach(DeviceId::new(v.dev), nested.unwrap()).unwrap();
     vdevice(&v, id, v.dev, 0x42).unwrap();
-    let dev = v.ctx.device(v.dev).unwrap();
+    let dev = v.ctx.get(DeviceId::new(v.dev)).unwrap();
     for _ in 0..3 {
         assert!(dev.dma_write(1 << 24, b"x").is_err());
     }
@@ -230,7 +234,7 @@ fn smmu_vm() -> (Vm, u32) {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu", 1)).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
-    let v = Vm { ctx, ioas, dev, parent };
+    let v = Vm { ctx, ioas: ioas.get(), dev: dev.get(), parent: parent.get() };
     let mut c = iommu_viommu_alloc {
         size: 40,
         dev_id: v.dev,
@@ -419,23 +423,29 @@ fn hw_queues_pin_their_guest_memory_and_go_in_descending_order() {
     let ram = ioasid_engine::HostBuffer::new(2 * page as usize).unwrap();
     // SAFETY: `ram` outlives the mappings (the context goes first).
     unsafe {
-        v.ctx.map_user(v.ioas, ram.addr(), page, Some(iova), ioasid_engine::Perm::RW).unwrap();
-        v.ctx.map_user(v.ioas, ram.addr() + page, page, Some(iova + page), ioasid_engine::Perm::RW).unwrap();
+        v.ctx.map_user(IoasId::new(v.ioas), ram.addr(), page, Some(iova), ioasid_engine::Perm::RW).unwrap();
+        v.ctx
+            .map_user(IoasId::new(v.ioas), ram.addr() + page, page, Some(iova + page), ioasid_engine::Perm::RW)
+            .unwrap();
     }
     assert_eq!(alloc(st, 1, iova, page), Err(Errno::EIO), "index 0 first");
     assert_eq!(alloc(st, IOMMU_TEST_HW_QUEUE_MAX, iova, page), Err(Errno::EINVAL));
     let q0 = alloc(st, 0, iova, page).unwrap();
     assert_eq!(alloc(st, 0, iova, page), Err(Errno::EEXIST));
-    assert_eq!(v.ctx.unmap(v.ioas, iova, page).map_err(Errno::from), Err(Errno::EBUSY), "the queue locks its page");
-    v.ctx.unmap(v.ioas, iova + page, page).unwrap();
+    assert_eq!(
+        v.ctx.unmap(IoasId::new(v.ioas), iova, page).map_err(Errno::from),
+        Err(Errno::EBUSY),
+        "the queue locks its page"
+    );
+    v.ctx.unmap(IoasId::new(v.ioas), iova + page, page).unwrap();
     let q1 = alloc(st, 1, iova + page / 2, page / 2).unwrap();
-    let Ok(ioasid_engine::Object::HwQueue(q)) = v.ctx.object(q1) else { panic!("a HW queue") };
+    let Ok(ioasid_engine::Object::HwQueue(q)) = v.ctx.object(ObjectId::new(q1)) else { panic!("a HW queue") };
     assert_eq!((q.index(), q.range(), q.host_addr()), (1, (iova + page / 2, page / 2), ram.addr() + page / 2));
     drop(q);
     assert_eq!(destroy(&v, q0), Err(Errno::EBUSY), "queue 1 depends on it");
     assert_eq!(destroy(&v, id), Err(Errno::EBUSY), "the queues hold their vIOMMU");
     destroy(&v, q1).unwrap();
     destroy(&v, q0).unwrap();
-    v.ctx.unmap(v.ioas, iova, page).unwrap();
+    v.ctx.unmap(IoasId::new(v.ioas), iova, page).unwrap();
     destroy(&v, id).unwrap();
 }

@@ -9,7 +9,9 @@ use std::time::Instant;
 use ioasid_abi::uapi::{IOMMU_IOAS_IOVA_RANGES, iommu_ioas_iova_ranges, iommu_iova_range};
 use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::fault::{PageRequest, Response};
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, IovaRange, NestedData, Perm};
+use ioasid_engine::{
+    Context, DeviceId, DeviceInfo, HostBuffer, HwptFlags, HwptId, HwptPagingId, IoasId, IovaRange, NestedData, Perm,
+};
 use std::time::Duration;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -60,7 +62,7 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     dma_scene(out, &ctx, &devs, &maps, &mem)?;
 
     section(out, 6, "Page table (HWPT shared by both devices)")?;
-    page_table(out, &ctx, devs.hwpt)?;
+    page_table(out, &ctx, devs.hwpt.paging())?;
 
     section(out, 7, "Unmap")?;
     unmap_scene(out, &ctx, ioas, &devs, &maps, &mem)?;
@@ -91,9 +93,9 @@ struct Memory {
 
 /// The two devices sharing the IOAS, and the HWPT made for them.
 struct Devices {
-    nic: u32,
-    nvme: u32,
-    hwpt: u32,
+    nic: DeviceId,
+    nvme: DeviceId,
+    hwpt: HwptId,
 }
 
 /// Where the guest's RAM and the ring sit in the IOAS.
@@ -109,7 +111,7 @@ fn packet() -> Vec<u8> {
     (0..1500u32).map(|i| (i * 7 + 3) as u8).collect()
 }
 
-fn context_scene(out: &mut impl Write) -> Result<(Arc<Context>, u32)> {
+fn context_scene(out: &mut impl Write) -> Result<(Arc<Context>, IoasId)> {
     let ctx = Arc::new(Context::new());
     let ioas = ctx.ioas_alloc()?;
     row(out, "context", "in-process engine (what /dev/iommu opens)")?;
@@ -126,13 +128,13 @@ fn memory_scene(out: &mut impl Write) -> Result<Memory> {
 }
 
 /// Two devices attached to one IOAS share the HWPT made for the first.
-fn devices_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32) -> Result<Devices> {
+fn devices_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: IoasId) -> Result<Devices> {
     let mut nic_info = DeviceInfo::new("nic0", 0x0008);
     nic_info.reserved.push(MSI);
     let nic = ctx.bind_device(nic_info)?;
     let nvme = ctx.bind_device(DeviceInfo::new("nvme0", 0x0010))?;
     for id in [nic, nvme] {
-        let d = ctx.device(id)?;
+        let d = ctx.get(id)?;
         let i = d.info();
         row(
             out,
@@ -154,11 +156,11 @@ fn devices_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32) -> Result<
     Ok(Devices { nic, nvme, hwpt })
 }
 
-fn mappings_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, mem: &Memory) -> Result<Mappings> {
+fn mappings_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: IoasId, mem: &Memory) -> Result<Mappings> {
     // SAFETY: `run` keeps `mem` until after `unmap_scene` has unmapped it.
     let ram = unsafe { ctx.map_user(ioas, mem.ram.addr(), RAM, None, Perm::RW)? };
     let ring = ctx.map_file(ioas, mem.ring.as_fd(), 0, RING, Some(0x1_0000_0000), Perm::R)?;
-    for a in ctx.ioas(ioas)?.areas() {
+    for a in ctx.get(ioas)?.areas() {
         let rights = match (a.perm.read, a.perm.write) {
             (true, true) => "RW",
             (true, false) => "R-",
@@ -178,8 +180,8 @@ fn mappings_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, mem: &Mem
 /// Both devices reach the same memory through the one page table; the
 /// read-only ring refuses a write.
 fn dma_scene(out: &mut impl Write, ctx: &Arc<Context>, devs: &Devices, maps: &Mappings, mem: &Memory) -> Result<()> {
-    let nic_dev = ctx.device(devs.nic)?;
-    let nvme_dev = ctx.device(devs.nvme)?;
+    let nic_dev = ctx.get(devs.nic)?;
+    let nvme_dev = ctx.get(devs.nvme)?;
     let packet = packet();
     let pkt_iova = maps.ram + PACKET_AT;
     let t = Instant::now();
@@ -210,7 +212,7 @@ fn dma_scene(out: &mut impl Write, ctx: &Arc<Context>, devs: &Devices, maps: &Ma
 fn unmap_scene(
     out: &mut impl Write,
     ctx: &Arc<Context>,
-    ioas: u32,
+    ioas: IoasId,
     devs: &Devices,
     maps: &Mappings,
     mem: &Memory,
@@ -227,7 +229,7 @@ fn unmap_scene(
         ),
     )?;
     let packet = packet();
-    match ctx.device(devs.nic)?.dma_write(maps.ram + PACKET_AT, &packet) {
+    match ctx.get(devs.nic)?.dma_write(maps.ram + PACKET_AT, &packet) {
         Err(e) => row(out, "nic0 DMA after unmap", format!("{e}"))?,
         Ok(()) => row(out, "nic0 DMA after unmap", "UNEXPECTEDLY REACHED MEMORY")?,
     }
@@ -237,7 +239,7 @@ fn unmap_scene(
     Ok(())
 }
 
-fn teardown_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, devs: &Devices) -> Result<()> {
+fn teardown_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: IoasId, devs: &Devices) -> Result<()> {
     ctx.unmap(ioas, 0, u64::MAX)?;
     ctx.detach(devs.nic)?;
     ctx.detach(devs.nvme)?;
@@ -256,7 +258,7 @@ fn teardown_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, devs: &De
 /// A device with PRI touches a page nobody mapped; the owner of its page
 /// table hears about it on a fault queue, maps the page, answers, and the
 /// DMA completes.
-fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, ram: &HostBuffer) -> Result<()> {
+fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: IoasId, ram: &HostBuffer) -> Result<()> {
     let mut info = DeviceInfo::new("gpu0", 0x0018);
     info.pri = true;
     let gpu = ctx.bind_device(info)?;
@@ -283,7 +285,7 @@ fn fault_scene(out: &mut impl Write, ctx: &Arc<Context>, ioas: u32, ram: &HostBu
         })
     };
     drop(queue);
-    let device = ctx.device(gpu)?;
+    let device = ctx.get(gpu)?;
     let t0 = *start.get_or_init(Instant::now);
     device.dma_write(iova + 0x80, b"written after a page fault")?;
     let total = t0.elapsed();
@@ -341,10 +343,10 @@ fn nested_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         guest_ram.write_at((0x4000 + idx(0) * 8) as usize, &first_stage::encode(gpa, 0, true, true).to_le_bytes());
     };
     map(0x10000);
-    let device = ctx.device(vf)?;
+    let device = ctx.get(vf)?;
     device.dma_write(iova + 0x10, b"through both stages")?;
     row(out, "vf0 writes", format!("19 B at guest IOVA {:#x}", iova + 0x10))?;
-    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { return Err("not a nested HWPT".into()) };
+    let Ok(hwpt) = ctx.get(nested) else { return Err("not a nested HWPT".into()) };
     let (steps, landed) = hwpt.trace(iova + 0x10);
     writeln!(out, "   walk                   level  entry at GPA  (host)              entry")?;
     for st in &steps {
@@ -413,7 +415,7 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     let viommu = ctx.viommu_alloc(dev, stage2, ViommuType::Selftest)?;
     let set = ctx.ioasid_set_alloc(None, 2)?;
     ctx.viommu_set_pasid_set(viommu, set)?;
-    let set_id = ctx.ioasid_set(set)?.id();
+    let set_id = ctx.get(set)?.id();
     let events = global().subscribe(Class::Iommu, Some(set_id), Events::ALL);
     let vdev = ctx.vdevice_alloc(viommu, dev, 0x28)?;
     row(out, "vIOMMU", format!("id {viommu}, over HWPT {stage2}; draws guest PASIDs from set {set} (quota 2)"))?;
@@ -426,7 +428,7 @@ fn vpasid_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         Err(e) => row(out, "attach guest PASID 12", format!("refused: {e} (EDQUOT through the ABI)"))?,
         Ok(host) => row(out, "attach guest PASID 12", format!("UNEXPECTEDLY got host PASID {host}"))?,
     }
-    ctx.vdevice(vdev)?.dma_write(5, IOVA, b"tagged with guest PASID 5")?;
+    ctx.get(vdev)?.dma_write(5, IOVA, b"tagged with guest PASID 5")?;
     let mut landed = [0u8; 25];
     buffer.read_at(0, &mut landed);
     row(out, "DMA, guest PASID 5", format!("landed: \"{}\"", String::from_utf8_lossy(&landed)))?;
@@ -468,7 +470,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         let dev = ctx.bind_device(DeviceInfo::behind(model, format!("dev{rid:x}"), rid))?;
         devices.push(dev);
         let hwpt = ctx.attach(dev, space)?;
-        let device = ctx.device(dev)?;
+        let device = ctx.get(dev)?;
         device.dma_write(0x9000 + u64::from(rid), b"m")?;
         let info = device.info().hw_info();
         let registers = if let Some(vtd) = info.get::<iommu_hw_info_vtd>() {
@@ -481,7 +483,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         } else {
             String::new()
         };
-        let format = ctx.hwpt(hwpt)?.domain().format().name();
+        let format = ctx.get(hwpt.paging())?.domain().format().name();
         row(out, model.name(), format!("{format}; DMA ok; GET_HW_INFO: {registers}"))?;
     }
     // An SMMUv3 guest: CD 0 at guest-physical 0x1000, its stage-1 table at
@@ -509,7 +511,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
         format!("STE {:#x}: stage 1 through CD table 0x1000, over stage 2 (HWPT {stage2})", vste[0]),
     )?;
     let mut buf = [0u8; 21];
-    let device = ctx.device(smmu)?;
+    let device = ctx.get(smmu)?;
     device.dma_read(0x1000, &mut buf)?;
     row(
         out,
@@ -525,7 +527,7 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     }
     ctx.detach(smmu)?;
     drop(events);
-    for id in [nested, veventq, vdev, viommu, stage2] {
+    for id in [nested.any(), veventq.any(), vdev.any(), viommu.any(), stage2.any()] {
         ctx.destroy(id)?;
     }
     for dev in devices {
@@ -535,8 +537,8 @@ fn models_scene(out: &mut impl Write, ctx: &Arc<Context>) -> Result<()> {
     Ok(())
 }
 
-fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
-    let hw = ctx.hwpt(hwpt)?;
+fn page_table(out: &mut impl Write, ctx: &Context, hwpt: HwptPagingId) -> Result<()> {
+    let hw = ctx.get(hwpt)?;
     let domain = hw.domain();
     row(out, "format", domain.format().name())?;
     writeln!(out, "   level      tables   leaves  leaf size")?;
@@ -560,11 +562,11 @@ fn page_table(out: &mut impl Write, ctx: &Context, hwpt: u32) -> Result<()> {
 }
 
 /// The IOAS's usable ranges, asked the way a program asks: through the ABI.
-fn usable_ranges(ctx: &Arc<Context>, ioas: u32) -> Result<String> {
+fn usable_ranges(ctx: &Arc<Context>, ioas: IoasId) -> Result<String> {
     let mut ranges = [iommu_iova_range::default(); 4];
     let mut cmd = iommu_ioas_iova_ranges {
         size: std::mem::size_of::<iommu_ioas_iova_ranges>() as u32,
-        ioas_id: ioas,
+        ioas_id: ioas.get(),
         num_iovas: ranges.len() as u32,
         allowed_iovas: ranges.as_mut_ptr() as u64,
         ..Default::default()

@@ -16,7 +16,9 @@ use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
 use ioasid_engine::pgtable::{Format, PageTable, Perm};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Domain, HostBuffer, HwptFlags, IovaRange, Limit};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, Domain, HostBuffer, HwptFlags, IoasId, IovaRange, Limit,
+};
 use vm_memory::iommu::Iotlb;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
@@ -48,13 +50,13 @@ fn domain_with(mem: &HostBuffer, n: u64, huge: bool) -> (Arc<Context>, Arc<Domai
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
     if !huge {
-        ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+        ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     }
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     let hwpt = ctx.attach(dev, ioas).unwrap();
     // SAFETY: `mem` outlives the context in every benchmark.
     unsafe { ctx.map_user(ioas, mem.addr(), n * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let domain = ctx.hwpt(hwpt).unwrap().domain().clone();
+    let domain = ctx.get(hwpt.paging()).unwrap().domain().clone();
     (ctx, domain)
 }
 
@@ -169,13 +171,13 @@ fn nested_walk(h: &mut Harness) {
 
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     // SAFETY: `ram` outlives the context.
     unsafe { ctx.map_user(ioas, ram.addr(), ram_len, Some(0), Perm::RW).unwrap() };
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     let nested = ctx.hwpt_alloc_nested(dev, parent, NestedData::vtd_s1(ROOT, 4), None).unwrap();
-    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { panic!("not nested") };
+    let Ok(hwpt) = ctx.get(nested) else { panic!("not nested") };
     let order = pages(N, 8192);
     let guard = ioasid_engine::epoch::pin();
 
@@ -292,7 +294,7 @@ fn translate_threads(h: &mut Harness) {
 }
 
 fn map_unmap(h: &mut Harness) {
-    let ioas = 1;
+    let ioas = IoasId::new(1);
     let figure = "map + unmap: 2 MiB as 512 pages of 4 KiB";
     if h.wants(figure) {
         let mem = HostBuffer::new(2 << 20).unwrap();
@@ -352,7 +354,7 @@ fn map_one_page(h: &mut Harness) {
     }
     let mem = HostBuffer::new((BATCH * PAGE) as usize).unwrap();
     let (ctx, _domain) = domain_with(&mem, 1, false);
-    let ioas = 1;
+    let ioas = IoasId::new(1);
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     let batches = |n: u64, map: &mut dyn FnMut(u64), unmap: &mut dyn FnMut(u64)| {
         let (mut spent, mut left) = (Duration::ZERO, n);
@@ -398,7 +400,7 @@ fn map_one_page(h: &mut Harness) {
 fn map_unmap_gib(h: &mut Harness) {
     const N: u64 = 1 << 18;
     const LEN: u64 = N * PAGE;
-    let ioas = 1;
+    let ioas = IoasId::new(1);
     if h.wants("map: 1 GiB") || h.wants("unmap: 1 GiB") {
         let mem = HostBuffer::new(LEN as usize).unwrap();
         mem.write_at(0, &[1]); // one touch so both sides start alike
@@ -490,9 +492,9 @@ fn page_table_memory(h: &mut Harness) {
         let mem = HostBuffer::new((1 << 30) + (2 << 20)).unwrap();
         let start = (mem.addr() + (2 << 20) - 1) & !((2 << 20) - 1);
         let (ctx, domain) = domain_with(&mem, 1, shift > 12);
-        ctx.unmap(1, 0, u64::MAX).unwrap();
+        ctx.unmap(IoasId::new(1), 0, u64::MAX).unwrap();
         // SAFETY: `mem` outlives the context.
-        unsafe { ctx.map_user(1, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
+        unsafe { ctx.map_user(IoasId::new(1), start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
         let s = domain.summary();
         assert_eq!(s.leaves.iter().sum::<u64>(), 1 << (30 - shift), "{label} leaves");
         let ours = s.tables.iter().sum::<u64>() as f64 * table;
@@ -525,12 +527,12 @@ fn dirty_bitmap(h: &mut Harness) {
     let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo { dirty_tracking: true, ..DeviceInfo::new("bench", 1) }).unwrap();
     let hwpt_id = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }, None).unwrap();
     // SAFETY: `mem` outlives the context.
     unsafe { ctx.map_user(ioas, mem.addr(), N * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let hwpt = ctx.hwpt(hwpt_id).unwrap();
+    let hwpt = ctx.get(hwpt_id).unwrap();
     hwpt.set_dirty_tracking(true).unwrap();
     let range = IovaRange::new(IOVA, IOVA + N * PAGE - 1);
     let dirty_all = || (0..N).for_each(|p| assert!(hwpt.domain().mark_dirty(IOVA + p * PAGE)));
@@ -576,7 +578,7 @@ fn dirty_bitmap(h: &mut Harness) {
 fn dma(h: &mut Harness) {
     let mem = HostBuffer::new(64 * PAGE as usize).unwrap();
     let (ctx, _domain) = domain_with(&mem, 64, false);
-    let dev = ctx.device(2).unwrap();
+    let dev = ctx.get(DeviceId::new(2)).unwrap();
     let t = vm_iotlb(&mem, 64);
     let (mut ours, mut theirs) = ([0u8; 64], [0u8; 64]);
     h.compare(
@@ -630,7 +632,7 @@ fn iommu_memory(h: &mut Harness) {
     ctx.attach(dev, ioas).unwrap();
     // SAFETY: `ram` outlives the context.
     unsafe { ctx.map_user(ioas, host, N * PAGE, Some(IOVA), Perm::RW).unwrap() };
-    let ours = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram), true, ());
+    let ours = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram), true, ());
     let mut t = Iotlb::new();
     t.set_mapping(GuestAddress(IOVA), GuestAddress(0), (N * PAGE) as usize, Permissions::ReadWrite).unwrap();
     let theirs = IommuMemory::new(ram.clone(), VmIotlb(RwLock::new(t)), true, ());
@@ -767,7 +769,7 @@ fn object_ids(h: &mut Harness) {
     for _ in 0..LIVE {
         ctx.ioas_alloc().unwrap();
     }
-    ctx.destroy(LIVE / 2).unwrap();
+    ctx.destroy(IoasId::new(LIVE / 2)).unwrap();
     let plain = PlainTable::default();
     for _ in 0..LIVE {
         plain.insert(Arc::new(Ioas::new()));
@@ -852,7 +854,7 @@ const RACE_PAGES: u64 = 16;
 
 struct Engine {
     ctx: Arc<Context>,
-    ioas: u32,
+    ioas: IoasId,
     device: Arc<ioasid_engine::Device>,
 }
 
@@ -977,10 +979,10 @@ fn unmap_under_translation(h: &mut Harness) {
     let rounds = if h.quick() { 200 } else { 1000 };
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("bench", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let sides: [Arc<dyn Dma>; 2] =
         [Arc::new(Engine { ctx, ioas, device }), Arc::new(VmIotlb(RwLock::new(Iotlb::new())))];
     let mut seen: [RaceTally; 2] = Default::default();

@@ -13,7 +13,7 @@
 use std::error::Error;
 
 use ioasid_engine::pgtable::x86::first_stage::encode;
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, Hwpt, HwptFlags, NestedData, Perm};
+use ioasid_engine::{Context, DeviceInfo, HostBuffer, HwptFlags, NestedData, Perm};
 
 const GUEST_RAM: u64 = 64 * 4096;
 /// The guest's 4-level table: root at GPA 0x1000, lower levels below it.
@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let nested = ctx.hwpt_alloc_nested(dev, stage2, NestedData::vtd_s1(TABLES[0], 4), None)?;
     ctx.attach(dev, nested)?;
 
-    let device = ctx.device(dev)?;
+    let device = ctx.get(dev)?;
     device.dma_write(IOVA + 0x10, b"through both stages")?;
     let mut seen = [0u8; 19];
     ram.read_at(0x10010, &mut seen);
@@ -60,7 +60,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     assert_eq!(&seen[..5], b"stale", "the IOTLB holds the old translation until invalidated");
 
     // ...until the guest invalidates and the VMM passes it on.
-    let Ok(Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { return Err("not a nested HWPT".into()) };
+    let hwpt = ctx.get(nested)?;
     hwpt.invalidate();
     device.dma_write(IOVA, b"fresh")?;
     ram.read_at(0x11000, &mut seen[..5]);

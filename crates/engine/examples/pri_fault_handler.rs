@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
 
     // The device touches three pages nobody mapped; each DMA waits for its answer.
-    let device = ctx.device(dev)?;
+    let device = ctx.get(dev)?;
     for page in [2, 0, 3] {
         device.dma_write(IOVA + page * PAGE + 8, format!("page {page}").as_bytes())?;
     }

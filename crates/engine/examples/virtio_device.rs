@@ -14,7 +14,7 @@ use std::error::Error;
 use std::io::{Read, Write};
 
 use ioasid_engine::vm_memory_iommu::IommuPort;
-use ioasid_engine::{Context, DeviceInfo, Perm};
+use ioasid_engine::{Context, DeviceInfo, IoasId, Perm};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
@@ -36,7 +36,7 @@ const IOVA_BASE: u64 = 0x8000_0000;
 /// The VMM's vIOMMU: guest MAP/UNMAP requests become IOAS mappings.
 struct Viommu<'a> {
     ctx: &'a Context,
-    ioas: u32,
+    ioas: IoasId,
     ram: &'a GuestMemoryMmap,
 }
 
@@ -111,7 +111,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     // The device's view of memory: IOVAs, translated by its page table.
     // The port snapshots the guest memory layout: after a hot-plug, build a new one.
-    let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev)?, None, &ram), true, ());
+    let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.get(dev)?, None, &ram), true, ());
     let mut queue = Queue::new(4)?;
     queue.try_set_desc_table_address(GuestAddress(IOVA_BASE + DESC))?;
     queue.try_set_avail_ring_address(GuestAddress(IOVA_BASE + AVAIL))?;

@@ -1,7 +1,9 @@
 //! A context: what one open `/dev/iommu` holds. Objects live in a table of
-//! u32 IDs; an object is in use while anything else holds a reference to it
-//! (an `Arc` clone), so `destroy` is `EBUSY` exactly when Linux's `users`
-//! count would be above one.
+//! IDs, looked up by kind with `get` (Linux's `iommufd_get_object`) through
+//! the typed `Id`s of `crate::id`; an object is in use while anything else
+//! holds a reference to it (an `Arc` clone), so `destroy` is `EBUSY` exactly
+//! when Linux's `users` count would be above one. Attaching devices lives
+//! beside it, in `attach.rs`.
 //!
 //! Every call on the ioctl path costs O(log n) in the number of live
 //! objects, as Linux's xarray does: IDs come from a set of freed IDs, and
@@ -21,7 +23,11 @@ use crate::error::{Error, Result};
 use crate::fault::FaultQueue;
 use crate::hw_queue::HwQueue;
 use crate::hwpt::{Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse};
-use crate::ioas::{Ioas, Owner, Source};
+use crate::id::{
+    AccessId, AnyObject, DeviceId, FaultId, HwQueueId, HwptId, HwptNestedId, HwptPagingId, Id, IoasId, NestParentId,
+    ObjectId, PtId, SetObjectId, VdeviceId, VeventqId, ViommuId,
+};
+use crate::ioas::{Ioas, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::{IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
@@ -38,7 +44,7 @@ const MAX_ID: u32 = i32::MAX as u32;
 /// off a scan. Changed only through `alloc` and `remove`, so the indexes
 /// follow the objects.
 #[derive(Default)]
-struct Table {
+pub(crate) struct Table {
     objects: BTreeMap<u32, Object>,
     /// IDs freed below `top`; every ID above `top` is free. The lowest free
     /// ID, which an allocating xarray hands out, is the first of these or
@@ -129,8 +135,32 @@ impl Table {
             .find(|id| matches!(self.objects.get(id), Some(Object::HwptPaging(h)) if Arc::ptr_eq(h, hwpt)))
     }
 
+    /// An automatic HWPT of `ioas` that `info`'s device can use.
+    pub(crate) fn find_auto(&self, ioas: &Arc<Ioas>, info: &DeviceInfo) -> Option<(u32, Arc<HwptPaging>)> {
+        let autos = self.auto_by_ioas.get(&addr(ioas))?;
+        autos.iter().find_map(|id| match self.get(id) {
+            Some(Object::HwptPaging(h))
+                if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
+            {
+                Some((*id, h.clone()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Removes automatic HWPT `hwpt` once no device uses it; says whether
+    /// it went.
+    pub(crate) fn remove_unused_auto(&mut self, hwpt: &Arc<HwptPaging>) -> bool {
+        let Some(id) = self.auto_id(hwpt) else { return false };
+        if self.auto_users.get(&id) != Some(&0) {
+            return false;
+        }
+        self.remove(id);
+        true
+    }
+
     /// Counts a device attachment gained (`+1`) or lost (`-1`) by `hwpt`.
-    fn count_user(&mut self, hwpt: &Hwpt, delta: isize) {
+    pub(crate) fn count_user(&mut self, hwpt: &Hwpt, delta: isize) {
         let Hwpt::Paging(h) = hwpt else { return };
         if let Some(id) = self.auto_id(h)
             && let Some(users) = self.auto_users.get_mut(&id)
@@ -148,24 +178,99 @@ impl Deref for Table {
     }
 }
 
-#[derive(Clone)]
-pub enum Object {
-    Ioas(Arc<Ioas>),
-    HwptPaging(Arc<HwptPaging>),
-    Device(Arc<Device>),
+/// The object kinds of a context, each once: the `Object` variant, the type
+/// it holds, and its name in messages. Everything that goes by kind (the
+/// typed lookup, the reference count `destroy` checks) is derived from it.
+macro_rules! objects {
+    ($($(#[$doc:meta])* $variant:ident($ty:ty) $name:literal,)*) => {
+        /// An object of the table, of any kind.
+        #[derive(Clone)]
+        pub enum Object {
+            $($(#[$doc])* $variant(Arc<$ty>),)*
+        }
+
+        impl Object {
+            fn strong_count(&self) -> usize {
+                match self {
+                    $(Object::$variant(o) => Arc::strong_count(o),)*
+                }
+            }
+
+            /// The kind's name, for people.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(Object::$variant(_) => $name,)*
+                }
+            }
+        }
+
+        $(impl Kind for $ty {
+            type Handle = Arc<$ty>;
+            const NAME: &'static str = $name;
+
+            fn from_object(obj: &Object) -> Option<Arc<$ty>> {
+                match obj {
+                    Object::$variant(o) => Some(o.clone()),
+                    _ => None,
+                }
+            }
+        })*
+    };
+}
+
+objects! {
+    Ioas(Ioas) "IOAS",
+    HwptPaging(HwptPaging) "HWPT paging",
+    Device(Device) "device",
     /// A mock device made by the selftest command; destroying it unbinds
     /// the device (Linux's `IOMMUFD_OBJ_SELFTEST`).
-    Selftest(Arc<SelftestDevice>),
+    Selftest(SelftestDevice) "selftest device",
     /// An in-engine user of an IOAS, owned by its driver.
-    Access(Arc<Access>),
-    HwptNested(Arc<HwptNested>),
-    Fault(Arc<FaultQueue>),
+    Access(Access) "access",
+    HwptNested(HwptNested) "HWPT nested",
+    Fault(FaultQueue) "fault queue",
     /// An IOASID set of the global PASID space.
-    IoasidSet(Arc<SetHandle>),
-    Viommu(Arc<Viommu>),
-    Vdevice(Arc<Vdevice>),
-    Veventq(Arc<Veventq>),
-    HwQueue(Arc<HwQueue>),
+    IoasidSet(SetHandle) "IOASID set",
+    Viommu(Viommu) "vIOMMU",
+    Vdevice(Vdevice) "vDEVICE",
+    Veventq(Veventq) "vEVENTQ",
+    HwQueue(HwQueue) "HW queue",
+}
+
+/// A kind of object `Context::get` can look up by its `Id`, as Linux's
+/// `iommufd_get_object` takes a type: an ID naming another kind is
+/// `ENOENT`, like one naming nothing.
+pub trait Kind {
+    /// What a lookup gives: the object's `Arc`, or an enum over the kinds
+    /// an ID of this type may name.
+    type Handle;
+    /// The kind's name, for errors.
+    const NAME: &'static str;
+    /// `obj` as this kind, if it is one.
+    fn from_object(obj: &Object) -> Option<Self::Handle>;
+}
+
+/// A HWPT of either kind.
+impl Kind for Hwpt {
+    type Handle = Hwpt;
+    const NAME: &'static str = "HWPT";
+
+    fn from_object(obj: &Object) -> Option<Hwpt> {
+        match obj {
+            Object::HwptPaging(h) => Some(Hwpt::Paging(h.clone())),
+            Object::HwptNested(n) => Some(Hwpt::Nested(n.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// The ID of a selftest object (`MOCK_DOMAIN`'s `out_stdev_id`).
+pub type SelftestId = Id<SelftestDevice>;
+
+impl From<SelftestId> for ObjectId {
+    fn from(id: SelftestId) -> Self {
+        id.any()
+    }
 }
 
 #[derive(Default)]
@@ -174,44 +279,9 @@ pub struct SelftestDevice {
 }
 
 impl SelftestDevice {
-    pub fn dev_id(&self) -> Option<u32> {
-        self.dev_id.get().copied()
-    }
-}
-
-impl Object {
-    fn strong_count(&self) -> usize {
-        match self {
-            Object::Ioas(o) => Arc::strong_count(o),
-            Object::HwptPaging(o) => Arc::strong_count(o),
-            Object::Device(o) => Arc::strong_count(o),
-            Object::Selftest(o) => Arc::strong_count(o),
-            Object::Access(o) => Arc::strong_count(o),
-            Object::HwptNested(o) => Arc::strong_count(o),
-            Object::Fault(o) => Arc::strong_count(o),
-            Object::IoasidSet(o) => Arc::strong_count(o),
-            Object::Viommu(o) => Arc::strong_count(o),
-            Object::Vdevice(o) => Arc::strong_count(o),
-            Object::Veventq(o) => Arc::strong_count(o),
-            Object::HwQueue(o) => Arc::strong_count(o),
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Object::Ioas(_) => "IOAS",
-            Object::HwptPaging(_) => "HWPT paging",
-            Object::Device(_) => "device",
-            Object::Selftest(_) => "selftest device",
-            Object::Access(_) => "access",
-            Object::HwptNested(_) => "HWPT nested",
-            Object::Fault(_) => "fault queue",
-            Object::IoasidSet(_) => "IOASID set",
-            Object::Viommu(_) => "vIOMMU",
-            Object::Vdevice(_) => "vDEVICE",
-            Object::Veventq(_) => "vEVENTQ",
-            Object::HwQueue(_) => "HW queue",
-        }
+    /// The mock device bound under it, once it is.
+    pub fn dev_id(&self) -> Option<DeviceId> {
+        self.dev_id.get().copied().map(Id::new)
     }
 }
 
@@ -284,7 +354,7 @@ pub struct Context {
     config: ContextConfig,
     private: Option<Accounting>,
     /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`).
-    vfio_ioas: Mutex<Option<u32>>,
+    vfio_ioas: Mutex<Option<IoasId>>,
     /// Owner of this context's IOASID sets and of the PASID references it
     /// took; declared last so it is dropped after the sets, releasing what
     /// they left referenced.
@@ -314,47 +384,37 @@ impl Context {
         }
     }
 
-    fn table(&self) -> MutexGuard<'_, Table> {
+    pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn graph(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn graph(&self) -> MutexGuard<'_, ()> {
         self.graph.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn insert(&self, obj: Object) -> Result<u32> {
+    /// Enters `obj` in the table under the lowest free ID, typed as the
+    /// caller names it.
+    fn insert<T: ?Sized>(&self, obj: Object) -> Result<Id<T>> {
         crate::inject::check("object ID")?;
-        self.table().alloc(obj)
+        self.table().alloc(obj).map(Id::new)
     }
 
-    pub fn object(&self, id: u32) -> Result<Object> {
-        self.table().get(&id).cloned().ok_or(Error::NotFound("no object with that ID"))
+    /// The object `id` names, of whatever kind.
+    pub fn object(&self, id: impl Into<ObjectId>) -> Result<Object> {
+        let id = id.into().get();
+        self.table().get(&id).cloned().ok_or(Error::NoObject { id, kind: "object" })
     }
 
-    pub fn ioas(&self, id: u32) -> Result<Arc<Ioas>> {
-        match self.object(id)? {
-            Object::Ioas(o) => Ok(o),
-            _ => Err(Error::NotFound("object is not an IOAS")),
-        }
-    }
-
-    pub fn device(&self, id: u32) -> Result<Arc<Device>> {
-        match self.object(id)? {
-            Object::Device(o) => Ok(o),
-            _ => Err(Error::NotFound("object is not a device")),
-        }
-    }
-
-    pub fn hwpt(&self, id: u32) -> Result<Arc<HwptPaging>> {
-        match self.object(id)? {
-            Object::HwptPaging(o) => Ok(o),
-            _ => Err(Error::NotFound("object is not a HWPT")),
-        }
+    /// The object `id` names, if it is of kind `T` (Linux's
+    /// `iommufd_get_object`): `NoObject` otherwise, as for an unused ID.
+    pub fn get<T: Kind>(&self, id: Id<T>) -> Result<T::Handle> {
+        let t = self.table();
+        t.get(&id.get()).and_then(T::from_object).ok_or(Error::NoObject { id: id.get(), kind: T::NAME })
     }
 
     /// IDs and kinds of every object, in ID order.
-    pub fn objects(&self) -> Vec<(u32, &'static str)> {
-        self.table().iter().map(|(&id, o)| (id, o.kind())).collect()
+    pub fn objects(&self) -> Vec<(ObjectId, &'static str)> {
+        self.table().iter().map(|(&id, o)| (Id::new(id), o.kind())).collect()
     }
 
     fn accounting(&self) -> Accounting {
@@ -431,7 +491,7 @@ impl Context {
     }
 
     /// `IOMMU_VFIO_IOAS_GET`: the compatibility IOAS, `ENODEV` when unset.
-    pub fn vfio_ioas(&self) -> Result<u32> {
+    pub fn vfio_ioas(&self) -> Result<IoasId> {
         let _g = self.graph();
         self.vfio_ioas
             .lock()
@@ -440,16 +500,16 @@ impl Context {
     }
 
     /// `IOMMU_VFIO_IOAS_SET` (`Some`) and `IOMMU_VFIO_IOAS_CLEAR` (`None`).
-    pub fn set_vfio_ioas(&self, ioas: Option<u32>) -> Result<()> {
+    pub fn set_vfio_ioas(&self, ioas: Option<IoasId>) -> Result<()> {
         let _g = self.graph();
         if let Some(id) = ioas {
-            self.ioas(id)?;
+            self.get(id)?;
         }
         *self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner()) = ioas;
         Ok(())
     }
 
-    pub fn ioas_alloc(&self) -> Result<u32> {
+    pub fn ioas_alloc(&self) -> Result<IoasId> {
         self.insert(Object::Ioas(Arc::new(Ioas::new())))
     }
 
@@ -459,34 +519,42 @@ impl Context {
     /// # Safety
     /// `[uptr, uptr + len)` must stay mapped (with the rights given in
     /// `perm`) until it is unmapped from the IOAS or the context is dropped.
-    pub unsafe fn map_user(&self, ioas: u32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
+    pub unsafe fn map_user(&self, ioas: IoasId, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
         self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Direct)
     }
 
     /// Maps user memory that its owner may unmap at any time: pinning checks
     /// it is mapped, and DMA that finds it gone fails instead of crashing.
-    pub fn map_user_checked(&self, ioas: u32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
+    pub fn map_user_checked(&self, ioas: IoasId, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
         self.map_user_trust(ioas, uptr, len, iova, perm, Trust::Checked)
     }
 
     fn map_user_trust(
         &self,
-        ioas: u32,
+        ioas: IoasId,
         uptr: u64,
         len: u64,
         iova: Option<u64>,
         perm: Perm,
         trust: Trust,
     ) -> Result<u64> {
-        let ioas = self.ioas(ioas)?;
+        let ioas = self.get(ioas)?;
         let (pages, lead) = Pages::user(uptr, len, perm.write, trust, self.accounting())?;
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
     }
 
     /// Maps memory of another process sharing this context (a forked
     /// child): `[uptr, uptr + len)` of `pid`, taken when first pinned.
-    pub fn map_remote(&self, ioas: u32, pid: i32, uptr: u64, len: u64, iova: Option<u64>, perm: Perm) -> Result<u64> {
-        let ioas = self.ioas(ioas)?;
+    pub fn map_remote(
+        &self,
+        ioas: IoasId,
+        pid: i32,
+        uptr: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let ioas = self.get(ioas)?;
         let (pages, lead) = Pages::remote(pid, uptr, len, perm.write, self.accounting())?;
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
     }
@@ -494,14 +562,14 @@ impl Context {
     /// Maps `[start, start + len)` of a file (a memfd, typically).
     pub fn map_file(
         &self,
-        ioas: u32,
+        ioas: IoasId,
         fd: BorrowedFd<'_>,
         start: u64,
         len: u64,
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let ioas = self.ioas(ioas)?;
+        let ioas = self.get(ioas)?;
         let (pages, lead) = Pages::file(fd, start, len, perm.write, self.accounting())?;
         ioas.map(&[Source { pages, start_byte: lead, len, align_hint: start }], iova, perm)
     }
@@ -510,14 +578,14 @@ impl Context {
     /// `fd`; returns the IOVA and the pages, for the exporter to revoke.
     pub fn map_dmabuf(
         &self,
-        ioas: u32,
+        ioas: IoasId,
         fd: BorrowedFd<'_>,
         start: u64,
         len: u64,
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<(u64, Arc<Pages>)> {
-        let ioas = self.ioas(ioas)?;
+        let ioas = self.get(ioas)?;
         let (pages, lead) = Pages::dmabuf(fd, start, len, perm.write)?;
         let iova =
             ioas.map(&[Source { pages: pages.clone(), start_byte: lead, len, align_hint: start }], iova, perm)?;
@@ -526,15 +594,23 @@ impl Context {
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
     /// `[src_iova, src_iova + len)` of `src`, sharing its pins.
-    pub fn copy(&self, dst: u32, src: u32, src_iova: u64, len: u64, dst_iova: Option<u64>, perm: Perm) -> Result<u64> {
-        let srcs = self.ioas(src)?.sources(src_iova, len)?;
-        self.ioas(dst)?.map(&srcs, dst_iova, perm)
+    pub fn copy(
+        &self,
+        dst: IoasId,
+        src: IoasId,
+        src_iova: u64,
+        len: u64,
+        dst_iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let srcs = self.get(src)?.sources(src_iova, len)?;
+        self.get(dst)?.map(&srcs, dst_iova, perm)
     }
 
     /// Unmaps whole mappings inside `[iova, iova + len)`; `0, u64::MAX`
     /// unmaps everything. Returns the bytes unmapped.
-    pub fn unmap(&self, ioas: u32, iova: u64, len: u64) -> Result<u64> {
-        let ioas = self.ioas(ioas)?;
+    pub fn unmap(&self, ioas: IoasId, iova: u64, len: u64) -> Result<u64> {
+        let ioas = self.get(ioas)?;
         if iova == 0 && len == u64::MAX {
             return Ok(ioas.unmap_all());
         }
@@ -547,22 +623,22 @@ impl Context {
     }
 
     /// Binds an emulated device; it can then be attached to page tables.
-    pub fn bind_device(&self, info: DeviceInfo) -> Result<u32> {
+    pub fn bind_device(&self, info: DeviceInfo) -> Result<DeviceId> {
         let _g = self.graph();
         let dev = Arc::new(Device::new(info));
-        let id = self.insert(Object::Device(dev.clone()))?;
-        dev.set_id(id);
+        let id: DeviceId = self.insert(Object::Device(dev.clone()))?;
+        dev.set_id(id.get());
         Ok(id)
     }
 
     /// Detaches and forgets a device (what closing its VFIO fd does).
-    pub fn unbind_device(&self, dev_id: u32) -> Result<()> {
+    pub fn unbind_device(&self, dev_id: DeviceId) -> Result<()> {
         let _g = self.graph();
         self.unbind_locked(dev_id)
     }
 
-    fn unbind_locked(&self, dev_id: u32) -> Result<()> {
-        let dev = self.device(dev_id)?;
+    fn unbind_locked(&self, dev_id: DeviceId) -> Result<()> {
+        let dev = self.get(dev_id)?;
         // Its vDEVICEs go with it: the guest's name for a device that is
         // gone must not resolve.
         let vdevs: Vec<(u32, Arc<Vdevice>)> = {
@@ -582,7 +658,7 @@ impl Context {
             self.detach_locked(&dev, pasid);
         }
         let mut t = self.table();
-        t.remove(dev_id);
+        t.remove(dev_id.get());
         for (id, _) in &vdevs {
             t.remove(*id);
         }
@@ -592,37 +668,35 @@ impl Context {
     /// Creates an access for a driver and attaches it to `ioas_id`.
     pub fn access_create(
         &self,
-        ioas_id: u32,
+        ioas_id: IoasId,
         ops: Arc<dyn AccessOps>,
         needs_pin_pages: bool,
-    ) -> Result<(u32, Arc<Access>)> {
+    ) -> Result<(AccessId, Arc<Access>)> {
         let _g = self.graph();
         let access = Access::new(ops, needs_pin_pages);
-        let id = self.insert(Object::Access(access.clone()))?;
-        let attached = self.ioas(ioas_id).and_then(|ioas| access.set_ioas(Some(ioas)));
+        let id: AccessId = self.insert(Object::Access(access.clone()))?;
+        let attached = self.get(ioas_id).and_then(|ioas| access.set_ioas(Some(ioas)));
         if let Err(e) = attached {
-            self.table().remove(id);
+            self.table().remove(id.get());
             return Err(e);
         }
         Ok((id, access))
     }
 
     /// Moves an attached access to another IOAS.
-    pub fn access_replace(&self, id: u32, ioas_id: u32) -> Result<()> {
+    pub fn access_replace(&self, id: AccessId, ioas_id: IoasId) -> Result<()> {
         let _g = self.graph();
-        let Object::Access(access) = self.object(id)? else {
-            return Err(Error::NotFound("object is not an access"));
-        };
+        let access = self.get(id)?;
         if access.ioas().is_none() {
             return Err(Error::NotFound("access is not attached"));
         }
-        access.set_ioas(Some(self.ioas(ioas_id)?))
+        access.set_ioas(Some(self.get(ioas_id)?))
     }
 
     /// The driver is done with its access: detach and forget it.
-    pub fn access_destroy(&self, id: u32) {
+    pub fn access_destroy(&self, id: AccessId) {
         let _g = self.graph();
-        let removed = self.table().remove(id);
+        let removed = self.table().remove(id.get());
         if let Some(Object::Access(access)) = removed {
             let _ = access.set_ioas(None);
         }
@@ -630,48 +704,52 @@ impl Context {
 
     /// The selftest's `MOCK_DOMAIN`: a selftest object, a mock device bound
     /// under it and attached to `pt_id`. Returns (selftest, HWPT, device) IDs.
-    pub fn mock_domain(&self, pt_id: u32, info: DeviceInfo) -> Result<(u32, u32, u32)> {
+    pub fn mock_domain(&self, pt_id: impl Into<PtId>, info: DeviceInfo) -> Result<(SelftestId, HwptId, DeviceId)> {
         let _g = self.graph();
         let stdev = Arc::new(SelftestDevice::default());
-        let stdev_id = self.insert(Object::Selftest(stdev.clone()))?;
+        let stdev_id: SelftestId = self.insert(Object::Selftest(stdev.clone()))?;
         let dev = Arc::new(Device::new(info));
-        let dev_id = match self.insert(Object::Device(dev.clone())) {
+        let dev_id: DeviceId = match self.insert(Object::Device(dev.clone())) {
             Ok(id) => {
-                dev.set_id(id);
+                dev.set_id(id.get());
                 id
             }
             Err(e) => {
-                self.table().remove(stdev_id);
+                self.table().remove(stdev_id.get());
                 return Err(e);
             }
         };
-        match self.attach_locked(dev_id, None, pt_id) {
+        match self.attach_locked(dev_id, None, pt_id.into()) {
             Ok(hwpt_id) => {
-                stdev.dev_id.set(dev_id).expect("set once");
+                stdev.dev_id.set(dev_id.get()).expect("set once");
                 Ok((stdev_id, hwpt_id, dev_id))
             }
             Err(e) => {
                 let mut t = self.table();
-                t.remove(dev_id);
-                t.remove(stdev_id);
+                t.remove(dev_id.get());
+                t.remove(stdev_id.get());
                 Err(e)
             }
         }
     }
 
     /// The selftest's `MOCK_DOMAIN_REPLACE`, by selftest object ID.
-    pub fn mock_domain_replace(&self, stdev_id: u32, pt_id: u32) -> Result<u32> {
+    pub fn mock_domain_replace(&self, stdev_id: SelftestId, pt_id: impl Into<PtId>) -> Result<HwptId> {
         let _g = self.graph();
-        let Object::Selftest(stdev) = self.object(stdev_id)? else {
-            return Err(Error::NotFound("object is not a selftest device"));
-        };
+        let stdev = self.get(stdev_id)?;
         let dev_id = stdev.dev_id().ok_or(Error::NotFound("selftest device is not bound"))?;
-        self.replace_locked(dev_id, None, pt_id)
+        self.replace_locked(dev_id, None, pt_id.into())
     }
 
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT over an IOAS, for a device;
     /// page requests on it go to fault queue `fault` when given.
-    pub fn hwpt_alloc(&self, dev_id: u32, ioas_id: u32, flags: HwptFlags, fault: Option<u32>) -> Result<u32> {
+    pub fn hwpt_alloc(
+        &self,
+        dev_id: DeviceId,
+        ioas_id: IoasId,
+        flags: HwptFlags,
+        fault: Option<FaultId>,
+    ) -> Result<HwptPagingId> {
         self.hwpt_alloc_format(dev_id, ioas_id, flags, fault, None)
     }
 
@@ -679,28 +757,28 @@ impl Context {
     /// of its IOMMU's formats), else the IOMMU's own for `flags`.
     pub fn hwpt_alloc_format(
         &self,
-        dev_id: u32,
-        ioas_id: u32,
+        dev_id: DeviceId,
+        ioas_id: IoasId,
         flags: HwptFlags,
-        fault: Option<u32>,
+        fault: Option<FaultId>,
         format: Option<PageFormat>,
-    ) -> Result<u32> {
+    ) -> Result<HwptPagingId> {
         self.hwpt_alloc_with(dev_id, ioas_id, flags, fault, format, PasidUse::Compatible)
     }
 
     /// `hwpt_alloc_format` with the table's `PasidUse` chosen.
     pub fn hwpt_alloc_with(
         &self,
-        dev_id: u32,
-        ioas_id: u32,
+        dev_id: DeviceId,
+        ioas_id: IoasId,
         flags: HwptFlags,
-        fault: Option<u32>,
+        fault: Option<FaultId>,
         format: Option<PageFormat>,
         pasid_use: PasidUse,
-    ) -> Result<u32> {
+    ) -> Result<HwptPagingId> {
         let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        let ioas = self.ioas(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
+        let dev = self.get(dev_id)?;
+        let ioas = self.get(ioas_id).map_err(|_| Error::Invalid("pt_id is not an IOAS"))?;
         if flags.dirty_tracking && !dev.info().dirty_tracking {
             return Err(Error::Unsupported("the device's IOMMU cannot track dirty pages"));
         }
@@ -709,28 +787,34 @@ impl Context {
         if !info.iommu.serves(format) {
             return Err(Error::Unsupported("the device's IOMMU has no such page-table format"));
         }
-        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
+        let fault = fault.map(|id| self.get(id)).transpose()?;
         let hwpt = HwptPaging::new(ioas, format, info.aperture, flags, false, fault)?.with_pasid_use(pasid_use);
         self.insert_hwpt(hwpt)
     }
 
     /// `IOMMU_HWPT_ALLOC` of a nested HWPT over paging HWPT `parent_id`.
-    pub fn hwpt_alloc_nested(&self, dev_id: u32, parent_id: u32, data: NestedData, fault: Option<u32>) -> Result<u32> {
-        self.hwpt_alloc_nested_with(dev_id, parent_id, data, fault, PasidUse::Compatible)
+    pub fn hwpt_alloc_nested(
+        &self,
+        dev_id: DeviceId,
+        parent_id: impl Into<NestParentId>,
+        data: NestedData,
+        fault: Option<FaultId>,
+    ) -> Result<HwptNestedId> {
+        self.hwpt_alloc_nested_with(dev_id, parent_id.into(), data, fault, PasidUse::Compatible)
     }
 
     /// `hwpt_alloc_nested` with the table's `PasidUse` chosen.
     pub fn hwpt_alloc_nested_with(
         &self,
-        dev_id: u32,
-        parent_id: u32,
+        dev_id: DeviceId,
+        parent_id: NestParentId,
         data: NestedData,
-        fault: Option<u32>,
+        fault: Option<FaultId>,
         pasid_use: PasidUse,
-    ) -> Result<u32> {
+    ) -> Result<HwptNestedId> {
         let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        let (parent, viommu) = match self.object(parent_id)? {
+        let dev = self.get(dev_id)?;
+        let (parent, viommu) = match self.object(Id::<AnyObject>::new(parent_id.get()))? {
             Object::HwptPaging(parent) => (parent, None),
             Object::Viommu(v) => (v.hwpt().clone(), Some(v)),
             _ => return Err(Error::Invalid("a nested HWPT needs a paging parent or a vIOMMU")),
@@ -743,19 +827,17 @@ impl Context {
         if !data.fits(dev.info().iommu, viommu.as_ref().map(|v| v.kind())) {
             return Err(Error::Unsupported("the IOMMU does not take this stage-1 type here"));
         }
-        let fault = fault.map(|id| self.fault_queue(id)).transpose()?;
+        let fault = fault.map(|id| self.get(id)).transpose()?;
         let nested = parent.nest(data, fault, viommu, pasid_use)?;
         self.insert(Object::HwptNested(nested))
     }
 
     /// `IOMMU_VIOMMU_ALLOC`: a vIOMMU of `kind` for `dev_id`'s IOMMU,
     /// translating through nesting-parent HWPT `hwpt_id`.
-    pub fn viommu_alloc(&self, dev_id: u32, hwpt_id: u32, kind: ViommuType) -> Result<u32> {
+    pub fn viommu_alloc(&self, dev_id: DeviceId, hwpt_id: HwptPagingId, kind: ViommuType) -> Result<ViommuId> {
         let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
-            return Err(Error::NotFound("object is not a paging HWPT"));
-        };
+        let dev = self.get(dev_id)?;
+        let hwpt = self.get(hwpt_id)?;
         let viommu = Viommu::new(kind, &dev, hwpt, None)?;
         self.insert(Object::Viommu(viommu))
     }
@@ -768,16 +850,14 @@ impl Context {
     /// region's length and first bytes.
     pub fn viommu_alloc_mmap<E: From<Error>>(
         &self,
-        dev_id: u32,
-        hwpt_id: u32,
+        dev_id: DeviceId,
+        hwpt_id: HwptPagingId,
         kind: ViommuType,
         init: impl FnOnce() -> std::result::Result<(u64, Vec<u8>), E>,
-    ) -> std::result::Result<u32, E> {
+    ) -> std::result::Result<ViommuId, E> {
         let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        let Object::HwptPaging(hwpt) = self.object(hwpt_id)? else {
-            return Err(Error::NotFound("object is not a paging HWPT").into());
-        };
+        let dev = self.get(dev_id)?;
+        let hwpt = self.get(hwpt_id)?;
         Viommu::check(kind, &dev, &hwpt)?;
         let (len, contents) = init()?;
         let mut offset = PAGE_SIZE;
@@ -804,114 +884,42 @@ impl Context {
 
     /// `IOMMU_HW_QUEUE_ALLOC`: a HW queue of `kind` at `index` of vIOMMU
     /// `viommu_id`, over `[base, base + len)` of its stage 2.
-    pub fn hw_queue_alloc(&self, viommu_id: u32, kind: u32, index: u32, base: u64, len: u64) -> Result<u32> {
+    pub fn hw_queue_alloc(&self, viommu_id: ViommuId, kind: u32, index: u32, base: u64, len: u64) -> Result<HwQueueId> {
         let _g = self.graph();
-        let queue = self.viommu(viommu_id)?.add_hw_queue(kind, index, base, len)?;
+        let queue = self.get(viommu_id)?.add_hw_queue(kind, index, base, len)?;
         self.insert(Object::HwQueue(queue))
-    }
-
-    pub fn viommu(&self, id: u32) -> Result<Arc<Viommu>> {
-        match self.object(id)? {
-            Object::Viommu(v) => Ok(v),
-            _ => Err(Error::NotFound("object is not a vIOMMU")),
-        }
     }
 
     /// Gives vIOMMU `viommu_id` the IOASID set object `set_id` to draw its
     /// guest's PASIDs from.
-    pub fn viommu_set_pasid_set(&self, viommu_id: u32, set_id: u32) -> Result<()> {
+    pub fn viommu_set_pasid_set(&self, viommu_id: ViommuId, set_id: SetObjectId) -> Result<()> {
         let _g = self.graph();
-        self.viommu(viommu_id)?.set_pasid_set(self.ioasid_set(set_id)?)
-    }
-
-    pub fn vdevice(&self, id: u32) -> Result<Arc<Vdevice>> {
-        match self.object(id)? {
-            Object::Vdevice(v) => Ok(v),
-            _ => Err(Error::NotFound("object is not a vDEVICE")),
-        }
-    }
-
-    /// Attaches the device behind vDEVICE `vdev_id` at the guest's `vpasid`
-    /// to `pt_id`: the vPASID's host PASID (allocated from the vIOMMU's set
-    /// on first use) is what the device is attached at, and fault records
-    /// from it name `vpasid`. Returns the host PASID.
-    pub fn vdevice_attach_pasid(&self, vdev_id: u32, vpasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
-        if vdev.attached().contains_key(&vpasid) {
-            return Err(Error::Busy("the vDEVICE is already attached at that vPASID"));
-        }
-        let dev = vdev.device().clone();
-        let host = vdev.viommu().claim(vpasid)?;
-        let attached = (|| {
-            dev.check_pasid(host)?;
-            if dev.attached_at(Some(host)).is_some() {
-                return Err(Error::Busy("the host PASID is already attached on the device"));
-            }
-            crate::ioasid_set::global().bind(host, dev.key())?;
-            self.attach_locked(dev.id(), Some(host), pt_id).inspect_err(|_| {
-                let _ = crate::ioasid_set::global().unbind(host, dev.key());
-            })
-        })();
-        if let Err(e) = attached {
-            vdev.viommu().release(vpasid);
-            return Err(e);
-        }
-        dev.set_guest_pasid(host, Some(vpasid));
-        vdev.attached().insert(vpasid, host);
-        Ok(host)
-    }
-
-    /// Undoes `vdevice_attach_pasid`.
-    pub fn vdevice_detach_pasid(&self, vdev_id: u32, vpasid: u32) -> Result<()> {
-        let _g = self.graph();
-        let vdev = self.vdevice(vdev_id)?;
-        let host = vdev.attached().remove(&vpasid).ok_or(Error::Invalid("not attached at that vPASID"))?;
-        self.vdevice_detach_locked(&vdev, vpasid, host);
-        Ok(())
-    }
-
-    fn vdevice_detach_locked(&self, vdev: &Vdevice, vpasid: u32, host: u32) {
-        let dev = vdev.device();
-        // Detached while the guest's name still holds, so pending requests
-        // are aborted under the name they were reported with.
-        self.detach_locked(dev, Some(host));
-        dev.set_guest_pasid(host, None);
-        let _ = crate::ioasid_set::global().unbind(host, dev.key());
-        vdev.viommu().release(vpasid);
-    }
-
-    /// Detaches every PASID a vDEVICE attached, before it goes.
-    fn vdevice_release_locked(&self, vdev: &Vdevice) {
-        let pasids = std::mem::take(&mut *vdev.attached());
-        for (vpasid, host) in pasids {
-            self.vdevice_detach_locked(vdev, vpasid, host);
-        }
+        self.get(viommu_id)?.set_pasid_set(self.get(set_id)?)
     }
 
     /// `IOMMU_VEVENTQ_ALLOC`: an event queue of `kind` for vIOMMU
     /// `viommu_id`, holding at most `depth` events.
-    pub fn veventq_alloc(&self, viommu_id: u32, kind: u32, depth: u32) -> Result<(u32, Arc<Veventq>)> {
+    pub fn veventq_alloc(&self, viommu_id: ViommuId, kind: u32, depth: u32) -> Result<(VeventqId, Arc<Veventq>)> {
         if depth == 0 {
             return Err(Error::Invalid("a vEVENTQ needs a depth"));
         }
         let _g = self.graph();
-        let q = self.viommu(viommu_id)?.add_veventq(kind, depth)?;
+        let q = self.get(viommu_id)?.add_veventq(kind, depth)?;
         Ok((self.insert(Object::Veventq(q.clone()))?, q))
     }
 
     /// `IOMMU_VDEVICE_ALLOC`: names `dev_id` `virt_id` behind `viommu_id`.
-    pub fn vdevice_alloc(&self, viommu_id: u32, dev_id: u32, virt_id: u64) -> Result<u32> {
+    pub fn vdevice_alloc(&self, viommu_id: ViommuId, dev_id: DeviceId, virt_id: u64) -> Result<VdeviceId> {
         let _g = self.graph();
-        let viommu = self.viommu(viommu_id)?;
-        let dev = self.device(dev_id)?;
+        let viommu = self.get(viommu_id)?;
+        let dev = self.get(dev_id)?;
         let vdev = Vdevice::new(viommu, dev, virt_id)?;
         self.insert(Object::Vdevice(vdev))
     }
 
     /// A new IOASID set under set object `parent` (or at the top).
-    pub fn ioasid_set_alloc(&self, parent: Option<u32>, quota: u32) -> Result<u32> {
-        let parent = parent.map(|id| self.ioasid_set(id)).transpose()?;
+    pub fn ioasid_set_alloc(&self, parent: Option<SetObjectId>, quota: u32) -> Result<SetObjectId> {
+        let parent = parent.map(|id| self.get(id)).transpose()?;
         let set = crate::ioasid_set::new_set(&self.set_owner, parent, quota)?;
         self.insert(Object::IoasidSet(set))
     }
@@ -922,221 +930,22 @@ impl Context {
         &self.set_owner
     }
 
-    pub fn ioasid_set(&self, id: u32) -> Result<Arc<SetHandle>> {
-        match self.object(id)? {
-            Object::IoasidSet(s) => Ok(s),
-            _ => Err(Error::NotFound("object is not an IOASID set")),
-        }
-    }
-
     /// `IOMMU_FAULT_QUEUE_ALLOC`.
-    pub fn fault_alloc(&self) -> Result<(u32, Arc<FaultQueue>)> {
+    pub fn fault_alloc(&self) -> Result<(FaultId, Arc<FaultQueue>)> {
         let queue = FaultQueue::new();
         Ok((self.insert(Object::Fault(queue.clone()))?, queue))
     }
 
-    pub fn fault_queue(&self, id: u32) -> Result<Arc<FaultQueue>> {
-        match self.object(id)? {
-            Object::Fault(q) => Ok(q),
-            _ => Err(Error::NotFound("object is not a fault queue")),
-        }
-    }
-
-    /// A HWPT of either kind.
-    pub fn any_hwpt(&self, id: u32) -> Result<Hwpt> {
-        match self.object(id)? {
-            Object::HwptPaging(h) => Ok(Hwpt::Paging(h)),
-            Object::HwptNested(n) => Ok(Hwpt::Nested(n)),
-            _ => Err(Error::NotFound("object is not a HWPT")),
-        }
-    }
-
-    fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<u32> {
+    pub(crate) fn insert_hwpt(&self, hwpt: Arc<HwptPaging>) -> Result<HwptPagingId> {
         self.insert(Object::HwptPaging(hwpt.clone())).inspect_err(|_| hwpt.release())
     }
 
-    /// Attaches a device (its RID) to an IOAS, through an automatically
-    /// created HWPT, or to a HWPT. Returns the HWPT's ID.
-    pub fn attach(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.attach_locked(dev_id, None, pt_id)
-    }
-
-    /// Attaches the device's `pasid` to a table; DMA tagged with that PASID
-    /// translates there, apart from the RID's and every other PASID's.
-    pub fn attach_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.attach_locked(dev_id, Some(pasid), pt_id)
-    }
-
-    fn attach_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
-        let dev = self.device(dev_id)?;
-        if let Some(p) = pasid {
-            dev.check_pasid(p)?;
-        }
-        if dev.attached_at(pasid).is_some() {
-            return Err(Error::Invalid("already attached there; use replace"));
-        }
-        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
-        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        if let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner(&dev, pasid)) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        self.set_attachment(&dev, pasid, Some(hwpt));
-        Ok(id)
-    }
-
-    /// Moves an attached device to another page table without a window in
-    /// which its DMA is blocked.
-    pub fn replace(&self, dev_id: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.replace_locked(dev_id, None, pt_id)
-    }
-
-    pub fn replace_pasid(&self, dev_id: u32, pasid: u32, pt_id: u32) -> Result<u32> {
-        let _g = self.graph();
-        self.replace_locked(dev_id, Some(pasid), pt_id)
-    }
-
-    fn replace_locked(&self, dev_id: u32, pasid: Option<u32>, pt_id: u32) -> Result<u32> {
-        let dev = self.device(dev_id)?;
-        let Some(old) = dev.attached_at(pasid) else {
-            return Err(Error::Invalid("device is not attached there"));
-        };
-        let (id, hwpt) = self.resolve_pt(&dev, pt_id)?;
-        if old.is_same(&hwpt) {
-            return Ok(id);
-        }
-        let set_pasid = || pasid.map_or(Ok(()), |p| dev.mock_set_pasid(p, false));
-        if let Err(e) = check_pasid_use(&dev, pasid, &hwpt).and_then(|()| set_pasid()) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        let owner = owner(&dev, pasid);
-        let new_ioas = !Arc::ptr_eq(old.ioas(), hwpt.ioas());
-        if new_ioas && let Err(e) = hwpt.ioas().reserve(&dev.info().reserved, owner) {
-            self.release_attachment(hwpt);
-            return Err(e);
-        }
-        let old = self.set_attachment(&dev, pasid, Some(hwpt)).expect("attached above");
-        if new_ioas {
-            old.ioas().unreserve(owner);
-        }
-        // Requests made through the old table will never be answered by it.
-        if let Some(q) = old.fault() {
-            q.abort(Some(dev.fault_origin(pasid)));
-        }
-        self.release_attachment(old);
-        Ok(id)
-    }
-
-    pub fn detach(&self, dev_id: u32) -> Result<()> {
-        self.detach_at(dev_id, None)
-    }
-
-    pub fn detach_pasid(&self, dev_id: u32, pasid: u32) -> Result<()> {
-        self.detach_at(dev_id, Some(pasid))
-    }
-
-    fn detach_at(&self, dev_id: u32, pasid: Option<u32>) -> Result<()> {
-        let _g = self.graph();
-        let dev = self.device(dev_id)?;
-        if dev.attached_at(pasid).is_none() {
-            return Err(Error::Invalid("device is not attached there"));
-        }
-        self.detach_locked(&dev, pasid);
-        Ok(())
-    }
-
-    fn detach_locked(&self, dev: &Device, pasid: Option<u32>) {
-        if let Some(p) = pasid {
-            let _ = dev.mock_set_pasid(p, true);
-        }
-        if let Some(old) = self.set_attachment(dev, pasid, None) {
-            old.ioas().unreserve(owner(dev, pasid));
-            if let Some(q) = old.fault() {
-                q.abort(Some(dev.fault_origin(pasid)));
-            }
-            self.release_attachment(old);
-        }
-    }
-
-    /// Attaches `dev` at `pasid` to `hwpt` (or detaches it), counting the
-    /// users of automatic HWPTs. Returns what it was attached to.
-    fn set_attachment(&self, dev: &Device, pasid: Option<u32>, hwpt: Option<Hwpt>) -> Option<Hwpt> {
-        if let Some(new) = &hwpt {
-            self.table().count_user(new, 1);
-        }
-        let old = dev.set_attached_at(pasid, hwpt);
-        if let Some(old) = &old {
-            self.table().count_user(old, -1);
-        }
-        old
-    }
-
-    /// The HWPT a device attaches to for `pt_id`: the HWPT itself, or for an
-    /// IOAS a compatible automatic one, created when there is none.
-    fn resolve_pt(&self, dev: &Device, pt_id: u32) -> Result<(u32, Hwpt)> {
-        let info = dev.info();
-        let hwpt = match self.object(pt_id)? {
-            Object::HwptPaging(h) => Hwpt::Paging(h),
-            Object::HwptNested(n) => Hwpt::Nested(n),
-            Object::Ioas(ioas) => {
-                let found = {
-                    let t = self.table();
-                    let autos = t.auto_by_ioas.get(&addr(&ioas)).map(Vec::as_slice).unwrap_or_default();
-                    autos.iter().find_map(|id| match t.get(id) {
-                        Some(Object::HwptPaging(h))
-                            if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
-                        {
-                            Some((*id, Hwpt::Paging(h.clone())))
-                        }
-                        _ => None,
-                    })
-                };
-                if let Some(found) = found {
-                    return Ok(found);
-                }
-                let hwpt = HwptPaging::new(ioas, info.format(), info.aperture, HwptFlags::default(), true, None)?;
-                return Ok((self.insert_hwpt(hwpt.clone())?, Hwpt::Paging(hwpt)));
-            }
-            _ => return Err(Error::Invalid("pt_id is not a page table")),
-        };
-        if !info.iommu.serves(hwpt.format()) {
-            return Err(Error::Invalid("HWPT format does not match the device's IOMMU"));
-        }
-        if hwpt.dirty_capable() && !info.dirty_tracking {
-            return Err(Error::Invalid("device cannot track dirty pages for this HWPT"));
-        }
-        Ok((pt_id, hwpt))
-    }
-
-    /// Drops a device's reference to a HWPT: an automatic HWPT goes with its
-    /// last device, as Linux destroys an auto domain with its last device.
-    fn release_attachment(&self, hwpt: Hwpt) {
-        let Hwpt::Paging(hwpt) = hwpt else { return };
-        if !hwpt.is_auto() {
-            return;
-        }
-        let mut t = self.table();
-        let Some(id) = t.auto_id(&hwpt) else { return };
-        if t.auto_users.get(&id) == Some(&0) {
-            t.remove(id);
-            drop(t);
-            hwpt.release();
-        }
-    }
-
     /// `IOMMU_DESTROY`.
-    pub fn destroy(&self, id: u32) -> Result<()> {
+    pub fn destroy(&self, id: impl Into<ObjectId>) -> Result<()> {
+        let id = id.into().get();
         let _g = self.graph();
         let mut t = self.table();
-        let obj = t.get(&id).ok_or(Error::NotFound("no object with that ID"))?;
+        let obj = t.get(&id).ok_or(Error::NoObject { id, kind: "object" })?;
         if matches!(obj, Object::Device(_) | Object::Access(_)) {
             return Err(Error::Busy("owned by its driver, which releases it"));
         }
@@ -1146,7 +955,7 @@ impl Context {
         let obj = t.remove(id).expect("present");
         drop(t);
         let mut vfio = self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner());
-        if *vfio == Some(id) {
+        if vfio.is_some_and(|ioas| ioas.get() == id) {
             *vfio = None;
         }
         drop(vfio);
@@ -1164,31 +973,11 @@ impl Context {
     }
 }
 
-/// Linux's rule between a device's RID and its PASIDs (see `PasidUse`):
-/// `hwpt` may take `dev` at `pasid` given what else `dev` is attached to.
-fn check_pasid_use(dev: &Device, pasid: Option<u32>, hwpt: &Hwpt) -> Result<()> {
-    let compatible = |h: &Hwpt| h.pasid_use() == PasidUse::Compatible;
-    let ok = match pasid {
-        None => compatible(hwpt) || dev.attachments().iter().all(|(p, _)| p.is_none()),
-        Some(_) => compatible(hwpt) && dev.attached_at(None).is_none_or(|rid| compatible(&rid)),
-    };
-    if ok { Ok(()) } else { Err(Error::Invalid("the HWPT is not PASID-compatible")) }
-}
-
-/// Who owns the reservations a device brings when attached at `pasid`:
-/// each attachment its own, so detaching one leaves the others' in place.
-fn owner(dev: &Device, pasid: Option<u32>) -> Owner {
-    match pasid {
-        None => Owner::Device(dev.key()),
-        Some(p) => Owner::DevicePasid(dev.key(), p),
-    }
-}
-
 impl Drop for Context {
     fn drop(&mut self) {
         // Leaves first: devices hold HWPTs, HWPTs hold IOASes.
-        let devices: Vec<u32> =
-            self.table().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(&id, _)| id).collect();
+        let devices: Vec<DeviceId> =
+            self.table().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(&id, _)| Id::new(id)).collect();
         for id in devices {
             let _ = self.unbind_device(id);
         }

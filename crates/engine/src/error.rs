@@ -11,6 +11,10 @@ pub enum Error {
     /// An ID, IOVA or range that does not exist (ENOENT).
     #[error("not found: {0}")]
     NotFound(&'static str),
+    /// An object ID that names nothing, or an object of another kind than
+    /// the one wanted (ENOENT, as `iommufd_get_object` answers both).
+    #[error("no {kind} with ID {id}")]
+    NoObject { id: u32, kind: &'static str },
     /// An object still used by another (EBUSY).
     #[error("busy: {0}")]
     Busy(&'static str),

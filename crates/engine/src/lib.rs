@@ -13,19 +13,20 @@
 //! let ram = HostBuffer::new(8192)?;
 //! // SAFETY: `ram` outlives the mapping (it is unmapped below).
 //! let iova = unsafe { ctx.map_user(ioas, ram.addr(), 8192, None, Perm::RW)? };
-//! ctx.device(dev)?.dma_write(iova + 10, b"hello")?;
+//! ctx.get(dev)?.dma_write(iova + 10, b"hello")?;
 //! ctx.unmap(ioas, iova, 8192)?;
 //!
 //! let mut seen = [0u8; 5];
 //! ram.read_at(10, &mut seen);
 //! assert_eq!(&seen, b"hello");
 //! // After unmap, the device's DMA faults instead of reaching `ram`.
-//! assert!(ctx.device(dev)?.dma_write(iova, b"late").is_err());
+//! assert!(ctx.get(dev)?.dma_write(iova, b"late").is_err());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod access;
 pub mod account;
+mod attach;
 pub mod context;
 pub mod device;
 pub mod epoch;
@@ -33,6 +34,7 @@ pub mod error;
 pub mod fault;
 pub mod hw_queue;
 pub mod hwpt;
+pub mod id;
 pub mod inject;
 pub mod ioas;
 pub mod ioasid_set;
@@ -49,7 +51,7 @@ pub mod vm_memory_iommu;
 
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
-pub use context::{Context, ContextConfig, Object, SelftestDevice};
+pub use context::{Context, ContextConfig, Kind, Object, SelftestDevice, SelftestId};
 pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
@@ -57,6 +59,10 @@ pub use hw_queue::HwQueue;
 pub use hwpt::{
     ConfigFault, Domain, FaultReason, Hwpt, HwptFlags, HwptNested, HwptPaging, NestedData, PageFormat, PasidUse,
     WalkStep,
+};
+pub use id::{
+    AccessId, DeviceId, FaultId, HwQueueId, HwptId, HwptNestedId, HwptPagingId, Id, IoasId, NestParentId, ObjectId,
+    PtId, SetObjectId, VdeviceId, VeventqId, ViommuId,
 };
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::HostBuffer;

@@ -166,7 +166,7 @@ mod tests {
         let dev = ctx.bind_device(DeviceInfo::mock(1, MockFlags::default())).unwrap();
         let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
         let viommu = ctx.viommu_alloc(dev, hwpt, ViommuType::Selftest).unwrap();
-        let q = Veventq::new(ctx.viommu(viommu).unwrap(), VEVENTQ_TYPE_SELFTEST, depth);
+        let q = Veventq::new(ctx.get(viommu).unwrap(), VEVENTQ_TYPE_SELFTEST, depth);
         (ctx, q)
     }
 

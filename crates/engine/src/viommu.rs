@@ -15,7 +15,7 @@
 //! let stage2 = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, ..Default::default() }, None)?;
 //! let viommu = ctx.viommu_alloc(dev, stage2, ViommuType::Selftest)?;
 //! ctx.vdevice_alloc(viommu, dev, 0x300)?; // the guest calls it StreamID 0x300
-//! assert_eq!(ctx.viommu(viommu)?.device(0x300).map(|d| d.id()), Some(dev));
+//! assert_eq!(ctx.get(viommu)?.device(0x300).map(|d| d.id()), Some(dev.get()));
 //! # Ok::<(), ioasid_engine::Error>(())
 //! ```
 

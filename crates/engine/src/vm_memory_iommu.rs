@@ -24,7 +24,7 @@
 //! let dev = ctx.bind_device(DeviceInfo::new("virtio-net", 0x08))?;
 //! ctx.attach(dev, ioas)?;
 //!
-//! let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.device(dev)?, None, &ram), true, ());
+//! let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.get(dev)?, None, &ram), true, ());
 //! memory.write_obj(0xfeed_u32, GuestAddress(0x8000_0010)).unwrap(); // an IOVA
 //! assert_eq!(ram.read_obj::<u32>(GuestAddress(0x3010)).unwrap(), 0xfeed); // lands at its GPA
 //! assert!(memory.read_obj::<u32>(GuestAddress(0x9000_0000)).is_err()); // unmapped: a fault

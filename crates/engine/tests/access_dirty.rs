@@ -35,7 +35,7 @@ impl AccessOps for Driver {
     }
 }
 
-fn with_access(ctx: &Context, ioas: u32, needs_pin: bool) -> (Arc<Driver>, Arc<Access>) {
+fn with_access(ctx: &Context, ioas: ioasid_engine::IoasId, needs_pin: bool) -> (Arc<Driver>, Arc<Access>) {
     let driver = Arc::new(Driver::default());
     let (_, access) = ctx.access_create(ioas, driver.clone(), needs_pin).unwrap();
     *driver.access.lock().unwrap() = Some(Arc::downgrade(&access));
@@ -125,8 +125,8 @@ fn device_writes_set_dirty_bits_that_reading_clears() {
     let buf = HostBuffer::new(8 * PAGE as usize).unwrap();
     // SAFETY: `buf` outlives the context.
     let iova = unsafe { ctx.map_user(ioas, buf.addr(), 8 * PAGE, None, Perm::RW).unwrap() };
-    let hwpt = ctx.hwpt(hwpt_id).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let hwpt = ctx.get(hwpt_id).unwrap();
+    let device = ctx.get(dev).unwrap();
     let range = IovaRange::new(iova, iova + 8 * PAGE - 1);
     let dirty = |keep| {
         let mut seen = Vec::new();
@@ -157,7 +157,7 @@ fn dirty_tracking_needs_a_capable_hwpt_and_device() {
     info.dirty_tracking = true;
     let dev = ctx.bind_device(info).unwrap();
     let plain = ctx.hwpt_alloc(dev, ioas, HwptFlags::default(), None).unwrap();
-    assert!(matches!(ctx.hwpt(plain).unwrap().set_dirty_tracking(true), Err(Error::Unsupported(_))));
+    assert!(matches!(ctx.get(plain).unwrap().set_dirty_tracking(true), Err(Error::Unsupported(_))));
     let tracking = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: false, dirty_tracking: true }, None).unwrap();
     let blind = ctx.bind_device(DeviceInfo::new("blind", 2)).unwrap();
     assert!(matches!(ctx.attach(blind, tracking), Err(Error::Invalid(_))));

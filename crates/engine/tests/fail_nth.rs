@@ -26,7 +26,7 @@ fn scenario(ctx: &Context, buf: &HostBuffer) -> ioasid_engine::Result<()> {
     access.pin_pages(iova, 4 * PAGE, true)?;
     access.unpin_pages(iova, 4 * PAGE);
     ctx.replace(dev, other)?;
-    ctx.device(dev)?.dma_write(0x1000, b"x").ok();
+    ctx.get(dev)?.dma_write(0x1000, b"x").ok();
     ctx.unmap(ioas, iova, 64 * PAGE)?;
     Ok(())
 }

@@ -11,14 +11,16 @@ use ioasid_engine::fault::Response;
 use ioasid_engine::{
     Context, ContextConfig, DeviceInfo, DmaError, FaultQueue, FaultReason, HostBuffer, HwptFlags, Limit, Perm,
 };
+use ioasid_engine::{DeviceId, HwptPagingId, IoasId};
 
 const PAGE: u64 = 4096;
 const IOVA: u64 = 1 << 30;
 
 struct Setup {
     ctx: Arc<Context>,
-    ioas: u32,
-    dev: u32,
+    ioas: IoasId,
+    dev: DeviceId,
+    hwpt: HwptPagingId,
     queue: Arc<FaultQueue>,
     ram: Arc<HostBuffer>,
 }
@@ -35,7 +37,7 @@ fn setup(pages: usize) -> Setup {
     let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
     ctx.attach(dev, hwpt).unwrap();
     let ram = Arc::new(HostBuffer::new(pages * PAGE as usize).unwrap());
-    Setup { ctx, ioas, dev, queue, ram }
+    Setup { ctx, ioas, dev, hwpt, queue, ram }
 }
 
 /// A handler: maps each requested page (RAM page = IOVA page) and answers.
@@ -64,7 +66,7 @@ fn a_faulting_dma_completes_once_the_owner_maps_the_page() {
     let s = setup(4);
     let stop = Arc::new(AtomicBool::new(false));
     let handler = serve(&s, stop.clone(), Response::Success);
-    let dev = s.ctx.device(s.dev).unwrap();
+    let dev = s.ctx.get(s.dev).unwrap();
     dev.dma_write(IOVA + 2 * PAGE + 10, b"faulted in").unwrap();
     let mut back = [0u8; 10];
     s.ram.read_at(2 * PAGE as usize + 10, &mut back);
@@ -80,7 +82,7 @@ fn a_refused_request_fails_the_dma() {
     let s = setup(1);
     let stop = Arc::new(AtomicBool::new(false));
     let handler = serve(&s, stop.clone(), Response::Invalid);
-    let dev = s.ctx.device(s.dev).unwrap();
+    let dev = s.ctx.get(s.dev).unwrap();
     let r = dev.dma_write(IOVA, b"x");
     assert_eq!(r, Err(DmaError::Fault { iova: IOVA, reason: FaultReason::NotPresent, write: true }));
     stop.store(true, Ordering::Relaxed);
@@ -90,7 +92,7 @@ fn a_refused_request_fails_the_dma() {
 #[test]
 fn detaching_releases_a_waiting_dma() {
     let s = setup(1);
-    let dev = s.ctx.device(s.dev).unwrap();
+    let dev = s.ctx.get(s.dev).unwrap();
     let waiting = thread::spawn(move || dev.dma_write(IOVA, b"x"));
     // Wait until the request is queued, then take the table away unanswered.
     while s.queue.counts().0 == 0 {
@@ -105,8 +107,8 @@ fn detaching_releases_a_waiting_dma() {
 fn a_device_without_pri_just_faults() {
     let s = setup(1);
     let plain = s.ctx.bind_device(DeviceInfo::new("plain", 2)).unwrap();
-    s.ctx.attach(plain, 4).unwrap();
-    let r = s.ctx.device(plain).unwrap().dma_write(IOVA, b"x");
+    s.ctx.attach(plain, s.hwpt).unwrap();
+    let r = s.ctx.get(plain).unwrap().dma_write(IOVA, b"x");
     assert!(matches!(r, Err(DmaError::Fault { .. })));
     assert_eq!(s.queue.counts(), (0, 0));
 }
@@ -120,7 +122,7 @@ fn concurrent_faults_are_all_served() {
     let handler = serve(&s, stop.clone(), Response::Success);
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
-            let dev = s.ctx.device(s.dev).unwrap();
+            let dev = s.ctx.get(s.dev).unwrap();
             thread::spawn(move || {
                 for p in 0..PAGES_EACH {
                     let page = t * PAGES_EACH + p;
@@ -146,7 +148,7 @@ fn concurrent_faults_are_all_served() {
 #[test]
 fn a_non_waiting_dma_hands_back_the_page_request() {
     let s = setup(1);
-    let dev = s.ctx.device(s.dev).unwrap();
+    let dev = s.ctx.get(s.dev).unwrap();
     let pending = match dev.try_dma_write(IOVA + 8, b"later") {
         Err(ioasid_engine::Stall::PageRequest(p)) => p,
         other => panic!("expected a page request, got {other:?}"),
@@ -165,8 +167,8 @@ fn a_non_waiting_dma_hands_back_the_page_request() {
 fn unrecoverable_faults_are_counted() {
     let s = setup(1);
     let plain = s.ctx.bind_device(DeviceInfo::new("plain", 2)).unwrap();
-    s.ctx.attach(plain, 4).unwrap();
-    let dev = s.ctx.device(plain).unwrap();
+    s.ctx.attach(plain, s.hwpt).unwrap();
+    let dev = s.ctx.get(plain).unwrap();
     assert!(dev.dma_write(IOVA, b"x").is_err());
     assert!(dev.dma_read(IOVA, &mut [0u8; 4]).is_err());
     assert_eq!(dev.unrecoverable_faults(), 2);
@@ -185,14 +187,14 @@ fn many_devices_share_one_queue_and_records_name_each() {
         let mut info = DeviceInfo::new("pri", rid);
         info.pri = true;
         let d = s.ctx.bind_device(info).unwrap();
-        s.ctx.attach(d, 4).unwrap();
+        s.ctx.attach(d, s.hwpt).unwrap();
         devs.push(d);
     }
     let threads: Vec<_> = devs
         .iter()
         .enumerate()
         .map(|(k, &d)| {
-            let dev = s.ctx.device(d).unwrap();
+            let dev = s.ctx.get(d).unwrap();
             thread::spawn(move || dev.dma_write(IOVA + 2 * k as u64 * PAGE, &[k as u8; 16]))
         })
         .collect();
@@ -213,7 +215,7 @@ fn a_dma_over_several_missing_pages_asks_for_them_in_one_group() {
     let s = setup(4);
     // SAFETY: `ram` outlives the context.
     unsafe { s.ctx.map_user(s.ioas, s.ram.addr() + PAGE, PAGE, Some(IOVA + PAGE), Perm::RW).unwrap() };
-    let dev = s.ctx.device(s.dev).unwrap();
+    let dev = s.ctx.get(s.dev).unwrap();
     let data = vec![7u8; 3 * PAGE as usize + 16];
     let pending = match dev.try_dma_write(IOVA + 8, &data) {
         Err(ioasid_engine::Stall::PageRequest(p)) => p,
@@ -252,7 +254,7 @@ fn page_requests_carry_exec_and_privileged() {
     let (fault_id, queue) = ctx.fault_alloc().unwrap();
     let hwpt = ctx.hwpt_alloc(dev_id, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
     ctx.attach_pasid(dev_id, 7, hwpt).unwrap();
-    let dev = ctx.device(dev_id).unwrap();
+    let dev = ctx.get(dev_id).unwrap();
     let requests = thread::spawn(move || {
         let mut perms = Vec::new();
         while perms.len() < 2 {

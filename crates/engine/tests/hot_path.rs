@@ -56,7 +56,7 @@ const PAGES: u64 = 2048;
 fn translate_and_dma_do_not_allocate() {
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
     let ioas = ctx.ioas_alloc().unwrap();
-    ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
     let hwpt = ctx.attach(dev, ioas).unwrap();
     let trusted = HostBuffer::new((PAGES * PAGE) as usize).unwrap();
@@ -64,8 +64,8 @@ fn translate_and_dma_do_not_allocate() {
     // SAFETY: `trusted` outlives the context's use of it in this test.
     unsafe { ctx.map_user(ioas, trusted.addr(), PAGES * PAGE, Some(0), Perm::RW).unwrap() };
     ctx.map_user_checked(ioas, checked.addr(), PAGES * PAGE, Some(1 << 30), Perm::RW).unwrap();
-    let domain = ctx.hwpt(hwpt).unwrap().domain().clone();
-    let device = ctx.device(dev).unwrap();
+    let domain = ctx.get(hwpt.paging()).unwrap().domain().clone();
+    let device = ctx.get(dev).unwrap();
     let guard = ioasid_engine::epoch::pin();
     let mut buf = [0u8; 256];
     assert_eq!(allocations(|| drop(std::hint::black_box(Box::new(1)))), 100, "the counter sees allocations");
@@ -103,7 +103,7 @@ fn nested_translation_does_not_allocate() {
     for p in 0..16 {
         put(0x4000, p, encode(0x10000 + p * PAGE, 0, true, true));
     }
-    let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { panic!("not nested") };
+    let Ok(hwpt) = ctx.get(nested) else { panic!("not nested") };
     let guard = ioasid_engine::epoch::pin();
     assert_eq!(hwpt.translate(0x40_0010, Perm::R, &guard), Ok((ram.addr() + 0x10010, false)));
     assert_eq!(allocations(|| _ = hwpt.translate(0x40_0010, Perm::R, &guard).unwrap()), 0, "combined hit");

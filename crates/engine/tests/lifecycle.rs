@@ -1,7 +1,10 @@
 //! Object lifetimes: IDs, EBUSY while used, automatic HWPTs, replace, and
 //! teardown that leaves nothing pinned.
 
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Limit, Perm};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, Error, HostBuffer, HwptFlags, IoasId, IovaRange, Limit, ObjectId,
+    Perm, PtId,
+};
 
 const PAGE: u64 = 4096;
 
@@ -13,9 +16,9 @@ fn ctx() -> Context {
 fn unknown_and_wrong_type_ids_are_not_found() {
     let ctx = ctx();
     let ioas = ctx.ioas_alloc().unwrap();
-    assert!(matches!(ctx.device(ioas), Err(Error::NotFound(_))));
-    assert!(matches!(ctx.ioas(77), Err(Error::NotFound(_))));
-    assert!(matches!(ctx.destroy(77), Err(Error::NotFound(_))));
+    assert!(matches!(ctx.get(DeviceId::new(ioas.get())), Err(Error::NoObject { kind: "device", .. })));
+    assert!(matches!(ctx.get(IoasId::new(77)), Err(Error::NoObject { id: 77, .. })));
+    assert!(matches!(ctx.destroy(ObjectId::new(77)), Err(Error::NoObject { id: 77, .. })));
 }
 
 #[test]
@@ -27,13 +30,13 @@ fn auto_hwpt_is_shared_and_goes_with_its_last_device() {
     let h1 = ctx.attach(a, ioas).unwrap();
     let h2 = ctx.attach(b, ioas).unwrap();
     assert_eq!(h1, h2);
-    assert_eq!(ctx.ioas(ioas).unwrap().domain_count(), 1);
+    assert_eq!(ctx.get(ioas).unwrap().domain_count(), 1);
     assert!(matches!(ctx.destroy(ioas), Err(Error::Busy(_))));
     ctx.detach(a).unwrap();
-    assert!(ctx.hwpt(h1).is_ok(), "still used by b");
+    assert!(ctx.get(h1).is_ok(), "still used by b");
     ctx.detach(b).unwrap();
-    assert!(ctx.hwpt(h1).is_err(), "auto HWPT destroyed with its last device");
-    assert_eq!(ctx.ioas(ioas).unwrap().domain_count(), 0);
+    assert!(ctx.get(h1).is_err(), "auto HWPT destroyed with its last device");
+    assert_eq!(ctx.get(ioas).unwrap().domain_count(), 0);
     ctx.destroy(ioas).unwrap();
 }
 
@@ -44,11 +47,11 @@ fn attach_twice_and_detach_unattached_are_invalid() {
     let d = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     assert!(matches!(ctx.detach(d), Err(Error::Invalid(_))));
     assert!(matches!(ctx.replace(d, ioas), Err(Error::Invalid(_))));
-    assert!(matches!(ctx.attach(d, 99), Err(Error::NotFound(_))));
+    assert!(matches!(ctx.attach(d, PtId::new(99)), Err(Error::NoObject { id: 99, .. })));
     ctx.attach(d, ioas).unwrap();
     assert!(matches!(ctx.attach(d, ioas), Err(Error::Invalid(_))));
     ctx.detach(d).unwrap();
-    assert!(matches!(ctx.attach(d, d), Err(Error::Invalid(_))));
+    assert!(matches!(ctx.attach(d, PtId::new(d.get())), Err(Error::Invalid(_))));
 }
 
 #[test]
@@ -66,7 +69,7 @@ fn replace_moves_dma_to_the_new_ioas_and_its_reservations() {
         ctx.map_user(y, by.addr(), PAGE, Some(0x1000), Perm::RW).unwrap();
     }
     ctx.attach(d, x).unwrap();
-    let dev = ctx.device(d).unwrap();
+    let dev = ctx.get(d).unwrap();
     dev.dma_write(0x1000, b"x").unwrap();
     ctx.replace(d, y).unwrap();
     dev.dma_write(0x1000, b"y").unwrap();
@@ -75,9 +78,9 @@ fn replace_moves_dma_to_the_new_ioas_and_its_reservations() {
     by.read_at(0, &mut gy);
     assert_eq!((gx, gy), (*b"x", *b"y"));
     // The reservation moved with the device.
-    assert_eq!(ctx.ioas(x).unwrap().iova_ranges().0, vec![IovaRange::ALL]);
-    assert_eq!(ctx.ioas(y).unwrap().iova_ranges().0.len(), 2);
-    assert!(ctx.ioas(x).unwrap().domain_count() == 0, "x's auto HWPT went with the device");
+    assert_eq!(ctx.get(x).unwrap().iova_ranges().0, vec![IovaRange::ALL]);
+    assert_eq!(ctx.get(y).unwrap().iova_ranges().0.len(), 2);
+    assert!(ctx.get(x).unwrap().domain_count() == 0, "x's auto HWPT went with the device");
 }
 
 #[test]
@@ -105,9 +108,9 @@ fn dropping_the_context_unpins_everything() {
     // SAFETY: `b` outlives the context.
     unsafe { ctx.map_user(ioas, b.addr(), 16 * PAGE, None, Perm::RW).unwrap() };
     let copy_ioas = ctx.ioas_alloc().unwrap();
-    ctx.copy(copy_ioas, ioas, ctx.ioas(ioas).unwrap().areas()[0].iova, 16 * PAGE, None, Perm::R).unwrap();
+    ctx.copy(copy_ioas, ioas, ctx.get(ioas).unwrap().areas()[0].iova, 16 * PAGE, None, Perm::R).unwrap();
     assert_eq!(ctx.locked_pages(), 16);
-    let probe = ctx.ioas(ioas).unwrap();
+    let probe = ctx.get(ioas).unwrap();
     drop(ctx);
     assert!(probe.areas().is_empty(), "the IOAS was emptied on close");
     assert_eq!(probe.domain_count(), 0);
@@ -140,7 +143,7 @@ fn cut_splits_areas_where_linux_allows_it() {
     ctx.attach(d, ioas).unwrap();
     // SAFETY: `b` outlives the context.
     unsafe { ctx.map_user(ioas, b.addr(), 8 * PAGE, Some(0x10_0000), Perm::RW).unwrap() };
-    let io = ctx.ioas(ioas).unwrap();
+    let io = ctx.get(ioas).unwrap();
     assert!(matches!(io.cut(&[0x10_0000 + 2 * PAGE - 1]), Err(Error::Invalid(_))), "huge pages are on");
     // Huge pages can only be turned off before anything is mapped into a domain.
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
@@ -153,7 +156,7 @@ fn cut_splits_areas_where_linux_allows_it() {
     assert_eq!(io.areas().len(), 2);
     assert_eq!(ctx.locked_pages(), pinned, "cutting charges nothing");
     assert_eq!(ctx.unmap(ioas, 0x10_0000, 2 * PAGE), Ok(2 * PAGE));
-    let dev = ctx.device(d).unwrap();
+    let dev = ctx.get(d).unwrap();
     assert!(dev.dma_write(0x10_0000, b"x").is_err());
     dev.dma_write(0x10_0000 + 2 * PAGE, b"y").unwrap();
 }
@@ -166,7 +169,7 @@ fn dma_into_memory_its_owner_unmapped_is_an_error_not_a_crash() {
     ctx.attach(d, ioas).unwrap();
     let b = HostBuffer::new(2 * PAGE as usize).unwrap();
     let iova = ctx.map_user_checked(ioas, b.addr(), 2 * PAGE, None, Perm::RW).unwrap();
-    let dev = ctx.device(d).unwrap();
+    let dev = ctx.get(d).unwrap();
     dev.dma_write(iova, b"before").unwrap();
     // The owner revokes the memory. (PROT_NONE rather than munmap so no
     // concurrent test can be handed the same addresses meanwhile.)

@@ -157,10 +157,10 @@ fn run(iommu: IommuModel, ops: Vec<Op>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn check(ctx: &Context, devs: &[u32; 2], m: &Model, mem: &HostBuffer) -> Result<(), TestCaseError> {
+fn check(ctx: &Context, devs: &[ioasid_engine::DeviceId; 2], m: &Model, mem: &HostBuffer) -> Result<(), TestCaseError> {
     let guard = ioasid_engine::epoch::pin();
     for (d, &dev_id) in devs.iter().enumerate() {
-        let dev = ctx.device(dev_id).unwrap();
+        let dev = ctx.get(dev_id).unwrap();
         for page in 0..SPACE {
             let got = dev.translate(page * PAGE + 8, Perm::R, &guard);
             let Some(i) = m.attached[d] else {

@@ -29,8 +29,8 @@ fn dma_goes_through_each_models_format() {
         unsafe { ctx.map_user(ioas, mem.addr() + 2 * PAGE, PAGE, Some(0x20_0000), Perm::R).unwrap() };
         let dev_id = ctx.bind_device(DeviceInfo::behind(iommu, "d", 1)).unwrap();
         let hwpt = ctx.attach(dev_id, ioas).unwrap();
-        assert_eq!(ctx.hwpt(hwpt).unwrap().domain().format(), iommu.paging_format(false), "{iommu:?}");
-        let dev = ctx.device(dev_id).unwrap();
+        assert_eq!(ctx.get(hwpt.paging()).unwrap().domain().format(), iommu.paging_format(false), "{iommu:?}");
+        let dev = ctx.get(dev_id).unwrap();
         dev.dma_write(0x10_0ffe, b"abcd").unwrap();
         let mut seen = [0u8; 4];
         mem.read_at(0xffe, &mut seen);
@@ -51,16 +51,16 @@ fn dirty_tracking_uses_each_formats_bits() {
         let ctx = ctx();
         let ioas = ctx.ioas_alloc().unwrap();
         let mem = HostBuffer::new(8 * PAGE as usize).unwrap();
-        ctx.ioas(ioas).unwrap().set_huge_pages(false).unwrap();
+        ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
         // SAFETY: `mem` outlives the context's use of it in this iteration.
         unsafe { ctx.map_user(ioas, mem.addr(), 8 * PAGE, Some(0), Perm::RW).unwrap() };
         let dev_id = ctx.bind_device(DeviceInfo { dirty_tracking: true, ..DeviceInfo::behind(iommu, "d", 1) }).unwrap();
         let flags = HwptFlags { nest_parent: false, dirty_tracking: true };
         let hwpt_id = ctx.hwpt_alloc(dev_id, ioas, flags, None).unwrap();
         ctx.attach(dev_id, hwpt_id).unwrap();
-        let hwpt = ctx.hwpt(hwpt_id).unwrap();
+        let hwpt = ctx.get(hwpt_id).unwrap();
         hwpt.set_dirty_tracking(true).unwrap();
-        let dev = ctx.device(dev_id).unwrap();
+        let dev = ctx.get(dev_id).unwrap();
         dev.dma_write(3 * PAGE + 5, b"d").unwrap();
         dev.dma_read(5 * PAGE, &mut [0u8; 8]).unwrap();
         let range = IovaRange::new(0, 8 * PAGE - 1);
@@ -82,7 +82,7 @@ fn smmu_nests_over_stage_2() {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "smmu", 1)).unwrap();
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
-    assert_eq!(ctx.hwpt(parent).unwrap().domain().format(), PageFormat::ArmS2);
+    assert_eq!(ctx.get(parent).unwrap().domain().format(), PageFormat::ArmS2);
     // A device may attach to its SMMU's stage-2 table directly too.
     ctx.attach(dev, parent).unwrap();
 }
@@ -99,5 +99,5 @@ fn tables_belong_to_one_architecture() {
     let a = ctx.attach(vtd, ioas).unwrap();
     let b = ctx.attach(amd, ioas).unwrap();
     assert_ne!(a, b);
-    assert_eq!(ctx.hwpt(b).unwrap().domain().format(), PageFormat::AmdV1);
+    assert_eq!(ctx.get(b.paging()).unwrap().domain().format(), PageFormat::AmdV1);
 }

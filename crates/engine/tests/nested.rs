@@ -7,6 +7,7 @@ use ioasid_engine::pgtable::x86::first_stage::encode;
 use ioasid_engine::{
     Context, ContextConfig, DeviceInfo, DmaError, FaultReason, HostBuffer, HwptFlags, Limit, NestedData, Perm,
 };
+use ioasid_engine::{DeviceId, HwptNestedId, IoasId};
 
 const PAGE: u64 = 4096;
 /// Guest RAM: 64 pages at guest-physical 0 (stage 2 maps GPA = IOVA).
@@ -14,9 +15,9 @@ const RAM_PAGES: u64 = 64;
 
 struct Guest {
     ctx: Arc<Context>,
-    ioas: u32,
-    dev: u32,
-    nested: u32,
+    ioas: IoasId,
+    dev: DeviceId,
+    nested: HwptNestedId,
     ram: HostBuffer,
 }
 
@@ -61,7 +62,7 @@ fn fault_reason(r: Result<(), DmaError>) -> FaultReason {
 fn dma_goes_through_both_stages() {
     let g = guest();
     g.map4k(0x40_0000, 0x10000, true);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_0010, b"nested").unwrap();
     let mut seen = [0u8; 6];
     g.ram.read_at(0x10010, &mut seen);
@@ -72,7 +73,7 @@ fn dma_goes_through_both_stages() {
 fn rights_are_intersected_and_faults_name_their_stage() {
     let g = guest();
     g.map4k(0x40_0000, 0x10000, false);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     let mut buf = [0u8; 4];
     dev.dma_read(0x40_0000, &mut buf).unwrap();
     assert_eq!(fault_reason(dev.dma_write(0x40_0000, b"x")), FaultReason::Permission, "stage 1 is read-only");
@@ -89,7 +90,7 @@ fn rights_are_intersected_and_faults_name_their_stage() {
 fn a_changed_stage_1_is_seen_only_after_invalidation() {
     let g = guest();
     g.map4k(0x40_0000, 0x10000, true);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_0000, b"a").unwrap();
     // The guest remaps without invalidating: the IOTLB still holds the old
     // translation, as hardware would.
@@ -98,7 +99,7 @@ fn a_changed_stage_1_is_seen_only_after_invalidation() {
     let mut v = [0u8; 1];
     g.ram.read_at(0x10000, &mut v);
     assert_eq!(&v, b"b", "stale until invalidated");
-    let Ok(ioasid_engine::Hwpt::Nested(n)) = g.ctx.any_hwpt(g.nested) else { panic!("not nested") };
+    let Ok(n) = g.ctx.get(g.nested) else { panic!("not nested") };
     n.invalidate();
     dev.dma_write(0x40_0000, b"c").unwrap();
     g.ram.read_at(0x11000, &mut v);
@@ -109,7 +110,7 @@ fn a_changed_stage_1_is_seen_only_after_invalidation() {
 fn a_stage_2_unmap_invalidates_combined_translations() {
     let g = guest();
     g.map4k(0x40_0000, 0x10000, true);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_0000, b"a").unwrap();
     g.ctx.unmap(g.ioas, 0, u64::MAX).unwrap();
     assert!(matches!(fault_reason(dev.dma_write(0x40_0000, b"x")), FaultReason::Stage2 { .. }));
@@ -141,12 +142,12 @@ mod model {
             let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
             let nested = ctx.hwpt_alloc_nested(dev, parent, NestedData::vtd_s1(0x1000, 4), None).unwrap();
             ctx.attach(dev, nested).unwrap();
-            let Ok(ioasid_engine::Hwpt::Nested(hwpt)) = ctx.any_hwpt(nested) else { panic!() };
+            let Ok(hwpt) = ctx.get(nested) else { panic!() };
             let g = Guest { ctx: ctx.clone(), ioas, dev, nested, ram };
             // Build the upper levels once with an unmapped leaf table.
             g.map4k(IOVA_BASE, 16 * PAGE, true);
             g.write_entry(0x4000, (IOVA_BASE >> 12) & 511, 0);
-            let device = ctx.device(dev).unwrap();
+            let device = ctx.get(dev).unwrap();
             let mut model = Model::default();
             for op in ops {
                 match op {

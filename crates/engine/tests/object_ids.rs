@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit, ObjectId, PtId};
 use proptest::prelude::*;
 
 fn ctx() -> Context {
@@ -15,18 +15,18 @@ fn ctx() -> Context {
 #[test]
 fn ids_are_the_lowest_free_from_one() {
     let ctx = ctx();
-    let ids: Vec<u32> = (0..6).map(|_| ctx.ioas_alloc().unwrap()).collect();
+    let ids: Vec<u32> = (0..6).map(|_| ctx.ioas_alloc().unwrap().get()).collect();
     assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
     for id in [2, 4, 6, 5] {
-        ctx.destroy(id).unwrap();
+        ctx.destroy(ObjectId::new(id)).unwrap();
     }
-    assert_eq!(ctx.ioas_alloc().unwrap(), 2);
+    assert_eq!(ctx.ioas_alloc().unwrap().get(), 2);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
-    assert_eq!(dev, 4, "every kind of object shares one ID space");
-    assert_eq!(ctx.ioas_alloc().unwrap(), 5);
-    assert_eq!(ctx.attach(dev, 1).unwrap(), 6, "the automatic HWPT takes the next one");
+    assert_eq!(dev.get(), 4, "every kind of object shares one ID space");
+    assert_eq!(ctx.ioas_alloc().unwrap().get(), 5);
+    assert_eq!(ctx.attach(dev, PtId::new(1)).unwrap().get(), 6, "the automatic HWPT takes the next one");
     ctx.detach(dev).unwrap();
-    assert_eq!(ctx.ioas_alloc().unwrap(), 6, "the automatic HWPT's ID was freed with it");
+    assert_eq!(ctx.ioas_alloc().unwrap().get(), 6, "the automatic HWPT's ID was freed with it");
 }
 
 proptest! {
@@ -41,15 +41,15 @@ proptest! {
         for (alloc, pick) in ops {
             if alloc || live.is_empty() {
                 let want = (1..).find(|id| !live.contains(id)).unwrap();
-                prop_assert_eq!(ctx.ioas_alloc().unwrap(), want);
+                prop_assert_eq!(ctx.ioas_alloc().unwrap().get(), want);
                 live.insert(want);
             } else {
                 let id = *live.iter().nth(pick as usize % live.len()).unwrap();
-                ctx.destroy(id).unwrap();
+                ctx.destroy(ObjectId::new(id)).unwrap();
                 live.remove(&id);
             }
         }
-        let listed: Vec<u32> = ctx.objects().into_iter().map(|(id, _)| id).collect();
+        let listed: Vec<u32> = ctx.objects().into_iter().map(|(id, _)| id.get()).collect();
         prop_assert_eq!(listed, live.into_iter().collect::<Vec<_>>());
     }
 }
@@ -77,7 +77,7 @@ fn costs(live: u32) -> (Duration, Duration) {
     for _ in 2..live {
         ctx.ioas_alloc().unwrap();
     }
-    ctx.destroy(live / 2).unwrap();
+    ctx.destroy(ObjectId::new(live / 2)).unwrap();
     let alloc = per_call(300, || {
         let id = ctx.ioas_alloc().unwrap();
         ctx.destroy(id).unwrap();

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ioasid_engine::DeviceId;
 use ioasid_engine::fault::{LAST_PAGE, PASID_VALID, Response};
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, DmaError, Error, HostBuffer, HwptFlags, Limit, Perm};
 
@@ -12,7 +13,7 @@ fn ctx() -> Arc<Context> {
     Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
 }
 
-fn pasid_device(ctx: &Context, width: u8) -> u32 {
+fn pasid_device(ctx: &Context, width: u8) -> DeviceId {
     let mut info = DeviceInfo::new("pasid", 1);
     info.max_pasid_log2 = width;
     info.pri = true;
@@ -32,7 +33,7 @@ fn each_pasid_translates_through_its_own_table() {
     }
     ctx.attach(dev, a).unwrap();
     ctx.attach_pasid(dev, 7, b).unwrap();
-    let d = ctx.device(dev).unwrap();
+    let d = ctx.get(dev).unwrap();
     d.dma_write(0x1000, b"rid").unwrap();
     d.dma_write_pasid(7, 0x1000, b"p7").unwrap();
     assert_eq!(d.dma_write_pasid(9, 0x1000, b"x"), Err(DmaError::Blocked), "nothing attached at PASID 9");
@@ -72,9 +73,9 @@ fn an_automatic_hwpt_lives_while_any_pasid_uses_it() {
     let hwpt = ctx.attach(dev, ioas).unwrap();
     assert_eq!(ctx.attach_pasid(dev, 3, ioas).unwrap(), hwpt, "shared with the RID");
     ctx.detach(dev).unwrap();
-    assert!(ctx.hwpt(hwpt).is_ok(), "PASID 3 still uses it");
+    assert!(ctx.get(hwpt).is_ok(), "PASID 3 still uses it");
     ctx.unbind_device(dev).unwrap();
-    assert!(ctx.hwpt(hwpt).is_err(), "unbinding detached every PASID");
+    assert!(ctx.get(hwpt).is_err(), "unbinding detached every PASID");
     ctx.destroy(ioas).unwrap();
 }
 
@@ -87,7 +88,7 @@ fn page_requests_carry_the_pasid_and_detach_refuses_only_that_pasids() {
     let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
     ctx.attach_pasid(dev, 5, hwpt).unwrap();
     ctx.attach_pasid(dev, 6, hwpt).unwrap();
-    let d5 = ctx.device(dev).unwrap();
+    let d5 = ctx.get(dev).unwrap();
     let d6 = d5.clone();
     let t5 = std::thread::spawn(move || d5.dma_write_pasid(5, 0x2000, b"5"));
     let t6 = std::thread::spawn(move || d6.dma_write_pasid(6, 0x3000, b"6"));

@@ -43,15 +43,15 @@ fn another_processs_pages_are_taken_at_pin_and_missed_once_it_is_gone() {
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(dev, live).unwrap();
     let mut seen = [0u8; 4];
-    ctx.device(dev).unwrap().dma_read(0x10_1ffc, &mut seen).unwrap();
+    ctx.get(dev).unwrap().dma_read(0x10_1ffc, &mut seen).unwrap();
     assert_eq!(&seen, b"CCCC", "the child's memory, not ours");
     child.release();
     // With the child gone, pinning its memory fails as Linux's does.
     let late = ctx.bind_device(DeviceInfo::new("late", 2)).unwrap();
     assert!(matches!(ctx.attach(late, gone), Err(Error::Fault(_))));
     // What was taken stays usable.
-    ctx.device(dev).unwrap().dma_write(0x10_0000, b"ok").unwrap();
-    ctx.device(dev).unwrap().dma_read(0x10_0000, &mut seen).unwrap();
+    ctx.get(dev).unwrap().dma_write(0x10_0000, b"ok").unwrap();
+    ctx.get(dev).unwrap().dma_read(0x10_0000, &mut seen).unwrap();
     assert_eq!(&seen, b"okCC");
     let mut ours = [0u8; 2];
     buf.read_at(0, &mut ours);
@@ -102,14 +102,14 @@ fn shared_memory_of_a_child_is_used_in_place() {
         assert_eq!(libc::waitpid(pid, std::ptr::null_mut(), 0), pid);
     }
     // The same pages as ours: a device write is seen here, and ours there.
-    ctx.device(dev).unwrap().dma_write(0x10_0010, b"dev").unwrap();
+    ctx.get(dev).unwrap().dma_write(0x10_0010, b"dev").unwrap();
     // SAFETY: reading and writing our own live mapping.
     unsafe {
         assert_eq!(std::slice::from_raw_parts((shared as *const u8).add(0x10), 3), b"dev");
         (shared as *mut u8).add(0x20).write(b'h');
     }
     let mut seen = [0u8; 1];
-    ctx.device(dev).unwrap().dma_read(0x10_0020, &mut seen).unwrap();
+    ctx.get(dev).unwrap().dma_read(0x10_0020, &mut seen).unwrap();
     assert_eq!(&seen, b"h");
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     // SAFETY: our mapping, no longer used by the context.
@@ -189,7 +189,7 @@ fn a_small_dma_into_a_childs_large_sparse_mapping_takes_only_what_the_child_wrot
         // Mapped with a domain: pinned (and taken) now, all of it.
         ctx.map_remote(ioas, child.pid, mem as u64, len, Some(1 << 40), Perm::RW).unwrap();
         let mut seen = [0u8; 16];
-        let device = ctx.device(dev).unwrap();
+        let device = ctx.get(dev).unwrap();
         device.dma_read((1 << 40) + at as u64, &mut seen).unwrap();
         assert_eq!(&seen, b"the child's byte");
         device.dma_write((1 << 40) + at as u64, b"dev").unwrap();

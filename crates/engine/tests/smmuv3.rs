@@ -11,6 +11,7 @@ use ioasid_engine::{
     ConfigFault, Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel,
     Limit, NestedData, Perm, ViommuType,
 };
+use ioasid_engine::{DeviceId, HwptNestedId, IoasId, ViommuId};
 
 const PAGE: u64 = 4096;
 const RAM_PAGES: u64 = 64;
@@ -19,9 +20,9 @@ const CD_TABLE: u64 = 0x1000;
 
 struct Guest {
     ctx: Arc<Context>,
-    ioas: u32,
-    dev: u32,
-    viommu: u32,
+    ioas: IoasId,
+    dev: DeviceId,
+    viommu: ViommuId,
     ram: HostBuffer,
 }
 
@@ -47,16 +48,16 @@ impl Guest {
         self.put(ttb0 + 0x3000 + idx(0) * 8, gpa | 0b11 | AF | rights);
     }
 
-    fn nested(&self, words: [u64; 2]) -> u32 {
+    fn nested(&self, words: [u64; 2]) -> HwptNestedId {
         let data = NestedData::arm_smmuv3(words).unwrap();
         let id = self.ctx.hwpt_alloc_nested(self.dev, self.viommu, data, None).unwrap();
-        let dev = self.ctx.device(self.dev).unwrap();
+        let dev = self.ctx.get(self.dev).unwrap();
         if dev.attached().is_some() { self.ctx.replace(self.dev, id) } else { self.ctx.attach(self.dev, id) }.unwrap();
         id
     }
 
     fn command(&self, cmd: [u64; 2]) -> Result<(), Error> {
-        self.ctx.viommu(self.viommu).unwrap().invalidate(cmd)
+        self.ctx.get(self.viommu).unwrap().invalidate(cmd)
     }
 
     fn read_ram(&self, gpa: u64) -> u8 {
@@ -99,7 +100,7 @@ fn dma_goes_through_the_cd_and_both_stages() {
     g.map(0x10000, 0x40_0000, 0x20000, true);
     g.map(0x10000, 0x40_1000, 0x21000, false);
     g.nested(S1);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_0010, b"s").unwrap();
     assert_eq!(g.read_ram(0x20010), b's');
     assert_eq!(fault(dev.dma_write(0x40_1000, b"x")), FaultReason::Permission, "stage 1 is read-only");
@@ -120,7 +121,7 @@ fn tlbi_and_cfgi_drop_what_they_must() {
     g.write_cd(0x10000, 1);
     g.map(0x10000, 0x40_0000, 0x20000, true);
     g.nested(S1);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_0000, b"a").unwrap();
     // A remap without a TLBI: the SMMU's TLB still holds the old page.
     g.map(0x10000, 0x40_0000, 0x22000, true);
@@ -152,7 +153,7 @@ fn tlbi_and_cfgi_drop_what_they_must() {
 fn bypass_and_abort_stes() {
     let g = guest();
     g.nested([ste::V | ste::CONFIG_BYPASS << 1, 0]);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x3000, b"p").unwrap();
     assert_eq!(g.read_ram(0x3000), b'p', "bypass: stage 2 alone");
     g.nested([ste::V, 0]);
@@ -183,7 +184,7 @@ fn faults_reach_the_guests_event_queue_as_smmu_event_records() {
     g.map(0x10000, 0x40_1000, 0x21000, false);
     g.map(0x10000, 0x40_2000, (RAM_PAGES + 3) * PAGE, true);
     g.nested(S1);
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     dev.dma_write(0x40_1008, b"x").unwrap_err();
     dev.dma_read(0x40_2000, &mut [0u8; 4]).unwrap_err();
     let events = queue.read(4096).unwrap();
@@ -206,7 +207,7 @@ fn each_stage_1_condition_reaches_the_guest_with_its_event_code() {
     use ioasid_engine::veventq::VEVENTQ_TYPE_ARM_SMMUV3;
     let g = guest();
     let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 16).unwrap();
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     let sid = u64::from(VSID) << 32;
     let next = || {
         let e = queue.read(4096).unwrap();
@@ -251,7 +252,7 @@ fn exec_and_privileged_requests_mark_the_event_record() {
     g.put(CD_TABLE + cd::SIZE, cd::V | cd::AA64 | 16 | 2 << cd::ASID_SHIFT);
     g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
     g.nested([S1[0] | 1 << 59, 0]);
-    let device = g.ctx.device(g.dev).unwrap();
+    let device = g.ctx.get(g.dev).unwrap();
     let attrs = DmaAttrs { exec: true, privileged: true };
     device.dma_read_pasid_with(1, 0x1000, &mut [0], attrs).unwrap_err();
     device.dma_read_pasid_with(1, 0x1000, &mut [0], DmaAttrs { exec: false, privileged: true }).unwrap_err();
@@ -265,7 +266,7 @@ fn exec_and_privileged_requests_mark_the_event_record() {
     g.put(CD_TABLE + cd::SIZE, cd::V | cd::AA64 | 16 | 2 << cd::ASID_SHIFT);
     g.put(CD_TABLE + cd::SIZE + 8, 0x30000);
     g.nested([S1[0] | 1 << 59, 0]);
-    g.ctx.device(g.dev).unwrap().dma_read_pasid_with(1, 0x1000, &mut [0], attrs).unwrap_err();
+    g.ctx.get(g.dev).unwrap().dma_read_pasid_with(1, 0x1000, &mut [0], attrs).unwrap_err();
     let e = queue.read(4096).unwrap();
     assert_eq!(u64::from_le_bytes(e[0].data[..8].try_into().unwrap()) & 0xff, 0x10, "F_TRANSLATION");
     assert_eq!(u64::from_le_bytes(e[0].data[8..16].try_into().unwrap()), 1 << 33 | 1 << 35 | 0b10 << 40, "no InD");
@@ -305,7 +306,7 @@ mod model {
             g.map(TTB0, IOVA_BASE, 16 * PAGE, true);
             g.put(LEAF_TABLE + ((IOVA_BASE >> 12) & 511) * 8, 0);
             g.nested(S1);
-            let device = ctx.device(dev).unwrap();
+            let device = ctx.get(dev).unwrap();
             let mut model = Model::default();
             for op in ops {
                 match op {
@@ -342,7 +343,7 @@ fn pasids_pick_the_guests_context_descriptor() {
     // S1DSS SSID0: DMA without a PASID uses CD 0.
     g.nested([S1[0] | 1 << 59, 2]);
     let (_, queue) = g.ctx.veventq_alloc(g.viommu, VEVENTQ_TYPE_ARM_SMMUV3, 8).unwrap();
-    let dev = g.ctx.device(g.dev).unwrap();
+    let dev = g.ctx.get(g.dev).unwrap();
     // Alternate, so each substream's cached translation is checked against the other's.
     for round in 0..3u8 {
         dev.dma_write(0x40_0000, &[b'r' + round]).unwrap();

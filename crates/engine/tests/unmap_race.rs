@@ -18,7 +18,7 @@ fn no_dma_lands_after_unmap_returns() {
     let ioas = ctx.ioas_alloc().unwrap();
     let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
-    let device = ctx.device(dev).unwrap();
+    let device = ctx.get(dev).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let landed = Arc::new(AtomicU64::new(0));
 

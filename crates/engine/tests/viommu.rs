@@ -8,14 +8,15 @@ use std::time::Duration;
 use ioasid_engine::fault::{PASID_VALID, Response};
 use ioasid_engine::ioasid_set::global;
 use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, DmaError, Error, HostBuffer, Hwpt, HwptFlags, Limit, MockFlags, NestedData,
-    Perm, ViommuType,
+    Context, ContextConfig, DeviceInfo, DmaError, Error, HostBuffer, HwptFlags, Limit, MockFlags, NestedData, Perm,
+    ViommuType,
 };
+use ioasid_engine::{DeviceId, HwptPagingId, IoasId, SetObjectId, VdeviceId, ViommuId};
 
 struct Vm {
     ctx: Arc<Context>,
-    dev: u32,
-    parent: u32,
+    dev: DeviceId,
+    parent: HwptPagingId,
 }
 
 fn vm() -> Vm {
@@ -32,14 +33,15 @@ fn a_viommu_needs_a_nesting_parent_of_its_iommu() {
     let ioas = v.ctx.ioas_alloc().unwrap();
     let plain = v.ctx.hwpt_alloc(v.dev, ioas, HwptFlags::default(), None).unwrap();
     assert!(matches!(v.ctx.viommu_alloc(v.dev, plain, ViommuType::Selftest), Err(Error::Invalid(_))));
-    assert!(matches!(v.ctx.viommu_alloc(v.dev, ioas, ViommuType::Selftest), Err(Error::NotFound(_))));
+    let not_a_hwpt = HwptPagingId::new(ioas.get());
+    assert!(matches!(v.ctx.viommu_alloc(v.dev, not_a_hwpt, ViommuType::Selftest), Err(Error::NoObject { .. })));
     let vtd = v.ctx.bind_device(DeviceInfo::new("vtd", 2)).unwrap();
     assert!(
         matches!(v.ctx.viommu_alloc(vtd, v.parent, ViommuType::Selftest), Err(Error::Unsupported(_))),
         "a VT-d device's IOMMU offers no selftest vIOMMU"
     );
     let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
-    assert_eq!(v.ctx.viommu(viommu).unwrap().kind(), ViommuType::Selftest);
+    assert_eq!(v.ctx.get(viommu).unwrap().kind(), ViommuType::Selftest);
 }
 
 #[test]
@@ -53,10 +55,10 @@ fn virtual_ids_are_unique_per_viommu_and_resolve_to_their_device() {
     assert!(matches!(v.ctx.vdevice_alloc(a, v.dev, 0x42), Err(Error::Exists(_))), "device already named");
     v.ctx.vdevice_alloc(a, other, 0x42).unwrap();
     v.ctx.vdevice_alloc(b, other, 0x99).unwrap();
-    let (va, vb) = (v.ctx.viommu(a).unwrap(), v.ctx.viommu(b).unwrap());
-    assert_eq!(va.device(0x99).unwrap().id(), v.dev);
-    assert_eq!(va.device(0x42).unwrap().id(), other);
-    assert_eq!(vb.device(0x99).unwrap().id(), other, "each vIOMMU has its own ID space");
+    let (va, vb) = (v.ctx.get(a).unwrap(), v.ctx.get(b).unwrap());
+    assert_eq!(va.device(0x99).unwrap().id(), v.dev.get());
+    assert_eq!(va.device(0x42).unwrap().id(), other.get());
+    assert_eq!(vb.device(0x99).unwrap().id(), other.get(), "each vIOMMU has its own ID space");
     assert!(vb.device(0x42).is_none());
 }
 
@@ -68,7 +70,7 @@ fn objects_hold_what_they_name_busy_until_destroyed() {
     let vdev = v.ctx.vdevice_alloc(viommu, v.dev, 7).unwrap();
     assert!(matches!(v.ctx.destroy(viommu), Err(Error::Busy(_))), "the vDEVICE holds its vIOMMU");
     v.ctx.destroy(vdev).unwrap();
-    assert!(v.ctx.viommu(viommu).unwrap().device(7).is_none(), "destroying the vDEVICE frees its ID");
+    assert!(v.ctx.get(viommu).unwrap().device(7).is_none(), "destroying the vDEVICE frees its ID");
 }
 
 #[test]
@@ -76,10 +78,10 @@ fn nested_hwpts_on_a_viommu_translate_through_its_parent() {
     let v = vm();
     let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
     let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::selftest(0), None).unwrap();
-    let Ok(Hwpt::Nested(n)) = v.ctx.any_hwpt(nested) else { panic!("not nested") };
-    let Ok(Hwpt::Paging(p)) = v.ctx.any_hwpt(v.parent) else { panic!("not paging") };
+    let Ok(n) = v.ctx.get(nested) else { panic!("not nested") };
+    let Ok(p) = v.ctx.get(v.parent) else { panic!("not paging") };
     assert!(Arc::ptr_eq(n.parent(), &p));
-    assert!(Arc::ptr_eq(n.viommu().unwrap(), &v.ctx.viommu(viommu).unwrap()));
+    assert!(Arc::ptr_eq(n.viommu().unwrap(), &v.ctx.get(viommu).unwrap()));
     v.ctx.attach(v.dev, nested).unwrap();
     assert!(matches!(v.ctx.destroy(viommu), Err(Error::Busy(_))), "the nested HWPT holds its vIOMMU");
     v.ctx.detach(v.dev).unwrap();
@@ -96,8 +98,8 @@ fn unbinding_a_device_removes_its_vdevices() {
     let other = v.ctx.bind_device(DeviceInfo::mock(2, MockFlags::default())).unwrap();
     let vdev = v.ctx.vdevice_alloc(viommu, other, 3).unwrap();
     v.ctx.unbind_device(other).unwrap();
-    assert!(matches!(v.ctx.destroy(vdev), Err(Error::NotFound(_))), "gone with its device");
-    assert!(v.ctx.viommu(viommu).unwrap().device(3).is_none());
+    assert!(matches!(v.ctx.destroy(vdev), Err(Error::NoObject { .. })), "gone with its device");
+    assert!(v.ctx.get(viommu).unwrap().device(3).is_none());
     v.ctx.destroy(viommu).unwrap();
 }
 
@@ -108,12 +110,12 @@ const IOVA: u64 = (1 << 24) + 0x1000;
 /// 2, with a PASID- and PRI-capable device named 0x10 behind it.
 struct PasidVm {
     vm: Vm,
-    viommu: u32,
-    set: u32,
-    vdev: u32,
+    viommu: ViommuId,
+    set: SetObjectId,
+    vdev: VdeviceId,
 }
 
-fn pasid_device(ctx: &Context, rid: u32) -> u32 {
+fn pasid_device(ctx: &Context, rid: u32) -> DeviceId {
     let mut info = DeviceInfo::mock(rid, MockFlags { pasid: true, ..MockFlags::default() });
     info.pri = true;
     ctx.bind_device(info).unwrap()
@@ -133,7 +135,7 @@ fn pasid_vm() -> PasidVm {
 }
 
 /// An IOAS with one page of `buf` at `IOVA`.
-fn mapped_ioas(ctx: &Context, buf: &HostBuffer) -> u32 {
+fn mapped_ioas(ctx: &Context, buf: &HostBuffer) -> IoasId {
     let ioas = ctx.ioas_alloc().unwrap();
     // SAFETY: the test keeps `buf` alive past the context's use of it.
     unsafe { ctx.map_user(ioas, buf.addr(), 4096, Some(IOVA), Perm::RW).unwrap() };
@@ -144,16 +146,16 @@ fn mapped_ioas(ctx: &Context, buf: &HostBuffer) -> u32 {
 fn a_vpasid_gets_a_host_pasid_from_the_set_and_dma_tagged_with_it_uses_it() {
     let p = pasid_vm();
     let ctx = &p.vm.ctx;
-    let set_id = ctx.ioasid_set(p.set).unwrap().id();
+    let set_id = ctx.get(p.set).unwrap().id();
     let buf = HostBuffer::new(4096).unwrap();
     let ioas = mapped_ioas(ctx, &buf);
     let host = ctx.vdevice_attach_pasid(p.vdev, 5, ioas).unwrap();
-    let viommu = ctx.viommu(p.viommu).unwrap();
+    let viommu = ctx.get(p.viommu).unwrap();
     assert_eq!(viommu.host_pasid(5), Some(host));
     assert_eq!(global().vpasid(host), Some(5), "the host PASID stands for vPASID 5");
     assert_eq!(global().usage(set_id).unwrap(), (2, 1), "charged to the set");
 
-    let vdev = ctx.vdevice(p.vdev).unwrap();
+    let vdev = ctx.get(p.vdev).unwrap();
     vdev.dma_write(5, IOVA, b"v5").unwrap();
     let mut seen = [0u8; 2];
     buf.read_at(0, &mut seen);
@@ -175,7 +177,7 @@ fn a_vpasid_gets_a_host_pasid_from_the_set_and_dma_tagged_with_it_uses_it() {
     assert_eq!(vdev.dma_write(5, IOVA, b"x"), Err(DmaError::Blocked));
     ctx.destroy(other_vdev).unwrap();
     assert_eq!(global().usage(set_id).unwrap().1, 0, "destroying the vDEVICE freed its vPASIDs");
-    assert!(ctx.device(other).unwrap().attachments().is_empty());
+    assert!(ctx.get(other).unwrap().attachments().is_empty());
 }
 
 #[test]
@@ -189,7 +191,7 @@ fn page_requests_name_the_guests_pasid_and_detaching_aborts_them() {
     let hwpt = ctx.hwpt_alloc(p.vm.dev, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
     let host = ctx.vdevice_attach_pasid(p.vdev, VPASID, hwpt).unwrap();
     assert_ne!(host, VPASID, "the guest's number is not the host's");
-    let vdev = ctx.vdevice(p.vdev).unwrap();
+    let vdev = ctx.get(p.vdev).unwrap();
 
     let dma = {
         let vdev = vdev.clone();
@@ -197,7 +199,10 @@ fn page_requests_name_the_guests_pasid_and_detaching_aborts_them() {
     };
     let (cookie, group) = queue.next(Duration::from_secs(5)).expect("a page request");
     let r = &group.requests[0];
-    assert_eq!((r.pasid, r.flags & PASID_VALID, r.addr, r.dev_id), (VPASID, PASID_VALID, IOVA + 0x6000, p.vm.dev));
+    assert_eq!(
+        (r.pasid, r.flags & PASID_VALID, r.addr, r.dev_id),
+        (VPASID, PASID_VALID, IOVA + 0x6000, p.vm.dev.get())
+    );
     queue.respond(cookie, Response::Invalid).unwrap();
     assert!(dma.join().unwrap().is_err(), "a refused request fails the DMA");
 
@@ -214,7 +219,7 @@ fn page_requests_name_the_guests_pasid_and_detaching_aborts_them() {
 fn unbinding_releases_the_vpasids_of_the_devices_vdevices() {
     let p = pasid_vm();
     let ctx = &p.vm.ctx;
-    let set_id = ctx.ioasid_set(p.set).unwrap().id();
+    let set_id = ctx.get(p.set).unwrap().id();
     let buf = HostBuffer::new(4096).unwrap();
     let ioas = mapped_ioas(ctx, &buf);
     let other = pasid_device(ctx, 2);
@@ -236,7 +241,7 @@ fn unrecoverable_faults_reach_the_viommus_event_queue_named_by_virtual_id() {
     let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
     let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::selftest(0), None);
     v.ctx.attach(v.dev, nested.unwrap()).unwrap();
-    let dev = v.ctx.device(v.dev).unwrap();
+    let dev = v.ctx.get(v.dev).unwrap();
     assert!(dev.dma_write(IOVA, b"x").is_err());
     assert_eq!(dev.unrecoverable_faults(), 1, "counted when nobody listens");
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ioasid_engine::pgtable::x86::first_stage::encode;
 use ioasid_engine::vm_memory_iommu::IommuPort;
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Hwpt, HwptFlags, Limit, NestedData, Perm};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, NestedData, Perm};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -40,7 +40,7 @@ const GPA_OF: [(u64, u64, bool); 6] = [
 
 struct Guest {
     ctx: Arc<Context>,
-    nested: u32,
+    nested: ioasid_engine::HwptNestedId,
     ram: GuestMemoryMmap,
     memory: IommuMemory<GuestMemoryMmap, IommuPort>,
 }
@@ -103,7 +103,7 @@ fn guest() -> Guest {
     let parent = ctx.hwpt_alloc(dev, ioas, HwptFlags { nest_parent: true, dirty_tracking: false }, None).unwrap();
     let nested = ctx.hwpt_alloc_nested(dev, parent, NestedData::vtd_s1(S1_TABLES[0], 4), None).unwrap();
     ctx.attach(dev, nested).unwrap();
-    let port = IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram);
+    let port = IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram);
     let memory = IommuMemory::new(ram.clone(), port, true, ());
     let g = Guest { ctx, nested, ram, memory };
     for (iova, gpa, write) in GPA_OF {
@@ -170,7 +170,7 @@ fn a_guest_remap_is_used_once_invalidated() {
     assert_eq!(serve(&g, &mut q), vec![Ok(5)]);
     // The guest points the reply page elsewhere and invalidates its IOTLB.
     g.map4k(REPLY, 0x19000, true);
-    let Ok(Hwpt::Nested(n)) = g.ctx.any_hwpt(g.nested) else { panic!("not nested") };
+    let Ok(n) = g.ctx.get(g.nested) else { panic!("not nested") };
     n.invalidate();
     g.post(1, b"second", REPLY);
     assert_eq!(serve(&g, &mut q), vec![Ok(6)]);

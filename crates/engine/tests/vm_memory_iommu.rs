@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use ioasid_engine::IoasId;
 use ioasid_engine::vm_memory_iommu::IommuPort;
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit, Perm};
 use vm_memory::iommu::{Iommu, IommuMemory};
@@ -18,7 +19,7 @@ const IOVA: u64 = 0x4000_0000;
 
 struct Guest {
     ctx: Arc<Context>,
-    ioas: u32,
+    ioas: IoasId,
     ram: GuestMemoryMmap,
     memory: IommuMemory<GuestMemoryMmap, IommuPort>,
 }
@@ -37,7 +38,7 @@ fn guest() -> Guest {
     }
     let dev = ctx.bind_device(DeviceInfo::new("virtio-net", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
-    let port = IommuPort::for_memory(ctx.device(dev).unwrap(), None, &ram);
+    let port = IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram);
     let memory = IommuMemory::new(ram.clone(), port, true, ());
     Guest { ctx, ioas, ram, memory }
 }

@@ -28,7 +28,7 @@
 //! // SAFETY: `ram` outlives the context's use of it.
 //! unsafe { ctx.map_user(ioas, ram.addr(), 0x20000, Some(0), Perm::RW)? };
 //! let dev = ctx.bind_device(DeviceInfo::behind(IommuModel::ArmSmmuV3, "nic", 0x10))?;
-//! let idr = ctx.device(dev)?.info().hw_info().get::<iommu_hw_info_arm_smmuv3>().unwrap().idr;
+//! let idr = ctx.get(dev)?.info().hw_info().get::<iommu_hw_info_arm_smmuv3>().unwrap().idr;
 //! assert_eq!(idr[0] & 0b11, 0b11, "stage 1 and stage 2");
 //!
 //! // The guest: CD 0 at 0x1000 (TTB0 0x2000, 48-bit input); four table
@@ -50,10 +50,10 @@
 //! ctx.attach(dev, nested)?;
 //!
 //! let mut buf = [0u8; 5];
-//! ctx.device(dev)?.dma_read(0, &mut buf)?;
+//! ctx.get(dev)?.dma_read(0, &mut buf)?;
 //! assert_eq!(&buf, b"hello");
-//! assert!(ctx.device(dev)?.dma_write(0, b"x").is_err(), "stage 1 is read-only");
-//! ctx.viommu(viommu)?.invalidate([u64::from(CMD_TLBI_NH_ASID) | 7 << 48, 0])?;
+//! assert!(ctx.get(dev)?.dma_write(0, b"x").is_err(), "stage 1 is read-only");
+//! ctx.get(viommu)?.invalidate([u64::from(CMD_TLBI_NH_ASID) | 7 << 48, 0])?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

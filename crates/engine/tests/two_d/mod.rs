@@ -46,7 +46,7 @@ impl Model {
 
     /// Applies stage-2 change `Op::S2(gp, m)` to the host's IOAS `ioas`,
     /// whose guest RAM is `ram`, and records it.
-    pub fn stage_2(&mut self, ctx: &Context, ioas: u32, ram: &HostBuffer, gp: u64, m: Option<bool>) {
+    pub fn stage_2(&mut self, ctx: &Context, ioas: ioasid_engine::IoasId, ram: &HostBuffer, gp: u64, m: Option<bool>) {
         if self.s2.contains_key(&gp) {
             ctx.unmap(ioas, gp * PAGE, PAGE).unwrap();
         }
