@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::access::Access;
+use crate::domain::Domain;
 use crate::epoch;
 use crate::error::{Error, Result};
-use crate::hwpt::Domain;
 use crate::iova::{self, IovaRange, PAGE_SIZE};
 use crate::memory::Trust;
 use crate::pages::Pages;

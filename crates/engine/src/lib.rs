@@ -28,6 +28,7 @@ pub mod access;
 pub mod account;
 pub mod context;
 pub mod device;
+pub mod domain;
 pub mod epoch;
 pub mod error;
 pub mod fault;
