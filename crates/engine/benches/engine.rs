@@ -11,7 +11,7 @@ use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion, criterion_gro
 use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
-use ioasid_engine::pgtable::{Format, PageTable, Perm};
+use ioasid_engine::pgtable::{Format, PageTable, Perm, Trust};
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, Domain, HostBuffer, HwptFlags, IovaRange, Limit};
 use vm_memory::iommu::Iotlb;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Permissions};
@@ -94,7 +94,7 @@ type WalkBench = fn(&mut BenchmarkGroup<WallTime>, &HostBuffer, &[u64]);
 /// One walk per lookup, in format `F`, over 1 GiB mapped in its smallest pages.
 fn walk_in<F: Format>(g: &mut BenchmarkGroup<WallTime>, mem: &HostBuffer, order: &[u64]) {
     let pt = PageTable::<F>::new();
-    pt.map(IOVA, mem.addr(), mem.len() as u64, Perm::RW, false, false).unwrap();
+    pt.map(IOVA, mem.addr(), mem.len() as u64, Perm::RW, Trust::Direct, false).unwrap();
     let guard = ioasid_engine::epoch::pin();
     let mut i = 0;
     g.bench_function("ioasid", |b| {
@@ -171,7 +171,7 @@ fn nested_walk(c: &mut Criterion) {
     let mut i = 0;
     g.bench_function("ioasid", |b| {
         b.iter(|| {
-            let (host, _) = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
+            let host = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, None, &guard).unwrap().host.0;
             i = chain(i, host, order.len());
         })
     });
@@ -207,7 +207,7 @@ fn working_set(c: &mut Criterion) {
         let mut i = 0;
         g.bench_with_input(BenchmarkId::new("ioasid", ws), &ws, |b, _| {
             b.iter(|| {
-                let (host, _) = domain.translate(IOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
+                let host = domain.translate(IOVA + order[i] * PAGE, Perm::R, &guard).unwrap().host.0;
                 i = chain(i, host, order.len());
             })
         });

@@ -3,12 +3,14 @@
 //! mirrors its mappings into every domain added to it; HWPTs own domains.
 //! Below the IOAS and above `pgtable`: ioas → domain → pgtable.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_epoch::Guard;
 
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
+use crate::memory::Trust;
 use crate::pgtable::amd::AmdV1Mode4;
 use crate::pgtable::arm::{ArmS1, ArmS2};
 use crate::pgtable::mock::{Mock, MockPt};
@@ -181,10 +183,10 @@ impl Domain {
         addr: u64,
         len: u64,
         perm: Perm,
-        checked: bool,
+        trust: Trust,
         huge: bool,
     ) -> crate::Result<()> {
-        with_table!(&self.table, pt => pt.map(iova, addr, len, perm, checked, huge))
+        with_table!(&self.table, pt => pt.map(iova, addr, len, perm, trust, huge))
     }
 
     /// Clears the range and invalidates the IOTLB. The caller must wait for
@@ -258,10 +260,10 @@ impl Domain {
         with_table!(&self.table, pt => pt.walk(iova, &guard)).map(|t| t.addr)
     }
 
-    /// Translates the IO page holding `iova` for an access needing `need`.
-    /// Returns the host address of `iova` and whether it needs checked copies.
+    /// Translates the IO page holding `iova` for an access needing `need`:
+    /// where `iova` lands and how that memory is reached.
     #[inline]
-    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
+    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<Translated, FaultReason> {
         let shift = self.format.page_shift();
         let page = iova >> shift;
         let offset = iova & ((1 << shift) - 1);
@@ -271,7 +273,7 @@ impl Domain {
                 return Err(FaultReason::Permission);
             }
             if !must_dirty {
-                return Ok((hit.host_page + offset, hit.checked));
+                return Ok(Translated { host: HostAddr(hit.host_page + offset), trust: hit.trust });
             }
         }
         if iova < self.aperture.start || iova > self.aperture.last {
@@ -283,7 +285,38 @@ impl Domain {
         // A write with tracking on marks the leaf, as the hardware does.
         let dirty = allowed && need.write && self.tracking.load(Ordering::Relaxed) && self.set_dirty(iova, guard);
         let host_page = t.addr - offset;
-        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, checked: t.checked, dirty });
-        if allowed { Ok((t.addr, t.checked)) } else { Err(FaultReason::Permission) }
+        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, trust: t.trust, dirty });
+        if allowed { Ok(Translated { host: HostAddr(t.addr), trust: t.trust }) } else { Err(FaultReason::Permission) }
     }
+}
+
+/// A host virtual address in this process: what ioasid's page tables hold
+/// and what DMA finally reads or writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostAddr(pub u64);
+
+/// A guest-physical address: what a guest's stage-1 table holds and what
+/// the host's stage 2 translates (an IOVA of the parent's IOAS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gpa(pub u64);
+
+impl fmt::LowerHex for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// What a translation returns: where the byte lands, valid to the end of
+/// its IO page, and how that memory must be reached (plain loads and stores
+/// or checked copies, as the mapping's pages said).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translated {
+    pub host: HostAddr,
+    pub trust: Trust,
 }

@@ -6,15 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_epoch::Guard;
 
-pub use crate::domain::{ConfigFault, Domain, FaultReason, PageFormat};
+pub use crate::domain::{ConfigFault, Domain, FaultReason, Gpa, HostAddr, PageFormat, Translated};
 use crate::fault::FaultQueue;
 use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
-use crate::memory::Trust;
 use crate::pgtable::Perm;
-use crate::pgtable::Pte;
-use crate::pgtable::x86::first_stage;
+use crate::pgtable::image::{self, ImageFault};
+use crate::pgtable::x86::VtdFs5;
 
 /// Flags a paging HWPT was allocated with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -181,33 +180,17 @@ impl HwptNested {
 
     /// Translates through both stages: each stage-1 entry is read through
     /// stage 2, rights are intersected, and the combined result is cached
-    /// until either stage is invalidated.
-    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
-        self.translate_at(iova, need, None, guard)
-    }
-
-    /// `translate` of a DMA tagged with substream (PASID) `ssid`: an SMMUv3
-    /// STE picks the guest's context descriptor by it; VT-d stage-1 tables
-    /// have one per PASID attachment, so they ignore it.
-    pub fn translate_substream(
-        &self,
-        iova: u64,
-        need: Perm,
-        ssid: u32,
-        guard: &Guard,
-    ) -> Result<(u64, bool), FaultReason> {
-        self.translate_at(iova, need, Some(ssid), guard)
-    }
-
-    /// `translate` with or without a substream: an SMMUv3 STE treats a
-    /// transaction without one apart from one with substream 0.
-    fn translate_at(
+    /// until either stage is invalidated. `ssid` is the DMA's substream
+    /// (PASID): an SMMUv3 STE picks the guest's context descriptor by it,
+    /// and treats a transaction without one apart from one with substream
+    /// 0; VT-d stage-1 tables have one per PASID attachment, so they ignore it.
+    pub fn translate(
         &self,
         iova: u64,
         need: Perm,
         ssid: Option<u32>,
         guard: &Guard,
-    ) -> Result<(u64, bool), FaultReason> {
+    ) -> Result<Translated, FaultReason> {
         let Some(iotlb) = self.data.iotlb() else {
             return Err(FaultReason::NotPresent);
         };
@@ -225,7 +208,7 @@ impl HwptNested {
         if let Some(hit) = iotlb.lookup_at(tag, generation)
             && hit.perm.allows(need)
         {
-            return Ok((hit.host_page + offset, hit.checked));
+            return Ok(Translated { host: HostAddr(hit.host_page + offset), trust: hit.trust });
         }
         // A miss, or rights the cached combination lacks: walk, so the fault
         // names the stage that denies it.
@@ -233,26 +216,27 @@ impl HwptNested {
         if !perm.allows(need) {
             return Err(FaultReason::Permission);
         }
-        let (host, checked) = s2.translate(gpa, need, guard).map_err(|r| stage2(gpa, r))?;
-        let s2perm = s2.perm_of(gpa, guard).unwrap_or_default();
+        let t = s2.translate(gpa.0, need, guard).map_err(|r| stage2(gpa, r))?;
+        let s2perm = s2.perm_of(gpa.0, guard).unwrap_or_default();
         let combined = Perm { read: perm.read && s2perm.read, write: perm.write && s2perm.write };
         // Writes through a dirty-tracking stage 2 must reach it.
         if !s2.dirty_tracking() {
-            iotlb.fill(tag, generation, Hit { host_page: host - offset, perm: combined, checked, dirty: false });
+            let hit = Hit { host_page: t.host.0 - offset, perm: combined, trust: t.trust, dirty: false };
+            iotlb.fill(tag, generation, hit);
         }
-        Ok((host, checked))
+        Ok(t)
     }
 
     /// The two-dimensional walk of `iova`, step by step (no IOTLB), for
     /// people: where each stage-1 entry was read and what it said, then where
     /// the final guest-physical address lands in host memory.
-    pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<u64, FaultReason>) {
+    pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<HostAddr, FaultReason>) {
         let guard = crate::epoch::pin();
         let mut steps = Vec::new();
         let walked = self.walk_stage1(iova, None, &guard, &mut |s| steps.push(s));
         let result = walked.and_then(|(gpa, _)| {
-            let (host, _) = self.parent.domain.translate(gpa, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
-            Ok(host)
+            let t = self.parent.domain.translate(gpa.0, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
+            Ok(t.host)
         });
         (steps, result)
     }
@@ -265,16 +249,31 @@ impl HwptNested {
         ssid: Option<u32>,
         guard: &Guard,
         step: &mut dyn FnMut(WalkStep),
-    ) -> Result<(u64, Perm), FaultReason> {
+    ) -> Result<(Gpa, Perm), FaultReason> {
         let s2 = &self.parent.domain;
-        let (root, levels) = match &self.data {
-            NestedData::VtdS1 { root, levels, .. } => (*root, *levels),
+        let mut failed = None;
+        match &self.data {
+            NestedData::VtdS1 { root, levels, .. } => {
+                // The first stage skips no level, so reads come one a level.
+                let mut level = *levels;
+                let mut read = |entry| {
+                    level -= 1;
+                    let (host, pte) = read_guest(s2, Gpa(entry), guard).map_err(|r| failed = Some(r)).ok()?;
+                    step(WalkStep { level, entry_gpa: Gpa(entry), entry_host: host, pte });
+                    Some(pte)
+                };
+                let top = levels.checked_sub(1).ok_or(FaultReason::NotPresent)?;
+                let t = image::walk_image_from::<VtdFs5>(*root, top, iova, &mut read).map_err(|f| match f {
+                    ImageFault::Read { .. } => failed.unwrap_or(FaultReason::NotPresent),
+                    _ => FaultReason::NotPresent,
+                })?;
+                Ok((Gpa(t.addr), t.perm))
+            }
             NestedData::ArmSmmuV3 { ste, .. } => {
-                let mut failed = None;
-                let mut read = |gpa| read_guest(s2, gpa, guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+                let mut read = |gpa| read_guest(s2, Gpa(gpa), guard).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
                 use crate::smmuv3::S1Fault;
-                return crate::smmuv3::translate(*ste, ssid, iova, &mut read).map_err(|f| match f {
-                    S1Fault::Read { gpa } => failed.unwrap_or(stage2(gpa, FaultReason::NotPresent)),
+                let (gpa, perm) = crate::smmuv3::translate(*ste, ssid, iova, &mut read).map_err(|f| match f {
+                    S1Fault::Read { gpa } => failed.unwrap_or(stage2(Gpa(gpa), FaultReason::NotPresent)),
                     S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
                     S1Fault::Translation => FaultReason::NotPresent,
                     S1Fault::Access => FaultReason::AccessFlag,
@@ -282,25 +281,11 @@ impl HwptNested {
                     S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
                     S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
                     S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
-                });
+                })?;
+                Ok((Gpa(gpa), perm))
             }
-            NestedData::Selftest { .. } => return Err(FaultReason::NotPresent),
-        };
-        let mut table = root;
-        let mut perm = Perm::RW;
-        for level in (0..levels).rev() {
-            let entry = table + ((iova >> (12 + 9 * level)) & 511) * 8;
-            let (host, raw) = read_guest(s2, entry, guard)?;
-            step(WalkStep { level, entry_gpa: entry, entry_host: host, pte: raw });
-            let (pte, p) = first_stage::decode(raw, level);
-            perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
-            match pte {
-                Pte::None => return Err(FaultReason::NotPresent),
-                Pte::Table(next) => table = next,
-                Pte::Leaf { addr, .. } => return Ok((addr + (iova & ((1u64 << (12 + 9 * level)) - 1)), perm)),
-            }
+            NestedData::Selftest { .. } => Err(FaultReason::NotPresent),
         }
-        Err(FaultReason::NotPresent)
     }
 
     pub fn data(&self) -> &NestedData {
@@ -313,22 +298,22 @@ impl HwptNested {
 pub struct WalkStep {
     pub level: u32,
     /// Where the entry is, guest-physical, and where stage 2 put it.
-    pub entry_gpa: u64,
-    pub entry_host: u64,
+    pub entry_gpa: Gpa,
+    pub entry_host: HostAddr,
     pub pte: u64,
 }
 
 /// Reads the 8-byte entry at guest-physical `gpa` through stage 2; returns
 /// where it is in host memory and its value.
-fn read_guest(s2: &Domain, gpa: u64, guard: &Guard) -> Result<(u64, u64), FaultReason> {
-    let (host, checked) = s2.translate(gpa, Perm::R, guard).map_err(|r| stage2(gpa, r))?;
+fn read_guest(s2: &Domain, gpa: Gpa, guard: &Guard) -> Result<(HostAddr, u64), FaultReason> {
+    let t = s2.translate(gpa.0, Perm::R, guard).map_err(|r| stage2(gpa, r))?;
     let mut raw = [0u8; 8];
-    crate::memory::read(trust(checked), host, &mut raw).map_err(|_| stage2(gpa, FaultReason::NotPresent))?;
-    Ok((host, u64::from_le_bytes(raw)))
+    crate::memory::read(t.trust, t.host.0, &mut raw).map_err(|_| stage2(gpa, FaultReason::NotPresent))?;
+    Ok((t.host, u64::from_le_bytes(raw)))
 }
 
-fn stage2(gpa: u64, r: FaultReason) -> FaultReason {
-    FaultReason::Stage2 { gpa, permission: r == FaultReason::Permission }
+fn stage2(gpa: Gpa, r: FaultReason) -> FaultReason {
+    FaultReason::Stage2 { gpa: gpa.0, permission: r == FaultReason::Permission }
 }
 
 /// A HWPT a device can attach to.
@@ -396,26 +381,19 @@ impl Hwpt {
         }
     }
 
-    /// Translates `iova` for an access needing `need`.
+    /// Translates `iova` for an access needing `need`, tagged with
+    /// `pasid` (a nested SMMUv3 table chooses the substream by it).
     #[inline]
-    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<(u64, bool), FaultReason> {
-        match self {
-            Hwpt::Paging(h) => h.domain.translate(iova, need, guard),
-            Hwpt::Nested(n) => n.translate(iova, need, guard),
-        }
-    }
-
-    /// `translate` of a DMA tagged with substream (PASID) `ssid`.
-    pub fn translate_substream(
+    pub fn translate(
         &self,
         iova: u64,
         need: Perm,
-        ssid: u32,
+        pasid: Option<u32>,
         guard: &Guard,
-    ) -> Result<(u64, bool), FaultReason> {
+    ) -> Result<Translated, FaultReason> {
         match self {
             Hwpt::Paging(h) => h.domain.translate(iova, need, guard),
-            Hwpt::Nested(n) => n.translate_substream(iova, need, ssid, guard),
+            Hwpt::Nested(n) => n.translate(iova, need, pasid, guard),
         }
     }
 
@@ -457,8 +435,4 @@ impl HwptPaging {
         }
         Ok(nested)
     }
-}
-
-fn trust(checked: bool) -> Trust {
-    if checked { Trust::Checked } else { Trust::Direct }
 }

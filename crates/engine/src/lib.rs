@@ -52,7 +52,8 @@ pub mod vm_memory_iommu;
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
 pub use context::{Context, ContextConfig, Object, SelftestDevice};
-pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
+pub use device::{Device, DeviceInfo, DmaError, DmaPort, MockFlags, Pending, Stage, Stall};
+pub use domain::{Gpa, HostAddr, Translated};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
 pub use hw_queue::HwQueue;
@@ -61,7 +62,7 @@ pub use hwpt::{
     WalkStep,
 };
 pub use iova::{IovaRange, PAGE_SIZE};
-pub use memory::HostBuffer;
+pub use memory::{HostBuffer, Trust};
 pub use model::{HwInfo, IommuModel};
 pub use pgtable::Perm;
 pub use veventq::Veventq;

@@ -220,7 +220,7 @@ pub const F_PERMISSION: u64 = 0x13;
 /// that never reached translation. An aborting STE records nothing.
 pub fn event(vsid: u32, ssid: Option<u32>, fault: crate::DmaError, attrs: crate::fault::DmaAttrs) -> Option<[u64; 4]> {
     use crate::{ConfigFault, FaultReason};
-    let crate::DmaError::Fault { iova, reason, write } = fault else { return None };
+    let crate::DmaError::Fault { iova, reason, write, .. } = fault else { return None };
     let kind = match reason {
         FaultReason::NotPresent => F_TRANSLATION,
         FaultReason::Permission => F_PERMISSION,
@@ -648,10 +648,9 @@ mod tests {
     #[test]
     fn events_carry_the_code_of_each_fault_and_never_stage_2() {
         use crate::fault::DmaAttrs;
-        use crate::{ConfigFault, DmaError, FaultReason};
-        let ev = |reason, ssid| {
-            event(0x42, ssid, DmaError::Fault { iova: 0x1000, reason, write: false }, DmaAttrs::default())
-        };
+        use crate::{ConfigFault, DmaError, FaultReason, Stage};
+        let fault = |reason| DmaError::Fault { iova: 0x1000, reason, write: false, pasid: None, stage: Stage::First };
+        let ev = |reason, ssid| event(0x42, ssid, fault(reason), DmaAttrs::default());
         let code = |reason| ev(reason, None).map(|e| e[0] & 0xff);
         assert_eq!(code(FaultReason::NotPresent), Some(F_TRANSLATION));
         assert_eq!(code(FaultReason::Permission), Some(F_PERMISSION));
@@ -668,8 +667,7 @@ mod tests {
             Some([0x0a | 1 << 11 | 3 << 12 | 0x42 << 32, 0, 0, 0])
         );
         let attrs = DmaAttrs { exec: true, privileged: true };
-        let e =
-            event(0x42, None, DmaError::Fault { iova: 0x1000, reason: FaultReason::NotPresent, write: false }, attrs);
+        let e = event(0x42, None, fault(FaultReason::NotPresent), attrs);
         assert_eq!(e.unwrap()[1], 1 << 33 | 1 << 34 | 1 << 35 | 0b10 << 40, "PnU, InD, RnW, class IN");
     }
 }

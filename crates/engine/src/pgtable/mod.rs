@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
+pub use crate::memory::Trust;
 
 pub const ENTRIES: usize = 512;
 const STRIDE: u32 = 9;
@@ -41,12 +42,23 @@ impl Perm {
     }
 }
 
+/// ioasid's mark of a leaf whose memory needs checked copies, in the
+/// format's software bit `bit`.
+pub(crate) fn trust_mark(trust: Trust, bit: u64) -> u64 {
+    if trust == Trust::Checked { bit } else { 0 }
+}
+
+/// How the memory of a leaf marked in software bit `bit` is reached.
+pub(crate) fn trust_of(pte: u64, bit: u64) -> Trust {
+    if pte & bit != 0 { Trust::Checked } else { Trust::Direct }
+}
+
 /// One decoded entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pte {
     None,
     Table(u64),
-    Leaf { addr: u64, perm: Perm, checked: bool, dirty: bool },
+    Leaf { addr: u64, perm: Perm, trust: Trust, dirty: bool },
 }
 
 /// One entry of a table image, decoded for a walk (see [`Format::step`]).
@@ -85,9 +97,9 @@ pub trait Format: Send + Sync + 'static {
     fn decode(pte: u64, level: u32) -> Pte;
     /// An entry at `level` pointing to a table of level `level - 1`.
     fn table(addr: u64, level: u32) -> u64;
-    /// A leaf mapping `addr`; `checked` marks memory reached through checked
-    /// copies, kept in a bit the hardware ignores.
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64;
+    /// A leaf mapping `addr`; a `Trust::Checked` leaf is memory reached
+    /// through checked copies, marked in a bit the hardware ignores.
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64;
 
     /// Records a write in the leaf at `slot`, as the hardware's dirty
     /// tracking does.
@@ -151,7 +163,7 @@ pub struct Translation {
     /// log2 of the leaf's size.
     pub shift: u32,
     pub perm: Perm,
-    pub checked: bool,
+    pub trust: Trust,
 }
 
 /// Counts of tables and leaves, by level.
@@ -197,10 +209,10 @@ impl<F: Format> PageTable<F> {
             let raw = table.0[Table::index::<F>(iova, level)].load(Ordering::Acquire);
             match F::decode(raw, level) {
                 Pte::None => return None,
-                Pte::Leaf { addr, perm, checked, .. } => {
+                Pte::Leaf { addr, perm, trust, .. } => {
                     let shift = F::level_shift(level);
                     let offset = iova & ((1u64 << shift) - 1);
-                    return Some(Translation { addr: addr + offset, shift, perm, checked });
+                    return Some(Translation { addr: addr + offset, shift, perm, trust });
                 }
                 Pte::Table(next) => {
                     // SAFETY: table entries only ever hold addresses of live
@@ -216,7 +228,7 @@ impl<F: Format> PageTable<F> {
     /// Maps `[iova, iova + len)` to host memory at `addr`. `huge` allows leaves
     /// above 4 KiB where IOVA and memory are aligned and contiguous. The caller
     /// serialises writers and guarantees the range is unmapped.
-    pub fn map(&self, iova: u64, addr: u64, len: u64, perm: Perm, checked: bool, huge: bool) -> Result<()> {
+    pub fn map(&self, iova: u64, addr: u64, len: u64, perm: Perm, trust: Trust, huge: bool) -> Result<()> {
         let page_mask = (1u64 << F::PAGE_SHIFT) - 1;
         if len == 0 || (iova | addr | len) & page_mask != 0 {
             return Err(Error::Invalid("page table maps whole pages only"));
@@ -225,7 +237,7 @@ impl<F: Format> PageTable<F> {
         if last > Self::max_iova() {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
-        let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, checked, huge };
+        let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, trust, huge };
         op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last)
     }
 
@@ -288,7 +300,7 @@ struct MapOp {
     /// `host = iova + addr_base` (wrapping), so sub-ranges need no bookkeeping.
     addr_base: u64,
     perm: Perm,
-    checked: bool,
+    trust: Trust,
     huge: bool,
 }
 
@@ -309,7 +321,7 @@ impl MapOp {
                 && host & (size - 1) == 0;
             let existing = F::decode(slot.load(Ordering::Relaxed), level);
             if leaf_ok && existing == Pte::None {
-                slot.store(F::leaf(host, level, self.perm, self.checked), Ordering::Release);
+                slot.store(F::leaf(host, level, self.perm, self.trust), Ordering::Release);
             } else {
                 let child = match existing {
                     Pte::Leaf { .. } => {
@@ -348,13 +360,13 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
         match F::decode(slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
             Pte::Leaf { .. } if whole => slot.store(0, Ordering::Release),
-            Pte::Leaf { addr, perm, checked, .. } => {
+            Pte::Leaf { addr, perm, trust, .. } => {
                 // A partial unmap of a huge leaf: replace it by a table of
                 // next-level leaves covering the same memory, then unmap there.
                 let t = Table::new();
                 let sub = 1u64 << F::level_shift(level - 1);
                 for (i, e) in t.0.iter().enumerate() {
-                    e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, checked), Ordering::Relaxed);
+                    e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, trust), Ordering::Relaxed);
                 }
                 let t = Box::into_raw(t);
                 slot.store(F::table(t as u64, level), Ordering::Release);
