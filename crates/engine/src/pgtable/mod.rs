@@ -153,6 +153,75 @@ impl Table {
     fn index<F: Format>(iova: u64, level: u32) -> usize {
         ((iova >> F::level_shift(level)) as usize) & (ENTRIES - 1)
     }
+
+    /// The table that an entry of `self` points to (`addr`, decoded as
+    /// `Pte::Table`), borrowed no longer than `self`.
+    #[inline]
+    fn child(&self, addr: u64) -> &Table {
+        // SAFETY: the one step from an entry to a table. Entries only ever
+        // hold addresses of tables made by `Table::new` and leaked with
+        // `Box::into_raw`. A table stays live while linked; once unlinked
+        // it is freed through the epoch (`defer_free`), after every reader
+        // that could have seen it, or by `Drop` when nothing borrows the
+        // page table. Readers walk inside an epoch guard and writers are
+        // serialised by the table's owner, so no borrow outlives it.
+        unsafe { &*(addr as *const Table) }
+    }
+
+    /// The entries at `level` that `[first, last]` touches, in order.
+    fn entries<F: Format>(&self, level: u32, first: u64, last: u64) -> Entries<'_> {
+        Entries { table: self, shift: F::level_shift(level), cur: first, last, done: false }
+    }
+}
+
+/// The level iterator: each entry of one table that a range touches, with
+/// the part of the range inside it. Map, unmap and dirty tracking all walk
+/// a range with it, descending into `Table::child` where they need to.
+struct Entries<'t> {
+    table: &'t Table,
+    shift: u32,
+    cur: u64,
+    last: u64,
+    done: bool,
+}
+
+/// One entry a range touches.
+struct Entry<'t> {
+    slot: &'t AtomicU64,
+    /// The IOVA the entry starts at, and its size.
+    start: u64,
+    size: u64,
+    /// The part of the range inside the entry.
+    first: u64,
+    last: u64,
+}
+
+impl Entry<'_> {
+    /// Whether the range covers the whole entry.
+    fn whole(&self) -> bool {
+        self.first == self.start && self.last == self.start + (self.size - 1)
+    }
+}
+
+impl<'t> Iterator for Entries<'t> {
+    type Item = Entry<'t>;
+
+    fn next(&mut self) -> Option<Entry<'t>> {
+        if self.done {
+            return None;
+        }
+        let size = 1u64 << self.shift;
+        let start = self.cur & !(size - 1);
+        let last = self.last.min(start + (size - 1));
+        let slot = &self.table.0[((self.cur >> self.shift) as usize) & (ENTRIES - 1)];
+        let entry = Entry { slot, start, size, first: self.cur, last };
+        if last == self.last {
+            self.done = true;
+        } else {
+            self.cur = last + 1;
+        }
+        Some(entry)
+    }
 }
 
 /// The result of a walk: where `iova` lands and with what rights.
@@ -214,12 +283,7 @@ impl<F: Format> PageTable<F> {
                     let offset = iova & ((1u64 << shift) - 1);
                     return Some(Translation { addr: addr + offset, shift, perm, trust });
                 }
-                Pte::Table(next) => {
-                    // SAFETY: table entries only ever hold addresses of live
-                    // `Table`s from `Table::new`; one that is unlinked is freed
-                    // through the epoch only after `_guard` is dropped.
-                    table = unsafe { &*(next as *const Table) };
-                }
+                Pte::Table(next) => table = table.child(next),
             }
         }
         None
@@ -280,8 +344,7 @@ impl<F: Format> PageTable<F> {
             match F::decode(slot.load(Ordering::Acquire), level) {
                 Pte::None => return None,
                 Pte::Leaf { .. } => return Some(slot),
-                // SAFETY: as in `walk`; callers hold an epoch guard.
-                Pte::Table(next) => table = unsafe { &*(next as *const Table) },
+                Pte::Table(next) => table = table.child(next),
             }
         }
         None
@@ -306,94 +369,66 @@ struct MapOp {
 
 impl MapOp {
     fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64) -> Result<()> {
-        let size = 1u64 << F::level_shift(level);
-        let mut cur = first;
-        loop {
-            let entry_start = cur & !(size - 1);
-            let entry_last = entry_start + (size - 1);
-            let chunk_last = last.min(entry_last);
-            let host = cur.wrapping_add(self.addr_base);
-            let slot = &table.0[Table::index::<F>(cur, level)];
+        for e in table.entries::<F>(level, first, last) {
+            let host = e.first.wrapping_add(self.addr_base);
             let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
                 && (level == 0 || self.huge)
-                && cur == entry_start
-                && chunk_last == entry_last
-                && host & (size - 1) == 0;
-            let existing = F::decode(slot.load(Ordering::Relaxed), level);
+                && e.whole()
+                && host & (e.size - 1) == 0;
+            let existing = F::decode(e.slot.load(Ordering::Relaxed), level);
             if leaf_ok && existing == Pte::None {
-                slot.store(F::leaf(host, level, self.perm, self.trust), Ordering::Release);
-            } else {
-                let child = match existing {
-                    Pte::Leaf { .. } => {
-                        return Err(Error::Exists("IOVA already mapped in the page table"));
-                    }
-                    Pte::Table(next) => next as *const Table,
-                    Pte::None => {
-                        crate::inject::check("page table")?;
-                        let t = Box::into_raw(Table::new());
-                        slot.store(F::table(t as u64, level), Ordering::Release);
-                        t.cast_const()
-                    }
-                };
-                // SAFETY: `child` is a live table linked from `slot`; only this
-                // serialised writer unlinks tables.
-                self.map_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last)?;
+                e.slot.store(F::leaf(host, level, self.perm, self.trust), Ordering::Release);
+                continue;
             }
-            if chunk_last == last {
-                return Ok(());
-            }
-            cur = chunk_last + 1;
+            let child = match existing {
+                Pte::Leaf { .. } => return Err(Error::Exists("IOVA already mapped in the page table")),
+                Pte::Table(next) => next,
+                Pte::None => {
+                    crate::inject::check("page table")?;
+                    let t = Box::into_raw(Table::new()) as u64;
+                    e.slot.store(F::table(t, level), Ordering::Release);
+                    t
+                }
+            };
+            self.map_level::<F>(table.child(child), level - 1, e.first, e.last)?;
         }
+        Ok(())
     }
 }
 
 /// Returns whether `table` holds no entries afterwards.
 fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard) -> bool {
-    let size = 1u64 << F::level_shift(level);
-    let mut cur = first;
-    loop {
-        let entry_start = cur & !(size - 1);
-        let entry_last = entry_start + (size - 1);
-        let chunk_last = last.min(entry_last);
-        let whole = cur == entry_start && chunk_last == entry_last;
-        let slot = &table.0[Table::index::<F>(cur, level)];
-        match F::decode(slot.load(Ordering::Relaxed), level) {
+    for e in table.entries::<F>(level, first, last) {
+        match F::decode(e.slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
-            Pte::Leaf { .. } if whole => slot.store(0, Ordering::Release),
+            Pte::Leaf { .. } if e.whole() => e.slot.store(0, Ordering::Release),
             Pte::Leaf { addr, perm, trust, .. } => {
                 // A partial unmap of a huge leaf: replace it by a table of
                 // next-level leaves covering the same memory, then unmap there.
                 let t = Table::new();
                 let sub = 1u64 << F::level_shift(level - 1);
-                for (i, e) in t.0.iter().enumerate() {
-                    e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, trust), Ordering::Relaxed);
+                for (i, s) in t.0.iter().enumerate() {
+                    s.store(F::leaf(addr + i as u64 * sub, level - 1, perm, trust), Ordering::Relaxed);
                 }
-                let t = Box::into_raw(t);
-                slot.store(F::table(t as u64, level), Ordering::Release);
-                // SAFETY: just linked; only this serialised writer changes it.
-                if unmap_level::<F>(unsafe { &*t }, level - 1, cur, chunk_last, guard) {
-                    slot.store(0, Ordering::Release);
+                let t = Box::into_raw(t) as u64;
+                e.slot.store(F::table(t, level), Ordering::Release);
+                if unmap_level::<F>(table.child(t), level - 1, e.first, e.last, guard) {
+                    e.slot.store(0, Ordering::Release);
                     defer_free::<F>(t, level - 1, guard);
                 }
             }
             Pte::Table(next) => {
-                let child = next as *mut Table;
-                // SAFETY: a live table linked from `slot`.
-                if whole || unmap_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last, guard) {
-                    slot.store(0, Ordering::Release);
-                    defer_free::<F>(child, level - 1, guard);
+                if e.whole() || unmap_level::<F>(table.child(next), level - 1, e.first, e.last, guard) {
+                    e.slot.store(0, Ordering::Release);
+                    defer_free::<F>(next, level - 1, guard);
                 }
             }
         }
-        if chunk_last == last {
-            break;
-        }
-        cur = chunk_last + 1;
     }
     table.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
 }
 
-fn defer_free<F: Format>(table: *mut Table, level: u32, guard: &Guard) {
+fn defer_free<F: Format>(table: u64, level: u32, guard: &Guard) {
     let addr = table as usize;
     // SAFETY: the table is unlinked, so no new reader can reach it; readers
     // already inside hold guards, and the epoch runs this only after them.
@@ -422,32 +457,19 @@ fn dirty_level<F: Format>(
     keep: bool,
     record: &mut dyn FnMut(u64, u64),
 ) {
-    let size = 1u64 << F::level_shift(level);
-    let mut cur = first;
-    loop {
-        let entry_start = cur & !(size - 1);
-        let chunk_last = last.min(entry_start + (size - 1));
-        let slot = &table.0[Table::index::<F>(cur, level)];
-        match F::decode(slot.load(Ordering::Acquire), level) {
+    for e in table.entries::<F>(level, first, last) {
+        match F::decode(e.slot.load(Ordering::Acquire), level) {
             Pte::None => {}
             Pte::Leaf { dirty, .. } => {
                 if dirty {
                     if !keep {
-                        F::clear_dirty(slot);
+                        F::clear_dirty(e.slot);
                     }
-                    record(entry_start, size);
+                    record(e.start, e.size);
                 }
             }
-            // SAFETY: a live table linked from `slot`; the caller holds the
-            // owner's lock, so no writer unlinks it meanwhile.
-            Pte::Table(next) => {
-                dirty_level::<F>(unsafe { &*(next as *const Table) }, level - 1, cur, chunk_last, keep, record)
-            }
+            Pte::Table(next) => dirty_level::<F>(table.child(next), level - 1, e.first, e.last, keep, record),
         }
-        if chunk_last == last {
-            return;
-        }
-        cur = chunk_last + 1;
     }
 }
 
@@ -457,9 +479,7 @@ fn count<F: Format>(table: &Table, level: u32, s: &mut Summary) {
         match F::decode(e.load(Ordering::Acquire), level) {
             Pte::None => {}
             Pte::Leaf { .. } => s.leaves[level as usize] += 1,
-            // SAFETY: linked tables are live while `&PageTable` is held by a
-            // writer-serialised caller.
-            Pte::Table(next) => count::<F>(unsafe { &*(next as *const Table) }, level - 1, s),
+            Pte::Table(next) => count::<F>(table.child(next), level - 1, s),
         }
     }
 }
