@@ -259,6 +259,7 @@ impl Device {
 
     /// Runs `f` on the table serving `pasid`, read through the arc-swap
     /// guards (no reference taken: this is on every DMA's path).
+    #[inline]
     fn with_serving<R>(&self, pasid: Option<u32>, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
         let Some(p) = pasid else { return f(self.attached.load().as_deref()) };
         let map = self.pasids.load();
@@ -351,6 +352,7 @@ impl Device {
         self.port(Some(pasid)).write_with(iova, buf, attrs)
     }
 
+    #[inline]
     fn sendable(&self, attrs: DmaAttrs) -> DmaAttrs {
         DmaAttrs { exec: attrs.exec && self.info.pasid_exec, privileged: attrs.privileged && self.info.pasid_priv }
     }
@@ -488,36 +490,39 @@ impl<'a> DmaPort<'a> {
     /// its IO page; the caller must stay inside `guard` while using it. A
     /// look only: a fault here is neither counted nor reported (DMA goes
     /// through [`DmaPort::access`]).
-    #[inline]
+    #[inline(always)]
     pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<Translated, DmaError> {
         let pasid = self.pasid;
-        self.device.with_serving(pasid, |hwpt| {
-            let hwpt = hwpt.ok_or(DmaError::Blocked)?;
-            hwpt.translate(iova, need, pasid, guard).map_err(|reason| DmaError::Fault {
-                iova,
-                reason,
-                write: need.write,
-                pasid,
-                stage: Stage::of(hwpt, reason),
-            })
-        })
+        // The RID's table without the PASID map: the common case, kept short.
+        if pasid.is_none() {
+            return resolve(self.device.attached.load().as_deref(), iova, need, pasid, guard);
+        }
+        self.device.with_serving(pasid, |hwpt| resolve(hwpt, iova, need, pasid, guard))
     }
 
     /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI
     /// device waits for its answer.
+    #[inline]
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.read_with(iova, buf, DmaAttrs::default())
+        let len = buf.len();
+        self.access(Perm::R, DmaAttrs::default(), iova, len, true, |t, r| memory::read(t.trust, t.host.0, &mut buf[r]))
+            .map_err(Stall::into_error)
     }
 
     /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
     /// its answer.
+    #[inline]
     pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.write_with(iova, buf, DmaAttrs::default())
+        self.access(Perm::W, DmaAttrs::default(), iova, buf.len(), true, |t, r| {
+            memory::write(t.trust, t.host.0, &buf[r])
+        })
+        .map_err(Stall::into_error)
     }
 
     /// `read` asking for execute or privileged access too, as far as the
     /// device's PASID capability lets it ask (the bits it does not enable
     /// are never sent).
+    #[inline]
     pub fn read_with(&self, iova: u64, buf: &mut [u8], attrs: DmaAttrs) -> Result<(), DmaError> {
         let (len, attrs) = (buf.len(), self.device.sendable(attrs));
         self.access(Perm::R, attrs, iova, len, true, |t, r| memory::read(t.trust, t.host.0, &mut buf[r]))
@@ -525,6 +530,7 @@ impl<'a> DmaPort<'a> {
     }
 
     /// `write` with `attrs` (see `read_with`).
+    #[inline]
     pub fn write_with(&self, iova: u64, buf: &[u8], attrs: DmaAttrs) -> Result<(), DmaError> {
         let attrs = self.device.sendable(attrs);
         self.access(Perm::W, attrs, iova, buf.len(), true, |t, r| memory::write(t.trust, t.host.0, &buf[r]))
@@ -553,6 +559,7 @@ impl<'a> DmaPort<'a> {
     /// answer (outside its epoch section, so the handler may unmap) and then
     /// retries, or fails if it was refused. Any other fault is counted and
     /// reported to the vIOMMU's event queue, if any.
+    #[inline(always)]
     pub fn access(
         &self,
         need: Perm,
@@ -562,7 +569,6 @@ impl<'a> DmaPort<'a> {
         wait: bool,
         mut each: impl FnMut(Translated, std::ops::Range<usize>) -> crate::Result<()>,
     ) -> Result<(), Stall> {
-        let (device, pasid) = (self.device, self.pasid);
         let mut done = 0usize;
         let mut retries = 0;
         let mut guard = epoch::pin();
@@ -570,38 +576,63 @@ impl<'a> DmaPort<'a> {
             let at = iova.wrapping_add(done as u64);
             match self.translate(at, need, &guard) {
                 Ok(t) => {
-                    let n = chunk(at, len - done, device.granule());
+                    let n = chunk(at, len - done, self.device.granule());
                     each(t, done..done + n).map_err(|_| Stall::Failed(DmaError::Memory { iova: at }))?;
                     done += n;
                     retries = 0;
                 }
-                Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
+                Err(e) => {
+                    // Outside the epoch section, so a handler may unmap.
                     drop(guard);
                     let end = iova.saturating_add(len as u64);
-                    let Some(waiter) = device.page_request(pasid, at, end, need, attrs) else {
-                        device.unrecoverable(pasid, e, attrs);
-                        return Err(Stall::Failed(e));
-                    };
-                    if !wait {
-                        return Err(Stall::PageRequest(Pending { waiter, fault: e }));
-                    }
-                    // A handler that answers "success" without mapping gets
-                    // a few more requests, then the DMA gives up.
-                    if waiter.wait() != Response::Success || retries == MAX_RETRIES {
-                        return Err(Stall::Failed(e));
-                    }
-                    retries += 1;
+                    self.fault(e, need, attrs, at, end, wait, &mut retries)?;
                     guard = epoch::pin();
-                }
-                Err(e) => {
-                    if matches!(e, DmaError::Fault { .. }) {
-                        device.unrecoverable(pasid, e, attrs);
-                    }
-                    return Err(Stall::Failed(e));
                 }
             }
         }
         Ok(())
+    }
+
+    /// What a DMA does about fault `e` at `at`: `Ok` to retry the page
+    /// once a page request was answered with success (at most
+    /// `MAX_RETRIES` times in a row), or how it stops. Kept out of line, off
+    /// the path of DMA that does not fault.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn fault(
+        &self,
+        e: DmaError,
+        need: Perm,
+        attrs: DmaAttrs,
+        at: u64,
+        end: u64,
+        wait: bool,
+        retries: &mut u32,
+    ) -> Result<(), Stall> {
+        let (device, pasid) = (self.device, self.pasid);
+        match e {
+            DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. } => {
+                let Some(waiter) = device.page_request(pasid, at, end, need, attrs) else {
+                    device.unrecoverable(pasid, e, attrs);
+                    return Err(Stall::Failed(e));
+                };
+                if !wait {
+                    return Err(Stall::PageRequest(Pending { waiter, fault: e }));
+                }
+                // A handler that answers "success" without mapping gets a
+                // few more requests, then the DMA gives up.
+                if waiter.wait() != Response::Success || *retries == MAX_RETRIES {
+                    return Err(Stall::Failed(e));
+                }
+                *retries += 1;
+                Ok(())
+            }
+            DmaError::Fault { .. } => {
+                device.unrecoverable(pasid, e, attrs);
+                Err(Stall::Failed(e))
+            }
+            DmaError::Blocked | DmaError::Memory { .. } => Err(Stall::Failed(e)),
+        }
     }
 }
 
@@ -649,6 +680,26 @@ impl Pending {
 
 /// Answers of "success" a DMA accepts for one page before it gives up.
 const MAX_RETRIES: u32 = 8;
+
+/// Translates through `hwpt`, the table serving a DMA tagged with `pasid`,
+/// naming a fault as the caller sees it.
+#[inline(always)]
+fn resolve(
+    hwpt: Option<&Hwpt>,
+    iova: u64,
+    need: Perm,
+    pasid: Option<u32>,
+    guard: &epoch::Guard,
+) -> Result<Translated, DmaError> {
+    let hwpt = hwpt.ok_or(DmaError::Blocked)?;
+    hwpt.translate(iova, need, pasid, guard).map_err(|reason| DmaError::Fault {
+        iova,
+        reason,
+        write: need.write,
+        pasid,
+        stage: Stage::of(hwpt, reason),
+    })
+}
 
 /// Bytes from `iova` to the end of its IO page of `granule` bytes, at most `left`.
 fn chunk(iova: u64, left: usize, granule: u64) -> usize {

@@ -169,6 +169,7 @@ impl Table {
     }
 
     /// The entries at `level` that `[first, last]` touches, in order.
+    #[inline]
     fn entries<F: Format>(&self, level: u32, first: u64, last: u64) -> Entries<'_> {
         Entries { table: self, shift: F::level_shift(level), cur: first, last, done: false }
     }
@@ -198,6 +199,7 @@ struct Entry<'t> {
 
 impl Entry<'_> {
     /// Whether the range covers the whole entry.
+    #[inline]
     fn whole(&self) -> bool {
         self.first == self.start && self.last == self.start + (self.size - 1)
     }
@@ -206,6 +208,7 @@ impl Entry<'_> {
 impl<'t> Iterator for Entries<'t> {
     type Item = Entry<'t>;
 
+    #[inline]
     fn next(&mut self) -> Option<Entry<'t>> {
         if self.done {
             return None;
