@@ -9,6 +9,12 @@
 //! `Iotlb`, dropped whole when the device's table changes: a replace, an
 //! unmap, or an invalidation of either nested stage.
 //!
+//! A miss resolves through the device's [`DmaPort`](crate::device::DmaPort),
+//! the path of every DMA: a fault is counted, becomes a page request on a
+//! PRI device (the access waits for its answer) or an event record on the
+//! vIOMMU's queue, and is kept typed for [`IommuPort::take_fault`], since
+//! vm-memory's error carries only text.
+//!
 //! ```
 //! use ioasid_engine::vm_memory_iommu::IommuPort;
 //! use ioasid_engine::{Context, DeviceInfo, Perm};
