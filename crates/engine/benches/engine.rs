@@ -15,7 +15,7 @@ use harness::{Harness, iter, timed};
 use ioasid_engine::ioas::Ioas;
 use ioasid_engine::pgtable::mock::Mock;
 use ioasid_engine::pgtable::x86::{VtdSs4, VtdSs5};
-use ioasid_engine::pgtable::{Format, PageTable, Perm};
+use ioasid_engine::pgtable::{Format, PageTable, Perm, Trust};
 use ioasid_engine::{
     Context, ContextConfig, DeviceId, DeviceInfo, Domain, HostBuffer, HwptFlags, IoasId, IovaRange, Limit,
 };
@@ -110,7 +110,7 @@ fn walk_in<F: Format>(h: &mut Harness, name: &str, mem: &HostBuffer, order: &[u6
         return;
     }
     let pt = PageTable::<F>::new();
-    pt.map(IOVA, mem.addr(), mem.len() as u64, Perm::RW, false, false).unwrap();
+    pt.map(IOVA, mem.addr(), mem.len() as u64, Perm::RW, Trust::Direct, false).unwrap();
     let guard = ioasid_engine::epoch::pin();
     let (mut i, mut j) = (0, 0);
     h.compare(
@@ -194,7 +194,7 @@ fn nested_walk(h: &mut Harness) {
     h.compare(
         figure,
         iter("ioasid", "nested HWPT translate: guest table read through stage 2, result through stage 2", || {
-            let (host, _) = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
+            let host = hwpt.translate(GIOVA + order[i] * PAGE, Perm::R, None, &guard).unwrap().host.0;
             i = chain(i, host, order.len());
         }),
         iter("vm-memory Iotlb + GuestMemoryMmap", "`Iotlb::lookup` to guest-physical, then `get_host_address`", || {
@@ -221,7 +221,7 @@ fn working_set(h: &mut Harness) {
             &format!("translate: working set (pages), {ws}"),
             Some(ws),
             iter("ioasid", "`Domain::translate` of random pages among the set, each waiting for the last", || {
-                let (host, _) = domain.translate(IOVA + order[i] * PAGE, Perm::R, &guard).unwrap();
+                let host = domain.translate(IOVA + order[i] * PAGE, Perm::R, &guard).unwrap().host.0;
                 i = chain(i, host, order.len());
             }),
             iter("vm-memory Iotlb", "`Iotlb::lookup` of the same pages in the same order", || {

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::epoch;
 use crate::fault::{DmaAttrs, Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
-use crate::hwpt::{FaultReason, Hwpt, PageFormat};
+use crate::hwpt::{FaultReason, Hwpt, PageFormat, Translated};
 use crate::iova::IovaRange;
 use crate::memory;
 use crate::model::{Features, HwInfo, IommuModel};
@@ -123,10 +123,38 @@ pub const MAX_GROUP_PAGES: usize = 16;
 pub enum DmaError {
     #[error("DMA blocked: the device is not attached to a page table")]
     Blocked,
-    #[error("IOMMU fault at IOVA {iova:#x} ({reason:?}, {})", if *.write { "write" } else { "read" })]
-    Fault { iova: u64, reason: FaultReason, write: bool },
+    /// The IOMMU refused the access: where, why, tagged with which PASID
+    /// (`None`: the RID), and which stage of the table refused it.
+    #[error(
+        "IOMMU fault at IOVA {iova:#x} ({reason:?}, {}){}, {stage:?} stage",
+        if *.write { "write" } else { "read" },
+        .pasid.map_or(String::new(), |p| format!(" at PASID {p}"))
+    )]
+    Fault { iova: u64, reason: FaultReason, write: bool, pasid: Option<u32>, stage: Stage },
     #[error("the memory behind IOVA {iova:#x} is no longer mapped by its owner")]
     Memory { iova: u64 },
+}
+
+/// Which stage of the table serving a DMA refused it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// A paging HWPT: the one stage there is.
+    Single,
+    /// A nested HWPT's stage 1, the guest's table or configuration.
+    First,
+    /// A nested HWPT's stage 2, the host's table under the guest's.
+    Second,
+}
+
+impl Stage {
+    /// The stage of `hwpt` that a fault for `reason` comes from.
+    fn of(hwpt: &Hwpt, reason: FaultReason) -> Stage {
+        match (hwpt, reason) {
+            (Hwpt::Paging(_), _) => Stage::Single,
+            (Hwpt::Nested(_), FaultReason::Stage2 { .. }) => Stage::Second,
+            (Hwpt::Nested(_), _) => Stage::First,
+        }
+    }
 }
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -227,6 +255,7 @@ impl Device {
 
     /// Runs `f` on the table serving `pasid`, read through the arc-swap
     /// guards (no reference taken: this is on every DMA's path).
+    #[inline]
     fn with_serving<R>(&self, pasid: Option<u32>, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
         let Some(p) = pasid else { return f(self.attached.load().as_deref()) };
         let map = self.pasids.load();
@@ -274,43 +303,11 @@ impl Device {
         old.map(|h| (*h).clone())
     }
 
-    /// Host address of `iova` for an access needing `need`, valid to the end
-    /// of its 4 KiB page; the caller must stay inside `guard` while using it.
+    /// The device's DMA port at `pasid` (`None`: its RID): the one path
+    /// every DMA of the device takes.
     #[inline]
-    pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<(u64, bool), DmaError> {
-        let att = self.attached.load();
-        translate_through(att.as_deref(), iova, need, guard)
-    }
-
-    /// `translate` for a DMA tagged with `pasid`.
-    pub fn translate_pasid(
-        &self,
-        pasid: u32,
-        iova: u64,
-        need: Perm,
-        guard: &epoch::Guard,
-    ) -> Result<(u64, bool), DmaError> {
-        self.with_serving(Some(pasid), |hwpt| {
-            let hwpt = hwpt.ok_or(DmaError::Blocked)?;
-            hwpt.translate_substream(iova, need, pasid, guard).map_err(|reason| DmaError::Fault {
-                iova,
-                reason,
-                write: need.write,
-            })
-        })
-    }
-
-    fn translate_at(
-        &self,
-        pasid: Option<u32>,
-        iova: u64,
-        need: Perm,
-        guard: &epoch::Guard,
-    ) -> Result<(u64, bool), DmaError> {
-        match pasid {
-            None => self.translate(iova, need, guard),
-            Some(p) => self.translate_pasid(p, iova, need, guard),
-        }
+    pub fn port(&self, pasid: Option<u32>) -> DmaPort<'_> {
+        DmaPort { device: self, pasid }
     }
 
     /// The smallest IO page of the device's IOMMU.
@@ -321,53 +318,37 @@ impl Device {
     /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI
     /// device waits for its answer.
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let len = buf.len();
-        self.dma(Request::plain(None, Perm::R), iova, len, true, |t, host, r| memory::read(t, host, &mut buf[r]))
-            .map_err(Stall::into_error)
+        self.port(None).read(iova, buf)
     }
 
     /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
     /// its answer.
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(Request::plain(None, Perm::W), iova, buf.len(), true, |t, host, r| memory::write(t, host, &buf[r]))
-            .map_err(Stall::into_error)
+        self.port(None).write(iova, buf)
     }
 
     /// `dma_read` tagged with `pasid`: through the table attached there.
     pub fn dma_read_pasid(&self, pasid: u32, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let len = buf.len();
-        self.dma(Request::plain(Some(pasid), Perm::R), iova, len, true, |t, host, r| memory::read(t, host, &mut buf[r]))
-            .map_err(Stall::into_error)
+        self.port(Some(pasid)).read(iova, buf)
     }
 
     /// `dma_write` tagged with `pasid`.
     pub fn dma_write_pasid(&self, pasid: u32, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
-        self.dma(Request::plain(Some(pasid), Perm::W), iova, buf.len(), true, |t, host, r| {
-            memory::write(t, host, &buf[r])
-        })
-        .map_err(Stall::into_error)
+        self.port(Some(pasid)).write(iova, buf)
     }
 
-    /// `dma_read_pasid` asking for execute or privileged access too, as far
-    /// as the device's PASID capability lets it ask (the bits it does not
-    /// enable are never sent).
+    /// `dma_read_pasid` asking for execute or privileged access too (see
+    /// [`DmaPort::read_with`]).
     pub fn dma_read_pasid_with(&self, pasid: u32, iova: u64, buf: &mut [u8], attrs: DmaAttrs) -> Result<(), DmaError> {
-        let (len, attrs) = (buf.len(), self.sendable(attrs));
-        self.dma(Request { pasid: Some(pasid), need: Perm::R, attrs }, iova, len, true, |t, host, r| {
-            memory::read(t, host, &mut buf[r])
-        })
-        .map_err(Stall::into_error)
+        self.port(Some(pasid)).read_with(iova, buf, attrs)
     }
 
-    /// `dma_write_pasid` with `attrs` (see `dma_read_pasid_with`).
+    /// `dma_write_pasid` with `attrs` (see [`DmaPort::read_with`]).
     pub fn dma_write_pasid_with(&self, pasid: u32, iova: u64, buf: &[u8], attrs: DmaAttrs) -> Result<(), DmaError> {
-        let attrs = self.sendable(attrs);
-        self.dma(Request { pasid: Some(pasid), need: Perm::W, attrs }, iova, buf.len(), true, |t, host, r| {
-            memory::write(t, host, &buf[r])
-        })
-        .map_err(Stall::into_error)
+        self.port(Some(pasid)).write_with(iova, buf, attrs)
     }
 
+    #[inline]
     fn sendable(&self, attrs: DmaAttrs) -> DmaAttrs {
         DmaAttrs { exec: attrs.exec && self.info.pasid_exec, privileged: attrs.privileged && self.info.pasid_priv }
     }
@@ -375,73 +356,18 @@ impl Device {
     /// `dma_read` that does not wait: a page fault returns the pending page
     /// request. Bytes before the fault are read; retry once it is answered.
     pub fn try_dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Stall> {
-        let len = buf.len();
-        self.dma(Request::plain(None, Perm::R), iova, len, false, |t, host, r| memory::read(t, host, &mut buf[r]))
+        self.port(None).try_read(iova, buf)
     }
 
     /// `dma_write` that does not wait (see `try_dma_read`).
     pub fn try_dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), Stall> {
-        self.dma(Request::plain(None, Perm::W), iova, buf.len(), false, |t, host, r| memory::write(t, host, &buf[r]))
+        self.port(None).try_write(iova, buf)
     }
 
     /// Faults that no page request could cover (no PRI, or no fault queue on
     /// the table): counted, not lost silently.
     pub fn unrecoverable_faults(&self) -> u64 {
         self.unrecoverable.load(Ordering::Relaxed)
-    }
-
-    /// Runs a DMA of `len` bytes, one IO page at a time. A miss on a device
-    /// with PRI, attached to a HWPT with a fault queue, becomes a page request;
-    /// the DMA waits for the answer (outside its epoch section, so the
-    /// handler may unmap) and then retries, or fails if it was refused.
-    fn dma(
-        &self,
-        Request { pasid, need, attrs }: Request,
-        iova: u64,
-        len: usize,
-        wait: bool,
-        mut copy: impl FnMut(memory::Trust, u64, std::ops::Range<usize>) -> crate::Result<()>,
-    ) -> Result<(), Stall> {
-        let mut done = 0usize;
-        let mut retries = 0;
-        let mut guard = epoch::pin();
-        while done < len {
-            let at = iova.wrapping_add(done as u64);
-            match self.translate_at(pasid, at, need, &guard) {
-                Ok((host, checked)) => {
-                    let n = chunk(at, len - done, self.granule());
-                    copy(trust(checked), host, done..done + n)
-                        .map_err(|_| Stall::Failed(DmaError::Memory { iova: at }))?;
-                    done += n;
-                    retries = 0;
-                }
-                Err(e @ DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. }) => {
-                    drop(guard);
-                    let end = iova.saturating_add(len as u64);
-                    let Some(waiter) = self.page_request(pasid, at, end, need, attrs) else {
-                        self.unrecoverable(pasid, e, attrs);
-                        return Err(Stall::Failed(e));
-                    };
-                    if !wait {
-                        return Err(Stall::PageRequest(Pending { waiter, fault: e }));
-                    }
-                    // A handler that answers "success" without mapping gets
-                    // a few more requests, then the DMA gives up.
-                    if waiter.wait() != Response::Success || retries == MAX_RETRIES {
-                        return Err(Stall::Failed(e));
-                    }
-                    retries += 1;
-                    guard = epoch::pin();
-                }
-                Err(e) => {
-                    if matches!(e, DmaError::Fault { .. }) {
-                        self.unrecoverable(pasid, e, attrs);
-                    }
-                    return Err(Stall::Failed(e));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Sends a page request group for the IO page holding `iova` and the
@@ -475,7 +401,7 @@ impl Device {
         let missing = (0..MAX_GROUP_PAGES as u64)
             .map(|i| first + i * granule)
             .take_while(|&page| page < end && page >= first)
-            .filter(|&page| page == first || self.translate_at(pasid, page, need, &guard).is_err());
+            .filter(|&page| page == first || self.port(pasid).translate(page, need, &guard).is_err());
         let flags = if pasid.is_some() { PASID_VALID } else { 0 };
         // PCIe's page request group index is 9 bits.
         let grpid = self.next_group.fetch_add(1, Ordering::Relaxed) & 0x1ff;
@@ -536,17 +462,173 @@ impl Device {
     }
 }
 
-/// Who asks for a DMA and how: the PASID it is tagged with, the rights it
-/// needs, and what else it asks.
-struct Request {
+/// One device's DMA at one PASID (`None`: its RID), as the IOMMU sees it:
+/// which table serves it is chosen on every access, so a port is cheap to
+/// make and to keep. Every DMA takes [`DmaPort::access`]: a fault there is
+/// counted, becomes a page request on a PRI device (or a vEVENTQ record
+/// where a vIOMMU has one), and reaches the caller as a [`DmaError`].
+#[derive(Clone, Copy)]
+pub struct DmaPort<'a> {
+    device: &'a Device,
     pasid: Option<u32>,
-    need: Perm,
-    attrs: DmaAttrs,
 }
 
-impl Request {
-    fn plain(pasid: Option<u32>, need: Perm) -> Self {
-        Request { pasid, need, attrs: DmaAttrs::default() }
+impl<'a> DmaPort<'a> {
+    pub fn device(&self) -> &'a Device {
+        self.device
+    }
+
+    pub fn pasid(&self) -> Option<u32> {
+        self.pasid
+    }
+
+    /// Where `iova` lands for an access needing `need`, valid to the end of
+    /// its IO page; the caller must stay inside `guard` while using it. A
+    /// look only: a fault here is neither counted nor reported (DMA goes
+    /// through [`DmaPort::access`]).
+    #[inline(always)]
+    pub fn translate(&self, iova: u64, need: Perm, guard: &epoch::Guard) -> Result<Translated, DmaError> {
+        let pasid = self.pasid;
+        // The RID's table without the PASID map: the common case, kept short.
+        if pasid.is_none() {
+            return resolve(self.device.attached.load().as_deref(), iova, need, pasid, guard);
+        }
+        self.device.with_serving(pasid, |hwpt| resolve(hwpt, iova, need, pasid, guard))
+    }
+
+    /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI
+    /// device waits for its answer.
+    #[inline]
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let len = buf.len();
+        self.access(Perm::R, DmaAttrs::default(), iova, len, true, |t, r| memory::read(t.trust, t.host.0, &mut buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
+    /// its answer.
+    #[inline]
+    pub fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
+        self.access(Perm::W, DmaAttrs::default(), iova, buf.len(), true, |t, r| {
+            memory::write(t.trust, t.host.0, &buf[r])
+        })
+        .map_err(Stall::into_error)
+    }
+
+    /// `read` asking for execute or privileged access too, as far as the
+    /// device's PASID capability lets it ask (the bits it does not enable
+    /// are never sent).
+    #[inline]
+    pub fn read_with(&self, iova: u64, buf: &mut [u8], attrs: DmaAttrs) -> Result<(), DmaError> {
+        let (len, attrs) = (buf.len(), self.device.sendable(attrs));
+        self.access(Perm::R, attrs, iova, len, true, |t, r| memory::read(t.trust, t.host.0, &mut buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// `write` with `attrs` (see `read_with`).
+    #[inline]
+    pub fn write_with(&self, iova: u64, buf: &[u8], attrs: DmaAttrs) -> Result<(), DmaError> {
+        let attrs = self.device.sendable(attrs);
+        self.access(Perm::W, attrs, iova, buf.len(), true, |t, r| memory::write(t.trust, t.host.0, &buf[r]))
+            .map_err(Stall::into_error)
+    }
+
+    /// `read` that does not wait: a page fault returns the pending page
+    /// request. Bytes before the fault are read; retry once it is answered.
+    pub fn try_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Stall> {
+        let len = buf.len();
+        self.access(Perm::R, DmaAttrs::default(), iova, len, false, |t, r| memory::read(t.trust, t.host.0, &mut buf[r]))
+    }
+
+    /// `write` that does not wait (see `try_read`).
+    pub fn try_write(&self, iova: u64, buf: &[u8]) -> Result<(), Stall> {
+        self.access(Perm::W, DmaAttrs::default(), iova, buf.len(), false, |t, r| {
+            memory::write(t.trust, t.host.0, &buf[r])
+        })
+    }
+
+    /// The one DMA primitive: `len` bytes at `iova` needing `need`, one IO
+    /// page at a time; `each` gets where each piece lands and its range of
+    /// the access, inside the epoch section that keeps that memory mapped.
+    /// A miss on a device with PRI, attached to a HWPT with a fault queue,
+    /// becomes a page request; unless `wait` is false, the DMA waits for the
+    /// answer (outside its epoch section, so the handler may unmap) and then
+    /// retries, or fails if it was refused. Any other fault is counted and
+    /// reported to the vIOMMU's event queue, if any.
+    #[inline(always)]
+    pub fn access(
+        &self,
+        need: Perm,
+        attrs: DmaAttrs,
+        iova: u64,
+        len: usize,
+        wait: bool,
+        mut each: impl FnMut(Translated, std::ops::Range<usize>) -> crate::Result<()>,
+    ) -> Result<(), Stall> {
+        let mut done = 0usize;
+        let mut retries = 0;
+        let mut guard = epoch::pin();
+        while done < len {
+            let at = iova.wrapping_add(done as u64);
+            match self.translate(at, need, &guard) {
+                Ok(t) => {
+                    let n = chunk(at, len - done, self.device.granule());
+                    each(t, done..done + n).map_err(|_| Stall::Failed(DmaError::Memory { iova: at }))?;
+                    done += n;
+                    retries = 0;
+                }
+                Err(e) => {
+                    // Outside the epoch section, so a handler may unmap.
+                    drop(guard);
+                    let end = iova.saturating_add(len as u64);
+                    self.fault(e, need, attrs, at, end, wait, &mut retries)?;
+                    guard = epoch::pin();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a DMA does about fault `e` at `at`: `Ok` to retry the page
+    /// once a page request was answered with success (at most
+    /// `MAX_RETRIES` times in a row), or how it stops. Kept out of line, off
+    /// the path of DMA that does not fault.
+    #[cold]
+    #[allow(clippy::too_many_arguments)]
+    fn fault(
+        &self,
+        e: DmaError,
+        need: Perm,
+        attrs: DmaAttrs,
+        at: u64,
+        end: u64,
+        wait: bool,
+        retries: &mut u32,
+    ) -> Result<(), Stall> {
+        let (device, pasid) = (self.device, self.pasid);
+        match e {
+            DmaError::Fault { reason: FaultReason::NotPresent | FaultReason::Permission, .. } => {
+                let Some(waiter) = device.page_request(pasid, at, end, need, attrs) else {
+                    device.unrecoverable(pasid, e, attrs);
+                    return Err(Stall::Failed(e));
+                };
+                if !wait {
+                    return Err(Stall::PageRequest(Pending { waiter, fault: e }));
+                }
+                // A handler that answers "success" without mapping gets a
+                // few more requests, then the DMA gives up.
+                if waiter.wait() != Response::Success || *retries == MAX_RETRIES {
+                    return Err(Stall::Failed(e));
+                }
+                *retries += 1;
+                Ok(())
+            }
+            DmaError::Fault { .. } => {
+                device.unrecoverable(pasid, e, attrs);
+                Err(Stall::Failed(e))
+            }
+            DmaError::Blocked | DmaError::Memory { .. } => Err(Stall::Failed(e)),
+        }
     }
 }
 
@@ -560,7 +642,8 @@ pub enum Stall {
 }
 
 impl Stall {
-    fn into_error(self) -> DmaError {
+    /// The error a DMA that waits would have returned.
+    pub fn into_error(self) -> DmaError {
         match self {
             Stall::Failed(e) | Stall::PageRequest(Pending { fault: e, .. }) => e,
         }
@@ -594,19 +677,24 @@ impl Pending {
 /// Answers of "success" a DMA accepts for one page before it gives up.
 const MAX_RETRIES: u32 = 8;
 
-#[inline]
-fn translate_through(
+/// Translates through `hwpt`, the table serving a DMA tagged with `pasid`,
+/// naming a fault as the caller sees it.
+#[inline(always)]
+fn resolve(
     hwpt: Option<&Hwpt>,
     iova: u64,
     need: Perm,
+    pasid: Option<u32>,
     guard: &epoch::Guard,
-) -> Result<(u64, bool), DmaError> {
+) -> Result<Translated, DmaError> {
     let hwpt = hwpt.ok_or(DmaError::Blocked)?;
-    hwpt.translate(iova, need, guard).map_err(|reason| DmaError::Fault { iova, reason, write: need.write })
-}
-
-fn trust(checked: bool) -> memory::Trust {
-    if checked { memory::Trust::Checked } else { memory::Trust::Direct }
+    hwpt.translate(iova, need, pasid, guard).map_err(|reason| DmaError::Fault {
+        iova,
+        reason,
+        write: need.write,
+        pasid,
+        stage: Stage::of(hwpt, reason),
+    })
 }
 
 /// Bytes from `iova` to the end of its IO page of `granule` bytes, at most `left`.

@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::access::Access;
+use crate::domain::Domain;
 use crate::epoch;
 use crate::error::{Error, Result};
-use crate::hwpt::Domain;
 use crate::iova::{self, IovaRange, PAGE_SIZE};
-use crate::memory::Trust;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
 
@@ -607,8 +606,7 @@ fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> 
     }
     let pages = &a.src.pages;
     let host = pages.host_addr(a.src.start_byte);
-    let checked = pages.trust() == Trust::Checked;
-    let r = domain.map(iova, host, len, a.perm, checked, huge);
+    let r = domain.map(iova, host, len, a.perm, pages.trust(), huge);
     if r.is_err() {
         domain.unmap(iova, len, &epoch::pin());
         if pin {

@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering, fence};
 
+use crate::memory::Trust;
 use crate::pgtable::Perm;
 
 const ENTRIES: usize = 512;
@@ -34,7 +35,9 @@ struct Entry {
 pub struct Hit {
     pub host_page: u64,
     pub perm: Perm,
-    pub checked: bool,
+    /// How the page's memory is reached (Linux has no such bit: ioasid's
+    /// software mark, cached with the rights).
+    pub trust: Trust,
     /// The leaf's dirty bit was set when this was cached, so writes through
     /// it need not set it again.
     pub dirty: bool,
@@ -89,7 +92,7 @@ impl Iotlb {
         Some(Hit {
             host_page: data & !FLAGS,
             perm: Perm { read: data & READ != 0, write: data & WRITE != 0 },
-            checked: data & CHECKED != 0,
+            trust: if data & CHECKED != 0 { Trust::Checked } else { Trust::Direct },
             dirty: data & DIRTY != 0,
         })
     }
@@ -110,7 +113,7 @@ impl Iotlb {
         if hit.perm.write {
             data |= WRITE;
         }
-        if hit.checked {
+        if hit.trust == Trust::Checked {
             data |= CHECKED;
         }
         if hit.dirty {
@@ -132,12 +135,12 @@ impl Iotlb {
 mod tests {
     use super::*;
 
-    const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, checked: true, dirty: false };
+    const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, trust: Trust::Checked, dirty: false };
 
     #[test]
     fn half_page_addresses_survive() {
         let t = Iotlb::new();
-        let hit = Hit { host_page: 0x7800, perm: Perm::RW, checked: false, dirty: true };
+        let hit = Hit { host_page: 0x7800, perm: Perm::RW, trust: Trust::Direct, dirty: true };
         t.fill(9, t.generation(), hit);
         assert_eq!(t.lookup(9), Some(hit));
     }

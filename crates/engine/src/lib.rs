@@ -29,6 +29,7 @@ pub mod account;
 mod attach;
 pub mod context;
 pub mod device;
+pub mod domain;
 pub mod epoch;
 pub mod error;
 pub mod fault;
@@ -52,7 +53,8 @@ pub mod vm_memory_iommu;
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
 pub use context::{Context, ContextConfig, Kind, Object, SelftestDevice, SelftestId};
-pub use device::{Device, DeviceInfo, DmaError, MockFlags, Pending, Stall};
+pub use device::{Device, DeviceInfo, DmaError, DmaPort, MockFlags, Pending, Stage, Stall};
+pub use domain::{Gpa, HostAddr, Translated};
 pub use error::{Error, Result};
 pub use fault::FaultQueue;
 pub use hw_queue::HwQueue;
@@ -65,7 +67,7 @@ pub use id::{
     PtId, SetObjectId, VdeviceId, VeventqId, ViommuId,
 };
 pub use iova::{IovaRange, PAGE_SIZE};
-pub use memory::HostBuffer;
+pub use memory::{HostBuffer, Trust};
 pub use model::{HwInfo, IommuModel, IommuOps, Stage1, smmuv3};
 pub use pgtable::Perm;
 pub use veventq::Veventq;

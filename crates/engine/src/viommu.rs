@@ -242,7 +242,7 @@ impl Viommu {
     pub(crate) fn report_fault(&self, dev: &Device, pasid: Option<u32>, fault: DmaError, attrs: DmaAttrs) -> bool {
         let Some(virt_id) = self.virt_id_of(dev) else { return false };
         let fault = match fault {
-            DmaError::Fault { iova, reason, write } => Some((iova, reason, write)),
+            DmaError::Fault { iova, reason, write, .. } => Some((iova, reason, write)),
             _ => None,
         };
         let Some((kind, record)) = self.kind.ops().event(virt_id, pasid, fault, attrs) else { return false };

@@ -9,6 +9,12 @@
 //! `Iotlb`, dropped whole when the device's table changes: a replace, an
 //! unmap, or an invalidation of either nested stage.
 //!
+//! A miss resolves through the device's [`DmaPort`](crate::device::DmaPort),
+//! the path of every DMA: a fault is counted, becomes a page request on a
+//! PRI device (the access waits for its answer) or an event record on the
+//! vIOMMU's queue, and is kept typed for [`IommuPort::take_fault`], since
+//! vm-memory's error carries only text.
+//!
 //! ```
 //! use ioasid_engine::vm_memory_iommu::IommuPort;
 //! use ioasid_engine::{Context, DeviceInfo, Perm};
@@ -33,12 +39,13 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
 
-use crate::device::Device;
+use crate::device::{Device, DmaError};
+use crate::fault::DmaAttrs;
 use crate::pgtable::Perm;
 
 const PAGE: u64 = 4096;
@@ -53,6 +60,8 @@ pub struct IommuPort {
     /// The table identity and generation the cache was filled under.
     table: AtomicUsize,
     generation: AtomicU64,
+    /// The last fault, for the device model to inspect.
+    fault: Mutex<Option<DmaError>>,
 }
 
 impl fmt::Debug for IommuPort {
@@ -72,6 +81,7 @@ impl IommuPort {
             iotlb: RwLock::new(Iotlb::new()),
             table: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            fault: Mutex::new(None),
         }
     }
 
@@ -101,26 +111,35 @@ impl IommuPort {
         }
     }
 
-    /// Resolves every page of the range through ioasid into the cache.
+    /// Resolves every page of the range into the cache through the
+    /// device's DMA port, so a fault here is what a fault of the device's
+    /// own DMA is: counted, a page request on a PRI device (waited for),
+    /// a vEVENTQ record where a vIOMMU listens. The typed fault is kept for
+    /// [`IommuPort::take_fault`].
     fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<(), String> {
         let need = Perm { read: access.allow(Permissions::Read), write: access.allow(Permissions::Write) };
-        let guard = crate::epoch::pin();
-        let mut iotlb = self.iotlb.write().unwrap_or_else(|e| e.into_inner());
         let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
-        let mut page = iova & !(PAGE - 1);
-        while page < end {
-            let translated = match self.pasid {
-                None => self.device.translate(page, need, &guard),
-                Some(p) => self.device.translate_pasid(p, page, need, &guard),
-            };
-            let (host, _) = translated.map_err(|e| e.to_string())?;
-            let gpa = self.gpa_of(host).ok_or("the page is outside guest memory")?;
-            iotlb
-                .set_mapping(GuestAddress(page), GuestAddress(gpa), PAGE as usize, access)
-                .map_err(|e| e.to_string())?;
-            page += PAGE;
-        }
-        Ok(())
+        let first = iova & !(PAGE - 1);
+        let len = end.div_ceil(PAGE) * PAGE - first;
+        let len = usize::try_from(len).map_err(|_| "IOVA range too long")?;
+        let port = self.device.port(self.pasid);
+        let filled = port.access(need, DmaAttrs::default(), first, len, true, |t, r| {
+            let gpa = self.gpa_of(t.host.0).ok_or(crate::Error::Fault("the page is outside guest memory"))?;
+            let at = GuestAddress(first + r.start as u64);
+            let mut iotlb = self.iotlb.write().unwrap_or_else(|e| e.into_inner());
+            iotlb.set_mapping(at, GuestAddress(gpa), r.len(), access).map_err(|_| crate::Error::Invalid("IOTLB"))
+        });
+        filled.map_err(|stall| {
+            let fault = stall.into_error();
+            *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+            fault.to_string()
+        })
+    }
+
+    /// The fault that made the last translation fail, typed (vm-memory's
+    /// error carries only its text); `None` once taken.
+    pub fn take_fault(&self) -> Option<DmaError> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 

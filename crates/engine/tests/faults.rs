@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ioasid_engine::fault::Response;
 use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, DmaError, FaultQueue, FaultReason, HostBuffer, HwptFlags, Limit, Perm,
+    Context, ContextConfig, DeviceInfo, DmaError, FaultQueue, FaultReason, HostBuffer, HwptFlags, Limit, Perm, Stage,
 };
 use ioasid_engine::{DeviceId, HwptPagingId, IoasId};
 
@@ -84,7 +84,16 @@ fn a_refused_request_fails_the_dma() {
     let handler = serve(&s, stop.clone(), Response::Invalid);
     let dev = s.ctx.get(s.dev).unwrap();
     let r = dev.dma_write(IOVA, b"x");
-    assert_eq!(r, Err(DmaError::Fault { iova: IOVA, reason: FaultReason::NotPresent, write: true }));
+    assert_eq!(
+        r,
+        Err(DmaError::Fault {
+            iova: IOVA,
+            reason: FaultReason::NotPresent,
+            write: true,
+            pasid: None,
+            stage: Stage::Single
+        })
+    );
     stop.store(true, Ordering::Relaxed);
     handler.join().unwrap();
 }

@@ -8,7 +8,9 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use ioasid_engine::pgtable::x86::first_stage::encode;
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, HwptFlags, Limit, NestedData, Perm};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceInfo, HostAddr, HostBuffer, HwptFlags, Limit, NestedData, Perm, Translated, Trust,
+};
 
 struct Counting;
 
@@ -105,11 +107,12 @@ fn nested_translation_does_not_allocate() {
     }
     let Ok(hwpt) = ctx.get(nested) else { panic!("not nested") };
     let guard = ioasid_engine::epoch::pin();
-    assert_eq!(hwpt.translate(0x40_0010, Perm::R, &guard), Ok((ram.addr() + 0x10010, false)));
-    assert_eq!(allocations(|| _ = hwpt.translate(0x40_0010, Perm::R, &guard).unwrap()), 0, "combined hit");
+    let landed = Translated { host: HostAddr(ram.addr() + 0x10010), trust: Trust::Direct };
+    assert_eq!(hwpt.translate(0x40_0010, Perm::R, None, &guard), Ok(landed));
+    assert_eq!(allocations(|| _ = hwpt.translate(0x40_0010, Perm::R, None, &guard).unwrap()), 0, "combined hit");
     let walk = || {
         hwpt.invalidate();
-        hwpt.translate(0x40_3000, Perm::W, &guard).unwrap();
+        hwpt.translate(0x40_3000, Perm::W, None, &guard).unwrap();
     };
     assert_eq!(allocations(walk), 0, "two-dimensional walk");
 }

@@ -162,7 +162,7 @@ fn check(ctx: &Context, devs: &[ioasid_engine::DeviceId; 2], m: &Model, mem: &Ho
     for (d, &dev_id) in devs.iter().enumerate() {
         let dev = ctx.get(dev_id).unwrap();
         for page in 0..SPACE {
-            let got = dev.translate(page * PAGE + 8, Perm::R, &guard);
+            let got = dev.port(None).translate(page * PAGE + 8, Perm::R, &guard);
             let Some(i) = m.attached[d] else {
                 prop_assert_eq!(got, Err(DmaError::Blocked));
                 continue;
@@ -170,9 +170,9 @@ fn check(ctx: &Context, devs: &[ioasid_engine::DeviceId; 2], m: &Model, mem: &Ho
             match m.lookup(i, page) {
                 None => prop_assert!(got.is_err(), "page {page} should fault, got {got:?}"),
                 Some((mem_page, write)) => {
-                    let (host, _) = got.map_err(|e| TestCaseError::fail(format!("page {page}: {e}")))?;
+                    let host = got.map_err(|e| TestCaseError::fail(format!("page {page}: {e}")))?.host.0;
                     prop_assert_eq!(host, mem.addr() + mem_page * PAGE + 8);
-                    let w = dev.translate(page * PAGE, Perm::W, &guard);
+                    let w = dev.port(None).translate(page * PAGE, Perm::W, &guard);
                     prop_assert_eq!(w.is_ok(), write, "write right of page {}", page);
                 }
             }

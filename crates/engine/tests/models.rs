@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ioasid_engine::{
     Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel, IovaRange,
-    Limit, PageFormat, Perm,
+    Limit, PageFormat, Perm, Stage,
 };
 
 const PAGE: u64 = 4096;
@@ -39,7 +39,13 @@ fn dma_goes_through_each_models_format() {
         let denied = dev.dma_write(0x20_0000, b"x");
         assert_eq!(
             denied,
-            Err(DmaError::Fault { iova: 0x20_0000, reason: FaultReason::Permission, write: true }),
+            Err(DmaError::Fault {
+                iova: 0x20_0000,
+                reason: FaultReason::Permission,
+                write: true,
+                pasid: None,
+                stage: Stage::Single
+            }),
             "{iommu:?}"
         );
     }

@@ -321,7 +321,7 @@ mod model {
                     }
                     Op::S2(gp, m) => model.stage_2(&ctx, ioas, &g.ram, gp, m),
                 }
-                model.check(IOVA_BASE, g.ram.addr(), |iova, need| device.translate(iova, need, &ioasid_engine::epoch::pin()))?;
+                model.check(IOVA_BASE, g.ram.addr(), |iova, need| device.port(None).translate(iova, need, &ioasid_engine::epoch::pin()))?;
             }
             drop(device);
             drop(g);

@@ -261,3 +261,26 @@ fn unrecoverable_faults_reach_the_viommus_event_queue_named_by_virtual_id() {
     drop(q);
     v.ctx.destroy(qid).unwrap();
 }
+
+#[cfg(feature = "vm-memory")]
+#[test]
+fn a_fault_through_vm_memory_reaches_the_viommus_event_queue() {
+    use ioasid_engine::veventq::{HEADER, VEVENTQ_TYPE_SELFTEST};
+    use ioasid_engine::vm_memory_iommu::IommuPort;
+    use vm_memory::iommu::IommuMemory;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    let v = vm();
+    let viommu = v.ctx.viommu_alloc(v.dev, v.parent, ViommuType::Selftest).unwrap();
+    let nested = v.ctx.hwpt_alloc_nested(v.dev, viommu, NestedData::selftest(0), None);
+    v.ctx.attach(v.dev, nested.unwrap()).unwrap();
+    v.ctx.vdevice_alloc(viommu, v.dev, 0x77).unwrap();
+    let (_, q) = v.ctx.veventq_alloc(viommu, VEVENTQ_TYPE_SELFTEST, 2).unwrap();
+    let dev = v.ctx.get(v.dev).unwrap();
+    let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(dev.clone(), None, &ram), true, ());
+    assert!(memory.write_slice(b"x", GuestAddress(IOVA)).is_err());
+    let events = q.read(4 * HEADER).unwrap();
+    assert_eq!(events.len(), 1, "the guest hears of a fault taken through vm-memory too");
+    assert_eq!(events[0].data, 0x77u32.to_le_bytes());
+    assert_eq!(dev.unrecoverable_faults(), 1);
+}

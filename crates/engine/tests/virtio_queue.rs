@@ -9,7 +9,10 @@ use std::sync::Arc;
 
 use ioasid_engine::pgtable::x86::first_stage::encode;
 use ioasid_engine::vm_memory_iommu::IommuPort;
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit, NestedData, Perm};
+use ioasid_engine::{
+    Context, ContextConfig, DeviceId, DeviceInfo, DmaError, FaultReason, HwptFlags, HwptNestedId, Limit, NestedData,
+    Perm, Stage,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::IommuMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
@@ -40,7 +43,8 @@ const GPA_OF: [(u64, u64, bool); 6] = [
 
 struct Guest {
     ctx: Arc<Context>,
-    nested: ioasid_engine::HwptNestedId,
+    dev: DeviceId,
+    nested: HwptNestedId,
     ram: GuestMemoryMmap,
     memory: IommuMemory<GuestMemoryMmap, IommuPort>,
 }
@@ -105,7 +109,7 @@ fn guest() -> Guest {
     ctx.attach(dev, nested).unwrap();
     let port = IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram);
     let memory = IommuMemory::new(ram.clone(), port, true, ());
-    let g = Guest { ctx, nested, ram, memory };
+    let g = Guest { ctx, dev, nested, ram, memory };
     for (iova, gpa, write) in GPA_OF {
         g.map4k(iova, gpa, write);
     }
@@ -159,6 +163,16 @@ fn a_reply_buffer_the_guest_made_read_only_faults() {
     let outcomes = serve(&g, &mut q);
     let err = outcomes[0].as_ref().unwrap_err();
     assert!(err.contains("IOVA 0x405000 (Permission, write)"), "the fault names IOVA and cause: {err}");
+    let typed = g.memory.iommu().take_fault();
+    let fault = DmaError::Fault {
+        iova: READ_ONLY,
+        reason: FaultReason::Permission,
+        write: true,
+        pasid: None,
+        stage: Stage::First,
+    };
+    assert_eq!(typed, Some(fault), "the device model gets the fault typed, with its stage");
+    assert_eq!(g.ctx.get(g.dev).unwrap().unrecoverable_faults(), 1, "and it was counted");
     assert_eq!(g.peek(READ_ONLY, 8), [0; 8], "nothing was written");
 }
 

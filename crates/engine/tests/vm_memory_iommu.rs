@@ -4,10 +4,12 @@
 #![cfg(feature = "vm-memory")]
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use ioasid_engine::IoasId;
+use ioasid_engine::fault::Response;
 use ioasid_engine::vm_memory_iommu::IommuPort;
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit, Perm};
+use ioasid_engine::{Context, ContextConfig, DeviceInfo, DmaError, FaultReason, HwptFlags, Limit, Perm, Stage};
+use ioasid_engine::{DeviceId, IoasId};
 use vm_memory::iommu::{Iommu, IommuMemory};
 use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress, Permissions,
@@ -20,6 +22,7 @@ const IOVA: u64 = 0x4000_0000;
 struct Guest {
     ctx: Arc<Context>,
     ioas: IoasId,
+    dev: DeviceId,
     ram: GuestMemoryMmap,
     memory: IommuMemory<GuestMemoryMmap, IommuPort>,
 }
@@ -40,7 +43,7 @@ fn guest() -> Guest {
     ctx.attach(dev, ioas).unwrap();
     let port = IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram);
     let memory = IommuMemory::new(ram.clone(), port, true, ());
-    Guest { ctx, ioas, ram, memory }
+    Guest { ctx, ioas, dev, ram, memory }
 }
 
 #[test]
@@ -82,4 +85,51 @@ fn an_unmap_is_seen_by_the_next_access() {
     let mut back = [0u8; 6];
     g.ram.read_slice(&mut back, GuestAddress(RAM_GPA + 3 * PAGE)).unwrap();
     assert_eq!(&back, b"cached");
+}
+
+#[test]
+fn a_fault_through_iommu_memory_is_counted_like_any_dma_fault() {
+    let g = guest();
+    let device = g.ctx.get(g.dev).unwrap();
+    assert!(g.memory.read_slice(&mut [0u8; 1], GuestAddress(IOVA + 2 * PAGE)).is_err());
+    let fault = |iova, reason, write| DmaError::Fault { iova, reason, write, pasid: None, stage: Stage::Single };
+    assert_eq!(g.memory.iommu().take_fault(), Some(fault(IOVA + 2 * PAGE, FaultReason::NotPresent, false)));
+    assert!(g.memory.write_slice(b"x", GuestAddress(IOVA + PAGE)).is_err());
+    assert_eq!(g.memory.iommu().take_fault(), Some(fault(IOVA + PAGE, FaultReason::Permission, true)));
+    assert_eq!(g.memory.iommu().take_fault(), None, "taken");
+    assert_eq!(device.unrecoverable_faults(), 2, "both faults counted, as a device's own DMA counts them");
+}
+
+#[test]
+fn a_miss_through_iommu_memory_on_a_pri_device_asks_for_the_page() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_GPA), 4 * PAGE as usize)]).unwrap();
+    let host = ram.iter().next().unwrap().get_host_address(MemoryRegionAddress(0)).unwrap() as u64;
+    let ioas = ctx.ioas_alloc().unwrap();
+    let mut info = DeviceInfo::new("virtio-pri", 1);
+    info.pri = true;
+    let dev = ctx.bind_device(info).unwrap();
+    let (fault_id, queue) = ctx.fault_alloc().unwrap();
+    let hwpt = ctx.hwpt_alloc(dev, ioas, HwptFlags::default(), Some(fault_id)).unwrap();
+    ctx.attach(dev, hwpt).unwrap();
+    let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(ctx.get(dev).unwrap(), None, &ram), true, ());
+    // The owner maps each requested IOVA page at RAM page 1, then answers.
+    let handler = {
+        let (ctx, queue) = (ctx.clone(), queue.clone());
+        std::thread::spawn(move || {
+            let (cookie, group) = queue.next(Duration::from_secs(10)).expect("a page request");
+            for r in &group.requests {
+                // SAFETY: `ram` outlives the context (the test holds both).
+                unsafe { ctx.map_user(ioas, host + PAGE, PAGE, Some(r.addr), Perm::RW).unwrap() };
+            }
+            queue.respond(cookie, Response::Success).unwrap();
+            group.requests.len()
+        })
+    };
+    memory.write_slice(b"faulted in", GuestAddress(IOVA + 16)).unwrap();
+    assert_eq!(handler.join().unwrap(), 1);
+    let mut back = [0u8; 10];
+    ram.read_slice(&mut back, GuestAddress(RAM_GPA + PAGE + 16)).unwrap();
+    assert_eq!(&back, b"faulted in");
+    assert_eq!(ctx.get(dev).unwrap().unrecoverable_faults(), 0, "resolved, not lost");
 }

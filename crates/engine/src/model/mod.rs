@@ -83,7 +83,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 // The vocabulary of domains and translations. These sit in `hwpt` until
 // the page-table domain gets its own module below both.
-use crate::hwpt::{FaultReason, PageFormat, WalkStep};
+use crate::domain::{FaultReason, Gpa, HostAddr, PageFormat};
 use crate::iotlb::Iotlb;
 use crate::iova::IovaRange;
 use crate::pgtable::Perm;
@@ -135,6 +135,16 @@ pub trait IommuOps {
     }
 }
 
+/// One stage-1 entry read during a nested walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalkStep {
+    pub level: u32,
+    /// Where the entry is, guest-physical, and where stage 2 put it.
+    pub entry_gpa: Gpa,
+    pub entry_host: HostAddr,
+    pub pte: u64,
+}
+
 /// The sizes of a uAPI struct of driver data or of an invalidation entry:
 /// the caller's must be at least `min_len` bytes (the first version) and is
 /// read into `len` (the current one).
@@ -179,9 +189,9 @@ pub trait Stage1: Any + Send + Sync {
         &self,
         _iova: u64,
         _ssid: Option<u32>,
-        _read: &mut dyn FnMut(u64) -> std::result::Result<(u64, u64), FaultReason>,
+        _read: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
         _step: &mut dyn FnMut(WalkStep),
-    ) -> std::result::Result<(u64, Perm), FaultReason> {
+    ) -> std::result::Result<(Gpa, Perm), FaultReason> {
         Err(FaultReason::NotPresent)
     }
 

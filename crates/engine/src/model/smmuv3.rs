@@ -5,7 +5,8 @@
 
 use zerocopy::FromBytes;
 
-use crate::hwpt::{ConfigFault, FaultReason, PageFormat, WalkStep};
+use super::WalkStep;
+use crate::domain::{ConfigFault, FaultReason, Gpa, HostAddr, PageFormat};
 use crate::iotlb::Iotlb;
 use crate::pgtable::Perm;
 use crate::pgtable::arm::ArmS1;
@@ -192,21 +193,23 @@ impl Stage1 for NestedSte {
         &self,
         iova: u64,
         ssid: Option<u32>,
-        read_guest: &mut dyn FnMut(u64) -> std::result::Result<(u64, u64), FaultReason>,
+        read_guest: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
         _step: &mut dyn FnMut(WalkStep),
-    ) -> std::result::Result<(u64, Perm), FaultReason> {
+    ) -> std::result::Result<(Gpa, Perm), FaultReason> {
         let mut failed = None;
-        let mut read = |gpa| read_guest(gpa).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
-        translate(self.ste, ssid, iova, &mut read).map_err(|f| match f {
-            S1Fault::Read { gpa } => failed.unwrap_or(FaultReason::Stage2 { gpa, permission: false }),
-            S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
-            S1Fault::Translation => FaultReason::NotPresent,
-            S1Fault::Access => FaultReason::AccessFlag,
-            S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
-            S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
-            S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
-            S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
-        })
+        let mut read = |gpa| read_guest(Gpa(gpa)).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+        translate(self.ste, ssid, iova, &mut read)
+            .map_err(|f| match f {
+                S1Fault::Read { gpa } => failed.unwrap_or(FaultReason::Stage2 { gpa, permission: false }),
+                S1Fault::Abort => FaultReason::Config(ConfigFault::Abort),
+                S1Fault::Translation => FaultReason::NotPresent,
+                S1Fault::Access => FaultReason::AccessFlag,
+                S1Fault::BadSte => FaultReason::Config(ConfigFault::BadSte),
+                S1Fault::StreamDisabled => FaultReason::Config(ConfigFault::StreamDisabled),
+                S1Fault::BadSubstream => FaultReason::Config(ConfigFault::BadSubstream),
+                S1Fault::BadCd => FaultReason::Config(ConfigFault::BadCd),
+            })
+            .map(|(gpa, perm)| (Gpa(gpa), perm))
     }
 
     /// Its invalidations are the vIOMMU's commands.

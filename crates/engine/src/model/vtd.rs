@@ -2,10 +2,12 @@
 //! guest's first-stage table in its memory for nested ones
 //! (`IOMMU_HWPT_DATA_VTD_S1`), invalidated through the nested HWPT.
 
-use crate::hwpt::{FaultReason, PageFormat, WalkStep};
+use super::WalkStep;
+use crate::domain::{FaultReason, Gpa, HostAddr, PageFormat};
 use crate::iotlb::Iotlb;
-use crate::pgtable::x86::first_stage;
-use crate::pgtable::{Perm, Pte};
+use crate::pgtable::Perm;
+use crate::pgtable::image::{ImageFault, walk_image_from};
+use crate::pgtable::x86::VtdFs5;
 use crate::{Error, Result};
 
 use super::{DataLayout, Features, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
@@ -131,24 +133,25 @@ impl Stage1 for VtdS1 {
         &self,
         iova: u64,
         _ssid: Option<u32>,
-        read: &mut dyn FnMut(u64) -> std::result::Result<(u64, u64), FaultReason>,
+        read: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
         step: &mut dyn FnMut(WalkStep),
-    ) -> std::result::Result<(u64, Perm), FaultReason> {
-        let mut table = self.root;
-        let mut perm = Perm::RW;
-        for level in (0..self.levels).rev() {
-            let entry = table + ((iova >> (12 + 9 * level)) & 511) * 8;
-            let (host, raw) = read(entry)?;
-            step(WalkStep { level, entry_gpa: entry, entry_host: host, pte: raw });
-            let (pte, p) = first_stage::decode(raw, level);
-            perm = Perm { read: perm.read && p.read, write: perm.write && p.write };
-            match pte {
-                Pte::None => return Err(FaultReason::NotPresent),
-                Pte::Table(next) => table = next,
-                Pte::Leaf { addr, .. } => return Ok((addr + (iova & ((1u64 << (12 + 9 * level)) - 1)), perm)),
-            }
-        }
-        Err(FaultReason::NotPresent)
+    ) -> std::result::Result<(Gpa, Perm), FaultReason> {
+        // The first stage skips no level, so reads come one a level; a
+        // 4-level table is the 5-level format entered one level down.
+        let top = self.levels.checked_sub(1).ok_or(FaultReason::NotPresent)?;
+        let mut level = self.levels;
+        let mut failed = None;
+        let mut read_entry = |entry| {
+            level -= 1;
+            let (host, pte) = read(Gpa(entry)).map_err(|r| failed = Some(r)).ok()?;
+            step(WalkStep { level, entry_gpa: Gpa(entry), entry_host: host, pte });
+            Some(pte)
+        };
+        let t = walk_image_from::<VtdFs5>(self.root, top, iova, &mut read_entry).map_err(|f| match f {
+            ImageFault::Read { .. } => failed.unwrap_or(FaultReason::NotPresent),
+            _ => FaultReason::NotPresent,
+        })?;
+        Ok((Gpa(t.addr), t.perm))
     }
 
     fn invalidation(&self) -> Option<DataLayout> {

@@ -11,7 +11,7 @@
 //! bit `n`, gives a page of `2^(n+1)` bytes. Permissions in table entries
 //! limit everything below them. Leaves record writes in the dirty bit (6).
 
-use super::{Format, Perm, Pte, Step};
+use super::{Format, Perm, Pte, Step, Trust, trust_mark, trust_of};
 
 pub const PRESENT: u64 = 1 << 0;
 pub const ACCESSED: u64 = 1 << 5;
@@ -79,7 +79,7 @@ impl<const L: u32> Format for AmdV1<L> {
             0 => Pte::Leaf {
                 addr: pte & ADDR & !((1u64 << Self::level_shift(level)) - 1),
                 perm: perm(pte),
-                checked: pte & SW_CHECKED != 0,
+                trust: trust_of(pte, SW_CHECKED),
                 dirty: pte & DIRTY != 0,
             },
             _ => Pte::Table(pte & ADDR),
@@ -90,9 +90,9 @@ impl<const L: u32> Format for AmdV1<L> {
         table_entry(addr, level - 1)
     }
 
-    fn leaf(addr: u64, _level: u32, perm: Perm, checked: bool) -> u64 {
+    fn leaf(addr: u64, _level: u32, perm: Perm, trust: Trust) -> u64 {
         debug_assert_eq!(addr & 0xfff, 0);
-        leaf_entry(addr, perm) | if checked { SW_CHECKED } else { 0 }
+        leaf_entry(addr, perm) | trust_mark(trust, SW_CHECKED)
     }
 
     fn step(pte: u64, level: u32) -> Step {
@@ -136,13 +136,13 @@ mod tests {
     #[test]
     fn golden_entries() {
         // A 4 KiB read-write page: present, force-coherent, IR, IW, NL 0.
-        assert_eq!(F::leaf(0x1234_5000, 0, Perm::RW, false), 0x6000_0000_1234_5001 | FC);
+        assert_eq!(F::leaf(0x1234_5000, 0, Perm::RW, Trust::Direct), 0x6000_0000_1234_5001 | FC);
         // A table entry at level 3 (Mode 4 root) names level 3 in Next Level.
         assert_eq!(F::table(0x8000, 3), 0x6000_0000_0000_8601);
         assert_eq!(F::decode(0x6000_0000_0000_8601, 3), Pte::Table(0x8000));
         assert_eq!(
             F::decode(0x2000_0000_4020_0001 | DIRTY, 1),
-            Pte::Leaf { addr: 0x4020_0000, perm: Perm::R, checked: false, dirty: true }
+            Pte::Leaf { addr: 0x4020_0000, perm: Perm::R, trust: Trust::Direct, dirty: true }
         );
         assert_eq!(F::decode(0x6000_0000_1234_5000, 0), Pte::None, "not present");
         assert_eq!(pgsize_bitmap::<F>(), 0x1000 | 0x20_0000 | 0x4000_0000);
@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn tables_ioasid_builds_walk_the_same() {
         let pt = PageTable::<F>::new();
-        pt.map(1 << 30, 1 << 32, (1 << 30) + 0x1000, Perm::R, false, true).unwrap();
+        pt.map(1 << 30, 1 << 32, (1 << 30) + 0x1000, Perm::R, Trust::Direct, true).unwrap();
         assert_eq!(pt.summary().leaves, vec![1, 0, 1, 0]);
         let g = crossbeam_epoch::pin();
         assert_eq!(pt.walk((1 << 30) + 77, &g).unwrap().addr, (1 << 32) + 77);

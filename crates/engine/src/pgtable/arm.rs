@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Format, Perm, Pte, Step};
+use super::{Format, Perm, Pte, Step, Trust, trust_mark, trust_of};
 
 pub const VALID: u64 = 1 << 0;
 /// With VALID: a table above level 3, a page at it.
@@ -69,7 +69,7 @@ fn decode_as(pte: u64, level: u32, perm: Perm, dirty: bool) -> Pte {
     match kind(pte, level) {
         None => Pte::None,
         Some(false) => Pte::Table(pte & ADDR),
-        Some(true) => Pte::Leaf { addr: leaf_addr(pte, level), perm, checked: pte & SW_CHECKED != 0, dirty },
+        Some(true) => Pte::Leaf { addr: leaf_addr(pte, level), perm, trust: trust_of(pte, SW_CHECKED), dirty },
     }
 }
 
@@ -91,9 +91,9 @@ fn has_dbm(slot: &AtomicU64) -> bool {
 }
 
 /// Common bits of a leaf at `level`: its address, type and access flag.
-fn leaf_base(addr: u64, level: u32, checked: bool) -> u64 {
+fn leaf_base(addr: u64, level: u32, trust: Trust) -> u64 {
     let kind = if level == 0 { VALID | TABLE_OR_PAGE } else { VALID };
-    addr | kind | AF | SH_INNER | if checked { SW_CHECKED } else { 0 }
+    addr | kind | AF | SH_INNER | trust_mark(trust, SW_CHECKED)
 }
 
 impl ArmS1 {
@@ -121,9 +121,9 @@ impl Format for ArmS1 {
 
     /// Stage 1 cannot express write-only: a writable leaf is readable too.
     /// Writable leaves carry DBM and start dirty, as Linux's are.
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
         let rights = if perm.write { DBM } else { AP_RDONLY };
-        leaf_base(addr, level, checked) | S1_ATTR_NORMAL | AP_UNPRIV | rights
+        leaf_base(addr, level, trust) | S1_ATTR_NORMAL | AP_UNPRIV | rights
     }
 
     fn set_dirty(slot: &AtomicU64) {
@@ -160,8 +160,8 @@ impl Format for ArmS2 {
         addr | VALID | TABLE_OR_PAGE
     }
 
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
-        let mut pte = leaf_base(addr, level, checked) | S2_MEMATTR_NORMAL;
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
+        let mut pte = leaf_base(addr, level, trust) | S2_MEMATTR_NORMAL;
         if perm.read {
             pte |= S2AP_READ;
         }
@@ -206,18 +206,21 @@ mod tests {
     #[test]
     fn golden_stage_1_entries() {
         // A 4 KiB read-only page: page type, AF, inner shareable, AP[1], AP[2].
-        assert_eq!(ArmS1::leaf(0x8_0000_3000, 0, Perm::R, false), 0x8_0000_3000 | 0b11 | 1 << 10 | 3 << 8 | 3 << 6);
+        assert_eq!(
+            ArmS1::leaf(0x8_0000_3000, 0, Perm::R, Trust::Direct),
+            0x8_0000_3000 | 0b11 | 1 << 10 | 3 << 8 | 3 << 6
+        );
         // A writable 2 MiB block: block type and DBM, AP[2] clear (dirty).
-        let block = ArmS1::leaf(0x4020_0000, 1, Perm::RW, false);
+        let block = ArmS1::leaf(0x4020_0000, 1, Perm::RW, Trust::Direct);
         assert_eq!(block, 0x4020_0000 | 0b01 | 1 << 10 | 3 << 8 | 1 << 6 | 1 << 51);
         assert_eq!(
             ArmS1::decode(block, 1),
-            Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, checked: false, dirty: true }
+            Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, trust: Trust::Direct, dirty: true }
         );
         // Writable-clean: DBM with AP[2] set still admits writes.
         assert_eq!(
             ArmS1::decode(block | AP_RDONLY, 1),
-            Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, checked: false, dirty: false }
+            Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, trust: Trust::Direct, dirty: false }
         );
         // 0b01 at level 3 (ours 0) is reserved; 0b11 at level 0 (ours 3) a table.
         assert_eq!(ArmS1::decode(0x5000 | 0b01 | AF, 0), Pte::None);
@@ -230,28 +233,34 @@ mod tests {
     #[test]
     fn golden_stage_2_entries() {
         // A 4 KiB write-only page: S2AP write and DBM, no read; MemAttr normal.
-        let page = ArmS2::leaf(0x9000, 0, Perm::W, false);
+        let page = ArmS2::leaf(0x9000, 0, Perm::W, Trust::Direct);
         assert_eq!(page, 0x9000 | 0b11 | 1 << 10 | 3 << 8 | 0xf << 2 | 1 << 7 | 1 << 51);
-        assert_eq!(ArmS2::decode(page, 0), Pte::Leaf { addr: 0x9000, perm: Perm::W, checked: false, dirty: true });
+        assert_eq!(
+            ArmS2::decode(page, 0),
+            Pte::Leaf { addr: 0x9000, perm: Perm::W, trust: Trust::Direct, dirty: true }
+        );
         let clean = page & !S2AP_WRITE;
-        assert_eq!(ArmS2::decode(clean, 0), Pte::Leaf { addr: 0x9000, perm: Perm::W, checked: false, dirty: false });
+        assert_eq!(
+            ArmS2::decode(clean, 0),
+            Pte::Leaf { addr: 0x9000, perm: Perm::W, trust: Trust::Direct, dirty: false }
+        );
         // Without DBM a cleared write bit is read-only, not clean.
-        let ro = ArmS2::leaf(0x9000, 0, Perm::R, false);
-        assert_eq!(ArmS2::decode(ro, 0), Pte::Leaf { addr: 0x9000, perm: Perm::R, checked: false, dirty: false });
+        let ro = ArmS2::leaf(0x9000, 0, Perm::R, Trust::Direct);
+        assert_eq!(ArmS2::decode(ro, 0), Pte::Leaf { addr: 0x9000, perm: Perm::R, trust: Trust::Direct, dirty: false });
     }
 
     #[test]
     fn dirty_state_follows_dbm() {
-        let s1 = AtomicU64::new(ArmS1::leaf(0x9000, 0, Perm::RW, false));
+        let s1 = AtomicU64::new(ArmS1::leaf(0x9000, 0, Perm::RW, Trust::Direct));
         ArmS1::clear_dirty(&s1);
         assert_eq!(s1.load(Ordering::Relaxed) & AP_RDONLY, AP_RDONLY, "writable-clean");
         ArmS1::set_dirty(&s1);
         assert_eq!(s1.load(Ordering::Relaxed) & AP_RDONLY, 0, "a write made it dirty");
         // A read-only leaf has no DBM: a stray set_dirty must not make it writable.
-        let ro = AtomicU64::new(ArmS1::leaf(0x9000, 0, Perm::R, false));
+        let ro = AtomicU64::new(ArmS1::leaf(0x9000, 0, Perm::R, Trust::Direct));
         ArmS1::set_dirty(&ro);
         assert!(!ArmS1::perm(ro.load(Ordering::Relaxed)).write);
-        let s2 = AtomicU64::new(ArmS2::leaf(0x9000, 0, Perm::R, false));
+        let s2 = AtomicU64::new(ArmS2::leaf(0x9000, 0, Perm::R, Trust::Direct));
         ArmS2::set_dirty(&s2);
         assert_eq!(s2.load(Ordering::Relaxed) & S2AP_WRITE, 0, "read-only stage-2 leaf stays read-only");
     }
@@ -303,7 +312,7 @@ mod tests {
     #[test]
     fn tables_ioasid_builds_dirty_and_clean_through_dbm() {
         let pt = PageTable::<ArmS2>::new();
-        pt.map(0, 1 << 30, 0x2000, Perm::RW, false, false).unwrap();
+        pt.map(0, 1 << 30, 0x2000, Perm::RW, Trust::Direct, false).unwrap();
         let g = crossbeam_epoch::pin();
         let mut dirty = Vec::new();
         pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, _| dirty.push(a));

@@ -9,7 +9,7 @@
 //! [`MockPt`] gives those CPU-page leaves (and larger ones) directly.
 
 use super::x86::{DIRTY, decode_entry, leaf_entry, table_entry};
-use super::{Format, Perm, Pte};
+use super::{Format, Perm, Pte, Trust};
 
 /// The mock format; `H` enables 1 MiB leaves (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
 pub struct Mock<const H: bool>;
@@ -30,9 +30,9 @@ impl<const H: bool> Format for Mock<H> {
         table_entry(addr)
     }
 
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
         debug_assert_eq!(addr & 0x7ff, 0);
-        leaf_entry(addr, level, perm, checked)
+        leaf_entry(addr, level, perm, trust)
     }
 }
 
@@ -55,8 +55,8 @@ impl Format for MockPt {
         table_entry(addr)
     }
 
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
-        leaf_entry(addr, level, perm, checked)
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
+        leaf_entry(addr, level, perm, trust)
     }
 }
 
@@ -69,8 +69,8 @@ mod tests {
     fn half_page_leaves_translate_independently() {
         let pt = PageTable::<Mock<false>>::new();
         // Two 2 KiB IO pages of one IOVA page map to different memory.
-        pt.map(0x100_0000, 0x5000, 0x800, Perm::R, false, true).unwrap();
-        pt.map(0x100_0800, 0x9800, 0x800, Perm::RW, false, true).unwrap();
+        pt.map(0x100_0000, 0x5000, 0x800, Perm::R, Trust::Direct, true).unwrap();
+        pt.map(0x100_0800, 0x9800, 0x800, Perm::RW, Trust::Direct, true).unwrap();
         let g = crossbeam_epoch::pin();
         assert_eq!(pt.walk(0x100_0010, &g).unwrap().addr, 0x5010);
         assert_eq!(pt.walk(0x100_0810, &g).unwrap().addr, 0x9810);
@@ -82,7 +82,7 @@ mod tests {
     #[test]
     fn a_dirty_half_page_dirties_the_whole_cpu_page_leaf() {
         let pt = PageTable::<MockPt>::new();
-        pt.map(0x100_0000, 0x5000, 0x2000, Perm::RW, false, false).unwrap();
+        pt.map(0x100_0000, 0x5000, 0x2000, Perm::RW, Trust::Direct, false).unwrap();
         let g = crossbeam_epoch::pin();
         assert_eq!(pt.walk(0x100_0810, &g).unwrap().addr, 0x5810);
         assert!(pt.set_dirty(0x100_0800, &g));
@@ -94,7 +94,7 @@ mod tests {
     #[test]
     fn huge_mock_pages_are_one_mebibyte() {
         let pt = PageTable::<Mock<true>>::new();
-        pt.map(0x100_0000, 0x4000_0000, 0x20_0000, Perm::RW, false, true).unwrap();
+        pt.map(0x100_0000, 0x4000_0000, 0x20_0000, Perm::RW, Trust::Direct, true).unwrap();
         assert_eq!(pt.summary().leaves, vec![0, 2, 0]);
     }
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_epoch::Guard;
 
 use crate::error::{Error, Result};
+pub use crate::memory::Trust;
 
 pub const ENTRIES: usize = 512;
 const STRIDE: u32 = 9;
@@ -41,12 +42,23 @@ impl Perm {
     }
 }
 
+/// ioasid's mark of a leaf whose memory needs checked copies, in the
+/// format's software bit `bit`.
+pub(crate) fn trust_mark(trust: Trust, bit: u64) -> u64 {
+    if trust == Trust::Checked { bit } else { 0 }
+}
+
+/// How the memory of a leaf marked in software bit `bit` is reached.
+pub(crate) fn trust_of(pte: u64, bit: u64) -> Trust {
+    if pte & bit != 0 { Trust::Checked } else { Trust::Direct }
+}
+
 /// One decoded entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pte {
     None,
     Table(u64),
-    Leaf { addr: u64, perm: Perm, checked: bool, dirty: bool },
+    Leaf { addr: u64, perm: Perm, trust: Trust, dirty: bool },
 }
 
 /// One entry of a table image, decoded for a walk (see [`Format::step`]).
@@ -85,9 +97,9 @@ pub trait Format: Send + Sync + 'static {
     fn decode(pte: u64, level: u32) -> Pte;
     /// An entry at `level` pointing to a table of level `level - 1`.
     fn table(addr: u64, level: u32) -> u64;
-    /// A leaf mapping `addr`; `checked` marks memory reached through checked
-    /// copies, kept in a bit the hardware ignores.
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64;
+    /// A leaf mapping `addr`; a `Trust::Checked` leaf is memory reached
+    /// through checked copies, marked in a bit the hardware ignores.
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64;
 
     /// Records a write in the leaf at `slot`, as the hardware's dirty
     /// tracking does.
@@ -141,6 +153,78 @@ impl Table {
     fn index<F: Format>(iova: u64, level: u32) -> usize {
         ((iova >> F::level_shift(level)) as usize) & (ENTRIES - 1)
     }
+
+    /// The table that an entry of `self` points to (`addr`, decoded as
+    /// `Pte::Table`), borrowed no longer than `self`.
+    #[inline]
+    fn child(&self, addr: u64) -> &Table {
+        // SAFETY: the one step from an entry to a table. Entries only ever
+        // hold addresses of tables made by `Table::new` and leaked with
+        // `Box::into_raw`. A table stays live while linked; once unlinked
+        // it is freed through the epoch (`defer_free`), after every reader
+        // that could have seen it, or by `Drop` when nothing borrows the
+        // page table. Readers walk inside an epoch guard and writers are
+        // serialised by the table's owner, so no borrow outlives it.
+        unsafe { &*(addr as *const Table) }
+    }
+
+    /// The entries at `level` that `[first, last]` touches, in order.
+    #[inline]
+    fn entries<F: Format>(&self, level: u32, first: u64, last: u64) -> Entries<'_> {
+        Entries { table: self, shift: F::level_shift(level), cur: first, last, done: false }
+    }
+}
+
+/// The level iterator: each entry of one table that a range touches, with
+/// the part of the range inside it. Map, unmap and dirty tracking all walk
+/// a range with it, descending into `Table::child` where they need to.
+struct Entries<'t> {
+    table: &'t Table,
+    shift: u32,
+    cur: u64,
+    last: u64,
+    done: bool,
+}
+
+/// One entry a range touches.
+struct Entry<'t> {
+    slot: &'t AtomicU64,
+    /// The IOVA the entry starts at, and its size.
+    start: u64,
+    size: u64,
+    /// The part of the range inside the entry.
+    first: u64,
+    last: u64,
+}
+
+impl Entry<'_> {
+    /// Whether the range covers the whole entry.
+    #[inline]
+    fn whole(&self) -> bool {
+        self.first == self.start && self.last == self.start + (self.size - 1)
+    }
+}
+
+impl<'t> Iterator for Entries<'t> {
+    type Item = Entry<'t>;
+
+    #[inline]
+    fn next(&mut self) -> Option<Entry<'t>> {
+        if self.done {
+            return None;
+        }
+        let size = 1u64 << self.shift;
+        let start = self.cur & !(size - 1);
+        let last = self.last.min(start + (size - 1));
+        let slot = &self.table.0[((self.cur >> self.shift) as usize) & (ENTRIES - 1)];
+        let entry = Entry { slot, start, size, first: self.cur, last };
+        if last == self.last {
+            self.done = true;
+        } else {
+            self.cur = last + 1;
+        }
+        Some(entry)
+    }
 }
 
 /// The result of a walk: where `iova` lands and with what rights.
@@ -151,7 +235,7 @@ pub struct Translation {
     /// log2 of the leaf's size.
     pub shift: u32,
     pub perm: Perm,
-    pub checked: bool,
+    pub trust: Trust,
 }
 
 /// Counts of tables and leaves, by level.
@@ -197,17 +281,12 @@ impl<F: Format> PageTable<F> {
             let raw = table.0[Table::index::<F>(iova, level)].load(Ordering::Acquire);
             match F::decode(raw, level) {
                 Pte::None => return None,
-                Pte::Leaf { addr, perm, checked, .. } => {
+                Pte::Leaf { addr, perm, trust, .. } => {
                     let shift = F::level_shift(level);
                     let offset = iova & ((1u64 << shift) - 1);
-                    return Some(Translation { addr: addr + offset, shift, perm, checked });
+                    return Some(Translation { addr: addr + offset, shift, perm, trust });
                 }
-                Pte::Table(next) => {
-                    // SAFETY: table entries only ever hold addresses of live
-                    // `Table`s from `Table::new`; one that is unlinked is freed
-                    // through the epoch only after `_guard` is dropped.
-                    table = unsafe { &*(next as *const Table) };
-                }
+                Pte::Table(next) => table = table.child(next),
             }
         }
         None
@@ -216,7 +295,7 @@ impl<F: Format> PageTable<F> {
     /// Maps `[iova, iova + len)` to host memory at `addr`. `huge` allows leaves
     /// above 4 KiB where IOVA and memory are aligned and contiguous. The caller
     /// serialises writers and guarantees the range is unmapped.
-    pub fn map(&self, iova: u64, addr: u64, len: u64, perm: Perm, checked: bool, huge: bool) -> Result<()> {
+    pub fn map(&self, iova: u64, addr: u64, len: u64, perm: Perm, trust: Trust, huge: bool) -> Result<()> {
         let page_mask = (1u64 << F::PAGE_SHIFT) - 1;
         if len == 0 || (iova | addr | len) & page_mask != 0 {
             return Err(Error::Invalid("page table maps whole pages only"));
@@ -225,7 +304,7 @@ impl<F: Format> PageTable<F> {
         if last > Self::max_iova() {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
-        let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, checked, huge };
+        let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, trust, huge };
         op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last)
     }
 
@@ -268,8 +347,7 @@ impl<F: Format> PageTable<F> {
             match F::decode(slot.load(Ordering::Acquire), level) {
                 Pte::None => return None,
                 Pte::Leaf { .. } => return Some(slot),
-                // SAFETY: as in `walk`; callers hold an epoch guard.
-                Pte::Table(next) => table = unsafe { &*(next as *const Table) },
+                Pte::Table(next) => table = table.child(next),
             }
         }
         None
@@ -288,100 +366,72 @@ struct MapOp {
     /// `host = iova + addr_base` (wrapping), so sub-ranges need no bookkeeping.
     addr_base: u64,
     perm: Perm,
-    checked: bool,
+    trust: Trust,
     huge: bool,
 }
 
 impl MapOp {
     fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64) -> Result<()> {
-        let size = 1u64 << F::level_shift(level);
-        let mut cur = first;
-        loop {
-            let entry_start = cur & !(size - 1);
-            let entry_last = entry_start + (size - 1);
-            let chunk_last = last.min(entry_last);
-            let host = cur.wrapping_add(self.addr_base);
-            let slot = &table.0[Table::index::<F>(cur, level)];
+        for e in table.entries::<F>(level, first, last) {
+            let host = e.first.wrapping_add(self.addr_base);
             let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
                 && (level == 0 || self.huge)
-                && cur == entry_start
-                && chunk_last == entry_last
-                && host & (size - 1) == 0;
-            let existing = F::decode(slot.load(Ordering::Relaxed), level);
+                && e.whole()
+                && host & (e.size - 1) == 0;
+            let existing = F::decode(e.slot.load(Ordering::Relaxed), level);
             if leaf_ok && existing == Pte::None {
-                slot.store(F::leaf(host, level, self.perm, self.checked), Ordering::Release);
-            } else {
-                let child = match existing {
-                    Pte::Leaf { .. } => {
-                        return Err(Error::Exists("IOVA already mapped in the page table"));
-                    }
-                    Pte::Table(next) => next as *const Table,
-                    Pte::None => {
-                        crate::inject::check("page table")?;
-                        let t = Box::into_raw(Table::new());
-                        slot.store(F::table(t as u64, level), Ordering::Release);
-                        t.cast_const()
-                    }
-                };
-                // SAFETY: `child` is a live table linked from `slot`; only this
-                // serialised writer unlinks tables.
-                self.map_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last)?;
+                e.slot.store(F::leaf(host, level, self.perm, self.trust), Ordering::Release);
+                continue;
             }
-            if chunk_last == last {
-                return Ok(());
-            }
-            cur = chunk_last + 1;
+            let child = match existing {
+                Pte::Leaf { .. } => return Err(Error::Exists("IOVA already mapped in the page table")),
+                Pte::Table(next) => next,
+                Pte::None => {
+                    crate::inject::check("page table")?;
+                    let t = Box::into_raw(Table::new()) as u64;
+                    e.slot.store(F::table(t, level), Ordering::Release);
+                    t
+                }
+            };
+            self.map_level::<F>(table.child(child), level - 1, e.first, e.last)?;
         }
+        Ok(())
     }
 }
 
 /// Returns whether `table` holds no entries afterwards.
 fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard) -> bool {
-    let size = 1u64 << F::level_shift(level);
-    let mut cur = first;
-    loop {
-        let entry_start = cur & !(size - 1);
-        let entry_last = entry_start + (size - 1);
-        let chunk_last = last.min(entry_last);
-        let whole = cur == entry_start && chunk_last == entry_last;
-        let slot = &table.0[Table::index::<F>(cur, level)];
-        match F::decode(slot.load(Ordering::Relaxed), level) {
+    for e in table.entries::<F>(level, first, last) {
+        match F::decode(e.slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
-            Pte::Leaf { .. } if whole => slot.store(0, Ordering::Release),
-            Pte::Leaf { addr, perm, checked, .. } => {
+            Pte::Leaf { .. } if e.whole() => e.slot.store(0, Ordering::Release),
+            Pte::Leaf { addr, perm, trust, .. } => {
                 // A partial unmap of a huge leaf: replace it by a table of
                 // next-level leaves covering the same memory, then unmap there.
                 let t = Table::new();
                 let sub = 1u64 << F::level_shift(level - 1);
-                for (i, e) in t.0.iter().enumerate() {
-                    e.store(F::leaf(addr + i as u64 * sub, level - 1, perm, checked), Ordering::Relaxed);
+                for (i, s) in t.0.iter().enumerate() {
+                    s.store(F::leaf(addr + i as u64 * sub, level - 1, perm, trust), Ordering::Relaxed);
                 }
-                let t = Box::into_raw(t);
-                slot.store(F::table(t as u64, level), Ordering::Release);
-                // SAFETY: just linked; only this serialised writer changes it.
-                if unmap_level::<F>(unsafe { &*t }, level - 1, cur, chunk_last, guard) {
-                    slot.store(0, Ordering::Release);
+                let t = Box::into_raw(t) as u64;
+                e.slot.store(F::table(t, level), Ordering::Release);
+                if unmap_level::<F>(table.child(t), level - 1, e.first, e.last, guard) {
+                    e.slot.store(0, Ordering::Release);
                     defer_free::<F>(t, level - 1, guard);
                 }
             }
             Pte::Table(next) => {
-                let child = next as *mut Table;
-                // SAFETY: a live table linked from `slot`.
-                if whole || unmap_level::<F>(unsafe { &*child }, level - 1, cur, chunk_last, guard) {
-                    slot.store(0, Ordering::Release);
-                    defer_free::<F>(child, level - 1, guard);
+                if e.whole() || unmap_level::<F>(table.child(next), level - 1, e.first, e.last, guard) {
+                    e.slot.store(0, Ordering::Release);
+                    defer_free::<F>(next, level - 1, guard);
                 }
             }
         }
-        if chunk_last == last {
-            break;
-        }
-        cur = chunk_last + 1;
     }
     table.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
 }
 
-fn defer_free<F: Format>(table: *mut Table, level: u32, guard: &Guard) {
+fn defer_free<F: Format>(table: u64, level: u32, guard: &Guard) {
     let addr = table as usize;
     // SAFETY: the table is unlinked, so no new reader can reach it; readers
     // already inside hold guards, and the epoch runs this only after them.
@@ -410,32 +460,19 @@ fn dirty_level<F: Format>(
     keep: bool,
     record: &mut dyn FnMut(u64, u64),
 ) {
-    let size = 1u64 << F::level_shift(level);
-    let mut cur = first;
-    loop {
-        let entry_start = cur & !(size - 1);
-        let chunk_last = last.min(entry_start + (size - 1));
-        let slot = &table.0[Table::index::<F>(cur, level)];
-        match F::decode(slot.load(Ordering::Acquire), level) {
+    for e in table.entries::<F>(level, first, last) {
+        match F::decode(e.slot.load(Ordering::Acquire), level) {
             Pte::None => {}
             Pte::Leaf { dirty, .. } => {
                 if dirty {
                     if !keep {
-                        F::clear_dirty(slot);
+                        F::clear_dirty(e.slot);
                     }
-                    record(entry_start, size);
+                    record(e.start, e.size);
                 }
             }
-            // SAFETY: a live table linked from `slot`; the caller holds the
-            // owner's lock, so no writer unlinks it meanwhile.
-            Pte::Table(next) => {
-                dirty_level::<F>(unsafe { &*(next as *const Table) }, level - 1, cur, chunk_last, keep, record)
-            }
+            Pte::Table(next) => dirty_level::<F>(table.child(next), level - 1, e.first, e.last, keep, record),
         }
-        if chunk_last == last {
-            return;
-        }
-        cur = chunk_last + 1;
     }
 }
 
@@ -445,9 +482,7 @@ fn count<F: Format>(table: &Table, level: u32, s: &mut Summary) {
         match F::decode(e.load(Ordering::Acquire), level) {
             Pte::None => {}
             Pte::Leaf { .. } => s.leaves[level as usize] += 1,
-            // SAFETY: linked tables are live while `&PageTable` is held by a
-            // writer-serialised caller.
-            Pte::Table(next) => count::<F>(unsafe { &*(next as *const Table) }, level - 1, s),
+            Pte::Table(next) => count::<F>(table.child(next), level - 1, s),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! 4 KiB, 2 MiB and 1 GiB leaves), per the VT-d specification's
 //! second-stage paging-entry layout.
 
-use super::{Format, Perm, Pte};
+use super::{Format, Perm, Pte, Step, Trust, trust_mark, trust_of};
 
 const READ: u64 = 1 << 0;
 const WRITE: u64 = 1 << 1;
@@ -29,7 +29,7 @@ pub(super) fn decode_entry(pte: u64, level: u32, leaf_align: u64) -> Pte {
     Pte::Leaf {
         addr: pte & ADDR_BITS & !(leaf_align - 1),
         perm: Perm { read: pte & READ != 0, write: pte & WRITE != 0 },
-        checked: pte & SW_CHECKED != 0,
+        trust: trust_of(pte, SW_CHECKED),
         dirty: pte & DIRTY != 0,
     }
 }
@@ -40,7 +40,7 @@ pub(super) fn table_entry(addr: u64) -> u64 {
     addr | READ | WRITE
 }
 
-pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
     debug_assert_eq!(addr & !ADDR_BITS, 0, "host address does not fit the format");
     let mut pte = addr | ACCESSED;
     if perm.read {
@@ -52,10 +52,7 @@ pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, checked: bool) -> u6
     if level > 0 {
         pte |= PS;
     }
-    if checked {
-        pte |= SW_CHECKED;
-    }
-    pte
+    pte | trust_mark(trust, SW_CHECKED)
 }
 
 /// VT-d first-stage entries (x86-64 IA-32e paging, as VT-d's first stage
@@ -63,7 +60,7 @@ pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, checked: bool) -> u6
 /// dirty bit 6 (leaves), page size bit 7, execute-disable bit 63. Unlike the
 /// second stage, rights accumulate: a write needs bit 1 at every level.
 pub mod first_stage {
-    use super::super::{Perm, Pte};
+    use super::super::{Perm, Pte, Trust};
 
     pub const PRESENT: u64 = 1 << 0;
     pub const WRITABLE: u64 = 1 << 1;
@@ -85,7 +82,7 @@ pub mod first_stage {
             return (Pte::Table(pte & ADDR), perm);
         }
         let size_mask = (1u64 << (12 + 9 * level)) - 1;
-        (Pte::Leaf { addr: pte & ADDR & !size_mask, perm, checked: false, dirty: pte & DIRTY != 0 }, perm)
+        (Pte::Leaf { addr: pte & ADDR & !size_mask, perm, trust: Trust::Direct, dirty: pte & DIRTY != 0 }, perm)
     }
 
     /// An entry a guest would write: a table pointer or a leaf.
@@ -98,6 +95,44 @@ pub mod first_stage {
             pte |= PAGE_SIZE;
         }
         pte
+    }
+}
+
+/// VT-d's first stage as a [`Format`] with `L` levels, so that a guest's
+/// table image is walked by the generic walker (`image::walk_image`): a
+/// table entry limits the rights of everything below it.
+pub struct VtdFirstStage<const L: u32>;
+
+pub type VtdFs4 = VtdFirstStage<4>;
+pub type VtdFs5 = VtdFirstStage<5>;
+
+impl<const L: u32> Format for VtdFirstStage<L> {
+    const NAME: &'static str = if L == 5 { "VT-d first stage, 5-level" } else { "VT-d first stage, 4-level" };
+    const LEVELS: u32 = L;
+    const LEAF_LEVELS: u32 = 0b111;
+    const DIRTY: u64 = first_stage::DIRTY;
+
+    fn decode(pte: u64, level: u32) -> Pte {
+        first_stage::decode(pte, level).0
+    }
+
+    fn table(addr: u64, level: u32) -> u64 {
+        first_stage::encode(addr, level, false, true)
+    }
+
+    /// A guest's entry: it has no bit for ioasid's trust mark.
+    fn leaf(addr: u64, level: u32, perm: Perm, _trust: Trust) -> u64 {
+        first_stage::encode(addr, level, true, perm.write)
+    }
+
+    fn step(pte: u64, level: u32) -> Step {
+        match first_stage::decode(pte, level) {
+            (Pte::None, _) => Step::Invalid,
+            (Pte::Table(addr), limit) => Step::Table { addr, next: level - 1, limit },
+            (Pte::Leaf { addr, perm, dirty, .. }, _) => {
+                Step::Leaf { addr, shift: Self::level_shift(level), perm, dirty, accessed: true }
+            }
+        }
     }
 }
 
@@ -121,9 +156,9 @@ impl<const L: u32> Format for VtdSecondStage<L> {
         table_entry(addr)
     }
 
-    fn leaf(addr: u64, level: u32, perm: Perm, checked: bool) -> u64 {
+    fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64 {
         debug_assert_eq!(addr & 0xfff, 0);
-        leaf_entry(addr, level, perm, checked)
+        leaf_entry(addr, level, perm, trust)
     }
 }
 
@@ -145,11 +180,11 @@ mod tests {
         use first_stage::*;
         // A 4 KiB read-only leaf: present, accessed, user; not writable.
         let (pte, perm) = decode(0x1234_5000 | PRESENT | ACCESSED | USER, 0);
-        assert_eq!(pte, Pte::Leaf { addr: 0x1234_5000, perm: Perm::R, checked: false, dirty: false });
+        assert_eq!(pte, Pte::Leaf { addr: 0x1234_5000, perm: Perm::R, trust: Trust::Direct, dirty: false });
         assert_eq!(perm, Perm::R);
         // A 2 MiB leaf at level 1 needs PS; without it, it is a table.
         let (pte, _) = decode(0x4020_0000 | PRESENT | WRITABLE | PAGE_SIZE | DIRTY, 1);
-        assert_eq!(pte, Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, checked: false, dirty: true });
+        assert_eq!(pte, Pte::Leaf { addr: 0x4020_0000, perm: Perm::RW, trust: Trust::Direct, dirty: true });
         assert_eq!(decode(0x4020_0000 | PRESENT, 1).0, Pte::Table(0x4020_0000));
         // PS means nothing at level 3 (no 512 GiB pages): still a table.
         assert_eq!(decode(0x8000_0000 | PRESENT | PAGE_SIZE, 3).0, Pte::Table(0x8000_0000));
@@ -161,11 +196,11 @@ mod tests {
     #[test]
     fn golden_entries() {
         // A 2 MiB read-only leaf at level 1: R | PS | A | address.
-        assert_eq!(VtdSs4::leaf(0x4020_0000, 1, Perm::R, false), 0x4020_0000 | 1 | 1 << 7 | 1 << 8);
+        assert_eq!(VtdSs4::leaf(0x4020_0000, 1, Perm::R, Trust::Direct), 0x4020_0000 | 1 | 1 << 7 | 1 << 8);
         assert_eq!(VtdSs4::decode(0x1234_5000 | 3, 2), Pte::Table(0x1234_5000));
         assert_eq!(
             VtdSs4::decode(0x1234_5000 | 1 << 7 | 2, 2),
-            Pte::Leaf { addr: 0x1234_5000, perm: Perm::W, checked: false, dirty: false }
+            Pte::Leaf { addr: 0x1234_5000, perm: Perm::W, trust: Trust::Direct, dirty: false }
         );
         assert_eq!(VtdSs4::decode(0x1234_5000 | 1 << 9, 0), Pte::None);
         assert_eq!(pgsize_bitmap::<VtdSs4>(), K4 | M2 | G);
@@ -197,9 +232,35 @@ mod tests {
     }
 
     #[test]
+    fn golden_first_stage_walks() {
+        use crate::pgtable::image::{ImageFault, ImageTranslation, walk_image, walk_image_from};
+        use first_stage::encode;
+        use std::collections::BTreeMap;
+        // Root at 0x1000; IOVA 0x40_0000 is a 4 KiB page under a read-only
+        // table entry, 0x80_0000 a writable 2 MiB leaf.
+        let image: BTreeMap<u64, u64> = [
+            (0x1000, encode(0x2000, 3, false, true)),
+            (0x2000, encode(0x3000, 2, false, true)),
+            (0x3000 + 2 * 8, encode(0x4000, 1, false, false)),
+            (0x3000 + 4 * 8, encode(0x60_0000, 1, true, true)),
+            (0x4000, encode(0x9000, 0, true, true)),
+        ]
+        .into();
+        let mut read = |a| Some(image.get(&a).copied().unwrap_or(0));
+        let t = |addr, shift, perm| Ok(ImageTranslation { addr, shift, perm, dirty: false });
+        assert_eq!(walk_image::<VtdFs4>(0x1000, 0x40_0123, &mut read), t(0x9123, 12, Perm::R), "the table limits");
+        assert_eq!(walk_image::<VtdFs4>(0x1000, 0x80_1234, &mut read), t(0x60_1234, 21, Perm::RW));
+        assert_eq!(walk_image::<VtdFs4>(0x1000, 0x40_1000, &mut read), Err(ImageFault::Translation { level: 0 }));
+        // Four levels walked inside the five-level format, as a nested
+        // table of either depth is.
+        assert_eq!(walk_image_from::<VtdFs5>(0x1000, 3, 0x40_0123, &mut read), t(0x9123, 12, Perm::R));
+        assert_eq!(walk_image_from::<VtdFs5>(0x1000, 3, 1 << 48, &mut read), Err(ImageFault::AddressSize));
+    }
+
+    #[test]
     fn huge_leaves_are_used_when_aligned() {
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(G, 4 * G, G + M2 + K4, Perm::RW, false, true).unwrap();
+        pt.map(G, 4 * G, G + M2 + K4, Perm::RW, Trust::Direct, true).unwrap();
         let s = pt.summary();
         assert_eq!(s.leaves, vec![1, 1, 1, 0]);
         assert_eq!(walk(&pt, G + 5).unwrap().addr, 4 * G + 5);
@@ -211,17 +272,17 @@ mod tests {
     #[test]
     fn misaligned_memory_uses_small_leaves() {
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(0, K4, M2, Perm::R, false, true).unwrap();
+        pt.map(0, K4, M2, Perm::R, Trust::Direct, true).unwrap();
         assert_eq!(pt.summary().leaves, vec![512, 0, 0, 0]);
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(0, 0, M2, Perm::R, false, false).unwrap();
+        pt.map(0, 0, M2, Perm::R, Trust::Direct, false).unwrap();
         assert_eq!(pt.summary().leaves, vec![512, 0, 0, 0]);
     }
 
     #[test]
     fn partial_unmap_splits_a_huge_leaf() {
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(0, G, M2, Perm::RW, false, true).unwrap();
+        pt.map(0, G, M2, Perm::RW, Trust::Direct, true).unwrap();
         pt.unmap(K4, K4, &crossbeam_epoch::pin());
         assert_eq!(pt.summary().leaves, vec![511, 0, 0, 0]);
         assert_eq!(walk(&pt, 0).unwrap().addr, G);
@@ -232,9 +293,9 @@ mod tests {
     #[test]
     fn unmap_frees_empty_tables() {
         let pt = PageTable::<VtdSs5>::new();
-        pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, true, true).unwrap();
+        pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, Trust::Checked, true).unwrap();
         assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
-        assert!(walk(&pt, (1 << 50) + K4).unwrap().checked);
+        assert!(walk(&pt, (1 << 50) + K4).unwrap().trust == Trust::Checked);
         pt.unmap(1 << 50, 3 * K4, &crossbeam_epoch::pin());
         assert_eq!(pt.summary().tables, vec![0, 0, 0, 0, 1]);
     }
@@ -242,8 +303,8 @@ mod tests {
     #[test]
     fn mapping_over_a_leaf_is_refused() {
         let pt = PageTable::<VtdSs4>::new();
-        pt.map(0, 0, M2, Perm::R, false, true).unwrap();
-        assert!(pt.map(K4, K4, K4, Perm::R, false, true).is_err());
-        assert!(pt.map(1 << 48, 0, K4, Perm::R, false, true).is_err());
+        pt.map(0, 0, M2, Perm::R, Trust::Direct, true).unwrap();
+        assert!(pt.map(K4, K4, K4, Perm::R, Trust::Direct, true).is_err());
+        assert!(pt.map(1 << 48, 0, K4, Perm::R, Trust::Direct, true).is_err());
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ioasid_engine::{Context, DmaError, FaultReason, HostBuffer, Perm};
+use ioasid_engine::{Context, DmaError, FaultReason, HostBuffer, Perm, Stage, Translated};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -65,15 +65,19 @@ impl Model {
         &self,
         iova_base: u64,
         ram: u64,
-        translate: impl Fn(u64, Perm) -> Result<(u64, bool), DmaError>,
+        translate: impl Fn(u64, Perm) -> Result<Translated, DmaError>,
     ) -> Result<(), TestCaseError> {
         for p in 0..32u64 {
             let iova = iova_base + p * PAGE + 8;
             for write in [false, true] {
                 let got = translate(iova, if write { Perm::W } else { Perm::R });
                 match self.expect(p, 8, write) {
-                    Ok(gpa) => prop_assert_eq!(got.map(|t| t.0), Ok(ram + gpa)),
-                    Err(reason) => prop_assert_eq!(got, Err(DmaError::Fault { iova, reason, write })),
+                    Ok(gpa) => prop_assert_eq!(got.map(|t| t.host.0), Ok(ram + gpa)),
+                    Err(reason) => {
+                        let stage =
+                            if matches!(reason, FaultReason::Stage2 { .. }) { Stage::Second } else { Stage::First };
+                        prop_assert_eq!(got, Err(DmaError::Fault { iova, reason, write, pasid: None, stage }))
+                    }
                 }
             }
         }

@@ -1,0 +1,322 @@
+//! The page-table domain (Linux's `iommu_domain`): a page table in one of
+//! the real formats plus the IOTLB that caches its translations. An IOAS
+//! mirrors its mappings into every domain added to it; HWPTs own domains.
+//! Below the IOAS and above `pgtable`: ioas → domain → pgtable.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crossbeam_epoch::Guard;
+
+use crate::iotlb::{Hit, Iotlb};
+use crate::iova::IovaRange;
+use crate::memory::Trust;
+use crate::pgtable::amd::AmdV1Mode4;
+use crate::pgtable::arm::{ArmS1, ArmS2};
+use crate::pgtable::mock::{Mock, MockPt};
+use crate::pgtable::x86::{VtdSs4, VtdSs5};
+use crate::pgtable::{self, Format, PageTable, Perm, Summary};
+
+/// Every page-table format a domain can use, listed once. Each becomes a
+/// `PageFormat` variant, an `AnyTable` variant holding its `PageTable`, and
+/// an arm of `with_format!` and `with_table!`, which run code with the
+/// format's type bound, so the walk is specialised per format. (`$d` hands
+/// a `$` to the macros this one defines.)
+macro_rules! formats {
+    ($d:tt $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        /// The page-table formats a domain can use.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum PageFormat {
+            $($(#[$doc])* $name,)*
+        }
+
+        enum AnyTable {
+            $($name(PageTable<$ty>),)*
+        }
+
+        impl AnyTable {
+            fn new(format: PageFormat) -> Self {
+                match format {
+                    $(PageFormat::$name => AnyTable::$name(PageTable::new()),)*
+                }
+            }
+        }
+
+        /// Runs `$body` with `$F` bound to the format type of `$format`.
+        macro_rules! with_format {
+            ($d format:expr, $d F:ident => $d body:expr) => {
+                match $d format {
+                    $(PageFormat::$name => {
+                        type $d F = $ty;
+                        $d body
+                    })*
+                }
+            };
+        }
+
+        /// Runs `$body` with `$pt` bound to the typed table inside `$t`.
+        macro_rules! with_table {
+            ($d t:expr, $d pt:ident => $d body:expr) => {
+                match $d t {
+                    $(AnyTable::$name($d pt) => $d body,)*
+                }
+            };
+        }
+    };
+}
+
+formats! {$
+    VtdSs4: VtdSs4,
+    VtdSs5: VtdSs5,
+    /// Linux's selftest mock IOMMU: 2 KiB IO pages.
+    Mock: Mock<false>,
+    /// The mock with 1 MiB huge pages too (`MOCK_IOMMUPT_HUGE`).
+    MockHuge: Mock<true>,
+    /// The 7.3 mock's default table: leaves of whole CPU pages and up
+    /// (`MOCK_IOMMUPT_DEFAULT`).
+    MockPt: MockPt,
+    /// AMD-Vi v1, Mode 4.
+    AmdV1: AmdV1Mode4,
+    /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
+    ArmS1: ArmS1,
+    ArmS2: ArmS2,
+}
+
+impl PageFormat {
+    pub fn name(self) -> &'static str {
+        with_format!(self, F => F::NAME)
+    }
+
+    pub fn pgsize_bitmap(self) -> u64 {
+        with_format!(self, F => pgtable::pgsize_bitmap::<F>())
+    }
+
+    pub fn iova_bits(self) -> u32 {
+        with_format!(self, F => F::iova_bits())
+    }
+
+    /// log2 of the smallest IO page.
+    pub fn page_shift(self) -> u32 {
+        with_format!(self, F => F::PAGE_SHIFT)
+    }
+
+    pub fn is_mock(self) -> bool {
+        matches!(self, PageFormat::Mock | PageFormat::MockHuge | PageFormat::MockPt)
+    }
+}
+
+/// Why a translation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultReason {
+    /// The IOVA is outside the domain's aperture.
+    Aperture,
+    /// No leaf maps the IOVA (in a nested table: the stage-1 walk found none).
+    NotPresent,
+    /// A leaf maps it without the needed right.
+    Permission,
+    /// Nested: stage 2 does not map guest-physical address `gpa` (a stage-1
+    /// table or the final page) with the rights needed.
+    Stage2 { gpa: u64, permission: bool },
+    /// Nested: the guest's stage-1 leaf has its access flag clear (an
+    /// SMMUv3 `F_ACCESS`).
+    AccessFlag,
+    /// Nested: the guest's configuration for the stream (an SMMUv3 STE or
+    /// CD) does not let the transaction be translated.
+    Config(ConfigFault),
+}
+
+/// The guest configuration errors of a nested SMMUv3 stream, named as its
+/// event records name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigFault {
+    /// The STE's Config aborts the stream: refused, with no event.
+    Abort,
+    /// `C_BAD_STE`: the STE is not valid, or ILLEGAL.
+    BadSte,
+    /// `F_STREAM_DISABLED`: no substream, and the STE takes only substreams.
+    StreamDisabled,
+    /// `C_BAD_SUBSTREAMID`: no context descriptor for the substream.
+    BadSubstream,
+    /// `C_BAD_CD`: the context descriptor is not valid or not walkable.
+    BadCd,
+}
+
+/// An I/O page table and its IOTLB (Linux's `iommu_domain`).
+pub struct Domain {
+    table: AnyTable,
+    iotlb: Iotlb,
+    format: PageFormat,
+    aperture: IovaRange,
+    /// Allocated with dirty tracking support (has Linux's `dirty_ops`).
+    dirty_capable: bool,
+    /// Dirty tracking is on: writes set the leaves' dirty bits.
+    tracking: AtomicBool,
+}
+
+impl Domain {
+    pub fn new(format: PageFormat, aperture: IovaRange) -> Self {
+        Self::with_dirty(format, aperture, false)
+    }
+
+    pub fn with_dirty(format: PageFormat, aperture: IovaRange, dirty_capable: bool) -> Self {
+        let table = AnyTable::new(format);
+        let max = (1u128 << format.iova_bits()) - 1;
+        let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
+        Domain { table, iotlb: Iotlb::new(), format, aperture, dirty_capable, tracking: AtomicBool::new(false) }
+    }
+
+    pub fn format(&self) -> PageFormat {
+        self.format
+    }
+
+    pub fn aperture(&self) -> IovaRange {
+        self.aperture
+    }
+
+    pub fn pgsize_bitmap(&self) -> u64 {
+        self.format.pgsize_bitmap()
+    }
+
+    pub(crate) fn map(
+        &self,
+        iova: u64,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        trust: Trust,
+        huge: bool,
+    ) -> crate::Result<()> {
+        with_table!(&self.table, pt => pt.map(iova, addr, len, perm, trust, huge))
+    }
+
+    /// Clears the range and invalidates the IOTLB. The caller must wait for
+    /// readers (`crate::epoch::synchronize`) before the memory goes away.
+    pub(crate) fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
+        with_table!(&self.table, pt => pt.unmap(iova, len, guard));
+        self.iotlb.invalidate_all();
+    }
+
+    pub fn dirty_capable(&self) -> bool {
+        self.dirty_capable
+    }
+
+    pub fn dirty_tracking(&self) -> bool {
+        self.tracking.load(Ordering::Acquire)
+    }
+
+    fn set_dirty(&self, iova: u64, guard: &Guard) -> bool {
+        with_table!(&self.table, pt => pt.set_dirty(iova, guard))
+    }
+
+    /// Marks the leaf mapping `iova` dirty as a device write would; false
+    /// when nothing maps it.
+    pub fn mark_dirty(&self, iova: u64) -> bool {
+        let guard = crate::epoch::pin();
+        self.set_dirty(iova, &guard)
+    }
+
+    /// Turns dirty tracking on (starting from clean leaves) or off.
+    pub(crate) fn set_dirty_tracking(&self, enable: bool, mapped: &[IovaRange]) -> crate::Result<()> {
+        if !self.dirty_capable {
+            return Err(crate::Error::Unsupported("HWPT was not allocated with dirty tracking"));
+        }
+        if enable && !self.dirty_tracking() {
+            for r in mapped {
+                self.read_and_clear_dirty(*r, false, &mut |_, _| {});
+            }
+        }
+        self.tracking.store(enable, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reports dirty leaves in `range` and, unless `keep`, cleans them; the
+    /// IOTLB forgets them so the next write marks them again.
+    pub(crate) fn read_and_clear_dirty(&self, range: IovaRange, keep: bool, record: &mut dyn FnMut(u64, u64)) {
+        with_table!(&self.table, pt => pt.read_and_clear_dirty(range.start, range.last, keep, record));
+        if !keep {
+            self.iotlb.invalidate_all();
+        }
+    }
+
+    pub fn summary(&self) -> Summary {
+        with_table!(&self.table, pt => pt.summary())
+    }
+
+    pub(crate) fn iotlb_generation(&self) -> u64 {
+        self.iotlb.generation()
+    }
+
+    /// The rights the leaf mapping `iova` grants.
+    pub(crate) fn perm_of(&self, iova: u64, guard: &Guard) -> Option<Perm> {
+        if let Some(hit) = self.iotlb.lookup(iova >> self.format.page_shift()) {
+            return Some(hit.perm);
+        }
+        with_table!(&self.table, pt => pt.walk(iova, guard)).map(|t| t.perm)
+    }
+
+    /// Where `iova` leads, whatever the rights (what hardware would fetch).
+    pub fn lookup(&self, iova: u64) -> Option<u64> {
+        let guard = crate::epoch::pin();
+        with_table!(&self.table, pt => pt.walk(iova, &guard)).map(|t| t.addr)
+    }
+
+    /// Translates the IO page holding `iova` for an access needing `need`:
+    /// where `iova` lands and how that memory is reached.
+    #[inline]
+    pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<Translated, FaultReason> {
+        let shift = self.format.page_shift();
+        let page = iova >> shift;
+        let offset = iova & ((1 << shift) - 1);
+        if let Some(hit) = self.iotlb.lookup(page) {
+            let must_dirty = need.write && !hit.dirty && self.tracking.load(Ordering::Relaxed);
+            if !hit.perm.allows(need) {
+                return Err(FaultReason::Permission);
+            }
+            if !must_dirty {
+                return Ok(Translated { host: HostAddr(hit.host_page + offset), trust: hit.trust });
+            }
+        }
+        if iova < self.aperture.start || iova > self.aperture.last {
+            return Err(FaultReason::Aperture);
+        }
+        let generation = self.iotlb.generation();
+        let t = with_table!(&self.table, pt => pt.walk(iova, guard)).ok_or(FaultReason::NotPresent)?;
+        let allowed = t.perm.allows(need);
+        // A write with tracking on marks the leaf, as the hardware does.
+        let dirty = allowed && need.write && self.tracking.load(Ordering::Relaxed) && self.set_dirty(iova, guard);
+        let host_page = t.addr - offset;
+        self.iotlb.fill(page, generation, Hit { host_page, perm: t.perm, trust: t.trust, dirty });
+        if allowed { Ok(Translated { host: HostAddr(t.addr), trust: t.trust }) } else { Err(FaultReason::Permission) }
+    }
+}
+
+/// A host virtual address in this process: what ioasid's page tables hold
+/// and what DMA finally reads or writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostAddr(pub u64);
+
+/// A guest-physical address: what a guest's stage-1 table holds and what
+/// the host's stage 2 translates (an IOVA of the parent's IOAS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Gpa(pub u64);
+
+impl fmt::LowerHex for HostAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for Gpa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+/// What a translation returns: where the byte lands, valid to the end of
+/// its IO page, and how that memory must be reached (plain loads and stores
+/// or checked copies, as the mapping's pages said).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translated {
+    pub host: HostAddr,
+    pub trust: Trust,
+}
