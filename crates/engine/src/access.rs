@@ -3,7 +3,8 @@
 //! driver. They pin ranges or copy through them, and are told when a range
 //! they pin is being unmapped so they can let go (Linux's `iommufd_access`).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::ioas::{Ioas, Pinned};
@@ -35,7 +36,7 @@ impl Access {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.lock()
     }
 
     fn alignment(&self) -> u64 {

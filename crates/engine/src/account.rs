@@ -6,9 +6,10 @@
 //! uid in this process) or the process's (`IOMMU_OPTION_RLIMIT_MODE` = 1, the
 //! mode VFIO type1 uses). Callers holding `CAP_IPC_LOCK` are not charged.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use crate::error::{Error, Result};
 use crate::iova::PAGE_SIZE;
@@ -52,7 +53,7 @@ static PROCESS_LOCKED: Counters<i32> = LazyLock::new(|| Mutex::new(HashMap::new(
 static PROCESS_PINNED: Counters<i32> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 fn counter<K: std::hash::Hash + Eq>(map: &Counters<K>, key: K) -> Arc<AtomicU64> {
-    map.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().clone()
+    map.lock().entry(key).or_default().clone()
 }
 
 fn pid_key(pid: Option<i32>) -> i32 {
@@ -174,9 +175,7 @@ impl Accounting {
 /// mode only) and pinned for it in either mode (`mm->pinned_vm`): what its
 /// `VmLck` and `VmPin` would include under Linux. `None`: this process.
 pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
-    let get = |map: &Counters<i32>| {
-        map.lock().unwrap_or_else(|e| e.into_inner()).get(&pid_key(pid)).map_or(0, |c| c.load(Ordering::Acquire))
-    };
+    let get = |map: &Counters<i32>| map.lock().get(&pid_key(pid)).map_or(0, |c| c.load(Ordering::Acquire));
     (get(&PROCESS_LOCKED), get(&PROCESS_PINNED))
 }
 

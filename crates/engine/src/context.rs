@@ -11,10 +11,11 @@
 //! of an IOAS, whether a device still uses it, a device's vDEVICEs) are
 //! answered from indexes kept beside it, not by a scan.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
 use std::os::fd::BorrowedFd;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use crate::access::{Access, AccessOps};
 use crate::account::{AccountMode, Accounting, Limit};
@@ -385,11 +386,11 @@ impl Context {
     }
 
     pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner())
+        self.objects.lock()
     }
 
     pub(crate) fn graph(&self) -> MutexGuard<'_, ()> {
-        self.graph.lock().unwrap_or_else(|e| e.into_inner())
+        self.graph.lock()
     }
 
     /// Enters `obj` in the table under the lowest free ID, typed as the
@@ -421,7 +422,7 @@ impl Context {
         if let Some(private) = &self.private {
             return private.clone();
         }
-        let mode = *self.account_mode.lock().unwrap_or_else(|e| e.into_inner());
+        let mode = *self.account_mode.lock();
         Accounting::new(mode, self.config.memlock_exempt(), self.config.memlock_limit)
     }
 
@@ -431,7 +432,7 @@ impl Context {
     }
 
     pub fn account_mode(&self) -> AccountMode {
-        *self.account_mode.lock().unwrap_or_else(|e| e.into_inner())
+        *self.account_mode.lock()
     }
 
     /// `IOMMU_OPTION_RLIMIT_MODE` with its value (0: per user, 1: per
@@ -449,7 +450,7 @@ impl Context {
             1 => AccountMode::Process,
             _ => return Err(Error::Invalid("accounting mode is 0 or 1")),
         };
-        *self.account_mode.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+        *self.account_mode.lock() = mode;
         Ok(())
     }
 
@@ -493,10 +494,7 @@ impl Context {
     /// `IOMMU_VFIO_IOAS_GET`: the compatibility IOAS, `ENODEV` when unset.
     pub fn vfio_ioas(&self) -> Result<IoasId> {
         let _g = self.graph();
-        self.vfio_ioas
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ok_or(Error::NoDevice("no VFIO compatibility IOAS is set"))
+        self.vfio_ioas.lock().ok_or(Error::NoDevice("no VFIO compatibility IOAS is set"))
     }
 
     /// `IOMMU_VFIO_IOAS_SET` (`Some`) and `IOMMU_VFIO_IOAS_CLEAR` (`None`).
@@ -505,7 +503,7 @@ impl Context {
         if let Some(id) = ioas {
             self.get(id)?;
         }
-        *self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner()) = ioas;
+        *self.vfio_ioas.lock() = ioas;
         Ok(())
     }
 
@@ -954,7 +952,7 @@ impl Context {
         }
         let obj = t.remove(id).expect("present");
         drop(t);
-        let mut vfio = self.vfio_ioas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vfio = self.vfio_ioas.lock();
         if vfio.is_some_and(|ioas| ioas.get() == id) {
             *vfio = None;
         }

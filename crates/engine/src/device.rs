@@ -2,8 +2,9 @@
 //! reserved regions, PASID width, format) and the DMA it does through the
 //! page table it is attached to.
 
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use std::collections::BTreeMap;
 
@@ -429,11 +430,11 @@ impl Device {
     /// The PASID a fault at host `pasid` is reported with: the guest's
     /// number when the PASID was attached through a vIOMMU.
     pub fn reported_pasid(&self, pasid: u32) -> u32 {
-        self.guest_pasids.lock().unwrap_or_else(|e| e.into_inner()).get(&pasid).copied().unwrap_or(pasid)
+        self.guest_pasids.lock().get(&pasid).copied().unwrap_or(pasid)
     }
 
     pub(crate) fn set_guest_pasid(&self, pasid: u32, vpasid: Option<u32>) {
-        let mut map = self.guest_pasids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.guest_pasids.lock();
         match vpasid {
             Some(v) => map.insert(pasid, v),
             None => map.remove(&pasid),
@@ -448,8 +449,8 @@ impl Device {
     /// The cache of a selftest mock device (the device-side cache a mock
     /// vIOMMU's invalidation commands name by virtual ID); `None` for any
     /// other device.
-    pub fn mock_cache(&self) -> Option<std::sync::MutexGuard<'_, [u32; MOCK_DEV_CACHE_NUM]>> {
-        self.mock_cache.as_ref().map(|c| c.lock().unwrap_or_else(|e| e.into_inner()))
+    pub fn mock_cache(&self) -> Option<parking_lot::MutexGuard<'_, [u32; MOCK_DEV_CACHE_NUM]>> {
+        self.mock_cache.as_ref().map(|c| c.lock())
     }
 
     /// The device's object ID in its context.

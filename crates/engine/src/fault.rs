@@ -2,9 +2,10 @@
 //! device faulted on, read in groups and answered by cookie (Linux's
 //! `iommufd_fault`).
 
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long a waiter spins before it sleeps: a handler that answers at
@@ -107,7 +108,7 @@ impl Waiter {
         let v = if r == Response::Success { 1 } else { 2 };
         if self.answer.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             // Taking the lock orders this after a sleeper's last check.
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.lock.lock();
             self.cv.notify_all();
         }
     }
@@ -134,9 +135,8 @@ impl Waiter {
         if spin_until(|| self.answered().is_some()) {
             return self.answered();
         }
-        let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let _g =
-            self.cv.wait_timeout_while(g, timeout, |_| self.answered().is_none()).unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.lock();
+        self.cv.wait_while_for(&mut g, |_| self.answered().is_none(), timeout);
         self.answered()
     }
 }
@@ -182,16 +182,16 @@ impl FaultQueue {
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock()
     }
 
     /// Makes `f` hear whether groups are waiting to be read.
     pub fn set_notifier(&self, f: Notifier) {
-        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self.notifier.lock() = Some(f);
     }
 
     fn notify(&self, ready: bool) {
-        if let Some(f) = &*self.notifier.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(f) = &*self.notifier.lock() {
             f(ready);
         }
     }
@@ -220,9 +220,8 @@ impl FaultQueue {
     /// live in the same program, without a file descriptor).
     pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
         spin_until(|| self.unread.load(Ordering::Acquire) > 0);
-        let q = self.queue();
-        let (q, _) =
-            self.arrived.wait_timeout_while(q, timeout, |q| q.deliver.is_empty()).unwrap_or_else(|e| e.into_inner());
+        let mut q = self.queue();
+        self.arrived.wait_while_for(&mut q, |q| q.deliver.is_empty(), timeout);
         // Exactly one group: as many records as its first one holds.
         let first = q.deliver.front()?.requests.len();
         drop(q);
@@ -410,10 +409,10 @@ mod wait_tests {
         let q = FaultQueue::new();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        q.set_notifier(Box::new(move |r| s.lock().unwrap().push(r)));
+        q.set_notifier(Box::new(move |r| s.lock().push(r)));
         q.report(Group::new(vec![request(1)]));
         q.report(Group::new(vec![request(1)]));
         q.read(8).unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec![true, false]);
+        assert_eq!(*seen.lock(), vec![true, false]);
     }
 }

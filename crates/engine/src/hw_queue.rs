@@ -11,8 +11,9 @@
 //! mock's queues start at index 0 and go up one at a time, each holding the
 //! one before it, so they are destroyed in descending order.
 
+use parking_lot::Mutex;
 use std::any::Any;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 use crate::ioas::{Ioas, Pinned};
 use crate::iova::{IovaRange, PAGE_SIZE};
@@ -68,7 +69,7 @@ impl HwQueue {
             return unpin(Error::Fault("the queue's pages are not contiguous"));
         }
         let host_addr = hosts[0] + (range.start - first);
-        let mut queues = queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues = queues.lock();
         queues.retain(|q| q.strong_count() > 0);
         let live = |i: u32| queues.iter().filter_map(Weak::upgrade).find(|q| q.kind == kind && q.index == i);
         if index >= max {

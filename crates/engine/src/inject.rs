@@ -4,9 +4,10 @@
 //! fallible step of the engine calls [`check`], so a test can sweep every
 //! failure path of an operation and check that each ends cleanly.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
@@ -15,7 +16,7 @@ static ARMED: AtomicUsize = AtomicUsize::new(0);
 static NTH: LazyLock<Mutex<HashMap<i32, u32>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
 fn nth() -> MutexGuard<'static, HashMap<i32, u32>> {
-    NTH.lock().unwrap_or_else(|e| e.into_inner())
+    NTH.lock()
 }
 
 fn set(map: &mut HashMap<i32, u32>, tid: i32, n: u32) {

@@ -4,8 +4,9 @@
 //! All changes are serialised by one mutex per IOAS; translation never takes
 //! it (it reads the domains' page tables).
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use crate::access::Access;
 use crate::domain::Domain;
@@ -92,7 +93,7 @@ impl Ioas {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Holds off every change to the areas (and to the domains that pin

@@ -24,10 +24,11 @@
 //! References held inside the engine (a device bound to a PASID) are taken
 //! on the owner's behalf by the context's own commands.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
@@ -225,7 +226,7 @@ impl PasidSpace {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// The largest PASID.
@@ -530,7 +531,7 @@ impl Default for SetOwner {
 
 impl SetOwner {
     fn refs(&self) -> MutexGuard<'_, BTreeMap<u32, u32>> {
-        self.refs.lock().unwrap_or_else(|e| e.into_inner())
+        self.refs.lock()
     }
 
     /// The entry of `pasid` when it is allocated in one of this owner's sets.

@@ -29,10 +29,11 @@
 //!   the child's memory itself, as Linux's reaches unpinned pages through
 //!   the child's mm: `EFAULT` once the child is gone.
 
+use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use crate::account::Accounting;
 use crate::error::{Error, Result};
@@ -98,7 +99,7 @@ fn register(mut pages: Pages) -> Arc<Pages> {
     let key = (pages.base, NEXT_KEY.fetch_add(1, Ordering::Relaxed));
     pages.live = Some(key);
     let pages = Arc::new(pages);
-    LIVE.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Arc::downgrade(&pages));
+    LIVE.lock().insert(key, Arc::downgrade(&pages));
     pages
 }
 
@@ -108,17 +109,12 @@ pub fn pin_count(addr: u64) -> u32 {
     let page = addr & !(PAGE_SIZE - 1);
     // Upgraded under the lock, dropped after it: a last reference dropped
     // here removes its own entry.
-    let live: Vec<Arc<Pages>> = LIVE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .range(..=(page, u64::MAX))
-        .filter_map(|(_, w)| w.upgrade())
-        .collect();
+    let live: Vec<Arc<Pages>> = LIVE.lock().range(..=(page, u64::MAX)).filter_map(|(_, w)| w.upgrade()).collect();
     live.iter()
         .filter(|p| matches!(p.backing, Backing::User) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
         .filter(|p| {
             let index = (page - p.base) / PAGE_SIZE;
-            p.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|r| r.start <= index && index <= r.last)
+            p.pins.lock().iter().any(|r| r.start <= index && index <= r.last)
         })
         .count() as u32
 }
@@ -129,15 +125,14 @@ pub fn pin_count(addr: u64) -> u32 {
 /// process's mappings taken since those pages were made.
 pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
     let Some((dev, ino, off)) = map.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
-    let live: Vec<Arc<Pages>> =
-        LIVE.lock().unwrap_or_else(|e| e.into_inner()).values().filter_map(Weak::upgrade).collect();
+    let live: Vec<Arc<Pages>> = LIVE.lock().values().filter_map(Weak::upgrade).collect();
     live.iter()
         .filter(|p| matches!(p.backing, Backing::File(_)))
         .filter(|p| {
             let Some((d, i, first)) = map.object_at(p.base) else { return false };
             let Some(index) = off.checked_sub(first).map(|o| o / PAGE_SIZE) else { return false };
             d == dev && i == ino && index < p.npages && {
-                let pins = p.pins.lock().unwrap_or_else(|e| e.into_inner());
+                let pins = p.pins.lock();
                 pins.iter().any(|r| r.start <= index && index <= r.last)
             }
         })
@@ -228,7 +223,7 @@ impl Pages {
     /// memory that are not ours yet; a no-op for every other kind of pages.
     fn take(&self, range: IovaRange) -> Result<()> {
         let Some((pid, Reach::Private { copy, taken })) = self.reach()? else { return Ok(()) };
-        let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taken = taken.lock();
         for hole in iova::holes(&taken, range) {
             let (at, len) = (hole.start * PAGE_SIZE, hole.len() * PAGE_SIZE);
             memory::take_process(pid, self.base + at, len, copy.addr() + at, self.writable)?;
@@ -248,7 +243,7 @@ impl Pages {
         let Some((pid, Reach::Private { copy: ours, taken })) = self.reach()? else {
             return copy(self.trust(), self.host_addr(offset), buf);
         };
-        let taken = taken.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = taken.lock();
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
@@ -362,7 +357,7 @@ impl Pages {
     /// untrusted memory is mapped and charges the pages not already pinned.
     pub fn pin(&self, offset: u64, len: u64) -> Result<()> {
         let range = self.page_range(offset, len);
-        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pins = self.pins.lock();
         let before = pinned_pages(pins.iter().copied());
         let after = pinned_pages(pins.iter().copied().chain([range]));
         if after > before {
@@ -380,7 +375,7 @@ impl Pages {
     /// Undoes one `pin` of the same bytes.
     pub fn unpin(&self, offset: u64, len: u64) {
         let range = self.page_range(offset, len);
-        let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pins = self.pins.lock();
         let Some(i) = pins.iter().position(|r| *r == range) else {
             debug_assert!(false, "unpin of a range that was not pinned");
             return;
@@ -392,11 +387,11 @@ impl Pages {
 
     /// Number of distinct pages pinned now.
     pub fn pinned(&self) -> u64 {
-        pinned_pages(self.pins.lock().unwrap_or_else(|e| e.into_inner()).iter().copied())
+        pinned_pages(self.pins.lock().iter().copied())
     }
 
-    fn accounting(&self) -> std::sync::MutexGuard<'_, Accounting> {
-        self.accounting.lock().unwrap_or_else(|e| e.into_inner())
+    fn accounting(&self) -> parking_lot::MutexGuard<'_, Accounting> {
+        self.accounting.lock()
     }
 
     /// Moves the charge for these pages to process `pid` (`None`: this
@@ -405,7 +400,7 @@ impl Pages {
     /// Returns the accounting left, for `restore_accounting`; `None` when
     /// nothing had to move.
     pub(crate) fn change_process(&self, pid: Option<i32>) -> Result<Option<Accounting>> {
-        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let pins = self.pins.lock();
         let mut acct = self.accounting();
         let Some(new) = acct.moved_to(pid) else { return Ok(None) };
         let n = pinned_pages(pins.iter().copied());
@@ -418,7 +413,7 @@ impl Pages {
 
     /// Undoes a `change_process` that returned `old`.
     pub(crate) fn restore_accounting(&self, old: Accounting) {
-        let pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
+        let pins = self.pins.lock();
         let mut acct = self.accounting();
         let n = pinned_pages(pins.iter().copied());
         acct.uncharge(n);
@@ -441,12 +436,12 @@ fn pinned_pages(ranges: impl IntoIterator<Item = IovaRange>) -> u64 {
 impl Drop for Pages {
     fn drop(&mut self) {
         if let Some(key) = self.live {
-            LIVE.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            LIVE.lock().remove(&key);
         }
-        let pins = self.pins.get_mut().unwrap_or_else(|e| e.into_inner());
+        let pins = self.pins.get_mut();
         debug_assert!(pins.is_empty(), "pages dropped while pinned");
         let n = pinned_pages(pins.drain(..));
-        self.accounting.get_mut().unwrap_or_else(|e| e.into_inner()).uncharge(n);
+        self.accounting.get_mut().uncharge(n);
     }
 }
 
@@ -492,7 +487,7 @@ mod tests {
         // Far from any memory of this process: never touched, only counted.
         const BASE: u64 = 0x6000_0000_0000;
         const N: u64 = 100_000;
-        let ours = || LIVE.lock().unwrap().range((BASE, 0)..(BASE + N * PAGE_SIZE, 0)).count();
+        let ours = || LIVE.lock().range((BASE, 0)..(BASE + N * PAGE_SIZE, 0)).count();
         let start = std::time::Instant::now();
         let pages: Vec<Arc<Pages>> = (0..N)
             .map(|i| Pages::user(BASE + i * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, Accounting::none()).unwrap().0)

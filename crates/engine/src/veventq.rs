@@ -7,9 +7,10 @@
 //! dropped and a single lost-events marker is queued in their place, whose
 //! sequence is that of the latest event dropped.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::any::Any;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 pub use crate::model::selftest::VEVENTQ_TYPE_SELFTEST;
 pub use crate::model::smmuv3::VEVENTQ_TYPE_ARM_SMMUV3;
@@ -71,18 +72,18 @@ impl Veventq {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock()
     }
 
     /// Called with whether events wait, after every change.
     pub fn set_notifier(&self, f: Notifier) {
         let ready = !self.inner().events.is_empty();
         f(ready);
-        *self.notifier.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        *self.notifier.lock() = Some(f);
     }
 
     fn notify(&self, ready: bool) {
-        if let Some(f) = &*self.notifier.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(f) = &*self.notifier.lock() {
             f(ready);
         }
     }

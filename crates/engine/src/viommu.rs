@@ -19,9 +19,10 @@
 //! # Ok::<(), ioasid_engine::Error>(())
 //! ```
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use crate::device::{Device, DmaError};
 use crate::fault::DmaAttrs;
@@ -180,7 +181,7 @@ impl Viommu {
     }
 
     pub(crate) fn add_nested(&self, hwpt: &Arc<HwptNested>) {
-        let mut nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        let mut nested = self.nested.lock();
         nested.retain(|n| n.strong_count() > 0);
         nested.push(Arc::downgrade(hwpt));
     }
@@ -210,7 +211,7 @@ impl Viommu {
     }
 
     fn table(&self) -> MutexGuard<'_, BTreeMap<u64, Weak<Device>>> {
-        self.vdevices.lock().unwrap_or_else(|e| e.into_inner())
+        self.vdevices.lock()
     }
 
     /// The virtual ID the guest knows `dev` by here.
@@ -220,7 +221,7 @@ impl Viommu {
 
     /// A new event queue for events of `kind`; one per kind.
     pub(crate) fn add_veventq(self: &Arc<Self>, kind: u32, depth: u32) -> Result<Arc<Veventq>> {
-        let mut queues = self.veventqs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.veventqs.lock();
         queues.retain(|q| q.strong_count() > 0);
         if queues.iter().filter_map(Weak::upgrade).any(|q| q.kind() == kind) {
             return Err(Error::Exists("the vIOMMU already has an event queue of that type"));
@@ -233,7 +234,7 @@ impl Viommu {
 
     /// The event queue for events of `kind`, if there is one.
     pub fn veventq(&self, kind: u32) -> Option<Arc<Veventq>> {
-        let queues = self.veventqs.lock().unwrap_or_else(|e| e.into_inner());
+        let queues = self.veventqs.lock();
         queues.iter().filter_map(Weak::upgrade).find(|q| q.kind() == kind)
     }
 
@@ -270,7 +271,7 @@ impl Viommu {
     /// Takes a use of `vpasid`, allocating its host PASID on the first.
     pub(crate) fn claim(&self, vpasid: u32) -> Result<u32> {
         let set = self.pasid_set.get().ok_or(Error::Invalid("the vIOMMU has no IOASID set"))?.id();
-        let mut uses = self.vpasids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uses = self.vpasids.lock();
         if let Some(u) = uses.get_mut(&vpasid) {
             u.users += 1;
             return Ok(u.host);
@@ -285,7 +286,7 @@ impl Viommu {
 
     /// Drops a use of `vpasid`; the last frees what `claim` allocated.
     pub(crate) fn release(&self, vpasid: u32) {
-        let mut uses = self.vpasids.lock().unwrap_or_else(|e| e.into_inner());
+        let mut uses = self.vpasids.lock();
         let Some(u) = uses.get_mut(&vpasid) else { return };
         u.users -= 1;
         if u.users == 0 {
@@ -342,7 +343,7 @@ impl Vdevice {
     }
 
     pub(crate) fn attached(&self) -> MutexGuard<'_, BTreeMap<u32, u32>> {
-        self.vpasids.lock().unwrap_or_else(|e| e.into_inner())
+        self.vpasids.lock()
     }
 
     /// A DMA read tagged with the guest's `vpasid`, as the device emits it
@@ -371,7 +372,7 @@ impl ViommuCore for Viommu {
     }
 
     fn flush_all(&self) {
-        let nested = self.nested.lock().unwrap_or_else(|e| e.into_inner());
+        let nested = self.nested.lock();
         nested.iter().filter_map(Weak::upgrade).for_each(|n| n.invalidate());
     }
 

@@ -37,9 +37,10 @@
 //! # Ok::<(), ioasid_engine::Error>(())
 //! ```
 
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
@@ -105,7 +106,7 @@ impl IommuPort {
     fn refresh(&self) {
         let (table, generation) = self.device.generation_at(self.pasid);
         if self.table.load(Ordering::Acquire) != table || self.generation.load(Ordering::Acquire) != generation {
-            self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate_all();
+            self.iotlb.write().invalidate_all();
             self.table.store(table, Ordering::Release);
             self.generation.store(generation, Ordering::Release);
         }
@@ -126,12 +127,12 @@ impl IommuPort {
         let filled = port.access(need, DmaAttrs::default(), first, len, true, |t, r| {
             let gpa = self.gpa_of(t.host.0).ok_or(crate::Error::Fault("the page is outside guest memory"))?;
             let at = GuestAddress(first + r.start as u64);
-            let mut iotlb = self.iotlb.write().unwrap_or_else(|e| e.into_inner());
+            let mut iotlb = self.iotlb.write();
             iotlb.set_mapping(at, GuestAddress(gpa), r.len(), access).map_err(|_| crate::Error::Invalid("IOTLB"))
         });
         filled.map_err(|stall| {
             let fault = stall.into_error();
-            *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(fault);
+            *self.fault.lock() = Some(fault);
             fault.to_string()
         })
     }
@@ -139,7 +140,7 @@ impl IommuPort {
     /// The fault that made the last translation fail, typed (vm-memory's
     /// error carries only its text); `None` once taken.
     pub fn take_fault(&self) -> Option<DmaError> {
-        self.fault.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.fault.lock().take()
     }
 }
 
@@ -153,13 +154,14 @@ impl Iommu for IommuPort {
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
         self.refresh();
-        if let Ok(hit) = Iotlb::lookup(self.iotlb.read().unwrap_or_else(|e| e.into_inner()), iova, length, access) {
+        if let Ok(hit) = Iotlb::lookup(self.iotlb.read(), iova, length, access) {
             return Ok(hit);
         }
         self.fill(iova.0, length, access)
             .map_err(|reason| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason })?;
-        Iotlb::lookup(self.iotlb.read().unwrap_or_else(|e| e.into_inner()), iova, length, access).map_err(|_| {
-            Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason: "not mapped".into() }
+        Iotlb::lookup(self.iotlb.read(), iova, length, access).map_err(|_| Error::CannotResolve {
+            iova_range: IovaRange { base: iova, length },
+            reason: "not mapped".into(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! that invalidations clear). The selftests' test command itself
 //! (`IOMMU_TEST_CMD`) is the ABI's.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use zerocopy::FromBytes;
 
@@ -152,7 +152,7 @@ impl NestedData {
 impl MockNested {
     /// Mock IOTLB entry `id` (`MD_CHECK_IOTLB`).
     pub fn iotlb_entry(&self, id: u32) -> Option<u32> {
-        self.iotlb.lock().unwrap_or_else(|e| e.into_inner()).get(id as usize).copied()
+        self.iotlb.lock().get(id as usize).copied()
     }
 }
 
@@ -176,7 +176,7 @@ impl Stage1 for MockNested {
         if inv.iotlb_id > MOCK_NESTED_DOMAIN_IOTLB_ID_MAX {
             return Err(Error::Invalid("no such mock IOTLB entry"));
         }
-        let mut iotlb = self.iotlb.lock().unwrap_or_else(|e| e.into_inner());
+        let mut iotlb = self.iotlb.lock();
         if inv.flags & IOMMU_TEST_INVALIDATE_FLAG_ALL != 0 {
             *iotlb = [0; 4];
         } else {
