@@ -4,10 +4,10 @@
 //! they pin is being unmapped so they can let go (Linux's `iommufd_access`).
 
 use parking_lot::{Mutex, MutexGuard};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::error::{Error, Result};
-use crate::ioas::{Ioas, Pinned};
+use crate::ioas::{Ioas, Pinned, UnmapNotice};
 use crate::iova::{IovaRange, PAGE_SIZE};
 
 /// The driver behind an access.
@@ -57,11 +57,11 @@ impl Access {
             return Ok(());
         }
         if let Some(n) = &new {
-            n.add_access(self, self.alignment())?;
+            n.add_access(Arc::downgrade(self) as Weak<dyn UnmapNotice>, self.alignment())?;
         }
         if let Some(o) = &old {
             self.ops.unmap(0, u64::MAX);
-            o.remove_access(self);
+            o.remove_access(Arc::as_ptr(self).cast());
         }
         self.state().ioas = new;
         Ok(())
@@ -111,9 +111,10 @@ impl Access {
         let ioas = self.ioas().ok_or(Error::NotFound("access is not attached"))?;
         ioas.access_rw(iova, buf, write)
     }
+}
 
-    /// Called by an unmap of a range this access may pin.
-    pub(crate) fn notify_unmap(&self, iova: u64, len: u64) {
+impl UnmapNotice for Access {
+    fn notify_unmap(&self, iova: u64, len: u64) {
         self.ops.unmap(iova, len);
     }
 }

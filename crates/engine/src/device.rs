@@ -1,6 +1,12 @@
 //! Emulated devices: what a device brings to an IOMMU (RID, aperture,
 //! reserved regions, PASID width, format) and the DMA it does through the
 //! page table it is attached to.
+//!
+//! `device`, `hwpt` and `viommu` import each other, and only each other,
+//! because the objects point at each other: a device is attached to HWPTs,
+//! a nested HWPT sits on a vIOMMU that takes its faults, and a vIOMMU names
+//! its devices by virtual ID. Linux's iommufd has the same triangle
+//! (`device.c`, `hw_pagetable.c` and `viommu.c` share one private header).
 
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

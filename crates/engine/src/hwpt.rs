@@ -1,6 +1,12 @@
 //! Hardware page tables. A paging HWPT owns a [`Domain`]: a page table in a
 //! real format that mirrors every mapping of its IOAS, with the IOTLB that
 //! caches its translations.
+//!
+//! `device`, `hwpt` and `viommu` import each other, and only each other,
+//! because the objects point at each other: a device is attached to HWPTs,
+//! a nested HWPT sits on a vIOMMU that takes its faults, and a vIOMMU names
+//! its devices by virtual ID. Linux's iommufd has the same triangle
+//! (`device.c`, `hw_pagetable.c` and `viommu.c` share one private header).
 
 use std::sync::Arc;
 

@@ -8,7 +8,6 @@ use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
-use crate::access::Access;
 use crate::domain::Domain;
 use crate::epoch;
 use crate::error::{Error, Result};
@@ -72,9 +71,18 @@ struct Inner {
     reserved: Vec<(IovaRange, Owner)>,
     domains: Vec<Arc<Domain>>,
     /// Accesses attached here, with the IOVA alignment each needs.
-    accesses: Vec<(Weak<Access>, u64)>,
+    accesses: Vec<(Weak<dyn UnmapNotice>, u64)>,
     iova_alignment: u64,
     disable_large_pages: bool,
+}
+
+/// What an IOAS tells the in-engine users of its memory (accesses, in
+/// `access`) before an unmap: let go of pins in the range, as Linux's
+/// `iommufd_access_notify_unmap`. A trait so that the IOAS, below its
+/// users, names none of them.
+pub(crate) trait UnmapNotice: Send + Sync {
+    /// `[iova, iova + len)` is about to be unmapped.
+    fn notify_unmap(&self, iova: u64, len: u64);
 }
 
 pub struct Ioas {
@@ -207,7 +215,8 @@ impl Ioas {
                         break 'retry Err(Error::Busy("an access keeps the range pinned"));
                     }
                     g.areas.get_mut(&start).expect("area just found").prevent_access = true;
-                    let accesses: Vec<Arc<Access>> = g.accesses.iter().filter_map(|(w, _)| w.upgrade()).collect();
+                    let accesses: Vec<Arc<dyn UnmapNotice>> =
+                        g.accesses.iter().filter_map(|(w, _)| w.upgrade()).collect();
                     drop(guard);
                     drop(g);
                     for access in accesses {
@@ -429,9 +438,9 @@ impl Ioas {
 
     /// Adds an access needing `alignment`; fails like a domain would when
     /// existing mappings are less aligned.
-    pub(crate) fn add_access(&self, access: &Arc<Access>, alignment: u64) -> Result<()> {
+    pub(crate) fn add_access(&self, access: Weak<dyn UnmapNotice>, alignment: u64) -> Result<()> {
         let mut g = self.lock();
-        g.accesses.push((Arc::downgrade(access), alignment));
+        g.accesses.push((access, alignment));
         let r = g.recalc_alignment();
         if r.is_err() {
             g.accesses.pop();
@@ -439,9 +448,9 @@ impl Ioas {
         r
     }
 
-    pub(crate) fn remove_access(&self, access: &Access) {
+    pub(crate) fn remove_access(&self, access: *const ()) {
         let mut g = self.lock();
-        g.accesses.retain(|(w, _)| !std::ptr::eq(w.as_ptr(), access));
+        g.accesses.retain(|(w, _)| w.as_ptr().cast::<()>() != access);
         let _ = g.recalc_alignment();
     }
 

@@ -6,6 +6,12 @@
 //! guest-issued commands naming that ID reach the right device. IDs are
 //! unique per vIOMMU and each device has at most one per vIOMMU.
 //!
+//! `device`, `hwpt` and `viommu` import each other, and only each other,
+//! because the objects point at each other: a device is attached to HWPTs,
+//! a nested HWPT sits on a vIOMMU that takes its faults, and a vIOMMU names
+//! its devices by virtual ID. Linux's iommufd has the same triangle
+//! (`device.c`, `hw_pagetable.c` and `viommu.c` share one private header).
+//!
 //! ```
 //! use ioasid_engine::{Context, DeviceInfo, HwptFlags, MockFlags, ViommuType};
 //!

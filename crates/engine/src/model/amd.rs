@@ -1,6 +1,6 @@
 //! AMD-Vi with v1 host tables (Mode 4). It takes no nested HWPTs here.
 
-use crate::hwpt::PageFormat;
+use crate::domain::PageFormat;
 
 use super::{Features, HwInfo, HwInfoData, IommuOps};
 

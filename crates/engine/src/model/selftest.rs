@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 
 use zerocopy::FromBytes;
 
-use crate::hwpt::PageFormat;
+use crate::domain::PageFormat;
 use crate::iova::IovaRange;
 use crate::{Error, Result};
 
@@ -243,7 +243,7 @@ impl ViommuOps for MockViommu {
         &self,
         virt_id: u64,
         _pasid: Option<u32>,
-        _fault: Option<(u64, crate::hwpt::FaultReason, bool)>,
+        _fault: Option<(u64, crate::domain::FaultReason, bool)>,
         _attrs: crate::fault::DmaAttrs,
     ) -> Option<(u32, Vec<u8>)> {
         Some((VEVENTQ_TYPE_SELFTEST, (virt_id as u32).to_le_bytes().to_vec()))
