@@ -11,15 +11,10 @@ use ioasid_engine::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
+mod common;
+use common::{call, ctx};
+
 const PAGE: u64 = 4096;
-
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
-
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
 
 fn sz<T>() -> u32 {
     std::mem::size_of::<T>() as u32

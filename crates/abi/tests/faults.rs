@@ -6,18 +6,13 @@ use ioasid_abi::fault::FaultFile;
 use ioasid_abi::files::{self, File};
 use ioasid_abi::selftest::*;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
+use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::device::MockFlags;
-use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, FaultId, Limit, PtId};
-use zerocopy::{FromBytes, IntoBytes};
+use ioasid_engine::{Context, DeviceId, DeviceInfo, FaultId, PtId};
+use zerocopy::IntoBytes;
 
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
-
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+mod common;
+use common::{call, ctx};
 
 fn fault_alloc(ctx: &Arc<Context>) -> (u32, Arc<FaultFile>) {
     let mut c = iommu_fault_alloc { size: 16, ..Default::default() };

@@ -2,19 +2,10 @@
 
 use std::sync::Arc;
 
+use ioasid_abi::Errno;
 use ioasid_abi::ext::*;
 use ioasid_abi::uapi::{IOMMU_DESTROY, iommu_destroy};
-use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, Limit};
-use zerocopy::{FromBytes, IntoBytes};
-
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
-
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+use ioasid_engine::Context;
 
 fn set(ctx: &Arc<Context>, parent_id: u32, quota: u32) -> Result<u32, Errno> {
     let mut c = ioasid_set_alloc { size: 24, parent_id, quota, ..Default::default() };
@@ -141,6 +132,9 @@ fn destroying_a_set_frees_its_ids_and_parents_wait_for_children() {
 // context's set answers as a missing one does (ENOENT).
 
 use ioasid_engine::{DeviceInfo, HwptFlags, MockFlags, SetObjectId, VdeviceId, ViommuType};
+
+mod common;
+use common::{call, ctx};
 
 /// A guest's context: a set (object 1) with PASID `pasid` (private data 42)
 /// and private ID 5 mapped to `host`; a vIOMMU drawing from a second set,

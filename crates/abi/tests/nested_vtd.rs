@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
+use ioasid_abi::Errno;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, HwptFlags, Limit};
-use zerocopy::{FromBytes, IntoBytes};
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+mod common;
+use common::call;
 
 /// A VT-d device and a nest-parent HWPT; returns (ctx, dev, parent).
 fn setup() -> (Arc<Context>, u32, u32) {

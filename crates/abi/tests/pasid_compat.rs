@@ -4,14 +4,12 @@
 
 use std::sync::Arc;
 
+use ioasid_abi::Errno;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
 use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, HwptFlags, HwptId, IoasId, Limit, MockFlags};
-use zerocopy::{FromBytes, IntoBytes};
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+mod common;
+use common::call;
 
 fn setup() -> (Arc<Context>, IoasId, DeviceId) {
     let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));

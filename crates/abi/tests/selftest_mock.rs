@@ -4,15 +4,14 @@
 
 use std::sync::Arc;
 
+use ioasid_abi::Errno;
 use ioasid_abi::selftest::*;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
 use ioasid_engine::{Context, ContextConfig, HwptPagingId, Limit, ObjectId};
 use zerocopy::{FromBytes, IntoBytes};
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+mod common;
+use common::call;
 
 fn test_cmd(ctx: &Arc<Context>, op: u32, id: u32, arm: &[u32]) -> Result<iommu_test_cmd, Errno> {
     let mut c = iommu_test_cmd { size: 72, op, id, ..Default::default() };

@@ -4,21 +4,14 @@
 
 use std::sync::Arc;
 
+use ioasid_abi::Errno;
 use ioasid_abi::selftest::IOMMU_HW_INFO_TYPE_SELFTEST;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{
-    Context, ContextConfig, DeviceId, DeviceInfo, HostBuffer, HwptFlags, IommuModel, Limit, MockFlags, Perm,
-};
+use ioasid_engine::{Context, DeviceId, DeviceInfo, HostBuffer, HwptFlags, IommuModel, MockFlags, Perm};
 use zerocopy::{FromBytes, IntoBytes};
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
-
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
+mod common;
+use common::{call, ctx};
 
 const MODELS: [IommuModel; 3] = [IommuModel::VTD, IommuModel::ArmSmmuV3, IommuModel::AmdVi];
 

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use ioasid_abi::uapi::*;
 use ioasid_abi::vfio::*;
 use ioasid_abi::{Errno, InProcess, ioctl};
-use ioasid_engine::{Context, ContextConfig, DeviceId, DeviceInfo, HostBuffer, HwptPagingId, Limit};
+use ioasid_engine::{Context, DeviceId, DeviceInfo, HostBuffer, HwptPagingId};
 use zerocopy::{FromBytes, IntoBytes};
 
-const PAGE: u64 = 4096;
+mod common;
+use common::ctx;
 
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
+const PAGE: u64 = 4096;
 
 fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<i32, Errno> {
     ioctl(ctx, &InProcess, req, cmd as *mut T as u64)

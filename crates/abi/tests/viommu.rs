@@ -5,15 +5,14 @@ use std::sync::Arc;
 
 use ioasid_abi::selftest::IOMMU_HWPT_DATA_SELFTEST;
 use ioasid_abi::uapi::*;
-use ioasid_abi::{Errno, InProcess, ioctl};
+use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::{
     Context, ContextConfig, DeviceId, DeviceInfo, HwptFlags, IoasId, IommuModel, Limit, MockFlags, ObjectId, ViommuId,
 };
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::IntoBytes;
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    ioctl(ctx, &InProcess, req, cmd as *mut T as u64).map(drop)
-}
+mod common;
+use common::call;
 
 struct Vm {
     ctx: Arc<Context>,

@@ -2,15 +2,12 @@
 
 use std::sync::{Arc, Mutex, Weak};
 
-use ioasid_engine::{
-    Access, AccessOps, Context, ContextConfig, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Limit, Perm,
-};
+use ioasid_engine::{Access, AccessOps, Context, DeviceInfo, Error, HostBuffer, HwptFlags, IovaRange, Perm};
+
+mod common;
+use common::ctx;
 
 const PAGE: u64 = 4096;
-
-fn ctx() -> Context {
-    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
-}
 
 /// A driver that remembers its pins and drops those an unmap covers.
 #[derive(Default)]

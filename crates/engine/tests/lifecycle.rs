@@ -1,16 +1,12 @@
 //! Object lifetimes: IDs, EBUSY while used, automatic HWPTs, replace, and
 //! teardown that leaves nothing pinned.
 
-use ioasid_engine::{
-    Context, ContextConfig, DeviceId, DeviceInfo, Error, HostBuffer, HwptFlags, IoasId, IovaRange, Limit, ObjectId,
-    Perm, PtId,
-};
+use ioasid_engine::{DeviceId, DeviceInfo, Error, HostBuffer, HwptFlags, IoasId, IovaRange, ObjectId, Perm, PtId};
+
+mod common;
+use common::ctx;
 
 const PAGE: u64 = 4096;
-
-fn ctx() -> Context {
-    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
-}
 
 #[test]
 fn unknown_and_wrong_type_ids_are_not_found() {

@@ -2,20 +2,16 @@
 //! format, its rights, dirty tracking in that format's bits, and tables
 //! that belong to one architecture only.
 
-use std::sync::Arc;
-
 use ioasid_engine::{
-    Context, ContextConfig, DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel, IovaRange,
-    Limit, PageFormat, Perm, Stage,
+    DeviceInfo, DmaError, Error, FaultReason, HostBuffer, HwptFlags, IommuModel, IovaRange, PageFormat, Perm, Stage,
 };
+
+mod common;
+use common::ctx;
 
 const PAGE: u64 = 4096;
 const MODELS: [IommuModel; 4] =
     [IommuModel::VTD, IommuModel::IntelVtd { levels: 5 }, IommuModel::ArmSmmuV3, IommuModel::AmdVi];
-
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
 
 #[test]
 fn dma_goes_through_each_models_format() {

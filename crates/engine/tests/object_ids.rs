@@ -5,12 +5,11 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, Limit, ObjectId, PtId};
+use ioasid_engine::{DeviceInfo, ObjectId, PtId};
 use proptest::prelude::*;
 
-fn ctx() -> Context {
-    Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)))
-}
+mod common;
+use common::ctx;
 
 #[test]
 fn ids_are_the_lowest_free_from_one() {

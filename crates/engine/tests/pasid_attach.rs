@@ -1,17 +1,15 @@
 //! Devices attached per PASID: each PASID translates through its own table.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ioasid_engine::DeviceId;
 use ioasid_engine::fault::{LAST_PAGE, PASID_VALID, Response};
-use ioasid_engine::{Context, ContextConfig, DeviceInfo, DmaError, Error, HostBuffer, HwptFlags, Limit, Perm};
+use ioasid_engine::{Context, DeviceInfo, DmaError, Error, HostBuffer, HwptFlags, Perm};
+
+mod common;
+use common::ctx;
 
 const PAGE: u64 = 4096;
-
-fn ctx() -> Arc<Context> {
-    Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))))
-}
 
 fn pasid_device(ctx: &Context, width: u8) -> DeviceId {
     let mut info = DeviceInfo::new("pasid", 1);
