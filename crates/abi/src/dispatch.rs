@@ -286,36 +286,22 @@ fn hwpt_alloc(u: &Ucmd, mut c: iommu_hwpt_alloc) -> Res {
                 )?
                 .get()
         }
-        Object::HwptPaging(parent) => {
+        // A nested HWPT on a nesting parent or on a vIOMMU (over its parent).
+        Object::HwptPaging(_) | Object::Viommu(_) => {
             if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
                 return Err(Errno::EOPNOTSUPP);
             }
-            parent.check_nest_parent()?;
+            let parent = match &pt {
+                Object::Viommu(viommu) => viommu.hwpt().clone(),
+                Object::HwptPaging(parent) => {
+                    parent.check_nest_parent()?;
+                    parent.clone()
+                }
+                _ => unreachable!("matched above"),
+            };
             let data = nested_data(u, &parent, &c)?;
-            u.ctx
-                .hwpt_alloc_nested_with(
-                    DeviceId::new(c.dev_id),
-                    NestParentId::new(c.pt_id),
-                    data,
-                    fault,
-                    pasid_use(c.flags),
-                )?
-                .get()
-        }
-        Object::Viommu(viommu) => {
-            if c.flags & !(IOMMU_HWPT_FAULT_ID_VALID | IOMMU_HWPT_ALLOC_PASID) != 0 || c.data_len == 0 {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            let data = nested_data(u, viommu.hwpt(), &c)?;
-            u.ctx
-                .hwpt_alloc_nested_with(
-                    DeviceId::new(c.dev_id),
-                    NestParentId::new(c.pt_id),
-                    data,
-                    fault,
-                    pasid_use(c.flags),
-                )?
-                .get()
+            let (dev, parent_id) = (DeviceId::new(c.dev_id), NestParentId::new(c.pt_id));
+            u.ctx.hwpt_alloc_nested_with(dev, parent_id, data, fault, pasid_use(c.flags))?.get()
         }
         _ => return Err(Errno::EINVAL),
     };

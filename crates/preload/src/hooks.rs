@@ -361,74 +361,67 @@ macro_rules! fcntl_hook {
 fcntl_hook!(fcntl, fcntl);
 fcntl_hook!(fcntl64, fcntl64);
 
-macro_rules! read_hook {
-    ($name:ident, $real:ident $(, $off:ident)?) => {
-        /// # Safety
-        /// As the C library's function of the same name.
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize $(, $off: i64)?) -> isize {
-            let ours = caught(Some(-1), || {
-                let entry = files::rw_file(fd)?;
-                let _shield = crate::signals::Shield::raise();
-                panic_for_test();
-                #[allow(unused_mut, unused_assignments)]
-                let mut offset = 0i64;
-                $(offset = $off;)?
-                if let Some(r) = forwarded(&entry, Call::Read { buf: buf as u64, count: count as u64, offset }) {
-                    return Some(r);
-                }
-                let r = match entry.file {
-                    File::FailNth(tid) => {
-                        // A checked copy: a bad buffer is EFAULT, as the kernel's copy_to_user gives.
-                        let text = fail_nth::read(tid, count, offset.max(0) as usize);
-                        InProcess.write(buf as u64, &text).map_err(|e| e.0).map(|()| text.len())
-                    }
-                    File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                    File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                    // Linux's iommufd and access files have no read.
-                    File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
-                };
-                Some(finish(r))
-            });
-            // SAFETY: forwarding the caller's own arguments.
-            ours.unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
+/// What every read and write hook does with an ioasid file: a forked
+/// child's queue is answered by its parent; any other is `handle`d here.
+/// `None`: not an ioasid file, the C library's own function runs.
+fn rw_ioasid(fd: c_int, call: Call, handle: impl FnOnce(&File) -> Result<usize, c_int>) -> Option<isize> {
+    caught(Some(-1), || {
+        let entry = files::rw_file(fd)?;
+        let _shield = crate::signals::Shield::raise();
+        panic_for_test();
+        if let Some(r) = forwarded(&entry, call) {
+            return Some(r);
         }
-    };
+        Some(finish(handle(&entry.file)))
+    })
 }
 
-macro_rules! write_hook {
-    ($name:ident, $real:ident $(, $off:ident)?) => {
+/// `read(2)` of an ioasid file at `offset`.
+fn read_ioasid(file: &File, buf: *mut c_void, count: usize, offset: i64) -> Result<usize, c_int> {
+    match file {
+        File::FailNth(tid) => {
+            // A checked copy: a bad buffer is EFAULT, as the kernel's copy_to_user gives.
+            let text = fail_nth::read(*tid, count, offset.max(0) as usize);
+            InProcess.write(buf as u64, &text).map_err(|e| e.0).map(|()| text.len())
+        }
+        File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+        File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+        // Linux's iommufd and access files have no read.
+        File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
+    }
+}
+
+/// `write(2)` to an ioasid file at `offset`.
+fn write_ioasid(file: &File, buf: *const c_void, count: usize, offset: i64) -> Result<usize, c_int> {
+    match file {
+        File::FailNth(tid) => {
+            // As Linux's kstrtouint_from_user: the number is in the first bytes.
+            let mut data = vec![0u8; count.min(34)];
+            InProcess
+                .read(buf as u64, &mut data)
+                .map_err(|e| e.0)
+                .and_then(|()| fail_nth::write(*tid, &data))
+                .map(|_| count)
+        }
+        File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
+        // Linux's iommufd, vEVENTQ and access files have no write.
+        File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_) => Err(libc::EINVAL),
+    }
+}
+
+macro_rules! rw_hook {
+    ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident $(, $off:ident)?) => {
         /// # Safety
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, count: usize $(, $off: i64)?) -> isize {
-            let ours = caught(Some(-1), || {
-                let entry = files::rw_file(fd)?;
-                let _shield = crate::signals::Shield::raise();
-                panic_for_test();
-                #[allow(unused_mut, unused_assignments)]
-                let mut offset = 0i64;
-                $(offset = $off;)?
-                if let Some(r) = forwarded(&entry, Call::Write { buf: buf as u64, count: count as u64, offset }) {
-                    return Some(r);
-                }
-                // Linux's iommufd, vEVENTQ and access files have no write.
-                if matches!(entry.file, File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_)) {
-                    return Some(finish(Err(libc::EINVAL)));
-                }
-                let r = match entry.file {
-                    File::FailNth(tid) => {
-                        // As Linux's kstrtouint_from_user: the number is in the first bytes.
-                        let mut data = vec![0u8; count.min(34)];
-                        InProcess.read(buf as u64, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(tid, &data)).map(|_| count)
-                    }
-                    File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-                    _ => unreachable!("files without a write were answered above"),
-                };
-                Some(finish(r))
-            });
-            // SAFETY: forwarding the caller's own arguments.
-            ours.unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
+        pub unsafe extern "C" fn $name(fd: c_int, buf: $ptr, count: usize $(, $off: i64)?) -> isize {
+            #[allow(unused_mut, unused_assignments)]
+            let mut offset = 0i64;
+            $(offset = $off;)?
+            let call = Call::$call { buf: buf as u64, count: count as u64, offset };
+            rw_ioasid(fd, call, |file| $ours(file, buf, count, offset))
+                // SAFETY: forwarding the caller's own arguments.
+                .unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }
     };
 }
@@ -467,12 +460,12 @@ fn finish(r: Result<usize, c_int>) -> isize {
     )
 }
 
-read_hook!(read, read);
-read_hook!(pread, pread, offset);
-read_hook!(pread64, pread64, offset);
-write_hook!(write, write);
-write_hook!(pwrite, pwrite, offset);
-write_hook!(pwrite64, pwrite64, offset);
+rw_hook!(read, read, *mut c_void, Read, read_ioasid);
+rw_hook!(pread, pread, *mut c_void, Read, read_ioasid, offset);
+rw_hook!(pread64, pread64, *mut c_void, Read, read_ioasid, offset);
+rw_hook!(write, write, *const c_void, Write, write_ioasid);
+rw_hook!(pwrite, pwrite, *const c_void, Write, write_ioasid, offset);
+rw_hook!(pwrite64, pwrite64, *const c_void, Write, write_ioasid, offset);
 
 /// # Safety
 /// As the C library's `close_range`.
