@@ -10,15 +10,22 @@ pub const PAGE_SIZE: u64 = 4096;
 /// The largest alignment automatic allocation asks for (a transparent huge page).
 pub const HUGE_ALIGN: u64 = 2 << 20;
 
+/// An inclusive IOVA interval `[start, last]` (`struct iommu_iova_range`):
+/// apertures, reserved and allowed ranges, unmap ranges. Never empty; `last`
+/// is not below `start` in any range the engine makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IovaRange {
+    /// First IOVA in the range.
     pub start: u64,
+    /// Last IOVA in the range (inclusive).
     pub last: u64,
 }
 
 impl IovaRange {
+    /// The whole 64-bit IOVA space.
     pub const ALL: IovaRange = IovaRange { start: 0, last: u64::MAX };
 
+    /// `[start, last]`, unchecked: the caller keeps `start <= last`.
     pub const fn new(start: u64, last: u64) -> Self {
         IovaRange { start, last }
     }
@@ -32,23 +39,30 @@ impl IovaRange {
         Ok(IovaRange { start: iova, last })
     }
 
+    /// Its length in bytes; saturates at `u64::MAX` for [`IovaRange::ALL`],
+    /// whose 2^64 bytes do not fit.
     pub fn len(&self) -> u64 {
         // Saturates only for the whole 2^64 space, which no mapping can have.
         (self.last - self.start).saturating_add(1)
     }
 
+    /// Always false: a range holds at least `start` (here for clippy's
+    /// `len_without_is_empty`).
     pub fn is_empty(&self) -> bool {
         false
     }
 
+    /// Whether the two share at least one IOVA.
     pub fn overlaps(&self, other: &IovaRange) -> bool {
         self.start <= other.last && other.start <= self.last
     }
 
+    /// Whether `other` lies wholly inside this range.
     pub fn contains(&self, other: &IovaRange) -> bool {
         self.start <= other.start && other.last <= self.last
     }
 
+    /// The IOVAs both hold, if any.
     pub fn intersect(&self, other: &IovaRange) -> Option<IovaRange> {
         let start = self.start.max(other.start);
         let last = self.last.min(other.last);
