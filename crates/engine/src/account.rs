@@ -186,7 +186,7 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
 
 /// Whether this process holds capability `cap` now (one `capget`, as
 /// cheap as Linux's own `capable()` check is to it).
-pub fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
+pub(crate) fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
     rustix::thread::capabilities(None).is_ok_and(|sets| sets.effective.contains(cap))
 }
 

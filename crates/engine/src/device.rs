@@ -290,7 +290,7 @@ impl Device {
 
     /// `Hwpt::generation` of the table serving `pasid` ((0, 0): none), read
     /// without taking a reference, for caches to check on every use.
-    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+    pub(crate) fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
         self.with_serving(pasid, |h| h.map_or((0, 0), Hwpt::generation))
     }
 
@@ -469,7 +469,7 @@ impl Device {
 
     /// The PASID a fault at host `pasid` is reported with: the guest's
     /// number when the PASID was attached through a vIOMMU.
-    pub fn reported_pasid(&self, pasid: u32) -> u32 {
+    pub(crate) fn reported_pasid(&self, pasid: u32) -> u32 {
         self.guest_pasids.lock().get(&pasid).copied().unwrap_or(pasid)
     }
 

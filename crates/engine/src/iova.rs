@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 /// The host page size that alignment rules are written against.
 pub const PAGE_SIZE: u64 = 4096;
 /// The largest alignment automatic allocation asks for (a transparent huge page).
-pub const HUGE_ALIGN: u64 = 2 << 20;
+pub(crate) const HUGE_ALIGN: u64 = 2 << 20;
 
 /// An inclusive IOVA interval `[start, last]` (`struct iommu_iova_range`):
 /// apertures, reserved and allowed ranges, unmap ranges. Never empty; `last`
@@ -71,7 +71,7 @@ impl IovaRange {
 }
 
 /// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
-pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
+pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
     let mut v: Vec<IovaRange> = ranges.into_iter().collect();
     v.sort_unstable();
     let mut out: Vec<IovaRange> = Vec::with_capacity(v.len());
@@ -85,7 +85,7 @@ pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
 }
 
 /// The holes of `used` (sorted, disjoint) inside `window`.
-pub fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
+pub(crate) fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
     let mut out = Vec::new();
     let mut cursor = Some(window.start);
     for u in used {
@@ -123,7 +123,7 @@ pub fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Op
 /// The alignment automatic allocation uses for memory at `uptr`: the largest
 /// power of two that divides both the length (rounded up) and the address,
 /// capped at a huge page so huge IO pages remain possible.
-pub fn alloc_alignment(uptr: u64, length: u64) -> u64 {
+pub(crate) fn alloc_alignment(uptr: u64, length: u64) -> u64 {
     let by_len = length.checked_next_power_of_two().unwrap_or(1 << 63);
     let a = if uptr == 0 { by_len } else { by_len.min(1 << uptr.trailing_zeros()) };
     a.min(HUGE_ALIGN)

@@ -574,7 +574,7 @@ fn process_copy(pid: i32, remote: u64, local: *mut u8, len: usize, to_remote: bo
 /// (`/proc/<pid>/pagemap`); of any memory, pages that are not all zero. So
 /// the time and memory it takes follow what `pid` has written there, not
 /// the length of the range.
-pub fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
+pub(crate) fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
     let gone = Error::Fault("the other process's memory is not mapped");
     let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
@@ -667,7 +667,7 @@ fn copy_nonzero(pid: i32, addr: u64, len: u64, dst: u64, scratch: &mut [u8]) -> 
 /// process maps at the same address (the same object at the same offset):
 /// what a forked child inherits of its parent's `MAP_SHARED` mappings.
 /// Such memory is one set of pages, reachable here directly.
-pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
+pub(crate) fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
     let (Ok(theirs), Ok(ours)) =
         (std::fs::read_to_string(format!("/proc/{pid}/maps")), std::fs::read_to_string("/proc/self/maps"))
     else {
