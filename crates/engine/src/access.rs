@@ -17,6 +17,12 @@ pub trait AccessOps: Send + Sync {
     fn unmap(&self, iova: u64, len: u64);
 }
 
+/// An in-kernel-style user of one IOAS (Linux's `iommufd_access`): it reads,
+/// writes and pins memory by IOVA through the IOAS's mappings rather than
+/// through a page table. Created by [`Context::access_create`]; while it pins
+/// a range, an unmap of that range first asks its [`AccessOps`] to let go.
+///
+/// [`Context::access_create`]: crate::Context::access_create
 pub struct Access {
     ops: Arc<dyn AccessOps>,
     /// Drivers that pin pages need page-aligned IOVAs.
@@ -43,7 +49,7 @@ impl Access {
         if self.needs_pin_pages { PAGE_SIZE } else { 1 }
     }
 
-    pub fn ioas(&self) -> Option<Arc<Ioas>> {
+    pub(crate) fn ioas(&self) -> Option<Arc<Ioas>> {
         self.state().ioas.clone()
     }
 
@@ -95,10 +101,18 @@ impl Access {
         }
     }
 
+    /// Copies `buf.len()` bytes at `iova` out of the IOAS, as
+    /// `iommufd_access_rw` does for a read. Fails with `Invalid` (EINVAL) for
+    /// an empty `buf` or a range being unmapped, `NotFound` (ENOENT) when the
+    /// access is detached or the range is not fully mapped, `Permission`
+    /// (EPERM) when a mapping is not readable, `Fault` (EFAULT) when the
+    /// memory behind it is gone.
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
         self.rw(iova, buf, false)
     }
 
+    /// Copies `data` into the IOAS at `iova`; the errors of [`Access::read`],
+    /// with `Permission` (EPERM) for a mapping that is not writable.
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
         let mut tmp = data.to_vec();
         self.rw(iova, &mut tmp, true)

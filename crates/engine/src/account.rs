@@ -14,6 +14,9 @@ use std::sync::{Arc, LazyLock};
 use crate::error::{Error, Result};
 use crate::iova::PAGE_SIZE;
 
+/// Whose locked-memory counter pinned pages are charged to
+/// (`IOMMU_OPTION_RLIMIT_MODE`), read back by
+/// [`Context::account_mode`](crate::Context::account_mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccountMode {
     /// Charged to the user (`user->locked_vm`).
@@ -24,7 +27,7 @@ pub enum AccountMode {
 
 /// Where pinned pages of one context are charged, and against which limit.
 #[derive(Debug, Clone)]
-pub struct Accounting {
+pub(crate) struct Accounting {
     counter: Option<Arc<AtomicU64>>,
     limit: Limit,
     /// The process the pages are charged to (`None`: this one), with the
@@ -36,6 +39,8 @@ pub struct Accounting {
     pinned: Option<Arc<AtomicU64>>,
 }
 
+/// The most pages a context may have charged at once; a pin past it fails
+/// with `NoMemory` (ENOMEM), as Linux's `RLIMIT_MEMLOCK` check does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     /// `RLIMIT_MEMLOCK` of the charged process, read at each pin.
@@ -181,7 +186,7 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
 
 /// Whether this process holds capability `cap` now (one `capget`, as
 /// cheap as Linux's own `capable()` check is to it).
-pub fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
+pub(crate) fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
     rustix::thread::capabilities(None).is_ok_and(|sets| sets.effective.contains(cap))
 }
 

@@ -220,21 +220,31 @@ macro_rules! objects {
 }
 
 objects! {
+    /// An I/O address space (`IOMMU_IOAS_ALLOC`).
     Ioas(Ioas) "IOAS",
+    /// A paging HWPT, allocated or made automatically by an attach to an
+    /// IOAS.
     HwptPaging(HwptPaging) "HWPT paging",
+    /// A bound device (`iommufd_device`).
     Device(Device) "device",
     /// A mock device made by the selftest command; destroying it unbinds
     /// the device (Linux's `IOMMUFD_OBJ_SELFTEST`).
     Selftest(SelftestDevice) "selftest device",
     /// An in-engine user of an IOAS, owned by its driver.
     Access(Access) "access",
+    /// A guest's stage 1 over a nesting-parent paging HWPT.
     HwptNested(HwptNested) "HWPT nested",
+    /// A fault queue (`IOMMU_FAULT_QUEUE_ALLOC`).
     Fault(FaultQueue) "fault queue",
     /// An IOASID set of the global PASID space.
     IoasidSet(SetHandle) "IOASID set",
+    /// A virtual IOMMU instance (`IOMMU_VIOMMU_ALLOC`).
     Viommu(Viommu) "vIOMMU",
+    /// A device's identity behind a vIOMMU (`IOMMU_VDEVICE_ALLOC`).
     Vdevice(Vdevice) "vDEVICE",
+    /// A vIOMMU's event queue (`IOMMU_VEVENTQ_ALLOC`).
     Veventq(Veventq) "vEVENTQ",
+    /// A guest-owned hardware queue of a vIOMMU (`IOMMU_HW_QUEUE_ALLOC`).
     HwQueue(HwQueue) "HW queue",
 }
 
@@ -274,6 +284,9 @@ impl From<SelftestId> for ObjectId {
     }
 }
 
+/// The selftest object behind `IOMMU_TEST_OP_MOCK_DOMAIN` (Linux's
+/// `selftest_obj`): it owns the mock device it bound, and destroying it
+/// unbinds that device.
 #[derive(Default)]
 pub struct SelftestDevice {
     dev_id: OnceLock<u32>,
@@ -289,6 +302,7 @@ impl SelftestDevice {
 /// How a context charges pinned memory and what its caller may do.
 #[derive(Debug, Clone)]
 pub struct ContextConfig {
+    /// The limit on pages pinned and charged (see [`Limit`]).
     pub memlock_limit: Limit,
     /// The caller holds `CAP_IPC_LOCK`: pinned pages are not charged.
     pub memlock_exempt: bool,
@@ -346,6 +360,12 @@ impl ContextConfig {
     }
 }
 
+/// One open `/dev/iommu` (Linux's `iommufd_ctx`): the object table that
+/// IOASes, HWPTs, devices, accesses, fault queues and vIOMMU objects live in,
+/// named by typed IDs ([`Id`]). Every operation of the uAPI is a method here
+/// (the ABI crate only decodes structs), with errors of the errno Linux
+/// returns. `Sync`: share it as `Arc<Context>` between threads; dropping it
+/// destroys every object, as closing the fd does.
 pub struct Context {
     objects: Mutex<Table>,
     /// Serialises changes to the object graph (attach, detach, destroy) so
@@ -369,10 +389,13 @@ impl Default for Context {
 }
 
 impl Context {
+    /// A context with this process's privileges
+    /// ([`ContextConfig::from_process`]).
     pub fn new() -> Self {
         Self::with_config(ContextConfig::from_process())
     }
 
+    /// A context that charges and permits as `config` says.
     pub fn with_config(config: ContextConfig) -> Self {
         Context {
             objects: Mutex::new(Table::default()),
@@ -431,6 +454,8 @@ impl Context {
         self.accounting().charged()
     }
 
+    /// The accounting mode new pins are charged in
+    /// (`IOMMU_OPTION_RLIMIT_MODE` read back).
     pub fn account_mode(&self) -> AccountMode {
         *self.account_mode.lock()
     }
@@ -507,6 +532,8 @@ impl Context {
         Ok(())
     }
 
+    /// `IOMMU_IOAS_ALLOC`: a new, empty IOAS under the lowest free ID.
+    /// Fails with `NoSpace` (ENOSPC) when every object ID is taken.
     pub fn ioas_alloc(&self) -> Result<IoasId> {
         self.insert(Object::Ioas(Arc::new(Ioas::new())))
     }

@@ -28,6 +28,7 @@ use crate::pgtable::Perm;
 /// A device as its IOMMU sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// A name for people (logs, the CLI's listings); the IOMMU never reads it.
     pub name: String,
     /// PCI requester ID (bus << 8 | devfn).
     pub rid: u32,
@@ -39,9 +40,12 @@ pub struct DeviceInfo {
     pub reserved: Vec<IovaRange>,
     /// log2 of the PASID space; 0 when the device has no PASID capability.
     pub max_pasid_log2: u8,
-    /// The PCI PASID capability's Execute and Privileged Mode bits, which
-    /// the IOMMU driver enables with PASIDs (meaningless without them).
+    /// The PCI PASID capability's Execute Permission bit, which the IOMMU
+    /// driver enables with PASIDs (meaningless without them): DMA may then
+    /// ask for execute access.
     pub pasid_exec: bool,
+    /// The PCI PASID capability's Privileged Mode bit, enabled as
+    /// `pasid_exec` is: DMA may then ask for supervisor access.
     pub pasid_priv: bool,
     /// Whether its IOMMU can track dirty pages.
     pub dirty_tracking: bool,
@@ -90,8 +94,14 @@ impl DeviceInfo {
 /// Flags of Linux's selftest mock devices (`MOCK_FLAGS_DEVICE_*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MockFlags {
+    /// `MOCK_FLAGS_DEVICE_NO_DIRTY`: its IOMMU cannot track dirty pages, so
+    /// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` fails for it (EOPNOTSUPP).
     pub no_dirty: bool,
+    /// `MOCK_FLAGS_DEVICE_HUGE_IOVA`: its tables also have the mock's 1 MiB
+    /// IO pages.
     pub huge_iova: bool,
+    /// `MOCK_FLAGS_DEVICE_PASID`: it has a PASID capability
+    /// [`MOCK_PASID_WIDTH`] bits wide.
     pub pasid: bool,
 }
 
@@ -128,6 +138,8 @@ pub const MAX_GROUP_PAGES: usize = 16;
 /// Why a DMA did not complete.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum DmaError {
+    /// No table serves the RID or PASID (nothing attached, or a blocking
+    /// domain): the IOMMU drops the DMA without a fault record.
     #[error("DMA blocked: the device is not attached to a page table")]
     Blocked,
     /// The IOMMU refused the access: where, why, tagged with which PASID
@@ -137,9 +149,27 @@ pub enum DmaError {
         if *.write { "write" } else { "read" },
         .pasid.map_or(String::new(), |p| format!(" at PASID {p}"))
     )]
-    Fault { iova: u64, reason: FaultReason, write: bool, pasid: Option<u32>, stage: Stage },
+    Fault {
+        /// The IOVA (the device's address) that faulted.
+        iova: u64,
+        /// What the walk found wrong there.
+        reason: FaultReason,
+        /// Whether the DMA was a write.
+        write: bool,
+        /// The PASID the DMA was tagged with, as the device sent it.
+        pasid: Option<u32>,
+        /// Which stage of the serving table refused it.
+        stage: Stage,
+    },
+    /// The table translated `iova`, but the host memory behind it was
+    /// unmapped by its owner under the mapping (a user mapping torn down or
+    /// a file truncated): what Linux would see as a bad page, not an IOMMU
+    /// fault, so it is neither counted nor reported.
     #[error("the memory behind IOVA {iova:#x} is no longer mapped by its owner")]
-    Memory { iova: u64 },
+    Memory {
+        /// The IOVA whose memory was gone.
+        iova: u64,
+    },
 }
 
 /// Which stage of the table serving a DMA refused it.
@@ -166,6 +196,13 @@ impl Stage {
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
+/// A device bound to a context (Linux's `iommufd_device`, made by
+/// [`Context::bind_device`]): what it is, which table serves its RID and
+/// each PASID, and its DMA through them (see [`DmaPort`]). Shared as
+/// `Arc<Device>`; DMA from any thread is safe against attach, replace and
+/// unmap, which wait for DMA in flight before returning.
+///
+/// [`Context::bind_device`]: crate::Context::bind_device
 pub struct Device {
     info: DeviceInfo,
     /// Identity for reservations, unique in the process.
@@ -223,6 +260,7 @@ impl Device {
         Ok(())
     }
 
+    /// What the device was bound as.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
     }
@@ -231,6 +269,8 @@ impl Device {
         self.key
     }
 
+    /// The table attached at the RID (`None`: blocked), a snapshot that a
+    /// concurrent attach may already have replaced.
     pub fn attached(&self) -> Option<Hwpt> {
         self.attached.load_full().map(|h| (*h).clone())
     }
@@ -256,7 +296,7 @@ impl Device {
 
     /// `Hwpt::generation` of the table serving `pasid` ((0, 0): none), read
     /// without taking a reference, for caches to check on every use.
-    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+    pub(crate) fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
         self.with_serving(pasid, |h| h.map_or((0, 0), Hwpt::generation))
     }
 
@@ -435,7 +475,7 @@ impl Device {
 
     /// The PASID a fault at host `pasid` is reported with: the guest's
     /// number when the PASID was attached through a vIOMMU.
-    pub fn reported_pasid(&self, pasid: u32) -> u32 {
+    pub(crate) fn reported_pasid(&self, pasid: u32) -> u32 {
         self.guest_pasids.lock().get(&pasid).copied().unwrap_or(pasid)
     }
 
@@ -481,10 +521,12 @@ pub struct DmaPort<'a> {
 }
 
 impl<'a> DmaPort<'a> {
+    /// The device whose DMA this port carries.
     pub fn device(&self) -> &'a Device {
         self.device
     }
 
+    /// The PASID the port's DMA is tagged with (`None`: untagged, the RID).
     pub fn pasid(&self) -> Option<u32> {
         self.pasid
     }

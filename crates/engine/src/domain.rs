@@ -66,7 +66,9 @@ macro_rules! formats {
 }
 
 formats! {$
+    /// Intel VT-d second-stage table, 4 levels (48-bit IOVA).
     VtdSs4: VtdSs4,
+    /// Intel VT-d second-stage table, 5 levels (57-bit IOVA).
     VtdSs5: VtdSs5,
     /// Linux's selftest mock IOMMU: 2 KiB IO pages.
     Mock: Mock<false>,
@@ -77,20 +79,28 @@ formats! {$
     MockPt: MockPt,
     /// AMD-Vi v1, Mode 4.
     AmdV1: AmdV1Mode4,
-    /// Arm VMSAv8-64 with 4 KiB granules, stage 1 and stage 2.
+    /// Arm VMSAv8-64 stage 1 with 4 KiB granules (SMMUv3 S1 tables).
     ArmS1: ArmS1,
+    /// Arm VMSAv8-64 stage 2 with 4 KiB granules (SMMUv3 S2 tables, the
+    /// parent of a nested SMMUv3 HWPT).
     ArmS2: ArmS2,
 }
 
 impl PageFormat {
+    /// The format's name for people (the CLI's listings).
     pub fn name(self) -> &'static str {
         with_format!(self, F => F::NAME)
     }
 
+    /// The IO page sizes the format's leaves can have, one bit per size in
+    /// bytes (bit 12: 4 KiB), as `IOMMU_IOAS_IOVA_RANGES` and Linux's
+    /// `pgsize_bitmap` give them.
     pub fn pgsize_bitmap(self) -> u64 {
         with_format!(self, F => pgtable::pgsize_bitmap::<F>())
     }
 
+    /// Width in bits of the IOVAs the format can translate: its tables
+    /// cover `[0, 2^iova_bits)`.
     pub fn iova_bits(self) -> u32 {
         with_format!(self, F => F::iova_bits())
     }
@@ -100,6 +110,9 @@ impl PageFormat {
         with_format!(self, F => F::PAGE_SHIFT)
     }
 
+    /// Whether it is one of the selftest mock IOMMU's formats: the test
+    /// commands that look into a mock page table (Linux's
+    /// `get_md_pagetable`) refuse others with EINVAL.
     pub fn is_mock(self) -> bool {
         matches!(self, PageFormat::Mock | PageFormat::MockHuge | PageFormat::MockPt)
     }
@@ -116,7 +129,13 @@ pub enum FaultReason {
     Permission,
     /// Nested: stage 2 does not map guest-physical address `gpa` (a stage-1
     /// table or the final page) with the rights needed.
-    Stage2 { gpa: u64, permission: bool },
+    Stage2 {
+        /// The guest-physical address stage 2 was asked for.
+        gpa: u64,
+        /// True when stage 2 maps `gpa` but without the rights needed;
+        /// false when it does not map it at all.
+        permission: bool,
+    },
     /// Nested: the guest's stage-1 leaf has its access flag clear (an
     /// SMMUv3 `F_ACCESS`).
     AccessFlag,
@@ -154,25 +173,27 @@ pub struct Domain {
 }
 
 impl Domain {
-    pub fn new(format: PageFormat, aperture: IovaRange) -> Self {
-        Self::with_dirty(format, aperture, false)
-    }
-
-    pub fn with_dirty(format: PageFormat, aperture: IovaRange, dirty_capable: bool) -> Self {
+    pub(crate) fn with_dirty(format: PageFormat, aperture: IovaRange, dirty_capable: bool) -> Self {
         let table = AnyTable::new(format);
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
         Domain { table, iotlb: Iotlb::new(), format, aperture, dirty_capable, tracking: AtomicBool::new(false) }
     }
 
+    /// The format of its page table.
     pub fn format(&self) -> PageFormat {
         self.format
     }
 
+    /// The IOVAs it translates: the device's aperture cut to what the
+    /// format can reach. Anything outside faults with
+    /// [`FaultReason::Aperture`].
     pub fn aperture(&self) -> IovaRange {
         self.aperture
     }
 
+    /// The IO page sizes its leaves can have (see
+    /// [`PageFormat::pgsize_bitmap`]).
     pub fn pgsize_bitmap(&self) -> u64 {
         self.format.pgsize_bitmap()
     }
@@ -196,10 +217,14 @@ impl Domain {
         self.iotlb.invalidate_all();
     }
 
+    /// Whether it was allocated with dirty tracking
+    /// (`IOMMU_HWPT_ALLOC_DIRTY_TRACKING`), so tracking can be turned on.
     pub fn dirty_capable(&self) -> bool {
         self.dirty_capable
     }
 
+    /// Whether dirty tracking is on now (`IOMMU_HWPT_SET_DIRTY_TRACKING`):
+    /// DMA writes then set the dirty bits of the leaves they go through.
     pub fn dirty_tracking(&self) -> bool {
         self.tracking.load(Ordering::Acquire)
     }
@@ -238,6 +263,8 @@ impl Domain {
         }
     }
 
+    /// Counts of the table's levels and leaves, for inspection (the CLI's
+    /// demo, benchmarks); it walks the whole table.
     pub fn summary(&self) -> Summary {
         with_table!(&self.table, pt => pt.summary())
     }
@@ -317,6 +344,8 @@ impl fmt::LowerHex for Gpa {
 /// or checked copies, as the mapping's pages said).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translated {
+    /// Where the translated byte is in this process.
     pub host: HostAddr,
+    /// Whether that memory may be touched directly or only by a checked copy.
     pub trust: Trust,
 }

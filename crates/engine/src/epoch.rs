@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use crossbeam_epoch::{Guard, pin};
 
-pub fn synchronize() {
+/// Waits until every DMA (every epoch critical section) that was running
+/// when it was called has finished; spins, then yields.
+pub(crate) fn synchronize() {
     let done = Arc::new(AtomicBool::new(false));
     {
         let guard = pin();

@@ -4,8 +4,11 @@
 
 use thiserror::Error;
 
+/// The engine's result: an [`Error`](enum@Error) on failure.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Why an engine call failed: one kind per errno Linux's iommufd would
+/// return for it, carrying a static message for people.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
 pub enum Error {
     /// An ID, IOVA or range that does not exist (ENOENT).
@@ -14,7 +17,12 @@ pub enum Error {
     /// An object ID that names nothing, or an object of another kind than
     /// the one wanted (ENOENT, as `iommufd_get_object` answers both).
     #[error("no {kind} with ID {id}")]
-    NoObject { id: u32, kind: &'static str },
+    NoObject {
+        /// The ID asked for.
+        id: u32,
+        /// The kind of object that was wanted (`"IOAS"`, `"HWPT"`, `"vIOMMU"`, ...).
+        kind: &'static str,
+    },
     /// An object still used by another (EBUSY).
     #[error("busy: {0}")]
     Busy(&'static str),

@@ -28,13 +28,18 @@ fn spin_until(done: impl Fn() -> bool) -> bool {
 
 use crate::error::{Error, Result};
 
-/// `IOMMU_PGFAULT_FLAGS_*`.
+/// `IOMMU_PGFAULT_FLAGS_PASID_VALID`: the request carries a PASID.
 pub const PASID_VALID: u32 = 1 << 0;
+/// `IOMMU_PGFAULT_FLAGS_LAST_PAGE`: the last request of its group; the
+/// group is complete, and answered as one, from it.
 pub const LAST_PAGE: u32 = 1 << 1;
-/// `IOMMU_PGFAULT_PERM_*`.
+/// `IOMMU_PGFAULT_PERM_READ`: the faulting access reads.
 pub const PERM_READ: u32 = 1 << 0;
+/// `IOMMU_PGFAULT_PERM_WRITE`: the faulting access writes.
 pub const PERM_WRITE: u32 = 1 << 1;
+/// `IOMMU_PGFAULT_PERM_EXEC`: the faulting access asks for execute.
 pub const PERM_EXEC: u32 = 1 << 2;
+/// `IOMMU_PGFAULT_PERM_PRIV`: the faulting access asks for privileged mode.
 pub const PERM_PRIV: u32 = 1 << 3;
 
 /// What a DMA tagged with a PASID may ask beyond read and write: the
@@ -44,7 +49,9 @@ pub const PERM_PRIV: u32 = 1 << 3;
 /// table ioasid keeps grants or denies them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DmaAttrs {
+    /// Execute access asked for (the PASID prefix's Execute Requested bit).
     pub exec: bool,
+    /// Supervisor access asked for (its Privileged Mode Requested bit).
     pub privileged: bool,
 }
 
@@ -58,25 +65,34 @@ impl DmaAttrs {
 /// One page request, as a PCIe PRI message carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageRequest {
+    /// [`PASID_VALID`] and [`LAST_PAGE`] (`IOMMU_PGFAULT_FLAGS_*`).
     pub flags: u32,
     /// The device's object ID in the context the queue belongs to.
     pub dev_id: u32,
+    /// The PASID the DMA was tagged with (the guest's number behind a
+    /// vIOMMU); meaningful only with [`PASID_VALID`].
     pub pasid: u32,
+    /// The page request group index (9 bits, as PCIe's PRG index): the
+    /// requests of one group share it.
     pub grpid: u32,
     /// `IOMMU_PGFAULT_PERM_*`.
     pub perm: u32,
+    /// The faulting address (the IO page's start for a device's requests).
     pub addr: u64,
 }
 
 /// The requests of one group, answered together.
 #[derive(Debug, Clone, Default)]
 pub struct Group {
+    /// The group's requests, the last with [`LAST_PAGE`].
     pub requests: Vec<PageRequest>,
     /// Where the device waits for the answer (none for injected requests).
     waiter: Option<Arc<Waiter>>,
 }
 
 impl Group {
+    /// A group no device waits on (an injected request, as the selftest's
+    /// `IOMMU_TEST_OP_TRIGGER_IOPF` makes): its answer goes nowhere.
     pub fn new(requests: Vec<PageRequest>) -> Self {
         Group { requests, waiter: None }
     }
@@ -113,6 +129,7 @@ impl Waiter {
         }
     }
 
+    /// The answer, if one came.
     pub fn answered(&self) -> Option<Response> {
         match self.answer.load(Ordering::Acquire) {
             0 => None,
@@ -144,7 +161,10 @@ impl Waiter {
 /// How a group is answered (`IOMMUFD_PAGE_RESP_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Response {
+    /// `IOMMUFD_PAGE_RESP_SUCCESS`: the pages are mapped now; the device
+    /// retries its DMA.
     Success,
+    /// `IOMMUFD_PAGE_RESP_INVALID`: they will not be; the DMA fails.
     Invalid,
 }
 
@@ -166,6 +186,12 @@ pub type Notifier = Box<dyn Fn(bool) + Send + Sync>;
 /// The most groups a queue holds unread; beyond it requests are refused.
 pub const QUEUE_LIMIT: usize = 4096;
 
+/// A fault object's queue (Linux's `iommufd_fault`, made by
+/// `IOMMU_FAULT_QUEUE_ALLOC`): page request groups from devices whose table
+/// it is attached to wait here until read (by [`FaultQueue::read`] or
+/// [`FaultQueue::next`]) and answered by cookie with
+/// [`FaultQueue::respond`]. Groups left unanswered when a device detaches
+/// or the owner goes are answered [`Response::Invalid`].
 #[derive(Default)]
 pub struct FaultQueue {
     queue: Mutex<Queue>,
@@ -177,6 +203,8 @@ pub struct FaultQueue {
 }
 
 impl FaultQueue {
+    /// An empty queue, shared between the devices reporting to it and its
+    /// reader.
     pub fn new() -> Arc<FaultQueue> {
         Arc::new(FaultQueue::default())
     }

@@ -23,7 +23,11 @@ use crate::pgtable::Perm;
 /// Flags a paging HWPT was allocated with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HwptFlags {
+    /// `IOMMU_HWPT_ALLOC_NEST_PARENT`: a stage 2 that nested HWPTs and
+    /// vIOMMUs may be built on.
     pub nest_parent: bool,
+    /// `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`: its domain can track dirty pages;
+    /// refused (EOPNOTSUPP) for a device whose IOMMU cannot.
     pub dirty_tracking: bool,
 }
 
@@ -73,16 +77,14 @@ impl HwptPaging {
         Ok(Arc::new(HwptPaging { domain, ioas, flags, pasid_use: PasidUse::Compatible, fault, auto }))
     }
 
+    /// Its page table, which mirrors every mapping of [`HwptPaging::ioas`].
     pub fn domain(&self) -> &Arc<Domain> {
         &self.domain
     }
 
+    /// The IOAS it was allocated on and whose mappings fill it.
     pub fn ioas(&self) -> &Arc<Ioas> {
         &self.ioas
-    }
-
-    pub fn flags(&self) -> HwptFlags {
-        self.flags
     }
 
     /// A new table's choice, made before anyone else can see it.
@@ -91,7 +93,7 @@ impl HwptPaging {
         self
     }
 
-    pub fn is_auto(&self) -> bool {
+    pub(crate) fn is_auto(&self) -> bool {
         self.auto
     }
 
@@ -134,10 +136,14 @@ pub struct HwptNested {
 }
 
 impl HwptNested {
+    /// The paging HWPT it nests over: stage 2, which translates every
+    /// guest-physical address stage 1 produces or holds.
     pub fn parent(&self) -> &Arc<HwptPaging> {
         &self.parent
     }
 
+    /// The vIOMMU it was allocated on (`None`: allocated on a paging HWPT
+    /// directly); faults on it become that vIOMMU's event records.
     pub fn viommu(&self) -> Option<&Arc<crate::viommu::Viommu>> {
         self.viommu.as_ref()
     }
@@ -225,6 +231,8 @@ impl HwptNested {
         self.data.walk(iova, ssid, &mut |gpa| read_guest(s2, gpa, guard), step)
     }
 
+    /// The guest's stage-1 configuration it was allocated with (the
+    /// vendor's `IOMMU_HWPT_DATA_*` contents).
     pub fn data(&self) -> &NestedData {
         &self.data
     }
@@ -246,7 +254,9 @@ fn stage2(gpa: Gpa, r: FaultReason) -> FaultReason {
 /// A HWPT a device can attach to.
 #[derive(Clone)]
 pub enum Hwpt {
+    /// A single-stage table filled from an IOAS.
     Paging(Arc<HwptPaging>),
+    /// A guest's stage 1 over a paging HWPT's stage 2.
     Nested(Arc<HwptNested>),
 }
 
@@ -259,6 +269,8 @@ impl Hwpt {
         }
     }
 
+    /// The fault queue its page requests go to (`IOMMU_HWPT_FAULT_ID_VALID`
+    /// at allocation); `None`: faults on it are unrecoverable.
     pub fn fault(&self) -> Option<&Arc<FaultQueue>> {
         match self {
             Hwpt::Paging(h) => h.fault.as_ref(),
@@ -274,20 +286,21 @@ impl Hwpt {
         }
     }
 
-    pub fn pasid_use(&self) -> PasidUse {
+    pub(crate) fn pasid_use(&self) -> PasidUse {
         match self {
             Hwpt::Paging(h) => h.pasid_use,
             Hwpt::Nested(n) => n.pasid_use,
         }
     }
 
-    pub fn dirty_capable(&self) -> bool {
+    pub(crate) fn dirty_capable(&self) -> bool {
         match self {
             Hwpt::Paging(h) => h.domain.dirty_capable(),
             Hwpt::Nested(_) => false,
         }
     }
 
+    /// Whether both name the same HWPT object (not merely equal contents).
     pub fn is_same(&self, other: &Hwpt) -> bool {
         match (self, other) {
             (Hwpt::Paging(a), Hwpt::Paging(b)) => Arc::ptr_eq(a, b),
@@ -333,10 +346,6 @@ impl Hwpt {
 }
 
 impl HwptPaging {
-    pub fn fault(&self) -> Option<&Arc<FaultQueue>> {
-        self.fault.as_ref()
-    }
-
     /// `EINVAL` unless nested HWPTs may be built on this one.
     pub fn check_nest_parent(&self) -> crate::Result<()> {
         if self.auto || !self.flags.nest_parent || self.fault.is_some() {

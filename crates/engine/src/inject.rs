@@ -39,6 +39,8 @@ pub fn fail_nth(tid: i32) -> u32 {
     nth().get(&tid).copied().unwrap_or(0)
 }
 
+/// The calling thread's kernel thread ID, the `tid` of
+/// [`set_fail_nth`] and [`fail_nth`].
 pub fn current_tid() -> i32 {
     rustix::thread::gettid().as_raw_nonzero().get()
 }

@@ -30,9 +30,11 @@ pub enum Owner {
 
 /// Memory to place at consecutive IOVAs: part of a `Pages`.
 #[derive(Clone)]
-pub struct Source {
+pub(crate) struct Source {
     pub pages: Arc<Pages>,
+    /// Offset of the first byte in `pages`.
     pub start_byte: u64,
+    /// Bytes from there.
     pub len: u64,
     /// Address that automatic IOVA allocation aligns to (user VA or file offset).
     pub align_hint: u64,
@@ -57,10 +59,17 @@ struct Area {
 /// A mapping as reported to callers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AreaInfo {
+    /// First IOVA of the mapping.
     pub iova: u64,
+    /// Its length in bytes.
     pub len: u64,
+    /// The rights it was mapped with.
     pub perm: Perm,
+    /// Host address in this process of its first byte (for another
+    /// process's memory not yet taken: the address in that process).
     pub host_addr: u64,
+    /// Whether it maps a file (`IOMMU_IOAS_MAP_FILE`) rather than user
+    /// memory.
     pub file: bool,
 }
 
@@ -85,6 +94,12 @@ pub(crate) trait UnmapNotice: Send + Sync {
     fn notify_unmap(&self, iova: u64, len: u64);
 }
 
+/// An I/O address space (Linux's `iommufd_ioas`, `IOMMU_IOAS_ALLOC`): the
+/// IOVA → memory mappings that every paging HWPT allocated on it mirrors, and
+/// that accesses read through. Reached as `Arc<Ioas>` from
+/// [`Context::get`](crate::Context::get); mapping and unmapping go through
+/// the [`Context`](crate::Context) (which charges and pins the memory), the
+/// queries and options here.
 pub struct Ioas {
     inner: Mutex<Inner>,
 }
@@ -96,6 +111,9 @@ impl Default for Ioas {
 }
 
 impl Ioas {
+    /// An empty IOAS outside any context (contexts make theirs with
+    /// [`Context::ioas_alloc`](crate::Context::ioas_alloc)): no mappings,
+    /// every IOVA allowed, byte alignment.
     pub fn new() -> Self {
         Ioas { inner: Mutex::new(Inner { iova_alignment: 1, ..Default::default() }) }
     }
@@ -112,7 +130,7 @@ impl Ioas {
 
     /// Maps `srcs` at consecutive IOVAs from `iova`, or from an IOVA chosen
     /// here when `iova` is `None`. Returns the IOVA used.
-    pub fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
+    pub(crate) fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
         let total: u64 = srcs.iter().map(|s| s.len).sum();
         crate::inject::check("area")?;
         let mut g = self.lock();
@@ -164,7 +182,7 @@ impl Ioas {
 
     /// The memory behind `[iova, iova + len)`, which must be mapped without a
     /// hole; for `IOMMU_IOAS_COPY`.
-    pub fn sources(&self, iova: u64, len: u64) -> Result<Vec<Source>> {
+    pub(crate) fn sources(&self, iova: u64, len: u64) -> Result<Vec<Source>> {
         let range = IovaRange::from_len(iova, len)?;
         let g = self.lock();
         let parts = g.contig(range)?;
@@ -247,6 +265,10 @@ impl Ioas {
         (unmapped, res)
     }
 
+    /// Unmaps everything (`IOMMU_IOAS_UNMAP` of the whole IOVA space, VFIO's
+    /// `VFIO_DMA_UNMAP_FLAG_ALL`) as far as it can; returns the bytes
+    /// unmapped. Areas an access will not let go of, or an object locks,
+    /// stay mapped.
     pub fn unmap_all(&self) -> u64 {
         self.unmap(IovaRange::ALL).0
     }
@@ -336,7 +358,7 @@ impl Ioas {
         Ok(())
     }
 
-    pub fn unreserve(&self, owner: Owner) {
+    pub(crate) fn unreserve(&self, owner: Owner) {
         self.lock().reserved.retain(|(_, o)| *o != owner);
     }
 
@@ -345,6 +367,11 @@ impl Ioas {
         !self.lock().disable_large_pages
     }
 
+    /// Sets `IOMMU_OPTION_HUGE_PAGES`. Turning huge pages off makes every
+    /// domain map in CPU pages, so VFIO-style partial unmaps can split
+    /// areas. Fails with `Invalid` (EINVAL) while areas are mapped into a
+    /// domain, `AddrInUse` (EADDRINUSE) when a mapping is not aligned to the
+    /// CPU page the IOVAs must then keep to.
     pub fn set_huge_pages(&self, enable: bool) -> Result<()> {
         let mut g = self.lock();
         if enable {
@@ -603,6 +630,8 @@ impl Ioas {
             .collect()
     }
 
+    /// How many domains (paging HWPTs, automatic ones included) mirror this
+    /// IOAS now.
     pub fn domain_count(&self) -> usize {
         self.lock().domains.len()
     }

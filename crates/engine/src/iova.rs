@@ -8,17 +8,24 @@ use crate::error::{Error, Result};
 /// The host page size that alignment rules are written against.
 pub const PAGE_SIZE: u64 = 4096;
 /// The largest alignment automatic allocation asks for (a transparent huge page).
-pub const HUGE_ALIGN: u64 = 2 << 20;
+pub(crate) const HUGE_ALIGN: u64 = 2 << 20;
 
+/// An inclusive IOVA interval `[start, last]` (`struct iommu_iova_range`):
+/// apertures, reserved and allowed ranges, unmap ranges. Never empty; `last`
+/// is not below `start` in any range the engine makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IovaRange {
+    /// First IOVA in the range.
     pub start: u64,
+    /// Last IOVA in the range (inclusive).
     pub last: u64,
 }
 
 impl IovaRange {
+    /// The whole 64-bit IOVA space.
     pub const ALL: IovaRange = IovaRange { start: 0, last: u64::MAX };
 
+    /// `[start, last]`, unchecked: the caller keeps `start <= last`.
     pub const fn new(start: u64, last: u64) -> Self {
         IovaRange { start, last }
     }
@@ -32,23 +39,30 @@ impl IovaRange {
         Ok(IovaRange { start: iova, last })
     }
 
+    /// Its length in bytes; saturates at `u64::MAX` for [`IovaRange::ALL`],
+    /// whose 2^64 bytes do not fit.
     pub fn len(&self) -> u64 {
         // Saturates only for the whole 2^64 space, which no mapping can have.
         (self.last - self.start).saturating_add(1)
     }
 
+    /// Always false: a range holds at least `start` (here for clippy's
+    /// `len_without_is_empty`).
     pub fn is_empty(&self) -> bool {
         false
     }
 
+    /// Whether the two share at least one IOVA.
     pub fn overlaps(&self, other: &IovaRange) -> bool {
         self.start <= other.last && other.start <= self.last
     }
 
+    /// Whether `other` lies wholly inside this range.
     pub fn contains(&self, other: &IovaRange) -> bool {
         self.start <= other.start && other.last <= self.last
     }
 
+    /// The IOVAs both hold, if any.
     pub fn intersect(&self, other: &IovaRange) -> Option<IovaRange> {
         let start = self.start.max(other.start);
         let last = self.last.min(other.last);
@@ -57,7 +71,7 @@ impl IovaRange {
 }
 
 /// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
-pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
+pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
     let mut v: Vec<IovaRange> = ranges.into_iter().collect();
     v.sort_unstable();
     let mut out: Vec<IovaRange> = Vec::with_capacity(v.len());
@@ -71,7 +85,7 @@ pub fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
 }
 
 /// The holes of `used` (sorted, disjoint) inside `window`.
-pub fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
+pub(crate) fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
     let mut out = Vec::new();
     let mut cursor = Some(window.start);
     for u in used {
@@ -109,7 +123,7 @@ pub fn fit(span: IovaRange, length: u64, alignment: u64, page_offset: u64) -> Op
 /// The alignment automatic allocation uses for memory at `uptr`: the largest
 /// power of two that divides both the length (rounded up) and the address,
 /// capped at a huge page so huge IO pages remain possible.
-pub fn alloc_alignment(uptr: u64, length: u64) -> u64 {
+pub(crate) fn alloc_alignment(uptr: u64, length: u64) -> u64 {
     let by_len = length.checked_next_power_of_two().unwrap_or(1 << 63);
     let a = if uptr == 0 { by_len } else { by_len.min(1 << uptr.trailing_zeros()) };
     a.min(HUGE_ALIGN)

@@ -21,9 +21,17 @@ use std::ptr::NonNull;
 use crate::error::{Error, Result};
 use crate::iova::PAGE_SIZE;
 
+/// Who vouches that a host address stays mapped, and so how it may be
+/// touched (see the module docs): carried by pages into page-table entries,
+/// IOTLB hits and [`Translated`](crate::Translated).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trust {
+    /// Kept mapped by whoever mapped it (the `unsafe` contract of
+    /// `Context::map_user`) or owned by the engine: plain copies.
     Direct,
+    /// May vanish at any time (a program's memory reached through the ABI,
+    /// a file that can shrink): copies that turn a fault into `Fault`
+    /// (EFAULT) instead of a crash.
     Checked,
 }
 
@@ -241,6 +249,8 @@ mod guarded {
             }
         }
 
+        /// The action as last stored, consistent even against a concurrent
+        /// `store`; async-signal-safe.
         pub fn load(&self) -> libc::sigaction {
             loop {
                 let before = self.seq.load(Ordering::Acquire);
@@ -564,7 +574,7 @@ fn process_copy(pid: i32, remote: u64, local: *mut u8, len: usize, to_remote: bo
 /// (`/proc/<pid>/pagemap`); of any memory, pages that are not all zero. So
 /// the time and memory it takes follow what `pid` has written there, not
 /// the length of the range.
-pub fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
+pub(crate) fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
     let gone = Error::Fault("the other process's memory is not mapped");
     let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
@@ -657,7 +667,7 @@ fn copy_nonzero(pid: i32, addr: u64, len: u64, dst: u64, scratch: &mut [u8]) -> 
 /// process maps at the same address (the same object at the same offset):
 /// what a forked child inherits of its parent's `MAP_SHARED` mappings.
 /// Such memory is one set of pages, reachable here directly.
-pub fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
+pub(crate) fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
     let (Ok(theirs), Ok(ours)) =
         (std::fs::read_to_string(format!("/proc/{pid}/maps")), std::fs::read_to_string("/proc/self/maps"))
     else {
@@ -790,7 +800,7 @@ pub fn check_mapped(addr: u64, len: u64) -> Result<()> {
 /// with `IOMMU_IOAS_MAP_FILE` stays valid whatever the program does with its
 /// own mappings of the file.
 #[derive(Debug)]
-pub struct FileMapping {
+pub(crate) struct FileMapping {
     base: NonNull<u8>,
     len: usize,
     /// Offset of the first requested byte from `base` (the mapping starts on a page).
@@ -908,14 +918,19 @@ impl HostBuffer {
         Ok(HostBuffer { base, len: len as usize })
     }
 
+    /// Host address of its first byte (page aligned): what a VMM passes to
+    /// `Context::map_user` as `uptr`.
     pub fn addr(&self) -> u64 {
         self.base.as_ptr() as u64
     }
 
+    /// Its size in bytes: whole pages, at least one.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Always false (a buffer has at least one page); for clippy's
+    /// `len_without_is_empty`.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

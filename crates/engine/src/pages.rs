@@ -67,6 +67,11 @@ enum Reach {
     Private { copy: HostBuffer, taken: Mutex<Vec<IovaRange>> },
 }
 
+/// The memory behind one mapping (Linux's `iopt_pages`): a run of user
+/// pages, a file's pages, a dma-buf's or another process's, with the pins
+/// the IOAS's domains and accesses hold on them and the locked-memory charge
+/// for those pins. Made by the context's map calls; shared by every area
+/// (and `IOMMU_IOAS_COPY`) that maps part of it.
 #[derive(Debug)]
 pub struct Pages {
     /// Host address of the first page (page aligned).
@@ -142,7 +147,7 @@ pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
 impl Pages {
     /// Pages of the user address range `[uptr, uptr + length)`; returns them
     /// and the byte offset of `uptr` inside them.
-    pub fn user(
+    pub(crate) fn user(
         uptr: u64,
         length: u64,
         writable: bool,
@@ -188,7 +193,7 @@ impl Pages {
 
     /// Pages of `[uptr, uptr + length)` in process `pid`'s memory, taken as
     /// they are pinned (EFAULT then if they, or the process, are gone).
-    pub fn remote(
+    pub(crate) fn remote(
         pid: i32,
         uptr: u64,
         length: u64,
@@ -236,7 +241,7 @@ impl Pages {
     /// pages, as an access does: another process's memory not taken yet is
     /// read and written in that process, as Linux reaches unpinned pages
     /// through their mm.
-    pub fn rw(&self, offset: u64, buf: &mut [u8], write: bool) -> Result<()> {
+    pub(crate) fn rw(&self, offset: u64, buf: &mut [u8], write: bool) -> Result<()> {
         let copy = |trust, host, buf: &mut [u8]| {
             if write { memory::write(trust, host, buf) } else { memory::read(trust, host, buf) }
         };
@@ -263,7 +268,7 @@ impl Pages {
     }
 
     /// Pages of `[start, start + length)` of a file, mapped by the engine.
-    pub fn file(
+    pub(crate) fn file(
         fd: BorrowedFd<'_>,
         start: u64,
         length: u64,
@@ -305,7 +310,7 @@ impl Pages {
 
     /// Pages of `[start, start + length)` of a dma-buf whose memory is the
     /// file `fd`: not charged (Linux charges no dma-buf), and revocable.
-    pub fn dmabuf(fd: BorrowedFd<'_>, start: u64, length: u64, writable: bool) -> Result<(Arc<Pages>, u64)> {
+    pub(crate) fn dmabuf(fd: BorrowedFd<'_>, start: u64, length: u64, writable: bool) -> Result<(Arc<Pages>, u64)> {
         let (mut pages, lead) = Self::of_file(fd, start, length, writable, Accounting::none())?;
         let Backing::File(map) = std::mem::replace(&mut pages.backing, Backing::User) else {
             unreachable!("file pages have a file mapping")
@@ -322,28 +327,24 @@ impl Pages {
         }
     }
 
-    pub fn writable(&self) -> bool {
+    pub(crate) fn writable(&self) -> bool {
         self.writable
     }
 
-    pub fn trust(&self) -> Trust {
+    pub(crate) fn trust(&self) -> Trust {
         match &self.backing {
             Backing::Remote { reach, .. } if matches!(reach.get(), Some(Reach::Shared)) => Trust::Checked,
             _ => self.trust,
         }
     }
 
-    pub fn npages(&self) -> u64 {
-        self.npages
-    }
-
-    pub fn is_file(&self) -> bool {
+    pub(crate) fn is_file(&self) -> bool {
         matches!(self.backing, Backing::File(_))
     }
 
     /// Host address of byte `offset` of these pages (for another process's
     /// pages not yet taken, where they are in that process).
-    pub fn host_addr(&self, offset: u64) -> u64 {
+    pub(crate) fn host_addr(&self, offset: u64) -> u64 {
         match &self.backing {
             Backing::Remote { reach, .. } => match reach.get() {
                 Some(Reach::Private { copy, .. }) => copy.addr() + offset,
@@ -355,7 +356,7 @@ impl Pages {
 
     /// Pins the pages holding bytes `[offset, offset + len)`: checks that
     /// untrusted memory is mapped and charges the pages not already pinned.
-    pub fn pin(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn pin(&self, offset: u64, len: u64) -> Result<()> {
         let range = self.page_range(offset, len);
         let mut pins = self.pins.lock();
         let before = pinned_pages(pins.iter().copied());
@@ -373,7 +374,7 @@ impl Pages {
     }
 
     /// Undoes one `pin` of the same bytes.
-    pub fn unpin(&self, offset: u64, len: u64) {
+    pub(crate) fn unpin(&self, offset: u64, len: u64) {
         let range = self.page_range(offset, len);
         let mut pins = self.pins.lock();
         let Some(i) = pins.iter().position(|r| *r == range) else {
@@ -386,7 +387,8 @@ impl Pages {
     }
 
     /// Number of distinct pages pinned now.
-    pub fn pinned(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn pinned(&self) -> u64 {
         pinned_pages(self.pins.lock().iter().copied())
     }
 
