@@ -632,7 +632,7 @@ impl Drop for SetHandle {
 }
 
 /// A new set of `owner` in the global space, held by the returned handle.
-pub fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
+pub(crate) fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
     let set = global().create_owned_set(owner.key, parent.as_ref().map(|p| p.set), quota)?;
     Ok(Arc::new(SetHandle { set, _parent: parent }))
 }

@@ -203,7 +203,7 @@ impl Stage1 for MockNested {
 }
 
 /// The mock's vIOMMU.
-pub struct MockViommu;
+pub(crate) struct MockViommu;
 
 impl ViommuOps for MockViommu {
     fn uapi_type(&self) -> u32 {

@@ -113,7 +113,7 @@ impl IommuOps for ArmSmmuV3 {
 
 /// An SMMUv3 for a guest: its command queue's invalidations and its event
 /// records.
-pub struct SmmuViommu;
+pub(crate) struct SmmuViommu;
 
 impl ViommuOps for SmmuViommu {
     fn uapi_type(&self) -> u32 {
@@ -183,7 +183,7 @@ impl ViommuOps for SmmuViommu {
 /// An SMMUv3 stream table entry the guest wrote (its first two words,
 /// validated): abort, bypass to stage 2, or stage 1 through the guest's
 /// context descriptors. `iotlb` caches combined translations.
-pub struct NestedSte {
+pub(crate) struct NestedSte {
     ste: [u64; 2],
     iotlb: Iotlb,
 }

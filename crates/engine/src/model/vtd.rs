@@ -130,7 +130,7 @@ use zerocopy::FromBytes;
 /// A VT-d first-stage table owned by the guest: its root at guest-physical
 /// `root` (an IOVA of the parent's IOAS), `levels` deep (4 or 5). `iotlb`
 /// caches combined stage-1 + stage-2 translations.
-pub struct VtdS1 {
+pub(crate) struct VtdS1 {
     root: u64,
     levels: u32,
     iotlb: Iotlb,
