@@ -132,7 +132,6 @@ struct VpasidUse {
 }
 
 impl Viommu {
-    /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
     /// Whether a vIOMMU of `kind` may be made for `dev` over `hwpt`.
     pub(crate) fn check(kind: ViommuType, dev: &Device, hwpt: &HwptPaging) -> Result<()> {
         // Linux's order: the parent is checked before the driver is asked.
@@ -146,6 +145,7 @@ impl Viommu {
         Ok(())
     }
 
+    /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
     pub(crate) fn new(
         kind: ViommuType,
         dev: &Device,
