@@ -21,6 +21,9 @@ use crate::{Error, Result};
 
 pub use crate::model::selftest::{HW_QUEUE_TYPE_SELFTEST, SELFTEST_HW_QUEUE_MAX};
 
+/// A HW queue object (`IOMMU_HW_QUEUE_ALLOC`): guest memory of a vIOMMU's
+/// stage 2 that the emulated IOMMU reads directly. Its pages stay pinned and
+/// its IOVA range locked (unmap is `EBUSY`) until the last `Arc` is dropped.
 pub struct HwQueue {
     /// The vIOMMU it belongs to, kept alive (and busy) by it.
     _viommu: Arc<dyn Any + Send + Sync>,
@@ -98,10 +101,12 @@ impl HwQueue {
         Ok(queue)
     }
 
+    /// The queue's type, an `IOMMU_HW_QUEUE_TYPE_*` value of its vIOMMU's model.
     pub fn kind(&self) -> u32 {
         self.kind
     }
 
+    /// The queue's index among the queues of its type on the vIOMMU, from 0.
     pub fn index(&self) -> u32 {
         self.index
     }

@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 
 /// PASID 0 is the RID's own address space (`IOMMU_NO_PASID`): never allocated.
 pub const NO_PASID: u32 = 0;
+/// The widest PASID space, in bits: PCIe's 20-bit PASIDs.
 pub const MAX_WIDTH: u8 = 20;
 
 /// An IOASID set's handle.
@@ -45,23 +46,36 @@ pub struct SetId(pub u32);
 /// What subscribers hear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// `pasid` was allocated in `set`.
     Alloc {
+        /// The set it belongs to.
         set: SetId,
+        /// The (host) PASID.
         pasid: u32,
     },
     /// The ID is gone (its last reference was put).
     Free {
+        /// The set it belonged to.
         set: SetId,
+        /// The (host) PASID.
         pasid: u32,
     },
+    /// `device` now uses `pasid` (`PasidSpace::bind`).
     Bind {
+        /// The set the PASID belongs to.
         set: SetId,
+        /// The (host) PASID.
         pasid: u32,
+        /// The caller's name for the device, passed through.
         device: u64,
     },
+    /// `device` no longer uses `pasid` (`PasidSpace::unbind`).
     Unbind {
+        /// The set the PASID belongs to.
         set: SetId,
+        /// The (host) PASID.
         pasid: u32,
+        /// The caller's name for the device, passed through.
         device: u64,
     },
 }
@@ -91,10 +105,15 @@ impl Event {
 pub struct Events(pub u8);
 
 impl Events {
+    /// [`Event::Alloc`].
     pub const ALLOC: Events = Events(1);
+    /// [`Event::Free`].
     pub const FREE: Events = Events(2);
+    /// [`Event::Bind`].
     pub const BIND: Events = Events(4);
+    /// [`Event::Unbind`].
     pub const UNBIND: Events = Events(8);
+    /// Every event.
     pub const ALL: Events = Events(15);
 }
 
@@ -102,8 +121,11 @@ impl Events {
 /// side first, then the IOMMU, then devices), as the original series had it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Class {
+    /// The CPU side (a process's PASID, as for SVA), told first.
     Cpu,
+    /// The IOMMU (its PASID tables), told second.
     Iommu,
+    /// Device drivers, told last.
     Device,
 }
 
@@ -119,15 +141,20 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The (host) PASID.
     pub fn pasid(&self) -> u32 {
         self.pasid
     }
+    /// The set it was allocated in.
     pub fn set(&self) -> SetId {
         self.set
     }
+    /// The opaque value given at allocation.
     pub fn private(&self) -> u64 {
         self.private
     }
+    /// The set's own ID it stands for (a guest's vPASID), when allocated
+    /// by `alloc_private`.
     pub fn vpasid(&self) -> Option<u32> {
         self.vpasid
     }
@@ -201,6 +228,8 @@ struct Inner {
     subscribers: Vec<Subscriber>,
 }
 
+/// A space of PASIDs carved into IOASID sets with nested quotas; the
+/// system's is [`global`]. Lookups are lock-free, changes serialised.
 pub struct PasidSpace {
     width: u8,
     inner: Mutex<Inner>,
@@ -590,6 +619,7 @@ pub struct SetHandle {
 }
 
 impl SetHandle {
+    /// The set's ID in the global space.
     pub fn id(&self) -> SetId {
         self.set
     }
@@ -602,7 +632,7 @@ impl Drop for SetHandle {
 }
 
 /// A new set of `owner` in the global space, held by the returned handle.
-pub fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
+pub(crate) fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u32) -> Result<Arc<SetHandle>> {
     let set = global().create_owned_set(owner.key, parent.as_ref().map(|p| p.set), quota)?;
     Ok(Arc::new(SetHandle { set, _parent: parent }))
 }

@@ -33,7 +33,9 @@ struct Entry {
 /// A cached translation of one 4 KiB IOVA page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
+    /// Host address of the page, aligned to at least 2 KiB.
     pub host_page: u64,
+    /// The rights of the whole translation (for a nested one, both stages').
     pub perm: Perm,
     /// How the page's memory is reached (Linux has no such bit: ioasid's
     /// software mark, cached with the rights).
@@ -43,6 +45,11 @@ pub struct Hit {
     pub dirty: bool,
 }
 
+/// A nested HWPT's cache of combined translations, 4 KiB IOVA page to host
+/// page, that its stage 1 invalidates (see [`Stage1::iotlb`]). Shared between
+/// threads without locks; invalidation is one atomic increment.
+///
+/// [`Stage1::iotlb`]: crate::model::Stage1::iotlb
 pub struct Iotlb {
     generation: AtomicU64,
     entries: Box<[Entry]>,
@@ -55,6 +62,7 @@ impl Default for Iotlb {
 }
 
 impl Iotlb {
+    /// An empty IOTLB of 512 entries.
     pub fn new() -> Self {
         Iotlb {
             // Generation 0 is what empty entries carry; start above it.
@@ -72,6 +80,8 @@ impl Iotlb {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// The cached translation of IOVA page number `page` (IOVA >> 12), if
+    /// one was filled since the last invalidation.
     pub fn lookup(&self, page: u64) -> Option<Hit> {
         self.lookup_at(page, self.generation.load(Ordering::Acquire))
     }

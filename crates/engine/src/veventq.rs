@@ -19,10 +19,17 @@ pub const LOST_EVENTS: u32 = 1 << 0;
 /// Size of the header every event is read with: flags, then sequence.
 pub const HEADER: usize = 8;
 
+/// One entry of a vEVENTQ as `read(2)` on its fd returns it: Linux's
+/// `struct iommufd_vevent_header`, then the event's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vevent {
+    /// Header flags: [`LOST_EVENTS`] on the marker standing for dropped events.
     pub flags: u32,
+    /// The event's number (31 bits, wrapping); on the lost-events marker,
+    /// that of the latest event dropped.
     pub sequence: u32,
+    /// The record in the queue type's layout (for SMMUv3, an
+    /// `iommu_vevent_arm_smmuv3`); empty on the lost-events marker.
     pub data: Vec<u8>,
 }
 
@@ -38,6 +45,8 @@ impl Vevent {
 
 type Notifier = Box<dyn Fn(bool) + Send + Sync>;
 
+/// A vEVENTQ object (`IOMMU_VEVENTQ_ALLOC`): a bounded queue of one event
+/// type of a vIOMMU, holding its vIOMMU busy while it exists.
 pub struct Veventq {
     /// The vIOMMU it belongs to, kept alive (and busy) by it.
     _viommu: Arc<dyn Any + Send + Sync>,
@@ -67,6 +76,8 @@ impl Veventq {
         })
     }
 
+    /// The event type it queues (`VEVENTQ_TYPE_*`, Linux's
+    /// `enum iommu_veventq_type`).
     pub fn kind(&self) -> u32 {
         self.kind
     }
@@ -151,6 +162,7 @@ impl Veventq {
         self.inner().events.len()
     }
 
+    /// Whether no event (nor lost marker) waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -41,6 +41,10 @@ use crate::model::{EntryArray, HwInfo, ViommuCore};
 use crate::veventq::Veventq;
 use crate::{Error, Result};
 
+/// A vIOMMU object (`IOMMU_VIOMMU_ALLOC`): the IOMMU a guest sees, over a
+/// nest-parent HWPT (its stage 2), which it holds. Nested HWPTs, vDEVICEs,
+/// vEVENTQs and HW queues are allocated on it and hold it in turn, so it
+/// cannot be destroyed (`EBUSY`) while any of them exists.
 pub struct Viommu {
     kind: ViommuType,
     hwpt: Arc<HwptPaging>,
@@ -119,6 +123,7 @@ impl MmapRegion {
         self.len
     }
 
+    /// Whether the region has no bytes (never, for a region that was made).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -133,7 +138,6 @@ struct VpasidUse {
 }
 
 impl Viommu {
-    /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
     /// Whether a vIOMMU of `kind` may be made for `dev` over `hwpt`.
     pub(crate) fn check(kind: ViommuType, dev: &Device, hwpt: &HwptPaging) -> Result<()> {
         // Linux's order: the parent is checked before the driver is asked.
@@ -147,6 +151,7 @@ impl Viommu {
         Ok(())
     }
 
+    /// A vIOMMU of `kind` for `dev`'s IOMMU over nesting parent `hwpt`.
     pub(crate) fn new(
         kind: ViommuType,
         dev: &Device,
@@ -182,6 +187,7 @@ impl Viommu {
         HwQueue::new(self.clone(), self.hwpt.ioas(), &self.hw_queues, max, kind, index, base, len)
     }
 
+    /// The vIOMMU type it was allocated as.
     pub fn kind(&self) -> ViommuType {
         self.kind
     }
@@ -265,6 +271,7 @@ impl Viommu {
         self.pasid_set.set(set).map_err(|_| Error::Busy("the vIOMMU already has an IOASID set"))
     }
 
+    /// The IOASID set given by `set_pasid_set`, if any.
     pub fn pasid_set(&self) -> Option<&Arc<SetHandle>> {
         self.pasid_set.get()
     }
@@ -331,14 +338,18 @@ impl Vdevice {
         Ok(Arc::new(Vdevice { viommu, device, virt_id, vpasids: Mutex::new(BTreeMap::new()) }))
     }
 
+    /// The vIOMMU the guest sees the device behind.
     pub fn viommu(&self) -> &Arc<Viommu> {
         &self.viommu
     }
 
+    /// The bound device it names.
     pub fn device(&self) -> &Arc<Device> {
         &self.device
     }
 
+    /// The ID the guest knows the device by (a virtual StreamID, RID, ...),
+    /// unique within its vIOMMU.
     pub fn virt_id(&self) -> u64 {
         self.virt_id
     }

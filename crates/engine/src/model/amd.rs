@@ -7,14 +7,18 @@ use super::{Features, HwInfo, HwInfoData, IommuOps};
 /// Later kernels (AMD's hw_info arrived after 6.12).
 pub const IOMMU_HW_INFO_TYPE_AMD: u32 = 4;
 
-uapi_struct!(iommu_hw_info_amd { efr: u64, efr2: u64 } size 16);
+uapi_struct!(
+    /// AMD-Vi's `IOMMU_GET_HW_INFO` data: the Extended Feature Registers
+    /// (MMIO 0x30 and 0x1A0) a guest's vIOMMU mirrors.
+    iommu_hw_info_amd { efr: u64, efr2: u64 } size 16
+);
 
 impl HwInfoData for iommu_hw_info_amd {
     const TYPE: u32 = IOMMU_HW_INFO_TYPE_AMD;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct AmdVi;
+pub(crate) struct AmdVi;
 
 impl IommuOps for AmdVi {
     fn name(&self) -> &'static str {

@@ -58,8 +58,9 @@
 //! ```
 
 /// A struct of Linux's iommufd uAPI, in its layout (`size` checks it).
+/// Each field's doc names the Linux field it is, whose meaning it keeps.
 macro_rules! uapi_struct {
-    ($(#[$m:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? } size $size:literal) => {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)? } size $size:literal) => {
         $(#[$m])*
         #[repr(C)]
         #[allow(non_camel_case_types)]
@@ -67,7 +68,13 @@ macro_rules! uapi_struct {
             Debug, Default, Clone, Copy, PartialEq, Eq,
             zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable, zerocopy::KnownLayout,
         )]
-        pub struct $name { $(pub $field: $ty),* }
+        pub struct $name {
+            $(
+                #[doc = concat!("`", stringify!($field), "` of Linux's `struct ", stringify!($name), "`.")]
+                $(#[$fm])*
+                pub $field: $ty
+            ),*
+        }
         const _: () = assert!(size_of::<$name>() == $size);
     };
 }
@@ -93,6 +100,7 @@ use crate::{Error, Result};
 /// (formats, hardware info, nested domains) for a device behind it.
 /// Driver data comes in as the bytes of Linux's uAPI structs.
 pub trait IommuOps {
+    /// The architecture's name, for messages and `ioasid` listings.
     fn name(&self) -> &'static str;
 
     /// The format of a paging domain; `nest_parent` asks for the stage that
@@ -138,10 +146,14 @@ pub trait IommuOps {
 /// One stage-1 entry read during a nested walk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WalkStep {
+    /// The table's level, counted as the format counts it (the root is
+    /// the highest).
     pub level: u32,
-    /// Where the entry is, guest-physical, and where stage 2 put it.
+    /// Where the entry is, guest-physical.
     pub entry_gpa: Gpa,
+    /// Where stage 2 put the entry in host memory.
     pub entry_host: HostAddr,
+    /// The entry's value as read.
     pub pte: u64,
 }
 
@@ -150,8 +162,13 @@ pub struct WalkStep {
 /// read into `len` (the current one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataLayout {
+    /// The uAPI type number (`IOMMU_HWPT_DATA_*`, `IOMMU_HWPT_INVALIDATE_DATA_*`, ...).
     pub data_type: u32,
+    /// Bytes of the struct's first version: the least a caller may pass
+    /// (`EINVAL` below it).
     pub min_len: usize,
+    /// Bytes of the current version: the struct the caller's bytes are
+    /// copied into, zero past what the caller passed.
     pub len: usize,
 }
 
@@ -208,10 +225,13 @@ pub trait Stage1: Any + Send + Sync {
 pub struct NestedData(Box<dyn Stage1>);
 
 impl NestedData {
+    /// Wraps a model's validated stage 1; models call it from their
+    /// constructors (`NestedData::vtd_s1`, `NestedData::arm_smmuv3`, ...).
     pub fn new(stage1: impl Stage1) -> Self {
         NestedData(Box::new(stage1))
     }
 
+    /// The stage 1 as the core drives it: walks and invalidations.
     pub fn stage1(&self) -> &dyn Stage1 {
         &*self.0
     }
@@ -233,16 +253,21 @@ impl std::ops::Deref for NestedData {
 /// in Linux's uAPI layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HwInfo {
+    /// The `enum iommu_hw_info_type` number (`out_data_type`).
     pub data_type: u32,
+    /// The vendor struct's bytes, as `IOMMU_GET_HW_INFO` copies them out
+    /// (truncated to the caller's `data_len`).
     pub data: Vec<u8>,
 }
 
 /// A vendor's `GET_HW_INFO` struct and its type number.
 pub trait HwInfoData: FromBytes + IntoBytes + Immutable {
+    /// Its `enum iommu_hw_info_type` number.
     const TYPE: u32;
 }
 
 impl HwInfo {
+    /// The description made of the vendor struct `data`, tagged with its type.
     pub fn new<T: HwInfoData>(data: &T) -> Self {
         HwInfo { data_type: T::TYPE, data: data.as_bytes().to_vec() }
     }
@@ -257,19 +282,23 @@ impl HwInfo {
 /// whether dirty tracking is offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Features {
+    /// PASID width in bits (`out_max_pasid_log2`); 0 when the device has no PASIDs.
     pub max_pasid_log2: u8,
+    /// The device issues page requests (PCIe PRI), so faults can be recoverable.
     pub pri: bool,
+    /// The IOMMU tracks dirty pages for the device
+    /// (`IOMMU_HW_CAP_DIRTY_TRACKING`).
     pub dirty_tracking: bool,
 }
 
 /// The list of models: each line is an `IommuModel` variant (with the
 /// fields of its ops type) and the type implementing `IommuOps`.
 macro_rules! models {
-    ($($(#[$doc:meta])* $name:ident $({ $($field:ident: $ty:ty),* })? => $module:ident::$ops:ident,)*) => {
+    ($($(#[$doc:meta])* $name:ident $({ $($(#[$fdoc:meta])* $field:ident: $ty:ty),* })? => $module:ident::$ops:ident,)*) => {
         /// An IOMMU architecture, as emulated for a device.
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
         pub enum IommuModel {
-            $($(#[$doc])* $name $({ $($field: $ty),* })?,)*
+            $($(#[$doc])* $name $({ $($(#[$fdoc])* $field: $ty),* })?,)*
         }
 
         impl IommuModel {
@@ -292,18 +321,26 @@ macro_rules! models {
 
 models! {
     /// Intel VT-d in scalable mode, second-stage tables of `levels` (4 or 5).
-    IntelVtd { levels: u32 } => vtd::IntelVtd,
+    IntelVtd {
+        /// Second-stage table levels: 4 (48-bit IOVA) or 5 (57-bit).
+        levels: u32
+    } => vtd::IntelVtd,
     /// Arm SMMUv3: stage-1 tables for paging domains, stage 2 under nesting.
     ArmSmmuV3 => smmuv3::ArmSmmuV3,
     /// AMD-Vi with v1 host tables, Mode 4.
     AmdVi => amd::AmdVi,
     /// Linux's selftest mock IOMMU; `huge` adds its 1 MiB IO pages.
-    Selftest { huge: bool } => selftest::Mock,
+    Selftest {
+        /// 1 MiB IO pages (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
+        huge: bool
+    } => selftest::Mock,
 }
 
 impl IommuModel {
+    /// VT-d with 4-level (48-bit) second-stage tables, the common setup.
     pub const VTD: IommuModel = IommuModel::IntelVtd { levels: 4 };
 
+    /// See `IommuOps::name`.
     pub fn name(self) -> &'static str {
         self.with_ops(|m| m.name())
     }
@@ -318,6 +355,8 @@ impl IommuModel {
         self.with_ops(|m| m.serves(format))
     }
 
+    /// Whether this is Linux's selftest mock, which alone answers
+    /// `IOMMU_TEST_CMD` and the mock's HWPT data.
     pub fn is_selftest(self) -> bool {
         matches!(self, IommuModel::Selftest { .. })
     }
@@ -418,6 +457,7 @@ pub trait EntryArray {
     /// How many entries there are.
     fn len(&self) -> u32;
 
+    /// Whether there are no entries.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -20,16 +20,27 @@ use super::{
 /// The mock IOMMU's aperture, `MOCK_APERTURE_START..=MOCK_APERTURE_LAST`.
 pub const MOCK_APERTURE: IovaRange = IovaRange::new(1 << 24, (1 << 31) - 1);
 
+/// `GET_HW_INFO` type of [`iommu_test_hw_info`].
 pub const IOMMU_HW_INFO_TYPE_SELFTEST: u32 = 0xfeed_beef;
+/// The value of `iommu_test_hw_info.test_reg`, which the selftests check.
 pub const IOMMU_HW_INFO_SELFTEST_REGVAL: u32 = 0xdead_beef;
+/// HWPT data type of [`iommu_hwpt_selftest`], paging or nested.
 pub const IOMMU_HWPT_DATA_SELFTEST: u32 = 0xdead;
+/// `iommu_hwpt_selftest.pagetable_type`: the mock's default table, leaves
+/// of a CPU page and up.
 pub const MOCK_IOMMUPT_DEFAULT: u32 = 0;
+/// `iommu_hwpt_selftest.pagetable_type`: 2 KiB and 1 MiB leaves.
 pub const MOCK_IOMMUPT_HUGE: u32 = 1;
+/// Invalidation entry type of [`iommu_hwpt_invalidate_selftest`].
 pub const IOMMU_HWPT_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
+/// A mock invalidation's flag: clear every entry, whatever its ID.
 pub const IOMMU_TEST_INVALIDATE_FLAG_ALL: u32 = 1 << 0;
+/// The last entry of a mock nested HWPT's IOTLB (it has four); a greater
+/// `iotlb_id` is `EINVAL`.
 pub const MOCK_NESTED_DOMAIN_IOTLB_ID_MAX: u32 = 3;
 /// The mock's vIOMMU type (`IOMMU_VIOMMU_TYPE_SELFTEST`).
 pub const IOMMU_VIOMMU_TYPE_SELFTEST: u32 = 0xdead_beef;
+/// vIOMMU invalidation entry type of [`iommu_viommu_invalidate_selftest`].
 pub const IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST: u32 = 0xdead_beef;
 /// The selftest vIOMMU's event type; its events are the vDEVICE's virtual
 /// ID as a little-endian `u32`.
@@ -41,6 +52,7 @@ pub const SELFTEST_HW_QUEUE_MAX: u32 = 2;
 /// Entries of a mock device's own cache (`MOCK_DEV_CACHE_NUM`), which its
 /// vIOMMU's invalidation commands clear.
 pub const MOCK_DEV_CACHE_NUM: usize = 4;
+/// The last entry of a mock device's cache; a greater `cache_id` is `EINVAL`.
 pub const MOCK_DEV_CACHE_ID_MAX: u32 = MOCK_DEV_CACHE_NUM as u32 - 1;
 
 uapi_struct!(
@@ -54,7 +66,11 @@ uapi_struct!(
 );
 /// The size of `iommu_hwpt_selftest`'s first version, up to `iotlb`.
 pub const HWPT_SELFTEST_MIN_LEN: usize = 4;
-uapi_struct!(iommu_hwpt_invalidate_selftest { flags: u32, iotlb_id: u32 } size 8);
+uapi_struct!(
+    /// One `IOMMU_HWPT_INVALIDATE` entry for a mock nested HWPT: clears IOTLB
+    /// entry `iotlb_id`, or all with `IOMMU_TEST_INVALIDATE_FLAG_ALL`.
+    iommu_hwpt_invalidate_selftest { flags: u32, iotlb_id: u32 } size 8
+);
 uapi_struct!(
     /// The mock vIOMMU's driver data (7.3).
     iommu_viommu_selftest { in_data: u32, out_data: u32, out_mmap_offset: u64, out_mmap_length: u64 } size 24
@@ -72,8 +88,8 @@ impl HwInfoData for iommu_test_hw_info {
 
 /// The mock; `huge` adds its 1 MiB IO pages (`MOCK_FLAGS_DEVICE_HUGE_IOVA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Mock {
-    pub huge: bool,
+pub(crate) struct Mock {
+    pub(crate) huge: bool,
 }
 
 const HWPT_SELFTEST: DataLayout = DataLayout {
@@ -187,7 +203,7 @@ impl Stage1 for MockNested {
 }
 
 /// The mock's vIOMMU.
-pub struct MockViommu;
+pub(crate) struct MockViommu;
 
 impl ViommuOps for MockViommu {
     fn uapi_type(&self) -> u32 {

@@ -18,19 +18,39 @@ use super::{
     ViommuType,
 };
 
+/// `GET_HW_INFO` type of [`iommu_hw_info_arm_smmuv3`].
 pub const IOMMU_HW_INFO_TYPE_ARM_SMMUV3: u32 = 2;
 /// The SMMU needs TLBI and CFGI commands issued twice (an erratum flag).
 pub const IOMMU_HW_INFO_ARM_SMMUV3_ERRATA_REPEAT_TLBI_CFGI: u32 = 1 << 0;
+/// Nested HWPT data type of [`iommu_hwpt_arm_smmuv3`].
 pub const IOMMU_HWPT_DATA_ARM_SMMUV3: u32 = 2;
+/// vIOMMU invalidation entry type of [`iommu_viommu_arm_smmuv3_invalidate`].
 pub const IOMMU_VIOMMU_INVALIDATE_DATA_ARM_SMMUV3: u32 = 1;
+/// The SMMUv3 vIOMMU type (`IOMMU_VIOMMU_TYPE_ARM_SMMUV3`).
 pub const IOMMU_VIOMMU_TYPE_ARM_SMMUV3: u32 = 1;
 /// SMMUv3 event records (32 bytes), naming the stream by its virtual ID.
 pub const VEVENTQ_TYPE_ARM_SMMUV3: u32 = 1;
 
-uapi_struct!(iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40);
-uapi_struct!(iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16);
-uapi_struct!(iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16);
-uapi_struct!(iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32);
+uapi_struct!(
+    /// SMMUv3's `IOMMU_GET_HW_INFO` data: ID registers IDR0-5, IIDR and
+    /// AIDR (SMMUv3 6.3) a guest's vIOMMU mirrors.
+    iommu_hw_info_arm_smmuv3 { flags: u32, __reserved: u32, idr: [u32; 6], iidr: u32, aidr: u32 } size 40
+);
+uapi_struct!(
+    /// A nested HWPT's data: the guest's stream table entry, words 0 and 1
+    /// (SMMUv3 5.2), checked as [`NestedData::arm_smmuv3`] checks it.
+    iommu_hwpt_arm_smmuv3 { ste: [u64; 2] } size 16
+);
+uapi_struct!(
+    /// One command of the guest's command queue (SMMUv3 4.1), for
+    /// `IOMMU_HWPT_INVALIDATE` on the vIOMMU.
+    iommu_viommu_arm_smmuv3_invalidate { cmd: [u64; 2] } size 16
+);
+uapi_struct!(
+    /// One vEVENTQ record: an SMMUv3 event record (SMMUv3 7.3) naming the
+    /// stream by the guest's virtual StreamID.
+    iommu_vevent_arm_smmuv3 { evt: [u64; 4] } size 32
+);
 
 impl HwInfoData for iommu_hw_info_arm_smmuv3 {
     const TYPE: u32 = IOMMU_HW_INFO_TYPE_ARM_SMMUV3;
@@ -39,7 +59,7 @@ impl HwInfoData for iommu_hw_info_arm_smmuv3 {
 /// An SMMUv3: stage-1 tables for paging domains, stage 2 under nesting,
 /// whose nested HWPTs take a guest's STE and live on its vIOMMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ArmSmmuV3;
+pub(crate) struct ArmSmmuV3;
 
 impl IommuOps for ArmSmmuV3 {
     fn name(&self) -> &'static str {
@@ -93,7 +113,7 @@ impl IommuOps for ArmSmmuV3 {
 
 /// An SMMUv3 for a guest: its command queue's invalidations and its event
 /// records.
-pub struct SmmuViommu;
+pub(crate) struct SmmuViommu;
 
 impl ViommuOps for SmmuViommu {
     fn uapi_type(&self) -> u32 {
@@ -163,7 +183,7 @@ impl ViommuOps for SmmuViommu {
 /// An SMMUv3 stream table entry the guest wrote (its first two words,
 /// validated): abort, bypass to stage 2, or stage 1 through the guest's
 /// context descriptors. `iotlb` caches combined translations.
-pub struct NestedSte {
+pub(crate) struct NestedSte {
     ste: [u64; 2],
     iotlb: Iotlb,
 }
@@ -223,37 +243,60 @@ impl Stage1 for NestedSte {
 }
 
 /// Stream table entry fields (SMMUv3 5.2) a guest may set in a nested STE.
+/// Masks are in place; field values (`CONFIG_*`, `EATS_*`) are unshifted.
 pub mod ste {
-    /// Word 0.
+    /// Word 0: V, the entry is valid.
     pub const V: u64 = 1;
+    /// Word 0: Config, what the stream gets (one of `CONFIG_*`, at bit 1).
     pub const CONFIG: u64 = 0b111 << 1;
+    /// Config: abort every transaction, without an event.
     pub const CONFIG_ABORT: u64 = 0;
+    /// Config: stage 1 bypassed, stage 2 alone.
     pub const CONFIG_BYPASS: u64 = 0b100;
+    /// Config: stage 1 through the CD table, over stage 2.
     pub const CONFIG_S1: u64 = 0b101;
+    /// Word 0: S1Fmt, the CD table's layout (linear or two-level).
     pub const S1FMT: u64 = 0b11 << 4;
+    /// Word 0: S1ContextPtr, guest-physical address of the CD table.
     pub const S1_CONTEXT_PTR: u64 = ((1 << 52) - 1) & !((1 << 6) - 1);
+    /// Word 0: S1CDMax, log2 of the number of CDs (0: no substreams).
     pub const S1CDMAX: u64 = 0x1f << 59;
-    /// Word 1.
+    /// Word 1: S1DSS, what a transaction without a substream gets when
+    /// substreams are enabled.
     pub const S1DSS: u64 = 0b11;
+    /// Word 1: S1CIR, inner cacheability of CD table fetches.
     pub const S1CIR: u64 = 0b11 << 2;
+    /// Word 1: S1COR, outer cacheability of CD table fetches.
     pub const S1COR: u64 = 0b11 << 4;
+    /// Word 1: S1CSH, shareability of CD table fetches.
     pub const S1CSH: u64 = 0b11 << 6;
+    /// Word 1: S1STALLD, stall faults disabled for the stream.
     pub const S1STALLD: u64 = 1 << 27;
+    /// Word 1: EATS, ATS for the stream (one of `EATS_*`, at bit 28);
+    /// the host's to set, cleared from a guest's STE.
     pub const EATS: u64 = 0b11 << 28;
+    /// EATS: ATS translation requests abort.
     pub const EATS_ABORT: u64 = 0;
+    /// EATS: full ATS.
     pub const EATS_TRANS: u64 = 1;
 
-    pub const WORD0_ALLOWED: u64 = V | CONFIG | S1FMT | S1_CONTEXT_PTR | S1CDMAX;
-    pub const WORD1_ALLOWED: u64 = S1DSS | S1CIR | S1COR | S1CSH | S1STALLD | EATS;
+    pub(crate) const WORD0_ALLOWED: u64 = V | CONFIG | S1FMT | S1_CONTEXT_PTR | S1CDMAX;
+    pub(crate) const WORD1_ALLOWED: u64 = S1DSS | S1CIR | S1COR | S1CSH | S1STALLD | EATS;
 }
 
 /// Context descriptor fields (SMMUv3 5.4), words 0 and 1.
 pub mod cd {
+    /// Word 0: T0SZ, the input range is `64 - T0SZ` bits (16 to 39 here).
     pub const T0SZ: u64 = 0x3f;
+    /// Word 0: TG0, the granule; only 0 (4 KiB) is walked.
     pub const TG0: u64 = 0b11 << 6;
+    /// Word 0: EPD0, TTB0 walks disabled (every address faults).
     pub const EPD0: u64 = 1 << 14;
+    /// Word 0: V, the descriptor is valid.
     pub const V: u64 = 1 << 31;
+    /// Word 0: AA64, AArch64 tables (required).
     pub const AA64: u64 = 1 << 41;
+    /// Word 0: where the 16-bit ASID starts.
     pub const ASID_SHIFT: u32 = 48;
     /// Word 1: TTB0.
     pub const TTB0: u64 = ((1 << 52) - 1) & !0xf;
@@ -266,7 +309,7 @@ pub mod cd {
 /// stage 1, or an EATS other than abort or translate. An STE that is not
 /// valid becomes all zero (abort). EATS is the host's to set, so it is
 /// cleared.
-pub fn validate_ste(mut words: [u64; 2]) -> Result<[u64; 2]> {
+pub(crate) fn validate_ste(mut words: [u64; 2]) -> Result<[u64; 2]> {
     if words[0] & ste::V == 0 {
         return Ok([0; 2]);
     }
@@ -287,7 +330,7 @@ pub fn validate_ste(mut words: [u64; 2]) -> Result<[u64; 2]> {
 
 /// What a (validated) STE does with a stream's transactions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Config {
+pub(crate) enum Config {
     /// Not valid: every transaction is refused with `C_BAD_STE`.
     Invalid,
     /// Valid, Config abort: refused without an event.
@@ -298,7 +341,7 @@ pub enum Config {
     Stage1 { cd_table: u64 },
 }
 
-pub fn config(words: [u64; 2]) -> Config {
+pub(crate) fn config(words: [u64; 2]) -> Config {
     if words[0] & ste::V == 0 {
         return Config::Invalid;
     }
@@ -312,7 +355,7 @@ pub fn config(words: [u64; 2]) -> Config {
 /// Why a stage-1 walk through a CD failed, each as the SMMU reports it
 /// (SMMUv3 7.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum S1Fault {
+pub(crate) enum S1Fault {
     /// The STE's Config aborts the stream: no event.
     Abort,
     /// `C_BAD_STE`: the STE is not valid, or is ILLEGAL (a reserved S1Fmt
@@ -354,7 +397,7 @@ const L1CD_L2PTR: u64 = ((1 << 52) - 1) & !0xfff;
 /// Translates `iova` of substream `ssid` (`None`: a transaction without
 /// one) by an STE: returns the guest-physical address and stage 1's rights.
 /// `read` fetches 8 bytes of guest memory.
-pub fn translate(
+pub(crate) fn translate(
     words: [u64; 2],
     ssid: Option<u32>,
     iova: u64,
@@ -416,13 +459,22 @@ pub fn translate(
 }
 
 /// Event record types (SMMUv3 7.3): those Linux forwards to a vEVENTQ.
+/// The type is the low byte of an [`iommu_vevent_arm_smmuv3`]'s `evt[0]`.
+/// `C_BAD_STE`: the STE is not valid, or is ILLEGAL.
 pub const C_BAD_STE: u64 = 0x04;
+/// A transaction without a substream on a stream that takes only substreams.
 pub const F_STREAM_DISABLED: u64 = 0x06;
+/// A substream the STE has no descriptor for.
 pub const C_BAD_SUBSTREAMID: u64 = 0x08;
+/// The CD is not valid or not one the SMMU walks.
 pub const C_BAD_CD: u64 = 0x0a;
+/// Stage 1 has no translation for the address.
 pub const F_TRANSLATION: u64 = 0x10;
+/// The address is beyond the input range (the aperture).
 pub const F_ADDR_SIZE: u64 = 0x11;
+/// The leaf's access flag is clear.
 pub const F_ACCESS: u64 = 0x12;
+/// Stage 1 does not allow the access (a write to a read-only page).
 pub const F_PERMISSION: u64 = 0x13;
 
 /// The event record (SMMUv3 7.3) an SMMU writes for a fault no page
@@ -432,7 +484,7 @@ pub const F_PERMISSION: u64 = 0x13;
 /// input address), and the input address. `None` for what Linux keeps from
 /// the guest: stage-2 faults (`event->s2`), which are the host's. An
 /// aborting STE records nothing.
-pub fn event(
+pub(crate) fn event(
     vsid: u32,
     ssid: Option<u32>,
     iova: u64,
@@ -478,21 +530,21 @@ pub fn event(
 /// What the SMMU under a vIOMMU implements, from its ID registers: the
 /// features 7.3 checks a guest's commands against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Features {
+pub(crate) struct Features {
     /// IDR0.ATS: ATC_INV is legal.
-    pub ats: bool,
+    pub(crate) ats: bool,
     /// IDR0.ASID16: 16-bit ASIDs, else 8.
-    pub asid_bits: u32,
+    pub(crate) asid_bits: u32,
     /// IDR1.SSIDSIZE: substream ID bits (0: no substreams).
-    pub ssid_bits: u32,
+    pub(crate) ssid_bits: u32,
     /// IDR3.RIL: range invalidation.
-    pub range_inv: bool,
+    pub(crate) range_inv: bool,
     /// IDR5.DS: 52-bit addresses with 4 and 16 KiB granules.
-    pub ds: bool,
+    pub(crate) ds: bool,
 }
 
 impl Features {
-    pub fn from_idr(idr: [u32; 6]) -> Self {
+    pub(crate) fn from_idr(idr: [u32; 6]) -> Self {
         Features {
             ats: idr[0] & 1 << 10 != 0,
             asid_bits: if idr[0] & 1 << 12 != 0 { 16 } else { 8 },
@@ -506,7 +558,7 @@ impl Features {
 /// A command from a guest's command queue (SMMUv3 4.1), as a vIOMMU
 /// accepts it. Stream IDs are the guest's (virtual) ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// TLBI_NH_ALL and TLBI_NSNH_ALL (which Linux turns into TLBI_NH_ALL of
     /// the vIOMMU's VMID): everything of the guest's VMID.
     TlbiAll,
@@ -533,15 +585,26 @@ pub enum Command {
     },
 }
 
+/// Command opcodes (SMMUv3 4.1), the low byte of a command's first word.
+/// `CFGI_STE`: a stream's STE changed (a flush of its translations here).
 pub const CMD_CFGI_STE: u8 = 0x03;
+/// `CFGI_CD`: one CD of a stream changed.
 pub const CMD_CFGI_CD: u8 = 0x05;
+/// `CFGI_CD_ALL`: every CD of a stream changed.
 pub const CMD_CFGI_CD_ALL: u8 = 0x06;
+/// `TLBI_NH_ALL`: every stage-1 translation of the guest.
 pub const CMD_TLBI_NH_ALL: u8 = 0x10;
+/// `TLBI_NH_ASID`: the translations of one ASID (bits 63:48 of word 0).
 pub const CMD_TLBI_NH_ASID: u8 = 0x11;
+/// `TLBI_NH_VA`: one address (word 1) of one ASID.
 pub const CMD_TLBI_NH_VA: u8 = 0x12;
+/// `TLBI_NH_VAA`: one address (word 1) of every ASID.
 pub const CMD_TLBI_NH_VAA: u8 = 0x13;
+/// `TLBI_S12_VMALL`: stage 1 and 2 of a VMID; the host's, `EIO` from a guest.
 pub const CMD_TLBI_S12_VMALL: u8 = 0x28;
+/// `TLBI_NSNH_ALL`: taken as `TLBI_NH_ALL` of the vIOMMU's VMID.
 pub const CMD_TLBI_NSNH_ALL: u8 = 0x30;
+/// `ATC_INV`: a device's ATS cache; `EIO` on an SMMU without ATS.
 pub const CMD_ATC_INV: u8 = 0x40;
 
 /// Command fields (SMMUv3 4.1-4.5).

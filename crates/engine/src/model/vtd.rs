@@ -12,18 +12,40 @@ use crate::{Error, Result};
 
 use super::{DataLayout, Features, HwInfo, HwInfoData, IommuModel, IommuOps, NestedData, Stage1, ViommuType};
 
+/// `GET_HW_INFO` type of [`iommu_hw_info_vtd`].
 pub const IOMMU_HW_INFO_TYPE_INTEL_VTD: u32 = 1;
+/// `iommu_hw_info_vtd.flags`: the unit has erratum 772415 (SPR17), so a
+/// nest-parent domain must not hold read-only mappings.
 pub const IOMMU_HW_INFO_VTD_ERRATA_772415_SPR17: u32 = 1 << 0;
+/// Nested HWPT data type of [`iommu_hwpt_vtd_s1`].
 pub const IOMMU_HWPT_DATA_VTD_S1: u32 = 1;
+/// `iommu_hwpt_vtd_s1.flags`: supervisor requests enabled.
 pub const IOMMU_VTD_S1_SRE: u64 = 1 << 0;
+/// `iommu_hwpt_vtd_s1.flags`: extended access flag enabled.
 pub const IOMMU_VTD_S1_EAFE: u64 = 1 << 1;
+/// `iommu_hwpt_vtd_s1.flags`: write protection enforced on supervisor requests.
 pub const IOMMU_VTD_S1_WPE: u64 = 1 << 2;
+/// Invalidation entry type of [`iommu_hwpt_vtd_s1_invalidate`].
 pub const IOMMU_HWPT_INVALIDATE_DATA_VTD_S1: u32 = 0;
+/// `iommu_hwpt_vtd_s1_invalidate.flags`: only leaf entries changed, so
+/// paging-structure caches may be kept.
 pub const IOMMU_VTD_INV_FLAGS_LEAF: u32 = 1 << 0;
 
-uapi_struct!(iommu_hw_info_vtd { flags: u32, __reserved: u32, cap_reg: u64, ecap_reg: u64 } size 24);
-uapi_struct!(iommu_hwpt_vtd_s1 { flags: u64, pgtbl_addr: u64, addr_width: u32, __reserved: u32 } size 24);
-uapi_struct!(iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24);
+uapi_struct!(
+    /// VT-d's `IOMMU_GET_HW_INFO` data: the capability and extended
+    /// capability registers (VT-d spec 11.4.2, 11.4.3) a guest's vIOMMU mirrors.
+    iommu_hw_info_vtd { flags: u32, __reserved: u32, cap_reg: u64, ecap_reg: u64 } size 24
+);
+uapi_struct!(
+    /// A nested HWPT's VT-d first-stage table: its guest-physical root, its
+    /// width (48 or 57 bits) and `IOMMU_VTD_S1_*` flags.
+    iommu_hwpt_vtd_s1 { flags: u64, pgtbl_addr: u64, addr_width: u32, __reserved: u32 } size 24
+);
+uapi_struct!(
+    /// One `IOMMU_HWPT_INVALIDATE` entry for a VT-d nested HWPT: `npages`
+    /// 4 KiB pages from `addr` (`addr` 0 and `npages` `u64::MAX`: all).
+    iommu_hwpt_vtd_s1_invalidate { addr: u64, npages: u64, flags: u32, __reserved: u32 } size 24
+);
 
 impl HwInfoData for iommu_hw_info_vtd {
     const TYPE: u32 = IOMMU_HW_INFO_TYPE_INTEL_VTD;
@@ -31,8 +53,8 @@ impl HwInfoData for iommu_hw_info_vtd {
 
 /// A VT-d unit whose second-stage tables are `levels` deep (4 or 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct IntelVtd {
-    pub levels: u32,
+pub(crate) struct IntelVtd {
+    pub(crate) levels: u32,
 }
 
 impl IommuOps for IntelVtd {
@@ -108,13 +130,17 @@ use zerocopy::FromBytes;
 /// A VT-d first-stage table owned by the guest: its root at guest-physical
 /// `root` (an IOVA of the parent's IOAS), `levels` deep (4 or 5). `iotlb`
 /// caches combined stage-1 + stage-2 translations.
-pub struct VtdS1 {
+pub(crate) struct VtdS1 {
     root: u64,
     levels: u32,
     iotlb: Iotlb,
 }
 
 impl NestedData {
+    /// A VT-d first-stage table of the guest, rooted at guest-physical
+    /// `root` (an IOVA of the nest parent), `levels` deep (4 or 5). Unlike
+    /// `IOMMU_HWPT_DATA_VTD_S1` this takes no flags and checks nothing: a
+    /// bad root shows as translation faults on DMA.
     pub fn vtd_s1(root: u64, levels: u32) -> Self {
         NestedData::new(VtdS1 { root, levels, iotlb: Iotlb::new() })
     }

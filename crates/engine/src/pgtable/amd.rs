@@ -13,8 +13,11 @@
 
 use super::{Format, Perm, Pte, Step, Trust, trust_mark, trust_of};
 
+/// PR: the entry is present.
 pub const PRESENT: u64 = 1 << 0;
+/// A: the IOMMU used the entry.
 pub const ACCESSED: u64 = 1 << 5;
+/// D (leaves): the IOMMU wrote through the leaf.
 pub const DIRTY: u64 = 1 << 6;
 /// Ignored by the IOMMU: ioasid's "checked memory" mark.
 const SW_CHECKED: u64 = 1 << 8;
@@ -22,13 +25,16 @@ const NEXT_LEVEL_SHIFT: u32 = 9;
 const NEXT_LEVEL: u64 = 7 << NEXT_LEVEL_SHIFT;
 /// Force coherent: what Linux sets on every leaf.
 pub const FC: u64 = 1 << 60;
+/// IR: DMA reads allowed (at and below this entry).
 pub const IR: u64 = 1 << 61;
+/// IW: DMA writes allowed (at and below this entry).
 pub const IW: u64 = 1 << 62;
 const ADDR: u64 = ((1 << 52) - 1) & !0xfff;
 
 /// The AMD v1 format with `L` levels (Mode `L`): 4 levels translate 48 bits.
 pub struct AmdV1<const L: u32>;
 
+/// Mode 4: four levels, 48-bit IOVA, the host tables ioasid builds.
 pub type AmdV1Mode4 = AmdV1<4>;
 
 fn next_level(pte: u64) -> u32 {

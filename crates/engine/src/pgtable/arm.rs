@@ -18,12 +18,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Format, Perm, Pte, Step, Trust, trust_mark, trust_of};
 
+/// The descriptor is valid.
 pub const VALID: u64 = 1 << 0;
 /// With VALID: a table above level 3, a page at it.
 pub const TABLE_OR_PAGE: u64 = 1 << 1;
+/// AF, the access flag: clear, an access faults (`F_ACCESS`).
 pub const AF: u64 = 1 << 10;
 /// Inner shareable.
 pub const SH_INNER: u64 = 3 << 8;
+/// DBM, dirty bit modifier: hardware records writes in AP\[2\] or S2AP\[1\].
 pub const DBM: u64 = 1 << 51;
 /// Software-defined bits 55..58: ioasid's "checked memory" mark.
 const SW_CHECKED: u64 = 1 << 55;
@@ -38,8 +41,9 @@ pub const AP_TABLE_RDONLY: u64 = 1 << 62;
 /// Stage 1: AttrIndx 0 (MAIR slot 0, normal memory in Linux's setup).
 pub const S1_ATTR_NORMAL: u64 = 0;
 
-/// Stage 2: S2AP\[0\] read, S2AP\[1\] write.
+/// Stage 2: S2AP\[0\], reads allowed.
 pub const S2AP_READ: u64 = 1 << 6;
+/// Stage 2: S2AP\[1\], writes allowed.
 pub const S2AP_WRITE: u64 = 1 << 7;
 /// Stage 2: MemAttr 0b1111, normal write-back memory.
 pub const S2_MEMATTR_NORMAL: u64 = 0xf << 2;

@@ -15,6 +15,7 @@ pub struct ImageTranslation {
     pub shift: u32,
     /// Rights of the leaf, within every limit the tables above it set.
     pub perm: Perm,
+    /// The leaf's dirty state is set.
     pub dirty: bool,
 }
 
@@ -22,17 +23,31 @@ pub struct ImageTranslation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFault {
     /// No valid entry: a translation fault.
-    Translation { level: u32 },
+    Translation {
+        /// Level of the entry that was not valid.
+        level: u32,
+    },
     /// A leaf whose access flag is clear, with no hardware to set it.
-    AccessFlag { level: u32 },
+    AccessFlag {
+        /// Level of the leaf.
+        level: u32,
+    },
     /// A table entry skipped levels, but the input address has bits set in
     /// the index of a skipped level.
-    SkippedBits { level: u32 },
+    SkippedBits {
+        /// Level of the table entry that skipped.
+        level: u32,
+    },
     /// The input address is wider than the format translates.
     AddressSize,
     /// The entry at `entry` could not be read (stage 2 faulted, or the image
     /// has nothing there).
-    Read { entry: u64, level: u32 },
+    Read {
+        /// Address of the entry, in the image's address space.
+        entry: u64,
+        /// Level of the table it is in.
+        level: u32,
+    },
 }
 
 /// Translates `input` through the table rooted at `root`; `read` fetches the

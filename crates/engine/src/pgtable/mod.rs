@@ -21,19 +21,25 @@ use crossbeam_epoch::Guard;
 use crate::error::{Error, Result};
 pub use crate::memory::Trust;
 
+/// Entries per table: 4 KiB of 64-bit entries, in every format.
 pub const ENTRIES: usize = 512;
 const STRIDE: u32 = 9;
 
 /// DMA permissions, as the page-table formats encode them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Perm {
+    /// DMA reads (device from memory) are allowed (`IOMMU_IOAS_MAP_READABLE`).
     pub read: bool,
+    /// DMA writes (device to memory) are allowed (`IOMMU_IOAS_MAP_WRITEABLE`).
     pub write: bool,
 }
 
 impl Perm {
+    /// Read only.
     pub const R: Perm = Perm { read: true, write: false };
+    /// Write only.
     pub const W: Perm = Perm { read: false, write: true };
+    /// Read and write.
     pub const RW: Perm = Perm { read: true, write: true };
 
     /// Whether an access needing `need` is allowed by `self`.
@@ -56,28 +62,50 @@ pub(crate) fn trust_of(pte: u64, bit: u64) -> Trust {
 /// One decoded entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pte {
+    /// Not present.
     None,
+    /// A pointer to the next level's table, at this address.
     Table(u64),
-    Leaf { addr: u64, perm: Perm, trust: Trust, dirty: bool },
+    /// A leaf mapping memory.
+    Leaf {
+        /// Address of the memory, aligned to the leaf's size (host memory
+        /// in ioasid's tables, guest-physical in a guest's).
+        addr: u64,
+        /// The rights the leaf grants.
+        perm: Perm,
+        /// How its memory is reached (ioasid's software bit).
+        trust: Trust,
+        /// The hardware's dirty bit is set.
+        dirty: bool,
+    },
 }
 
 /// One entry of a table image, decoded for a walk (see [`Format::step`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    /// Not present: the walk faults.
     Invalid,
     /// The next table, at level `next` (below `level - 1` when levels are
     /// skipped), and the most rights anything below may grant.
     Table {
+        /// Address of the next table.
         addr: u64,
+        /// The next table's level.
         next: u32,
+        /// The most rights entries below may grant.
         limit: Perm,
     },
     /// A leaf of `1 << shift` bytes at `addr` (aligned to its size).
     Leaf {
+        /// Address of the memory.
         addr: u64,
+        /// log2 of the leaf's size in bytes.
         shift: u32,
+        /// The rights the leaf itself grants.
         perm: Perm,
+        /// The hardware's dirty bit is set.
         dirty: bool,
+        /// The access flag is set (formats that have one fault otherwise).
         accessed: bool,
     },
 }
@@ -85,7 +113,9 @@ pub enum Step {
 /// A page-table format: how entries are laid out at each level. Level 0 holds
 /// the smallest leaves (`1 << PAGE_SHIFT` bytes); level `LEVELS - 1` is the root.
 pub trait Format: Send + Sync + 'static {
+    /// The format's name, for reports and benchmarks.
     const NAME: &'static str;
+    /// Table levels from root to the smallest leaves.
     const LEVELS: u32;
     /// log2 of the smallest IO page.
     const PAGE_SHIFT: u32 = 12;
@@ -94,6 +124,7 @@ pub trait Format: Send + Sync + 'static {
     /// Bit that hardware sets on a write through a leaf (dirty tracking).
     const DIRTY: u64;
 
+    /// What the entry `pte` at `level` is, as ioasid's own tables use it.
     fn decode(pte: u64, level: u32) -> Pte;
     /// An entry at `level` pointing to a table of level `level - 1`.
     fn table(addr: u64, level: u32) -> u64;
@@ -234,17 +265,24 @@ pub struct Translation {
     pub addr: u64,
     /// log2 of the leaf's size.
     pub shift: u32,
+    /// The leaf's rights.
     pub perm: Perm,
+    /// How the memory is reached.
     pub trust: Trust,
 }
 
 /// Counts of tables and leaves, by level.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
+    /// Tables at each level, index 0 the lowest.
     pub tables: Vec<u64>,
+    /// Leaves at each level, index 0 the smallest.
     pub leaves: Vec<u64>,
 }
 
+/// An I/O page table in format `F`, in host memory, which the emulated
+/// IOMMU walks. Walks are lock-free under an epoch guard; `map` and `unmap`
+/// must be serialised by the caller (an IOAS does it under its lock).
 pub struct PageTable<F: Format> {
     root: Box<Table>,
     _format: PhantomData<F>,
@@ -257,6 +295,7 @@ impl<F: Format> Default for PageTable<F> {
 }
 
 impl<F: Format> PageTable<F> {
+    /// An empty table: a root with nothing present.
     pub fn new() -> Self {
         PageTable { root: Table::new(), _format: PhantomData }
     }

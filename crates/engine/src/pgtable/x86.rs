@@ -62,12 +62,19 @@ pub(super) fn leaf_entry(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64
 pub mod first_stage {
     use super::super::{Perm, Pte, Trust};
 
+    /// P: the entry is present.
     pub const PRESENT: u64 = 1 << 0;
+    /// R/W: writes allowed (needed at every level).
     pub const WRITABLE: u64 = 1 << 1;
+    /// U/S: user-mode (non-supervisor) requests allowed.
     pub const USER: u64 = 1 << 2;
+    /// A: the IOMMU used the entry.
     pub const ACCESSED: u64 = 1 << 5;
+    /// D (leaves): the IOMMU wrote through the leaf.
     pub const DIRTY: u64 = 1 << 6;
+    /// PS (levels 1 and 2): the entry is a 2 MiB or 1 GiB leaf.
     pub const PAGE_SIZE: u64 = 1 << 7;
+    /// XD: execute requests not allowed.
     pub const XD: u64 = 1 << 63;
     const ADDR: u64 = ((1 << 52) - 1) & !0xfff;
 
@@ -103,7 +110,9 @@ pub mod first_stage {
 /// table entry limits the rights of everything below it.
 pub struct VtdFirstStage<const L: u32>;
 
+/// 4-level first stage: 48-bit IOVA.
 pub type VtdFs4 = VtdFirstStage<4>;
+/// 5-level first stage: 57-bit IOVA.
 pub type VtdFs5 = VtdFirstStage<5>;
 
 impl<const L: u32> Format for VtdFirstStage<L> {
@@ -139,7 +148,9 @@ impl<const L: u32> Format for VtdFirstStage<L> {
 /// VT-d second-stage format with `L` levels (4: 48-bit IOVA, 5: 57-bit).
 pub struct VtdSecondStage<const L: u32>;
 
+/// 4-level second stage: 48-bit IOVA.
 pub type VtdSs4 = VtdSecondStage<4>;
+/// 5-level second stage: 57-bit IOVA.
 pub type VtdSs5 = VtdSecondStage<5>;
 
 impl<const L: u32> Format for VtdSecondStage<L> {
