@@ -3,8 +3,9 @@
 //! driver. They pin ranges or copy through them, and are told when a range
 //! they pin is being unmapped so they can let go (Linux's `iommufd_access`).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::ioas::{Ioas, Pinned, UnmapNotice};

@@ -6,10 +6,11 @@
 //! uid in this process) or the process's (`IOMMU_OPTION_RLIMIT_MODE` = 1, the
 //! mode VFIO type1 uses). Callers holding `CAP_IPC_LOCK` are not charged.
 
-use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::iova::PAGE_SIZE;

@@ -11,11 +11,12 @@
 //! of an IOAS, whether a device still uses it, a device's vDEVICEs) are
 //! answered from indexes kept beside it, not by a scan.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Deref;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::access::{Access, AccessOps};
 use crate::account::{AccountMode, Accounting, Limit};

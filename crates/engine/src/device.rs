@@ -8,13 +8,12 @@
 //! its devices by virtual ID. Linux's iommufd has the same triangle
 //! (`device.c`, `hw_pagetable.c` and `viommu.c` share one private header).
 
-use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use std::collections::BTreeMap;
-
 use arc_swap::{ArcSwap, ArcSwapOption};
+use parking_lot::Mutex;
 use thiserror::Error;
 
 use crate::epoch;

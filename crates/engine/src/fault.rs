@@ -2,11 +2,12 @@
 //! device faulted on, read in groups and answered by cookie (Linux's
 //! `iommufd_fault`).
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 /// How long a waiter spins before it sleeps: a handler that answers at
 /// once is heard in microseconds instead of two thread wake-ups.

@@ -11,9 +11,10 @@
 //! mock's queues start at index 0 and go up one at a time, each holding the
 //! one before it, so they are destroyed in descending order.
 
-use parking_lot::Mutex;
 use std::any::Any;
 use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use crate::ioas::{Ioas, Pinned};
 use crate::iova::{IovaRange, PAGE_SIZE};

@@ -4,10 +4,11 @@
 //! fallible step of the engine calls [`check`], so a test can sweep every
 //! failure path of an operation and check that each ends cleanly.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 

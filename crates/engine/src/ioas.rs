@@ -4,9 +4,10 @@
 //! All changes are serialised by one mutex per IOAS; translation never takes
 //! it (it reads the domains' page tables).
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::domain::Domain;
 use crate::epoch;

@@ -24,11 +24,12 @@
 //! References held inside the engine (a device bound to a PASID) are taken
 //! on the owner's behalf by the context's own commands.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 

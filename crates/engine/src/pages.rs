@@ -29,11 +29,12 @@
 //!   the child's memory itself, as Linux's reaches unpinned pages through
 //!   the child's mm: `EFAULT` once the child is gone.
 
-use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
 
 use crate::account::Accounting;
 use crate::error::{Error, Result};

@@ -7,10 +7,11 @@
 //! dropped and a single lost-events marker is queued in their place, whose
 //! sequence is that of the latest event dropped.
 
-use parking_lot::{Mutex, MutexGuard};
 use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 pub use crate::model::selftest::VEVENTQ_TYPE_SELFTEST;
 pub use crate::model::smmuv3::VEVENTQ_TYPE_ARM_SMMUV3;

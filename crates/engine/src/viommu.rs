@@ -25,10 +25,11 @@
 //! # Ok::<(), ioasid_engine::Error>(())
 //! ```
 
-use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::device::{Device, DmaError};
 use crate::fault::DmaAttrs;
