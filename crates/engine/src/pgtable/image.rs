@@ -51,22 +51,25 @@ pub enum ImageFault {
 }
 
 /// Translates `input` through the table rooted at `root`; `read` fetches the
-/// 8-byte entry at an address of the image.
+/// 8-byte entry at an address of the image. Generic over `read` so a nested
+/// walk's reads through stage 2 inline into it (a `&mut dyn FnMut` works too).
+#[inline]
 pub fn walk_image<F: Format>(
     root: u64,
     input: u64,
-    read: &mut dyn FnMut(u64) -> Option<u64>,
+    read: &mut (impl FnMut(u64) -> Option<u64> + ?Sized),
 ) -> Result<ImageTranslation, ImageFault> {
     walk_image_from::<F>(root, F::LEVELS - 1, input, read)
 }
 
 /// `walk_image` of a table whose root is at level `top`, as a smaller input
 /// size gives (Arm's T0SZ); the input must fit that table.
+#[inline]
 pub fn walk_image_from<F: Format>(
     root: u64,
     top: u32,
     input: u64,
-    read: &mut dyn FnMut(u64) -> Option<u64>,
+    read: &mut (impl FnMut(u64) -> Option<u64> + ?Sized),
 ) -> Result<ImageTranslation, ImageFault> {
     let bits = F::level_shift(top.min(F::LEVELS - 1)) + 9;
     if bits < 64 && input >> bits != 0 {

@@ -311,6 +311,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Translates one IOVA. The guard keeps every table it reads alive.
+    #[inline]
     pub fn walk(&self, iova: u64, _guard: &Guard) -> Option<Translation> {
         if iova > Self::max_iova() {
             return None;
