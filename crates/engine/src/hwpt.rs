@@ -17,6 +17,7 @@ use crate::fault::FaultQueue;
 use crate::ioas::Ioas;
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;
+use crate::model::GuestTables;
 pub use crate::model::{NestedData, WalkStep};
 use crate::pgtable::Perm;
 
@@ -189,7 +190,7 @@ impl HwptNested {
         }
         // A miss, or rights the cached combination lacks: walk, so the fault
         // names the stage that denies it.
-        let (gpa, perm) = self.walk_stage1(iova, ssid, guard, &mut |_| {})?;
+        let (gpa, perm) = self.data.walk(iova, ssid, &mut GuestTables::new(s2, guard, None))?;
         if !perm.allows(need) {
             return Err(FaultReason::Permission);
         }
@@ -210,7 +211,8 @@ impl HwptNested {
     pub fn trace(&self, iova: u64) -> (Vec<WalkStep>, Result<HostAddr, FaultReason>) {
         let guard = crate::epoch::pin();
         let mut steps = Vec::new();
-        let walked = self.walk_stage1(iova, None, &guard, &mut |s| steps.push(s));
+        let mut step = |s| steps.push(s);
+        let walked = self.data.walk(iova, None, &mut GuestTables::new(&self.parent.domain, &guard, Some(&mut step)));
         let result = walked.and_then(|(gpa, _)| {
             let t = self.parent.domain.translate(gpa.0, Perm::default(), &guard).map_err(|r| stage2(gpa, r))?;
             Ok(t.host)
@@ -218,33 +220,11 @@ impl HwptNested {
         (steps, result)
     }
 
-    /// Walks the guest's stage-1 table: returns the guest-physical address
-    /// `iova` maps to and the rights along the way.
-    fn walk_stage1(
-        &self,
-        iova: u64,
-        ssid: Option<u32>,
-        guard: &Guard,
-        step: &mut dyn FnMut(WalkStep),
-    ) -> Result<(Gpa, Perm), FaultReason> {
-        let s2 = &self.parent.domain;
-        self.data.walk(iova, ssid, &mut |gpa| read_guest(s2, gpa, guard), step)
-    }
-
     /// The guest's stage-1 configuration it was allocated with (the
     /// vendor's `IOMMU_HWPT_DATA_*` contents).
     pub fn data(&self) -> &NestedData {
         &self.data
     }
-}
-
-/// Reads the 8-byte entry at guest-physical `gpa` through stage 2; returns
-/// where it is in host memory and its value.
-fn read_guest(s2: &Domain, gpa: Gpa, guard: &Guard) -> Result<(HostAddr, u64), FaultReason> {
-    let t = s2.translate(gpa.0, Perm::R, guard).map_err(|r| stage2(gpa, r))?;
-    let mut raw = [0u8; 8];
-    crate::memory::read(t.trust, t.host.0, &mut raw).map_err(|_| stage2(gpa, FaultReason::NotPresent))?;
-    Ok((t.host, u64::from_le_bytes(raw)))
 }
 
 fn stage2(gpa: Gpa, r: FaultReason) -> FaultReason {

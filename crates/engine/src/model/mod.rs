@@ -90,7 +90,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 // The vocabulary of domains and translations. These sit in `hwpt` until
 // the page-table domain gets its own module below both.
-use crate::domain::{FaultReason, Gpa, HostAddr, PageFormat};
+use crossbeam_epoch::Guard;
+
+use crate::domain::{Domain, FaultReason, Gpa, HostAddr, PageFormat};
 use crate::iotlb::Iotlb;
 use crate::iova::IovaRange;
 use crate::pgtable::Perm;
@@ -157,6 +159,43 @@ pub struct WalkStep {
     pub pte: u64,
 }
 
+/// A guest's memory as its stage-1 walk reads it: through the nest
+/// parent's stage 2. A concrete type rather than a callback, so the reads of
+/// a nested walk's every level inline into the model's walk.
+pub struct GuestTables<'a> {
+    s2: &'a Domain,
+    guard: &'a Guard,
+    step: Option<&'a mut dyn FnMut(WalkStep)>,
+}
+
+impl<'a> GuestTables<'a> {
+    /// Reads through stage 2 `s2`; `step`, when given, sees each entry a
+    /// walk reads (a trace; translations pass `None`).
+    pub(crate) fn new(s2: &'a Domain, guard: &'a Guard, step: Option<&'a mut dyn FnMut(WalkStep)>) -> Self {
+        GuestTables { s2, guard, step }
+    }
+
+    /// The 8-byte entry at guest-physical `gpa`: where stage 2 put it in
+    /// host memory and its value. Stage 2's faults come back as
+    /// [`FaultReason::Stage2`].
+    #[inline]
+    pub fn read(&self, gpa: Gpa) -> std::result::Result<(HostAddr, u64), FaultReason> {
+        let stage2 = |r: FaultReason| FaultReason::Stage2 { gpa: gpa.0, permission: r == FaultReason::Permission };
+        let t = self.s2.translate(gpa.0, Perm::R, self.guard).map_err(stage2)?;
+        let mut raw = [0u8; 8];
+        crate::memory::read(t.trust, t.host.0, &mut raw).map_err(|_| stage2(FaultReason::NotPresent))?;
+        Ok((t.host, u64::from_le_bytes(raw)))
+    }
+
+    /// Shows a read entry to whoever traces the walk.
+    #[inline]
+    pub fn step(&mut self, step: WalkStep) {
+        if let Some(f) = &mut self.step {
+            f(step);
+        }
+    }
+}
+
 /// The sizes of a uAPI struct of driver data or of an invalidation entry:
 /// the caller's must be at least `min_len` bytes (the first version) and is
 /// read into `len` (the current one).
@@ -199,15 +238,13 @@ pub trait Stage1: Any + Send + Sync {
 
     /// Walks the guest's stage 1 for `iova` (of substream `ssid`, for types
     /// that cover substreams): the guest-physical address and the rights
-    /// along the way. `read` fetches the 8-byte entry at a guest-physical
-    /// address through stage 2 (where it is in host memory, its value);
-    /// `step` sees each table entry read.
+    /// along the way. `tables` reads the guest's entries through stage 2
+    /// and is shown each table entry read ([`GuestTables::step`]).
     fn walk(
         &self,
         _iova: u64,
         _ssid: Option<u32>,
-        _read: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
-        _step: &mut dyn FnMut(WalkStep),
+        _tables: &mut GuestTables<'_>,
     ) -> std::result::Result<(Gpa, Perm), FaultReason> {
         Err(FaultReason::NotPresent)
     }

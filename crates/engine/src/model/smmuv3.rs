@@ -5,8 +5,8 @@
 
 use zerocopy::FromBytes;
 
-use super::WalkStep;
-use crate::domain::{ConfigFault, FaultReason, Gpa, HostAddr, PageFormat};
+use super::GuestTables;
+use crate::domain::{ConfigFault, FaultReason, Gpa, PageFormat};
 use crate::iotlb::Iotlb;
 use crate::pgtable::Perm;
 use crate::pgtable::arm::ArmS1;
@@ -213,11 +213,10 @@ impl Stage1 for NestedSte {
         &self,
         iova: u64,
         ssid: Option<u32>,
-        read_guest: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
-        _step: &mut dyn FnMut(WalkStep),
+        tables: &mut GuestTables<'_>,
     ) -> std::result::Result<(Gpa, Perm), FaultReason> {
         let mut failed = None;
-        let mut read = |gpa| read_guest(Gpa(gpa)).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
+        let mut read = |gpa| tables.read(Gpa(gpa)).map(|(_, v)| v).map_err(|r| failed = Some(r)).ok();
         translate(self.ste, ssid, iova, &mut read)
             .map_err(|f| match f {
                 S1Fault::Read { gpa } => failed.unwrap_or(FaultReason::Stage2 { gpa, permission: false }),

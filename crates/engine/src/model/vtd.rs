@@ -2,8 +2,8 @@
 //! guest's first-stage table in its memory for nested ones
 //! (`IOMMU_HWPT_DATA_VTD_S1`), invalidated through the nested HWPT.
 
-use super::WalkStep;
-use crate::domain::{FaultReason, Gpa, HostAddr, PageFormat};
+use super::{GuestTables, WalkStep};
+use crate::domain::{FaultReason, Gpa, PageFormat};
 use crate::iotlb::Iotlb;
 use crate::pgtable::Perm;
 use crate::pgtable::image::{ImageFault, walk_image_from};
@@ -159,8 +159,7 @@ impl Stage1 for VtdS1 {
         &self,
         iova: u64,
         _ssid: Option<u32>,
-        read: &mut dyn FnMut(Gpa) -> std::result::Result<(HostAddr, u64), FaultReason>,
-        step: &mut dyn FnMut(WalkStep),
+        tables: &mut GuestTables<'_>,
     ) -> std::result::Result<(Gpa, Perm), FaultReason> {
         // The first stage skips no level, so reads come one a level; a
         // 4-level table is the 5-level format entered one level down.
@@ -169,8 +168,8 @@ impl Stage1 for VtdS1 {
         let mut failed = None;
         let mut read_entry = |entry| {
             level -= 1;
-            let (host, pte) = read(Gpa(entry)).map_err(|r| failed = Some(r)).ok()?;
-            step(WalkStep { level, entry_gpa: Gpa(entry), entry_host: host, pte });
+            let (host, pte) = tables.read(Gpa(entry)).map_err(|r| failed = Some(r)).ok()?;
+            tables.step(WalkStep { level, entry_gpa: Gpa(entry), entry_host: host, pte });
             Some(pte)
         };
         let t = walk_image_from::<VtdFs5>(self.root, top, iova, &mut read_entry).map_err(|f| match f {
