@@ -5,8 +5,10 @@
 //! PASIDs, and notifications of alloc, free, bind and unbind.
 //!
 //! Changes are serialised by one lock; lookups (`find`, `host_pasid`,
-//! `vpasid`, `get`) take none: IDs live in a two-level table of
-//! `ArcSwapOption` slots, allocated a leaf at a time.
+//! `vpasid`, `get`) take none: each ID has a slot of atomics in a two-level
+//! table (allocated a leaf at a time), reused by every allocation of the
+//! ID and read as a seqlock, its generation telling one allocation from
+//! the next; references are counted in the slot's state word.
 //!
 //! # Ownership
 //!
@@ -25,13 +27,13 @@
 //! on the owner's behalf by the context's own commands.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 
 use crate::error::{Error, Result};
 
@@ -130,15 +132,15 @@ pub enum Class {
     Device,
 }
 
-/// One allocated PASID.
+/// One allocated PASID, as read at one moment.
 pub struct Entry {
     pasid: u32,
     set: SetId,
     private: u64,
     vpasid: Option<u32>,
-    /// The allocation's own reference plus every `get`.
-    refs: AtomicU32,
-    freed: AtomicBool,
+    /// The allocation it belongs to, so a reference taken through it is
+    /// never taken on a later allocation of the same ID.
+    generation: u32,
 }
 
 impl Entry {
@@ -164,12 +166,75 @@ impl Entry {
 const LEAF_BITS: u32 = 10;
 const LEAF: usize = 1 << LEAF_BITS;
 
-/// 1024 consecutive IDs' entries.
-type Leaf = Box<[ArcSwapOption<Entry>]>;
+/// The references an allocation holds: its own plus every `get`.
+const REFS: u64 = u32::MAX as u64;
+/// Set by `free`: no new references; the last `put` releases the ID.
+const FREED: u64 = 1 << 32;
+/// Between `alloc` and the release of the last reference.
+const LIVE: u64 = 1 << 33;
+/// Counts allocations of the slot's ID (the bits above `LIVE`).
+const GENERATION_SHIFT: u32 = 34;
+/// `vpasid` of an ID `alloc` gave (IDs are at most 20 bits).
+const NO_VPASID: u32 = u32::MAX;
 
-/// A lock-free map from 20-bit IDs to entries.
+fn generation(state: u64) -> u32 {
+    (state >> GENERATION_SHIFT) as u32
+}
+
+/// The place of one ID, reused by every allocation of it, so allocating
+/// costs no memory allocation and readers need no reclamation scheme.
+/// Only the space's lock writes `set`, `private` and `vpasid`, and only
+/// while the ID is not `LIVE`; readers take them as a seqlock's readers
+/// do, checking that the generation and `LIVE` did not change meanwhile.
+#[derive(Default)]
+struct Slot {
+    /// References, `FREED`, `LIVE` and the generation.
+    state: AtomicU64,
+    private: AtomicU64,
+    set: AtomicU32,
+    vpasid: AtomicU32,
+}
+
+impl Slot {
+    /// The allocation in the slot, if any, read consistently.
+    fn read(&self, pasid: u32) -> Option<Entry> {
+        loop {
+            let before = self.state.load(Ordering::Acquire);
+            if before & LIVE == 0 {
+                return None;
+            }
+            let set = SetId(self.set.load(Ordering::Relaxed));
+            let private = self.private.load(Ordering::Relaxed);
+            let vpasid = self.vpasid.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            let after = self.state.load(Ordering::Relaxed);
+            if (before ^ after) & !(REFS | FREED) == 0 {
+                let vpasid = (vpasid != NO_VPASID).then_some(vpasid);
+                return Some(Entry { pasid, set, private, vpasid, generation: generation(before) });
+            }
+        }
+    }
+
+    /// Changes the state of the live allocation (of `generation` when
+    /// given) with `f`, which answers the new state or an error.
+    fn update(&self, generation_of: Option<u32>, f: impl Fn(u64) -> Result<u64>) -> Result<u64> {
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if cur & LIVE == 0 || generation_of.is_some_and(|g| g != generation(cur)) {
+                return Err(Error::NotFound("PASID not allocated"));
+            }
+            let new = f(cur)?;
+            match self.state.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(cur),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+/// A lock-free table of every ID's slot, allocated 1024 slots at a time.
 struct Slots {
-    leaves: Box<[OnceLock<Leaf>]>,
+    leaves: Box<[OnceLock<Box<[Slot]>>]>,
 }
 
 impl Slots {
@@ -178,15 +243,44 @@ impl Slots {
         Slots { leaves: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
-    fn get(&self, id: u32) -> Option<Arc<Entry>> {
+    /// The slot of `id`, if its leaf exists.
+    fn get(&self, id: u32) -> Option<&Slot> {
         let leaf = self.leaves.get((id >> LEAF_BITS) as usize)?.get()?;
-        leaf[id as usize & (LEAF - 1)].load_full()
+        Some(&leaf[id as usize & (LEAF - 1)])
     }
 
-    fn set(&self, id: u32, e: Option<Arc<Entry>>) {
-        let leaf =
-            self.leaves[(id >> LEAF_BITS) as usize].get_or_init(|| (0..LEAF).map(|_| ArcSwapOption::empty()).collect());
-        leaf[id as usize & (LEAF - 1)].store(e);
+    /// The slot of `id`, making its leaf.
+    fn slot(&self, id: u32) -> &Slot {
+        let leaf = self.leaves[(id >> LEAF_BITS) as usize].get_or_init(|| (0..LEAF).map(|_| Slot::default()).collect());
+        &leaf[id as usize & (LEAF - 1)]
+    }
+
+    fn read(&self, id: u32) -> Option<Entry> {
+        self.get(id)?.read(id)
+    }
+}
+
+/// A lock-free map from a set's own IDs to host PASIDs (0: none, as PASID
+/// 0 is never allocated).
+struct VpasidMap {
+    leaves: Box<[OnceLock<Box<[AtomicU32]>>]>,
+}
+
+impl VpasidMap {
+    fn new(width: u8) -> Self {
+        let n = (1usize << width).div_ceil(LEAF);
+        VpasidMap { leaves: (0..n).map(|_| OnceLock::new()).collect() }
+    }
+
+    fn get(&self, vpasid: u32) -> Option<u32> {
+        let leaf = self.leaves.get((vpasid >> LEAF_BITS) as usize)?.get()?;
+        Some(leaf[vpasid as usize & (LEAF - 1)].load(Ordering::Acquire)).filter(|&p| p != NO_PASID)
+    }
+
+    fn set(&self, vpasid: u32, pasid: u32) {
+        let leaf = self.leaves[(vpasid >> LEAF_BITS) as usize]
+            .get_or_init(|| (0..LEAF).map(|_| AtomicU32::new(NO_PASID)).collect());
+        leaf[vpasid as usize & (LEAF - 1)].store(pasid, Ordering::Release);
     }
 }
 
@@ -209,7 +303,7 @@ struct SetShared {
     /// The `SetOwner` key of the context the set belongs to (0: none, a set
     /// made by the engine's own users of a private space).
     owner: u64,
-    by_vpasid: Slots,
+    by_vpasid: VpasidMap,
 }
 
 struct Subscriber {
@@ -288,7 +382,7 @@ impl PasidSpace {
         g.next_set += 1;
         g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: BTreeSet::new(), dying: false });
         let mut shared = (**self.shared.load()).clone();
-        shared.insert(id, Arc::new(SetShared { owner, by_vpasid: Slots::new(self.width) }));
+        shared.insert(id, Arc::new(SetShared { owner, by_vpasid: VpasidMap::new(self.width) }));
         self.shared.store(Arc::new(shared));
         Ok(id)
     }
@@ -399,12 +493,19 @@ impl PasidSpace {
             st.used += 1;
             at = st.parent;
         }
-        let entry =
-            Arc::new(Entry { pasid, set, private, vpasid, refs: AtomicU32::new(1), freed: AtomicBool::new(false) });
         g.sets.get_mut(&set).expect("checked").own.insert(pasid);
-        self.slots.set(pasid, Some(entry.clone()));
+        let slot = self.slots.slot(pasid);
+        // The ID is free, so only this lock's holder writes its slot; the
+        // fence keeps a reader that sees these values from missing the
+        // release of the previous allocation (see `Slot`).
+        let generation = slot.state.load(Ordering::Relaxed) & !(REFS | FREED | LIVE);
+        fence(Ordering::Release);
+        slot.set.store(set.0, Ordering::Relaxed);
+        slot.private.store(private, Ordering::Relaxed);
+        slot.vpasid.store(vpasid.unwrap_or(NO_VPASID), Ordering::Relaxed);
+        slot.state.store(generation.wrapping_add(1 << GENERATION_SHIFT) | LIVE | 1, Ordering::Release);
         if let (Some(v), Some(shared)) = (vpasid, shared) {
-            shared.by_vpasid.set(v, Some(entry));
+            shared.by_vpasid.set(v, pasid);
         }
         g.notify(Event::Alloc { set, pasid });
         Ok(pasid)
@@ -412,12 +513,12 @@ impl PasidSpace {
 
     /// The private data of `pasid`, if `set` allocated it. Lock-free.
     pub fn find(&self, set: SetId, pasid: u32) -> Option<u64> {
-        self.slots.get(pasid).filter(|e| e.set == set).map(|e| e.private)
+        self.slots.read(pasid).filter(|e| e.set == set).map(|e| e.private)
     }
 
     /// The entry of `pasid`, whoever allocated it. Lock-free.
     pub fn entry(&self, pasid: u32) -> Option<Arc<Entry>> {
-        self.slots.get(pasid)
+        self.slots.read(pasid).map(Arc::new)
     }
 
     /// The owner key of `set`, while it exists (dying sets included).
@@ -427,12 +528,12 @@ impl PasidSpace {
 
     /// The host PASID standing for `set`'s own ID `vpasid`. Lock-free.
     pub fn host_pasid(&self, set: SetId, vpasid: u32) -> Option<u32> {
-        self.shared.load().get(&set)?.by_vpasid.get(vpasid).map(|e| e.pasid)
+        self.shared.load().get(&set)?.by_vpasid.get(vpasid)
     }
 
     /// The set-private ID `pasid` stands for. Lock-free.
     pub fn vpasid(&self, pasid: u32) -> Option<u32> {
-        self.slots.get(pasid)?.vpasid
+        self.slots.read(pasid)?.vpasid
     }
 
     /// The IDs a set allocated, in order.
@@ -444,20 +545,40 @@ impl PasidSpace {
 
     /// Takes a reference; `ENOENT` once the ID is freed.
     pub fn get(&self, pasid: u32) -> Result<()> {
-        let e = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        take_ref(&e)
+        self.take_ref(pasid, None)
+    }
+
+    /// Takes a reference on the allocation of `pasid` (of `generation` when
+    /// given, so an ID freed and allocated again meanwhile is never
+    /// referenced by mistake); `ENOENT` once it is freed.
+    fn take_ref(&self, pasid: u32, generation: Option<u32>) -> Result<()> {
+        let slot = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
+        slot.update(generation, |s| match s & REFS {
+            _ if s & FREED != 0 => Err(Error::NotFound("PASID is being freed")),
+            0 => Err(Error::NotFound("PASID is being freed")),
+            REFS => Err(Error::Overflow("too many references on the PASID")),
+            _ => Ok(s + 1),
+        })
+        .map(drop)
     }
 
     /// Drops a reference; the last one of a freed ID completes the free.
     pub fn put(&self, pasid: u32) -> Result<()> {
-        let e = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        let prev = e.refs.fetch_sub(1, Ordering::AcqRel);
-        if prev == 0 {
-            e.refs.fetch_add(1, Ordering::AcqRel);
-            return Err(Error::Invalid("put without a reference"));
-        }
-        if prev == 1 {
-            self.release(&e);
+        self.drop_ref(pasid, None, 0)
+    }
+
+    /// Drops a reference on the allocation of `pasid` (of `generation` when
+    /// given), setting `also` (`FREED`) in the same step; the last one
+    /// releases the ID.
+    fn drop_ref(&self, pasid: u32, generation: Option<u32>, also: u64) -> Result<()> {
+        let slot = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
+        let prev = slot.update(generation, |s| match s & REFS {
+            _ if s & also != 0 => Err(Error::NotFound("PASID already freed")),
+            0 => Err(Error::Invalid("put without a reference")),
+            _ => Ok((s - 1) | also),
+        })?;
+        if prev & REFS == 1 {
+            self.release(pasid, slot, prev);
         }
         Ok(())
     }
@@ -465,24 +586,21 @@ impl PasidSpace {
     /// Frees `pasid` for `set`: at once when nothing references it, else at
     /// the last `put`.
     pub fn free(&self, set: SetId, pasid: u32) -> Result<()> {
-        let e = self.slots.get(pasid).filter(|e| e.set == set).ok_or(Error::NotFound("set did not allocate it"))?;
-        if e.freed.swap(true, Ordering::AcqRel) {
-            return Err(Error::NotFound("PASID already freed"));
-        }
-        self.put(pasid)
+        let e = self.slots.read(pasid).filter(|e| e.set == set).ok_or(Error::NotFound("set did not allocate it"))?;
+        self.drop_ref(pasid, Some(e.generation), FREED)
     }
 
     /// Tells subscribers `device` now uses `pasid`, holding a reference.
     pub fn bind(&self, pasid: u32, device: u64) -> Result<()> {
         self.get(pasid)?;
-        let set = self.slots.get(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
+        let set = self.slots.read(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
         self.lock().notify(Event::Bind { set, pasid, device });
         Ok(())
     }
 
     /// Undoes `bind`.
     pub fn unbind(&self, pasid: u32, device: u64) -> Result<()> {
-        let set = self.slots.get(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
+        let set = self.slots.read(pasid).map(|e| e.set).ok_or(Error::NotFound("PASID not allocated"))?;
         self.lock().notify(Event::Unbind { set, pasid, device });
         self.put(pasid)
     }
@@ -497,43 +615,36 @@ impl PasidSpace {
         rx
     }
 
-    fn release(&self, e: &Entry) {
+    /// Ends the allocation of `pasid` whose last reference was just
+    /// dropped (`state` is its state before that): no reference can be
+    /// taken or dropped any more, so nothing else writes the slot.
+    fn release(&self, pasid: u32, slot: &Slot, state: u64) {
         let mut g = self.lock();
-        self.slots.set(e.pasid, None);
-        if let Some(v) = e.vpasid
-            && let Some(shared) = self.shared.load().get(&e.set)
+        let set = SetId(slot.set.load(Ordering::Relaxed));
+        let vpasid = slot.vpasid.load(Ordering::Relaxed);
+        slot.state.store(state & !(REFS | FREED | LIVE), Ordering::Release);
+        if vpasid != NO_VPASID
+            && let Some(shared) = self.shared.load().get(&set)
         {
-            shared.by_vpasid.set(v, None);
+            shared.by_vpasid.set(vpasid, NO_PASID);
         }
-        g.bitmap[(e.pasid / 64) as usize] &= !(1 << (e.pasid % 64));
-        g.hint = g.hint.min(e.pasid);
-        let finished = g.sets.get_mut(&e.set).is_some_and(|s| {
-            s.own.remove(&e.pasid);
+        g.bitmap[(pasid / 64) as usize] &= !(1 << (pasid % 64));
+        g.hint = g.hint.min(pasid);
+        let finished = g.sets.get_mut(&set).is_some_and(|s| {
+            s.own.remove(&pasid);
             s.dying && s.own.is_empty()
         });
-        let mut at = Some(e.set);
+        let mut at = Some(set);
         while let Some(s) = at {
             let Some(st) = g.sets.get_mut(&s) else { break };
             st.used -= 1;
             at = st.parent;
         }
-        g.notify(Event::Free { set: e.set, pasid: e.pasid });
+        g.notify(Event::Free { set, pasid });
         if finished {
-            self.remove_set(&mut g, e.set);
+            self.remove_set(&mut g, set);
         }
     }
-}
-
-/// Takes a reference on `e` itself, so an ID freed and allocated again
-/// meanwhile is never referenced by mistake; `ENOENT` once `e` is freed.
-fn take_ref(e: &Entry) -> Result<()> {
-    if e.freed.load(Ordering::Acquire) {
-        return Err(Error::NotFound("PASID is being freed"));
-    }
-    e.refs
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| (r > 0).then_some(r + 1))
-        .map(drop)
-        .map_err(|_| Error::NotFound("PASID is being freed"))
 }
 
 /// The process's PASID space (20 bits), shared by every context, as the
@@ -565,9 +676,9 @@ impl SetOwner {
     }
 
     /// The entry of `pasid` when it is allocated in one of this owner's sets.
-    fn owns(&self, pasid: u32) -> Result<Arc<Entry>> {
+    fn owns(&self, pasid: u32) -> Result<Entry> {
         let space = global();
-        match space.entry(pasid) {
+        match space.slots.read(pasid) {
             Some(e) if space.owner(e.set) == Some(self.key) => Ok(e),
             _ => Err(Error::NotFound("no PASID of this context's sets")),
         }
@@ -577,7 +688,8 @@ impl SetOwner {
     /// other, or once it is freed.
     pub fn get(&self, pasid: u32) -> Result<()> {
         let mut refs = self.refs();
-        take_ref(&*self.owns(pasid)?)?;
+        let e = self.owns(pasid)?;
+        global().take_ref(pasid, Some(e.generation))?;
         *refs.entry(pasid).or_default() += 1;
         Ok(())
     }

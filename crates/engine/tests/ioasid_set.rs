@@ -136,6 +136,68 @@ fn lookups_run_beside_allocation_on_many_threads() {
     }
 }
 
+#[test]
+fn lock_free_readers_never_see_a_torn_or_reused_entry() {
+    // Two writers churn the same few IDs (width 3: 7 PASIDs) in two sets,
+    // each allocation's private value naming its set; readers check every
+    // entry they see is whole, and take and drop references on whatever
+    // is live, which must never release an ID twice or lose a reference.
+    let space = Arc::new(PasidSpace::new(3).unwrap());
+    let sets: Vec<SetId> = (0..2).map(|_| space.create_set(None, 8).unwrap()).collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = sets
+        .iter()
+        .map(|&set| {
+            let space = space.clone();
+            std::thread::spawn(move || {
+                for round in 0..20_000u64 {
+                    let private = (u64::from(set.0) << 32) | round;
+                    match space.alloc(set, 1, 7, private) {
+                        Ok(p) => {
+                            assert_eq!(space.find(set, p), Some(private));
+                            space.free(set, p).unwrap();
+                        }
+                        Err(Error::NoSpace(_)) => std::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (space, stop) = (space.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for p in 1..=7 {
+                        if let Some(e) = space.entry(p) {
+                            assert_eq!(e.pasid(), p);
+                            assert_eq!(e.private() >> 32, u64::from(e.set().0), "torn entry");
+                        }
+                        if space.get(p).is_ok() {
+                            space.put(p).unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in writers {
+        t.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in readers {
+        t.join().unwrap();
+    }
+    for set in sets {
+        assert_eq!(space.usage(set).unwrap().1, 0);
+        assert!(space.ids(set).unwrap().is_empty());
+    }
+    for p in 1..=7 {
+        assert!(space.entry(p).is_none());
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Alloc(usize),
