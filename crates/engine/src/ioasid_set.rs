@@ -26,7 +26,7 @@
 //! References held inside the engine (a device bound to a PASID) are taken
 //! on the owner's behalf by the context's own commands.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
@@ -193,6 +193,9 @@ struct Slot {
     private: AtomicU64,
     set: AtomicU32,
     vpasid: AtomicU32,
+    /// Where the ID is in its set's `own`; written and read under the
+    /// space's lock only.
+    own_index: AtomicU32,
 }
 
 impl Slot {
@@ -291,9 +294,9 @@ struct SetState {
     used: u32,
     children: u32,
     /// IDs allocated in this set (including those freed but still
-    /// referenced), so destroying a set costs what it holds, not a scan of
-    /// the whole space.
-    own: BTreeSet<u32>,
+    /// referenced), in no order, so destroying a set costs what it holds,
+    /// not a scan of the whole space; each ID's slot keeps its index here.
+    own: Vec<u32>,
     /// Destroyed while IDs were still referenced: goes with the last of them.
     dying: bool,
 }
@@ -380,7 +383,7 @@ impl PasidSpace {
         }
         let id = SetId(g.next_set);
         g.next_set += 1;
-        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: BTreeSet::new(), dying: false });
+        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: Vec::new(), dying: false });
         let mut shared = (**self.shared.load()).clone();
         shared.insert(id, Arc::new(SetShared { owner, by_vpasid: VpasidMap::new(self.width) }));
         self.shared.store(Arc::new(shared));
@@ -460,9 +463,8 @@ impl PasidSpace {
     fn alloc_with(&self, set: SetId, min: u32, max: u32, private: u64, vpasid: Option<u32>) -> Result<u32> {
         crate::inject::check("PASID")?;
         let mut g = self.lock();
-        if !g.sets.contains_key(&set) {
-            return Err(Error::NotFound("no such set"));
-        }
+        let first = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        let (used, quota, parent) = (first.used, first.quota, first.parent);
         // Only a set-private ID needs the set's lookup table.
         let shared = vpasid.map(|_| self.shared.load().get(&set).cloned().expect("every set is shared"));
         if let (Some(v), Some(shared)) = (vpasid, &shared)
@@ -471,7 +473,10 @@ impl PasidSpace {
             return Err(Error::Exists("the set already uses that ID"));
         }
         // Quota along the path to the root.
-        let mut at = Some(set);
+        if used >= quota {
+            return Err(Error::Quota("IOASID set quota exhausted"));
+        }
+        let mut at = parent;
         while let Some(s) = at {
             let st = &g.sets[&s];
             if st.used >= st.quota {
@@ -487,14 +492,17 @@ impl PasidSpace {
         let pasid = g.find_free(lo, hi).ok_or(Error::NoSpace("no free PASID in range"))?;
         g.bitmap[(pasid / 64) as usize] |= 1 << (pasid % 64);
         g.hint = pasid + 1;
-        let mut at = Some(set);
+        let slot = self.slots.slot(pasid);
+        let st = g.sets.get_mut(&set).expect("checked");
+        st.used += 1;
+        slot.own_index.store(st.own.len() as u32, Ordering::Relaxed);
+        st.own.push(pasid);
+        let mut at = parent;
         while let Some(s) = at {
             let st = g.sets.get_mut(&s).expect("on the path");
             st.used += 1;
             at = st.parent;
         }
-        g.sets.get_mut(&set).expect("checked").own.insert(pasid);
-        let slot = self.slots.slot(pasid);
         // The ID is free, so only this lock's holder writes its slot; the
         // fence keeps a reader that sees these values from missing the
         // release of the previous allocation (see `Slot`).
@@ -540,7 +548,9 @@ impl PasidSpace {
     pub fn ids(&self, set: SetId) -> Result<Vec<u32>> {
         let g = self.lock();
         let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
-        Ok(s.own.iter().copied().collect())
+        let mut ids = s.own.clone();
+        ids.sort_unstable();
+        Ok(ids)
     }
 
     /// Takes a reference; `ENOENT` once the ID is freed.
@@ -631,7 +641,11 @@ impl PasidSpace {
         g.bitmap[(pasid / 64) as usize] &= !(1 << (pasid % 64));
         g.hint = g.hint.min(pasid);
         let finished = g.sets.get_mut(&set).is_some_and(|s| {
-            s.own.remove(&pasid);
+            let at = slot.own_index.load(Ordering::Relaxed) as usize;
+            s.own.swap_remove(at);
+            if let Some(&moved) = s.own.get(at) {
+                self.slots.slot(moved).own_index.store(at as u32, Ordering::Relaxed);
+            }
             s.dying && s.own.is_empty()
         });
         let mut at = Some(set);
@@ -772,6 +786,9 @@ impl Inner {
 
     /// Delivers `ev` to its subscribers, CPU side first; drops the gone.
     fn notify(&mut self, ev: Event) {
+        if self.subscribers.is_empty() {
+            return;
+        }
         self.subscribers.retain(|s| {
             let wanted = s.events.0 & ev.bit() != 0 && s.set.is_none_or(|set| set == ev.set());
             !wanted || s.tx.send(ev).is_ok()
