@@ -574,18 +574,10 @@ impl PasidSpace {
 
     /// Drops a reference; the last one of a freed ID completes the free.
     pub fn put(&self, pasid: u32) -> Result<()> {
-        self.drop_ref(pasid, None, 0)
-    }
-
-    /// Drops a reference on the allocation of `pasid` (of `generation` when
-    /// given), setting `also` (`FREED`) in the same step; the last one
-    /// releases the ID.
-    fn drop_ref(&self, pasid: u32, generation: Option<u32>, also: u64) -> Result<()> {
         let slot = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        let prev = slot.update(generation, |s| match s & REFS {
-            _ if s & also != 0 => Err(Error::NotFound("PASID already freed")),
+        let prev = slot.update(None, |s| match s & REFS {
             0 => Err(Error::Invalid("put without a reference")),
-            _ => Ok((s - 1) | also),
+            _ => Ok(s - 1),
         })?;
         if prev & REFS == 1 {
             self.release(pasid, slot, prev);
@@ -596,8 +588,40 @@ impl PasidSpace {
     /// Frees `pasid` for `set`: at once when nothing references it, else at
     /// the last `put`.
     pub fn free(&self, set: SetId, pasid: u32) -> Result<()> {
-        let e = self.slots.read(pasid).filter(|e| e.set == set).ok_or(Error::NotFound("set did not allocate it"))?;
-        self.drop_ref(pasid, Some(e.generation), FREED)
+        let not_ours = Error::NotFound("set did not allocate it");
+        let slot = self.slots.get(pasid).ok_or(not_ours)?;
+        let mut cur = slot.state.load(Ordering::Acquire);
+        loop {
+            if cur & LIVE == 0 {
+                return Err(not_ours);
+            }
+            // The set read belongs to `cur`'s allocation if the state is
+            // still of it afterwards (the exchange below, or the re-read).
+            let owner = slot.set.load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if owner != set.0 {
+                let now = slot.state.load(Ordering::Relaxed);
+                if (now ^ cur) & !(REFS | FREED) == 0 {
+                    return Err(not_ours);
+                }
+                cur = now;
+                continue;
+            }
+            if cur & FREED != 0 {
+                return Err(Error::NotFound("PASID already freed"));
+            }
+            if cur & REFS == 0 {
+                return Err(Error::Invalid("put without a reference"));
+            }
+            match slot.state.compare_exchange_weak(cur, (cur - 1) | FREED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        if cur & REFS == 1 {
+            self.release(pasid, slot, cur);
+        }
+        Ok(())
     }
 
     /// Tells subscribers `device` now uses `pasid`, holding a reference.
@@ -640,15 +664,16 @@ impl PasidSpace {
         }
         g.bitmap[(pasid / 64) as usize] &= !(1 << (pasid % 64));
         g.hint = g.hint.min(pasid);
-        let finished = g.sets.get_mut(&set).is_some_and(|s| {
-            let at = slot.own_index.load(Ordering::Relaxed) as usize;
-            s.own.swap_remove(at);
-            if let Some(&moved) = s.own.get(at) {
-                self.slots.slot(moved).own_index.store(at as u32, Ordering::Relaxed);
-            }
-            s.dying && s.own.is_empty()
-        });
-        let mut at = Some(set);
+        // The set holds its IDs until the last is released, so it is there.
+        let st = g.sets.get_mut(&set).expect("a set outlives its IDs");
+        let at = slot.own_index.load(Ordering::Relaxed) as usize;
+        st.own.swap_remove(at);
+        if let Some(&moved) = st.own.get(at) {
+            self.slots.slot(moved).own_index.store(at as u32, Ordering::Relaxed);
+        }
+        st.used -= 1;
+        let finished = st.dying && st.own.is_empty();
+        let mut at = st.parent;
         while let Some(s) = at {
             let Some(st) = g.sets.get_mut(&s) else { break };
             st.used -= 1;
