@@ -360,15 +360,14 @@ impl Pages {
     pub(crate) fn pin(&self, offset: u64, len: u64) -> Result<()> {
         let range = self.page_range(offset, len);
         let mut pins = self.pins.lock();
-        let before = pinned_pages(pins.iter().copied());
-        let after = pinned_pages(pins.iter().copied().chain([range]));
-        if after > before {
+        let added = only_in(range, &pins);
+        if added > 0 {
             crate::inject::check("pin")?;
             self.take(range)?;
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }
-            self.accounting().charge(after - before)?;
+            self.accounting().charge(added)?;
         }
         pins.push(range);
         Ok(())
@@ -382,9 +381,8 @@ impl Pages {
             debug_assert!(false, "unpin of a range that was not pinned");
             return;
         };
-        let before = pinned_pages(pins.iter().copied());
         pins.swap_remove(i);
-        self.accounting().uncharge(before - pinned_pages(pins.iter().copied()));
+        self.accounting().uncharge(only_in(range, &pins));
     }
 
     /// Number of distinct pages pinned now.
@@ -436,6 +434,16 @@ fn pinned_pages(ranges: impl IntoIterator<Item = IovaRange>) -> u64 {
     iova::union(ranges).iter().map(IovaRange::len).sum()
 }
 
+/// Pages of `range` that no range of `pins` holds: what pinning it adds,
+/// or what unpinning it (once out of `pins`) lets go. Without an overlap,
+/// which is the common case, that is all of it, and no union is built.
+fn only_in(range: IovaRange, pins: &[IovaRange]) -> u64 {
+    if !pins.iter().any(|r| r.overlaps(&range)) {
+        return range.len();
+    }
+    pinned_pages(pins.iter().copied().chain([range])) - pinned_pages(pins.iter().copied())
+}
+
 impl Drop for Pages {
     fn drop(&mut self) {
         if let Some(key) = self.live {
@@ -464,6 +472,23 @@ mod tests {
         assert_eq!(acct.charged(), p.pinned());
         p.unpin(lead, 4 * PAGE_SIZE);
         p.unpin(lead + 2 * PAGE_SIZE, 4 * PAGE_SIZE);
+        assert_eq!(acct.charged(), 0);
+    }
+
+    #[test]
+    fn charges_follow_the_union_of_pins_in_any_order() {
+        let acct = Accounting::isolated(Limit::Pages(100));
+        let buf = crate::memory::HostBuffer::new(16 * PAGE_SIZE as usize).unwrap();
+        let (p, _) = Pages::user(buf.addr(), 16 * PAGE_SIZE, true, Trust::Direct, acct.clone()).unwrap();
+        let pins = [(0, 4), (2, 4), (8, 2), (10, 1), (0, 16), (3, 1)];
+        for (at, n) in pins {
+            p.pin(at * PAGE_SIZE, n * PAGE_SIZE).unwrap();
+            assert_eq!(acct.charged(), p.pinned());
+        }
+        for (at, n) in [(2, 4), (0, 16), (10, 1), (0, 4), (3, 1), (8, 2)] {
+            p.unpin(at * PAGE_SIZE, n * PAGE_SIZE);
+            assert_eq!(acct.charged(), p.pinned());
+        }
         assert_eq!(acct.charged(), 0);
     }
 

@@ -5,7 +5,8 @@
 //! the next table or to memory by host address (see `memory`). Readers walk
 //! with plain atomic loads inside an epoch critical section and never block;
 //! writers (map, unmap) are serialised by the owner of the table (the IOAS
-//! lock) and free tables only after every reader that could see them is gone.
+//! lock) and reuse or free tables only after every reader that could see
+//! them is gone (`Spares`).
 
 pub mod amd;
 pub mod arm;
@@ -14,9 +15,11 @@ pub mod mock;
 pub mod x86;
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_epoch::Guard;
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 pub use crate::memory::Trust;
@@ -181,6 +184,11 @@ impl Table {
         Box::new(Table(std::array::from_fn(|_| AtomicU64::new(0))))
     }
 
+    /// Whether no entry is present.
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
+    }
+
     fn index<F: Format>(iova: u64, level: u32) -> usize {
         ((iova >> F::level_shift(level)) as usize) & (ENTRIES - 1)
     }
@@ -192,7 +200,7 @@ impl Table {
         // SAFETY: the one step from an entry to a table. Entries only ever
         // hold addresses of tables made by `Table::new` and leaked with
         // `Box::into_raw`. A table stays live while linked; once unlinked
-        // it is freed through the epoch (`defer_free`), after every reader
+        // it is reused or freed through the epoch (`Spares`), after every reader
         // that could have seen it, or by `Drop` when nothing borrows the
         // page table. Readers walk inside an epoch guard and writers are
         // serialised by the table's owner, so no borrow outlives it.
@@ -285,6 +293,7 @@ pub struct Summary {
 /// must be serialised by the caller (an IOAS does it under its lock).
 pub struct PageTable<F: Format> {
     root: Box<Table>,
+    spares: Arc<Spares<F>>,
     _format: PhantomData<F>,
 }
 
@@ -297,7 +306,7 @@ impl<F: Format> Default for PageTable<F> {
 impl<F: Format> PageTable<F> {
     /// An empty table: a root with nothing present.
     pub fn new() -> Self {
-        PageTable { root: Table::new(), _format: PhantomData }
+        PageTable { root: Table::new(), spares: Arc::default(), _format: PhantomData }
     }
 
     fn max_iova() -> u64 {
@@ -345,7 +354,7 @@ impl<F: Format> PageTable<F> {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
         let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, trust, huge };
-        op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last)
+        op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last, &self.spares)
     }
 
     /// Unmaps `[iova, iova + len)`, splitting huge leaves that are only partly
@@ -355,7 +364,7 @@ impl<F: Format> PageTable<F> {
             return;
         }
         let last = iova.saturating_add(len - 1).min(Self::max_iova());
-        unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard);
+        unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard, &self.spares);
     }
 
     /// Sets the dirty bit of the leaf mapping `iova`, as hardware does on a
@@ -411,7 +420,7 @@ struct MapOp {
 }
 
 impl MapOp {
-    fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64) -> Result<()> {
+    fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64, spares: &Spares<F>) -> Result<()> {
         for e in table.entries::<F>(level, first, last) {
             let host = e.first.wrapping_add(self.addr_base);
             let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
@@ -428,19 +437,18 @@ impl MapOp {
                 Pte::Table(next) => next,
                 Pte::None => {
                     crate::inject::check("page table")?;
-                    let t = Box::into_raw(Table::new()) as u64;
+                    let t = spares.take();
                     e.slot.store(F::table(t, level), Ordering::Release);
                     t
                 }
             };
-            self.map_level::<F>(table.child(child), level - 1, e.first, e.last)?;
+            self.map_level::<F>(table.child(child), level - 1, e.first, e.last, spares)?;
         }
         Ok(())
     }
 }
 
-/// Returns whether `table` holds no entries afterwards.
-fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard) -> bool {
+fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard, spares: &Arc<Spares<F>>) {
     for e in table.entries::<F>(level, first, last) {
         match F::decode(e.slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
@@ -455,27 +463,151 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
                 }
                 let t = Box::into_raw(t) as u64;
                 e.slot.store(F::table(t, level), Ordering::Release);
-                if unmap_level::<F>(table.child(t), level - 1, e.first, e.last, guard) {
+                let child = table.child(t);
+                unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
+                if child.is_empty() {
                     e.slot.store(0, Ordering::Release);
-                    defer_free::<F>(t, level - 1, guard);
+                    spares.retire(Retired { table: t as usize, level: level - 1, clean: true }, guard);
                 }
             }
             Pte::Table(next) => {
-                if e.whole() || unmap_level::<F>(table.child(next), level - 1, e.first, e.last, guard) {
+                // A whole subtree goes with one store: its tables are not
+                // visited here, but after the readers have left (`Spares`).
+                let child = table.child(next);
+                let clean = !e.whole() && {
+                    unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
+                    child.is_empty()
+                };
+                if e.whole() || clean {
                     e.slot.store(0, Ordering::Release);
-                    defer_free::<F>(next, level - 1, guard);
+                    spares.retire(Retired { table: next as usize, level: level - 1, clean }, guard);
                 }
             }
         }
     }
-    table.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
 }
 
-fn defer_free<F: Format>(table: u64, level: u32, guard: &Guard) {
-    let addr = table as usize;
-    // SAFETY: the table is unlinked, so no new reader can reach it; readers
-    // already inside hold guards, and the epoch runs this only after them.
-    unsafe { guard.defer_unchecked(move || free_tree::<F>(addr as *mut Table, level)) };
+/// A table unlinked by unmap, with every table below it.
+#[derive(Clone, Copy)]
+struct Retired {
+    table: usize,
+    level: u32,
+    /// Known to hold no entries (emptied by unmap), so nothing lies below
+    /// and it is ready for reuse as it is.
+    clean: bool,
+}
+
+impl Retired {
+    /// An upper bound of the tables in the subtree, when small enough to
+    /// keep: a level-0 table alone, or a level-1 table with its leaf
+    /// tables (what one unmapped GiB of 4 KiB pages leaves).
+    fn kept_cost(self) -> Option<usize> {
+        match (self.clean, self.level) {
+            (true, _) | (false, 0) => Some(1),
+            (false, 1) => Some(1 + ENTRIES),
+            _ => None,
+        }
+    }
+}
+
+/// Most tables kept for reuse by one page table (4 MiB: two unmapped GiB
+/// of 4 KiB pages).
+const SPARE_TABLES: usize = 2 * (1 + ENTRIES);
+
+/// Tables an unmap took out of a page table, kept for its next maps once
+/// every reader that could still see them has left: unmapping a subtree is
+/// then one store and one deferred push, and remapping it needs no
+/// allocation. Subtrees stay whole until a map takes them (their tables
+/// are visited and cleared then); beyond `SPARE_TABLES` they are freed.
+struct Spares<F: Format> {
+    list: Mutex<SpareList>,
+    _format: PhantomData<F>,
+}
+
+#[derive(Default)]
+struct SpareList {
+    retired: Vec<Retired>,
+    /// Sum of the `kept_cost` of `retired`.
+    cost: usize,
+}
+
+impl<F: Format> Default for Spares<F> {
+    fn default() -> Self {
+        Spares { list: Mutex::new(SpareList::default()), _format: PhantomData }
+    }
+}
+
+impl<F: Format> Spares<F> {
+    /// Hands a subtree unlinked under `guard` to the spares once the
+    /// epoch's readers have left.
+    fn retire(self: &Arc<Self>, r: Retired, guard: &Guard) {
+        let spares = self.clone();
+        // SAFETY: the subtree is unlinked, so no new reader can reach it;
+        // readers already inside hold guards, and the epoch runs this only
+        // after them. Until then nothing else owns it.
+        unsafe { guard.defer_unchecked(move || spares.keep(r)) };
+    }
+
+    /// Keeps a subtree no reader can see, or frees it past the budget.
+    fn keep(&self, r: Retired) {
+        let mut list = self.list.lock();
+        match r.kept_cost() {
+            Some(cost) if list.cost + cost <= SPARE_TABLES => {
+                list.cost += cost;
+                list.retired.push(r);
+            }
+            _ => {
+                drop(list);
+                r.free::<F>();
+            }
+        }
+    }
+
+    /// An empty table for a map, from the spares when there are any; the
+    /// tables below a reused subtree's root become spares themselves.
+    fn take(&self) -> u64 {
+        let mut list = self.list.lock();
+        let Some(r) = list.retired.pop() else {
+            drop(list);
+            return Box::into_raw(Table::new()) as u64;
+        };
+        list.cost -= r.kept_cost().expect("only kept subtrees are listed");
+        // SAFETY: a retired table is unreachable by any reader and owned by
+        // the spares alone (see `retire`).
+        let t = unsafe { &*(r.table as *const Table) };
+        if !r.clean {
+            for e in t.0.iter() {
+                if r.level > 0
+                    && let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), r.level)
+                {
+                    let child = Retired { table: next as usize, level: r.level - 1, clean: false };
+                    list.cost += child.kept_cost().expect("children of a kept subtree are kept");
+                    list.retired.push(child);
+                }
+                e.store(0, Ordering::Relaxed);
+            }
+        }
+        r.table as u64
+    }
+}
+
+impl Retired {
+    fn free<F: Format>(self) {
+        if self.clean {
+            // SAFETY: as `free_tree`; a clean table has nothing below it.
+            drop(unsafe { Box::from_raw(self.table as *mut Table) });
+        } else {
+            free_tree::<F>(self.table as *mut Table, self.level);
+        }
+    }
+}
+
+impl<F: Format> Drop for Spares<F> {
+    fn drop(&mut self) {
+        for r in self.list.get_mut().retired.drain(..) {
+            r.free::<F>();
+        }
+    }
 }
 
 /// Frees a detached table and every table below it.
@@ -533,6 +665,107 @@ impl<F: Format> Drop for PageTable<F> {
             if let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), F::LEVELS - 1) {
                 free_tree::<F>(next as *mut Table, F::LEVELS - 2);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::x86::VtdSs4;
+    use super::*;
+
+    const MIB2: u64 = 2 << 20;
+
+    /// The level-0 table under which `iova` is mapped.
+    fn leaf_table<F: Format>(pt: &PageTable<F>, iova: u64) -> u64 {
+        let mut table: &Table = &pt.root;
+        for level in (1..F::LEVELS).rev() {
+            match F::decode(table.0[Table::index::<F>(iova, level)].load(Ordering::Acquire), level) {
+                Pte::Table(next) => table = table.child(next),
+                other => panic!("no table at level {level}: {other:?}"),
+            }
+        }
+        table as *const Table as u64
+    }
+
+    fn spare_count<F: Format>(pt: &PageTable<F>) -> usize {
+        pt.spares.list.lock().retired.len()
+    }
+
+    /// Drives the epoch until `pt` holds `want` spares (other tests' readers
+    /// may hold it back a while).
+    fn settle<F: Format>(pt: &PageTable<F>, want: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while spare_count(pt) < want && std::time::Instant::now() < deadline {
+            crossbeam_epoch::pin().flush();
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn unmapped_tables_are_reused_only_after_readers_leave() {
+        let pt = PageTable::<VtdSs4>::new();
+        let (a, b) = (1u64 << 30, 1u64 << 39);
+        pt.map(a, 0x4000_0000, MIB2, Perm::RW, Trust::Direct, false).unwrap();
+        let old = leaf_table(&pt, a);
+        // A reader inside since before the unmap (here on this thread: a
+        // pinned participant holds the epoch back for everyone).
+        let reader = crossbeam_epoch::pin();
+        pt.unmap(a, MIB2, &crossbeam_epoch::pin());
+        for _ in 0..256 {
+            crossbeam_epoch::pin().flush();
+        }
+        // It may still walk the old tables: none of them may be handed to a
+        // new mapping, nor changed.
+        assert_eq!(spare_count(&pt), 0);
+        pt.map(b, 0x8000_0000, MIB2, Perm::RW, Trust::Direct, false).unwrap();
+        assert_ne!(leaf_table(&pt, b), old);
+        let old_b = leaf_table(&pt, b);
+        // SAFETY: `old` is retired but not freed while the reader is inside.
+        let first = unsafe { &*(old as *const Table) }.0[0].load(Ordering::Relaxed);
+        assert_eq!(
+            VtdSs4::decode(first, 0),
+            Pte::Leaf { addr: 0x4000_0000, perm: Perm::RW, trust: Trust::Direct, dirty: false }
+        );
+        drop(reader);
+        // The level-0, -1 and -2 tables of `a` come back once the reader
+        // left, then those of `b`.
+        settle(&pt, 3);
+        assert_eq!(spare_count(&pt), 3, "tables come back once the reader left");
+        pt.unmap(b, MIB2, &crossbeam_epoch::pin());
+        settle(&pt, 6);
+        pt.map(a, 0xc000_0000, MIB2, Perm::RW, Trust::Direct, false).unwrap();
+        assert!([old, old_b].contains(&leaf_table(&pt, a)), "a spare table is reused");
+        let g = crossbeam_epoch::pin();
+        for i in 0..512 {
+            let t = pt.walk(a + i * 4096, &g).expect("mapped");
+            assert_eq!(t.addr, 0xc000_0000 + i * 4096, "a reused table holds nothing of its past");
+        }
+        assert!(pt.walk(b, &g).is_none());
+    }
+
+    #[test]
+    fn whole_gib_unmap_keeps_its_subtree_and_map_reuses_it() {
+        let pt = PageTable::<VtdSs4>::new();
+        let gib = 1u64 << 30;
+        pt.map(gib, 0, gib, Perm::RW, Trust::Direct, false).unwrap();
+        assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);
+        pt.unmap(gib, gib, &crossbeam_epoch::pin());
+        settle(&pt, 2);
+        assert_eq!(pt.summary().tables, vec![0, 0, 0, 1]);
+        {
+            let list = pt.spares.list.lock();
+            // The level-1 subtree in one piece, and the emptied level-2 table.
+            assert_eq!(list.retired.len(), 2);
+            assert_eq!(list.cost, 1 + ENTRIES + 1);
+        }
+        pt.map(3 * gib, gib, gib, Perm::R, Trust::Checked, false).unwrap();
+        assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);
+        assert_eq!(spare_count(&pt), 0, "every spare went back into the table");
+        let g = crossbeam_epoch::pin();
+        for i in (0..gib).step_by(4096 * 37) {
+            let t = pt.walk(3 * gib + i, &g).expect("mapped");
+            assert_eq!((t.addr, t.perm, t.trust), (gib + i, Perm::R, Trust::Checked));
         }
     }
 }
