@@ -321,7 +321,7 @@ struct Inner {
     bitmap: Vec<u64>,
     sets: BTreeMap<SetId, SetState>,
     next_set: u32,
-    /// Where the search for a free ID starts, so alloc + free cycles stay cheap.
+    /// Every ID below it is taken, so the search for the lowest free ID starts there.
     hint: u32,
     subscribers: Vec<Subscriber>,
 }
@@ -491,7 +491,11 @@ impl PasidSpace {
         }
         let pasid = g.find_free(lo, hi).ok_or(Error::NoSpace("no free PASID in range"))?;
         g.bitmap[(pasid / 64) as usize] |= 1 << (pasid % 64);
-        g.hint = pasid + 1;
+        // Every ID below the hint is taken: an allocation above it (a
+        // range starting higher) leaves lower free IDs where they are.
+        if pasid == g.hint {
+            g.hint = pasid + 1;
+        }
         let slot = self.slots.slot(pasid);
         let st = g.sets.get_mut(&set).expect("checked");
         st.used += 1;
@@ -790,7 +794,8 @@ pub(crate) fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u
 }
 
 impl Inner {
-    /// The lowest free ID in `[lo, hi]`, searching from the hint first.
+    /// The lowest free ID in `[lo, hi]`: none is below the hint, so the
+    /// search starts there.
     fn find_free(&self, lo: u32, hi: u32) -> Option<u32> {
         let start = self.hint.clamp(lo, hi);
         self.scan(start, hi).or_else(|| self.scan(lo, start.saturating_sub(1).max(lo)))

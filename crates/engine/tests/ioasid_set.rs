@@ -200,7 +200,7 @@ fn lock_free_readers_never_see_a_torn_or_reused_entry() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc(usize),
+    Alloc(usize, u32),
     Free(usize, usize),
     Get(usize),
     Put(usize),
@@ -211,7 +211,7 @@ proptest! {
 
     #[test]
     fn allocation_matches_a_model(ops in proptest::collection::vec(prop_oneof![
-        (0..3usize).prop_map(Op::Alloc),
+        (0..3usize, 1..10u32).prop_map(|(s, min)| Op::Alloc(s, min)),
         (0..3usize, 0..16usize).prop_map(|(s, i)| Op::Free(s, i)),
         (0..16usize).prop_map(Op::Get),
         (0..16usize).prop_map(Op::Put),
@@ -225,17 +225,20 @@ proptest! {
         let mut seen: Vec<u32> = Vec::new();
         for op in ops {
             match op {
-                Op::Alloc(s) => {
+                Op::Alloc(s, min) => {
                     let used = |k: usize| live.values().filter(|v| v.0 == k).count();
                     let root_used = live.len();
-                    let r = space.alloc(sets[s], 1, 15, s as u64);
+                    let r = space.alloc(sets[s], min, 15, s as u64);
                     let over = root_used >= 10 || (s > 0 && used(s) >= 6);
+                    // The lowest free ID of the range, as an IDA or xarray gives it.
+                    let lowest = (min..=15).find(|p| !live.contains_key(p));
                     if over {
                         prop_assert!(matches!(r, Err(Error::Quota(_))), "{:?}", r);
+                    } else if lowest.is_none() {
+                        prop_assert!(matches!(r, Err(Error::NoSpace(_))), "{:?}", r);
                     } else {
                         let p = r.unwrap();
-                        prop_assert!(!live.contains_key(&p));
-                        prop_assert!((1..=15).contains(&p));
+                        prop_assert_eq!(Some(p), lowest);
                         live.insert(p, (s, 1, false));
                         seen.push(p);
                     }
