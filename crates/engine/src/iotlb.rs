@@ -45,11 +45,10 @@ pub struct Hit {
     pub dirty: bool,
 }
 
-/// A nested HWPT's cache of combined translations, 4 KiB IOVA page to host
-/// page, that its stage 1 invalidates (see [`Stage1::iotlb`]). Shared between
-/// threads without locks; invalidation is one atomic increment.
-///
-/// [`Stage1::iotlb`]: crate::model::Stage1::iotlb
+/// A cache of translations, 4 KiB IOVA page to host page: a paging
+/// domain's, and a nested HWPT's of combined stage-1 and stage-2 results
+/// (which the guest's invalidations drop). Shared between threads without
+/// locks; invalidation is one atomic increment.
 pub struct Iotlb {
     generation: AtomicU64,
     entries: Box<[Entry]>,
