@@ -564,9 +564,8 @@ impl Context {
         perm: Perm,
         trust: Trust,
     ) -> Result<u64> {
-        let ioas = self.get(ioas)?;
-        let (pages, lead) = Pages::user(uptr, len, perm.write, trust, self.accounting())?;
-        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
+        let user = || Pages::user(uptr, len, perm.write, trust, self.accounting());
+        self.map_pages(ioas, len, iova, perm, uptr, user).map(|(iova, _)| iova)
     }
 
     /// Maps memory of another process sharing this context (a forked
@@ -580,9 +579,8 @@ impl Context {
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let ioas = self.get(ioas)?;
-        let (pages, lead) = Pages::remote(pid, uptr, len, perm.write, self.accounting())?;
-        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: uptr }], iova, perm)
+        let remote = || Pages::remote(pid, uptr, len, perm.write, self.accounting());
+        self.map_pages(ioas, len, iova, perm, uptr, remote).map(|(iova, _)| iova)
     }
 
     /// Maps `[start, start + len)` of a file (a memfd, typically).
@@ -595,9 +593,8 @@ impl Context {
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let ioas = self.get(ioas)?;
-        let (pages, lead) = Pages::file(fd, start, len, perm.write, self.accounting())?;
-        ioas.map(&[Source { pages, start_byte: lead, len, align_hint: start }], iova, perm)
+        let file = || Pages::file(fd, start, len, perm.write, self.accounting());
+        self.map_pages(ioas, len, iova, perm, start, file).map(|(iova, _)| iova)
     }
 
     /// Maps `[start, start + len)` of a dma-buf whose memory is the file
@@ -611,11 +608,26 @@ impl Context {
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<(u64, Arc<Pages>)> {
+        self.map_pages(ioas, len, iova, perm, start, || Pages::dmabuf(fd, start, len, perm.write))
+    }
+
+    /// Maps `len` bytes of the memory `pages` makes (its pages and the
+    /// offset into the first) into `ioas`, once the IOAS is known to exist:
+    /// a missing IOAS is `ENOENT` before any memory is pinned or charged.
+    /// Returns the IOVA and the pages.
+    fn map_pages(
+        &self,
+        ioas: IoasId,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+        align_hint: u64,
+        pages: impl FnOnce() -> Result<(Arc<Pages>, u64)>,
+    ) -> Result<(u64, Arc<Pages>)> {
         let ioas = self.get(ioas)?;
-        let (pages, lead) = Pages::dmabuf(fd, start, len, perm.write)?;
-        let iova =
-            ioas.map(&[Source { pages: pages.clone(), start_byte: lead, len, align_hint: start }], iova, perm)?;
-        Ok((iova, pages))
+        let (pages, lead) = pages()?;
+        let source = Source { pages: pages.clone(), start_byte: lead, len, align_hint };
+        Ok((ioas.map(&[source], iova, perm)?, pages))
     }
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
