@@ -8,19 +8,37 @@ use ioasid_abi::selftest::*;
 use ioasid_abi::uapi::*;
 use ioasid_abi::{Errno, InProcess};
 use ioasid_engine::device::MockFlags;
-use ioasid_engine::{Context, DeviceId, DeviceInfo, FaultId, PtId};
+use ioasid_engine::{Context, DeviceId, DeviceInfo, FaultId, HwptPagingId, PtId};
 use zerocopy::IntoBytes;
 
 mod common;
 use common::{call, ctx};
 
 fn fault_alloc(ctx: &Arc<Context>) -> (u32, Arc<FaultFile>) {
+    let (id, _, file) = fault_queue(ctx);
+    (id, file)
+}
+
+/// A fault queue: its ID, its fd and the fd's file.
+fn fault_queue(ctx: &Arc<Context>) -> (u32, i32, Arc<FaultFile>) {
     let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
     call(ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
-    match files::get(c.out_fault_fd as i32) {
-        Some(File::Fault(f)) => (c.out_fault_id, f),
+    let fd = c.out_fault_fd as i32;
+    match files::get(fd) {
+        Some(File::Fault(f)) => (c.out_fault_id, fd, f),
         _ => panic!("the fault fd is not registered"),
     }
+}
+
+/// A PRI device described by `info`, bound, and a paging HWPT of a new IOAS
+/// whose faults go to a new queue (its fd and file). Nothing is attached.
+fn pri_device_and_queue(info: DeviceInfo) -> (Arc<Context>, DeviceId, HwptPagingId, i32, Arc<FaultFile>) {
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(info).unwrap();
+    let (fault, fd, file) = fault_queue(&ctx);
+    let hwpt = ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(FaultId::new(fault))).unwrap();
+    (ctx, dev, hwpt, fd, file)
 }
 
 /// A mock device on an IOAS, a nest-parent HWPT, and a fault queue.
@@ -150,17 +168,7 @@ fn readable(fd: i32) -> bool {
 
 #[test]
 fn the_fault_fd_polls_readable_while_requests_wait_and_close_answers_them() {
-    let ctx = ctx();
-    let ioas = ctx.ioas_alloc().unwrap();
-    let mut info = DeviceInfo::new("pri", 1);
-    info.pri = true;
-    let dev = ctx.bind_device(info).unwrap();
-    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
-    call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
-    let fd = c.out_fault_fd as i32;
-    let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
-    let hwpt =
-        ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(FaultId::new(c.out_fault_id))).unwrap();
+    let (ctx, dev, hwpt, fd, file) = pri_device_and_queue(DeviceInfo { pri: true, ..DeviceInfo::new("pri", 1) });
     ctx.attach(dev, hwpt).unwrap();
     assert!(!readable(fd));
 
@@ -251,17 +259,9 @@ fn fault_records_carry_exec_and_priv() {
         IOMMU_PGFAULT_FLAGS_PASID_VALID, IOMMU_PGFAULT_PERM_EXEC, IOMMU_PGFAULT_PERM_PRIV, IOMMU_PGFAULT_PERM_READ,
     };
     use ioasid_engine::fault::DmaAttrs;
-    let ctx = ctx();
-    let ioas = ctx.ioas_alloc().unwrap();
     let info =
         DeviceInfo { pri: true, max_pasid_log2: 8, pasid_exec: true, pasid_priv: true, ..DeviceInfo::new("pri", 1) };
-    let dev = ctx.bind_device(info).unwrap();
-    let mut c = iommu_fault_alloc { size: 16, ..Default::default() };
-    call(&ctx, IOMMU_FAULT_QUEUE_ALLOC, &mut c).unwrap();
-    let fd = c.out_fault_fd as i32;
-    let Some(File::Fault(file)) = files::get(fd) else { panic!("not a fault fd") };
-    let hwpt =
-        ctx.hwpt_alloc(dev, ioas, ioasid_engine::HwptFlags::default(), Some(FaultId::new(c.out_fault_id))).unwrap();
+    let (ctx, dev, hwpt, fd, file) = pri_device_and_queue(info);
     ctx.attach_pasid(dev, 5, hwpt).unwrap();
     let device = ctx.get(dev).unwrap();
     let attrs = DmaAttrs { exec: true, privileged: true };
