@@ -294,7 +294,9 @@ impl Device {
     }
 
     /// `Hwpt::generation` of the table serving `pasid` ((0, 0): none), read
-    /// without taking a reference, for caches to check on every use.
+    /// without taking a reference, for caches to check on every use (the
+    /// vm-memory port's).
+    #[cfg(feature = "vm-memory")]
     pub(crate) fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
         self.with_serving(pasid, |h| h.map_or((0, 0), Hwpt::generation))
     }
