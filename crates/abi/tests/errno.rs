@@ -12,7 +12,7 @@ use ioasid_engine::{
 use zerocopy::{FromBytes, IntoBytes};
 
 mod common;
-use common::{call, ctx};
+use common::{call, ctx, map_file_cmd};
 
 const PAGE: u64 = 4096;
 
@@ -390,18 +390,6 @@ fn memfd(len: u64) -> std::fs::File {
     let f = memfd::MemfdOptions::new().create("t").unwrap().into_file();
     f.set_len(len).unwrap();
     f
-}
-
-fn map_file_cmd(ioas_id: u32, fd: i32, start: u64, length: u64) -> iommu_ioas_map_file {
-    iommu_ioas_map_file {
-        size: sz::<iommu_ioas_map_file>(),
-        flags: IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-        ioas_id,
-        fd,
-        start,
-        length,
-        iova: 0,
-    }
 }
 
 errno_test!(map_file_unknown_flag_is_eopnotsupp, EOPNOTSUPP, {

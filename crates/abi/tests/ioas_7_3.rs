@@ -13,11 +13,10 @@ use ioasid_engine::account::process_pages;
 use ioasid_engine::{Context, ContextConfig, Limit, PAGE_SIZE};
 use zerocopy::{FromBytes, IntoBytes};
 
-const PAGE: u64 = PAGE_SIZE;
+mod common;
+use common::{call, map_file_cmd};
 
-fn call<T: IntoBytes + FromBytes>(ctx: &Arc<Context>, req: u32, cmd: &mut T) -> Result<(), Errno> {
-    call_as(ctx, &InProcess, req, cmd)
-}
+const PAGE: u64 = PAGE_SIZE;
 
 fn call_as<T: IntoBytes + FromBytes>(
     ctx: &Arc<Context>,
@@ -53,15 +52,7 @@ fn memfd(len: u64) -> std::fs::File {
 }
 
 fn map_file(ctx: &Arc<Context>, ioas_id: u32, fd: i32, start: u64, length: u64) -> Result<u64, Errno> {
-    let mut c = iommu_ioas_map_file {
-        size: 40,
-        flags: IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-        ioas_id,
-        fd,
-        start,
-        length,
-        iova: 0,
-    };
+    let mut c = map_file_cmd(ioas_id, fd, start, length);
     call(ctx, IOMMU_IOAS_MAP_FILE, &mut c).map(|()| c.iova)
 }
 
