@@ -46,6 +46,7 @@ pub mod iova;
 pub mod memory;
 pub mod model;
 pub mod pages;
+pub mod pci;
 pub mod pgtable;
 pub mod veventq;
 pub mod viommu;
