@@ -72,6 +72,7 @@ pub use id::{
 pub use iova::{IovaRange, PAGE_SIZE};
 pub use memory::{HostBuffer, Trust};
 pub use model::{HwInfo, IommuModel, IommuOps, Stage1, smmuv3};
+pub use pci::{Bar, BarKind, Bus, EpfTest, FunctionConfig, Irq, IrqCounts, PciFunction};
 pub use pgtable::Perm;
 pub use veventq::Veventq;
 pub use viommu::{MmapRegion, Vdevice, Viommu, ViommuType};

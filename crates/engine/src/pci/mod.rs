@@ -10,7 +10,31 @@
 
 use std::sync::Arc;
 
-use crate::device::DmaError;
+use crate::device::{DeviceInfo, DmaError};
+
+pub mod config;
+pub mod epf_test;
+
+pub use epf_test::EpfTest;
+
+/// The models [`create`] knows, each with a line saying what it is.
+pub fn models() -> &'static [(&'static str, &'static str)] {
+    &[(
+        epf_test::MODEL,
+        "Linux's PCI endpoint test function (pci-epf-test), for the pci_endpoint_test driver: \
+         BAR tests, READ/WRITE/COPY by DMA, INTx/MSI/MSI-X",
+    )]
+}
+
+/// A new function of model `model` (a name [`models`] lists), configured
+/// with `config`; `None` for a model it does not know or a configuration the
+/// model cannot take (a PASID width above 20 bits).
+pub fn create(model: &str, config: FunctionConfig) -> Option<Arc<dyn PciFunction>> {
+    match model {
+        epf_test::MODEL => Some(Arc::new(EpfTest::new(config)?)),
+        _ => None,
+    }
+}
 
 /// What a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +102,24 @@ pub struct FunctionConfig {
     pub pri: bool,
 }
 
+impl FunctionConfig {
+    /// How the function's IOMMU sees it: a device named `name` at requester
+    /// ID `rid` behind the default IOMMU, with this PASID width and PRI.
+    pub fn device_info(&self, name: impl Into<String>, rid: u32) -> DeviceInfo {
+        DeviceInfo { max_pasid_log2: self.pasid_log2, pri: self.pri, ..DeviceInfo::new(name, rid) }
+    }
+}
+
 /// A PCI function's model.
 ///
 /// Accesses come from any thread; a model keeps its registers behind its
 /// own synchronisation. `bar_write` may start work (DMA, interrupts) that
 /// finishes later on a thread of the model's own, holding on to `bus`.
+///
+/// A model reads its MSI and MSI-X capabilities as hardware does (which
+/// vectors the driver enabled); a front end that virtualises them, as
+/// vfio-pci does, may write the enables through `config_write` as Linux's
+/// MSI code writes them on a real device.
 pub trait PciFunction: Send + Sync {
     /// The model's name, as `--device` spells it.
     fn model(&self) -> &'static str;
