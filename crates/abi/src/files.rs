@@ -56,6 +56,10 @@ pub enum File {
     Fault(Arc<FaultFile>),
     /// A vIOMMU's event queue (`IOMMU_VEVENTQ_ALLOC`).
     Veventq(Arc<crate::veventq::VeventqFile>),
+    /// A VFIO device file of a declared PCI function.
+    VfioDevice(Arc<crate::vfio::device::DeviceFile>),
+    /// A VFIO group file (`/dev/vfio/N`).
+    VfioGroup(Arc<crate::vfio::group::GroupFile>),
 }
 
 /// A process, as the owner of objects: a process ID alone could name a

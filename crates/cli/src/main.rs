@@ -18,6 +18,12 @@ enum Command {
     Demo,
     /// Run a program with a working /dev/iommu (the preload shim).
     Run {
+        /// An emulated PCI function the program gets as a VFIO device
+        /// (/dev/vfio/devices/vfioN, its group and sysfs entries):
+        /// MODEL[,bdf=DDDD:BB:DD.F][,iommu=vtd|vtd5|smmuv3|amd|selftest][,pasid=BITS][,pri=on].
+        /// Repeat for several; `--device help` lists the models.
+        #[arg(long = "device", value_name = "SPEC")]
+        devices: Vec<String>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -28,7 +34,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => demo::run(&mut std::io::stdout().lock()),
-        Command::Run { command } => run::exec(&command),
+        Command::Run { devices, command } => run::run(&devices, &command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

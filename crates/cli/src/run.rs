@@ -1,8 +1,12 @@
-//! `ioasid run -- PROGRAM ARGS...`: runs a program with the preload shim.
+//! `ioasid run [--device SPEC]... -- PROGRAM ARGS...`: runs a program with
+//! the preload shim, and with the emulated PCI functions it declares.
 
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+
+use ioasid_abi::vfio::declared::{self, DeviceSpec};
+use ioasid_abi::vfio::sysfs;
 
 const LIB: &str = "libioasid_preload.so";
 
@@ -28,13 +32,70 @@ pub fn find_preload() -> Result<PathBuf, String> {
     ))
 }
 
-pub fn exec(command: &[OsString]) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs `command` under the shim. Without devices the program replaces
+/// this process; with them, this process stays to remove their sysfs tree
+/// when the program ends, and ends as it did.
+pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::error::Error>> {
+    if devices.iter().any(|d| d == "help") {
+        println!("device models (--device MODEL[,bdf=DDDD:BB:DD.F][,iommu=NAME][,pasid=BITS][,pri=on]):");
+        for (name, what) in ioasid_engine::pci::models() {
+            println!("  {name:<16} {what}");
+        }
+        println!("IOMMU models (iommu=NAME):");
+        for (name, what) in declared::IOMMUS {
+            println!("  {name:<16} {what}");
+        }
+        return Ok(());
+    }
     let lib = find_preload()?;
     let mut preload = OsString::from(lib);
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
         preload.push(existing);
     }
-    let err = std::process::Command::new(&command[0]).args(&command[1..]).env("LD_PRELOAD", preload).exec();
-    Err(format!("cannot run {}: {err}", command[0].to_string_lossy()).into())
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).env("LD_PRELOAD", preload);
+    if devices.is_empty() {
+        let err = cmd.exec();
+        return Err(format!("cannot run {}: {err}", command[0].to_string_lossy()).into());
+    }
+    let specs = DeviceSpec::parse_list(&devices.join(";")).map_err(|e| format!("--device: {e}"))?;
+    let list: Vec<String> = specs.iter().map(DeviceSpec::to_arg).collect();
+    declared::declare(specs)?;
+    let tree = SysfsTree::new()?;
+    sysfs::write_tree(&tree.0, declared::all()).map_err(|e| format!("cannot write the devices' sysfs tree: {e}"))?;
+    cmd.env(declared::ENV, list.join(";")).env(sysfs::ENV, &tree.0);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", command[0].to_string_lossy()))?;
+    // The terminal's interrupt reaches the program (same process group);
+    // this process waits for it to end rather than leave the tree behind.
+    // SAFETY: ignoring SIGINT and SIGQUIT in this process only.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    let status = child.wait()?;
+    drop(tree);
+    if let Some(code) = status.code() {
+        std::process::exit(code);
+    }
+    let signal = std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(libc::SIGKILL);
+    std::process::exit(128 + signal);
+}
+
+/// The run's sysfs tree, removed when dropped.
+struct SysfsTree(PathBuf);
+
+impl SysfsTree {
+    fn new() -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("ioasid-sysfs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        Ok(SysfsTree(dir))
+    }
+}
+
+impl Drop for SysfsTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -57,6 +57,16 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
+/// Where the declared PCI functions' sysfs tree has `path`, when it is one
+/// of their `/sys` paths: the hooks below then work on that path instead.
+fn sys_path(path: *const c_char) -> Option<std::ffi::CString> {
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: the hooked function's contract: a valid nul-terminated path.
+    crate::vfio::redirect(unsafe { CStr::from_ptr(path) })
+}
+
 /// A new context behind a real descriptor.
 fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
     let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
@@ -75,6 +85,8 @@ fn open_special(dirfd: c_int, path: *const c_char, flags: c_int, fwd: impl FnOnc
     let p = unsafe { CStr::from_ptr(path) };
     let r = if paths::is_iommu(dirfd, p) || paths::reopens_iommufd(p) {
         open_iommu(flags)
+    } else if let Some(opened) = crate::vfio::open(p, flags) {
+        opened
     } else if let Some(opened) = proc_status::target(p).and_then(|pid| proc_status::open(p, pid, flags)) {
         opened
     } else if let Some(tid) = fail_nth::thread_of(p) {
@@ -101,6 +113,8 @@ macro_rules! open_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(path, flags, mode) };
             let fwd = || unshielded(raw);
@@ -115,6 +129,8 @@ macro_rules! openat_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int, mode: c_uint) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(dirfd, path, flags, mode) };
             let fwd = || unshielded(raw);
@@ -138,6 +154,8 @@ macro_rules! open_2_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, flags: c_int) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(path, flags) };
             let fwd = || unshielded(raw);
@@ -154,6 +172,8 @@ macro_rules! openat_2_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(dirfd, path, flags) };
             let fwd = || unshielded(raw);
@@ -190,6 +210,8 @@ macro_rules! fopen_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let fwd = || unsafe { real::$real()(path, mode) };
             if path.is_null() || mode.is_null() {
@@ -276,6 +298,20 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     let fwd = || unshielded(raw);
     hook(raw, || {
         let Some(entry) = files::lookup(fd) else { return fwd() };
+        let result = match &entry.file {
+            // A forked child's copy of a device is not the device: its
+            // registers and interrupts live in the parent.
+            File::VfioDevice(_) | File::VfioGroup(_) if !entry.is_local() => Err(libc::ENODEV),
+            File::VfioDevice(d) => d.ioctl(&InProcess, request as u32, arg as u64).map_err(|e| e.0),
+            File::VfioGroup(g) => g.ioctl(&InProcess, request as u32, arg as u64).map_err(|e| e.0),
+            _ => Err(0),
+        };
+        if result != Err(0) {
+            return result.unwrap_or_else(|e| {
+                set_errno(e);
+                -1
+            });
+        }
         let File::Iommufd(ctx) = &entry.file else { return fwd() };
         let result = if entry.is_local() {
             ioasid_abi::ioctl(ctx, &InProcess, request as u32, arg as u64).map_err(|e| e.0)
@@ -386,8 +422,9 @@ fn read_ioasid(file: &File, buf: *mut c_void, count: usize, offset: i64) -> Resu
         }
         File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
         File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-        // Linux's iommufd and access files have no read.
-        File::Iommufd(_) | File::TestAccess(_) => Err(libc::EINVAL),
+        // Linux's iommufd, group and access files have no read (a device's
+        // is `at_position`'s).
+        File::Iommufd(_) | File::TestAccess(_) | File::VfioGroup(_) | File::VfioDevice(_) => Err(libc::EINVAL),
     }
 }
 
@@ -404,22 +441,48 @@ fn write_ioasid(file: &File, buf: *const c_void, count: usize, offset: i64) -> R
                 .map(|_| count)
         }
         File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-        // Linux's iommufd, vEVENTQ and access files have no write.
-        File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_) => Err(libc::EINVAL),
+        // Linux's iommufd, vEVENTQ, group and access files have no write
+        // (a device's is `at_position`'s).
+        File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_) | File::VfioGroup(_) | File::VfioDevice(_) => {
+            Err(libc::EINVAL)
+        }
     }
 }
 
+/// A VFIO device's region access at `at`, or for `read` and `write` at
+/// the file position, which then moves past what was done (the memfd's
+/// own position serves as the file's, so `lseek` works on it as on Linux).
+fn at_position(
+    fd: c_int,
+    at: Option<i64>,
+    access: impl FnOnce(i64) -> Result<usize, ioasid_abi::Errno>,
+) -> Result<usize, c_int> {
+    if let Some(off) = at {
+        return access(off).map_err(|e| e.0);
+    }
+    // SAFETY: lseek on the caller's descriptor, a memfd of ours.
+    let pos = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
+    let n = access(pos).map_err(|e| e.0)?;
+    // SAFETY: as above.
+    unsafe { libc::lseek(fd, pos + n as i64, libc::SEEK_SET) };
+    Ok(n)
+}
+
 macro_rules! rw_hook {
-    ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident $(, $off:ident)?) => {
+    ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident, $device:ident $(, $off:ident)?) => {
         /// # Safety
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, buf: $ptr, count: usize $(, $off: i64)?) -> isize {
             #[allow(unused_mut, unused_assignments)]
-            let mut offset = 0i64;
-            $(offset = $off;)?
+            let mut at: Option<i64> = None;
+            $(at = Some($off);)?
+            let offset = at.unwrap_or(0);
             let call = Call::$call { buf: buf as u64, count: count as u64, offset };
-            rw_ioasid(fd, call, |file| $ours(file, buf, count, offset))
+            rw_ioasid(fd, call, |file| match file {
+                File::VfioDevice(d) => at_position(fd, at, |off| d.$device(&InProcess, buf as u64, count, off)),
+                _ => $ours(file, buf, count, offset),
+            })
                 // SAFETY: forwarding the caller's own arguments.
                 .unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }
@@ -460,12 +523,12 @@ fn finish(r: Result<usize, c_int>) -> isize {
     )
 }
 
-rw_hook!(read, read, *mut c_void, Read, read_ioasid);
-rw_hook!(pread, pread, *mut c_void, Read, read_ioasid, offset);
-rw_hook!(pread64, pread64, *mut c_void, Read, read_ioasid, offset);
-rw_hook!(write, write, *const c_void, Write, write_ioasid);
-rw_hook!(pwrite, pwrite, *const c_void, Write, write_ioasid, offset);
-rw_hook!(pwrite64, pwrite64, *const c_void, Write, write_ioasid, offset);
+rw_hook!(read, read, *mut c_void, Read, read_ioasid, read);
+rw_hook!(pread, pread, *mut c_void, Read, read_ioasid, read, offset);
+rw_hook!(pread64, pread64, *mut c_void, Read, read_ioasid, read, offset);
+rw_hook!(write, write, *const c_void, Write, write_ioasid, write);
+rw_hook!(pwrite, pwrite, *const c_void, Write, write_ioasid, write, offset);
+rw_hook!(pwrite64, pwrite64, *const c_void, Write, write_ioasid, write, offset);
 
 /// # Safety
 /// As the C library's `close_range`.
@@ -610,6 +673,11 @@ fn fstat_of(fd: c_int, st: *mut libc::stat, fwd: impl FnOnce() -> c_int) -> c_in
     if rc == 0 && !st.is_null() && paths::is_iommufd(fd) {
         // SAFETY: `fstat` just filled the caller's buffer.
         paths::device_stat(unsafe { &mut *st });
+    } else if let (0, false, Some((major, minor))) = (rc, st.is_null(), crate::vfio::rdev(fd)) {
+        // SAFETY: as above.
+        let st = unsafe { &mut *st };
+        paths::device_stat(st);
+        st.st_rdev = libc::makedev(major, minor);
     }
     rc
 }
@@ -620,6 +688,8 @@ macro_rules! stat_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(path: *const c_char, st: *mut libc::stat) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(path, st) };
             let fwd = || unshielded(raw);
@@ -648,6 +718,8 @@ macro_rules! fstatat_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, st: *mut libc::stat, flags: c_int) -> c_int {
+            let moved = sys_path(path);
+            let path = moved.as_ref().map_or(path, |p| p.as_ptr());
             // SAFETY: forwarding the caller's own arguments.
             let raw = || unsafe { real::$real()(dirfd, path, st, flags) };
             let fwd = || unshielded(raw);
@@ -784,6 +856,8 @@ fn access_at(dirfd: c_int, path: *const c_char, mode: c_int, fwd: impl FnOnce() 
 /// As the C library's `access`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: forwarding the caller's own arguments.
     let raw = || unsafe { real::access()(path, mode) };
     let fwd = || unshielded(raw);
@@ -794,6 +868,8 @@ pub unsafe extern "C" fn access(path: *const c_char, mode: c_int) -> c_int {
 /// As the C library's `faccessat`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn faccessat(dirfd: c_int, path: *const c_char, mode: c_int, flags: c_int) -> c_int {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: forwarding the caller's own arguments.
     let raw = || unsafe { real::faccessat()(dirfd, path, mode, flags) };
     let fwd = || unshielded(raw);
@@ -967,3 +1043,125 @@ mod tests {
         ioasid_engine::inject::current_tid()
     }
 }
+
+/// `readlink` of a declared function's `/sys` link reads the tree's.
+///
+/// # Safety
+/// As the C library's `readlink`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlink(path: *const c_char, buf: *mut c_char, size: usize) -> isize {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: the caller's arguments, the path perhaps moved into the tree.
+    unsafe { real::readlink()(path, buf, size) }
+}
+
+/// # Safety
+/// As the C library's `readlinkat`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readlinkat(dirfd: c_int, path: *const c_char, buf: *mut c_char, size: usize) -> isize {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: as `readlink`.
+    unsafe { real::readlinkat()(dirfd, path, buf, size) }
+}
+
+/// `opendir` of a declared function's `/sys` directory lists the tree's.
+///
+/// # Safety
+/// As the C library's `opendir`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn opendir(path: *const c_char) -> *mut libc::DIR {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
+    // SAFETY: as `readlink`.
+    unsafe { real::opendir()(path) }
+}
+
+/// The C library's `realpath` resolves links with calls no hook sees, so a
+/// declared function's `/sys` path is resolved in the tree here and told
+/// back as the `/sys` path it stands for.
+fn realpath_sys(path: *const c_char, resolved: *mut c_char, fwd: impl FnOnce() -> *mut c_char) -> *mut c_char {
+    let Some(moved) = sys_path(path) else { return fwd() };
+    // SAFETY: a valid path; the C library allocates the answer.
+    let found = unsafe { real::realpath()(moved.as_ptr(), std::ptr::null_mut()) };
+    if found.is_null() {
+        return found;
+    }
+    // SAFETY: `realpath` returned a nul-terminated string it allocated.
+    let text = unsafe { CStr::from_ptr(found) }.to_bytes().to_vec();
+    // SAFETY: freeing what `realpath` allocated.
+    unsafe { libc::free(found.cast()) };
+    let mut out = crate::vfio::unredirect(&text).unwrap_or(text);
+    if out.len() >= libc::PATH_MAX as usize {
+        set_errno(libc::ENAMETOOLONG);
+        return std::ptr::null_mut();
+    }
+    out.push(0);
+    let dst = if resolved.is_null() {
+        // SAFETY: an allocation the caller frees, as `realpath`'s is.
+        let p = unsafe { libc::malloc(out.len()) }.cast::<c_char>();
+        if p.is_null() {
+            set_errno(libc::ENOMEM);
+            return p;
+        }
+        p
+    } else {
+        resolved
+    };
+    // SAFETY: `dst` holds PATH_MAX bytes (the caller's contract) or
+    // `out.len()` (allocated above); `out` is shorter than PATH_MAX.
+    unsafe { std::ptr::copy_nonoverlapping(out.as_ptr().cast::<c_char>(), dst, out.len()) };
+    dst
+}
+
+/// # Safety
+/// As the C library's `realpath`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn realpath(path: *const c_char, resolved: *mut c_char) -> *mut c_char {
+    // SAFETY: forwarding the caller's own arguments.
+    realpath_sys(path, resolved, || unsafe { real::realpath()(path, resolved) })
+}
+
+/// `realpath` with `_FORTIFY_SOURCE`'s check of the buffer's size.
+///
+/// # Safety
+/// As the C library's `__realpath_chk`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __realpath_chk(path: *const c_char, resolved: *mut c_char, size: usize) -> *mut c_char {
+    // SAFETY: forwarding the caller's own arguments; the C library checks `size`.
+    let fwd = || unsafe { real::realpath_chk()(path, resolved, size) };
+    if !resolved.is_null() && size < libc::PATH_MAX as usize {
+        return fwd();
+    }
+    realpath_sys(path, resolved, fwd)
+}
+
+macro_rules! pread_chk_hook {
+    ($name:ident, $real:ident) => {
+        /// `pread` with `_FORTIFY_SOURCE`'s check of the buffer's size: the
+        /// C library's runs its own `pread` without passing through the
+        /// exported one.
+        ///
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, count: usize, offset: i64, size: usize) -> isize {
+            // SAFETY: forwarding the caller's own arguments.
+            let fwd = || unsafe { real::$real()(fd, buf, count, offset, size) };
+            if count > size {
+                // Overflowing the buffer: the C library's check fails the program.
+                return fwd();
+            }
+            let call = Call::Read { buf: buf as u64, count: count as u64, offset };
+            rw_ioasid(fd, call, |file| match file {
+                File::VfioDevice(d) => at_position(fd, Some(offset), |off| d.read(&InProcess, buf as u64, count, off)),
+                _ => read_ioasid(file, buf, count, offset),
+            })
+            .unwrap_or_else(fwd)
+        }
+    };
+}
+
+pread_chk_hook!(__pread_chk, pread_chk);
+pread_chk_hook!(__pread64_chk, pread64_chk);

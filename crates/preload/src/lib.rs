@@ -18,3 +18,4 @@ mod paths;
 mod proc_status;
 mod real;
 mod signals;
+mod vfio;

@@ -150,3 +150,18 @@ pub unsafe fn syscall(n: c_long, a: c_long, b: c_long, c: c_long, d: c_long, e: 
     // SAFETY: `p` is the C library's `syscall`, called as described above.
     unsafe { std::mem::transmute::<usize, SyscallFn>(p)(n, a, b, c, d, e, f) }
 }
+
+pub type ReadlinkFn = unsafe extern "C" fn(*const c_char, *mut c_char, usize) -> isize;
+pub type ReadlinkatFn = unsafe extern "C" fn(c_int, *const c_char, *mut c_char, usize) -> isize;
+pub type OpendirFn = unsafe extern "C" fn(*const c_char) -> *mut libc::DIR;
+pub type RealpathFn = unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char;
+pub type RealpathChkFn = unsafe extern "C" fn(*const c_char, *mut c_char, usize) -> *mut c_char;
+pub type PreadChkFn = unsafe extern "C" fn(c_int, *mut c_void, usize, i64, usize) -> isize;
+
+forward!(readlink, ReadlinkFn, "readlink");
+forward!(readlinkat, ReadlinkatFn, "readlinkat");
+forward!(opendir, OpendirFn, "opendir");
+forward!(realpath, RealpathFn, "realpath");
+forward!(realpath_chk, RealpathChkFn, "__realpath_chk");
+forward!(pread_chk, PreadChkFn, "__pread_chk");
+forward!(pread64_chk, PreadChkFn, "__pread64_chk");

@@ -13,12 +13,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 use crate::errno::Errno;
 use crate::ucmd::Ucmd;
 
-/// VFIO shares iommufd's ioctl type (`VFIO_TYPE` is `';'`), from number 100.
-const VFIO_BASE: u32 = 100;
-
-const fn vfio_io(n: u32) -> u32 {
-    crate::uapi::io(VFIO_BASE + n)
-}
+use super::vfio_io;
 
 pub const VFIO_GET_API_VERSION: u32 = vfio_io(0);
 pub const VFIO_CHECK_EXTENSION: u32 = vfio_io(1);
