@@ -288,3 +288,76 @@ fn eventfd(fd: i32) -> Result<OwnedFd, Errno> {
     }
     dup_fd(fd)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use super::*;
+
+    fn eventfd_pair() -> OwnedFd {
+        // SAFETY: a fresh non-blocking eventfd, owned here.
+        unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)) }
+    }
+
+    /// How many times `fd` was signalled since the last call.
+    fn fired(fd: &OwnedFd) -> u64 {
+        let mut n = 0u64;
+        // SAFETY: eight bytes from a live eventfd; EAGAIN leaves `n` at 0.
+        unsafe { libc::read(fd.as_raw_fd(), (&raw mut n).cast(), 8) };
+        n
+    }
+
+    fn irqs() -> Irqs {
+        Irqs::new(IrqCounts { intx: true, msi: 4, msix: 8 })
+    }
+
+    #[test]
+    fn intx_masks_itself_when_it_fires_and_fires_again_on_unmask_if_raised_meanwhile() {
+        let mut q = irqs();
+        let fd = eventfd_pair();
+        q.set(DATA_EVENTFD | ACTION_TRIGGER, INTX, 0, 1, Data::Eventfd(vec![fd.as_raw_fd()])).unwrap();
+        q.raise(Irq::Intx);
+        q.raise(Irq::Intx);
+        assert_eq!(fired(&fd), 1, "masked after the first");
+        q.set(DATA_NONE | ACTION_UNMASK, INTX, 0, 1, Data::None).unwrap();
+        assert_eq!(fired(&fd), 1, "the one raised while masked");
+        q.set(DATA_NONE | ACTION_UNMASK, INTX, 0, 1, Data::None).unwrap();
+        assert_eq!(fired(&fd), 0, "nothing pending");
+        q.raise(Irq::Intx);
+        assert_eq!(fired(&fd), 1);
+        // MSI is refused while INTx is on, and MSI the function raises is dropped.
+        let msi = eventfd_pair();
+        assert_eq!(
+            q.set(DATA_EVENTFD | ACTION_TRIGGER, MSI, 0, 1, Data::Eventfd(vec![msi.as_raw_fd()])),
+            Err(Errno::EINVAL)
+        );
+        q.raise(Irq::Msi(0));
+        assert_eq!(fired(&msi), 0);
+    }
+
+    #[test]
+    fn msi_vectors_fire_their_own_eventfds_and_disable_with_count_zero() {
+        let mut q = irqs();
+        let (a, b) = (eventfd_pair(), eventfd_pair());
+        q.set(DATA_EVENTFD | ACTION_TRIGGER, MSIX, 0, 3, Data::Eventfd(vec![a.as_raw_fd(), -1, b.as_raw_fd()]))
+            .unwrap();
+        q.raise(Irq::Msix(2));
+        q.raise(Irq::Msix(1));
+        q.raise(Irq::Msix(7));
+        assert_eq!((fired(&a), fired(&b)), (0, 1));
+        // Loopback through DATA_BOOL.
+        q.set(DATA_BOOL | ACTION_TRIGGER, MSIX, 0, 3, Data::Bool(vec![1, 0, 0])).unwrap();
+        assert_eq!(fired(&a), 1);
+        // A bad eventfd changes nothing.
+        assert_eq!(q.set(DATA_EVENTFD | ACTION_TRIGGER, MSIX, 0, 1, Data::Eventfd(vec![0])), Err(Errno::EINVAL));
+        q.raise(Irq::Msix(0));
+        assert_eq!(fired(&a), 1);
+        q.set(DATA_NONE | ACTION_TRIGGER, MSIX, 0, 0, Data::None).unwrap();
+        q.raise(Irq::Msix(0));
+        assert_eq!(fired(&a), 0);
+        // INTx actions need INTx on.
+        assert_eq!(q.set(DATA_NONE | ACTION_UNMASK, INTX, 0, 1, Data::None), Err(Errno::EINVAL));
+        assert_eq!(q.set(DATA_NONE | ACTION_MASK, MSI, 0, 1, Data::None), Err(Errno::ENOTTY));
+    }
+}

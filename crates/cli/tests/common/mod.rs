@@ -51,12 +51,19 @@ pub fn run_c(tag: &str, program: &str) {
 
 /// `run_c`, with more flags for the compiler.
 pub fn run_c_with(tag: &str, program: &str, flags: &[&str]) {
+    run_c_devices(tag, program, flags, &[]);
+}
+
+/// `run_c_with`, the program given the emulated PCI functions `devices`
+/// (`ioasid run --device`).
+pub fn run_c_devices(tag: &str, program: &str, flags: &[&str], devices: &[&str]) {
     build_shim();
     let dir = std::env::temp_dir().join(format!("ioasid-run-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let prog = compile_with(&dir, program, flags);
     let out = Command::new(env!("CARGO_BIN_EXE_ioasid"))
         .arg("run")
+        .args(devices.iter().flat_map(|d| ["--device", d]))
         .arg("--")
         .arg(&prog)
         .env("IOASID_PRELOAD", target_dir().join("libioasid_preload.so"))

@@ -1,0 +1,256 @@
+//! VFIO device files for declared PCI functions under `ioasid run
+//! --device`: a C program does what a VMM's VFIO code does on both paths
+//! (the cdev bound to an iommufd, and a group in a type1 container), drives
+//! the endpoint test function's DMA through its IOAS, and gets vfio-pci's
+//! errnos for what vfio-pci refuses.
+
+mod common;
+
+use common::run_c_devices;
+
+const COMMON: &str = r#"
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#define IOMMUFD(nr) ((';' << 8) | (nr))
+#define VFIO(n) ((';' << 8) | (100 + (n)))
+struct ioas_alloc { uint32_t size, flags, out_ioas_id; };
+struct ioas_map { uint32_t size, flags, ioas_id, reserved; uint64_t user_va, length, iova; };
+struct ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
+struct hw_info { uint32_t size, flags, dev_id, data_len; uint64_t data_uptr; uint32_t out_data_type, reserved; uint64_t out_capabilities; };
+struct bind { uint32_t argsz, flags; int32_t iommufd; uint32_t out_devid; uint64_t token; };
+struct attach { uint32_t argsz, flags, pt_id, pasid; };
+struct detach { uint32_t argsz, flags, pasid; };
+struct dev_info { uint32_t argsz, flags, num_regions, num_irqs, cap_offset, pad; };
+struct region_info { uint32_t argsz, flags, index, cap_offset; uint64_t size, offset; };
+struct irq_info { uint32_t argsz, flags, index, count; };
+struct irq_set { uint32_t argsz, flags, index, start, count; int32_t data[1]; };
+struct feature { uint32_t argsz, flags; };
+struct dma_map { uint32_t argsz, flags; uint64_t vaddr, iova, size; };
+struct group_status { uint32_t argsz, flags; };
+
+#define CHECK(c) do { if (!(c)) { printf("FAIL line %d: %s (errno %d)\n", __LINE__, #c, errno); return 1; } } while (0)
+#define FAILS(call, e) do { errno = 0; CHECK((call) < 0 && errno == (e)); } while (0)
+#define BAR0 0ULL
+#define CONFIG (7ULL << 40)
+
+static int reg_write(int dev, uint32_t off, uint32_t v) { return pwrite(dev, &v, 4, BAR0 + off) == 4 ? 0 : -1; }
+static uint32_t reg_read(int dev, uint32_t off) { uint32_t v = ~0u; pread(dev, &v, 4, BAR0 + off); return v; }
+
+/* pci-epf-test's COPY of `len` bytes from src to dst, finished with MSI 1;
+   returns STATUS. */
+static uint32_t copy(int dev, int msi, uint64_t src, uint64_t dst, uint32_t len) {
+    reg_write(dev, 0x0c, (uint32_t)src); reg_write(dev, 0x10, src >> 32);
+    reg_write(dev, 0x14, (uint32_t)dst); reg_write(dev, 0x18, dst >> 32);
+    reg_write(dev, 0x1c, len);
+    reg_write(dev, 0x24, 1); /* IRQ_TYPE: MSI */
+    reg_write(dev, 0x28, 1); /* IRQ_NUMBER: the first vector */
+    reg_write(dev, 0x08, 0);
+    reg_write(dev, 0x04, 1 << 5); /* COMMAND_COPY */
+    struct pollfd p = { msi, POLLIN };
+    if (poll(&p, 1, 5000) != 1) return 0xdead;
+    uint64_t n; read(msi, &n, 8);
+    return reg_read(dev, 0x08);
+}
+"#;
+
+const CDEV: &str = r#"
+int main(void) {
+    /* sysfs, as QEMU's host= path looks the device up */
+    const char *sys = "/sys/bus/pci/devices/0000:01:00.0";
+    struct stat st;
+    CHECK(stat(sys, &st) == 0);
+    char path[PATH_MAX], buf[256];
+    snprintf(path, sizeof(path), "%s/vfio-dev", sys);
+    DIR *d = opendir(path);
+    CHECK(d);
+    struct dirent *e; char cdev[64] = "";
+    while ((e = readdir(d))) if (!strncmp(e->d_name, "vfio", 4)) snprintf(cdev, sizeof(cdev), "%s", e->d_name);
+    closedir(d);
+    CHECK(!strcmp(cdev, "vfio0"));
+    snprintf(path, sizeof(path), "%s/vfio-dev/vfio0/dev", sys);
+    FILE *f = fopen(path, "r"); CHECK(f);
+    int major, minor; CHECK(fscanf(f, "%d:%d", &major, &minor) == 2); fclose(f);
+    snprintf(path, sizeof(path), "%s/iommu_group", sys);
+    ssize_t n = readlink(path, buf, sizeof(buf) - 1); CHECK(n > 0); buf[n] = 0;
+    CHECK(!strcmp(strrchr(buf, '/'), "/0"));
+    char *real = realpath(sys, NULL);
+    CHECK(real && !strcmp(real, "/sys/devices/pci0000:00/0000:01:00.0"));
+    free(real);
+    snprintf(path, sizeof(path), "%s/vendor", sys);
+    f = fopen(path, "r"); CHECK(f); CHECK(fgets(buf, sizeof(buf), f)); fclose(f);
+    CHECK(!strcmp(buf, "0x104c\n"));
+
+    int dev = open("/dev/vfio/devices/vfio0", O_RDWR | O_CLOEXEC);
+    CHECK(dev >= 0);
+    CHECK(fstat(dev, &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(major, minor));
+    FAILS(open("/dev/vfio/devices/vfio1", O_RDWR), ENOENT);
+
+    /* nothing before the bind */
+    struct dev_info info = { sizeof(info) };
+    FAILS(ioctl(dev, VFIO(7), &info), EINVAL);
+    uint32_t v;
+    FAILS(pread(dev, &v, 4, CONFIG), EINVAL);
+
+    int iommufd = open("/dev/iommu", O_RDWR);
+    CHECK(iommufd >= 0);
+    struct bind b = { sizeof(b), 0, iommufd };
+    struct bind bad = b; bad.flags = 2;
+    FAILS(ioctl(dev, VFIO(18), &bad), EINVAL);
+    bad = b; bad.argsz = 8;
+    FAILS(ioctl(dev, VFIO(18), &bad), EINVAL);
+    bad = b; bad.iommufd = 0; /* stdin: a file, not an iommufd */
+    FAILS(ioctl(dev, VFIO(18), &bad), EBADFD);
+    bad = b; bad.iommufd = 999;
+    FAILS(ioctl(dev, VFIO(18), &bad), EBADF);
+    CHECK(ioctl(dev, VFIO(18), &b) == 0);
+    FAILS(ioctl(dev, VFIO(18), &b), EINVAL); /* bound once */
+    int dev2 = open("/dev/vfio/devices/vfio0", O_RDWR);
+    CHECK(dev2 >= 0);
+    FAILS(ioctl(dev2, VFIO(18), &b), EINVAL); /* the cdev path opens a device once */
+    close(dev2);
+
+    /* its IOMMU, through iommufd */
+    uint8_t vtd[16];
+    struct hw_info hw = { sizeof(hw), 0, b.out_devid, sizeof(vtd), (uintptr_t)vtd };
+    CHECK(ioctl(iommufd, IOMMUFD(0x8a), &hw) == 0);
+    CHECK(hw.out_data_type == 1); /* IOMMU_HW_INFO_TYPE_INTEL_VTD */
+
+    CHECK(ioctl(dev, VFIO(7), &info) == 0);
+    CHECK(info.flags == 3 && info.num_regions == 9 && info.num_irqs == 5);
+    struct region_info r = { sizeof(r), 0, 7 };
+    CHECK(ioctl(dev, VFIO(8), &r) == 0 && r.offset == CONFIG && r.size >= 256);
+    r.index = 8; FAILS(ioctl(dev, VFIO(8), &r), EINVAL);
+    r.index = 9; FAILS(ioctl(dev, VFIO(8), &r), EINVAL);
+    r.index = 0; CHECK(ioctl(dev, VFIO(8), &r) == 0 && r.size > 0 && r.flags == 3);
+    uint32_t bar0 = r.size;
+    struct irq_info ii = { sizeof(ii), 0, 1 };
+    CHECK(ioctl(dev, VFIO(9), &ii) == 0 && ii.count >= 1);
+    ii.index = 5; FAILS(ioctl(dev, VFIO(9), &ii), EINVAL);
+    FAILS(ioctl(dev, VFIO(30), &ii), ENOTTY);
+    struct feature feat = { sizeof(feat), (1 << 16) | 1 }; /* GET MIGRATION */
+    FAILS(ioctl(dev, VFIO(17), &feat), ENOTTY);
+    feat.flags = (1 << 16) | (1 << 17) | 1;
+    FAILS(ioctl(dev, VFIO(17), &feat), EINVAL);
+
+    /* config space and BARs */
+    CHECK(pread(dev, &v, 4, CONFIG) == 4 && v == 0xb500104c);
+    FAILS(pread(dev, &v, 4, CONFIG + r.size * 0 + 4096), EFAULT);
+    FAILS(pread(dev, &v, 4, BAR0 + bar0), EINVAL);
+    CHECK(pread(dev, buf, 8, BAR0 + bar0 - 4) == 4); /* cut at the BAR's end */
+    FAILS(pread(dev, &v, 4, 6ULL << 40), EINVAL); /* no ROM */
+    CHECK(lseek(dev, CONFIG, SEEK_SET) == (off_t)CONFIG && read(dev, &v, 4) == 4 && v == 0xb500104c);
+    CHECK(lseek(dev, 0, SEEK_CUR) == (off_t)(CONFIG + 4));
+
+    /* MSI: eventfds for its vectors */
+    int msi = eventfd(0, EFD_CLOEXEC);
+    struct irq_set s = { sizeof(s), (1 << 2) | (1 << 5), 1, 0, 1, { msi } };
+    CHECK(ioctl(dev, VFIO(10), &s) == 0);
+    struct irq_set sx = s; sx.index = 2; /* MSI-X while MSI is on */
+    FAILS(ioctl(dev, VFIO(10), &sx), EINVAL);
+    struct irq_set bad_fd = s; bad_fd.data[0] = 0; /* not an eventfd */
+    FAILS(ioctl(dev, VFIO(10), &bad_fd), EINVAL);
+
+    /* DMA through an IOAS the program maps */
+    struct ioas_alloc a = { sizeof(a) };
+    CHECK(ioctl(iommufd, IOMMUFD(0x81), &a) == 0);
+    struct attach at = { sizeof(at), 0, a.out_ioas_id };
+    CHECK(ioctl(dev, VFIO(19), &at) == 0 && at.pt_id != a.out_ioas_id);
+    CHECK(ioctl(dev, VFIO(19), &at) == 0); /* again: a replace */
+    size_t len = 1 << 20;
+    uint8_t *ram = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (size_t i = 0; i < len / 2; i++) ram[i] = (uint8_t)(i * 7);
+    struct ioas_map m = { sizeof(m), 1 | 2 | 4, a.out_ioas_id, 0, (uintptr_t)ram, len, 0x100000 };
+    CHECK(ioctl(iommufd, IOMMUFD(0x85), &m) == 0);
+    uint32_t status = copy(dev, msi, 0x100000, 0x100000 + len / 2, 4096 + 3);
+    CHECK(status & (1 << 4)); /* COPY_SUCCESS */
+    CHECK(!memcmp(ram, ram + len / 2, 4096 + 3));
+    /* after unmap the DMA faults and says so */
+    struct ioas_unmap u = { sizeof(u), a.out_ioas_id, 0x100000, len };
+    CHECK(ioctl(iommufd, IOMMUFD(0x86), &u) == 0);
+    status = copy(dev, msi, 0x100000, 0x100000 + len / 2, 64);
+    CHECK(status & (1 << 5) && status & (1 << 7)); /* COPY_FAIL, SRC_ADDR_INVALID */
+
+    struct detach dt = { sizeof(dt), 0 };
+    CHECK(ioctl(dev, VFIO(20), &dt) == 0);
+    CHECK(ioctl(dev, VFIO(20), &dt) == 0); /* nothing attached: a no-op */
+    dt.flags = 2; FAILS(ioctl(dev, VFIO(20), &dt), EINVAL);
+    CHECK(ioctl(dev, VFIO(11)) == 0); /* reset */
+    close(dev);
+    /* the function is free again once its file is gone */
+    dev = open("/dev/vfio/devices/vfio0", O_RDWR);
+    CHECK(dev >= 0 && ioctl(dev, VFIO(18), &b) == 0);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+const GROUP: &str = r#"
+int main(void) {
+    int container = open("/dev/vfio/vfio", O_RDWR);
+    CHECK(container >= 0);
+    CHECK(ioctl(container, VFIO(0)) == 0); /* VFIO_API_VERSION */
+    CHECK(ioctl(container, VFIO(1), 3) == 1); /* TYPE1v2 */
+    int group = open("/dev/vfio/0", O_RDWR);
+    CHECK(group >= 0);
+    FAILS(open("/dev/vfio/0", O_RDWR), EBUSY);
+    struct group_status gs = { sizeof(gs) };
+    CHECK(ioctl(group, VFIO(3), &gs) == 0 && gs.flags == 1); /* viable, no container */
+    FAILS(ioctl(group, VFIO(6), "0000:01:00.0"), EINVAL); /* no container yet */
+    int bad = 0;
+    FAILS(ioctl(group, VFIO(4), &bad), EBADFD);
+    CHECK(ioctl(group, VFIO(4), &container) == 0);
+    FAILS(ioctl(group, VFIO(4), &container), EINVAL);
+    CHECK(ioctl(group, VFIO(3), &gs) == 0 && gs.flags == 3);
+    CHECK(ioctl(container, VFIO(2), 3) == 0); /* SET_IOMMU TYPE1v2 */
+    size_t len = 1 << 16;
+    uint8_t *ram = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(ram, 0x5a, len / 2);
+    struct dma_map m = { sizeof(m), 3, (uintptr_t)ram, 0x200000, len };
+    CHECK(ioctl(container, VFIO(13), &m) == 0);
+    FAILS(ioctl(group, VFIO(6), "0000:02:00.0"), ENODEV);
+    int dev = ioctl(group, VFIO(6), "0000:01:00.0");
+    CHECK(dev >= 0);
+    struct bind b = { sizeof(b), 0, container };
+    FAILS(ioctl(dev, VFIO(18), &b), EINVAL); /* bind is for the cdev path */
+    struct attach at = { sizeof(at), 0, 1 };
+    FAILS(ioctl(dev, VFIO(19), &at), ENOTTY);
+    struct dev_info info = { sizeof(info) };
+    CHECK(ioctl(dev, VFIO(7), &info) == 0 && info.num_regions == 9);
+    FAILS(ioctl(group, VFIO(5)), EBUSY); /* a device is open */
+    int msi = eventfd(0, EFD_CLOEXEC);
+    struct irq_set s = { sizeof(s), (1 << 2) | (1 << 5), 1, 0, 1, { msi } };
+    CHECK(ioctl(dev, VFIO(10), &s) == 0);
+    uint32_t status = copy(dev, msi, 0x200000, 0x200000 + len / 2, 1000);
+    CHECK(status & (1 << 4));
+    CHECK(ram[len / 2] == 0x5a && ram[len / 2 + 999] == 0x5a && ram[len / 2 + 1000] == 0);
+    close(dev);
+    CHECK(ioctl(group, VFIO(5)) == 0);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn a_vmm_binds_the_cdev_to_iommufd_and_its_dma_goes_through_the_ioas() {
+    run_c_devices("vfio-cdev", &format!("{COMMON}{CDEV}"), &[], &["pci-epf-test,bdf=0000:01:00.0"]);
+}
+
+#[test]
+fn a_type1_program_reaches_the_device_through_its_group_and_container() {
+    run_c_devices("vfio-group", &format!("{COMMON}{GROUP}"), &[], &["pci-epf-test"]);
+}
