@@ -245,6 +245,95 @@ int main(void) {
 }
 "#;
 
+const NESTED: &str = r#"
+struct hwpt_alloc { uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len; uint64_t data_uptr; uint32_t fault_id, reserved2; };
+struct viommu_alloc { uint32_t size, flags, type, dev_id, hwpt_id, out_viommu_id, data_len, reserved; uint64_t data_uptr; };
+struct vdevice_alloc { uint32_t size, viommu_id, dev_id, out_vdevice_id; uint64_t virt_id; };
+
+static int bind(int iommufd, const char *path, uint32_t *dev_id) {
+    int dev = open(path, O_RDWR);
+    struct bind b = { sizeof(b), 0, iommufd };
+    if (dev < 0 || ioctl(dev, VFIO(18), &b)) return -1;
+    *dev_id = b.out_devid;
+    return dev;
+}
+
+int main(void) {
+    int iommufd = open("/dev/iommu", O_RDWR);
+    uint32_t smmu_id, vtd_id;
+    int smmu = bind(iommufd, "/dev/vfio/devices/vfio0", &smmu_id);
+    int vtd = bind(iommufd, "/dev/vfio/devices/vfio1", &vtd_id);
+    CHECK(smmu >= 0 && vtd >= 0);
+    uint8_t data[64];
+    struct hw_info hw = { sizeof(hw), 0, smmu_id, sizeof(data), (uintptr_t)data };
+    CHECK(ioctl(iommufd, IOMMUFD(0x8a), &hw) == 0 && hw.out_data_type == 2); /* ARM_SMMUV3 */
+    hw.dev_id = vtd_id;
+    CHECK(ioctl(iommufd, IOMMUFD(0x8a), &hw) == 0 && hw.out_data_type == 1); /* INTEL_VTD */
+
+    struct ioas_alloc a = { sizeof(a) };
+    CHECK(ioctl(iommufd, IOMMUFD(0x81), &a) == 0);
+    size_t len = 1 << 16;
+    uint8_t *ram = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(ram, 0x3c, len / 2);
+    struct ioas_map m = { sizeof(m), 1 | 2 | 4, a.out_ioas_id, 0, (uintptr_t)ram, len, 0x100000 };
+    CHECK(ioctl(iommufd, IOMMUFD(0x85), &m) == 0);
+
+    /* SMMUv3 nesting: the host's stage 2 under a vIOMMU, the guest's STE on top */
+    struct hwpt_alloc s2 = { sizeof(s2), 1 /* NEST_PARENT */, smmu_id, a.out_ioas_id };
+    CHECK(ioctl(iommufd, IOMMUFD(0x89), &s2) == 0);
+    struct viommu_alloc v = { sizeof(v), 0, 1 /* ARM_SMMUV3 */, smmu_id, s2.out_hwpt_id };
+    CHECK(ioctl(iommufd, IOMMUFD(0x90), &v) == 0);
+    struct vdevice_alloc vd = { sizeof(vd), v.out_viommu_id, smmu_id, 0, 0x10 };
+    CHECK(ioctl(iommufd, IOMMUFD(0x91), &vd) == 0);
+    uint64_t ste[2] = { 1 | (4 << 1), 0 }; /* valid, stage 1 bypassed */
+    struct hwpt_alloc nested = { sizeof(nested), 0, smmu_id, v.out_viommu_id, 0, 0, 2 /* ARM_SMMUV3 */, sizeof(ste), (uintptr_t)ste };
+    CHECK(ioctl(iommufd, IOMMUFD(0x89), &nested) == 0);
+    struct attach at = { sizeof(at), 0, nested.out_hwpt_id };
+    CHECK(ioctl(smmu, VFIO(19), &at) == 0 && at.pt_id == nested.out_hwpt_id);
+    int msi = eventfd(0, EFD_CLOEXEC);
+    struct irq_set s = { sizeof(s), (1 << 2) | (1 << 5), 1, 0, 1, { msi } };
+    CHECK(ioctl(smmu, VFIO(10), &s) == 0);
+    CHECK(copy(smmu, msi, 0x100000, 0x100000 + len / 2, 256) & (1 << 4));
+    CHECK(ram[len / 2] == 0x3c && ram[len / 2 + 255] == 0x3c);
+    /* the guest aborts the stream: the same DMA now faults */
+    uint64_t abort_ste[2] = { 1, 0 };
+    struct hwpt_alloc blocked = nested; blocked.data_uptr = (uintptr_t)abort_ste;
+    CHECK(ioctl(iommufd, IOMMUFD(0x89), &blocked) == 0);
+    at.pt_id = blocked.out_hwpt_id;
+    CHECK(ioctl(smmu, VFIO(19), &at) == 0);
+    CHECK(copy(smmu, msi, 0x100000, 0x100000 + len / 2, 256) & (1 << 5));
+
+    /* VT-d with PASIDs: PASID 5 gets the IOAS while the RID has nothing */
+    memset(ram + len / 2, 0, len / 2);
+    struct attach ap = { sizeof(ap), 1 /* PASID */, a.out_ioas_id, 5 };
+    CHECK(ioctl(vtd, VFIO(19), &ap) == 0);
+    struct attach ap_short = ap; ap_short.argsz = 12;
+    FAILS(ioctl(vtd, VFIO(19), &ap_short), EINVAL);
+    int msi2 = eventfd(0, EFD_CLOEXEC);
+    struct irq_set s2i = { sizeof(s2i), (1 << 2) | (1 << 5), 1, 0, 1, { msi2 } };
+    CHECK(ioctl(vtd, VFIO(10), &s2i) == 0);
+    CHECK(copy(vtd, msi2, 0x100000, 0x100000 + len / 2, 128) & (1 << 5)); /* untagged: no table */
+    CHECK(reg_write(vtd, 0x40, (1u << 31) | 5) == 0);
+    CHECK(copy(vtd, msi2, 0x100000, 0x100000 + len / 2, 128) & (1 << 4));
+    CHECK(ram[len / 2 + 127] == 0x3c);
+    struct detach dp = { sizeof(dp), 1, 5 };
+    CHECK(ioctl(vtd, VFIO(20), &dp) == 0);
+    CHECK(copy(vtd, msi2, 0x100000, 0x100000 + len / 2, 128) & (1 << 5));
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn nesting_viommu_and_pasids_are_reachable_through_vfio_devices() {
+    run_c_devices(
+        "vfio-nested",
+        &format!("{COMMON}{NESTED}"),
+        &[],
+        &["pci-epf-test,bdf=0000:01:00.0,iommu=smmuv3", "pci-epf-test,bdf=0000:02:00.0,iommu=vtd,pasid=8"],
+    );
+}
+
 #[test]
 fn a_vmm_binds_the_cdev_to_iommufd_and_its_dma_goes_through_the_ioas() {
     run_c_devices("vfio-cdev", &format!("{COMMON}{CDEV}"), &[], &["pci-epf-test,bdf=0000:01:00.0"]);
