@@ -24,6 +24,6 @@ echo "ABI benchmark under ioasid run..."
 cargo build -q --release -p ioasid -p ioasid-preload >>"$log" 2>&1 || fail
 ioctl_bench=$(cargo bench -q -p ioasid-abi --bench ioctl --no-run --message-format=json 2>>"$log" |
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "ioctl"][0])') || fail
-CARGO_TARGET_DIR=target target/release/ioasid run -- "$ioctl_bench" --bench "$@" >>"$log" 2>&1 || fail
+CARGO_TARGET_DIR=target target/release/ioasid run --device pci-epf-test -- "$ioctl_bench" --bench "$@" >>"$log" 2>&1 || fail
 python3 benches/report.py target "$mode" benches/working-set.svg >BENCHMARKS.md
 echo "wrote BENCHMARKS.md and benches/working-set.svg ($mode run)"

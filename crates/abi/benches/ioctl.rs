@@ -87,10 +87,66 @@ fn main() {
             black_box(n)
         }),
     );
+    bar_access(&mut h, fd);
     // SAFETY: our own descriptors, each closed once.
     unsafe {
         libc::close(fd);
         libc::close(pipe[0]);
         libc::close(pipe[1]);
     }
+}
+
+/// One 4-byte register access of an emulated PCI function's BAR through its
+/// VFIO device file, as QEMU makes one for each trapped guest access, beside
+/// the system call alone (the floor a kernel vfio-pci's BAR access pays before
+/// it touches the device).
+fn bar_access(h: &mut Harness, iommufd: i32) {
+    // SAFETY: a NUL-terminated path; the result is checked.
+    let dev = unsafe { libc::open(c"/dev/vfio/devices/vfio0".as_ptr(), libc::O_RDWR) };
+    if dev < 0 {
+        eprintln!("no VFIO device: run under `ioasid run --device pci-epf-test` (benches/run.sh does)");
+        return;
+    }
+    let mut bind = ioasid_abi::vfio::device::vfio_device_bind_iommufd {
+        argsz: size_of::<ioasid_abi::vfio::device::vfio_device_bind_iommufd>() as u32,
+        iommufd,
+        ..Default::default()
+    };
+    assert_eq!(ioctl(dev, ioasid_abi::vfio::device::VFIO_DEVICE_BIND_IOMMUFD, &mut bind), 0);
+    let peer = std::fs::File::options().read(true).write(true).open("/dev/zero").unwrap();
+    let zero = std::os::fd::AsRawFd::as_raw_fd(&peer);
+    // The endpoint test function's STATUS register (BAR 0, offset 8) and
+    // its IRQ_NUMBER register (offset 0x28), which a write only stores.
+    let (status, irq_number) = (8i64, 0x28i64);
+    let read = |fd: i32, at: i64| {
+        let mut v = 0u32;
+        // SAFETY: four bytes into `v`, which lives for the call.
+        let n = unsafe { libc::pread(fd, (&raw mut v).cast(), 4, at) };
+        assert_eq!(n, 4);
+        v
+    };
+    h.compare(
+        "BAR access: read one 4-byte register through a VFIO device file",
+        iter("ioasid", "`pread` of 4 bytes at BAR 0's STATUS, served by the shim and the device model", || {
+            black_box(read(dev, status))
+        }),
+        iter("one kernel pread", "`pread` of 4 bytes from /dev/zero: the system call alone", || {
+            black_box(read(zero, 0))
+        }),
+    );
+    let write = |fd: i32, at: i64| {
+        let v = 1u32;
+        // SAFETY: four bytes from `v`, which lives for the call.
+        let n = unsafe { libc::pwrite(fd, (&raw const v).cast(), 4, at) };
+        assert_eq!(n, 4);
+    };
+    h.compare(
+        "BAR access: write one 4-byte register through a VFIO device file",
+        iter("ioasid", "`pwrite` of 4 bytes to BAR 0's IRQ_NUMBER, served by the shim and the device model", || {
+            write(dev, irq_number)
+        }),
+        iter("one kernel pwrite", "`pwrite` of 4 bytes to /dev/zero: the system call alone", || write(zero, 0)),
+    );
+    // SAFETY: our own descriptor, closed once.
+    unsafe { libc::close(dev) };
 }
