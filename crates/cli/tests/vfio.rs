@@ -98,6 +98,8 @@ int main(void) {
     int dev = open("/dev/vfio/devices/vfio0", O_RDWR | O_CLOEXEC);
     CHECK(dev >= 0);
     CHECK(fstat(dev, &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(major, minor));
+    CHECK(stat("/dev/vfio/devices/vfio0", &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(major, minor));
+    FAILS(stat("/dev/vfio/devices/vfio1", &st), ENOENT);
     FAILS(open("/dev/vfio/devices/vfio1", O_RDWR), ENOENT);
 
     /* nothing before the bind */

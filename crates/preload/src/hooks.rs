@@ -659,6 +659,15 @@ fn stat_at(dirfd: c_int, path: *const c_char, flags: c_int, st: *mut libc::stat,
     if p.is_empty() && flags & libc::AT_EMPTY_PATH != 0 {
         return fstat_of(dirfd, st, fwd);
     }
+    if let Some((major, minor)) = crate::vfio::node_rdev(p) {
+        // SAFETY: the caller's buffer.
+        unsafe { device_stat_at(st) };
+        // SAFETY: filled just now.
+        let st = unsafe { &mut *st };
+        st.st_rdev = libc::makedev(major, minor);
+        st.st_ino = u64::from(major) << 20 | u64::from(minor);
+        return 0;
+    }
     if !paths::is_iommu(dirfd, p) {
         return fwd();
     }

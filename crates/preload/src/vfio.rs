@@ -17,6 +17,8 @@ use ioasid_abi::vfio::group::GroupFile;
 use ioasid_abi::vfio::sysfs;
 use ioasid_engine::Context;
 
+/// Linux's VFIO misc device (`/dev/vfio/vfio`): major 10, minor 196.
+const VFIO_CONTAINER_MINOR: u32 = 196;
 /// The major number group files report (Linux's is dynamic).
 pub const VFIO_GROUP_MAJOR: u32 = 237;
 
@@ -74,8 +76,21 @@ pub fn open(path: &CStr, flags: c_int) -> Option<Result<c_int, c_int>> {
 pub fn rdev(fd: c_int) -> Option<(u32, u32)> {
     match files::get(fd)? {
         File::VfioDevice(d) => Some((sysfs::VFIO_DEV_MAJOR, d.declared().index)),
-        File::VfioGroup(_) => Some((VFIO_GROUP_MAJOR, 0)),
+        File::VfioGroup(g) => Some((VFIO_GROUP_MAJOR, g.declared().index)),
         _ => None,
+    }
+}
+
+/// The device numbers `stat` reports for `path`, when it is a declared
+/// function's VFIO node (or the container's).
+pub fn node_rdev(path: &CStr) -> Option<(u32, u32)> {
+    if !path.to_bytes().starts_with(b"/dev/vfio/") || declared::all().is_empty() {
+        return None;
+    }
+    match node(path.to_bytes())? {
+        Node::Container => Some((crate::paths::MISC_MAJOR, VFIO_CONTAINER_MINOR)),
+        Node::Device(n) => declared::by_index(n).map(|_| (sysfs::VFIO_DEV_MAJOR, n)),
+        Node::Group(n) => declared::by_index(n).map(|_| (VFIO_GROUP_MAJOR, n)),
     }
 }
 

@@ -52,6 +52,11 @@ impl GroupFile {
         Ok(GroupFile { dev, container: Mutex::new(None) })
     }
 
+    /// The function in the group.
+    pub fn declared(&self) -> &Arc<Declared> {
+        &self.dev
+    }
+
     /// Runs one ioctl on the group; `Ok` carries its return value (a new
     /// descriptor for `GET_DEVICE_FD`).
     pub fn ioctl(&self, mem: &dyn UserMemory, request: u32, arg: u64) -> Result<i32, Errno> {
