@@ -48,31 +48,39 @@ log() { printf 'e2e: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 # apt with a private configuration: this machine's apt may not know
-# bookworm-backports, and CI must not change the system's sources.
+# bookworm-backports, and CI must not change the system's sources. Its lists
+# are refreshed once per run, so a stale cache never names removed versions.
+apt_updated=
 apt_private() {
-    local apt=$work/apt uri key=/usr/share/keyrings/debian-archive-keyring.gpg
-    if [ ! -f "$apt/sources.list" ]; then
+    local apt=$work/apt uri sec key=/usr/share/keyrings/debian-archive-keyring.gpg
+    local opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o Acquire::Languages=none
+        -o APT::Sandbox::User=root)
+    if [ -z "$apt_updated" ]; then
         uri=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
         [ -n "$uri" ] || uri=$(awk '/^deb / && $3 !~ /security/ { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
         [ -n "$uri" ] || uri=http://deb.debian.org/debian
+        # Security and point-release updates too: -dev packages must match
+        # the exact versions of the libraries already installed from them.
+        sec=$(awk '/^URIs:/ { u = $2 } /^Suites:/ && /security/ { print u; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+        [ -n "$sec" ] || sec=$(awk '/^deb / && $3 ~ /security/ { print $2; exit }' /etc/apt/sources.list 2>/dev/null || true)
+        [ -n "$sec" ] || sec=http://deb.debian.org/debian-security
         mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial"
-        printf 'deb [signed-by=%s] %s %s main\n' "$key" "$uri" bookworm "$key" "$uri" bookworm-backports >"$apt/sources.list"
-        apt-get -o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent \
-            -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -o Acquire::Languages=none \
-            -o APT::Sandbox::User=root update -qq
+        printf 'deb [signed-by=%s] %s %s main\n' "$key" "$uri" bookworm "$key" "$uri" bookworm-updates \
+            "$key" "$uri" bookworm-backports "$key" "$sec" bookworm-security >"$apt/sources.list"
+        apt-get "${opts[@]}" update -qq >&2
+        apt_updated=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get -o "Dir::Etc::SourceList=$apt/sources.list" \
-        -o Dir::Etc::SourceParts=/nonexistent -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" \
-        -o Acquire::Languages=none -o APT::Sandbox::User=root "$@"
+    DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" "$@"
 }
 
 qemu_major() {
     qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
 }
 
-# 1. Tools: a kernel build, static userland for the guest, QEMU >= 10 (the
-# first with the iommufd backend this test relies on, see vfio-pci's
-# iommufd= property).
+# 1. Tools: a kernel build, static userland for the guest, and QEMU 10:
+# ioasid's VFIO front end follows the iommufd/VFIO sequence of that version,
+# older ones (bookworm has 7.2) have no iommufd backend at all.
 install_tools() {
     local need=() t
     for t in gcc:gcc make:make bc:bc flex:flex bison:bison cpio:cpio xz:xz-utils \
@@ -221,7 +229,7 @@ boot() {
     set -e
     [ "$status" != 124 ] || log "the guest did not finish within ${timeout_s}s"
     summary=$(grep -a '^pcitest: [0-9]* passed, [0-9]* failed$' "$console" | tail -n 1 || true)
-    [ -n "$summary" ] || { log "no summary from the guest (QEMU exited $status; log: $console)"; return 1; }
+    [ -n "$summary" ] || { log "no summary from the guest (the boot command exited $status; log: $console)"; return 1; }
     log "$summary"
     case "$mode" in
         no-device)
