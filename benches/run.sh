@@ -25,5 +25,14 @@ cargo build -q --release -p ioasid -p ioasid-preload >>"$log" 2>&1 || fail
 ioctl_bench=$(cargo bench -q -p ioasid-abi --bench ioctl --no-run --message-format=json 2>>"$log" |
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "ioctl"][0])') || fail
 CARGO_TARGET_DIR=target target/release/ioasid run --device pci-epf-test -- "$ioctl_bench" --bench "$@" >>"$log" 2>&1 || fail
+# The guest's DMA throughput through QEMU, when the end-to-end guest is built.
+if ls e2e/work/bzImage-* >/dev/null 2>&1 && command -v qemu-system-x86_64 >/dev/null; then
+    echo "end to end: a QEMU guest's pcitest through ioasid..."
+    for m in direct viommu; do
+        IOASID=target/release/ioasid BENCH_OUT=target/ioasid-bench/e2e-$m.jsonl bash e2e/qemu-pcitest.sh --$m >>"$log" 2>&1 || fail
+    done
+else
+    echo "end to end: skipped (run e2e/qemu-pcitest.sh --direct once to build its guest)"
+fi
 python3 benches/report.py target "$mode" benches/working-set.svg >BENCHMARKS.md
 echo "wrote BENCHMARKS.md and benches/working-set.svg ($mode run)"

@@ -18,6 +18,8 @@
 #   QEMU_EXTRA      more QEMU arguments (word-split)
 #   APPEND_EXTRA    more guest kernel command line
 #   BOOT_TIMEOUT    seconds one boot may take (default 300)
+#   BENCH_OUT       a file to write the guest's 1 MiB throughput rounds to,
+#                   as benchmark rows (benches/run.sh reads them)
 #
 # Runs as root on Debian bookworm: it installs what it lacks (QEMU 10 from
 # bookworm-backports through a private apt configuration, leaving /etc/apt
@@ -240,11 +242,34 @@ boot() {
     esac
 }
 
+# The guest's throughput rounds as benchmark rows (benches/harness.rs's
+# format): each transfer beside the plain copy timed next to it.
+bench_rows() {
+    local console=$work/console-$mode.log
+    python3 - "$console" "$mode" >"$BENCH_OUT" <<'PY'
+import json, re, sys
+console, mode = sys.argv[1], sys.argv[2]
+rounds = [tuple(map(int, m.groups())) for m in
+          re.finditer(r"^throughput: round \d+ read (\d+) ns .*write (\d+) ns .*memcpy (\d+) (\d+) ns$",
+                      open(console, errors="replace").read(), re.M)]
+where = "through QEMU's VT-d into ioasid" if mode == "viommu" else "through the IOAS QEMU maps guest RAM into"
+peer = {"name": "guest memcpy", "does": "`dd` of 1 MiB from /dev/zero to /dev/null in the same guest, timed next to it"}
+for i, what in ((0, "read"), (1, "write")):
+    print(json.dumps({
+        "figure": f"guest pcitest {what} of 1 MiB ({mode})", "x": None, "unit": "ns",
+        "ours": {"name": "ioasid", "does": f"`pcitest -{what[0]} -s 1048576` in a QEMU TCG guest: DMA {where}",
+                 "values": [r[i] for r in rounds]},
+        "peer": dict(peer, values=[r[2 + i] for r in rounds]),
+    }))
+PY
+}
+
 install_tools
 deb=$(kernel_deb)
 kernel=$(build_kernel "$deb")
 initrd=$(build_initramfs "$deb")
 if boot "$kernel" "$initrd"; then
+    [ -z "${BENCH_OUT:-}" ] || bench_rows
     log "PASS ($mode)"
 else
     log "FAIL ($mode)"
