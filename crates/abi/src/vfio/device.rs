@@ -304,18 +304,7 @@ impl DeviceFile {
 
     fn attach_pt(&self, mem: &dyn UserMemory, arg: u64) -> Result<(), Errno> {
         let minsz = end_of!(vfio_device_attach_iommufd_pt, pt_id);
-        let mut a = vfio_device_attach_iommufd_pt::default();
-        mem.read(arg, &mut a.as_mut_bytes()[..minsz])?;
-        if (a.argsz as usize) < minsz || a.flags & !VFIO_DEVICE_ATTACH_PASID != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let pasid = a.flags & VFIO_DEVICE_ATTACH_PASID != 0;
-        if pasid {
-            if (a.argsz as usize) < size_of::<vfio_device_attach_iommufd_pt>() {
-                return Err(Errno::EINVAL);
-            }
-            mem.read(arg + minsz as u64, &mut a.as_mut_bytes()[minsz..])?;
-        }
+        let (a, pasid): (vfio_device_attach_iommufd_pt, _) = read_pt_args(mem, arg, minsz, VFIO_DEVICE_ATTACH_PASID)?;
         let _open = self.dev.lock.lock();
         let mut slot = self.binding.lock();
         let b = slot.as_mut().ok_or(Errno::EINVAL)?;
@@ -350,18 +339,7 @@ impl DeviceFile {
 
     fn detach_pt(&self, mem: &dyn UserMemory, arg: u64) -> Result<(), Errno> {
         let minsz = end_of!(vfio_device_detach_iommufd_pt, flags);
-        let mut d = vfio_device_detach_iommufd_pt::default();
-        mem.read(arg, &mut d.as_mut_bytes()[..minsz])?;
-        if (d.argsz as usize) < minsz || d.flags & !VFIO_DEVICE_DETACH_PASID != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let pasid = d.flags & VFIO_DEVICE_DETACH_PASID != 0;
-        if pasid {
-            if (d.argsz as usize) < size_of::<vfio_device_detach_iommufd_pt>() {
-                return Err(Errno::EINVAL);
-            }
-            mem.read(arg + minsz as u64, &mut d.as_mut_bytes()[minsz..])?;
-        }
+        let (d, pasid): (vfio_device_detach_iommufd_pt, _) = read_pt_args(mem, arg, minsz, VFIO_DEVICE_DETACH_PASID)?;
         let _open = self.dev.lock.lock();
         let mut slot = self.binding.lock();
         let b = slot.as_mut().ok_or(Errno::EINVAL)?;
@@ -570,6 +548,32 @@ impl DeviceFile {
             }
         }
     }
+}
+
+/// An attach or detach struct (both begin `argsz, flags`): its leading
+/// `minsz` bytes, and the PASID after them when its flags ask for one, with
+/// Linux's checks (`EINVAL` for unknown flags or a size without the PASID).
+fn read_pt_args<T: FromBytes + IntoBytes + Immutable + Default>(
+    mem: &dyn UserMemory,
+    arg: u64,
+    minsz: usize,
+    pasid_flag: u32,
+) -> Result<(T, bool), Errno> {
+    let mut v = T::default();
+    mem.read(arg, &mut v.as_mut_bytes()[..minsz])?;
+    let word = |i: usize| u32::from_ne_bytes(v.as_bytes()[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+    let (argsz, flags) = (word(0) as usize, word(1));
+    if argsz < minsz || flags & !pasid_flag != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let pasid = flags & pasid_flag != 0;
+    if pasid {
+        if argsz < size_of::<T>() {
+            return Err(Errno::EINVAL);
+        }
+        mem.read(arg + minsz as u64, &mut v.as_mut_bytes()[minsz..])?;
+    }
+    Ok((v, pasid))
 }
 
 /// `vfio_check_feature`: `Ok` for a probe or a valid get/set of a feature
