@@ -36,10 +36,12 @@
 //! lines of the protocol live here, with a loom model of them below.
 //!
 //! Deferred work runs after a grace period that began after it was
-//! deferred: at the next `synchronize`, or without blocking when the
-//! outermost guard of the thread that deferred it drops (or on
-//! [`Guard::flush`]), once the readers seen then have left. It never runs
-//! on a reader's path that deferred nothing.
+//! deferred: the next `synchronize` (which an unmap runs anyway, so the
+//! grace period costs it no second barrier), or one started without
+//! blocking by [`Guard::flush`] or by the drop of a deferring thread's
+//! outermost guard once `BACKLOG` items wait; such a drop also runs the work
+//! whose readers have left since. It never runs on a reader's path that
+//! deferred nothing.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
@@ -110,6 +112,10 @@ impl Slot {
 }
 
 type Deferred = Box<dyn FnOnce() + Send>;
+
+/// Deferred items past which a guard's drop starts a grace period itself
+/// rather than leave it to the next `synchronize` or `flush`.
+const BACKLOG: usize = 64;
 
 #[derive(Default)]
 struct Garbage {
@@ -245,9 +251,10 @@ impl Collector {
         lock(&self.garbage).queued.push(f);
     }
 
-    /// Runs deferred work whose grace period is over, and starts one for
-    /// work deferred since; never waits for a reader.
-    fn try_collect(&self) {
+    /// Runs deferred work whose grace period is over, and starts one (a
+    /// barrier) for work deferred since if `start` or if that work piles up;
+    /// never waits for a reader.
+    fn try_collect(&self, start: bool) {
         let mut ready = Vec::new();
         {
             let mut g = lock(&self.garbage);
@@ -257,7 +264,7 @@ impl Collector {
                     ready = std::mem::take(&mut g.batch);
                 }
             }
-            if g.batch.is_empty() && !g.queued.is_empty() {
+            if g.batch.is_empty() && !g.queued.is_empty() && (start || g.queued.len() >= BACKLOG) {
                 g.batch = std::mem::take(&mut g.queued);
                 self.barrier();
                 g.waiting_for = self.inside();
@@ -406,7 +413,7 @@ impl Drop for Guard {
                 // global collector live for ever.
                 unsafe { &*l.slot.get() }.leave(seq);
                 if l.deferred.replace(false) {
-                    global().try_collect();
+                    global().try_collect(false);
                 }
             }
         });
@@ -424,7 +431,7 @@ impl Guard {
     /// Runs deferred work whose readers have left, and starts waiting for
     /// those of work deferred since; never blocks.
     pub fn flush(&self) {
-        global().try_collect();
+        global().try_collect(true);
     }
 }
 
@@ -588,8 +595,8 @@ mod loom_tests {
             if defer {
                 let cells = cells.clone();
                 c.defer(Box::new(move || cells[0].store(0, Ordering::Relaxed)));
-                c.try_collect();
-                c.try_collect();
+                c.try_collect(true);
+                c.try_collect(true);
             } else {
                 c.synchronize();
                 cells[0].store(0, Ordering::Relaxed);
