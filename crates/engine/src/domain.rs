@@ -6,7 +6,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crossbeam_epoch::Guard;
+use crate::epoch::Guard;
 
 use crate::iotlb::{Hit, Iotlb};
 use crate::iova::IovaRange;

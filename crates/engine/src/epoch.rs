@@ -1,41 +1,453 @@
 //! Waiting for DMA in flight.
 //!
-//! DMA through the engine runs inside a `crossbeam_epoch` critical section
-//! (a pinned guard). `synchronize` returns only after every critical section
-//! that was running when it was called has ended: it queues a marker to be
-//! run once the epoch has moved past all current readers, and drives the
-//! epoch forward until the marker runs. This is what makes "after unmap
-//! returns, no DMA can reach the old pages" true.
+//! DMA through the engine runs inside a critical section (a pinned
+//! [`Guard`]); `synchronize` returns only after every critical section that
+//! was running when it was called has ended. This is what makes "after
+//! unmap returns, no DMA can reach the old pages" true. Memory that readers
+//! may still see (page tables an unmap took out) is handed to
+//! [`Guard::defer`] and released once they are gone.
+//!
+//! The scheme is userspace RCU's membarrier flavour, asymmetric on
+//! purpose: DMA is frequent and unmap is rare, so readers pay as little as
+//! possible and writers pay the rest.
+//!
+//! - Each thread owns a slot holding a sequence number, odd while it is
+//!   inside. Entering stores the next odd number with a plain store and a
+//!   compiler fence; leaving stores the next even number with a release
+//!   store. No lock, no allocation, no read-modify-write, no full fence, no
+//!   system call. Nested pins only count depth.
+//! - A writer first unlinks, then calls
+//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full
+//!   memory barrier on every CPU running one of the process's threads. After
+//!   it, a reader either has its odd number visible to the writer, or
+//!   entered afterwards and can only see the unlinked state. The writer
+//!   then scans the slots and waits for each odd number it saw to change.
+//! - Where membarrier cannot be registered (old kernels, seccomp filters),
+//!   readers issue a SeqCst fence after their store and writers a SeqCst
+//!   fence before their scan: the same Dekker pairing, paid by readers.
+//!   The choice is made once, when the first thread pins.
+//!
+//! `crossbeam-epoch`, used before, pays a SeqCst fence on every outermost
+//! pin (most of the cost of a 64-byte DMA through an IOTLB hit) and has no
+//! synchronous grace period (`synchronize` had to drive the epoch by
+//! pinning in a loop). `seize` protects by reservation and retirement and
+//! has no "wait for every reader inside" either, which unmap needs for
+//! memory it does not own (the program's pages). Neither fits, so the few
+//! lines of the protocol live here, with a loom model of them below.
+//!
+//! Deferred work runs after a grace period that began after it was
+//! deferred: the next `synchronize` (which an unmap runs anyway, so the
+//! grace period costs it no second barrier), or one started without
+//! blocking by [`Guard::flush`] or by the drop of a deferring thread's
+//! outermost guard once `BACKLOG` items wait; such a drop also runs the work
+//! whose readers have left since. It never runs on a reader's path that
+//! deferred nothing.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+use std::sync::atomic::{Ordering, compiler_fence};
 
-pub use crossbeam_epoch::{Guard, pin};
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, fence};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, fence};
 
-/// Waits until every DMA (every epoch critical section) that was running
-/// when it was called has finished; spins, then yields.
-pub(crate) fn synchronize() {
-    let done = Arc::new(AtomicBool::new(false));
-    {
-        let guard = pin();
-        let flag = done.clone();
-        guard.defer(move || flag.store(true, Ordering::Release));
-        guard.flush();
-    }
-    let mut spins = 0u32;
-    while !done.load(Ordering::Acquire) {
-        pin().flush();
-        spins += 1;
-        if spins > 64 {
-            std::thread::yield_now();
+#[cfg(loom)]
+type Mutex<T> = loom::sync::Mutex<T>;
+#[cfg(not(loom))]
+type Mutex<T> = parking_lot::Mutex<T>;
+
+#[cfg(loom)]
+fn lock<T>(m: &Mutex<T>) -> loom::sync::MutexGuard<'_, T> {
+    m.lock().unwrap()
+}
+#[cfg(not(loom))]
+fn lock<T>(m: &Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
+    m.lock()
+}
+
+#[cfg(loom)]
+fn pause() {
+    loom::thread::yield_now();
+}
+#[cfg(not(loom))]
+fn pause() {
+    std::thread::yield_now();
+}
+
+/// One thread's place among the readers.
+struct Slot {
+    /// Odd while the owner is inside a critical section; it only grows, so
+    /// a writer that saw an odd number knows that section ended once the
+    /// number changed.
+    seq: AtomicU64,
+    /// Owned by a live thread.
+    taken: AtomicBool,
+    /// The next slot of the collector's list.
+    next: AtomicPtr<Slot>,
+}
+
+impl Slot {
+    /// Enters a critical section numbered `seq` (odd).
+    #[inline(always)]
+    fn enter(&self, seq: u64, membarrier: bool) {
+        self.seq.store(seq, Ordering::Relaxed);
+        if membarrier {
+            // The writer's membarrier orders this store before the loads
+            // below on the CPU; only the compiler must be kept from moving
+            // them above it.
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
         }
+    }
+
+    /// Leaves the section by storing `seq` (even): every access of the
+    /// section happens before a writer that reads it.
+    #[inline(always)]
+    fn leave(&self, seq: u64) {
+        self.seq.store(seq, Ordering::Release);
     }
 }
 
-#[cfg(test)]
+type Deferred = Box<dyn FnOnce() + Send>;
+
+/// Deferred items past which a guard's drop starts a grace period itself
+/// rather than leave it to the next `synchronize` or `flush`.
+const BACKLOG: usize = 64;
+
+#[derive(Default)]
+struct Garbage {
+    /// Deferred since the current grace period began.
+    queued: Vec<Deferred>,
+    /// Deferred before the current grace period began, waiting for it.
+    batch: Vec<Deferred>,
+    /// The current grace period: slots (by address) seen inside, with the
+    /// number each was inside under.
+    waiting_for: Vec<(usize, u64)>,
+}
+
+/// The readers of one reclamation domain, and what waits for them.
+struct Collector {
+    /// Slots are pushed at the head and never removed (a thread that exits
+    /// leaves its slot for the next one), so writers scan without a lock.
+    head: AtomicPtr<Slot>,
+    /// Readers rely on the writers' membarrier (else on their own fence).
+    membarrier: bool,
+    garbage: Mutex<Garbage>,
+}
+
+impl Collector {
+    fn new(membarrier: bool) -> Self {
+        Collector { head: AtomicPtr::new(std::ptr::null_mut()), membarrier, garbage: Mutex::new(Garbage::default()) }
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        let mut p = self.head.load(Ordering::Acquire);
+        std::iter::from_fn(move || {
+            // SAFETY: slots are leaked boxes freed only when the collector
+            // drops, which the borrow of `self` rules out.
+            let slot = unsafe { p.as_ref() }?;
+            p = slot.next.load(Ordering::Acquire);
+            Some(slot)
+        })
+    }
+
+    /// A slot for a new thread, reusing one whose thread exited; with the
+    /// even number it holds.
+    fn claim(&self) -> (&Slot, u64) {
+        for slot in self.slots() {
+            if slot.taken.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                return (slot, slot.seq.load(Ordering::Relaxed));
+            }
+        }
+        let slot = Box::into_raw(Box::new(Slot {
+            seq: AtomicU64::new(0),
+            taken: AtomicBool::new(true),
+            next: AtomicPtr::new(std::ptr::null_mut()),
+        }));
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `slot` is not published yet; this thread owns it.
+            unsafe { &*slot }.next.store(head, Ordering::Relaxed);
+            match self.head.compare_exchange_weak(head, slot, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(h) => head = h,
+            }
+        }
+        // SAFETY: published slots live as long as the collector.
+        (unsafe { &*slot }, 0)
+    }
+
+    /// Gives a slot back (its thread is not inside).
+    fn release(&self, slot: &Slot) {
+        slot.taken.store(false, Ordering::Release);
+    }
+
+    /// Makes every reader either visible as inside, or sure to see what
+    /// was unlinked before this call.
+    fn barrier(&self) {
+        #[cfg(not(loom))]
+        if self.membarrier {
+            use rustix::thread::{MembarrierCommand, membarrier};
+            // Registration is per process and kept across fork; should it be
+            // missing anyway, register again: it cannot fail where it once
+            // succeeded, and readers do not fence on their own.
+            if membarrier(MembarrierCommand::PrivateExpedited).is_err() {
+                membarrier(MembarrierCommand::RegisterPrivateExpedited)
+                    .and_then(|()| membarrier(MembarrierCommand::PrivateExpedited))
+                    .expect("membarrier worked when the epoch started");
+            }
+            return;
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// The slots inside a critical section now, with their numbers.
+    fn inside(&self) -> Vec<(usize, u64)> {
+        self.slots()
+            .filter_map(|s| {
+                let seq = s.seq.load(Ordering::Acquire);
+                (seq & 1 == 1).then_some((s as *const Slot as usize, seq))
+            })
+            .collect()
+    }
+
+    /// Whether the reader in slot `addr` has left the section numbered `seq`.
+    fn left(addr: usize, seq: u64) -> bool {
+        // SAFETY: `addr` came from `inside`, and slots live as long as the
+        // collector, which the caller borrows.
+        let slot = unsafe { &*(addr as *const Slot) };
+        slot.seq.load(Ordering::Acquire) != seq
+    }
+
+    /// Waits until every critical section running when it was called has
+    /// ended, then runs everything deferred before it was called.
+    fn synchronize(&self) {
+        let ready = {
+            let mut g = lock(&self.garbage);
+            g.waiting_for.clear();
+            let mut ready = std::mem::take(&mut g.batch);
+            ready.append(&mut g.queued);
+            ready
+        };
+        self.barrier();
+        for (addr, seq) in self.inside() {
+            let mut spins = 0u32;
+            while !Self::left(addr, seq) {
+                spins += 1;
+                if spins > 64 {
+                    pause();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        ready.into_iter().for_each(|f| f());
+    }
+
+    fn defer(&self, f: Deferred) {
+        lock(&self.garbage).queued.push(f);
+    }
+
+    /// Runs deferred work whose grace period is over, and starts one (a
+    /// barrier) for work deferred since if `start` or if that work piles up;
+    /// never waits for a reader.
+    fn try_collect(&self, start: bool) {
+        let mut ready = Vec::new();
+        {
+            let mut g = lock(&self.garbage);
+            if !g.batch.is_empty() {
+                g.waiting_for.retain(|&(addr, seq)| !Self::left(addr, seq));
+                if g.waiting_for.is_empty() {
+                    ready = std::mem::take(&mut g.batch);
+                }
+            }
+            if g.batch.is_empty() && !g.queued.is_empty() && (start || g.queued.len() >= BACKLOG) {
+                g.batch = std::mem::take(&mut g.queued);
+                self.barrier();
+                g.waiting_for = self.inside();
+                if g.waiting_for.is_empty() {
+                    ready.append(&mut g.batch);
+                }
+            }
+        }
+        ready.into_iter().for_each(|f| f());
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let mut p = self.head.load(Ordering::Relaxed);
+        while !p.is_null() {
+            // SAFETY: the collector owns every slot, and nothing borrows it.
+            let slot = unsafe { Box::from_raw(p) };
+            p = slot.next.load(Ordering::Relaxed);
+        }
+        let mut left = {
+            let mut g = lock(&self.garbage);
+            let mut left = std::mem::take(&mut g.batch);
+            left.append(&mut g.queued);
+            left
+        };
+        left.drain(..).for_each(|f| f());
+    }
+}
+
+/// The process's collector; membarrier is registered when it is made.
+fn global() -> &'static Collector {
+    static GLOBAL: OnceLock<Collector> = OnceLock::new();
+    GLOBAL.get_or_init(|| {
+        #[cfg(not(loom))]
+        let membarrier = {
+            use rustix::thread::{MembarrierCommand, membarrier, membarrier_query};
+            membarrier_query().contains_command(MembarrierCommand::PrivateExpedited)
+                && membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
+        };
+        #[cfg(loom)]
+        let membarrier = false;
+        Collector::new(membarrier)
+    })
+}
+
+/// This thread's reader state; const-initialised and without a destructor,
+/// so reaching it costs a TLS offset and nothing else.
+struct Local {
+    slot: Cell<*const Slot>,
+    depth: Cell<u32>,
+    /// The number of the slot: odd while inside.
+    seq: Cell<u64>,
+    membarrier: Cell<bool>,
+    /// Something was deferred since the outermost pin.
+    deferred: Cell<bool>,
+}
+
+/// Gives the slot back when the thread exits.
+struct Owner;
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        LOCAL.with(|l| {
+            let slot = l.slot.replace(std::ptr::null());
+            // A guard forgotten on this thread keeps its slot inside for ever,
+            // so it is not handed to another thread.
+            if !slot.is_null() && l.depth.get() == 0 {
+                // SAFETY: slots of the global collector live for ever.
+                global().release(unsafe { &*slot });
+            }
+        });
+    }
+}
+
+thread_local! {
+    static LOCAL: Local = const {
+        Local {
+            slot: Cell::new(std::ptr::null()),
+            depth: Cell::new(0),
+            seq: Cell::new(0),
+            membarrier: Cell::new(false),
+            deferred: Cell::new(false),
+        }
+    };
+    static OWNER: Owner = const { Owner };
+}
+
+#[cold]
+#[inline(never)]
+fn register(l: &Local) -> *const Slot {
+    let c = global();
+    let (slot, seq) = c.claim();
+    l.seq.set(seq);
+    l.membarrier.set(c.membarrier);
+    l.slot.set(slot);
+    // A thread already past its destructors (pinning from another TLS
+    // destructor) keeps its slot: leaked, never inside, so harmless.
+    let _ = OWNER.try_with(|_| ());
+    slot
+}
+
+/// A pinned critical section: while it lives, nothing unlinked after it
+/// began is freed or reused. Not `Send`: it is this thread's.
+#[must_use = "the section ends when the guard drops"]
+pub struct Guard {
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guard")
+    }
+}
+
+/// Enters a critical section (or nests in the one this thread is in).
+#[inline]
+pub fn pin() -> Guard {
+    LOCAL.with(|l| {
+        let depth = l.depth.get();
+        if depth == 0 {
+            let mut slot = l.slot.get();
+            if slot.is_null() {
+                slot = register(l);
+            }
+            let seq = l.seq.get() + 1;
+            l.seq.set(seq);
+            // SAFETY: slots of the global collector live for ever.
+            unsafe { &*slot }.enter(seq, l.membarrier.get());
+        }
+        l.depth.set(depth + 1);
+    });
+    Guard { _not_send: PhantomData }
+}
+
+impl Drop for Guard {
+    #[inline]
+    fn drop(&mut self) {
+        LOCAL.with(|l| {
+            let depth = l.depth.get() - 1;
+            l.depth.set(depth);
+            if depth == 0 {
+                let seq = l.seq.get() + 1;
+                l.seq.set(seq);
+                // SAFETY: set by the pin this guard came from; slots of the
+                // global collector live for ever.
+                unsafe { &*l.slot.get() }.leave(seq);
+                if l.deferred.replace(false) {
+                    global().try_collect(false);
+                }
+            }
+        });
+    }
+}
+
+impl Guard {
+    /// Runs `f` once every reader that could see what this thread unlinked
+    /// before the call has left its critical section.
+    pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
+        global().defer(Box::new(f));
+        LOCAL.with(|l| l.deferred.set(true));
+    }
+
+    /// Runs deferred work whose readers have left, and starts waiting for
+    /// those of work deferred since; never blocks.
+    pub fn flush(&self) {
+        global().try_collect(true);
+    }
+}
+
+/// Waits until every DMA (every critical section) that was running when it
+/// was called has finished, and runs the work deferred before it; spins,
+/// then yields. Called inside a critical section, it would wait for itself.
+pub(crate) fn synchronize() {
+    assert_eq!(LOCAL.with(|l| l.depth.get()), 0, "epoch::synchronize inside a critical section");
+    global().synchronize();
+}
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU32;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, AtomicUsize};
     use std::time::Duration;
 
     #[test]
@@ -53,5 +465,153 @@ mod tests {
         synchronize();
         assert_eq!(state.load(Ordering::Acquire), 1, "synchronize returned while a reader was inside");
         reader.join().unwrap();
+    }
+
+    #[test]
+    fn nested_pins_keep_the_section_until_the_outermost_drops() {
+        let outer = pin();
+        let ran = Arc::new(AtomicU32::new(0));
+        {
+            let inner = pin();
+            let r = ran.clone();
+            inner.defer(move || _ = r.fetch_add(1, Ordering::Relaxed));
+        }
+        for _ in 0..8 {
+            pin().flush();
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 0, "deferred work ran inside the section that deferred it");
+        drop(outer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ran.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline {
+            pin().flush();
+            std::thread::yield_now();
+        }
+        assert_eq!(ran.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_exited_thread_gives_its_slot_back() {
+        let count = || global().slots().count();
+        std::thread::spawn(|| drop(pin())).join().unwrap();
+        let before = count();
+        for _ in 0..16 {
+            std::thread::spawn(|| drop(pin())).join().unwrap();
+        }
+        // Other tests' threads may hold slots meanwhile, never 16 more.
+        assert!(count() < before + 16, "slots of exited threads are reused");
+        // An exited thread is never waited for.
+        synchronize();
+    }
+
+    /// The protocol on a collector of its own, in both reader flavours: a
+    /// writer unlinks a value, waits, and poisons it; readers that loaded
+    /// it inside a section must never see the poison.
+    fn stress(membarrier: bool) {
+        let c = Arc::new(Collector::new(membarrier));
+        if membarrier {
+            use rustix::thread::{MembarrierCommand, membarrier};
+            if membarrier(MembarrierCommand::RegisterPrivateExpedited).is_err() {
+                return;
+            }
+        }
+        let cells: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+        let current = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, cells, current, stop) = (c.clone(), cells.clone(), current.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let (slot, mut seq) = c.claim();
+                    let mut bad = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        slot.enter(seq, membarrier);
+                        let i = current.load(Ordering::Acquire);
+                        for _ in 0..4 {
+                            if cells[i].load(Ordering::Relaxed) == 0 {
+                                bad += 1;
+                            }
+                        }
+                        seq += 1;
+                        slot.leave(seq);
+                    }
+                    c.release(slot);
+                    bad
+                })
+            })
+            .collect();
+        for round in 0..20_000 {
+            let old = round % 2;
+            cells[1 - old].store(1, Ordering::Relaxed);
+            current.store(1 - old, Ordering::Release);
+            c.synchronize();
+            cells[old].store(0, Ordering::Relaxed);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let bad: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert_eq!(bad, 0, "a reader saw a value poisoned after synchronize");
+    }
+
+    #[test]
+    fn readers_never_see_memory_released_after_synchronize_with_membarrier() {
+        stress(true);
+    }
+
+    #[test]
+    fn readers_never_see_memory_released_after_synchronize_with_fences() {
+        stress(false);
+    }
+}
+
+/// A model of the protocol: membarrier is modelled by the SeqCst fence on
+/// both sides (it runs one on every thread running at that moment). Run
+/// with `RUSTFLAGS="--cfg loom" cargo test -p ioasid-engine --lib --release epoch::loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicUsize;
+
+    /// A reader that loaded the old value never sees it released, whether
+    /// the writer waits (`synchronize`) or defers (`try_collect`).
+    fn model(defer: bool) {
+        loom::model(move || {
+            let c = Arc::new(Collector::new(false));
+            // 1: the old value, live; 2: the new one; 0: released.
+            let cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+            let current = Arc::new(AtomicUsize::new(0));
+            let reader = {
+                let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
+                loom::thread::spawn(move || {
+                    let (slot, seq) = c.claim();
+                    slot.enter(seq + 1, false);
+                    let i = current.load(Ordering::Acquire);
+                    let seen = cells[i].load(Ordering::Relaxed);
+                    slot.leave(seq + 2);
+                    assert_ne!(seen, 0, "read a released value");
+                })
+            };
+            current.store(1, Ordering::Release);
+            if defer {
+                let cells = cells.clone();
+                c.defer(Box::new(move || cells[0].store(0, Ordering::Relaxed)));
+                c.try_collect(true);
+                c.try_collect(true);
+            } else {
+                c.synchronize();
+                cells[0].store(0, Ordering::Relaxed);
+            }
+            reader.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn synchronize_waits_for_readers_inside() {
+        model(false);
+    }
+
+    #[test]
+    fn deferred_work_waits_for_readers_inside() {
+        model(true);
     }
 }

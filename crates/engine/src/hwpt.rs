@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use crossbeam_epoch::Guard;
+use crate::epoch::Guard;
 
 pub use crate::domain::{ConfigFault, Domain, FaultReason, Gpa, HostAddr, PageFormat, Translated};
 use crate::fault::FaultQueue;

@@ -90,7 +90,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 // The vocabulary of domains and translations. These sit in `hwpt` until
 // the page-table domain gets its own module below both.
-use crossbeam_epoch::Guard;
+use crate::epoch::Guard;
 
 use crate::domain::{Domain, FaultReason, Gpa, HostAddr, PageFormat};
 use crate::iotlb::Iotlb;

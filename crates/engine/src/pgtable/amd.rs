@@ -199,7 +199,7 @@ mod tests {
         let pt = PageTable::<F>::new();
         pt.map(1 << 30, 1 << 32, (1 << 30) + 0x1000, Perm::R, Trust::Direct, true).unwrap();
         assert_eq!(pt.summary().leaves, vec![1, 0, 1, 0]);
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         assert_eq!(pt.walk((1 << 30) + 77, &g).unwrap().addr, (1 << 32) + 77);
         // SAFETY: the tables are live while `pt` is, and not written here.
         let read = &mut |a: u64| Some(unsafe { (a as *const u64).read_volatile() });

@@ -317,7 +317,7 @@ mod tests {
     fn tables_ioasid_builds_dirty_and_clean_through_dbm() {
         let pt = PageTable::<ArmS2>::new();
         pt.map(0, 1 << 30, 0x2000, Perm::RW, Trust::Direct, false).unwrap();
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         let mut dirty = Vec::new();
         pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, _| dirty.push(a));
         assert_eq!(dirty, [0, 0x1000], "new writable leaves start dirty");

@@ -71,7 +71,7 @@ mod tests {
         // Two 2 KiB IO pages of one IOVA page map to different memory.
         pt.map(0x100_0000, 0x5000, 0x800, Perm::R, Trust::Direct, true).unwrap();
         pt.map(0x100_0800, 0x9800, 0x800, Perm::RW, Trust::Direct, true).unwrap();
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         assert_eq!(pt.walk(0x100_0010, &g).unwrap().addr, 0x5010);
         assert_eq!(pt.walk(0x100_0810, &g).unwrap().addr, 0x9810);
         assert_eq!(pt.walk(0x100_0810, &g).unwrap().shift, 11);
@@ -83,7 +83,7 @@ mod tests {
     fn a_dirty_half_page_dirties_the_whole_cpu_page_leaf() {
         let pt = PageTable::<MockPt>::new();
         pt.map(0x100_0000, 0x5000, 0x2000, Perm::RW, Trust::Direct, false).unwrap();
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         assert_eq!(pt.walk(0x100_0810, &g).unwrap().addr, 0x5810);
         assert!(pt.set_dirty(0x100_0800, &g));
         let mut dirty = Vec::new();

@@ -18,7 +18,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_epoch::Guard;
+use crate::epoch::Guard;
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
@@ -542,10 +542,10 @@ impl<F: Format> Spares<F> {
     /// epoch's readers have left.
     fn retire(self: &Arc<Self>, r: Retired, guard: &Guard) {
         let spares = self.clone();
-        // SAFETY: the subtree is unlinked, so no new reader can reach it;
-        // readers already inside hold guards, and the epoch runs this only
-        // after them. Until then nothing else owns it.
-        unsafe { guard.defer_unchecked(move || spares.keep(r)) };
+        // The subtree is unlinked, so no new reader can reach it; readers
+        // already inside hold guards, and the epoch runs this only after
+        // them. Until then nothing else owns it.
+        guard.defer(move || spares.keep(r));
     }
 
     /// Keeps a subtree no reader can see, or frees it past the budget.
@@ -697,7 +697,7 @@ mod tests {
     fn settle<F: Format>(pt: &PageTable<F>, want: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while spare_count(pt) < want && std::time::Instant::now() < deadline {
-            crossbeam_epoch::pin().flush();
+            crate::epoch::pin().flush();
             std::thread::yield_now();
         }
     }
@@ -710,10 +710,10 @@ mod tests {
         let old = leaf_table(&pt, a);
         // A reader inside since before the unmap (here on this thread: a
         // pinned participant holds the epoch back for everyone).
-        let reader = crossbeam_epoch::pin();
-        pt.unmap(a, MIB2, &crossbeam_epoch::pin());
+        let reader = crate::epoch::pin();
+        pt.unmap(a, MIB2, &crate::epoch::pin());
         for _ in 0..256 {
-            crossbeam_epoch::pin().flush();
+            crate::epoch::pin().flush();
         }
         // It may still walk the old tables: none of them may be handed to a
         // new mapping, nor changed.
@@ -732,11 +732,11 @@ mod tests {
         // left, then those of `b`.
         settle(&pt, 3);
         assert_eq!(spare_count(&pt), 3, "tables come back once the reader left");
-        pt.unmap(b, MIB2, &crossbeam_epoch::pin());
+        pt.unmap(b, MIB2, &crate::epoch::pin());
         settle(&pt, 6);
         pt.map(a, 0xc000_0000, MIB2, Perm::RW, Trust::Direct, false).unwrap();
         assert!([old, old_b].contains(&leaf_table(&pt, a)), "a spare table is reused");
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         for i in 0..512 {
             let t = pt.walk(a + i * 4096, &g).expect("mapped");
             assert_eq!(t.addr, 0xc000_0000 + i * 4096, "a reused table holds nothing of its past");
@@ -750,7 +750,7 @@ mod tests {
         let gib = 1u64 << 30;
         pt.map(gib, 0, gib, Perm::RW, Trust::Direct, false).unwrap();
         assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);
-        pt.unmap(gib, gib, &crossbeam_epoch::pin());
+        pt.unmap(gib, gib, &crate::epoch::pin());
         settle(&pt, 2);
         assert_eq!(pt.summary().tables, vec![0, 0, 0, 1]);
         {
@@ -762,7 +762,7 @@ mod tests {
         pt.map(3 * gib, gib, gib, Perm::R, Trust::Checked, false).unwrap();
         assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);
         assert_eq!(spare_count(&pt), 0, "every spare went back into the table");
-        let g = crossbeam_epoch::pin();
+        let g = crate::epoch::pin();
         for i in (0..gib).step_by(4096 * 37) {
             let t = pt.walk(3 * gib + i, &g).expect("mapped");
             assert_eq!((t.addr, t.perm, t.trust), (gib + i, Perm::R, Trust::Checked));

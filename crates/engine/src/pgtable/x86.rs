@@ -183,7 +183,7 @@ mod tests {
     const K4: u64 = 4096;
 
     fn walk<F: Format>(pt: &PageTable<F>, iova: u64) -> Option<Translation> {
-        pt.walk(iova, &crossbeam_epoch::pin())
+        pt.walk(iova, &crate::epoch::pin())
     }
 
     #[test]
@@ -294,7 +294,7 @@ mod tests {
     fn partial_unmap_splits_a_huge_leaf() {
         let pt = PageTable::<VtdSs4>::new();
         pt.map(0, G, M2, Perm::RW, Trust::Direct, true).unwrap();
-        pt.unmap(K4, K4, &crossbeam_epoch::pin());
+        pt.unmap(K4, K4, &crate::epoch::pin());
         assert_eq!(pt.summary().leaves, vec![511, 0, 0, 0]);
         assert_eq!(walk(&pt, 0).unwrap().addr, G);
         assert_eq!(walk(&pt, K4), None);
@@ -307,7 +307,7 @@ mod tests {
         pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, Trust::Checked, true).unwrap();
         assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
         assert!(walk(&pt, (1 << 50) + K4).unwrap().trust == Trust::Checked);
-        pt.unmap(1 << 50, 3 * K4, &crossbeam_epoch::pin());
+        pt.unmap(1 << 50, 3 * K4, &crate::epoch::pin());
         assert_eq!(pt.summary().tables, vec![0, 0, 0, 0, 1]);
     }
 
