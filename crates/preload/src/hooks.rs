@@ -810,6 +810,8 @@ pub unsafe extern "C" fn statx(
     mask: c_uint,
     stx: *mut libc::statx,
 ) -> c_int {
+    let moved = sys_path(path);
+    let path = moved.as_ref().map_or(path, |p| p.as_ptr());
     // SAFETY: forwarding the caller's own arguments.
     let raw = || unsafe { real::statx()(dirfd, path, flags, mask, stx) };
     let fwd = || unshielded(raw);
