@@ -100,6 +100,11 @@ int main(void) {
     CHECK(fstat(dev, &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(major, minor));
     CHECK(stat("/dev/vfio/devices/vfio0", &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == makedev(major, minor));
     FAILS(stat("/dev/vfio/devices/vfio1", &st), ENOENT);
+    struct statx stx;
+    CHECK(statx(AT_FDCWD, "/dev/vfio/devices/vfio0", 0, STATX_BASIC_STATS, &stx) == 0 && S_ISCHR(stx.stx_mode) &&
+          stx.stx_rdev_major == (unsigned)major && stx.stx_rdev_minor == (unsigned)minor);
+    CHECK(statx(dev, "", AT_EMPTY_PATH, STATX_BASIC_STATS, &stx) == 0 && S_ISCHR(stx.stx_mode) &&
+          stx.stx_rdev_major == (unsigned)major && stx.stx_rdev_minor == (unsigned)minor);
     FAILS(open("/dev/vfio/devices/vfio1", O_RDWR), ENOENT);
 
     /* nothing before the bind */

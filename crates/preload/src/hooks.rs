@@ -827,10 +827,14 @@ pub unsafe extern "C" fn statx(
             if rc == 0 && paths::is_iommufd(dirfd) {
                 // SAFETY: `statx` just filled the caller's buffer.
                 paths::device_statx(unsafe { &mut *stx });
+            } else if let (0, Some(rdev)) = (rc, crate::vfio::rdev(dirfd)) {
+                // SAFETY: as above.
+                vfio_statx(unsafe { &mut *stx }, rdev);
             }
             return rc;
         }
-        if !paths::is_iommu(dirfd, p) {
+        let vfio = crate::vfio::node_rdev(p);
+        if vfio.is_none() && !paths::is_iommu(dirfd, p) {
             return fwd();
         }
         // SAFETY: forwarding for `/dev`, into the caller's buffer.
@@ -840,9 +844,20 @@ pub unsafe extern "C" fn statx(
             let stx = unsafe { &mut *stx };
             stx.stx_ino = u64::from(paths::IOMMU_MINOR) << 8 | u64::from(paths::MISC_MAJOR);
             paths::device_statx(stx);
+            if let Some(rdev) = vfio {
+                vfio_statx(stx, rdev);
+            }
         }
         rc
     })
+}
+
+/// Makes `stx` describe the VFIO character device `(major, minor)`.
+fn vfio_statx(stx: &mut libc::statx, (major, minor): (u32, u32)) {
+    paths::device_statx(stx);
+    stx.stx_rdev_major = major;
+    stx.stx_rdev_minor = minor;
+    stx.stx_ino = u64::from(major) << 20 | u64::from(minor);
 }
 
 /// `access` of the device.
