@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use parking_lot::Mutex;
 use thiserror::Error;
 
@@ -209,10 +208,10 @@ pub struct Device {
     /// Object ID in the context, as fault records name the device.
     id: OnceLock<u32>,
     /// The RID's table (what DMA without a PASID uses).
-    attached: ArcSwapOption<Hwpt>,
+    attached: epoch::Rcu<Hwpt>,
     /// Tables attached per PASID, replaced whole on change so DMA reads
     /// them without a lock.
-    pasids: ArcSwap<BTreeMap<u32, Hwpt>>,
+    pasids: epoch::Rcu<BTreeMap<u32, Hwpt>>,
     next_group: AtomicU32,
     unrecoverable: AtomicU64,
     /// PASIDs whose owner knows them by another number (a guest's vPASID
@@ -232,8 +231,8 @@ impl Device {
             info,
             key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
             id: OnceLock::new(),
-            attached: ArcSwapOption::empty(),
-            pasids: ArcSwap::from_pointee(BTreeMap::new()),
+            attached: epoch::Rcu::new(None),
+            pasids: epoch::Rcu::new(Some(Arc::new(BTreeMap::new()))),
             next_group: AtomicU32::new(0),
             unrecoverable: AtomicU64::new(0),
             guest_pasids: Mutex::new(BTreeMap::new()),
@@ -278,7 +277,7 @@ impl Device {
     pub fn attached_at(&self, pasid: Option<u32>) -> Option<Hwpt> {
         match pasid {
             None => self.attached(),
-            Some(p) => self.pasids.load().get(&p).cloned(),
+            Some(p) => self.pasids.load_full().and_then(|m| m.get(&p).cloned()),
         }
     }
 
@@ -289,7 +288,7 @@ impl Device {
         let rid = || self.attached().filter(Hwpt::covers_substreams);
         match pasid {
             None => self.attached(),
-            Some(p) => self.pasids.load().get(&p).cloned().or_else(rid),
+            Some(p) => self.pasids.load_full().and_then(|m| m.get(&p).cloned()).or_else(rid),
         }
     }
 
@@ -298,25 +297,26 @@ impl Device {
     /// vm-memory port's).
     #[cfg(feature = "vm-memory")]
     pub(crate) fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
-        self.with_serving(pasid, |h| h.map_or((0, 0), Hwpt::generation))
+        let guard = epoch::pin();
+        self.with_serving(pasid, &guard, |h| h.map_or((0, 0), Hwpt::generation))
     }
 
-    /// Runs `f` on the table serving `pasid`, read through the arc-swap
-    /// guards (no reference taken: this is on every DMA's path).
+    /// Runs `f` on the table serving `pasid`, read under `guard` (no
+    /// reference taken: this is on every DMA's path).
     #[inline]
-    fn with_serving<R>(&self, pasid: Option<u32>, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
-        let Some(p) = pasid else { return f(self.attached.load().as_deref()) };
-        let map = self.pasids.load();
-        if let Some(own) = map.get(&p) {
+    fn with_serving<R>(&self, pasid: Option<u32>, guard: &epoch::Guard, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
+        let Some(p) = pasid else { return f(self.attached.load(guard)) };
+        if let Some(own) = self.pasids.load(guard).and_then(|m| m.get(&p)) {
             return f(Some(own));
         }
-        f(self.attached.load().as_deref().filter(|h| h.covers_substreams()))
+        f(self.attached.load(guard).filter(|h| h.covers_substreams()))
     }
 
     /// Every table the device is attached to, the RID's first.
     pub fn attachments(&self) -> Vec<(Option<u32>, Hwpt)> {
         let rid = self.attached().map(|h| (None, h));
-        rid.into_iter().chain(self.pasids.load().iter().map(|(&p, h)| (Some(p), h.clone()))).collect()
+        let pasids = self.pasids.load_full().unwrap_or_default();
+        rid.into_iter().chain(pasids.iter().map(|(&p, h)| (Some(p), h.clone()))).collect()
     }
 
     /// Whether `pasid` is one this device can issue.
@@ -333,21 +333,19 @@ impl Device {
     /// `set_attached` for one PASID (`None`: the RID).
     pub(crate) fn set_attached_at(&self, pasid: Option<u32>, hwpt: Option<Hwpt>) -> Option<Hwpt> {
         let Some(p) = pasid else { return self.set_attached(hwpt) };
-        let mut map = (**self.pasids.load()).clone();
+        let mut map = self.pasids.load_full().map(|m| (*m).clone()).unwrap_or_default();
         let old = match hwpt {
             Some(h) => map.insert(p, h),
             None => map.remove(&p),
         };
-        self.pasids.store(Arc::new(map));
-        epoch::synchronize();
+        self.pasids.replace(Some(Arc::new(map)));
         old
     }
 
     /// Switches the page table DMA uses and waits for DMA that still uses the
     /// old one, so the old one is unreachable when this returns.
     pub(crate) fn set_attached(&self, hwpt: Option<Hwpt>) -> Option<Hwpt> {
-        let old = self.attached.swap(hwpt.map(Arc::new));
-        epoch::synchronize();
+        let old = self.attached.replace(hwpt.map(Arc::new));
         old.map(|h| (*h).clone())
     }
 
@@ -541,9 +539,9 @@ impl<'a> DmaPort<'a> {
         let pasid = self.pasid;
         // The RID's table without the PASID map: the common case, kept short.
         if pasid.is_none() {
-            return resolve(self.device.attached.load().as_deref(), iova, need, pasid, guard);
+            return resolve(self.device.attached.load(guard), iova, need, pasid, guard);
         }
-        self.device.with_serving(pasid, |hwpt| resolve(hwpt, iova, need, pasid, guard))
+        self.device.with_serving(pasid, guard, |hwpt| resolve(hwpt, iova, need, pasid, guard))
     }
 
     /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI

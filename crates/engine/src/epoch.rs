@@ -443,6 +443,75 @@ pub(crate) fn synchronize() {
     global().synchronize();
 }
 
+/// A shared value readers follow inside a pinned section without touching
+/// its reference count, and writers replace, waiting for those readers
+/// before the old value can go: RCU's publish and retire. It is how a
+/// device's DMA finds its page table with one plain load (an `ArcSwap`
+/// load pays a read-modify-write and a full fence on its fast path).
+pub struct Rcu<T> {
+    ptr: std::sync::atomic::AtomicPtr<T>,
+}
+
+impl<T> Rcu<T> {
+    /// Holds `value` (`None`: nothing).
+    pub fn new(value: Option<std::sync::Arc<T>>) -> Self {
+        Rcu { ptr: std::sync::atomic::AtomicPtr::new(into_raw(value)) }
+    }
+
+    /// The value now, for as long as `guard`'s section lasts.
+    #[inline]
+    pub fn load<'a>(&'a self, _guard: &'a Guard) -> Option<&'a T> {
+        // SAFETY: the pointer came from `Arc::into_raw` (or is null), and a
+        // writer that unpublished it waits for this section (`replace`)
+        // before letting its reference go.
+        unsafe { self.ptr.load(Ordering::Acquire).as_ref() }
+    }
+
+    /// A counted reference to the value now, to keep past a section.
+    pub fn load_full(&self) -> Option<std::sync::Arc<T>> {
+        let _guard = pin();
+        let p = self.ptr.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: `p` is live for this section (as in `load`), so its count
+        // is at least one while it is raised for the new reference.
+        unsafe {
+            std::sync::Arc::increment_strong_count(p);
+            Some(std::sync::Arc::from_raw(p))
+        }
+    }
+
+    /// Publishes `value` and waits until no reader can still see the old
+    /// one, which it returns. Called outside any section.
+    pub fn replace(&self, value: Option<std::sync::Arc<T>>) -> Option<std::sync::Arc<T>> {
+        let old = self.ptr.swap(into_raw(value), Ordering::AcqRel);
+        synchronize();
+        // SAFETY: `old` came from `Arc::into_raw`, and its readers are gone.
+        (!old.is_null()).then(|| unsafe { std::sync::Arc::from_raw(old) })
+    }
+}
+
+fn into_raw<T>(value: Option<std::sync::Arc<T>>) -> *mut T {
+    value.map_or(std::ptr::null_mut(), |v| std::sync::Arc::into_raw(v).cast_mut())
+}
+
+impl<T> Drop for Rcu<T> {
+    fn drop(&mut self) {
+        let p = *self.ptr.get_mut();
+        if !p.is_null() {
+            // SAFETY: the reference `Rcu` held; nobody can load it any more
+            // (`&mut self`), and loads borrowed from `self`.
+            drop(unsafe { std::sync::Arc::from_raw(p) });
+        }
+    }
+}
+
+// SAFETY: it hands out `&T` and `Arc<T>` across threads, as `Arc<T>` does.
+unsafe impl<T: Send + Sync> Send for Rcu<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send + Sync> Sync for Rcu<T> {}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
