@@ -517,7 +517,7 @@ fn page_table_memory(h: &mut Harness) {
 }
 
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP`'s work for 1 GiB of 4 KiB pages, every one
-/// dirty: walk the leaves, clear their dirty bits, fill a bitmap.
+/// dirty: take the leaf tables' dirty bits, fill a bitmap.
 fn dirty_bitmap(h: &mut Harness) {
     const N: u64 = 1 << 18;
     let figure = "dirty bitmap: read and clear 1 GiB of 4 KiB pages, all dirty";
@@ -538,9 +538,13 @@ fn dirty_bitmap(h: &mut Harness) {
     let dirty_all = || (0..N).for_each(|p| assert!(hwpt.domain().mark_dirty(IOVA + p * PAGE)));
     let mut bitmap = vec![0u64; (N / 64) as usize];
     let mut read_and_clear = || {
+        // Runs of dirty pages fill the bitmap a word at a time.
         hwpt.read_and_clear_dirty(range, false, &mut |start, size| {
-            for page in (start - IOVA) / PAGE..(start - IOVA + size) / PAGE {
-                bitmap[(page / 64) as usize] |= 1 << (page % 64);
+            let (mut page, end) = ((start - IOVA) / PAGE, (start - IOVA + size) / PAGE);
+            while page < end {
+                let n = (64 - page % 64).min(end - page);
+                bitmap[(page / 64) as usize] |= (u64::MAX >> (64 - n)) << (page % 64);
+                page += n;
             }
         })
         .unwrap()

@@ -168,7 +168,7 @@ pub struct Domain {
     aperture: IovaRange,
     /// Allocated with dirty tracking support (has Linux's `dirty_ops`).
     dirty_capable: bool,
-    /// Dirty tracking is on: writes set the leaves' dirty bits.
+    /// Dirty tracking is on: writes mark their leaves dirty.
     tracking: AtomicBool,
 }
 
@@ -254,8 +254,9 @@ impl Domain {
         Ok(())
     }
 
-    /// Reports dirty leaves in `range` and, unless `keep`, cleans them; the
-    /// IOTLB forgets them so the next write marks them again.
+    /// Reports dirty leaves in `range`, a run of contiguous ones per
+    /// `record(start, size)`, and, unless `keep`, cleans them; the IOTLB
+    /// forgets them so the next write marks them again.
     pub(crate) fn read_and_clear_dirty(&self, range: IovaRange, keep: bool, record: &mut dyn FnMut(u64, u64)) {
         with_table!(&self.table, pt => pt.read_and_clear_dirty(range.start, range.last, keep, record));
         if !keep {

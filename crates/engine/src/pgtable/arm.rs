@@ -130,6 +130,10 @@ impl Format for ArmS1 {
         leaf_base(addr, level, trust) | S1_ATTR_NORMAL | AP_UNPRIV | rights
     }
 
+    fn tracks_dirty(pte: u64) -> bool {
+        pte & DBM != 0
+    }
+
     fn set_dirty(slot: &AtomicU64) {
         if has_dbm(slot) {
             slot.fetch_and(!AP_RDONLY, Ordering::AcqRel);
@@ -173,6 +177,10 @@ impl Format for ArmS2 {
             pte |= S2AP_WRITE | DBM;
         }
         pte
+    }
+
+    fn tracks_dirty(pte: u64) -> bool {
+        pte & DBM != 0
     }
 
     fn set_dirty(slot: &AtomicU64) {
@@ -317,16 +325,18 @@ mod tests {
     fn tables_ioasid_builds_dirty_and_clean_through_dbm() {
         let pt = PageTable::<ArmS2>::new();
         pt.map(0, 1 << 30, 0x2000, Perm::RW, Trust::Direct, false).unwrap();
+        pt.map(0x2000, 1 << 30, 0x1000, Perm::R, Trust::Direct, false).unwrap();
         let g = crate::epoch::pin();
         let mut dirty = Vec::new();
-        pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, _| dirty.push(a));
-        assert_eq!(dirty, [0, 0x1000], "new writable leaves start dirty");
+        pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, len| dirty.push((a, len)));
+        assert_eq!(dirty, [(0, 0x2000)], "new writable leaves start dirty, read-only ones clean");
         dirty.clear();
-        pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, _| dirty.push(a));
+        pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, len| dirty.push((a, len)));
         assert!(dirty.is_empty());
         assert!(pt.walk(0x1000, &g).unwrap().perm.write, "clean leaves stay writable");
         assert!(pt.set_dirty(0x1000, &g));
-        pt.read_and_clear_dirty(0, u64::MAX, true, &mut |a, _| dirty.push(a));
-        assert_eq!(dirty, [0x1000]);
+        assert!(pt.set_dirty(0x2000, &g), "mapped, but without DBM it records nothing");
+        pt.read_and_clear_dirty(0, u64::MAX, true, &mut |a, len| dirty.push((a, len)));
+        assert_eq!(dirty, [(0x1000, 0x1000)]);
     }
 }

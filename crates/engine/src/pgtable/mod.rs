@@ -7,6 +7,15 @@
 //! writers (map, unmap) are serialised by the owner of the table (the IOAS
 //! lock) and reuse or free tables only after every reader that could see
 //! them is gone (`Spares`).
+//!
+//! Dirty tracking keeps its state beside each table, not in the entries'
+//! dirty bits: one bit per entry in [`DirtyBits`], allocated with the table.
+//! A DMA write sets a bit (a load alone when it is already set), and reading
+//! the dirty log takes 64 leaves per atomic swap, skipping clean words and
+//! tables through a summary word, where walking every leaf entry would cost
+//! an atomic update per page. Everything the dirty log reports is as the
+//! entries' bits would have it: which leaves have a dirty state at all
+//! ([`Format::tracks_dirty`]), and which start dirty when mapped.
 
 pub mod amd;
 pub mod arm;
@@ -14,7 +23,9 @@ pub mod image;
 pub mod mock;
 pub mod x86;
 
+use std::alloc::Layout;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -135,8 +146,15 @@ pub trait Format: Send + Sync + 'static {
     /// through checked copies, marked in a bit the hardware ignores.
     fn leaf(addr: u64, level: u32, perm: Perm, trust: Trust) -> u64;
 
+    /// Whether the leaf `pte` has a dirty state at all: writes to a leaf
+    /// without one leave no trace (Arm: only DBM leaves record writes).
+    fn tracks_dirty(_pte: u64) -> bool {
+        true
+    }
+
     /// Records a write in the leaf at `slot`, as the hardware's dirty
-    /// tracking does.
+    /// tracking does in a table image (ioasid's own tables keep the state
+    /// in [`DirtyBits`] instead).
     fn set_dirty(slot: &AtomicU64) {
         slot.fetch_or(Self::DIRTY, Ordering::AcqRel);
     }
@@ -179,9 +197,139 @@ pub fn pgsize_bitmap<F: Format>() -> u64 {
 #[repr(C, align(4096))]
 struct Table([AtomicU64; ENTRIES]);
 
+/// Words of [`DirtyBits`], 64 entries each.
+const DIRTY_WORDS: usize = ENTRIES / 64;
+
+/// The dirty state of a table's leaves, one bit per entry, kept right after
+/// the table in the same allocation (see [`Table::alloc`]), so a DMA write
+/// allocates nothing. Bit `w` of `summary` is set while word `w` may hold a
+/// set bit: a clean table costs one load to read.
+#[repr(C)]
+struct DirtyBits {
+    words: [AtomicU64; DIRTY_WORDS],
+    summary: AtomicU64,
+}
+
+impl DirtyBits {
+    /// Marks entry `i` dirty, as a DMA write through it does.
+    #[inline]
+    fn mark(&self, i: usize) {
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
+        // Already dirty is the common case: a load, no read-modify-write.
+        if self.words[w].load(Ordering::Relaxed) & bit == 0 {
+            self.words[w].fetch_or(bit, Ordering::AcqRel);
+            // After the word, and a read-modify-write: a reader that
+            // swapped the summary before this either reads the word after
+            // the bit or sees this update (see `dirty_leaves`).
+            self.summary.fetch_or(1 << w, Ordering::AcqRel);
+        }
+    }
+
+    /// Sets the state of entry `i`, for a map or an unmap (writers are
+    /// serialised).
+    fn set(&self, i: usize, dirty: bool) {
+        if dirty {
+            self.mark(i);
+        } else {
+            self.words[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// Whether entry `i` is dirty; cleans it unless `keep`.
+    fn take(&self, i: usize, keep: bool) -> bool {
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
+        if self.words[w].load(Ordering::Acquire) & bit == 0 {
+            false
+        } else {
+            keep || self.words[w].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        }
+    }
+
+    /// Everything clean, for a table taken from the spares (no reader).
+    fn reset(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.summary.store(0, Ordering::Relaxed);
+    }
+}
+
+/// One table's allocation: the table at its start, 4 KiB-aligned as
+/// hardware wants it, then its dirty bits. (With the system allocator a
+/// 4 KiB-aligned table already takes the next page's address space, so
+/// the bits cost no more memory than the table alone did.)
+const NODE: Layout = match Layout::from_size_align(
+    std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>(),
+    std::mem::align_of::<Table>(),
+) {
+    Ok(layout) => layout,
+    Err(_) => panic!("table layout"),
+};
+
+/// The root table of a `PageTable`, owned by it.
+struct RootTable {
+    ptr: NonNull<Table>,
+}
+
+// SAFETY: a `RootTable` owns its allocation like a `Box<Table>` would, and
+// `Table` (atomics only) is `Send` and `Sync`.
+unsafe impl Send for RootTable {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for RootTable {}
+
+impl RootTable {
+    fn new() -> Self {
+        RootTable { ptr: NonNull::new(Table::alloc() as *mut Table).expect("allocated") }
+    }
+}
+
+impl std::ops::Deref for RootTable {
+    type Target = Table;
+
+    fn deref(&self) -> &Table {
+        // SAFETY: the table lives as long as `self`, which owns it.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl Drop for RootTable {
+    fn drop(&mut self) {
+        // SAFETY: made by `Table::alloc`; the page table that owned it is
+        // gone, and with it every reader.
+        unsafe { Table::free(self.ptr.as_ptr() as u64) };
+    }
+}
+
 impl Table {
-    fn new() -> Box<Table> {
-        Box::new(Table(std::array::from_fn(|_| AtomicU64::new(0))))
+    /// A new empty table with clean dirty bits, as an address for entries.
+    fn alloc() -> u64 {
+        // SAFETY: `NODE` has a nonzero size; all-zero bytes are empty
+        // entries and clean bits.
+        let p = unsafe { std::alloc::alloc_zeroed(NODE) };
+        if p.is_null() {
+            std::alloc::handle_alloc_error(NODE);
+        }
+        p as u64
+    }
+
+    /// Frees a table made by `alloc`.
+    ///
+    /// # Safety
+    /// `addr` came from `Table::alloc`, is freed once, and nothing can
+    /// reach the table any more.
+    unsafe fn free(addr: u64) {
+        // SAFETY: per the contract, allocated with this layout.
+        unsafe { std::alloc::dealloc(addr as *mut u8, NODE) }
+    }
+
+    /// The dirty bits of this table's entries.
+    #[inline]
+    fn dirty(&self) -> &DirtyBits {
+        let bits = self as *const Table as usize + std::mem::size_of::<Table>();
+        // SAFETY: every table is made by `Table::alloc`, whose allocation
+        // holds its `DirtyBits` right after the entries, live as long as
+        // the table.
+        unsafe { &*(bits as *const DirtyBits) }
     }
 
     /// Whether no entry is present.
@@ -198,8 +346,7 @@ impl Table {
     #[inline]
     fn child(&self, addr: u64) -> &Table {
         // SAFETY: the one step from an entry to a table. Entries only ever
-        // hold addresses of tables made by `Table::new` and leaked with
-        // `Box::into_raw`. A table stays live while linked; once unlinked
+        // hold addresses of tables made by `Table::alloc`. A table stays live while linked; once unlinked
         // it is reused or freed through the epoch (`Spares`), after every reader
         // that could have seen it, or by `Drop` when nothing borrows the
         // page table. Readers walk inside an epoch guard and writers are
@@ -228,6 +375,8 @@ struct Entries<'t> {
 /// One entry a range touches.
 struct Entry<'t> {
     slot: &'t AtomicU64,
+    /// Its index in the table.
+    index: usize,
     /// The IOVA the entry starts at, and its size.
     start: u64,
     size: u64,
@@ -255,8 +404,8 @@ impl<'t> Iterator for Entries<'t> {
         let size = 1u64 << self.shift;
         let start = self.cur & !(size - 1);
         let last = self.last.min(start + (size - 1));
-        let slot = &self.table.0[((self.cur >> self.shift) as usize) & (ENTRIES - 1)];
-        let entry = Entry { slot, start, size, first: self.cur, last };
+        let index = ((self.cur >> self.shift) as usize) & (ENTRIES - 1);
+        let entry = Entry { slot: &self.table.0[index], index, start, size, first: self.cur, last };
         if last == self.last {
             self.done = true;
         } else {
@@ -292,7 +441,7 @@ pub struct Summary {
 /// IOMMU walks. Walks are lock-free under an epoch guard; `map` and `unmap`
 /// must be serialised by the caller (an IOAS does it under its lock).
 pub struct PageTable<F: Format> {
-    root: Box<Table>,
+    root: RootTable,
     spares: Arc<Spares<F>>,
     _format: PhantomData<F>,
 }
@@ -306,7 +455,7 @@ impl<F: Format> Default for PageTable<F> {
 impl<F: Format> PageTable<F> {
     /// An empty table: a root with nothing present.
     pub fn new() -> Self {
-        PageTable { root: Table::new(), spares: Arc::default(), _format: PhantomData }
+        PageTable { root: RootTable::new(), spares: Arc::default(), _format: PhantomData }
     }
 
     fn max_iova() -> u64 {
@@ -367,39 +516,41 @@ impl<F: Format> PageTable<F> {
         unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard, &self.spares);
     }
 
-    /// Sets the dirty bit of the leaf mapping `iova`, as hardware does on a
-    /// write; false when nothing maps it.
+    /// Marks the leaf mapping `iova` dirty, as hardware does on a write
+    /// (if the leaf has a dirty state); false when nothing maps it.
+    #[inline]
     pub fn set_dirty(&self, iova: u64, _guard: &Guard) -> bool {
-        self.leaf_slot(iova).is_some_and(|slot| {
-            F::set_dirty(slot);
-            true
-        })
-    }
-
-    /// Calls `record(leaf_start, leaf_size)` for every dirty leaf overlapping
-    /// `[first, last]`, clearing the dirty bit unless `keep`.
-    pub fn read_and_clear_dirty(&self, first: u64, last: u64, keep: bool, record: &mut dyn FnMut(u64, u64)) {
-        let last = last.min(Self::max_iova());
-        if first <= last {
-            dirty_level::<F>(&self.root, F::LEVELS - 1, first, last, keep, record);
-        }
-    }
-
-    /// The entry of the leaf that maps `iova`.
-    fn leaf_slot(&self, iova: u64) -> Option<&AtomicU64> {
         if iova > Self::max_iova() {
-            return None;
+            return false;
         }
         let mut table: &Table = &self.root;
         for level in (0..F::LEVELS).rev() {
-            let slot = &table.0[Table::index::<F>(iova, level)];
-            match F::decode(slot.load(Ordering::Acquire), level) {
-                Pte::None => return None,
-                Pte::Leaf { .. } => return Some(slot),
+            let i = Table::index::<F>(iova, level);
+            let pte = table.0[i].load(Ordering::Acquire);
+            match F::decode(pte, level) {
+                Pte::None => return false,
+                Pte::Leaf { .. } => {
+                    if F::tracks_dirty(pte) {
+                        table.dirty().mark(i);
+                    }
+                    return true;
+                }
                 Pte::Table(next) => table = table.child(next),
             }
         }
-        None
+        false
+    }
+
+    /// Calls `record(start, size)` for every run of contiguous dirty leaves
+    /// overlapping `[first, last]` (whole leaves, so a run may reach
+    /// outside it), cleaning them unless `keep`.
+    pub fn read_and_clear_dirty(&self, first: u64, last: u64, keep: bool, record: &mut dyn FnMut(u64, u64)) {
+        let last = last.min(Self::max_iova());
+        if first <= last {
+            let mut runs = Runs { start: 0, len: 0, record };
+            dirty_level::<F>(&self.root, F::LEVELS - 1, first, last, keep, &mut runs);
+            runs.flush();
+        }
     }
 
     /// Number of tables and leaves at each level.
@@ -429,7 +580,9 @@ impl MapOp {
                 && host & (e.size - 1) == 0;
             let existing = F::decode(e.slot.load(Ordering::Relaxed), level);
             if leaf_ok && existing == Pte::None {
-                e.slot.store(F::leaf(host, level, self.perm, self.trust), Ordering::Release);
+                let pte = F::leaf(host, level, self.perm, self.trust);
+                table.dirty().set(e.index, starts_dirty::<F>(pte, level));
+                e.slot.store(pte, Ordering::Release);
                 continue;
             }
             let child = match existing {
@@ -452,18 +605,24 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
     for e in table.entries::<F>(level, first, last) {
         match F::decode(e.slot.load(Ordering::Relaxed), level) {
             Pte::None => {}
-            Pte::Leaf { .. } if e.whole() => e.slot.store(0, Ordering::Release),
+            Pte::Leaf { .. } if e.whole() => {
+                e.slot.store(0, Ordering::Release);
+                table.dirty().set(e.index, false);
+            }
             Pte::Leaf { addr, perm, trust, .. } => {
                 // A partial unmap of a huge leaf: replace it by a table of
-                // next-level leaves covering the same memory, then unmap there.
-                let t = Table::new();
-                let sub = 1u64 << F::level_shift(level - 1);
-                for (i, s) in t.0.iter().enumerate() {
-                    s.store(F::leaf(addr + i as u64 * sub, level - 1, perm, trust), Ordering::Relaxed);
-                }
-                let t = Box::into_raw(t) as u64;
-                e.slot.store(F::table(t, level), Ordering::Release);
+                // next-level leaves covering the same memory, then unmap
+                // there. They start as new leaves do.
+                let t = Table::alloc();
                 let child = table.child(t);
+                let sub = 1u64 << F::level_shift(level - 1);
+                for (i, s) in child.0.iter().enumerate() {
+                    let pte = F::leaf(addr + i as u64 * sub, level - 1, perm, trust);
+                    child.dirty().set(i, starts_dirty::<F>(pte, level - 1));
+                    s.store(pte, Ordering::Relaxed);
+                }
+                table.dirty().set(e.index, false);
+                e.slot.store(F::table(t, level), Ordering::Release);
                 unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
                 if child.is_empty() {
                     e.slot.store(0, Ordering::Release);
@@ -569,7 +728,7 @@ impl<F: Format> Spares<F> {
         let mut list = self.list.lock();
         let Some(r) = list.retired.pop() else {
             drop(list);
-            return Box::into_raw(Table::new()) as u64;
+            return Table::alloc();
         };
         list.cost -= r.kept_cost().expect("only kept subtrees are listed");
         // SAFETY: a retired table is unreachable by any reader and owned by
@@ -587,6 +746,7 @@ impl<F: Format> Spares<F> {
                 e.store(0, Ordering::Relaxed);
             }
         }
+        t.dirty().reset();
         r.table as u64
     }
 }
@@ -595,9 +755,9 @@ impl Retired {
     fn free<F: Format>(self) {
         if self.clean {
             // SAFETY: as `free_tree`; a clean table has nothing below it.
-            drop(unsafe { Box::from_raw(self.table as *mut Table) });
+            unsafe { Table::free(self.table as u64) };
         } else {
-            free_tree::<F>(self.table as *mut Table, self.level);
+            free_tree::<F>(self.table as u64, self.level);
         }
     }
 }
@@ -611,39 +771,111 @@ impl<F: Format> Drop for Spares<F> {
 }
 
 /// Frees a detached table and every table below it.
-fn free_tree<F: Format>(table: *mut Table, level: u32) {
+fn free_tree<F: Format>(table: u64, level: u32) {
     // SAFETY: the caller passes a table that is unreachable by any reader and
-    // was created by `Box::into_raw`.
-    let t = unsafe { Box::from_raw(table) };
+    // was made by `Table::alloc`; it is freed below, after this borrow.
+    let t = unsafe { &*(table as *const Table) };
     if level > 0 {
         for e in t.0.iter() {
             if let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), level) {
-                free_tree::<F>(next as *mut Table, level - 1);
+                free_tree::<F>(next, level - 1);
             }
+        }
+    }
+    // SAFETY: as above; nothing borrows it any more.
+    unsafe { Table::free(table) };
+}
+
+/// Whether a leaf `pte` just made at `level` is dirty, as its entry says:
+/// Arm's writable leaves start dirty, as Linux makes them.
+fn starts_dirty<F: Format>(pte: u64, level: u32) -> bool {
+    matches!(F::decode(pte, level), Pte::Leaf { dirty: true, .. })
+}
+
+/// Dirty leaves found by a read, merged into runs of contiguous IOVA
+/// before they are handed on.
+struct Runs<'r> {
+    start: u64,
+    len: u64,
+    record: &'r mut dyn FnMut(u64, u64),
+}
+
+impl Runs<'_> {
+    #[inline]
+    fn push(&mut self, start: u64, len: u64) {
+        if self.len != 0 && self.start + self.len == start {
+            self.len += len;
+        } else {
+            self.flush();
+            self.start = start;
+            self.len = len;
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len != 0 {
+            (self.record)(self.start, self.len);
+            self.len = 0;
         }
     }
 }
 
-fn dirty_level<F: Format>(
-    table: &Table,
-    level: u32,
-    first: u64,
-    last: u64,
-    keep: bool,
-    record: &mut dyn FnMut(u64, u64),
-) {
+fn dirty_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, keep: bool, runs: &mut Runs<'_>) {
+    if level == 0 {
+        return dirty_leaves::<F>(table, first, last, keep, runs);
+    }
     for e in table.entries::<F>(level, first, last) {
         match F::decode(e.slot.load(Ordering::Acquire), level) {
             Pte::None => {}
-            Pte::Leaf { dirty, .. } => {
-                if dirty {
-                    if !keep {
-                        F::clear_dirty(e.slot);
-                    }
-                    record(e.start, e.size);
+            Pte::Leaf { .. } => {
+                if table.dirty().take(e.index, keep) {
+                    runs.push(e.start, e.size);
                 }
             }
-            Pte::Table(next) => dirty_level::<F>(table.child(next), level - 1, e.first, e.last, keep, record),
+            Pte::Table(next) => dirty_level::<F>(table.child(next), level - 1, e.first, e.last, keep, runs),
+        }
+    }
+}
+
+/// The dirty leaves of a level-0 table within `[first, last]`, 64 at a
+/// time. Only leaves have their bits set there, so the entries are not read.
+fn dirty_leaves<F: Format>(table: &Table, first: u64, last: u64, keep: bool, runs: &mut Runs<'_>) {
+    let bits = table.dirty();
+    let (i0, i1) = (Table::index::<F>(first, 0), Table::index::<F>(last, 0));
+    let whole = i0 == 0 && i1 == ENTRIES - 1;
+    // Swapped before the words: a write that sets a bit after its word was
+    // read sets the summary again (`DirtyBits::mark`). A partial read
+    // leaves the summary as it is; a set bit for a clean word only costs
+    // a later read one load.
+    let summary =
+        if whole && !keep { bits.summary.swap(0, Ordering::AcqRel) } else { bits.summary.load(Ordering::Acquire) };
+    let page = 1u64 << F::PAGE_SHIFT;
+    let table_start = first & !((page << STRIDE) - 1);
+    for w in i0 / 64..=i1 / 64 {
+        if summary & (1 << w) == 0 {
+            continue;
+        }
+        let lo = i0.max(w * 64) - w * 64;
+        let hi = i1.min(w * 64 + 63) - w * 64;
+        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        let word = &bits.words[w];
+        let mut v = word.load(Ordering::Acquire) & mask;
+        if v == 0 {
+            continue;
+        }
+        if !keep {
+            v = if mask == u64::MAX {
+                word.swap(0, Ordering::AcqRel)
+            } else {
+                word.fetch_and(!mask, Ordering::AcqRel) & mask
+            };
+        }
+        let base = table_start + (w as u64 * 64) * page;
+        while v != 0 {
+            let at = v.trailing_zeros();
+            let n = (v >> at).trailing_ones();
+            runs.push(base + u64::from(at) * page, u64::from(n) * page);
+            v &= !((u64::MAX >> (64 - n)) << at);
         }
     }
 }
@@ -663,7 +895,7 @@ impl<F: Format> Drop for PageTable<F> {
     fn drop(&mut self) {
         for e in self.root.0.iter() {
             if let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), F::LEVELS - 1) {
-                free_tree::<F>(next as *mut Table, F::LEVELS - 2);
+                free_tree::<F>(next, F::LEVELS - 2);
             }
         }
     }
