@@ -5,6 +5,11 @@
 //! every pointer field is aimed into a sandbox region and the dispatcher
 //! sees a user memory that is only that region.
 //!
+//! The VFIO device files of two declared PCI functions (the endpoint test
+//! function behind VT-d and, with PASIDs, behind SMMUv3) take their ioctls
+//! and region reads and writes the same way; the bind names the first
+//! context's descriptor.
+//!
 //! Each run starts from objects worth reaching (a device with PRI behind a
 //! fault queue, a vIOMMU with a vEVENTQ and a vDEVICE, IOASID sets with
 //! PASIDs), and checks what no command may break: a third context's PASID,
@@ -18,6 +23,8 @@ use ioasid_abi::ext::*;
 use ioasid_abi::files::{self, File};
 use ioasid_abi::selftest::IOMMU_TEST_CMD;
 use ioasid_abi::uapi::*;
+use ioasid_abi::vfio::declared::{self, DeviceSpec};
+use ioasid_abi::vfio::device::*;
 use ioasid_abi::vfio::*;
 use ioasid_abi::{Errno, InProcess, UserMemory, ioctl};
 use ioasid_engine::ioasid_set::global;
@@ -117,6 +124,21 @@ const REQUESTS: &[u32] = &[
     IOASID_VDEVICE_DETACH_PASID,
 ];
 
+/// The VFIO device file's ioctls (and one it does not know).
+const DEVICE_REQUESTS: &[u32] = &[
+    VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    VFIO_DEVICE_GET_INFO,
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DEVICE_GET_IRQ_INFO,
+    VFIO_DEVICE_SET_IRQS,
+    VFIO_DEVICE_RESET,
+    VFIO_DEVICE_FEATURE,
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+    VFIO_GET_API_VERSION,
+];
+
 /// What a command does besides an ioctl: the queue fds' file operations,
 /// and a device's DMA (which is what puts records in those queues).
 #[derive(Clone, Copy)]
@@ -125,9 +147,12 @@ enum FileOp {
     FaultWrite,
     VeventqRead,
     Dma,
+    RegionRead,
+    RegionWrite,
 }
 
-const FILE_OPS: &[FileOp] = &[FileOp::FaultRead, FileOp::FaultWrite, FileOp::VeventqRead, FileOp::Dma];
+const FILE_OPS: &[FileOp] =
+    &[FileOp::FaultRead, FileOp::FaultWrite, FileOp::VeventqRead, FileOp::Dma, FileOp::RegionRead, FileOp::RegionWrite];
 
 /// Where the out_pasid of the commands that allocate PASIDs is.
 fn out_pasid(request: u32) -> Option<usize> {
@@ -207,7 +232,14 @@ fn queue_files(fault: bool) -> Vec<File> {
 }
 
 /// One file operation; `arg` carries its operands.
-fn file_op(op: FileOp, arg: &[u8], sandbox: &HostBuffer, mem: &Sandbox, devices: &[Arc<Device>; 2]) {
+fn file_op(
+    op: FileOp,
+    arg: &[u8],
+    sandbox: &HostBuffer,
+    mem: &Sandbox,
+    devices: &[Arc<Device>; 2],
+    vfio: &[DeviceFile; 2],
+) {
     let pick = arg[0] as usize;
     let buf = sandbox.addr() + read_u64(arg, 8) % SANDBOX as u64;
     let count = read_u64(arg, 16) as usize;
@@ -243,7 +275,30 @@ fn file_op(op: FileOp, arg: &[u8], sandbox: &HostBuffer, mem: &Sandbox, devices:
                 _ => {}
             }
         }
+        FileOp::RegionRead | FileOp::RegionWrite => {
+            // Mostly real regions (index below 10), at any offset in them.
+            let offset = (u64::from(arg[3] % 10) << 40 | read_u64(arg, 24) % (1 << 21)) as i64;
+            let count = count % 8192;
+            let file = &vfio[pick % 2];
+            if let FileOp::RegionRead = op {
+                let _ = file.read(mem, buf, count, offset);
+            } else {
+                let _ = file.write(mem, buf, count, offset);
+            }
+        }
     }
+}
+
+/// The declared functions, once per process (the list is fixed once made).
+fn declare_devices() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let specs = DeviceSpec::parse_list(
+            "pci-epf-test,bdf=0000:01:00.0,iommu=vtd;pci-epf-test,bdf=0000:02:00.0,iommu=smmuv3,pasid=8",
+        )
+        .unwrap();
+        declared::declare(specs).unwrap();
+    });
 }
 
 /// Byte offsets of the fields that hold user pointers, per request (and,
@@ -258,6 +313,7 @@ fn pointer_fields(request: u32) -> &'static [usize] {
         IOMMU_HWPT_INVALIDATE => &[8],
         IOMMU_TEST_CMD => &[16, 24, 32, 40, 48, 56],
         VFIO_IOMMU_MAP_DMA => &[8],
+        VFIO_DEVICE_BIND_IOMMUFD => &[16],
         _ => &[],
     }
 }
@@ -278,6 +334,12 @@ fuzz_target!(|data: &[u8]| {
     let mut allocated = Vec::new();
     // SAFETY: memfd_create with a valid name; the fd is this harness's.
     let memfd = unsafe { libc::memfd_create(c"ioasid-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    // The first context behind a descriptor, for the VFIO bind to name.
+    // SAFETY: as above.
+    let iommufd = unsafe { libc::memfd_create(c"ioasid-fuzz-iommufd".as_ptr(), libc::MFD_CLOEXEC) };
+    files::insert(iommufd, File::Iommufd(contexts[0].clone()));
+    declare_devices();
+    let vfio = [DeviceFile::open_cdev(declared::all()[0].clone()), DeviceFile::open_cdev(declared::all()[1].clone())];
     // SAFETY: sizing the memfd just created.
     unsafe { libc::ftruncate(memfd, 1 << 16) };
 
@@ -286,11 +348,24 @@ fuzz_target!(|data: &[u8]| {
     for cmd in data.chunks(81).take(32) {
         let (&pick, body) = cmd.split_first().expect("chunks are never empty");
         let ctx = &contexts[usize::from(pick >> 7)];
-        let which = usize::from(pick & 0x7f) % (REQUESTS.len() + FILE_OPS.len());
+        let which = usize::from(pick & 0x7f) % (REQUESTS.len() + FILE_OPS.len() + DEVICE_REQUESTS.len());
         let mut arg = [0u8; 96];
         arg[..body.len()].copy_from_slice(body);
+        if let Some(&request) = which.checked_sub(REQUESTS.len() + FILE_OPS.len()).and_then(|i| DEVICE_REQUESTS.get(i))
+        {
+            for &at in pointer_fields(request) {
+                let aimed = sandbox.addr() + read_u64(&arg, at) % (SANDBOX as u64 - 4096);
+                arg[at..at + 8].copy_from_slice(&aimed.to_ne_bytes());
+            }
+            if request == VFIO_DEVICE_BIND_IOMMUFD && arg[8] & 1 == 0 {
+                arg[8..12].copy_from_slice(&iommufd.to_ne_bytes());
+            }
+            sandbox.write_at(0, &arg);
+            let _ = vfio[usize::from(pick >> 7)].ioctl(&mem, request, sandbox.addr());
+            continue;
+        }
         let Some(&request) = REQUESTS.get(which) else {
-            file_op(FILE_OPS[which - REQUESTS.len()], &arg, &sandbox, &mem, &devices);
+            file_op(FILE_OPS[which - REQUESTS.len()], &arg, &sandbox, &mem, &devices, &vfio);
             continue;
         };
         for &at in pointer_fields(request) {
@@ -334,6 +409,10 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Close what the run opened, as a program's exit would.
+    drop(vfio);
+    files::remove(iommufd);
+    // SAFETY: the descriptor opened above.
+    unsafe { libc::close(iommufd) };
     for fd in files::fds() {
         if !before.contains(&fd) {
             files::remove(fd);
