@@ -331,6 +331,84 @@ int main(void) {
 }
 "#;
 
+const PRI: &str = r#"
+struct hwpt_alloc { uint32_t size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len; uint64_t data_uptr; uint32_t fault_id, reserved2; };
+struct fault_alloc { uint32_t size, flags, out_fault_id, out_fault_fd; };
+struct pgfault { uint32_t flags, dev_id, pasid, grpid, perm, reserved; uint64_t addr; uint32_t length, cookie; };
+struct response { uint32_t cookie, code; };
+
+int main(void) {
+    int iommufd = open("/dev/iommu", O_RDWR);
+    int dev = open("/dev/vfio/devices/vfio0", O_RDWR);
+    struct bind b = { sizeof(b), 0, iommufd };
+    CHECK(ioctl(dev, VFIO(18), &b) == 0);
+    struct ioas_alloc a = { sizeof(a) };
+    CHECK(ioctl(iommufd, IOMMUFD(0x81), &a) == 0);
+    struct fault_alloc fa = { sizeof(fa) };
+    CHECK(ioctl(iommufd, IOMMUFD(0x8e), &fa) == 0);
+    /* a PASID-capable table that reports faults to the queue */
+    struct hwpt_alloc h = { sizeof(h), (1 << 2) | (1 << 3), b.out_devid, a.out_ioas_id };
+    h.fault_id = fa.out_fault_id;
+    CHECK(ioctl(iommufd, IOMMUFD(0x89), &h) == 0);
+    struct attach ap = { sizeof(ap), 1, h.out_hwpt_id, 7 };
+    CHECK(ioctl(dev, VFIO(19), &ap) == 0);
+    CHECK(reg_write(dev, 0x40, (1u << 31) | 7) == 0);
+    int msi = eventfd(0, EFD_CLOEXEC);
+    struct irq_set s = { sizeof(s), (1 << 2) | (1 << 5), 1, 0, 1, { msi } };
+    CHECK(ioctl(dev, VFIO(10), &s) == 0);
+
+    /* the source is mapped, the destination not yet */
+    size_t len = 1 << 16;
+    uint8_t *src = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    uint8_t *dst = mmap(0, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(src, 0x77, len);
+    struct ioas_map m = { sizeof(m), 1 | 2 | 4, a.out_ioas_id, 0, (uintptr_t)src, len, 0x100000 };
+    CHECK(ioctl(iommufd, IOMMUFD(0x85), &m) == 0);
+    reg_write(dev, 0x0c, 0x100000); reg_write(dev, 0x10, 0);
+    reg_write(dev, 0x14, 0x400000); reg_write(dev, 0x18, 0);
+    reg_write(dev, 0x1c, 8192);
+    reg_write(dev, 0x24, 1); reg_write(dev, 0x28, 1);
+    reg_write(dev, 0x08, 0);
+    reg_write(dev, 0x04, 1 << 5); /* COPY: the doorbell returns at once */
+
+    /* page requests arrive; the handler maps the destination and answers */
+    int answered = 0, mapped = 0;
+    while (answered < 16) {
+        struct pollfd p[2] = { { fa.out_fault_fd, POLLIN }, { msi, POLLIN } };
+        CHECK(poll(p, 2, 5000) > 0);
+        if (p[1].revents) break;
+        struct pgfault f[8];
+        ssize_t n = read(fa.out_fault_fd, f, sizeof(f));
+        CHECK(n > 0 && n % sizeof(f[0]) == 0);
+        for (int i = 0; i < n / (ssize_t)sizeof(f[0]); i++) {
+            CHECK(f[i].pasid == 7 && f[i].dev_id == b.out_devid && (f[i].addr & ~0xfffULL) >= 0x400000);
+            if (!mapped) {
+                struct ioas_map md = { sizeof(md), 1 | 2 | 4, a.out_ioas_id, 0, (uintptr_t)dst, len, 0x400000 };
+                CHECK(ioctl(iommufd, IOMMUFD(0x85), &md) == 0);
+                mapped = 1;
+            }
+            if (f[i].flags & 2 /* LAST_PAGE */) {
+                struct response r = { f[i].cookie, 0 /* SUCCESS */ };
+                CHECK(write(fa.out_fault_fd, &r, sizeof(r)) == sizeof(r));
+                answered++;
+            }
+        }
+    }
+    CHECK(mapped);
+    struct pollfd p = { msi, POLLIN };
+    CHECK(poll(&p, 1, 5000) == 1);
+    CHECK(reg_read(dev, 0x08) & (1 << 4)); /* COPY_SUCCESS */
+    CHECK(dst[0] == 0x77 && dst[8191] == 0x77 && dst[8192] == 0);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn a_pri_function_s_dma_waits_for_the_page_its_program_maps_on_request() {
+    run_c_devices("vfio-pri", &format!("{COMMON}{PRI}"), &[], &["pci-epf-test,iommu=vtd,pasid=8,pri=on"]);
+}
+
 #[test]
 fn nesting_viommu_and_pasids_are_reachable_through_vfio_devices() {
     run_c_devices(
