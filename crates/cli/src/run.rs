@@ -4,6 +4,7 @@
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use ioasid_abi::vfio::declared::{self, DeviceSpec};
 use ioasid_abi::vfio::sysfs;
@@ -66,20 +67,45 @@ pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::
     sysfs::write_tree(&tree.0, declared::all()).map_err(|e| format!("cannot write the devices' sysfs tree: {e}"))?;
     cmd.env(declared::ENV, list.join(";")).env(sysfs::ENV, &tree.0);
     let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", command[0].to_string_lossy()))?;
+    CHILD.store(child.id() as i32, Ordering::Relaxed);
     // The terminal's interrupt reaches the program (same process group);
-    // this process waits for it to end rather than leave the tree behind.
-    // SAFETY: ignoring SIGINT and SIGQUIT in this process only.
+    // a termination sent to this process alone (`timeout`, `kill`) is passed
+    // on. Either way this process waits for the program to end rather than
+    // leave the tree behind.
+    // SAFETY: ignoring SIGINT and SIGQUIT, and `forward` (which only calls
+    // the async-signal-safe `kill`) for the termination signals, in this
+    // process only.
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::signal(sig, forward as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
     }
-    let status = child.wait()?;
+    let status = loop {
+        match child.wait() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => break other?,
+        }
+    };
     drop(tree);
     if let Some(code) = status.code() {
         std::process::exit(code);
     }
     let signal = std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(libc::SIGKILL);
     std::process::exit(128 + signal);
+}
+
+/// The program `run` waits for, for `forward`.
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+/// Passes a signal sent to `ioasid run` on to the program.
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
 }
 
 /// The run's sysfs tree, removed when dropped.

@@ -428,3 +428,29 @@ fn a_vmm_binds_the_cdev_to_iommufd_and_its_dma_goes_through_the_ioas() {
 fn a_type1_program_reaches_the_device_through_its_group_and_container() {
     run_c_devices("vfio-group", &format!("{COMMON}{GROUP}"), &[], &["pci-epf-test"]);
 }
+
+/// `ioasid run --device` stays to remove the run's sysfs tree; a
+/// termination sent to it (as `timeout` sends one) reaches the program,
+/// and the run ends as the program did, leaving nothing behind.
+#[test]
+fn a_terminated_run_passes_the_signal_on_and_removes_its_tree() {
+    common::build_shim();
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_ioasid"))
+        .args(["run", "--device", "pci-epf-test", "--", "sleep", "30"])
+        .env("IOASID_PRELOAD", common::target_dir().join("libioasid_preload.so"))
+        .spawn()
+        .unwrap();
+    let tree = std::env::temp_dir().join(format!("ioasid-sysfs-{}", run.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tree.join("bus/pci/devices/0000:01:00.0").exists() {
+        assert!(std::time::Instant::now() < deadline, "no sysfs tree at {}", tree.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let started = std::time::Instant::now();
+    // SAFETY: signalling the child just spawned.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let status = run.wait().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "the program did not get the signal");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(!tree.exists(), "the run left {} behind", tree.display());
+}
