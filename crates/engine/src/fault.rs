@@ -4,27 +4,57 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-/// How long a waiter spins before it sleeps: a handler that answers at
+/// The longest a waiter spins before it sleeps: a handler that answers at
 /// once is heard in microseconds instead of two thread wake-ups.
 const SPIN: Duration = Duration::from_micros(50);
+/// The shortest: spinning is not worth more when answers keep missing it.
+const MIN_SPIN: Duration = Duration::from_micros(2);
+/// Rounds of busy checks before a spinning waiter yields between checks.
+const BUSY_ROUNDS: u32 = 4;
 
-/// Spins up to `SPIN` until `done()`.
-fn spin_until(done: impl Fn() -> bool) -> bool {
+/// How long spinning pays, learnt from the last waits (in nanoseconds),
+/// one for devices waiting on answers and one for readers waiting on
+/// requests. A spin only pays when the thread that will answer runs on
+/// another CPU; when it shares this one (a loaded machine), every spin
+/// runs to its end and only delays that thread. So a wait the spin missed
+/// halves the next spin, and one it caught doubles it, up to `SPIN`.
+static ANSWER_SPIN: AtomicU64 = AtomicU64::new(SPIN.as_nanos() as u64);
+static REQUEST_SPIN: AtomicU64 = AtomicU64::new(SPIN.as_nanos() as u64);
+
+/// Spins for up to the budget in `spin` until `done()`, and adapts it.
+fn spin_until(spin: &AtomicU64, done: impl Fn() -> bool) -> bool {
+    let budget = spin.load(Ordering::Relaxed);
     let start = Instant::now();
-    while start.elapsed() < SPIN {
-        for _ in 0..64 {
-            if done() {
-                return true;
+    let caught = 'spin: {
+        let mut round = 0;
+        while (start.elapsed().as_nanos() as u64) < budget {
+            for _ in 0..64 {
+                if done() {
+                    break 'spin true;
+                }
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
+            // Past the first rounds, yield between checks: a thread that
+            // shares this CPU and is about to answer runs now, and finds
+            // this one awake, with no wake-up to pay.
+            round += 1;
+            if round > BUSY_ROUNDS {
+                std::thread::yield_now();
+            }
         }
+        done()
+    };
+    let next =
+        if caught { (budget * 2).min(SPIN.as_nanos() as u64) } else { (budget / 2).max(MIN_SPIN.as_nanos() as u64) };
+    if next != budget {
+        spin.store(next, Ordering::Relaxed);
     }
-    done()
+    caught
 }
 
 use crate::error::{Error, Result};
@@ -111,20 +141,34 @@ impl Group {
     }
 }
 
+/// The answer bits of [`Waiter::state`]: 0 until answered, then
+/// `SUCCESS` or `INVALID`.
+const ANSWER: u8 = 0b11;
+const SUCCESS: u8 = 1;
+const INVALID: u8 = 2;
+/// Set in [`Waiter::state`] by a waiter about to sleep, under its lock: the
+/// answer then takes the lock and wakes it. Unset, answering is one atomic
+/// operation, so a handler answering a batch pays no lock per group.
+const SLEEPING: u8 = 1 << 2;
+
 /// A device's wait for the answer to its page request group.
 #[derive(Debug, Default)]
 pub struct Waiter {
-    /// 0 until answered, then 1 (success) or 2 (invalid); the first answer wins.
-    answer: AtomicU8,
+    /// The answer (the first one wins) and whether anyone sleeps on it.
+    state: AtomicU8,
     lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl Waiter {
     fn set(&self, r: Response) {
-        let v = if r == Response::Success { 1 } else { 2 };
-        if self.answer.compare_exchange(0, v, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // Taking the lock orders this after a sleeper's last check.
+        let v = if r == Response::Success { SUCCESS } else { INVALID };
+        let prev = self.state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| (s & ANSWER == 0).then_some(s | v));
+        if let Ok(prev) = prev
+            && prev & SLEEPING != 0
+        {
+            // The sleeper marked itself under the lock and holds it until it
+            // sleeps: taking it here orders the wake after that.
             let _g = self.lock.lock();
             self.cv.notify_all();
         }
@@ -132,9 +176,9 @@ impl Waiter {
 
     /// The answer, if one came.
     pub fn answered(&self) -> Option<Response> {
-        match self.answer.load(Ordering::Acquire) {
+        match self.state.load(Ordering::Acquire) & ANSWER {
             0 => None,
-            1 => Some(Response::Success),
+            SUCCESS => Some(Response::Success),
             _ => Some(Response::Invalid),
         }
     }
@@ -150,11 +194,11 @@ impl Waiter {
 
     /// The answer, if it came within `timeout`: spins briefly, then sleeps.
     pub fn wait_for(&self, timeout: Duration) -> Option<Response> {
-        if spin_until(|| self.answered().is_some()) {
+        if spin_until(&ANSWER_SPIN, || self.answered().is_some()) {
             return self.answered();
         }
         let mut g = self.lock.lock();
-        self.cv.wait_while_for(&mut g, |_| self.answered().is_none(), timeout);
+        self.cv.wait_while_for(&mut g, |_| self.state.fetch_or(SLEEPING, Ordering::AcqRel) & ANSWER == 0, timeout);
         self.answered()
     }
 }
@@ -169,16 +213,86 @@ pub enum Response {
     Invalid,
 }
 
-#[derive(Default)]
 struct Queue {
     /// Reported, not yet read.
     deliver: VecDeque<Group>,
     /// Read, awaiting a response, by cookie.
     pending: BTreeMap<u32, Group>,
+    /// No cookie below it is free: where the search for the lowest free
+    /// one starts, so a handler answering as it reads does not rescan the
+    /// cookies it holds.
+    free_from: u32,
     /// Groups answered without their owner (detach, close), and requests
     /// refused because the queue was full: nothing is lost silently.
     auto_answered: u64,
     dropped: u64,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue { deliver: VecDeque::new(), pending: BTreeMap::new(), free_from: 1, auto_answered: 0, dropped: 0 }
+    }
+}
+
+impl Queue {
+    /// The lowest free cookie, from 1, as Linux allocates them.
+    fn cookie(&mut self) -> u32 {
+        let mut c = self.free_from;
+        for &taken in self.pending.range(c..).map(|(k, _)| k) {
+            if taken != c {
+                break;
+            }
+            c = c.checked_add(1).expect("cookies left");
+        }
+        self.free_from = c;
+        c
+    }
+
+    fn pend(&mut self, cookie: u32, group: Group) {
+        self.pending.insert(cookie, group);
+        if cookie == self.free_from {
+            self.free_from += 1;
+        }
+    }
+
+    fn unpend(&mut self, cookie: u32) -> Option<Group> {
+        let g = self.pending.remove(&cookie)?;
+        self.free_from = self.free_from.min(cookie);
+        Some(g)
+    }
+
+    /// Takes whole groups, in order, while their requests fit in `max`
+    /// records, giving each a cookie. `EINVAL` when not even the first fits.
+    fn take(&mut self, max: usize) -> Result<Vec<(u32, Group)>> {
+        let mut out = Vec::new();
+        let mut used = 0;
+        while let Some(g) = self.deliver.front() {
+            if used + g.requests.len() > max {
+                if out.is_empty() {
+                    return Err(Error::Invalid("buffer too small for the next fault group"));
+                }
+                break;
+            }
+            let g = self.deliver.pop_front().expect("front exists");
+            used += g.requests.len();
+            let cookie = self.cookie();
+            self.pend(cookie, g.clone());
+            out.push((cookie, g));
+        }
+        Ok(out)
+    }
+}
+
+/// A value alone on its cache line (two lines: adjacent-line prefetch).
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// Told whether groups are waiting to be read (an fd's readiness).
@@ -197,7 +311,9 @@ pub const QUEUE_LIMIT: usize = 4096;
 pub struct FaultQueue {
     queue: Mutex<Queue>,
     /// Groups not yet read, readable without the lock (readers spin on it).
-    unread: AtomicUsize,
+    /// On a cache line of its own: a reader spinning on it would otherwise
+    /// pull the lock's line from under every report.
+    unread: Padded<AtomicUsize>,
     /// Wakes readers that block in `next`.
     arrived: Condvar,
     notifier: Mutex<Option<Notifier>>,
@@ -248,49 +364,41 @@ impl FaultQueue {
     /// Blocks up to `timeout` for a group and reads it (for handlers that
     /// live in the same program, without a file descriptor).
     pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
-        spin_until(|| self.unread.load(Ordering::Acquire) > 0);
+        spin_until(&REQUEST_SPIN, || self.unread.load(Ordering::Acquire) > 0);
         let mut q = self.queue();
         self.arrived.wait_while_for(&mut q, |q| q.deliver.is_empty(), timeout);
         // Exactly one group: as many records as its first one holds.
         let first = q.deliver.front()?.requests.len();
-        drop(q);
-        self.read(first).ok()?.into_iter().next()
+        let got = q.take(first).ok()?.pop();
+        self.taken(q, got.is_some());
+        got
     }
 
     /// Takes whole groups, in order, while their requests fit in `max`
     /// records, giving each a cookie. `EINVAL` when not even the first fits.
     pub fn read(&self, max: usize) -> Result<Vec<(u32, Group)>> {
         let mut q = self.queue();
-        let mut out = Vec::new();
-        let mut used = 0;
-        while let Some(g) = q.deliver.front() {
-            if used + g.requests.len() > max {
-                if out.is_empty() {
-                    return Err(Error::Invalid("buffer too small for the next fault group"));
-                }
-                break;
-            }
-            let g = q.deliver.pop_front().expect("front exists");
-            used += g.requests.len();
-            // The lowest free cookie, from 1, as Linux allocates them.
-            let cookie = (1..).find(|c| !q.pending.contains_key(c)).expect("cookies left");
-            q.pending.insert(cookie, g.clone());
-            out.push((cookie, g));
-        }
+        let out = q.take(max)?;
+        self.taken(q, !out.is_empty());
+        Ok(out)
+    }
+
+    /// After groups were taken from `q` (`any`): publishes what is left
+    /// unread, and tells the notifier when nothing is.
+    fn taken(&self, q: MutexGuard<'_, Queue>, any: bool) {
         let empty = q.deliver.is_empty();
         self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
-        if empty && !out.is_empty() {
+        if empty && any {
             self.notify(false);
         }
-        Ok(out)
     }
 
     /// Puts groups whose delivery failed back at the head of the queue.
     pub fn unread(&self, cookies: &[u32]) {
         let mut q = self.queue();
         for c in cookies.iter().rev() {
-            if let Some(g) = q.pending.remove(c) {
+            if let Some(g) = q.unpend(*c) {
                 q.deliver.push_front(g);
             }
         }
@@ -304,7 +412,7 @@ impl FaultQueue {
 
     /// Answers the group read with `cookie`; the device waiting on it goes on.
     pub fn respond(&self, cookie: u32, response: Response) -> Result<Group> {
-        let g = self.queue().pending.remove(&cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
+        let g = self.queue().unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
         g.answer(response);
         Ok(g)
     }
@@ -332,7 +440,7 @@ impl FaultQueue {
         });
         let cookies: Vec<u32> = q.pending.iter().filter(|(_, g)| hit(g)).map(|(&c, _)| c).collect();
         for c in cookies {
-            gone.extend(q.pending.remove(&c));
+            gone.extend(q.unpend(c));
         }
         q.auto_answered += gone.len() as u64;
         let empty = q.deliver.is_empty();
@@ -443,5 +551,60 @@ mod wait_tests {
         q.report(Group::new(vec![request(1)]));
         q.read(8).unwrap();
         assert_eq!(*seen.lock(), vec![true, false]);
+    }
+}
+
+#[cfg(test)]
+mod cookie_and_spin_tests {
+    use super::*;
+
+    fn group() -> Group {
+        Group::new(vec![PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 0, perm: 1, addr: 0 }])
+    }
+
+    #[test]
+    fn cookies_are_the_lowest_free_whatever_the_answer_order() {
+        let q = FaultQueue::new();
+        for _ in 0..5 {
+            q.report(group());
+        }
+        let got: Vec<u32> = q.read(3).unwrap().into_iter().map(|(c, _)| c).collect();
+        assert_eq!(got, [1, 2, 3]);
+        q.respond(3, Response::Success).unwrap();
+        q.respond(1, Response::Success).unwrap();
+        let got: Vec<u32> = q.read(8).unwrap().into_iter().map(|(c, _)| c).collect();
+        assert_eq!(got, [1, 3], "the freed cookies, lowest first");
+        q.unread(&[1]);
+        q.report(group());
+        let got: Vec<u32> = q.read(8).unwrap().into_iter().map(|(c, _)| c).collect();
+        assert_eq!(got, [1, 4], "a group put back is read again first, its cookie the lowest free again");
+    }
+
+    #[test]
+    fn a_sleeping_device_is_woken_by_the_answer() {
+        let (_, w) = Group::awaited(vec![]);
+        let sleeper = {
+            let w = w.clone();
+            std::thread::spawn(move || w.wait_for(Duration::from_secs(30)))
+        };
+        // Well past any spin: the device sleeps.
+        std::thread::sleep(Duration::from_millis(50));
+        Group { requests: vec![], waiter: Some(w.clone()) }.answer(Response::Invalid);
+        assert_eq!(sleeper.join().unwrap(), Some(Response::Invalid));
+        Group { requests: vec![], waiter: Some(w.clone()) }.answer(Response::Success);
+        assert_eq!(w.answered(), Some(Response::Invalid), "the first answer wins");
+    }
+
+    #[test]
+    fn a_spin_that_misses_shortens_the_next_and_one_that_catches_lengthens_it() {
+        let spin = AtomicU64::new(SPIN.as_nanos() as u64);
+        assert!(!spin_until(&spin, || false));
+        assert_eq!(spin.load(Ordering::Relaxed), SPIN.as_nanos() as u64 / 2);
+        for _ in 0..20 {
+            spin_until(&spin, || false);
+        }
+        assert_eq!(spin.load(Ordering::Relaxed), MIN_SPIN.as_nanos() as u64);
+        assert!(spin_until(&spin, || true));
+        assert_eq!(spin.load(Ordering::Relaxed), 2 * MIN_SPIN.as_nanos() as u64);
     }
 }
