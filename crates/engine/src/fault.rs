@@ -335,9 +335,12 @@ impl FaultQueue {
         *self.notifier.lock() = Some(f);
     }
 
-    fn notify(&self, ready: bool) {
+    /// Tells the notifier whether groups wait now. The count is read under
+    /// the notifier's lock, so of two racing calls (a read that emptied the
+    /// queue, a report that refilled it) the later tells what is true.
+    fn notify(&self) {
         if let Some(f) = &*self.notifier.lock() {
-            f(ready);
+            f(self.unread.load(Ordering::Acquire) > 0);
         }
     }
 
@@ -357,7 +360,7 @@ impl FaultQueue {
         drop(q);
         self.arrived.notify_all();
         if was_empty {
-            self.notify(true);
+            self.notify();
         }
     }
 
@@ -390,7 +393,7 @@ impl FaultQueue {
         self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         if empty && any {
-            self.notify(false);
+            self.notify();
         }
     }
 
@@ -406,7 +409,7 @@ impl FaultQueue {
         self.unread.store(q.deliver.len(), Ordering::Release);
         drop(q);
         if ready {
-            self.notify(true);
+            self.notify();
         }
     }
 
@@ -450,7 +453,7 @@ impl FaultQueue {
             g.answer(Response::Invalid);
         }
         if empty {
-            self.notify(false);
+            self.notify();
         }
     }
 
@@ -551,6 +554,27 @@ mod wait_tests {
         q.report(Group::new(vec![request(1)]));
         q.read(8).unwrap();
         assert_eq!(*seen.lock(), vec![true, false]);
+    }
+
+    /// A reader emptying the queue and a reporter refilling it race to tell
+    /// the notifier; whichever tells last must tell what is true, or a
+    /// handler polling the fault fd sleeps with a group waiting. Here the
+    /// reader is preempted between publishing what it left and telling.
+    #[test]
+    fn the_notifier_ends_on_the_truth_when_a_read_and_a_report_race() {
+        let q = FaultQueue::new();
+        let last = Arc::new(Mutex::new(false));
+        let l = last.clone();
+        q.set_notifier(Box::new(move |r| *l.lock() = r));
+        q.report(Group::new(vec![request(1)]));
+        let mut g = q.queue();
+        assert_eq!(g.take(8).unwrap().len(), 1);
+        q.unread.store(g.deliver.len(), Ordering::Release);
+        drop(g);
+        q.report(Group::new(vec![request(2)]));
+        // The reader's late word, which used to be "nothing waits".
+        q.notify();
+        assert!(*last.lock(), "the notifier says empty with a group waiting");
     }
 }
 
