@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
 use crate::error::{Error, Result};
 use crate::iova::PAGE_SIZE;
@@ -185,10 +186,31 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
     (get(&PROCESS_LOCKED), get(&PROCESS_PINNED))
 }
 
-/// Whether this process holds capability `cap` now (one `capget`, as
-/// cheap as Linux's own `capable()` check is to it).
-pub(crate) fn has_capability(cap: rustix::thread::CapabilitySet) -> bool {
-    rustix::thread::capabilities(None).is_ok_and(|sets| sets.effective.contains(cap))
+/// Whether this process holds capability `cap` now, as Linux's
+/// `capable()` judges it at each map. A capability gone from the permitted
+/// set never comes back short of an exec (`capset` and uid changes only
+/// shrink that set, and a user namespace's capabilities are not
+/// `capable()`'s), so once one is seen gone no more `capget`s are spent on
+/// it: an unprivileged program's maps make no system call for it.
+pub(crate) fn has_capability(cap: CapabilitySet) -> bool {
+    static LOST: Lost = Lost(AtomicU64::new(0));
+    LOST.has(cap, || rustix::thread::capabilities(None).ok())
+}
+
+/// The capabilities seen gone from the permitted set.
+struct Lost(AtomicU64);
+
+impl Lost {
+    fn has(&self, cap: CapabilitySet, capget: impl FnOnce() -> Option<CapabilitySets>) -> bool {
+        if self.0.load(Ordering::Relaxed) & cap.bits() == cap.bits() {
+            return false;
+        }
+        let Some(sets) = capget() else { return false };
+        if !sets.permitted.contains(cap) {
+            self.0.fetch_or(cap.bits(), Ordering::Relaxed);
+        }
+        sets.effective.contains(cap)
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +233,29 @@ mod tests {
         let a = Accounting::new(AccountMode::User, true, Limit::Pages(0));
         a.charge(u64::MAX).unwrap();
         assert_eq!(a.charged(), 0);
+    }
+
+    #[test]
+    fn a_capability_gone_from_the_permitted_set_is_not_asked_for_again() {
+        let lost = Lost(AtomicU64::new(0));
+        let (ipc, res) = (CapabilitySet::IPC_LOCK, CapabilitySet::SYS_RESOURCE);
+        let sets = |effective, permitted| CapabilitySets { effective, permitted, inheritable: CapabilitySet::empty() };
+        let asked = &std::cell::Cell::new(0);
+        let ask = |s| {
+            move || {
+                asked.set(asked.get() + 1);
+                Some(s)
+            }
+        };
+        // Held, then dropped from the effective set only: asked each time.
+        assert!(lost.has(ipc, ask(sets(ipc | res, ipc | res))));
+        assert!(!lost.has(ipc, ask(sets(res, ipc | res))));
+        assert!(lost.has(ipc, ask(sets(ipc, ipc | res))));
+        // Dropped from the permitted set: gone for good, never asked again.
+        assert!(!lost.has(ipc, ask(sets(CapabilitySet::empty(), res))));
+        assert!(!lost.has(ipc, || panic!("asked again for a capability that cannot come back")));
+        assert!(lost.has(res, ask(sets(res, res))), "other capabilities are still asked for");
+        assert_eq!(asked.get(), 5);
     }
 
     #[test]

@@ -565,7 +565,7 @@ impl Context {
         trust: Trust,
     ) -> Result<u64> {
         let user = || Pages::user(uptr, len, perm.write, trust, self.accounting());
-        self.map_pages(ioas, len, iova, perm, uptr, user).map(|(iova, _)| iova)
+        self.map_pages(ioas, len, iova, perm, uptr, user)
     }
 
     /// Maps memory of another process sharing this context (a forked
@@ -580,7 +580,7 @@ impl Context {
         perm: Perm,
     ) -> Result<u64> {
         let remote = || Pages::remote(pid, uptr, len, perm.write, self.accounting());
-        self.map_pages(ioas, len, iova, perm, uptr, remote).map(|(iova, _)| iova)
+        self.map_pages(ioas, len, iova, perm, uptr, remote)
     }
 
     /// Maps `[start, start + len)` of a file (a memfd, typically).
@@ -594,7 +594,7 @@ impl Context {
         perm: Perm,
     ) -> Result<u64> {
         let file = || Pages::file(fd, start, len, perm.write, self.accounting());
-        self.map_pages(ioas, len, iova, perm, start, file).map(|(iova, _)| iova)
+        self.map_pages(ioas, len, iova, perm, start, file)
     }
 
     /// Maps `[start, start + len)` of a dma-buf whose memory is the file
@@ -608,13 +608,20 @@ impl Context {
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<(u64, Arc<Pages>)> {
-        self.map_pages(ioas, len, iova, perm, start, || Pages::dmabuf(fd, start, len, perm.write))
+        let mut kept = None;
+        let dmabuf = || {
+            let (pages, lead) = Pages::dmabuf(fd, start, len, perm.write)?;
+            kept = Some(pages.clone());
+            Ok((pages, lead))
+        };
+        let iova = self.map_pages(ioas, len, iova, perm, start, dmabuf)?;
+        Ok((iova, kept.expect("pages are made before they are mapped")))
     }
 
     /// Maps `len` bytes of the memory `pages` makes (its pages and the
     /// offset into the first) into `ioas`, once the IOAS is known to exist:
     /// a missing IOAS is `ENOENT` before any memory is pinned or charged.
-    /// Returns the IOVA and the pages.
+    /// Returns the IOVA.
     fn map_pages(
         &self,
         ioas: IoasId,
@@ -623,11 +630,10 @@ impl Context {
         perm: Perm,
         align_hint: u64,
         pages: impl FnOnce() -> Result<(Arc<Pages>, u64)>,
-    ) -> Result<(u64, Arc<Pages>)> {
+    ) -> Result<u64> {
         let ioas = self.get(ioas)?;
-        let (pages, lead) = pages()?;
-        let source = Source { pages: pages.clone(), start_byte: lead, len, align_hint };
-        Ok((ioas.map(&[source], iova, perm)?, pages))
+        let (pages, start_byte) = pages()?;
+        ioas.map([Source { pages, start_byte, len, align_hint }], iova, perm)
     }
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
@@ -642,7 +648,7 @@ impl Context {
         perm: Perm,
     ) -> Result<u64> {
         let srcs = self.get(src)?.sources(src_iova, len)?;
-        self.get(dst)?.map(&srcs, dst_iova, perm)
+        self.get(dst)?.map(srcs, dst_iova, perm)
     }
 
     /// Unmaps whole mappings inside `[iova, iova + len)`; `0, u64::MAX`

@@ -130,22 +130,26 @@ impl Ioas {
     }
 
     /// Maps `srcs` at consecutive IOVAs from `iova`, or from an IOVA chosen
-    /// here when `iova` is `None`. Returns the IOVA used.
-    pub(crate) fn map(&self, srcs: &[Source], iova: Option<u64>, perm: Perm) -> Result<u64> {
-        let total: u64 = srcs.iter().map(|s| s.len).sum();
+    /// here when `iova` is `None`. Returns the IOVA used. Takes the sources
+    /// (an array of one, for a map) so their pages move into the areas.
+    pub(crate) fn map<S>(&self, srcs: S, iova: Option<u64>, perm: Perm) -> Result<u64>
+    where
+        S: AsRef<[Source]> + IntoIterator<Item = Source>,
+    {
+        let total: u64 = srcs.as_ref().iter().map(|s| s.len).sum();
         crate::inject::check("area")?;
         let mut g = self.lock();
         if total == 0 || total & (g.iova_alignment - 1) != 0 {
             return Err(Error::Invalid("length is zero or not aligned to the IOVA alignment"));
         }
         let iova = match iova {
-            None => g.alloc_iova(srcs[0].align_hint, total)?,
+            None => g.alloc_iova(srcs.as_ref()[0].align_hint, total)?,
             Some(iova) => {
                 g.check_iova(iova, total)?;
                 iova
             }
         };
-        for s in srcs {
+        for s in srcs.as_ref() {
             if perm.write && !s.pages.writable() {
                 return Err(Error::Permission("memory is not writable"));
             }
@@ -153,31 +157,32 @@ impl Ioas {
                 return Err(Error::Invalid("memory offset is not aligned to the IOVA alignment"));
             }
         }
-        let mut placed: Vec<(u64, Area)> = Vec::with_capacity(srcs.len());
+        // Entered as they are filled: the lock keeps them unseen until all
+        // are, and a failure takes back those before it.
         let mut cur = iova;
         for s in srcs {
+            let len = s.len;
             let area = Area {
-                last: cur + (s.len - 1),
-                src: s.clone(),
+                last: cur + (len - 1),
+                src: s,
                 perm,
                 pinned: false,
                 num_accesses: 0,
                 num_locks: 0,
                 prevent_access: false,
             };
-            match g.fill_area(cur, area) {
-                Ok(a) => placed.push((cur, a)),
-                Err(e) => {
-                    let guard = epoch::pin();
-                    for (at, a) in &placed {
-                        g.unfill_area(*at, a, &guard);
-                    }
-                    return Err(e);
+            if let Err(e) = g.fill_area(cur, area) {
+                let guard = epoch::pin();
+                let mut at = iova;
+                while at < cur {
+                    let a = g.areas.remove(&at).expect("area entered above");
+                    g.unfill_area(at, &a, &guard);
+                    at = a.last + 1;
                 }
+                return Err(e);
             }
-            cur += s.len;
+            cur += len;
         }
-        g.areas.extend(placed);
         Ok(iova)
     }
 
@@ -715,9 +720,15 @@ impl Inner {
         self.areas.range(r.start..=r.last).next().map(|(&s, a)| (s, a))
     }
 
+    /// Whether an area overlaps `r`: the last area starting at or before
+    /// its end is the only candidate, as areas are disjoint. One search.
+    fn overlaps_area(&self, r: IovaRange) -> bool {
+        self.areas.range(..=r.last).next_back().is_some_and(|(_, a)| a.last >= r.start)
+    }
+
     fn reserve(&mut self, r: IovaRange, owner: Owner) -> Result<()> {
         crate::inject::check("reserved range")?;
-        if self.first_area_in(r).is_some() || self.allowed.iter().any(|a| a.overlaps(&r)) {
+        if self.overlaps_area(r) || self.allowed.iter().any(|a| a.overlaps(&r)) {
             return Err(Error::AddrInUse("range is mapped or allowed"));
         }
         self.reserved.push((r, owner));
@@ -732,7 +743,7 @@ impl Inner {
         if self.reserved.iter().any(|(res, _)| res.overlaps(&r)) {
             return Err(Error::Invalid("IOVA range is reserved"));
         }
-        if self.first_area_in(r).is_some() {
+        if self.overlaps_area(r) {
             return Err(Error::Exists("IOVA range is already mapped"));
         }
         Ok(())
@@ -764,8 +775,8 @@ impl Inner {
             .ok_or(Error::NoSpace("no IOVA hole fits the mapping"))
     }
 
-    /// Maps a new area into every domain (pinning first); returns it.
-    fn fill_area(&mut self, iova: u64, mut area: Area) -> Result<Area> {
+    /// Maps a new area into every domain (pinning first) and enters it.
+    fn fill_area(&mut self, iova: u64, mut area: Area) -> Result<()> {
         let huge = !self.disable_large_pages;
         for (i, d) in self.domains.iter().enumerate() {
             if let Err(e) = map_into(d, iova, &mut area, i == 0, huge) {
@@ -779,7 +790,8 @@ impl Inner {
                 return Err(e);
             }
         }
-        Ok(area)
+        self.areas.insert(iova, area);
+        Ok(())
     }
 
     /// Undoes `fill_area` for an area that was never published.

@@ -29,12 +29,11 @@
 //!   the child's memory itself, as Linux's reaches unpinned pages through
 //!   the child's mm: `EFAULT` once the child is gone.
 
-use std::collections::BTreeMap;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 
 use crate::account::Accounting;
 use crate::error::{Error, Result};
@@ -81,46 +80,125 @@ pub struct Pages {
     writable: bool,
     trust: Trust,
     backing: Backing,
-    /// Taken after `pins` when both are held.
-    accounting: Mutex<Accounting>,
-    /// Page ranges currently pinned, one entry per pinning user; the union is
-    /// what is charged.
-    pins: Mutex<Vec<IovaRange>>,
-    /// Its key in `LIVE`, if it is there.
+    /// The pins and where they are charged, under one lock: every change to
+    /// one reads the other.
+    pins: Mutex<PinState>,
+    /// Its place in the registry of live pages, if it is there.
     live: Option<LiveKey>,
 }
 
-/// Every `Pages` of user memory alive in the process, by first page, so the
+#[derive(Debug)]
+struct PinState {
+    /// Page ranges currently pinned, one entry per pinning user; the union
+    /// is what is charged. Most pages have one user (the IOAS's domains) or
+    /// two, held inline so that mapping allocates nothing for them.
+    ranges: SmallVec<[IovaRange; 2]>,
+    accounting: Accounting,
+}
+
+impl PinState {
+    fn new(accounting: Accounting) -> Mutex<Self> {
+        Mutex::new(PinState { ranges: SmallVec::new(), accounting })
+    }
+}
+
+/// Every `Pages` of user memory or of a file alive in the process, so the
 /// number of pins on a page can be counted (what Linux reads from `struct
-/// page`'s refcount). Entries come and go with their `Pages`: O(log n) each.
-static LIVE: Mutex<BTreeMap<LiveKey, Weak<Pages>>> = Mutex::new(BTreeMap::new());
+/// page`'s refcount). Registering is on every map's path, so each thread
+/// enters its `Pages` in a shard of its own: an uncontended lock and a free
+/// slot, neither a global lock nor (once the shard has grown) an allocation.
+/// Counting, a test's question, walks every shard.
+#[derive(Default)]
+struct Shard(Mutex<Slots>);
 
-/// A `Pages`'s first page, and a number telling apart those that share it.
-type LiveKey = (u64, u64);
+#[derive(Default)]
+struct Slots {
+    live: Vec<Weak<Pages>>,
+    /// Indexes of `live` whose `Pages` is gone.
+    free: Vec<u32>,
+}
 
-/// The second half of the next `LiveKey`.
-static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+/// Every shard ever made; they live as long as the process.
+static SHARDS: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
+/// Shards of threads that exited, for new threads to take over, so threads
+/// coming and going do not add shards.
+static SPARE: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
+/// For `Pages` made while a thread's own shard is already gone (in a
+/// thread-local destructor).
+static LATE: Shard = Shard(Mutex::new(Slots { live: Vec::new(), free: Vec::new() }));
+
+struct ThreadShard(&'static Shard);
+
+impl Drop for ThreadShard {
+    fn drop(&mut self) {
+        SPARE.lock().push(self.0);
+    }
+}
+
+thread_local! {
+    static SHARD: ThreadShard = ThreadShard(SPARE.lock().pop().unwrap_or_else(|| {
+        let shard: &'static Shard = Box::leak(Box::default());
+        SHARDS.lock().push(shard);
+        shard
+    }));
+}
+
+/// A `Pages`'s place in the registry: its shard and slot.
+type LiveKey = (&'static Shard, u32);
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shard")
+    }
+}
 
 fn register(mut pages: Pages) -> Arc<Pages> {
-    let key = (pages.base, NEXT_KEY.fetch_add(1, Ordering::Relaxed));
-    pages.live = Some(key);
-    let pages = Arc::new(pages);
-    LIVE.lock().insert(key, Arc::downgrade(&pages));
-    pages
+    let shard = SHARD.try_with(|s| s.0).unwrap_or(&LATE);
+    Arc::new_cyclic(|weak| {
+        let mut slots = shard.0.lock();
+        let slot = match slots.free.pop() {
+            Some(i) => {
+                slots.live[i as usize] = weak.clone();
+                i
+            }
+            None => {
+                slots.live.push(weak.clone());
+                u32::try_from(slots.live.len() - 1).expect("fewer than 2^32 live pages per shard")
+            }
+        };
+        pages.live = Some((shard, slot));
+        pages
+    })
+}
+
+fn unregister((shard, slot): LiveKey) {
+    let mut slots = shard.0.lock();
+    slots.live[slot as usize] = Weak::new();
+    slots.free.push(slot);
+}
+
+/// Every registered `Pages` alive now. Upgraded under each shard's lock and
+/// dropped by the caller after it: a last reference dropped here removes its
+/// own entry, taking that lock.
+fn live_pages() -> Vec<Arc<Pages>> {
+    let shards: Vec<&'static Shard> = SHARDS.lock().iter().copied().chain([&LATE]).collect();
+    let mut live = Vec::new();
+    for shard in shards {
+        live.extend(shard.0.lock().live.iter().filter_map(Weak::upgrade));
+    }
+    live
 }
 
 /// How many `Pages` hold the user page at `addr` pinned: each pins it once,
 /// however many areas and domains use it.
 pub fn pin_count(addr: u64) -> u32 {
     let page = addr & !(PAGE_SIZE - 1);
-    // Upgraded under the lock, dropped after it: a last reference dropped
-    // here removes its own entry.
-    let live: Vec<Arc<Pages>> = LIVE.lock().range(..=(page, u64::MAX)).filter_map(|(_, w)| w.upgrade()).collect();
-    live.iter()
+    live_pages()
+        .iter()
         .filter(|p| matches!(p.backing, Backing::User) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
         .filter(|p| {
             let index = (page - p.base) / PAGE_SIZE;
-            p.pins.lock().iter().any(|r| r.start <= index && index <= r.last)
+            p.pins.lock().ranges.iter().any(|r| r.start <= index && index <= r.last)
         })
         .count() as u32
 }
@@ -131,15 +209,15 @@ pub fn pin_count(addr: u64) -> u32 {
 /// process's mappings taken since those pages were made.
 pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
     let Some((dev, ino, off)) = map.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
-    let live: Vec<Arc<Pages>> = LIVE.lock().values().filter_map(Weak::upgrade).collect();
-    live.iter()
+    live_pages()
+        .iter()
         .filter(|p| matches!(p.backing, Backing::File(_)))
         .filter(|p| {
             let Some((d, i, first)) = map.object_at(p.base) else { return false };
             let Some(index) = off.checked_sub(first).map(|o| o / PAGE_SIZE) else { return false };
             d == dev && i == ino && index < p.npages && {
                 let pins = p.pins.lock();
-                pins.iter().any(|r| r.start <= index && index <= r.last)
+                pins.ranges.iter().any(|r| r.start <= index && index <= r.last)
             }
         })
         .count() as u32
@@ -177,19 +255,7 @@ impl Pages {
         let base = uptr & !(PAGE_SIZE - 1);
         let lead = uptr - base;
         let npages = (length + lead).div_ceil(PAGE_SIZE);
-        Ok((
-            Pages {
-                base,
-                npages,
-                writable,
-                trust,
-                backing,
-                accounting: Mutex::new(accounting),
-                pins: Mutex::new(Vec::new()),
-                live: None,
-            },
-            lead,
-        ))
+        Ok((Pages { base, npages, writable, trust, backing, pins: PinState::new(accounting), live: None }, lead))
     }
 
     /// Pages of `[uptr, uptr + length)` in process `pid`'s memory, taken as
@@ -302,8 +368,7 @@ impl Pages {
             // the checked copy turns into EFAULT.
             trust: Trust::Checked,
             backing: Backing::File(map),
-            accounting: Mutex::new(accounting),
-            pins: Mutex::new(Vec::new()),
+            pins: PinState::new(accounting),
             live: None,
         };
         Ok((pages, lead))
@@ -360,16 +425,16 @@ impl Pages {
     pub(crate) fn pin(&self, offset: u64, len: u64) -> Result<()> {
         let range = self.page_range(offset, len);
         let mut pins = self.pins.lock();
-        let added = only_in(range, &pins);
+        let added = only_in(range, &pins.ranges);
         if added > 0 {
             crate::inject::check("pin")?;
             self.take(range)?;
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }
-            self.accounting().charge(added)?;
+            pins.accounting.charge(added)?;
         }
-        pins.push(range);
+        pins.ranges.push(range);
         Ok(())
     }
 
@@ -377,22 +442,18 @@ impl Pages {
     pub(crate) fn unpin(&self, offset: u64, len: u64) {
         let range = self.page_range(offset, len);
         let mut pins = self.pins.lock();
-        let Some(i) = pins.iter().position(|r| *r == range) else {
+        let Some(i) = pins.ranges.iter().position(|r| *r == range) else {
             debug_assert!(false, "unpin of a range that was not pinned");
             return;
         };
-        pins.swap_remove(i);
-        self.accounting().uncharge(only_in(range, &pins));
+        pins.ranges.swap_remove(i);
+        pins.accounting.uncharge(only_in(range, &pins.ranges));
     }
 
     /// Number of distinct pages pinned now.
     #[cfg(test)]
     pub(crate) fn pinned(&self) -> u64 {
-        pinned_pages(self.pins.lock().iter().copied())
-    }
-
-    fn accounting(&self) -> parking_lot::MutexGuard<'_, Accounting> {
-        self.accounting.lock()
+        pinned_pages(self.pins.lock().ranges.iter().copied())
     }
 
     /// Moves the charge for these pages to process `pid` (`None`: this
@@ -401,25 +462,23 @@ impl Pages {
     /// Returns the accounting left, for `restore_accounting`; `None` when
     /// nothing had to move.
     pub(crate) fn change_process(&self, pid: Option<i32>) -> Result<Option<Accounting>> {
-        let pins = self.pins.lock();
-        let mut acct = self.accounting();
-        let Some(new) = acct.moved_to(pid) else { return Ok(None) };
-        let n = pinned_pages(pins.iter().copied());
+        let mut pins = self.pins.lock();
+        let Some(new) = pins.accounting.moved_to(pid) else { return Ok(None) };
+        let n = pinned_pages(pins.ranges.iter().copied());
         if n > 0 {
             new.charge(n)?;
-            acct.uncharge(n);
+            pins.accounting.uncharge(n);
         }
-        Ok(Some(std::mem::replace(&mut *acct, new)))
+        Ok(Some(std::mem::replace(&mut pins.accounting, new)))
     }
 
     /// Undoes a `change_process` that returned `old`.
     pub(crate) fn restore_accounting(&self, old: Accounting) {
-        let pins = self.pins.lock();
-        let mut acct = self.accounting();
-        let n = pinned_pages(pins.iter().copied());
-        acct.uncharge(n);
+        let mut pins = self.pins.lock();
+        let n = pinned_pages(pins.ranges.iter().copied());
+        pins.accounting.uncharge(n);
         old.recharge(n);
-        *acct = old;
+        pins.accounting = old;
     }
 
     fn page_range(&self, offset: u64, len: u64) -> IovaRange {
@@ -447,12 +506,12 @@ fn only_in(range: IovaRange, pins: &[IovaRange]) -> u64 {
 impl Drop for Pages {
     fn drop(&mut self) {
         if let Some(key) = self.live {
-            LIVE.lock().remove(&key);
+            unregister(key);
         }
         let pins = self.pins.get_mut();
-        debug_assert!(pins.is_empty(), "pages dropped while pinned");
-        let n = pinned_pages(pins.drain(..));
-        self.accounting.get_mut().uncharge(n);
+        debug_assert!(pins.ranges.is_empty(), "pages dropped while pinned");
+        let n = pinned_pages(pins.ranges.drain(..));
+        pins.accounting.uncharge(n);
     }
 }
 
@@ -515,7 +574,7 @@ mod tests {
         // Far from any memory of this process: never touched, only counted.
         const BASE: u64 = 0x6000_0000_0000;
         const N: u64 = 100_000;
-        let ours = || LIVE.lock().range((BASE, 0)..(BASE + N * PAGE_SIZE, 0)).count();
+        let ours = || live_pages().iter().filter(|p| (BASE..BASE + N * PAGE_SIZE).contains(&p.base)).count();
         let start = std::time::Instant::now();
         let pages: Vec<Arc<Pages>> = (0..N)
             .map(|i| Pages::user(BASE + i * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, Accounting::none()).unwrap().0)

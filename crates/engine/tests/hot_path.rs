@@ -116,3 +116,33 @@ fn nested_translation_does_not_allocate() {
     };
     assert_eq!(allocations(walk), 0, "two-dimensional walk");
 }
+
+/// A VMM maps the pages a guest hands a device one at a time: each map
+/// allocates its `Pages` and, now and then, room in the IOAS's map of
+/// areas. Nothing else: no list of pins, no staging of areas, no global
+/// index of pages.
+#[test]
+fn mapping_one_page_allocates_only_its_pages() {
+    const N: u64 = 512;
+    const IOVA: u64 = 1 << 32;
+    let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)));
+    let ioas = ctx.ioas_alloc().unwrap();
+    ctx.get(ioas).unwrap().set_huge_pages(false).unwrap();
+    let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
+    ctx.attach(dev, ioas).unwrap();
+    let mem = HostBuffer::new((N * PAGE) as usize).unwrap();
+    let map_each = || {
+        for p in 0..N {
+            // SAFETY: `mem` outlives the context's use of it in this test.
+            unsafe { ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap() };
+        }
+    };
+    // Once to grow the page table and the thread's state.
+    map_each();
+    ctx.unmap(ioas, IOVA, N * PAGE).unwrap();
+    let before = ALLOCATIONS.with(Cell::get);
+    map_each();
+    let made = ALLOCATIONS.with(Cell::get) - before;
+    ctx.unmap(ioas, IOVA, N * PAGE).unwrap();
+    assert!(made <= N + N / 4, "{made} allocations for {N} one-page maps");
+}
