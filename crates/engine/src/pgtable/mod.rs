@@ -228,10 +228,13 @@ impl DirtyBits {
     /// Sets the state of entry `i`, for a map or an unmap (writers are
     /// serialised).
     fn set(&self, i: usize, dirty: bool) {
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
         if dirty {
             self.mark(i);
-        } else {
-            self.words[i / 64].fetch_and(!(1u64 << (i % 64)), Ordering::AcqRel);
+        } else if self.words[w].load(Ordering::Relaxed) & bit != 0 {
+            // Clean already is the common case (a new leaf, a leaf never
+            // written): a load, no read-modify-write per page mapped.
+            self.words[w].fetch_and(!bit, Ordering::AcqRel);
         }
     }
 
