@@ -2,11 +2,13 @@
 //! the old pages. Writer threads DMA continuously; after each unmap the
 //! test checks the old memory stays untouched, and it counts stale hits.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, Perm};
+use ioasid_engine::{HostBuffer, Perm};
 
 const IOVA: u64 = 0x10_0000;
 const LEN: u64 = 2 * 4096;
@@ -14,11 +16,7 @@ const ROUNDS: u32 = 300;
 
 #[test]
 fn no_dma_lands_after_unmap_returns() {
-    let ctx = Arc::new(Context::new());
-    let ioas = ctx.ioas_alloc().unwrap();
-    let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
-    ctx.attach(dev, ioas).unwrap();
-    let device = ctx.get(dev).unwrap();
+    let (ctx, ioas, device) = common::attached_device();
     let stop = Arc::new(AtomicBool::new(false));
     let landed = Arc::new(AtomicU64::new(0));
 

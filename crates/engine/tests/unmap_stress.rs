@@ -5,10 +5,12 @@
 //! epoch section with no full fence, so this is the check that the
 //! writer's barrier (membarrier, or the fence fallback) makes up for it.
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use ioasid_engine::{Context, DeviceInfo, HostBuffer, Perm};
+use ioasid_engine::{HostBuffer, Perm};
 
 const IOVA: u64 = 0x20_0000;
 const LEN: u64 = 4096;
@@ -16,11 +18,7 @@ const ROUNDS: u32 = 10_000;
 
 #[test]
 fn no_stale_write_in_ten_thousand_unmaps() {
-    let ctx = Arc::new(Context::new());
-    let ioas = ctx.ioas_alloc().unwrap();
-    let dev = ctx.bind_device(DeviceInfo::new("dma", 1)).unwrap();
-    ctx.attach(dev, ioas).unwrap();
-    let device = ctx.get(dev).unwrap();
+    let (ctx, ioas, device) = common::attached_device();
     let stop = Arc::new(AtomicBool::new(false));
     let landed = Arc::new(AtomicU64::new(0));
     let writer = {
