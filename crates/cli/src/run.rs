@@ -63,24 +63,32 @@ pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::
     let specs = DeviceSpec::parse_list(&devices.join(";")).map_err(|e| format!("--device: {e}"))?;
     let list: Vec<String> = specs.iter().map(DeviceSpec::to_arg).collect();
     declared::declare(specs)?;
+    // A termination sent to this process alone (`timeout`, `kill`) is passed
+    // on to the program, or held until it is started: from here on this
+    // process always waits for the program and removes the tree.
+    // SAFETY: `forward` only touches atomics and calls the async-signal-safe
+    // `kill`; exec resets handled signals in the program.
+    unsafe {
+        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+            libc::signal(sig, forward as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
     let tree = SysfsTree::new()?;
     sysfs::write_tree(&tree.0, declared::all()).map_err(|e| format!("cannot write the devices' sysfs tree: {e}"))?;
     cmd.env(declared::ENV, list.join(";")).env(sysfs::ENV, &tree.0);
     let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", command[0].to_string_lossy()))?;
-    CHILD.store(child.id() as i32, Ordering::Relaxed);
-    // The terminal's interrupt reaches the program (same process group);
-    // a termination sent to this process alone (`timeout`, `kill`) is passed
-    // on. Either way this process waits for the program to end rather than
-    // leave the tree behind.
-    // SAFETY: ignoring SIGINT and SIGQUIT, and `forward` (which only calls
-    // the async-signal-safe `kill`) for the termination signals, in this
-    // process only.
+    CHILD.store(child.id() as i32, Ordering::SeqCst);
+    let held = HELD.swap(0, Ordering::SeqCst);
+    if held != 0 {
+        // SAFETY: signalling the child just started.
+        unsafe { libc::kill(child.id() as i32, held) };
+    }
+    // The terminal's interrupt reaches the program (same process group).
+    // SAFETY: ignoring SIGINT and SIGQUIT in this process only, after the
+    // program was started (an ignored signal would stay ignored there).
     unsafe {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-        for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
-            libc::signal(sig, forward as extern "C" fn(libc::c_int) as libc::sighandler_t);
-        }
     }
     let status = loop {
         match child.wait() {
@@ -98,13 +106,18 @@ pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::
 
 /// The program `run` waits for, for `forward`.
 static CHILD: AtomicI32 = AtomicI32::new(0);
+/// A signal `forward` got before the program was started.
+static HELD: AtomicI32 = AtomicI32::new(0);
 
-/// Passes a signal sent to `ioasid run` on to the program.
+/// Passes a signal sent to `ioasid run` on to the program, or holds it
+/// until the program is started.
 extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(Ordering::Relaxed);
+    let pid = CHILD.load(Ordering::SeqCst);
     if pid > 0 {
         // SAFETY: kill is async-signal-safe.
         unsafe { libc::kill(pid, sig) };
+    } else {
+        HELD.store(sig, Ordering::SeqCst);
     }
 }
 

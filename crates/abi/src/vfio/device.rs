@@ -484,7 +484,7 @@ impl DeviceFile {
     /// `pread` of the file at `offset`: a region's contents.
     pub fn read(&self, mem: &dyn UserMemory, buf: u64, count: usize, offset: i64) -> Result<usize, Errno> {
         self.granted()?;
-        let (index, pos, n) = self.span(offset, count, false)?;
+        let (index, pos, n) = self.span(offset, count)?;
         let mut data = vec![0u8; n];
         if index == CONFIG_REGION {
             self.dev.function.config_read(pos as usize, &mut data);
@@ -498,7 +498,7 @@ impl DeviceFile {
     /// `pwrite` of the file at `offset`: into a region.
     pub fn write(&self, mem: &dyn UserMemory, buf: u64, count: usize, offset: i64) -> Result<usize, Errno> {
         self.granted()?;
-        let (index, pos, n) = self.span(offset, count, true)?;
+        let (index, pos, n) = self.span(offset, count)?;
         let mut data = vec![0u8; n];
         mem.read(buf, &mut data)?;
         if index == CONFIG_REGION {
@@ -513,7 +513,7 @@ impl DeviceFile {
     /// with vfio-pci's errors: `EINVAL` for a region that is not there or
     /// an offset past a BAR's end (a BAR access is cut at its end),
     /// `EFAULT` for one that leaves config space.
-    fn span(&self, offset: i64, count: usize, write: bool) -> Result<(u32, u64, usize), Errno> {
+    fn span(&self, offset: i64, count: usize) -> Result<(u32, u64, usize), Errno> {
         let offset = offset as u64;
         let index = offset >> REGION_SHIFT;
         let pos = offset & ((1 << REGION_SHIFT) - 1);
@@ -540,12 +540,8 @@ impl DeviceFile {
                 }
                 Ok((index, pos, count.min((bar.size - pos) as usize)))
             }
-            // No ROM to read (and a ROM is never written); no VGA.
-            ROM_REGION | VGA_REGION => Err(Errno::EINVAL),
-            _ => {
-                let _ = write;
-                Err(Errno::EINVAL)
-            }
+            // No ROM to read (and a ROM is never written), no VGA.
+            _ => Err(Errno::EINVAL),
         }
     }
 }

@@ -121,7 +121,7 @@ impl Irqs {
         match (index, action) {
             (INTX, ACTION_MASK) => self.intx_mask(start, count, &data),
             (INTX, ACTION_UNMASK) => self.intx_unmask(start, count, &data),
-            (INTX, ACTION_TRIGGER) => self.intx_trigger(count, start, data),
+            (INTX, ACTION_TRIGGER) => self.intx_trigger(start, count, data),
             (MSI | MSIX, ACTION_TRIGGER) => self.msi_trigger(index, start, count, data),
             (ERR, ACTION_TRIGGER) => Self::single_trigger(&mut self.err, start, count, data),
             (REQ, ACTION_TRIGGER) => Self::single_trigger(&mut self.req, start, count, data),
@@ -158,7 +158,7 @@ impl Irqs {
         Ok(())
     }
 
-    fn intx_trigger(&mut self, count: u32, start: u32, data: Data) -> Result<(), Errno> {
+    fn intx_trigger(&mut self, start: u32, count: u32, data: Data) -> Result<(), Errno> {
         if self.kind == Some(INTX) && count == 0 && matches!(data, Data::None) {
             self.disable_all_but_side();
             return Ok(());
