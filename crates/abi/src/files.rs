@@ -26,6 +26,11 @@
 //! put the mock driver in the file table, and an untyped entry would trade
 //! the cycle for a downcast on every lookup.
 //!
+//! `vfio` and this module import each other for the same reason: the table
+//! holds VFIO device and group files by their type, and the VFIO ioctls
+//! find the iommufd a bind or `SET_CONTAINER` names, and register the
+//! device file `GET_DEVICE_FD` opens, by number here.
+//!
 //! After a `fork` the child's table is a copy: its entries name objects
 //! that live in the parent (their *owner*), where the child's calls on
 //! them are carried out; what the child opens itself is its own.

@@ -107,19 +107,8 @@ fn tree() -> Option<&'static Tree> {
         // needed to know their addresses, and this runs inside path hooks.
         let root = std::env::var_os(sysfs::ENV)?;
         let specs = DeviceSpec::parse_list(&std::env::var(declared::ENV).ok()?).ok()?;
-        let prefixes = specs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| {
-                [
-                    format!("/sys/bus/pci/devices/{}", s.bdf),
-                    format!("/sys/devices/pci{:04x}:00/{}", s.bdf.domain, s.bdf),
-                    format!("/sys/kernel/iommu_groups/{i}"),
-                    "/sys/bus/pci/drivers/vfio-pci".to_string(),
-                ]
-            })
-            .map(String::into_bytes)
-            .collect();
+        let prefixes =
+            specs.iter().enumerate().flat_map(|(i, s)| sysfs::prefixes(s, i as u32)).map(String::into_bytes).collect();
         Some(Tree { root: std::os::unix::ffi::OsStringExt::into_vec(root), prefixes })
     })
     .as_ref()

@@ -10,11 +10,11 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ioasid_engine::pci::BarKind;
 
-use super::declared::Declared;
+use super::declared::{Declared, DeviceSpec};
 
 /// The environment variable naming the tree's directory.
 pub const ENV: &str = "IOASID_SYSFS";
@@ -23,17 +23,20 @@ pub const ENV: &str = "IOASID_SYSFS";
 /// `vfio-dev` a dynamic major; this is the one ioasid reports).
 pub const VFIO_DEV_MAJOR: u32 = 236;
 
-/// Where a declared function's directory is, under the tree's root.
-pub fn device_dir(root: &Path, d: &Declared) -> PathBuf {
-    root.join(format!("devices/pci{:04x}:00/{}", d.spec.bdf.domain, d.spec.bdf))
+/// A function's device directory, relative to the tree's root (as to `/sys`).
+fn device_rel(spec: &DeviceSpec) -> String {
+    format!("devices/pci{:04x}:00/{}", spec.bdf.domain, spec.bdf)
 }
 
-/// The `/sys` prefixes the shim sends to the tree for function `d`.
-pub fn prefixes(d: &Declared) -> [String; 3] {
+/// The `/sys` paths the shim sends to the tree for the function declared
+/// `index`-th as `spec`: its device directory by both names, its IOMMU
+/// group, and the driver directory that lists it.
+pub fn prefixes(spec: &DeviceSpec, index: u32) -> [String; 4] {
     [
-        format!("/sys/bus/pci/devices/{}", d.spec.bdf),
-        format!("/sys/devices/pci{:04x}:00/{}", d.spec.bdf.domain, d.spec.bdf),
-        format!("/sys/kernel/iommu_groups/{}", d.index),
+        format!("/sys/bus/pci/devices/{}", spec.bdf),
+        format!("/sys/{}", device_rel(spec)),
+        format!("/sys/kernel/iommu_groups/{index}"),
+        "/sys/bus/pci/drivers/vfio-pci".to_string(),
     ]
 }
 
@@ -49,7 +52,8 @@ pub fn write_tree(root: &Path, devices: &[impl AsRef<Declared>]) -> io::Result<(
     fs::create_dir_all(root.join("bus/pci/devices"))?;
     for d in devices {
         let d = d.as_ref();
-        let dir = device_dir(root, d);
+        let rel = device_rel(&d.spec);
+        let dir = root.join(&rel);
         fs::create_dir_all(dir.join(format!("vfio-dev/vfio{}", d.index)))?;
         let hex = |v: u32, digits: usize| format!("0x{v:0digits$x}\n");
         fs::write(dir.join("vendor"), hex(cfg(d, 0x00, 2), 4))?;
@@ -92,7 +96,6 @@ pub fn write_tree(root: &Path, devices: &[impl AsRef<Declared>]) -> io::Result<(
         let group = root.join(format!("kernel/iommu_groups/{}", d.index));
         fs::create_dir_all(group.join("devices"))?;
         fs::write(group.join("type"), "DMA\n")?;
-        let rel = format!("devices/pci{:04x}:00/{}", d.spec.bdf.domain, d.spec.bdf);
         relink(&format!("../../../../{rel}"), &group.join(format!("devices/{}", d.spec.bdf)))?;
         relink(&format!("../../../kernel/iommu_groups/{}", d.index), &dir.join("iommu_group"))?;
         relink("../../../bus/pci/drivers/vfio-pci", &dir.join("driver"))?;
