@@ -17,7 +17,7 @@ use crate::errno::Errno;
 use crate::selftest;
 use crate::uapi::*;
 use crate::ucmd::{OpTable, Ucmd, UserEntries, copy_struct_from_user, driver_data, each_entry_bytes, op, run_op};
-use crate::user::{UserMemory, dup_fd};
+use crate::user::UserMemory;
 
 type Res = Result<(), Errno>;
 
@@ -168,12 +168,12 @@ fn ioas_map_file(u: &Ucmd, mut c: iommu_ioas_map_file) -> Res {
     }
     let perm = map_perm(c.flags, &[c.iova, c.length])?;
     u.ctx.get(IoasId::new(c.ioas_id))?;
-    u.local_only()?;
+    let fds = u.fds()?;
     if let Some(iova) = crate::dmabuf::map_file(u, c.ioas_id, c.fd, c.start, c.length, fixed(c.flags, c.iova), perm) {
         c.iova = iova?;
         return u.respond(&c);
     }
-    let fd = dup_fd(c.fd)?;
+    let fd = fds.get(c.fd)?;
     c.iova = u.ctx.map_file(IoasId::new(c.ioas_id), fd.as_fd(), c.start, c.length, fixed(c.flags, c.iova), perm)?;
     u.respond(&c)
 }
@@ -406,7 +406,7 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
     if c.veventq_depth == 0 || c.veventq_depth > VEVENTQ_MAX_DEPTH {
         return Err(Errno::EINVAL);
     }
-    u.local_only()?;
+    u.fds()?;
     let (id, queue) = u.ctx.veventq_alloc(ViommuId::new(c.viommu_id), c.r#type, c.veventq_depth)?;
     c.out_veventq_id = id.get();
     let respond = |fd| {
@@ -422,7 +422,7 @@ fn fault_alloc(u: &Ucmd, mut c: iommu_fault_alloc) -> Res {
     if c.flags != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    u.local_only()?;
+    u.fds()?;
     let (id, queue) = u.ctx.fault_alloc()?;
     c.out_fault_id = id.get();
     let respond = |fd| {
@@ -441,26 +441,22 @@ fn queue_fd<Q>(
     u: &Ucmd,
     id: ObjectId,
     queue: Arc<Q>,
-    respond: impl FnOnce(u32) -> Res,
+    mut respond: impl FnMut(u32) -> Res,
     file: impl FnOnce(Arc<Q>, std::os::fd::OwnedFd) -> crate::files::File,
 ) -> Res {
-    let undo = |queue: Arc<Q>| {
+    let undo = |queue: Option<Arc<Q>>| {
         drop(queue);
         let _ = u.ctx.destroy(id);
     };
     let (fd, signal) = match crate::user::new_eventfd() {
         Ok(fds) => fds,
         Err(e) => {
-            undo(queue);
+            undo(Some(queue));
             return Err(e);
         }
     };
-    if let Err(e) = respond(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32) {
-        undo(queue);
-        return Err(e);
-    }
-    crate::files::insert(std::os::fd::IntoRawFd::into_raw_fd(fd), file(queue, signal));
-    Ok(())
+    let installed = u.fds().and_then(|fds| fds.install(file(queue, signal), fd, &mut |n| respond(n as u32)));
+    installed.inspect_err(|_| undo(None))
 }
 
 fn get_hw_info(u: &Ucmd, mut c: iommu_hw_info) -> Res {

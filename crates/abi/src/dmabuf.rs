@@ -67,12 +67,12 @@ fn identity(fd: BorrowedFd<'_>) -> Option<FileId> {
     Some((st.st_dev, st.st_ino))
 }
 
-fn lookup(fd: i32) -> Option<Arc<Dmabuf>> {
+fn lookup(u: &Ucmd, fd: i32) -> Option<Arc<Dmabuf>> {
     if fd < 0 {
         return None;
     }
-    // SAFETY: only inspected for the call's duration; a closed fd fails fstat.
-    let key = identity(unsafe { BorrowedFd::borrow_raw(fd) })?;
+    let file = u.fds().ok()?.get(fd).ok()?;
+    let key = identity(file.as_fd())?;
     DMABUFS.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
 }
 
@@ -132,17 +132,19 @@ fn run(u: &Ucmd, c: iommu_test_cmd) -> Result<i32, Errno> {
     let arm = c.union.as_bytes();
     match c.op {
         IOMMU_TEST_OP_DMABUF_GET => get(u, DmabufGet::read_from_prefix(arm).expect("fits").0),
-        _ => revoke(DmabufRevoke::read_from_prefix(arm).expect("fits").0).map(|()| 0),
+        _ => revoke(u, DmabufRevoke::read_from_prefix(arm).expect("fits").0).map(|()| 0),
     }
 }
 
 fn get(u: &Ucmd, a: DmabufGet) -> Result<i32, Errno> {
-    u.local_only()?;
+    let fds = u.fds()?;
     let len = u64::from(a.length).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     if len == 0 || len > PAGE_SIZE * MAX_PAGES {
         return Err(Errno::EINVAL);
     }
-    prune();
+    if fds.is_local() {
+        prune();
+    }
     use rustix::fs::{MemfdFlags, SealFlags};
     let mut flags = MemfdFlags::ALLOW_SEALING;
     if a.open_flags & libc::O_CLOEXEC as u32 != 0 {
@@ -156,14 +158,13 @@ fn get(u: &Ucmd, a: DmabufGet) -> Result<i32, Errno> {
     let key = identity(fd.as_fd()).ok_or(Errno::EBADF)?;
     let d = Dmabuf { memfd: ours, size: len, revoked: AtomicBool::new(false), mapped: Mutex::new(Vec::new()) };
     DMABUFS.lock().unwrap_or_else(|e| e.into_inner()).insert(key, Arc::new(d));
-    Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
+    fds.give(fd)
 }
 
-fn revoke(a: DmabufRevoke) -> Result<(), Errno> {
-    let d = lookup(a.dmabuf_fd).ok_or_else(|| {
+fn revoke(u: &Ucmd, a: DmabufRevoke) -> Result<(), Errno> {
+    let d = lookup(u, a.dmabuf_fd).ok_or_else(|| {
         // As `dma_buf_get`: a file that is no dma-buf of ours is EINVAL.
-        // SAFETY: only inspected for the call's duration.
-        let open = a.dmabuf_fd >= 0 && identity(unsafe { BorrowedFd::borrow_raw(a.dmabuf_fd) }).is_some();
+        let open = a.dmabuf_fd >= 0 && u.fds().is_ok_and(|fds| fds.get(a.dmabuf_fd).is_ok());
         if open { Errno::EINVAL } else { Errno::EBADF }
     })?;
     let mut mapped = d.mapped.lock().unwrap_or_else(|e| e.into_inner());
@@ -188,7 +189,7 @@ pub(crate) fn map_file(
     iova: Option<u64>,
     perm: Perm,
 ) -> Option<Result<u64, Errno>> {
-    let d = lookup(fd)?;
+    let d = lookup(u, fd)?;
     Some((|| {
         if length == 0 || start.checked_add(length).is_none_or(|end| end > d.size) {
             return Err(Errno::EINVAL);

@@ -43,8 +43,9 @@ impl Drop for FaultFile {
     }
 }
 
-const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
-const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
+/// Bytes in one fault record, and in one page response.
+pub const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
+pub const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
 
 impl FaultFile {
     /// `read(2)` of `count` bytes into `buf` at file position `offset`.

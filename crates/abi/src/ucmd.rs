@@ -43,14 +43,15 @@ impl<'a> Ucmd<'a> {
     ) -> Result<u64, Errno> {
         Ok(match self.mem.pid() {
             None => self.ctx.map_user_checked(ioas, va, len, iova, perm)?,
+            Some(pid) if self.mem.client() => self.ctx.map_client(ioas, pid, va, len, iova, perm)?,
             Some(pid) => self.ctx.map_remote(ioas, pid, va, len, iova, perm)?,
         })
     }
 
-    /// Commands that hand the caller a new descriptor, or take one of its
-    /// own, work only for this process: another's fd table is not ours.
-    pub(crate) fn local_only(&self) -> Res {
-        if self.mem.pid().is_some() { Err(Errno::EOPNOTSUPP) } else { Ok(()) }
+    /// The caller's descriptors, for commands that hand it a new one or take
+    /// one of its own: `EOPNOTSUPP` where its fd table cannot be reached.
+    pub(crate) fn fds(&self) -> Result<&'a dyn crate::user::Descriptors, Errno> {
+        self.mem.descriptors()
     }
 
     /// Copies the (updated) struct back, no more than the caller's size.

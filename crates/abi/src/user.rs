@@ -6,6 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use ioasid_engine::memory::{self, Trust};
 
 use crate::errno::Errno;
+use crate::files::File;
 
 /// The memory of the program issuing ioctls.
 pub trait UserMemory {
@@ -28,6 +29,26 @@ pub trait UserMemory {
     /// child whose ioctls its parent's ioasid carries out).
     fn pid(&self) -> Option<i32> {
         None
+    }
+
+    /// Whether the memory is a daemon client's, reached coherently (see
+    /// `Context::map_client`); false for a forked child's.
+    fn client(&self) -> bool {
+        false
+    }
+
+    /// `EFAULT` unless `[addr, addr + len)` is mapped in the caller.
+    fn mapped(&self, addr: u64, len: u64) -> Result<(), Errno> {
+        match self.pid() {
+            None => memory::check_mapped(addr, len).map_err(Errno::from),
+            Some(pid) => memory::process_mapped(pid, addr, len, false).map_err(Errno::from),
+        }
+    }
+
+    /// The caller's descriptors: `EOPNOTSUPP` when they cannot be reached
+    /// from here (a forked child's, whose fd table is not ours).
+    fn descriptors(&self) -> Result<&dyn Descriptors, Errno> {
+        Ok(&ThisProcess)
     }
 
     /// Whether the `len` bytes at `addr` are all zero; `EFAULT` when any
@@ -78,6 +99,65 @@ impl UserMemory for OtherProcess {
 
     fn pid(&self) -> Option<i32> {
         Some(self.pid)
+    }
+
+    fn descriptors(&self) -> Result<&dyn Descriptors, Errno> {
+        Err(Errno::EOPNOTSUPP)
+    }
+}
+
+/// The fd table of the program issuing ioctls: where the descriptors its
+/// commands name are found, and where those they create go.
+pub trait Descriptors {
+    /// A reference of our own to the program's descriptor `fd`, whatever
+    /// the program does with its own; `EBADF` when it is not open.
+    fn get(&self, fd: i32) -> Result<OwnedFd, Errno>;
+
+    /// The ioasid file the program's descriptor `fd` is, if it is one.
+    fn file(&self, fd: i32) -> Option<File>;
+
+    /// Gives the program a descriptor of `file`, whose kernel file (made
+    /// here) is `fd`; `respond` is told the program's number for it, and
+    /// when it fails the program is left without the descriptor.
+    fn install(&self, file: File, fd: OwnedFd, respond: &mut dyn FnMut(i32) -> Result<(), Errno>) -> Result<(), Errno>;
+
+    /// Gives the program `fd`, a plain kernel file (no ioasid object);
+    /// returns the program's number for it.
+    fn give(&self, fd: OwnedFd) -> Result<i32, Errno>;
+
+    /// Whether these are this process's own descriptors.
+    fn is_local(&self) -> bool {
+        false
+    }
+}
+
+/// This process's descriptors (the shim's program is this process).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ThisProcess;
+
+impl Descriptors for ThisProcess {
+    fn get(&self, fd: i32) -> Result<OwnedFd, Errno> {
+        dup_fd(fd)
+    }
+
+    fn file(&self, fd: i32) -> Option<File> {
+        crate::files::get(fd)
+    }
+
+    fn install(&self, file: File, fd: OwnedFd, respond: &mut dyn FnMut(i32) -> Result<(), Errno>) -> Result<(), Errno> {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        // On failure `fd` closes here, and `file` drops with it.
+        respond(fd.as_raw_fd())?;
+        crate::files::insert(fd.into_raw_fd(), file);
+        Ok(())
+    }
+
+    fn give(&self, fd: OwnedFd) -> Result<i32, Errno> {
+        Ok(std::os::fd::IntoRawFd::into_raw_fd(fd))
+    }
+
+    fn is_local(&self) -> bool {
+        true
     }
 }
 
