@@ -3,7 +3,6 @@
 //! engine's emulated devices behind the mock page-table format.
 
 use core::mem::size_of;
-use std::os::fd::IntoRawFd;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ioasid_engine::device::MockFlags;
@@ -17,7 +16,7 @@ use ioasid_engine::{
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::errno::Errno;
-use crate::files::{self, File};
+use crate::files::File;
 use crate::uapi::io;
 use crate::ucmd::Ucmd;
 use crate::user::new_fd;
@@ -163,12 +162,12 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         IOMMU_TEST_OP_ACCESS_PAGES => access_pages(u, c),
         IOMMU_TEST_OP_DESTROY_ACCESS_PAGES => {
             let a: DestroyAccessPages = c.arm();
-            access_file(c.id)?.driver.destroy_item(a.access_pages_id)
+            access_file(u, c.id)?.driver.destroy_item(a.access_pages_id)
         }
         IOMMU_TEST_OP_ACCESS_RW => access_rw(u, c.id, c.arm()),
         IOMMU_TEST_OP_ACCESS_REPLACE_IOAS => {
             let a: AccessReplaceIoas = c.arm();
-            let f = access_file(c.id)?;
+            let f = access_file(u, c.id)?;
             Ok(f.ctx.access_replace(f.id, IoasId::new(a.ioas_id))?)
         }
         IOMMU_TEST_OP_DIRTY => dirty(u, c),
@@ -207,7 +206,7 @@ pub fn run(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
         IOMMU_TEST_OP_TRIGGER_IOPF => trigger_iopf(u, c.arm()),
         IOMMU_TEST_OP_TRIGGER_VEVENT => trigger_vevent(u, c.arm()),
         IOMMU_TEST_OP_MD_CHECK_MAP => check_map(u, c.id, c.arm()),
-        IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(c.arm()),
+        IOMMU_TEST_OP_MD_CHECK_REFS => check_refs(u, c.arm()),
         // Linux uses it to size an internal batch buffer; the engine has none.
         IOMMU_TEST_OP_SET_TEMP_MEMORY_LIMIT => Ok(()),
         _ => Err(Errno::EOPNOTSUPP),
@@ -333,10 +332,10 @@ fn check_map(u: &Ucmd, hwpt_id: u32, a: CheckMap) -> Res {
         return Err(Errno::EINVAL);
     }
     let hwpt = mock_hwpt(u, hwpt_id)?;
-    let mut pages = SamePage::default();
+    let mut pages = SamePage::new(u.mem.pid());
     let mut off = 0;
     while off < a.length {
-        memory::check_mapped(a.uptr + off, 1)?;
+        u.mem.mapped(a.uptr + off, 1)?;
         let host = hwpt.domain().lookup(a.iova + off).ok_or(Errno::EINVAL)?;
         if !pages.same_byte(host, a.uptr + off)? {
             return Err(Errno::EINVAL);
@@ -346,37 +345,63 @@ fn check_map(u: &Ucmd, hwpt_id: u32, a: CheckMap) -> Res {
     Ok(())
 }
 
-/// Whether two addresses reach the same byte of the same page, as Linux's
-/// mock compares physical pages: the caller may pass its own mapping of a
-/// file the engine maps elsewhere. The process's mappings are read only
-/// once addresses differ, and once per command.
-#[derive(Default)]
-struct SamePage(Option<memory::PageMap>);
+/// Whether a host address and a caller's address reach the same byte of
+/// the same page, as Linux's mock compares physical pages: the caller may
+/// pass its own mapping of a file the engine maps elsewhere, and a daemon's
+/// caller is another process. Mappings are read only once addresses
+/// differ, and once per command.
+struct SamePage {
+    /// The caller, when it is another process.
+    pid: Option<i32>,
+    /// Our mappings and the caller's.
+    maps: Option<(memory::PageMap, Option<memory::PageMap>)>,
+}
 
 impl SamePage {
-    fn same_byte(&mut self, a: u64, b: u64) -> Result<bool, Errno> {
-        if a == b {
+    fn new(pid: Option<i32>) -> Self {
+        SamePage { pid, maps: None }
+    }
+
+    fn same_byte(&mut self, host: u64, theirs: u64) -> Result<bool, Errno> {
+        let Some(pid) = self.pid else {
+            if host == theirs {
+                return Ok(true);
+            }
+            if self.maps.is_none() {
+                self.maps = Some((memory::PageMap::of_self()?, None));
+            }
+            return Ok(self.maps.as_ref().is_some_and(|(m, _)| m.same_byte(host, theirs)));
+        };
+        if pages::origin(host) == Some((pid, theirs)) {
             return Ok(true);
         }
-        if self.0.is_none() {
-            self.0 = Some(memory::PageMap::of_self()?);
+        if self.maps.is_none() {
+            self.maps = Some((memory::PageMap::of_self()?, Some(memory::PageMap::of(pid)?)));
         }
-        Ok(self.0.as_ref().is_some_and(|m| m.same_byte(a, b)))
+        let Some((ours, Some(other))) = &self.maps else { return Ok(false) };
+        Ok(ours.object_at(host).is_some_and(|o| other.object_at(theirs) == Some(o)))
     }
 }
 
 /// Every CPU page of `[uptr, uptr + length)` is pinned exactly `refs` times.
-fn check_refs(a: CheckRefs) -> Res {
+fn check_refs(u: &Ucmd, a: CheckRefs) -> Res {
     if a.length % PAGE_SIZE != 0 || a.uptr % PAGE_SIZE != 0 || a.uptr.checked_add(a.length).is_none() {
         return Err(Errno::EINVAL);
     }
     // Pins of a file's pages count too when `uptr` is the program's own
     // mapping of a file mapped with MAP_FILE, as Linux counts a page's pins.
-    let map = memory::PageMap::of_self()?;
+    let pid = u.mem.pid();
+    let ours = memory::PageMap::of_self()?;
+    let theirs = match pid {
+        Some(pid) => Some(memory::PageMap::of(pid)?),
+        None => None,
+    };
     let mut off = 0;
     while off < a.length {
-        memory::check_mapped(a.uptr + off, 1)?;
-        if pages::pin_count(a.uptr + off) + pages::file_pin_count(&map, a.uptr + off) != a.refs {
+        u.mem.mapped(a.uptr + off, 1)?;
+        let at = a.uptr + off;
+        let files = pages::file_pin_count_in(theirs.as_ref().unwrap_or(&ours), &ours, at);
+        if pages::pin_count_in(pid, at) + files != a.refs {
             return Err(Errno::EIO);
         }
         off += PAGE_SIZE;
@@ -447,8 +472,8 @@ impl Drop for AccessFile {
     }
 }
 
-fn access_file(fd: u32) -> Result<Arc<AccessFile>, Errno> {
-    match files::get(fd as i32) {
+fn access_file(u: &Ucmd, fd: u32) -> Result<Arc<AccessFile>, Errno> {
+    match u.fds()?.file(fd as i32) {
         Some(File::TestAccess(f)) => Ok(f),
         _ => Err(Errno::EBADFD),
     }
@@ -459,19 +484,19 @@ fn create_access(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     if a.flags & !MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    u.local_only()?;
+    let fds = u.fds()?;
     let fd = new_fd(c"ioasid:[iommufd_test_staccess]")?;
     let driver = Arc::new(MockAccessDriver::default());
     let needs_pin = a.flags & MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES != 0;
     let (id, access) = u.ctx.access_create(IoasId::new(c.id), driver.clone(), needs_pin)?;
     driver.access.set(Arc::downgrade(&access)).map_err(|_| Errno::EINVAL)?;
     let file = Arc::new(AccessFile { ctx: u.ctx.clone(), id, driver, access });
-    a.out_access_fd = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
-    c.set_arm(&a);
-    // On failure `file` drops here and destroys the access; `fd` closes.
-    u.respond(&c)?;
-    files::insert(fd.into_raw_fd(), File::TestAccess(file));
-    Ok(())
+    // On failure `file` drops and destroys the access; `fd` closes.
+    fds.install(File::TestAccess(file), fd, &mut |n| {
+        a.out_access_fd = n as u32;
+        c.set_arm(&a);
+        u.respond(&c)
+    })
 }
 
 fn access_pages(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
@@ -482,16 +507,16 @@ fn access_pages(u: &Ucmd, mut c: iommu_test_cmd) -> Res {
     if a.flags & !MOCK_FLAGS_ACCESS_WRITE != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let f = access_file(c.id)?;
+    let f = access_file(u, c.id)?;
     let mut items = f.driver.items.lock().unwrap_or_else(|e| e.into_inner());
     let pages = f.access.pin_pages(a.iova, a.length, a.flags & MOCK_FLAGS_ACCESS_WRITE != 0)?;
     if a.uptr != 0 {
         // The pinned pages must be the caller's pages at `uptr`.
         let first = (a.uptr - (a.iova % PAGE_SIZE)) & !(PAGE_SIZE - 1);
-        let mut same = SamePage::default();
+        let mut same = SamePage::new(u.mem.pid());
         let check = pages.iter().enumerate().try_for_each(|(k, &host)| {
             let expect = first + k as u64 * PAGE_SIZE;
-            memory::check_mapped(expect, 1)?;
+            u.mem.mapped(expect, 1)?;
             if same.same_byte(host, expect)? { Ok(()) } else { Err(Errno::EBADE) }
         });
         if let Err(e) = check {
@@ -519,7 +544,7 @@ fn access_rw(u: &Ucmd, fd: u32, a: AccessRw) -> Res {
     if a.flags & !(MOCK_ACCESS_RW_WRITE | MOCK_ACCESS_RW_SLOW_PATH) != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    let f = access_file(fd)?;
+    let f = access_file(u, fd)?;
     let mut tmp = vec![0u8; a.length as usize];
     if a.flags & MOCK_ACCESS_RW_WRITE != 0 {
         u.mem.read(a.uptr, &mut tmp)?;

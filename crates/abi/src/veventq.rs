@@ -43,8 +43,7 @@ impl VeventqFile {
         let events = self.queue.read(count).ok_or(Errno::EINVAL)?;
         let mut out = Vec::with_capacity(count.min(4096));
         for e in &events {
-            out.extend_from_slice(iommufd_vevent_header { flags: e.flags, sequence: e.sequence }.as_bytes());
-            out.extend_from_slice(&e.data);
+            out.extend_from_slice(&record(e));
         }
         if let Err(e) = mem.write(buf, &out) {
             self.queue.unread(events);
@@ -52,6 +51,22 @@ impl VeventqFile {
         }
         Ok(out.len())
     }
+
+    /// Takes the events waiting that fit in `count` bytes, each as the
+    /// record a `read` gives (header, then data), for a reader that passes
+    /// them on one by one; they count against the queue's depth until
+    /// `moved_read` (see `Veventq::take_moved`).
+    pub fn take_moved(&self, count: usize) -> Vec<Vec<u8>> {
+        self.queue.take_moved(count).iter().map(record).collect()
+    }
+}
+
+/// An event as `read` delivers it.
+fn record(e: &ioasid_engine::veventq::Vevent) -> Vec<u8> {
+    let mut r = Vec::with_capacity(size_of::<iommufd_vevent_header>() + e.data.len());
+    r.extend_from_slice(iommufd_vevent_header { flags: e.flags, sequence: e.sequence }.as_bytes());
+    r.extend_from_slice(&e.data);
+    r
 }
 
 impl Drop for VeventqFile {

@@ -358,6 +358,7 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
         sys_resource: false,
         private_counter: true,
         live_capabilities: false,
+        owner: None,
     }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();

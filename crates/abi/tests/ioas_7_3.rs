@@ -114,6 +114,7 @@ fn pinned_file_mapping(process_mode: bool) -> (Arc<Context>, u32, std::fs::File)
         sys_resource: true,
         private_counter: false,
         live_capabilities: false,
+        owner: None,
     };
     let ctx = Arc::new(Context::with_config(config));
     let mut opt = iommu_option {

@@ -67,8 +67,17 @@ fn pid_key(pid: Option<i32>) -> i32 {
     pid.unwrap_or_else(|| rustix::process::getpid().as_raw_nonzero().get())
 }
 
+/// The effective capability set of process `pid` (`CapEff`), empty when
+/// it cannot be read.
+pub fn capabilities_of(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok()))
+        .unwrap_or(0)
+}
+
 /// The real user ID of process `pid` (`None`: this one).
-fn uid_of(pid: Option<i32>) -> u32 {
+pub fn uid_of(pid: Option<i32>) -> u32 {
     let own = || rustix::process::getuid().as_raw();
     let Some(pid) = pid else { return own() };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -78,11 +87,6 @@ fn uid_of(pid: Option<i32>) -> u32 {
 }
 
 impl Accounting {
-    /// The accounting a caller with these privileges gets in `mode`.
-    pub fn new(mode: AccountMode, exempt: bool, limit: Limit) -> Self {
-        Self::of_process(mode, exempt, limit, None)
-    }
-
     /// The same, for process `pid` (`None`: this one).
     pub fn of_process(mode: AccountMode, exempt: bool, limit: Limit, pid: Option<i32>) -> Self {
         if exempt {
@@ -230,7 +234,7 @@ mod tests {
 
     #[test]
     fn exempt_accounting_never_fails() {
-        let a = Accounting::new(AccountMode::User, true, Limit::Pages(0));
+        let a = Accounting::of_process(AccountMode::User, true, Limit::Pages(0), None);
         a.charge(u64::MAX).unwrap();
         assert_eq!(a.charged(), 0);
     }
@@ -260,8 +264,8 @@ mod tests {
 
     #[test]
     fn process_mode_shares_one_counter() {
-        let a = Accounting::new(AccountMode::Process, false, Limit::Pages(u64::MAX));
-        let b = Accounting::new(AccountMode::Process, false, Limit::Pages(u64::MAX));
+        let a = Accounting::of_process(AccountMode::Process, false, Limit::Pages(u64::MAX), None);
+        let b = Accounting::of_process(AccountMode::Process, false, Limit::Pages(u64::MAX), None);
         let before = b.charged();
         a.charge(3).unwrap();
         assert!(b.charged() >= before + 3);

@@ -316,6 +316,9 @@ pub struct ContextConfig {
     /// capabilities at each use, as Linux's `capable()` is (a program may
     /// drop them after opening `/dev/iommu`), instead of the two fields.
     pub live_capabilities: bool,
+    /// The process whose pins these are, charged to it and held to its
+    /// `RLIMIT_MEMLOCK` (`None`: this one): a daemon's client.
+    pub owner: Option<i32>,
 }
 
 impl ContextConfig {
@@ -328,6 +331,7 @@ impl ContextConfig {
             sys_resource: true,
             private_counter: true,
             live_capabilities: false,
+            owner: None,
         }
     }
 
@@ -339,25 +343,39 @@ impl ContextConfig {
             sys_resource: crate::account::has_capability(CapabilitySet::SYS_RESOURCE),
             private_counter: false,
             live_capabilities: true,
+            owner: None,
+        }
+    }
+
+    /// The privileges of process `pid` (a daemon's client, which opened the
+    /// context), judged from its capabilities at each use.
+    pub fn of_client(pid: i32) -> Self {
+        ContextConfig {
+            memlock_limit: Limit::Rlimit,
+            memlock_exempt: false,
+            sys_resource: false,
+            private_counter: false,
+            live_capabilities: true,
+            owner: Some(pid),
+        }
+    }
+
+    /// Whether the owner holds capability `cap` now.
+    fn capable(&self, cap: CapabilitySet) -> bool {
+        match self.owner {
+            None => crate::account::has_capability(cap),
+            Some(pid) => crate::account::capabilities_of(pid) & cap.bits() != 0,
         }
     }
 
     /// Whether pinned pages go uncharged (`CAP_IPC_LOCK`).
     fn memlock_exempt(&self) -> bool {
-        if self.live_capabilities {
-            crate::account::has_capability(CapabilitySet::IPC_LOCK)
-        } else {
-            self.memlock_exempt
-        }
+        if self.live_capabilities { self.capable(CapabilitySet::IPC_LOCK) } else { self.memlock_exempt }
     }
 
     /// Whether the accounting mode may change (`CAP_SYS_RESOURCE`).
     fn sys_resource(&self) -> bool {
-        if self.live_capabilities {
-            crate::account::has_capability(CapabilitySet::SYS_RESOURCE)
-        } else {
-            self.sys_resource
-        }
+        if self.live_capabilities { self.capable(CapabilitySet::SYS_RESOURCE) } else { self.sys_resource }
     }
 }
 
@@ -447,7 +465,7 @@ impl Context {
             return private.clone();
         }
         let mode = *self.account_mode.lock();
-        Accounting::new(mode, self.config.memlock_exempt(), self.config.memlock_limit)
+        Accounting::of_process(mode, self.config.memlock_exempt(), self.config.memlock_limit, self.config.owner)
     }
 
     /// Pages pinned and charged through this context's counter.
@@ -579,8 +597,25 @@ impl Context {
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let remote = || Pages::remote(pid, uptr, len, perm.write, self.accounting());
+        let remote = || Pages::remote(pid, false, uptr, len, perm.write, self.accounting());
         self.map_pages(ioas, len, iova, perm, uptr, remote)
+    }
+
+    /// Maps `[uptr, uptr + len)` of a daemon client, process `pid`: its
+    /// shared memory is mapped here too (the same pages, reached without a
+    /// system call); its private memory is read and written in the client at
+    /// each access, and a device's DMA into it faults (see `pages`).
+    pub fn map_client(
+        &self,
+        ioas: IoasId,
+        pid: i32,
+        uptr: u64,
+        len: u64,
+        iova: Option<u64>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let client = || Pages::remote(pid, true, uptr, len, perm.write, self.accounting());
+        self.map_pages(ioas, len, iova, perm, uptr, client)
     }
 
     /// Maps `[start, start + len)` of a file (a memfd, typically).

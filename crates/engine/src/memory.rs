@@ -689,6 +689,95 @@ pub(crate) fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
     at >= end
 }
 
+/// Fails with `EFAULT` unless all of `[addr, addr + len)` is mapped
+/// readable in process `pid` (and writable, when `writable`): the check
+/// Linux's pin makes, done on a process whose pages cannot be held here.
+pub fn process_mapped(pid: i32, addr: u64, len: u64, writable: bool) -> Result<()> {
+    let gone = Error::Fault("the other process's memory is not mapped");
+    let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
+    let mut at = addr;
+    for r in maps.lines().filter_map(Region::parse) {
+        if at >= end {
+            break;
+        }
+        if r.end <= at {
+            continue;
+        }
+        if r.start > at || !r.readable || (writable && !r.writable) {
+            return Err(gone);
+        }
+        at = r.end;
+    }
+    if at < end { Err(gone) } else { Ok(()) }
+}
+
+/// A mapping here of the shared memory (a memfd, a `MAP_SHARED` file or
+/// shared anonymous memory) that process `pid` maps at `[addr, addr + len)`:
+/// the same pages, so both see every write at once. `None` unless one
+/// object, at consecutive offsets, is mapped shared across the whole range
+/// and this process may open it (`/proc/<pid>/map_files`, or a descriptor
+/// of it that `pid` holds).
+pub(crate) fn map_process_shared(pid: i32, addr: u64, len: u64, writable: bool) -> Option<FileMapping> {
+    let end = addr.checked_add(len)?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    let mut at = addr;
+    let mut first: Option<Region> = None;
+    for r in maps.lines().filter_map(Region::parse) {
+        if at >= end {
+            break;
+        }
+        if r.end <= at {
+            continue;
+        }
+        if r.start > at || !r.shared || r.inode == 0 || !r.readable || (writable && !r.writable) {
+            return None;
+        }
+        if let Some(f) = &first {
+            let same = f.dev == r.dev && f.inode == r.inode && f.offset + (r.start - f.start) == r.offset;
+            if !same {
+                return None;
+            }
+        }
+        at = r.end;
+        first.get_or_insert(r);
+    }
+    let first = first.filter(|_| at >= end)?;
+    let file = open_process_object(pid, &first)?;
+    use std::os::fd::AsFd;
+    let offset = first.offset + (addr - first.start);
+    FileMapping::new(file.as_fd(), offset, len, writable).ok()
+}
+
+/// Opens the object that `pid` maps at region `r`.
+fn open_process_object(pid: i32, r: &Region) -> Option<std::fs::File> {
+    // Read-write where allowed; a read-only object maps read-only.
+    let open = |path: &std::path::Path| {
+        std::fs::OpenOptions::new().read(true).write(true).open(path).or_else(|_| std::fs::File::open(path)).ok()
+    };
+    let by_map = format!("/proc/{pid}/map_files/{:x}-{:x}", r.start, r.end);
+    if let Some(f) = open(by_map.as_ref()) {
+        return Some(f);
+    }
+    // Without the capability map_files needs: a descriptor of the same
+    // object that the process holds.
+    let (major, minor) = r.dev.split_once(':')?;
+    let (major, minor) = (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(entry.path()) else { continue };
+        let dev = meta.dev();
+        if meta.ino() == r.inode
+            && libc::major(dev) == major
+            && libc::minor(dev) == minor
+            && let Some(f) = open(&entry.path())
+        {
+            return Some(f);
+        }
+    }
+    None
+}
+
 /// This process's mappings, to tell whether two addresses reach the same
 /// page: Linux's mock compares the pages behind addresses, and memory the
 /// engine maps of a file (`IOMMU_IOAS_MAP_FILE`) is at another address than
@@ -700,7 +789,16 @@ pub struct PageMap {
 impl PageMap {
     /// A snapshot of this process's mappings.
     pub fn of_self() -> Result<PageMap> {
-        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|_| Error::Fault("mappings cannot be read"))?;
+        Self::of_file("/proc/self/maps")
+    }
+
+    /// A snapshot of process `pid`'s mappings.
+    pub fn of(pid: i32) -> Result<PageMap> {
+        Self::of_file(&format!("/proc/{pid}/maps"))
+    }
+
+    fn of_file(path: &str) -> Result<PageMap> {
+        let maps = std::fs::read_to_string(path).map_err(|_| Error::Fault("mappings cannot be read"))?;
         let mut regions: Vec<Region> = maps.lines().filter_map(Region::parse).collect();
         regions.sort_by_key(|r| r.start);
         Ok(PageMap { regions })
@@ -891,6 +989,13 @@ impl HostBuffer {
         Self::with_flags(len, 0)
     }
 
+    /// Address space only, which no access may touch: a stand-in address
+    /// for memory that is not here (another process's private memory), so
+    /// that a copy through it faults instead of reaching anything.
+    pub fn window(len: usize) -> Result<Self> {
+        Self::with_prot(len, libc::PROT_NONE, libc::MAP_NORESERVE)
+    }
+
     /// `new` for memory that is mostly never touched (a copy of another
     /// process's sparse memory): no swap is reserved for it, so its size is
     /// not held against the system's commit limit, only the pages written.
@@ -899,17 +1004,14 @@ impl HostBuffer {
     }
 
     fn with_flags(len: usize, flags: libc::c_int) -> Result<Self> {
+        Self::with_prot(len, libc::PROT_READ | libc::PROT_WRITE, flags)
+    }
+
+    fn with_prot(len: usize, prot: libc::c_int, flags: libc::c_int) -> Result<Self> {
         let len = (len.max(1) as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         // SAFETY: a fresh private anonymous mapping; no other user.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
-                -1,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len as usize, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags, -1, 0)
         };
         if p == libc::MAP_FAILED {
             return Err(Error::NoMemory("cannot allocate host memory"));

@@ -47,9 +47,11 @@ enum Backing {
     /// A dma-buf's memory (the mock's), which its exporter may revoke.
     Dmabuf(FileMapping),
     /// Memory of another process (a forked child mapping through the fd it
-    /// shares), reached as the module docs say.
+    /// shares, or a client of the daemon), reached as the module docs say.
     Remote {
         pid: i32,
+        /// A client of the daemon's: its memory is reached coherently.
+        client: bool,
         reach: OnceLock<Reach>,
     },
 }
@@ -65,6 +67,12 @@ enum Reach {
     /// contents), and ours from then on; `taken` holds the page ranges
     /// copied. Ranges not taken are read and written in the process itself.
     Private { copy: HostBuffer, taken: Mutex<Vec<IovaRange>> },
+    /// A client's shared memory, mapped here too: the same pages.
+    Mapped(FileMapping),
+    /// A client's private memory, read and written in the client at every
+    /// access; `window` is address space that stands for it in page tables,
+    /// where a device's DMA faults.
+    Live { window: HostBuffer },
 }
 
 /// The memory behind one mapping (Linux's `iopt_pages`): a run of user
@@ -192,10 +200,20 @@ fn live_pages() -> Vec<Arc<Pages>> {
 /// How many `Pages` hold the user page at `addr` pinned: each pins it once,
 /// however many areas and domains use it.
 pub fn pin_count(addr: u64) -> u32 {
+    pin_count_in(None, addr)
+}
+
+/// `pin_count` of the page at `addr` in process `pid` (`None`: this one).
+pub fn pin_count_in(pid: Option<i32>, addr: u64) -> u32 {
     let page = addr & !(PAGE_SIZE - 1);
+    let whose = |p: &Pages| match (&p.backing, pid) {
+        (Backing::User, None) => true,
+        (Backing::Remote { pid: theirs, .. }, Some(pid)) => *theirs == pid,
+        _ => false,
+    };
     live_pages()
         .iter()
-        .filter(|p| matches!(p.backing, Backing::User) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
+        .filter(|p| whose(p) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
         .filter(|p| {
             let index = (page - p.base) / PAGE_SIZE;
             p.pins.lock().ranges.iter().any(|r| r.start <= index && index <= r.last)
@@ -208,12 +226,18 @@ pub fn pin_count(addr: u64) -> u32 {
 /// memfd it mapped with `IOMMU_IOAS_MAP_FILE`); `map` is a snapshot of the
 /// process's mappings taken since those pages were made.
 pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
-    let Some((dev, ino, off)) = map.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
+    file_pin_count_in(map, map, addr)
+}
+
+/// `file_pin_count` of an address of another process, whose mappings are
+/// `theirs` (ours, where the files' pages are mapped, are `ours`).
+pub fn file_pin_count_in(theirs: &PageMap, ours: &PageMap, addr: u64) -> u32 {
+    let Some((dev, ino, off)) = theirs.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
     live_pages()
         .iter()
         .filter(|p| matches!(p.backing, Backing::File(_)))
         .filter(|p| {
-            let Some((d, i, first)) = map.object_at(p.base) else { return false };
+            let Some((d, i, first)) = ours.object_at(p.base) else { return false };
             let Some(index) = off.checked_sub(first).map(|o| o / PAGE_SIZE) else { return false };
             d == dev && i == ino && index < p.npages && {
                 let pins = p.pins.lock();
@@ -221,6 +245,21 @@ pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
             }
         })
         .count() as u32
+}
+
+/// Where host address `host` (of a page table, standing for a client's
+/// memory) is in that client: `(pid, address)`.
+pub fn origin(host: u64) -> Option<(i32, u64)> {
+    live_pages().iter().find_map(|p| {
+        let Backing::Remote { pid, reach, .. } = &p.backing else { return None };
+        let start = match reach.get()? {
+            Reach::Mapped(map) => map.addr(),
+            Reach::Live { window } => window.addr(),
+            _ => return None,
+        };
+        let off = host.checked_sub(start).filter(|&o| o < p.npages * PAGE_SIZE)?;
+        Some((*pid, p.base + off))
+    })
 }
 
 impl Pages {
@@ -262,24 +301,31 @@ impl Pages {
     /// they are pinned (EFAULT then if they, or the process, are gone).
     pub(crate) fn remote(
         pid: i32,
+        client: bool,
         uptr: u64,
         length: u64,
         writable: bool,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
-        let backing = Backing::Remote { pid, reach: OnceLock::new() };
+        let backing = Backing::Remote { pid, client, reach: OnceLock::new() };
         let (pages, lead) = Self::of_range(uptr, length, writable, Trust::Direct, backing, accounting)?;
-        Ok((Arc::new(pages), lead))
+        Ok((register(pages), lead))
     }
 
     /// How another process's pages are reached, decided once: shared memory
     /// both processes map is used in place; anything else gets room for a
     /// copy (address space only, until pages are taken).
     fn reach(&self) -> Result<Option<(i32, &Reach)>> {
-        let Backing::Remote { pid, reach } = &self.backing else { return Ok(None) };
+        let Backing::Remote { pid, client, reach } = &self.backing else { return Ok(None) };
         if reach.get().is_none() {
             let len = self.npages * PAGE_SIZE;
-            let r = if memory::shared_with(*pid, self.base, len) {
+            let window = || usize::try_from(len).map_err(|_| Error::NoMemory("too large"));
+            let r = if *client {
+                match memory::map_process_shared(*pid, self.base, len, self.writable) {
+                    Some(map) => Reach::Mapped(map),
+                    None => Reach::Live { window: HostBuffer::window(window()?)? },
+                }
+            } else if memory::shared_with(*pid, self.base, len) {
                 Reach::Shared
             } else {
                 let copy = HostBuffer::sparse(usize::try_from(len).map_err(|_| Error::NoMemory("too large"))?)?;
@@ -294,7 +340,17 @@ impl Pages {
     /// Takes the pages `range` (page indexes) of another process's private
     /// memory that are not ours yet; a no-op for every other kind of pages.
     fn take(&self, range: IovaRange) -> Result<()> {
-        let Some((pid, Reach::Private { copy, taken })) = self.reach()? else { return Ok(()) };
+        let Some((pid, reach)) = self.reach()? else { return Ok(()) };
+        let (copy, taken) = match reach {
+            Reach::Private { copy, taken } => (copy, taken),
+            // Held in the client as long as it keeps them mapped: pinning
+            // checks that they are, as Linux's pin does.
+            Reach::Live { .. } => {
+                let (at, len) = (range.start * PAGE_SIZE, range.len() * PAGE_SIZE);
+                return memory::process_mapped(pid, self.base + at, len, self.writable);
+            }
+            _ => return Ok(()),
+        };
         let mut taken = taken.lock();
         for hole in iova::holes(&taken, range) {
             let (at, len) = (hole.start * PAGE_SIZE, hole.len() * PAGE_SIZE);
@@ -312,8 +368,13 @@ impl Pages {
         let copy = |trust, host, buf: &mut [u8]| {
             if write { memory::write(trust, host, buf) } else { memory::read(trust, host, buf) }
         };
-        let Some((pid, Reach::Private { copy: ours, taken })) = self.reach()? else {
-            return copy(self.trust(), self.host_addr(offset), buf);
+        let (pid, ours, taken) = match self.reach()? {
+            Some((pid, Reach::Private { copy: ours, taken })) => (pid, ours, taken),
+            Some((pid, Reach::Live { .. })) => {
+                let at = self.base + offset;
+                return if write { memory::write_process(pid, at, buf) } else { memory::read_process(pid, at, buf) };
+            }
+            _ => return copy(self.trust(), self.host_addr(offset), buf),
         };
         let taken = taken.lock();
         let mut done = 0;
@@ -399,7 +460,11 @@ impl Pages {
 
     pub(crate) fn trust(&self) -> Trust {
         match &self.backing {
-            Backing::Remote { reach, .. } if matches!(reach.get(), Some(Reach::Shared)) => Trust::Checked,
+            Backing::Remote { reach, .. }
+                if matches!(reach.get(), Some(Reach::Shared | Reach::Mapped(_) | Reach::Live { .. })) =>
+            {
+                Trust::Checked
+            }
             _ => self.trust,
         }
     }
@@ -414,6 +479,8 @@ impl Pages {
         match &self.backing {
             Backing::Remote { reach, .. } => match reach.get() {
                 Some(Reach::Private { copy, .. }) => copy.addr() + offset,
+                Some(Reach::Mapped(map)) => map.addr() + offset,
+                Some(Reach::Live { window }) => window.addr() + offset,
                 _ => self.base + offset,
             },
             _ => self.base + offset,

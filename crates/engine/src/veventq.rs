@@ -62,6 +62,9 @@ struct Inner {
     events: VecDeque<Vevent>,
     /// Real events queued (the lost marker is not one).
     queued: usize,
+    /// Real events taken with `take_moved` that the reader has not read yet:
+    /// they still count against the depth.
+    moved: usize,
     sequence: u32,
 }
 
@@ -105,7 +108,7 @@ impl Veventq {
         let mut q = self.inner();
         let sequence = q.sequence;
         q.sequence = (q.sequence + 1) & i32::MAX as u32;
-        if q.queued >= self.depth {
+        if q.queued + q.moved >= self.depth {
             match q.events.back_mut() {
                 Some(last) if last.is_lost_marker() => last.sequence = sequence,
                 _ => q.events.push_back(Vevent { flags: LOST_EVENTS, sequence, data: Vec::new() }),
@@ -142,6 +145,20 @@ impl Veventq {
         drop(q);
         self.notify(ready);
         Some(out)
+    }
+
+    /// `read`, for a reader that moves the events somewhere the program
+    /// reads them later (the daemon's socket): they count against the depth
+    /// until `moved_read` says the program has read them all.
+    pub fn take_moved(&self, room: usize) -> Vec<Vevent> {
+        let taken = self.read(room).unwrap_or_default();
+        self.inner().moved += taken.iter().filter(|e| !e.is_lost_marker()).count();
+        taken
+    }
+
+    /// Every event `take_moved` took has been read.
+    pub fn moved_read(&self) {
+        self.inner().moved = 0;
     }
 
     /// Puts back, in front and in order, events `read` took but that could
