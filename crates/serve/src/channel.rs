@@ -1,0 +1,135 @@
+//! The daemon's side of the shim's channels (see [`wire`](crate::wire)):
+//! a listening socket, and a thread per connected process.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use ioasid_abi::Errno;
+
+use crate::daemon::{Daemon, Installer, Peer};
+use crate::wire::{self, Msg};
+
+/// Accepts channels on `listener` until it fails, serving each on a thread
+/// of its own.
+pub fn serve(daemon: Arc<Daemon>, listener: OwnedFd) -> std::io::Result<()> {
+    loop {
+        let sock = match rustix::net::accept_with(&listener, rustix::net::SocketFlags::CLOEXEC) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::CONNABORTED) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let d = daemon.clone();
+        std::thread::Builder::new().name("ioasid-channel".into()).spawn(move || channel(&d, sock))?;
+    }
+}
+
+/// The descriptors a command makes go to the program over its channel.
+struct Shim<'a> {
+    sock: &'a OwnedFd,
+}
+
+impl Installer for Shim<'_> {
+    fn install(&self, fd: OwnedFd, cloexec: bool, kind: u64) -> Result<i32, Errno> {
+        let mut m = Msg::new(wire::INSTALL);
+        m.request = u32::from(cloexec);
+        m.arg = kind;
+        wire::send(self.sock.as_fd(), &m, &[fd.as_fd()]).map_err(|e| Errno(e.raw_os_error()))?;
+        drop(fd);
+        match wire::recv(self.sock.as_fd()) {
+            Ok(Some((m, fds))) if m.kind == wire::INSTALLED && fds.is_empty() => {
+                m.result().map(|n| n as i32).map_err(Errno)
+            }
+            // The shim broke the protocol or went away; the command fails
+            // and the channel ends at its next read.
+            _ => Err(Errno(libc::EPIPE)),
+        }
+    }
+
+    fn uninstall(&self, n: i32) {
+        let mut m = Msg::new(wire::UNINSTALL);
+        m.fd = n;
+        let _ = wire::send(self.sock.as_fd(), &m, &[]);
+    }
+}
+
+/// Serves one process's channel until it hangs up or breaks the protocol.
+fn channel(daemon: &Daemon, sock: OwnedFd) {
+    let Ok(cred) = rustix::net::sockopt::socket_peercred(&sock) else { return };
+    let (pid, uid) = (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw());
+    let shim = Shim { sock: &sock };
+    let peer = match Peer::new(daemon, pid, uid, &shim) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(pid, errno = e.0, "cannot reach a new client");
+            return;
+        }
+    };
+    tracing::debug!(pid, uid, "client connected");
+    loop {
+        let msg = match wire::recv(sock.as_fd()) {
+            Ok(Some((m, _))) => m,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "a client broke the protocol; its channel is closed");
+                break;
+            }
+        };
+        daemon.reap(false);
+        // The caller's failure injection runs on this thread for the call.
+        let tid = ioasid_engine::inject::current_tid();
+        ioasid_engine::inject::set_fail_nth(tid, msg.fail_nth);
+        let (mut reply, fds) = answer(daemon, &peer, &msg);
+        reply.fail_nth = ioasid_engine::inject::fail_nth(tid);
+        ioasid_engine::inject::set_fail_nth(tid, 0);
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        if wire::send(sock.as_fd(), &reply, &fds).is_err() {
+            break;
+        }
+    }
+    tracing::debug!(pid, "client disconnected");
+}
+
+fn answer(daemon: &Daemon, peer: &Peer<'_>, msg: &Msg) -> (Msg, Vec<OwnedFd>) {
+    let errno = |e: Errno| (Msg::reply(Err(e.0)), Vec::new());
+    match msg.kind {
+        wire::OPEN => match daemon.open(peer.pid, peer.uid) {
+            Ok(fd) => (Msg::reply(Ok(0)), vec![fd]),
+            Err(e) => errno(e),
+        },
+        wire::IOCTL => {
+            let file = match peer.copy(msg.fd) {
+                Ok(f) => f,
+                Err(e) => return errno(e),
+            };
+            match daemon.ioctl(peer, &file, msg.request, msg.arg) {
+                Some(r) => (Msg::reply(r.map_err(|e| e.0)), Vec::new()),
+                None => (Msg::new(wire::NOT_OURS), Vec::new()),
+            }
+        }
+        wire::MMAP => {
+            let r = peer.copy(msg.fd).and_then(|file| {
+                let len = usize::try_from(msg.arg2).map_err(|_| Errno::EINVAL)?;
+                daemon.mmap(peer, &file, len, msg.request as i32, msg.value as i32, msg.arg as i64)
+            });
+            match r {
+                Ok((memory, hold)) => (Msg::reply(Ok(0)), vec![memory, hold]),
+                Err(e) => errno(e),
+            }
+        }
+        wire::FLUSH => {
+            daemon.flush_queues();
+            (Msg::reply(Ok(0)), Vec::new())
+        }
+        wire::PAGES => {
+            let pid = msg.arg as i32;
+            // Another user's processes are not this client's to ask about.
+            if ioasid_engine::account::uid_of(Some(pid)) != peer.uid && peer.uid != 0 {
+                return errno(Errno(libc::EPERM));
+            }
+            let (locked, pinned) = ioasid_engine::account::process_pages(Some(pid));
+            let n = if msg.request == 1 { locked } else { pinned };
+            (Msg::reply(Ok(n as i64)), Vec::new())
+        }
+        _ => errno(Errno::EINVAL),
+    }
+}

@@ -1,0 +1,57 @@
+//! What one user of the daemon may hold. Each user (by the uid the kernel
+//! reports for its connection) has its own count, so one client filling its
+//! share leaves every other's untouched; over a limit, the command that
+//! would pass it fails with the errno Linux gives for the same exhaustion.
+
+use ioasid_abi::files::File;
+
+use crate::daemon::Holding;
+use ioasid_abi::Errno;
+
+/// The limits, per user.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open iommufds (contexts).
+    pub contexts: u32,
+    /// Other files: fault queues, vEVENTQs, selftest accesses, and the
+    /// holds of mapped memory.
+    pub files: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { contexts: 1024, files: 4096 }
+    }
+}
+
+/// One user's count.
+#[derive(Debug, Default)]
+pub struct Usage {
+    contexts: u32,
+    files: u32,
+}
+
+impl Usage {
+    /// Counts `file`: `EMFILE` past the user's limit (as a process out of
+    /// descriptors).
+    pub fn charge(&mut self, limits: &Limits, what: &Holding) -> Result<(), Errno> {
+        let (n, max) = match what {
+            Holding::File(File::Iommufd(_)) => (&mut self.contexts, limits.contexts),
+            _ => (&mut self.files, limits.files),
+        };
+        if *n >= max {
+            tracing::warn!(limit = max, "a client reached its limit of open files");
+            return Err(Errno(libc::EMFILE));
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    pub fn release(&mut self, what: &Holding) {
+        let n = match what {
+            Holding::File(File::Iommufd(_)) => &mut self.contexts,
+            _ => &mut self.files,
+        };
+        *n = n.saturating_sub(1);
+    }
+}
