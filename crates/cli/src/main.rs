@@ -2,6 +2,7 @@
 
 mod demo;
 mod run;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -24,17 +25,49 @@ enum Command {
         /// Repeat for several; `--device help` lists the models.
         #[arg(long = "device", value_name = "SPEC")]
         devices: Vec<String>,
+        /// Contexts live in the daemon listening at PATH (`ioasid serve`),
+        /// not in the program: they outlive it and are shared with whatever
+        /// process it passes its descriptors to.
+        #[arg(long, value_name = "PATH", conflicts_with = "devices")]
+        socket: Option<std::path::PathBuf>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
     },
+    /// Serve I/O address spaces to other processes (in the foreground; stop with SIGTERM).
+    Serve {
+        /// The socket to listen on [default: /run/ioasid.sock as root,
+        /// $XDG_RUNTIME_DIR/ioasid.sock otherwise]; ignored when systemd
+        /// passes one (socket activation).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<std::path::PathBuf>,
+        /// The socket file's permissions: who may connect. Each user then
+        /// reaches only its own contexts and those it is handed.
+        #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = octal)]
+        mode: u32,
+        /// Open iommufds each user may have.
+        #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().contexts)]
+        max_contexts: u32,
+        /// Other open files (fault queues, vEVENTQs) each user may have.
+        #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().files)]
+        max_files: u32,
+    },
+}
+
+fn octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8).map_err(|e| format!("not an octal mode: {e}"))
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => demo::run(&mut std::io::stdout().lock()),
-        Command::Run { devices, command } => run::run(&devices, &command),
+        Command::Run { devices, socket, command } => run::run(&devices, socket.as_deref(), &command),
+        Command::Serve { socket, mode, max_contexts, max_files } => serve::serve(serve::Options {
+            socket,
+            mode,
+            limits: ioasid_serve::limits::Limits { contexts: max_contexts, files: max_files },
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -33,10 +33,26 @@ pub fn find_preload() -> Result<PathBuf, String> {
     ))
 }
 
+/// The daemon's socket, absolute (the program may change directory), once
+/// it is known to answer.
+fn daemon_at(path: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let path = std::path::absolute(path)?;
+    let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    rustix::net::connect(&sock, &SocketAddrUnix::new(&path)?).map_err(|e| {
+        format!("no ioasid daemon answers at {} ({e}); start one with `ioasid serve --socket {0}`", path.display())
+    })?;
+    Ok(path)
+}
+
 /// Runs `command` under the shim. Without devices the program replaces
 /// this process; with them, this process stays to remove their sysfs tree
 /// when the program ends, and ends as it did.
-pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(
+    devices: &[String],
+    socket: Option<&std::path::Path>,
+    command: &[OsString],
+) -> Result<(), Box<dyn std::error::Error>> {
     if devices.iter().any(|d| d == "help") {
         println!("device models (--device MODEL[,bdf=DDDD:BB:DD.F][,iommu=NAME][,pasid=BITS][,pri=on]):");
         for (name, what) in ioasid_engine::pci::models() {
@@ -56,6 +72,9 @@ pub fn run(devices: &[String], command: &[OsString]) -> Result<(), Box<dyn std::
     }
     let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(&command[1..]).env("LD_PRELOAD", preload);
+    if let Some(path) = socket {
+        cmd.env("IOASID_SOCKET", daemon_at(path)?);
+    }
     if devices.is_empty() {
         let err = cmd.exec();
         return Err(format!("cannot run {}: {err}", command[0].to_string_lossy()).into());

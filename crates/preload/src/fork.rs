@@ -91,6 +91,9 @@ struct Forking {
     /// (a child holding its sibling's server end would keep that sibling
     /// from seeing its parent go).
     serving: MutexGuard<'static, Vec<RawFd>>,
+    /// The daemon's channel (daemon mode), which no thread may be using
+    /// when the child starts; the child opens its own.
+    _daemon: Option<MutexGuard<'static, Option<ioasid_serve::client::Chan>>>,
     /// For the child: a new link to each process this one has a link to.
     upstream: Vec<(Owner, RawFd)>,
     /// The link between this process (first) and the child (second).
@@ -210,7 +213,8 @@ extern "C" fn prepare() {
     };
     let owner = files::this_process();
     let serving = serving();
-    let forking = Forking { _shield: shield, links, serving, upstream, pair, served, owner };
+    let _daemon = crate::daemon::hold();
+    let forking = Forking { _shield: shield, links, serving, _daemon, upstream, pair, served, owner };
     FORKING.with(|f| *f.borrow_mut() = Some(forking));
 }
 

@@ -69,6 +69,9 @@ fn sys_path(path: *const c_char) -> Option<std::ffi::CString> {
 
 /// A new context behind a real descriptor.
 fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
+    if let Some(opened) = crate::daemon::open(flags) {
+        return opened;
+    }
     let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
     let fd = std::os::fd::IntoRawFd::into_raw_fd(fd);
     files::insert(fd, File::Iommufd(Arc::new(Context::new())));
@@ -297,7 +300,15 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
     let raw = || unsafe { real::ioctl()(fd, request, arg) };
     let fwd = || unshielded(raw);
     hook(raw, || {
-        let Some(entry) = files::lookup(fd) else { return fwd() };
+        let Some(entry) = files::lookup(fd) else {
+            return match crate::daemon::ioctl(fd, request as u32, arg as u64) {
+                Some(r) => r.unwrap_or_else(|e| {
+                    set_errno(e);
+                    -1
+                }),
+                None => fwd(),
+            };
+        };
         let result = match &entry.file {
             // A forked child's copy of a device is not the device: its
             // registers and interrupts live in the parent.
@@ -483,6 +494,7 @@ macro_rules! rw_hook {
                 File::VfioDevice(d) => at_position(fd, at, |off| d.$device(&InProcess, buf as u64, count, off)),
                 _ => $ours(file, buf, count, offset),
             })
+                .or_else(|| crate::daemon::queue_rw(fd, &call).map(finish))
                 // SAFETY: forwarding the caller's own arguments.
                 .unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }
@@ -978,6 +990,21 @@ macro_rules! mmap_hook {
                 files::lookup(fd)
             };
             let Some(entry) = entry else {
+                let from_daemon = if fd < 0 || flags & libc::MAP_ANONYMOUS != 0 || IN_HOOK.with(|h| h.get()) {
+                    None
+                } else {
+                    // SAFETY: the caller's own request, of memory the daemon gave in
+                    // place of the descriptor it named.
+                    crate::daemon::mmap(fd, len, prot, flags, off, |memory| unsafe {
+                        real(addr, len, prot, flags, memory, 0)
+                    })
+                };
+                if let Some(r) = from_daemon {
+                    return r.unwrap_or_else(|e| {
+                        set_errno(e);
+                        libc::MAP_FAILED
+                    });
+                }
                 // SAFETY: forwarding the caller's own arguments.
                 let p = unsafe { real(addr, len, prot, flags, fd, off) };
                 if p != libc::MAP_FAILED && flags & libc::MAP_FIXED != 0 {
@@ -1016,7 +1043,10 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
 /// The kernel's call already succeeded, so a panic here must neither unwind
 /// into the C caller nor turn that success into a failure.
 fn forget_regions(addr: u64, len: u64) {
-    let _ = std::panic::catch_unwind(|| ioasid_abi::mmap::unmapped(addr, len));
+    let _ = std::panic::catch_unwind(|| {
+        ioasid_abi::mmap::unmapped(addr, len);
+        crate::daemon::unmapped(addr, len);
+    });
 }
 
 #[cfg(test)]

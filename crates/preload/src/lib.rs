@@ -9,8 +9,10 @@
 //! engine reading `/proc`, say) go straight to the C library. A child forked
 //! afterwards has its ioctls on what it inherited carried out by its parent
 //! (see `fork`). Which paths name the device, and what `stat` says of it,
-//! is `paths`'s business.
+//! is `paths`'s business. With `IOASID_SOCKET` set, contexts live in the
+//! daemon instead (see `daemon`).
 
+mod daemon;
 mod fail_nth;
 mod fork;
 mod hooks;

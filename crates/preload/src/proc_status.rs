@@ -32,7 +32,8 @@ pub fn open(path: &CStr, pid: i32, flags: c_int) -> Option<Result<c_int, c_int>>
     if flags & libc::O_ACCMODE != libc::O_RDONLY {
         return None;
     }
-    let (locked, pinned) = (fork::charged_pages(pid, true), fork::charged_pages(pid, false));
+    let pages = |locked| fork::charged_pages(pid, locked) + crate::daemon::charged_pages(pid, locked);
+    let (locked, pinned) = (pages(true), pages(false));
     if locked == 0 && pinned == 0 {
         return None;
     }
