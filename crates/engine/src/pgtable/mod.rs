@@ -258,11 +258,12 @@ impl DirtyBits {
 }
 
 /// One table's allocation: the table at its start, 4 KiB-aligned as
-/// hardware wants it, then its dirty bits. (With the system allocator a
+/// hardware wants it, then its dirty bits and its count of present
+/// entries (`Table::present`). (With the system allocator a
 /// 4 KiB-aligned table already takes the next page's address space, so
 /// the bits cost no more memory than the table alone did.)
 const NODE: Layout = match Layout::from_size_align(
-    std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>(),
+    std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>() + std::mem::size_of::<AtomicU64>(),
     std::mem::align_of::<Table>(),
 ) {
     Ok(layout) => layout,
@@ -307,7 +308,7 @@ impl Table {
     /// A new empty table with clean dirty bits, as an address for entries.
     fn alloc() -> u64 {
         // SAFETY: `NODE` has a nonzero size; all-zero bytes are empty
-        // entries and clean bits.
+        // entries, clean bits and a present count of zero.
         let p = unsafe { std::alloc::alloc_zeroed(NODE) };
         if p.is_null() {
             std::alloc::handle_alloc_error(NODE);
@@ -335,9 +336,31 @@ impl Table {
         unsafe { &*(bits as *const DirtyBits) }
     }
 
+    /// How many entries are present, kept after the dirty bits in the same
+    /// allocation by the writers (serialised), so that an unmap learns
+    /// whether it emptied a table without scanning its 512 entries.
+    #[inline]
+    fn present(&self) -> &AtomicU64 {
+        let at = self as *const Table as usize + std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>();
+        // SAFETY: every table is made by `Table::alloc`, whose allocation
+        // (`NODE`) holds the count right after the dirty bits, 8-aligned as
+        // both are, live as long as the table.
+        unsafe { &*(at as *const AtomicU64) }
+    }
+
+    /// Counts entries made present (`delta` 1) or empty (`delta` -1).
+    #[inline]
+    fn occupy(&self, delta: i64) {
+        let n = self.present();
+        // Writers are serialised: no read-modify-write needed.
+        n.store(n.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
+    }
+
     /// Whether no entry is present.
     fn is_empty(&self) -> bool {
-        self.0.iter().all(|e| e.load(Ordering::Relaxed) == 0)
+        let empty = self.present().load(Ordering::Relaxed) == 0;
+        debug_assert_eq!(empty, self.0.iter().all(|e| e.load(Ordering::Relaxed) == 0), "present count");
+        empty
     }
 
     fn index<F: Format>(iova: u64, level: u32) -> usize {
@@ -586,6 +609,7 @@ impl MapOp {
                 let pte = F::leaf(host, level, self.perm, self.trust);
                 table.dirty().set(e.index, starts_dirty::<F>(pte, level));
                 e.slot.store(pte, Ordering::Release);
+                table.occupy(1);
                 continue;
             }
             let child = match existing {
@@ -595,6 +619,7 @@ impl MapOp {
                     crate::inject::check("page table")?;
                     let t = spares.take();
                     e.slot.store(F::table(t, level), Ordering::Release);
+                    table.occupy(1);
                     t
                 }
             };
@@ -610,6 +635,7 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
             Pte::None => {}
             Pte::Leaf { .. } if e.whole() => {
                 e.slot.store(0, Ordering::Release);
+                table.occupy(-1);
                 table.dirty().set(e.index, false);
             }
             Pte::Leaf { addr, perm, trust, .. } => {
@@ -624,11 +650,13 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
                     child.dirty().set(i, starts_dirty::<F>(pte, level - 1));
                     s.store(pte, Ordering::Relaxed);
                 }
+                child.present().store(ENTRIES as u64, Ordering::Relaxed);
                 table.dirty().set(e.index, false);
                 e.slot.store(F::table(t, level), Ordering::Release);
                 unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
                 if child.is_empty() {
                     e.slot.store(0, Ordering::Release);
+                    table.occupy(-1);
                     spares.retire(Retired { table: t as usize, level: level - 1, clean: true }, guard);
                 }
             }
@@ -642,6 +670,7 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
                 };
                 if e.whole() || clean {
                     e.slot.store(0, Ordering::Release);
+                    table.occupy(-1);
                     spares.retire(Retired { table: next as usize, level: level - 1, clean }, guard);
                 }
             }
@@ -748,6 +777,7 @@ impl<F: Format> Spares<F> {
                 }
                 e.store(0, Ordering::Relaxed);
             }
+            t.present().store(0, Ordering::Relaxed);
         }
         t.dirty().reset();
         r.table as u64
