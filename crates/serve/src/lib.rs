@@ -10,3 +10,5 @@
 //! Either way the program's iommufd is a real kernel file (a socket whose
 //! other end the daemon holds), so `dup`, `fork`, `exec` and `SCM_RIGHTS`
 //! share it as they share Linux's, and the last close frees the context.
+
+pub mod supervise;
