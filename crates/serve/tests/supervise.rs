@@ -19,6 +19,7 @@ const TOY_ADD: u32 = 0xc008_3b70; // _IOWR(';', 0x70, uint64_t): *arg += 1000, r
 const TOY_TID: u32 = 0x0000_6971; // _IO('i', 0x71): returns the calling thread
 const TOY_PID: u32 = 0x0000_6972; // _IO('i', 0x72): returns the calling process
 const TOY_SLOW: u32 = 0x0000_3b73; // _IO(';', 0x73): counts itself after 20 ms, returns 0
+const TOY_NEWFD: u32 = 0x0000_3b74; // _IO(';', 0x74): returns a new close-on-exec pipe holding "x"
 
 /// `/dev/iommu` is a socketpair end; the handler keeps the other and knows
 /// its program ends by inode.
@@ -75,6 +76,11 @@ impl Handler for Toy {
                 std::thread::sleep(Duration::from_millis(20));
                 self.slow.fetch_add(1, Ordering::SeqCst);
                 Ok(0)
+            }
+            TOY_NEWFD => {
+                let (read, write) = rustix::pipe::pipe().unwrap();
+                rustix::io::write(&write, b"x").unwrap();
+                call.install(read, true).map(i64::from)
             }
             _ => Err(Errno::EOPNOTSUPP),
         })
@@ -141,6 +147,7 @@ const PROGRAM: &str = r#"
 #define TOY_ADD _IOWR(';', 0x70, uint64_t)
 #define TOY_TID _IO('i', 0x71)
 #define TOY_PID _IO('i', 0x72)
+#define TOY_NEWFD _IO(';', 0x74)
 #define TOY_OTHER _IO(';', 0x7f)
 
 static long add(int fd, uint64_t *x, int raw) {
@@ -184,6 +191,9 @@ int main(int argc, char **argv) {
     try_add("raw", iommu, 6, 1);
     printf("tid %d\n", ioctl(iommu, TOY_TID) == gettid());
     show("other", ioctl(iommu, TOY_OTHER), 0);
+    int newfd = ioctl(iommu, TOY_NEWFD);
+    char c = 0;
+    printf("newfd %d %d %d\n", newfd > iommu, fcntl(newfd, F_GETFD) == FD_CLOEXEC, read(newfd, &c, 1) == 1 && c == 'x');
 
     int dup_fd = dup(iommu);
     try_add("dup", dup_fd, 10, 0);
@@ -261,6 +271,7 @@ libc 7 0 1005
 raw 7 0 1006
 tid 1
 other -1 95 0
+newfd 1 1 1
 dup 7 0 1010
 closed -1 9 0
 pipe -1 25 0
