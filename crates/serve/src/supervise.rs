@@ -138,6 +138,9 @@ pub fn spawn(cmd: Command) -> io::Result<(Child, OwnedFd)> {
 pub fn spawn_with_filter(mut cmd: Command, program: Vec<libc::sock_filter>) -> io::Result<(Child, OwnedFd)> {
     let (ours, theirs) =
         rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    // Above stdio, which the child sets up (dup2 over 0-2) before the hook
+    // runs: a parent with stdin closed would otherwise lose the sender.
+    let theirs = rustix::io::fcntl_dupfd_cloexec(&theirs, 3)?;
     let sender = theirs.as_raw_fd();
     // SAFETY: the hook runs in the forked child before exec and makes only
     // async-signal-safe system calls, on memory (the filter) built before
@@ -335,6 +338,7 @@ fn answer(listener: BorrowedFd<'_>, handler: &dyn Handler, notif: &libc::seccomp
     };
     let call = Call { listener, id: notif.id, pid, tid };
     let nr = notif.data.nr as libc::c_long;
+    tracing::trace!(id = notif.id, tid, nr, "supervised call");
     let answer = if nr == libc::SYS_ioctl {
         ioctl(&call, handler, &notif.data.args)
     } else if OPEN_SYSCALLS.contains(&nr) {
