@@ -17,4 +17,5 @@ pub mod client;
 pub mod daemon;
 pub mod limits;
 mod pump;
+pub mod supervise;
 pub mod wire;
