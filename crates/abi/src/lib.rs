@@ -11,6 +11,7 @@ pub mod fault;
 pub mod files;
 pub mod hw_queue;
 pub mod mmap;
+pub mod proc_status;
 pub mod selftest;
 pub mod uapi;
 mod ucmd;
