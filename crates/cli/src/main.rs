@@ -30,6 +30,12 @@ enum Command {
         /// process it passes its descriptors to.
         #[arg(long, value_name = "PATH", conflicts_with = "devices")]
         socket: Option<std::path::PathBuf>,
+        /// Without the preload shim: the program's opens and iommufd ioctls
+        /// are answered through seccomp user notification, so statically
+        /// linked programs and raw system calls get /dev/iommu too (by this
+        /// process, or by the daemon given with --socket).
+        #[arg(long, conflicts_with = "devices")]
+        supervised: bool,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
@@ -62,7 +68,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => demo::run(&mut std::io::stdout().lock()),
-        Command::Run { devices, socket, command } => run::run(&devices, socket.as_deref(), &command),
+        Command::Run { devices, socket, supervised, command } => {
+            run::run(&devices, socket.as_deref(), supervised, &command)
+        }
         Command::Serve { socket, mode, max_contexts, max_files } => serve::serve(serve::Options {
             socket,
             mode,

@@ -51,8 +51,12 @@ fn daemon_at(path: &std::path::Path) -> Result<std::path::PathBuf, Box<dyn std::
 pub fn run(
     devices: &[String],
     socket: Option<&std::path::Path>,
+    supervised: bool,
     command: &[OsString],
 ) -> Result<(), Box<dyn std::error::Error>> {
+    if supervised {
+        return run_supervised(socket, command);
+    }
     if devices.iter().any(|d| d == "help") {
         println!("device models (--device MODEL[,bdf=DDDD:BB:DD.F][,iommu=NAME][,pasid=BITS][,pri=on]):");
         for (name, what) in ioasid_engine::pci::models() {
@@ -82,9 +86,53 @@ pub fn run(
     let specs = DeviceSpec::parse_list(&devices.join(";")).map_err(|e| format!("--device: {e}"))?;
     let list: Vec<String> = specs.iter().map(DeviceSpec::to_arg).collect();
     declared::declare(specs)?;
-    // A termination sent to this process alone (`timeout`, `kill`) is passed
-    // on to the program, or held until it is started: from here on this
-    // process always waits for the program and removes the tree.
+    pass_termination_on();
+    let tree = SysfsTree::new()?;
+    sysfs::write_tree(&tree.0, declared::all()).map_err(|e| format!("cannot write the devices' sysfs tree: {e}"))?;
+    cmd.env(declared::ENV, list.join(";")).env(sysfs::ENV, &tree.0);
+    let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", command[0].to_string_lossy()))?;
+    wait_and_end(child, tree)
+}
+
+/// `ioasid run --supervised`: the program runs without the shim, under a
+/// seccomp filter whose notifications this process (or the daemon at
+/// `socket`) answers.
+fn run_supervised(socket: Option<&std::path::Path>, command: &[OsString]) -> Result<(), Box<dyn std::error::Error>> {
+    let daemon = match socket {
+        Some(path) => {
+            let path = daemon_at(path)?;
+            let path = std::ffi::CString::new(path.into_os_string().into_encoded_bytes())?;
+            Err(ioasid_serve::client::Client::new(path, |_, _| {}))
+        }
+        None => Ok(ioasid_serve::daemon::Daemon::new(ioasid_serve::limits::Limits::default())?),
+    };
+    pass_termination_on();
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    let (child, listener) = ioasid_serve::supervise::spawn(cmd)
+        .map_err(|e| format!("cannot run {} supervised: {e}", command[0].to_string_lossy()))?;
+    match daemon {
+        Ok(local) => {
+            std::thread::Builder::new()
+                .name("ioasid-supervise".into())
+                .spawn(move || ioasid_serve::supervise::serve(listener, local))?;
+        }
+        Err(remote) => {
+            if let Err(e) = remote.supervise(listener) {
+                // SAFETY: the program cannot be served; it must not run on.
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                return Err(format!("the daemon refused to serve the program: {}", std::io::Error::from_raw_os_error(e))
+                    .into());
+            }
+        }
+    }
+    wait_and_end(child, ())
+}
+
+/// A termination sent to this process alone (`timeout`, `kill`) is passed
+/// on to the program, or held until it is started: from here on this
+/// process always waits for the program.
+fn pass_termination_on() {
     // SAFETY: `forward` only touches atomics and calls the async-signal-safe
     // `kill`; exec resets handled signals in the program.
     unsafe {
@@ -92,10 +140,11 @@ pub fn run(
             libc::signal(sig, forward as extern "C" fn(libc::c_int) as libc::sighandler_t);
         }
     }
-    let tree = SysfsTree::new()?;
-    sysfs::write_tree(&tree.0, declared::all()).map_err(|e| format!("cannot write the devices' sysfs tree: {e}"))?;
-    cmd.env(declared::ENV, list.join(";")).env(sysfs::ENV, &tree.0);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", command[0].to_string_lossy()))?;
+}
+
+/// Waits for the program, then drops `keep` (what the run leaves behind)
+/// and ends as the program did.
+fn wait_and_end(mut child: std::process::Child, keep: impl Sized) -> Result<(), Box<dyn std::error::Error>> {
     CHILD.store(child.id() as i32, Ordering::SeqCst);
     let held = HELD.swap(0, Ordering::SeqCst);
     if held != 0 {
@@ -115,7 +164,7 @@ pub fn run(
             other => break other?,
         }
     };
-    drop(tree);
+    drop(keep);
     if let Some(code) = status.code() {
         std::process::exit(code);
     }

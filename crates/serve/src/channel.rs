@@ -53,7 +53,7 @@ impl Installer for Shim<'_> {
 }
 
 /// Serves one process's channel until it hangs up or breaks the protocol.
-fn channel(daemon: &Daemon, sock: OwnedFd) {
+fn channel(daemon: &Arc<Daemon>, sock: OwnedFd) {
     let Ok(cred) = rustix::net::sockopt::socket_peercred(&sock) else { return };
     let (pid, uid) = (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw());
     let shim = Shim { sock: &sock };
@@ -66,8 +66,8 @@ fn channel(daemon: &Daemon, sock: OwnedFd) {
     };
     tracing::debug!(pid, uid, "client connected");
     loop {
-        let msg = match wire::recv(sock.as_fd()) {
-            Ok(Some((m, _))) => m,
+        let (msg, passed) = match wire::recv(sock.as_fd()) {
+            Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
                 tracing::warn!(pid, error = %e, "a client broke the protocol; its channel is closed");
@@ -78,7 +78,10 @@ fn channel(daemon: &Daemon, sock: OwnedFd) {
         // The caller's failure injection runs on this thread for the call.
         let tid = ioasid_engine::inject::current_tid();
         ioasid_engine::inject::set_fail_nth(tid, msg.fail_nth);
-        let (mut reply, fds) = answer(daemon, &peer, &msg);
+        let (mut reply, fds) = match msg.kind {
+            wire::SUPERVISE => supervise(daemon, pid, passed),
+            _ => answer(daemon, &peer, &msg),
+        };
         reply.fail_nth = ioasid_engine::inject::fail_nth(tid);
         ioasid_engine::inject::set_fail_nth(tid, 0);
         let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
@@ -89,10 +92,24 @@ fn channel(daemon: &Daemon, sock: OwnedFd) {
     tracing::debug!(pid, "client disconnected");
 }
 
+/// Serves a supervised program's listener, on a thread of its own.
+fn supervise(daemon: &Arc<Daemon>, pid: i32, passed: Vec<OwnedFd>) -> (Msg, Vec<OwnedFd>) {
+    let Some(listener) = passed.into_iter().next() else { return (Msg::reply(Err(libc::EINVAL)), Vec::new()) };
+    let d = daemon.clone();
+    let spawned = std::thread::Builder::new().name("ioasid-supervise".into()).spawn(move || {
+        crate::supervise::serve(listener, d);
+        tracing::debug!(pid, "supervised program ended");
+    });
+    match spawned {
+        Ok(_) => (Msg::reply(Ok(0)), Vec::new()),
+        Err(_) => (Msg::reply(Err(libc::EAGAIN)), Vec::new()),
+    }
+}
+
 fn answer(daemon: &Daemon, peer: &Peer<'_>, msg: &Msg) -> (Msg, Vec<OwnedFd>) {
     let errno = |e: Errno| (Msg::reply(Err(e.0)), Vec::new());
     match msg.kind {
-        wire::OPEN => match daemon.open(peer.pid, peer.uid) {
+        wire::OPEN => match daemon.open_context(peer.pid, peer.uid) {
             Ok(fd) => (Msg::reply(Ok(0)), vec![fd]),
             Err(e) => errno(e),
         },

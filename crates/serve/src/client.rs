@@ -108,6 +108,14 @@ impl Client {
         self.call(&Msg::new(wire::FLUSH))?.0.result().map(|_| ())
     }
 
+    /// Hands the daemon a supervised program's seccomp listener to serve.
+    pub fn supervise(&self, listener: OwnedFd) -> Result<(), i32> {
+        let chan = self.connect()?;
+        wire::send(chan.fd.as_fd(), &Msg::new(wire::SUPERVISE), &[listener.as_fd()]).map_err(|e| e.raw_os_error())?;
+        let (m, _) = wire::recv(chan.fd.as_fd()).map_err(|e| e.raw_os_error())?.ok_or(libc::ECONNRESET)?;
+        m.result().map(|_| ())
+    }
+
     /// Sends `msg` and serves the daemon's requests until the answer.
     fn call(&self, msg: &Msg) -> Result<(Msg, Vec<OwnedFd>), i32> {
         let mut guard = self.hold();

@@ -213,7 +213,7 @@ impl Daemon {
 
     /// A new context for process `pid` of user `uid`, which opened it: the
     /// descriptor to give the program.
-    pub fn open(&self, pid: i32, uid: u32) -> Result<OwnedFd, Errno> {
+    pub fn open_context(&self, pid: i32, uid: u32) -> Result<OwnedFd, Errno> {
         let (ours, theirs) = wire::seqpacket_pair().map_err(|e| Errno(e.raw_os_error()))?;
         let ctx = Arc::new(Context::with_config(ioasid_engine::ContextConfig::of_client(pid)));
         self.hold(&theirs, Arc::new(ours), Holding::File(File::Iommufd(ctx)), uid)?;
@@ -386,4 +386,60 @@ impl Descriptors for Peer<'_> {
         let cloexec = rustix::io::fcntl_getfd(&fd).is_ok_and(|f| f.contains(rustix::io::FdFlags::CLOEXEC));
         self.installer.install(fd, cloexec, wire::FILE_PLAIN)
     }
+}
+
+/// A supervised program's calls (see `supervise`), answered as the shim's
+/// are: the program's memory and descriptors are reached the same way.
+impl crate::supervise::Handler for Daemon {
+    fn open(&self, call: &crate::supervise::Call<'_>, path: &std::ffi::CStr, flags: i32) -> Option<Result<OwnedFd, Errno>> {
+        if let Some(pid) = ioasid_abi::proc_status::target(path.to_bytes(), call.pid()) {
+            // The pins the daemon charges show in the status file, as Linux's do.
+            if flags & libc::O_ACCMODE != libc::O_RDONLY {
+                return None;
+            }
+            let (locked, pinned) = ioasid_engine::account::process_pages(Some(pid));
+            return ioasid_abi::proc_status::file(pid, locked, pinned, flags & libc::O_CLOEXEC != 0);
+        }
+        if path.to_bytes() != b"/dev/iommu" {
+            return None;
+        }
+        self.reap(false);
+        let pid = call.pid();
+        Some(self.open_context(pid, ioasid_engine::account::uid_of(Some(pid))))
+    }
+
+    fn ioctl(
+        &self,
+        call: &crate::supervise::Call<'_>,
+        file: &OwnedFd,
+        _fd: i32,
+        request: u32,
+        arg: u64,
+    ) -> Option<Result<i64, Errno>> {
+        let key = wire::identity(file)?;
+        self.reap(false);
+        self.file(key)?;
+        let pid = call.pid();
+        let installer = Notified(call);
+        let peer = match Peer::new(self, pid, ioasid_engine::account::uid_of(Some(pid)), &installer) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        self.ioctl(&peer, file, request, arg)
+    }
+}
+
+/// Descriptors a supervised program's command makes are added to its table
+/// by the kernel (`SECCOMP_IOCTL_NOTIF_ADDFD`).
+struct Notified<'a, 'b>(&'a crate::supervise::Call<'b>);
+
+impl Installer for Notified<'_, '_> {
+    fn install(&self, fd: OwnedFd, cloexec: bool, _kind: u64) -> Result<i32, Errno> {
+        self.0.install(fd, cloexec)
+    }
+
+    /// A descriptor added to another process cannot be taken back; the
+    /// answer is tried before it is added (see `Peer::install`), so only a
+    /// program that unmaps its argument meanwhile is left holding one.
+    fn uninstall(&self, _n: i32) {}
 }

@@ -41,6 +41,9 @@ pub const PAGES: u32 = 4;
 /// their sockets (a vEVENTQ's next batch, once the program has read the
 /// last). Answered with 0.
 pub const FLUSH: u32 = 5;
+/// Shim to daemon: serve the seccomp listener passed with this message (a
+/// supervised program's, see `supervise`). Answered with 0.
+pub const SUPERVISE: u32 = 6;
 /// Daemon to shim: the answer. `value` is the result, or `-errno`.
 pub const REPLY: u32 = 16;
 /// Daemon to shim: `fd` is not one of the daemon's; the shim lets the
