@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Runs Linux's iommufd selftests under `ioasid run`, one suite per kernel
-# version (Debian's linux-source-6.12 and linux-source-7.3), writes
-# conformance/results-VERSION.txt, and fails when a test listed in
-# conformance/passing-VERSION.txt does not pass.
+# version (Debian's linux-source-6.12 and linux-source-7.3), in each of
+# ioasid's modes:
+#   shim        in-process, under the preload shim (`ioasid run`)
+#   daemon      under the shim, contexts in `ioasid serve` (`ioasid run --socket`)
+#   supervised  statically linked, no shim, through the daemon
+#               (`ioasid run --supervised --socket`)
+# writes conformance/results-VERSION[-MODE].txt, and fails when a test listed
+# in conformance/passing-VERSION[-MODE].txt does not pass (the shim's files
+# have no suffix).
 #
-#   conformance/run.sh                      both suites, checked against their passing lists
-#   conformance/run.sh 7.3                  one suite
+#   conformance/run.sh                      every suite and mode, checked against their passing lists
+#   conformance/run.sh 7.3 daemon           one suite, one mode
 #   conformance/run.sh --update [VERSION]   run, and rewrite the passing lists from the results
 set -euo pipefail
 
@@ -14,14 +20,17 @@ root=$(dirname "$here")
 work=$here/work
 update=
 versions=()
+modes=()
 for arg in "$@"; do
     case "$arg" in
         --update) update=1 ;;
         6.12 | 7.3) versions+=("$arg") ;;
-        *) echo "usage: $0 [--update] [6.12] [7.3]" >&2; exit 2 ;;
+        shim | daemon | supervised) modes+=("$arg") ;;
+        *) echo "usage: $0 [--update] [6.12] [7.3] [shim] [daemon] [supervised]" >&2; exit 2 ;;
     esac
 done
 [ ${#versions[@]} -gt 0 ] || versions=(6.12 7.3)
+[ ${#modes[@]} -gt 0 ] || modes=(shim daemon supervised)
 mkdir -p "$work"
 
 log() { printf 'conformance: %s\n' "$*" >&2; }
@@ -106,24 +115,34 @@ build() {
             { apt-get install -y -qq libcap-dev >/dev/null 2>&1 ||
                 { apt-get update -qq && apt-get install -y -qq libcap-dev >/dev/null; }; }
     fi
+    # Each twice: as the Makefile builds it, and statically linked, for the
+    # supervised mode (no preloading reaches a static program).
     for t in iommufd iommufd_fail_nth; do
-        gcc -Wall -O2 -Wno-unused-function -D_GNU_SOURCE -pthread -isystem "$inc" \
-            -I "$src/tools/testing/selftests" -o "$work/$t-$v" "$src/tools/testing/selftests/iommu/$t.c" "${libs[@]}"
+        for link in "" -static; do
+            gcc -Wall -O2 -Wno-unused-function -D_GNU_SOURCE -pthread $link -isystem "$inc" \
+                -I "$src/tools/testing/selftests" -o "$work/$t-$v$link" \
+                "$src/tools/testing/selftests/iommu/$t.c" "${libs[@]}"
+        done
     done
 }
 
-# 3. Each program under the shim; its TAP becomes one line per test; the
+# 3. Each program in mode $2; its TAP becomes one line per test; the
 # passing list may only grow.
 check() {
-    local v=$1 tap=$work/all-$1.tap results=$here/results-$1.txt passing=$here/passing-$1.txt
+    local v=$1 mode=$2 suffix= run=(run) exe=
+    case "$mode" in
+        daemon) suffix=-daemon run=(run --socket "$socket") ;;
+        supervised) suffix=-supervised run=(run --supervised --socket "$socket") exe=-static ;;
+    esac
+    local tap=$work/all-$v$suffix.tap results=$here/results-$v$suffix.txt passing=$here/passing-$v$suffix.txt
     : >"$tap"
     for t in iommufd iommufd_fail_nth; do
-        log "running $t ($v)"
-        timeout 1800 "$ioasid" run -- "$work/$t-$v" >"$work/$t-$v.tap" 2>&1 || true
-        sed "s/^\(not \)\{0,1\}ok [0-9]* /&$t: /" "$work/$t-$v.tap" >>"$tap"
+        log "running $t ($v, $mode)"
+        timeout 1800 "$ioasid" "${run[@]}" -- "$work/$t-$v$exe" >"$work/$t-$v$suffix.tap" 2>&1 || true
+        sed "s/^\(not \)\{0,1\}ok [0-9]* /&$t: /" "$work/$t-$v$suffix.tap" >>"$tap"
     done
     python3 "$here/parse_tap.py" "$tap" >"$results"
-    log "$v: $(grep -c '^PASS' "$results") passed of $(grep -c '' "$results")"
+    log "$v ($mode): $(grep -c '^PASS' "$results") passed of $(grep -c '' "$results")"
     if [ -n "$update" ]; then
         grep '^PASS' "$results" | cut -f2 | sort >"$passing"
         log "$(basename "$passing") updated: $(wc -l <"$passing") tests"
@@ -132,11 +151,11 @@ check() {
     local regressed
     regressed=$(comm -23 <(sort "$passing") <(grep '^PASS' "$results" | cut -f2 | sort))
     if [ -n "$regressed" ]; then
-        log "$v: tests that passed before and do not now:"
+        log "$v ($mode): tests that passed before and do not now:"
         printf '  %s\n' $regressed >&2
         return 1
     fi
-    log "$v: no regressions against $(basename "$passing")"
+    log "$v ($mode): no regressions against $(basename "$passing")"
 }
 
 command -v gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc libc6-dev >/dev/null; }
@@ -156,8 +175,23 @@ if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt "$want" ]; then
 fi
 log "hugetlb pages available: $(cat /proc/sys/vm/nr_hugepages)"
 
+# The daemon the daemon and supervised modes use, stopped on the way out.
+socket=$work/ioasid.sock
+daemon_pid=
+case " ${modes[*]} " in
+    *" daemon "* | *" supervised "*)
+        "$ioasid" serve --socket "$socket" 2>"$work/serve.log" &
+        daemon_pid=$!
+        trap 'kill $daemon_pid 2>/dev/null; wait $daemon_pid 2>/dev/null' EXIT
+        for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
+        [ -S "$socket" ] || { log "ioasid serve did not start:"; cat "$work/serve.log" >&2; exit 1; }
+        ;;
+esac
+
 status=0
 for v in "${versions[@]}"; do
-    check "$v" || status=1
+    for mode in "${modes[@]}"; do
+        check "$v" "$mode" || status=1
+    done
 done
 exit $status
