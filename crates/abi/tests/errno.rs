@@ -359,6 +359,8 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
         private_counter: true,
         live_capabilities: false,
         owner: None,
+        pasid_parent: None,
+        max_objects: None,
     }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();

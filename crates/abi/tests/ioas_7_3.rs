@@ -115,6 +115,8 @@ fn pinned_file_mapping(process_mode: bool) -> (Arc<Context>, u32, std::fs::File)
         private_counter: false,
         live_capabilities: false,
         owner: None,
+        pasid_parent: None,
+        max_objects: None,
     };
     let ctx = Arc::new(Context::with_config(config));
     let mut opt = iommu_option {

@@ -319,6 +319,13 @@ pub struct ContextConfig {
     /// The process whose pins these are, charged to it and held to its
     /// `RLIMIT_MEMLOCK` (`None`: this one): a daemon's client.
     pub owner: Option<i32>,
+    /// The set every IOASID set this context makes at the top goes under,
+    /// whose quota bounds them all: a daemon's share of the PASID space for
+    /// one user (see [`crate::ioasid_set::shared_root`]). `None`: the top.
+    pub pasid_parent: Option<Arc<SetHandle>>,
+    /// The most objects the context may hold at once (`None`: as many as
+    /// IDs go); past it, allocations fail with `ENOMEM`, as memory would.
+    pub max_objects: Option<u32>,
 }
 
 impl ContextConfig {
@@ -332,6 +339,8 @@ impl ContextConfig {
             private_counter: true,
             live_capabilities: false,
             owner: None,
+            pasid_parent: None,
+            max_objects: None,
         }
     }
 
@@ -344,6 +353,8 @@ impl ContextConfig {
             private_counter: false,
             live_capabilities: true,
             owner: None,
+            pasid_parent: None,
+            max_objects: None,
         }
     }
 
@@ -357,6 +368,8 @@ impl ContextConfig {
             private_counter: false,
             live_capabilities: true,
             owner: Some(pid),
+            pasid_parent: None,
+            max_objects: None,
         }
     }
 
@@ -439,7 +452,11 @@ impl Context {
     /// caller names it.
     fn insert<T: ?Sized>(&self, obj: Object) -> Result<Id<T>> {
         crate::inject::check("object ID")?;
-        self.table().alloc(obj).map(Id::new)
+        let mut t = self.table();
+        if self.config.max_objects.is_some_and(|max| t.objects.len() >= max as usize) {
+            return Err(Error::NoMemory("the context holds as many objects as it may"));
+        }
+        t.alloc(obj).map(Id::new)
     }
 
     /// The object `id` names, of whatever kind.
@@ -998,7 +1015,10 @@ impl Context {
 
     /// A new IOASID set under set object `parent` (or at the top).
     pub fn ioasid_set_alloc(&self, parent: Option<SetObjectId>, quota: u32) -> Result<SetObjectId> {
-        let parent = parent.map(|id| self.get(id)).transpose()?;
+        let parent = match parent {
+            Some(id) => Some(self.get(id)?),
+            None => self.config.pasid_parent.clone(),
+        };
         let set = crate::ioasid_set::new_set(&self.set_owner, parent, quota)?;
         self.insert(Object::IoasidSet(set))
     }

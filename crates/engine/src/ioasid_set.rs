@@ -372,7 +372,7 @@ impl PasidSpace {
         crate::inject::check("IOASID set")?;
         let mut g = self.lock();
         if let Some(p) = parent {
-            if self.owner(p) != Some(owner) {
+            if self.owner(p) != Some(owner) && self.owner(p) != Some(SHARED_ROOT) {
                 return Err(Error::NotFound("no such parent set"));
             }
             let ps = g.sets.get_mut(&p).ok_or(Error::NotFound("no such parent set"))?;
@@ -767,8 +767,21 @@ impl Drop for SetOwner {
     }
 }
 
+/// The owner of shared roots: no context's (their keys start at 1).
+const SHARED_ROOT: u64 = 0;
+
+/// A set that any context may make sets under, whose quota bounds all of
+/// them: a daemon gives each of its users one, so one user's sets cannot
+/// take more of the PASID space than `quota`. Gone with its last handle
+/// (the sets under it hold it).
+pub fn shared_root(quota: u32) -> Result<Arc<SetHandle>> {
+    let set = global().create_owned_set(SHARED_ROOT, None, quota)?;
+    Ok(Arc::new(SetHandle { set, _parent: None }))
+}
+
 /// A set owned by a context object: destroying the object destroys the
 /// set. Child sets hold their parent, so a parent outlives its children.
+#[derive(Debug)]
 pub struct SetHandle {
     set: SetId,
     _parent: Option<Arc<SetHandle>>,

@@ -286,3 +286,38 @@ proptest! {
         }
     }
 }
+
+/// A daemon's user share: two contexts of one user make their sets under
+/// one shared root, whose quota holds across both; its sets go with them.
+#[test]
+fn contexts_under_one_shared_root_share_its_quota() {
+    use ioasid_engine::{Context, ContextConfig, Limit, ioasid_set};
+    let root = ioasid_set::shared_root(3).unwrap();
+    let config = || ContextConfig { pasid_parent: Some(root.clone()), ..ContextConfig::isolated(Limit::Pages(16)) };
+    let (a, b) = (Context::with_config(config()), Context::with_config(config()));
+    let space = ioasid_set::global();
+    let set_a = a.get(a.ioasid_set_alloc(None, 3).unwrap()).unwrap().id();
+    let set_b = b.get(b.ioasid_set_alloc(None, 3).unwrap()).unwrap().id();
+    assert!(b.ioasid_set_alloc(None, 4).is_err(), "a set's quota fits in the share");
+    space.alloc(set_a, 1, 1 << 20, 0).unwrap();
+    space.alloc(set_a, 1, 1 << 20, 0).unwrap();
+    space.alloc(set_b, 1, 1 << 20, 0).unwrap();
+    assert!(matches!(space.alloc(set_b, 1, 1 << 20, 0), Err(Error::Quota(_))), "the share is used up");
+    assert_eq!(space.usage(root.id()).unwrap(), (3, 3));
+    drop(a);
+    assert_eq!(space.usage(root.id()).unwrap(), (3, 1), "a context's sets go with it");
+    space.alloc(set_b, 1, 1 << 20, 0).unwrap();
+}
+
+/// A context's object limit is an allocation failure, and leaves room
+/// again once an object goes.
+#[test]
+fn a_context_holds_no_more_objects_than_its_limit() {
+    use ioasid_engine::{Context, ContextConfig, Limit};
+    let ctx = Context::with_config(ContextConfig { max_objects: Some(2), ..ContextConfig::isolated(Limit::Pages(16)) });
+    let first = ctx.ioas_alloc().unwrap();
+    ctx.ioas_alloc().unwrap();
+    assert!(matches!(ctx.ioas_alloc(), Err(Error::NoMemory(_))));
+    ctx.destroy(first).unwrap();
+    ctx.ioas_alloc().unwrap();
+}
