@@ -57,6 +57,13 @@ enum Command {
         /// Other open files (fault queues, vEVENTQs) each user may have.
         #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().files)]
         max_files: u32,
+        /// Objects (IOASes, HWPTs, ...) each context may hold.
+        #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().objects)]
+        max_objects: u32,
+        /// PASIDs each user's IOASID sets may hold together, of the
+        /// daemon-wide PASID space.
+        #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().pasids)]
+        max_pasids: u32,
     },
 }
 
@@ -71,11 +78,15 @@ fn main() -> std::process::ExitCode {
         Command::Run { devices, socket, supervised, command } => {
             run::run(&devices, socket.as_deref(), supervised, &command)
         }
-        Command::Serve { socket, mode, max_contexts, max_files } => serve::serve(serve::Options {
-            socket,
-            mode,
-            limits: ioasid_serve::limits::Limits { contexts: max_contexts, files: max_files },
-        }),
+        Command::Serve { socket, mode, max_contexts, max_files, max_objects, max_pasids } => {
+            let limits = ioasid_serve::limits::Limits {
+                contexts: max_contexts,
+                files: max_files,
+                objects: max_objects,
+                pasids: max_pasids,
+            };
+            serve::serve(serve::Options { socket, mode, limits })
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

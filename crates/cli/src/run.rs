@@ -98,31 +98,35 @@ pub fn run(
 /// seccomp filter whose notifications this process (or the daemon at
 /// `socket`) answers.
 fn run_supervised(socket: Option<&std::path::Path>, command: &[OsString]) -> Result<(), Box<dyn std::error::Error>> {
-    let daemon = match socket {
+    use ioasid_serve::{client::Client, daemon::Daemon, limits::Limits, supervise};
+    enum Server {
+        Here(std::sync::Arc<Daemon>),
+        Daemon(Client),
+    }
+    let server = match socket {
         Some(path) => {
-            let path = daemon_at(path)?;
-            let path = std::ffi::CString::new(path.into_os_string().into_encoded_bytes())?;
-            Err(ioasid_serve::client::Client::new(path, |_, _| {}))
+            let path = std::ffi::CString::new(daemon_at(path)?.into_os_string().into_encoded_bytes())?;
+            Server::Daemon(Client::new(path, |_, _| {}))
         }
-        None => Ok(ioasid_serve::daemon::Daemon::new(ioasid_serve::limits::Limits::default())?),
+        None => Server::Here(Daemon::new(Limits::default())?),
     };
     pass_termination_on();
     let mut cmd = std::process::Command::new(&command[0]);
     cmd.args(&command[1..]);
-    let (child, listener) = ioasid_serve::supervise::spawn(cmd)
-        .map_err(|e| format!("cannot run {} supervised: {e}", command[0].to_string_lossy()))?;
-    match daemon {
-        Ok(local) => {
+    let (child, listener) =
+        supervise::spawn(cmd).map_err(|e| format!("cannot run {} supervised: {e}", command[0].to_string_lossy()))?;
+    match server {
+        Server::Here(daemon) => {
             std::thread::Builder::new()
                 .name("ioasid-supervise".into())
-                .spawn(move || ioasid_serve::supervise::serve(listener, local))?;
+                .spawn(move || supervise::serve(listener, daemon))?;
         }
-        Err(remote) => {
-            if let Err(e) = remote.supervise(listener) {
-                // SAFETY: the program cannot be served; it must not run on.
+        Server::Daemon(client) => {
+            if let Err(e) = client.supervise(listener) {
+                // SAFETY: signalling our own child, which nobody would serve.
                 unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                return Err(format!("the daemon refused to serve the program: {}", std::io::Error::from_raw_os_error(e))
-                    .into());
+                let e = std::io::Error::from_raw_os_error(e);
+                return Err(format!("the daemon cannot serve the program: {e}").into());
             }
         }
     }

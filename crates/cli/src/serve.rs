@@ -45,7 +45,8 @@ pub fn serve(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &path {
         tracing::info!(socket = %p.display(), mode = format!("{:o}", opts.mode), "listening");
     }
-    tracing::info!(contexts = opts.limits.contexts, files = opts.limits.files, "limits per user");
+    let l = &opts.limits;
+    tracing::info!(contexts = l.contexts, files = l.files, objects = l.objects, pasids = l.pasids, "limits per user");
     std::thread::Builder::new().name("ioasid-accept".into()).spawn(move || {
         if let Err(e) = ioasid_serve::channel::serve(daemon, listener) {
             tracing::error!(error = %e, "cannot accept clients");

@@ -32,6 +32,7 @@ use ioasid_abi::Errno;
 use ioasid_abi::files::File;
 use ioasid_abi::user::{Descriptors, UserMemory};
 use ioasid_engine::Context;
+use ioasid_engine::ioasid_set::SetHandle;
 
 use crate::limits::{Limits, Usage};
 use crate::wire;
@@ -83,6 +84,9 @@ pub struct Daemon {
     pumps: Mutex<Vec<Weak<crate::pump::Pump>>>,
     /// Commands running now (see `pump`).
     busy: Arc<AtomicUsize>,
+    /// Each user's share of the PASID space: the set its contexts' top
+    /// IOASID sets go under.
+    pasid_roots: Mutex<HashMap<u32, Arc<SetHandle>>>,
 }
 
 /// Watch-set slots: epoll data is an index here.
@@ -104,6 +108,7 @@ impl Daemon {
             usage: Mutex::new(HashMap::new()),
             pumps: Mutex::new(Vec::new()),
             busy: Arc::new(AtomicUsize::new(0)),
+            pasid_roots: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&d);
         std::thread::Builder::new().name("ioasid-reaper".into()).spawn(move || reaper(weak))?;
@@ -215,7 +220,23 @@ impl Daemon {
     /// descriptor to give the program.
     pub fn open_context(&self, pid: i32, uid: u32) -> Result<OwnedFd, Errno> {
         let (ours, theirs) = wire::seqpacket_pair().map_err(|e| Errno(e.raw_os_error()))?;
-        let ctx = Arc::new(Context::with_config(ioasid_engine::ContextConfig::of_client(pid)));
+        let root = {
+            let mut roots = self.pasid_roots.lock();
+            match roots.get(&uid) {
+                Some(r) => r.clone(),
+                None => {
+                    let r = ioasid_engine::ioasid_set::shared_root(self.limits.pasids).map_err(Errno::from)?;
+                    roots.insert(uid, r.clone());
+                    r
+                }
+            }
+        };
+        let config = ioasid_engine::ContextConfig {
+            pasid_parent: Some(root),
+            max_objects: Some(self.limits.objects),
+            ..ioasid_engine::ContextConfig::of_client(pid)
+        };
+        let ctx = Arc::new(Context::with_config(config));
         self.hold(&theirs, Arc::new(ours), Holding::File(File::Iommufd(ctx)), uid)?;
         tracing::debug!(pid, uid, "context opened");
         Ok(theirs)
@@ -391,7 +412,12 @@ impl Descriptors for Peer<'_> {
 /// A supervised program's calls (see `supervise`), answered as the shim's
 /// are: the program's memory and descriptors are reached the same way.
 impl crate::supervise::Handler for Daemon {
-    fn open(&self, call: &crate::supervise::Call<'_>, path: &std::ffi::CStr, flags: i32) -> Option<Result<OwnedFd, Errno>> {
+    fn open(
+        &self,
+        call: &crate::supervise::Call<'_>,
+        path: &std::ffi::CStr,
+        flags: i32,
+    ) -> Option<Result<OwnedFd, Errno>> {
         if let Some(pid) = ioasid_abi::proc_status::target(path.to_bytes(), call.pid()) {
             // The pins the daemon charges show in the status file, as Linux's do.
             if flags & libc::O_ACCMODE != libc::O_RDONLY {

@@ -16,11 +16,16 @@ pub struct Limits {
     /// Other files: fault queues, vEVENTQs, selftest accesses, and the
     /// holds of mapped memory.
     pub files: u32,
+    /// Objects (IOASes, HWPTs, devices, ...) in each context.
+    pub objects: u32,
+    /// PASIDs in all the user's IOASID sets together: its share of the
+    /// daemon-wide PASID space.
+    pub pasids: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { contexts: 1024, files: 4096 }
+        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16 }
     }
 }
 
