@@ -28,6 +28,19 @@
 //! - An access's read or write (no pin) of private memory not taken reaches
 //!   the child's memory itself, as Linux's reaches unpinned pages through
 //!   the child's mm: `EFAULT` once the child is gone.
+//!
+//! Memory of a daemon's client (`Context::map_client`) is reached so that
+//! the client and devices keep seeing each other's writes, as with Linux's
+//! pinned pages:
+//! - Shared memory (a memfd, a `MAP_SHARED` file, shared anonymous memory)
+//!   is mapped here too, from the object the client maps: the same pages,
+//!   reached without a system call.
+//! - Private memory stays in the client: pinning checks it is mapped (and
+//!   writable, for a writable mapping), and accesses read and write it there
+//!   at each use. In page tables it is a window of address space nothing may
+//!   touch, so a device's DMA into it faults instead of reaching anything.
+//!   Once the client unmaps it, accesses fail with `EFAULT`, where Linux's
+//!   pinned pages would still be there.
 
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, OnceLock, Weak};
