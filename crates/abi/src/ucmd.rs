@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use ioasid_engine::model::{DataLayout, EntryArray};
-use ioasid_engine::{Context, Perm};
+use ioasid_engine::{Context, Perm, ProcessMemory};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::errno::Errno;
@@ -43,8 +43,10 @@ impl<'a> Ucmd<'a> {
     ) -> Result<u64, Errno> {
         Ok(match self.mem.pid() {
             None => self.ctx.map_user_checked(ioas, va, len, iova, perm)?,
-            Some(pid) if self.mem.client() => self.ctx.map_client(ioas, pid, va, len, iova, perm)?,
-            Some(pid) => self.ctx.map_remote(ioas, pid, va, len, iova, perm)?,
+            Some(pid) => {
+                let how = if self.mem.client() { ProcessMemory::Client } else { ProcessMemory::Forked };
+                self.ctx.map_process(ioas, pid, how, va, len, iova, perm)?
+            }
         })
     }
 

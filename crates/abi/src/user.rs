@@ -32,7 +32,7 @@ pub trait UserMemory {
     }
 
     /// Whether the memory is a daemon client's, reached coherently (see
-    /// `Context::map_client`); false for a forked child's.
+    /// `ProcessMemory::Client`); false for a forked child's.
     fn client(&self) -> bool {
         false
     }

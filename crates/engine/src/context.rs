@@ -300,6 +300,18 @@ impl SelftestDevice {
     }
 }
 
+/// Whose memory `Context::map_process` maps, and so how it is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessMemory {
+    /// A forked child sharing this context: its private memory is taken
+    /// (copied) when first pinned.
+    Forked,
+    /// A daemon's client: its shared memory is mapped here too, its private
+    /// memory reached in the client at each access, and a device's DMA into
+    /// that faults.
+    Client,
+}
+
 /// How a context charges pinned memory and what its caller may do.
 #[derive(Debug, Clone)]
 pub struct ContextConfig {
@@ -603,36 +615,22 @@ impl Context {
         self.map_pages(ioas, len, iova, perm, uptr, user)
     }
 
-    /// Maps memory of another process sharing this context (a forked
-    /// child): `[uptr, uptr + len)` of `pid`, taken when first pinned.
-    pub fn map_remote(
+    /// Maps `[uptr, uptr + len)` of another process, `pid`, reached as
+    /// `how` says (see `pages`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn map_process(
         &self,
         ioas: IoasId,
         pid: i32,
+        how: ProcessMemory,
         uptr: u64,
         len: u64,
         iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let remote = || Pages::remote(pid, false, uptr, len, perm.write, self.accounting());
+        let client = how == ProcessMemory::Client;
+        let remote = || Pages::remote(pid, client, uptr, len, perm.write, self.accounting());
         self.map_pages(ioas, len, iova, perm, uptr, remote)
-    }
-
-    /// Maps `[uptr, uptr + len)` of a daemon client, process `pid`: its
-    /// shared memory is mapped here too (the same pages, reached without a
-    /// system call); its private memory is read and written in the client at
-    /// each access, and a device's DMA into it faults (see `pages`).
-    pub fn map_client(
-        &self,
-        ioas: IoasId,
-        pid: i32,
-        uptr: u64,
-        len: u64,
-        iova: Option<u64>,
-        perm: Perm,
-    ) -> Result<u64> {
-        let client = || Pages::remote(pid, true, uptr, len, perm.write, self.accounting());
-        self.map_pages(ioas, len, iova, perm, uptr, client)
     }
 
     /// Maps `[start, start + len)` of a file (a memfd, typically).

@@ -55,7 +55,7 @@ pub mod vm_memory_iommu;
 
 pub use access::{Access, AccessOps};
 pub use account::{AccountMode, Limit};
-pub use context::{Context, ContextConfig, Kind, Object, SelftestDevice, SelftestId};
+pub use context::{Context, ContextConfig, Kind, Object, ProcessMemory, SelftestDevice, SelftestId};
 pub use device::{Device, DeviceInfo, DmaError, DmaPort, MockFlags, Pending, Stage, Stall};
 pub use domain::{Gpa, HostAddr, Translated};
 pub use error::{Error, Result};

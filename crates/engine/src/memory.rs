@@ -575,11 +575,30 @@ fn process_copy(pid: i32, remote: u64, local: *mut u8, len: usize, to_remote: bo
 /// the time and memory it takes follow what `pid` has written there, not
 /// the length of the range.
 pub(crate) fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bool) -> Result<()> {
+    let spans = covering(pid, addr, len, writable)?;
+    let mut scratch = vec![0u8; TAKE_CHUNK];
+    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+    for (r, at, stop) in spans {
+        let sparse = !r.shared && r.inode == 0;
+        let populated = match (&mut pagemap, sparse) {
+            (Some(pm), true) => populated_runs(pm, at, stop),
+            _ => None,
+        };
+        for (start, run_end) in populated.unwrap_or_else(|| vec![(at, stop)]) {
+            copy_nonzero(pid, start, run_end - start, dst + (start - addr), &mut scratch)?;
+        }
+    }
+    Ok(())
+}
+
+/// The mappings of process `pid` that cover `[addr, addr + len)`, each with
+/// the part of the range it holds: `EFAULT` unless all of the range is
+/// mapped readable (and writable, when `writable`), as Linux's pin checks.
+fn covering(pid: i32, addr: u64, len: u64, writable: bool) -> Result<Vec<(Region, u64, u64)>> {
     let gone = Error::Fault("the other process's memory is not mapped");
     let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
-    let mut scratch = vec![0u8; TAKE_CHUNK];
-    let mut pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok();
+    let mut spans = Vec::new();
     let mut at = addr;
     for r in maps.lines().filter_map(Region::parse) {
         if at >= end {
@@ -592,17 +611,10 @@ pub(crate) fn take_process(pid: i32, addr: u64, len: u64, dst: u64, writable: bo
             return Err(gone);
         }
         let stop = r.end.min(end);
-        let sparse = !r.shared && r.inode == 0;
-        let populated = match (&mut pagemap, sparse) {
-            (Some(pm), true) => populated_runs(pm, at, stop),
-            _ => None,
-        };
-        for (start, run_end) in populated.unwrap_or_else(|| vec![(at, stop)]) {
-            copy_nonzero(pid, start, run_end - start, dst + (start - addr), &mut scratch)?;
-        }
+        spans.push((r, at, stop));
         at = stop;
     }
-    if at < end { Err(gone) } else { Ok(()) }
+    if at < end { Err(gone) } else { Ok(spans) }
 }
 
 /// Bytes read from another process at a time while taking its memory.
@@ -693,23 +705,7 @@ pub(crate) fn shared_with(pid: i32, addr: u64, len: u64) -> bool {
 /// readable in process `pid` (and writable, when `writable`): the check
 /// Linux's pin makes, done on a process whose pages cannot be held here.
 pub fn process_mapped(pid: i32, addr: u64, len: u64, writable: bool) -> Result<()> {
-    let gone = Error::Fault("the other process's memory is not mapped");
-    let end = addr.checked_add(len).ok_or(Error::Overflow("address + length wraps"))?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|_| gone)?;
-    let mut at = addr;
-    for r in maps.lines().filter_map(Region::parse) {
-        if at >= end {
-            break;
-        }
-        if r.end <= at {
-            continue;
-        }
-        if r.start > at || !r.readable || (writable && !r.writable) {
-            return Err(gone);
-        }
-        at = r.end;
-    }
-    if at < end { Err(gone) } else { Ok(()) }
+    covering(pid, addr, len, writable).map(drop)
 }
 
 /// A mapping here of the shared memory (a memfd, a `MAP_SHARED` file or
@@ -719,30 +715,18 @@ pub fn process_mapped(pid: i32, addr: u64, len: u64, writable: bool) -> Result<(
 /// and this process may open it (`/proc/<pid>/map_files`, or a descriptor
 /// of it that `pid` holds).
 pub(crate) fn map_process_shared(pid: i32, addr: u64, len: u64, writable: bool) -> Option<FileMapping> {
-    let end = addr.checked_add(len)?;
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut at = addr;
-    let mut first: Option<Region> = None;
-    for r in maps.lines().filter_map(Region::parse) {
-        if at >= end {
-            break;
-        }
-        if r.end <= at {
-            continue;
-        }
-        if r.start > at || !r.shared || r.inode == 0 || !r.readable || (writable && !r.writable) {
-            return None;
-        }
-        if let Some(f) = &first {
-            let same = f.dev == r.dev && f.inode == r.inode && f.offset + (r.start - f.start) == r.offset;
-            if !same {
-                return None;
-            }
-        }
-        at = r.end;
-        first.get_or_insert(r);
+    let mut spans = covering(pid, addr, len, writable).ok()?.into_iter().map(|(r, _, _)| r);
+    let first = spans.next()?;
+    let one_object = |r: &Region| {
+        r.shared
+            && r.inode != 0
+            && r.dev == first.dev
+            && r.inode == first.inode
+            && first.offset + (r.start - first.start) == r.offset
+    };
+    if !one_object(&first) || !spans.all(|r| one_object(&r)) {
+        return None;
     }
-    let first = first.filter(|_| at >= end)?;
     let file = open_process_object(pid, &first)?;
     use std::os::fd::AsFd;
     let offset = first.offset + (addr - first.start);

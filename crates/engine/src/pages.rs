@@ -29,9 +29,9 @@
 //!   the child's memory itself, as Linux's reaches unpinned pages through
 //!   the child's mm: `EFAULT` once the child is gone.
 //!
-//! Memory of a daemon's client (`Context::map_client`) is reached so that
-//! the client and devices keep seeing each other's writes, as with Linux's
-//! pinned pages:
+//! Memory of a daemon's client (`ProcessMemory::Client`) is reached so
+//! that the client and devices keep seeing each other's writes, as with
+//! Linux's pinned pages:
 //! - Shared memory (a memfd, a `MAP_SHARED` file, shared anonymous memory)
 //!   is mapped here too, from the object the client maps: the same pages,
 //!   reached without a system call.

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ioasid_engine::{AccessOps, Context, ContextConfig, DeviceInfo, Error, HostBuffer, Limit, Perm};
+use ioasid_engine::{AccessOps, Context, ContextConfig, DeviceInfo, Error, HostBuffer, Limit, Perm, ProcessMemory};
 
 const PAGE: u64 = 4096;
 
@@ -37,8 +37,8 @@ fn another_processs_pages_are_taken_at_pin_and_missed_once_it_is_gone() {
     let child = fork_writing(&buf);
     let live = ctx.ioas_alloc().unwrap();
     let gone = ctx.ioas_alloc().unwrap();
-    ctx.map_remote(live, child.pid, buf.addr(), 2 * PAGE, Some(0x10_0000), Perm::RW).unwrap();
-    ctx.map_remote(gone, child.pid, buf.addr(), 2 * PAGE, Some(0x10_0000), Perm::RW).unwrap();
+    ctx.map_process(live, child.pid, ProcessMemory::Forked, buf.addr(), 2 * PAGE, Some(0x10_0000), Perm::RW).unwrap();
+    ctx.map_process(gone, child.pid, ProcessMemory::Forked, buf.addr(), 2 * PAGE, Some(0x10_0000), Perm::RW).unwrap();
     // Attaching pins: the child's memory is taken now.
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(dev, live).unwrap();
@@ -95,7 +95,7 @@ fn shared_memory_of_a_child_is_used_in_place() {
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
     ctx.attach(dev, ioas).unwrap();
     // Mapped (and pinned, a domain exists) while the child lives.
-    ctx.map_remote(ioas, pid, shared as u64, len as u64, Some(0x10_0000), Perm::RW).unwrap();
+    ctx.map_process(ioas, pid, ProcessMemory::Forked, shared as u64, len as u64, Some(0x10_0000), Perm::RW).unwrap();
     // SAFETY: our pipe and our child.
     unsafe {
         libc::write(go[1], b"g".as_ptr().cast(), 1);
@@ -187,7 +187,7 @@ fn a_small_dma_into_a_childs_large_sparse_mapping_takes_only_what_the_child_wrot
         ctx.attach(dev, ioas).unwrap();
         let (before, start) = (rss(), std::time::Instant::now());
         // Mapped with a domain: pinned (and taken) now, all of it.
-        ctx.map_remote(ioas, child.pid, mem as u64, len, Some(1 << 40), Perm::RW).unwrap();
+        ctx.map_process(ioas, child.pid, ProcessMemory::Forked, mem as u64, len, Some(1 << 40), Perm::RW).unwrap();
         let mut seen = [0u8; 16];
         let device = ctx.get(dev).unwrap();
         device.dma_read((1 << 40) + at as u64, &mut seen).unwrap();
@@ -220,7 +220,7 @@ fn an_access_reaches_a_childs_unpinned_memory_in_the_child_then_its_pin_takes_it
     let child = fork_writing_at(mem, 4096, b"child");
     let ioas = ctx.ioas_alloc().unwrap();
     // No domain: nothing is pinned, nor taken.
-    ctx.map_remote(ioas, child.pid, mem as u64, len, Some(1 << 40), Perm::RW).unwrap();
+    ctx.map_process(ioas, child.pid, ProcessMemory::Forked, mem as u64, len, Some(1 << 40), Perm::RW).unwrap();
     let (_, access) = ctx.access_create(ioas, Arc::new(NoDriver), true).unwrap();
     let mut seen = [0u8; 5];
     access.read((1 << 40) + 4096, &mut seen).unwrap();
@@ -237,4 +237,80 @@ fn an_access_reaches_a_childs_unpinned_memory_in_the_child_then_its_pin_takes_it
     ctx.unmap(ioas, 0, u64::MAX).unwrap();
     // SAFETY: our own mapping, no longer in any IOAS.
     unsafe { libc::munmap(mem.cast(), len as usize) };
+}
+
+/// A daemon's client: its private memory stays the client's even once
+/// pinned (an access sees what the client holds at each use, not a copy),
+/// a device's DMA into it faults rather than reaching anything else, and
+/// once the client is gone every access fails.
+#[test]
+fn a_clients_private_memory_stays_in_the_client() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let buf = HostBuffer::new(2 * PAGE as usize).unwrap();
+    buf.write_at(0, &[b'P'; 2 * PAGE as usize]);
+    let child = fork_writing(&buf);
+    let ioas = ctx.ioas_alloc().unwrap();
+    ctx.map_process(ioas, child.pid, ProcessMemory::Client, buf.addr(), 2 * PAGE, Some(0x10_0000), Perm::RW).unwrap();
+    // Attaching pins: the client's memory is checked, not copied.
+    let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    ctx.attach(dev, ioas).unwrap();
+    let (_, access) = ctx.access_create(ioas, Arc::new(NoDriver), true).unwrap();
+    access.pin_pages(0x10_0000, PAGE, true).unwrap();
+    let mut seen = [0u8; 4];
+    access.read(0x10_0000, &mut seen).unwrap();
+    assert_eq!(&seen, b"CCCC", "the client's memory, not ours");
+    access.write(0x10_0000, b"acc").unwrap();
+    let mut theirs = [0u8; 3];
+    ioasid_engine::memory::read_process(child.pid, buf.addr(), &mut theirs).unwrap();
+    assert_eq!(&theirs, b"acc", "written in the client itself, pinned or not");
+    assert!(ctx.get(dev).unwrap().dma_read(0x10_0000, &mut seen).is_err(), "DMA into private memory faults");
+    child.release();
+    assert!(matches!(access.read(0x10_0000, &mut seen), Err(Error::Fault(_))));
+    let mut ours = [0u8; 2];
+    buf.read_at(0, &mut ours);
+    assert_eq!(&ours, b"PP", "our own copy was never touched");
+    access.unpin_pages(0x10_0000, PAGE);
+    ctx.unmap(ioas, 0, u64::MAX).unwrap();
+}
+
+/// A daemon's client's shared memory is mapped here from the object it
+/// maps: devices reach it directly, and the client sees their writes.
+#[test]
+fn a_clients_shared_memory_is_mapped_here_and_reached_by_dma() {
+    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    let len = 2 * PAGE as usize;
+    let memfd = memfd::MemfdOptions::default().create("client").unwrap();
+    memfd.as_file().set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of our memfd, unmapped at the end.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(memfd.as_file()),
+            0,
+        )
+    };
+    assert_ne!(shared, libc::MAP_FAILED);
+    let child = fork_writing_at(shared.cast(), 0, b"client");
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();
+    ctx.attach(dev, ioas).unwrap();
+    ctx.map_process(ioas, child.pid, ProcessMemory::Client, shared as u64, len as u64, Some(0x10_0000), Perm::RW)
+        .unwrap();
+    let mut seen = [0u8; 6];
+    ctx.get(dev).unwrap().dma_read(0x10_0000, &mut seen).unwrap();
+    assert_eq!(&seen, b"client");
+    ctx.get(dev).unwrap().dma_write(0x10_0100, b"device").unwrap();
+    let mut theirs = [0u8; 6];
+    ioasid_engine::memory::read_process(child.pid, shared as u64 + 0x100, &mut theirs).unwrap();
+    assert_eq!(&theirs, b"device");
+    child.release();
+    // The pages are the object's, still mapped here after the client went.
+    ctx.get(dev).unwrap().dma_read(0x10_0100, &mut seen).unwrap();
+    assert_eq!(&seen, b"device");
+    ctx.unmap(ioas, 0, u64::MAX).unwrap();
+    // SAFETY: our mapping, no longer used by the context.
+    unsafe { libc::munmap(shared, len) };
 }
