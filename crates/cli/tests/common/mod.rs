@@ -119,6 +119,7 @@ impl Serve {
             .arg("--socket")
             .arg(&socket)
             .args(args)
+            .env("IOASID_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -264,8 +265,8 @@ static int iova_ranges(int fd, __u32 ioas) {
 "#;
 
 /// A program showing that its iommufd is a kernel file shared as Linux's:
-/// `prog STEP [ARGS]`, prints "ok". Steps: `dup`, `fork`, `exec`,
-/// `close_range`, `closefrom`, `all` (each of those), `send SOCKET` (hands
+/// `prog [STEP [ARGS]]`, prints "ok". Steps: `dup`, `fork`, `exec`,
+/// `close_range`, `closefrom`, `all` (each of those, the default), `send SOCKET` (hands
 /// its iommufd, with an IOAS and a mapping, to whoever listens at SOCKET,
 /// then exits), `receive SOCKET` (listens, takes the iommufd, waits for a
 /// line on stdin, then uses the context).
@@ -446,8 +447,7 @@ static void receive_fd(const char *path) {
 
 int main(int argc, char **argv) {
     alarm(20);
-    CHECK(argc >= 2);
-    const char *step = argv[1];
+    const char *step = argc >= 2 ? argv[1] : "all";
     int all = !strcmp(step, "all");
     if (!strcmp(step, "exec-child"))
         return exec_child(atoi(argv[2]), (__u32)atoi(argv[3]));
