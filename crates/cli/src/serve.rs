@@ -87,7 +87,11 @@ fn bind(path: &Path, mode: u32) -> Result<OwnedFd, Box<dyn std::error::Error>> {
     use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
     let new = || rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None);
     let addr = SocketAddrUnix::new(path)?;
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} exists and is not a socket", path.display()).into());
+        }
         let probe = new()?;
         if rustix::net::connect(&probe, &addr).is_ok() {
             return Err(format!("a daemon is already listening on {}", path.display()).into());
