@@ -103,7 +103,7 @@ fn pinned(pid: u32) -> u64 {
 /// Runs one step of the shared files program, under a daemon that lets
 /// each user hold two contexts: the step's closes must free them at once.
 fn files_step(step: &str) {
-    let served = Served::start(step, Limits { contexts: 2, files: 16 });
+    let served = Served::start(step, Limits { contexts: 2, files: 16, ..Limits::default() });
     let (dir, exe) = compile(step, common::FILES_C);
     let out = served.program(&exe).arg(step).output().unwrap();
     std::fs::remove_dir_all(&dir).ok();
@@ -289,7 +289,7 @@ fn close(fd: i32) {
 
 #[test]
 fn past_its_limits_a_user_gets_emfile_until_it_closes_one() {
-    let served = Served::start("limits", Limits { contexts: 2, files: 2 });
+    let served = Served::start("limits", Limits { contexts: 2, files: 2, ..Limits::default() });
     let client = served.client();
     let a = client.open(libc::O_RDWR).unwrap();
     let b = client.open(libc::O_RDWR).unwrap();
