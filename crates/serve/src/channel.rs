@@ -19,7 +19,7 @@ pub fn serve(daemon: Arc<Daemon>, listener: OwnedFd) -> std::io::Result<()> {
             Err(e) => return Err(e.into()),
         };
         let d = daemon.clone();
-        std::thread::Builder::new().name("ioasid-channel".into()).spawn(move || channel(&d, sock))?;
+        std::thread::Builder::new().name("ioasid-channel".into()).spawn(move || serve_one(&d, sock))?;
     }
 }
 
@@ -52,8 +52,10 @@ impl Installer for Shim<'_> {
     }
 }
 
-/// Serves one process's channel until it hangs up or breaks the protocol.
-fn channel(daemon: &Arc<Daemon>, sock: OwnedFd) {
+/// Serves one process's connected channel, on the calling thread, until it
+/// hangs up or breaks the protocol. The caller is whoever `SO_PEERCRED`
+/// names: the process that connected, or made the pair.
+pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
     let Ok(cred) = rustix::net::sockopt::socket_peercred(&sock) else { return };
     let (pid, uid) = (cred.pid.as_raw_nonzero().get(), cred.uid.as_raw());
     let shim = Shim { sock: &sock };

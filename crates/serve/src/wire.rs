@@ -186,6 +186,8 @@ mod tests {
         assert_eq!(fds.len(), 2);
         assert_eq!(identity(&fds[0]), identity(&x));
         assert_eq!(identity(&fds[1]), identity(&a));
+        // `fds[1]` is `a` too: the peer is gone once both are closed.
+        drop(fds);
         drop(a);
         assert!(recv(b.as_fd()).unwrap().is_none());
     }
