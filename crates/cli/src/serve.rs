@@ -31,7 +31,7 @@ pub fn serve(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
     // Termination is taken by one thread; every other (the serving ones
     // started below inherit the mask) leaves it alone.
     let stop = block_termination()?;
-    let (listener, path) = match activated() {
+    let (listener, path) = match activated()? {
         Some(fd) => {
             tracing::info!("listening on the socket systemd passed");
             (fd, None)
@@ -67,18 +67,28 @@ fn init_log() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// The listening socket systemd passed (socket activation), if any.
-fn activated() -> Option<OwnedFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    let n: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+/// The listening socket systemd passed (socket activation), if any; an
+/// error when what was passed is not a listening `SOCK_SEQPACKET` socket.
+fn activated() -> Result<Option<OwnedFd>, String> {
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let (Some(pid), Some(n)) = (var("LISTEN_PID"), var("LISTEN_FDS")) else { return Ok(None) };
     if pid != std::process::id() || n < 1 {
-        return None;
+        return Ok(None);
     }
-    // SAFETY: sd_listen_fds(3): descriptor 3 is the first one passed, ours
-    // from now on; nothing else in this process owns it.
+    // SAFETY: sd_listen_fds(3): descriptor 3 is the first one passed;
+    // borrowed only to look at it until it is known to be open.
+    let passed = unsafe { std::os::fd::BorrowedFd::borrow_raw(3) };
+    let listening = rustix::net::sockopt::socket_type(passed).is_ok_and(|t| t == rustix::net::SocketType::SEQPACKET)
+        && rustix::net::sockopt::socket_acceptconn(passed).unwrap_or(false);
+    if !listening {
+        return Err("the descriptor passed by socket activation (3) is not a listening SOCK_SEQPACKET socket \
+                    (ListenSequentialPacket= in the socket unit)"
+            .into());
+    }
+    // SAFETY: open and a socket, as checked above; ours from now on.
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     let _ = rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC);
-    Some(fd)
+    Ok(Some(fd))
 }
 
 /// A listening `SOCK_SEQPACKET` socket at `path`, replacing a stale one (a
