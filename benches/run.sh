@@ -22,9 +22,37 @@ cargo bench -q -p ioasid-engine --bench engine -- "$@" >"$log" 2>&1 || fail
 # The ABI benchmark runs as an unmodified program under the preload shim.
 echo "ABI benchmark under ioasid run..."
 cargo build -q --release -p ioasid -p ioasid-preload >>"$log" 2>&1 || fail
-ioctl_bench=$(cargo bench -q -p ioasid-abi --bench ioctl --no-run --message-format=json 2>>"$log" |
-    python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == "ioctl"][0])') || fail
+# The executable of bench NAME of package PKG, built.
+bench_exe() {
+    cargo bench -q -p "$1" --bench "$2" --no-run --message-format=json 2>>"$log" |
+        python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable") and m["target"]["name"] == sys.argv[1]][0])' "$2"
+}
+ioctl_bench=$(bench_exe ioasid-abi ioctl) || fail
 CARGO_TARGET_DIR=target target/release/ioasid run --device pci-epf-test -- "$ioctl_bench" --bench "$@" >>"$log" 2>&1 || fail
+# The daemon's rows: a program reaching `ioasid serve` through the shim and
+# supervised, then clients coming and going. The daemon runs on a socket of
+# its own for them and is stopped after.
+echo "daemon benchmarks against ioasid serve..."
+daemon_bench=$(bench_exe ioasid-serve daemon) || fail
+serve_dir=$(mktemp -d)
+sock=$serve_dir/ioasid.sock
+target/release/ioasid serve --socket "$sock" 2>"$serve_dir/log" &
+serve_pid=$!
+trap 'kill "$serve_pid" 2>/dev/null; rm -rf "$serve_dir"' EXIT
+# It says "listening" once the socket accepts connections.
+for _ in $(seq 200); do
+    grep -q listening "$serve_dir/log" && break
+    kill -0 "$serve_pid" 2>/dev/null || { cat "$serve_dir/log" >>"$log"; fail; }
+    sleep 0.05
+done
+export IOASID_BENCH_SOCKET=$sock
+IOASID_BENCH_DAEMON=shim target/release/ioasid run --socket "$sock" -- "$daemon_bench" --bench "$@" >>"$log" 2>&1 || fail
+IOASID_BENCH_DAEMON=supervised target/release/ioasid run --supervised --socket "$sock" -- "$daemon_bench" --bench "$@" \
+    >>"$log" 2>&1 || fail
+IOASID_BENCH_DAEMON=clients "$daemon_bench" --bench "$@" >>"$log" 2>&1 || fail
+kill "$serve_pid"
+wait "$serve_pid" || true
+cat "$serve_dir/log" >>"$log"
 # The guest's DMA throughput through QEMU, when the end-to-end guest is built.
 if ls e2e/work/bzImage-* >/dev/null 2>&1 && command -v qemu-system-x86_64 >/dev/null; then
     echo "end to end: a QEMU guest's pcitest through ioasid..."

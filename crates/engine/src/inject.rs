@@ -21,7 +21,9 @@ fn nth() -> MutexGuard<'static, HashMap<i32, u32>> {
 }
 
 fn set(map: &mut HashMap<i32, u32>, tid: i32, n: u32) {
-    let old = map.insert(tid, n).unwrap_or(0);
+    // A disarmed thread has no entry: a daemon sets and clears the count on
+    // every client's thread, and those threads come and go.
+    let old = if n > 0 { map.insert(tid, n) } else { map.remove(&tid) }.unwrap_or(0);
     match (old > 0, n > 0) {
         (false, true) => ARMED.fetch_add(1, Ordering::AcqRel),
         (true, false) => ARMED.fetch_sub(1, Ordering::AcqRel),
@@ -65,6 +67,17 @@ pub fn check(what: &'static str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disarmed_thread_leaves_no_entry() {
+        // No thread has this ID, so no other test touches its entry.
+        let tid = -7;
+        set_fail_nth(tid, 3);
+        set_fail_nth(tid, 0);
+        assert!(!nth().contains_key(&tid));
+        set_fail_nth(tid, 0);
+        assert!(!nth().contains_key(&tid));
+    }
 
     #[test]
     fn the_nth_check_fails_once() {
