@@ -430,8 +430,7 @@ impl crate::supervise::Handler for Daemon {
             return None;
         }
         self.reap(false);
-        let pid = call.pid();
-        Some(self.open_context(pid, ioasid_engine::account::uid_of(Some(pid))))
+        Some(self.open_context(call.pid(), call.uid()))
     }
 
     fn ioctl(
@@ -445,9 +444,8 @@ impl crate::supervise::Handler for Daemon {
         let key = wire::identity(file)?;
         self.reap(false);
         self.file(key)?;
-        let pid = call.pid();
         let installer = Notified(call);
-        let peer = match Peer::new(self, pid, ioasid_engine::account::uid_of(Some(pid)), &installer) {
+        let peer = match Peer::new(self, call.pid(), call.uid(), &installer) {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };

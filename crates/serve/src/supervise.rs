@@ -222,6 +222,7 @@ pub struct Call<'a> {
     listener: BorrowedFd<'a>,
     id: u64,
     pid: i32,
+    uid: u32,
     tid: i32,
 }
 
@@ -229,6 +230,11 @@ impl Call<'_> {
     /// The calling process (thread group).
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The calling thread's real user ID.
+    pub fn uid(&self) -> u32 {
+        self.uid
     }
 
     /// The calling thread.
@@ -294,6 +300,20 @@ enum Answer {
 pub fn serve(listener: OwnedFd, handler: Arc<dyn Handler>) {
     let listener = listener.as_fd();
     let handler = &*handler;
+    // Workers stay for the next call; one more is started whenever every
+    // worker is busy, so a slow call never holds up another thread's.
+    let (calls, queue) = std::sync::mpsc::channel::<libc::seccomp_notif>();
+    let queue = std::sync::Mutex::new(queue);
+    let idle = std::sync::atomic::AtomicUsize::new(0);
+    let worker = || {
+        loop {
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            let Ok(notif) = next else { return };
+            idle.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            answer(listener, handler, &notif);
+            idle.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    };
     std::thread::scope(|scope| {
         loop {
             // SAFETY: all-zero is a valid seccomp_notif, and RECV wants it zeroed.
@@ -313,12 +333,22 @@ pub fn serve(listener: OwnedFd, handler: Arc<dyn Handler>) {
                     }
                 }
             }
-            let work = move || answer(listener, handler, &notif);
-            if let Err(e) = std::thread::Builder::new().name("ioasid-supervise".into()).spawn_scoped(scope, work) {
-                tracing::warn!("no thread for a supervised call ({e}): answering it in line");
+            if idle.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                idle.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                if let Err(e) = std::thread::Builder::new().name("ioasid-supervise".into()).spawn_scoped(scope, worker)
+                {
+                    idle.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    tracing::warn!("no thread for a supervised call ({e}): answering it in line");
+                    answer(listener, handler, &notif);
+                    continue;
+                }
+            }
+            if calls.send(notif).is_err() {
                 answer(listener, handler, &notif);
             }
         }
+        // Workers finish what they hold, then see the queue closed.
+        drop(calls);
     });
 }
 
@@ -332,11 +362,11 @@ fn hung_up(listener: BorrowedFd<'_>) -> bool {
 
 fn answer(listener: BorrowedFd<'_>, handler: &dyn Handler, notif: &libc::seccomp_notif) {
     let tid = notif.pid as i32;
-    let Some(pid) = thread_group(tid) else {
+    let Some((pid, uid)) = thread_group(tid) else {
         // Gone already, unless /proc is not there.
         return respond(listener, notif.id, Answer::Continue);
     };
-    let call = Call { listener, id: notif.id, pid, tid };
+    let call = Call { listener, id: notif.id, pid, uid, tid };
     let nr = notif.data.nr as libc::c_long;
     tracing::trace!(id = notif.id, tid, nr, "supervised call");
     let answer = if nr == libc::SYS_ioctl {
@@ -367,10 +397,12 @@ fn respond(listener: BorrowedFd<'_>, id: u64, answer: Answer) {
     }
 }
 
-/// The thread group of thread `tid`, from `/proc/TID/status`.
-fn thread_group(tid: i32) -> Option<i32> {
+/// The thread group of thread `tid` and its real user ID, from
+/// `/proc/TID/status`.
+fn thread_group(tid: i32) -> Option<(i32, u32)> {
     let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next());
+    Some((field("Tgid:")?.parse().ok()?, field("Uid:")?.parse().ok()?))
 }
 
 fn ioctl(call: &Call<'_>, handler: &dyn Handler, args: &[u64; 6]) -> Answer {
