@@ -403,7 +403,8 @@ fn veventq_alloc(u: &Ucmd, mut c: iommu_veventq_alloc) -> Res {
     if c.flags != 0 || c.__reserved != 0 || c.r#type == IOMMU_VEVENTQ_TYPE_DEFAULT {
         return Err(Errno::EOPNOTSUPP);
     }
-    if c.veventq_depth == 0 || c.veventq_depth > VEVENTQ_MAX_DEPTH {
+    let max = u.ctx.config().max_queue_depth.map_or(VEVENTQ_MAX_DEPTH, |m| m.min(VEVENTQ_MAX_DEPTH));
+    if c.veventq_depth == 0 || c.veventq_depth > max {
         return Err(Errno::EINVAL);
     }
     u.fds()?;

@@ -361,6 +361,7 @@ errno_test!(map_past_the_memlock_limit_is_enomem, ENOMEM, {
         owner: None,
         pasid_parent: None,
         max_objects: None,
+        max_queue_depth: None,
     }));
     let id = ioas(&ctx);
     let dev = ctx.bind_device(DeviceInfo::new("d", 1)).unwrap();

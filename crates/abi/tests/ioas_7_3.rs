@@ -117,6 +117,7 @@ fn pinned_file_mapping(process_mode: bool) -> (Arc<Context>, u32, std::fs::File)
         owner: None,
         pasid_parent: None,
         max_objects: None,
+        max_queue_depth: None,
     };
     let ctx = Arc::new(Context::with_config(config));
     let mut opt = iommu_option {

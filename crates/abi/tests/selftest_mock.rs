@@ -21,7 +21,11 @@ fn test_cmd(ctx: &Arc<Context>, op: u32, id: u32, arm: &[u32]) -> Result<iommu_t
 
 /// An IOAS with one mock device attached: (ctx, ioas, stdev, hwpt, idev).
 fn mock_domain(flags: u32) -> (Arc<Context>, u32, u32, u32, u32) {
-    let ctx = Arc::new(Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20))));
+    mock_domain_with(flags, ContextConfig::isolated(Limit::Pages(1 << 20)))
+}
+
+fn mock_domain_with(flags: u32, config: ContextConfig) -> (Arc<Context>, u32, u32, u32, u32) {
+    let ctx = Arc::new(Context::with_config(config));
     let mut a = iommu_ioas_alloc { size: 12, ..Default::default() };
     call(&ctx, IOMMU_IOAS_ALLOC, &mut a).unwrap();
     let c = test_cmd(&ctx, IOMMU_TEST_OP_MOCK_DOMAIN_FLAGS, a.out_ioas_id, &[0, 0, 0, flags]).unwrap();
@@ -267,6 +271,27 @@ fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attache
     assert_eq!(events.len(), 1);
     replace(ioas).unwrap();
     assert_eq!(trigger(), Err(Errno::ENOENT), "attached to the IOAS again");
+    // SAFETY: the vEVENTQ's fd was made for this test and nothing else uses it.
+    unsafe { libc::close(q.out_veventq_fd as i32) };
+}
+
+/// A context with a queue-depth limit (a daemon's client's) refuses a
+/// deeper vEVENTQ as Linux refuses one past its own bound.
+#[test]
+fn a_veventq_deeper_than_the_context_allows_is_einval() {
+    let config = ContextConfig { max_queue_depth: Some(8), ..ContextConfig::isolated(Limit::Pages(1 << 20)) };
+    let (ctx, ioas, _, _, idev) = mock_domain_with(0, config);
+    let viommu_id = selftest_viommu(&ctx, ioas, idev);
+    let depth = |veventq_depth| iommu_veventq_alloc {
+        size: 32,
+        viommu_id,
+        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
+        veventq_depth,
+        ..Default::default()
+    };
+    assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth(9)), Err(Errno::EINVAL));
+    let mut q = depth(8);
+    call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
     // SAFETY: the vEVENTQ's fd was made for this test and nothing else uses it.
     unsafe { libc::close(q.out_veventq_fd as i32) };
 }

@@ -64,6 +64,9 @@ enum Command {
         /// daemon-wide PASID space.
         #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().pasids)]
         max_pasids: u32,
+        /// Events each vEVENTQ may hold (the deepest queue a client may ask for).
+        #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().queue_depth)]
+        max_queue_depth: u32,
     },
 }
 
@@ -78,12 +81,13 @@ fn main() -> std::process::ExitCode {
         Command::Run { devices, socket, supervised, command } => {
             run::run(&devices, socket.as_deref(), supervised, &command)
         }
-        Command::Serve { socket, mode, max_contexts, max_files, max_objects, max_pasids } => {
+        Command::Serve { socket, mode, max_contexts, max_files, max_objects, max_pasids, max_queue_depth } => {
             let limits = ioasid_serve::limits::Limits {
                 contexts: max_contexts,
                 files: max_files,
                 objects: max_objects,
                 pasids: max_pasids,
+                queue_depth: max_queue_depth,
             };
             serve::serve(serve::Options { socket, mode, limits })
         }

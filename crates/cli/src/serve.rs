@@ -46,7 +46,14 @@ pub fn serve(opts: Options) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(socket = %p.display(), mode = format!("{:o}", opts.mode), "listening");
     }
     let l = &opts.limits;
-    tracing::info!(contexts = l.contexts, files = l.files, objects = l.objects, pasids = l.pasids, "limits per user");
+    tracing::info!(
+        contexts = l.contexts,
+        files = l.files,
+        objects = l.objects,
+        pasids = l.pasids,
+        queue_depth = l.queue_depth,
+        "limits per user"
+    );
     std::thread::Builder::new().name("ioasid-accept".into()).spawn(move || {
         if let Err(e) = ioasid_serve::channel::serve(daemon, listener) {
             tracing::error!(error = %e, "cannot accept clients");

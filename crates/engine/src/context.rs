@@ -338,6 +338,9 @@ pub struct ContextConfig {
     /// The most objects the context may hold at once (`None`: as many as
     /// IDs go); past it, allocations fail with `ENOMEM`, as memory would.
     pub max_objects: Option<u32>,
+    /// The deepest event queue (vEVENTQ) the context may make (`None`:
+    /// Linux's own bound); deeper is refused as Linux refuses past its own.
+    pub max_queue_depth: Option<u32>,
 }
 
 impl ContextConfig {
@@ -353,6 +356,7 @@ impl ContextConfig {
             owner: None,
             pasid_parent: None,
             max_objects: None,
+            max_queue_depth: None,
         }
     }
 
@@ -367,6 +371,7 @@ impl ContextConfig {
             owner: None,
             pasid_parent: None,
             max_objects: None,
+            max_queue_depth: None,
         }
     }
 
@@ -382,6 +387,7 @@ impl ContextConfig {
             owner: Some(pid),
             pasid_parent: None,
             max_objects: None,
+            max_queue_depth: None,
         }
     }
 
@@ -1019,6 +1025,11 @@ impl Context {
         };
         let set = crate::ioasid_set::new_set(&self.set_owner, parent, quota)?;
         self.insert(Object::IoasidSet(set))
+    }
+
+    /// How the context charges memory and what it may hold.
+    pub fn config(&self) -> &ContextConfig {
+        &self.config
     }
 
     /// The owner of this context's IOASID sets: PASID references go

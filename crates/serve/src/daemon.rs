@@ -234,6 +234,7 @@ impl Daemon {
         let config = ioasid_engine::ContextConfig {
             pasid_parent: Some(root),
             max_objects: Some(self.limits.objects),
+            max_queue_depth: Some(self.limits.queue_depth),
             ..ioasid_engine::ContextConfig::of_client(pid)
         };
         let ctx = Arc::new(Context::with_config(config));

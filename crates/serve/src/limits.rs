@@ -21,11 +21,13 @@ pub struct Limits {
     /// PASIDs in all the user's IOASID sets together: its share of the
     /// daemon-wide PASID space.
     pub pasids: u32,
+    /// Events a vEVENTQ may hold (its depth at allocation).
+    pub queue_depth: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16 }
+        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16, queue_depth: 1 << 12 }
     }
 }
 
