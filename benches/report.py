@@ -236,7 +236,7 @@ if any(r["figure"].startswith("daemon:") for r in rows):
         "channel and its answer; the daemon takes its own copy of the program's descriptor (`pidfd_getfd`) and "
         "reads and writes the ioctl's arguments in the program (`process_vm_readv`, `process_vm_writev`). "
         "Supervised (`ioasid run --supervised --socket`) the kernel stops the calling thread and hands the call "
-        "to the daemon as a seccomp notification, which the daemon answers on a thread of its own. The bare "
+        "to the daemon as a seccomp notification, which the daemon answers on one of its workers. The bare "
         "round trip is the floor for any daemon: the same size of message to another process and back, with "
         "nothing done in between; the in-process peer is the dispatcher the shim runs when there is no "
         "daemon. The clients are made one after another by one process, each as the shim makes one (its own "
