@@ -53,6 +53,17 @@ fn alloc_hwpt<T: IntoBytes + FromBytes>(
 }
 
 /// A selftest vIOMMU over a new nesting parent of `ioas`, for `idev`.
+/// `IOMMU_VEVENTQ_ALLOC` of a selftest vEVENTQ of `depth` on `viommu_id`.
+fn selftest_veventq(viommu_id: u32, veventq_depth: u32) -> iommu_veventq_alloc {
+    iommu_veventq_alloc {
+        size: 32,
+        viommu_id,
+        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
+        veventq_depth,
+        ..Default::default()
+    }
+}
+
 fn selftest_viommu(ctx: &Arc<Context>, ioas: u32, idev: u32) -> u32 {
     let parent =
         alloc_hwpt::<u8>(ctx, idev, ioas, IOMMU_HWPT_ALLOC_NEST_PARENT, IOMMU_HWPT_DATA_NONE, None, 0).unwrap();
@@ -248,13 +259,7 @@ fn vevents_reach_the_selftest_queue_once_the_device_has_a_vdevice_and_is_attache
     assert_eq!(replace(nested), Err(Errno::ENOENT), "no vDEVICE yet");
     assert_eq!(trigger(), Err(Errno::ENOENT), "not behind the vIOMMU");
 
-    let depth = |veventq_depth| iommu_veventq_alloc {
-        size: 32,
-        viommu_id,
-        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
-        veventq_depth,
-        ..Default::default()
-    };
+    let depth = |veventq_depth| selftest_veventq(viommu_id, veventq_depth);
     assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth(0)), Err(Errno::EINVAL));
     assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth((1 << 19) + 1)), Err(Errno::EINVAL));
     let mut q = depth(1 << 19);
@@ -282,15 +287,8 @@ fn a_veventq_deeper_than_the_context_allows_is_einval() {
     let config = ContextConfig { max_queue_depth: Some(8), ..ContextConfig::isolated(Limit::Pages(1 << 20)) };
     let (ctx, ioas, _, _, idev) = mock_domain_with(0, config);
     let viommu_id = selftest_viommu(&ctx, ioas, idev);
-    let depth = |veventq_depth| iommu_veventq_alloc {
-        size: 32,
-        viommu_id,
-        r#type: IOMMU_VEVENTQ_TYPE_SELFTEST,
-        veventq_depth,
-        ..Default::default()
-    };
-    assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut depth(9)), Err(Errno::EINVAL));
-    let mut q = depth(8);
+    assert_eq!(call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut selftest_veventq(viommu_id, 9)), Err(Errno::EINVAL));
+    let mut q = selftest_veventq(viommu_id, 8);
     call(&ctx, IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
     // SAFETY: the vEVENTQ's fd was made for this test and nothing else uses it.
     unsafe { libc::close(q.out_veventq_fd as i32) };
