@@ -304,7 +304,7 @@ fn sandbox_fd() -> OwnedFd {
 
 fuzz_target!(|data: &[u8]| {
     let daemon = &*DAEMON;
-    daemon.reap(false);
+    daemon.reap();
     let before = daemon.held();
     let Ok(sandbox) = HostBuffer::new(SANDBOX) else { return };
     let (ours, theirs) = wire::seqpacket_pair().unwrap();
@@ -399,7 +399,7 @@ fuzz_target!(|data: &[u8]| {
     channel.join().unwrap();
     let deadline = Instant::now() + ANSWER;
     loop {
-        daemon.reap(false);
+        daemon.reap();
         if daemon.held() == before {
             break;
         }

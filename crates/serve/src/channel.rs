@@ -76,7 +76,7 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
                 break;
             }
         };
-        daemon.reap(false);
+        daemon.reap();
         // The caller's failure injection runs on this thread for the call.
         let tid = ioasid_engine::inject::current_tid();
         ioasid_engine::inject::set_fail_nth(tid, msg.fail_nth);

@@ -124,13 +124,13 @@ impl Daemon {
         self.held.lock().len()
     }
 
-    /// Drops every object whose programs' end has been closed everywhere.
-    /// `wait`: block until at least one hang-up (the watcher thread).
-    pub fn reap(&self, wait: bool) {
+    /// Drops every object whose programs' end has been closed everywhere
+    /// (without waiting for any).
+    pub fn reap(&self) {
         let _reaping = self.reaping.lock();
         let mut events = Vec::with_capacity(64);
-        let timeout = if wait { None } else { Some(&rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 }) };
-        if epoll::wait(&self.watch, spare(&mut events), timeout).is_err() {
+        let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+        if epoll::wait(&self.watch, spare(&mut events), Some(&now)).is_err() {
             return;
         }
         let mut gone = Vec::new();
@@ -295,7 +295,7 @@ fn reaper(daemon: Weak<Daemon>) {
         let second = rustix::time::Timespec { tv_sec: 1, tv_nsec: 0 };
         let ready = epoll::wait(&d.watch, spare(&mut events), Some(&second)).is_ok_and(|n| n > 0);
         if ready {
-            d.reap(false);
+            d.reap();
         }
     }
 }
@@ -430,7 +430,7 @@ impl crate::supervise::Handler for Daemon {
         if path.to_bytes() != b"/dev/iommu" {
             return None;
         }
-        self.reap(false);
+        self.reap();
         Some(self.open_context(call.pid(), call.uid()))
     }
 
@@ -443,7 +443,7 @@ impl crate::supervise::Handler for Daemon {
         arg: u64,
     ) -> Option<Result<i64, Errno>> {
         let key = wire::identity(file)?;
-        self.reap(false);
+        self.reap();
         self.file(key)?;
         let installer = Notified(call);
         let peer = match Peer::new(self, call.pid(), call.uid(), &installer) {
