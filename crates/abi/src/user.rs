@@ -1,5 +1,11 @@
 //! Access to the calling program's memory and file descriptors: the ABI's
 //! pointers and fds are untrusted, so every access is checked.
+//!
+//! This module and `files` import each other, through the queues' files,
+//! on purpose: the caller's descriptors ([`Descriptors`]) hand out and find
+//! ioasid files, and the fault queue's and vEVENTQ's files read and write
+//! the caller's memory through [`UserMemory`]. Splitting the trait from the
+//! files it names would only move the cycle between two smaller modules.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 

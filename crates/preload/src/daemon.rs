@@ -15,8 +15,6 @@ use std::sync::{LazyLock, Mutex, MutexGuard};
 use ioasid_serve::client::{Chan, Client};
 use ioasid_serve::wire;
 
-use crate::fork::Call;
-
 static CLIENT: LazyLock<Option<Client>> = LazyLock::new(|| {
     let path = std::env::var_os("IOASID_SOCKET").filter(|p| !p.is_empty())?;
     let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).ok()?;
@@ -48,21 +46,28 @@ fn installed(fd: c_int, kind: u64) {
 /// file takes it: sizes it refuses are refused, and a read takes only what
 /// waits (0 when nothing does) and, from a vEVENTQ, only whole events.
 /// `None` for any other descriptor, and for writes the kernel may have.
-pub fn queue_rw(fd: c_int, call: &Call) -> Option<Result<usize, c_int>> {
+pub fn queue_rw(fd: c_int, rw: Rw) -> Option<Result<usize, c_int>> {
     if NQUEUES.load(Ordering::Acquire) == 0 {
         return None;
     }
     let kind = *QUEUES.lock().unwrap_or_else(|e| e.into_inner()).get(&identity(fd)?)?;
     let fault = kind == wire::FILE_FAULT;
-    Some(match *call {
-        Call::Read { count, .. } if fault && count % ioasid_abi::fault::RECORD as u64 != 0 => Err(libc::ESPIPE),
-        Call::Read { buf, count, .. } if fault => receive(fd, buf, count as usize, 0),
-        Call::Read { count, .. } if count < VEVENT_HEADER => Err(libc::EINVAL),
-        Call::Read { buf, count, .. } => read_events(fd, buf, count as usize),
-        Call::Write { count, .. } if fault && count % ioasid_abi::fault::RESPONSE as u64 != 0 => Err(libc::ESPIPE),
-        Call::Write { .. } if fault => return None,
-        _ => Err(libc::EINVAL),
+    Some(match rw {
+        Rw::Read { count, .. } if fault && count % ioasid_abi::fault::RECORD as u64 != 0 => Err(libc::ESPIPE),
+        Rw::Read { buf, count } if fault => receive(fd, buf, count as usize, 0),
+        Rw::Read { count, .. } if count < VEVENT_HEADER => Err(libc::EINVAL),
+        Rw::Read { buf, count } => read_events(fd, buf, count as usize),
+        Rw::Write { count } if fault && count % ioasid_abi::fault::RESPONSE as u64 != 0 => Err(libc::ESPIPE),
+        Rw::Write { .. } if fault => return None,
+        Rw::Write { .. } => Err(libc::EINVAL),
     })
+}
+
+/// A read into `buf` or a write, of `count` bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum Rw {
+    Read { buf: u64, count: u64 },
+    Write { count: u64 },
 }
 
 /// One `recv` without waiting: 0 when nothing waits.
@@ -119,9 +124,7 @@ pub fn client() -> Option<&'static Client> {
 
 /// `open("/dev/iommu")` in daemon mode: `None` in-process.
 pub fn open(flags: c_int) -> Option<Result<c_int, c_int>> {
-    let client = client()?;
-    crate::fork::install();
-    Some(client.open(flags))
+    Some(client()?.open(flags))
 }
 
 /// Whether `request` may be the daemon's: iommufd's type (VFIO's too) or

@@ -70,6 +70,8 @@ fn sys_path(path: *const c_char) -> Option<std::ffi::CString> {
 /// A new context behind a real descriptor.
 fn open_iommu(flags: c_int) -> Result<c_int, c_int> {
     if let Some(opened) = crate::daemon::open(flags) {
+        // The channel is held across fork, as the file table is.
+        crate::fork::install();
         return opened;
     }
     let fd = ioasid_abi::user::new_fd_with(c"ioasid:/dev/iommu", flags & libc::O_CLOEXEC != 0).map_err(|e| e.0)?;
@@ -494,7 +496,13 @@ macro_rules! rw_hook {
                 File::VfioDevice(d) => at_position(fd, at, |off| d.$device(&InProcess, buf as u64, count, off)),
                 _ => $ours(file, buf, count, offset),
             })
-                .or_else(|| crate::daemon::queue_rw(fd, &call).map(finish))
+                .or_else(|| {
+                    let rw = match call {
+                        Call::Read { buf, count, .. } => crate::daemon::Rw::Read { buf, count },
+                        _ => crate::daemon::Rw::Write { count: count as u64 },
+                    };
+                    crate::daemon::queue_rw(fd, rw).map(finish)
+                })
                 // SAFETY: forwarding the caller's own arguments.
                 .unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
         }

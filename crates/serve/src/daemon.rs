@@ -34,7 +34,7 @@ use ioasid_abi::user::{Descriptors, UserMemory};
 use ioasid_engine::Context;
 use ioasid_engine::ioasid_set::SetHandle;
 
-use crate::limits::{Limits, Usage};
+use crate::limits::{Counted, Limits, Usage};
 use crate::wire;
 
 /// An open file's identity.
@@ -57,6 +57,15 @@ pub enum Holding {
     File(File),
     /// An object whose memory a program maps, kept while it does.
     Mapping(ioasid_abi::mmap::Owner),
+}
+
+impl Holding {
+    fn counted(&self) -> Counted {
+        match self {
+            Holding::File(File::Iommufd(_)) => Counted::Context,
+            _ => Counted::File,
+        }
+    }
 }
 
 /// One object held for programs.
@@ -151,7 +160,7 @@ impl Daemon {
             for key in gone {
                 if let Some(h) = held.remove(&key) {
                     let _ = epoll::delete(&self.watch, h.ours.as_fd());
-                    self.usage.lock().entry(h.owner).or_default().release(&h.what);
+                    self.usage.lock().entry(h.owner).or_default().release(h.what.counted());
                     dropped.push(h);
                 }
             }
@@ -165,7 +174,7 @@ impl Daemon {
     /// Files `file` under the program's end `theirs`, watching `ours`.
     fn hold(&self, theirs: &OwnedFd, ours: Arc<OwnedFd>, what: Holding, owner: u32) -> Result<Key, Errno> {
         let key = wire::identity(theirs).ok_or(Errno::EBADF)?;
-        self.usage.lock().entry(owner).or_default().charge(&self.limits, &what)?;
+        self.usage.lock().entry(owner).or_default().charge(&self.limits, what.counted())?;
         let slot = {
             let mut slots = self.keys.lock();
             let slot = slots.free.pop().unwrap_or(slots.keys.len());
@@ -177,7 +186,7 @@ impl Daemon {
         };
         let flags = epoll::EventFlags::RDHUP | epoll::EventFlags::HUP;
         if let Err(e) = epoll::add(&self.watch, ours.as_fd(), epoll::EventData::new_u64(slot as u64), flags) {
-            self.usage.lock().entry(owner).or_default().release(&what);
+            self.usage.lock().entry(owner).or_default().release(what.counted());
             let mut slots = self.keys.lock();
             slots.keys[slot] = None;
             slots.free.push(slot);
@@ -191,7 +200,7 @@ impl Daemon {
         let h = self.held.lock().remove(&key);
         if let Some(h) = h {
             let _ = epoll::delete(&self.watch, h.ours.as_fd());
-            self.usage.lock().entry(h.owner).or_default().release(&h.what);
+            self.usage.lock().entry(h.owner).or_default().release(h.what.counted());
         }
     }
 

@@ -3,9 +3,6 @@
 //! share leaves every other's untouched; over a limit, the command that
 //! would pass it fails with the errno Linux gives for the same exhaustion.
 
-use ioasid_abi::files::File;
-
-use crate::daemon::Holding;
 use ioasid_abi::Errno;
 
 /// The limits, per user.
@@ -27,8 +24,17 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16, queue_depth: 1 << 12 }
+        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16, queue_depth: 1 << 19 }
     }
+}
+
+/// What a held object counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// An open iommufd.
+    Context,
+    /// Any other file (or hold of mapped memory).
+    File,
 }
 
 /// One user's count.
@@ -39,12 +45,12 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Counts `file`: `EMFILE` past the user's limit (as a process out of
-    /// descriptors).
-    pub fn charge(&mut self, limits: &Limits, what: &Holding) -> Result<(), Errno> {
+    /// Counts one more `what`: `EMFILE` past the user's limit (as a process
+    /// out of descriptors).
+    pub fn charge(&mut self, limits: &Limits, what: Counted) -> Result<(), Errno> {
         let (n, max) = match what {
-            Holding::File(File::Iommufd(_)) => (&mut self.contexts, limits.contexts),
-            _ => (&mut self.files, limits.files),
+            Counted::Context => (&mut self.contexts, limits.contexts),
+            Counted::File => (&mut self.files, limits.files),
         };
         if *n >= max {
             tracing::warn!(limit = max, "a client reached its limit of open files");
@@ -54,10 +60,10 @@ impl Usage {
         Ok(())
     }
 
-    pub fn release(&mut self, what: &Holding) {
+    pub fn release(&mut self, what: Counted) {
         let n = match what {
-            Holding::File(File::Iommufd(_)) => &mut self.contexts,
-            _ => &mut self.files,
+            Counted::Context => &mut self.contexts,
+            Counted::File => &mut self.files,
         };
         *n = n.saturating_sub(1);
     }
