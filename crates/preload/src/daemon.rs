@@ -33,6 +33,14 @@ fn identity(fd: c_int) -> Option<(u64, u64)> {
     wire::identity(unsafe { BorrowedFd::borrow_raw(fd) })
 }
 
+/// Whether `fd` is a socket: the daemon's files all are, so anything else
+/// is not worth a message.
+fn is_socket(fd: c_int) -> bool {
+    // SAFETY: only inspected for the call's duration; a closed fd fails fstat.
+    rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) })
+        .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket)
+}
+
 fn installed(fd: c_int, kind: u64) {
     if kind == wire::FILE_FAULT || kind == wire::FILE_VEVENTQ {
         let Some(key) = identity(fd) else { return };
@@ -141,10 +149,7 @@ pub fn ioctl(fd: c_int, request: u32, arg: u64) -> Option<Result<c_int, c_int>> 
     if !may_be_ours(request) {
         return None;
     }
-    // The daemon's files are sockets; anything else is not worth a message.
-    // SAFETY: only inspected for the call's duration; a closed fd fails fstat.
-    let st = rustix::fs::fstat(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }).ok()?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+    if !is_socket(fd) {
         return None;
     }
     client.ioctl(fd, request, arg).map(|r| r.map(|v| v as c_int))
@@ -161,9 +166,7 @@ pub fn mmap(
     map: impl FnOnce(c_int) -> *mut libc::c_void,
 ) -> Option<Result<*mut libc::c_void, c_int>> {
     let client = client()?;
-    // SAFETY: as in `ioctl`.
-    let st = rustix::fs::fstat(unsafe { BorrowedFd::borrow_raw(fd) }).ok()?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+    if !is_socket(fd) {
         return None;
     }
     let (memory, hold) = match client.mmap(fd, len, prot, flags, off) {

@@ -116,12 +116,12 @@ fn answer(daemon: &Daemon, peer: &Peer<'_>, msg: &Msg) -> (Msg, Vec<OwnedFd>) {
             Err(e) => errno(e),
         },
         wire::IOCTL => {
-            let file = match peer.copy(msg.fd) {
+            let copy = match peer.copy(msg.fd) {
                 Ok(f) => f,
                 Err(e) => return errno(e),
             };
-            match daemon.ioctl(peer, &file, msg.request, msg.arg) {
-                Some(r) => (Msg::reply(r.map_err(|e| e.0)), Vec::new()),
+            match daemon.file(&copy) {
+                Some(file) => (Msg::reply(daemon.ioctl(peer, file, msg.request, msg.arg).map_err(|e| e.0)), Vec::new()),
                 None => (Msg::new(wire::NOT_OURS), Vec::new()),
             }
         }

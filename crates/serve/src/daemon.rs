@@ -217,8 +217,10 @@ impl Daemon {
         }
     }
 
-    /// The file filed under `key`.
-    pub fn file(&self, key: Key) -> Option<File> {
+    /// The file `copy` (the daemon's copy of a program's descriptor) is,
+    /// when it is one of the daemon's.
+    pub fn file(&self, copy: &OwnedFd) -> Option<File> {
+        let key = wire::identity(copy)?;
         match &self.held.lock().get(&key)?.what {
             Holding::File(f) => Some(f.clone()),
             Holding::Mapping(_) => None,
@@ -264,8 +266,7 @@ impl Daemon {
         flags: i32,
         offset: i64,
     ) -> Result<(OwnedFd, OwnedFd), Errno> {
-        let key = wire::identity(file).ok_or(Errno::EBADF)?;
-        let Some(File::Iommufd(ctx)) = self.file(key) else { return Err(Errno(libc::ENODEV)) };
+        let Some(File::Iommufd(ctx)) = self.file(file) else { return Err(Errno(libc::ENODEV)) };
         let owner = ioasid_abi::mmap::region(&ctx, len, prot, flags, offset)?;
         let memory = owner.mmap_region().ok_or(Errno(libc::ENXIO))?.memory();
         let memory = memory.try_clone_to_owned().map_err(|_| Errno(libc::ENFILE))?;
@@ -274,11 +275,9 @@ impl Daemon {
         Ok((memory, theirs))
     }
 
-    /// `ioctl(fd, request, arg)` where `file` is the daemon's copy of the
-    /// program's `fd`: `None` when it is no file of the daemon's.
-    pub fn ioctl(&self, peer: &Peer<'_>, file: &OwnedFd, request: u32, arg: u64) -> Option<Result<i64, Errno>> {
-        let key = wire::identity(file)?;
-        let file = self.file(key)?;
+    /// `ioctl(fd, request, arg)` where `file` is what the program's `fd`
+    /// is (see [`Daemon::file`]).
+    pub fn ioctl(&self, peer: &Peer<'_>, file: File, request: u32, arg: u64) -> Result<i64, Errno> {
         self.busy.fetch_add(1, Ordering::AcqRel);
         let r = match file {
             File::Iommufd(ctx) => ioasid_abi::ioctl(&ctx, peer, request, arg).map(i64::from),
@@ -287,7 +286,7 @@ impl Daemon {
         };
         self.flush_queues();
         self.busy.fetch_sub(1, Ordering::AcqRel);
-        Some(r)
+        r
     }
 }
 
@@ -368,7 +367,7 @@ impl Descriptors for Peer<'_> {
 
     fn file(&self, fd: i32) -> Option<File> {
         let copy = self.copy(fd).ok()?;
-        self.daemon.file(wire::identity(&copy)?)
+        self.daemon.file(&copy)
     }
 
     fn install(&self, file: File, fd: OwnedFd, respond: &mut dyn FnMut(i32) -> Result<(), Errno>) -> Result<(), Errno> {
@@ -451,15 +450,10 @@ impl crate::supervise::Handler for Daemon {
         request: u32,
         arg: u64,
     ) -> Option<Result<i64, Errno>> {
-        let key = wire::identity(file)?;
         self.reap();
-        self.file(key)?;
+        let file = self.file(file)?;
         let installer = Notified(call);
-        let peer = match Peer::new(self, call.pid(), call.uid(), &installer) {
-            Ok(p) => p,
-            Err(e) => return Some(Err(e)),
-        };
-        self.ioctl(&peer, file, request, arg)
+        Some(Peer::new(self, call.pid(), call.uid(), &installer).and_then(|peer| self.ioctl(&peer, file, request, arg)))
     }
 }
 
