@@ -691,25 +691,40 @@ mod loom_tests {
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicUsize;
 
+    /// 1: the old value, live; 2: the new one; 0: released.
+    type Cells = Arc<[AtomicUsize; 2]>;
+
+    /// A reader that claims a slot, reads the current cell inside a
+    /// section (releasing its slot after, when `release`), and checks it
+    /// never saw a released value.
+    fn reader(
+        c: &Arc<Collector>,
+        cells: &Cells,
+        current: &Arc<AtomicUsize>,
+        release: bool,
+    ) -> loom::thread::JoinHandle<()> {
+        let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
+        loom::thread::spawn(move || {
+            let (slot, seq) = c.claim();
+            slot.enter(seq + 1, false);
+            let i = current.load(Ordering::Acquire);
+            let seen = cells[i].load(Ordering::Relaxed);
+            slot.leave(seq + 2);
+            if release {
+                c.release(slot);
+            }
+            assert_ne!(seen, 0, "read a released value");
+        })
+    }
+
     /// A reader that loaded the old value never sees it released, whether
     /// the writer waits (`synchronize`) or defers (`try_collect`).
     fn model(defer: bool) {
         loom::model(move || {
             let c = Arc::new(Collector::new(false));
-            // 1: the old value, live; 2: the new one; 0: released.
-            let cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+            let cells: Cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
             let current = Arc::new(AtomicUsize::new(0));
-            let reader = {
-                let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
-                loom::thread::spawn(move || {
-                    let (slot, seq) = c.claim();
-                    slot.enter(seq + 1, false);
-                    let i = current.load(Ordering::Acquire);
-                    let seen = cells[i].load(Ordering::Relaxed);
-                    slot.leave(seq + 2);
-                    assert_ne!(seen, 0, "read a released value");
-                })
-            };
+            let reader = reader(&c, &cells, &current, false);
             current.store(1, Ordering::Release);
             if defer {
                 let cells = cells.clone();
@@ -738,24 +753,13 @@ mod loom_tests {
             let c = Arc::new(Collector::new(false));
             let (own, _) = c.claim();
             let own = own as *const Slot;
-            let cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+            let cells: Cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
             let current = Arc::new(AtomicUsize::new(0));
-            let reader = {
-                let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
-                loom::thread::spawn(move || {
-                    let (slot, seq) = c.claim();
-                    // The model's readers fence on entering (membarrier
-                    // is not modelled), so it checks the writer's side of
-                    // the pairing; a membarrier reader's side is the fence
-                    // in `claim`, which the stress tests run.
-                    slot.enter(seq + 1, false);
-                    let i = current.load(Ordering::Acquire);
-                    let seen = cells[i].load(Ordering::Relaxed);
-                    slot.leave(seq + 2);
-                    c.release(slot);
-                    assert_ne!(seen, 0, "read a released value");
-                })
-            };
+            // The model's readers fence on entering (membarrier is not
+            // modelled), so it checks the writer's side of the pairing; a
+            // membarrier reader's side is the fence in `claim`, which the
+            // stress tests run.
+            let reader = reader(&c, &cells, &current, true);
             current.store(1, Ordering::Release);
             c.synchronize(own);
             cells[0].store(0, Ordering::Relaxed);
