@@ -38,7 +38,7 @@ use crate::limits::{Counted, Limits, Usage};
 use crate::wire;
 
 /// An open file's identity.
-pub type Key = (u64, u64);
+type Key = (u64, u64);
 
 /// Hands descriptors to the program a request came from.
 pub trait Installer {
@@ -122,10 +122,6 @@ impl Daemon {
         let weak = Arc::downgrade(&d);
         std::thread::Builder::new().name("ioasid-reaper".into()).spawn(move || reaper(weak))?;
         Ok(d)
-    }
-
-    pub fn limits(&self) -> &Limits {
-        &self.limits
     }
 
     /// How many objects are held (for tests and the log).
