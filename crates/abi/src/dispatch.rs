@@ -340,7 +340,10 @@ fn stage1_invalidate(u: &Ucmd, c: &iommu_hwpt_invalidate, stage1: &dyn Stage1) -
     if c.data_type != layout.data_type {
         return (0, Err(Errno::EINVAL));
     }
-    each_entry_bytes(u, c, layout, |entry| Ok(stage1.invalidate(entry)?))
+    let r = each_entry_bytes(u, c, layout, |entry| Ok(stage1.invalidate(entry)?));
+    // Back ends in other processes cache translations through stage 1 too.
+    ioasid_engine::epoch::synchronize_external();
+    r
 }
 
 fn viommu_alloc(u: &Ucmd, mut c: iommu_viommu_alloc) -> Res {

@@ -294,9 +294,9 @@ impl Device {
 
     /// `Hwpt::generation` of the table serving `pasid` ((0, 0): none), read
     /// without taking a reference, for caches to check on every use (the
-    /// vm-memory port's).
-    #[cfg(feature = "vm-memory")]
-    pub(crate) fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
+    /// vm-memory port's, a back end's table in another process): it changes
+    /// whenever a translation there may have.
+    pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
         let guard = epoch::pin();
         self.with_serving(pasid, &guard, |h| h.map_or((0, 0), Hwpt::generation))
     }
@@ -320,7 +320,8 @@ impl Device {
     }
 
     /// Whether `pasid` is one this device can issue.
-    pub(crate) fn check_pasid(&self, pasid: u32) -> crate::Result<()> {
+    /// Whether the device can tag DMA with `pasid`.
+    pub fn check_pasid(&self, pasid: u32) -> crate::Result<()> {
         if self.info.max_pasid_log2 == 0 {
             return Err(crate::Error::Invalid("the device has no PASID capability"));
         }

@@ -470,7 +470,51 @@ pub(crate) fn synchronize() {
         l.slot.get()
     });
     global().synchronize(own);
+    synchronize_external();
 }
+
+/// Readers outside this process: device back ends in other processes that
+/// translate from tables this process publishes to them (see
+/// `ioasid_serve::remote`). Every grace period also waits for them, so
+/// unmap, detach and replace keep their guarantee across processes.
+pub trait External: Send + Sync {
+    /// Waits until none of these readers can still use a translation that
+    /// changed before the call (the readers decide how: a back end checks
+    /// whether its device's translation changed, and waits only then).
+    fn synchronize(&self);
+}
+
+#[cfg(not(loom))]
+static EXTERNAL: parking_lot::RwLock<Vec<std::sync::Weak<dyn External>>> = parking_lot::RwLock::new(Vec::new());
+#[cfg(not(loom))]
+static EXTERNALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes every later grace period wait for `readers` too, for as long as
+/// they live.
+#[cfg(not(loom))]
+pub fn add_external(readers: std::sync::Weak<dyn External>) {
+    let mut list = EXTERNAL.write();
+    list.retain(|w| w.strong_count() > 0);
+    list.push(readers);
+    EXTERNALS.store(list.len(), Ordering::Release);
+}
+
+/// Waits for the readers outside this process only: for changes that need
+/// no in-process grace period (a cache invalidation, a cleared dirty bit)
+/// but must not be missed by a back end's cached translation.
+#[cfg(not(loom))]
+pub fn synchronize_external() {
+    if EXTERNALS.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let list: Vec<_> = EXTERNAL.read().iter().filter_map(std::sync::Weak::upgrade).collect();
+    for readers in list {
+        readers.synchronize();
+    }
+}
+
+#[cfg(loom)]
+fn synchronize_external() {}
 
 /// A shared value readers follow inside a pinned section without touching
 /// its reference count, and writers replace, waiting for those readers

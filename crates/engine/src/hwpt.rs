@@ -117,7 +117,14 @@ impl HwptPaging {
         if !self.domain.dirty_tracking() {
             return Err(crate::Error::Invalid("dirty tracking is off"));
         }
-        self.ioas.read_and_clear_dirty(&self.domain, range, keep, record)
+        let r = self.ioas.read_and_clear_dirty(&self.domain, range, keep, record);
+        if !keep {
+            // A back end in another process must not keep writing through a
+            // translation that predates the clear: its writes would go
+            // unrecorded.
+            crate::epoch::synchronize_external();
+        }
+        r
     }
 
     /// Detaches the domain from its IOAS; called when the object is destroyed.
@@ -277,6 +284,15 @@ impl Hwpt {
         match self {
             Hwpt::Paging(h) => h.domain.dirty_capable(),
             Hwpt::Nested(_) => false,
+        }
+    }
+
+    /// Whether DMA writes through it are being recorded as dirty (the
+    /// stage-2 table's tracking, when nested).
+    pub fn dirty_tracking(&self) -> bool {
+        match self {
+            Hwpt::Paging(h) => h.domain.dirty_tracking(),
+            Hwpt::Nested(n) => n.parent.domain.dirty_tracking(),
         }
     }
 

@@ -889,6 +889,48 @@ pub(crate) struct FileMapping {
     lead: u64,
 }
 
+/// Where a file the engine mapped lies in this process's memory, so that
+/// another process (a device back end) can map the same pages: page tables
+/// hold this process's addresses, which mean nothing there.
+#[derive(Debug, Clone)]
+pub struct SharedFile {
+    /// The file (the engine's own descriptor of it).
+    pub file: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Offset in the file of the address asked about.
+    pub offset: u64,
+    /// Bytes of the mapping from that address on.
+    pub len: u64,
+    /// Whether the engine mapped it writable.
+    pub writable: bool,
+}
+
+struct Registered {
+    len: u64,
+    file_offset: u64,
+    file: std::sync::Arc<std::os::fd::OwnedFd>,
+    writable: bool,
+}
+
+/// Every live `FileMapping`, by base address. Touched when a file is
+/// mapped or unmapped and when a back end's translation misses, never on
+/// the DMA path.
+static SHARED: parking_lot::RwLock<std::collections::BTreeMap<u64, Registered>> =
+    parking_lot::RwLock::new(std::collections::BTreeMap::new());
+
+/// The file behind `addr`, when `addr` lies in a file the engine mapped
+/// (`IOMMU_IOAS_MAP_FILE`, a daemon client's shared memory).
+pub fn shared_file_at(addr: u64) -> Option<SharedFile> {
+    let map = SHARED.read();
+    let (base, r) = map.range(..=addr).next_back()?;
+    let into = addr - base;
+    (into < r.len).then(|| SharedFile {
+        file: r.file.clone(),
+        offset: r.file_offset + into,
+        len: r.len - into,
+        writable: r.writable,
+    })
+}
+
 // SAFETY: the mapping is plain shared memory; the struct only carries its
 // address and unmaps it once, on drop.
 unsafe impl Send for FileMapping {}
@@ -928,7 +970,12 @@ impl FileMapping {
             });
         }
         let base = NonNull::new(p.cast()).ok_or(Error::Invalid("file mapped at 0"))?;
-        Ok(FileMapping { base, len: map_len as usize, lead })
+        let mapping = FileMapping { base, len: map_len as usize, lead };
+        let file = rustix::io::fcntl_dupfd_cloexec(fd, 0).map_err(|_| Error::NoMemory("no descriptor left"))?;
+        let registered =
+            Registered { len: map_len, file_offset: offset - lead, file: std::sync::Arc::new(file), writable };
+        SHARED.write().insert(base.as_ptr() as u64, registered);
+        Ok(mapping)
     }
 
     /// Host address of the first requested byte.
@@ -939,6 +986,7 @@ impl FileMapping {
     /// Makes the mapping inaccessible for good: every later checked copy
     /// through it faults (`EFAULT`), as DMA to a revoked dma-buf fails.
     pub fn revoke(&self) {
+        SHARED.write().remove(&(self.base.as_ptr() as u64));
         // SAFETY: exactly the mapping created in `new`; its users copy
         // through it with checked copies, which turn the fault into EFAULT.
         unsafe { libc::mprotect(self.base.as_ptr().cast(), self.len, libc::PROT_NONE) };
@@ -947,6 +995,7 @@ impl FileMapping {
 
 impl Drop for FileMapping {
     fn drop(&mut self) {
+        SHARED.write().remove(&(self.base.as_ptr() as u64));
         // SAFETY: `base`/`len` is exactly the mapping created in `new`, and
         // the last user of its addresses (a page table via its pages) is gone.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };

@@ -203,14 +203,19 @@ impl Viommu {
     /// 16 bytes), as its model does (see `ViommuOps::command`).
     pub fn invalidate(&self, cmd: [u64; 2]) -> Result<()> {
         let bytes: Vec<u8> = cmd.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.kind.ops().command(self, &bytes)
+        let r = self.kind.ops().command(self, &bytes);
+        // Back ends in other processes cache translations too.
+        crate::epoch::synchronize_external();
+        r
     }
 
     /// `IOMMU_HWPT_INVALIDATE` on the vIOMMU: its model carries out the
     /// guest's commands in `entries`. Returns how many were handled and
     /// how the call ends.
     pub fn invalidate_entries(&self, entries: &mut dyn EntryArray) -> (u32, Result<()>) {
-        self.kind.ops().invalidate(self, entries)
+        let r = self.kind.ops().invalidate(self, entries);
+        crate::epoch::synchronize_external();
+        r
     }
 
     /// The stage-2 HWPT this vIOMMU's nested HWPTs translate through.
