@@ -32,6 +32,15 @@ pub const IOASID_VPASID_LOOKUP: u32 = ext_io(0x08);
 pub const IOASID_VIOMMU_SET_PASIDS: u32 = ext_io(0x09);
 pub const IOASID_VDEVICE_ATTACH_PASID: u32 = ext_io(0x0a);
 pub const IOASID_VDEVICE_DETACH_PASID: u32 = ext_io(0x0b);
+pub const IOASID_DEVICE_NEW: u32 = ext_io(0x0c);
+pub const IOASID_DEVICE_ATTACH: u32 = ext_io(0x0d);
+pub const IOASID_DEVICE_DETACH: u32 = ext_io(0x0e);
+
+/// `IOASID_DEVICE_NEW` flags: the device has PCIe PRI (a DMA that misses
+/// asks for the page and waits).
+pub const IOASID_DEVICE_PRI: u32 = 1 << 0;
+/// `IOASID_DEVICE_ATTACH`/`DETACH` flags: at `pasid`, not the RID.
+pub const IOASID_DEVICE_PASID: u32 = 1 << 0;
 
 pub const IOASID_PASID_ALLOC_PRIVATE: u32 = 1 << 0;
 
@@ -60,10 +69,16 @@ ext_struct!(ioasid_vdevice_attach_pasid {
 } size 24);
 ext_struct!(ioasid_vdevice_detach_pasid { size: u32, vdevice_id: u32, vpasid: u32, __reserved: u32 } size 16);
 
+ext_struct!(ioasid_device_new {
+    size: u32, flags: u32, iommu: u32, rid: u32, pasid_bits: u32, __reserved: u32, out_dev_id: u32, out_fd: i32,
+} size 32);
+ext_struct!(ioasid_device_attach { size: u32, flags: u32, dev_id: u32, pasid: u32, pt_id: u32, __reserved: u32 } size 24);
+ext_struct!(ioasid_device_detach { size: u32, flags: u32, dev_id: u32, pasid: u32 } size 16);
+
 type Res = Result<(), Errno>;
 
 /// Each command at its number, from 0.
-static OPS: OpTable<12> = OpTable::by_number(
+static OPS: OpTable<15> = OpTable::by_number(
     0,
     &[
         op!(IOASID_SET_ALLOC, ioasid_set_alloc, out_set_id, set_alloc),
@@ -78,6 +93,9 @@ static OPS: OpTable<12> = OpTable::by_number(
         op!(IOASID_VIOMMU_SET_PASIDS, ioasid_viommu_set_pasids, __reserved, viommu_set_pasids),
         op!(IOASID_VDEVICE_ATTACH_PASID, ioasid_vdevice_attach_pasid, out_pasid, vdevice_attach_pasid),
         op!(IOASID_VDEVICE_DETACH_PASID, ioasid_vdevice_detach_pasid, __reserved, vdevice_detach_pasid),
+        op!(IOASID_DEVICE_NEW, ioasid_device_new, out_fd, device_new),
+        op!(IOASID_DEVICE_ATTACH, ioasid_device_attach, __reserved, device_attach),
+        op!(IOASID_DEVICE_DETACH, ioasid_device_detach, pasid, device_detach),
     ],
 );
 
@@ -170,4 +188,75 @@ fn vdevice_detach_pasid(u: &Ucmd, c: ioasid_vdevice_detach_pasid) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     Ok(u.ctx.vdevice_detach_pasid(VdeviceId::new(c.vdevice_id), c.vpasid)?)
+}
+
+/// The IOMMU a new device sits behind, by `IOMMU_HW_INFO_TYPE_*` (0: VT-d).
+fn iommu_of(kind: u32) -> Option<ioasid_engine::IommuModel> {
+    use ioasid_engine::IommuModel;
+    Some(match kind {
+        0 | 1 => IommuModel::VTD,
+        2 => IommuModel::ArmSmmuV3,
+        ioasid_engine::model::amd::IOMMU_HW_INFO_TYPE_AMD => IommuModel::AmdVi,
+        ioasid_engine::model::selftest::IOMMU_HW_INFO_TYPE_SELFTEST => IommuModel::Selftest { huge: false },
+        _ => return None,
+    })
+}
+
+/// `IOASID_DEVICE_NEW`: an emulated device bound in this context, and its
+/// file, which a back end in another process opens a port on (see
+/// `device_file`). Closing the file everywhere unbinds the device.
+fn device_new(u: &Ucmd, mut c: ioasid_device_new) -> Res {
+    if c.flags & !IOASID_DEVICE_PRI != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let iommu = iommu_of(c.iommu).ok_or(Errno::EOPNOTSUPP)?;
+    if c.rid > 0xffff || c.pasid_bits > 20 {
+        return Err(Errno::EINVAL);
+    }
+    let fds = u.fds()?;
+    let mut info = ioasid_engine::DeviceInfo::behind(iommu, "back end", c.rid);
+    info.max_pasid_log2 = c.pasid_bits as u8;
+    info.pri = c.flags & IOASID_DEVICE_PRI != 0;
+    let fd = crate::user::new_fd(c"ioasid:[device]")?;
+    let id = u.ctx.bind_device(info)?;
+    let file = crate::device_file::DeviceFile::new(u.ctx.clone(), id)?;
+    c.out_dev_id = id.get();
+    // On failure `file` drops and unbinds the device; `fd` closes.
+    fds.install(crate::files::File::Device(file), fd, &mut |n| {
+        c.out_fd = n;
+        u.respond(&c)
+    })
+}
+
+/// `IOASID_DEVICE_ATTACH`: attaches the device (at the RID or `pasid`) to
+/// an IOAS or HWPT, replacing what is attached there, as
+/// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` does; `pt_id` becomes the HWPT's ID.
+fn device_attach(u: &Ucmd, mut c: ioasid_device_attach) -> Res {
+    if c.flags & !IOASID_DEVICE_PASID != 0 || c.__reserved != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let dev_id = ioasid_engine::DeviceId::new(c.dev_id);
+    let dev = u.ctx.get(dev_id)?;
+    let pasid = (c.flags & IOASID_DEVICE_PASID != 0).then_some(c.pasid);
+    let pt = PtId::new(c.pt_id);
+    let hwpt = match (pasid, dev.attached_at(pasid).is_some()) {
+        (None, false) => u.ctx.attach(dev_id, pt)?,
+        (None, true) => u.ctx.replace(dev_id, pt)?,
+        (Some(p), false) => u.ctx.attach_pasid(dev_id, p, pt)?,
+        (Some(p), true) => u.ctx.replace_pasid(dev_id, p, pt)?,
+    };
+    c.pt_id = hwpt.get();
+    u.respond(&c)
+}
+
+/// `IOASID_DEVICE_DETACH`: detaches the device at the RID or `pasid`.
+fn device_detach(u: &Ucmd, c: ioasid_device_detach) -> Res {
+    if c.flags & !IOASID_DEVICE_PASID != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let dev_id = ioasid_engine::DeviceId::new(c.dev_id);
+    match (c.flags & IOASID_DEVICE_PASID != 0).then_some(c.pasid) {
+        None => Ok(u.ctx.detach(dev_id)?),
+        Some(p) => Ok(u.ctx.detach_pasid(dev_id, p)?),
+    }
 }

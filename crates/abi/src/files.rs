@@ -65,6 +65,8 @@ pub enum File {
     VfioDevice(Arc<crate::vfio::device::DeviceFile>),
     /// A VFIO group file (`/dev/vfio/N`).
     VfioGroup(Arc<crate::vfio::group::GroupFile>),
+    /// A device for a back end in another process (`IOASID_DEVICE_NEW`).
+    Device(Arc<crate::device_file::DeviceFile>),
 }
 
 /// A process, as the owner of objects: a process ID alone could name a

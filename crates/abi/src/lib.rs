@@ -3,6 +3,7 @@
 //! errnos. Front ends (preload shim, daemon) hand ioctls to [`ioctl`].
 
 pub mod change_process;
+pub mod device_file;
 pub mod dispatch;
 pub mod dmabuf;
 pub mod errno;

@@ -438,6 +438,8 @@ fn read_ioasid(file: &File, buf: *mut c_void, count: usize, offset: i64) -> Resu
         // Linux's iommufd, group and access files have no read (a device's
         // is `at_position`'s).
         File::Iommufd(_) | File::TestAccess(_) | File::VfioGroup(_) | File::VfioDevice(_) => Err(libc::EINVAL),
+        // Its events come from back ends, which need the daemon: none here.
+        File::Device(_) => Err(libc::EAGAIN),
     }
 }
 
@@ -456,9 +458,12 @@ fn write_ioasid(file: &File, buf: *const c_void, count: usize, offset: i64) -> R
         File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
         // Linux's iommufd, vEVENTQ, group and access files have no write
         // (a device's is `at_position`'s).
-        File::Iommufd(_) | File::Veventq(_) | File::TestAccess(_) | File::VfioGroup(_) | File::VfioDevice(_) => {
-            Err(libc::EINVAL)
-        }
+        File::Iommufd(_)
+        | File::Veventq(_)
+        | File::TestAccess(_)
+        | File::VfioGroup(_)
+        | File::VfioDevice(_)
+        | File::Device(_) => Err(libc::EINVAL),
     }
 }
 
