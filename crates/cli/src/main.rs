@@ -67,6 +67,10 @@ enum Command {
         /// Events each vEVENTQ may hold (the deepest queue a client may ask for).
         #[arg(long, value_name = "N", default_value_t = ioasid_serve::limits::Limits::default().queue_depth)]
         max_queue_depth: u32,
+        /// How long an unmap waits for a back end's DMA in flight before it
+        /// cuts the back end off (kills it and tells the VMM), in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = ioasid_serve::limits::Limits::default().backend_stall_ms)]
+        backend_stall_ms: u32,
     },
 }
 
@@ -81,13 +85,23 @@ fn main() -> std::process::ExitCode {
         Command::Run { devices, socket, supervised, command } => {
             run::run(&devices, socket.as_deref(), supervised, &command)
         }
-        Command::Serve { socket, mode, max_contexts, max_files, max_objects, max_pasids, max_queue_depth } => {
+        Command::Serve {
+            socket,
+            mode,
+            max_contexts,
+            max_files,
+            max_objects,
+            max_pasids,
+            max_queue_depth,
+            backend_stall_ms,
+        } => {
             let limits = ioasid_serve::limits::Limits {
                 contexts: max_contexts,
                 files: max_files,
                 objects: max_objects,
                 pasids: max_pasids,
                 queue_depth: max_queue_depth,
+                backend_stall_ms,
             };
             serve::serve(serve::Options { socket, mode, limits })
         }

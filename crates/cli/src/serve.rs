@@ -6,18 +6,8 @@ use std::path::{Path, PathBuf};
 use ioasid_serve::daemon::Daemon;
 use ioasid_serve::limits::Limits;
 
-/// Where the daemon listens unless told: `/run/ioasid.sock` for root,
-/// `$XDG_RUNTIME_DIR/ioasid.sock` for anyone else (or `/tmp/ioasid-UID.sock`).
-pub fn default_socket() -> PathBuf {
-    let uid = rustix::process::getuid();
-    if uid.is_root() {
-        return PathBuf::from("/run/ioasid.sock");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => Path::new(&dir).join("ioasid.sock"),
-        None => PathBuf::from(format!("/tmp/ioasid-{}.sock", uid.as_raw())),
-    }
-}
+/// Where the daemon listens unless told.
+pub use ioasid_client::serve_socket as default_socket;
 
 pub struct Options {
     pub socket: Option<PathBuf>,

@@ -1,4 +1,5 @@
-//! The protocol between a program's shim and the daemon.
+//! The protocol between the daemon and the processes it serves: a
+//! program's shim, and device back ends.
 //!
 //! A process talks to the daemon over one connection of its own, a
 //! `SOCK_SEQPACKET` socket (a *channel*), so no two processes ever read each
@@ -44,6 +45,19 @@ pub const FLUSH: u32 = 5;
 /// Shim to daemon: serve the seccomp listener passed with this message (a
 /// supervised program's, see `supervise`). Answered with 0.
 pub const SUPERVISE: u32 = 6;
+/// Back end to daemon: open a port on the device whose descriptor (the
+/// back end's number) is `fd`; at PASID `arg` when `request` is 1, at the
+/// RID when 0. Answered with the port's number in `value` and two
+/// descriptors: its translation table and its reader slots (`atc`).
+pub const PORT: u32 = 7;
+/// Back end to daemon: a translation missed. Translate `arg2` bytes at IOVA
+/// `arg` of port `fd` for `request` (`PERM_*`), publish what was found and
+/// answer 0 (or `-errno`: `EFAULT` for a fault, `EPERM` once cut off),
+/// after announcing any file the translations need with [`REGION`].
+pub const TRANSLATE: u32 = 8;
+/// Read and write rights in [`TRANSLATE`] and in the table's extents.
+pub const PERM_R: u32 = 1;
+pub const PERM_W: u32 = 2;
 /// Daemon to shim: the answer. `value` is the result, or `-errno`.
 pub const REPLY: u32 = 16;
 /// Daemon to shim: `fd` is not one of the daemon's; the shim lets the
@@ -64,10 +78,15 @@ pub const FILE_VEVENTQ: u64 = 3;
 pub const UNINSTALL: u32 = 19;
 /// Shim to daemon: the number the descriptor got (`value`), or `-errno`.
 pub const INSTALLED: u32 = 20;
+/// Daemon to back end, before a [`TRANSLATE`]'s answer: region `request`
+/// of port `fd` is the file passed with this message, `arg` bytes from
+/// offset 0, writable when `value` is 1. Not answered.
+pub const REGION: u32 = 21;
 
 /// One message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
+#[allow(missing_docs)]
 pub struct Msg {
     pub kind: u32,
     /// The program's descriptor the request is about.

@@ -67,6 +67,8 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
         }
     };
     tracing::debug!(pid, uid, "client connected");
+    // Ports a back end opened on this channel, by number.
+    let mut ports: Vec<Arc<crate::remote::RemotePort>> = Vec::new();
     loop {
         let (msg, passed) = match wire::recv(sock.as_fd()) {
             Ok(Some(m)) => m,
@@ -82,6 +84,14 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
         ioasid_engine::inject::set_fail_nth(tid, msg.fail_nth);
         let (mut reply, fds) = match msg.kind {
             wire::SUPERVISE => supervise(daemon, pid, passed),
+            wire::PORT => open_port(daemon, &peer, &msg, passed, &mut ports),
+            wire::TRANSLATE => match ports.get(msg.fd as usize) {
+                Some(port) => match translate(&sock, port, &msg) {
+                    Ok(r) => (r, Vec::new()),
+                    Err(()) => break,
+                },
+                None => (Msg::reply(Err(libc::EBADF)), Vec::new()),
+            },
             _ => answer(daemon, &peer, &msg),
         };
         reply.fail_nth = ioasid_engine::inject::fail_nth(tid);
@@ -91,7 +101,64 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
             break;
         }
     }
+    for p in ports {
+        p.close();
+    }
     tracing::debug!(pid, "client disconnected");
+}
+
+/// Opens a port on the device file passed with the message.
+fn open_port(
+    daemon: &Daemon,
+    peer: &Peer<'_>,
+    msg: &Msg,
+    passed: Vec<OwnedFd>,
+    ports: &mut Vec<Arc<crate::remote::RemotePort>>,
+) -> (Msg, Vec<OwnedFd>) {
+    let errno = |e: i32| (Msg::reply(Err(e)), Vec::new());
+    let Some(device) = passed.first() else { return errno(libc::EBADF) };
+    let Some(ioasid_abi::files::File::Device(device)) = daemon.file(device) else { return errno(libc::ENODEV) };
+    if ports.len() >= ioasid_client::atc::REGIONS {
+        return errno(libc::EMFILE);
+    }
+    let pasid = match msg.request {
+        0 => None,
+        1 => match u32::try_from(msg.arg) {
+            Ok(p) => Some(p),
+            Err(_) => return errno(libc::EINVAL),
+        },
+        _ => return errno(libc::EINVAL),
+    };
+    let pidfd = match peer.pidfd.try_clone() {
+        Ok(f) => f,
+        Err(_) => return errno(libc::EMFILE),
+    };
+    match daemon.remotes.open(device, pasid, peer.pid, pidfd) {
+        Ok((port, table, slots)) => {
+            ports.push(port);
+            (Msg::reply(Ok(ports.len() as i64 - 1)), vec![table, slots])
+        }
+        Err(e) => errno(e.0),
+    }
+}
+
+/// Serves a back end's miss: announces the files it needs (`REGION`),
+/// then answers. `Err` when the back end is gone.
+fn translate(sock: &OwnedFd, port: &crate::remote::RemotePort, msg: &Msg) -> Result<Msg, ()> {
+    match port.translate(msg.arg, msg.arg2, msg.request) {
+        Ok(announce) => {
+            for (index, file, len, writable) in announce {
+                let mut m = Msg::new(wire::REGION);
+                m.fd = msg.fd;
+                m.request = index;
+                m.arg = len;
+                m.value = i64::from(writable);
+                wire::send(sock.as_fd(), &m, &[file.as_fd()]).map_err(|_| ())?;
+            }
+            Ok(Msg::reply(Ok(0)))
+        }
+        Err(e) => Ok(Msg::reply(Err(e.0))),
+    }
 }
 
 /// Serves a supervised program's listener, on a thread of its own.

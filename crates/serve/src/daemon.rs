@@ -96,6 +96,8 @@ pub struct Daemon {
     /// Each user's share of the PASID space: the set its contexts' top
     /// IOASID sets go under.
     pasid_roots: Mutex<HashMap<u32, Arc<SetHandle>>>,
+    /// Back ends' ports, waited for by every grace period.
+    pub remotes: Arc<crate::remote::Remotes>,
 }
 
 /// Watch-set slots: epoll data is an index here.
@@ -108,6 +110,7 @@ struct Slots {
 impl Daemon {
     pub fn new(limits: Limits) -> std::io::Result<Arc<Daemon>> {
         let watch = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let bound = std::time::Duration::from_millis(limits.backend_stall_ms.into());
         let d = Arc::new(Daemon {
             held: Mutex::new(HashMap::new()),
             reaping: Mutex::new(()),
@@ -118,6 +121,7 @@ impl Daemon {
             pumps: Mutex::new(Vec::new()),
             busy: Arc::new(AtomicUsize::new(0)),
             pasid_roots: Mutex::new(HashMap::new()),
+            remotes: crate::remote::Remotes::new(bound),
         });
         let weak = Arc::downgrade(&d);
         std::thread::Builder::new().name("ioasid-reaper".into()).spawn(move || reaper(weak))?;
@@ -388,6 +392,10 @@ impl Descriptors for Peer<'_> {
             File::Veventq(_) => wire::FILE_VEVENTQ,
             _ => wire::FILE_OBJECT,
         };
+        if let File::Device(d) = &file {
+            // Back ends' events are read from the program's end.
+            d.send_events_to(ours.clone());
+        }
         let key = self.daemon.hold(&theirs, ours.clone(), Holding::File(file.clone()), self.uid)?;
         if queue {
             // `fd` is the queue's eventfd, readable while records wait.

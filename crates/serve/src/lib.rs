@@ -17,5 +17,7 @@ pub mod client;
 pub mod daemon;
 pub mod limits;
 mod pump;
+pub mod remote;
 pub mod supervise;
-pub mod wire;
+/// The protocol (shared with back ends, whose crate holds it).
+pub use ioasid_client::wire;

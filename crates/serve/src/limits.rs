@@ -20,11 +20,21 @@ pub struct Limits {
     pub pasids: u32,
     /// Events a vEVENTQ may hold (its depth at allocation).
     pub queue_depth: u32,
+    /// How long an unmap waits for a back end's DMA in flight before it
+    /// cuts the back end off, in milliseconds.
+    pub backend_stall_ms: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { contexts: 1024, files: 4096, objects: 1 << 16, pasids: 1 << 16, queue_depth: 1 << 19 }
+        Limits {
+            contexts: 1024,
+            files: 4096,
+            objects: 1 << 16,
+            pasids: 1 << 16,
+            queue_depth: 1 << 19,
+            backend_stall_ms: crate::remote::DEFAULT_BOUND.as_millis() as u32,
+        }
     }
 }
 

@@ -3,7 +3,6 @@
 //! programs (C, under the shim in daemon mode) and channels opened here use
 //! it, and after they close, exit or die.
 
-use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -13,42 +12,16 @@ use std::time::{Duration, Instant};
 
 use ioasid_abi::uapi::*;
 use ioasid_serve::client::Client;
-use ioasid_serve::daemon::Daemon;
 use ioasid_serve::limits::Limits;
 use ioasid_serve::wire::{self, Msg};
 
 #[path = "../../cli/tests/common/mod.rs"]
 mod common;
 
-/// A daemon in this process, listening in a directory of its own.
-struct Served {
-    daemon: Arc<Daemon>,
-    dir: PathBuf,
-    socket: PathBuf,
-}
+mod served;
+use served::Served;
 
 impl Served {
-    fn start(tag: &str, limits: Limits) -> Served {
-        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-        let dir = std::env::temp_dir().join(format!("ioasid-daemon-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("sock");
-        let listener =
-            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
-        rustix::net::bind(&listener, &SocketAddrUnix::new(&socket).unwrap()).unwrap();
-        rustix::net::listen(&listener, 16).unwrap();
-        let daemon = Daemon::new(limits).unwrap();
-        let d = daemon.clone();
-        std::thread::spawn(move || ioasid_serve::channel::serve(d, listener));
-        Served { daemon, dir, socket }
-    }
-
-    /// A channel of this process's, as the shim opens one.
-    fn client(&self) -> Client {
-        Client::new(CString::new(self.socket.to_str().unwrap()).unwrap(), |_, _| {})
-    }
-
     /// `program` under the shim, its contexts in this daemon.
     fn program(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
@@ -72,12 +45,6 @@ impl Served {
             assert!(Instant::now() < deadline, "the daemon still holds {} objects", self.daemon.held());
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.dir).ok();
     }
 }
 

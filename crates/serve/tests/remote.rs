@@ -1,0 +1,280 @@
+//! Back ends in other processes: a VMM (this test, through its channel to
+//! a daemon in this process) maps guest memory (a memfd) into an IOAS and
+//! hands a device to a back end (the `backend` example, its own process),
+//! which DMAs through a port translated in its own process.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use ioasid_abi::ext::*;
+use ioasid_abi::uapi::*;
+use ioasid_serve::client::Client;
+use ioasid_serve::limits::Limits;
+use zerocopy::IntoBytes;
+
+mod served;
+use served::Served;
+
+const RAM: usize = 1 << 20;
+const IOVA: u64 = 0x10_0000;
+
+/// The VMM: its iommufd in the daemon, an IOAS, guest memory, a device.
+struct Vmm {
+    client: Client,
+    fd: i32,
+    ioas: u32,
+    memfd: OwnedFd,
+    ram: *mut u8,
+    dev_fd: i32,
+}
+
+impl Vmm {
+    fn new(served: &Served) -> Vmm {
+        let client = served.client();
+        let fd = client.open(libc::O_RDWR).expect("open /dev/iommu in the daemon");
+        let mut alloc = iommu_ioas_alloc { size: 12, ..Default::default() };
+        client.ioctl(fd, IOMMU_IOAS_ALLOC, alloc.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        let memfd = rustix::fs::memfd_create(c"guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&memfd, RAM as u64).unwrap();
+        // SAFETY: a new shared mapping of the memfd; only this test uses it.
+        let ram = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                RAM,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &memfd,
+                0,
+            )
+            .unwrap()
+        };
+        let mut new = ioasid_device_new { size: 32, rid: 0x10, ..Default::default() };
+        client.ioctl(fd, IOASID_DEVICE_NEW, new.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        let mut attach =
+            ioasid_device_attach { size: 24, dev_id: new.out_dev_id, pt_id: alloc.out_ioas_id, ..Default::default() };
+        client.ioctl(fd, IOASID_DEVICE_ATTACH, attach.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        Vmm { client, fd, ioas: alloc.out_ioas_id, memfd, ram: ram.cast(), dev_fd: new.out_fd }
+    }
+
+    /// Maps `len` bytes of guest memory from `offset` at `iova`.
+    fn map(&self, offset: usize, len: usize, iova: u64) {
+        let mut map = iommu_ioas_map {
+            size: 40,
+            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
+            ioas_id: self.ioas,
+            user_va: self.ram as u64 + offset as u64,
+            length: len as u64,
+            iova,
+            ..Default::default()
+        };
+        self.client.ioctl(self.fd, IOMMU_IOAS_MAP, map.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+    }
+
+    fn unmap(&self, iova: u64, len: u64) {
+        let mut unmap = iommu_ioas_unmap { size: 24, ioas_id: self.ioas, iova, length: len };
+        self.client.ioctl(self.fd, IOMMU_IOAS_UNMAP, unmap.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+    }
+
+    fn ram(&self, offset: usize, len: usize) -> &[u8] {
+        // SAFETY: inside the mapping made in `new`; read only here (the
+        // back end writes it too: a copy would be exact, a racy view is
+        // what the checks want to see).
+        unsafe { std::slice::from_raw_parts(self.ram.add(offset), len) }
+    }
+
+    fn zero(&self, offset: usize, len: usize) {
+        // SAFETY: inside the mapping made in `new`.
+        unsafe { std::ptr::write_bytes(self.ram.add(offset), 0, len) };
+    }
+}
+
+/// The `backend` example, handed the VMM's device and memory.
+struct Backend {
+    child: Child,
+    sock: OwnedFd,
+}
+
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.parent().unwrap().parent().unwrap();
+    let path = target.join("examples/backend");
+    if !path.exists() {
+        let ok = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "ioasid-client", "--example", "backend"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building the backend example failed");
+    }
+    path
+}
+
+impl Backend {
+    fn start(served: &Served, vmm: &Vmm, tag: &str) -> Backend {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let path = served.dir.join(format!("control-{tag}"));
+        let listener =
+            rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+        rustix::net::bind(&listener, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+        rustix::net::listen(&listener, 1).unwrap();
+        let child = Command::new(example()).arg(&path).spawn().unwrap();
+        let sock = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC).unwrap();
+        // The hand-over, as a vhost-user VMM passes its memory table.
+        let text = format!("{} - {RAM}", served.socket.display());
+        // SAFETY: `dev_fd` is this process's descriptor, open while `vmm` lives.
+        let dev = unsafe { std::os::fd::BorrowedFd::borrow_raw(vmm.dev_fd) };
+        let fds = [dev, vmm.memfd.as_fd()];
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+        rustix::net::sendmsg(
+            &sock,
+            &[std::io::IoSlice::new(text.as_bytes())],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        let b = Backend { child, sock };
+        assert_eq!(b.recv(), "ready");
+        b
+    }
+
+    fn recv(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = rustix::net::recv(&self.sock, &mut buf, rustix::net::RecvFlags::empty()).unwrap().0;
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    fn ask(&self, cmd: &str) -> String {
+        rustix::net::send(&self.sock, cmd.as_bytes(), rustix::net::SendFlags::empty()).unwrap();
+        self.recv()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One event from the device file.
+fn event(vmm: &Vmm, within: Duration) -> Option<[u32; 4]> {
+    // SAFETY: the VMM's descriptor, open while `vmm` lives.
+    let dev = unsafe { std::os::fd::BorrowedFd::borrow_raw(vmm.dev_fd) };
+    let mut fds = [rustix::event::PollFd::new(&dev, rustix::event::PollFlags::IN)];
+    let t = rustix::time::Timespec { tv_sec: within.as_secs() as i64, tv_nsec: within.subsec_nanos() as i64 };
+    if rustix::event::poll(&mut fds, Some(&t)).ok()? == 0 {
+        return None;
+    }
+    let mut e = [0u32; 4];
+    rustix::io::read(dev, e.as_mut_bytes()).ok()?;
+    Some(e)
+}
+
+#[test]
+fn a_back_end_reads_and_writes_guest_memory_through_the_vmms_mappings() {
+    let served = Served::start("remote-rw", Limits::default());
+    let vmm = Vmm::new(&served);
+    vmm.map(0x4000, 0x2000, IOVA);
+    let b = Backend::start(&served, &vmm, "rw");
+    assert_eq!(b.ask(&format!("write {IOVA:#x} 0x5a 16")), "ok");
+    assert_eq!(vmm.ram(0x4000, 16), &[0x5a; 16]);
+    // A write crossing the two pages of the mapping.
+    assert_eq!(b.ask(&format!("write {:#x} 0x11 8", IOVA + 0xffc)), "ok");
+    assert_eq!(vmm.ram(0x4ffc, 8), &[0x11; 8]);
+    // vm-memory's IommuMemory, as a virtio device model reads.
+    assert_eq!(b.ask(&format!("virtio {IOVA:#x}")), "ok 0x5a5a5a5a5a5a5a5a");
+    // Not mapped: a fault, not some other memory.
+    assert_eq!(b.ask(&format!("read {:#x} 4", IOVA + 0x2000)), "fault");
+    // The VMM remaps: the back end follows.
+    vmm.unmap(IOVA, 0x2000);
+    assert_eq!(b.ask(&format!("read {IOVA:#x} 1")), "fault");
+    vmm.map(0x8000, 0x1000, IOVA);
+    vmm.zero(0x8000, 1);
+    assert_eq!(b.ask(&format!("write {IOVA:#x} 0x77 1")), "ok");
+    assert_eq!(vmm.ram(0x8000, 1), &[0x77]);
+    assert_eq!(vmm.ram(0x4000, 1), &[0x5a], "the old page is not written after the unmap");
+    assert_eq!(served.daemon.remotes.ports(), 1);
+}
+
+#[test]
+fn no_write_lands_after_unmap_returns_while_a_back_end_writes_continuously() {
+    let served = Served::start("remote-race", Limits::default());
+    let vmm = Vmm::new(&served);
+    let b = Backend::start(&served, &vmm, "race");
+    let (a, other) = (0usize, 0x1000usize);
+    vmm.map(a, 0x1000, IOVA);
+    assert_eq!(b.ask(&format!("hammer {IOVA:#x}")), "ok");
+    let mut stale = 0;
+    let rounds = 10_000;
+    let mut current = a;
+    for _ in 0..rounds {
+        vmm.unmap(IOVA, 0x1000);
+        // From here no write may reach `current`'s page.
+        vmm.zero(current, 256);
+        let next = if current == a { other } else { a };
+        // Anything written to `next` came before its unmap (zeroed since).
+        vmm.map(next, 0x1000, IOVA);
+        if vmm.ram(current, 256).iter().any(|&x| x != 0) {
+            stale += 1;
+        }
+        current = next;
+    }
+    let counts = b.ask("stop");
+    let writes: u64 = counts.split_whitespace().nth(1).unwrap().parse().unwrap();
+    eprintln!("{rounds} rounds: {stale} stale, back end: {counts}");
+    assert_eq!(stale, 0, "writes landed after unmap returned");
+    assert!(writes > 0, "the back end never wrote: {counts}");
+}
+
+#[test]
+fn a_back_end_stopped_mid_dma_is_cut_off_and_the_unmap_returns() {
+    let limits = Limits { backend_stall_ms: 50, ..Limits::default() };
+    let served = Served::start("remote-stop", limits);
+    let vmm = Vmm::new(&served);
+    vmm.map(0, 0x1000, IOVA);
+    let mut b = Backend::start(&served, &vmm, "stop");
+    assert_eq!(b.ask(&format!("stall {IOVA:#x}")), "stalled");
+    // Stopped inside its DMA (give it the moment to stop itself).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{}/stat", b.child.id())).unwrap().contains(") T ") {
+        assert!(Instant::now() < deadline, "the back end did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    vmm.unmap(IOVA, 0x1000);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(50), "the unmap did not wait for the back end ({took:?})");
+    // Cut off: killed, and the VMM is told.
+    let status = b.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let e = event(&vmm, Duration::from_secs(2)).expect("an event on the device file");
+    assert_eq!(e[0], ioasid_abi::device_file::IOASID_BACKEND_CUT_OFF);
+    assert_eq!(e[1], b.child.id());
+}
+
+#[test]
+fn a_back_end_killed_mid_dma_does_not_hold_up_unmap() {
+    let served = Served::start("remote-kill", Limits::default());
+    let vmm = Vmm::new(&served);
+    vmm.map(0, 0x1000, IOVA);
+    let mut b = Backend::start(&served, &vmm, "kill");
+    assert_eq!(b.ask(&format!("hammer {IOVA:#x}")), "ok");
+    std::thread::sleep(Duration::from_millis(20));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let t = Instant::now();
+    vmm.unmap(IOVA, 0x1000);
+    assert!(t.elapsed() < Duration::from_millis(90), "unmap waited for a dead back end");
+    let e = event(&vmm, Duration::from_secs(2)).expect("an event on the device file");
+    assert_eq!(e[0], ioasid_abi::device_file::IOASID_BACKEND_GONE);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while served.daemon.remotes.ports() != 0 {
+        assert!(Instant::now() < deadline, "the port outlived its back end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
