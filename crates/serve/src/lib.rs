@@ -19,5 +19,6 @@ pub mod limits;
 mod pump;
 pub mod remote;
 pub mod supervise;
+pub mod vmm;
 /// The protocol (shared with back ends, whose crate holds it).
 pub use ioasid_client::wire;

@@ -8,10 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use ioasid_abi::ext::*;
-use ioasid_abi::uapi::*;
-use ioasid_serve::client::Client;
 use ioasid_serve::limits::Limits;
+use ioasid_serve::vmm::{BackendDevice, Iommufd};
 use zerocopy::IntoBytes;
 
 mod served;
@@ -22,20 +20,24 @@ const IOVA: u64 = 0x10_0000;
 
 /// The VMM: its iommufd in the daemon, an IOAS, guest memory, a device.
 struct Vmm {
-    client: Client,
-    fd: i32,
+    iommufd: Iommufd,
     ioas: u32,
     memfd: OwnedFd,
     ram: *mut u8,
-    dev_fd: i32,
+    dev: BackendDevice,
 }
 
 impl Vmm {
     fn new(served: &Served) -> Vmm {
-        let client = served.client();
-        let fd = client.open(libc::O_RDWR).expect("open /dev/iommu in the daemon");
-        let mut alloc = iommu_ioas_alloc { size: 12, ..Default::default() };
-        client.ioctl(fd, IOMMU_IOAS_ALLOC, alloc.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        Self::with(served, |iommufd, ioas, dev| {
+            iommufd.attach(dev.id, ioas).unwrap();
+        })
+    }
+
+    /// A VMM whose device `attach` attaches.
+    fn with(served: &Served, attach: impl FnOnce(&Iommufd, u32, &BackendDevice)) -> Vmm {
+        let iommufd = Iommufd::open(&served.socket).expect("open /dev/iommu in the daemon");
+        let ioas = iommufd.ioas_alloc().unwrap();
         let memfd = rustix::fs::memfd_create(c"guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&memfd, RAM as u64).unwrap();
         // SAFETY: a new shared mapping of the memfd; only this test uses it.
@@ -50,31 +52,18 @@ impl Vmm {
             )
             .unwrap()
         };
-        let mut new = ioasid_device_new { size: 32, rid: 0x10, ..Default::default() };
-        client.ioctl(fd, IOASID_DEVICE_NEW, new.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
-        let mut attach =
-            ioasid_device_attach { size: 24, dev_id: new.out_dev_id, pt_id: alloc.out_ioas_id, ..Default::default() };
-        client.ioctl(fd, IOASID_DEVICE_ATTACH, attach.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
-        Vmm { client, fd, ioas: alloc.out_ioas_id, memfd, ram: ram.cast(), dev_fd: new.out_fd }
+        let dev = iommufd.device_new(0x10, true).unwrap();
+        attach(&iommufd, ioas, &dev);
+        Vmm { iommufd, ioas, memfd, ram: ram.cast(), dev }
     }
 
     /// Maps `len` bytes of guest memory from `offset` at `iova`.
     fn map(&self, offset: usize, len: usize, iova: u64) {
-        let mut map = iommu_ioas_map {
-            size: 40,
-            flags: IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_WRITEABLE,
-            ioas_id: self.ioas,
-            user_va: self.ram as u64 + offset as u64,
-            length: len as u64,
-            iova,
-            ..Default::default()
-        };
-        self.client.ioctl(self.fd, IOMMU_IOAS_MAP, map.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        self.iommufd.map(self.ioas, self.ram as u64 + offset as u64, len as u64, iova).unwrap();
     }
 
     fn unmap(&self, iova: u64, len: u64) {
-        let mut unmap = iommu_ioas_unmap { size: 24, ioas_id: self.ioas, iova, length: len };
-        self.client.ioctl(self.fd, IOMMU_IOAS_UNMAP, unmap.as_mut_bytes().as_mut_ptr() as u64).unwrap().unwrap();
+        self.iommufd.unmap(self.ioas, iova, len).unwrap();
     }
 
     fn ram(&self, offset: usize, len: usize) -> &[u8] {
@@ -123,9 +112,7 @@ impl Backend {
         let sock = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC).unwrap();
         // The hand-over, as a vhost-user VMM passes its memory table.
         let text = format!("{} - {RAM}", served.socket.display());
-        // SAFETY: `dev_fd` is this process's descriptor, open while `vmm` lives.
-        let dev = unsafe { std::os::fd::BorrowedFd::borrow_raw(vmm.dev_fd) };
-        let fds = [dev, vmm.memfd.as_fd()];
+        let fds = [vmm.dev.file.as_fd(), vmm.memfd.as_fd()];
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
         control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
@@ -162,8 +149,7 @@ impl Drop for Backend {
 
 /// One event from the device file.
 fn event(vmm: &Vmm, within: Duration) -> Option<[u32; 4]> {
-    // SAFETY: the VMM's descriptor, open while `vmm` lives.
-    let dev = unsafe { std::os::fd::BorrowedFd::borrow_raw(vmm.dev_fd) };
+    let dev = vmm.dev.file.as_fd();
     let mut fds = [rustix::event::PollFd::new(&dev, rustix::event::PollFlags::IN)];
     let t = rustix::time::Timespec { tv_sec: within.as_secs() as i64, tv_nsec: within.subsec_nanos() as i64 };
     if rustix::event::poll(&mut fds, Some(&t)).ok()? == 0 {
@@ -277,4 +263,35 @@ fn a_back_end_killed_mid_dma_does_not_hold_up_unmap() {
         assert!(Instant::now() < deadline, "the port outlived its back end");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_the_dma() {
+    use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
+    let served = Served::start("remote-pri", Limits::default());
+    let mut queue = None;
+    let vmm = Vmm::with(&served, |iommufd, ioas, dev| {
+        let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
+        let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
+        iommufd.attach(dev.id, hwpt).unwrap();
+        queue = Some(fault_fd);
+    });
+    let queue = queue.unwrap();
+    let b = Backend::start(&served, &vmm, "pri");
+    // Nothing mapped at IOVA yet: the back end's read becomes a page request.
+    rustix::net::send(&b.sock, format!("read {IOVA:#x} 4").as_bytes(), rustix::net::SendFlags::empty()).unwrap();
+    let mut fds = [rustix::event::PollFd::new(&queue, rustix::event::PollFlags::IN)];
+    let five = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&five)).unwrap(), 1, "no page request reached the VMM");
+    let mut fault = iommu_hwpt_pgfault::default();
+    assert_eq!(rustix::io::read(&queue, fault.as_mut_bytes()).unwrap(), size_of::<iommu_hwpt_pgfault>());
+    assert_eq!(fault.dev_id, vmm.dev.id);
+    assert_eq!(fault.addr, IOVA);
+    // The VMM makes the page present, then answers.
+    vmm.map(0x3000, 0x1000, IOVA);
+    // SAFETY: inside the VMM's guest memory mapping.
+    unsafe { vmm.ram.add(0x3000).cast::<u32>().write_volatile(0xfeed_f00d) };
+    let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
+    rustix::io::write(&queue, answer.as_bytes()).unwrap();
+    assert_eq!(b.recv(), format!("ok {}", "0df0edfe"));
 }
