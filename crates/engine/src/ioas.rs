@@ -723,6 +723,12 @@ impl Inner {
     /// Whether an area overlaps `r`: the last area starting at or before
     /// its end is the only candidate, as areas are disjoint. One search.
     fn overlaps_area(&self, r: IovaRange) -> bool {
+        // Past the end of the highest area (maps placed in IOVA order, the
+        // common case) nothing overlaps: the rightmost edge of the tree is
+        // cheaper to reach than a range's two ends.
+        if self.areas.last_key_value().is_none_or(|(_, a)| a.last < r.start) {
+            return false;
+        }
         self.areas.range(..=r.last).next_back().is_some_and(|(_, a)| a.last >= r.start)
     }
 
