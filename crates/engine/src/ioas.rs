@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, MutexGuard};
+use smallvec::SmallVec;
 
 use crate::domain::Domain;
 use crate::epoch;
@@ -211,7 +212,8 @@ impl Ioas {
     /// Accesses pinning an area are told to let go first. Returns the bytes
     /// unmapped; when it returns, no DMA reaches them.
     pub fn unmap(&self, range: IovaRange) -> (u64, Result<()>) {
-        let mut removed = Vec::new();
+        // Most unmaps take one area: no allocation for it.
+        let mut removed: SmallVec<[Area; 1]> = SmallVec::new();
         let mut unmapped = 0u64;
         let mut cur = range.start;
         let mut tries = 0u32;
