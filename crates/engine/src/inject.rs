@@ -49,10 +49,18 @@ pub fn current_tid() -> i32 {
 }
 
 /// A fallible step: fails when the calling thread's count runs out here.
+/// Inline, as it is on every map's path several times: a load when no
+/// thread is armed.
+#[inline]
 pub fn check(what: &'static str) -> Result<()> {
     if ARMED.load(Ordering::Acquire) == 0 {
         return Ok(());
     }
+    check_armed(what)
+}
+
+#[cold]
+fn check_armed(what: &'static str) -> Result<()> {
     let tid = current_tid();
     let mut map = nth();
     match map.get(&tid).copied() {

@@ -173,6 +173,7 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+#[inline(always)]
 fn register(mut pages: Pages) -> Arc<Pages> {
     let shard = SHARD.try_with(|s| s.0).unwrap_or(&LATE);
     Arc::new_cyclic(|weak| {
@@ -285,8 +286,25 @@ impl Pages {
         trust: Trust,
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
-        let (pages, lead) = Self::of_range(uptr, length, writable, trust, Backing::User, accounting)?;
-        Ok((register(pages), lead))
+        let (base, npages, lead) = Self::span(uptr, length)?;
+        let pins = PinState::new(accounting);
+        // Built where it is registered: `Pages` is large, and each move
+        // through a `Result` would copy it on every map's path.
+        Ok((register(Pages { base, npages, writable, trust, backing: Backing::User, pins, live: None }), lead))
+    }
+
+    /// The first page, the page count and the offset of `uptr` in the
+    /// first page of `[uptr, uptr + length)`.
+    #[inline]
+    fn span(uptr: u64, length: u64) -> Result<(u64, u64, u64)> {
+        if length == 0 || length > u64::MAX - PAGE_SIZE {
+            return Err(Error::Invalid("length is zero or too large"));
+        }
+        uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
+        crate::inject::check("pages")?;
+        let base = uptr & !(PAGE_SIZE - 1);
+        let lead = uptr - base;
+        Ok((base, (length + lead).div_ceil(PAGE_SIZE), lead))
     }
 
     /// Pages holding `[uptr, uptr + length)` of some address space, and the
@@ -299,14 +317,7 @@ impl Pages {
         backing: Backing,
         accounting: Accounting,
     ) -> Result<(Pages, u64)> {
-        if length == 0 || length > u64::MAX - PAGE_SIZE {
-            return Err(Error::Invalid("length is zero or too large"));
-        }
-        uptr.checked_add(length).ok_or(Error::Overflow("user_va + length wraps"))?;
-        crate::inject::check("pages")?;
-        let base = uptr & !(PAGE_SIZE - 1);
-        let lead = uptr - base;
-        let npages = (length + lead).div_ceil(PAGE_SIZE);
+        let (base, npages, lead) = Self::span(uptr, length)?;
         Ok((Pages { base, npages, writable, trust, backing, pins: PinState::new(accounting), live: None }, lead))
     }
 

@@ -529,7 +529,18 @@ impl<F: Format> PageTable<F> {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
         let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, trust, huge };
-        op.map_level::<F>(&self.root, F::LEVELS - 1, iova, last, &self.spares)
+        // Down the levels where the range lies inside one entry that cannot
+        // be its leaf (a small map, most often), without a call per level.
+        let (mut table, mut level): (&Table, u32) = (&self.root, F::LEVELS - 1);
+        while level > 0 && iova >> F::level_shift(level) == last >> F::level_shift(level) {
+            let e = table.entries::<F>(level, iova, last).next().expect("a range touches an entry");
+            if op.leaf_ok::<F>(&e, level) {
+                break;
+            }
+            table = op.descend::<F>(table, level, &e, &self.spares)?;
+            level -= 1;
+        }
+        op.map_level::<F>(table, level, iova, last, &self.spares)
     }
 
     /// Unmaps `[iova, iova + len)`, splitting huge leaves that are only partly
@@ -597,33 +608,48 @@ struct MapOp {
 }
 
 impl MapOp {
+    /// Whether entry `e` at `level` can be one leaf for its part of the range.
+    #[inline]
+    fn leaf_ok<F: Format>(&self, e: &Entry<'_>, level: u32) -> bool {
+        let host = e.first.wrapping_add(self.addr_base);
+        F::LEAF_LEVELS & (1 << level) != 0 && (level == 0 || self.huge) && e.whole() && host & (e.size - 1) == 0
+    }
+
+    /// The table below entry `e` (at `level` of `table`, not to be a leaf),
+    /// made when there is none.
+    #[inline(always)]
+    fn descend<'t, F: Format>(
+        &self,
+        table: &'t Table,
+        level: u32,
+        e: &Entry<'t>,
+        spares: &Spares<F>,
+    ) -> Result<&'t Table> {
+        let child = match F::decode(e.slot.load(Ordering::Relaxed), level) {
+            Pte::Leaf { .. } => return Err(Error::Exists("IOVA already mapped in the page table")),
+            Pte::Table(next) => next,
+            Pte::None => {
+                crate::inject::check("page table")?;
+                let t = spares.take();
+                e.slot.store(F::table(t, level), Ordering::Release);
+                table.occupy(1);
+                t
+            }
+        };
+        Ok(table.child(child))
+    }
+
     fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64, spares: &Spares<F>) -> Result<()> {
         for e in table.entries::<F>(level, first, last) {
-            let host = e.first.wrapping_add(self.addr_base);
-            let leaf_ok = F::LEAF_LEVELS & (1 << level) != 0
-                && (level == 0 || self.huge)
-                && e.whole()
-                && host & (e.size - 1) == 0;
-            let existing = F::decode(e.slot.load(Ordering::Relaxed), level);
-            if leaf_ok && existing == Pte::None {
-                let pte = F::leaf(host, level, self.perm, self.trust);
+            if self.leaf_ok::<F>(&e, level) && F::decode(e.slot.load(Ordering::Relaxed), level) == Pte::None {
+                let pte = F::leaf(e.first.wrapping_add(self.addr_base), level, self.perm, self.trust);
                 table.dirty().set(e.index, starts_dirty::<F>(pte, level));
                 e.slot.store(pte, Ordering::Release);
                 table.occupy(1);
                 continue;
             }
-            let child = match existing {
-                Pte::Leaf { .. } => return Err(Error::Exists("IOVA already mapped in the page table")),
-                Pte::Table(next) => next,
-                Pte::None => {
-                    crate::inject::check("page table")?;
-                    let t = spares.take();
-                    e.slot.store(F::table(t, level), Ordering::Release);
-                    table.occupy(1);
-                    t
-                }
-            };
-            self.map_level::<F>(table.child(child), level - 1, e.first, e.last, spares)?;
+            let child = self.descend::<F>(table, level, &e, spares)?;
+            self.map_level::<F>(child, level - 1, e.first, e.last, spares)?;
         }
         Ok(())
     }
@@ -965,6 +991,25 @@ mod tests {
             crate::epoch::pin().flush();
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn a_small_map_descends_to_its_leaf_and_stops_at_a_huge_one() {
+        let pt = PageTable::<VtdSs4>::new();
+        let guard = crate::epoch::pin();
+        let a = 1u64 << 30;
+        pt.map(a, 0x4000_0000, MIB2, Perm::RW, Trust::Direct, true).unwrap();
+        assert_eq!(pt.summary().leaves[1], 1, "one 2 MiB leaf");
+        let r = pt.map(a + 4096, 0x9000_0000, 4096, Perm::R, Trust::Direct, false);
+        assert!(matches!(r, Err(Error::Exists(_))), "{r:?}");
+        assert_eq!(pt.walk(a + 4096, &guard).unwrap().addr, 0x4000_1000, "the leaf is left as it was");
+        // One page far from the rest makes a table at every level below the root.
+        let b = (1u64 << 39) + 5 * 4096;
+        pt.map(b, 0x7000_0000, 4096, Perm::R, Trust::Direct, false).unwrap();
+        let t = pt.walk(b + 12, &guard).unwrap();
+        assert_eq!((t.addr, t.shift, t.perm), (0x7000_000c, 12, Perm::R));
+        assert_eq!(pt.summary().tables, vec![1, 2, 2, 1], "a leaf table for b only");
+        assert!(matches!(pt.map(b, 0x7000_0000, 4096, Perm::R, Trust::Direct, false), Err(Error::Exists(_))));
     }
 
     #[test]
