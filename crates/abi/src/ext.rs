@@ -39,6 +39,9 @@ pub const IOASID_DEVICE_DETACH: u32 = ext_io(0x0e);
 /// `IOASID_DEVICE_NEW` flags: the device has PCIe PRI (a DMA that misses
 /// asks for the page and waits).
 pub const IOASID_DEVICE_PRI: u32 = 1 << 0;
+/// `IOASID_DEVICE_NEW` flags: its IOMMU tracks dirty pages (HWPTs for it
+/// may be allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`).
+pub const IOASID_DEVICE_DIRTY: u32 = 1 << 1;
 /// `IOASID_DEVICE_ATTACH`/`DETACH` flags: at `pasid`, not the RID.
 pub const IOASID_DEVICE_PASID: u32 = 1 << 0;
 
@@ -206,7 +209,7 @@ fn iommu_of(kind: u32) -> Option<ioasid_engine::IommuModel> {
 /// file, which a back end in another process opens a port on (see
 /// `device_file`). Closing the file everywhere unbinds the device.
 fn device_new(u: &Ucmd, mut c: ioasid_device_new) -> Res {
-    if c.flags & !IOASID_DEVICE_PRI != 0 || c.__reserved != 0 {
+    if c.flags & !(IOASID_DEVICE_PRI | IOASID_DEVICE_DIRTY) != 0 || c.__reserved != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
     let iommu = iommu_of(c.iommu).ok_or(Errno::EOPNOTSUPP)?;
@@ -217,6 +220,7 @@ fn device_new(u: &Ucmd, mut c: ioasid_device_new) -> Res {
     let mut info = ioasid_engine::DeviceInfo::behind(iommu, "back end", c.rid);
     info.max_pasid_log2 = c.pasid_bits as u8;
     info.pri = c.flags & IOASID_DEVICE_PRI != 0;
+    info.dirty_tracking = c.flags & IOASID_DEVICE_DIRTY != 0;
     let fd = crate::user::new_fd(c"ioasid:[device]")?;
     let id = u.ctx.bind_device(info)?;
     let file = crate::device_file::DeviceFile::new(u.ctx.clone(), id)?;

@@ -264,6 +264,11 @@ impl Domain {
         }
     }
 
+    /// Forgets every cached translation (their generation changes).
+    pub(crate) fn invalidate_iotlb(&self) {
+        self.iotlb.invalidate_all();
+    }
+
     /// Counts of the table's levels and leaves, for inspection (the CLI's
     /// demo, benchmarks); it walks the whole table.
     pub fn summary(&self) -> Summary {

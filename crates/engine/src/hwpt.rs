@@ -100,7 +100,15 @@ impl HwptPaging {
 
     /// `IOMMU_HWPT_SET_DIRTY_TRACKING`.
     pub fn set_dirty_tracking(&self, enable: bool) -> crate::Result<()> {
-        self.ioas.set_dirty_tracking(&self.domain, enable)
+        self.ioas.set_dirty_tracking(&self.domain, enable)?;
+        if enable {
+            // A back end in another process may hold writable translations
+            // made while writes were not tracked: they must go, and only
+            // once tracking is on, so none is made again without it.
+            self.domain.invalidate_iotlb();
+            crate::epoch::synchronize_external();
+        }
+        Ok(())
     }
 
     /// `IOMMU_HWPT_GET_DIRTY_BITMAP`: reports dirty leaves in `range`, which

@@ -167,13 +167,15 @@ impl RemotePort {
             extend(&mut runs, iova + r.start as u64, t.host.0, r.len() as u64);
             Ok(())
         });
-        if asked.is_err() {
+        // A fault past the first page: publish what came before it; the back
+        // end asks again at the page that faulted.
+        if asked.is_err() && runs.first().is_none_or(|r| r.0 != iova) {
             return Err(Errno(libc::EFAULT));
         }
         // While writes are tracked as dirty, a translation for writing marks
         // its page: publish only what was asked.
         let tracking = self.device.device().serving(self.pasid).is_some_and(|h| h.dirty_tracking());
-        if !tracking {
+        if !tracking && asked.is_ok() {
             let guard = epoch::pin();
             let mut at = iova.wrapping_add(len);
             let end = iova.saturating_add(AHEAD);

@@ -89,12 +89,12 @@ impl Iommufd {
     /// `IOASID_DEVICE_NEW`: a device at `rid` behind a VT-d IOMMU, with PRI
     /// when `pri`.
     pub fn device_new(&self, rid: u32, pri: bool) -> Result<BackendDevice, i32> {
-        let mut c = ioasid_device_new {
-            size: size_of::<ioasid_device_new>() as u32,
-            flags: if pri { IOASID_DEVICE_PRI } else { 0 },
-            rid,
-            ..Default::default()
-        };
+        self.device_new_with(rid, if pri { IOASID_DEVICE_PRI } else { 0 })
+    }
+
+    /// `IOASID_DEVICE_NEW` with `flags` (`IOASID_DEVICE_*`).
+    pub fn device_new_with(&self, rid: u32, flags: u32) -> Result<BackendDevice, i32> {
+        let mut c = ioasid_device_new { size: size_of::<ioasid_device_new>() as u32, flags, rid, ..Default::default() };
         self.ioctl(IOASID_DEVICE_NEW, &mut c)?;
         // SAFETY: the daemon installed this descriptor in this process for
         // the command; nothing else owns it.
@@ -125,9 +125,15 @@ impl Iommufd {
     /// `IOMMU_HWPT_ALLOC` of a paging HWPT for `dev` on `ioas`, its page
     /// faults going to fault queue `fault` (when given).
     pub fn hwpt_alloc(&self, dev: u32, ioas: u32, fault: Option<u32>) -> Result<u32, i32> {
+        self.hwpt_alloc_with(dev, ioas, fault, 0)
+    }
+
+    /// `IOMMU_HWPT_ALLOC` with `flags` (`IOMMU_HWPT_ALLOC_*`) besides the
+    /// fault queue's.
+    pub fn hwpt_alloc_with(&self, dev: u32, ioas: u32, fault: Option<u32>, flags: u32) -> Result<u32, i32> {
         let mut c = iommu_hwpt_alloc {
             size: size_of::<iommu_hwpt_alloc>() as u32,
-            flags: if fault.is_some() { IOMMU_HWPT_FAULT_ID_VALID } else { 0 },
+            flags: flags | if fault.is_some() { IOMMU_HWPT_FAULT_ID_VALID } else { 0 },
             dev_id: dev,
             pt_id: ioas,
             fault_id: fault.unwrap_or(0),

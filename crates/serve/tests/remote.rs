@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use ioasid_abi::ext::{IOASID_DEVICE_DIRTY, IOASID_DEVICE_PRI};
+use ioasid_abi::uapi::*;
 use ioasid_serve::limits::Limits;
 use ioasid_serve::vmm::{BackendDevice, Iommufd};
 use zerocopy::IntoBytes;
@@ -29,13 +31,13 @@ struct Vmm {
 
 impl Vmm {
     fn new(served: &Served) -> Vmm {
-        Self::with(served, |iommufd, ioas, dev| {
+        Self::with(served, IOASID_DEVICE_PRI, |iommufd, ioas, dev| {
             iommufd.attach(dev.id, ioas).unwrap();
         })
     }
 
-    /// A VMM whose device `attach` attaches.
-    fn with(served: &Served, attach: impl FnOnce(&Iommufd, u32, &BackendDevice)) -> Vmm {
+    /// A VMM whose device (made with `flags`) `attach` attaches.
+    fn with(served: &Served, flags: u32, attach: impl FnOnce(&Iommufd, u32, &BackendDevice)) -> Vmm {
         let iommufd = Iommufd::open(&served.socket).expect("open /dev/iommu in the daemon");
         let ioas = iommufd.ioas_alloc().unwrap();
         let memfd = rustix::fs::memfd_create(c"guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
@@ -52,7 +54,7 @@ impl Vmm {
             )
             .unwrap()
         };
-        let dev = iommufd.device_new(0x10, true).unwrap();
+        let dev = iommufd.device_new_with(0x10, flags).unwrap();
         attach(&iommufd, ioas, &dev);
         Vmm { iommufd, ioas, memfd, ram: ram.cast(), dev }
     }
@@ -270,7 +272,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
     let served = Served::start("remote-pri", Limits::default());
     let mut queue = None;
-    let vmm = Vmm::with(&served, |iommufd, ioas, dev| {
+    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, |iommufd, ioas, dev| {
         let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
         let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
         iommufd.attach(dev.id, hwpt).unwrap();
@@ -294,4 +296,44 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
     rustix::io::write(&queue, answer.as_bytes()).unwrap();
     assert_eq!(b.recv(), format!("ok {}", "0df0edfe"));
+}
+
+#[test]
+fn a_back_ends_writes_are_dirty_exactly_where_it_wrote_once_tracking_is_on() {
+    let served = Served::start("remote-dirty", Limits::default());
+    let mut hwpt = 0;
+    let vmm = Vmm::with(&served, IOASID_DEVICE_DIRTY, |iommufd, ioas, dev| {
+        hwpt = iommufd.hwpt_alloc_with(dev.id, ioas, None, IOMMU_HWPT_ALLOC_DIRTY_TRACKING).unwrap();
+        iommufd.attach(dev.id, hwpt).unwrap();
+    });
+    vmm.map(0, 0x8000, IOVA);
+    let b = Backend::start(&served, &vmm, "dirty");
+    // Before tracking: a write makes the back end's table hold the pages after it, writable.
+    assert_eq!(b.ask(&format!("write {IOVA:#x} 1 8")), "ok");
+    let mut on = iommu_hwpt_set_dirty_tracking {
+        size: 16,
+        flags: IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+        hwpt_id: hwpt,
+        ..Default::default()
+    };
+    vmm.iommufd.ioctl(IOMMU_HWPT_SET_DIRTY_TRACKING, &mut on).unwrap();
+    assert_eq!(b.ask(&format!("write {:#x} 2 8", IOVA + 0x3000)), "ok");
+    assert_eq!(b.ask(&format!("read {:#x} 8", IOVA + 0x5000)), "ok 0000000000000000");
+    let mut bitmap = 0u64;
+    let mut get = iommu_hwpt_get_dirty_bitmap {
+        size: 48,
+        hwpt_id: hwpt,
+        iova: IOVA,
+        length: 0x8000,
+        page_size: 0x1000,
+        data: &mut bitmap as *mut u64 as u64,
+        ..Default::default()
+    };
+    vmm.iommufd.ioctl(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut get).unwrap();
+    assert_eq!(bitmap, 1 << 3, "only the page written since tracking began is dirty");
+    // Cleared: a second write through the same translation is recorded again.
+    assert_eq!(b.ask(&format!("write {:#x} 3 8", IOVA + 0x3000)), "ok");
+    bitmap = 0;
+    vmm.iommufd.ioctl(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut get).unwrap();
+    assert_eq!(bitmap, 1 << 3);
 }
