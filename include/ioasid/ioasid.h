@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT OR Apache-2.0 */
 /*
  * ioasid extensions to the iommufd ABI: PASID allocation in IOASID sets,
- * and vIOMMUs that draw their guest's PASIDs from a set.
+ * vIOMMUs that draw their guest's PASIDs from a set, and devices for back
+ * ends in other processes (under `ioasid serve`).
  *
  * These ioctls are issued on an open /dev/iommu (under `ioasid run`). They
  * use their own ioctl type byte, 'i', so they can never collide with
@@ -46,6 +47,9 @@ enum {
 	IOASID_CMD_VIOMMU_SET_PASIDS = 0x09,
 	IOASID_CMD_VDEVICE_ATTACH_PASID = 0x0a,
 	IOASID_CMD_VDEVICE_DETACH_PASID = 0x0b,
+	IOASID_CMD_DEVICE_NEW = 0x0c,
+	IOASID_CMD_DEVICE_ATTACH = 0x0d,
+	IOASID_CMD_DEVICE_DETACH = 0x0e,
 };
 
 /*
@@ -179,5 +183,75 @@ struct ioasid_vdevice_detach_pasid {
 	__u32 __reserved;
 };
 #define IOASID_VDEVICE_DETACH_PASID _IO(IOASID_TYPE, IOASID_CMD_VDEVICE_DETACH_PASID)
+
+/*
+ * Make an emulated device in this context for a back end in another
+ * process: a device at requester ID @rid (bus << 8 | devfn) behind the
+ * IOMMU @iommu names (an IOMMU_HW_INFO_TYPE_*: 0 or INTEL_VTD for VT-d,
+ * ARM_SMMUV3, AMD, SELFTEST), with a PASID capability of @pasid_bits (0:
+ * none). @out_dev_id is its device ID (for HWPT_ALLOC, VDEVICE_ALLOC, ...),
+ * @out_fd its file: pass it to the back end (SCM_RIGHTS), which opens a port
+ * on it through ioasid serve (the ioasid-client crate). Closing the file
+ * everywhere unbinds the device. Reading the file gives one
+ * struct ioasid_backend_event per read, once a back end has been cut off or
+ * its port closed (EAGAIN when none waits).
+ */
+#define IOASID_DEVICE_PRI (1 << 0)	/* PCIe PRI: a DMA that misses asks for the page */
+#define IOASID_DEVICE_DIRTY (1 << 1)	/* its IOMMU tracks dirty pages */
+
+struct ioasid_device_new {
+	__u32 size;
+	__u32 flags;		/* IOASID_DEVICE_* */
+	__u32 iommu;
+	__u32 rid;
+	__u32 pasid_bits;
+	__u32 __reserved;
+	__u32 out_dev_id;
+	__s32 out_fd;
+};
+#define IOASID_DEVICE_NEW _IO(IOASID_TYPE, IOASID_CMD_DEVICE_NEW)
+
+/*
+ * Attach the device at its RID (or at @pasid, with IOASID_DEVICE_PASID) to
+ * IOAS or HWPT @pt_id, replacing what is attached there, as
+ * VFIO_DEVICE_ATTACH_IOMMUFD_PT does; @pt_id becomes the HWPT's ID. DETACH
+ * detaches it there. Like unmap, both return once no DMA of the device's
+ * back ends can use the old translation.
+ */
+#define IOASID_DEVICE_PASID (1 << 0)
+
+struct ioasid_device_attach {
+	__u32 size;
+	__u32 flags;		/* IOASID_DEVICE_PASID */
+	__u32 dev_id;
+	__u32 pasid;
+	__u32 pt_id;
+	__u32 __reserved;
+};
+#define IOASID_DEVICE_ATTACH _IO(IOASID_TYPE, IOASID_CMD_DEVICE_ATTACH)
+
+struct ioasid_device_detach {
+	__u32 size;
+	__u32 flags;		/* IOASID_DEVICE_PASID */
+	__u32 dev_id;
+	__u32 pasid;
+};
+#define IOASID_DEVICE_DETACH _IO(IOASID_TYPE, IOASID_CMD_DEVICE_DETACH)
+
+/*
+ * An event on a device file. IOASID_BACKEND_CUT_OFF: the back end stayed
+ * inside a DMA past the daemon's bound (ioasid serve --backend-stall-ms)
+ * while an unmap, detach or replace waited for it, and was killed.
+ * IOASID_BACKEND_GONE: its port closed (it ended, or closed its connection).
+ */
+#define IOASID_BACKEND_CUT_OFF 1
+#define IOASID_BACKEND_GONE 2
+
+struct ioasid_backend_event {
+	__u32 kind;
+	__u32 pid;
+	__u32 pasid;		/* 0xffffffff: the RID */
+	__u32 __reserved;
+};
 
 #endif
