@@ -12,7 +12,6 @@
 //! answered from indexes kept beside it, not by a scan.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ops::Deref;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, OnceLock};
 
@@ -47,12 +46,22 @@ const MAX_ID: u32 = i32::MAX as u32;
 /// follow the objects.
 #[derive(Default)]
 pub(crate) struct Table {
-    objects: BTreeMap<u32, Object>,
+    /// Objects by ID: the slot of ID `n` is `slots[n]` (0 is never an ID).
+    /// IDs are handed out lowest free first, so the highest live ID is at
+    /// most the most objects ever held at once, and the slots (16 bytes
+    /// each, cut back as the highest ID falls) stay a fraction of what the
+    /// objects themselves took; a lookup is one index, not a tree search.
+    slots: Vec<Option<Object>>,
+    /// Objects in `slots`.
+    live: usize,
     /// IDs freed below `top`; every ID above `top` is free. The lowest free
     /// ID, which an allocating xarray hands out, is the first of these or
     /// `top + 1`.
     free: BTreeSet<u32>,
     top: u32,
+    /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`),
+    /// kept here so destroying it clears it under the same lock.
+    vfio_ioas: Option<IoasId>,
     /// Automatic HWPTs by their IOAS (its `Arc`'s address).
     auto_by_ioas: HashMap<usize, Vec<u32>>,
     /// How many device attachments use each automatic HWPT: it goes with
@@ -75,7 +84,10 @@ impl Table {
             None if self.top >= MAX_ID => return Err(Error::NoSpace("object IDs exhausted")),
             None => self.top + 1,
         };
-        self.top = self.top.max(id);
+        if id > self.top {
+            self.top = id;
+            self.slots.resize_with(id as usize + 1, || None);
+        }
         match &obj {
             Object::HwptPaging(h) if h.is_auto() => {
                 self.auto_by_ioas.entry(addr(h.ioas())).or_default().push(id);
@@ -89,17 +101,23 @@ impl Table {
             }
             _ => {}
         }
-        self.objects.insert(id, obj);
+        self.slots[id as usize] = Some(obj);
+        self.live += 1;
         Ok(id)
     }
 
     fn remove(&mut self, id: u32) -> Option<Object> {
-        let obj = self.objects.remove(&id)?;
+        let obj = self.slots.get_mut(id as usize)?.take()?;
+        self.live -= 1;
         if id == self.top {
             self.top -= 1;
             while self.free.last() == Some(&self.top) {
                 self.free.pop_last();
                 self.top -= 1;
+            }
+            self.slots.truncate(self.top as usize + 1);
+            if self.slots.capacity() > 4 * self.slots.len().max(64) {
+                self.slots.shrink_to(2 * self.slots.len());
             }
         } else {
             self.free.insert(id);
@@ -134,17 +152,17 @@ impl Table {
             .get(&addr(hwpt.ioas()))?
             .iter()
             .copied()
-            .find(|id| matches!(self.objects.get(id), Some(Object::HwptPaging(h)) if Arc::ptr_eq(h, hwpt)))
+            .find(|&id| matches!(self.get(id), Some(Object::HwptPaging(h)) if Arc::ptr_eq(h, hwpt)))
     }
 
     /// An automatic HWPT of `ioas` that `info`'s device can use.
     pub(crate) fn find_auto(&self, ioas: &Arc<Ioas>, info: &DeviceInfo) -> Option<(u32, Arc<HwptPaging>)> {
         let autos = self.auto_by_ioas.get(&addr(ioas))?;
-        autos.iter().find_map(|id| match self.get(id) {
+        autos.iter().find_map(|&id| match self.get(id) {
             Some(Object::HwptPaging(h))
                 if h.domain().format() == info.format() && h.domain().aperture() == info.aperture =>
             {
-                Some((*id, h.clone()))
+                Some((id, h.clone()))
             }
             _ => None,
         })
@@ -172,11 +190,30 @@ impl Table {
     }
 }
 
-impl Deref for Table {
-    type Target = BTreeMap<u32, Object>;
+impl Table {
+    /// The object `id` names.
+    pub(crate) fn get(&self, id: u32) -> Option<&Object> {
+        self.slots.get(id as usize)?.as_ref()
+    }
 
-    fn deref(&self) -> &Self::Target {
-        &self.objects
+    /// Every object with its ID, in ID order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &Object)> {
+        self.slots.iter().enumerate().filter_map(|(id, o)| Some((id as u32, o.as_ref()?)))
+    }
+
+    /// Every object, in ID order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Object> {
+        self.slots.iter().flatten()
+    }
+
+    /// How many objects the table holds.
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether the table holds no object.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.live == 0
     }
 }
 
@@ -424,8 +461,6 @@ pub struct Context {
     account_mode: Mutex<AccountMode>,
     config: ContextConfig,
     private: Option<Accounting>,
-    /// The IOAS that VFIO type1 compatibility uses (`IOMMU_VFIO_IOAS`).
-    vfio_ioas: Mutex<Option<IoasId>>,
     /// Owner of this context's IOASID sets and of the PASID references it
     /// took; declared last so it is dropped after the sets, releasing what
     /// they left referenced.
@@ -453,7 +488,6 @@ impl Context {
             account_mode: Mutex::new(AccountMode::User),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
-            vfio_ioas: Mutex::new(None),
             set_owner: SetOwner::default(),
         }
     }
@@ -471,7 +505,7 @@ impl Context {
     fn insert<T: ?Sized>(&self, obj: Object) -> Result<Id<T>> {
         crate::inject::check("object ID")?;
         let mut t = self.table();
-        if self.config.max_objects.is_some_and(|max| t.objects.len() >= max as usize) {
+        if self.config.max_objects.is_some_and(|max| t.len() >= max as usize) {
             return Err(Error::NoMemory("the context holds as many objects as it may"));
         }
         t.alloc(obj).map(Id::new)
@@ -480,19 +514,19 @@ impl Context {
     /// The object `id` names, of whatever kind.
     pub fn object(&self, id: impl Into<ObjectId>) -> Result<Object> {
         let id = id.into().get();
-        self.table().get(&id).cloned().ok_or(Error::NoObject { id, kind: "object" })
+        self.table().get(id).cloned().ok_or(Error::NoObject { id, kind: "object" })
     }
 
     /// The object `id` names, if it is of kind `T` (Linux's
     /// `iommufd_get_object`): `NoObject` otherwise, as for an unused ID.
     pub fn get<T: Kind>(&self, id: Id<T>) -> Result<T::Handle> {
         let t = self.table();
-        t.get(&id.get()).and_then(T::from_object).ok_or(Error::NoObject { id: id.get(), kind: T::NAME })
+        t.get(id.get()).and_then(T::from_object).ok_or(Error::NoObject { id: id.get(), kind: T::NAME })
     }
 
     /// IDs and kinds of every object, in ID order.
     pub fn objects(&self) -> Vec<(ObjectId, &'static str)> {
-        self.table().iter().map(|(&id, o)| (Id::new(id), o.kind())).collect()
+        self.table().iter().map(|(id, o)| (Id::new(id), o.kind())).collect()
     }
 
     fn accounting(&self) -> Accounting {
@@ -573,16 +607,17 @@ impl Context {
     /// `IOMMU_VFIO_IOAS_GET`: the compatibility IOAS, `ENODEV` when unset.
     pub fn vfio_ioas(&self) -> Result<IoasId> {
         let _g = self.graph();
-        self.vfio_ioas.lock().ok_or(Error::NoDevice("no VFIO compatibility IOAS is set"))
+        self.table().vfio_ioas.ok_or(Error::NoDevice("no VFIO compatibility IOAS is set"))
     }
 
     /// `IOMMU_VFIO_IOAS_SET` (`Some`) and `IOMMU_VFIO_IOAS_CLEAR` (`None`).
     pub fn set_vfio_ioas(&self, ioas: Option<IoasId>) -> Result<()> {
         let _g = self.graph();
+        let mut t = self.table();
         if let Some(id) = ioas {
-            self.get(id)?;
+            t.get(id.get()).and_then(Ioas::from_object).ok_or(Error::NoObject { id: id.get(), kind: Ioas::NAME })?;
         }
-        *self.vfio_ioas.lock() = ioas;
+        t.vfio_ioas = ioas;
         Ok(())
     }
 
@@ -745,8 +780,8 @@ impl Context {
             let t = self.table();
             let ids = t.vdevices.get(&addr(&dev)).map(Vec::as_slice).unwrap_or_default();
             ids.iter()
-                .filter_map(|id| match t.get(id) {
-                    Some(Object::Vdevice(v)) => Some((*id, v.clone())),
+                .filter_map(|&id| match t.get(id) {
+                    Some(Object::Vdevice(v)) => Some((id, v.clone())),
                     _ => None,
                 })
                 .collect()
@@ -976,7 +1011,7 @@ impl Context {
     pub fn mmap_region(&self, offset: u64) -> Option<Arc<Viommu>> {
         let t = self.table();
         let &(_, id) = t.mmaps.get(&offset)?;
-        match t.get(&id) {
+        match t.get(id) {
             Some(Object::Viommu(v)) => Some(v.clone()),
             _ => None,
         }
@@ -1053,7 +1088,7 @@ impl Context {
         let id = id.into().get();
         let _g = self.graph();
         let mut t = self.table();
-        let obj = t.get(&id).ok_or(Error::NoObject { id, kind: "object" })?;
+        let obj = t.get(id).ok_or(Error::NoObject { id, kind: "object" })?;
         if matches!(obj, Object::Device(_) | Object::Access(_)) {
             return Err(Error::Busy("owned by its driver, which releases it"));
         }
@@ -1061,12 +1096,10 @@ impl Context {
             return Err(Error::Busy("object is in use"));
         }
         let obj = t.remove(id).expect("present");
-        drop(t);
-        let mut vfio = self.vfio_ioas.lock();
-        if vfio.is_some_and(|ioas| ioas.get() == id) {
-            *vfio = None;
+        if t.vfio_ioas.is_some_and(|ioas| ioas.get() == id) {
+            t.vfio_ioas = None;
         }
-        drop(vfio);
+        drop(t);
         match &obj {
             Object::HwptPaging(h) => h.release(),
             Object::Vdevice(v) => self.vdevice_release_locked(v),
@@ -1085,13 +1118,13 @@ impl Drop for Context {
     fn drop(&mut self) {
         // Leaves first: devices hold HWPTs, HWPTs hold IOASes.
         let devices: Vec<DeviceId> =
-            self.table().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(&id, _)| Id::new(id)).collect();
+            self.table().iter().filter(|(_, o)| matches!(o, Object::Device(_))).map(|(id, _)| Id::new(id)).collect();
         for id in devices {
             let _ = self.unbind_device(id);
         }
         let t = std::mem::take(&mut *self.table());
         let mut ioases = Vec::new();
-        for obj in t.objects.into_values() {
+        for obj in t.slots.into_iter().flatten() {
             match obj {
                 Object::HwptPaging(h) => h.release(),
                 Object::Ioas(i) => ioases.push(i),
@@ -1105,5 +1138,62 @@ impl Drop for Context {
         for ioas in ioases {
             ioas.unmap_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context {
+        Context::with_config(ContextConfig::isolated(Limit::Pages(u64::MAX)))
+    }
+
+    /// The table's slots follow the highest live ID down, so a context that
+    /// once held many objects does not keep their slots.
+    #[test]
+    fn slots_shrink_as_the_highest_id_falls() {
+        let ctx = ctx();
+        let ids: Vec<IoasId> = (0..10_000).map(|_| ctx.ioas_alloc().unwrap()).collect();
+        assert!(ctx.table().slots.len() > 10_000);
+        for &id in ids.iter().rev() {
+            ctx.destroy(id).unwrap();
+        }
+        let t = ctx.table();
+        assert!(t.is_empty());
+        assert!(t.slots.capacity() <= 256, "{} slots kept for no object", t.slots.capacity());
+    }
+
+    /// IDs freed below the highest stay free slots; the highest going takes
+    /// the free IDs under it along.
+    #[test]
+    fn freed_ids_below_the_top_are_reused_lowest_first() {
+        let ctx = ctx();
+        let ids: Vec<IoasId> = (0..5).map(|_| ctx.ioas_alloc().unwrap()).collect();
+        ctx.destroy(ids[1]).unwrap();
+        ctx.destroy(ids[3]).unwrap();
+        ctx.destroy(ids[4]).unwrap();
+        assert_eq!(ctx.table().top, 3, "ID 4 went with 5");
+        assert_eq!(ctx.ioas_alloc().unwrap().get(), 2);
+        assert_eq!(ctx.ioas_alloc().unwrap().get(), 4);
+        assert_eq!(ctx.table().len(), 4);
+        assert!(ctx.object(IoasId::new(5)).is_err());
+    }
+
+    /// Destroying the VFIO compatibility IOAS unsets it, as Linux's destroy
+    /// of `ictx->vfio_ioas` does.
+    #[test]
+    fn destroying_the_vfio_ioas_unsets_it() {
+        let ctx = ctx();
+        let ioas = ctx.ioas_alloc().unwrap();
+        let other = ctx.ioas_alloc().unwrap();
+        assert!(ctx.set_vfio_ioas(Some(IoasId::new(9))).is_err());
+        ctx.set_vfio_ioas(Some(ioas)).unwrap();
+        ctx.destroy(other).unwrap();
+        assert_eq!(ctx.vfio_ioas().unwrap(), ioas);
+        ctx.destroy(ioas).unwrap();
+        assert!(matches!(ctx.vfio_ioas(), Err(Error::NoDevice(_))));
+        assert_eq!(ctx.ioas_alloc().unwrap(), ioas);
+        assert!(ctx.vfio_ioas().is_err(), "a new IOAS under the same ID is not the compatibility IOAS");
     }
 }

@@ -460,11 +460,18 @@ impl PasidSpace {
         self.alloc_with(set, 1, self.max_pasid(), private, Some(vpasid))
     }
 
+    // Inlined so `alloc`, the common call, drops the set-private branches.
+    #[inline]
     fn alloc_with(&self, set: SetId, min: u32, max: u32, private: u64, vpasid: Option<u32>) -> Result<u32> {
         crate::inject::check("PASID")?;
         let mut g = self.lock();
-        let first = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
-        let (used, quota, parent) = (first.used, first.quota, first.parent);
+        let inner = &mut *g;
+        let lo = min.max(1);
+        let hi = max.min(self.max_pasid());
+        // Searched first, answered in Linux's order (after the quota): the
+        // search changes nothing, and the set is then looked up once.
+        let found = if lo > hi { Err(Error::Invalid("empty PASID range")) } else { inner.find_free(lo, hi) };
+        let st = inner.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
         // Only a set-private ID needs the set's lookup table.
         let shared = vpasid.map(|_| self.shared.load().get(&set).cloned().expect("every set is shared"));
         if let (Some(v), Some(shared)) = (vpasid, &shared)
@@ -472,40 +479,28 @@ impl PasidSpace {
         {
             return Err(Error::Exists("the set already uses that ID"));
         }
-        // Quota along the path to the root.
-        if used >= quota {
+        if st.used >= st.quota {
             return Err(Error::Quota("IOASID set quota exhausted"));
         }
-        let mut at = parent;
-        while let Some(s) = at {
-            let st = &g.sets[&s];
-            if st.used >= st.quota {
-                return Err(Error::Quota("IOASID set quota exhausted"));
+        let (pasid, st) = match st.parent {
+            None => (found?, st),
+            Some(parent) => {
+                // The quota along the path to the root, checked and charged
+                // in one pass; no PASID to take gives the charges back.
+                inner.charge(parent)?;
+                let pasid = found.inspect_err(|_| inner.uncharge(parent))?;
+                (pasid, inner.sets.get_mut(&set).expect("looked up above"))
             }
-            at = st.parent;
-        }
-        let lo = min.max(1);
-        let hi = max.min(self.max_pasid());
-        if lo > hi {
-            return Err(Error::Invalid("empty PASID range"));
-        }
-        let pasid = g.find_free(lo, hi).ok_or(Error::NoSpace("no free PASID in range"))?;
-        g.bitmap[(pasid / 64) as usize] |= 1 << (pasid % 64);
-        // Every ID below the hint is taken: an allocation above it (a
-        // range starting higher) leaves lower free IDs where they are.
-        if pasid == g.hint {
-            g.hint = pasid + 1;
-        }
-        let slot = self.slots.slot(pasid);
-        let st = g.sets.get_mut(&set).expect("checked");
+        };
         st.used += 1;
+        let slot = self.slots.slot(pasid);
         slot.own_index.store(st.own.len() as u32, Ordering::Relaxed);
         st.own.push(pasid);
-        let mut at = parent;
-        while let Some(s) = at {
-            let st = g.sets.get_mut(&s).expect("on the path");
-            st.used += 1;
-            at = st.parent;
+        inner.bitmap[(pasid / 64) as usize] |= 1 << (pasid % 64);
+        // Every ID below the hint is taken: an allocation above it (a
+        // range starting higher) leaves lower free IDs where they are.
+        if pasid == inner.hint {
+            inner.hint = pasid + 1;
         }
         // The ID is free, so only this lock's holder writes its slot; the
         // fence keeps a reader that sees these values from missing the
@@ -519,7 +514,7 @@ impl PasidSpace {
         if let (Some(v), Some(shared)) = (vpasid, shared) {
             shared.by_vpasid.set(v, pasid);
         }
-        g.notify(Event::Alloc { set, pasid });
+        inner.notify(Event::Alloc { set, pasid });
         Ok(pasid)
     }
 
@@ -594,36 +589,30 @@ impl PasidSpace {
     pub fn free(&self, set: SetId, pasid: u32) -> Result<()> {
         let not_ours = Error::NotFound("set did not allocate it");
         let slot = self.slots.get(pasid).ok_or(not_ours)?;
+        // Only the lock's holder starts or ends an allocation, so under it
+        // the slot's allocation and set stay; only its references move
+        // (`get` and `put` take none), and one exchange drops the
+        // allocation's own and, when it was the last, ends the allocation.
+        let mut g = self.lock();
         let mut cur = slot.state.load(Ordering::Acquire);
+        if cur & LIVE == 0 || slot.set.load(Ordering::Relaxed) != set.0 {
+            return Err(not_ours);
+        }
         loop {
-            if cur & LIVE == 0 {
-                return Err(not_ours);
-            }
-            // The set read belongs to `cur`'s allocation if the state is
-            // still of it afterwards (the exchange below, or the re-read).
-            let owner = slot.set.load(Ordering::Relaxed);
-            fence(Ordering::Acquire);
-            if owner != set.0 {
-                let now = slot.state.load(Ordering::Relaxed);
-                if (now ^ cur) & !(REFS | FREED) == 0 {
-                    return Err(not_ours);
-                }
-                cur = now;
-                continue;
-            }
             if cur & FREED != 0 {
                 return Err(Error::NotFound("PASID already freed"));
             }
             if cur & REFS == 0 {
                 return Err(Error::Invalid("put without a reference"));
             }
-            match slot.state.compare_exchange_weak(cur, (cur - 1) | FREED, Ordering::AcqRel, Ordering::Acquire) {
+            let new = if cur & REFS == 1 { cur & !(REFS | FREED | LIVE) } else { (cur - 1) | FREED };
+            match slot.state.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(now) => cur = now,
             }
         }
         if cur & REFS == 1 {
-            self.release(pasid, slot, cur);
+            self.release_locked(&mut g, pasid, slot);
         }
         Ok(())
     }
@@ -654,13 +643,20 @@ impl PasidSpace {
     }
 
     /// Ends the allocation of `pasid` whose last reference was just
-    /// dropped (`state` is its state before that): no reference can be
-    /// taken or dropped any more, so nothing else writes the slot.
+    /// dropped by a `put` (`state` is its state before that): no reference
+    /// can be taken or dropped any more, so nothing else writes the slot.
     fn release(&self, pasid: u32, slot: &Slot, state: u64) {
         let mut g = self.lock();
+        slot.state.store(state & !(REFS | FREED | LIVE), Ordering::Release);
+        self.release_locked(&mut g, pasid, slot);
+    }
+
+    /// Gives back what the allocation of `pasid`, ended in its slot, held:
+    /// its set-private ID, its bit, its place in its set and the charge to
+    /// the set and its ancestors.
+    fn release_locked(&self, g: &mut Inner, pasid: u32, slot: &Slot) {
         let set = SetId(slot.set.load(Ordering::Relaxed));
         let vpasid = slot.vpasid.load(Ordering::Relaxed);
-        slot.state.store(state & !(REFS | FREED | LIVE), Ordering::Release);
         if vpasid != NO_VPASID
             && let Some(shared) = self.shared.load().get(&set)
         {
@@ -677,15 +673,12 @@ impl PasidSpace {
         }
         st.used -= 1;
         let finished = st.dying && st.own.is_empty();
-        let mut at = st.parent;
-        while let Some(s) = at {
-            let Some(st) = g.sets.get_mut(&s) else { break };
-            st.used -= 1;
-            at = st.parent;
+        if let Some(parent) = st.parent {
+            g.uncharge(parent);
         }
         g.notify(Event::Free { set, pasid });
         if finished {
-            self.remove_set(&mut g, set);
+            self.remove_set(g, set);
         }
     }
 }
@@ -809,9 +802,42 @@ pub(crate) fn new_set(owner: &SetOwner, parent: Option<Arc<SetHandle>>, quota: u
 impl Inner {
     /// The lowest free ID in `[lo, hi]`: none is below the hint, so the
     /// search starts there.
-    fn find_free(&self, lo: u32, hi: u32) -> Option<u32> {
+    fn find_free(&self, lo: u32, hi: u32) -> Result<u32> {
         let start = self.hint.clamp(lo, hi);
-        self.scan(start, hi).or_else(|| self.scan(lo, start.saturating_sub(1).max(lo)))
+        self.scan(start, hi)
+            .or_else(|| self.scan(lo, start.saturating_sub(1).max(lo)))
+            .ok_or(Error::NoSpace("no free PASID in range"))
+    }
+
+    /// Charges one ID to `set` and every ancestor, or (`EDQUOT` when one
+    /// is at its quota) to none: one pass up, and back only on failure.
+    fn charge(&mut self, set: SetId) -> Result<()> {
+        let mut at = Some(set);
+        while let Some(s) = at {
+            let st = self.sets.get_mut(&s).expect("parents outlive children");
+            if st.used >= st.quota {
+                let mut back = Some(set);
+                while let Some(b) = back.filter(|&b| b != s) {
+                    let st = self.sets.get_mut(&b).expect("charged above");
+                    st.used -= 1;
+                    back = st.parent;
+                }
+                return Err(Error::Quota("IOASID set quota exhausted"));
+            }
+            st.used += 1;
+            at = st.parent;
+        }
+        Ok(())
+    }
+
+    /// Gives back one ID charged to `set` and every ancestor.
+    fn uncharge(&mut self, set: SetId) {
+        let mut at = Some(set);
+        while let Some(s) = at {
+            let Some(st) = self.sets.get_mut(&s) else { break };
+            st.used -= 1;
+            at = st.parent;
+        }
     }
 
     fn scan(&self, lo: u32, hi: u32) -> Option<u32> {

@@ -41,6 +41,30 @@ fn quotas_hold_at_every_level() {
     assert_eq!(space.usage(vm).unwrap().1, 2);
 }
 
+/// An allocation refused anywhere on the path to the root (a full
+/// ancestor, or no free ID in the range) leaves every set's count as it was.
+#[test]
+fn a_refused_allocation_charges_no_level() {
+    let space = PasidSpace::new(4).unwrap();
+    let root = space.create_set(None, 3).unwrap();
+    let mid = space.create_set(Some(root), 3).unwrap();
+    let leaf = space.create_set(Some(mid), 3).unwrap();
+    let other = space.create_set(Some(root), 3).unwrap();
+    let counts = || [root, mid, leaf, other].map(|s| space.usage(s).unwrap().1);
+    let p = space.alloc(leaf, 1, 15, 0).unwrap();
+    assert!(matches!(space.alloc(leaf, 16, 20, 0), Err(Error::Invalid(_))), "an empty range");
+    assert_eq!(space.alloc(leaf, 15, 15, 0).unwrap(), 15);
+    assert!(matches!(space.alloc(leaf, 15, 15, 0), Err(Error::NoSpace(_))), "no free ID in the range");
+    assert_eq!(counts(), [2, 2, 2, 0]);
+    space.alloc(other, 1, 15, 0).unwrap();
+    assert!(matches!(space.alloc(leaf, 1, 15, 0), Err(Error::Quota(_))), "the root is full");
+    assert_eq!(counts(), [3, 2, 2, 1], "the leaf and its parent were charged and given back");
+    space.free(leaf, p).unwrap();
+    assert_eq!(counts(), [2, 1, 1, 1]);
+    assert_eq!(space.alloc(leaf, 1, 15, 0).unwrap(), p);
+    assert_eq!(counts(), [3, 2, 2, 1]);
+}
+
 #[test]
 fn a_free_while_referenced_completes_at_the_last_put() {
     let space = PasidSpace::new(20).unwrap();
