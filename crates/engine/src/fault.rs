@@ -28,32 +28,31 @@ static REQUEST_SPIN: AtomicU64 = AtomicU64::new(SPIN.as_nanos() as u64);
 
 /// Spins for up to the budget in `spin` until `done()`, and adapts it.
 fn spin_until(spin: &AtomicU64, done: impl Fn() -> bool) -> bool {
-    // Already done is the common case in a batch: no clock read, and no
-    // lesson for the budget.
-    if done() {
-        return true;
-    }
     let budget = spin.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let caught = 'spin: {
-        let mut round = 0;
-        while (start.elapsed().as_nanos() as u64) < budget {
-            for _ in 0..64 {
-                if done() {
-                    break 'spin true;
+    // Already done is the common case in a batch: no clock read. It still
+    // counts as caught: the other side keeps up, and the waits that do
+    // miss (a batch's last) must not talk the spin down to sleeping.
+    let caught = done()
+        || 'spin: {
+            let start = Instant::now();
+            let mut round = 0;
+            while (start.elapsed().as_nanos() as u64) < budget {
+                for _ in 0..64 {
+                    if done() {
+                        break 'spin true;
+                    }
+                    std::hint::spin_loop();
                 }
-                std::hint::spin_loop();
+                // Past the first rounds, yield between checks: a thread that
+                // shares this CPU and is about to answer runs now, and finds
+                // this one awake, with no wake-up to pay.
+                round += 1;
+                if round > BUSY_ROUNDS {
+                    std::thread::yield_now();
+                }
             }
-            // Past the first rounds, yield between checks: a thread that
-            // shares this CPU and is about to answer runs now, and finds
-            // this one awake, with no wake-up to pay.
-            round += 1;
-            if round > BUSY_ROUNDS {
-                std::thread::yield_now();
-            }
-        }
-        done()
-    };
+            done()
+        };
     let next =
         if caught { (budget * 2).min(SPIN.as_nanos() as u64) } else { (budget / 2).max(MIN_SPIN.as_nanos() as u64) };
     if next != budget {
@@ -742,15 +741,14 @@ mod cookie_and_spin_tests {
             spin_until(&spin, || false);
         }
         assert_eq!(spin.load(Ordering::Relaxed), MIN_SPIN.as_nanos() as u64);
-        // Done before the first check: nothing was spun, nothing learnt.
         assert!(spin_until(&spin, || true));
-        assert_eq!(spin.load(Ordering::Relaxed), MIN_SPIN.as_nanos() as u64);
-        // Done a few checks in: the spin caught it.
+        assert_eq!(spin.load(Ordering::Relaxed), 2 * MIN_SPIN.as_nanos() as u64);
+        // Done a few checks in: caught too.
         let checks = std::cell::Cell::new(0);
         assert!(spin_until(&spin, || {
             checks.set(checks.get() + 1);
             checks.get() > 3
         }));
-        assert_eq!(spin.load(Ordering::Relaxed), 2 * MIN_SPIN.as_nanos() as u64);
+        assert_eq!(spin.load(Ordering::Relaxed), 4 * MIN_SPIN.as_nanos() as u64);
     }
 }
