@@ -2,12 +2,12 @@
 //! device faulted on, read in groups and answered by cookie (Linux's
 //! `iommufd_fault`).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 
 /// The longest a waiter spins before it sleeps: a handler that answers at
 /// once is heard in microseconds instead of two thread wake-ups.
@@ -29,26 +29,30 @@ static REQUEST_SPIN: AtomicU64 = AtomicU64::new(SPIN.as_nanos() as u64);
 /// Spins for up to the budget in `spin` until `done()`, and adapts it.
 fn spin_until(spin: &AtomicU64, done: impl Fn() -> bool) -> bool {
     let budget = spin.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let caught = 'spin: {
-        let mut round = 0;
-        while (start.elapsed().as_nanos() as u64) < budget {
-            for _ in 0..64 {
-                if done() {
-                    break 'spin true;
+    // Already done is the common case in a batch: no clock read. It still
+    // counts as caught: the other side keeps up, and the waits that do
+    // miss (a batch's last) must not talk the spin down to sleeping.
+    let caught = done()
+        || 'spin: {
+            let start = Instant::now();
+            let mut round = 0;
+            while (start.elapsed().as_nanos() as u64) < budget {
+                for _ in 0..64 {
+                    if done() {
+                        break 'spin true;
+                    }
+                    std::hint::spin_loop();
                 }
-                std::hint::spin_loop();
+                // Past the first rounds, yield between checks: a thread that
+                // shares this CPU and is about to answer runs now, and finds
+                // this one awake, with no wake-up to pay.
+                round += 1;
+                if round > BUSY_ROUNDS {
+                    std::thread::yield_now();
+                }
             }
-            // Past the first rounds, yield between checks: a thread that
-            // shares this CPU and is about to answer runs now, and finds
-            // this one awake, with no wake-up to pay.
-            round += 1;
-            if round > BUSY_ROUNDS {
-                std::thread::yield_now();
-            }
-        }
-        done()
-    };
+            done()
+        };
     let next =
         if caught { (budget * 2).min(SPIN.as_nanos() as u64) } else { (budget / 2).max(MIN_SPIN.as_nanos() as u64) };
     if next != budget {
@@ -213,73 +217,69 @@ pub enum Response {
     Invalid,
 }
 
-struct Queue {
-    /// Reported, not yet read.
-    deliver: VecDeque<Group>,
-    /// Read, awaiting a response, by cookie.
-    pending: BTreeMap<u32, Group>,
-    /// No cookie below it is free: where the search for the lowest free
-    /// one starts, so a handler answering as it reads does not rescan the
-    /// cookies it holds.
-    free_from: u32,
-    /// Groups answered without their owner (detach, close), and requests
-    /// refused because the queue was full: nothing is lost silently.
-    auto_answered: u64,
+/// Groups reported and not yet read: all a reporting device touches, so
+/// a device reporting never waits on a handler answering (Linux keeps its
+/// deliver list under a spinlock of its own, beside the mutex of reads and
+/// responses).
+#[derive(Default)]
+struct Deliver {
+    groups: VecDeque<Group>,
+    /// Requests refused because the queue was full.
     dropped: u64,
 }
 
-impl Default for Queue {
-    fn default() -> Self {
-        Queue { deliver: VecDeque::new(), pending: BTreeMap::new(), free_from: 1, auto_answered: 0, dropped: 0 }
-    }
+/// Groups read and awaiting a response, by cookie: slot `c - 1` holds the
+/// group read with cookie `c`. Cookies are the lowest free from 1, as
+/// Linux allocates them, so the slots stay dense and finding a group, or
+/// a free cookie, is an index, with no allocation once the slots have
+/// grown to the most groups ever pending at once.
+#[derive(Default)]
+struct Pending {
+    slots: Vec<Option<Group>>,
+    /// No slot below it is free: where the search for the lowest free
+    /// cookie starts, so a handler answering as it reads does not rescan
+    /// the cookies it holds.
+    free_from: usize,
+    /// Groups answered without their owner (detach, close): nothing is
+    /// lost silently.
+    auto_answered: u64,
 }
 
-impl Queue {
-    /// The lowest free cookie, from 1, as Linux allocates them.
-    fn cookie(&mut self) -> u32 {
-        let mut c = self.free_from;
-        for &taken in self.pending.range(c..).map(|(k, _)| k) {
-            if taken != c {
-                break;
-            }
-            c = c.checked_add(1).expect("cookies left");
+impl Pending {
+    /// Gives `group` the lowest free cookie, from 1, as Linux allocates them.
+    fn pend(&mut self, group: Group) -> u32 {
+        let mut i = self.free_from;
+        while self.slots.get(i).is_some_and(Option::is_some) {
+            i += 1;
         }
-        self.free_from = c;
-        c
-    }
-
-    fn pend(&mut self, cookie: u32, group: Group) {
-        self.pending.insert(cookie, group);
-        if cookie == self.free_from {
-            self.free_from += 1;
+        let cookie = u32::try_from(i + 1).expect("cookies left");
+        match self.slots.get_mut(i) {
+            Some(slot) => *slot = Some(group),
+            None => self.slots.push(Some(group)),
         }
+        self.free_from = i + 1;
+        cookie
     }
 
     fn unpend(&mut self, cookie: u32) -> Option<Group> {
-        let g = self.pending.remove(&cookie)?;
-        self.free_from = self.free_from.min(cookie);
+        let i = (cookie as usize).checked_sub(1)?;
+        let g = self.slots.get_mut(i)?.take()?;
+        self.free_from = self.free_from.min(i);
+        // Free slots at the end go, so a scan over the pending groups
+        // (`abort`, `len`) covers no more than the highest cookie held.
+        while self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
         Some(g)
     }
 
-    /// Takes whole groups, in order, while their requests fit in `max`
-    /// records, giving each a cookie. `EINVAL` when not even the first fits.
-    fn take(&mut self, max: usize) -> Result<Vec<(u32, Group)>> {
-        let mut out = Vec::new();
-        let mut used = 0;
-        while let Some(g) = self.deliver.front() {
-            if used + g.requests.len() > max {
-                if out.is_empty() {
-                    return Err(Error::Invalid("buffer too small for the next fault group"));
-                }
-                break;
-            }
-            let g = self.deliver.pop_front().expect("front exists");
-            used += g.requests.len();
-            let cookie = self.cookie();
-            self.pend(cookie, g.clone());
-            out.push((cookie, g));
-        }
-        Ok(out)
+    /// The pending groups, by cookie.
+    fn iter(&self) -> impl Iterator<Item = (u32, &Group)> {
+        self.slots.iter().enumerate().filter_map(|(i, g)| Some((i as u32 + 1, g.as_ref()?)))
+    }
+
+    fn len(&self) -> usize {
+        self.slots.iter().filter(|g| g.is_some()).count()
     }
 }
 
@@ -309,14 +309,24 @@ pub const QUEUE_LIMIT: usize = 4096;
 /// or the owner goes are answered [`Response::Invalid`].
 #[derive(Default)]
 pub struct FaultQueue {
-    queue: Mutex<Queue>,
+    /// Read and answered groups' lock, held by reads, responses and
+    /// aborts; taken before `deliver` when both are needed, so a group
+    /// moving from one to the other is never missed by an abort.
+    pending: Mutex<Pending>,
+    /// Reported groups' lock, held briefly: devices report under it alone.
+    /// On cache lines of its own, apart from what the handler answers
+    /// under `pending`.
+    deliver: Padded<Mutex<Deliver>>,
     /// Groups not yet read, readable without the lock (readers spin on it).
     /// On a cache line of its own: a reader spinning on it would otherwise
     /// pull the lock's line from under every report.
     unread: Padded<AtomicUsize>,
-    /// Wakes readers that block in `next`.
+    /// Wakes readers that block in `next` (waits on `deliver`).
     arrived: Condvar,
     notifier: Mutex<Option<Notifier>>,
+    /// Whether a notifier was ever set: without one, telling readiness
+    /// takes no lock (an in-process handler, which waits in `next`).
+    notified: AtomicBool,
 }
 
 impl FaultQueue {
@@ -326,19 +336,21 @@ impl FaultQueue {
         Arc::new(FaultQueue::default())
     }
 
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock()
-    }
-
     /// Makes `f` hear whether groups are waiting to be read.
     pub fn set_notifier(&self, f: Notifier) {
         *self.notifier.lock() = Some(f);
+        self.notified.store(true, Ordering::Release);
     }
 
     /// Tells the notifier whether groups wait now. The count is read under
     /// the notifier's lock, so of two racing calls (a read that emptied the
     /// queue, a report that refilled it) the later tells what is true.
     fn notify(&self) {
+        // A notifier set after this load hears the next change, as one
+        // set after a locked look that found none would.
+        if !self.notified.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(f) = &*self.notifier.lock() {
             f(self.unread.load(Ordering::Acquire) > 0);
         }
@@ -347,17 +359,17 @@ impl FaultQueue {
     /// Queues a group for its owner. A full queue answers it `Invalid` at
     /// once (and counts it) rather than lose it.
     pub fn report(&self, group: Group) {
-        let mut q = self.queue();
-        if q.deliver.len() >= QUEUE_LIMIT {
-            q.dropped += 1;
-            drop(q);
+        let mut d = self.deliver.lock();
+        if d.groups.len() >= QUEUE_LIMIT {
+            d.dropped += 1;
+            drop(d);
             group.answer(Response::Invalid);
             return;
         }
-        let was_empty = q.deliver.is_empty();
-        q.deliver.push_back(group);
-        self.unread.store(q.deliver.len(), Ordering::Release);
-        drop(q);
+        let was_empty = d.groups.is_empty();
+        d.groups.push_back(group);
+        self.unread.store(d.groups.len(), Ordering::Release);
+        drop(d);
         self.arrived.notify_all();
         if was_empty {
             self.notify();
@@ -368,46 +380,86 @@ impl FaultQueue {
     /// live in the same program, without a file descriptor).
     pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
         spin_until(&REQUEST_SPIN, || self.unread.load(Ordering::Acquire) > 0);
-        let mut q = self.queue();
-        self.arrived.wait_while_for(&mut q, |q| q.deliver.is_empty(), timeout);
-        // Exactly one group: as many records as its first one holds.
-        let first = q.deliver.front()?.requests.len();
-        let got = q.take(first).ok()?.pop();
-        self.taken(q, got.is_some());
-        got
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            if self.unread.load(Ordering::Acquire) == 0 {
+                let mut d = self.deliver.lock();
+                let left = deadline.map_or(timeout, |t| t.saturating_duration_since(Instant::now()));
+                if self.arrived.wait_while_for(&mut d, |d| d.groups.is_empty(), left).timed_out() {
+                    return None;
+                }
+            }
+            // Exactly one group, whatever its size.
+            let mut p = self.pending.lock();
+            let (got, left) = self.take(&mut p, usize::MAX, 1).ok()?;
+            drop(p);
+            self.taken(left, !got.is_empty());
+            if let Some(got) = got.into_iter().next() {
+                return Some(got);
+            }
+            // Another reader took it first.
+        }
     }
 
     /// Takes whole groups, in order, while their requests fit in `max`
     /// records, giving each a cookie. `EINVAL` when not even the first fits.
     pub fn read(&self, max: usize) -> Result<Vec<(u32, Group)>> {
-        let mut q = self.queue();
-        let out = q.take(max)?;
-        self.taken(q, !out.is_empty());
+        let mut p = self.pending.lock();
+        let (out, left) = self.take(&mut p, max, usize::MAX)?;
+        drop(p);
+        self.taken(left, !out.is_empty());
         Ok(out)
     }
 
-    /// After groups were taken from `q` (`any`): publishes what is left
-    /// unread, and tells the notifier when nothing is.
-    fn taken(&self, q: MutexGuard<'_, Queue>, any: bool) {
-        let empty = q.deliver.is_empty();
-        self.unread.store(q.deliver.len(), Ordering::Release);
-        drop(q);
-        if empty && any {
+    /// Takes up to `groups` whole groups, in order, while their requests
+    /// fit in `max` records, and gives each a cookie in `p`; returns them
+    /// and how many are left unread. `EINVAL` when not even the first fits.
+    /// The groups leave `deliver` in one short hold of its lock; cookies
+    /// are given after it, under `pending` alone.
+    fn take(&self, p: &mut Pending, max: usize, groups: usize) -> Result<(Vec<(u32, Group)>, usize)> {
+        let mut d = self.deliver.lock();
+        let (mut n, mut used) = (0, 0);
+        for g in d.groups.iter().take(groups) {
+            if used + g.requests.len() > max {
+                break;
+            }
+            used += g.requests.len();
+            n += 1;
+        }
+        if n == 0 && !d.groups.is_empty() && groups > 0 {
+            return Err(Error::Invalid("buffer too small for the next fault group"));
+        }
+        let mut out = Vec::with_capacity(n);
+        out.extend(d.groups.drain(..n).map(|g| (0, g)));
+        let left = d.groups.len();
+        self.unread.store(left, Ordering::Release);
+        drop(d);
+        for (cookie, g) in &mut out {
+            *cookie = p.pend(g.clone());
+        }
+        Ok((out, left))
+    }
+
+    /// After groups were taken (`any`), `left` still unread: tells the
+    /// notifier when nothing is.
+    fn taken(&self, left: usize, any: bool) {
+        if left == 0 && any {
             self.notify();
         }
     }
 
     /// Puts groups whose delivery failed back at the head of the queue.
     pub fn unread(&self, cookies: &[u32]) {
-        let mut q = self.queue();
+        let mut p = self.pending.lock();
+        let mut d = self.deliver.lock();
         for c in cookies.iter().rev() {
-            if let Some(g) = q.unpend(*c) {
-                q.deliver.push_front(g);
+            if let Some(g) = p.unpend(*c) {
+                d.groups.push_front(g);
             }
         }
-        let ready = !q.deliver.is_empty();
-        self.unread.store(q.deliver.len(), Ordering::Release);
-        drop(q);
+        let ready = !d.groups.is_empty();
+        self.unread.store(d.groups.len(), Ordering::Release);
+        drop((d, p));
         if ready {
             self.notify();
         }
@@ -415,7 +467,7 @@ impl FaultQueue {
 
     /// Answers the group read with `cookie`; the device waiting on it goes on.
     pub fn respond(&self, cookie: u32, response: Response) -> Result<Group> {
-        let g = self.queue().unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
+        let g = self.pending.lock().unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
         g.answer(response);
         Ok(g)
     }
@@ -424,7 +476,7 @@ impl FaultQueue {
     /// at `pasid` (`None`: without one) — its table went away — or every
     /// group when `who` is `None` (the owner left).
     pub fn abort(&self, who: Option<(u32, Option<u32>)>) {
-        let mut q = self.queue();
+        let mut p = self.pending.lock();
         let made_by = |r: &PageRequest, dev: u32, pasid: Option<u32>| {
             r.dev_id == dev
                 && match pasid {
@@ -434,21 +486,23 @@ impl FaultQueue {
         };
         let hit = |g: &Group| who.is_none_or(|(d, p)| g.requests.iter().any(|r| made_by(r, d, p)));
         let mut gone: Vec<Group> = Vec::new();
-        q.deliver.retain(|g| {
+        let mut d = self.deliver.lock();
+        d.groups.retain(|g| {
             let h = hit(g);
             if h {
                 gone.push(g.clone());
             }
             !h
         });
-        let cookies: Vec<u32> = q.pending.iter().filter(|(_, g)| hit(g)).map(|(&c, _)| c).collect();
+        let empty = d.groups.is_empty();
+        self.unread.store(d.groups.len(), Ordering::Release);
+        drop(d);
+        let cookies: Vec<u32> = p.iter().filter(|(_, g)| hit(g)).map(|(c, _)| c).collect();
         for c in cookies {
-            gone.extend(q.unpend(c));
+            gone.extend(p.unpend(c));
         }
-        q.auto_answered += gone.len() as u64;
-        let empty = q.deliver.is_empty();
-        self.unread.store(q.deliver.len(), Ordering::Release);
-        drop(q);
+        p.auto_answered += gone.len() as u64;
+        drop(p);
         for g in &gone {
             g.answer(Response::Invalid);
         }
@@ -460,14 +514,14 @@ impl FaultQueue {
     /// Groups answered without their owner, and requests refused for a full
     /// queue, since the queue was made.
     pub fn lost(&self) -> (u64, u64) {
-        let q = self.queue();
-        (q.auto_answered, q.dropped)
+        let p = self.pending.lock();
+        (p.auto_answered, self.deliver.lock().dropped)
     }
 
     /// Groups waiting to be read, and groups awaiting a response.
     pub fn counts(&self) -> (usize, usize) {
-        let q = self.queue();
-        (q.deliver.len(), q.pending.len())
+        let p = self.pending.lock();
+        (self.deliver.lock().groups.len(), p.len())
     }
 }
 
@@ -567,10 +621,10 @@ mod wait_tests {
         let l = last.clone();
         q.set_notifier(Box::new(move |r| *l.lock() = r));
         q.report(Group::new(vec![request(1)]));
-        let mut g = q.queue();
-        assert_eq!(g.take(8).unwrap().len(), 1);
-        q.unread.store(g.deliver.len(), Ordering::Release);
-        drop(g);
+        let mut p = q.pending.lock();
+        let (got, left) = q.take(&mut p, 8, usize::MAX).unwrap();
+        assert_eq!((got.len(), left), (1, 0));
+        drop(p);
         q.report(Group::new(vec![request(2)]));
         // The reader's late word, which used to be "nothing waits".
         q.notify();
@@ -619,6 +673,65 @@ mod cookie_and_spin_tests {
         assert_eq!(w.answered(), Some(Response::Invalid), "the first answer wins");
     }
 
+    /// A group moves from the unread groups to the pending ones under the
+    /// pending lock, which an abort takes first: an abort racing reads
+    /// finds every group of the device in one place or the other. The
+    /// handler here leaves device 0's groups pending, so only the abort can
+    /// answer them; one it missed in flight would stay unanswered.
+    #[test]
+    fn an_abort_racing_reads_answers_every_group_of_its_device() {
+        use std::sync::atomic::AtomicBool;
+        let request = |dev_id| PageRequest { flags: LAST_PAGE, dev_id, pasid: 0, grpid: 0, perm: 1, addr: 0 };
+        let q = FaultQueue::new();
+        let (stop, stop_other) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let handler = {
+            let (q, stop) = (q.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for (cookie, g) in q.read(usize::MAX).unwrap() {
+                        if g.requests[0].dev_id == 1 {
+                            q.respond(cookie, Response::Success).unwrap();
+                        }
+                    }
+                }
+            })
+        };
+        let other = {
+            let (q, stop) = (q.clone(), stop_other.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (g, w) = Group::awaited(vec![request(1)]);
+                    q.report(g);
+                    assert_eq!(w.wait_for(Duration::from_secs(10)), Some(Response::Success));
+                }
+            })
+        };
+        for round in 0..300 {
+            let waiters: Vec<_> = (0..32)
+                .map(|_| {
+                    let (g, w) = Group::awaited(vec![request(0)]);
+                    q.report(g);
+                    w
+                })
+                .collect();
+            // Abort while the handler takes them, where a group is in flight.
+            let since = Instant::now();
+            while q.unread.load(Ordering::Acquire) == waiters.len() && since.elapsed() < Duration::from_millis(10) {
+                std::hint::spin_loop();
+            }
+            q.abort(Some((0, None)));
+            for w in &waiters {
+                assert_eq!(w.answered(), Some(Response::Invalid), "round {round}: a group escaped the abort");
+            }
+        }
+        // The other device's last request needs the handler.
+        stop_other.store(true, Ordering::Relaxed);
+        other.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        handler.join().unwrap();
+        assert_eq!(q.lost(), (300 * 32, 0));
+    }
+
     #[test]
     fn a_spin_that_misses_shortens_the_next_and_one_that_catches_lengthens_it() {
         let spin = AtomicU64::new(SPIN.as_nanos() as u64);
@@ -630,5 +743,12 @@ mod cookie_and_spin_tests {
         assert_eq!(spin.load(Ordering::Relaxed), MIN_SPIN.as_nanos() as u64);
         assert!(spin_until(&spin, || true));
         assert_eq!(spin.load(Ordering::Relaxed), 2 * MIN_SPIN.as_nanos() as u64);
+        // Done a few checks in: caught too.
+        let checks = std::cell::Cell::new(0);
+        assert!(spin_until(&spin, || {
+            checks.set(checks.get() + 1);
+            checks.get() > 3
+        }));
+        assert_eq!(spin.load(Ordering::Relaxed), 4 * MIN_SPIN.as_nanos() as u64);
     }
 }
