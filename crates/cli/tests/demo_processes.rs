@@ -39,3 +39,52 @@ fn the_processes_demo_runs_each_scene_and_leaves_no_back_end_behind() {
         .expect("the back end's pid");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "back end {pid} outlived the demo");
 }
+
+#[test]
+fn the_back_end_dies_with_a_demo_killed_before_it_could_end_it() {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::io::BufRead;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("ioasid-demo-backend-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("control");
+    let listener =
+        rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).unwrap();
+    rustix::net::bind(&listener, &SocketAddrUnix::new(&path).unwrap()).unwrap();
+    rustix::net::listen(&listener, 1).unwrap();
+    // A stand-in for the demo: a process that starts the back end and then
+    // only waits, to be killed.
+    let mut demo = Command::new("sh")
+        .arg("-c")
+        .arg(r#""$0" demo-backend "$1" & echo $!; exec sleep 60"#)
+        .arg(common::ioasid_exe())
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(demo.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    // Connected: it waits for a hand-over that will never come.
+    let _sock = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC).unwrap();
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    // Gone, or a zombie waiting for whoever inherited it.
+    let ended = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ended() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let outlived = !ended();
+    if outlived {
+        let _ = kill_process(Pid::from_raw(pid).unwrap(), Signal::KILL);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(!outlived, "the back end outlived the demo");
+}
