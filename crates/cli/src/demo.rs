@@ -21,11 +21,11 @@ const RAM: u64 = 8 * MIB;
 const RING: u64 = 64 * 1024;
 const MSI: IovaRange = IovaRange::new(0xfee0_0000, 0xfeef_ffff);
 
-fn section(out: &mut impl Write, n: u32, title: &str) -> std::io::Result<()> {
+pub(crate) fn section(out: &mut impl Write, n: u32, title: &str) -> std::io::Result<()> {
     writeln!(out, "\n{n}. {title}")
 }
 
-fn row(out: &mut impl Write, key: &str, value: impl std::fmt::Display) -> std::io::Result<()> {
+pub(crate) fn row(out: &mut impl Write, key: &str, value: impl std::fmt::Display) -> std::io::Result<()> {
     writeln!(out, "   {key:<22} {value}")
 }
 
@@ -83,6 +83,12 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     teardown_scene(out, &ctx, ioas, &devs)?;
     writeln!(out)?;
     Ok(())
+}
+
+/// `ioasid demo --processes`: a VMM here and a virtio back end in another
+/// process sharing an IOAS through a daemon (see `demo_processes`).
+pub fn run_processes(out: &mut impl Write) -> Result<()> {
+    crate::demo_processes::run(out)
 }
 
 /// The memory the first scenes map: the guest's RAM and a descriptor ring.

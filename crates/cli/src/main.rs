@@ -1,6 +1,7 @@
 //! The `ioasid` command.
 
 mod demo;
+mod demo_processes;
 mod run;
 mod serve;
 
@@ -16,7 +17,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Walk through the whole path: an IOAS, memory, two devices, DMA, page tables, unmap.
-    Demo,
+    Demo {
+        /// Instead: a VMM here and a virtio back end in another process
+        /// sharing an IOAS through a daemon.
+        #[arg(long)]
+        processes: bool,
+    },
+    /// The back end of `ioasid demo --processes`, which runs it.
+    #[command(name = "demo-backend", hide = true)]
+    DemoBackend {
+        /// The demo's control socket.
+        control: std::path::PathBuf,
+    },
     /// Run a program with a working /dev/iommu (the preload shim).
     Run {
         /// An emulated PCI function the program gets as a VFIO device
@@ -81,7 +93,9 @@ fn octal(s: &str) -> Result<u32, String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo => demo::run(&mut std::io::stdout().lock()),
+        Command::Demo { processes: false } => demo::run(&mut std::io::stdout().lock()),
+        Command::Demo { processes: true } => demo::run_processes(&mut std::io::stdout().lock()),
+        Command::DemoBackend { control } => demo_processes::backend(&control),
         Command::Run { devices, socket, supervised, command } => {
             run::run(&devices, socket.as_deref(), supervised, &command)
         }
