@@ -34,6 +34,7 @@ CARGO_TARGET_DIR=target target/release/ioasid run --device pci-epf-test -- "$ioc
 # its own for them and is stopped after.
 echo "daemon benchmarks against ioasid serve..."
 daemon_bench=$(bench_exe ioasid-serve daemon) || fail
+remote_bench=$(bench_exe ioasid-serve remote) || fail
 serve_dir=$(mktemp -d)
 sock=$serve_dir/ioasid.sock
 target/release/ioasid serve --socket "$sock" 2>"$serve_dir/log" &
@@ -50,6 +51,10 @@ IOASID_BENCH_DAEMON=shim target/release/ioasid run --socket "$sock" -- "$daemon_
 IOASID_BENCH_DAEMON=supervised target/release/ioasid run --supervised --socket "$sock" -- "$daemon_bench" --bench "$@" \
     >>"$log" 2>&1 || fail
 IOASID_BENCH_DAEMON=clients "$daemon_bench" --bench "$@" >>"$log" 2>&1 || fail
+# A back end in another process: this bench is the VMM, and starts itself
+# again as the back end, whose DMA goes through the daemon's address spaces.
+echo "back ends in other processes against ioasid serve..."
+"$remote_bench" --bench "$@" >>"$log" 2>&1 || fail
 kill "$serve_pid"
 wait "$serve_pid" || true
 cat "$serve_dir/log" >>"$log"
