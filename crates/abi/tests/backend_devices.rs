@@ -22,8 +22,7 @@ fn unknown_flags_iommus_and_reserved_bits_are_refused() {
     assert_eq!(new(&ctx, &mut ioasid_device_new { __reserved: 1, ..Default::default() }), Err(Errno::EOPNOTSUPP));
     assert_eq!(new(&ctx, &mut ioasid_device_new { rid: 0x1_0000, ..Default::default() }), Err(Errno::EINVAL));
     assert_eq!(new(&ctx, &mut ioasid_device_new { pasid_bits: 21, ..Default::default() }), Err(Errno::EINVAL));
-    let mut short = ioasid_device_new::default();
-    short.size = 8;
+    let mut short = ioasid_device_new { size: 8, ..Default::default() };
     assert_eq!(call(&ctx, IOASID_DEVICE_NEW, &mut short), Err(Errno::EINVAL));
 }
 

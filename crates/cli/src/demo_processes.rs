@@ -528,16 +528,7 @@ impl Backend {
         }
         let sock = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC)?;
         let text = format!("{RAM} {}", daemon.display());
-        let fds = [vmm.dev.file.as_fd(), vmm.memfd.as_fd()];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
-        rustix::net::sendmsg(
-            &sock,
-            &[std::io::IoSlice::new(text.as_bytes())],
-            &mut control,
-            rustix::net::SendFlags::NOSIGNAL,
-        )?;
+        ioasid_serve::wire::send_with(sock.as_fd(), text.as_bytes(), &[vmm.dev.file.as_fd(), vmm.memfd.as_fd()])?;
         let b = Backend { child: child.take(), sock };
         let ready = b.recv()?;
         if ready != "ready" {
@@ -747,17 +738,7 @@ fn say(sock: &OwnedFd, text: &str) {
 
 /// One message and the descriptors it carries; `None` once the VMM hangs up.
 fn receive(sock: &OwnedFd) -> Result<Option<(String, Vec<OwnedFd>)>> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut buf = [0u8; 4096];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let r =
-        rustix::net::recvmsg(sock, &mut [std::io::IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
-    let mut fds = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(got) = m {
-            fds.extend(got);
-        }
-    }
-    Ok((r.bytes > 0).then(|| (String::from_utf8_lossy(&buf[..r.bytes]).into_owned(), fds)))
+    let (n, fds) = ioasid_serve::wire::recv_with(sock.as_fd(), &mut buf)?;
+    Ok((n > 0).then(|| (String::from_utf8_lossy(&buf[..n]).into_owned(), fds)))
 }

@@ -27,25 +27,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use ioasid_client::{DmaError, IommuPort, Port};
+use ioasid_client::{DmaError, IommuPort, Port, wire};
 use vm_memory::iommu::{Iommu, IommuMemory};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, Permissions};
 
 fn recv(sock: &OwnedFd) -> Option<(String, Vec<OwnedFd>)> {
-    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut buf = [0u8; 4096];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let r =
-        rustix::net::recvmsg(sock, &mut [std::io::IoSliceMut::new(&mut buf)], &mut control, RecvFlags::CMSG_CLOEXEC)
-            .ok()?;
-    let mut fds = Vec::new();
-    for m in control.drain() {
-        if let RecvAncillaryMessage::ScmRights(got) = m {
-            fds.extend(got);
-        }
-    }
-    (r.bytes > 0).then(|| (String::from_utf8_lossy(&buf[..r.bytes]).into_owned(), fds))
+    let (n, fds) = wire::recv_with(sock.as_fd(), &mut buf).ok()?;
+    (n > 0).then(|| (String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
 }
 
 fn say(sock: &OwnedFd, text: &str) {

@@ -126,18 +126,9 @@ pub const MAX_FDS: usize = 2;
 /// Sends `msg`, with `fds`, retrying on `EINTR`.
 pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), SysErrno> {
     debug_assert!(fds.len() <= MAX_FDS);
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() {
-        control.push(SendAncillaryMessage::ScmRights(fds));
-    }
-    loop {
-        match rustix::net::sendmsg(sock, &[IoSlice::new(msg.as_bytes())], &mut control, SendFlags::NOSIGNAL) {
-            Err(SysErrno::INTR) => continue,
-            Err(e) => return Err(e),
-            Ok(n) if n == MSG_SIZE => return Ok(()),
-            Ok(_) => return Err(SysErrno::MSGSIZE),
-        }
+    match send_with(sock, msg.as_bytes(), fds)? {
+        MSG_SIZE => Ok(()),
+        _ => Err(SysErrno::MSGSIZE),
     }
 }
 
@@ -146,14 +137,47 @@ pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(
 /// the peer is gone; a message of the wrong size is `EPROTO`.
 pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, Vec<OwnedFd>)>, SysErrno> {
     let mut bytes = [0u8; MSG_SIZE + 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let (n, fds) = recv_with(sock, &mut bytes)?;
+    match n {
+        0 => Ok(None),
+        MSG_SIZE => Ok(Some((Msg::read_from_bytes(&bytes[..MSG_SIZE]).map_err(|_| SysErrno::PROTO)?, fds))),
+        _ => Err(SysErrno::PROTO),
+    }
+}
+
+/// The most descriptors [`send_with`] and [`recv_with`] carry.
+pub const MAX_PASSED: usize = 4;
+
+/// Sends `bytes` (one message on a `SOCK_SEQPACKET` socket) with `fds`
+/// (`SCM_RIGHTS`, at most [`MAX_PASSED`]), retrying on `EINTR`: how a VMM
+/// hands a back end its device and memory. Returns the bytes sent.
+pub fn send_with(sock: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<usize, SysErrno> {
+    if fds.len() > MAX_PASSED {
+        return Err(SysErrno::INVAL);
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_PASSED))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(fds));
+    }
+    loop {
+        match rustix::net::sendmsg(sock, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL) {
+            Err(SysErrno::INTR) => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Receives one message into `buf` and the descriptors that came with it
+/// (close-on-exec); 0 bytes when the peer is gone. A message longer than
+/// `buf` is `EPROTO`.
+pub fn recv_with(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>), SysErrno> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_PASSED))];
     loop {
         let mut control = RecvAncillaryBuffer::new(&mut space);
-        let r = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(&mut bytes)], &mut control, RecvFlags::CMSG_CLOEXEC);
-        let r = match r {
+        let r = match rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC) {
             Err(SysErrno::INTR) => continue,
-            Err(e) => return Err(e),
-            Ok(r) => r,
+            r => r?,
         };
         let mut fds = Vec::new();
         for m in control.drain() {
@@ -161,14 +185,10 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, Vec<OwnedFd>)>, SysErrn
                 fds.extend(got);
             }
         }
-        if r.bytes == 0 {
-            return Ok(None);
-        }
-        if r.bytes != MSG_SIZE || r.flags.contains(rustix::net::ReturnFlags::TRUNC) {
+        if r.flags.contains(rustix::net::ReturnFlags::TRUNC) {
             return Err(SysErrno::PROTO);
         }
-        let msg = Msg::read_from_bytes(&bytes[..MSG_SIZE]).map_err(|_| SysErrno::PROTO)?;
-        return Ok(Some((msg, fds)));
+        return Ok((r.bytes, fds));
     }
 }
 

@@ -39,7 +39,7 @@ use ioasid_abi::uapi::{
 };
 use ioasid_client::Port;
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, IoasId, Limit, Perm};
-use ioasid_serve::vmm::{BackendDevice, Iommufd};
+use ioasid_serve::vmm::{BackendDevice, GuestRam, Iommufd};
 use ioasid_serve::wire::{self, MSG_SIZE, Msg};
 use vm_memory::iommu::Iotlb;
 use vm_memory::{GuestAddress, Permissions};
@@ -111,7 +111,7 @@ struct Vmm {
     iommufd: Iommufd,
     ioas: u32,
     pri_ioas: u32,
-    ram: *mut u8,
+    ram: GuestRam,
     dev: BackendDevice,
     pri_dev: BackendDevice,
     fault_fd: OwnedFd,
@@ -120,21 +120,7 @@ struct Vmm {
 impl Vmm {
     fn new(socket: &Path) -> Vmm {
         let iommufd = Iommufd::open(socket).expect("open /dev/iommu in the daemon");
-        let memfd = rustix::fs::memfd_create(c"guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&memfd, RAM as u64).unwrap();
-        // SAFETY: a new shared mapping of the memfd, never unmapped (the
-        // process ends with the benchmark); it keeps the file alive.
-        let ram = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                RAM,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &memfd,
-                0,
-            )
-            .unwrap()
-        };
+        let ram = GuestRam::new(RAM).unwrap();
         let ioas = iommufd.ioas_alloc().unwrap();
         let dev = iommufd.device_new(0x10, false).unwrap();
         iommufd.attach(dev.id, ioas).unwrap();
@@ -143,18 +129,16 @@ impl Vmm {
         let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
         let hwpt = iommufd.hwpt_alloc(pri_dev.id, pri_ioas, Some(fault_id)).unwrap();
         iommufd.attach(pri_dev.id, hwpt).unwrap();
-        let vmm = Vmm { iommufd, ioas, pri_ioas, ram: ram.cast(), dev, pri_dev, fault_fd };
-        vmm.iommufd.map(vmm.ioas, vmm.ram as u64, READ_PAGES * PAGE, READ_IOVA).unwrap();
+        let vmm = Vmm { iommufd, ioas, pri_ioas, ram, dev, pri_dev, fault_fd };
+        vmm.iommufd.map(vmm.ioas, vmm.ram.at(0) as u64, READ_PAGES * PAGE, READ_IOVA).unwrap();
         // SAFETY: inside the mapping, aligned; nothing else writes it yet.
-        unsafe { vmm.ram.add(PRI_RAM).cast::<u32>().write_volatile(PRI_WORD) };
+        unsafe { vmm.ram.at(PRI_RAM).cast::<u32>().write_volatile(PRI_WORD) };
         vmm
     }
 
     /// Guest memory at `offset`.
     fn at(&self, offset: usize) -> *mut u8 {
-        assert!(offset < RAM);
-        // SAFETY: inside the mapping made in `new`.
-        unsafe { self.ram.add(offset) }
+        self.ram.at(offset)
     }
 }
 

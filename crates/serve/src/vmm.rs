@@ -10,6 +10,7 @@
 use std::ffi::CString;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::ptr::NonNull;
 
 use zerocopy::IntoBytes;
 
@@ -141,5 +142,73 @@ impl Iommufd {
         };
         self.ioctl(IOMMU_HWPT_ALLOC, &mut c)?;
         Ok(c.out_hwpt_id)
+    }
+}
+
+/// Guest memory as a VMM shares it with back ends: a memfd, mapped
+/// `MAP_SHARED` here (what QEMU's `memory-backend-memfd` is).
+pub struct GuestRam {
+    memfd: OwnedFd,
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain shared memory reached by raw pointers only; the struct
+// unmaps it once, on drop.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    /// `len` bytes of zeroed guest memory.
+    pub fn new(len: usize) -> rustix::io::Result<GuestRam> {
+        let memfd = rustix::fs::memfd_create(c"ioasid-guest", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&memfd, len as u64)?;
+        // SAFETY: a new shared mapping the kernel places; only this struct
+        // hands out its address.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &memfd,
+                0,
+            )?
+        };
+        let base = NonNull::new(p.cast()).ok_or(rustix::io::Errno::NOMEM)?;
+        Ok(GuestRam { memfd, base, len })
+    }
+
+    /// The memfd, to hand to back ends.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.memfd)
+    }
+
+    /// This process's address of byte `offset` (for `IOMMU_IOAS_MAP`, and for
+    /// the VMM's own copies: devices write the memory at any time, so reach
+    /// it by copies, never references).
+    pub fn at(&self, offset: usize) -> *mut u8 {
+        assert!(offset <= self.len, "offset {offset:#x} past guest memory");
+        // SAFETY: inside the mapping (or one past its end).
+        unsafe { self.base.as_ptr().add(offset) }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty (never: `new` maps at least a page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `new` made; its addresses are not
+        // used after the struct goes.
+        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len) };
     }
 }

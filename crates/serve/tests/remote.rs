@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ioasid_abi::ext::{IOASID_DEVICE_DIRTY, IOASID_DEVICE_PRI};
 use ioasid_abi::uapi::*;
 use ioasid_serve::limits::Limits;
-use ioasid_serve::vmm::{BackendDevice, Iommufd};
+use ioasid_serve::vmm::{BackendDevice, GuestRam, Iommufd};
 use zerocopy::IntoBytes;
 
 mod served;
@@ -24,8 +24,7 @@ const IOVA: u64 = 0x10_0000;
 struct Vmm {
     iommufd: Iommufd,
     ioas: u32,
-    memfd: OwnedFd,
-    ram: *mut u8,
+    ram: GuestRam,
     dev: BackendDevice,
 }
 
@@ -40,28 +39,15 @@ impl Vmm {
     fn with(served: &Served, flags: u32, attach: impl FnOnce(&Iommufd, u32, &BackendDevice)) -> Vmm {
         let iommufd = Iommufd::open(&served.socket).expect("open /dev/iommu in the daemon");
         let ioas = iommufd.ioas_alloc().unwrap();
-        let memfd = rustix::fs::memfd_create(c"guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&memfd, RAM as u64).unwrap();
-        // SAFETY: a new shared mapping of the memfd; only this test uses it.
-        let ram = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                RAM,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &memfd,
-                0,
-            )
-            .unwrap()
-        };
+        let ram = GuestRam::new(RAM).unwrap();
         let dev = iommufd.device_new_with(0x10, flags).unwrap();
         attach(&iommufd, ioas, &dev);
-        Vmm { iommufd, ioas, memfd, ram: ram.cast(), dev }
+        Vmm { iommufd, ioas, ram, dev }
     }
 
     /// Maps `len` bytes of guest memory from `offset` at `iova`.
     fn map(&self, offset: usize, len: usize, iova: u64) {
-        self.iommufd.map(self.ioas, self.ram as u64 + offset as u64, len as u64, iova).unwrap();
+        self.iommufd.map(self.ioas, self.ram.at(offset) as u64, len as u64, iova).unwrap();
     }
 
     fn unmap(&self, iova: u64, len: u64) {
@@ -72,12 +58,12 @@ impl Vmm {
         // SAFETY: inside the mapping made in `new`; read only here (the
         // back end writes it too: a copy would be exact, a racy view is
         // what the checks want to see).
-        unsafe { std::slice::from_raw_parts(self.ram.add(offset), len) }
+        unsafe { std::slice::from_raw_parts(self.ram.at(offset), len) }
     }
 
     fn zero(&self, offset: usize, len: usize) {
         // SAFETY: inside the mapping made in `new`.
-        unsafe { std::ptr::write_bytes(self.ram.add(offset), 0, len) };
+        unsafe { std::ptr::write_bytes(self.ram.at(offset), 0, len) };
     }
 }
 
@@ -114,17 +100,7 @@ impl Backend {
         let sock = rustix::net::accept_with(&listener, SocketFlags::CLOEXEC).unwrap();
         // The hand-over, as a vhost-user VMM passes its memory table.
         let text = format!("{} - {RAM}", served.socket.display());
-        let fds = [vmm.dev.file.as_fd(), vmm.memfd.as_fd()];
-        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-        control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
-        rustix::net::sendmsg(
-            &sock,
-            &[std::io::IoSlice::new(text.as_bytes())],
-            &mut control,
-            rustix::net::SendFlags::empty(),
-        )
-        .unwrap();
+        ioasid_serve::wire::send_with(sock.as_fd(), text.as_bytes(), &[vmm.dev.file.as_fd(), vmm.ram.memfd()]).unwrap();
         let b = Backend { child, sock };
         assert_eq!(b.recv(), "ready");
         b
@@ -292,7 +268,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     // The VMM makes the page present, then answers.
     vmm.map(0x3000, 0x1000, IOVA);
     // SAFETY: inside the VMM's guest memory mapping.
-    unsafe { vmm.ram.add(0x3000).cast::<u32>().write_volatile(0xfeed_f00d) };
+    unsafe { vmm.ram.at(0x3000).cast::<u32>().write_volatile(0xfeed_f00d) };
     let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
     rustix::io::write(&queue, answer.as_bytes()).unwrap();
     assert_eq!(b.recv(), format!("ok {}", "0df0edfe"));
