@@ -90,12 +90,14 @@ impl Iommufd {
     /// `IOASID_DEVICE_NEW`: a device at `rid` behind a VT-d IOMMU, with PRI
     /// when `pri`.
     pub fn device_new(&self, rid: u32, pri: bool) -> Result<BackendDevice, i32> {
-        self.device_new_with(rid, if pri { IOASID_DEVICE_PRI } else { 0 })
+        self.device_new_with(rid, if pri { IOASID_DEVICE_PRI } else { 0 }, 0)
     }
 
-    /// `IOASID_DEVICE_NEW` with `flags` (`IOASID_DEVICE_*`).
-    pub fn device_new_with(&self, rid: u32, flags: u32) -> Result<BackendDevice, i32> {
-        let mut c = ioasid_device_new { size: size_of::<ioasid_device_new>() as u32, flags, rid, ..Default::default() };
+    /// `IOASID_DEVICE_NEW` with `flags` (`IOASID_DEVICE_*`), behind the IOMMU
+    /// `iommu` names (an `IOMMU_HW_INFO_TYPE_*`; 0 for VT-d).
+    pub fn device_new_with(&self, rid: u32, flags: u32, iommu: u32) -> Result<BackendDevice, i32> {
+        let size = size_of::<ioasid_device_new>() as u32;
+        let mut c = ioasid_device_new { size, flags, iommu, rid, ..Default::default() };
         self.ioctl(IOASID_DEVICE_NEW, &mut c)?;
         // SAFETY: the daemon installed this descriptor in this process for
         // the command; nothing else owns it.

@@ -20,29 +20,38 @@ use served::Served;
 const RAM: usize = 1 << 20;
 const IOVA: u64 = 0x10_0000;
 
-/// The VMM: its iommufd in the daemon, an IOAS, guest memory, a device.
-struct Vmm {
+/// The VMM: its iommufd in the daemon, an IOAS, guest memory, a device,
+/// and what its set-up made besides.
+struct Vmm<X = ()> {
     iommufd: Iommufd,
     ioas: u32,
     ram: GuestRam,
     dev: BackendDevice,
+    extra: X,
 }
 
 impl Vmm {
     fn new(served: &Served) -> Vmm {
-        Self::with(served, IOASID_DEVICE_PRI, |iommufd, ioas, dev| {
+        Self::with(served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
             iommufd.attach(dev.id, ioas).unwrap();
         })
     }
+}
 
-    /// A VMM whose device (made with `flags`) `attach` attaches.
-    fn with(served: &Served, flags: u32, attach: impl FnOnce(&Iommufd, u32, &BackendDevice)) -> Vmm {
+impl<X> Vmm<X> {
+    /// A VMM whose device (made with `flags`, behind `iommu`) `attach` attaches.
+    fn with(
+        served: &Served,
+        flags: u32,
+        iommu: u32,
+        attach: impl FnOnce(&Iommufd, u32, &BackendDevice) -> X,
+    ) -> Vmm<X> {
         let iommufd = Iommufd::open(&served.socket).expect("open /dev/iommu in the daemon");
         let ioas = iommufd.ioas_alloc().unwrap();
         let ram = GuestRam::new(RAM).unwrap();
-        let dev = iommufd.device_new_with(0x10, flags).unwrap();
-        attach(&iommufd, ioas, &dev);
-        Vmm { iommufd, ioas, ram, dev }
+        let dev = iommufd.device_new_with(0x10, flags, iommu).unwrap();
+        let extra = attach(&iommufd, ioas, &dev);
+        Vmm { iommufd, ioas, ram, dev, extra }
     }
 
     /// Maps `len` bytes of guest memory from `offset` at `iova`.
@@ -89,7 +98,7 @@ fn example() -> PathBuf {
 }
 
 impl Backend {
-    fn start(served: &Served, vmm: &Vmm, tag: &str) -> Backend {
+    fn start<X>(served: &Served, vmm: &Vmm<X>, tag: &str) -> Backend {
         use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
         let path = served.dir.join(format!("control-{tag}"));
         let listener =
@@ -126,7 +135,7 @@ impl Drop for Backend {
 }
 
 /// One event from the device file.
-fn event(vmm: &Vmm, within: Duration) -> Option<[u32; 4]> {
+fn event<X>(vmm: &Vmm<X>, within: Duration) -> Option<[u32; 4]> {
     let dev = vmm.dev.file.as_fd();
     let mut fds = [rustix::event::PollFd::new(&dev, rustix::event::PollFlags::IN)];
     let t = rustix::time::Timespec { tv_sec: within.as_secs() as i64, tv_nsec: within.subsec_nanos() as i64 };
@@ -248,7 +257,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
     let served = Served::start("remote-pri", Limits::default());
     let mut queue = None;
-    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, |iommufd, ioas, dev| {
+    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
         let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
         let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
         iommufd.attach(dev.id, hwpt).unwrap();
@@ -278,7 +287,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
 fn a_back_ends_writes_are_dirty_exactly_where_it_wrote_once_tracking_is_on() {
     let served = Served::start("remote-dirty", Limits::default());
     let mut hwpt = 0;
-    let vmm = Vmm::with(&served, IOASID_DEVICE_DIRTY, |iommufd, ioas, dev| {
+    let vmm = Vmm::with(&served, IOASID_DEVICE_DIRTY, 0, |iommufd, ioas, dev| {
         hwpt = iommufd.hwpt_alloc_with(dev.id, ioas, None, IOMMU_HWPT_ALLOC_DIRTY_TRACKING).unwrap();
         iommufd.attach(dev.id, hwpt).unwrap();
     });
@@ -312,4 +321,97 @@ fn a_back_ends_writes_are_dirty_exactly_where_it_wrote_once_tracking_is_on() {
     bitmap = 0;
     vmm.iommufd.ioctl(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut get).unwrap();
     assert_eq!(bitmap, 1 << 3);
+}
+
+#[test]
+fn a_back_ends_unrecoverable_fault_reaches_the_viommus_event_queue_by_its_virtual_id() {
+    use ioasid_engine::pgtable::arm::{AF, AP_RDONLY};
+    use ioasid_engine::smmuv3::{cd, ste};
+    const VSID: u64 = 0x42;
+    const CD_TABLE: usize = 0x1000;
+    const TTB0: usize = 0x10000;
+    let served = Served::start("remote-vevent", Limits::default());
+    let mut veventq = None;
+    // Guest RAM is the IOAS at IOVA 0 (stage 2); the guest's SMMU tables live in it.
+    let vmm = Vmm::with(&served, 0, IOMMU_HW_INFO_TYPE_ARM_SMMUV3, |iommufd, ioas, dev| {
+        let mut parent = iommu_hwpt_alloc {
+            size: 48,
+            flags: IOMMU_HWPT_ALLOC_NEST_PARENT,
+            dev_id: dev.id,
+            pt_id: ioas,
+            ..Default::default()
+        };
+        iommufd.ioctl(IOMMU_HWPT_ALLOC, &mut parent).unwrap();
+        let mut viommu = iommu_viommu_alloc {
+            size: 40,
+            r#type: IOMMU_VIOMMU_TYPE_ARM_SMMUV3,
+            dev_id: dev.id,
+            hwpt_id: parent.out_hwpt_id,
+            ..Default::default()
+        };
+        iommufd.ioctl(IOMMU_VIOMMU_ALLOC, &mut viommu).unwrap();
+        let mut vdev = iommu_vdevice_alloc {
+            size: 24,
+            viommu_id: viommu.out_viommu_id,
+            dev_id: dev.id,
+            virt_id: VSID,
+            ..Default::default()
+        };
+        iommufd.ioctl(IOMMU_VDEVICE_ALLOC, &mut vdev).unwrap();
+        let mut q = iommu_veventq_alloc {
+            size: 32,
+            viommu_id: viommu.out_viommu_id,
+            r#type: IOMMU_VEVENTQ_TYPE_ARM_SMMUV3,
+            veventq_depth: 8,
+            ..Default::default()
+        };
+        iommufd.ioctl(IOMMU_VEVENTQ_ALLOC, &mut q).unwrap();
+        // SAFETY: installed in this process for the command, owned here.
+        veventq = Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(q.out_veventq_fd as i32) });
+        (viommu.out_viommu_id, dev.id)
+    });
+    let (viommu, dev) = vmm.extra;
+    vmm.map(0, RAM, 0);
+    // The guest's CD 0 and a stage-1 table mapping IOVA 0x40_1000 read-only to GPA 0x21000.
+    // SAFETY: inside the VMM's guest memory mapping, aligned.
+    let put = |gpa: usize, v: u64| unsafe { vmm.ram.at(gpa).cast::<u64>().write_volatile(v) };
+    put(CD_TABLE, cd::V | cd::AA64 | 16 | 1 << cd::ASID_SHIFT);
+    put(CD_TABLE + 8, TTB0 as u64);
+    let iova = 0x40_1000u64;
+    let idx = |level: u32| ((iova >> (12 + 9 * level)) & 511) as usize;
+    put(TTB0 + idx(3) * 8, (TTB0 as u64 + 0x1000) | 0b11);
+    put(TTB0 + 0x1000 + idx(2) * 8, (TTB0 as u64 + 0x2000) | 0b11);
+    put(TTB0 + 0x2000 + idx(1) * 8, (TTB0 as u64 + 0x3000) | 0b11);
+    put(TTB0 + 0x3000 + idx(0) * 8, 0x21000 | 0b11 | AF | AP_RDONLY);
+    let mut data = iommu_hwpt_arm_smmuv3 { ste: [ste::V | ste::CONFIG_S1 << 1 | CD_TABLE as u64, 0] };
+    let mut nested = iommu_hwpt_alloc {
+        size: 48,
+        dev_id: dev,
+        pt_id: viommu,
+        data_type: IOMMU_HWPT_DATA_ARM_SMMUV3,
+        data_len: 16,
+        data_uptr: data.as_mut_bytes().as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    vmm.iommufd.ioctl(IOMMU_HWPT_ALLOC, &mut nested).unwrap();
+    vmm.iommufd.attach(dev, nested.out_hwpt_id).unwrap();
+
+    let b = Backend::start(&served, &vmm, "vevent");
+    // Reads go through both stages; a write hits the guest's read-only entry.
+    // SAFETY: inside the VMM's guest memory mapping.
+    unsafe { vmm.ram.at(0x21008).write_volatile(0x66) };
+    assert_eq!(b.ask(&format!("read {:#x} 1", iova + 8)), "ok 66");
+    assert_eq!(b.ask(&format!("write {:#x} 0x78 1", iova + 8)), "fault");
+    let queue = veventq.unwrap();
+    let mut fds = [rustix::event::PollFd::new(&queue, rustix::event::PollFlags::IN)];
+    let five = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
+    assert_eq!(rustix::event::poll(&mut fds, Some(&five)).unwrap(), 1, "no event reached the vEVENTQ");
+    let mut event = [0u64; 5];
+    let n = rustix::io::read(&queue, event.as_mut_bytes()).unwrap();
+    assert_eq!(n, 8 + 32, "a header and an SMMUv3 event record");
+    // F_PERMISSION on a write by stream 0x42 (the virtual ID), at the IOVA.
+    assert_eq!(event[1], 0x13 | VSID << 32);
+    assert_eq!(event[3], iova + 8);
+    // SAFETY: inside the VMM's guest memory mapping.
+    assert_eq!(unsafe { vmm.ram.at(0x21008).read_volatile() }, 0x66, "the refused write did not land");
 }
