@@ -992,6 +992,10 @@ fn flip_level<F: Format>(table: &Table, level: u32, first: u64, last: u64) -> bo
 #[inline]
 fn push_word(runs: &mut Runs<'_>, table_start: u64, page: u64, w: usize, mut v: u64) {
     let base = table_start + (w as u64 * 64) * page;
+    if v == u64::MAX {
+        // All dirty, the common case of a busy guest: one run.
+        return runs.push(base, 64 * page);
+    }
     while v != 0 {
         let at = v.trailing_zeros();
         let n = (v >> at).trailing_ones();
@@ -1007,6 +1011,7 @@ fn dirty_leaves<F: Format>(table: &Table, first: u64, last: u64, keep: bool, run
     let page = 1u64 << F::PAGE_SHIFT;
     let table_start = first & !((page << STRIDE) - 1);
     let (i0, i1) = (Table::index::<F>(first, 0), Table::index::<F>(last, 0));
+    let whole = i0 == 0 && i1 == ENTRIES - 1;
     // The entries of word `w` inside the range.
     let mask = |w: usize| {
         let (lo, hi) = (i0.max(w * 64), i1.min(w * 64 + 63));
@@ -1030,7 +1035,8 @@ fn dirty_leaves<F: Format>(table: &Table, first: u64, last: u64, keep: bool, run
                 continue;
             }
             old.words[w].store(0, Ordering::Relaxed);
-            let (inside, outside) = (v & mask(w), v & !mask(w));
+            let inside = if whole { v } else { v & mask(w) };
+            let outside = v & !inside;
             if outside != 0 {
                 current.words[w].fetch_or(outside, Ordering::AcqRel);
                 current.summary.fetch_or(1 << w, Ordering::AcqRel);
@@ -1045,7 +1051,6 @@ fn dirty_leaves<F: Format>(table: &Table, first: u64, last: u64, keep: bool, run
     // that sets a bit after its word was read sets the summary again
     // (`DirtyBits::mark`). A partial read leaves the summaries as they
     // are; a set bit for a clean word only costs a later read one load.
-    let whole = i0 == 0 && i1 == ENTRIES - 1;
     let summary = bits.bufs.iter().fold(0, |acc, buf| {
         acc | if whole && !keep { buf.summary.swap(0, Ordering::AcqRel) } else { buf.summary.load(Ordering::Acquire) }
     });
