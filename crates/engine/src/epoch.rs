@@ -461,6 +461,12 @@ impl Guard {
     }
 }
 
+/// Whether this thread is inside a critical section, where `synchronize`
+/// would wait for itself.
+pub(crate) fn pinned() -> bool {
+    LOCAL.with(|l| l.depth.get() != 0)
+}
+
 /// Waits until every DMA (every critical section) that was running when it
 /// was called has finished, and runs the work deferred before it; spins,
 /// then yields. Called inside a critical section, it would wait for itself.

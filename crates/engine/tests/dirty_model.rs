@@ -1,7 +1,10 @@
 //! Random maps (small and huge leaves), unmaps, writes and dirty reads on a
 //! page table of each format, checked against a plain model: the set of
 //! dirty IO pages. A write dirties its whole leaf; a read reports (and,
-//! unless it keeps them, cleans) every dirty leaf it touches.
+//! unless it keeps them, cleans) every dirty leaf it touches. A read from
+//! inside an epoch critical section (which cannot wait for DMA) must agree.
+//! Then a writer marking pages while another thread reads and clears: no
+//! DMA write is ever lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -24,7 +27,7 @@ enum Op {
     Map { page: u64, npages: u64, write: bool },
     Unmap { page: u64, npages: u64 },
     Write { page: u64 },
-    Read { page: u64, npages: u64, keep: bool },
+    Read { page: u64, npages: u64, keep: bool, pinned: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -34,7 +37,11 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(h, n, write)| Op::Map { page: h * HUGE, npages: n * HUGE, write }),
         2 => (0..SPACE, 1..700u64).prop_map(|(page, npages)| Op::Unmap { page, npages }),
         5 => (0..SPACE).prop_map(|page| Op::Write { page }),
-        3 => (0..SPACE, 1..SPACE, any::<bool>()).prop_map(|(page, npages, keep)| Op::Read { page, npages, keep }),
+        3 => (0..SPACE, 1..SPACE, any::<bool>(), any::<bool>())
+            .prop_map(|(page, npages, keep, pinned)| Op::Read { page, npages, keep, pinned }),
+        // Whole leaf tables (of 4 KiB pages; of 2 KiB ones in the mock).
+        2 => (0..SPACE / HUGE, 1..=SPACE / HUGE, any::<bool>())
+            .prop_map(|(t, n, keep)| Op::Read { page: t * HUGE, npages: n * HUGE, keep, pinned: false }),
     ]
 }
 
@@ -120,7 +127,7 @@ impl<F: Format> Model<F> {
                     self.dirty.extend(leaf);
                 }
             }
-            Op::Read { page, npages, keep } => {
+            Op::Read { page, npages, keep, pinned } => {
                 let last = (page + npages - 1).min(SPACE - 1);
                 let mut want = BTreeSet::new();
                 for p in (page..=last).filter(|p| self.dirty.contains(p)) {
@@ -128,9 +135,11 @@ impl<F: Format> Model<F> {
                 }
                 let mut got = BTreeSet::new();
                 let mut runs = Vec::new();
+                let inside = pinned.then(ioasid_engine::epoch::pin);
                 self.pt.read_and_clear_dirty(page * ps, last * ps + ps - 1, keep, &mut |start, len| {
                     runs.push((start, len));
                 });
+                drop(inside);
                 for &(start, len) in &runs {
                     prop_assert!(start % ps == 0 && len % ps == 0 && len > 0, "run {start:#x}+{len:#x}");
                     for p in start / ps..(start + len) / ps {
@@ -156,10 +165,10 @@ fn run<F: Format>(ops: &[Op]) -> Result<(), TestCaseError> {
         m.apply(op)?;
     }
     // Everything left dirty is reported once, then nothing.
-    m.apply(&Op::Read { page: 0, npages: SPACE, keep: true })?;
-    m.apply(&Op::Read { page: 0, npages: SPACE, keep: false })?;
+    m.apply(&Op::Read { page: 0, npages: SPACE, keep: true, pinned: false })?;
+    m.apply(&Op::Read { page: 0, npages: SPACE, keep: false, pinned: false })?;
     prop_assert!(m.dirty.is_empty());
-    m.apply(&Op::Read { page: 0, npages: SPACE, keep: false })
+    m.apply(&Op::Read { page: 0, npages: SPACE, keep: false, pinned: false })
 }
 
 proptest! {
@@ -198,4 +207,78 @@ fn a_gib_leaf_is_dirtied_and_read_whole() {
     runs.clear();
     pt.read_and_clear_dirty(0, u64::MAX, false, &mut |a, l| runs.push((a, l)));
     assert!(runs.is_empty());
+}
+
+/// A device writes pages (marks its leaf, then writes the data, inside one
+/// epoch critical section, as DMA through a domain does) while a VMM reads
+/// and clears the dirty log and copies every page it reports, as a
+/// migration does. In each round the device writes every page once; after
+/// it stopped, one more read and copy must leave every copy up to date: a
+/// report taken while the write that set it was still in flight, and the
+/// data copied before the write landed, would lose that write.
+#[test]
+fn no_dma_write_is_lost_while_the_dirty_log_is_read() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::{Duration, Instant};
+
+    const PAGES: u64 = 2 * HUGE;
+    const ROUNDS: u64 = 400;
+    const IOVA: u64 = 1 << 30;
+    let pt = Arc::new(PageTable::<VtdSs4>::new());
+    // Small pages: two whole leaf tables, and reads that cut one of them.
+    pt.map(IOVA, HOST, PAGES << 12, Perm::RW, Trust::Direct, false).unwrap();
+    let mem: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
+    let (start, done) = (Arc::new(Barrier::new(2)), Arc::new(AtomicBool::new(false)));
+    let device = {
+        let (pt, mem, start, done) = (pt.clone(), mem.clone(), start.clone(), done.clone());
+        std::thread::spawn(move || {
+            for round in 1..=ROUNDS {
+                start.wait();
+                for p in (0..PAGES).map(|i| (i * 97 + round) % PAGES) {
+                    let dma = ioasid_engine::epoch::pin();
+                    assert!(pt.set_dirty(IOVA + (p << 12), &dma));
+                    // The data, a while after the mark (a 4 KiB copy).
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                    mem[p as usize].store(round, Ordering::Release);
+                    drop(dma);
+                }
+                done.store(true, Ordering::Release);
+                start.wait();
+            }
+        })
+    };
+    let mut copy = vec![0u64; PAGES as usize];
+    let read = |copy: &mut [u64], first: u64, last: u64| {
+        pt.read_and_clear_dirty(IOVA + (first << 12), IOVA + (last << 12) + 0xfff, false, &mut |at, len| {
+            for p in (at - IOVA) >> 12..(at - IOVA + len) >> 12 {
+                copy[p as usize] = mem[p as usize].load(Ordering::Acquire);
+            }
+        });
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut reads = 0u64;
+    for round in 1..=ROUNDS {
+        start.wait();
+        while !done.load(Ordering::Acquire) {
+            // Mostly whole, sometimes cut inside the first leaf table.
+            match reads % 4 {
+                0 => read(&mut copy, 0, 100),
+                1 => read(&mut copy, 101, PAGES - 1),
+                _ => read(&mut copy, 0, PAGES - 1),
+            }
+            reads += 1;
+        }
+        read(&mut copy, 0, PAGES - 1);
+        let stale: Vec<u64> = (0..PAGES).filter(|&p| copy[p as usize] != round).collect();
+        assert!(stale.is_empty(), "round {round}: writes to pages {stale:?} were lost ({reads} reads)");
+        done.store(false, Ordering::Relaxed);
+        start.wait();
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    device.join().unwrap();
 }

@@ -10,12 +10,17 @@
 //!
 //! Dirty tracking keeps its state beside each table, not in the entries'
 //! dirty bits: one bit per entry in [`DirtyBits`], allocated with the table.
-//! A DMA write sets a bit (a load alone when it is already set), and reading
-//! the dirty log takes 64 leaves per atomic swap, skipping clean words and
-//! tables through a summary word, where walking every leaf entry would cost
-//! an atomic update per page. Everything the dirty log reports is as the
-//! entries' bits would have it: which leaves have a dirty state at all
-//! ([`Format::tracks_dirty`]), and which start dirty when mapped.
+//! A DMA write sets a bit (a load alone when it is already set) in the one
+//! of two buffers its table's generation names. Reading and clearing the
+//! dirty log flips the generation of the leaf tables it reads, waits for
+//! the DMA still marking the old buffers (an epoch grace period), then
+//! takes them with plain loads and stores, skipping clean words and tables
+//! through a summary word, where walking every leaf entry would cost an
+//! atomic update per page and taking bits DMA may be setting one per word.
+//! Everything the dirty log reports is as the entries' bits would have it
+//! (a leaf is dirty when its bit is set in either buffer): which leaves
+//! have a dirty state at all ([`Format::tracks_dirty`]), and which start
+//! dirty when mapped.
 
 pub mod amd;
 pub mod arm;
@@ -197,63 +202,114 @@ pub fn pgsize_bitmap<F: Format>() -> u64 {
 #[repr(C, align(4096))]
 struct Table([AtomicU64; ENTRIES]);
 
-/// Words of [`DirtyBits`], 64 entries each.
+/// Words of a [`DirtyBuf`], 64 entries each.
 const DIRTY_WORDS: usize = ENTRIES / 64;
 
-/// The dirty state of a table's leaves, one bit per entry, kept right after
-/// the table in the same allocation (see [`Table::alloc`]), so a DMA write
-/// allocates nothing. Bit `w` of `summary` is set while word `w` may hold a
-/// set bit: a clean table costs one load to read.
+/// Bit of [`DirtyBits::generation`] set while a read has flipped the
+/// table and is yet to take the buffer DMA marked before (see `flip_level`).
+const FLIPPED: u64 = 2;
+
+/// One buffer of a table's dirty bits, one bit per entry. Bit `w` of
+/// `summary` is set while word `w` may hold a set bit: a clean buffer costs
+/// one load to read.
 #[repr(C)]
-struct DirtyBits {
+struct DirtyBuf {
     words: [AtomicU64; DIRTY_WORDS],
     summary: AtomicU64,
 }
 
+/// The dirty state of a table's leaves, kept right after the table in the
+/// same allocation (see [`Table::alloc`]), so a DMA write allocates
+/// nothing. DMA marks the buffer that bit 0 of `generation` names; a leaf
+/// is dirty when its bit is set in either buffer. A read that clears a
+/// leaf table flips `generation`, waits for the DMA that may still mark
+/// the old buffer, then takes that buffer with plain loads and stores,
+/// where taking bits DMA may be setting costs an atomic swap per word.
+/// Between reads the buffer DMA does not mark is empty. Tables above level
+/// 0 (whose leaves are huge) are never flipped: their bits are taken one
+/// by one, by read-modify-writes.
+#[repr(C)]
+struct DirtyBits {
+    generation: AtomicU64,
+    bufs: [DirtyBuf; 2],
+}
+
 impl DirtyBits {
-    /// Marks entry `i` dirty, as a DMA write through it does.
+    /// The buffer DMA marks now.
+    #[inline]
+    fn current(&self) -> &DirtyBuf {
+        &self.bufs[(self.generation.load(Ordering::Relaxed) & 1) as usize]
+    }
+
+    /// Marks entry `i` dirty, as a DMA write through it does (inside its
+    /// epoch critical section, which a flipping read waits for).
     #[inline]
     fn mark(&self, i: usize) {
+        let buf = self.current();
         let (w, bit) = (i / 64, 1u64 << (i % 64));
         // Already dirty is the common case: a load, no read-modify-write.
-        if self.words[w].load(Ordering::Relaxed) & bit == 0 {
-            self.words[w].fetch_or(bit, Ordering::AcqRel);
+        if buf.words[w].load(Ordering::Relaxed) & bit == 0 {
+            buf.words[w].fetch_or(bit, Ordering::AcqRel);
             // After the word, and a read-modify-write: a reader that
             // swapped the summary before this either reads the word after
             // the bit or sees this update (see `dirty_leaves`).
-            self.summary.fetch_or(1 << w, Ordering::AcqRel);
+            buf.summary.fetch_or(1 << w, Ordering::AcqRel);
         }
     }
 
-    /// Sets the state of entry `i`, for a map or an unmap (writers are
-    /// serialised).
+    /// Sets the state of entry `i`, for a map or an unmap (writers and
+    /// reads of the dirty state are serialised).
     fn set(&self, i: usize, dirty: bool) {
-        let (w, bit) = (i / 64, 1u64 << (i % 64));
         if dirty {
-            self.mark(i);
-        } else if self.words[w].load(Ordering::Relaxed) & bit != 0 {
+            return self.mark(i);
+        }
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
+        for buf in &self.bufs {
             // Clean already is the common case (a new leaf, a leaf never
             // written): a load, no read-modify-write per page mapped.
-            self.words[w].fetch_and(!bit, Ordering::AcqRel);
+            if buf.words[w].load(Ordering::Relaxed) & bit != 0 {
+                buf.words[w].fetch_and(!bit, Ordering::AcqRel);
+            }
         }
     }
 
-    /// Whether entry `i` is dirty; cleans it unless `keep`.
+    /// Whether entry `i` is dirty; cleans it unless `keep`. DMA may be
+    /// marking it meanwhile: each set bit is taken by a read-modify-write.
     fn take(&self, i: usize, keep: bool) -> bool {
         let (w, bit) = (i / 64, 1u64 << (i % 64));
-        if self.words[w].load(Ordering::Acquire) & bit == 0 {
-            false
-        } else {
-            keep || self.words[w].fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        let mut dirty = false;
+        for buf in &self.bufs {
+            if buf.words[w].load(Ordering::Acquire) & bit != 0 {
+                dirty |= keep || buf.words[w].fetch_and(!bit, Ordering::AcqRel) & bit != 0;
+            }
         }
+        dirty
+    }
+
+    /// Makes DMA mark the other buffer from now on, for a read that takes
+    /// and clears the old one once the DMA still marking it has finished.
+    fn flip(&self) {
+        let generation = self.generation.load(Ordering::Relaxed);
+        if generation & FLIPPED != 0 {
+            // A read that unwound before taking the old buffer: this one
+            // takes it.
+            return;
+        }
+        // DMA that still loads the old number is waited for before the
+        // old buffer is read (`epoch::synchronize` orders this store
+        // before the loads of any DMA it does not wait for).
+        self.generation.store((generation ^ 1) | FLIPPED, Ordering::Release);
     }
 
     /// Everything clean, for a table taken from the spares (no reader).
     fn reset(&self) {
-        for w in &self.words {
-            w.store(0, Ordering::Relaxed);
+        self.generation.store(0, Ordering::Relaxed);
+        for buf in &self.bufs {
+            for w in &buf.words {
+                w.store(0, Ordering::Relaxed);
+            }
+            buf.summary.store(0, Ordering::Relaxed);
         }
-        self.summary.store(0, Ordering::Relaxed);
     }
 }
 
@@ -469,6 +525,9 @@ pub struct Summary {
 pub struct PageTable<F: Format> {
     root: RootTable,
     spares: Arc<Spares<F>>,
+    /// Held by a dirty read: between the flip of a leaf table and the
+    /// take of its old buffer, no other read may flip or take it.
+    dirty_reads: Mutex<()>,
     _format: PhantomData<F>,
 }
 
@@ -481,7 +540,7 @@ impl<F: Format> Default for PageTable<F> {
 impl<F: Format> PageTable<F> {
     /// An empty table: a root with nothing present.
     pub fn new() -> Self {
-        PageTable { root: RootTable::new(), spares: Arc::default(), _format: PhantomData }
+        PageTable { root: RootTable::new(), spares: Arc::default(), dirty_reads: Mutex::new(()), _format: PhantomData }
     }
 
     fn max_iova() -> u64 {
@@ -581,13 +640,28 @@ impl<F: Format> PageTable<F> {
     /// Calls `record(start, size)` for every run of contiguous dirty leaves
     /// overlapping `[first, last]` (whole leaves, so a run may reach
     /// outside it), cleaning them unless `keep`.
+    ///
+    /// A clearing read takes the leaf tables it touches without a
+    /// read-modify-write per word: it first makes DMA mark their other
+    /// buffer, then waits for the DMA still in flight (an epoch grace
+    /// period) before taking the old one, so a leaf it reports was written
+    /// by DMA that has finished. Called inside a critical section, where it
+    /// cannot wait, it takes every word by a read-modify-write instead, as
+    /// it does the dirty bits of huge leaves. Reads of one table are
+    /// serialised with each other; the caller serialises them with map and
+    /// unmap, as those are with each other.
     pub fn read_and_clear_dirty(&self, first: u64, last: u64, keep: bool, record: &mut dyn FnMut(u64, u64)) {
         let last = last.min(Self::max_iova());
-        if first <= last {
-            let mut runs = Runs { start: 0, len: 0, record };
-            dirty_level::<F>(&self.root, F::LEVELS - 1, first, last, keep, &mut runs);
-            runs.flush();
+        if first > last {
+            return;
         }
+        let _reads = self.dirty_reads.lock();
+        if !keep && !crate::epoch::pinned() && flip_level::<F>(&self.root, F::LEVELS - 1, first, last) {
+            crate::epoch::synchronize();
+        }
+        let mut runs = Runs { start: 0, len: 0, record };
+        dirty_level::<F>(&self.root, F::LEVELS - 1, first, last, keep, &mut runs);
+        runs.flush();
     }
 
     /// Number of tables and leaves at each level.
@@ -896,46 +970,108 @@ fn dirty_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, keep
     }
 }
 
+/// Flips (see [`DirtyBits::flip`]) every level-0 table that `[first,
+/// last]` touches, for a read that clears them; whether any flipped, so
+/// that the read must wait for DMA in flight before taking them.
+fn flip_level<F: Format>(table: &Table, level: u32, first: u64, last: u64) -> bool {
+    if level == 0 {
+        table.dirty().flip();
+        return true;
+    }
+    let mut flipped = false;
+    for e in table.entries::<F>(level, first, last) {
+        if let Pte::Table(next) = F::decode(e.slot.load(Ordering::Acquire), level) {
+            flipped |= flip_level::<F>(table.child(next), level - 1, e.first, e.last);
+        }
+    }
+    flipped
+}
+
+/// Hands the set bits of `v`, word `w` of the leaf table starting at
+/// `table_start`, to `runs`.
+#[inline]
+fn push_word(runs: &mut Runs<'_>, table_start: u64, page: u64, w: usize, mut v: u64) {
+    let base = table_start + (w as u64 * 64) * page;
+    if v == u64::MAX {
+        // All dirty, the common case of a busy guest: one run.
+        return runs.push(base, 64 * page);
+    }
+    while v != 0 {
+        let at = v.trailing_zeros();
+        let n = (v >> at).trailing_ones();
+        runs.push(base + u64::from(at) * page, u64::from(n) * page);
+        v &= !((u64::MAX >> (64 - n)) << at);
+    }
+}
+
 /// The dirty leaves of a level-0 table within `[first, last]`, 64 at a
 /// time. Only leaves have their bits set there, so the entries are not read.
 fn dirty_leaves<F: Format>(table: &Table, first: u64, last: u64, keep: bool, runs: &mut Runs<'_>) {
     let bits = table.dirty();
-    let (i0, i1) = (Table::index::<F>(first, 0), Table::index::<F>(last, 0));
-    let whole = i0 == 0 && i1 == ENTRIES - 1;
-    // Swapped before the words: a write that sets a bit after its word was
-    // read sets the summary again (`DirtyBits::mark`). A partial read
-    // leaves the summary as it is; a set bit for a clean word only costs
-    // a later read one load.
-    let summary =
-        if whole && !keep { bits.summary.swap(0, Ordering::AcqRel) } else { bits.summary.load(Ordering::Acquire) };
     let page = 1u64 << F::PAGE_SHIFT;
     let table_start = first & !((page << STRIDE) - 1);
+    let (i0, i1) = (Table::index::<F>(first, 0), Table::index::<F>(last, 0));
+    let whole = i0 == 0 && i1 == ENTRIES - 1;
+    // The entries of word `w` inside the range.
+    let mask = |w: usize| {
+        let (lo, hi) = (i0.max(w * 64), i1.min(w * 64 + 63));
+        if lo > hi { 0 } else { (u64::MAX >> (63 - (hi - w * 64))) & (u64::MAX << (lo - w * 64)) }
+    };
+    let generation = bits.generation.load(Ordering::Relaxed);
+    if generation & FLIPPED != 0 {
+        // Flipped by this read, which then waited for every DMA that could
+        // still mark the old buffer: nothing else writes it now, so plain
+        // loads and stores take it. Bits outside the range move to the
+        // buffer DMA marks, which leaves the old one empty.
+        bits.generation.store(generation & 1, Ordering::Relaxed);
+        let (old, current) = (&bits.bufs[(generation & 1 ^ 1) as usize], &bits.bufs[(generation & 1) as usize]);
+        let mut summary = old.summary.load(Ordering::Relaxed);
+        old.summary.store(0, Ordering::Relaxed);
+        while summary != 0 {
+            let w = summary.trailing_zeros() as usize;
+            summary &= summary - 1;
+            let v = old.words[w].load(Ordering::Relaxed);
+            if v == 0 {
+                continue;
+            }
+            old.words[w].store(0, Ordering::Relaxed);
+            let inside = if whole { v } else { v & mask(w) };
+            let outside = v & !inside;
+            if outside != 0 {
+                current.words[w].fetch_or(outside, Ordering::AcqRel);
+                current.summary.fetch_or(1 << w, Ordering::AcqRel);
+            }
+            push_word(runs, table_start, page, w, inside);
+        }
+        return;
+    }
+    // Not flipped (a read that keeps the bits, or one inside a critical
+    // section): DMA may be marking either buffer, so each word is taken by
+    // a read-modify-write. Summaries are swapped before the words: a write
+    // that sets a bit after its word was read sets the summary again
+    // (`DirtyBits::mark`). A partial read leaves the summaries as they
+    // are; a set bit for a clean word only costs a later read one load.
+    let summary = bits.bufs.iter().fold(0, |acc, buf| {
+        acc | if whole && !keep { buf.summary.swap(0, Ordering::AcqRel) } else { buf.summary.load(Ordering::Acquire) }
+    });
     for w in i0 / 64..=i1 / 64 {
         if summary & (1 << w) == 0 {
             continue;
         }
-        let lo = i0.max(w * 64) - w * 64;
-        let hi = i1.min(w * 64 + 63) - w * 64;
-        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-        let word = &bits.words[w];
-        let mut v = word.load(Ordering::Acquire) & mask;
-        if v == 0 {
-            continue;
-        }
-        if !keep {
-            v = if mask == u64::MAX {
+        let mask = mask(w);
+        let mut v = 0;
+        for buf in &bits.bufs {
+            let word = &buf.words[w];
+            let seen = word.load(Ordering::Acquire) & mask;
+            v |= if seen == 0 || keep {
+                seen
+            } else if mask == u64::MAX {
                 word.swap(0, Ordering::AcqRel)
             } else {
                 word.fetch_and(!mask, Ordering::AcqRel) & mask
             };
         }
-        let base = table_start + (w as u64 * 64) * page;
-        while v != 0 {
-            let at = v.trailing_zeros();
-            let n = (v >> at).trailing_ones();
-            runs.push(base + u64::from(at) * page, u64::from(n) * page);
-            v &= !((u64::MAX >> (64 - n)) << at);
-        }
+        push_word(runs, table_start, page, w, v);
     }
 }
 
