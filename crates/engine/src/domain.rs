@@ -258,8 +258,30 @@ impl Domain {
     /// `record(start, size)`, and, unless `keep`, cleans them; the IOTLB
     /// forgets them so the next write marks them again.
     pub(crate) fn read_and_clear_dirty(&self, range: IovaRange, keep: bool, record: &mut dyn FnMut(u64, u64)) {
-        with_table!(&self.table, pt => pt.read_and_clear_dirty(range.start, range.last, keep, record));
+        self.read_and_clear_dirty_then(range, keep, record, &mut || {});
+    }
+
+    /// `read_and_clear_dirty`, with `after_flip` run where a DMA could land
+    /// between the table's switch of buffers and its wait (tests put one
+    /// there).
+    fn read_and_clear_dirty_then(
+        &self,
+        range: IovaRange,
+        keep: bool,
+        record: &mut dyn FnMut(u64, u64),
+        after_flip: &mut dyn FnMut(),
+    ) {
+        // An IOTLB entry remembers its leaf is dirty, so a write through it
+        // marks nothing: entries made before the table switched buffers must
+        // go before the write that would rely on them, or the write is lost.
+        let mut flipped = || {
+            self.iotlb.invalidate_all();
+            after_flip();
+        };
+        with_table!(&self.table, pt => pt.read_and_clear_dirty_then(range.start, range.last, keep, record, &mut flipped));
         if !keep {
+            // A read that could not switch buffers (inside a critical
+            // section) took the bits in place: drop what remembers them.
             self.iotlb.invalidate_all();
         }
     }
@@ -354,4 +376,35 @@ pub struct Translated {
     pub host: HostAddr,
     /// Whether that memory may be touched directly or only by a checked copy.
     pub trust: Trust,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::HostBuffer;
+
+    /// A write that lands after a clearing read switched the table's
+    /// buffers must be reported by the next read, even when an IOTLB entry
+    /// from before remembered the page as dirty already.
+    #[test]
+    fn a_write_right_after_the_dirty_buffers_switch_is_not_lost() {
+        let ram = HostBuffer::new(0x1000).unwrap();
+        let d = Domain::with_dirty(PageFormat::VtdSs4, IovaRange::ALL, true);
+        d.map(0x1000, ram.addr(), 0x1000, Perm::RW, Trust::Direct, false).unwrap();
+        d.set_dirty_tracking(true, &[]).unwrap();
+        let write = || {
+            let guard = crate::epoch::pin();
+            d.translate(0x1008, Perm::RW, &guard).unwrap();
+        };
+        // The IOTLB now holds the page, marked.
+        write();
+        let mut first = Vec::new();
+        d.read_and_clear_dirty_then(IovaRange::new(0x1000, 0x1fff), false, &mut |a, l| first.push((a, l)), &mut || {
+            write()
+        });
+        assert_eq!(first, [(0x1000, 0x1000)]);
+        let mut second = Vec::new();
+        d.read_and_clear_dirty(IovaRange::new(0x1000, 0x1fff), false, &mut |a, l| second.push((a, l)));
+        assert_eq!(second, [(0x1000, 0x1000)], "the write after the switch was lost");
+    }
 }

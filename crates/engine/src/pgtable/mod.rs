@@ -651,12 +651,28 @@ impl<F: Format> PageTable<F> {
     /// serialised with each other; the caller serialises them with map and
     /// unmap, as those are with each other.
     pub fn read_and_clear_dirty(&self, first: u64, last: u64, keep: bool, record: &mut dyn FnMut(u64, u64)) {
+        self.read_and_clear_dirty_then(first, last, keep, record, &mut || {});
+    }
+
+    /// `read_and_clear_dirty`, calling `flipped` once DMA marks the other
+    /// buffers and before waiting for the DMA in flight: where a cache of
+    /// translations that remember their leaf is already dirty (an IOTLB)
+    /// must be dropped, so no write after the flip goes unmarked.
+    pub fn read_and_clear_dirty_then(
+        &self,
+        first: u64,
+        last: u64,
+        keep: bool,
+        record: &mut dyn FnMut(u64, u64),
+        flipped: &mut dyn FnMut(),
+    ) {
         let last = last.min(Self::max_iova());
         if first > last {
             return;
         }
         let _reads = self.dirty_reads.lock();
         if !keep && !crate::epoch::pinned() && flip_level::<F>(&self.root, F::LEVELS - 1, first, last) {
+            flipped();
             crate::epoch::synchronize();
         }
         let mut runs = Runs { start: 0, len: 0, record };
