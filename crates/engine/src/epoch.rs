@@ -116,7 +116,30 @@ impl Slot {
     }
 }
 
-type Deferred = Box<dyn FnOnce() + Send>;
+/// Memory an owner takes back once the readers that could see it have
+/// left: what page tables retire on unmap, deferred without a box per item.
+pub(crate) trait Reclaim: Send + Sync {
+    /// Takes back what `token` names (its meaning is the owner's); runs once,
+    /// after the grace period.
+    fn reclaim(&self, token: [usize; 2]);
+}
+
+/// One item of deferred work.
+enum Deferred {
+    /// Any closure (`Guard::defer`).
+    Boxed(Box<dyn FnOnce() + Send>),
+    /// An owner's reclaim (`Guard::defer_reclaim`): no allocation.
+    Reclaim(std::sync::Arc<dyn Reclaim>, [usize; 2]),
+}
+
+impl Deferred {
+    fn run(self) {
+        match self {
+            Deferred::Boxed(f) => f(),
+            Deferred::Reclaim(owner, token) => owner.reclaim(token),
+        }
+    }
+}
 
 /// Deferred items past which a guard's drop starts a grace period itself
 /// rather than leave it to the next `synchronize` or `flush`.
@@ -131,6 +154,17 @@ struct Garbage {
     /// The current grace period: slots (by address) seen inside, with the
     /// number each was inside under.
     waiting_for: Vec<(usize, u64)>,
+    /// An empty buffer kept from the last run, so that deferring and
+    /// running allocate nothing once the queues have grown.
+    recycled: Vec<Deferred>,
+}
+
+impl Garbage {
+    /// What `Collector::pending` mirrors: `batch` in the high half,
+    /// `queued` in the low one.
+    fn pending(&self) -> u64 {
+        (self.batch.len() as u64) << 32 | self.queued.len() as u64
+    }
 }
 
 /// The readers of one reclamation domain, and what waits for them.
@@ -141,11 +175,19 @@ struct Collector {
     /// Readers rely on the writers' membarrier (else on their own fence).
     membarrier: bool,
     garbage: Mutex<Garbage>,
+    /// `Garbage::pending`, stored under the lock after every change, so a
+    /// grace period or a guard's drop with nothing to run needs no lock.
+    pending: AtomicU64,
 }
 
 impl Collector {
     fn new(membarrier: bool) -> Self {
-        Collector { head: AtomicPtr::new(std::ptr::null_mut()), membarrier, garbage: Mutex::new(Garbage::default()) }
+        Collector {
+            head: AtomicPtr::new(std::ptr::null_mut()),
+            membarrier,
+            garbage: Mutex::new(Garbage::default()),
+            pending: AtomicU64::new(0),
+        }
     }
 
     fn slots(&self) -> impl Iterator<Item = &Slot> {
@@ -247,40 +289,73 @@ impl Collector {
     /// ended, then runs everything deferred before it was called. `own` is
     /// the caller's slot (null for none); the caller is outside any section.
     fn synchronize(&self, own: *const Slot) {
+        // Nothing deferred (work this thread deferred is seen: its own
+        // store), and no reader to wait for: no lock, no barrier. Work
+        // another thread is deferring meanwhile is not ordered before this
+        // call, so it is left for the next grace period, as it would be
+        // had it come just after.
+        if self.pending.load(Ordering::Acquire) == 0 && !self.others_registered(own) {
+            return;
+        }
         let ready = {
             let mut g = lock(&self.garbage);
             g.waiting_for.clear();
-            let mut ready = std::mem::take(&mut g.batch);
+            let mut ready = std::mem::take(&mut g.recycled);
+            ready.append(&mut g.batch);
             ready.append(&mut g.queued);
+            self.pending.store(0, Ordering::Release);
             ready
         };
-        if !self.others_registered(own) {
-            ready.into_iter().for_each(|f| f());
-            return;
-        }
-        self.barrier();
-        for (addr, seq) in self.inside() {
-            let mut spins = 0u32;
-            while !Self::left(addr, seq) {
-                spins += 1;
-                if spins > 64 {
-                    pause();
-                } else {
-                    std::hint::spin_loop();
+        if self.others_registered(own) {
+            self.barrier();
+            for (addr, seq) in self.inside() {
+                let mut spins = 0u32;
+                while !Self::left(addr, seq) {
+                    spins += 1;
+                    if spins > 64 {
+                        pause();
+                    } else {
+                        std::hint::spin_loop();
+                    }
                 }
             }
         }
-        ready.into_iter().for_each(|f| f());
+        self.run(ready);
+    }
+
+    /// Runs `ready` (deferred work past its grace period) outside the lock,
+    /// and keeps its buffer for the next run.
+    fn run(&self, mut ready: Vec<Deferred>) {
+        if ready.capacity() == 0 {
+            return;
+        }
+        ready.drain(..).for_each(Deferred::run);
+        let mut g = lock(&self.garbage);
+        if g.recycled.capacity() < ready.capacity() {
+            g.recycled = ready;
+        }
     }
 
     fn defer(&self, f: Deferred) {
-        lock(&self.garbage).queued.push(f);
+        let mut g = lock(&self.garbage);
+        if g.queued.capacity() == 0 {
+            g.queued = std::mem::take(&mut g.recycled);
+        }
+        g.queued.push(f);
+        self.pending.store(g.pending(), Ordering::Release);
     }
 
     /// Runs deferred work whose grace period is over, and starts one (a
     /// barrier) for work deferred since if `start` or if that work piles up;
     /// never waits for a reader.
     fn try_collect(&self, start: bool) {
+        if !start {
+            let pending = self.pending.load(Ordering::Acquire);
+            // Nothing waits for readers, and too little is queued to start.
+            if pending >> 32 == 0 && (pending as u32 as usize) < BACKLOG {
+                return;
+            }
+        }
         let mut ready = Vec::new();
         {
             let mut g = lock(&self.garbage);
@@ -298,8 +373,9 @@ impl Collector {
                     ready.append(&mut g.batch);
                 }
             }
+            self.pending.store(g.pending(), Ordering::Release);
         }
-        ready.into_iter().for_each(|f| f());
+        self.run(ready);
     }
 }
 
@@ -317,7 +393,7 @@ impl Drop for Collector {
             left.append(&mut g.queued);
             left
         };
-        left.drain(..).for_each(|f| f());
+        left.drain(..).for_each(Deferred::run);
     }
 }
 
@@ -450,7 +526,13 @@ impl Guard {
     /// Runs `f` once every reader that could see what this thread unlinked
     /// before the call has left its critical section.
     pub fn defer(&self, f: impl FnOnce() + Send + 'static) {
-        global().defer(Box::new(f));
+        global().defer(Deferred::Boxed(Box::new(f)));
+        LOCAL.with(|l| l.deferred.set(true));
+    }
+
+    /// `defer` of `owner.reclaim(token)`, without allocating for it.
+    pub(crate) fn defer_reclaim(&self, owner: std::sync::Arc<dyn Reclaim>, token: [usize; 2]) {
+        global().defer(Deferred::Reclaim(owner, token));
         LOCAL.with(|l| l.deferred.set(true));
     }
 
@@ -519,8 +601,9 @@ pub fn synchronize_external() {
     }
 }
 
+/// No readers outside the process in the model.
 #[cfg(loom)]
-fn synchronize_external() {}
+pub fn synchronize_external() {}
 
 /// A shared value readers follow inside a pinned section without touching
 /// its reference count, and writers replace, waiting for those readers
@@ -778,7 +861,7 @@ mod loom_tests {
             current.store(1, Ordering::Release);
             if defer {
                 let cells = cells.clone();
-                c.defer(Box::new(move || cells[0].store(0, Ordering::Relaxed)));
+                c.defer(Deferred::Boxed(Box::new(move || cells[0].store(0, Ordering::Relaxed))));
                 c.try_collect(true);
                 c.try_collect(true);
             } else {
@@ -820,5 +903,31 @@ mod loom_tests {
     #[test]
     fn deferred_work_waits_for_readers_inside() {
         model(true);
+    }
+
+    /// Work another thread deferred, run by this thread's grace period
+    /// (whose lock-free start may see nothing pending, or the work), still
+    /// waits for the readers that could see what it frees.
+    #[test]
+    fn work_deferred_by_another_thread_waits_for_readers() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let c = Arc::new(Collector::new(false));
+            let cells: Cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+            let current = Arc::new(AtomicUsize::new(0));
+            let reader = reader(&c, &cells, &current, false);
+            let unlinker = {
+                let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
+                loom::thread::spawn(move || {
+                    current.store(1, Ordering::Release);
+                    c.defer(Deferred::Boxed(Box::new(move || cells[0].store(0, Ordering::Relaxed))));
+                })
+            };
+            c.synchronize(std::ptr::null());
+            unlinker.join().unwrap();
+            c.synchronize(std::ptr::null());
+            reader.join().unwrap();
+        });
     }
 }

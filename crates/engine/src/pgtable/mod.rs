@@ -34,7 +34,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::epoch::Guard;
+use crate::epoch::{Guard, Reclaim};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
@@ -848,11 +848,11 @@ impl<F: Format> Spares<F> {
     /// Hands a subtree unlinked under `guard` to the spares once the
     /// epoch's readers have left.
     fn retire(self: &Arc<Self>, r: Retired, guard: &Guard) {
-        let spares = self.clone();
         // The subtree is unlinked, so no new reader can reach it; readers
-        // already inside hold guards, and the epoch runs this only after
+        // already inside hold guards, and the epoch reclaims it only after
         // them. Until then nothing else owns it.
-        guard.defer(move || spares.keep(r));
+        let token = [r.table, (r.level as usize) << 1 | usize::from(r.clean)];
+        guard.defer_reclaim(self.clone(), token);
     }
 
     /// Keeps a subtree no reader can see, or frees it past the budget.
@@ -897,6 +897,12 @@ impl<F: Format> Spares<F> {
         }
         t.dirty().reset();
         r.table as u64
+    }
+}
+
+impl<F: Format> Reclaim for Spares<F> {
+    fn reclaim(&self, [table, meta]: [usize; 2]) {
+        self.keep(Retired { table, level: (meta >> 1) as u32, clean: meta & 1 != 0 });
     }
 }
 
