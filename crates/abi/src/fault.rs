@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use ioasid_engine::fault::Response;
 use ioasid_engine::{Context, FaultQueue};
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use crate::errno::Errno;
 use crate::uapi::{IOMMUFD_PAGE_RESP_INVALID, IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
@@ -46,6 +46,8 @@ impl Drop for FaultFile {
 /// Bytes in one fault record, and in one page response.
 pub const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
 pub const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
+/// Responses a write reads from the caller's memory at once.
+const BATCH: usize = 64;
 
 impl FaultFile {
     /// `read(2)` of `count` bytes into `buf` at file position `offset`.
@@ -53,9 +55,11 @@ impl FaultFile {
         if offset != 0 || count % RECORD != 0 {
             return Err(Errno::ESPIPE);
         }
-        let groups = self.queue.read(count / RECORD)?;
-        let mut out = Vec::with_capacity(groups.iter().map(|(_, g)| g.requests.len() * RECORD).sum());
-        for (cookie, group) in &groups {
+        // The groups are lent, not copied: only their records are built,
+        // and the lock goes before the caller's memory is touched.
+        let lent = self.queue.lend(count / RECORD)?;
+        let mut out = Vec::with_capacity(lent.iter().map(|(_, g)| g.requests.len() * RECORD).sum());
+        for (cookie, group) in lent.iter() {
             for r in &group.requests {
                 let rec = iommu_hwpt_pgfault {
                     flags: r.flags,
@@ -66,13 +70,19 @@ impl FaultFile {
                     __reserved: 0,
                     addr: r.addr,
                     length: 0,
-                    cookie: *cookie,
+                    cookie,
                 };
                 out.extend_from_slice(rec.as_bytes());
             }
         }
+        drop(lent);
         if let Err(e) = mem.write(buf, &out) {
-            let cookies: Vec<u32> = groups.iter().map(|g| g.0).collect();
+            // The records name their groups' cookies, in order.
+            let mut cookies: Vec<u32> = out
+                .chunks_exact(RECORD)
+                .map(|rec| iommu_hwpt_pgfault::read_from_bytes(rec).expect("whole records").cookie)
+                .collect();
+            cookies.dedup();
             self.queue.unread(&cookies);
             return Err(e);
         }
@@ -88,25 +98,43 @@ impl FaultFile {
         }
         let mut done = 0;
         let mut err = None;
-        while done < count {
-            let mut r = iommu_hwpt_page_response::default();
-            if let Err(e) = mem.read(buf.wrapping_add(done as u64), r.as_mut_bytes()) {
-                err = Some(e);
-                break;
-            }
-            let response = match r.code {
-                IOMMUFD_PAGE_RESP_SUCCESS => Response::Success,
-                IOMMUFD_PAGE_RESP_INVALID => Response::Invalid,
-                _ => {
-                    err = Some(Errno::EINVAL);
-                    break;
+        // Responses are read a batch at a time and answered under one hold
+        // of the queue's lock; a batch the caller's memory cannot give whole
+        // is read one response at a time, to stop exactly where it fails.
+        let mut batch = [iommu_hwpt_page_response::default(); BATCH];
+        while done < count && err.is_none() {
+            let n = ((count - done) / RESPONSE).min(BATCH);
+            let at = buf.wrapping_add(done as u64);
+            let got = match mem.read(at, batch[..n].as_mut_bytes()) {
+                Ok(()) => n,
+                Err(_) => {
+                    let mut got = 0;
+                    while got < n {
+                        if let Err(e) = mem.read(at.wrapping_add((got * RESPONSE) as u64), batch[got].as_mut_bytes()) {
+                            err = Some(e);
+                            break;
+                        }
+                        got += 1;
+                    }
+                    got
                 }
             };
-            if let Err(e) = self.queue.respond(r.cookie, response) {
-                err = Some(e.into());
-                break;
+            let mut responses = self.queue.responses();
+            for r in &batch[..got] {
+                let response = match r.code {
+                    IOMMUFD_PAGE_RESP_SUCCESS => Response::Success,
+                    IOMMUFD_PAGE_RESP_INVALID => Response::Invalid,
+                    _ => {
+                        err = Some(Errno::EINVAL);
+                        break;
+                    }
+                };
+                if let Err(e) = responses.respond(r.cookie, response) {
+                    err = Some(e.into());
+                    break;
+                }
+                done += RESPONSE;
             }
-            done += RESPONSE;
         }
         match (done, err) {
             (0, Some(e)) => Err(e),

@@ -285,3 +285,39 @@ fn fault_records_carry_exec_and_priv() {
     unsafe { libc::close(fd) };
     assert!(dma.join().unwrap().is_err());
 }
+
+/// A read whose copy out faults puts every group it took back, in order;
+/// a long write answers across the batches it reads and stops at its first
+/// bad response, reporting what it took before it.
+#[test]
+fn a_failed_read_puts_its_groups_back_and_a_long_write_stops_at_its_first_bad_response() {
+    const RECORD: usize = size_of::<iommu_hwpt_pgfault>();
+    const RESPONSE: usize = size_of::<iommu_hwpt_page_response>();
+    const N: usize = 150;
+    let (ctx, dev, _, fault) = attached_to_queue();
+    for grpid in 0..N as u32 {
+        let mut t = iommu_test_cmd { size: 72, op: IOMMU_TEST_OP_TRIGGER_IOPF, ..Default::default() };
+        t.union.as_mut_bytes()[..24].copy_from_slice([dev, 1, grpid, 3, 0, 0].as_bytes());
+        call(&ctx, IOMMU_TEST_CMD, &mut t).unwrap();
+    }
+    let (end, _map) = at_end_of_mapping(RECORD);
+    assert_eq!(fault.read(&InProcess, end, 2 * RECORD, 0), Err(Errno::EFAULT));
+    let mut recs = vec![iommu_hwpt_pgfault::default(); N];
+    assert_eq!(fault.read(&InProcess, recs.as_mut_ptr() as u64, N * RECORD, 0), Ok(N * RECORD));
+    let seen: Vec<(u32, u32)> = recs.iter().map(|r| (r.grpid, r.cookie)).collect();
+    let want: Vec<(u32, u32)> = (0..N as u32).map(|g| (g, g + 1)).collect();
+    assert_eq!(seen, want, "every group back, in order, with the lowest cookies");
+
+    let bad = 100;
+    let mut responses: Vec<iommu_hwpt_page_response> =
+        recs.iter().map(|r| iommu_hwpt_page_response { cookie: r.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS }).collect();
+    responses[bad].code = 7;
+    let base = responses.as_ptr() as u64;
+    let at = |i: usize| base + (i * RESPONSE) as u64;
+    assert_eq!(fault.write(&InProcess, at(0), N * RESPONSE, 0), Ok(bad * RESPONSE));
+    assert_eq!(fault.write(&InProcess, at(bad), (N - bad) * RESPONSE, 0), Err(Errno::EINVAL));
+    assert_eq!(fault.write(&InProcess, at(bad + 1), (N - bad - 1) * RESPONSE, 0), Ok((N - bad - 1) * RESPONSE));
+    assert_eq!(fault.write(&InProcess, at(0), RESPONSE, 0), Err(Errno::EINVAL), "answered already");
+    responses[bad].code = IOMMUFD_PAGE_RESP_INVALID;
+    assert_eq!(fault.write(&InProcess, at(bad), RESPONSE, 0), Ok(RESPONSE));
+}

@@ -663,10 +663,16 @@ fn answer_everything(
     let handler = {
         let (queue, stop) = (queue.clone(), stop.clone());
         std::thread::spawn(move || {
+            // As the fault fd's handler does: read lends what waits, and
+            // the answers go under one hold of the lock.
+            let mut cookies = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                if queue.next(Duration::from_millis(10)).map(|(c, _)| queue.respond(c, Response::Success)).is_some() {
-                    for (cookie, _) in queue.read(usize::MAX).unwrap_or_default() {
-                        queue.respond(cookie, Response::Success).unwrap();
+                if queue.wait_for_requests(Duration::from_millis(10)) {
+                    cookies.clear();
+                    cookies.extend(queue.lend(usize::MAX).unwrap().iter().map(|(c, _)| c));
+                    let mut responses = queue.responses();
+                    for &cookie in &cookies {
+                        responses.respond(cookie, Response::Success).unwrap();
                     }
                 }
             }

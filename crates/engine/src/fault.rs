@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 /// The longest a waiter spins before it sleeps: a handler that answers at
 /// once is heard in microseconds instead of two thread wake-ups.
@@ -243,6 +243,12 @@ struct Pending {
     /// Groups answered without their owner (detach, close): nothing is
     /// lost silently.
     auto_answered: u64,
+    /// The cookies of the groups the last read took, in order: what a
+    /// [`Lent`] lends. Kept, so a read builds no list of its own.
+    lent: Vec<u32>,
+    /// Groups on their way from the unread ones to their slots, kept so
+    /// moving them allocates nothing once it has grown to a batch.
+    moving: Vec<Group>,
 }
 
 impl Pending {
@@ -376,6 +382,17 @@ impl FaultQueue {
         }
     }
 
+    /// Blocks up to `timeout` until a group waits to be read; whether one
+    /// does (for handlers in the same program that read with
+    /// [`FaultQueue::lend`]).
+    pub fn wait_for_requests(&self, timeout: Duration) -> bool {
+        if spin_until(&REQUEST_SPIN, || self.unread.load(Ordering::Acquire) > 0) {
+            return true;
+        }
+        let mut d = self.deliver.lock();
+        !self.arrived.wait_while_for(&mut d, |d| d.groups.is_empty(), timeout).timed_out()
+    }
+
     /// Blocks up to `timeout` for a group and reads it (for handlers that
     /// live in the same program, without a file descriptor).
     pub fn next(&self, timeout: Duration) -> Option<(u32, Group)> {
@@ -390,12 +407,9 @@ impl FaultQueue {
                 }
             }
             // Exactly one group, whatever its size.
-            let mut p = self.pending.lock();
-            let (got, left) = self.take(&mut p, usize::MAX, 1).ok()?;
-            drop(p);
-            self.taken(left, !got.is_empty());
-            if let Some(got) = got.into_iter().next() {
-                return Some(got);
+            let lent = self.lend_groups(usize::MAX, 1).ok()?;
+            if let Some((cookie, g)) = lent.iter().next() {
+                return Some((cookie, g.clone()));
             }
             // Another reader took it first.
         }
@@ -403,20 +417,36 @@ impl FaultQueue {
 
     /// Takes whole groups, in order, while their requests fit in `max`
     /// records, giving each a cookie. `EINVAL` when not even the first fits.
+    /// The groups stay pending under their cookies, so each is a copy:
+    /// [`FaultQueue::lend`] reads without one.
     pub fn read(&self, max: usize) -> Result<Vec<(u32, Group)>> {
+        let lent = self.lend(max)?;
+        Ok(lent.iter().map(|(cookie, g)| (cookie, g.clone())).collect())
+    }
+
+    /// Reads as [`FaultQueue::read`] does, but lends the groups instead of
+    /// copying them: they are seen where they wait for their response,
+    /// under the queue's lock (as Linux reads under its fault mutex), until
+    /// the [`Lent`] is dropped. Answering, or reading again, before then
+    /// waits on that lock forever.
+    pub fn lend(&self, max: usize) -> Result<Lent<'_>> {
+        self.lend_groups(max, usize::MAX)
+    }
+
+    fn lend_groups(&self, max: usize, groups: usize) -> Result<Lent<'_>> {
         let mut p = self.pending.lock();
-        let (out, left) = self.take(&mut p, max, usize::MAX)?;
-        drop(p);
-        self.taken(left, !out.is_empty());
-        Ok(out)
+        let left = self.take(&mut p, max, groups)?;
+        let tell = left == 0 && !p.lent.is_empty();
+        Ok(Lent { queue: self, pending: Some(p), tell })
     }
 
     /// Takes up to `groups` whole groups, in order, while their requests
-    /// fit in `max` records, and gives each a cookie in `p`; returns them
-    /// and how many are left unread. `EINVAL` when not even the first fits.
-    /// The groups leave `deliver` in one short hold of its lock; cookies
-    /// are given after it, under `pending` alone.
-    fn take(&self, p: &mut Pending, max: usize, groups: usize) -> Result<(Vec<(u32, Group)>, usize)> {
+    /// fit in `max` records, and gives each a cookie in `p`, listing them in
+    /// `p.lent`; returns how many are left unread. `EINVAL` when not even
+    /// the first fits. The groups leave `deliver` in one short hold of its
+    /// lock; cookies are given after it, under `pending` alone.
+    fn take(&self, p: &mut Pending, max: usize, groups: usize) -> Result<usize> {
+        p.lent.clear();
         let mut d = self.deliver.lock();
         let (mut n, mut used) = (0, 0);
         for g in d.groups.iter().take(groups) {
@@ -429,23 +459,17 @@ impl FaultQueue {
         if n == 0 && !d.groups.is_empty() && groups > 0 {
             return Err(Error::Invalid("buffer too small for the next fault group"));
         }
-        let mut out = Vec::with_capacity(n);
-        out.extend(d.groups.drain(..n).map(|g| (0, g)));
+        let mut moving = std::mem::take(&mut p.moving);
+        moving.extend(d.groups.drain(..n));
         let left = d.groups.len();
         self.unread.store(left, Ordering::Release);
         drop(d);
-        for (cookie, g) in &mut out {
-            *cookie = p.pend(g.clone());
+        for g in moving.drain(..) {
+            let cookie = p.pend(g);
+            p.lent.push(cookie);
         }
-        Ok((out, left))
-    }
-
-    /// After groups were taken (`any`), `left` still unread: tells the
-    /// notifier when nothing is.
-    fn taken(&self, left: usize, any: bool) {
-        if left == 0 && any {
-            self.notify();
-        }
+        p.moving = moving;
+        Ok(left)
     }
 
     /// Puts groups whose delivery failed back at the head of the queue.
@@ -467,9 +491,15 @@ impl FaultQueue {
 
     /// Answers the group read with `cookie`; the device waiting on it goes on.
     pub fn respond(&self, cookie: u32, response: Response) -> Result<Group> {
-        let g = self.pending.lock().unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
-        g.answer(response);
-        Ok(g)
+        self.responses().respond(cookie, response)
+    }
+
+    /// Answers many groups under one hold of the queue's lock (as Linux
+    /// answers a write's responses under its fault mutex). Reading, or
+    /// answering through the queue, before it is dropped waits on that lock
+    /// forever.
+    pub fn responses(&self) -> Responses<'_> {
+        Responses { pending: self.pending.lock() }
     }
 
     /// Answers `Invalid` every group, read or not, that device `dev` made
@@ -522,6 +552,80 @@ impl FaultQueue {
     pub fn counts(&self) -> (usize, usize) {
         let p = self.pending.lock();
         (self.deliver.lock().groups.len(), p.len())
+    }
+}
+
+/// Groups just read, lent where they wait for their response (see
+/// [`FaultQueue::lend`]); the queue's lock is held until it is dropped.
+pub struct Lent<'a> {
+    queue: &'a FaultQueue,
+    /// Always `Some` until dropped: the lock goes before the notifier is
+    /// told, as everywhere else.
+    pending: Option<MutexGuard<'a, Pending>>,
+    /// Whether readiness changed, to tell once the lock is gone.
+    tell: bool,
+}
+
+impl Lent<'_> {
+    fn pending(&self) -> &Pending {
+        self.pending.as_ref().expect("held until dropped")
+    }
+
+    /// The groups read, in order, each with its cookie.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Group)> {
+        let p = self.pending();
+        p.lent.iter().map(|&c| (c, p.slots[c as usize - 1].as_ref().expect("a lent group stays pending")))
+    }
+
+    /// How many groups were read.
+    pub fn len(&self) -> usize {
+        self.pending().lent.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Puts the groups back at the head of the queue, unread (their
+    /// delivery failed), as [`FaultQueue::unread`] does with their cookies.
+    pub fn unread(mut self) {
+        let p = self.pending.as_mut().expect("held until dropped");
+        let mut d = self.queue.deliver.lock();
+        let lent = std::mem::take(&mut p.lent);
+        for &c in lent.iter().rev() {
+            if let Some(g) = p.unpend(c) {
+                d.groups.push_front(g);
+            }
+        }
+        p.lent = lent;
+        p.lent.clear();
+        self.tell = !d.groups.is_empty();
+        self.queue.unread.store(d.groups.len(), Ordering::Release);
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        drop(self.pending.take());
+        if self.tell {
+            self.queue.notify();
+        }
+    }
+}
+
+/// Responses given under one hold of a queue's lock (see
+/// [`FaultQueue::responses`]).
+pub struct Responses<'a> {
+    pending: MutexGuard<'a, Pending>,
+}
+
+impl Responses<'_> {
+    /// Answers the group read with `cookie`; the device waiting on it goes on.
+    pub fn respond(&mut self, cookie: u32, response: Response) -> Result<Group> {
+        let g = self.pending.unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
+        g.answer(response);
+        Ok(g)
     }
 }
 
@@ -622,8 +726,8 @@ mod wait_tests {
         q.set_notifier(Box::new(move |r| *l.lock() = r));
         q.report(Group::new(vec![request(1)]));
         let mut p = q.pending.lock();
-        let (got, left) = q.take(&mut p, 8, usize::MAX).unwrap();
-        assert_eq!((got.len(), left), (1, 0));
+        let left = q.take(&mut p, 8, usize::MAX).unwrap();
+        assert_eq!((p.lent.len(), left), (1, 0));
         drop(p);
         q.report(Group::new(vec![request(2)]));
         // The reader's late word, which used to be "nothing waits".
@@ -730,6 +834,45 @@ mod cookie_and_spin_tests {
         stop.store(true, Ordering::Relaxed);
         handler.join().unwrap();
         assert_eq!(q.lost(), (300 * 32, 0));
+    }
+
+    /// A lent read shows the groups where they wait for their response:
+    /// they are answered by the cookies it gave, or put back unread, in
+    /// order, readable again (and told so).
+    #[test]
+    fn lent_groups_stay_pending_and_go_back_whole() {
+        let q = FaultQueue::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        q.set_notifier(Box::new(move |r| s.lock().push(r)));
+        let mut waiters = Vec::new();
+        for dev_id in 1..=3 {
+            let (g, w) = Group::awaited(vec![PageRequest { dev_id, ..group().requests[0].clone() }]);
+            q.report(g);
+            waiters.push(w);
+        }
+        assert!(q.wait_for_requests(Duration::ZERO));
+        let lent = q.lend(2).unwrap();
+        let got: Vec<(u32, u32)> = lent.iter().map(|(c, g)| (c, g.requests[0].dev_id)).collect();
+        assert_eq!((got, lent.len()), (vec![(1, 1), (2, 2)], 2));
+        lent.unread();
+        assert_eq!(q.counts(), (3, 0));
+        let lent = q.lend(8).unwrap();
+        let got: Vec<(u32, u32)> = lent.iter().map(|(c, g)| (c, g.requests[0].dev_id)).collect();
+        assert_eq!(got, [(1, 1), (2, 2), (3, 3)], "put back at the head, in order");
+        drop(lent);
+        assert_eq!(q.counts(), (0, 3));
+        assert!(!q.wait_for_requests(Duration::ZERO));
+        assert_eq!(*seen.lock(), [true, true, false], "ready, ready again once put back, empty");
+        let mut r = q.responses();
+        assert_eq!(r.respond(2, Response::Invalid).unwrap().requests[0].dev_id, 2);
+        r.respond(1, Response::Success).unwrap();
+        assert!(r.respond(2, Response::Success).is_err(), "answered already");
+        drop(r);
+        let answers: Vec<_> = waiters.iter().map(|w| w.answered()).collect();
+        assert_eq!(answers, [Some(Response::Success), Some(Response::Invalid), None]);
+        assert!(q.lend(8).unwrap().is_empty());
+        assert_eq!(q.counts(), (0, 1));
     }
 
     #[test]
