@@ -297,8 +297,14 @@ impl Device {
     /// vm-memory port's, a back end's table in another process): it changes
     /// whenever a translation there may have.
     pub fn generation_at(&self, pasid: Option<u32>) -> (usize, u64) {
-        let guard = epoch::pin();
-        self.with_serving(pasid, &guard, |h| h.map_or((0, 0), Hwpt::generation))
+        self.generation_in(pasid, &epoch::pin())
+    }
+
+    /// `generation_at` inside a section the caller already holds, so what
+    /// it checks against the generation is read in the same section.
+    #[inline]
+    pub(crate) fn generation_in(&self, pasid: Option<u32>, guard: &epoch::Guard) -> (usize, u64) {
+        self.with_serving(pasid, guard, |h| h.map_or((0, 0), Hwpt::generation))
     }
 
     /// Runs `f` on the table serving `pasid`, read under `guard` (no

@@ -6,8 +6,16 @@
 //! vm-memory's IOMMU yields guest-physical addresses in the backend memory,
 //! while ioasid's tables hold host addresses, so the port carries the guest
 //! memory layout to convert back. Translations are cached in vm-memory's own
-//! `Iotlb`, dropped whole when the device's table changes: a replace, an
-//! unmap, or an invalidation of either nested stage.
+//! `Iotlb`, tagged with the device's table and its generation, so it stops
+//! being used as soon as the table changes: a replace, an unmap, or an
+//! invalidation of either nested stage.
+//!
+//! Readers take no lock: the cache is published through
+//! [`Rcu`](crate::epoch::Rcu) and looked up inside an epoch section, the
+//! same section the generation is read in, which an unmap waits for before
+//! it returns. A miss resolves the range, builds a new `Iotlb` from the
+//! port's recent mappings plus the new one, and publishes it (waiting for
+//! the readers of the old one: misses are rare).
 //!
 //! A miss resolves through the device's [`DmaPort`](crate::device::DmaPort),
 //! the path of every DMA: a fault is counted, becomes a page request on a
@@ -38,19 +46,48 @@
 //! ```
 
 use std::fmt;
+use std::ops::Deref;
+use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::Mutex;
 
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
 
 use crate::device::{Device, DmaError};
+use crate::epoch::{self, Rcu};
 use crate::fault::DmaAttrs;
 use crate::pgtable::Perm;
 
 const PAGE: u64 = 4096;
+
+/// Mappings past which a fill starts its cache over, so that rebuilding it
+/// on a miss stays cheap.
+const MAX_MAPPINGS: usize = 64;
+
+/// Fills a translation tries while the table keeps changing under it.
+const FILL_TRIES: usize = 8;
+
+/// The device's table identity and generation, as `Device::generation_in`
+/// gives them.
+type Tag = (usize, u64);
+
+/// (IOVA, guest-physical address, length, access) of one cached range.
+type Mapping = (u64, u64, usize, Permissions);
+
+/// A published cache: valid only while the device's table still has `tag`,
+/// since every range in it was resolved after reading `tag`.
+struct Cached {
+    tag: Tag,
+    iotlb: Iotlb,
+}
+
+/// What a fill builds the next cache from.
+struct Recent {
+    tag: Tag,
+    mappings: Vec<Mapping>,
+}
 
 /// One device's IOMMU, as vm-memory sees it.
 pub struct IommuPort {
@@ -58,12 +95,45 @@ pub struct IommuPort {
     pasid: Option<u32>,
     /// (host address, guest-physical address, length) of each RAM region.
     layout: Vec<(u64, u64, u64)>,
-    iotlb: RwLock<Iotlb>,
-    /// The table identity and generation the cache was filled under.
-    table: AtomicUsize,
-    generation: AtomicU64,
+    cache: Rcu<Cached>,
+    recent: Mutex<Recent>,
     /// The last fault, for the device model to inspect.
     fault: Mutex<Option<DmaError>>,
+}
+
+/// The `Iotlb` a translation was served from, kept alive for as long as
+/// vm-memory iterates over it: an epoch section on the lock-free path, a
+/// counted reference where the cache could not be published.
+pub struct IotlbRef<'a> {
+    inner: Held<'a>,
+}
+
+enum Held<'a> {
+    /// Published: the section keeps it from being freed.
+    Pinned { _guard: epoch::Guard, iotlb: NonNull<Iotlb>, _port: std::marker::PhantomData<&'a IommuPort> },
+    /// Built by a fill inside the caller's own section, not published.
+    Counted(Arc<Cached>),
+}
+
+impl Deref for IotlbRef<'_> {
+    type Target = Iotlb;
+
+    #[inline]
+    fn deref(&self) -> &Iotlb {
+        match &self.inner {
+            // SAFETY: loaded from the port's `Rcu` inside `_guard`'s section,
+            // which lasts as long as `self`; a replace waits for it before
+            // the old cache can be dropped, and the port outlives `'a`.
+            Held::Pinned { iotlb, .. } => unsafe { iotlb.as_ref() },
+            Held::Counted(c) => &c.iotlb,
+        }
+    }
+}
+
+impl fmt::Debug for IotlbRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IotlbRef")
+    }
 }
 
 impl fmt::Debug for IommuPort {
@@ -80,9 +150,8 @@ impl IommuPort {
             device,
             pasid,
             layout,
-            iotlb: RwLock::new(Iotlb::new()),
-            table: AtomicUsize::new(0),
-            generation: AtomicU64::new(0),
+            cache: Rcu::new(None),
+            recent: Mutex::new(Recent { tag: (0, 0), mappings: Vec::new() }),
             fault: Mutex::new(None),
         }
     }
@@ -103,39 +172,65 @@ impl IommuPort {
         self.layout.iter().find(|(h, _, len)| host >= *h && host < h + len).map(|(h, gpa, _)| gpa + (host - h))
     }
 
-    /// Drops the cache when the device's table changed since it was filled.
-    fn refresh(&self) {
-        let (table, generation) = self.device.generation_at(self.pasid);
-        if self.table.load(Ordering::Acquire) != table || self.generation.load(Ordering::Acquire) != generation {
-            self.iotlb.write().invalidate_all();
-            self.table.store(table, Ordering::Release);
-            self.generation.store(generation, Ordering::Release);
-        }
+    /// Looks the range up in the published cache, if it was filled under
+    /// the table the device has now; the generation and the cache are read
+    /// in the section the returned guard keeps.
+    #[inline]
+    fn lookup(&self, iova: GuestAddress, length: usize, access: Permissions) -> Option<IotlbIterator<IotlbRef<'_>>> {
+        let guard = epoch::pin();
+        let tag = self.device.generation_in(self.pasid, &guard);
+        let cached = self.cache.load(&guard).filter(|c| c.tag == tag)?;
+        let iotlb = NonNull::from(&cached.iotlb);
+        let held = IotlbRef { inner: Held::Pinned { _guard: guard, iotlb, _port: std::marker::PhantomData } };
+        Iotlb::lookup(held, iova, length, access).ok()
     }
 
-    /// Resolves every page of the range into the cache through the
-    /// device's DMA port, so a fault here is what a fault of the device's
-    /// own DMA is: counted, a page request on a PRI device (waited for),
-    /// a vEVENTQ record where a vIOMMU listens. The typed fault is kept for
-    /// [`IommuPort::take_fault`].
-    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<(), String> {
+    /// Resolves every page of the range through the device's DMA port, so a
+    /// fault here is what a fault of the device's own DMA is: counted, a
+    /// page request on a PRI device (waited for), a vEVENTQ record where a
+    /// vIOMMU listens. The typed fault is kept for [`IommuPort::take_fault`].
+    /// Returns the cache to serve the range from: published, unless the
+    /// caller is inside a section (publishing waits for every section).
+    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<Option<Arc<Cached>>, String> {
         let need = Perm { read: access.allow(Permissions::Read), write: access.allow(Permissions::Write) };
         let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
         let first = iova & !(PAGE - 1);
         let len = end.div_ceil(PAGE) * PAGE - first;
         let len = usize::try_from(len).map_err(|_| "IOVA range too long")?;
+        // Read before resolving: an unmap that races the walk bumps it
+        // after clearing, so what is cached under it is never stale for
+        // a reader that sees it.
+        let tag = self.device.generation_at(self.pasid);
         let port = self.device.port(self.pasid);
+        let mut resolved = Vec::new();
         let filled = port.access(need, DmaAttrs::default(), first, len, true, |t, r| {
             let gpa = self.gpa_of(t.host.0).ok_or(crate::Error::Fault("the page is outside guest memory"))?;
-            let at = GuestAddress(first + r.start as u64);
-            let mut iotlb = self.iotlb.write();
-            iotlb.set_mapping(at, GuestAddress(gpa), r.len(), access).map_err(|_| crate::Error::Invalid("IOTLB"))
+            resolved.push((first + r.start as u64, gpa, r.len(), access));
+            Ok(())
         });
         filled.map_err(|stall| {
             let fault = stall.into_error();
             *self.fault.lock() = Some(fault);
             fault.to_string()
-        })
+        })?;
+        let cached = {
+            let mut recent = self.recent.lock();
+            if recent.tag != tag || recent.mappings.len() + resolved.len() > MAX_MAPPINGS {
+                recent.tag = tag;
+                recent.mappings.clear();
+            }
+            recent.mappings.extend(resolved);
+            let mut iotlb = Iotlb::new();
+            for &(at, gpa, len, access) in &recent.mappings {
+                iotlb.set_mapping(GuestAddress(at), GuestAddress(gpa), len, access).map_err(|_| "IOTLB")?;
+            }
+            Arc::new(Cached { tag, iotlb })
+        };
+        if epoch::pinned() {
+            return Ok(Some(cached));
+        }
+        drop(self.cache.replace(Some(cached)));
+        Ok(None)
     }
 
     /// The fault that made the last translation fail, typed (vm-memory's
@@ -146,7 +241,7 @@ impl IommuPort {
 }
 
 impl Iommu for IommuPort {
-    type IotlbGuard<'a> = RwLockReadGuard<'a, Iotlb>;
+    type IotlbGuard<'a> = IotlbRef<'a>;
 
     fn translate(
         &self,
@@ -154,15 +249,25 @@ impl Iommu for IommuPort {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
-        self.refresh();
-        if let Ok(hit) = Iotlb::lookup(self.iotlb.read(), iova, length, access) {
-            return Ok(hit);
+        let range = || IovaRange { base: iova, length };
+        for _ in 0..FILL_TRIES {
+            if let Some(hit) = self.lookup(iova, length, access) {
+                return Ok(hit);
+            }
+            let filled = self.fill(iova.0, length, access);
+            match filled.map_err(|reason| Error::CannotResolve { iova_range: range(), reason })? {
+                // Resolved inside the caller's section, which an unmap
+                // waits for: serving from it is as safe as publishing it.
+                Some(own) => {
+                    let served = Iotlb::lookup(IotlbRef { inner: Held::Counted(own) }, iova, length, access);
+                    return served
+                        .map_err(|_| Error::CannotResolve { iova_range: range(), reason: "not mapped".into() });
+                }
+                // Published; the lookup misses again only if the table
+                // changed meanwhile, and then the range is resolved anew.
+                None => continue,
+            }
         }
-        self.fill(iova.0, length, access)
-            .map_err(|reason| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason })?;
-        Iotlb::lookup(self.iotlb.read(), iova, length, access).map_err(|_| Error::CannotResolve {
-            iova_range: IovaRange { base: iova, length },
-            reason: "not mapped".into(),
-        })
+        Err(Error::CannotResolve { iova_range: range(), reason: "the table kept changing".into() })
     }
 }

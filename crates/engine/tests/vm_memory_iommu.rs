@@ -133,3 +133,83 @@ fn a_miss_through_iommu_memory_on_a_pri_device_asks_for_the_page() {
     assert_eq!(&back, b"faulted in");
     assert_eq!(ctx.get(dev).unwrap().unrecoverable_faults(), 0, "resolved, not lost");
 }
+
+/// Fills publish a new cache while other threads look up; an unmap that
+/// returned before a lookup began is never missed by it, whichever cache
+/// (old, new, or one a racing fill built) the lookup is served from.
+#[test]
+fn fills_racing_lookups_never_serve_a_mapping_after_its_unmap() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let g = Arc::new(guest());
+    let host = g.ram.iter().next().unwrap().get_host_address(MemoryRegionAddress(0)).unwrap() as u64;
+    let toggled = IOVA + 2 * PAGE;
+    // Odd from just before a map until its unmap returned.
+    let state = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let stale = Arc::new(AtomicU64::new(0));
+    let looked = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let (g, state, stop, stale, looked) =
+                (g.clone(), state.clone(), stop.clone(), stale.clone(), looked.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    // The always-mapped page keeps fills (and publications)
+                    // going on every table change.
+                    let iommu = g.memory.iommu();
+                    assert!(iommu.translate(GuestAddress(IOVA + (n % 8) * 8), 8, Permissions::Read).is_ok());
+                    let before = state.load(Ordering::Acquire);
+                    let seen = iommu.translate(GuestAddress(toggled + (n + i) % 64), 1, Permissions::Read);
+                    let after = state.load(Ordering::Acquire);
+                    match seen {
+                        Ok(mut ranges) => {
+                            let r = ranges.next().unwrap();
+                            assert_eq!(r.base.0 & !(PAGE - 1), RAM_GPA, "served where it is mapped");
+                            if before == after && before % 2 == 0 {
+                                stale.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            let _ = g.memory.iommu().take_fault();
+                        }
+                    }
+                    n += 1;
+                    looked.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut cycles = 0u64;
+    // Until both sides did enough, whenever the readers get a core.
+    while (cycles < 2000 || looked.load(Ordering::Relaxed) < 4000) && std::time::Instant::now() < deadline {
+        state.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: `ram` lives in `g`, beside the context.
+        unsafe { g.ctx.map_user(g.ioas, host, PAGE, Some(toggled), Perm { read: true, write: false }).unwrap() };
+        std::thread::yield_now();
+        g.ctx.unmap(g.ioas, toggled, PAGE).unwrap();
+        state.fetch_add(1, Ordering::AcqRel);
+        std::thread::yield_now();
+        cycles += 1;
+    }
+    stop.store(true, Ordering::Release);
+    readers.into_iter().for_each(|r| r.join().unwrap());
+    let lookups = looked.load(Ordering::Relaxed);
+    assert!(cycles > 20 && lookups > 20, "too little interleaving: {cycles} unmaps, {lookups} lookups");
+    assert_eq!(stale.load(Ordering::Relaxed), 0, "lookups served a mapping after its unmap returned");
+}
+
+/// A device model that translates inside its own epoch section cannot
+/// publish (that waits for every section), yet its access is served.
+#[test]
+fn a_miss_inside_an_epoch_section_is_served_unpublished() {
+    let g = guest();
+    let guard = ioasid_engine::epoch::pin();
+    g.memory.write_slice(b"pinned", GuestAddress(IOVA)).unwrap();
+    drop(guard);
+    let mut back = [0u8; 6];
+    g.memory.read_slice(&mut back, GuestAddress(IOVA)).unwrap();
+    assert_eq!(&back, b"pinned");
+}
