@@ -92,6 +92,7 @@ impl Remotes {
             slots,
             bound: self.bound,
             writer: Mutex::new(Writer { stamp, inactive_clean: true, ..Writer::default() }),
+            refused: Mutex::new(None),
         });
         let mut ports = self.ports.lock();
         ports.retain(|p| p.strong_count() > 0);
@@ -140,6 +141,10 @@ pub struct RemotePort {
     slots: Shared<SlotsPage>,
     bound: Duration,
     writer: Mutex<Writer>,
+    /// Where the last miss's DMA was refused past its first page (IOVA,
+    /// rights): the back end asks again right there, and must get the
+    /// fault, not a second page request for a page the VMM refused.
+    refused: Mutex<Option<(u64, u32)>>,
 }
 
 impl RemotePort {
@@ -157,6 +162,9 @@ impl RemotePort {
         if self.writer.lock().done {
             return Err(Errno(libc::EPERM));
         }
+        if self.refused.lock().take() == Some((iova, perm)) {
+            return Err(Errno(libc::EFAULT));
+        }
         let len = len.clamp(1, AHEAD);
         let need = if perm & wire::PERM_W != 0 { Perm::RW } else { Perm::R };
         let stamp = self.stamp();
@@ -169,8 +177,11 @@ impl RemotePort {
         });
         // A fault past the first page: publish what came before it; the back
         // end asks again at the page that faulted.
-        if asked.is_err() && runs.first().is_none_or(|r| r.0 != iova) {
-            return Err(Errno(libc::EFAULT));
+        if asked.is_err() {
+            match runs.last() {
+                Some(&(start, _, n)) if runs[0].0 == iova => *self.refused.lock() = Some((start + n, perm)),
+                _ => return Err(Errno(libc::EFAULT)),
+            }
         }
         // While writes are tracked as dirty, a translation for writing marks
         // its page: publish only what was asked.

@@ -415,3 +415,43 @@ fn a_back_ends_unrecoverable_fault_reaches_the_viommus_event_queue_by_its_virtua
     // SAFETY: inside the VMM's guest memory mapping.
     assert_eq!(unsafe { vmm.ram.at(0x21008).read_volatile() }, 0x66, "the refused write did not land");
 }
+
+#[test]
+fn a_dma_refused_past_its_first_page_asks_for_that_page_once() {
+    use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_INVALID, iommu_hwpt_page_response, iommu_hwpt_pgfault};
+    let served = Served::start("remote-pri-once", Limits::default());
+    let mut queue = None;
+    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
+        let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
+        let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
+        iommufd.attach(dev.id, hwpt).unwrap();
+        queue = Some(fault_fd);
+    });
+    let queue = queue.unwrap();
+    vmm.map(0, 0x1000, IOVA);
+    let b = Backend::start(&served, &vmm, "pri-once");
+    // The read spans the mapped page and the one after it, which is not.
+    rustix::net::send(&b.sock, format!("read {:#x} 16", IOVA + 0xff8).as_bytes(), rustix::net::SendFlags::empty())
+        .unwrap();
+    let wait = |ms: i64| {
+        let mut fds = [rustix::event::PollFd::new(&queue, rustix::event::PollFlags::IN)];
+        let t = rustix::time::Timespec { tv_sec: ms / 1000, tv_nsec: (ms % 1000) * 1_000_000 };
+        rustix::event::poll(&mut fds, Some(&t)).unwrap() == 1
+    };
+    assert!(wait(5000), "no page request reached the VMM");
+    let mut fault = iommu_hwpt_pgfault::default();
+    rustix::io::read(&queue, fault.as_mut_bytes()).unwrap();
+    assert_eq!(fault.addr, IOVA + 0x1000);
+    let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_INVALID };
+    rustix::io::write(&queue, answer.as_bytes()).unwrap();
+    // Next comes the back end's answer, not a second request for the page.
+    let mut fds = [
+        rustix::event::PollFd::new(&queue, rustix::event::PollFlags::IN),
+        rustix::event::PollFd::new(&b.sock, rustix::event::PollFlags::IN),
+    ];
+    let five = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&five)).unwrap();
+    assert!(!fds[0].revents().contains(rustix::event::PollFlags::IN), "the refused page was asked for again");
+    assert_eq!(b.recv(), "fault");
+    assert!(!wait(200), "the refused page was asked for again");
+}
