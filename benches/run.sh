@@ -39,7 +39,7 @@ serve_dir=$(mktemp -d)
 sock=$serve_dir/ioasid.sock
 target/release/ioasid serve --socket "$sock" 2>"$serve_dir/log" &
 serve_pid=$!
-trap 'kill "$serve_pid" 2>/dev/null; rm -rf "$serve_dir"' EXIT
+trap 'kill "$serve_pid" 2>/dev/null || true; rm -rf "$serve_dir"' EXIT
 # It says "listening" once the socket accepts connections.
 for _ in $(seq 200); do
     grep -q listening "$serve_dir/log" && break
