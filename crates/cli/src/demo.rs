@@ -85,12 +85,6 @@ pub fn run(out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// `ioasid demo --processes`: a VMM here and a virtio back end in another
-/// process sharing an IOAS through a daemon (see `demo_processes`).
-pub fn run_processes(out: &mut impl Write) -> Result<()> {
-    crate::demo_processes::run(out)
-}
-
 /// The memory the first scenes map: the guest's RAM and a descriptor ring.
 struct Memory {
     ram: HostBuffer,

@@ -94,7 +94,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { processes: false } => demo::run(&mut std::io::stdout().lock()),
-        Command::Demo { processes: true } => demo::run_processes(&mut std::io::stdout().lock()),
+        Command::Demo { processes: true } => demo_processes::run(&mut std::io::stdout().lock()),
         Command::DemoBackend { control } => demo_processes::backend(&control),
         Command::Run { devices, socket, supervised, command } => {
             run::run(&devices, socket.as_deref(), supervised, &command)

@@ -76,6 +76,17 @@ impl<X> Vmm<X> {
     }
 }
 
+/// A VMM whose device has PRI, attached to a HWPT whose page requests go
+/// to a fault queue (the extra: its descriptor).
+fn pri_vmm(served: &Served) -> Vmm<OwnedFd> {
+    Vmm::with(served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
+        let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
+        let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
+        iommufd.attach(dev.id, hwpt).unwrap();
+        fault_fd
+    })
+}
+
 /// The `backend` example, handed the VMM's device and memory.
 struct Backend {
     child: Child,
@@ -256,14 +267,8 @@ fn a_back_end_killed_mid_dma_does_not_hold_up_unmap() {
 fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_the_dma() {
     use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_SUCCESS, iommu_hwpt_page_response, iommu_hwpt_pgfault};
     let served = Served::start("remote-pri", Limits::default());
-    let mut queue = None;
-    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
-        let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
-        let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
-        iommufd.attach(dev.id, hwpt).unwrap();
-        queue = Some(fault_fd);
-    });
-    let queue = queue.unwrap();
+    let vmm = pri_vmm(&served);
+    let queue = &vmm.extra;
     let b = Backend::start(&served, &vmm, "pri");
     // Nothing mapped at IOVA yet: the back end's read becomes a page request.
     rustix::net::send(&b.sock, format!("read {IOVA:#x} 4").as_bytes(), rustix::net::SendFlags::empty()).unwrap();
@@ -271,7 +276,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     let five = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
     assert_eq!(rustix::event::poll(&mut fds, Some(&five)).unwrap(), 1, "no page request reached the VMM");
     let mut fault = iommu_hwpt_pgfault::default();
-    assert_eq!(rustix::io::read(&queue, fault.as_mut_bytes()).unwrap(), size_of::<iommu_hwpt_pgfault>());
+    assert_eq!(rustix::io::read(queue, fault.as_mut_bytes()).unwrap(), size_of::<iommu_hwpt_pgfault>());
     assert_eq!(fault.dev_id, vmm.dev.id);
     assert_eq!(fault.addr, IOVA);
     // The VMM makes the page present, then answers.
@@ -279,7 +284,7 @@ fn a_back_ends_page_request_reaches_the_vmms_fault_queue_and_its_answer_resumes_
     // SAFETY: inside the VMM's guest memory mapping.
     unsafe { vmm.ram.at(0x3000).cast::<u32>().write_volatile(0xfeed_f00d) };
     let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_SUCCESS };
-    rustix::io::write(&queue, answer.as_bytes()).unwrap();
+    rustix::io::write(queue, answer.as_bytes()).unwrap();
     assert_eq!(b.recv(), format!("ok {}", "0df0edfe"));
 }
 
@@ -407,7 +412,7 @@ fn a_back_ends_unrecoverable_fault_reaches_the_viommus_event_queue_by_its_virtua
     let five = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
     assert_eq!(rustix::event::poll(&mut fds, Some(&five)).unwrap(), 1, "no event reached the vEVENTQ");
     let mut event = [0u64; 5];
-    let n = rustix::io::read(&queue, event.as_mut_bytes()).unwrap();
+    let n = rustix::io::read(queue, event.as_mut_bytes()).unwrap();
     assert_eq!(n, 8 + 32, "a header and an SMMUv3 event record");
     // F_PERMISSION on a write by stream 0x42 (the virtual ID), at the IOVA.
     assert_eq!(event[1], 0x13 | VSID << 32);
@@ -420,14 +425,8 @@ fn a_back_ends_unrecoverable_fault_reaches_the_viommus_event_queue_by_its_virtua
 fn a_dma_refused_past_its_first_page_asks_for_that_page_once() {
     use ioasid_abi::uapi::{IOMMUFD_PAGE_RESP_INVALID, iommu_hwpt_page_response, iommu_hwpt_pgfault};
     let served = Served::start("remote-pri-once", Limits::default());
-    let mut queue = None;
-    let vmm = Vmm::with(&served, IOASID_DEVICE_PRI, 0, |iommufd, ioas, dev| {
-        let (fault_id, fault_fd) = iommufd.fault_queue().unwrap();
-        let hwpt = iommufd.hwpt_alloc(dev.id, ioas, Some(fault_id)).unwrap();
-        iommufd.attach(dev.id, hwpt).unwrap();
-        queue = Some(fault_fd);
-    });
-    let queue = queue.unwrap();
+    let vmm = pri_vmm(&served);
+    let queue = &vmm.extra;
     vmm.map(0, 0x1000, IOVA);
     let b = Backend::start(&served, &vmm, "pri-once");
     // The read spans the mapped page and the one after it, which is not.
@@ -440,10 +439,10 @@ fn a_dma_refused_past_its_first_page_asks_for_that_page_once() {
     };
     assert!(wait(5000), "no page request reached the VMM");
     let mut fault = iommu_hwpt_pgfault::default();
-    rustix::io::read(&queue, fault.as_mut_bytes()).unwrap();
+    rustix::io::read(queue, fault.as_mut_bytes()).unwrap();
     assert_eq!(fault.addr, IOVA + 0x1000);
     let answer = iommu_hwpt_page_response { cookie: fault.cookie, code: IOMMUFD_PAGE_RESP_INVALID };
-    rustix::io::write(&queue, answer.as_bytes()).unwrap();
+    rustix::io::write(queue, answer.as_bytes()).unwrap();
     // Next comes the back end's answer, not a second request for the page.
     let mut fds = [
         rustix::event::PollFd::new(&queue, rustix::event::PollFlags::IN),
