@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use parking_lot::Mutex;
 use thiserror::Error;
 
+use crate::domain::Domain;
 use crate::epoch;
 use crate::fault::{DmaAttrs, Group, LAST_PAGE, PASID_VALID, PERM_READ, PERM_WRITE, PageRequest, Response, Waiter};
 use crate::hwpt::{FaultReason, Hwpt, PageFormat, Translated};
@@ -194,6 +195,14 @@ impl Stage {
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
+/// What the RID is attached to, with the paging table's domain at hand so a
+/// DMA's IOTLB hit reads no pointer more than it must.
+struct Attached {
+    hwpt: Hwpt,
+    /// The domain of `hwpt` when it is a paging table.
+    domain: Option<Arc<Domain>>,
+}
+
 /// A device bound to a context (Linux's `iommufd_device`, made by
 /// [`Context::bind_device`]): what it is, which table serves its RID and
 /// each PASID, and its DMA through them (see [`DmaPort`]). Shared as
@@ -208,7 +217,7 @@ pub struct Device {
     /// Object ID in the context, as fault records name the device.
     id: OnceLock<u32>,
     /// The RID's table (what DMA without a PASID uses).
-    attached: epoch::Rcu<Hwpt>,
+    attached: epoch::Rcu<Attached>,
     /// Tables attached per PASID, replaced whole on change so DMA reads
     /// them without a lock.
     pasids: epoch::Rcu<BTreeMap<u32, Hwpt>>,
@@ -270,7 +279,7 @@ impl Device {
     /// The table attached at the RID (`None`: blocked), a snapshot that a
     /// concurrent attach may already have replaced.
     pub fn attached(&self) -> Option<Hwpt> {
-        self.attached.load_full().map(|h| (*h).clone())
+        self.attached.load_full().map(|a| a.hwpt.clone())
     }
 
     /// The table attached at `pasid` (`None`: the RID's).
@@ -311,11 +320,11 @@ impl Device {
     /// reference taken: this is on every DMA's path).
     #[inline]
     fn with_serving<R>(&self, pasid: Option<u32>, guard: &epoch::Guard, f: impl FnOnce(Option<&Hwpt>) -> R) -> R {
-        let Some(p) = pasid else { return f(self.attached.load(guard)) };
+        let Some(p) = pasid else { return f(self.attached.load(guard).map(|a| &a.hwpt)) };
         if let Some(own) = self.pasids.load(guard).and_then(|m| m.get(&p)) {
             return f(Some(own));
         }
-        f(self.attached.load(guard).filter(|h| h.covers_substreams()))
+        f(self.attached.load(guard).map(|a| &a.hwpt).filter(|h| h.covers_substreams()))
     }
 
     /// Every table the device is attached to, the RID's first.
@@ -352,8 +361,23 @@ impl Device {
     /// Switches the page table DMA uses and waits for DMA that still uses the
     /// old one, so the old one is unreachable when this returns.
     pub(crate) fn set_attached(&self, hwpt: Option<Hwpt>) -> Option<Hwpt> {
-        let old = self.attached.replace(hwpt.map(Arc::new));
-        old.map(|h| (*h).clone())
+        let attached = hwpt.map(|hwpt| {
+            let domain = match &hwpt {
+                Hwpt::Paging(h) => Some(h.domain().clone()),
+                Hwpt::Nested(_) => None,
+            };
+            Arc::new(Attached { hwpt, domain })
+        });
+        let old = self.attached.replace(attached);
+        old.map(|a| a.hwpt.clone())
+    }
+
+    /// The IOTLB's answer for RID DMA of `len` bytes at `iova` within one
+    /// page of a paging table, when it needs nothing more (see
+    /// [`Domain::hit`]): two pointers from the device to the entry.
+    #[inline(always)]
+    fn hit(&self, iova: u64, len: usize, need: Perm, guard: &epoch::Guard) -> Option<Translated> {
+        self.attached.load(guard)?.domain.as_ref()?.hit(iova, len, need)
     }
 
     /// The device's DMA port at `pasid` (`None`: its RID): the one path
@@ -546,7 +570,7 @@ impl<'a> DmaPort<'a> {
         let pasid = self.pasid;
         // The RID's table without the PASID map: the common case, kept short.
         if pasid.is_none() {
-            return resolve(self.device.attached.load(guard), iova, need, pasid, guard);
+            return resolve(self.device.attached.load(guard).map(|a| &a.hwpt), iova, need, pasid, guard);
         }
         self.device.with_serving(pasid, guard, |hwpt| resolve(hwpt, iova, need, pasid, guard))
     }
@@ -620,9 +644,32 @@ impl<'a> DmaPort<'a> {
         wait: bool,
         mut each: impl FnMut(Translated, std::ops::Range<usize>) -> crate::Result<()>,
     ) -> Result<(), Stall> {
+        let guard = epoch::pin();
+        // The common case first: the RID's paging table, one page, an IOTLB
+        // hit. Everything else (and every fault) takes the loop below.
+        if self.pasid.is_none()
+            && let Some(t) = self.device.hit(iova, len, need, &guard)
+        {
+            return each(t, 0..len).map_err(|_| Stall::Failed(DmaError::Memory { iova }));
+        }
+        self.access_pages(need, attrs, iova, len, wait, each, guard)
+    }
+
+    /// `access` page by page, faults included.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn access_pages(
+        &self,
+        need: Perm,
+        attrs: DmaAttrs,
+        iova: u64,
+        len: usize,
+        wait: bool,
+        mut each: impl FnMut(Translated, std::ops::Range<usize>) -> crate::Result<()>,
+        mut guard: epoch::Guard,
+    ) -> Result<(), Stall> {
         let mut done = 0usize;
         let mut retries = 0;
-        let mut guard = epoch::pin();
         while done < len {
             let at = iova.wrapping_add(done as u64);
             match self.translate(at, need, &guard) {

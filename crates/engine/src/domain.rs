@@ -165,6 +165,8 @@ pub struct Domain {
     table: AnyTable,
     iotlb: Iotlb,
     format: PageFormat,
+    /// `format.page_shift()`, kept so a hit reads it instead of matching.
+    page_shift: u32,
     aperture: IovaRange,
     /// Allocated with dirty tracking support (has Linux's `dirty_ops`).
     dirty_capable: bool,
@@ -177,7 +179,15 @@ impl Domain {
         let table = AnyTable::new(format);
         let max = (1u128 << format.iova_bits()) - 1;
         let aperture = IovaRange::new(aperture.start, aperture.last.min(max as u64));
-        Domain { table, iotlb: Iotlb::new(), format, aperture, dirty_capable, tracking: AtomicBool::new(false) }
+        Domain {
+            table,
+            iotlb: Iotlb::new(),
+            format,
+            page_shift: format.page_shift(),
+            aperture,
+            dirty_capable,
+            tracking: AtomicBool::new(false),
+        }
     }
 
     /// The format of its page table.
@@ -319,9 +329,7 @@ impl Domain {
     /// where `iova` lands and how that memory is reached.
     #[inline]
     pub fn translate(&self, iova: u64, need: Perm, guard: &Guard) -> Result<Translated, FaultReason> {
-        let shift = self.format.page_shift();
-        let page = iova >> shift;
-        let offset = iova & ((1 << shift) - 1);
+        let (page, offset) = (iova >> self.page_shift, iova & ((1 << self.page_shift) - 1));
         if let Some(hit) = self.iotlb.lookup(page) {
             let must_dirty = need.write && !hit.dirty && self.tracking.load(Ordering::Relaxed);
             if !hit.perm.allows(need) {
@@ -331,6 +339,31 @@ impl Domain {
                 return Ok(Translated { host: HostAddr(hit.host_page + offset), trust: hit.trust });
             }
         }
+        self.translate_walk(iova, need, guard)
+    }
+
+    /// The IOTLB's answer for an access of `len` bytes at `iova` that stays
+    /// in one IO page, when it needs nothing more (rights enough, no dirty
+    /// bit to set): DMA's fast path. `None` sends the access the long way,
+    /// which finds the same answer or the fault.
+    #[inline(always)]
+    pub(crate) fn hit(&self, iova: u64, len: usize, need: Perm) -> Option<Translated> {
+        let offset = iova & ((1 << self.page_shift) - 1);
+        if offset + len as u64 > 1 << self.page_shift {
+            return None;
+        }
+        let hit = self.iotlb.lookup(iova >> self.page_shift)?;
+        if !hit.perm.allows(need) || (need.write && !hit.dirty && self.tracking.load(Ordering::Relaxed)) {
+            return None;
+        }
+        Some(Translated { host: HostAddr(hit.host_page + offset), trust: hit.trust })
+    }
+
+    /// `translate` past the IOTLB: walks the table and fills the IOTLB.
+    /// Out of line, so a hit's code stays small.
+    #[inline(never)]
+    fn translate_walk(&self, iova: u64, need: Perm, guard: &Guard) -> Result<Translated, FaultReason> {
+        let (page, offset) = (iova >> self.page_shift, iova & ((1 << self.page_shift) - 1));
         if iova < self.aperture.start || iova > self.aperture.last {
             return Err(FaultReason::Aperture);
         }

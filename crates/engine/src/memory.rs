@@ -36,6 +36,7 @@ pub enum Trust {
 }
 
 /// Copies `buf.len()` bytes from host address `addr` into `buf`.
+#[inline]
 pub fn read(trust: Trust, addr: u64, buf: &mut [u8]) -> Result<()> {
     if buf.is_empty() {
         return Ok(());
@@ -54,6 +55,7 @@ pub fn read(trust: Trust, addr: u64, buf: &mut [u8]) -> Result<()> {
 }
 
 /// Copies `buf` to host address `addr`.
+#[inline]
 pub fn write(trust: Trust, addr: u64, buf: &[u8]) -> Result<()> {
     if buf.is_empty() {
         return Ok(());

@@ -278,3 +278,38 @@ fn page_requests_carry_exec_and_privileged() {
     let perms = requests.join().unwrap();
     assert_eq!(perms, [(PASID_VALID, PERM_READ | PERM_EXEC | PERM_PRIV), (PASID_VALID, PERM_READ | PERM_PRIV)]);
 }
+
+/// A DMA on a page the IOTLB holds takes a short path; these are the cases it
+/// must hand to the long one: an access running into the next page, and
+/// rights the cached translation lacks.
+#[test]
+fn cached_pages_keep_their_bounds_and_rights() {
+    let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)));
+    let ioas = ctx.ioas_alloc().unwrap();
+    let dev = ctx.bind_device(DeviceInfo::new("plain", 1)).unwrap();
+    ctx.attach(dev, ioas).unwrap();
+    let ram = HostBuffer::new(2 * PAGE as usize).unwrap();
+    // SAFETY: `ram` outlives the context's use of it in this test.
+    unsafe {
+        ctx.map_user(ioas, ram.addr(), PAGE, Some(IOVA), Perm::RW).unwrap();
+        ctx.map_user(ioas, ram.addr() + PAGE, PAGE, Some(IOVA + PAGE), Perm::R).unwrap();
+    }
+    let d = ctx.get(dev).unwrap();
+    let mut b = [0u8; 16];
+    // Both pages cached.
+    d.dma_read(IOVA, &mut b).unwrap();
+    d.dma_read(IOVA + PAGE, &mut b).unwrap();
+    let denied = |r: Result<(), DmaError>, at: u64, why: FaultReason| match r {
+        Err(DmaError::Fault { iova, reason, .. }) => assert_eq!((iova, reason), (at, why)),
+        other => panic!("expected a fault at {at:#x}, got {other:?}"),
+    };
+    denied(d.dma_write(IOVA + PAGE, &[1; 8]), IOVA + PAGE, FaultReason::Permission);
+    // Across into the read-only page: the first half lands, the rest faults.
+    denied(d.dma_write(IOVA + PAGE - 8, &[7; 16]), IOVA + PAGE, FaultReason::Permission);
+    let mut landed = [0u8; 16];
+    ram.read_at(PAGE as usize - 8, &mut landed);
+    assert_eq!(landed, [7, 7, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // Across into nothing.
+    denied(d.dma_read(IOVA + 2 * PAGE - 8, &mut b), IOVA + 2 * PAGE, FaultReason::NotPresent);
+    d.dma_read(IOVA + PAGE - 8, &mut b).unwrap();
+}
