@@ -538,13 +538,21 @@ fn dirty_bitmap(h: &mut Harness) {
     let dirty_all = || (0..N).for_each(|p| assert!(hwpt.domain().mark_dirty(IOVA + p * PAGE)));
     let mut bitmap = vec![0u64; (N / 64) as usize];
     let mut read_and_clear = || {
-        // Runs of dirty pages fill the bitmap a word at a time.
+        // Runs of dirty pages fill the bitmap a word at a time: the words
+        // a run covers whole are one fill, its ends a mask each.
         hwpt.read_and_clear_dirty(range, false, &mut |start, size| {
-            let (mut page, end) = ((start - IOVA) / PAGE, (start - IOVA + size) / PAGE);
-            while page < end {
-                let n = (64 - page % 64).min(end - page);
-                bitmap[(page / 64) as usize] |= (u64::MAX >> (64 - n)) << (page % 64);
-                page += n;
+            let (first, end) = (((start - IOVA) / PAGE) as usize, ((start - IOVA + size) / PAGE) as usize);
+            let (w0, w1) = (first / 64, end / 64);
+            let head = u64::MAX << (first % 64);
+            let tail = (1u64 << (end % 64)).wrapping_sub(1);
+            if w0 == w1 {
+                bitmap[w0] |= head & tail;
+                return;
+            }
+            bitmap[w0] |= head;
+            bitmap[w0 + 1..w1].fill(u64::MAX);
+            if tail != 0 {
+                bitmap[w1] |= tail;
             }
         })
         .unwrap()

@@ -4,11 +4,14 @@
 //! private data per ID, set-private IDs (a guest's vPASIDs) mapped to host
 //! PASIDs, and notifications of alloc, free, bind and unbind.
 //!
-//! Changes are serialised by one lock; lookups (`find`, `host_pasid`,
-//! `vpasid`, `get`) take none: each ID has a slot of atomics in a two-level
-//! table (allocated a leaf at a time), reused by every allocation of the
-//! ID and read as a seqlock, its generation telling one allocation from
-//! the next; references are counted in the slot's state word.
+//! Changes (references taken and dropped included) are serialised by one
+//! lock; lookups (`find`, `entry`, `host_pasid`, `vpasid`) take none: each
+//! ID has a slot of atomics in a two-level table (allocated a leaf at a
+//! time), reused by every allocation of the ID and read as a seqlock, its
+//! generation telling one allocation from the next; references are counted
+//! in the slot's state word. As only the lock's holder writes a slot, every
+//! change of it is a plain store: alloc + free pay the lock's two
+//! atomic operations each and nothing more.
 //!
 //! # Ownership
 //!
@@ -183,8 +186,8 @@ fn generation(state: u64) -> u32 {
 
 /// The place of one ID, reused by every allocation of it, so allocating
 /// costs no memory allocation and readers need no reclamation scheme.
-/// Only the space's lock writes `set`, `private` and `vpasid`, and only
-/// while the ID is not `LIVE`; readers take them as a seqlock's readers
+/// Only the space's lock holder writes the slot (`set`, `private` and
+/// `vpasid` only while the ID is not `LIVE`); readers take them as a seqlock's readers
 /// do, checking that the generation and `LIVE` did not change meanwhile.
 #[derive(Default)]
 struct Slot {
@@ -218,20 +221,14 @@ impl Slot {
         }
     }
 
-    /// Changes the state of the live allocation (of `generation` when
-    /// given) with `f`, which answers the new state or an error.
-    fn update(&self, generation_of: Option<u32>, f: impl Fn(u64) -> Result<u64>) -> Result<u64> {
-        let mut cur = self.state.load(Ordering::Acquire);
-        loop {
-            if cur & LIVE == 0 || generation_of.is_some_and(|g| g != generation(cur)) {
-                return Err(Error::NotFound("PASID not allocated"));
-            }
-            let new = f(cur)?;
-            match self.state.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(cur),
-                Err(now) => cur = now,
-            }
+    /// The live allocation's state (of `generation` when given); only the
+    /// space's lock holder may call it, as only it writes the state.
+    fn live(&self, generation_of: Option<u32>) -> Result<u64> {
+        let cur = self.state.load(Ordering::Relaxed);
+        if cur & LIVE == 0 || generation_of.is_some_and(|g| g != generation(cur)) {
+            return Err(Error::NotFound("PASID not allocated"));
         }
+        Ok(cur)
     }
 }
 
@@ -562,26 +559,38 @@ impl PasidSpace {
     /// referenced by mistake); `ENOENT` once it is freed.
     fn take_ref(&self, pasid: u32, generation: Option<u32>) -> Result<()> {
         let slot = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        slot.update(generation, |s| match s & REFS {
-            _ if s & FREED != 0 => Err(Error::NotFound("PASID is being freed")),
+        let _g = self.lock();
+        let cur = slot.live(generation)?;
+        match cur & REFS {
+            _ if cur & FREED != 0 => Err(Error::NotFound("PASID is being freed")),
             0 => Err(Error::NotFound("PASID is being freed")),
             REFS => Err(Error::Overflow("too many references on the PASID")),
-            _ => Ok(s + 1),
-        })
-        .map(drop)
+            // Lookups tell allocations apart by `LIVE` and the generation
+            // alone, so a reference moves under their feet unseen.
+            _ => {
+                slot.state.store(cur + 1, Ordering::Release);
+                Ok(())
+            }
+        }
     }
 
     /// Drops a reference; the last one of a freed ID completes the free.
     pub fn put(&self, pasid: u32) -> Result<()> {
         let slot = self.slots.get(pasid).ok_or(Error::NotFound("PASID not allocated"))?;
-        let prev = slot.update(None, |s| match s & REFS {
+        let mut g = self.lock();
+        let cur = slot.live(None)?;
+        match cur & REFS {
             0 => Err(Error::Invalid("put without a reference")),
-            _ => Ok(s - 1),
-        })?;
-        if prev & REFS == 1 {
-            self.release(pasid, slot, prev);
+            1 => {
+                slot.state.store(cur & !(REFS | FREED | LIVE), Ordering::Release);
+                self.release_locked(&mut g, pasid, slot);
+                Ok(())
+            }
+            _ => {
+                slot.state.store(cur - 1, Ordering::Release);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Frees `pasid` for `set`: at once when nothing references it, else at
@@ -589,30 +598,25 @@ impl PasidSpace {
     pub fn free(&self, set: SetId, pasid: u32) -> Result<()> {
         let not_ours = Error::NotFound("set did not allocate it");
         let slot = self.slots.get(pasid).ok_or(not_ours)?;
-        // Only the lock's holder starts or ends an allocation, so under it
-        // the slot's allocation and set stay; only its references move
-        // (`get` and `put` take none), and one exchange drops the
-        // allocation's own and, when it was the last, ends the allocation.
+        // Every write of a slot's state is made under the lock (references
+        // included), so one plain store drops the allocation's own
+        // reference and, when it was the last, ends the allocation.
         let mut g = self.lock();
-        let mut cur = slot.state.load(Ordering::Acquire);
+        let cur = slot.state.load(Ordering::Relaxed);
         if cur & LIVE == 0 || slot.set.load(Ordering::Relaxed) != set.0 {
             return Err(not_ours);
         }
-        loop {
-            if cur & FREED != 0 {
-                return Err(Error::NotFound("PASID already freed"));
-            }
-            if cur & REFS == 0 {
-                return Err(Error::Invalid("put without a reference"));
-            }
-            let new = if cur & REFS == 1 { cur & !(REFS | FREED | LIVE) } else { (cur - 1) | FREED };
-            match slot.state.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
+        if cur & FREED != 0 {
+            return Err(Error::NotFound("PASID already freed"));
+        }
+        if cur & REFS == 0 {
+            return Err(Error::Invalid("put without a reference"));
         }
         if cur & REFS == 1 {
+            slot.state.store(cur & !(REFS | FREED | LIVE), Ordering::Release);
             self.release_locked(&mut g, pasid, slot);
+        } else {
+            slot.state.store((cur - 1) | FREED, Ordering::Release);
         }
         Ok(())
     }
@@ -640,15 +644,6 @@ impl PasidSpace {
         g.subscribers.push(Subscriber { class, set, events, tx });
         g.subscribers.sort_by_key(|s| s.class);
         rx
-    }
-
-    /// Ends the allocation of `pasid` whose last reference was just
-    /// dropped by a `put` (`state` is its state before that): no reference
-    /// can be taken or dropped any more, so nothing else writes the slot.
-    fn release(&self, pasid: u32, slot: &Slot, state: u64) {
-        let mut g = self.lock();
-        slot.state.store(state & !(REFS | FREED | LIVE), Ordering::Release);
-        self.release_locked(&mut g, pasid, slot);
     }
 
     /// Gives back what the allocation of `pasid`, ended in its slot, held:
