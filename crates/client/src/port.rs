@@ -104,9 +104,26 @@ impl std::fmt::Debug for Port {
 }
 
 /// This thread's slot number, the same in every port.
+#[inline]
 fn thread_slot() -> Option<usize> {
-    use std::cell::Cell;
-    struct Release(Cell<usize>);
+    // Without a destructor, so reading it costs a TLS offset and nothing
+    // else; `claim_slot` gives the number back through `Release` at exit.
+    thread_local! {
+        static SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    }
+    let i = SLOT.with(std::cell::Cell::get);
+    if i < atc::SLOTS {
+        return Some(i);
+    }
+    claim_slot(&SLOT)
+}
+
+/// `thread_slot` on a thread's first DMA: takes a free number (or the next
+/// one) and arranges for it to go back when the thread exits.
+#[cold]
+#[inline(never)]
+fn claim_slot(slot: &'static std::thread::LocalKey<std::cell::Cell<usize>>) -> Option<usize> {
+    struct Release(std::cell::Cell<usize>);
     impl Drop for Release {
         fn drop(&mut self) {
             let i = self.0.get();
@@ -118,20 +135,21 @@ fn thread_slot() -> Option<usize> {
     static FREE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     thread_local! {
-        static SLOT: Release = const { Release(Cell::new(usize::MAX)) };
+        static OWNED: Release = const { Release(std::cell::Cell::new(usize::MAX)) };
     }
-    SLOT.try_with(|s| {
-        let i = s.0.get();
-        if i != usize::MAX {
-            return Some(i);
-        }
-        let i = FREE.lock().pop().unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed));
-        s.0.set(i);
-        Some(i)
-    })
-    .ok()
-    .flatten()
-    .filter(|&i| i < atc::SLOTS)
+    if slot.with(std::cell::Cell::get) != usize::MAX {
+        // Taken already, past the table's slots.
+        return None;
+    }
+    OWNED
+        .try_with(|owned| {
+            let i = FREE.lock().pop().unwrap_or_else(|| NEXT.fetch_add(1, Ordering::Relaxed));
+            owned.0.set(i);
+            slot.with(|s| s.set(i));
+            i
+        })
+        .ok()
+        .filter(|&i| i < atc::SLOTS)
 }
 
 /// Whether readers may leave ordering to the daemon's membarrier.
@@ -271,7 +289,7 @@ impl Port {
 
     /// Runs a DMA of `len` bytes at `iova`, each translated piece handed to
     /// `copy(address here, range of the buffer)` inside a section.
-    #[inline]
+    #[inline(always)]
     fn access(
         &self,
         iova: u64,
@@ -279,9 +297,30 @@ impl Port {
         perm: u32,
         mut copy: impl FnMut(*mut u8, std::ops::Range<usize>),
     ) -> Result<(), DmaError> {
+        let section = self.enter()?;
+        // The common case first: one extent holds it all.
+        if self.table.header.state.load(Ordering::Relaxed) == atc::OPEN
+            && let Some((p, n)) = self.lookup(iova, perm)
+            && n >= len
+        {
+            copy(p, 0..len);
+            return Ok(());
+        }
+        self.access_extents(iova, len, perm, copy, section)
+    }
+
+    /// `access` extent by extent, asking the daemon on a miss.
+    #[inline(never)]
+    fn access_extents<'a>(
+        &'a self,
+        iova: u64,
+        len: usize,
+        perm: u32,
+        mut copy: impl FnMut(*mut u8, std::ops::Range<usize>),
+        mut section: Section<'a>,
+    ) -> Result<(), DmaError> {
         let mut done = 0usize;
         let mut misses = 0;
-        let mut section = self.enter()?;
         while done < len {
             if self.table.header.state.load(Ordering::Relaxed) != atc::OPEN {
                 return Err(DmaError::Blocked);
