@@ -979,6 +979,52 @@ fn race(side: Arc<dyn Dma>, rounds: u32) -> RaceResult {
     RaceResult { p50: at(0.5), p99: at(0.99), stale, rounds, writes: writes.load(Ordering::Relaxed) }
 }
 
+/// What an unmap costs with no other thread in the epoch (p50), and what
+/// the grace period's `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` costs
+/// while a thread DMAs on another CPU (p50): the two parts of an unmap
+/// under concurrent translation.
+fn unmap_parts(side: &Arc<dyn Dma>) -> (f64, f64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let buf = HostBuffer::new((RACE_PAGES * PAGE) as usize).unwrap();
+    let p50 = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let alone = p50((0..2000)
+        .map(|_| {
+            side.map(&buf);
+            let t = Instant::now();
+            side.unmap();
+            t.elapsed().as_nanos() as f64
+        })
+        .collect());
+    side.map(&buf);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (side, stop) = (side.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                side.write(IOVA + (n % RACE_PAGES) * PAGE, n);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(2));
+    use rustix::thread::{MembarrierCommand, membarrier};
+    let barrier = p50((0..2000)
+        .map(|_| {
+            let t = Instant::now();
+            membarrier(MembarrierCommand::PrivateExpedited).unwrap();
+            t.elapsed().as_nanos() as f64
+        })
+        .collect());
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    side.unmap();
+    (alone, barrier)
+}
+
 /// One side's races over all alternations: each alternation's p50 and p99,
 /// and the stale rounds, rounds and device writes of all of them.
 #[derive(Default)]
@@ -1017,8 +1063,13 @@ fn unmap_under_translation(h: &mut Harness) {
             seen.writes += r.writes;
         }
     }
-    let extra =
-        |s: &RaceTally| Some(format!(r#""stale": {}, "rounds": {}, "writes": {}"#, s.stale, s.rounds, s.writes));
+    let (alone, barrier) = unmap_parts(&sides[0]);
+    let extra = |s: &RaceTally| {
+        Some(format!(
+            r#""stale": {}, "rounds": {}, "writes": {}, "alone": {alone}, "barrier": {barrier}"#,
+            s.stale, s.rounds, s.writes
+        ))
+    };
     let ours = "`unmap` of 16 mapped pages while a thread DMAs into them with `Device::dma_write`";
     let peer = "`invalidate_mapping` under the write lock while a thread looks up under the read lock, writes after";
     let [a, b] = &seen;
