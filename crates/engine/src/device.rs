@@ -394,12 +394,14 @@ impl Device {
 
     /// Device reads `buf.len()` bytes at `iova`; a page fault on a PRI
     /// device waits for its answer.
+    #[inline]
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         self.port(None).read(iova, buf)
     }
 
     /// Device writes `buf` at `iova`; a page fault on a PRI device waits for
     /// its answer.
+    #[inline]
     pub fn dma_write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaError> {
         self.port(None).write(iova, buf)
     }
