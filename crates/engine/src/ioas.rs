@@ -269,6 +269,7 @@ impl Ioas {
             if a.pinned {
                 a.src.pages.unpin(a.src.start_byte, a.src.len);
             }
+            crate::pages::recycle(a.src.pages);
         }
         (unmapped, res)
     }

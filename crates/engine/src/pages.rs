@@ -137,7 +137,14 @@ struct Slots {
     live: Vec<Weak<Pages>>,
     /// Indexes of `live` whose `Pages` is gone.
     free: Vec<u32>,
+    /// User pages unmapped by this thread with no other holder, kept
+    /// (unregistered) for its next maps: a one-page map then neither
+    /// allocates nor frees its `Pages`, nor makes a new weak reference.
+    pool: Vec<Arc<Pages>>,
 }
+
+/// Most `Pages` a shard keeps for reuse.
+const POOL: usize = 512;
 
 /// Every shard ever made; they live as long as the process.
 static SHARDS: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
@@ -146,7 +153,7 @@ static SHARDS: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
 static SPARE: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
 /// For `Pages` made while a thread's own shard is already gone (in a
 /// thread-local destructor).
-static LATE: Shard = Shard(Mutex::new(Slots { live: Vec::new(), free: Vec::new() }));
+static LATE: Shard = Shard(Mutex::new(Slots { live: Vec::new(), free: Vec::new(), pool: Vec::new() }));
 
 struct ThreadShard(&'static Shard);
 
@@ -173,30 +180,69 @@ impl std::fmt::Debug for Shard {
     }
 }
 
-#[inline(always)]
 fn register(mut pages: Pages) -> Arc<Pages> {
-    let shard = SHARD.try_with(|s| s.0).unwrap_or(&LATE);
-    Arc::new_cyclic(|weak| {
-        let mut slots = shard.0.lock();
-        let slot = match slots.free.pop() {
-            Some(i) => {
-                slots.live[i as usize] = weak.clone();
-                i
-            }
-            None => {
-                slots.live.push(weak.clone());
-                u32::try_from(slots.live.len() - 1).expect("fewer than 2^32 live pages per shard")
-            }
-        };
-        pages.live = Some((shard, slot));
-        pages
+    register_with(|key, _| {
+        pages.live = Some(key);
+        Arc::new(pages)
     })
+}
+
+/// Registers the pages `make` returns, given their registry key and, for
+/// user pages, pooled pages to fill in place of a new allocation.
+#[inline(always)]
+fn register_with(make: impl FnOnce(LiveKey, &mut Vec<Arc<Pages>>) -> Arc<Pages>) -> Arc<Pages> {
+    let shard = SHARD.try_with(|s| s.0).unwrap_or(&LATE);
+    let mut slots = shard.0.lock();
+    let slot = match slots.free.pop() {
+        Some(i) => i,
+        None => {
+            slots.live.push(Weak::new());
+            u32::try_from(slots.live.len() - 1).expect("fewer than 2^32 live pages per shard")
+        }
+    };
+    let arc = make((shard, slot), &mut slots.pool);
+    slots.live[slot as usize] = Arc::downgrade(&arc);
+    arc
 }
 
 fn unregister((shard, slot): LiveKey) {
     let mut slots = shard.0.lock();
     slots.live[slot as usize] = Weak::new();
     slots.free.push(slot);
+}
+
+/// Lets go of `pages`, an area's once it is unmapped and unpinned: when
+/// nothing else holds them (no other area, copy or access, and no count of
+/// live pages in progress), user pages go to this thread's pool for its
+/// next map instead of being freed.
+pub(crate) fn recycle(mut pages: Arc<Pages>) {
+    let Some((home, slot)) = pages.live else { return };
+    if !matches!(pages.backing, Backing::User) || Arc::strong_count(&pages) != 1 {
+        return;
+    }
+    let Ok(ours) = SHARD.try_with(|s| s.0) else { return };
+    {
+        let mut slots = home.0.lock();
+        // New references are only made from the registry, under this lock:
+        // with none now and the registry's entry gone, none can appear.
+        if Arc::strong_count(&pages) != 1 {
+            return;
+        }
+        slots.live[slot as usize] = Weak::new();
+        slots.free.push(slot);
+    }
+    let Some(p) = Arc::get_mut(&mut pages) else {
+        unreachable!("the last reference, with its registry entry gone");
+    };
+    p.live = None;
+    if !p.pins.get_mut().ranges.is_empty() {
+        debug_assert!(false, "pages recycled while pinned");
+        return;
+    }
+    let mut slots = ours.0.lock();
+    if slots.pool.len() < POOL {
+        slots.pool.push(pages);
+    }
 }
 
 /// Every registered `Pages` alive now. Upgraded under each shard's lock and
@@ -287,10 +333,24 @@ impl Pages {
         accounting: Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
         let (base, npages, lead) = Self::span(uptr, length)?;
-        let pins = PinState::new(accounting);
         // Built where it is registered: `Pages` is large, and each move
-        // through a `Result` would copy it on every map's path.
-        Ok((register(Pages { base, npages, writable, trust, backing: Backing::User, pins, live: None }), lead))
+        // would copy it on every map's path.
+        let pages = register_with(|key, pool| match pool.pop() {
+            Some(mut kept) => {
+                // Pooled pages are user pages, unregistered, unpinned and
+                // held nowhere else (see `recycle`): only what differs
+                // between user pages is set.
+                let p = Arc::get_mut(&mut kept).expect("pooled pages have no other reference");
+                (p.base, p.npages, p.writable, p.trust, p.live) = (base, npages, writable, trust, Some(key));
+                p.pins.get_mut().accounting = accounting;
+                kept
+            }
+            None => {
+                let pins = PinState::new(accounting);
+                Arc::new(Pages { base, npages, writable, trust, backing: Backing::User, pins, live: Some(key) })
+            }
+        });
+        Ok((pages, lead))
     }
 
     /// The first page, the page count and the offset of `uptr` in the
@@ -601,8 +661,11 @@ impl Drop for Pages {
         }
         let pins = self.pins.get_mut();
         debug_assert!(pins.ranges.is_empty(), "pages dropped while pinned");
-        let n = pinned_pages(pins.ranges.drain(..));
-        pins.accounting.uncharge(n);
+        // Unpinned pages (every unmapped area's) have nothing to give back.
+        if !pins.ranges.is_empty() {
+            let n = pinned_pages(pins.ranges.drain(..));
+            pins.accounting.uncharge(n);
+        }
     }
 }
 
@@ -677,6 +740,65 @@ mod tests {
         assert_eq!(pin_count(BASE + 5 * PAGE_SIZE), 0);
         drop(pages);
         assert_eq!(ours(), 0, "each leaves with its pages");
+    }
+
+    #[test]
+    fn recycled_pages_are_reused_only_when_nothing_else_holds_them() {
+        let buf = crate::memory::HostBuffer::new(4 * PAGE_SIZE as usize).unwrap();
+        let acct = Accounting::isolated(Limit::Pages(100));
+        let user = |at: u64| Pages::user(buf.addr() + at * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, acct.clone());
+        let (a, _) = user(0).unwrap();
+        let held = a.clone();
+        recycle(a);
+        let (b, _) = user(1).unwrap();
+        assert!(!Arc::ptr_eq(&held, &b), "pages another holder keeps are not reused");
+        assert_eq!(Arc::strong_count(&held), 1);
+        let old = Arc::as_ptr(&b);
+        recycle(b);
+        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
+        let (c, _) = user(2).unwrap();
+        assert_eq!(Arc::as_ptr(&c), old, "unmapped pages are reused");
+        assert_eq!((c.base, c.npages), (buf.addr() + 2 * PAGE_SIZE, 1));
+        c.pin(0, PAGE_SIZE).unwrap();
+        assert_eq!(pin_count(buf.addr() + 2 * PAGE_SIZE), 1, "reused pages are registered again");
+        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
+        assert_eq!(acct.charged(), 1);
+        c.unpin(0, PAGE_SIZE);
+        assert_eq!(acct.charged(), 0);
+    }
+
+    #[test]
+    fn recycling_races_counts_of_live_pages() {
+        // A count upgrades registry entries while pages are recycled: a
+        // pooled `Pages` must never be one a count still holds (the reuse
+        // would then find another reference and panic).
+        let buf = crate::memory::HostBuffer::new(PAGE_SIZE as usize).unwrap();
+        let addr = buf.addr();
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+        let (stop, counts) = (AtomicBool::new(false), AtomicU32::new(0));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Relaxed) {
+                    assert!(pin_count(addr) <= 1);
+                    counts.fetch_add(1, Relaxed);
+                }
+            });
+            // Stops the counting thread however this one ends, a panic too.
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while counts.load(Relaxed) < 100_000 && std::time::Instant::now() < deadline {
+                let (p, _) = Pages::user(addr, PAGE_SIZE, true, Trust::Direct, Accounting::none()).unwrap();
+                p.pin(0, PAGE_SIZE).unwrap();
+                p.unpin(0, PAGE_SIZE);
+                recycle(p);
+            }
+        });
     }
 
     #[test]
