@@ -248,9 +248,9 @@ why = {
     "PASID: alloc + free": (
         "the same four atomic read-modify-writes as the peer, plus the quota walk along the set hierarchy"
     ),
-    "dirty bitmap": (
-        "each leaf table's dirty bits sit on a page of their own, so reading 1 GiB touches 512 scattered pages "
-        "where the peer reads one flat bitmap"
+    "page-table memory": (
+        "each table keeps a count of its present entries (8 bytes) so an unmap learns it emptied a table "
+        "without scanning 512 entries; the floor counts the entries alone"
     ),
 }
 behind = []

@@ -94,6 +94,8 @@ struct Forking {
     /// The daemon's channel (daemon mode), which no thread may be using
     /// when the child starts; the child opens its own.
     _daemon: Option<MutexGuard<'static, Option<ioasid_serve::client::Chan>>>,
+    /// Page tables' memory, which no thread may be changing either.
+    _tables: ioasid_engine::pgtable::TablesHeld,
     /// For the child: a new link to each process this one has a link to.
     upstream: Vec<(Owner, RawFd)>,
     /// The link between this process (first) and the child (second).
@@ -214,7 +216,8 @@ extern "C" fn prepare() {
     let owner = files::this_process();
     let serving = serving();
     let _daemon = crate::daemon::hold();
-    let forking = Forking { _shield: shield, links, serving, _daemon, upstream, pair, served, owner };
+    let _tables = ioasid_engine::pgtable::hold_tables();
+    let forking = Forking { _shield: shield, links, serving, _daemon, _tables, upstream, pair, served, owner };
     FORKING.with(|f| *f.borrow_mut() = Some(forking));
 }
 

@@ -9,7 +9,8 @@
 //! them is gone (`Spares`).
 //!
 //! Dirty tracking keeps its state beside each table, not in the entries'
-//! dirty bits: one bit per entry in [`DirtyBits`], allocated with the table.
+//! dirty bits: one bit per entry in [`DirtyBits`], which the table's chunk
+//! holds (see `pool`).
 //! A DMA write sets a bit (a load alone when it is already set) in the one
 //! of two buffers its table's generation names. Reading and clearing the
 //! dirty log flips the generation of the leaf tables it reads, waits for
@@ -26,9 +27,10 @@ pub mod amd;
 pub mod arm;
 pub mod image;
 pub mod mock;
+mod pool;
+pub use pool::{Held as TablesHeld, hold as hold_tables};
 pub mod x86;
 
-use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -218,9 +220,8 @@ struct DirtyBuf {
     summary: AtomicU64,
 }
 
-/// The dirty state of a table's leaves, kept right after the table in the
-/// same allocation (see [`Table::alloc`]), so a DMA write allocates
-/// nothing. DMA marks the buffer that bit 0 of `generation` names; a leaf
+/// The dirty state of a table's leaves, kept in the table's chunk (see
+/// `pool`), so a DMA write allocates nothing. DMA marks the buffer that bit 0 of `generation` names; a leaf
 /// is dirty when its bit is set in either buffer. A read that clears a
 /// leaf table flips `generation`, waits for the DMA that may still mark
 /// the old buffer, then takes that buffer with plain loads and stores,
@@ -317,30 +318,22 @@ impl DirtyBits {
         }
     }
 
-    /// Everything clean, for a table taken from the spares (no reader).
+    /// Everything clean, for a table taken from the spares or freed (no
+    /// reader). Only what is set is written: bits of a table that never
+    /// tracked dirty state stay on a page nothing has touched.
     fn reset(&self) {
-        self.generation.store(0, Ordering::Relaxed);
-        for buf in &self.bufs {
-            for w in &buf.words {
+        let clear = |w: &AtomicU64| {
+            if w.load(Ordering::Relaxed) != 0 {
                 w.store(0, Ordering::Relaxed);
             }
-            buf.summary.store(0, Ordering::Relaxed);
+        };
+        clear(&self.generation);
+        for buf in &self.bufs {
+            buf.words.iter().for_each(clear);
+            clear(&buf.summary);
         }
     }
 }
-
-/// One table's allocation: the table at its start, 4 KiB-aligned as
-/// hardware wants it, then its dirty bits and its count of present
-/// entries (`Table::present`). (With the system allocator a
-/// 4 KiB-aligned table already takes the next page's address space, so
-/// the bits cost no more memory than the table alone did.)
-const NODE: Layout = match Layout::from_size_align(
-    std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>() + std::mem::size_of::<AtomicU64>(),
-    std::mem::align_of::<Table>(),
-) {
-    Ok(layout) => layout,
-    Err(_) => panic!("table layout"),
-};
 
 /// The root table of a `PageTable`, owned by it.
 struct RootTable {
@@ -379,13 +372,7 @@ impl Drop for RootTable {
 impl Table {
     /// A new empty table with clean dirty bits, as an address for entries.
     fn alloc() -> u64 {
-        // SAFETY: `NODE` has a nonzero size; all-zero bytes are empty
-        // entries, clean bits and a present count of zero.
-        let p = unsafe { std::alloc::alloc_zeroed(NODE) };
-        if p.is_null() {
-            std::alloc::handle_alloc_error(NODE);
-        }
-        p as u64
+        pool::alloc()
     }
 
     /// Frees a table made by `alloc`.
@@ -394,30 +381,22 @@ impl Table {
     /// `addr` came from `Table::alloc`, is freed once, and nothing can
     /// reach the table any more.
     unsafe fn free(addr: u64) {
-        // SAFETY: per the contract, allocated with this layout.
-        unsafe { std::alloc::dealloc(addr as *mut u8, NODE) }
+        // SAFETY: per the contract.
+        unsafe { pool::free(addr) }
     }
 
     /// The dirty bits of this table's entries.
     #[inline]
     fn dirty(&self) -> &DirtyBits {
-        let bits = self as *const Table as usize + std::mem::size_of::<Table>();
-        // SAFETY: every table is made by `Table::alloc`, whose allocation
-        // holds its `DirtyBits` right after the entries, live as long as
-        // the table.
-        unsafe { &*(bits as *const DirtyBits) }
+        pool::side(self as *const Table as usize).1
     }
 
-    /// How many entries are present, kept after the dirty bits in the same
-    /// allocation by the writers (serialised), so that an unmap learns
-    /// whether it emptied a table without scanning its 512 entries.
+    /// How many entries are present, kept by the writers (serialised), so
+    /// that an unmap learns whether it emptied a table without scanning its
+    /// 512 entries.
     #[inline]
     fn present(&self) -> &AtomicU64 {
-        let at = self as *const Table as usize + std::mem::size_of::<Table>() + std::mem::size_of::<DirtyBits>();
-        // SAFETY: every table is made by `Table::alloc`, whose allocation
-        // (`NODE`) holds the count right after the dirty bits, 8-aligned as
-        // both are, live as long as the table.
-        unsafe { &*(at as *const AtomicU64) }
+        pool::side(self as *const Table as usize).0
     }
 
     /// Counts entries made present (`delta` 1) or empty (`delta` -1).
