@@ -388,30 +388,7 @@ impl Table {
     /// The dirty bits of this table's entries.
     #[inline]
     fn dirty(&self) -> &DirtyBits {
-        pool::side(self as *const Table as usize).1
-    }
-
-    /// How many entries are present, kept by the writers (serialised), so
-    /// that an unmap learns whether it emptied a table without scanning its
-    /// 512 entries.
-    #[inline]
-    fn present(&self) -> &AtomicU64 {
-        pool::side(self as *const Table as usize).0
-    }
-
-    /// Counts entries made present (`delta` 1) or empty (`delta` -1).
-    #[inline]
-    fn occupy(&self, delta: i64) {
-        let n = self.present();
-        // Writers are serialised: no read-modify-write needed.
-        n.store(n.load(Ordering::Relaxed).wrapping_add_signed(delta), Ordering::Relaxed);
-    }
-
-    /// Whether no entry is present.
-    fn is_empty(&self) -> bool {
-        let empty = self.present().load(Ordering::Relaxed) == 0;
-        debug_assert_eq!(empty, self.0.iter().all(|e| e.load(Ordering::Relaxed) == 0), "present count");
-        empty
+        pool::dirty_bits(self as *const Table as usize)
     }
 
     fn index<F: Format>(iova: u64, level: u32) -> usize {
@@ -598,13 +575,27 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Unmaps `[iova, iova + len)`, splitting huge leaves that are only partly
-    /// covered and freeing tables left empty once readers are done with them.
+    /// covered and freeing the tables the range covers once readers are done
+    /// with them; tables it only enters stay, even emptied, as in Linux.
     pub fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
         if len == 0 || iova > Self::max_iova() {
             return;
         }
         let last = iova.saturating_add(len - 1).min(Self::max_iova());
-        unmap_level::<F>(&self.root, F::LEVELS - 1, iova, last, guard, &self.spares);
+        // Down the levels where the range lies inside one table's entry that
+        // it does not cover (a small unmap, most often), without a call per
+        // level; the level where that stops does the work.
+        let (mut table, mut level): (&Table, u32) = (&self.root, F::LEVELS - 1);
+        while level > 0 && iova >> F::level_shift(level) == last >> F::level_shift(level) {
+            let e = table.entries::<F>(level, iova, last).next().expect("a range touches an entry");
+            match F::decode(e.slot.load(Ordering::Relaxed), level) {
+                Pte::None => return,
+                Pte::Table(next) if !e.whole() => table = table.child(next),
+                _ => break,
+            }
+            level -= 1;
+        }
+        unmap_level::<F>(table, level, iova, last, guard, &self.spares);
     }
 
     /// Marks the leaf mapping `iova` dirty, as hardware does on a write
@@ -717,7 +708,6 @@ impl MapOp {
                 crate::inject::check("page table")?;
                 let t = spares.take();
                 e.slot.store(F::table(t, level), Ordering::Release);
-                table.occupy(1);
                 t
             }
         };
@@ -730,7 +720,6 @@ impl MapOp {
                 let pte = F::leaf(e.first.wrapping_add(self.addr_base), level, self.perm, self.trust);
                 table.dirty().set(e.index, starts_dirty::<F>(pte, level));
                 e.slot.store(pte, Ordering::Release);
-                table.occupy(1);
                 continue;
             }
             let child = self.descend::<F>(table, level, &e, spares)?;
@@ -746,7 +735,6 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
             Pte::None => {}
             Pte::Leaf { .. } if e.whole() => {
                 e.slot.store(0, Ordering::Release);
-                table.occupy(-1);
                 table.dirty().set(e.index, false);
             }
             Pte::Leaf { addr, perm, trust, .. } => {
@@ -761,30 +749,19 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
                     child.dirty().set(i, starts_dirty::<F>(pte, level - 1));
                     s.store(pte, Ordering::Relaxed);
                 }
-                child.present().store(ENTRIES as u64, Ordering::Relaxed);
                 table.dirty().set(e.index, false);
                 e.slot.store(F::table(t, level), Ordering::Release);
                 unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
-                if child.is_empty() {
-                    e.slot.store(0, Ordering::Release);
-                    table.occupy(-1);
-                    spares.retire(Retired { table: t as usize, level: level - 1, clean: true }, guard);
-                }
             }
-            Pte::Table(next) => {
-                // A whole subtree goes with one store: its tables are not
-                // visited here, but after the readers have left (`Spares`).
-                let child = table.child(next);
-                let clean = !e.whole() && {
-                    unmap_level::<F>(child, level - 1, e.first, e.last, guard, spares);
-                    child.is_empty()
-                };
-                if e.whole() || clean {
-                    e.slot.store(0, Ordering::Release);
-                    table.occupy(-1);
-                    spares.retire(Retired { table: next as usize, level: level - 1, clean }, guard);
-                }
+            // A table the range covers goes whole, with one store: its
+            // tables are not visited here, but after the readers have left
+            // (`Spares`). One the range only enters stays, even emptied, as
+            // Linux's page tables keep it: the next map there needs it again.
+            Pte::Table(next) if e.whole() => {
+                e.slot.store(0, Ordering::Release);
+                spares.retire(Retired { table: next as usize, level: level - 1 }, guard);
             }
+            Pte::Table(next) => unmap_level::<F>(table.child(next), level - 1, e.first, e.last, guard, spares),
         }
     }
 }
@@ -794,9 +771,6 @@ fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guar
 struct Retired {
     table: usize,
     level: u32,
-    /// Known to hold no entries (emptied by unmap), so nothing lies below
-    /// and it is ready for reuse as it is.
-    clean: bool,
 }
 
 impl Retired {
@@ -804,9 +778,9 @@ impl Retired {
     /// keep: a level-0 table alone, or a level-1 table with its leaf
     /// tables (what one unmapped GiB of 4 KiB pages leaves).
     fn kept_cost(self) -> Option<usize> {
-        match (self.clean, self.level) {
-            (true, _) | (false, 0) => Some(1),
-            (false, 1) => Some(1 + ENTRIES),
+        match self.level {
+            0 => Some(1),
+            1 => Some(1 + ENTRIES),
             _ => None,
         }
     }
@@ -846,7 +820,7 @@ impl<F: Format> Spares<F> {
         // The subtree is unlinked, so no new reader can reach it; readers
         // already inside hold guards, and the epoch reclaims it only after
         // them. Until then nothing else owns it.
-        let token = [r.table, (r.level as usize) << 1 | usize::from(r.clean)];
+        let token = [r.table, r.level as usize];
         guard.defer_reclaim(self.clone(), token);
     }
 
@@ -877,18 +851,19 @@ impl<F: Format> Spares<F> {
         // SAFETY: a retired table is unreachable by any reader and owned by
         // the spares alone (see `retire`).
         let t = unsafe { &*(r.table as *const Table) };
-        if !r.clean {
-            for e in t.0.iter() {
-                if r.level > 0
-                    && let Pte::Table(next) = F::decode(e.load(Ordering::Relaxed), r.level)
-                {
-                    let child = Retired { table: next as usize, level: r.level - 1, clean: false };
-                    list.cost += child.kept_cost().expect("children of a kept subtree are kept");
-                    list.retired.push(child);
-                }
-                e.store(0, Ordering::Relaxed);
+        for e in t.0.iter() {
+            let pte = e.load(Ordering::Relaxed);
+            if pte == 0 {
+                continue;
             }
-            t.present().store(0, Ordering::Relaxed);
+            if r.level > 0
+                && let Pte::Table(next) = F::decode(pte, r.level)
+            {
+                let child = Retired { table: next as usize, level: r.level - 1 };
+                list.cost += child.kept_cost().expect("children of a kept subtree are kept");
+                list.retired.push(child);
+            }
+            e.store(0, Ordering::Relaxed);
         }
         t.dirty().reset();
         r.table as u64
@@ -897,18 +872,13 @@ impl<F: Format> Spares<F> {
 
 impl<F: Format> Reclaim for Spares<F> {
     fn reclaim(&self, [table, meta]: [usize; 2]) {
-        self.keep(Retired { table, level: (meta >> 1) as u32, clean: meta & 1 != 0 });
+        self.keep(Retired { table, level: meta as u32 });
     }
 }
 
 impl Retired {
     fn free<F: Format>(self) {
-        if self.clean {
-            // SAFETY: as `free_tree`; a clean table has nothing below it.
-            unsafe { Table::free(self.table as u64) };
-        } else {
-            free_tree::<F>(self.table as u64, self.level);
-        }
+        free_tree::<F>(self.table as u64, self.level);
     }
 }
 
@@ -1203,12 +1173,13 @@ mod tests {
             Pte::Leaf { addr: 0x4000_0000, perm: Perm::RW, trust: Trust::Direct, dirty: false }
         );
         drop(reader);
-        // The level-0, -1 and -2 tables of `a` come back once the reader
-        // left, then those of `b`.
-        settle(&pt, 3);
-        assert_eq!(spare_count(&pt), 3, "tables come back once the reader left");
+        // The leaf table of `a` comes back once the reader left (the
+        // tables above it stay: the unmap did not cover them), then `b`'s.
+        settle(&pt, 1);
+        assert_eq!(spare_count(&pt), 1, "tables come back once the reader left");
         pt.unmap(b, MIB2, &crate::epoch::pin());
-        settle(&pt, 6);
+        settle(&pt, 2);
+        assert_eq!(pt.summary().tables, vec![0, 2, 2, 1], "what the unmaps only entered stays");
         pt.map(a, 0xc000_0000, MIB2, Perm::RW, Trust::Direct, false).unwrap();
         assert!([old, old_b].contains(&leaf_table(&pt, a)), "a spare table is reused");
         let g = crate::epoch::pin();
@@ -1226,13 +1197,14 @@ mod tests {
         pt.map(gib, 0, gib, Perm::RW, Trust::Direct, false).unwrap();
         assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);
         pt.unmap(gib, gib, &crate::epoch::pin());
-        settle(&pt, 2);
-        assert_eq!(pt.summary().tables, vec![0, 0, 0, 1]);
+        settle(&pt, 1);
+        // The level-2 table stays, emptied: the unmap did not cover it.
+        assert_eq!(pt.summary().tables, vec![0, 0, 1, 1]);
         {
             let list = pt.spares.list.lock();
-            // The level-1 subtree in one piece, and the emptied level-2 table.
-            assert_eq!(list.retired.len(), 2);
-            assert_eq!(list.cost, 1 + ENTRIES + 1);
+            // The level-1 subtree in one piece.
+            assert_eq!(list.retired.len(), 1);
+            assert_eq!(list.cost, 1 + ENTRIES);
         }
         pt.map(3 * gib, gib, gib, Perm::R, Trust::Checked, false).unwrap();
         assert_eq!(pt.summary().tables, vec![512, 1, 1, 1]);

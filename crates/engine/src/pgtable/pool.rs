@@ -1,23 +1,19 @@
 //! Where tables live: 4 KiB tables carved from 2 MiB chunks of anonymous
-//! memory, with each table's side state (its count of present entries and
-//! its dirty bits) in arrays at the chunk's start.
+//! memory, with each table's dirty bits in an array at the chunk's start.
 //!
 //! The system allocator cannot hold a 4 KiB-aligned 4 KiB block in less than
 //! two pages (its header sits in front), which made page tables cost twice
-//! the memory their entries need. Here a table is one page, and the side
-//! state is dense: tables allocated one after another (as a large map makes
+//! the memory their entries need. Here a table is one page, and the dirty
+//! bits are dense: tables allocated one after another (as a large map makes
 //! them) have their dirty bits next to each other, so reading the dirty log
 //! of a gigabyte reads a few contiguous pages rather than one page per
 //! table. Pages of a chunk that nothing has written cost no memory: the dirty
 //! bits of a page table that never tracked dirty state stay untouched, and a
 //! read of them sees the kernel's zero page.
 //!
-//! Chunk layout, in pages: page 0 holds the present counts (8 bytes per
-//! table), pages 1 to 19 the dirty bits (152 bytes per table), pages 20 to
-//! 511 the 492 tables. A table's side state is found from its address alone:
-//! the chunk is 2 MiB-aligned.
-
-use std::sync::atomic::AtomicU64;
+//! Chunk layout, in pages: pages 0 to 18 hold the dirty bits (152 bytes per
+//! table), pages 19 to 511 the 493 tables. A table's dirty bits are found
+//! from its address alone: the chunk is 2 MiB-aligned.
 
 use parking_lot::Mutex;
 
@@ -25,17 +21,14 @@ use super::{DirtyBits, Table};
 
 const PAGE: usize = 4096;
 const CHUNK: usize = 2 << 20;
-/// Pages of side state at the start of a chunk.
-const SIDE_PAGES: usize = 20;
+/// Pages of dirty bits at the start of a chunk.
+const SIDE_PAGES: usize = 19;
 /// Tables per chunk.
 const TABLES: usize = CHUNK / PAGE - SIDE_PAGES;
-/// Where the dirty bits start in a chunk.
-const DIRTY_AT: usize = PAGE;
 
 const _: () = {
     assert!(std::mem::size_of::<Table>() == PAGE);
-    assert!(TABLES * std::mem::size_of::<AtomicU64>() <= DIRTY_AT);
-    assert!(DIRTY_AT + TABLES * std::mem::size_of::<DirtyBits>() <= SIDE_PAGES * PAGE);
+    assert!(TABLES * std::mem::size_of::<DirtyBits>() <= SIDE_PAGES * PAGE);
     assert!(std::mem::align_of::<DirtyBits>() <= 8 && std::mem::size_of::<DirtyBits>() % 8 == 0);
 };
 
@@ -47,68 +40,86 @@ pub struct Chunk {
     free: Vec<u16>,
 }
 
-/// Every chunk of the process, sorted by address.
-static CHUNKS: Mutex<Vec<Chunk>> = Mutex::new(Vec::new());
-
-/// A new table: every entry empty, no entry present, its dirty bits clean.
-pub(super) fn alloc() -> u64 {
-    let mut chunks = CHUNKS.lock();
-    let chunk = match chunks.iter_mut().position(|c| !c.free.is_empty()) {
-        Some(i) => &mut chunks[i],
-        None => {
-            let base = map_chunk();
-            let at = chunks.partition_point(|c| c.base < base);
-            chunks.insert(at, Chunk { base, free: (0..TABLES as u16).rev().collect() });
-            &mut chunks[at]
-        }
-    };
-    let i = chunk.free.pop().expect("a chunk with a free table") as usize;
-    (chunk.base + SIDE_PAGES * PAGE + i * PAGE) as u64
+/// Chunks and their free tables, sorted by address.
+struct Pool {
+    chunks: Mutex<Vec<Chunk>>,
 }
 
-/// Gives a table back, clearing it and its side state for its next use.
+/// The process's tables.
+static POOL: Pool = Pool::new();
+
+/// A new table: every entry empty, its dirty bits clean.
+pub(super) fn alloc() -> u64 {
+    POOL.alloc()
+}
+
+/// Gives a table back, clearing it and its dirty bits for its next use.
 ///
 /// # Safety
 /// `addr` came from [`alloc`], is freed once, and nothing reaches the table
 /// any more.
 pub(super) unsafe fn free(addr: u64) {
-    let addr = addr as usize;
-    // SAFETY: per the contract the table is ours alone; it is one page.
-    unsafe { std::ptr::write_bytes(addr as *mut u8, 0, PAGE) };
-    let (present, dirty) = side(addr);
-    if present.load(std::sync::atomic::Ordering::Relaxed) != 0 {
-        present.store(0, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: per the contract.
+    unsafe { POOL.free(addr) }
+}
+
+impl Pool {
+    const fn new() -> Self {
+        Pool { chunks: Mutex::new(Vec::new()) }
     }
-    dirty.reset();
-    let base = addr & !(CHUNK - 1);
-    let mut chunks = CHUNKS.lock();
-    let at = chunks.partition_point(|c| c.base < base);
-    let chunk = &mut chunks[at];
-    debug_assert_eq!(chunk.base, base, "a table from a chunk of the pool");
-    chunk.free.push(((addr - base) / PAGE - SIDE_PAGES) as u16);
-    // A chunk with nothing in it goes back to the system, unless it is the
-    // only one with room: a map that follows would need it again.
-    if chunk.free.len() == TABLES && chunks.iter().filter(|c| !c.free.is_empty()).count() > 1 {
-        let gone = chunks.remove(at);
-        drop(chunks);
-        // SAFETY: a chunk this pool mapped, every table of it free: nothing
-        // refers to it any more.
-        unsafe { rustix::mm::munmap(gone.base as *mut _, CHUNK) }.expect("munmap of a chunk the pool mapped");
+
+    fn alloc(&self) -> u64 {
+        let mut chunks = self.chunks.lock();
+        let chunk = match chunks.iter_mut().position(|c| !c.free.is_empty()) {
+            Some(i) => &mut chunks[i],
+            None => {
+                let base = map_chunk();
+                let at = chunks.partition_point(|c| c.base < base);
+                chunks.insert(at, Chunk { base, free: (0..TABLES as u16).rev().collect() });
+                &mut chunks[at]
+            }
+        };
+        let i = chunk.free.pop().expect("a chunk with a free table") as usize;
+        (chunk.base + SIDE_PAGES * PAGE + i * PAGE) as u64
+    }
+
+    /// `free` of this pool.
+    ///
+    /// # Safety
+    /// As `free`'s.
+    unsafe fn free(&self, addr: u64) {
+        let addr = addr as usize;
+        // SAFETY: per the contract the table is ours alone; it is one page.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, PAGE) };
+        dirty_bits(addr).reset();
+        let base = addr & !(CHUNK - 1);
+        let mut chunks = self.chunks.lock();
+        let at = chunks.partition_point(|c| c.base < base);
+        let chunk = &mut chunks[at];
+        debug_assert_eq!(chunk.base, base, "a table from a chunk of the pool");
+        chunk.free.push(((addr - base) / PAGE - SIDE_PAGES) as u16);
+        // A chunk with nothing in it goes back to the system, unless it is the
+        // only one with room: a map that follows would need it again.
+        if chunk.free.len() == TABLES && chunks.iter().filter(|c| !c.free.is_empty()).count() > 1 {
+            let gone = chunks.remove(at);
+            drop(chunks);
+            // SAFETY: a chunk this pool mapped, every table of it free: nothing
+            // refers to it any more.
+            unsafe { rustix::mm::munmap(gone.base as *mut _, CHUNK) }.expect("munmap of a chunk the pool mapped");
+        }
     }
 }
 
-/// The present count and dirty bits of the table at `addr`.
+/// The dirty bits of the table at `addr`.
 #[inline]
-pub(super) fn side(addr: usize) -> (&'static AtomicU64, &'static DirtyBits) {
+pub(super) fn dirty_bits(addr: usize) -> &'static DirtyBits {
     let base = addr & !(CHUNK - 1);
     let i = (addr - base) / PAGE - SIDE_PAGES;
-    let present = base + i * std::mem::size_of::<AtomicU64>();
-    let dirty = base + DIRTY_AT + i * std::mem::size_of::<DirtyBits>();
     // SAFETY: `addr` is a table of a chunk (every table is made by `alloc`),
-    // whose side state lies at these offsets, 8-aligned, zeroed when mapped
-    // and kept for as long as the table is (a chunk goes only when all its
-    // tables are free, and nothing borrows a free table's state).
-    unsafe { (&*(present as *const AtomicU64), &*(dirty as *const DirtyBits)) }
+    // whose dirty bits lie at this offset, 8-aligned, zeroed when mapped and
+    // kept for as long as the table is (a chunk goes only when all its
+    // tables are free, and nothing borrows a free table's bits).
+    unsafe { &*((base + i * std::mem::size_of::<DirtyBits>()) as *const DirtyBits) }
 }
 
 /// The pool held, for a fork: a child made while another thread is
@@ -118,7 +129,7 @@ pub struct Held(#[allow(dead_code)] parking_lot::MutexGuard<'static, Vec<Chunk>>
 
 /// Holds the pool (see [`Held`]).
 pub fn hold() -> Held {
-    Held(CHUNKS.lock())
+    Held(POOL.chunks.lock())
 }
 
 /// Maps a new 2 MiB-aligned chunk: twice the size, then the unaligned ends
@@ -154,35 +165,42 @@ fn map_chunk() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::Ordering;
 
     #[test]
-    fn tables_are_pages_and_their_side_state_is_their_own() {
-        let a = alloc();
-        let b = alloc();
+    fn tables_are_pages_and_their_dirty_bits_their_own() {
+        let pool = Pool::new();
+        let a = pool.alloc();
+        let b = pool.alloc();
         assert_eq!(a % PAGE as u64, 0);
-        assert_ne!(a, b);
-        let (pa, da) = side(a as usize);
-        let (pb, _) = side(b as usize);
-        pa.store(7, Ordering::Relaxed);
-        assert_eq!(pb.load(Ordering::Relaxed), 0);
-        da.mark(3);
+        assert_eq!(b, a + PAGE as u64, "tables made one after another sit side by side");
+        dirty_bits(a as usize).mark(3);
+        assert!(!dirty_bits(b as usize).take(3, true));
         // SAFETY: tables of this test, nothing else sees them.
         unsafe {
             *(a as *mut u64) = 0x1234;
-            free(a);
+            pool.free(a);
         }
-        let c = alloc();
+        let c = pool.alloc();
         assert_eq!(c, a, "the lowest free table comes back first");
         // SAFETY: as above.
         assert_eq!(unsafe { *(c as *const u64) }, 0, "a table comes back empty");
-        let (pc, dc) = side(c as usize);
-        assert_eq!(pc.load(Ordering::Relaxed), 0);
-        assert!(!dc.take(3, true), "and with clean dirty bits");
-        // SAFETY: as above.
-        unsafe {
-            free(b);
-            free(c);
+        assert!(!dirty_bits(c as usize).take(3, true), "and with clean dirty bits");
+    }
+
+    #[test]
+    fn an_empty_chunk_goes_back_unless_it_is_the_only_room() {
+        let pool = Pool::new();
+        let first: Vec<u64> = (0..TABLES).map(|_| pool.alloc()).collect();
+        let second = pool.alloc();
+        assert_eq!(pool.chunks.lock().len(), 2);
+        for &t in &first {
+            // SAFETY: tables of this test.
+            unsafe { pool.free(t) };
         }
+        assert_eq!(pool.chunks.lock().len(), 1, "an empty chunk goes back while another has room");
+        // SAFETY: as above.
+        unsafe { pool.free(second) };
+        assert_eq!(pool.chunks.lock().len(), 1, "the last one with room stays");
+        assert_eq!(pool.alloc(), second, "and serves the next table");
     }
 }

@@ -301,13 +301,20 @@ mod tests {
         assert_eq!(walk(&pt, 2 * K4 + 1).unwrap().addr, G + 2 * K4 + 1);
     }
 
+    /// As Linux's page tables: an unmap frees the tables its range covers,
+    /// and keeps those it only enters, even emptied.
     #[test]
-    fn unmap_frees_empty_tables() {
+    fn unmap_frees_the_tables_it_covers() {
         let pt = PageTable::<VtdSs5>::new();
         pt.map(1 << 50, 0x1000, 3 * K4, Perm::R, Trust::Checked, true).unwrap();
         assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
         assert!(walk(&pt, (1 << 50) + K4).unwrap().trust == Trust::Checked);
         pt.unmap(1 << 50, 3 * K4, &crate::epoch::pin());
+        assert_eq!(pt.summary().tables, vec![1, 1, 1, 1, 1]);
+        assert_eq!(walk(&pt, 1 << 50), None);
+        pt.unmap(1 << 50, 1 << 21, &crate::epoch::pin());
+        assert_eq!(pt.summary().tables, vec![0, 1, 1, 1, 1]);
+        pt.unmap(1 << 50, 1 << 48, &crate::epoch::pin());
         assert_eq!(pt.summary().tables, vec![0, 0, 0, 0, 1]);
     }
 
