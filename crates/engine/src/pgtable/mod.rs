@@ -714,19 +714,48 @@ impl MapOp {
         Ok(table.child(child))
     }
 
-    fn map_level<F: Format>(&self, table: &Table, level: u32, first: u64, last: u64, spares: &Spares<F>) -> Result<()> {
+    fn map_level<F: Format>(
+        &self,
+        table: &Table,
+        level: u32,
+        first: u64,
+        last: u64,
+        spares: &Arc<Spares<F>>,
+    ) -> Result<()> {
         for e in table.entries::<F>(level, first, last) {
-            if self.leaf_ok::<F>(&e, level) && F::decode(e.slot.load(Ordering::Relaxed), level) == Pte::None {
-                let pte = F::leaf(e.first.wrapping_add(self.addr_base), level, self.perm, self.trust);
-                table.dirty().set(e.index, starts_dirty::<F>(pte, level));
-                e.slot.store(pte, Ordering::Release);
-                continue;
+            if self.leaf_ok::<F>(&e, level) {
+                let old = F::decode(e.slot.load(Ordering::Relaxed), level);
+                // Where a table is that holds nothing (an unmap entered it
+                // and left it), the leaf replaces it, as Linux's does; the
+                // table goes once the readers that may be walking it leave.
+                let emptied = match old {
+                    Pte::Table(next) => subtree_empty::<F>(table.child(next), level - 1).then_some(next),
+                    _ => None,
+                };
+                if old == Pte::None || emptied.is_some() {
+                    let pte = F::leaf(e.first.wrapping_add(self.addr_base), level, self.perm, self.trust);
+                    table.dirty().set(e.index, starts_dirty::<F>(pte, level));
+                    e.slot.store(pte, Ordering::Release);
+                    if let Some(next) = emptied {
+                        spares.retire(Retired { table: next as usize, level: level - 1 }, &crate::epoch::pin());
+                    }
+                    continue;
+                }
             }
             let child = self.descend::<F>(table, level, &e, spares)?;
             self.map_level::<F>(child, level - 1, e.first, e.last, spares)?;
         }
         Ok(())
     }
+}
+
+/// Whether `table` (at `level`) and every table below it hold no leaf.
+fn subtree_empty<F: Format>(table: &Table, level: u32) -> bool {
+    table.0.iter().all(|e| match F::decode(e.load(Ordering::Relaxed), level) {
+        Pte::None => true,
+        Pte::Table(next) => level > 0 && subtree_empty::<F>(table.child(next), level - 1),
+        Pte::Leaf { .. } => false,
+    })
 }
 
 fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard, spares: &Arc<Spares<F>>) {
@@ -1188,6 +1217,30 @@ mod tests {
             assert_eq!(t.addr, 0xc000_0000 + i * 4096, "a reused table holds nothing of its past");
         }
         assert!(pt.walk(b, &g).is_none());
+    }
+
+    /// Tables an unmap only entered stay, and a huge leaf mapped over them
+    /// later replaces them, as Linux's page tables do.
+    #[test]
+    fn a_huge_leaf_replaces_the_emptied_tables_below_it() {
+        let pt = PageTable::<VtdSs4>::new();
+        let gib = 1u64 << 30;
+        pt.map(gib + MIB2 + 4096, 0x5000, 4096, Perm::R, Trust::Direct, true).unwrap();
+        pt.unmap(gib + MIB2 + 4096, 4096, &crate::epoch::pin());
+        assert_eq!(pt.summary().tables, vec![1, 1, 1, 1], "emptied, not freed");
+        pt.map(gib, 0x4000_0000, gib, Perm::RW, Trust::Direct, true).unwrap();
+        assert_eq!(pt.summary().leaves, vec![0, 0, 1, 0], "one 1 GiB leaf");
+        assert_eq!(pt.summary().tables, vec![0, 0, 1, 1]);
+        settle(&pt, 1);
+        assert_eq!(spare_count(&pt), 1, "the emptied level-1 table and its leaf table");
+        let g = crate::epoch::pin();
+        assert_eq!(pt.walk(gib + MIB2 + 4096, &g).unwrap().addr, 0x4000_0000 + MIB2 + 4096);
+        // A table that still holds a leaf is never replaced.
+        pt.unmap(gib, gib, &g);
+        pt.map(gib + 4096, 0x5000, 4096, Perm::R, Trust::Direct, true).unwrap();
+        pt.map(gib + MIB2, 0x8000_0000, MIB2, Perm::R, Trust::Direct, true).unwrap();
+        assert_eq!(pt.summary().leaves, vec![1, 1, 0, 0]);
+        assert!(pt.map(gib, 0x4000_0000, MIB2, Perm::R, Trust::Direct, true).is_err());
     }
 
     #[test]
