@@ -6,8 +6,9 @@
 use ioasid_engine::{Context, ContextConfig, DeviceInfo, HostBuffer, Limit, Perm};
 
 fn resident() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    statm.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4096
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = status.lines().find_map(|l| l.strip_prefix("RssAnon:")).expect("RssAnon in /proc/self/status");
+    kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
 }
 
 #[test]

@@ -159,6 +159,10 @@ fn map_chunk() -> usize {
             munmap((base + CHUNK) as *mut _, tail).expect("munmap of the tail");
         }
     }
+    // Small pages: a table nothing uses yet must cost nothing, which a
+    // transparent huge page over the chunk would not allow.
+    // SAFETY: advice on the chunk just mapped; it changes no contents.
+    let _ = unsafe { rustix::mm::madvise(base as *mut _, CHUNK, rustix::mm::Advice::LinuxNoHugepage) };
     base
 }
 
