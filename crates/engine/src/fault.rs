@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -121,26 +121,40 @@ pub struct PageRequest {
 pub struct Group {
     /// The group's requests, the last with [`LAST_PAGE`].
     pub requests: Vec<PageRequest>,
-    /// Where the device waits for the answer (none for injected requests).
-    waiter: Option<Arc<Waiter>>,
+    /// Where the device waits for the answer.
+    waiter: Awaits,
+}
+
+/// Who hears a group's answer.
+#[derive(Debug, Clone, Default)]
+enum Awaits {
+    /// Nobody: an injected request.
+    #[default]
+    Nobody,
+    /// A device waiting on this group alone.
+    One(Arc<Waiter>),
+    /// A device waiting on a batch of groups, woken once for all of them.
+    Batch(Arc<BatchAnswers>),
 }
 
 impl Group {
     /// A group no device waits on (an injected request, as the selftest's
     /// `IOMMU_TEST_OP_TRIGGER_IOPF` makes): its answer goes nowhere.
     pub fn new(requests: Vec<PageRequest>) -> Self {
-        Group { requests, waiter: None }
+        Group { requests, waiter: Awaits::Nobody }
     }
 
     /// A group a device waits on; the returned handle receives the answer.
     pub fn awaited(requests: Vec<PageRequest>) -> (Self, Arc<Waiter>) {
         let w = Arc::new(Waiter::default());
-        (Group { requests, waiter: Some(w.clone()) }, w)
+        (Group { requests, waiter: Awaits::One(w.clone()) }, w)
     }
 
     fn answer(&self, r: Response) {
-        if let Some(w) = &self.waiter {
-            w.set(r);
+        match &self.waiter {
+            Awaits::Nobody => {}
+            Awaits::One(w) => w.set(r),
+            Awaits::Batch(b) => b.set(r),
         }
     }
 }
@@ -207,6 +221,134 @@ impl Waiter {
     }
 }
 
+/// The answers to a batch of groups (see [`Batch`]): how many came, how
+/// many refused, and whether the device sleeps until the last.
+#[derive(Debug, Default)]
+struct BatchAnswers {
+    /// Answers so far (low 32 bits), of which `Invalid` (the next 31),
+    /// and [`BATCH_SLEEPING`].
+    state: AtomicU64,
+    /// Groups reported in this batch; written by the device alone, before
+    /// each group is published under the queue's lock.
+    expected: AtomicU32,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+const BATCH_ANSWERED: u64 = 1;
+const BATCH_INVALID: u64 = 1 << 32;
+const BATCH_COUNT: u64 = (1 << 31) - 1;
+/// Set by a device about to sleep, under the lock: the answer that
+/// completes the batch then takes the lock and wakes it. Only that one:
+/// the answers before it are one atomic operation each.
+const BATCH_SLEEPING: u64 = 1 << 63;
+
+impl BatchAnswers {
+    fn set(&self, r: Response) {
+        self.add(Self::one(r));
+    }
+
+    /// What one answer adds to `state`.
+    fn one(r: Response) -> u64 {
+        BATCH_ANSWERED + if r == Response::Success { 0 } else { BATCH_INVALID }
+    }
+
+    /// Adds answers (a sum of [`BatchAnswers::one`]).
+    fn add(&self, add: u64) {
+        let prev = self.state.fetch_add(add, Ordering::AcqRel);
+        let answered = (prev & u64::from(u32::MAX)) + (add & u64::from(u32::MAX));
+        if prev & BATCH_SLEEPING != 0 && answered == u64::from(self.expected.load(Ordering::Relaxed)) {
+            // As for `Waiter::set`: the sleeper holds the lock until it sleeps.
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
+    }
+
+    /// Whether every group reported so far is answered.
+    fn done(&self) -> bool {
+        self.state.load(Ordering::Acquire) & u64::from(u32::MAX) == u64::from(self.expected.load(Ordering::Relaxed))
+    }
+}
+
+/// What came back for a batch of groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answered {
+    /// Groups answered [`Response::Success`].
+    pub success: u32,
+    /// Groups answered [`Response::Invalid`] (refused by the handler, by a
+    /// full queue, or by an abort).
+    pub invalid: u32,
+}
+
+/// A device's wait for many page request groups at once, reported with
+/// [`FaultQueue::report_batch`]: each group is still read, given a cookie
+/// and answered on its own, but the device is woken once, when the last
+/// answer arrives, and nothing is allocated per group once the queue has
+/// recycled a batch's worth of them. Reusable: each [`Batch::wait`] ends
+/// one batch and starts the next.
+#[derive(Debug, Default)]
+pub struct Batch {
+    answers: Arc<BatchAnswers>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Groups reported in the batch so far.
+    pub fn len(&self) -> u32 {
+        self.answers.expected.load(Ordering::Relaxed)
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The answers so far, if every group of the batch has one.
+    pub fn answered(&self) -> Option<Answered> {
+        let s = self.answers.state.load(Ordering::Acquire);
+        let answered = (s & u64::from(u32::MAX)) as u32;
+        (answered == self.len()).then(|| {
+            let invalid = ((s >> 32) & BATCH_COUNT) as u32;
+            Answered { success: answered - invalid, invalid }
+        })
+    }
+
+    /// Blocks until every group reported is answered; the batch is empty
+    /// again after.
+    pub fn wait(&mut self) -> Answered {
+        loop {
+            if let Some(a) = self.wait_for(Duration::from_secs(3600)) {
+                return a;
+            }
+        }
+    }
+
+    /// The answers, if they all came within `timeout` (the batch is then
+    /// empty again): spins briefly, then sleeps.
+    pub fn wait_for(&mut self, timeout: Duration) -> Option<Answered> {
+        let a = &*self.answers;
+        if !spin_until(&ANSWER_SPIN, || a.done()) {
+            let mut g = a.lock.lock();
+            let expected = u64::from(a.expected.load(Ordering::Relaxed));
+            a.cv.wait_while_for(
+                &mut g,
+                |_| a.state.fetch_or(BATCH_SLEEPING, Ordering::AcqRel) & u64::from(u32::MAX) != expected,
+                timeout,
+            );
+        }
+        let got = self.answered()?;
+        // Every group is answered: no handler touches the count any more
+        // (one finishing its wake-up only wakes nobody).
+        a.state.store(0, Ordering::Relaxed);
+        a.expected.store(0, Ordering::Relaxed);
+        Some(got)
+    }
+}
+
 /// How a group is answered (`IOMMUFD_PAGE_RESP_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Response {
@@ -226,7 +368,12 @@ struct Deliver {
     groups: VecDeque<Group>,
     /// Requests refused because the queue was full.
     dropped: u64,
+    /// Request lists of answered groups, for [`Reports`] to fill again.
+    spare: Vec<Vec<PageRequest>>,
 }
+
+/// The most answered groups' request lists a queue keeps for reuse.
+const SPARE_LIMIT: usize = 1024;
 
 /// Groups read and awaiting a response, by cookie: slot `c - 1` holds the
 /// group read with cookie `c`. Cookies are the lowest free from 1, as
@@ -249,6 +396,9 @@ struct Pending {
     /// Groups on their way from the unread ones to their slots, kept so
     /// moving them allocates nothing once it has grown to a batch.
     moving: Vec<Group>,
+    /// Request lists of groups answered with [`Responses::answer`], on
+    /// their way to [`Deliver::spare`] at the next read.
+    spare: Vec<Vec<PageRequest>>,
 }
 
 impl Pending {
@@ -382,6 +532,14 @@ impl FaultQueue {
         }
     }
 
+    /// Reports groups for `batch` under one hold of the queue's lock (see
+    /// [`Reports`]); the handler is told once, when it is dropped.
+    pub fn report_batch<'a>(&'a self, batch: &'a mut Batch) -> Reports<'a> {
+        let deliver = self.deliver.lock();
+        let was_empty = deliver.groups.is_empty();
+        Reports { queue: self, deliver: Some(deliver), batch, was_empty, reported: 0 }
+    }
+
     /// Blocks up to `timeout` until a group waits to be read; whether one
     /// does (for handlers in the same program that read with
     /// [`FaultQueue::lend`]).
@@ -461,6 +619,13 @@ impl FaultQueue {
         }
         let mut moving = std::mem::take(&mut p.moving);
         moving.extend(d.groups.drain(..n));
+        // Both locks are held here anyway: the answered groups' lists go
+        // where reports take them, at no extra lock.
+        if !p.spare.is_empty() {
+            let room = SPARE_LIMIT.saturating_sub(d.spare.len()).min(p.spare.len());
+            d.spare.extend(p.spare.drain(..room));
+            p.spare.clear();
+        }
         let left = d.groups.len();
         self.unread.store(left, Ordering::Release);
         drop(d);
@@ -499,7 +664,7 @@ impl FaultQueue {
     /// answering through the queue, before it is dropped waits on that lock
     /// forever.
     pub fn responses(&self) -> Responses<'_> {
-        Responses { pending: self.pending.lock() }
+        Responses { pending: self.pending.lock(), owed: None }
     }
 
     /// Answers `Invalid` every group, read or not, that device `dev` made
@@ -618,14 +783,106 @@ impl Drop for Lent<'_> {
 /// [`FaultQueue::responses`]).
 pub struct Responses<'a> {
     pending: MutexGuard<'a, Pending>,
+    /// Answers to a [`Batch`]'s groups, given together when the next
+    /// group is another's or these responses end: the device spins on
+    /// that count, so one update beats one per group.
+    owed: Option<(Arc<BatchAnswers>, u64)>,
 }
 
 impl Responses<'_> {
-    /// Answers the group read with `cookie`; the device waiting on it goes on.
+    /// Answers the group read with `cookie`; the device waiting on it goes
+    /// on (a [`Batch`]'s, once its last group is answered and these
+    /// responses end).
     pub fn respond(&mut self, cookie: u32, response: Response) -> Result<Group> {
         let g = self.pending.unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
-        g.answer(response);
+        match &g.waiter {
+            Awaits::Batch(b) => self.owe(b, response),
+            _ => g.answer(response),
+        }
         Ok(g)
+    }
+
+    /// [`Responses::respond`] for a handler that has no use for the group
+    /// back: its request list is kept for the next reports to reuse.
+    pub fn answer(&mut self, cookie: u32, response: Response) -> Result<()> {
+        let mut g = self.pending.unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
+        match &g.waiter {
+            Awaits::Batch(b) => self.owe(b, response),
+            _ => g.answer(response),
+        }
+        if self.pending.spare.len() < SPARE_LIMIT {
+            g.requests.clear();
+            self.pending.spare.push(std::mem::take(&mut g.requests));
+        }
+        Ok(())
+    }
+}
+
+impl Responses<'_> {
+    fn owe(&mut self, batch: &Arc<BatchAnswers>, response: Response) {
+        match &mut self.owed {
+            Some((b, sum)) if Arc::ptr_eq(b, batch) => *sum += BatchAnswers::one(response),
+            owed => {
+                if let Some((b, sum)) = owed.replace((batch.clone(), BatchAnswers::one(response))) {
+                    b.add(sum);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Responses<'_> {
+    fn drop(&mut self) {
+        if let Some((b, sum)) = self.owed.take() {
+            b.add(sum);
+        }
+    }
+}
+
+/// Groups reported under one hold of a queue's lock, each awaited by the
+/// [`Batch`] they were reported for (see [`FaultQueue::report_batch`]).
+/// A handler reads none of them before it is dropped, so it wakes once for
+/// them all.
+pub struct Reports<'a> {
+    queue: &'a FaultQueue,
+    /// Always `Some` until dropped: the lock goes before the handler is told.
+    deliver: Option<MutexGuard<'a, Deliver>>,
+    batch: &'a mut Batch,
+    was_empty: bool,
+    reported: usize,
+}
+
+impl Reports<'_> {
+    /// Reports one group of `requests` (the last with [`LAST_PAGE`]),
+    /// copied into a list an answered group left, if there is one. A full
+    /// queue answers it `Invalid` at once, as [`FaultQueue::report`] does.
+    pub fn report(&mut self, requests: &[PageRequest]) {
+        let d = self.deliver.as_mut().expect("held until dropped");
+        let answers = &self.batch.answers;
+        answers.expected.store(answers.expected.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if d.groups.len() >= QUEUE_LIMIT {
+            d.dropped += 1;
+            answers.set(Response::Invalid);
+            return;
+        }
+        let mut list = d.spare.pop().unwrap_or_default();
+        list.extend_from_slice(requests);
+        d.groups.push_back(Group { requests: list, waiter: Awaits::Batch(answers.clone()) });
+        self.reported += 1;
+    }
+}
+
+impl Drop for Reports<'_> {
+    fn drop(&mut self) {
+        let d = self.deliver.take().expect("held until dropped");
+        self.queue.unread.store(d.groups.len(), Ordering::Release);
+        drop(d);
+        if self.reported > 0 {
+            self.queue.arrived.notify_all();
+            if self.was_empty {
+                self.queue.notify();
+            }
+        }
     }
 }
 
@@ -771,9 +1028,9 @@ mod cookie_and_spin_tests {
         };
         // Well past any spin: the device sleeps.
         std::thread::sleep(Duration::from_millis(50));
-        Group { requests: vec![], waiter: Some(w.clone()) }.answer(Response::Invalid);
+        Group { requests: vec![], waiter: Awaits::One(w.clone()) }.answer(Response::Invalid);
         assert_eq!(sleeper.join().unwrap(), Some(Response::Invalid));
-        Group { requests: vec![], waiter: Some(w.clone()) }.answer(Response::Success);
+        Group { requests: vec![], waiter: Awaits::One(w.clone()) }.answer(Response::Success);
         assert_eq!(w.answered(), Some(Response::Invalid), "the first answer wins");
     }
 
@@ -893,5 +1150,132 @@ mod cookie_and_spin_tests {
             checks.get() > 3
         }));
         assert_eq!(spin.load(Ordering::Relaxed), 4 * MIN_SPIN.as_nanos() as u64);
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    fn request(dev_id: u32) -> PageRequest {
+        PageRequest { flags: LAST_PAGE, dev_id, pasid: 0, grpid: 0, perm: 1, addr: 0 }
+    }
+
+    /// Each group of a batch is read and answered on its own cookie; the
+    /// batch counts the answers, and is empty again once waited for.
+    #[test]
+    fn a_batch_counts_each_groups_answer_and_starts_again() {
+        let q = FaultQueue::new();
+        let mut batch = Batch::new();
+        let mut reports = q.report_batch(&mut batch);
+        for dev_id in 1..=3 {
+            reports.report(&[request(dev_id)]);
+        }
+        drop(reports);
+        assert_eq!((batch.len(), batch.answered()), (3, None));
+        let got: Vec<(u32, u32)> = q.read(8).unwrap().iter().map(|(c, g)| (*c, g.requests[0].dev_id)).collect();
+        assert_eq!(got, [(1, 1), (2, 2), (3, 3)]);
+        let mut r = q.responses();
+        r.answer(2, Response::Invalid).unwrap();
+        r.respond(1, Response::Success).unwrap();
+        assert!(r.answer(2, Response::Success).is_err(), "answered already");
+        drop(r);
+        assert_eq!(batch.answered(), None, "one group is still unanswered");
+        q.responses().answer(3, Response::Success).unwrap();
+        assert_eq!(batch.wait(), Answered { success: 2, invalid: 1 });
+        assert!(batch.is_empty());
+        // Reused: the lists the answers left carry the next groups.
+        let mut reports = q.report_batch(&mut batch);
+        reports.report(&[request(4), request(4)]);
+        drop(reports);
+        let (cookie, g) = q.next(Duration::ZERO).unwrap();
+        assert_eq!(g.requests, [request(4), request(4)]);
+        q.responses().answer(cookie, Response::Success).unwrap();
+        assert_eq!(batch.wait_for(Duration::ZERO), Some(Answered { success: 1, invalid: 0 }));
+    }
+
+    #[test]
+    fn a_wait_for_answers_that_do_not_come_ends_at_its_timeout() {
+        let q = FaultQueue::new();
+        let mut batch = Batch::new();
+        q.report_batch(&mut batch).report(&[request(1)]);
+        let since = Instant::now();
+        assert_eq!(batch.wait_for(Duration::from_millis(100)), None);
+        assert!(since.elapsed() < Duration::from_secs(5));
+        let (cookie, _) = q.next(Duration::ZERO).unwrap();
+        q.responses().answer(cookie, Response::Success).unwrap();
+        assert_eq!(batch.wait_for(Duration::from_millis(100)), Some(Answered { success: 1, invalid: 0 }));
+    }
+
+    /// Groups of a batch that the queue has no room for, or that an abort
+    /// takes, are answered `Invalid`: a device never waits on a lost one.
+    #[test]
+    fn a_full_queue_and_an_abort_answer_a_batch_invalid() {
+        let q = FaultQueue::new();
+        let mut batch = Batch::new();
+        let mut reports = q.report_batch(&mut batch);
+        for _ in 0..QUEUE_LIMIT + 2 {
+            reports.report(&[request(1)]);
+        }
+        drop(reports);
+        assert_eq!(q.lost(), (0, 2));
+        q.read(1).unwrap();
+        q.abort(Some((1, None)));
+        assert_eq!(batch.wait_for(Duration::ZERO), Some(Answered { success: 0, invalid: QUEUE_LIMIT as u32 + 2 }));
+    }
+
+    /// The handler answers each batch in several writes, from two threads,
+    /// sometimes late enough that the device has gone to sleep: the answer
+    /// that completes a batch must wake it, whichever thread gives it. A
+    /// lost wake-up leaves the device asleep until its wait times out.
+    #[test]
+    fn the_last_answer_of_a_batch_always_wakes_the_device() {
+        let q = FaultQueue::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handlers: Vec<_> = (0..2u64)
+            .map(|seed| {
+                let (q, stop) = (q.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(seed);
+                    let mut cookies = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        if !q.wait_for_requests(Duration::from_millis(1)) {
+                            continue;
+                        }
+                        if rng.u8(..8) == 0 {
+                            // Past any spin: the device sleeps.
+                            std::thread::sleep(Duration::from_micros(rng.u64(50..300)));
+                        }
+                        cookies.clear();
+                        cookies.extend(q.lend(rng.usize(1..6)).unwrap().iter().map(|(c, _)| c));
+                        let mut r = q.responses();
+                        for &c in &cookies {
+                            let response = if c % 5 == 0 { Response::Invalid } else { Response::Success };
+                            r.answer(c, response).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut batch = Batch::new();
+        for round in 0..3000 {
+            let n = rng.u32(1..12);
+            let mut reports = q.report_batch(&mut batch);
+            for _ in 0..n {
+                reports.report(&[request(1)]);
+            }
+            drop(reports);
+            // The answers may all be in by the time a lost wake-up times
+            // out: the time it took tells.
+            let since = Instant::now();
+            let got = batch.wait_for(Duration::from_secs(2));
+            assert!(since.elapsed() < Duration::from_secs(1), "round {round}: the device was not woken");
+            assert_eq!(got.map(|a| a.success + a.invalid), Some(n), "round {round}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in handlers {
+            h.join().unwrap();
+        }
     }
 }

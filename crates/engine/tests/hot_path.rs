@@ -183,3 +183,49 @@ fn reading_and_answering_fault_groups_does_not_allocate() {
     }
     assert_eq!(taken, 0, "allocations reading and answering 9 batches of 64 groups");
 }
+
+/// A device reporting a batch of groups and waiting for their answers
+/// allocates nothing once warm (two batches): the groups reuse the request
+/// lists that answered ones left, and one waiter serves the whole batch.
+#[test]
+fn a_warm_device_reports_a_batch_and_waits_without_allocating() {
+    use ioasid_engine::FaultQueue;
+    use ioasid_engine::fault::{Batch, LAST_PAGE, PageRequest, Response};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    let q = FaultQueue::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (q, stop) = (q.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut cookies = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if q.wait_for_requests(Duration::from_millis(1)) {
+                    cookies.clear();
+                    cookies.extend(q.lend(usize::MAX).unwrap().iter().map(|(c, _)| c));
+                    let mut responses = q.responses();
+                    for &c in &cookies {
+                        responses.answer(c, Response::Success).unwrap();
+                    }
+                }
+            }
+        })
+    };
+    let request = PageRequest { flags: LAST_PAGE, dev_id: 1, pasid: 0, grpid: 0, perm: 2, addr: 0 };
+    let mut batch = Batch::new();
+    let mut round = || {
+        let mut reports = q.report_batch(&mut batch);
+        for _ in 0..64 {
+            reports.report(std::slice::from_ref(&request));
+        }
+        drop(reports);
+        assert_eq!(batch.wait().success, 64);
+    };
+    // The first batch's lists reach the devices' side when the handler
+    // reads the second; `allocations` warms up once more.
+    round();
+    let made = allocations(round);
+    stop.store(true, Ordering::Relaxed);
+    handler.join().unwrap();
+    assert_eq!(made, 0, "allocations reporting and awaiting 100 batches of 64 groups");
+}
