@@ -762,6 +762,7 @@ fn fault_round_trip(h: &mut Harness) {
     drop(to_handler);
     echo.join().unwrap();
 }
+
 /// An object table a VMM would write by hand: objects by ID under a lock,
 /// the lowest free ID kept in a set of freed IDs below a high-water mark.
 #[derive(Default)]
