@@ -918,7 +918,7 @@ mod tests {
 mod wait_tests {
     use super::*;
 
-    fn request(dev_id: u32) -> PageRequest {
+    pub(super) fn request(dev_id: u32) -> PageRequest {
         PageRequest { flags: LAST_PAGE, dev_id, pasid: 0, grpid: 0, perm: 1, addr: 0 }
     }
 
@@ -1155,11 +1155,8 @@ mod cookie_and_spin_tests {
 
 #[cfg(test)]
 mod batch_tests {
+    use super::wait_tests::request;
     use super::*;
-
-    fn request(dev_id: u32) -> PageRequest {
-        PageRequest { flags: LAST_PAGE, dev_id, pasid: 0, grpid: 0, perm: 1, addr: 0 }
-    }
 
     /// Each group of a batch is read and answered on its own cookie; the
     /// batch counts the answers, and is empty again once waited for.
