@@ -674,6 +674,15 @@ mod tests {
     use super::*;
     use crate::account::Limit;
 
+    /// Held by the tests that count live pages or references to them: a
+    /// count upgrades every registered `Pages` for a moment, so one running
+    /// beside them would keep their pages alive, or held elsewhere, while
+    /// they look.
+    fn counting_alone() -> std::sync::MutexGuard<'static, ()> {
+        static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        ALONE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     #[test]
     fn overlapping_pins_are_charged_once() {
         let acct = Accounting::isolated(Limit::Pages(100));
@@ -725,6 +734,7 @@ mod tests {
 
     #[test]
     fn registering_pages_does_not_walk_every_live_one() {
+        let _alone = counting_alone();
         // Far from any memory of this process: never touched, only counted.
         const BASE: u64 = 0x6000_0000_0000;
         const N: u64 = 100_000;
@@ -744,6 +754,7 @@ mod tests {
 
     #[test]
     fn recycled_pages_are_reused_only_when_nothing_else_holds_them() {
+        let _alone = counting_alone();
         let buf = crate::memory::HostBuffer::new(4 * PAGE_SIZE as usize).unwrap();
         let acct = Accounting::isolated(Limit::Pages(100));
         let user = |at: u64| Pages::user(buf.addr() + at * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, acct.clone());
@@ -772,6 +783,7 @@ mod tests {
         // A count upgrades registry entries while pages are recycled: a
         // pooled `Pages` must never be one a count still holds (the reuse
         // would then find another reference and panic).
+        let _alone = counting_alone();
         let buf = crate::memory::HostBuffer::new(PAGE_SIZE as usize).unwrap();
         let addr = buf.addr();
         use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
