@@ -805,11 +805,7 @@ impl Responses<'_> {
     /// [`Responses::respond`] for a handler that has no use for the group
     /// back: its request list is kept for the next reports to reuse.
     pub fn answer(&mut self, cookie: u32, response: Response) -> Result<()> {
-        let mut g = self.pending.unpend(cookie).ok_or(Error::Invalid("no fault group has that cookie"))?;
-        match &g.waiter {
-            Awaits::Batch(b) => self.owe(b, response),
-            _ => g.answer(response),
-        }
+        let mut g = self.respond(cookie, response)?;
         if self.pending.spare.len() < SPARE_LIMIT {
             g.requests.clear();
             self.pending.spare.push(std::mem::take(&mut g.requests));
