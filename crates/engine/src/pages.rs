@@ -205,10 +205,16 @@ fn register_with(make: impl FnOnce(LiveKey, &mut Vec<Arc<Pages>>) -> Arc<Pages>)
     arc
 }
 
+impl Slots {
+    /// Frees registry entry `slot` for the next `Pages`.
+    fn vacate(&mut self, slot: u32) {
+        self.live[slot as usize] = Weak::new();
+        self.free.push(slot);
+    }
+}
+
 fn unregister((shard, slot): LiveKey) {
-    let mut slots = shard.0.lock();
-    slots.live[slot as usize] = Weak::new();
-    slots.free.push(slot);
+    shard.0.lock().vacate(slot);
 }
 
 /// Lets go of `pages`, an area's once it is unmapped and unpinned: when
@@ -228,8 +234,7 @@ pub(crate) fn recycle(mut pages: Arc<Pages>) {
         if Arc::strong_count(&pages) != 1 {
             return;
         }
-        slots.live[slot as usize] = Weak::new();
-        slots.free.push(slot);
+        slots.vacate(slot);
     }
     let Some(p) = Arc::get_mut(&mut pages) else {
         unreachable!("the last reference, with its registry entry gone");
