@@ -126,6 +126,13 @@ p99 = "unmap under concurrent translation (16 pages), p99"
 p50 = "unmap under concurrent translation (16 pages), p50"
 dma = "DMA: 64-byte read through the IOMMU"
 iommu_memory = "DMA: 64-byte read through vm-memory's IommuMemory"
+# Why DMA through vm-memory's front end cannot pull far ahead (a target
+# and, should it fall behind, a row).
+iommu_memory_why = (
+    "both sides run vm-memory's `IommuMemory` and its `Iotlb` range lookup, the only way to build the iterator "
+    "`Iommu::translate` returns: about 940 of ioasid's 970 instructions per read (callgrind), the same code the "
+    "peer runs under its lock"
+)
 fault = "fault round trip: request, handler wakes, answer, device wakes"
 batch = "fault round trip: 64 requests answered in a batch"
 pasid = "PASID: alloc + free"
@@ -197,10 +204,7 @@ target_why = {
         "(about 370), checking and pinning the pages and charging them (about 330), writing the page table (about "
         "290); the area, the pin and the charge are what an iommufd map owes its unmap and `RLIMIT_MEMLOCK`"
     ),
-    "DMA through vm-memory's IommuMemory": (
-        "both sides run vm-memory's `IommuMemory` and its `Iotlb` range lookup, the only way to build the iterator "
-        "`Iommu::translate` returns: about 940 of ioasid's 970 instructions per read (callgrind)"
-    ),
+    "DMA through vm-memory's IommuMemory": iommu_memory_why,
     "unmap under concurrent translation": (
         "see the rows behind their peer below: the grace period's membarrier, measured in this run"
     ),
@@ -226,11 +230,7 @@ why = {
         "releasing the read lock), hence its stale writes below"
         if race_extra.get("barrier") is not None else None
     ),
-    "DMA: 64-byte read through vm-memory's IommuMemory": (
-        "both sides run vm-memory's `IommuMemory` and its `Iotlb` range lookup, the only way to build the iterator "
-        "`Iommu::translate` returns: about 940 of ioasid's 970 instructions per read (callgrind), the same code the "
-        "peer runs under its lock"
-    ),
+    "DMA: 64-byte read through vm-memory's IommuMemory": iommu_memory_why,
     "map: one 4 KiB page through the library": (
         "the peer inserts a range into a map; an iommufd map also checks and pins the pages, charges them to the "
         "locked-memory limit, records the area in the IOAS and writes the page table"
