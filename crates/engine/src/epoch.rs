@@ -654,6 +654,22 @@ impl<T> Rcu<T> {
     }
 }
 
+impl<T: Send + Sync + 'static> Rcu<T> {
+    /// Publishes `value` without waiting: the old one is dropped once the
+    /// readers that may still see it have left. For writers that must not
+    /// wait, such as one inside a section of its own.
+    pub fn publish(&self, value: Option<std::sync::Arc<T>>, guard: &Guard) {
+        let old = self.ptr.swap(into_raw(value), Ordering::AcqRel);
+        if !old.is_null() {
+            // SAFETY: `old` came from `Arc::into_raw`; this reference is the
+            // one `Rcu` held, and readers only borrow it inside sections the
+            // deferred drop waits for.
+            let old = unsafe { std::sync::Arc::from_raw(old) };
+            guard.defer(move || drop(old));
+        }
+    }
+}
+
 fn into_raw<T>(value: Option<std::sync::Arc<T>>) -> *mut T {
     value.map_or(std::ptr::null_mut(), |v| std::sync::Arc::into_raw(v).cast_mut())
 }

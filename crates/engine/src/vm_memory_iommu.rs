@@ -13,9 +13,11 @@
 //! Readers take no lock: the cache is published through
 //! [`Rcu`](crate::epoch::Rcu) and looked up inside an epoch section, the
 //! same section the generation is read in, which an unmap waits for before
-//! it returns. A miss resolves the range, builds a new `Iotlb` from the
-//! port's recent mappings plus the new one, and publishes it (waiting for
-//! the readers of the old one: misses are rare).
+//! it returns. A miss resolves the range inside a section of its own,
+//! builds a new `Iotlb` from the port's recent mappings plus the new one,
+//! publishes it (the old one is freed once its readers left) and serves the
+//! range from it in that section. So a miss is served however fast the
+//! table changes: it never waits for a cache that stays current.
 //!
 //! A miss resolves through the device's [`DmaPort`](crate::device::DmaPort),
 //! the path of every DMA: a fault is counted, becomes a page request on a
@@ -55,9 +57,9 @@ use parking_lot::Mutex;
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, Permissions};
 
-use crate::device::{Device, DmaError};
+use crate::device::{Device, DmaError, Pending, Stall};
 use crate::epoch::{self, Rcu};
-use crate::fault::DmaAttrs;
+use crate::fault::{DmaAttrs, Response};
 use crate::pgtable::Perm;
 
 const PAGE: u64 = 4096;
@@ -66,7 +68,8 @@ const PAGE: u64 = 4096;
 /// on a miss stays cheap.
 const MAX_MAPPINGS: usize = 64;
 
-/// Fills a translation tries while the table keeps changing under it.
+/// Page requests a translation makes for one range, each answered with
+/// success, before it gives up (as a device's own DMA does).
 const FILL_TRIES: usize = 8;
 
 /// The device's table identity and generation, as `Device::generation_in`
@@ -101,18 +104,27 @@ pub struct IommuPort {
     fault: Mutex<Option<DmaError>>,
 }
 
-/// The `Iotlb` a translation was served from, kept alive for as long as
-/// vm-memory iterates over it: an epoch section on the lock-free path, a
-/// counted reference where the cache could not be published.
+/// The `Iotlb` a translation was served from, kept alive, and its
+/// translations current, for as long as vm-memory iterates over it: both
+/// kinds hold the epoch section the range was found in, which an unmap
+/// waits for.
 pub struct IotlbRef<'a> {
     inner: Held<'a>,
 }
 
 enum Held<'a> {
-    /// Published: the section keeps it from being freed.
+    /// Found in the published cache: the section keeps it from being freed.
     Pinned { _guard: epoch::Guard, iotlb: NonNull<Iotlb>, _port: std::marker::PhantomData<&'a IommuPort> },
-    /// Built by a fill inside the caller's own section, not published.
-    Counted(Arc<Cached>),
+    /// Built by this translation's fill, in this section.
+    Filled { _guard: epoch::Guard, cached: Arc<Cached> },
+}
+
+/// Why a fill did not resolve its range.
+enum Miss {
+    /// It faulted for good, or the range cannot be cached.
+    Failed(String),
+    /// It faulted on a PRI device, which was asked for the page.
+    Asked(Pending),
 }
 
 impl Deref for IotlbRef<'_> {
@@ -125,7 +137,7 @@ impl Deref for IotlbRef<'_> {
             // which lasts as long as `self`; a replace waits for it before
             // the old cache can be dropped, and the port outlives `'a`.
             Held::Pinned { iotlb, .. } => unsafe { iotlb.as_ref() },
-            Held::Counted(c) => &c.iotlb,
+            Held::Filled { cached, .. } => &cached.iotlb,
         }
     }
 }
@@ -187,32 +199,34 @@ impl IommuPort {
 
     /// Resolves every page of the range through the device's DMA port, so a
     /// fault here is what a fault of the device's own DMA is: counted, a
-    /// page request on a PRI device (waited for), a vEVENTQ record where a
-    /// vIOMMU listens. The typed fault is kept for [`IommuPort::take_fault`].
-    /// Returns the cache to serve the range from: published, unless the
-    /// caller is inside a section (publishing waits for every section).
-    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<Option<Arc<Cached>>, String> {
+    /// page request on a PRI device, a vEVENTQ record where a vIOMMU
+    /// listens. The typed fault is kept for [`IommuPort::take_fault`].
+    /// Publishes the cache it builds and returns it: its ranges stay current
+    /// for as long as `guard`'s section, in which they were resolved, lasts.
+    fn fill(&self, iova: u64, length: usize, access: Permissions, guard: &epoch::Guard) -> Result<Arc<Cached>, Miss> {
         let need = Perm { read: access.allow(Permissions::Read), write: access.allow(Permissions::Write) };
-        let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
+        let end = iova.checked_add(length as u64).ok_or(Miss::Failed("IOVA range wraps".into()))?;
         let first = iova & !(PAGE - 1);
         let len = end.div_ceil(PAGE) * PAGE - first;
-        let len = usize::try_from(len).map_err(|_| "IOVA range too long")?;
+        let len = usize::try_from(len).map_err(|_| Miss::Failed("IOVA range too long".into()))?;
         // Read before resolving: an unmap that races the walk bumps it
         // after clearing, so what is cached under it is never stale for
         // a reader that sees it.
-        let tag = self.device.generation_at(self.pasid);
+        let tag = self.device.generation_in(self.pasid, guard);
         let port = self.device.port(self.pasid);
         let mut resolved = Vec::new();
-        let filled = port.access(need, DmaAttrs::default(), first, len, true, |t, r| {
+        // Not waiting for a page request's answer: this section would hold
+        // up a handler that unmaps. The caller waits outside it.
+        let filled = port.access(need, DmaAttrs::default(), first, len, false, |t, r| {
             let gpa = self.gpa_of(t.host.0).ok_or(crate::Error::Fault("the page is outside guest memory"))?;
             resolved.push((first + r.start as u64, gpa, r.len(), access));
             Ok(())
         });
-        filled.map_err(|stall| {
-            let fault = stall.into_error();
-            *self.fault.lock() = Some(fault);
-            fault.to_string()
-        })?;
+        match filled {
+            Ok(()) => {}
+            Err(Stall::PageRequest(pending)) => return Err(Miss::Asked(pending)),
+            Err(Stall::Failed(fault)) => return Err(Miss::Failed(self.failed(fault))),
+        }
         let cached = {
             let mut recent = self.recent.lock();
             if recent.tag != tag || recent.mappings.len() + resolved.len() > MAX_MAPPINGS {
@@ -222,15 +236,20 @@ impl IommuPort {
             recent.mappings.extend(resolved);
             let mut iotlb = Iotlb::new();
             for &(at, gpa, len, access) in &recent.mappings {
-                iotlb.set_mapping(GuestAddress(at), GuestAddress(gpa), len, access).map_err(|_| "IOTLB")?;
+                iotlb
+                    .set_mapping(GuestAddress(at), GuestAddress(gpa), len, access)
+                    .map_err(|_| Miss::Failed("IOTLB".into()))?;
             }
             Arc::new(Cached { tag, iotlb })
         };
-        if epoch::pinned() {
-            return Ok(Some(cached));
-        }
-        drop(self.cache.replace(Some(cached)));
-        Ok(None)
+        self.cache.publish(Some(cached.clone()), guard);
+        Ok(cached)
+    }
+
+    /// Keeps `fault` for [`IommuPort::take_fault`]; its text for vm-memory.
+    fn failed(&self, fault: DmaError) -> String {
+        *self.fault.lock() = Some(fault);
+        fault.to_string()
     }
 
     /// The fault that made the last translation fail, typed (vm-memory's
@@ -249,25 +268,27 @@ impl Iommu for IommuPort {
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
-        let range = || IovaRange { base: iova, length };
-        for _ in 0..FILL_TRIES {
+        let fail = |reason| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason };
+        let mut asked = 0;
+        loop {
             if let Some(hit) = self.lookup(iova, length, access) {
                 return Ok(hit);
             }
-            let filled = self.fill(iova.0, length, access);
-            match filled.map_err(|reason| Error::CannotResolve { iova_range: range(), reason })? {
-                // Resolved inside the caller's section, which an unmap
-                // waits for: serving from it is as safe as publishing it.
-                Some(own) => {
-                    let served = Iotlb::lookup(IotlbRef { inner: Held::Counted(own) }, iova, length, access);
-                    return served
-                        .map_err(|_| Error::CannotResolve { iova_range: range(), reason: "not mapped".into() });
+            let guard = epoch::pin();
+            let pending = match self.fill(iova.0, length, access, &guard) {
+                Ok(cached) => {
+                    let filled = IotlbRef { inner: Held::Filled { _guard: guard, cached } };
+                    return Iotlb::lookup(filled, iova, length, access).map_err(|_| fail("not mapped".into()));
                 }
-                // Published; the lookup misses again only if the table
-                // changed meanwhile, and then the range is resolved anew.
-                None => continue,
+                Err(Miss::Failed(reason)) => return Err(fail(reason)),
+                Err(Miss::Asked(pending)) => pending,
+            };
+            // Outside the section: the handler may unmap.
+            drop(guard);
+            asked += 1;
+            if pending.wait() != Response::Success || asked == FILL_TRIES {
+                return Err(fail(self.failed(pending.fault())));
             }
         }
-        Err(Error::CannotResolve { iova_range: range(), reason: "the table kept changing".into() })
     }
 }

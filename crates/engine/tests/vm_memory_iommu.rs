@@ -183,8 +183,10 @@ fn fills_racing_lookups_never_serve_a_mapping_after_its_unmap() {
         .collect();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let mut cycles = 0u64;
-    // Until both sides did enough, whenever the readers get a core.
-    while (cycles < 2000 || looked.load(Ordering::Relaxed) < 4000) && std::time::Instant::now() < deadline {
+    // Until both sides did enough, whenever they get a core: readers that
+    // never wait leave an unmap's grace period to the scheduler on a small
+    // machine.
+    while (cycles < 500 || looked.load(Ordering::Relaxed) < 4000) && std::time::Instant::now() < deadline {
         state.fetch_add(1, Ordering::AcqRel);
         // SAFETY: `ram` lives in `g`, beside the context.
         unsafe { g.ctx.map_user(g.ioas, host, PAGE, Some(toggled), Perm { read: true, write: false }).unwrap() };
@@ -201,10 +203,10 @@ fn fills_racing_lookups_never_serve_a_mapping_after_its_unmap() {
     assert_eq!(stale.load(Ordering::Relaxed), 0, "lookups served a mapping after its unmap returned");
 }
 
-/// A device model that translates inside its own epoch section cannot
-/// publish (that waits for every section), yet its access is served.
+/// A device model that translates inside its own epoch section is served:
+/// publishing a fill does not wait for sections.
 #[test]
-fn a_miss_inside_an_epoch_section_is_served_unpublished() {
+fn a_miss_inside_an_epoch_section_is_served() {
     let g = guest();
     let guard = ioasid_engine::epoch::pin();
     g.memory.write_slice(b"pinned", GuestAddress(IOVA)).unwrap();
