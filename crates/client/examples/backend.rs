@@ -17,7 +17,9 @@
 //! - `virtio IOVA`: reads a `u64` through vm-memory's `IommuMemory` (the
 //!   path a virtio-queue device model takes), `ok VALUE`
 //! - `hammer IOVA`: starts writing a nonzero pattern at IOVA continuously, `ok`
-//! - `stop`: stops it, `ok WRITES FAULTS`
+//! - `vhammer IOVA`: starts reading a `u64` at IOVA through `IommuMemory`
+//!   continuously, `ok`
+//! - `stop`: stops either, `ok ACCESSES FAULTS`
 //! - `stall IOVA`: translates IOVA through vm-memory and, holding the
 //!   translation (so mid-DMA), stops itself with SIGSTOP
 //!
@@ -83,7 +85,7 @@ fn main() {
     let file = Arc::new(std::fs::File::from(memfd));
     let region = GuestRegionMmap::from_range(GuestAddress(0), ram_len, Some(FileOffset::from_arc(file, 0))).unwrap();
     let ram = GuestMemoryMmap::from_regions(vec![region]).unwrap();
-    let memory = IommuMemory::new(ram.clone(), IommuPort::for_memory(port.clone(), &ram), true, ());
+    let memory = Arc::new(IommuMemory::new(ram.clone(), IommuPort::for_memory(port.clone(), &ram), true, ()));
     say(&sock, "ready");
 
     let running = Arc::new(AtomicBool::new(false));
@@ -117,6 +119,20 @@ fn main() {
                     while running.load(Ordering::Relaxed) {
                         match port.write(iova, &data) {
                             Ok(()) => counts.0.fetch_add(1, Ordering::Relaxed),
+                            Err(_) => counts.1.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                }));
+                "ok".into()
+            }
+            Some("vhammer") => {
+                let iova = GuestAddress(num(w.next()));
+                running.store(true, Ordering::SeqCst);
+                let (memory, running, counts) = (memory.clone(), running.clone(), counts.clone());
+                hammer = Some(std::thread::spawn(move || {
+                    while running.load(Ordering::Relaxed) {
+                        match memory.read_obj::<u64>(iova) {
+                            Ok(_) => counts.0.fetch_add(1, Ordering::Relaxed),
                             Err(_) => counts.1.fetch_add(1, Ordering::Relaxed),
                         };
                     }

@@ -16,7 +16,7 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
@@ -75,41 +75,48 @@ impl IommuPort {
     }
 
     /// Fills the cache for `length` bytes at `iova` from the port's table,
-    /// asking the daemon for what it lacks. Called outside any section.
-    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<(), String> {
+    /// asking the daemon for what it lacks, and returns it inside the section
+    /// the whole range was found in: an unmap waits for that section, so the
+    /// range is served however often the table changes meanwhile. Called
+    /// outside any section.
+    fn fill(&self, iova: u64, length: usize, access: Permissions) -> Result<Guard<'_>, String> {
         let perm = match access {
             Permissions::Write | Permissions::ReadWrite => wire::PERM_R | wire::PERM_W,
             _ => wire::PERM_R,
         };
         let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
-        let mut at = iova;
         let mut misses = 0;
-        while at < end {
+        'again: loop {
             let section = self.port.enter().map_err(|e| e.to_string())?;
             let generation = self.port.generation();
-            let found = self.port.table_lookup(at, perm);
-            let Some((identity, offset, len)) = found else {
-                drop(section);
-                misses += 1;
-                if misses > 3 {
-                    return Err(format!("IOMMU fault at IOVA {at:#x}"));
-                }
-                self.port.request(at, end - at, perm).map_err(|e| e.to_string())?;
-                continue;
-            };
-            let (gpa, n) = self.gpa_of(identity, offset).ok_or("the page is outside guest memory")?;
-            let n = n.min(len).min(end - at);
             let mut iotlb = self.iotlb.write();
             if iotlb.0 != generation {
                 iotlb.1.invalidate_all();
                 iotlb.0 = generation;
             }
-            iotlb.1.set_mapping(GuestAddress(at), GuestAddress(gpa), n as usize, access).map_err(|e| e.to_string())?;
-            drop(iotlb);
-            drop(section);
-            at += n;
+            let mut at = iova;
+            while at < end {
+                let Some((identity, offset, len)) = self.port.table_lookup(at, perm) else {
+                    // Asked outside the section, which the daemon's answer
+                    // may have to wait for.
+                    drop((iotlb, section));
+                    misses += 1;
+                    if misses > 3 {
+                        return Err(format!("IOMMU fault at IOVA {at:#x}"));
+                    }
+                    self.port.request(at, end - at, perm).map_err(|e| e.to_string())?;
+                    continue 'again;
+                };
+                let (gpa, n) = self.gpa_of(identity, offset).ok_or("the page is outside guest memory")?;
+                let n = n.min(len).min(end - at);
+                iotlb
+                    .1
+                    .set_mapping(GuestAddress(at), GuestAddress(gpa), n as usize, access)
+                    .map_err(|e| e.to_string())?;
+                at += n;
+            }
+            return Ok(Guard { iotlb: RwLockWriteGuard::downgrade(iotlb), _section: section });
         }
-        Ok(())
     }
 
     /// The guest-physical address of byte `offset` of file `identity`, and
@@ -144,15 +151,13 @@ impl Iommu for IommuPort {
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
         let fail = |reason: String| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason };
-        for _ in 0..4 {
-            if let Some(hit) = self.lookup(iova, length, access) {
-                return Ok(hit);
-            }
-            if self.port.blocked() {
-                return Err(fail("the port is closed or cut off".into()));
-            }
-            self.fill(iova.0, length, access).map_err(fail)?;
+        if let Some(hit) = self.lookup(iova, length, access) {
+            return Ok(hit);
         }
-        Err(fail("the translation kept changing".into()))
+        if self.port.blocked() {
+            return Err(fail("the port is closed or cut off".into()));
+        }
+        let filled = self.fill(iova.0, length, access).map_err(fail)?;
+        Iotlb::lookup(filled, iova, length, access).map_err(|_| fail("not mapped".into()))
     }
 }

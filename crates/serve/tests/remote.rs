@@ -214,6 +214,28 @@ fn no_write_lands_after_unmap_returns_while_a_back_end_writes_continuously() {
     assert!(writes > 0, "the back end never wrote: {counts}");
 }
 
+/// Every unmap empties the back end's table, so each one sends its
+/// `IommuMemory` back to the daemon; a page that stays mapped is still read
+/// every time, however fast the unmaps come.
+#[test]
+fn a_back_ends_iommu_memory_reads_a_mapped_page_while_the_vmm_maps_and_unmaps_another() {
+    let served = Served::start("remote-steady", Limits::default());
+    let vmm = Vmm::new(&served);
+    let b = Backend::start(&served, &vmm, "steady");
+    vmm.map(0, 0x1000, IOVA);
+    assert_eq!(b.ask(&format!("vhammer {IOVA:#x}")), "ok");
+    for _ in 0..2000 {
+        vmm.map(0x1000, 0x1000, IOVA + 0x1000);
+        vmm.unmap(IOVA + 0x1000, 0x1000);
+    }
+    let counts = b.ask("stop");
+    let mut words = counts.split_whitespace().skip(1).map(|w| w.parse::<u64>().unwrap());
+    let (reads, faults) = (words.next().unwrap(), words.next().unwrap());
+    eprintln!("2000 unmaps: back end {counts}");
+    assert_eq!(faults, 0, "reads of a mapped page failed: {counts}");
+    assert!(reads > 0, "the back end never read: {counts}");
+}
+
 #[test]
 fn a_back_end_stopped_mid_dma_is_cut_off_and_the_unmap_returns() {
     let limits = Limits { backend_stall_ms: 50, ..Limits::default() };
