@@ -1047,6 +1047,8 @@ struct RaceTally {
     stale: u32,
     rounds: u32,
     writes: u64,
+    /// Grace periods' barriers during the rounds (ioasid's side only).
+    barriers: u64,
 }
 
 /// Unmap latency under concurrent translation: the race above, ioasid's and
@@ -1068,7 +1070,9 @@ fn unmap_under_translation(h: &mut Harness) {
     let mut seen: [RaceTally; 2] = Default::default();
     for _ in 0..h.alternations() {
         for (side, seen) in sides.iter().zip(&mut seen) {
+            let barriers = ioasid_engine::epoch::barriers();
             let r = race(side.clone(), rounds);
+            seen.barriers += ioasid_engine::epoch::barriers() - barriers;
             seen.p50.push(r.p50);
             seen.p99.push(r.p99);
             seen.stale += r.stale;
@@ -1079,8 +1083,8 @@ fn unmap_under_translation(h: &mut Harness) {
     let (alone, barrier) = unmap_parts(&sides[0]);
     let extra = |s: &RaceTally| {
         Some(format!(
-            r#""stale": {}, "rounds": {}, "writes": {}, "alone": {alone}, "barrier": {barrier}"#,
-            s.stale, s.rounds, s.writes
+            r#""stale": {}, "rounds": {}, "writes": {}, "alone": {alone}, "barrier": {barrier}, "barriers": {}"#,
+            s.stale, s.rounds, s.writes, s.barriers
         ))
     };
     let ours = "`unmap` of 16 mapped pages while a thread DMAs into them with `Device::dma_write`";

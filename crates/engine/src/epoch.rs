@@ -11,17 +11,27 @@
 //! purpose: DMA is frequent and unmap is rare, so readers pay as little as
 //! possible and writers pay the rest.
 //!
-//! - Each thread owns a slot holding a sequence number, odd while it is
-//!   inside. Entering stores the next odd number with a plain store and a
-//!   compiler fence; leaving stores the next even number with a release
-//!   store. No lock, no allocation, no read-modify-write, no full fence, no
-//!   system call. Nested pins only count depth.
-//! - A writer first unlinks, then calls
-//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which runs a full
-//!   memory barrier on every CPU running one of the process's threads. After
-//!   it, a reader either has its odd number visible to the writer, or
-//!   entered afterwards and can only see the unlinked state. The writer
-//!   then scans the slots and waits for each odd number it saw to change.
+//! - A global epoch counts grace periods. Each thread owns a slot holding
+//!   the epoch it read on entering, shifted, with the low bit set while it
+//!   is inside. Entering loads the epoch (acquire) and stores the slot
+//!   (release) with a compiler fence; leaving clears the low bit with a
+//!   release store. No lock, no allocation, no read-modify-write, no full
+//!   fence, no system call. Nested pins only count depth.
+//! - A writer first unlinks, then advances the epoch (a release
+//!   read-modify-write). A reader whose slot shows the new epoch read it,
+//!   so it sees everything unlinked before (acquire pairs with release),
+//!   and its slot's release store orders its earlier sections before the
+//!   writer's read of it. A reader busy with DMA enters again within
+//!   nanoseconds, so the writer first waits briefly for every slot to show
+//!   the new epoch: then it is done without disturbing any other CPU.
+//! - Slots still behind after that (idle threads, or readers stuck in a long
+//!   section) are settled by `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`,
+//!   which runs a full memory barrier on every CPU running one of the
+//!   process's threads. After it, a reader either has its slot visible to
+//!   the writer, or entered afterwards and can only see the unlinked state.
+//!   The writer waits for each slot it then sees inside under an older
+//!   epoch to change: the same section cannot show the same value again,
+//!   since a new entry reads the new epoch.
 //! - Where membarrier cannot be registered (old kernels, seccomp filters),
 //!   readers issue a SeqCst fence after their store and writers a SeqCst
 //!   fence before their scan: the same Dekker pairing, paid by readers.
@@ -83,10 +93,9 @@ fn pause() {
 
 /// One thread's place among the readers.
 struct Slot {
-    /// Odd while the owner is inside a critical section; it only grows, so
-    /// a writer that saw an odd number knows that section ended once the
-    /// number changed.
-    seq: AtomicU64,
+    /// The epoch its owner read on entering its last critical section,
+    /// shifted left by one; the low bit is set while it is inside.
+    state: AtomicU64,
     /// Owned by a live thread.
     taken: AtomicBool,
     /// The next slot of the collector's list.
@@ -94,10 +103,15 @@ struct Slot {
 }
 
 impl Slot {
-    /// Enters a critical section numbered `seq` (odd).
+    /// Enters a critical section under the current `epoch`; returns the
+    /// state stored, for `leave`.
     #[inline(always)]
-    fn enter(&self, seq: u64, membarrier: bool) {
-        self.seq.store(seq, Ordering::Relaxed);
+    fn enter(&self, epoch: &AtomicU64, membarrier: bool) -> u64 {
+        // Acquire: a writer that advanced the epoch unlinked before.
+        // Release: the sections before this one are over for a writer that
+        // reads this state.
+        let state = epoch.load(Ordering::Acquire) << 1 | 1;
+        self.state.store(state, Ordering::Release);
         if membarrier {
             // The writer's membarrier orders this store before the loads
             // below on the CPU; only the compiler must be kept from moving
@@ -106,15 +120,35 @@ impl Slot {
         } else {
             fence(Ordering::SeqCst);
         }
+        state
     }
 
-    /// Leaves the section by storing `seq` (even): every access of the
-    /// section happens before a writer that reads it.
+    /// Leaves the section `enter` returned `state` for: every access of the
+    /// section happens before a writer that reads the cleared bit.
     #[inline(always)]
-    fn leave(&self, seq: u64) {
-        self.seq.store(seq, Ordering::Release);
+    fn leave(&self, state: u64) {
+        self.state.store(state & !1, Ordering::Release);
     }
 }
+
+/// A value alone on its cache lines: the epoch, which every reader loads
+/// on entering, shares its line with nothing a reader or writer stores to
+/// more often.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// How long a grace period waits for readers to show the new epoch before
+/// it interrupts their CPUs instead: a reader in a DMA loop enters again
+/// well within it, and it is short beside the barrier's interrupt (about
+/// 2 µs in a virtual machine).
+#[cfg(not(loom))]
+const CATCH_UP: std::time::Duration = std::time::Duration::from_nanos(1000);
+
+/// How long slots behind may stay outside and unchanged before the grace
+/// period stops waiting for them to catch up: far longer than a DMA loop
+/// spends between two sections.
+#[cfg(not(loom))]
+const QUIET: std::time::Duration = std::time::Duration::from_nanos(150);
 
 /// Memory an owner takes back once the readers that could see it have
 /// left: what page tables retire on unmap, deferred without a box per item.
@@ -169,6 +203,8 @@ impl Garbage {
 
 /// The readers of one reclamation domain, and what waits for them.
 struct Collector {
+    /// Grace periods started: what readers read on entering.
+    epoch: Padded<AtomicU64>,
     /// Slots are pushed at the head and never removed (a thread that exits
     /// leaves its slot for the next one), so writers scan without a lock.
     head: AtomicPtr<Slot>,
@@ -183,6 +219,7 @@ struct Collector {
 impl Collector {
     fn new(membarrier: bool) -> Self {
         Collector {
+            epoch: Padded(AtomicU64::new(0)),
             head: AtomicPtr::new(std::ptr::null_mut()),
             membarrier,
             garbage: Mutex::new(Garbage::default()),
@@ -201,18 +238,17 @@ impl Collector {
         })
     }
 
-    /// A slot for a new thread, reusing one whose thread exited; with the
-    /// even number it holds.
-    fn claim(&self) -> (&Slot, u64) {
+    /// A slot for a new thread, reusing one whose thread exited.
+    fn claim(&self) -> &Slot {
         for slot in self.slots() {
             if slot.taken.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
                 // Pairs with the fence of `others_registered`.
                 fence(Ordering::SeqCst);
-                return (slot, slot.seq.load(Ordering::Relaxed));
+                return slot;
             }
         }
         let slot = Box::into_raw(Box::new(Slot {
-            seq: AtomicU64::new(0),
+            state: AtomicU64::new(0),
             taken: AtomicBool::new(true),
             next: AtomicPtr::new(std::ptr::null_mut()),
         }));
@@ -228,7 +264,7 @@ impl Collector {
         // Pairs with the fence of `others_registered`.
         fence(Ordering::SeqCst);
         // SAFETY: published slots live as long as the collector.
-        (unsafe { &*slot }, 0)
+        unsafe { &*slot }
     }
 
     /// Whether a thread other than the owner of `own` (the caller, outside
@@ -252,6 +288,8 @@ impl Collector {
     /// was unlinked before this call.
     fn barrier(&self) {
         #[cfg(not(loom))]
+        BARRIERS.fetch_add(1, Ordering::Relaxed);
+        #[cfg(not(loom))]
         if self.membarrier {
             use rustix::thread::{MembarrierCommand, membarrier};
             // Registration is per process and kept across fork; should it be
@@ -267,22 +305,103 @@ impl Collector {
         fence(Ordering::SeqCst);
     }
 
-    /// The slots inside a critical section now, with their numbers.
+    /// Starts a grace period: readers that enter from now on see what was
+    /// unlinked before. Returns the new epoch.
+    fn advance(&self) -> u64 {
+        self.epoch.0.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The slots inside a critical section now, with their states.
     fn inside(&self) -> Vec<(usize, u64)> {
         self.slots()
             .filter_map(|s| {
-                let seq = s.seq.load(Ordering::Acquire);
-                (seq & 1 == 1).then_some((s as *const Slot as usize, seq))
+                let state = s.state.load(Ordering::Acquire);
+                (state & 1 == 1).then_some((s as *const Slot as usize, state))
             })
             .collect()
     }
 
-    /// Whether the reader in slot `addr` has left the section numbered `seq`.
-    fn left(addr: usize, seq: u64) -> bool {
-        // SAFETY: `addr` came from `inside`, and slots live as long as the
-        // collector, which the caller borrows.
-        let slot = unsafe { &*(addr as *const Slot) };
-        slot.seq.load(Ordering::Acquire) != seq
+    /// The state of slot `addr`, from `inside` or `behind`.
+    fn state(addr: usize) -> u64 {
+        // SAFETY: `addr` came from a scan of the slots, and slots live as
+        // long as the collector, which the caller borrows.
+        unsafe { &*(addr as *const Slot) }.state.load(Ordering::Acquire)
+    }
+
+    /// Whether the reader in slot `addr` has left the section it was inside
+    /// with `state`: a new entry reads a newer epoch, as one was started
+    /// before `state` was seen, so the same value cannot come back.
+    fn left(addr: usize, state: u64) -> bool {
+        Self::state(addr) != state
+    }
+
+    /// Other threads' slots that have not shown epoch `now` yet.
+    fn behind(&self, own: *const Slot, now: u64) -> Vec<(usize, u64)> {
+        self.slots()
+            .filter(|s| !std::ptr::eq(*s, own) && s.taken.load(Ordering::Acquire))
+            .filter_map(|s| {
+                let state = s.state.load(Ordering::Acquire);
+                (state >> 1 < now).then_some((s as *const Slot as usize, state))
+            })
+            .collect()
+    }
+
+    /// The slots of `behind` still behind epoch `now` once waiting for
+    /// them stopped paying: after `CATCH_UP`, or as soon as none of them
+    /// has been inside or moved for `QUIET` (idle threads never catch up).
+    #[cfg(not(loom))]
+    fn catch_up(mut behind: Vec<(usize, u64)>, now: u64) -> Vec<(usize, u64)> {
+        let since = std::time::Instant::now();
+        let mut stirred = since;
+        loop {
+            let mut active = false;
+            behind.retain_mut(|(addr, seen)| {
+                let state = Self::state(*addr);
+                active |= state & 1 == 1 || state != *seen;
+                *seen = state;
+                state >> 1 < now
+            });
+            if behind.is_empty() {
+                return behind;
+            }
+            let t = std::time::Instant::now();
+            if active {
+                stirred = t;
+            }
+            if t - since >= CATCH_UP || t - stirred >= QUIET {
+                return behind;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Waits for the readers of a grace period started at epoch `now`:
+    /// first for busy ones to enter again, which shows they read `now`;
+    /// then, for any still behind, with the barrier and a wait for each one
+    /// it shows inside.
+    fn wait_for_readers(&self, own: *const Slot, now: u64) {
+        let behind = self.behind(own, now);
+        #[cfg(not(loom))]
+        let behind = Self::catch_up(behind, now);
+        if behind.is_empty() {
+            return;
+        }
+        self.barrier();
+        for (addr, _) in behind {
+            let state = Self::state(addr);
+            if state & 1 == 0 || state >> 1 >= now {
+                continue;
+            }
+            let mut spins = 0u32;
+            while !Self::left(addr, state) {
+                spins += 1;
+                if spins > 64 {
+                    pause();
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        }
     }
 
     /// Waits until every critical section running when it was called has
@@ -307,18 +426,8 @@ impl Collector {
             ready
         };
         if self.others_registered(own) {
-            self.barrier();
-            for (addr, seq) in self.inside() {
-                let mut spins = 0u32;
-                while !Self::left(addr, seq) {
-                    spins += 1;
-                    if spins > 64 {
-                        pause();
-                    } else {
-                        std::hint::spin_loop();
-                    }
-                }
-            }
+            let now = self.advance();
+            self.wait_for_readers(own, now);
         }
         self.run(ready);
     }
@@ -360,13 +469,16 @@ impl Collector {
         {
             let mut g = lock(&self.garbage);
             if !g.batch.is_empty() {
-                g.waiting_for.retain(|&(addr, seq)| !Self::left(addr, seq));
+                g.waiting_for.retain(|&(addr, state)| !Self::left(addr, state));
                 if g.waiting_for.is_empty() {
                     ready = std::mem::take(&mut g.batch);
                 }
             }
             if g.batch.is_empty() && !g.queued.is_empty() && (start || g.queued.len() >= BACKLOG) {
                 g.batch = std::mem::take(&mut g.queued);
+                // So that a reader seen inside shows a new state once it left,
+                // even if it enters again before it is next looked at.
+                self.advance();
                 self.barrier();
                 g.waiting_for = self.inside();
                 if g.waiting_for.is_empty() {
@@ -418,8 +530,10 @@ fn global() -> &'static Collector {
 struct Local {
     slot: Cell<*const Slot>,
     depth: Cell<u32>,
-    /// The number of the slot: odd while inside.
-    seq: Cell<u64>,
+    /// The state the slot was given on entering the outermost section.
+    state: Cell<u64>,
+    /// The collector's epoch.
+    epoch: Cell<*const AtomicU64>,
     membarrier: Cell<bool>,
     /// Something was deferred since the outermost pin.
     deferred: Cell<bool>,
@@ -447,7 +561,8 @@ thread_local! {
         Local {
             slot: Cell::new(std::ptr::null()),
             depth: Cell::new(0),
-            seq: Cell::new(0),
+            state: Cell::new(0),
+            epoch: Cell::new(std::ptr::null()),
             membarrier: Cell::new(false),
             deferred: Cell::new(false),
         }
@@ -459,8 +574,8 @@ thread_local! {
 #[inline(never)]
 fn register(l: &Local) -> *const Slot {
     let c = global();
-    let (slot, seq) = c.claim();
-    l.seq.set(seq);
+    let slot = c.claim();
+    l.epoch.set(&c.epoch.0);
     l.membarrier.set(c.membarrier);
     l.slot.set(slot);
     // A thread already past its destructors (pinning from another TLS
@@ -492,10 +607,10 @@ pub fn pin() -> Guard {
             if slot.is_null() {
                 slot = register(l);
             }
-            let seq = l.seq.get() + 1;
-            l.seq.set(seq);
-            // SAFETY: slots of the global collector live for ever.
-            unsafe { &*slot }.enter(seq, l.membarrier.get());
+            // SAFETY: slots and the epoch of the global collector live for
+            // ever (`register` set both).
+            let state = unsafe { &*slot }.enter(unsafe { &*l.epoch.get() }, l.membarrier.get());
+            l.state.set(state);
         }
         l.depth.set(depth + 1);
     });
@@ -509,11 +624,9 @@ impl Drop for Guard {
             let depth = l.depth.get() - 1;
             l.depth.set(depth);
             if depth == 0 {
-                let seq = l.seq.get() + 1;
-                l.seq.set(seq);
                 // SAFETY: set by the pin this guard came from; slots of the
                 // global collector live for ever.
-                unsafe { &*l.slot.get() }.leave(seq);
+                unsafe { &*l.slot.get() }.leave(l.state.get());
                 if l.deferred.replace(false) {
                     global().try_collect(false);
                 }
@@ -541,6 +654,18 @@ impl Guard {
     pub fn flush(&self) {
         global().try_collect(true);
     }
+}
+
+/// Barriers grace periods have issued so far (`membarrier`, or the fence
+/// where it is missing): what the benchmarks report of how often readers
+/// did not catch up on their own.
+#[cfg(not(loom))]
+static BARRIERS: AtomicU64 = AtomicU64::new(0);
+
+/// How many barriers grace periods have issued in this process.
+#[cfg(not(loom))]
+pub fn barriers() -> u64 {
+    BARRIERS.load(Ordering::Relaxed)
 }
 
 /// Whether this thread is inside a critical section, where `synchronize`
@@ -773,23 +898,21 @@ mod tests {
                 let (c, cells, current, stop) = (c.clone(), cells.clone(), current.clone(), stop.clone());
                 let sections = sections.clone();
                 std::thread::spawn(move || {
-                    let (mut slot, mut seq) = c.claim();
+                    let mut slot = c.claim();
                     let mut bad = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         if churn {
                             c.release(slot);
-                            (slot, seq) = c.claim();
+                            slot = c.claim();
                         }
-                        seq += 1;
-                        slot.enter(seq, membarrier);
+                        let state = slot.enter(&c.epoch.0, membarrier);
                         let i = current.load(Ordering::Acquire);
                         for _ in 0..4 {
                             if cells[i].load(Ordering::Relaxed) == 0 {
                                 bad += 1;
                             }
                         }
-                        seq += 1;
-                        slot.leave(seq);
+                        slot.leave(state);
                         sections.fetch_add(1, Ordering::Relaxed);
                     }
                     c.release(slot);
@@ -797,7 +920,7 @@ mod tests {
                 })
             })
             .collect();
-        let (own, _) = c.claim();
+        let own = c.claim();
         // Until the readers have been at it a while, however fast rounds
         // go (a skipped barrier makes them very fast).
         let mut round = 0;
@@ -854,11 +977,11 @@ mod loom_tests {
     ) -> loom::thread::JoinHandle<()> {
         let (c, cells, current) = (c.clone(), cells.clone(), current.clone());
         loom::thread::spawn(move || {
-            let (slot, seq) = c.claim();
-            slot.enter(seq + 1, false);
+            let slot = c.claim();
+            let state = slot.enter(&c.epoch.0, false);
             let i = current.load(Ordering::Acquire);
             let seen = cells[i].load(Ordering::Relaxed);
-            slot.leave(seq + 2);
+            slot.leave(state);
             if release {
                 c.release(slot);
             }
@@ -900,8 +1023,7 @@ mod loom_tests {
     fn synchronize_without_other_readers_skips_safely() {
         loom::model(|| {
             let c = Arc::new(Collector::new(false));
-            let (own, _) = c.claim();
-            let own = own as *const Slot;
+            let own = c.claim() as *const Slot;
             let cells: Cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
             let current = Arc::new(AtomicUsize::new(0));
             // The model's readers fence on entering (membarrier is not
@@ -919,6 +1041,42 @@ mod loom_tests {
     #[test]
     fn deferred_work_waits_for_readers_inside() {
         model(true);
+    }
+
+    /// The grace period's first way out, with a reader that does not fence
+    /// (as under membarrier, which loom cannot model): once its slot shows
+    /// the new epoch, every section of it either ended or sees the unlink.
+    #[test]
+    fn a_reader_showing_the_new_epoch_sees_what_was_unlinked() {
+        loom::model(|| {
+            let c = Arc::new(Collector::new(false));
+            let cells: Cells = Arc::new([AtomicUsize::new(1), AtomicUsize::new(1)]);
+            let current = Arc::new(AtomicUsize::new(0));
+            let done = Arc::new(AtomicBool::new(false));
+            let slot = c.claim() as *const Slot as usize;
+            let reader = {
+                let (c, cells, current, done) = (c.clone(), cells.clone(), current.clone(), done.clone());
+                loom::thread::spawn(move || {
+                    // SAFETY: claimed above; slots live as long as `c`.
+                    let slot = unsafe { &*(slot as *const Slot) };
+                    for _ in 0..2 {
+                        let state = slot.enter(&c.epoch.0, true);
+                        let i = current.load(Ordering::Acquire);
+                        let seen = cells[i].load(Ordering::Relaxed);
+                        slot.leave(state);
+                        assert_ne!(seen, 0, "read a released value");
+                    }
+                    done.store(true, Ordering::Release);
+                })
+            };
+            current.store(1, Ordering::Release);
+            let now = c.advance();
+            while Collector::state(slot) >> 1 < now && !done.load(Ordering::Acquire) {
+                loom::thread::yield_now();
+            }
+            cells[0].store(0, Ordering::Relaxed);
+            reader.join().unwrap();
+        });
     }
 
     /// Work another thread deferred, run by this thread's grace period
