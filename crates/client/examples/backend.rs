@@ -19,7 +19,7 @@
 //! - `hammer IOVA`: starts writing a nonzero pattern at IOVA continuously, `ok`
 //! - `vhammer IOVA`: starts reading a `u64` at IOVA through `IommuMemory`
 //!   continuously, `ok`
-//! - `stop`: stops either, `ok ACCESSES FAULTS`
+//! - `stop`: stops either, `ok ACCESSES FAULTS [FIRST ERROR]`
 //! - `stall IOVA`: translates IOVA through vm-memory and, holding the
 //!   translation (so mid-DMA), stops itself with SIGSTOP
 //!
@@ -90,6 +90,7 @@ fn main() {
 
     let running = Arc::new(AtomicBool::new(false));
     let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut hammer: Option<std::thread::JoinHandle<()>> = None;
     while let Some((cmd, _)) = recv(&sock) {
         let mut w = cmd.split_whitespace();
@@ -129,11 +130,15 @@ fn main() {
                 let iova = GuestAddress(num(w.next()));
                 running.store(true, Ordering::SeqCst);
                 let (memory, running, counts) = (memory.clone(), running.clone(), counts.clone());
+                let first = first_error.clone();
                 hammer = Some(std::thread::spawn(move || {
                     while running.load(Ordering::Relaxed) {
                         match memory.read_obj::<u64>(iova) {
                             Ok(_) => counts.0.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => counts.1.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                first.lock().unwrap().get_or_insert_with(|| e.to_string());
+                                counts.1.fetch_add(1, Ordering::Relaxed)
+                            }
                         };
                     }
                 }));
@@ -144,7 +149,11 @@ fn main() {
                 if let Some(h) = hammer.take() {
                     let _ = h.join();
                 }
-                format!("ok {} {}", counts.0.load(Ordering::SeqCst), counts.1.load(Ordering::SeqCst))
+                let (n, faults) = (counts.0.load(Ordering::SeqCst), counts.1.load(Ordering::SeqCst));
+                match first_error.lock().unwrap().take() {
+                    Some(e) => format!("ok {n} {faults} {e}"),
+                    None => format!("ok {n} {faults}"),
+                }
             }
             Some("stall") => {
                 let iova = GuestAddress(num(w.next()));

@@ -20,7 +20,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
-use crate::port::{Port, Section};
+use crate::port::{DmaError, Misses, Port, Section};
 use crate::wire;
 
 /// One guest memory region as a file range: (file identity, offset in the
@@ -85,7 +85,7 @@ impl IommuPort {
             _ => wire::PERM_R,
         };
         let end = iova.checked_add(length as u64).ok_or("IOVA range wraps")?;
-        let mut misses = 0;
+        let mut misses = Misses::default();
         'again: loop {
             let section = self.port.enter().map_err(|e| e.to_string())?;
             let generation = self.port.generation();
@@ -100,11 +100,10 @@ impl IommuPort {
                     // Asked outside the section, which the daemon's answer
                     // may have to wait for.
                     drop((iotlb, section));
-                    misses += 1;
-                    if misses > 3 {
-                        return Err(format!("IOMMU fault at IOVA {at:#x}"));
-                    }
-                    self.port.request(at, end - at, perm).map_err(|e| e.to_string())?;
+                    self.port.miss(at, end - at, perm, &mut misses).map_err(|e| match e {
+                        DmaError::Fault { .. } => format!("IOMMU fault at IOVA {at:#x}"),
+                        e => e.to_string(),
+                    })?;
                     continue 'again;
                 };
                 let (gpa, n) = self.gpa_of(identity, offset).ok_or("the page is outside guest memory")?;

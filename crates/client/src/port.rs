@@ -87,6 +87,20 @@ struct Channel {
     sock: OwnedFd,
 }
 
+/// Asks for one access's misses in a row, past which it faults however
+/// often unmaps invalidate the answers.
+const MAX_ASKS: u32 = 64;
+
+/// The misses of one access since it last found what it looked up.
+#[derive(Default)]
+pub(crate) struct Misses {
+    asked: u32,
+    /// Misses in a table unchanged since the daemon's answer.
+    unexplained: u32,
+    /// The table's generation when the last answer came.
+    answered: Option<u64>,
+}
+
 /// One device (at its RID or one PASID) as a back end reaches it.
 pub struct Port {
     channel: Mutex<Channel>,
@@ -320,7 +334,7 @@ impl Port {
         mut section: Section<'a>,
     ) -> Result<(), DmaError> {
         let mut done = 0usize;
-        let mut misses = 0;
+        let mut misses = Misses::default();
         while done < len {
             if self.table.header.state.load(Ordering::Relaxed) != atc::OPEN {
                 return Err(DmaError::Blocked);
@@ -331,16 +345,12 @@ impl Port {
                     let n = n.min(len - done);
                     copy(p, done..done + n);
                     done += n;
-                    misses = 0;
+                    misses = Misses::default();
                 }
                 None => {
                     // Outside the section: the daemon may be waiting for it.
                     drop(section);
-                    misses += 1;
-                    if misses > 3 {
-                        return Err(DmaError::Fault { iova: at, write: perm & wire::PERM_W != 0 });
-                    }
-                    self.request(at, (len - done) as u64, perm)?;
+                    self.miss(at, (len - done) as u64, perm, &mut misses)?;
                     section = self.enter()?;
                 }
             }
@@ -392,10 +402,30 @@ impl Port {
         Some((region.identity, f.offset, f.len.min(region.len - f.offset)))
     }
 
+    /// Asks the daemon for `len` bytes at `iova` after a lookup missed
+    /// there, unless the misses in `misses` say its answers do not hold. An
+    /// answer an unmap invalidated before the lookup after it, or one the
+    /// daemon could not publish as the table changed, is asked for again; a
+    /// miss in a table unchanged since a published answer counts against
+    /// the daemon, and a fourth is a fault. Called outside any section.
+    pub(crate) fn miss(&self, iova: u64, len: u64, perm: u32, misses: &mut Misses) -> Result<(), DmaError> {
+        if misses.answered == Some(self.generation()) {
+            misses.unexplained += 1;
+        }
+        misses.asked += 1;
+        if misses.unexplained > 3 || misses.asked > MAX_ASKS {
+            return Err(DmaError::Fault { iova, write: perm & wire::PERM_W != 0 });
+        }
+        let published = self.request(iova, len, perm)?;
+        misses.answered = published.then(|| self.generation());
+        Ok(())
+    }
+
     /// Asks the daemon to translate `len` bytes at `iova` for `perm` and
-    /// publish them; maps the files it announces first.
+    /// publish them; maps the files it announces first. Whether it
+    /// published.
     #[cold]
-    pub(crate) fn request(&self, iova: u64, len: u64, perm: u32) -> Result<(), DmaError> {
+    pub(crate) fn request(&self, iova: u64, len: u64, perm: u32) -> Result<bool, DmaError> {
         let ch = self.channel.lock();
         let mut m = Msg::new(wire::TRANSLATE);
         m.fd = self.index as i32;
@@ -420,7 +450,7 @@ impl Port {
                 }
                 wire::REPLY => {
                     return match m.result() {
-                        Ok(_) => Ok(()),
+                        Ok(answer) => Ok(answer != wire::CHANGED),
                         Err(libc::EFAULT) => Err(DmaError::Fault { iova, write: perm & wire::PERM_W != 0 }),
                         Err(libc::EPERM) => Err(DmaError::Blocked),
                         Err(e) => Err(DmaError::Daemon(e)),

@@ -52,9 +52,14 @@ pub const SUPERVISE: u32 = 6;
 pub const PORT: u32 = 7;
 /// Back end to daemon: a translation missed. Translate `arg2` bytes at IOVA
 /// `arg` of port `fd` for `request` (`PERM_*`), publish what was found and
-/// answer 0 (or `-errno`: `EFAULT` for a fault, `EPERM` once cut off),
-/// after announcing any file the translations need with [`REGION`].
+/// answer 0 (or [`CHANGED`], or `-errno`: `EFAULT` for a fault, `EPERM` once
+/// cut off), after announcing any file the translations need with
+/// [`REGION`].
 pub const TRANSLATE: u32 = 8;
+/// A [`TRANSLATE`] answer: the device's table changed while the daemon
+/// translated (an unmap may have taken part of it), so nothing was
+/// published; ask again.
+pub const CHANGED: i64 = 1;
 /// Read and write rights in [`TRANSLATE`] and in the table's extents.
 pub const PERM_R: u32 = 1;
 pub const PERM_W: u32 = 2;
