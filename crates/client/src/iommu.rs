@@ -20,7 +20,7 @@ use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vm_memory::iommu::{Error, Iommu, Iotlb, IotlbIterator, IovaRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
-use crate::port::{DmaError, Misses, Port, Section};
+use crate::port::{Misses, Port, Section};
 use crate::wire;
 
 /// One guest memory region as a file range: (file identity, offset in the
@@ -100,10 +100,7 @@ impl IommuPort {
                     // Asked outside the section, which the daemon's answer
                     // may have to wait for.
                     drop((iotlb, section));
-                    self.port.miss(at, end - at, perm, &mut misses).map_err(|e| match e {
-                        DmaError::Fault { .. } => format!("IOMMU fault at IOVA {at:#x}"),
-                        e => e.to_string(),
-                    })?;
+                    self.port.miss(at, end - at, perm, &mut misses).map_err(|e| e.to_string())?;
                     continue 'again;
                 };
                 let (gpa, n) = self.gpa_of(identity, offset).ok_or("the page is outside guest memory")?;
