@@ -226,8 +226,10 @@ if missed:
 # no reason recorded says so.
 race_extra = race[0]["ours"] if race else {}
 # How ioasid's unmaps in the race ended their grace period.
+# The share of ioasid's unmaps in the race whose grace period needed the barrier.
+barrier_share = race_extra.get("barriers", 0) / max(race_extra.get("rounds", 1), 1)
 race_barriers = (
-    f"Of ioasid's unmaps in the race, {race_extra['barriers'] / max(race_extra['rounds'], 1):.0%} needed the grace "
+    f"Of ioasid's unmaps in the race, {barrier_share:.0%} needed the grace "
     "period's membarrier; the others saw the DMA thread show the new epoch at its next section. "
     if "barriers" in race_extra else ""
 )
@@ -236,7 +238,7 @@ why = {
         f"an unmap with no other thread in the epoch takes {fmt(race_extra['alone'])} (p50, this run); with a thread "
         "DMAing on another CPU its grace period waits until that thread's next section shows the new epoch, so the "
         "epoch's and the thread's slot's cache lines cross between the CPUs, and "
-        f"{race_extra.get('barriers', 0) / max(race_extra.get('rounds', 1), 1):.0%} of these unmaps (a reader that "
+        f"{barrier_share:.0%} of these unmaps (a reader that "
         "did not enter again within 1 µs) also paid `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, "
         f"{fmt(race_extra['barrier'])} each (p50, this run, a virtual machine's inter-processor interrupt). The peer "
         "waits for no DMA in flight (its device writes after releasing the read lock), hence its stale writes below"

@@ -134,8 +134,9 @@ impl Deref for IotlbRef<'_> {
     fn deref(&self) -> &Iotlb {
         match &self.inner {
             // SAFETY: loaded from the port's `Rcu` inside `_guard`'s section,
-            // which lasts as long as `self`; a replace waits for it before
-            // the old cache can be dropped, and the port outlives `'a`.
+            // which lasts as long as `self`; a fill that publishes over it
+            // defers dropping the old cache until that section has ended,
+            // and the port outlives `'a`.
             Held::Pinned { iotlb, .. } => unsafe { iotlb.as_ref() },
             Held::Filled { cached, .. } => &cached.iotlb,
         }
