@@ -97,7 +97,8 @@ pub(crate) struct Misses {
     asked: u32,
     /// Misses in a table unchanged since the daemon's answer.
     unexplained: u32,
-    /// The table's generation when the last answer came.
+    /// The generation the table reached when the daemon published its last
+    /// answer.
     answered: Option<u64>,
 }
 
@@ -416,16 +417,15 @@ impl Port {
         if misses.unexplained > 3 || misses.asked > MAX_ASKS {
             return Err(DmaError::Fault { iova, write: perm & wire::PERM_W != 0 });
         }
-        let published = self.request(iova, len, perm)?;
-        misses.answered = published.then(|| self.generation());
+        misses.answered = self.request(iova, len, perm)?;
         Ok(())
     }
 
     /// Asks the daemon to translate `len` bytes at `iova` for `perm` and
-    /// publish them; maps the files it announces first. Whether it
-    /// published.
+    /// publish them; maps the files it announces first. The table's
+    /// generation once the daemon published (`None`: it did not).
     #[cold]
-    pub(crate) fn request(&self, iova: u64, len: u64, perm: u32) -> Result<bool, DmaError> {
+    pub(crate) fn request(&self, iova: u64, len: u64, perm: u32) -> Result<Option<u64>, DmaError> {
         let ch = self.channel.lock();
         let mut m = Msg::new(wire::TRANSLATE);
         m.fd = self.index as i32;
@@ -450,7 +450,8 @@ impl Port {
                 }
                 wire::REPLY => {
                     return match m.result() {
-                        Ok(answer) => Ok(answer != wire::CHANGED),
+                        Ok(wire::CHANGED) => Ok(None),
+                        Ok(generation) => Ok(Some(generation as u64)),
                         Err(libc::EFAULT) => Err(DmaError::Fault { iova, write: perm & wire::PERM_W != 0 }),
                         Err(libc::EPERM) => Err(DmaError::Blocked),
                         Err(e) => Err(DmaError::Daemon(e)),

@@ -52,14 +52,17 @@ pub const SUPERVISE: u32 = 6;
 pub const PORT: u32 = 7;
 /// Back end to daemon: a translation missed. Translate `arg2` bytes at IOVA
 /// `arg` of port `fd` for `request` (`PERM_*`), publish what was found and
-/// answer 0 (or [`CHANGED`], or `-errno`: `EFAULT` for a fault, `EPERM` once
-/// cut off), after announcing any file the translations need with
-/// [`REGION`].
+/// answer the table's generation once it is published (at least 1; or
+/// [`CHANGED`], or `-errno`: `EFAULT` for a fault, `EPERM` once cut off),
+/// after announcing any file the translations need with [`REGION`]. The
+/// generation, not the one the back end reads on the answer, tells it
+/// whether the table it looks in still holds the answer: a grace period
+/// may empty the table in between.
 pub const TRANSLATE: u32 = 8;
 /// A [`TRANSLATE`] answer: the device's table changed while the daemon
 /// translated (an unmap may have taken part of it), so nothing was
 /// published; ask again.
-pub const CHANGED: i64 = 1;
+pub const CHANGED: i64 = 0;
 /// Read and write rights in [`TRANSLATE`] and in the table's extents.
 pub const PERM_R: u32 = 1;
 pub const PERM_W: u32 = 2;

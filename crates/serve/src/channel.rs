@@ -146,7 +146,7 @@ fn open_port(
 /// then answers. `Err` when the back end is gone.
 fn translate(sock: &OwnedFd, port: &crate::remote::RemotePort, msg: &Msg) -> Result<Msg, ()> {
     match port.translate(msg.arg, msg.arg2, msg.request) {
-        Ok((announce, published)) => {
+        Ok((announce, generation)) => {
             for (index, file, len, writable) in announce {
                 let mut m = Msg::new(wire::REGION);
                 m.fd = msg.fd;
@@ -155,7 +155,7 @@ fn translate(sock: &OwnedFd, port: &crate::remote::RemotePort, msg: &Msg) -> Res
                 m.value = i64::from(writable);
                 wire::send(sock.as_fd(), &m, &[file.as_fd()]).map_err(|_| ())?;
             }
-            Ok(Msg::reply(Ok(if published { 0 } else { wire::CHANGED })))
+            Ok(Msg::reply(Ok(generation.map_or(wire::CHANGED, |g| g as i64))))
         }
         Err(e) => Ok(Msg::reply(Err(e.0))),
     }

@@ -157,9 +157,10 @@ impl RemotePort {
     /// the VMM's answer, an unrecoverable fault reaches the vIOMMU's
     /// event queue), then publishes the result, and somewhat more when the
     /// pages that follow are in the same file. Returns the files the back
-    /// end must map first, and whether it published (not when the table
-    /// changed meanwhile). `EFAULT`: the IOMMU refused; `EPERM`: cut off.
-    pub fn translate(&self, iova: u64, len: u64, perm: u32) -> Result<(Vec<Announcement>, bool), Errno> {
+    /// end must map first, and the table's generation once published
+    /// (`None`: the device's table changed meanwhile, nothing published).
+    /// `EFAULT`: the IOMMU refused; `EPERM`: cut off.
+    pub fn translate(&self, iova: u64, len: u64, perm: u32) -> Result<(Vec<Announcement>, Option<u64>), Errno> {
         if self.writer.lock().done {
             return Err(Errno(libc::EPERM));
         }
@@ -239,7 +240,7 @@ impl RemotePort {
         if self.stamp() != stamp {
             // Changed while translating: publish nothing; the back end asks
             // again and gets the new translation.
-            return Ok((announce, false));
+            return Ok((announce, None));
         }
         if w.stamp != stamp {
             // What is published predates a change the grace period has not
@@ -259,7 +260,10 @@ impl RemotePort {
         all.extend_from_slice(&fresh);
         all.sort_unstable_by_key(|e| e.0);
         self.switch(&mut w, all);
-        Ok((announce, true))
+        if w.done {
+            return Err(Errno(libc::EPERM));
+        }
+        Ok((announce, Some(self.table.header.generation.load(Ordering::Relaxed))))
     }
 
     /// Makes `extents` current (the array readers do not use is written

@@ -218,8 +218,6 @@ fn no_write_lands_after_unmap_returns_while_a_back_end_writes_continuously() {
 /// `IommuMemory` back to the daemon; a page that stays mapped is still read
 /// every time, however fast the unmaps come.
 #[test]
-#[ignore = "open: about one read in a million fails while another test's VMM maps and unmaps in this process: \
-            the daemon answers a miss as published without the page; cause not yet found"]
 fn a_back_ends_iommu_memory_reads_a_mapped_page_while_the_vmm_maps_and_unmaps_another() {
     let served = Served::start("remote-steady", Limits::default());
     let vmm = Vmm::new(&served);
