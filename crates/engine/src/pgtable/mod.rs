@@ -560,6 +560,11 @@ impl<F: Format> PageTable<F> {
             return Err(Error::Invalid("IOVA beyond the page table's address width"));
         }
         let op = MapOp { addr_base: addr.wrapping_sub(iova), perm, trust, huge };
+        if let Some(level) = Self::one_leaf(iova, addr, len, huge)
+            && op.map_one_leaf::<F>(&self.root, iova, level, &self.spares)?
+        {
+            return Ok(());
+        }
         // Down the levels where the range lies inside one entry that cannot
         // be its leaf (a small map, most often), without a call per level.
         let (mut table, mut level): (&Table, u32) = (&self.root, F::LEVELS - 1);
@@ -572,6 +577,22 @@ impl<F: Format> PageTable<F> {
             level -= 1;
         }
         op.map_level::<F>(table, level, iova, last, &self.spares)
+    }
+
+    /// The level of the one leaf that maps all of `[iova, iova + len)` to
+    /// `addr`, when one can: a page, or an aligned huge page (`huge`).
+    #[inline]
+    fn one_leaf(iova: u64, addr: u64, len: u64, huge: bool) -> Option<u32> {
+        let shift = len.trailing_zeros();
+        let above = shift.checked_sub(F::PAGE_SHIFT)?;
+        let level = above / STRIDE;
+        let fits = len.is_power_of_two()
+            && above % STRIDE == 0
+            && level < F::LEVELS
+            && F::LEAF_LEVELS & (1 << level) != 0
+            && (level == 0 || huge)
+            && (iova | addr) & (len - 1) == 0;
+        fits.then_some(level)
     }
 
     /// Unmaps `[iova, iova + len)`, splitting huge leaves that are only partly
@@ -712,6 +733,38 @@ impl MapOp {
             }
         };
         Ok(table.child(child))
+    }
+
+    /// Maps the leaf at `level` holding `iova` (its range is the whole
+    /// map, see `PageTable::one_leaf`), walking straight down and making
+    /// the tables it lacks. False, having mapped nothing, when its entry
+    /// is not empty: the range walk decides what to do there.
+    #[inline]
+    fn map_one_leaf<F: Format>(&self, root: &Table, iova: u64, level: u32, spares: &Spares<F>) -> Result<bool> {
+        let mut table = root;
+        for l in (level + 1..F::LEVELS).rev() {
+            let slot = &table.0[Table::index::<F>(iova, l)];
+            let next = match F::decode(slot.load(Ordering::Relaxed), l) {
+                Pte::Table(next) => next,
+                Pte::Leaf { .. } => return Err(Error::Exists("IOVA already mapped in the page table")),
+                Pte::None => {
+                    crate::inject::check("page table")?;
+                    let t = spares.take();
+                    slot.store(F::table(t, l), Ordering::Release);
+                    t
+                }
+            };
+            table = table.child(next);
+        }
+        let index = Table::index::<F>(iova, level);
+        let slot = &table.0[index];
+        if F::decode(slot.load(Ordering::Relaxed), level) != Pte::None {
+            return Ok(false);
+        }
+        let pte = F::leaf(iova.wrapping_add(self.addr_base), level, self.perm, self.trust);
+        table.dirty().set(index, starts_dirty::<F>(pte, level));
+        slot.store(pte, Ordering::Release);
+        Ok(true)
     }
 
     fn map_level<F: Format>(
