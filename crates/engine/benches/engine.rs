@@ -5,6 +5,8 @@
 
 #[path = "../../../benches/harness.rs"]
 mod harness;
+#[path = "peers/plain_ioas.rs"]
+mod plain_ioas;
 
 use std::cell::RefCell;
 use std::hint::black_box;
@@ -19,10 +21,13 @@ use ioasid_engine::pgtable::{Format, PageTable, Perm, Trust};
 use ioasid_engine::{
     Context, ContextConfig, DeviceId, DeviceInfo, Domain, HostBuffer, HwptFlags, IoasId, IovaRange, Limit,
 };
+use plain_ioas::PlainIoas;
 use vm_memory::iommu::Iotlb;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Permissions};
 
 const PAGE: u64 = 4096;
+/// The same-work peer's name in the tables.
+const PLAIN: &str = "plain IOAS (BTreeMap, charge, x86_64 page table)";
 const IOVA: u64 = 1 << 32;
 
 /// A deterministic page order, so both sides see the same accesses.
@@ -393,6 +398,25 @@ fn map_one_page(h: &mut Harness) {
             )
         }),
     );
+    let plain = PlainIoas::new();
+    h.compare(
+        figure,
+        timed("ioasid", "`Context::map_user` of one page at a fixed IOVA (unmap untimed)", |n| {
+            batches(
+                n,
+                // SAFETY: `mem` outlives the context.
+                &mut |p| unsafe {
+                    ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap();
+                },
+                &mut |k| ctx.unmap(ioas, IOVA, k * PAGE).map(drop).unwrap(),
+            )
+        }),
+        timed(PLAIN, "`PlainIoas::map` of one page: area, charge, 4 KiB leaf (unmap untimed)", |n| {
+            batches(n, &mut |p| plain.map(IOVA + p * PAGE, mem.addr() + p * PAGE, PAGE, PAGE), &mut |k| {
+                plain.unmap(IOVA, k * PAGE)
+            })
+        }),
+    );
 }
 
 /// Batch map and unmap of 1 GiB in 4 KiB pages, timed apart: 262,144
@@ -447,6 +471,32 @@ fn map_unmap_gib(h: &mut Harness) {
             timed("ioasid", "one `unmap` of that 1 GiB (tables freed after the epoch's readers leave)", ours(false)),
             timed("vm-memory Iotlb", "one `invalidate_mapping` of the Iotlb built page by page", theirs(false)),
         );
+        let plain = PlainIoas::new();
+        let plain_side = |map: bool| {
+            let (plain, mem) = (&plain, &mem);
+            move |iters: u64| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = Instant::now();
+                    plain.map(IOVA, mem.addr(), LEN, PAGE);
+                    let mapped = t.elapsed();
+                    let t = Instant::now();
+                    plain.unmap(IOVA, LEN);
+                    spent += if map { mapped } else { t.elapsed() };
+                }
+                spent
+            }
+        };
+        h.compare(
+            "map: 1 GiB as 262,144 pages of 4 KiB",
+            timed("ioasid", "one `map_user` of 1 GiB with huge pages off (its unmap untimed)", ours(true)),
+            timed(PLAIN, "`PlainIoas::map` of 1 GiB in 4 KiB leaves (its unmap untimed)", plain_side(true)),
+        );
+        h.compare(
+            "unmap: 1 GiB as 262,144 pages of 4 KiB",
+            timed("ioasid", "one `unmap` of that 1 GiB (tables freed after the epoch's readers leave)", ours(false)),
+            timed(PLAIN, "`PlainIoas::unmap` of that 1 GiB: 262,144 leaves cleared", plain_side(false)),
+        );
     }
 
     let figure = "map + unmap: 1 GiB as one 1 GiB leaf";
@@ -474,6 +524,19 @@ fn map_unmap_gib(h: &mut Harness) {
             t.set_mapping(GuestAddress(IOVA), GuestAddress(start), 1 << 30, Permissions::ReadWrite).unwrap();
             t.invalidate_mapping(GuestAddress(IOVA), 1 << 30);
             t
+        }),
+    );
+    let plain = PlainIoas::new();
+    h.compare(
+        figure,
+        iter("ioasid", "`map_user` of an aligned 1 GiB (one leaf), then `unmap`", || {
+            // SAFETY: `mem` outlives the context.
+            unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
+            ctx.unmap(ioas, IOVA, 1 << 30).unwrap()
+        }),
+        iter(PLAIN, "`PlainIoas::map` of an aligned 1 GiB (one 1 GiB leaf), then `unmap`", || {
+            plain.map(IOVA, start, 1 << 30, 1 << 30);
+            plain.unmap(IOVA, 1 << 30);
         }),
     );
 }
