@@ -104,6 +104,19 @@ impl Accounting {
         }
     }
 
+    /// Whether `other` charges the same counters against the same limit.
+    pub(crate) fn same_as(&self, other: &Accounting) -> bool {
+        let same = |a: &Option<Arc<AtomicU64>>, b: &Option<Arc<AtomicU64>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same(&self.counter, &other.counter)
+            && same(&self.pinned, &other.pinned)
+            && self.limit == other.limit
+            && self.owner == other.owner
+    }
+
     /// A private counter, for tests that must not share the process's.
     pub fn isolated(limit: Limit) -> Self {
         Accounting { counter: Some(Arc::new(AtomicU64::new(0))), limit, owner: None, pinned: None }

@@ -530,11 +530,18 @@ impl Context {
     }
 
     fn accounting(&self) -> Accounting {
+        self.with_accounting(Accounting::clone)
+    }
+
+    /// `f` on where this context charges pins now, without a reference
+    /// taken on a private counter: a map's pages that already charge there
+    /// keep theirs.
+    fn with_accounting<R>(&self, f: impl FnOnce(&Accounting) -> R) -> R {
         if let Some(private) = &self.private {
-            return private.clone();
+            return f(private);
         }
         let mode = *self.account_mode.lock();
-        Accounting::of_process(mode, self.config.memlock_exempt(), self.config.memlock_limit, self.config.owner)
+        f(&Accounting::of_process(mode, self.config.memlock_exempt(), self.config.memlock_limit, self.config.owner))
     }
 
     /// Pages pinned and charged through this context's counter.
@@ -652,8 +659,10 @@ impl Context {
         perm: Perm,
         trust: Trust,
     ) -> Result<u64> {
-        let user = || Pages::user(uptr, len, perm.write, trust, self.accounting());
-        self.map_pages(ioas, len, iova, perm, uptr, user)
+        self.with_accounting(|acct| {
+            let user = || Pages::user(uptr, len, perm.write, trust, acct);
+            self.map_pages(ioas, len, iova, perm, uptr, user)
+        })
     }
 
     /// Maps `[uptr, uptr + len)` of another process, `pid`, reached as
