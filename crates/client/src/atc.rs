@@ -26,7 +26,8 @@
 //!   a wait for every odd number seen to change. Where the back end cannot
 //!   register, it says so in `fences` and its readers fence after entering.
 //!
-//! So an unmap in the daemon (which empties the table, then waits) returns
+//! So an unmap in the daemon (which drops what it touched from the table,
+//! then waits) returns
 //! only after every DMA that could have used the old translation is done,
 //! as in-process. A reader that stays inside past the daemon's bound is cut
 //! off: `state` turns to [`CUT_OFF`], and the daemon kills the process,

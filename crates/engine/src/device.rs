@@ -309,6 +309,12 @@ impl Device {
         self.generation_in(pasid, &epoch::pin())
     }
 
+    /// The IOVA ranges whose translations at `pasid` may differ between
+    /// its `generation_at` `old` and `new`; `None` when anything may have.
+    pub fn changes_between(&self, pasid: Option<u32>, old: (usize, u64), new: (usize, u64)) -> Option<Vec<(u64, u64)>> {
+        self.with_serving(pasid, &epoch::pin(), |h| h?.changes_between(old, new))
+    }
+
     /// `generation_at` inside a section the caller already holds, so what
     /// it checks against the generation is read in the same section.
     #[inline]

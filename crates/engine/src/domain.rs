@@ -224,7 +224,10 @@ impl Domain {
     /// readers (`crate::epoch::synchronize`) before the memory goes away.
     pub(crate) fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
         with_table!(&self.table, pt => pt.unmap(iova, len, guard));
-        self.iotlb.invalidate_all();
+        match len {
+            0 => self.iotlb.invalidate_all(),
+            _ => self.iotlb.invalidate_range(iova, iova.saturating_add(len - 1)),
+        }
     }
 
     /// Whether it was allocated with dirty tracking
@@ -309,6 +312,11 @@ impl Domain {
 
     pub(crate) fn iotlb_generation(&self) -> u64 {
         self.iotlb.generation()
+    }
+
+    /// See `Iotlb::changes_between`.
+    pub(crate) fn changes_between(&self, from: u64, to: u64) -> Option<Vec<(u64, u64)>> {
+        self.iotlb.changes_between(from, to)
     }
 
     /// The rights the leaf mapping `iova` grants.

@@ -730,6 +730,19 @@ pub fn synchronize_external() {
 #[cfg(loom)]
 pub fn synchronize_external() {}
 
+/// Whether readers outside the process may be following this process's
+/// translations now (some were added and may still live).
+#[cfg(not(loom))]
+pub(crate) fn has_external() -> bool {
+    EXTERNALS.load(Ordering::Acquire) != 0
+}
+
+/// None in the model.
+#[cfg(loom)]
+pub(crate) fn has_external() -> bool {
+    false
+}
+
 /// A shared value readers follow inside a pinned section without touching
 /// its reference count, and writers replace, waiting for those readers
 /// before the old value can go: RCU's publish and retire. It is how a

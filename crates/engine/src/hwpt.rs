@@ -325,6 +325,18 @@ impl Hwpt {
         }
     }
 
+    /// The IOVA ranges whose translations may differ between its
+    /// `generation` `old` and `new`; `None` when anything may have (the
+    /// table is another, a nested one, or not every change was ranged).
+    pub fn changes_between(&self, old: (usize, u64), new: (usize, u64)) -> Option<Vec<(u64, u64)>> {
+        match self {
+            Hwpt::Paging(h) if old.0 == new.0 && new.0 == Arc::as_ptr(&h.domain) as usize => {
+                h.domain.changes_between(old.1, new.1)
+            }
+            _ => None,
+        }
+    }
+
     /// Translates `iova` for an access needing `need`, tagged with
     /// `pasid` (a nested SMMUv3 table chooses the substream by it).
     #[inline]

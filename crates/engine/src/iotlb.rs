@@ -7,12 +7,17 @@
 //! that result never hits again. Lookups compare generations, so invalidating
 //! costs one atomic increment whatever the IOTLB's size.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering, fence};
+
+use parking_lot::Mutex;
 
 use crate::memory::Trust;
 use crate::pgtable::Perm;
 
 const ENTRIES: usize = 512;
+/// How many ranged invalidations `Iotlb::changes_between` remembers.
+const LOGGED: usize = 64;
 const READ: u64 = 1;
 const WRITE: u64 = 2;
 const CHECKED: u64 = 4;
@@ -54,6 +59,10 @@ pub struct Iotlb {
     /// Inline rather than boxed: a hit then costs no load of a pointer
     /// before the entry's own.
     entries: [Entry; ENTRIES],
+    /// The latest ranged invalidations, oldest first: (the generation each
+    /// made, first IOVA, last IOVA). Kept only while a cache outside the
+    /// process follows the translations (see `changes_between`).
+    ranged: Mutex<VecDeque<(u64, u64, u64)>>,
 }
 
 impl Default for Iotlb {
@@ -69,6 +78,7 @@ impl Iotlb {
             // Generation 0 is what empty entries carry; start above it.
             generation: AtomicU64::new(1),
             entries: std::array::from_fn(|_| Entry::default()),
+            ranged: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -143,6 +153,34 @@ impl Iotlb {
     pub fn invalidate_all(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
+
+    /// `invalidate_all` for a change to IOVAs `[first, last]` alone (an
+    /// unmap), noted for `changes_between` while a back end in another
+    /// process keeps a table of these translations: it then drops what
+    /// the change touched instead of everything.
+    pub fn invalidate_range(&self, first: u64, last: u64) {
+        if !crate::epoch::has_external() {
+            self.invalidate_all();
+            return;
+        }
+        let mut log = self.ranged.lock();
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if log.len() == LOGGED {
+            log.pop_front();
+        }
+        log.push_back((generation, first, last));
+    }
+
+    /// The IOVA ranges that changed from generation `from` to `to`, when
+    /// every invalidation between them was ranged and is still remembered;
+    /// `None` otherwise (anything may have changed).
+    pub fn changes_between(&self, from: u64, to: u64) -> Option<Vec<(u64, u64)>> {
+        let n = to.checked_sub(from)?;
+        let log = self.ranged.lock();
+        let ranges: Vec<(u64, u64)> =
+            log.iter().filter(|&&(g, ..)| g > from && g <= to).map(|&(_, first, last)| (first, last)).collect();
+        (ranges.len() as u64 == n).then_some(ranges)
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +188,36 @@ mod tests {
     use super::*;
 
     const HIT: Hit = Hit { host_page: 0x7000, perm: Perm::R, trust: Trust::Checked, dirty: false };
+
+    #[test]
+    fn ranged_invalidations_say_what_changed_until_another_kind_comes() {
+        struct Nobody;
+        impl crate::epoch::External for Nobody {
+            fn synchronize(&self) {}
+        }
+        // Ranges are noted only while something outside the process reads.
+        let nobody: std::sync::Arc<dyn crate::epoch::External> = std::sync::Arc::new(Nobody);
+        crate::epoch::add_external(std::sync::Arc::downgrade(&nobody));
+        let t = Iotlb::new();
+        t.fill(1, t.generation(), HIT);
+        let g0 = t.generation();
+        t.invalidate_range(0x1000, 0x1fff);
+        assert_eq!(t.lookup(1), None, "a ranged invalidation drops the IOTLB's entries all the same");
+        t.invalidate_range(0x5000, 0x5fff);
+        let g2 = t.generation();
+        assert_eq!(t.changes_between(g0, g2), Some(vec![(0x1000, 0x1fff), (0x5000, 0x5fff)]));
+        assert_eq!(t.changes_between(g0 + 1, g2), Some(vec![(0x5000, 0x5fff)]));
+        assert_eq!(t.changes_between(g2, g2), Some(vec![]));
+        assert_eq!(t.changes_between(g2, g0), None);
+        t.invalidate_all();
+        assert_eq!(t.changes_between(g0, t.generation()), None, "an unranged change hides what changed");
+        let g = t.generation();
+        for page in 0..=LOGGED as u64 {
+            t.invalidate_range(page << 12, (page << 12) + 0xfff);
+        }
+        assert_eq!(t.changes_between(g, t.generation()), None, "the oldest is forgotten");
+        assert_eq!(t.changes_between(g + 1, t.generation()).map(|r| r.len()), Some(LOGGED));
+    }
 
     #[test]
     fn half_page_addresses_survive() {

@@ -3,13 +3,15 @@
 //! A port is one device (at its RID or a PASID) as a back end reaches it:
 //! a translation table in shared memory that the daemon fills when the
 //! back end asks ([`RemotePort::translate`], PCIe ATS's translation
-//! request) and empties when a translation may have changed, waiting for
-//! the back end's DMA in flight (`ioasid_client::atc` has the protocol).
+//! request) and takes back what may have changed (what an unmap touched,
+//! or everything), waiting for the back end's DMA in flight
+//! (`ioasid_client::atc` has the protocol).
 //!
 //! Every grace period of the engine (unmap, detach, replace, and the
 //! invalidations and dirty-bit clears that need none in-process) calls
-//! [`Remotes`], which checks each port's device: a port whose translation
-//! changed since it was filled is emptied and waited for. A back end still
+//! [`Remotes`], which checks each port's device: a port whose translations
+//! changed since it was filled drops those (all of them unless only unmaps
+//! changed them) and waits. A back end still
 //! inside a DMA after the bound is cut off: its table closes, the daemon
 //! kills its process (the only way to take back memory another process has
 //! mapped) and waits for it to end, and the VMM reads an event on the
@@ -18,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,6 +63,11 @@ impl Remotes {
         self.ports.lock().iter().filter(|p| p.strong_count() > 0).count()
     }
 
+    /// Misses the open ports' back ends have asked this daemon to serve.
+    pub fn misses(&self) -> u64 {
+        self.ports.lock().iter().filter_map(Weak::upgrade).map(|p| p.misses.load(Ordering::Relaxed)).sum()
+    }
+
     /// Opens a port on `device` at `pasid` for process `pid` (whose
     /// descriptor is `pidfd`): the port, and the table and slots
     /// descriptors to send it.
@@ -93,6 +100,7 @@ impl Remotes {
             bound: self.bound,
             writer: Mutex::new(Writer { stamp, inactive_clean: true, ..Writer::default() }),
             refused: Mutex::new(None),
+            misses: AtomicU64::new(0),
         });
         let mut ports = self.ports.lock();
         ports.retain(|p| p.strong_count() > 0);
@@ -145,6 +153,8 @@ pub struct RemotePort {
     /// rights): the back end asks again right there, and must get the
     /// fault, not a second page request for a page the VMM refused.
     refused: Mutex<Option<(u64, u32)>>,
+    /// Misses served (`translate` calls).
+    misses: AtomicU64,
 }
 
 impl RemotePort {
@@ -161,6 +171,7 @@ impl RemotePort {
     /// (`None`: the device's table changed meanwhile, nothing published).
     /// `EFAULT`: the IOMMU refused; `EPERM`: cut off.
     pub fn translate(&self, iova: u64, len: u64, perm: u32) -> Result<(Vec<Announcement>, Option<u64>), Errno> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
         if self.writer.lock().done {
             return Err(Errno(libc::EPERM));
         }
@@ -244,9 +255,8 @@ impl RemotePort {
         }
         if w.stamp != stamp {
             // What is published predates a change the grace period has not
-            // emptied yet: empty it now.
-            self.empty(&mut w);
-            w.stamp = stamp;
+            // caught up with yet: catch up now.
+            self.catch_up(&mut w, stamp);
         }
         let mut all: Vec<_> = w
             .extents
@@ -301,8 +311,27 @@ impl RemotePort {
         if stamp == w.stamp {
             return;
         }
-        self.empty(&mut w);
+        self.catch_up(&mut w, stamp);
+    }
+
+    /// Brings the published table from `w.stamp` to `stamp`: drops the
+    /// extents the changes between them touched (an unmap's range), or
+    /// everything when those changes are not known, and waits until no
+    /// DMA uses what was dropped.
+    fn catch_up(&self, w: &mut Writer, stamp: (usize, u64)) {
+        let changed = self.device.device().changes_between(self.pasid, w.stamp, stamp);
         w.stamp = stamp;
+        let Some(ranges) = changed else { return self.empty(w) };
+        let touched =
+            |&(first, last, ..): &(u64, u64, u32, u64, u32)| ranges.iter().any(|&(f, l)| first <= l && f <= last);
+        if !w.extents.iter().any(touched) {
+            return;
+        }
+        let kept = w.extents.iter().copied().filter(|e| !touched(e)).collect();
+        self.switch(w, kept);
+        if !w.done {
+            self.grace(w);
+        }
     }
 
     /// Waits for every reader inside a section now (or cuts the back end

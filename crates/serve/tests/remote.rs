@@ -184,6 +184,36 @@ fn a_back_end_reads_and_writes_guest_memory_through_the_vmms_mappings() {
     assert_eq!(served.daemon.remotes.ports(), 1);
 }
 
+/// An unmap drops from a back end's table only what it unmapped: what the
+/// back end translated elsewhere is still used, without asking again.
+#[test]
+fn a_back_end_keeps_its_translations_through_an_unmap_elsewhere() {
+    let served = Served::start("remote-keep", Limits::default());
+    let vmm = Vmm::new(&served);
+    vmm.map(0x4000, 0x1000, IOVA);
+    vmm.zero(0x4000, 1);
+    let b = Backend::start(&served, &vmm, "keep");
+    assert_eq!(b.ask(&format!("write {IOVA:#x} 0x33 1")), "ok");
+    let asked = served.daemon.remotes.misses();
+    assert!(asked >= 1, "the first write was not asked for");
+    for _ in 0..10 {
+        vmm.map(0x8000, 0x1000, IOVA + 0x10_0000);
+        vmm.unmap(IOVA + 0x10_0000, 0x1000);
+        assert_eq!(b.ask(&format!("read {IOVA:#x} 1")), "ok 33");
+    }
+    assert_eq!(served.daemon.remotes.misses(), asked, "an unmap elsewhere sent the back end back to the daemon");
+    // Through vm-memory's IommuMemory too, once its own cache is filled.
+    assert_eq!(b.ask(&format!("virtio {IOVA:#x}")), "ok 0x33");
+    let asked = served.daemon.remotes.misses();
+    vmm.map(0x8000, 0x1000, IOVA + 0x10_0000);
+    vmm.unmap(IOVA + 0x10_0000, 0x1000);
+    assert_eq!(b.ask(&format!("virtio {IOVA:#x}")), "ok 0x33");
+    assert_eq!(served.daemon.remotes.misses(), asked);
+    // An unmap of the page itself still takes it away at once.
+    vmm.unmap(IOVA, 0x1000);
+    assert_eq!(b.ask(&format!("read {IOVA:#x} 1")), "fault");
+}
+
 #[test]
 fn no_write_lands_after_unmap_returns_while_a_back_end_writes_continuously() {
     let served = Served::start("remote-race", Limits::default());
