@@ -521,8 +521,45 @@ fn global() -> &'static Collector {
         };
         #[cfg(loom)]
         let membarrier = false;
+        #[cfg(not(loom))]
+        // SAFETY: three handlers with the C signature pthread_atfork
+        // expects, living as long as the process.
+        unsafe {
+            libc::pthread_atfork(Some(fork::prepare), Some(fork::parent), Some(fork::child))
+        };
         Collector::new(membarrier)
     })
+}
+
+/// A fork keeps only the forking thread. Every other thread's slot in the
+/// child stays as it was (taken, maybe inside) and would hold up the
+/// child's grace periods for ever, and a lock another thread held would
+/// stay held; so the fork waits for the collector's lock, and the child
+/// gives back every slot but its own.
+#[cfg(not(loom))]
+mod fork {
+    use super::{LOCAL, Ordering, global};
+
+    pub(super) extern "C" fn prepare() {
+        std::mem::forget(global().garbage.lock());
+    }
+
+    pub(super) extern "C" fn parent() {
+        // SAFETY: `prepare` locked it on this thread and forgot the guard.
+        unsafe { global().garbage.force_unlock() };
+    }
+
+    pub(super) extern "C" fn child() {
+        let c = global();
+        // SAFETY: as in `parent`: the child's copy of the same lock.
+        unsafe { c.garbage.force_unlock() };
+        let own = LOCAL.with(|l| l.slot.get());
+        let outside = c.epoch.0.load(Ordering::Relaxed) << 1;
+        for slot in c.slots().filter(|s| !std::ptr::eq(*s, own)) {
+            slot.state.store(outside, Ordering::Relaxed);
+            slot.taken.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// This thread's reader state; const-initialised and without a destructor,
