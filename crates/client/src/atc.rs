@@ -27,11 +27,11 @@
 //!   register, it says so in `fences` and its readers fence after entering.
 //!
 //! So an unmap in the daemon (which drops what it touched from the table,
-//! then waits) returns
-//! only after every DMA that could have used the old translation is done,
-//! as in-process. A reader that stays inside past the daemon's bound is cut
-//! off: `state` turns to [`CUT_OFF`], and the daemon kills the process,
-//! the only way to revoke memory another process has mapped.
+//! then waits) returns only after every DMA that could have used the old
+//! translation is done, as in-process. A reader that stays inside past the
+//! daemon's bound is cut off: `state` turns to [`CUT_OFF`], and the daemon
+//! kills the process, the only way to revoke memory another process has
+//! mapped.
 //!
 //! The back end maps the whole of every region, so the table guards the
 //! IOVA contract of an honest back end (no DMA through a stale or missing

@@ -175,6 +175,11 @@ pub fn install() {
         // Resolved now: after a fork of a threaded process, looking symbols
         // up could wait forever on a lock another thread held.
         let _ = real::close();
+        // The engine's epoch registers its own fork handlers when first
+        // used: before these, so that its lock is taken after the ones
+        // below (handlers prepare in reverse order), never waited for by a
+        // thread holding one of them.
+        drop(ioasid_engine::epoch::pin());
         // SAFETY: registering three handlers with the C signature
         // pthread_atfork expects; they live as long as the library.
         unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
