@@ -263,18 +263,34 @@ impl IommuPort {
 impl Iommu for IommuPort {
     type IotlbGuard<'a> = IotlbRef<'a>;
 
+    #[inline]
     fn translate(
         &self,
         iova: GuestAddress,
         length: usize,
         access: Permissions,
     ) -> Result<IotlbIterator<Self::IotlbGuard<'_>>, Error> {
+        match self.lookup(iova, length, access) {
+            Some(hit) => Ok(hit),
+            None => self.translate_missed(iova, length, access),
+        }
+    }
+}
+
+impl IommuPort {
+    /// `translate` after the cache missed: kept out of the hit's way, whose
+    /// call then sets up no frame for it.
+    #[cold]
+    #[inline(never)]
+    fn translate_missed(
+        &self,
+        iova: GuestAddress,
+        length: usize,
+        access: Permissions,
+    ) -> Result<IotlbIterator<IotlbRef<'_>>, Error> {
         let fail = |reason| Error::CannotResolve { iova_range: IovaRange { base: iova, length }, reason };
         let mut asked = 0;
         loop {
-            if let Some(hit) = self.lookup(iova, length, access) {
-                return Ok(hit);
-            }
             let guard = epoch::pin();
             let pending = match self.fill(iova.0, length, access, &guard) {
                 Ok(cached) => {
@@ -289,6 +305,9 @@ impl Iommu for IommuPort {
             asked += 1;
             if pending.wait() != Response::Success || asked == FILL_TRIES {
                 return Err(fail(self.failed(pending.fault())));
+            }
+            if let Some(hit) = self.lookup(iova, length, access) {
+                return Ok(hit);
             }
         }
     }
