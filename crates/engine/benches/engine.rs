@@ -373,19 +373,21 @@ fn map_one_page(h: &mut Harness) {
         }
         spent
     };
+    let mut ours = |n| {
+        batches(
+            n,
+            // SAFETY: `mem` outlives the context.
+            &mut |p| unsafe {
+                ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap();
+            },
+            &mut |k| ctx.unmap(ioas, IOVA, k * PAGE).map(drop).unwrap(),
+        )
+    };
+    let does = "`Context::map_user` of one page at a fixed IOVA (unmap untimed)";
     let mut vm = Iotlb::new();
     h.compare(
         figure,
-        timed("ioasid", "`Context::map_user` of one page at a fixed IOVA (unmap untimed)", |n| {
-            batches(
-                n,
-                // SAFETY: `mem` outlives the context.
-                &mut |p| unsafe {
-                    ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap();
-                },
-                &mut |k| ctx.unmap(ioas, IOVA, k * PAGE).map(drop).unwrap(),
-            )
-        }),
+        timed("ioasid", does, &mut ours),
         timed("vm-memory Iotlb", "`Iotlb::set_mapping` of one page (invalidate untimed)", |n| {
             let vm = &RefCell::new(&mut vm);
             batches(
@@ -401,22 +403,34 @@ fn map_one_page(h: &mut Harness) {
     let plain = PlainIoas::new();
     h.compare(
         figure,
-        timed("ioasid", "`Context::map_user` of one page at a fixed IOVA (unmap untimed)", |n| {
-            batches(
-                n,
-                // SAFETY: `mem` outlives the context.
-                &mut |p| unsafe {
-                    ctx.map_user(ioas, mem.addr() + p * PAGE, PAGE, Some(IOVA + p * PAGE), Perm::RW).unwrap();
-                },
-                &mut |k| ctx.unmap(ioas, IOVA, k * PAGE).map(drop).unwrap(),
-            )
-        }),
+        timed("ioasid", does, &mut ours),
         timed(PLAIN, "`PlainIoas::map` of one page: area, charge, 4 KiB leaf (unmap untimed)", |n| {
             batches(n, &mut |p| plain.map(IOVA + p * PAGE, mem.addr() + p * PAGE, PAGE, PAGE), &mut |k| {
                 plain.unmap(IOVA, k * PAGE)
             })
         }),
     );
+}
+
+/// A side timing the map (`timing_map`) or else the unmap alone of
+/// map-then-unmap rounds; what `map` returns goes to `unmap`.
+fn one_half<'a, T>(
+    timing_map: bool,
+    mut map: impl FnMut() -> T + 'a,
+    mut unmap: impl FnMut(T) + 'a,
+) -> impl FnMut(u64) -> Duration + 'a {
+    move |iters| {
+        let mut spent = Duration::ZERO;
+        for _ in 0..iters {
+            let t = Instant::now();
+            let made = map();
+            let mapped = t.elapsed();
+            let t = Instant::now();
+            unmap(made);
+            spent += if timing_map { mapped } else { t.elapsed() };
+        }
+        spent
+    }
 }
 
 /// Batch map and unmap of 1 GiB in 4 KiB pages, timed apart: 262,144
@@ -431,35 +445,17 @@ fn map_unmap_gib(h: &mut Harness) {
         let (ctx, _domain) = domain_with(&mem, 1, false);
         ctx.unmap(ioas, 0, u64::MAX).unwrap();
         let ours = |map: bool| {
-            let (ctx, mem) = (&ctx, &mem);
-            move |iters: u64| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    // SAFETY: `mem` outlives the context.
-                    unsafe { ctx.map_user(ioas, mem.addr(), LEN, Some(IOVA), Perm::RW).unwrap() };
-                    let mapped = t.elapsed();
-                    let t = Instant::now();
-                    ctx.unmap(ioas, IOVA, LEN).unwrap();
-                    spent += if map { mapped } else { t.elapsed() };
-                }
-                spent
-            }
+            one_half(
+                map,
+                // SAFETY: `mem` outlives the context.
+                || unsafe { ctx.map_user(ioas, mem.addr(), LEN, Some(IOVA), Perm::RW).unwrap() },
+                |iova| {
+                    ctx.unmap(ioas, iova, LEN).unwrap();
+                },
+            )
         };
         let theirs = |map: bool| {
-            let mem = &mem;
-            move |iters: u64| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    let mut iotlb = vm_iotlb(mem, N);
-                    let mapped = t.elapsed();
-                    let t = Instant::now();
-                    iotlb.invalidate_mapping(GuestAddress(IOVA), LEN as usize);
-                    spent += if map { mapped } else { t.elapsed() };
-                }
-                spent
-            }
+            one_half(map, || vm_iotlb(&mem, N), |mut iotlb| iotlb.invalidate_mapping(GuestAddress(IOVA), LEN as usize))
         };
         h.compare(
             "map: 1 GiB as 262,144 pages of 4 KiB",
@@ -472,21 +468,8 @@ fn map_unmap_gib(h: &mut Harness) {
             timed("vm-memory Iotlb", "one `invalidate_mapping` of the Iotlb built page by page", theirs(false)),
         );
         let plain = PlainIoas::new();
-        let plain_side = |map: bool| {
-            let (plain, mem) = (&plain, &mem);
-            move |iters: u64| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let t = Instant::now();
-                    plain.map(IOVA, mem.addr(), LEN, PAGE);
-                    let mapped = t.elapsed();
-                    let t = Instant::now();
-                    plain.unmap(IOVA, LEN);
-                    spent += if map { mapped } else { t.elapsed() };
-                }
-                spent
-            }
-        };
+        let plain_side =
+            |map: bool| one_half(map, || plain.map(IOVA, mem.addr(), LEN, PAGE), |()| plain.unmap(IOVA, LEN));
         h.compare(
             "map: 1 GiB as 262,144 pages of 4 KiB",
             timed("ioasid", "one `map_user` of 1 GiB with huge pages off (its unmap untimed)", ours(true)),
@@ -512,13 +495,15 @@ fn map_unmap_gib(h: &mut Harness) {
     unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
     assert_eq!(domain.summary().leaves[2], 1, "one 1 GiB leaf");
     ctx.unmap(ioas, IOVA, 1 << 30).unwrap();
+    let mut ours = || {
+        // SAFETY: `mem` outlives the context.
+        unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
+        ctx.unmap(ioas, IOVA, 1 << 30).unwrap()
+    };
+    let does = "`map_user` of an aligned 1 GiB (one leaf), then `unmap`";
     h.compare(
         figure,
-        iter("ioasid", "`map_user` of an aligned 1 GiB (one leaf), then `unmap`", || {
-            // SAFETY: `mem` outlives the context.
-            unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
-            ctx.unmap(ioas, IOVA, 1 << 30).unwrap()
-        }),
+        iter("ioasid", does, &mut ours),
         iter("vm-memory Iotlb", "one `set_mapping` of 1 GiB into a new Iotlb, one `invalidate_mapping`", || {
             let mut t = Iotlb::new();
             t.set_mapping(GuestAddress(IOVA), GuestAddress(start), 1 << 30, Permissions::ReadWrite).unwrap();
@@ -529,11 +514,7 @@ fn map_unmap_gib(h: &mut Harness) {
     let plain = PlainIoas::new();
     h.compare(
         figure,
-        iter("ioasid", "`map_user` of an aligned 1 GiB (one leaf), then `unmap`", || {
-            // SAFETY: `mem` outlives the context.
-            unsafe { ctx.map_user(ioas, start, 1 << 30, Some(IOVA), Perm::RW).unwrap() };
-            ctx.unmap(ioas, IOVA, 1 << 30).unwrap()
-        }),
+        iter("ioasid", does, &mut ours),
         iter(PLAIN, "`PlainIoas::map` of an aligned 1 GiB (one 1 GiB leaf), then `unmap`", || {
             plain.map(IOVA, start, 1 << 30, 1 << 30);
             plain.unmap(IOVA, 1 << 30);
