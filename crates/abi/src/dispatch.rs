@@ -122,14 +122,19 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
         return Err(Errno::EOPNOTSUPP);
     }
     let ioas = u.ctx.get(IoasId::new(c.ioas_id))?;
+    // Checked as they are read, as Linux does (a bad range before a bad
+    // pointer is EINVAL), each against the one range read so far that can
+    // overlap it: the highest starting at or below its end.
+    let mut seen: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
     let mut ranges: Vec<IovaRange> = Vec::new();
     for i in 0..c.num_iovas as u64 {
         let mut elm = iommu_iova_range::default();
         u.mem.read(c.allowed_iovas.wrapping_add(16 * i), elm.as_mut_bytes())?;
         let r = IovaRange::new(elm.start, elm.last);
-        if r.start >= r.last || ranges.iter().any(|o| o.overlaps(&r)) {
+        if r.start >= r.last || seen.range(..=r.last).next_back().is_some_and(|(_, &last)| last >= r.start) {
             return Err(Errno::EINVAL);
         }
+        seen.insert(r.start, r.last);
         ranges.push(r);
     }
     Ok(ioas.allow_iovas(&ranges)?)

@@ -71,6 +71,13 @@ impl IovaRange {
 }
 
 /// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
+/// Whether `r` overlaps any of `disjoint`, which is sorted and whose ranges
+/// do not overlap (so their ends rise too): one binary search.
+pub(crate) fn overlaps_any(disjoint: &[IovaRange], r: &IovaRange) -> bool {
+    let i = disjoint.partition_point(|a| a.last < r.start);
+    disjoint.get(i).is_some_and(|a| a.overlaps(r))
+}
+
 pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
     let mut v: Vec<IovaRange> = ranges.into_iter().collect();
     v.sort_unstable();
@@ -138,6 +145,17 @@ mod tests {
         assert_eq!(IovaRange::from_len(0, 0), Err(Error::Invalid("length is zero")));
         assert!(matches!(IovaRange::from_len(u64::MAX, 2), Err(Error::Overflow(_))));
         assert_eq!(IovaRange::from_len(u64::MAX, 1).unwrap().last, u64::MAX);
+    }
+
+    #[test]
+    fn overlaps_any_finds_the_one_neighbour_that_matters() {
+        let disjoint = [IovaRange::new(0, 9), IovaRange::new(20, 29), IovaRange::new(40, 49)];
+        assert!(overlaps_any(&disjoint, &IovaRange::new(9, 9)));
+        assert!(overlaps_any(&disjoint, &IovaRange::new(10, 20)));
+        assert!(overlaps_any(&disjoint, &IovaRange::new(5, 100)));
+        assert!(!overlaps_any(&disjoint, &IovaRange::new(10, 19)));
+        assert!(!overlaps_any(&disjoint, &IovaRange::new(50, u64::MAX)));
+        assert!(!overlaps_any(&[], &IovaRange::new(0, u64::MAX)));
     }
 
     #[test]
