@@ -325,6 +325,12 @@ impl RemotePort {
         let touched =
             |&(first, last, ..): &(u64, u64, u32, u64, u32)| ranges.iter().any(|&(f, l)| first <= l && f <= last);
         if !w.extents.iter().any(touched) {
+            // The array before the current one may still have readers, and
+            // what they read there a change may have touched: wait for them
+            // (once: the array stays clean until the next publish).
+            if !w.inactive_clean {
+                self.grace(w);
+            }
             return;
         }
         let kept = w.extents.iter().copied().filter(|e| !touched(e)).collect();
