@@ -70,7 +70,6 @@ impl IovaRange {
     }
 }
 
-/// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
 /// Whether `r` overlaps any of `disjoint`, which is sorted and whose ranges
 /// do not overlap (so their ends rise too): one binary search.
 pub(crate) fn overlaps_any(disjoint: &[IovaRange], r: &IovaRange) -> bool {
@@ -78,6 +77,7 @@ pub(crate) fn overlaps_any(disjoint: &[IovaRange], r: &IovaRange) -> bool {
     disjoint.get(i).is_some_and(|a| a.overlaps(r))
 }
 
+/// Merges possibly overlapping ranges into sorted, disjoint, non-adjacent spans.
 pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRange> {
     let mut v: Vec<IovaRange> = ranges.into_iter().collect();
     v.sort_unstable();
