@@ -48,10 +48,11 @@ struct Table {
 }
 
 impl Table {
-    fn mapper(&mut self) -> OffsetPageTable<'_> {
+    /// The table as the crate walks it, and the frames for new tables.
+    fn mapper(&mut self) -> (OffsetPageTable<'_>, &mut Frames) {
         // SAFETY: "physical" addresses here are this process's addresses
         // (offset 0): every table is a `PageTable` the frames made.
-        unsafe { OffsetPageTable::new(&mut self.root, VirtAddr::new(0)) }
+        (unsafe { OffsetPageTable::new(&mut self.root, VirtAddr::new(0)) }, &mut self.frames)
     }
 }
 
@@ -133,9 +134,7 @@ fn map_pages<S: PageSize>(t: &mut Table, iova: u64, host: u64, len: u64, flags: 
 where
     for<'a> OffsetPageTable<'a>: Mapper<S>,
 {
-    let Table { root, frames } = t;
-    // SAFETY: as `Table::mapper`.
-    let mut mapper = unsafe { OffsetPageTable::new(root, VirtAddr::new(0)) };
+    let (mut mapper, frames) = t.mapper();
     for off in (0..len).step_by(S::SIZE as usize) {
         let page = Page::<S>::from_start_address(VirtAddr::new(iova + off)).expect("aligned IOVA");
         let frame = PhysFrame::<S>::from_start_address(PhysAddr::new(host + off)).expect("aligned memory");
@@ -153,7 +152,7 @@ fn unmap_pages<S: PageSize>(t: &mut Table, iova: u64, len: u64)
 where
     for<'a> OffsetPageTable<'a>: Mapper<S>,
 {
-    let mut mapper = t.mapper();
+    let (mut mapper, _) = t.mapper();
     for off in (0..len).step_by(S::SIZE as usize) {
         let page = Page::<S>::from_start_address(VirtAddr::new(iova + off)).expect("aligned IOVA");
         mapper.unmap(page).expect("mapped").1.ignore();
