@@ -126,7 +126,6 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
     // pointer is EINVAL), each against the one range read so far that can
     // overlap it: the highest starting at or below its end.
     let mut seen: std::collections::BTreeMap<u64, u64> = std::collections::BTreeMap::new();
-    let mut ranges: Vec<IovaRange> = Vec::new();
     for i in 0..c.num_iovas as u64 {
         let mut elm = iommu_iova_range::default();
         u.mem.read(c.allowed_iovas.wrapping_add(16 * i), elm.as_mut_bytes())?;
@@ -135,8 +134,8 @@ fn ioas_allow_iovas(u: &Ucmd, c: iommu_ioas_allow_iovas) -> Res {
             return Err(Errno::EINVAL);
         }
         seen.insert(r.start, r.last);
-        ranges.push(r);
     }
+    let ranges: Vec<IovaRange> = seen.into_iter().map(|(start, last)| IovaRange::new(start, last)).collect();
     Ok(ioas.allow_iovas(&ranges)?)
 }
 
