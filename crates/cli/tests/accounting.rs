@@ -1,7 +1,7 @@
 //! Where pinned memory is charged, as a program sees it: ioasid's pins
 //! show in `/proc/<pid>/status` (`VmPin`) as Linux's do, and the
 //! `CAP_IPC_LOCK` exemption is judged when memory is pinned, not when
-//! `/dev/iommu` was opened.
+//! `/dev/iommu` was opened or an earlier map was made.
 
 mod common;
 
@@ -20,6 +20,8 @@ const PROGRAM: &str = r#"
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/capability.h>
+
+int capset(cap_user_header_t, const cap_user_data_t);
 #include <linux/types.h>
 
 struct ioas_alloc { __u32 size, flags, out_ioas_id; };
@@ -55,18 +57,40 @@ int main(void) {
     struct test_cmd d = { sizeof(d), TEST_OP_MOCK_DOMAIN, a.out_ioas_id };
     CHECK(ioctl(fd, TEST_CMD, &d) == 0);
 
-    /* Give up CAP_IPC_LOCK after the open: pins made now are charged. */
-    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
-    struct __user_cap_data_struct caps[2];
-    CHECK(syscall(SYS_capget, &h, caps) == 0);
-    caps[0].effective &= ~(1u << CAP_IPC_LOCK);
-    CHECK(syscall(SYS_capset, &h, caps) == 0);
-
     long before = vm_pinned_kb(getpid());
     CHECK(before >= 0);
     int mfd = memfd_create("ram", 0);
     CHECK(mfd >= 0 && ftruncate(mfd, 8192) == 0);
     struct ioas_map_file m = { sizeof(m), 6, a.out_ioas_id, mfd, 0, 8192, 0 };
+    struct ioas_unmap u = { sizeof(u), a.out_ioas_id, 0, 8192 };
+
+    /* With CAP_IPC_LOCK, a pin is not charged. */
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == before);
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+
+    /* Give it up after maps were made: pins made now are charged, whichever
+       way the capability went, and back to uncharged when it comes back. */
+    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct caps[2];
+    CHECK(syscall(SYS_capget, &h, caps) == 0);
+    caps[0].effective &= ~(1u << CAP_IPC_LOCK);
+    CHECK(capset(&h, caps) == 0);
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == before + 8);
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+
+    caps[0].effective |= 1u << CAP_IPC_LOCK;
+    CHECK(syscall(SYS_capset, &h, caps) == 0);
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == before);
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+
+    caps[0].effective &= ~(1u << CAP_IPC_LOCK);
+    CHECK(syscall(SYS_capset, &h, caps) == 0);
     CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
     CHECK(vm_pinned_kb(getpid()) == before + 8);
 
@@ -81,7 +105,7 @@ int main(void) {
     int status;
     CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
-    struct ioas_unmap u = { sizeof(u), a.out_ioas_id, m.iova, 8192 };
+    u.iova = m.iova;
     CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
     CHECK(vm_pinned_kb(getpid()) == before);
     printf("ok\n");
@@ -90,6 +114,6 @@ int main(void) {
 "#;
 
 #[test]
-fn pins_show_in_proc_status_and_are_charged_once_cap_ipc_lock_is_dropped() {
+fn pins_show_in_proc_status_and_are_charged_while_cap_ipc_lock_is_dropped() {
     run_c("accounting", PROGRAM);
 }

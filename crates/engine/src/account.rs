@@ -6,8 +6,9 @@
 //! uid in this process) or the process's (`IOMMU_OPTION_RLIMIT_MODE` = 1, the
 //! mode VFIO type1 uses). Callers holding `CAP_IPC_LOCK` are not charged.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
@@ -203,15 +204,63 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
     (get(&PROCESS_LOCKED), get(&PROCESS_PINNED))
 }
 
-/// Whether this process holds capability `cap` now, as Linux's
-/// `capable()` judges it at each map. A capability gone from the permitted
-/// set never comes back short of an exec (`capset` and uid changes only
-/// shrink that set, and a user namespace's capabilities are not
-/// `capable()`'s), so once one is seen gone no more `capget`s are spent on
-/// it: an unprivileged program's maps make no system call for it.
+/// Whether this thread holds capability `cap` now, as Linux's `capable()`
+/// judges it at each map. A capability gone from the permitted set never
+/// comes back short of an exec (`capset` and uid changes only shrink that
+/// set, and a user namespace's capabilities are not `capable()`'s), so once
+/// one is seen gone no more `capget`s are spent on it: an unprivileged
+/// program's maps make no system call for it. Where every call that can
+/// change capabilities is seen (see [`watch_capabilities`]), a privileged
+/// program's make none either: a thread asks again only after such a call.
 pub(crate) fn has_capability(cap: CapabilitySet) -> bool {
     static LOST: Lost = Lost(AtomicU64::new(0));
-    LOST.has(cap, || rustix::thread::capabilities(None).ok())
+    LOST.has(cap, || {
+        if !WATCHED.load(Ordering::Relaxed) {
+            return rustix::thread::capabilities(None).ok();
+        }
+        SEEN.with(|seen| seen.sets(CHANGES.load(Ordering::Acquire), || rustix::thread::capabilities(None).ok()))
+    })
+}
+
+/// Calls seen that can change a thread's capabilities (`capset`, the
+/// `setuid` family), once [`watch_capabilities`] is on.
+static CHANGES: AtomicU64 = AtomicU64::new(0);
+static WATCHED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread's capabilities as last asked, with the count of changes
+    /// seen then: capabilities are per thread, as `capable()` reads them.
+    static SEEN: Seen = const { Seen(Cell::new(None)) };
+}
+
+/// Promises that [`capabilities_changed`] will be called after every call
+/// of this process's that can change a thread's capabilities (the preload
+/// shim sees them all): each thread then keeps what it last asked until
+/// one is made. Without the promise, each map asks.
+pub fn watch_capabilities() {
+    WATCHED.store(true, Ordering::Relaxed);
+}
+
+/// A call that can change capabilities (`capset`, `setuid`, `setreuid`,
+/// `setresuid`, `seteuid`) has returned: threads ask again at their next map.
+pub fn capabilities_changed() {
+    CHANGES.fetch_add(1, Ordering::Release);
+}
+
+/// A thread's capability sets as asked after `changes` changes.
+struct Seen(Cell<Option<(u64, CapabilitySets)>>);
+
+impl Seen {
+    fn sets(&self, changes: u64, capget: impl FnOnce() -> Option<CapabilitySets>) -> Option<CapabilitySets> {
+        if let Some((at, sets)) = self.0.get()
+            && at == changes
+        {
+            return Some(sets);
+        }
+        let sets = capget()?;
+        self.0.set(Some((changes, sets)));
+        Some(sets)
+    }
 }
 
 /// The capabilities seen gone from the permitted set.
@@ -273,6 +322,28 @@ mod tests {
         assert!(!lost.has(ipc, || panic!("asked again for a capability that cannot come back")));
         assert!(lost.has(res, ask(sets(res, res))), "other capabilities are still asked for");
         assert_eq!(asked.get(), 5);
+    }
+
+    #[test]
+    fn a_thread_asks_again_only_after_a_change() {
+        let seen = Seen(Cell::new(None));
+        let ipc = CapabilitySet::IPC_LOCK;
+        let held = CapabilitySets { effective: ipc, permitted: ipc, inheritable: CapabilitySet::empty() };
+        let dropped = CapabilitySets { effective: CapabilitySet::empty(), ..held };
+        let asked = &Cell::new(0);
+        let ask = |s: CapabilitySets| {
+            move || {
+                asked.set(asked.get() + 1);
+                Some(s)
+            }
+        };
+        assert_eq!(seen.sets(7, ask(held)).unwrap().effective, ipc);
+        assert_eq!(seen.sets(7, ask(dropped)).unwrap().effective, ipc, "kept while nothing changed");
+        assert!(seen.sets(8, ask(dropped)).unwrap().effective.is_empty(), "asked again after a change");
+        assert_eq!(asked.get(), 2);
+        // A failed capget is not kept.
+        assert!(seen.sets(9, || None).is_none());
+        assert_eq!(seen.sets(9, ask(held)).unwrap().effective, ipc);
     }
 
     #[test]

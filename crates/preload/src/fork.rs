@@ -180,6 +180,8 @@ pub fn install() {
         // below (handlers prepare in reverse order), never waited for by a
         // thread holding one of them.
         drop(ioasid_engine::epoch::pin());
+        // Every call that changes capabilities comes through `credentials`.
+        ioasid_engine::watch_capabilities();
         // SAFETY: registering three handlers with the C signature
         // pthread_atfork expects; they live as long as the library.
         unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };

@@ -648,6 +648,11 @@ pub unsafe extern "C" fn syscall(
             libc::SYS_dup3 => c_long::from(dup3(a as c_int, b as c_int, c as c_int)),
             // The fork handlers give the child its own link to this process.
             libc::SYS_fork => c_long::from(libc::fork()),
+            n if crate::credentials::changes_capabilities(n) => {
+                let r = fwd();
+                ioasid_engine::capabilities_changed();
+                r
+            }
             _ => fwd(),
         }
     }

@@ -12,6 +12,7 @@
 //! is `paths`'s business. With `IOASID_SOCKET` set, contexts live in the
 //! daemon instead (see `daemon`).
 
+mod credentials;
 mod daemon;
 mod fail_nth;
 mod fork;
