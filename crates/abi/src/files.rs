@@ -6,12 +6,19 @@
 //! A number is only a name: a program can close a descriptor in ways the
 //! shim never sees (`close_range`, a raw system call) and get the number
 //! back for another file. So each entry remembers the open file it was made
-//! for by its inode (`st_dev`, `st_ino`: every memfd has its own), and a
-//! lookup checks, with a raw `fstat` that no hooked C library function
-//! sees, that the number still names it; an entry whose file is gone is
-//! dropped with its objects. (The queues' eventfds share the kernel's one
-//! anonymous inode, so for them the check only tells an eventfd from
-//! anything else.)
+//! for, and a lookup checks with a raw system call, which no hooked C
+//! library function sees, that the number still names it; an entry whose
+//! file is gone is dropped with its objects. How it remembers (a `Mark`):
+//! - Files whose position Linux's never lets a program set (no `lseek`:
+//!   the iommufd, VFIO groups and devices, selftest accesses) are memfds
+//!   whose position starts at a mark of their own, far past any real
+//!   file's: one `lseek` tells it, at half the cost of an `fstat`, on every
+//!   `ioctl`. A VFIO device's `read` and `write` move the position on from
+//!   there, as its own; the shim answers a program's `lseek` on these files
+//!   with `ESPIPE`, as Linux does.
+//! - Any other by its inode (`st_dev`, `st_ino`: every memfd has its own),
+//!   with an `fstat`. The queues' eventfds share the kernel's one anonymous
+//!   inode, so for them the check only tells an eventfd from anything else.
 //!
 //! Lookups take no lock, so no thread can hold the table at `fork` in a
 //! way the child would wait for; writers are serialised by a lock that the
@@ -77,8 +84,8 @@ pub type Owner = u64;
 #[derive(Clone)]
 pub struct Entry {
     pub file: File,
-    /// The open file's inode, which a number must still name.
-    inode: (u64, u64),
+    /// How the number is known to still name the open file.
+    mark: Mark,
     /// Names the open file among its owner's, the same for every duplicate.
     pub serial: u64,
     /// The process whose objects these are.
@@ -91,6 +98,62 @@ impl Entry {
     pub fn is_local(&self) -> bool {
         self.owner == this_process()
     }
+}
+
+/// How an entry's descriptor is known to still name its open file (see the
+/// module docs).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mark {
+    /// The open file's inode.
+    Inode(u64, u64),
+    /// The open file's position, shifted right by `POSITION_BITS`: what
+    /// is left below is the file's own position.
+    Position(u64),
+}
+
+/// Bits of a marked file's position left for the file itself: VFIO region
+/// offsets (index << 40) fit.
+pub const POSITION_BITS: u32 = 48;
+
+impl Mark {
+    /// The mark for a new entry of `file` at `fd`, set on the file now when
+    /// it is one of those marked by position.
+    fn new(fd: c_int, file: &File, serial: u64) -> Option<Mark> {
+        let positioned =
+            matches!(file, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_));
+        if !positioned {
+            let (dev, ino) = inode(fd)?;
+            return Some(Mark::Inode(dev, ino));
+        }
+        // Bit 62 set: past any real file's end; the rest tells this file
+        // from this process's others and from another process's.
+        let high = 1 << (62 - POSITION_BITS) | (serial ^ *SALT) & ((1 << (62 - POSITION_BITS)) - 1);
+        // SAFETY: only for the duration of one lseek; the caller's new file.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(high << POSITION_BITS)).ok()?;
+        Some(Mark::Position(high))
+    }
+
+    /// Whether `fd` still names the file this marks.
+    fn names(self, fd: c_int) -> bool {
+        match self {
+            Mark::Inode(dev, ino) => inode(fd) == Some((dev, ino)),
+            Mark::Position(high) => position(fd).is_some_and(|p| p >> POSITION_BITS == high),
+        }
+    }
+}
+
+/// Mixed into position marks, so that another process's files do not
+/// share this one's.
+static SALT: LazyLock<u64> = LazyLock::new(|| new_owner() >> 7);
+
+/// `fd`'s position now; raw, so no hook sees it.
+pub fn position(fd: c_int) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: only for the duration of one lseek; a closed number fails it.
+    rustix::fs::seek(unsafe { BorrowedFd::borrow_raw(fd) }, rustix::fs::SeekFrom::Current(0)).ok()
 }
 
 type Table = HashMap<c_int, Entry>;
@@ -188,7 +251,7 @@ pub fn unlock_after_fork(child: bool) {
 /// stale entry is dropped.
 pub fn lookup(fd: c_int) -> Option<Entry> {
     let entry = TABLE.load().get(&fd).cloned()?;
-    if inode(fd) == Some(entry.inode) {
+    if entry.mark.names(fd) {
         return Some(entry);
     }
     drop_stale(fd, entry.serial);
@@ -229,17 +292,13 @@ pub fn rw_file(fd: c_int) -> Option<Entry> {
 /// `fd` is a new open file of this process's: `file`. Entries whose files
 /// were closed behind the table's back are dropped on the way.
 pub fn insert(fd: c_int, file: File) {
-    let Some(ino) = inode(fd) else { return };
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
-    let entry = Entry { file, inode: ino, serial, owner: this_process() };
+    let Some(mark) = Mark::new(fd, &file, serial) else { return };
+    let entry = Entry { file, mark, serial, owner: this_process() };
     // By serial too: another thread may have put a new file at a stale
     // number since this list was made, and that entry must stay.
-    let stale: Vec<(c_int, u64)> = TABLE
-        .load()
-        .iter()
-        .filter(|(n, e)| **n != fd && inode(**n) != Some(e.inode))
-        .map(|(n, e)| (*n, e.serial))
-        .collect();
+    let stale: Vec<(c_int, u64)> =
+        TABLE.load().iter().filter(|(n, e)| **n != fd && !e.mark.names(**n)).map(|(n, e)| (*n, e.serial)).collect();
     let mut gone = Vec::new();
     let old = update(|t| {
         gone.extend(t.insert(fd, entry));

@@ -202,6 +202,13 @@ fn closes_behind_the_shim_end_the_iommufd() {
     run(
         "closes",
         r#"
+/* A system call made with the instruction itself, past any C library. */
+static long raw3(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+}
+
 /* Opens an iommufd, closes it with `how`, and checks its number is no longer one. */
 static void check(int how) {
     int fd = open("/dev/iommu", O_RDWR);
@@ -215,16 +222,22 @@ static void check(int how) {
     case 2: f = fdopen(fd, "r+"); CHECK(f != 0); CHECK(fclose(f) == 0); break;
     case 3: CHECK(syscall(SYS_close, fd) == 0); break;
     case 4: CHECK(syscall(SYS_close_range, fd, fd, 0) == 0); break;
-    /* Replaced by a call the shim does not see at all. */
     case 5: null = open("/dev/null", O_RDWR); CHECK(syscall(SYS_dup3, null, fd, 0) == fd); close(null); break;
+    /* Replaced by system calls the shim does not see at all: by /dev/null,
+       and by a memfd of the program's (a file of the same kind as ioasid's). */
+    case 6: null = open("/dev/null", O_RDWR); CHECK(raw3(SYS_dup3, null, fd, 0) == fd); close(null); break;
+    case 7:
+        CHECK(raw3(SYS_close, fd, 0, 0) == 0);
+        CHECK(memfd_create("program's", 0) == fd);
+        break;
     }
-    if (how != 5) CHECK(open("/dev/null", O_RDWR) == fd);
+    if (how < 5) CHECK(open("/dev/null", O_RDWR) == fd);
     CHECK(ioas_alloc(fd) == 0 && errno == ENOTTY);
     CHECK(close(fd) == 0);
 }
 
 int main(void) {
-    for (int how = 0; how <= 5; how++) check(how);
+    for (int how = 0; how <= 7; how++) check(how);
     /* CLOSE_RANGE_CLOEXEC closes nothing. */
     int fd = open("/dev/iommu", O_RDWR);
     CHECK(fd >= 0);
@@ -252,6 +265,11 @@ int main(void) {
     CHECK(write(fd, buf, sizeof(buf)) == -1 && errno == EINVAL);
     CHECK(pread(fd, buf, sizeof(buf), 0) == -1 && errno == EINVAL);
     CHECK(pwrite(fd, buf, sizeof(buf), 0) == -1 && errno == EINVAL);
+    /* No lseek either, however it is called; and none moves anything. */
+    CHECK(lseek(fd, 0, SEEK_SET) == -1 && errno == ESPIPE);
+    CHECK(lseek(fd, 0, SEEK_CUR) == -1 && errno == ESPIPE);
+    CHECK(syscall(SYS_lseek, fd, 4096, SEEK_SET) == -1 && errno == ESPIPE);
+    CHECK(ioas_alloc(fd) == 1);
 
     struct rlimit lim = { 64, 64 };
     CHECK(setrlimit(RLIMIT_NOFILE, &lim) == 0);

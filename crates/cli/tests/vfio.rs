@@ -160,8 +160,14 @@ int main(void) {
     FAILS(pread(dev, &v, 4, BAR0 + bar0), EINVAL);
     CHECK(pread(dev, buf, 8, BAR0 + bar0 - 4) == 4); /* cut at the BAR's end */
     FAILS(pread(dev, &v, 4, 6ULL << 40), EINVAL); /* no ROM */
-    CHECK(lseek(dev, CONFIG, SEEK_SET) == (off_t)CONFIG && read(dev, &v, 4) == 4 && v == 0xb500104c);
-    CHECK(lseek(dev, 0, SEEK_CUR) == (off_t)(CONFIG + 4));
+    /* No lseek, as Linux's device files have none; read and write start at
+       0 (BAR 0's first registers) and move on. */
+    FAILS(lseek(dev, CONFIG, SEEK_SET), ESPIPE);
+    FAILS(lseek(dev, 0, SEEK_CUR), ESPIPE);
+    uint32_t at0, at4;
+    CHECK(pread(dev, &at0, 4, BAR0) == 4 && pread(dev, &at4, 4, BAR0 + 4) == 4);
+    CHECK(read(dev, &v, 4) == 4 && v == at0);
+    CHECK(read(dev, &v, 4) == 4 && v == at4);
 
     /* MSI: eventfds for its vectors */
     int msi = eventfd(0, EFD_CLOEXEC);

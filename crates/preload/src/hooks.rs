@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_long, c_uint, c_ulong, c_void};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use ioasid_abi::files::{self, File};
@@ -469,7 +470,8 @@ fn write_ioasid(file: &File, buf: *const c_void, count: usize, offset: i64) -> R
 
 /// A VFIO device's region access at `at`, or for `read` and `write` at
 /// the file position, which then moves past what was done (the memfd's
-/// own position serves as the file's, so `lseek` works on it as on Linux).
+/// own position, below the mark `files` keeps in its high bits, serves as
+/// the file's, so a forked child shares it as on Linux).
 fn at_position(
     fd: c_int,
     at: Option<i64>,
@@ -478,13 +480,39 @@ fn at_position(
     if let Some(off) = at {
         return access(off).map_err(|e| e.0);
     }
-    // SAFETY: lseek on the caller's descriptor, a memfd of ours.
-    let pos = unsafe { libc::lseek(fd, 0, libc::SEEK_CUR) };
-    let n = access(pos).map_err(|e| e.0)?;
-    // SAFETY: as above.
-    unsafe { libc::lseek(fd, pos + n as i64, libc::SEEK_SET) };
+    let raw = files::position(fd).ok_or(libc::EBADF)?;
+    let mark = raw & !((1 << files::POSITION_BITS) - 1);
+    let n = access((raw - mark) as i64).map_err(|e| e.0)?;
+    // SAFETY: only for the duration of one lseek, on the caller's descriptor.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = rustix::fs::seek(fd, rustix::fs::SeekFrom::Start(raw + n as u64));
     Ok(n)
 }
+
+/// `lseek` of an ioasid file whose Linux counterpart has none: `ESPIPE`
+/// (their position is the shim's, see `files`); `None` for any other.
+fn lseek_ioasid(fd: c_int) -> Option<i64> {
+    let entry = files::rw_file(fd)?;
+    matches!(entry.file, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_)).then(|| {
+        set_errno(libc::ESPIPE);
+        -1
+    })
+}
+
+macro_rules! lseek_hook {
+    ($name:ident) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, offset: i64, whence: c_int) -> i64 {
+            // SAFETY: forwarding the caller's own arguments.
+            caught(None, || lseek_ioasid(fd)).unwrap_or_else(|| unsafe { real::$name()(fd, offset, whence) })
+        }
+    };
+}
+
+lseek_hook!(lseek);
+lseek_hook!(lseek64);
 
 macro_rules! rw_hook {
     ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident, $device:ident $(, $off:ident)?) => {
@@ -646,6 +674,7 @@ pub unsafe extern "C" fn syscall(
             libc::SYS_dup => c_long::from(dup(a as c_int)),
             libc::SYS_dup2 => c_long::from(dup2(a as c_int, b as c_int)),
             libc::SYS_dup3 => c_long::from(dup3(a as c_int, b as c_int, c as c_int)),
+            libc::SYS_lseek => lseek(a as c_int, b, c as c_int),
             // The fork handlers give the child its own link to this process.
             libc::SYS_fork => c_long::from(libc::fork()),
             n if crate::credentials::changes_capabilities(n) => {
