@@ -108,6 +108,19 @@ int main(void) {
     u.iova = m.iova;
     CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
     CHECK(vm_pinned_kb(getpid()) == before);
+
+    /* Leaving root takes every capability with it. */
+    caps[0].effective |= 1u << CAP_IPC_LOCK;
+    CHECK(syscall(SYS_capset, &h, caps) == 0);
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == before);
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+    CHECK(setuid(65534) == 0);
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == before + 8);
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
     printf("ok\n");
     return 0;
 }

@@ -6,10 +6,10 @@
 //! uid in this process) or the process's (`IOMMU_OPTION_RLIMIT_MODE` = 1, the
 //! mode VFIO type1 uses). Callers holding `CAP_IPC_LOCK` are not charged.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Once};
 
 use parking_lot::Mutex;
 use rustix::thread::{CapabilitySet, CapabilitySets};
@@ -210,7 +210,7 @@ pub fn process_pages(pid: Option<i32>) -> (u64, u64) {
 /// set, and a user namespace's capabilities are not `capable()`'s), so once
 /// one is seen gone no more `capget`s are spent on it: an unprivileged
 /// program's maps make no system call for it. Where every call that can
-/// change capabilities is seen (see [`watch_capabilities`]), a privileged
+/// change capabilities is seen (see [`watch_credentials`]), a privileged
 /// program's make none either: a thread asks again only after such a call.
 pub(crate) fn has_capability(cap: CapabilitySet) -> bool {
     static LOST: Lost = Lost(AtomicU64::new(0));
@@ -223,7 +223,7 @@ pub(crate) fn has_capability(cap: CapabilitySet) -> bool {
 }
 
 /// Calls seen that can change a thread's capabilities (`capset`, the
-/// `setuid` family), once [`watch_capabilities`] is on.
+/// `setuid` family), once [`watch_credentials`] is on.
 static CHANGES: AtomicU64 = AtomicU64::new(0);
 static WATCHED: AtomicBool = AtomicBool::new(false);
 
@@ -233,18 +233,80 @@ thread_local! {
     static SEEN: Seen = const { Seen(Cell::new(None)) };
 }
 
-/// Promises that [`capabilities_changed`] will be called after every call
-/// of this process's that can change a thread's capabilities (the preload
-/// shim sees them all): each thread then keeps what it last asked until
-/// one is made. Without the promise, each map asks.
-pub fn watch_capabilities() {
+/// Promises that [`credentials_changed`] will be called after every call
+/// of this process's that can change a thread's capabilities or the
+/// process's user (the preload shim sees them all): each thread then keeps
+/// what it last asked, and the counters its maps charge, until one is made
+/// (or the process forks). Without the promise, each map asks.
+pub fn watch_credentials() {
+    static FORK_HANDLER: Once = Once::new();
+    FORK_HANDLER.call_once(|| {
+        extern "C" fn forked() {
+            FORKS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: a child handler with the C signature pthread_atfork
+        // expects, which lives as long as the process.
+        unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+    });
     WATCHED.store(true, Ordering::Relaxed);
 }
 
-/// A call that can change capabilities (`capset`, `setuid`, `setreuid`,
-/// `setresuid`, `seteuid`) has returned: threads ask again at their next map.
-pub fn capabilities_changed() {
+/// A call that can change capabilities or the user (`capset`, `setuid`,
+/// `setreuid`, `setresuid`, `seteuid`) has returned: threads ask again at
+/// their next map.
+pub fn credentials_changed() {
     CHANGES.fetch_add(1, Ordering::Release);
+}
+
+/// Forks seen since [`watch_credentials`]: a child's counters are its own.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+
+/// What this process's accounting was made for: while all of it holds, the
+/// same counters are charged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct OwnKey {
+    mode: AccountMode,
+    exempt: bool,
+    limit: Limit,
+    changes: u64,
+    forks: u64,
+}
+
+thread_local! {
+    /// This thread's last accounting of this process, with what it was
+    /// made for: finding the user's counter takes a `getuid`, a `getpid` and
+    /// two locks, and it only changes with the user, the mode or a fork.
+    static OWN: RefCell<Option<(OwnKey, Accounting)>> = const { RefCell::new(None) };
+}
+
+/// `f` on [`Accounting::of_process`] of this process, kept from the thread's
+/// last call while nothing it depends on can have changed (see
+/// [`watch_credentials`]).
+pub(crate) fn with_own<R>(mode: AccountMode, exempt: bool, limit: Limit, f: impl FnOnce(&Accounting) -> R) -> R {
+    let fresh = || {
+        #[cfg(test)]
+        tests::MADE.with(|m| m.set(m.get() + 1));
+        Accounting::of_process(mode, exempt, limit, None)
+    };
+    if !WATCHED.load(Ordering::Relaxed) {
+        return f(&fresh());
+    }
+    let key =
+        OwnKey { mode, exempt, limit, changes: CHANGES.load(Ordering::Acquire), forks: FORKS.load(Ordering::Relaxed) };
+    // Not kept while the thread exits, or in a call made from `f` itself.
+    let mut f = Some(f);
+    let r = OWN
+        .try_with(|own| {
+            let mut slot = own.try_borrow_mut().ok()?;
+            if !slot.as_ref().is_some_and(|(k, _)| *k == key) {
+                *slot = Some((key, fresh()));
+            }
+            let (_, kept) = slot.as_ref().expect("filled above");
+            Some(f.take().expect("called once")(kept))
+        })
+        .ok()
+        .flatten();
+    r.unwrap_or_else(|| f.take().expect("not called")(&fresh()))
 }
 
 /// A thread's capability sets as asked after `changes` changes.
@@ -344,6 +406,36 @@ mod tests {
         // A failed capget is not kept.
         assert!(seen.sets(9, || None).is_none());
         assert_eq!(seen.sets(9, ask(held)).unwrap().effective, ipc);
+    }
+
+    thread_local! {
+        /// Accountings `with_own` made on this thread.
+        pub(super) static MADE: Cell<u64> = const { Cell::new(0) };
+    }
+
+    #[test]
+    fn this_process_accounting_is_made_again_only_when_what_it_depends_on_changes() {
+        watch_credentials();
+        let made = || MADE.with(Cell::get);
+        let own = |mode| with_own(mode, false, Limit::Rlimit, |a| a.counter.as_ref().map(Arc::as_ptr));
+        let start = made();
+        let user = own(AccountMode::User);
+        assert_eq!((own(AccountMode::User), own(AccountMode::User)), (user, user));
+        assert_eq!(made(), start + 1, "kept");
+        credentials_changed();
+        assert_eq!(own(AccountMode::User), user, "the same user's counter");
+        assert_eq!(made(), start + 2, "made again after a change of credentials");
+        assert_ne!(own(AccountMode::Process), user);
+        own(AccountMode::User);
+        assert_eq!(made(), start + 4, "made again for another mode");
+        FORKS.fetch_add(1, Ordering::Relaxed);
+        own(AccountMode::User);
+        assert_eq!(made(), start + 5, "made again after a fork");
+        // A call from inside `f` gets one of its own.
+        with_own(AccountMode::User, false, Limit::Rlimit, |_| own(AccountMode::User));
+        assert_eq!(made(), start + 6);
+        own(AccountMode::User);
+        assert_eq!(made(), start + 6);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -458,7 +459,8 @@ pub struct Context {
     /// Serialises changes to the object graph (attach, detach, destroy) so
     /// checks of who uses what stay true while they act.
     graph: Mutex<()>,
-    account_mode: Mutex<AccountMode>,
+    /// `IOMMU_OPTION_RLIMIT_MODE`: charged per process, else per user.
+    process_mode: AtomicBool,
     config: ContextConfig,
     private: Option<Accounting>,
     /// Owner of this context's IOASID sets and of the PASID references it
@@ -485,7 +487,7 @@ impl Context {
         Context {
             objects: Mutex::new(Table::default()),
             graph: Mutex::new(()),
-            account_mode: Mutex::new(AccountMode::User),
+            process_mode: AtomicBool::new(false),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
             set_owner: SetOwner::default(),
@@ -540,8 +542,11 @@ impl Context {
         if let Some(private) = &self.private {
             return f(private);
         }
-        let mode = *self.account_mode.lock();
-        f(&Accounting::of_process(mode, self.config.memlock_exempt(), self.config.memlock_limit, self.config.owner))
+        let (mode, exempt, limit) = (self.account_mode(), self.config.memlock_exempt(), self.config.memlock_limit);
+        match self.config.owner {
+            None => crate::account::with_own(mode, exempt, limit, f),
+            Some(pid) => f(&Accounting::of_process(mode, exempt, limit, Some(pid))),
+        }
     }
 
     /// Pages pinned and charged through this context's counter.
@@ -552,7 +557,7 @@ impl Context {
     /// The accounting mode new pins are charged in
     /// (`IOMMU_OPTION_RLIMIT_MODE` read back).
     pub fn account_mode(&self) -> AccountMode {
-        *self.account_mode.lock()
+        if self.process_mode.load(Ordering::Relaxed) { AccountMode::Process } else { AccountMode::User }
     }
 
     /// `IOMMU_OPTION_RLIMIT_MODE` with its value (0: per user, 1: per
@@ -565,12 +570,14 @@ impl Context {
         if !t.is_empty() {
             return Err(Error::Busy("the context already has objects"));
         }
-        let mode = match value {
-            0 => AccountMode::User,
-            1 => AccountMode::Process,
+        let process = match value {
+            0 => false,
+            1 => true,
             _ => return Err(Error::Invalid("accounting mode is 0 or 1")),
         };
-        *self.account_mode.lock() = mode;
+        // Under the table's lock, which every object's making takes: no map
+        // can be under way.
+        self.process_mode.store(process, Ordering::Relaxed);
         Ok(())
     }
 

@@ -54,7 +54,7 @@ pub mod viommu;
 pub mod vm_memory_iommu;
 
 pub use access::{Access, AccessOps};
-pub use account::{AccountMode, Limit, capabilities_changed, watch_capabilities};
+pub use account::{AccountMode, Limit, credentials_changed, watch_credentials};
 pub use context::{Context, ContextConfig, Kind, Object, ProcessMemory, SelftestDevice, SelftestId};
 pub use device::{Device, DeviceInfo, DmaError, DmaPort, MockFlags, Pending, Stage, Stall};
 pub use domain::{Gpa, HostAddr, Translated};

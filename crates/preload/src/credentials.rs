@@ -1,7 +1,7 @@
 //! The calls that can change a thread's capabilities: each is passed on to
 //! the C library, and the engine is told after it returns, so a map judges
 //! `CAP_IPC_LOCK` as Linux does without a `capget` per map (see
-//! `ioasid_engine::watch_capabilities`). `syscall(3)` with these numbers
+//! `ioasid_engine::watch_credentials`). `syscall(3)` with these numbers
 //! comes here too, from the `syscall` hook.
 
 use std::ffi::{c_int, c_long, c_void};
@@ -25,7 +25,7 @@ macro_rules! credentials_hook {
             let r = unsafe {
                 next::<unsafe extern "C" fn($($ty),*) -> c_int>(&CELL, concat!(stringify!($name), "\0"))($($arg),*)
             };
-            ioasid_engine::capabilities_changed();
+            ioasid_engine::credentials_changed();
             r
         }
     };

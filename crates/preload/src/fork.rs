@@ -181,7 +181,7 @@ pub fn install() {
         // thread holding one of them.
         drop(ioasid_engine::epoch::pin());
         // Every call that changes capabilities comes through `credentials`.
-        ioasid_engine::watch_capabilities();
+        ioasid_engine::watch_credentials();
         // SAFETY: registering three handlers with the C signature
         // pthread_atfork expects; they live as long as the library.
         unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };

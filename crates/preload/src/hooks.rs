@@ -679,7 +679,7 @@ pub unsafe extern "C" fn syscall(
             libc::SYS_fork => c_long::from(libc::fork()),
             n if crate::credentials::changes_capabilities(n) => {
                 let r = fwd();
-                ioasid_engine::capabilities_changed();
+                ioasid_engine::credentials_changed();
                 r
             }
             _ => fwd(),
