@@ -262,14 +262,14 @@ why = {
         "pages and returns their charge"
     ),
     "map + unmap: one 4 KiB page through the ABI": (
-        "against the library: the ABI is the library call plus decoding, the descriptor check (one `fstat`) and "
+        "against the library: the ABI is the library call plus decoding, the descriptor check (one `lseek`) and "
         "the argument copies, so it cannot be faster; against two bare ioctls: they map nothing. The peer doing the "
         "same work, Linux's own iommufd, is not on this machine (no `/dev/iommu`, no IOMMU)"
     ),
     "BAR access": (
-        "the shim checks that the descriptor still names the device file (one `fstat`: a program can close it "
-        "behind the shim, with a raw `close` or `fclose` of an `fdopen`ed stream, and reuse the number), which "
-        "alone costs about what the peer's whole system call does; the peer reads /dev/zero. The peer doing the "
+        "the shim checks that the descriptor still names the device file (one `lseek` reading the mark in the "
+        "file's position: a program can close it behind the shim, with a system call made past the C library, "
+        "and reuse the number), a system call of its own; the peer reads /dev/zero. The peer doing the "
         "same work, a kernel VFIO driver's region access, needs a device this machine does not have"
     ),
     "daemon:": "a daemon answers over a socket: the round trip (and the daemon's copies in the program) is the floor",
@@ -354,7 +354,7 @@ out.append(
     "moving 1 MiB costs in the same guest, so a ratio near 1 says the DMA path adds "
     "little to a transfer; it is not a comparison of copy speeds. The BAR access rows "
     "pay the shim's check that the descriptor still names the device file (one "
-    "`fstat`) before the model's register access. The "
+    "`lseek`) before the model's register access. The "
     "walk and working-set figures make each lookup depend on the previous result, "
     "so they measure latency, not overlapped throughput. The PASID peer is a bare "
     "free set under a lock; ioasid also keeps quotas along the set hierarchy, "
