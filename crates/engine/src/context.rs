@@ -191,6 +191,23 @@ impl Table {
     }
 }
 
+impl crate::pages::Holder for Mutex<Table> {
+    fn each_pages(&self, f: &mut dyn FnMut(&Pages)) {
+        // Collected first: the IOASes' locks are taken with the table's let go.
+        let ioases: Vec<Arc<Ioas>> = self
+            .lock()
+            .values()
+            .filter_map(|o| match o {
+                Object::Ioas(i) => Some(i.clone()),
+                _ => None,
+            })
+            .collect();
+        for ioas in ioases {
+            ioas.each_pages(f);
+        }
+    }
+}
+
 impl Table {
     /// The object `id` names.
     pub(crate) fn get(&self, id: u32) -> Option<&Object> {
@@ -455,7 +472,9 @@ impl ContextConfig {
 /// returns. `Sync`: share it as `Arc<Context>` between threads; dropping it
 /// destroys every object, as closing the fd does.
 pub struct Context {
-    objects: Mutex<Table>,
+    /// Shared with the registry of what holds user pages (see
+    /// `pages::Holder`), which counts their pins through it.
+    objects: Arc<Mutex<Table>>,
     /// Serialises changes to the object graph (attach, detach, destroy) so
     /// checks of who uses what stay true while they act.
     graph: Mutex<()>,
@@ -484,8 +503,10 @@ impl Context {
 
     /// A context that charges and permits as `config` says.
     pub fn with_config(config: ContextConfig) -> Self {
+        let objects = Arc::new(Mutex::new(Table::default()));
+        crate::pages::hold(Arc::downgrade(&objects) as std::sync::Weak<dyn crate::pages::Holder>);
         Context {
-            objects: Mutex::new(Table::default()),
+            objects,
             graph: Mutex::new(()),
             process_mode: AtomicBool::new(false),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),

@@ -124,6 +124,11 @@ impl Ioas {
         self.inner.lock()
     }
 
+    /// `f` on the memory behind each area, under the IOAS's lock.
+    pub(crate) fn each_pages(&self, f: &mut dyn FnMut(&Pages)) {
+        self.lock().areas.values().for_each(|a| f(&a.src.pages));
+    }
+
     /// Holds off every change to the areas (and to the domains that pin
     /// them) while the guard lives.
     pub(crate) fn lock_areas(&self) -> AreasLocked<'_> {

@@ -42,6 +42,7 @@
 //!   Once the client unmaps it, accesses fail with `EFAULT`, where Linux's
 //!   pinned pages would still be there.
 
+use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
 use std::sync::{Arc, OnceLock, Weak};
 
@@ -123,12 +124,16 @@ impl PinState {
     }
 }
 
-/// Every `Pages` of user memory or of a file alive in the process, so the
-/// number of pins on a page can be counted (what Linux reads from `struct
-/// page`'s refcount). Registering is on every map's path, so each thread
-/// enters its `Pages` in a shard of its own: an uncontended lock and a free
-/// slot, neither a global lock nor (once the shard has grown) an allocation.
-/// Counting, a test's question, walks every shard.
+/// Every `Pages` of a file, a dma-buf or another process alive in the
+/// process, so the number of pins on a page can be counted (what Linux reads
+/// from `struct page`'s refcount). Registering is on those maps' path, so each
+/// thread enters its `Pages` in a shard of its own: an uncontended lock and a
+/// free slot, neither a global lock nor (once the shard has grown) an
+/// allocation. Counting, a test's question, walks every shard.
+///
+/// User pages, which one-page maps make and drop at the highest rate, are
+/// not entered: a count finds them through what holds them (see `Holder`),
+/// so making, pooling and reusing them takes no lock and no weak reference.
 #[derive(Default)]
 struct Shard(Mutex<Slots>);
 
@@ -137,14 +142,16 @@ struct Slots {
     live: Vec<Weak<Pages>>,
     /// Indexes of `live` whose `Pages` is gone.
     free: Vec<u32>,
-    /// User pages unmapped by this thread with no other holder, kept
-    /// (unregistered) for its next maps: a one-page map then neither
-    /// allocates nor frees its `Pages`, nor makes a new weak reference.
-    pool: Vec<Arc<Pages>>,
 }
 
-/// Most `Pages` a shard keeps for reuse.
-const POOL: usize = 512;
+thread_local! {
+    /// User pages unmapped by this thread with no other holder, kept for its
+    /// next maps: a one-page map then neither allocates nor frees its `Pages`.
+    static POOL: RefCell<Vec<Arc<Pages>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most `Pages` a thread keeps for reuse.
+const POOL_MAX: usize = 512;
 
 /// Every shard ever made; they live as long as the process.
 static SHARDS: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
@@ -153,7 +160,7 @@ static SHARDS: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
 static SPARE: Mutex<Vec<&'static Shard>> = Mutex::new(Vec::new());
 /// For `Pages` made while a thread's own shard is already gone (in a
 /// thread-local destructor).
-static LATE: Shard = Shard(Mutex::new(Slots { live: Vec::new(), free: Vec::new(), pool: Vec::new() }));
+static LATE: Shard = Shard(Mutex::new(Slots { live: Vec::new(), free: Vec::new() }));
 
 struct ThreadShard(&'static Shard);
 
@@ -181,16 +188,6 @@ impl std::fmt::Debug for Shard {
 }
 
 fn register(mut pages: Pages) -> Arc<Pages> {
-    register_with(|key, _| {
-        pages.live = Some(key);
-        Arc::new(pages)
-    })
-}
-
-/// Registers the pages `make` returns, given their registry key and, for
-/// user pages, pooled pages to fill in place of a new allocation.
-#[inline(always)]
-fn register_with(make: impl FnOnce(LiveKey, &mut Vec<Arc<Pages>>) -> Arc<Pages>) -> Arc<Pages> {
     let shard = SHARD.try_with(|s| s.0).unwrap_or(&LATE);
     let mut slots = shard.0.lock();
     let slot = match slots.free.pop() {
@@ -200,7 +197,8 @@ fn register_with(make: impl FnOnce(LiveKey, &mut Vec<Arc<Pages>>) -> Arc<Pages>)
             u32::try_from(slots.live.len() - 1).expect("fewer than 2^32 live pages per shard")
         }
     };
-    let arc = make((shard, slot), &mut slots.pool);
+    pages.live = Some((shard, slot));
+    let arc = Arc::new(pages);
     slots.live[slot as usize] = Arc::downgrade(&arc);
     arc
 }
@@ -218,44 +216,63 @@ fn unregister((shard, slot): LiveKey) {
 }
 
 /// Lets go of `pages`, an area's once it is unmapped and unpinned: when
-/// nothing else holds them (no other area, copy or access, and no count of
-/// live pages in progress), user pages go to this thread's pool for its
-/// next map instead of being freed.
-pub(crate) fn recycle(mut pages: Arc<Pages>) {
-    let Some((home, slot)) = pages.live else { return };
-    if !matches!(pages.backing, Backing::User) || Arc::strong_count(&pages) != 1 {
+/// nothing else holds them (no other area, copy or access), user pages go to
+/// this thread's pool for its next map instead of being freed.
+pub(crate) fn recycle(pages: Arc<Pages>) {
+    // User pages are in no registry, so with no other reference, strong or
+    // weak, none can appear: these are the caller's alone.
+    let alone = Arc::strong_count(&pages) == 1 && Arc::weak_count(&pages) == 0;
+    if !alone || pages.live.is_some() || !matches!(pages.backing, Backing::User) {
         return;
     }
-    let Ok(ours) = SHARD.try_with(|s| s.0) else { return };
-    let mut slots = home.0.lock();
-    // New references are only made from the registry, under this lock:
-    // with none now and the registry's entry gone, none can appear.
-    if Arc::strong_count(&pages) != 1 {
-        return;
+    let _ = POOL.try_with(move |pool| {
+        if let Ok(mut pool) = pool.try_borrow_mut()
+            && pool.len() < POOL_MAX
+        {
+            pool.push(pages);
+        }
+    });
+}
+
+/// What holds user pages while they are pinned: a context's IOASes, whose
+/// areas are the only place user pages are pinned from (accesses and HW
+/// queues pin through them). A count of user pages walks the holders.
+pub(crate) trait Holder: Send + Sync {
+    /// `f` on every `Pages` held (the same one once per area using it).
+    fn each_pages(&self, f: &mut dyn FnMut(&Pages));
+}
+
+static HOLDERS: Mutex<Vec<Weak<dyn Holder>>> = Mutex::new(Vec::new());
+
+/// Counts the user pages `holder` holds from now on, while it lives.
+pub(crate) fn hold(holder: Weak<dyn Holder>) {
+    let mut holders = HOLDERS.lock();
+    holders.retain(|h| h.strong_count() > 0);
+    holders.push(holder);
+}
+
+/// `f` on every `Pages` alive that a count can see, each once: the
+/// registered ones, and user pages through their holders (under the lock of
+/// the IOAS holding them, which their unmap takes).
+fn each_live(f: &mut dyn FnMut(&Pages)) {
+    for p in registered() {
+        f(&p);
     }
-    slots.vacate(slot);
-    let Some(p) = Arc::get_mut(&mut pages) else {
-        unreachable!("the last reference, with its registry entry gone");
-    };
-    p.live = None;
-    if !p.pins.get_mut().ranges.is_empty() {
-        debug_assert!(false, "pages recycled while pinned");
-        return;
-    }
-    // Most often made and unmapped on one thread: one lock for both.
-    if !std::ptr::eq(home, ours) {
-        drop(slots);
-        slots = ours.0.lock();
-    }
-    if slots.pool.len() < POOL {
-        slots.pool.push(pages);
+    let holders: Vec<Arc<dyn Holder>> = HOLDERS.lock().iter().filter_map(Weak::upgrade).collect();
+    let mut seen = std::collections::HashSet::new();
+    for h in holders {
+        h.each_pages(&mut |p| {
+            if p.live.is_none() && seen.insert(std::ptr::from_ref(p)) {
+                f(p);
+            }
+        });
     }
 }
 
 /// Every registered `Pages` alive now. Upgraded under each shard's lock and
 /// dropped by the caller after it: a last reference dropped here removes its
 /// own entry, taking that lock.
-fn live_pages() -> Vec<Arc<Pages>> {
+fn registered() -> Vec<Arc<Pages>> {
     let shards: Vec<&'static Shard> = SHARDS.lock().iter().copied().chain([&LATE]).collect();
     let mut live = Vec::new();
     for shard in shards {
@@ -278,14 +295,14 @@ pub fn pin_count_in(pid: Option<i32>, addr: u64) -> u32 {
         (Backing::Remote { pid: theirs, .. }, Some(pid)) => *theirs == pid,
         _ => false,
     };
-    live_pages()
-        .iter()
-        .filter(|p| whose(p) && page >= p.base && page < p.base + p.npages * PAGE_SIZE)
-        .filter(|p| {
+    let mut n = 0;
+    each_live(&mut |p| {
+        if whose(p) && page >= p.base && page < p.base + p.npages * PAGE_SIZE {
             let index = (page - p.base) / PAGE_SIZE;
-            p.pins.lock().ranges.iter().any(|r| r.start <= index && index <= r.last)
-        })
-        .count() as u32
+            n += u32::from(p.pins.lock().ranges.iter().any(|r| r.start <= index && index <= r.last));
+        }
+    });
+    n
 }
 
 /// How many `Pages` of a file hold pinned the page that `addr` maps, when
@@ -300,7 +317,7 @@ pub fn file_pin_count(map: &PageMap, addr: u64) -> u32 {
 /// `theirs` (ours, where the files' pages are mapped, are `ours`).
 pub fn file_pin_count_in(theirs: &PageMap, ours: &PageMap, addr: u64) -> u32 {
     let Some((dev, ino, off)) = theirs.object_at(addr & !(PAGE_SIZE - 1)) else { return 0 };
-    live_pages()
+    registered()
         .iter()
         .filter(|p| matches!(p.backing, Backing::File(_)))
         .filter(|p| {
@@ -317,7 +334,7 @@ pub fn file_pin_count_in(theirs: &PageMap, ours: &PageMap, addr: u64) -> u32 {
 /// Where host address `host` (of a page table, standing for a client's
 /// memory) is in that client: `(pid, address)`.
 pub fn origin(host: u64) -> Option<(i32, u64)> {
-    live_pages().iter().find_map(|p| {
+    registered().iter().find_map(|p| {
         let Backing::Remote { pid, reach, .. } = &p.backing else { return None };
         let start = match reach.get()? {
             Reach::Mapped(map) => map.addr(),
@@ -340,25 +357,25 @@ impl Pages {
         accounting: &Accounting,
     ) -> Result<(Arc<Pages>, u64)> {
         let (base, npages, lead) = Self::span(uptr, length)?;
-        // Built where it is registered: `Pages` is large, and each move
-        // would copy it on every map's path.
-        let pages = register_with(|key, pool| match pool.pop() {
-            Some(mut kept) => {
-                // Pooled pages are user pages, unregistered, unpinned and
-                // held nowhere else (see `recycle`): only what differs
-                // between user pages is set.
-                let p = Arc::get_mut(&mut kept).expect("pooled pages have no other reference");
-                (p.base, p.npages, p.writable, p.trust, p.live) = (base, npages, writable, trust, Some(key));
-                let pins = p.pins.get_mut();
-                if !pins.accounting.same_as(accounting) {
-                    pins.accounting = accounting.clone();
-                }
-                kept
+        let reuse = |mut kept: Arc<Pages>| {
+            // Pooled pages are unpinned user pages held nowhere else (see
+            // `recycle`): only what differs between user pages is set.
+            let p = Arc::get_mut(&mut kept)?;
+            (p.base, p.npages, p.writable, p.trust) = (base, npages, writable, trust);
+            let pins = p.pins.get_mut();
+            if !pins.ranges.is_empty() {
+                debug_assert!(false, "pooled pages are pinned");
+                return None;
             }
-            None => {
-                let pins = PinState::new(accounting.clone());
-                Arc::new(Pages { base, npages, writable, trust, backing: Backing::User, pins, live: Some(key) })
+            if !pins.accounting.same_as(accounting) {
+                pins.accounting = accounting.clone();
             }
+            Some(kept)
+        };
+        let pooled = POOL.try_with(|pool| pool.try_borrow_mut().ok()?.pop()).ok().flatten();
+        let pages = pooled.and_then(reuse).unwrap_or_else(|| {
+            let pins = PinState::new(accounting.clone());
+            Arc::new(Pages { base, npages, writable, trust, backing: Backing::User, pins, live: None })
         });
         Ok((pages, lead))
     }
@@ -685,9 +702,9 @@ mod tests {
     use crate::account::Limit;
 
     /// Held by the tests that count live pages or references to them: a
-    /// count upgrades every registered `Pages` for a moment, so one running
-    /// beside them would keep their pages alive, or held elsewhere, while
-    /// they look.
+    /// count upgrades every registered `Pages` and every holder for a
+    /// moment, so one running beside them would keep their pages or holders
+    /// alive, or held elsewhere, while they look.
     fn counting_alone() -> std::sync::MutexGuard<'static, ()> {
         static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
         ALONE.lock().unwrap_or_else(|e| e.into_inner())
@@ -724,11 +741,29 @@ mod tests {
         assert_eq!(acct.charged(), 0);
     }
 
+    /// A holder of user pages for a test, as an IOAS's areas are.
+    struct Held(Mutex<Vec<Arc<Pages>>>);
+
+    impl Holder for Held {
+        fn each_pages(&self, f: &mut dyn FnMut(&Pages)) {
+            self.0.lock().iter().for_each(|p| f(p));
+        }
+    }
+
+    fn held(pages: &[&Arc<Pages>]) -> Arc<Held> {
+        let h = Arc::new(Held(Mutex::new(pages.iter().map(|p| Arc::clone(p)).collect())));
+        hold(Arc::downgrade(&h) as Weak<dyn Holder>);
+        h
+    }
+
     #[test]
     fn pin_count_counts_each_pages_object_once() {
+        let _alone = counting_alone();
         let buf = crate::memory::HostBuffer::new(4 * PAGE_SIZE as usize).unwrap();
         let (a, _) = Pages::user(buf.addr(), 4 * PAGE_SIZE, true, Trust::Direct, &Accounting::none()).unwrap();
         let (b, _) = Pages::user(buf.addr() + PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, &Accounting::none()).unwrap();
+        // `a` twice, as two areas of a copy hold it.
+        let _held = held(&[&a, &b, &a]);
         assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
         a.pin(0, 2 * PAGE_SIZE).unwrap();
         a.pin(PAGE_SIZE, PAGE_SIZE).unwrap();
@@ -743,21 +778,43 @@ mod tests {
     }
 
     #[test]
+    fn user_pages_are_counted_only_while_something_holds_them() {
+        let _alone = counting_alone();
+        let buf = crate::memory::HostBuffer::new(PAGE_SIZE as usize).unwrap();
+        let (p, _) = Pages::user(buf.addr(), PAGE_SIZE, true, Trust::Direct, &Accounting::none()).unwrap();
+        p.pin(0, PAGE_SIZE).unwrap();
+        let h = held(&[&p]);
+        assert_eq!(pin_count(buf.addr()), 1);
+        // A count on another thread may hold it for a moment.
+        let gone = Arc::downgrade(&h);
+        drop(h);
+        while gone.strong_count() > 0 {
+            std::thread::yield_now();
+        }
+        assert_eq!(pin_count(buf.addr()), 0, "a holder gone is not walked");
+        p.unpin(0, PAGE_SIZE);
+    }
+
+    #[test]
     fn registering_pages_does_not_walk_every_live_one() {
         let _alone = counting_alone();
         // Far from any memory of this process: never touched, only counted.
         const BASE: u64 = 0x6000_0000_0000;
         const N: u64 = 100_000;
-        let ours = || live_pages().iter().filter(|p| (BASE..BASE + N * PAGE_SIZE).contains(&p.base)).count();
+        let ours = || registered().iter().filter(|p| (BASE..BASE + N * PAGE_SIZE).contains(&p.base)).count();
+        let remote = |i| {
+            let backing = Backing::Remote { pid: -1, client: false, reach: OnceLock::new() };
+            let (p, _) =
+                Pages::of_range(BASE + i * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, backing, Accounting::none())
+                    .unwrap();
+            register(p)
+        };
         let start = std::time::Instant::now();
-        let pages: Vec<Arc<Pages>> = (0..N)
-            .map(|i| Pages::user(BASE + i * PAGE_SIZE, PAGE_SIZE, true, Trust::Direct, &Accounting::none()).unwrap().0)
-            .collect();
+        let pages: Vec<Arc<Pages>> = (0..N).map(remote).collect();
         let took = start.elapsed();
         // With a walk of the live ones per registration this took 77 s here.
         assert!(took < std::time::Duration::from_secs(2), "{N} registrations took {took:?}");
         assert_eq!(ours(), N as usize);
-        assert_eq!(pin_count(BASE + 5 * PAGE_SIZE), 0);
         drop(pages);
         assert_eq!(ours(), 0, "each leaves with its pages");
     }
@@ -774,34 +831,50 @@ mod tests {
         let (b, _) = user(1).unwrap();
         assert!(!Arc::ptr_eq(&held, &b), "pages another holder keeps are not reused");
         assert_eq!(Arc::strong_count(&held), 1);
-        let old = Arc::as_ptr(&b);
-        recycle(b);
-        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
+        let weak = Arc::downgrade(&b);
+        let (old, kept) = (Arc::as_ptr(&b), b.clone());
+        drop(b);
+        recycle(kept);
         let (c, _) = user(2).unwrap();
-        assert_eq!(Arc::as_ptr(&c), old, "unmapped pages are reused");
-        assert_eq!((c.base, c.npages), (buf.addr() + 2 * PAGE_SIZE, 1));
-        c.pin(0, PAGE_SIZE).unwrap();
-        assert_eq!(pin_count(buf.addr() + 2 * PAGE_SIZE), 1, "reused pages are registered again");
-        assert_eq!(pin_count(buf.addr() + PAGE_SIZE), 0);
+        assert!(!std::ptr::eq(Arc::as_ptr(&c), old), "nor pages a weak reference can reach");
+        drop(weak);
+        let old = Arc::as_ptr(&c);
+        recycle(c);
+        let (d, _) = user(3).unwrap();
+        assert_eq!(Arc::as_ptr(&d), old, "unmapped pages are reused");
+        assert_eq!((d.base, d.npages), (buf.addr() + 3 * PAGE_SIZE, 1));
+        let _held = held_pages(&d);
+        d.pin(0, PAGE_SIZE).unwrap();
+        assert_eq!(pin_count(buf.addr() + 3 * PAGE_SIZE), 1, "reused pages are counted where they are now");
+        assert_eq!(pin_count(buf.addr() + 2 * PAGE_SIZE), 0);
         assert_eq!(acct.charged(), 1);
-        c.unpin(0, PAGE_SIZE);
+        d.unpin(0, PAGE_SIZE);
         assert_eq!(acct.charged(), 0);
     }
 
+    fn held_pages(p: &Arc<Pages>) -> Arc<Held> {
+        held(&[p])
+    }
+
     #[test]
-    fn recycling_races_counts_of_live_pages() {
-        // A count upgrades registry entries while pages are recycled: a
-        // pooled `Pages` must never be one a count still holds (the reuse
-        // would then find another reference and panic).
+    fn counting_races_maps_and_unmaps() {
         let _alone = counting_alone();
+        // A count walks an IOAS's areas while a thread maps and unmaps (and
+        // recycles) one page in it: it sees the page pinned once or not at all.
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
         let buf = crate::memory::HostBuffer::new(PAGE_SIZE as usize).unwrap();
         let addr = buf.addr();
-        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-        let (stop, counts) = (AtomicBool::new(false), AtomicU32::new(0));
+        let ctx = crate::Context::with_config(crate::ContextConfig::isolated(Limit::Pages(100)));
+        let ioas = ctx.ioas_alloc().unwrap();
+        let dev = ctx.bind_device(crate::DeviceInfo::new("count", 1)).unwrap();
+        ctx.attach(dev, ioas).unwrap();
+        let (stop, counts, seen) = (AtomicBool::new(false), AtomicU32::new(0), AtomicU32::new(0));
         std::thread::scope(|s| {
             s.spawn(|| {
                 while !stop.load(Relaxed) {
-                    assert!(pin_count(addr) <= 1);
+                    let n = pin_count(addr);
+                    assert!(n <= 1);
+                    seen.fetch_add(n, Relaxed);
                     counts.fetch_add(1, Relaxed);
                 }
             });
@@ -814,13 +887,14 @@ mod tests {
             }
             let _stop = Stop(&stop);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while counts.load(Relaxed) < 100_000 && std::time::Instant::now() < deadline {
-                let (p, _) = Pages::user(addr, PAGE_SIZE, true, Trust::Direct, &Accounting::none()).unwrap();
-                p.pin(0, PAGE_SIZE).unwrap();
-                p.unpin(0, PAGE_SIZE);
-                recycle(p);
+            while (counts.load(Relaxed) < 10_000 || seen.load(Relaxed) == 0) && std::time::Instant::now() < deadline {
+                // SAFETY: `buf` outlives the context.
+                unsafe { ctx.map_user(ioas, addr, PAGE_SIZE, Some(1 << 20), crate::Perm::RW).unwrap() };
+                ctx.unmap(ioas, 1 << 20, PAGE_SIZE).unwrap();
             }
         });
+        assert!(seen.load(Relaxed) > 0, "no count saw the mapped page");
+        assert_eq!(pin_count(addr), 0);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! charged once the context is gone.
 
 use ioasid_engine::inject::{current_tid, fail_nth, set_fail_nth};
-use ioasid_engine::{AccessOps, Context, ContextConfig, DeviceInfo, HostBuffer, HwptFlags, Limit, Perm, pages};
+use ioasid_engine::{
+    AccessOps, Context, ContextConfig, DeviceInfo, HostBuffer, HwptFlags, Limit, Perm, account, pages,
+};
 use std::sync::Arc;
 
 const PAGE: u64 = 4096;
@@ -37,16 +39,31 @@ fn every_injected_failure_ends_clean() {
     let tid = current_tid();
     let mut swept = 0;
     for n in 1..500 {
-        let ctx = Context::with_config(ContextConfig::isolated(Limit::Pages(1 << 20)));
+        // Charged to this process's counters (this test is alone in its
+        // binary), which outlive the context: a pin left behind shows there.
+        let config = ContextConfig {
+            private_counter: false,
+            memlock_exempt: false,
+            live_capabilities: false,
+            ..ContextConfig::isolated(Limit::Pages(1 << 20))
+        };
+        let ctx = Context::with_config(config);
         set_fail_nth(tid, n);
         let result = scenario(&ctx, &buf);
         let fired = fail_nth(tid) == 0;
         set_fail_nth(tid, 0);
         assert!(fired || result.is_ok(), "step {n}: failed without an injected failure: {result:?}");
+        if result.is_ok() {
+            // The copy still maps the first 16 pages: counted while it does.
+            assert_eq!(pages::pin_count(buf.addr()), 1, "the copy's pin is not counted");
+            assert_eq!(pages::pin_count(buf.addr() + 16 * PAGE), 0);
+            assert_eq!(account::process_pages(None).1, 16);
+        }
         drop(ctx);
         for page in 0..64 {
             assert_eq!(pages::pin_count(buf.addr() + page * PAGE), 0, "step {n} leaked a pin on page {page}");
         }
+        assert_eq!(account::process_pages(None), (0, 0), "step {n} left pages charged or pinned");
         if !fired {
             break;
         }
