@@ -270,9 +270,9 @@ impl Ioas {
         if !removed.is_empty() {
             epoch::synchronize();
         }
-        for a in removed {
+        for mut a in removed {
             if a.pinned {
-                a.src.pages.unpin(a.src.start_byte, a.src.len);
+                Pages::unpin_alone(&mut a.src.pages, a.src.start_byte, a.src.len);
             }
             crate::pages::recycle(a.src.pages);
         }
@@ -655,7 +655,7 @@ impl Ioas {
 fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> Result<()> {
     let len = a.last - iova + 1;
     if pin {
-        a.src.pages.pin(a.src.start_byte, len)?;
+        Pages::pin_alone(&mut a.src.pages, a.src.start_byte, len)?;
         a.pinned = true;
     }
     let pages = &a.src.pages;
@@ -800,7 +800,7 @@ impl Inner {
                     d.unmap(iova, area.last - iova + 1, &guard);
                 }
                 if area.pinned {
-                    area.src.pages.unpin(area.src.start_byte, area.src.len);
+                    Pages::unpin_alone(&mut area.src.pages, area.src.start_byte, area.src.len);
                 }
                 return Err(e);
             }

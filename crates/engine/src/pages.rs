@@ -122,6 +122,30 @@ impl PinState {
     fn new(accounting: Accounting) -> Mutex<Self> {
         Mutex::new(PinState { ranges: SmallVec::new(), accounting })
     }
+
+    /// Adds the pin of `range` (page indexes); pages not pinned before are
+    /// first made ready (`take`: checked, or copied in from another process)
+    /// and then charged.
+    fn pin(&mut self, range: IovaRange, take: impl FnOnce() -> Result<()>) -> Result<()> {
+        let added = only_in(range, &self.ranges);
+        if added > 0 {
+            crate::inject::check("pin")?;
+            take()?;
+            self.accounting.charge(added)?;
+        }
+        self.ranges.push(range);
+        Ok(())
+    }
+
+    /// Takes back one `pin` of `range`, uncharging the pages no other pin holds.
+    fn unpin(&mut self, range: IovaRange) {
+        let Some(i) = self.ranges.iter().position(|r| *r == range) else {
+            debug_assert!(false, "unpin of a range that was not pinned");
+            return;
+        };
+        self.ranges.swap_remove(i);
+        self.accounting.uncharge(only_in(range, &self.ranges));
+    }
 }
 
 /// Every `Pages` of a file, a dma-buf or another process alive in the
@@ -602,30 +626,40 @@ impl Pages {
     /// untrusted memory is mapped and charges the pages not already pinned.
     pub(crate) fn pin(&self, offset: u64, len: u64) -> Result<()> {
         let range = self.page_range(offset, len);
-        let mut pins = self.pins.lock();
-        let added = only_in(range, &pins.ranges);
-        if added > 0 {
-            crate::inject::check("pin")?;
+        self.pins.lock().pin(range, || {
             self.take(range)?;
             if self.trust == Trust::Checked {
                 memory::check_mapped(self.host_addr(offset), len)?;
             }
-            pins.accounting.charge(added)?;
+            Ok(())
+        })
+    }
+
+    /// `pin` of pages only `pages` refers to (a new mapping's user pages),
+    /// without taking their lock: nobody else can reach them.
+    pub(crate) fn pin_alone(pages: &mut Arc<Pages>, offset: u64, len: u64) -> Result<()> {
+        match Arc::get_mut(pages) {
+            Some(p) if matches!(p.backing, Backing::User) => {
+                let (range, host, checked) = (p.page_range(offset, len), p.base + offset, p.trust == Trust::Checked);
+                p.pins.get_mut().pin(range, || if checked { memory::check_mapped(host, len) } else { Ok(()) })
+            }
+            _ => pages.pin(offset, len),
         }
-        pins.ranges.push(range);
-        Ok(())
     }
 
     /// Undoes one `pin` of the same bytes.
     pub(crate) fn unpin(&self, offset: u64, len: u64) {
-        let range = self.page_range(offset, len);
-        let mut pins = self.pins.lock();
-        let Some(i) = pins.ranges.iter().position(|r| *r == range) else {
-            debug_assert!(false, "unpin of a range that was not pinned");
-            return;
-        };
-        pins.ranges.swap_remove(i);
-        pins.accounting.uncharge(only_in(range, &pins.ranges));
+        self.pins.lock().unpin(self.page_range(offset, len));
+    }
+
+    /// `unpin` of pages only `pages` refers to (an unmapped area's), without
+    /// taking their lock.
+    pub(crate) fn unpin_alone(pages: &mut Arc<Pages>, offset: u64, len: u64) {
+        let range = pages.page_range(offset, len);
+        match Arc::get_mut(pages) {
+            Some(p) => p.pins.get_mut().unpin(range),
+            None => pages.pins.lock().unpin(range),
+        }
     }
 
     /// Number of distinct pages pinned now.
@@ -895,6 +929,25 @@ mod tests {
         });
         assert!(seen.load(Relaxed) > 0, "no count saw the mapped page");
         assert_eq!(pin_count(addr), 0);
+    }
+
+    #[test]
+    fn pins_of_pages_held_alone_or_shared_charge_the_same() {
+        let acct = Accounting::isolated(Limit::Pages(3));
+        let buf = crate::memory::HostBuffer::new(4 * PAGE_SIZE as usize).unwrap();
+        let (mut p, _) = Pages::user(buf.addr(), 4 * PAGE_SIZE, true, Trust::Checked, &acct).unwrap();
+        Pages::pin_alone(&mut p, 0, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(acct.charged(), 2);
+        // Shared now (a copy's area): the same pin, through the lock.
+        let mut copy = p.clone();
+        Pages::pin_alone(&mut copy, PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert_eq!((acct.charged(), p.pinned()), (3, 3));
+        assert!(matches!(Pages::pin_alone(&mut copy, 3 * PAGE_SIZE, PAGE_SIZE), Err(Error::NoMemory(_))));
+        Pages::unpin_alone(&mut copy, PAGE_SIZE, 2 * PAGE_SIZE);
+        drop(copy);
+        assert_eq!(acct.charged(), 2);
+        Pages::unpin_alone(&mut p, 0, 2 * PAGE_SIZE);
+        assert_eq!((acct.charged(), p.pinned()), (0, 0));
     }
 
     #[test]
