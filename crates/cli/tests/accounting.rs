@@ -49,8 +49,37 @@ static long vm_pinned_kb(pid_t pid) {
     return kb;
 }
 
+static int fd, mfd;
+static struct ioas_map_file m;
+static struct ioas_unmap u;
+
+/* Maps the memfd's 8 KiB and checks this process's VmPin is `kb`. */
+static void map_expecting(long kb) {
+    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
+    CHECK(vm_pinned_kb(getpid()) == kb);
+}
+
+static void unmap(void) {
+    u.iova = m.iova;
+    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+}
+
+static struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+static struct __user_cap_data_struct caps[2];
+
+/* CAP_IPC_LOCK into or out of the effective set, by the C library's capset
+   or by syscall(3). */
+static void ipc_lock(int on, int by_libc) {
+    CHECK(syscall(SYS_capget, &h, caps) == 0);
+    if (on)
+        caps[0].effective |= 1u << CAP_IPC_LOCK;
+    else
+        caps[0].effective &= ~(1u << CAP_IPC_LOCK);
+    CHECK((by_libc ? capset(&h, caps) : syscall(SYS_capset, &h, caps)) == 0);
+}
+
 int main(void) {
-    int fd = open("/dev/iommu", O_RDWR);
+    fd = open("/dev/iommu", O_RDWR);
     CHECK(fd >= 0);
     struct ioas_alloc a = { sizeof(a), 0, 0 };
     CHECK(ioctl(fd, IOAS_ALLOC, &a) == 0);
@@ -59,40 +88,25 @@ int main(void) {
 
     long before = vm_pinned_kb(getpid());
     CHECK(before >= 0);
-    int mfd = memfd_create("ram", 0);
+    mfd = memfd_create("ram", 0);
     CHECK(mfd >= 0 && ftruncate(mfd, 8192) == 0);
-    struct ioas_map_file m = { sizeof(m), 6, a.out_ioas_id, mfd, 0, 8192, 0 };
-    struct ioas_unmap u = { sizeof(u), a.out_ioas_id, 0, 8192 };
+    m = (struct ioas_map_file){ sizeof(m), 6, a.out_ioas_id, mfd, 0, 8192, 0 };
+    u = (struct ioas_unmap){ sizeof(u), a.out_ioas_id, 0, 8192 };
 
     /* With CAP_IPC_LOCK, a pin is not charged. */
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before);
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+    map_expecting(before);
+    unmap();
 
     /* Give it up after maps were made: pins made now are charged, whichever
        way the capability went, and back to uncharged when it comes back. */
-    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
-    struct __user_cap_data_struct caps[2];
-    CHECK(syscall(SYS_capget, &h, caps) == 0);
-    caps[0].effective &= ~(1u << CAP_IPC_LOCK);
-    CHECK(capset(&h, caps) == 0);
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before + 8);
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
-
-    caps[0].effective |= 1u << CAP_IPC_LOCK;
-    CHECK(syscall(SYS_capset, &h, caps) == 0);
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before);
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
-
-    caps[0].effective &= ~(1u << CAP_IPC_LOCK);
-    CHECK(syscall(SYS_capset, &h, caps) == 0);
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before + 8);
+    ipc_lock(0, 1);
+    map_expecting(before + 8);
+    unmap();
+    ipc_lock(1, 0);
+    map_expecting(before);
+    unmap();
+    ipc_lock(0, 0);
+    map_expecting(before + 8);
 
     pid_t parent = getpid(), child = fork();
     CHECK(child >= 0);
@@ -104,23 +118,16 @@ int main(void) {
     }
     int status;
     CHECK(waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0);
-
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+    unmap();
     CHECK(vm_pinned_kb(getpid()) == before);
 
     /* Leaving root takes every capability with it. */
-    caps[0].effective |= 1u << CAP_IPC_LOCK;
-    CHECK(syscall(SYS_capset, &h, caps) == 0);
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before);
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+    ipc_lock(1, 0);
+    map_expecting(before);
+    unmap();
     CHECK(setuid(65534) == 0);
-    CHECK(ioctl(fd, IOAS_MAP_FILE, &m) == 0);
-    CHECK(vm_pinned_kb(getpid()) == before + 8);
-    u.iova = m.iova;
-    CHECK(ioctl(fd, IOAS_UNMAP, &u) == 0);
+    map_expecting(before + 8);
+    unmap();
     printf("ok\n");
     return 0;
 }

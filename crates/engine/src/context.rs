@@ -194,14 +194,7 @@ impl Table {
 impl crate::pages::Holder for Mutex<Table> {
     fn each_pages(&self, f: &mut dyn FnMut(&Pages)) {
         // Collected first: the IOASes' locks are taken with the table's let go.
-        let ioases: Vec<Arc<Ioas>> = self
-            .lock()
-            .values()
-            .filter_map(|o| match o {
-                Object::Ioas(i) => Some(i.clone()),
-                _ => None,
-            })
-            .collect();
+        let ioases = self.lock().ioases();
         for ioas in ioases {
             ioas.each_pages(f);
         }
@@ -222,6 +215,16 @@ impl Table {
     /// Every object, in ID order.
     pub(crate) fn values(&self) -> impl Iterator<Item = &Object> {
         self.slots.iter().flatten()
+    }
+
+    /// Every IOAS, in ID order.
+    pub(crate) fn ioases(&self) -> Vec<Arc<Ioas>> {
+        self.values()
+            .filter_map(|o| match o {
+                Object::Ioas(i) => Some(i.clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     /// How many objects the table holds.
@@ -608,14 +611,7 @@ impl Context {
     /// can move (`EINVAL` otherwise), and on failure nothing has moved.
     pub fn change_process(&self, pid: Option<i32>) -> Result<()> {
         let _g = self.graph();
-        let ioases: Vec<Arc<Ioas>> = self
-            .table()
-            .values()
-            .filter_map(|o| match o {
-                Object::Ioas(i) => Some(i.clone()),
-                _ => None,
-            })
-            .collect();
+        let ioases = self.table().ioases();
         // Every IOAS stays locked, as Linux takes every IOAS's iova_rwsem:
         // no mapping comes or goes, and no pin changes, until all moved.
         let locked: Vec<_> = ioases.iter().map(|i| i.lock_areas()).collect();
