@@ -76,6 +76,14 @@ pub enum File {
     Device(Arc<crate::device_file::DeviceFile>),
 }
 
+impl File {
+    /// Whether Linux's counterpart has no `lseek` (`ESPIPE`): the shim then
+    /// keeps its mark in the memfd's position (see `Mark`).
+    pub fn has_no_lseek(&self) -> bool {
+        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_))
+    }
+}
+
 /// A process, as the owner of objects: a process ID alone could name a
 /// later process too.
 pub type Owner = u64;
@@ -119,9 +127,7 @@ impl Mark {
     /// The mark for a new entry of `file` at `fd`, set on the file now when
     /// it is one of those marked by position.
     fn new(fd: c_int, file: &File, serial: u64) -> Option<Mark> {
-        let positioned =
-            matches!(file, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_));
-        if !positioned {
+        if !file.has_no_lseek() {
             let (dev, ino) = inode(fd)?;
             return Some(Mark::Inode(dev, ino));
         }

@@ -492,8 +492,7 @@ fn at_position(
 /// `lseek` of an ioasid file whose Linux counterpart has none: `ESPIPE`
 /// (their position is the shim's, see `files`); `None` for any other.
 fn lseek_ioasid(fd: c_int) -> Option<i64> {
-    let entry = files::rw_file(fd)?;
-    matches!(entry.file, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_)).then(|| {
+    files::rw_file(fd)?.file.has_no_lseek().then(|| {
         set_errno(libc::ESPIPE);
         -1
     })
