@@ -5,26 +5,21 @@
 //! comes here too, from the `syscall` hook.
 
 use std::ffi::{c_int, c_long, c_void};
-use std::sync::OnceLock;
 
-use crate::real::next;
+use crate::real;
 
 type Uid = libc::uid_t;
 
 /// Declares a hook `$name` that forwards to the C library's function of the
-/// same name and then reports a possible change.
+/// same name (`real::$name`) and then reports a possible change.
 macro_rules! credentials_hook {
     ($name:ident($($arg:ident: $ty:ty),*)) => {
         /// # Safety
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            static CELL: OnceLock<usize> = OnceLock::new();
-            // SAFETY: the C signature of the function named, whose lookup
-            // `CELL` alone caches; the caller's own arguments.
-            let r = unsafe {
-                next::<unsafe extern "C" fn($($ty),*) -> c_int>(&CELL, concat!(stringify!($name), "\0"))($($arg),*)
-            };
+            // SAFETY: the caller's own arguments, to the function they were for.
+            let r = unsafe { real::$name()($($arg),*) };
             ioasid_engine::credentials_changed();
             r
         }
@@ -36,6 +31,13 @@ credentials_hook!(setuid(uid: Uid));
 credentials_hook!(seteuid(euid: Uid));
 credentials_hook!(setreuid(ruid: Uid, euid: Uid));
 credentials_hook!(setresuid(ruid: Uid, euid: Uid, suid: Uid));
+
+/// Looks the C library's functions up now: a forked child of a threaded
+/// program (which may drop privileges before `exec`) must not be the first
+/// to, as a lookup could wait for a lock a thread of its parent held.
+pub fn resolve() {
+    let _ = (real::capset(), real::setuid(), real::seteuid(), real::setreuid(), real::setresuid());
+}
 
 /// Whether `syscall(3)` number `n` can change capabilities.
 pub fn changes_capabilities(n: c_long) -> bool {
