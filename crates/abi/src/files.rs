@@ -80,7 +80,13 @@ impl File {
     /// Whether Linux's counterpart has no `lseek` (`ESPIPE`): the shim then
     /// keeps its mark in the memfd's position (see `Mark`).
     pub fn has_no_lseek(&self) -> bool {
-        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::TestAccess(_))
+        self.has_no_read_write() || matches!(self, File::VfioDevice(_))
+    }
+
+    /// Whether Linux's counterpart has neither `read` nor `write`: every
+    /// form of both is `EINVAL` there.
+    pub fn has_no_read_write(&self) -> bool {
+        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::TestAccess(_))
     }
 }
 

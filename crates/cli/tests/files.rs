@@ -22,6 +22,7 @@ const PRELUDE: &str = r#"
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -265,6 +266,14 @@ int main(void) {
     CHECK(write(fd, buf, sizeof(buf)) == -1 && errno == EINVAL);
     CHECK(pread(fd, buf, sizeof(buf), 0) == -1 && errno == EINVAL);
     CHECK(pwrite(fd, buf, sizeof(buf), 0) == -1 && errno == EINVAL);
+    /* Nor any vector of them. */
+    struct iovec v = { buf, sizeof(buf) };
+    CHECK(readv(fd, &v, 1) == -1 && errno == EINVAL);
+    CHECK(writev(fd, &v, 1) == -1 && errno == EINVAL);
+    CHECK(preadv(fd, &v, 1, 0) == -1 && errno == EINVAL);
+    CHECK(pwritev(fd, &v, 1, 0) == -1 && errno == EINVAL);
+    CHECK(preadv2(fd, &v, 1, -1, 0) == -1 && errno == EINVAL);
+    CHECK(pwritev2(fd, &v, 1, -1, 0) == -1 && errno == EINVAL);
     /* No lseek either, however it is called; and none moves anything. */
     CHECK(lseek(fd, 0, SEEK_SET) == -1 && errno == ESPIPE);
     CHECK(lseek(fd, 0, SEEK_CUR) == -1 && errno == ESPIPE);

@@ -32,13 +32,6 @@ credentials_hook!(seteuid(euid: Uid));
 credentials_hook!(setreuid(ruid: Uid, euid: Uid));
 credentials_hook!(setresuid(ruid: Uid, euid: Uid, suid: Uid));
 
-/// Looks the C library's functions up now: a forked child of a threaded
-/// program (which may drop privileges before `exec`) must not be the first
-/// to, as a lookup could wait for a lock a thread of its parent held.
-pub fn resolve() {
-    let _ = (real::capset(), real::setuid(), real::seteuid(), real::setreuid(), real::setresuid());
-}
-
 /// Whether `syscall(3)` number `n` can change capabilities.
 pub fn changes_capabilities(n: c_long) -> bool {
     matches!(n, libc::SYS_capset | libc::SYS_setuid | libc::SYS_setreuid | libc::SYS_setresuid)

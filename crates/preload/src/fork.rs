@@ -174,8 +174,7 @@ pub fn install() {
     ONCE.call_once(|| {
         // Resolved now: after a fork of a threaded process, looking symbols
         // up could wait forever on a lock another thread held.
-        let _ = (real::close(), real::lseek(), real::lseek64());
-        crate::credentials::resolve();
+        real::resolve_for_fork();
         // The engine's epoch registers its own fork handlers when first
         // used: before these, so that its lock is taken after the ones
         // below (handlers prepare in reverse order), never waited for by a

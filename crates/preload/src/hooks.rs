@@ -513,6 +513,40 @@ macro_rules! lseek_hook {
 lseek_hook!(lseek);
 lseek_hook!(lseek64);
 
+/// `readv`, `writev` and their positioned forms on an ioasid file whose
+/// Linux counterpart has neither `read` nor `write`: `EINVAL`, as
+/// `vfs_readv` and `vfs_writev` answer without `FMODE_CAN_READ` or
+/// `FMODE_CAN_WRITE`. `None` for any other file, which the C library serves.
+fn vectored_ioasid(fd: c_int) -> Option<isize> {
+    files::rw_file(fd)?.file.has_no_read_write().then(|| {
+        set_errno(libc::EINVAL);
+        -1
+    })
+}
+
+macro_rules! vectored_hook {
+    ($name:ident($($arg:ident: $ty:ty),*)) => {
+        /// # Safety
+        /// As the C library's function of the same name.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(fd: c_int, iov: *const libc::iovec, count: c_int $(, $arg: $ty)*) -> isize {
+            // SAFETY: forwarding the caller's own arguments.
+            caught(None, || vectored_ioasid(fd)).unwrap_or_else(|| unsafe { real::$name()(fd, iov, count $(, $arg)*) })
+        }
+    };
+}
+
+vectored_hook!(readv());
+vectored_hook!(writev());
+vectored_hook!(preadv(offset: i64));
+vectored_hook!(pwritev(offset: i64));
+vectored_hook!(preadv64(offset: i64));
+vectored_hook!(pwritev64(offset: i64));
+vectored_hook!(preadv2(offset: i64, flags: c_int));
+vectored_hook!(pwritev2(offset: i64, flags: c_int));
+vectored_hook!(preadv64v2(offset: i64, flags: c_int));
+vectored_hook!(pwritev64v2(offset: i64, flags: c_int));
+
 macro_rules! rw_hook {
     ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident, $device:ident $(, $off:ident)?) => {
         /// # Safety

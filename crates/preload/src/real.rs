@@ -111,6 +111,19 @@ forward!(stat64, StatFn, "stat64");
 forward!(lstat, StatFn, "lstat");
 forward!(lstat64, StatFn, "lstat64");
 pub type LseekFn = unsafe extern "C" fn(c_int, i64, c_int) -> i64;
+pub type VectorFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> isize;
+pub type VectorAtFn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, i64) -> isize;
+pub type VectorAt2Fn = unsafe extern "C" fn(c_int, *const libc::iovec, c_int, i64, c_int) -> isize;
+forward!(readv, VectorFn, "readv");
+forward!(writev, VectorFn, "writev");
+forward!(preadv, VectorAtFn, "preadv");
+forward!(pwritev, VectorAtFn, "pwritev");
+forward!(preadv64, VectorAtFn, "preadv64");
+forward!(pwritev64, VectorAtFn, "pwritev64");
+forward!(preadv2, VectorAt2Fn, "preadv2");
+forward!(pwritev2, VectorAt2Fn, "pwritev2");
+forward!(preadv64v2, VectorAt2Fn, "preadv64v2");
+forward!(pwritev64v2, VectorAt2Fn, "pwritev64v2");
 pub type CapsetFn = unsafe extern "C" fn(*mut c_void, *const c_void) -> c_int;
 pub type Setuid1Fn = unsafe extern "C" fn(libc::uid_t) -> c_int;
 pub type Setuid2Fn = unsafe extern "C" fn(libc::uid_t, libc::uid_t) -> c_int;
@@ -177,3 +190,12 @@ forward!(realpath, RealpathFn, "realpath");
 forward!(realpath_chk, RealpathChkFn, "__realpath_chk");
 forward!(pread_chk, PreadChkFn, "__pread_chk");
 forward!(pread64_chk, PreadChkFn, "__pread64_chk");
+
+/// Looks up now the forwarders a forked child may be the first to call:
+/// the lookup's lock, copied while another thread of the parent held it,
+/// would be held for ever in the child.
+pub fn resolve_for_fork() {
+    let _ = (close(), lseek(), lseek64(), readv(), writev(), preadv(), pwritev(), preadv64(), pwritev64());
+    let _ = (preadv2(), pwritev2(), preadv64v2(), pwritev64v2());
+    let _ = (capset(), setuid(), seteuid(), setreuid(), setresuid());
+}
