@@ -44,6 +44,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{Ordering, fence};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
@@ -242,11 +243,8 @@ fn unregister((shard, slot): LiveKey) {
 /// Lets go of `pages`, an area's once it is unmapped and unpinned: when
 /// nothing else holds them (no other area, copy or access), user pages go to
 /// this thread's pool for its next map instead of being freed.
-pub(crate) fn recycle(pages: Arc<Pages>) {
-    // User pages are in no registry, so with no other reference, strong or
-    // weak, none can appear: these are the caller's alone.
-    let alone = Arc::strong_count(&pages) == 1 && Arc::weak_count(&pages) == 0;
-    if !alone || pages.live.is_some() || !matches!(pages.backing, Backing::User) {
+pub(crate) fn recycle(mut pages: Arc<Pages>) {
+    if alone(&mut pages).is_none() {
         return;
     }
     let _ = POOL.try_with(move |pool| {
@@ -256,6 +254,26 @@ pub(crate) fn recycle(pages: Arc<Pages>) {
             pool.push(pages);
         }
     });
+}
+
+/// User pages that nothing else refers to, to change in place: what
+/// `Arc::get_mut` gives, without the read-modify-write it pays to keep a
+/// weak reference from being upgraded meanwhile. User pages are in no
+/// registry, so no weak reference to them is made (but by a test, in the
+/// thread that asks): with no other strong one, none can appear.
+fn alone(pages: &mut Arc<Pages>) -> Option<&mut Pages> {
+    let user = matches!(pages.backing, Backing::User) && pages.live.is_none();
+    if !user || Arc::strong_count(pages) != 1 || Arc::weak_count(pages) != 0 {
+        return None;
+    }
+    // Orders this thread's uses after those of the holder that dropped the
+    // last other reference (its decrement is a release).
+    fence(Ordering::Acquire);
+    // SAFETY: the one `Arc` left is `pages`, borrowed mutably for as long as
+    // the result lives, and no `Weak` exists nor can be made but from it; so
+    // no other thread can reach the value meanwhile. The pointer comes from
+    // the `Arc`'s own allocation, as `Arc::get_mut`'s does.
+    Some(unsafe { &mut *Arc::as_ptr(pages).cast_mut() })
 }
 
 /// What holds user pages while they are pinned: a context's IOASes, whose
@@ -384,7 +402,7 @@ impl Pages {
         let reuse = |mut kept: Arc<Pages>| {
             // Pooled pages are unpinned user pages held nowhere else (see
             // `recycle`): only what differs between user pages is set.
-            let p = Arc::get_mut(&mut kept)?;
+            let p = alone(&mut kept)?;
             (p.base, p.npages, p.writable, p.trust) = (base, npages, writable, trust);
             let pins = p.pins.get_mut();
             if !pins.ranges.is_empty() {
@@ -638,8 +656,8 @@ impl Pages {
     /// `pin` of pages only `pages` refers to (a new mapping's user pages),
     /// without taking their lock: nobody else can reach them.
     pub(crate) fn pin_alone(pages: &mut Arc<Pages>, offset: u64, len: u64) -> Result<()> {
-        match Arc::get_mut(pages) {
-            Some(p) if matches!(p.backing, Backing::User) => {
+        match alone(pages) {
+            Some(p) => {
                 let (range, host, checked) = (p.page_range(offset, len), p.base + offset, p.trust == Trust::Checked);
                 p.pins.get_mut().pin(range, || if checked { memory::check_mapped(host, len) } else { Ok(()) })
             }
@@ -656,7 +674,7 @@ impl Pages {
     /// taking their lock.
     pub(crate) fn unpin_alone(pages: &mut Arc<Pages>, offset: u64, len: u64) {
         let range = pages.page_range(offset, len);
-        match Arc::get_mut(pages) {
+        match alone(pages) {
             Some(p) => p.pins.get_mut().unpin(range),
             None => pages.pins.lock().unpin(range),
         }
