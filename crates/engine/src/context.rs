@@ -32,6 +32,7 @@ use crate::id::{
 use crate::ioas::{Ioas, Source};
 use crate::ioasid_set::{SetHandle, SetOwner};
 use crate::iova::{IovaRange, PAGE_SIZE};
+use crate::lookup::IoasIndex;
 use crate::memory::Trust;
 use crate::pages::Pages;
 use crate::pgtable::Perm;
@@ -72,6 +73,8 @@ pub(crate) struct Table {
     vdevices: HashMap<usize, Vec<u32>>,
     /// Objects' mmap regions by offset: (length, object ID).
     mmaps: BTreeMap<u64, (u64, u32)>,
+    /// The IOASes again, for lookups that take no lock (`Context::with_ioas`).
+    ioases: Arc<IoasIndex>,
 }
 
 fn addr<T>(a: &Arc<T>) -> usize {
@@ -100,6 +103,7 @@ impl Table {
                     self.mmaps.insert(r.offset(), (r.len(), id));
                 }
             }
+            Object::Ioas(i) => self.ioases.set(id, Some(i)),
             _ => {}
         }
         self.slots[id as usize] = Some(obj);
@@ -107,6 +111,9 @@ impl Table {
         Ok(id)
     }
 
+    /// Takes `id` out. An IOAS taken out may still be in use by lookups
+    /// that took no lock: it is let go only after
+    /// `epoch::synchronize_lookups` (`Context::destroy`).
     fn remove(&mut self, id: u32) -> Option<Object> {
         let obj = self.slots.get_mut(id as usize)?.take()?;
         self.live -= 1;
@@ -142,8 +149,10 @@ impl Table {
                     self.mmaps.remove(&r.offset());
                 }
             }
+            Object::Ioas(_) => self.ioases.set(id, None),
             _ => {}
         }
+        self.ioases.fit(self.top);
         Some(obj)
     }
 
@@ -478,6 +487,8 @@ pub struct Context {
     /// Shared with the registry of what holds user pages (see
     /// `pages::Holder`), which counts their pins through it.
     objects: Arc<Mutex<Table>>,
+    /// The table's IOASes, found without its lock.
+    ioases: Arc<IoasIndex>,
     /// Serialises changes to the object graph (attach, detach, destroy) so
     /// checks of who uses what stay true while they act.
     graph: Mutex<()>,
@@ -506,10 +517,13 @@ impl Context {
 
     /// A context that charges and permits as `config` says.
     pub fn with_config(config: ContextConfig) -> Self {
-        let objects = Arc::new(Mutex::new(Table::default()));
+        let table = Table::default();
+        let ioases = table.ioases.clone();
+        let objects = Arc::new(Mutex::new(table));
         crate::pages::hold(Arc::downgrade(&objects) as std::sync::Weak<dyn crate::pages::Holder>);
         Context {
             objects,
+            ioases,
             graph: Mutex::new(()),
             process_mode: AtomicBool::new(false),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
@@ -548,6 +562,24 @@ impl Context {
     pub fn get<T: Kind>(&self, id: Id<T>) -> Result<T::Handle> {
         let t = self.table();
         t.get(id.get()).and_then(T::from_object).ok_or(Error::NoObject { id: id.get(), kind: T::NAME })
+    }
+
+    /// `f` on IOAS `id`, found without the table's lock or a reference
+    /// (see `lookup`): for the calls made most, map and unmap. A destroy of
+    /// the IOAS meanwhile waits for `f` to return.
+    fn with_ioas<R>(&self, id: IoasId, f: impl FnOnce(&Ioas) -> Result<R>) -> Result<R> {
+        loop {
+            let section = crate::epoch::pin_lookup();
+            if let Some(ioas) = self.ioases.get(id.get(), &section) {
+                return f(ioas);
+            }
+            drop(section);
+            // Not an IOAS, or one entered since the look: the table, which
+            // enters IOASes in the index first, says which.
+            if !matches!(self.table().get(id.get()), Some(Object::Ioas(_))) {
+                return Err(Error::NoObject { id: id.get(), kind: Ioas::NAME });
+            }
+        }
     }
 
     /// IDs and kinds of every object, in ID order.
@@ -755,9 +787,10 @@ impl Context {
         align_hint: u64,
         pages: impl FnOnce() -> Result<(Arc<Pages>, u64)>,
     ) -> Result<u64> {
-        let ioas = self.get(ioas)?;
-        let (pages, start_byte) = pages()?;
-        ioas.map([Source { pages, start_byte, len, align_hint }], iova, perm)
+        self.with_ioas(ioas, |ioas| {
+            let (pages, start_byte) = pages()?;
+            ioas.map([Source { pages, start_byte, len, align_hint }], iova, perm)
+        })
     }
 
     /// Maps at `dst_iova` (or a chosen IOVA) of `dst` the memory mapped at
@@ -771,23 +804,24 @@ impl Context {
         dst_iova: Option<u64>,
         perm: Perm,
     ) -> Result<u64> {
-        let srcs = self.get(src)?.sources(src_iova, len)?;
-        self.get(dst)?.map(srcs, dst_iova, perm)
+        let srcs = self.with_ioas(src, |src| src.sources(src_iova, len))?;
+        self.with_ioas(dst, |dst| dst.map(srcs, dst_iova, perm))
     }
 
     /// Unmaps whole mappings inside `[iova, iova + len)`; `0, u64::MAX`
     /// unmaps everything. Returns the bytes unmapped.
     pub fn unmap(&self, ioas: IoasId, iova: u64, len: u64) -> Result<u64> {
-        let ioas = self.get(ioas)?;
-        if iova == 0 && len == u64::MAX {
-            return Ok(ioas.unmap_all());
-        }
-        let (unmapped, res) = ioas.unmap(IovaRange::from_len(iova, len)?);
-        res?;
-        if unmapped == 0 {
-            return Err(Error::NotFound("nothing is mapped in that range"));
-        }
-        Ok(unmapped)
+        self.with_ioas(ioas, |ioas| {
+            if iova == 0 && len == u64::MAX {
+                return Ok(ioas.unmap_all());
+            }
+            let (unmapped, res) = ioas.unmap(IovaRange::from_len(iova, len)?);
+            res?;
+            if unmapped == 0 {
+                return Err(Error::NotFound("nothing is mapped in that range"));
+            }
+            Ok(unmapped)
+        })
     }
 
     /// Binds an emulated device; it can then be attached to page tables.
@@ -1119,7 +1153,7 @@ impl Context {
     /// `IOMMU_DESTROY`.
     pub fn destroy(&self, id: impl Into<ObjectId>) -> Result<()> {
         let id = id.into().get();
-        let _g = self.graph();
+        let graph = self.graph();
         let mut t = self.table();
         let obj = t.get(id).ok_or(Error::NoObject { id, kind: "object" })?;
         if matches!(obj, Object::Device(_) | Object::Access(_)) {
@@ -1140,6 +1174,12 @@ impl Context {
                 if let Some(dev_id) = s.dev_id() {
                     let _ = self.unbind_locked(dev_id);
                 }
+            }
+            Object::Ioas(_) => {
+                // A map or unmap that found it without the lock finishes
+                // first; it may take any lock but none is held here.
+                drop(graph);
+                crate::epoch::synchronize_lookups();
             }
             _ => {}
         }
@@ -1228,5 +1268,91 @@ mod tests {
         assert!(matches!(ctx.vfio_ioas(), Err(Error::NoDevice(_))));
         assert_eq!(ctx.ioas_alloc().unwrap(), ioas);
         assert!(ctx.vfio_ioas().is_err(), "a new IOAS under the same ID is not the compatibility IOAS");
+    }
+
+    /// A map or unmap finds its IOAS without a lock or a reference, so a
+    /// destroy meanwhile succeeds; it must not let the IOAS go before the
+    /// lookup is done with it.
+    #[test]
+    fn destroy_waits_for_a_lookup_that_took_no_lock() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ctx = ctx();
+        let id = ctx.ioas_alloc().unwrap();
+        let gone = Arc::downgrade(&ctx.get(id).unwrap());
+        let destroyed = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            ctx.with_ioas(id, |ioas| {
+                s.spawn(|| {
+                    ctx.destroy(id).unwrap();
+                    destroyed.store(true, SeqCst);
+                });
+                while ctx.get(id).is_ok() {
+                    std::thread::yield_now();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                assert!(!destroyed.load(SeqCst), "destroy returned while a lookup used the IOAS");
+                assert!(ioas.areas().is_empty(), "the IOAS is still whole");
+                Ok(())
+            })
+            .unwrap();
+        });
+        assert!(destroyed.load(SeqCst));
+        assert!(gone.upgrade().is_none(), "the IOAS went with the destroy");
+        assert!(matches!(ctx.unmap(id, 0, u64::MAX), Err(Error::NoObject { .. })));
+    }
+
+    /// Maps and unmaps on other threads race destroys and new IOASes under
+    /// the same ID: each either finds the IOAS of its moment or fails with
+    /// `ENOENT`, and each destroyed IOAS is gone when its destroy returns.
+    #[test]
+    fn lookups_race_destroys_and_reused_ids() {
+        use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+        let ctx = ctx();
+        let buf = crate::memory::HostBuffer::new(2 * PAGE_SIZE as usize).unwrap();
+        let (current, stop, done) = (AtomicU32::new(0), AtomicBool::new(false), AtomicU32::new(0));
+        std::thread::scope(|s| {
+            for t in 0..2u64 {
+                let (ctx, buf, current, stop, done) = (&ctx, &buf, &current, &stop, &done);
+                s.spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let id = IoasId::new(current.load(Relaxed));
+                        let iova = (t + 1) << 20;
+                        let addr = buf.addr() + t * PAGE_SIZE;
+                        // SAFETY: `buf` outlives the context's IOASes' use of it:
+                        // the context drops after the scope.
+                        match unsafe { ctx.map_user(id, addr, PAGE_SIZE, Some(iova), Perm::RW) } {
+                            Ok(_) => match ctx.unmap(id, iova, PAGE_SIZE) {
+                                Ok(n) => assert_eq!(n, PAGE_SIZE),
+                                // Destroyed, or destroyed and its ID taken by the next.
+                                Err(e) => {
+                                    assert!(matches!(e, Error::NoObject { .. } | Error::NotFound(_)), "unmap: {e}")
+                                }
+                            },
+                            Err(e) => assert!(matches!(e, Error::NoObject { .. }), "map: {e}"),
+                        }
+                        done.fetch_add(1, Relaxed);
+                    }
+                });
+            }
+            // Stops the workers however this thread ends, a failed assertion too.
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            for _ in 0..2_000 {
+                let id = ctx.ioas_alloc().unwrap();
+                let gone = Arc::downgrade(&ctx.get(id).unwrap());
+                current.store(id.get(), Relaxed);
+                let seen = done.load(Relaxed);
+                while done.load(Relaxed) < seen + 2 {
+                    std::hint::spin_loop();
+                }
+                ctx.destroy(id).unwrap();
+                assert!(gone.upgrade().is_none(), "a destroyed IOAS outlived its destroy");
+            }
+        });
     }
 }

@@ -509,7 +509,8 @@ impl Drop for Collector {
     }
 }
 
-/// The process's collector; membarrier is registered when it is made.
+/// The process's collector for DMA; membarrier is registered when it is
+/// made.
 fn global() -> &'static Collector {
     static GLOBAL: OnceLock<Collector> = OnceLock::new();
     GLOBAL.get_or_init(|| {
@@ -531,6 +532,14 @@ fn global() -> &'static Collector {
     })
 }
 
+/// The collector of lookups that take no lock (see [`Lookup`]), apart from
+/// DMA's: an unmap made inside a lookup still waits for DMA, and waiting
+/// for lookups never waits for DMA.
+fn lookups() -> &'static Collector {
+    static LOOKUPS: OnceLock<Collector> = OnceLock::new();
+    LOOKUPS.get_or_init(|| Collector::new(global().membarrier))
+}
+
 /// A fork keeps only the forking thread. Every other thread's slot in the
 /// child stays as it was (taken, maybe inside) and would hold up the
 /// child's grace periods for ever, and a lock another thread held would
@@ -538,32 +547,37 @@ fn global() -> &'static Collector {
 /// gives back every slot but its own.
 #[cfg(not(loom))]
 mod fork {
-    use super::{LOCAL, Ordering, global};
+    use super::{LOCAL, LOOKUP_LOCAL, Ordering, global, lookups};
 
     pub(super) extern "C" fn prepare() {
         std::mem::forget(global().garbage.lock());
+        std::mem::forget(lookups().garbage.lock());
     }
 
     pub(super) extern "C" fn parent() {
-        // SAFETY: `prepare` locked it on this thread and forgot the guard.
-        unsafe { global().garbage.force_unlock() };
+        // SAFETY: `prepare` locked them on this thread and forgot the guards.
+        unsafe {
+            lookups().garbage.force_unlock();
+            global().garbage.force_unlock();
+        }
     }
 
     pub(super) extern "C" fn child() {
-        let c = global();
-        // SAFETY: as in `parent`: the child's copy of the same lock.
-        unsafe { c.garbage.force_unlock() };
-        let own = LOCAL.with(|l| l.slot.get());
-        let outside = c.epoch.0.load(Ordering::Relaxed) << 1;
-        for slot in c.slots().filter(|s| !std::ptr::eq(*s, own)) {
-            slot.state.store(outside, Ordering::Relaxed);
-            slot.taken.store(false, Ordering::Release);
+        let own = [LOCAL.with(|l| l.slot.get()), LOOKUP_LOCAL.with(|l| l.slot.get())];
+        for (c, own) in [global(), lookups()].into_iter().zip(own) {
+            // SAFETY: as in `parent`: the child's copy of the same lock.
+            unsafe { c.garbage.force_unlock() };
+            let outside = c.epoch.0.load(Ordering::Relaxed) << 1;
+            for slot in c.slots().filter(|s| !std::ptr::eq(*s, own)) {
+                slot.state.store(outside, Ordering::Relaxed);
+                slot.taken.store(false, Ordering::Release);
+            }
         }
     }
 }
 
-/// This thread's reader state; const-initialised and without a destructor,
-/// so reaching it costs a TLS offset and nothing else.
+/// This thread's reader state in one collector; const-initialised and
+/// without a destructor, so reaching it costs a TLS offset and nothing else.
 struct Local {
     slot: Cell<*const Slot>,
     depth: Cell<u32>,
@@ -576,25 +590,27 @@ struct Local {
     deferred: Cell<bool>,
 }
 
-/// Gives the slot back when the thread exits.
+/// Gives the slots back when the thread exits.
 struct Owner;
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        LOCAL.with(|l| {
-            let slot = l.slot.replace(std::ptr::null());
-            // A guard forgotten on this thread keeps its slot inside for ever,
-            // so it is not handed to another thread.
-            if !slot.is_null() && l.depth.get() == 0 {
-                // SAFETY: slots of the global collector live for ever.
-                global().release(unsafe { &*slot });
-            }
-        });
+        for (local, c) in [(&LOCAL, global as fn() -> _), (&LOOKUP_LOCAL, lookups)] {
+            let _ = local.try_with(|l| {
+                let slot = l.slot.replace(std::ptr::null());
+                // A guard forgotten on this thread keeps its slot inside for
+                // ever, so it is not handed to another thread.
+                if !slot.is_null() && l.depth.get() == 0 {
+                    // SAFETY: slots of a collector live for ever.
+                    c().release(unsafe { &*slot });
+                }
+            });
+        }
     }
 }
 
-thread_local! {
-    static LOCAL: Local = const {
+impl Local {
+    const fn new() -> Local {
         Local {
             slot: Cell::new(std::ptr::null()),
             depth: Cell::new(0),
@@ -603,14 +619,51 @@ thread_local! {
             membarrier: Cell::new(false),
             deferred: Cell::new(false),
         }
-    };
+    }
+
+    /// Enters a section of `collector` (or nests in the one this thread is
+    /// in).
+    #[inline(always)]
+    fn enter(&self, collector: fn() -> &'static Collector) {
+        let depth = self.depth.get();
+        if depth == 0 {
+            let mut slot = self.slot.get();
+            if slot.is_null() {
+                slot = register(self, collector());
+            }
+            // SAFETY: slots and the epoch of a collector live for ever
+            // (`register` set both).
+            let state = unsafe { &*slot }.enter(unsafe { &*self.epoch.get() }, self.membarrier.get());
+            self.state.set(state);
+        }
+        self.depth.set(depth + 1);
+    }
+
+    /// Leaves the section `enter` entered.
+    #[inline(always)]
+    fn leave(&self, collector: fn() -> &'static Collector) {
+        let depth = self.depth.get() - 1;
+        self.depth.set(depth);
+        if depth == 0 {
+            // SAFETY: set by the `enter` this pairs with; slots of a
+            // collector live for ever.
+            unsafe { &*self.slot.get() }.leave(self.state.get());
+            if self.deferred.replace(false) {
+                collector().try_collect(false);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: Local = const { Local::new() };
+    static LOOKUP_LOCAL: Local = const { Local::new() };
     static OWNER: Owner = const { Owner };
 }
 
 #[cold]
 #[inline(never)]
-fn register(l: &Local) -> *const Slot {
-    let c = global();
+fn register(l: &Local, c: &'static Collector) -> *const Slot {
     let slot = c.claim();
     l.epoch.set(&c.epoch.0);
     l.membarrier.set(c.membarrier);
@@ -637,38 +690,14 @@ impl std::fmt::Debug for Guard {
 /// Enters a critical section (or nests in the one this thread is in).
 #[inline]
 pub fn pin() -> Guard {
-    LOCAL.with(|l| {
-        let depth = l.depth.get();
-        if depth == 0 {
-            let mut slot = l.slot.get();
-            if slot.is_null() {
-                slot = register(l);
-            }
-            // SAFETY: slots and the epoch of the global collector live for
-            // ever (`register` set both).
-            let state = unsafe { &*slot }.enter(unsafe { &*l.epoch.get() }, l.membarrier.get());
-            l.state.set(state);
-        }
-        l.depth.set(depth + 1);
-    });
+    LOCAL.with(|l| l.enter(global));
     Guard { _not_send: PhantomData }
 }
 
 impl Drop for Guard {
     #[inline]
     fn drop(&mut self) {
-        LOCAL.with(|l| {
-            let depth = l.depth.get() - 1;
-            l.depth.set(depth);
-            if depth == 0 {
-                // SAFETY: set by the pin this guard came from; slots of the
-                // global collector live for ever.
-                unsafe { &*l.slot.get() }.leave(l.state.get());
-                if l.deferred.replace(false) {
-                    global().try_collect(false);
-                }
-            }
-        });
+        LOCAL.with(|l| l.leave(global));
     }
 }
 
@@ -721,6 +750,50 @@ pub(crate) fn synchronize() {
     });
     global().synchronize(own);
     synchronize_external();
+}
+
+/// A section of lookups by ID that take no lock (`Context::with_ioas`): an
+/// object found inside one is not let go before it ends. A domain apart
+/// from DMA's, so that an unmap made inside one can still wait for DMA.
+/// Not `Send`: it is this thread's.
+#[must_use = "the section ends when it drops"]
+pub(crate) struct Lookup {
+    _not_send: PhantomData<*mut ()>,
+}
+
+/// Enters a lookup section (or nests in the one this thread is in).
+#[inline]
+pub(crate) fn pin_lookup() -> Lookup {
+    LOOKUP_LOCAL.with(|l| l.enter(lookups));
+    Lookup { _not_send: PhantomData }
+}
+
+impl Drop for Lookup {
+    #[inline]
+    fn drop(&mut self) {
+        LOOKUP_LOCAL.with(|l| l.leave(lookups));
+    }
+}
+
+/// Waits until every lookup section running when it was called has ended.
+/// Called inside one, it would wait for itself.
+pub(crate) fn synchronize_lookups() {
+    let own = LOOKUP_LOCAL.with(|l| {
+        assert_eq!(l.depth.get(), 0, "epoch::synchronize_lookups inside a lookup");
+        l.slot.get()
+    });
+    lookups().synchronize(own);
+}
+
+/// Runs `f` once the lookup sections running now have ended, without
+/// waiting for them: a grace period starts here, and `f` runs at its end,
+/// or at the next `synchronize_lookups`.
+pub(crate) fn defer_after_lookups(f: impl FnOnce() + Send + 'static) {
+    let c = lookups();
+    c.defer(Deferred::Boxed(Box::new(f)));
+    c.try_collect(true);
+    // This thread's next lookup to leave runs `f` if its readers are gone.
+    LOOKUP_LOCAL.with(|l| l.deferred.set(true));
 }
 
 /// Readers outside this process: device back ends in other processes that
