@@ -2,8 +2,9 @@
 //! IDs, looked up by kind with `get` (Linux's `iommufd_get_object`) through
 //! the typed `Id`s of `crate::id`; an object is in use while anything else
 //! holds a reference to it (an `Arc` clone), so `destroy` is `EBUSY` exactly
-//! when Linux's `users` count would be above one. Attaching devices lives
-//! beside it, in `attach.rs`.
+//! when Linux's `users` count would be above one. Map, unmap and copy find
+//! their IOAS without one (`lookup`); a destroy waits for those under way.
+//! Attaching devices lives beside it, in `attach.rs`.
 //!
 //! Every call on the ioctl path costs O(log n) in the number of live
 //! objects, as Linux's xarray does: IDs come from a set of freed IDs, and
