@@ -201,9 +201,9 @@ for what, goal, got, met in targets:
 # Why a target is not met, for those a run can miss.
 target_why = {
     "one 4 KiB map through the library": (
-        "about 1,300 instructions and 9 locked read-modify-writes per map (callgrind): inserting the area in the "
-        "IOAS's tree of areas (a `BTreeMap` insert, about 370), making, pinning and charging the pages (about 250), "
-        "writing the page table (about 230); the area, the pin and the charge are what an iommufd map owes its "
+        "about 1,260 instructions and 3 locked read-modify-writes per map (callgrind): inserting the area in the "
+        "IOAS's tree of areas (a `BTreeMap` insert, about 370), making, pinning and charging the pages (about 240), "
+        "writing the page table (about 185); the area, the pin and the charge are what an iommufd map owes its "
         "unmap and `RLIMIT_MEMLOCK`, and the plain IOAS, which does the same steps with fewer guarantees, takes "
         "about 950 and 5 (see the rows behind their peer)"
     ),
@@ -297,23 +297,22 @@ why = {
 }
 # Reasons for one peer of a figure with several, before the figure's own.
 plain_footprint = (
-    "each mapping here keeps a 72-byte area and a 216-byte `Pages` (its pins, their accounting, its backing), the "
+    "each mapping here keeps a 56-byte area and a 216-byte `Pages` (its pins, their accounting, its backing), the "
     "plain IOAS's a 16-byte area: a batch of maps misses the L1 cache about 13 times per map and unmap here and "
-    "not at all there (cachegrind). Cutting the locked ones (13 to 9 per map: the registry of live pages went, a new "
-    "mapping's pins take no lock) left the time where it was, timed against the commit before with the binaries "
-    "alternated: they overlap with the rest of the work. What remains besides the IOAS's lock and the charge is "
-    "the context's object table (its lock, and the reference to the IOAS the call holds: 4) and taking pages from "
-    "the pool (1); the plain IOAS is handed its IOAS and shares no pins"
+    "not at all there (cachegrind). The locked instructions left are the IOAS's lock and the charge, as the plain "
+    "IOAS's; finding the IOAS by ID takes none (an index read in an epoch section, no longer the object table's "
+    "lock and a reference: 4), nor do pages taken from the pool and pinned (2)"
 )
 why_peer = {
     ("map: one 4 KiB page through the library", "plain IOAS"): (
-        "a map here runs about 1,300 instructions and 9 locked read-modify-writes (callgrind, counting the binary's "
+        "a map here runs about 1,260 instructions and 3 locked read-modify-writes (callgrind, counting the binary's "
         "lock-prefixed instructions), the plain IOAS's about 950 and 5; " + plain_footprint
     ),
     ("map + unmap: 1 GiB as one 1 GiB leaf", "plain IOAS"): (
-        "a map and unmap here run about 2,050 instructions and 19 locked read-modify-writes (callgrind), the plain "
-        "IOAS's about 880 and 10: the unmap looks the IOAS up again (4), gives the charge back (1), ends the IOTLB's "
-        "generation (1) and waits out a grace period for DMA in flight (1); " + plain_footprint
+        "a map and unmap here run about 2,080 instructions and 8 locked read-modify-writes (callgrind), the plain "
+        "IOAS's about 880 and 10; perf puts a sixth of the time in the tree of areas (an insert and a remove of a "
+        "56-byte value), the rest in pinning, charging and unpinning, the IOTLB's invalidation and the grace "
+        "period's check for DMA in flight; " + plain_footprint
     ),
 }
 behind = []
