@@ -57,6 +57,12 @@
 //! outermost guard once `BACKLOG` items wait; such a drop also runs the work
 //! whose readers have left since. It never runs on a reader's path that
 //! deferred nothing.
+//!
+//! A second domain, with its own epoch and slots, serves the lookups of
+//! IOASes by ID that take no lock (`crate::lookup`): `Lookup` sections and
+//! `synchronize_lookups`, the same protocol kept apart, so that an unmap
+//! made inside a lookup still waits for DMA, and a destroy waiting for the
+//! lookups never waits for DMA.
 
 use std::cell::Cell;
 use std::marker::PhantomData;
