@@ -84,6 +84,9 @@ pub struct Daemon {
     /// Held by whoever drops what hung up, until it is dropped: a request
     /// that reaps finds the objects gone, not going.
     reaping: Mutex<()>,
+    /// Supervised opens whose descriptor the supervisor still holds (see
+    /// `Handler::released`): a program's close of one is seen only after.
+    opening: AtomicUsize,
     /// Every `Held::ours`, watched for hang-ups (data: its index in `keys`).
     watch: OwnedFd,
     keys: Mutex<Slots>,
@@ -114,6 +117,7 @@ impl Daemon {
         let d = Arc::new(Daemon {
             held: Mutex::new(HashMap::new()),
             reaping: Mutex::new(()),
+            opening: AtomicUsize::new(0),
             watch,
             keys: Mutex::new(Slots::default()),
             limits,
@@ -136,6 +140,18 @@ impl Daemon {
     /// Drops every object whose programs' end has been closed everywhere
     /// (without waiting for any).
     pub fn reap(&self) {
+        // A supervised program answered its open may already have closed
+        // the descriptor, which the supervisor's copy keeps open: wait for
+        // that copy (microseconds, unless its thread was preempted).
+        let mut spins = 0u32;
+        while self.opening.load(Ordering::Acquire) > 0 {
+            spins += 1;
+            if spins > 64 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
         let _reaping = self.reaping.lock();
         let mut events = Vec::with_capacity(64);
         let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
@@ -422,10 +438,10 @@ impl Descriptors for Peer<'_> {
     }
 }
 
-/// A supervised program's calls (see `supervise`), answered as the shim's
-/// are: the program's memory and descriptors are reached the same way.
-impl crate::supervise::Handler for Daemon {
-    fn open(
+impl Daemon {
+    /// The file a supervised program's open of `path` gets, if it is one
+    /// of the daemon's.
+    fn open_file(
         &self,
         call: &crate::supervise::Call<'_>,
         path: &std::ffi::CStr,
@@ -444,6 +460,27 @@ impl crate::supervise::Handler for Daemon {
         }
         self.reap();
         Some(self.open_context(call.pid(), call.uid()))
+    }
+}
+
+/// A supervised program's calls (see `supervise`), answered as the shim's
+/// are: the program's memory and descriptors are reached the same way.
+impl crate::supervise::Handler for Daemon {
+    fn open(
+        &self,
+        call: &crate::supervise::Call<'_>,
+        path: &std::ffi::CStr,
+        flags: i32,
+    ) -> Option<Result<OwnedFd, Errno>> {
+        let opened = self.open_file(call, path, flags);
+        if let Some(Ok(_)) = opened {
+            self.opening.fetch_add(1, Ordering::AcqRel);
+        }
+        opened
+    }
+
+    fn released(&self) {
+        self.opening.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn ioctl(

@@ -211,6 +211,12 @@ pub trait Handler: Send + Sync {
     /// ask), `None` to let the kernel open it.
     fn open(&self, call: &Call<'_>, path: &CStr, flags: i32) -> Option<Result<OwnedFd, Errno>>;
 
+    /// The supervisor has let go of its copy of a descriptor `open`
+    /// returned, installed in the program or not. The program runs on as
+    /// soon as it is answered, before that: until then a close of the
+    /// descriptor there leaves the file open, here.
+    fn released(&self) {}
+
     /// `ioctl(fd, request, arg)`: `file` is the supervisor's own copy of
     /// the program's descriptor (`pidfd_getfd`). `Some(result)` when the
     /// file is the handler's, `None` to let the kernel run it.
@@ -454,12 +460,15 @@ fn open(call: &Call<'_>, handler: &dyn Handler, nr: libc::c_long, args: &[u64; 6
     };
     // Installed and answered at once: an fd installed in a program that
     // never learns its number would leak there.
-    match call.add_fd(&fd, flags & libc::O_CLOEXEC != 0, libc::SECCOMP_ADDFD_FLAG_SEND as u32) {
+    let answer = match call.add_fd(&fd, flags & libc::O_CLOEXEC != 0, libc::SECCOMP_ADDFD_FLAG_SEND as u32) {
         Ok(_) => Answer::Done,
         Err(Errno::ENOENT) => Answer::Done,
         // The kernel's answer to an open it cannot install: EMFILE, say.
         Err(e) => Answer::Error(e),
-    }
+    };
+    drop(fd);
+    handler.released();
+    answer
 }
 
 /// The absolute path and flags of an open, or `None` when the kernel
