@@ -452,6 +452,8 @@ impl Daemon {
             if flags & libc::O_ACCMODE != libc::O_RDONLY {
                 return None;
             }
+            // What a close just let go of is not counted, as in Linux.
+            self.reap();
             let (locked, pinned) = ioasid_engine::account::process_pages(Some(pid));
             return ioasid_abi::proc_status::file(pid, locked, pinned, flags & libc::O_CLOEXEC != 0);
         }
