@@ -59,10 +59,10 @@
 //! deferred nothing.
 //!
 //! A second domain, with its own epoch and slots, serves the lookups of
-//! IOASes by ID that take no lock (`crate::lookup`): `Lookup` sections and
-//! `synchronize_lookups`, the same protocol kept apart, so that an unmap
-//! made inside a lookup still waits for DMA, and a destroy waiting for the
-//! lookups never waits for DMA.
+//! IOASes by ID that take no lock (the context's IOAS index): `Lookup`
+//! sections and `synchronize_lookups`, the same protocol kept apart, so
+//! that an unmap made inside a lookup still waits for DMA, and a destroy
+//! waiting for the lookups never waits for DMA.
 
 use std::cell::Cell;
 use std::marker::PhantomData;

@@ -50,8 +50,8 @@ impl IoasIndex {
     /// index holds none there (the table may still hold another kind).
     #[inline]
     pub(crate) fn get<'a>(&'a self, id: u32, _section: &'a Lookup) -> Option<&'a Ioas> {
-        // SAFETY: the slots in use are freed only after the lookups that
-        // may have read them have left (`replace`), and this one is inside.
+        // SAFETY: replaced slots are freed only after the lookups that may
+        // have read them have left (`resize`), and this one is inside.
         let slots = unsafe { &*self.slots.load(Ordering::Acquire) };
         let ioas = slots.0.get(id as usize)?.load(Ordering::Acquire);
         // SAFETY: a slot holds the table's reference to a live IOAS; the
