@@ -223,7 +223,12 @@ impl Waiter {
 
 /// The answers to a batch of groups (see [`Batch`]): how many came, how
 /// many refused, and whether the device sleeps until the last.
+///
+/// Aligned past its `Arc`'s counts: each group holds a reference, which
+/// the handler lets go as it answers, while the device spins reading
+/// `state`; on one cache line every answer would pull it from the spinner.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 struct BatchAnswers {
     /// Answers so far (low 32 bits), of which `Invalid` (the next 31),
     /// and [`BATCH_SLEEPING`].
