@@ -313,11 +313,72 @@ struct Subscriber {
     tx: Sender<Event>,
 }
 
+/// Bits of a [`SetId`] that index its place in [`Sets`]; the bits above
+/// count the reuses of that place.
+const SET_INDEX_BITS: u32 = 20;
+const SET_INDEX: u32 = (1 << SET_INDEX_BITS) - 1;
+
+/// The sets, each at the place its ID's low bits index, so finding one
+/// (every alloc and free does, once per level of its hierarchy) is an
+/// index rather than a search. A destroyed set's place is reused; the ID's
+/// high bits count the reuses, so its ID names no later set until one
+/// place has been reused 4096 times.
+struct Sets {
+    /// The reuses of each place, and the set there now. Place 0 is never
+    /// used (its count matches no ID), so no set's ID is 0.
+    places: Vec<(u32, Option<SetState>)>,
+    /// Places no set is at.
+    free: Vec<u32>,
+}
+
+impl Sets {
+    fn new() -> Self {
+        Sets { places: vec![(u32::MAX, None)], free: Vec::new() }
+    }
+
+    fn place(&self, id: SetId) -> Option<&(u32, Option<SetState>)> {
+        self.places.get((id.0 & SET_INDEX) as usize).filter(|(reuses, _)| *reuses == id.0 >> SET_INDEX_BITS)
+    }
+
+    fn get(&self, id: SetId) -> Option<&SetState> {
+        self.place(id)?.1.as_ref()
+    }
+
+    fn get_mut(&mut self, id: SetId) -> Option<&mut SetState> {
+        self.place(id)?;
+        self.places[(id.0 & SET_INDEX) as usize].1.as_mut()
+    }
+
+    /// Places `set`; `ENOSPC` when 2^20 sets exist.
+    fn insert(&mut self, set: SetState) -> Result<SetId> {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None if self.places.len() <= SET_INDEX as usize => {
+                self.places.push((0, None));
+                (self.places.len() - 1) as u32
+            }
+            None => return Err(Error::NoSpace("no IOASID set ID left")),
+        };
+        let place = &mut self.places[index as usize];
+        place.1 = Some(set);
+        Ok(SetId(place.0 << SET_INDEX_BITS | index))
+    }
+
+    fn remove(&mut self, id: SetId) -> Option<SetState> {
+        self.place(id)?;
+        let index = id.0 & SET_INDEX;
+        let place = &mut self.places[index as usize];
+        let set = place.1.take()?;
+        place.0 = (place.0 + 1) & (u32::MAX >> SET_INDEX_BITS);
+        self.free.push(index);
+        Some(set)
+    }
+}
+
 struct Inner {
     /// One bit per PASID, set when allocated.
     bitmap: Vec<u64>,
-    sets: BTreeMap<SetId, SetState>,
-    next_set: u32,
+    sets: Sets,
     /// Every ID below it is taken, so the search for the lowest free ID starts there.
     hint: u32,
     subscribers: Vec<Subscriber>,
@@ -343,7 +404,7 @@ impl PasidSpace {
         bitmap[0] |= 1 << NO_PASID;
         Ok(PasidSpace {
             width,
-            inner: Mutex::new(Inner { bitmap, sets: BTreeMap::new(), next_set: 1, hint: 1, subscribers: Vec::new() }),
+            inner: Mutex::new(Inner { bitmap, sets: Sets::new(), hint: 1, subscribers: Vec::new() }),
             slots: Slots::new(width),
             shared: ArcSwap::from_pointee(BTreeMap::new()),
         })
@@ -372,15 +433,15 @@ impl PasidSpace {
             if self.owner(p) != Some(owner) && self.owner(p) != Some(SHARED_ROOT) {
                 return Err(Error::NotFound("no such parent set"));
             }
-            let ps = g.sets.get_mut(&p).ok_or(Error::NotFound("no such parent set"))?;
+            let ps = g.sets.get(p).ok_or(Error::NotFound("no such parent set"))?;
             if quota > ps.quota {
                 return Err(Error::Invalid("a set's quota must fit in its parent's"));
             }
-            ps.children += 1;
         }
-        let id = SetId(g.next_set);
-        g.next_set += 1;
-        g.sets.insert(id, SetState { parent, quota, used: 0, children: 0, own: Vec::new(), dying: false });
+        let id = g.sets.insert(SetState { parent, quota, used: 0, children: 0, own: Vec::new(), dying: false })?;
+        if let Some(p) = parent {
+            g.sets.get_mut(p).expect("looked up above").children += 1;
+        }
         let mut shared = (**self.shared.load()).clone();
         shared.insert(id, Arc::new(SetShared { owner, by_vpasid: VpasidMap::new(self.width) }));
         self.shared.store(Arc::new(shared));
@@ -390,11 +451,11 @@ impl PasidSpace {
     /// Changes a quota live; never below what the set uses.
     pub fn set_quota(&self, set: SetId, quota: u32) -> Result<()> {
         let mut g = self.lock();
-        let parent_quota = match g.sets.get(&set).ok_or(Error::NotFound("no such set"))?.parent {
-            Some(p) => g.sets[&p].quota,
+        let parent_quota = match g.sets.get(set).ok_or(Error::NotFound("no such set"))?.parent {
+            Some(p) => g.sets.get(p).expect("parents outlive children").quota,
             None => u32::MAX,
         };
-        let s = g.sets.get_mut(&set).expect("checked");
+        let s = g.sets.get_mut(set).expect("checked");
         if quota < s.used {
             return Err(Error::Busy("the set uses more IDs than that"));
         }
@@ -408,21 +469,21 @@ impl PasidSpace {
     /// (quota, IDs in use in the set and below it).
     pub fn usage(&self, set: SetId) -> Result<(u32, u32)> {
         let g = self.lock();
-        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        let s = g.sets.get(set).ok_or(Error::NotFound("no such set"))?;
         Ok((s.quota, s.used))
     }
 
     /// Frees every ID of a set that has no child sets, then the set.
     /// Referenced IDs complete their free at their last `put`.
     pub fn destroy_set(&self, set: SetId) -> Result<()> {
-        if self.lock().sets.get(&set).ok_or(Error::NotFound("no such set"))?.children > 0 {
+        if self.lock().sets.get(set).ok_or(Error::NotFound("no such set"))?.children > 0 {
             return Err(Error::Busy("the set has child sets"));
         }
         for pasid in self.ids(set)? {
             let _ = self.free(set, pasid);
         }
         let mut g = self.lock();
-        let s = g.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
+        let s = g.sets.get_mut(set).ok_or(Error::NotFound("no such set"))?;
         if !s.own.is_empty() {
             // Referenced IDs finish their free later; the set goes with them.
             s.dying = true;
@@ -433,9 +494,9 @@ impl PasidSpace {
     }
 
     fn remove_set(&self, g: &mut Inner, set: SetId) {
-        let Some(s) = g.sets.remove(&set) else { return };
+        let Some(s) = g.sets.remove(set) else { return };
         if let Some(p) = s.parent {
-            g.sets.get_mut(&p).expect("parents outlive children").children -= 1;
+            g.sets.get_mut(p).expect("parents outlive children").children -= 1;
         }
         let mut shared = (**self.shared.load()).clone();
         shared.remove(&set);
@@ -468,7 +529,7 @@ impl PasidSpace {
         // Searched first, answered in Linux's order (after the quota): the
         // search changes nothing, and the set is then looked up once.
         let found = if lo > hi { Err(Error::Invalid("empty PASID range")) } else { inner.find_free(lo, hi) };
-        let st = inner.sets.get_mut(&set).ok_or(Error::NotFound("no such set"))?;
+        let st = inner.sets.get_mut(set).ok_or(Error::NotFound("no such set"))?;
         // Only a set-private ID needs the set's lookup table.
         let shared = vpasid.map(|_| self.shared.load().get(&set).cloned().expect("every set is shared"));
         if let (Some(v), Some(shared)) = (vpasid, &shared)
@@ -486,7 +547,7 @@ impl PasidSpace {
                 // in one pass; no PASID to take gives the charges back.
                 inner.charge(parent)?;
                 let pasid = found.inspect_err(|_| inner.uncharge(parent))?;
-                (pasid, inner.sets.get_mut(&set).expect("looked up above"))
+                (pasid, inner.sets.get_mut(set).expect("looked up above"))
             }
         };
         st.used += 1;
@@ -543,7 +604,7 @@ impl PasidSpace {
     /// The IDs a set allocated, in order.
     pub fn ids(&self, set: SetId) -> Result<Vec<u32>> {
         let g = self.lock();
-        let s = g.sets.get(&set).ok_or(Error::NotFound("no such set"))?;
+        let s = g.sets.get(set).ok_or(Error::NotFound("no such set"))?;
         let mut ids = s.own.clone();
         ids.sort_unstable();
         Ok(ids)
@@ -660,7 +721,7 @@ impl PasidSpace {
         g.bitmap[(pasid / 64) as usize] &= !(1 << (pasid % 64));
         g.hint = g.hint.min(pasid);
         // The set holds its IDs until the last is released, so it is there.
-        let st = g.sets.get_mut(&set).expect("a set outlives its IDs");
+        let st = g.sets.get_mut(set).expect("a set outlives its IDs");
         let at = slot.own_index.load(Ordering::Relaxed) as usize;
         st.own.swap_remove(at);
         if let Some(&moved) = st.own.get(at) {
@@ -809,11 +870,11 @@ impl Inner {
     fn charge(&mut self, set: SetId) -> Result<()> {
         let mut at = Some(set);
         while let Some(s) = at {
-            let st = self.sets.get_mut(&s).expect("parents outlive children");
+            let st = self.sets.get_mut(s).expect("parents outlive children");
             if st.used >= st.quota {
                 let mut back = Some(set);
                 while let Some(b) = back.filter(|&b| b != s) {
-                    let st = self.sets.get_mut(&b).expect("charged above");
+                    let st = self.sets.get_mut(b).expect("charged above");
                     st.used -= 1;
                     back = st.parent;
                 }
@@ -829,7 +890,7 @@ impl Inner {
     fn uncharge(&mut self, set: SetId) {
         let mut at = Some(set);
         while let Some(s) = at {
-            let Some(st) = self.sets.get_mut(&s) else { break };
+            let Some(st) = self.sets.get_mut(s) else { break };
             st.used -= 1;
             at = st.parent;
         }

@@ -345,3 +345,33 @@ fn a_context_holds_no_more_objects_than_its_limit() {
     ctx.destroy(first).unwrap();
     ctx.ioas_alloc().unwrap();
 }
+
+/// A destroyed set's ID names nothing after, even once a new set takes
+/// its place; its PASIDs cannot be freed through it.
+#[test]
+fn a_destroyed_sets_id_names_no_later_set() {
+    let space = PasidSpace::new(8).unwrap();
+    let old = space.create_set(None, 4).unwrap();
+    let p = space.alloc(old, 1, 255, 0).unwrap();
+    space.destroy_set(old).unwrap();
+    let new = space.create_set(None, 4).unwrap();
+    assert_ne!(new, old);
+    assert!(matches!(space.usage(old), Err(Error::NotFound(_))));
+    assert!(matches!(space.alloc(old, 1, 255, 0), Err(Error::NotFound(_))));
+    assert!(matches!(space.destroy_set(old), Err(Error::NotFound(_))));
+    let q = space.alloc(new, 1, 255, 0).unwrap();
+    assert_eq!(q, p, "the old set's PASID went back to the space");
+    assert!(matches!(space.free(old, q), Err(Error::NotFound(_))));
+    assert_eq!(space.usage(new).unwrap(), (4, 1));
+    // Many sets come and go; each live one keeps its own ID.
+    let mut live: Vec<SetId> = (0..64).map(|_| space.create_set(None, 1).unwrap()).collect();
+    for round in 0..200 {
+        let gone = live.remove(round % live.len());
+        space.destroy_set(gone).unwrap();
+        let made = space.create_set(None, 1).unwrap();
+        assert!(!live.contains(&made) && made != gone && made != new);
+        assert!(matches!(space.usage(gone), Err(Error::NotFound(_))));
+        live.push(made);
+    }
+    assert_eq!(space.usage(new).unwrap(), (4, 1));
+}
