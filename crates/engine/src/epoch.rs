@@ -297,15 +297,7 @@ impl Collector {
         BARRIERS.fetch_add(1, Ordering::Relaxed);
         #[cfg(not(loom))]
         if self.membarrier {
-            use rustix::thread::{MembarrierCommand, membarrier};
-            // Registration is per process and kept across fork; should it be
-            // missing anyway, register again: it cannot fail where it once
-            // succeeded, and readers do not fence on their own.
-            if membarrier(MembarrierCommand::PrivateExpedited).is_err() {
-                membarrier(MembarrierCommand::RegisterPrivateExpedited)
-                    .and_then(|()| membarrier(MembarrierCommand::PrivateExpedited))
-                    .expect("membarrier worked when the epoch started");
-            }
+            expedited();
             return;
         }
         fence(Ordering::SeqCst);
@@ -536,6 +528,40 @@ fn global() -> &'static Collector {
         };
         Collector::new(membarrier)
     })
+}
+
+/// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, registered.
+#[cfg(not(loom))]
+fn expedited() {
+    use rustix::thread::{MembarrierCommand, membarrier};
+    // Registration is per process and kept across fork; should it be
+    // missing anyway, register again: it cannot fail where it once
+    // succeeded, and the other side does not fence on its own.
+    if membarrier(MembarrierCommand::PrivateExpedited).is_err() {
+        membarrier(MembarrierCommand::RegisterPrivateExpedited)
+            .and_then(|()| membarrier(MembarrierCommand::PrivateExpedited))
+            .expect("membarrier worked when the epoch started");
+    }
+}
+
+/// Whether the process's fast sides may leave their fences to
+/// [`heavy_barrier`]: membarrier is registered (decided once, with the
+/// DMA collector). Once true, always true. Other protocols with a frequent
+/// side and a rare one (a lock's release and its sleepers) use the pair
+/// as the epoch's readers and writers do.
+pub(crate) fn asymmetric() -> bool {
+    global().membarrier
+}
+
+/// A full memory barrier on every CPU running one of the process's threads
+/// (where [`asymmetric`]), not counted as a grace period's.
+pub(crate) fn heavy_barrier() {
+    #[cfg(not(loom))]
+    if global().membarrier {
+        expedited();
+        return;
+    }
+    fence(Ordering::SeqCst);
 }
 
 /// The collector of lookups that take no lock (see [`Lookup`]), apart from

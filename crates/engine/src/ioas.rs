@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::lock::{Lock, LockGuard};
 use smallvec::SmallVec;
 
 use crate::domain::Domain;
@@ -103,7 +103,7 @@ pub(crate) trait UnmapNotice: Send + Sync {
 /// the [`Context`](crate::Context) (which charges and pins the memory), the
 /// queries and options here.
 pub struct Ioas {
-    inner: Mutex<Inner>,
+    inner: Lock<Inner>,
 }
 
 impl Default for Ioas {
@@ -117,10 +117,10 @@ impl Ioas {
     /// [`Context::ioas_alloc`](crate::Context::ioas_alloc)): no mappings,
     /// every IOVA allowed, byte alignment.
     pub fn new() -> Self {
-        Ioas { inner: Mutex::new(Inner { iova_alignment: 1, ..Default::default() }) }
+        Ioas { inner: Lock::new(Inner { iova_alignment: 1, ..Default::default() }) }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> LockGuard<'_, Inner> {
         self.inner.lock()
     }
 
@@ -672,7 +672,7 @@ fn map_into(domain: &Domain, iova: u64, a: &mut Area, pin: bool, huge: bool) -> 
 }
 
 /// An IOAS whose areas cannot change: see `Ioas::lock_areas`.
-pub(crate) struct AreasLocked<'a>(MutexGuard<'a, Inner>);
+pub(crate) struct AreasLocked<'a>(LockGuard<'a, Inner>);
 
 impl AreasLocked<'_> {
     /// The memory behind each area (the same pages once per area using them).

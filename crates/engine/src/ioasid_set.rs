@@ -10,8 +10,9 @@
 //! time), reused by every allocation of the ID and read as a seqlock, its
 //! generation telling one allocation from the next; references are counted
 //! in the slot's state word. As only the lock's holder writes a slot, every
-//! change of it is a plain store: alloc + free pay the lock's two
-//! atomic operations each and nothing more.
+//! change of it is a plain store: alloc and free pay the lock's one atomic
+//! operation each (its release is a store, see `crate::lock`) and nothing
+//! more.
 //!
 //! # Ownership
 //!
@@ -35,6 +36,8 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, MutexGuard};
+
+use crate::lock::{Lock, LockGuard};
 
 use arc_swap::ArcSwap;
 
@@ -388,7 +391,7 @@ struct Inner {
 /// system's is [`global`]. Lookups are lock-free, changes serialised.
 pub struct PasidSpace {
     width: u8,
-    inner: Mutex<Inner>,
+    inner: Lock<Inner>,
     slots: Slots,
     shared: ArcSwap<BTreeMap<SetId, Arc<SetShared>>>,
 }
@@ -404,13 +407,13 @@ impl PasidSpace {
         bitmap[0] |= 1 << NO_PASID;
         Ok(PasidSpace {
             width,
-            inner: Mutex::new(Inner { bitmap, sets: Sets::new(), hint: 1, subscribers: Vec::new() }),
+            inner: Lock::new(Inner { bitmap, sets: Sets::new(), hint: 1, subscribers: Vec::new() }),
             slots: Slots::new(width),
             shared: ArcSwap::from_pointee(BTreeMap::new()),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> LockGuard<'_, Inner> {
         self.inner.lock()
     }
 

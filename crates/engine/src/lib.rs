@@ -43,6 +43,7 @@ pub mod ioas;
 pub mod ioasid_set;
 pub mod iotlb;
 pub mod iova;
+mod lock;
 mod lookup;
 pub mod memory;
 pub mod model;
