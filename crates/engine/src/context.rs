@@ -17,7 +17,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::lock::{Lock, LockGuard};
 
 use crate::access::{Access, AccessOps};
 use crate::account::{AccountMode, Accounting, Limit};
@@ -201,7 +201,7 @@ impl Table {
     }
 }
 
-impl crate::pages::Holder for Mutex<Table> {
+impl crate::pages::Holder for Lock<Table> {
     fn each_pages(&self, f: &mut dyn FnMut(&Pages)) {
         // Collected first: the IOASes' locks are taken with the table's let go.
         let ioases = self.lock().ioases();
@@ -487,12 +487,12 @@ impl ContextConfig {
 pub struct Context {
     /// Shared with the registry of what holds user pages (see
     /// `pages::Holder`), which counts their pins through it.
-    objects: Arc<Mutex<Table>>,
+    objects: Arc<Lock<Table>>,
     /// The table's IOASes, found without its lock.
     ioases: Arc<IoasIndex>,
     /// Serialises changes to the object graph (attach, detach, destroy) so
     /// checks of who uses what stay true while they act.
-    graph: Mutex<()>,
+    graph: Lock<()>,
     /// `IOMMU_OPTION_RLIMIT_MODE`: charged per process, else per user.
     process_mode: AtomicBool,
     config: ContextConfig,
@@ -520,12 +520,12 @@ impl Context {
     pub fn with_config(config: ContextConfig) -> Self {
         let table = Table::default();
         let ioases = table.ioases.clone();
-        let objects = Arc::new(Mutex::new(table));
+        let objects = Arc::new(Lock::new(table));
         crate::pages::hold(Arc::downgrade(&objects) as std::sync::Weak<dyn crate::pages::Holder>);
         Context {
             objects,
             ioases,
-            graph: Mutex::new(()),
+            graph: Lock::new(()),
             process_mode: AtomicBool::new(false),
             private: config.private_counter.then(|| Accounting::isolated(config.memlock_limit)),
             config,
@@ -533,11 +533,11 @@ impl Context {
         }
     }
 
-    pub(crate) fn table(&self) -> MutexGuard<'_, Table> {
+    pub(crate) fn table(&self) -> LockGuard<'_, Table> {
         self.objects.lock()
     }
 
-    pub(crate) fn graph(&self) -> MutexGuard<'_, ()> {
+    pub(crate) fn graph(&self) -> LockGuard<'_, ()> {
         self.graph.lock()
     }
 
