@@ -87,6 +87,13 @@ struct Areas {
     table: Vec<Option<Area>>,
     /// Places in `table` no area holds.
     free: Vec<u32>,
+    /// No IOVA below it is free for automatic allocation: each one is
+    /// mapped, reserved, or outside the allowed ranges or the allocation
+    /// window. The allocator's search sets it to the first hole it meets,
+    /// an area entered there raises it past the area, and anything that
+    /// frees IOVAs lowers it, so programs that let ioasid choose IOVAs
+    /// find a place without walking every area below it.
+    free_from: u64,
 }
 
 impl Areas {
@@ -114,12 +121,16 @@ impl Areas {
                 u32::try_from(self.table.len() - 1).expect("fewer than 2^32 areas")
             }
         };
+        if iova == self.free_from {
+            self.free_from = self.at(place).last.saturating_add(1);
+        }
         // Callers check for overlaps (or remove) before they insert.
         assert!(self.by_iova.insert(iova, place).is_none(), "two areas start at one IOVA");
     }
 
     fn remove(&mut self, iova: &u64) -> Option<Area> {
         let p = self.by_iova.remove(iova)?;
+        self.free_from = self.free_from.min(*iova);
         let area = self.table[p as usize].take();
         if self.by_iova.is_empty() {
             // Nothing left: start the places again from 0.
@@ -133,6 +144,18 @@ impl Areas {
 
     fn is_empty(&self) -> bool {
         self.by_iova.is_empty()
+    }
+
+    /// IOVAs outside any area may have become free (a reserved range went,
+    /// or the allowed ranges changed): the next search starts at the bottom.
+    fn forget_free_from(&mut self) {
+        self.free_from = 0;
+    }
+
+    /// The areas that hold an IOVA at or above `iova`, as ranges.
+    fn ranges_from(&self, iova: u64) -> impl Iterator<Item = IovaRange> {
+        let straddling = self.range(..iova).next_back().filter(|(_, a)| a.last >= iova);
+        straddling.into_iter().chain(self.range(iova..)).map(|(&s, a)| IovaRange::new(s, a.last))
     }
 
     /// In IOVA order.
@@ -451,12 +474,7 @@ impl Ioas {
         if allowed.windows(2).any(|w| w[0].overlaps(&w[1])) {
             return Err(Error::Invalid("allowed ranges overlap"));
         }
-        let mut g = self.lock();
-        if g.reserved.iter().any(|(r, _)| iova::overlaps_any(&allowed, r)) {
-            return Err(Error::AddrInUse("allowed range is reserved"));
-        }
-        g.allowed = allowed;
-        Ok(())
+        self.lock().allow(allowed)
     }
 
     /// Reserves `ranges` for `owner`, all or none.
@@ -464,7 +482,7 @@ impl Ioas {
         let mut g = self.lock();
         for r in ranges {
             if let Err(e) = g.reserve(*r, owner) {
-                g.reserved.retain(|(_, o)| *o != owner);
+                g.unreserve(owner);
                 return Err(e);
             }
         }
@@ -472,7 +490,7 @@ impl Ioas {
     }
 
     pub(crate) fn unreserve(&self, owner: Owner) {
-        self.lock().reserved.retain(|(_, o)| *o != owner);
+        self.lock().unreserve(owner);
     }
 
     /// `IOMMU_OPTION_HUGE_PAGES`.
@@ -523,7 +541,7 @@ impl Ioas {
         ];
         for r in outside.into_iter().flatten() {
             if let Err(e) = g.reserve(r, owner) {
-                g.reserved.retain(|(_, o)| *o != owner);
+                g.unreserve(owner);
                 return Err(e);
             }
         }
@@ -543,7 +561,7 @@ impl Ioas {
                         a.pinned = false;
                     }
                 }
-                g.reserved.retain(|(_, o)| *o != owner);
+                g.unreserve(owner);
                 return Err(e);
             }
         }
@@ -572,7 +590,7 @@ impl Ioas {
             }
         }
         let owner = Owner::Domain(Arc::as_ptr(domain) as usize);
-        g.reserved.retain(|(_, o)| *o != owner);
+        g.unreserve(owner);
         let _ = g.recalc_alignment();
     }
 
@@ -862,7 +880,24 @@ impl Inner {
         Ok(())
     }
 
-    fn alloc_iova(&self, hint: u64, len: u64) -> Result<u64> {
+    /// Replaces the allowed list (sorted, disjoint); `EADDRINUSE` when part
+    /// of it is reserved.
+    fn allow(&mut self, allowed: Vec<IovaRange>) -> Result<()> {
+        if self.reserved.iter().any(|(r, _)| iova::overlaps_any(&allowed, r)) {
+            return Err(Error::AddrInUse("allowed range is reserved"));
+        }
+        self.allowed = allowed;
+        self.areas.forget_free_from();
+        Ok(())
+    }
+
+    /// Drops the ranges `owner` reserved.
+    fn unreserve(&mut self, owner: Owner) {
+        self.reserved.retain(|(_, o)| *o != owner);
+        self.areas.forget_free_from();
+    }
+
+    fn alloc_iova(&mut self, hint: u64, len: u64) -> Result<u64> {
         if len == 0 || len >= u64::MAX / 2 {
             return Err(Error::Overflow("length too large to place"));
         }
@@ -871,21 +906,28 @@ impl Inner {
             return Err(Error::Invalid("memory is less aligned than the IOVA alignment"));
         }
         let offset = hint % PAGE_SIZE;
-        let window = IovaRange::new(PAGE_SIZE, u64::MAX - PAGE_SIZE);
-        let allowed: Vec<IovaRange> = if self.allowed.is_empty() {
-            vec![window]
-        } else {
-            self.allowed.iter().filter_map(|a| a.intersect(&window)).collect()
+        let no_space = Error::NoSpace("no IOVA hole fits the mapping");
+        // Nothing below `free_from` is free: the search starts there, and
+        // the areas, spans and holes below it are never looked at.
+        let from = self.areas.free_from.max(PAGE_SIZE);
+        let Some(window) = (from <= u64::MAX - PAGE_SIZE).then(|| IovaRange::new(from, u64::MAX - PAGE_SIZE)) else {
+            return Err(no_space);
         };
-        let used = iova::union(
-            self.reserved.iter().map(|r| r.0).chain(self.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last))),
-        );
-        allowed
-            .iter()
-            .filter(|span| iova::fit(**span, len, align, offset).is_some())
-            .flat_map(|span| iova::holes(&used, *span))
-            .find_map(|hole| iova::fit(hole, len, align, offset))
-            .ok_or(Error::NoSpace("no IOVA hole fits the mapping"))
+        let whole = [window];
+        let spans = if self.allowed.is_empty() {
+            &whole[..]
+        } else {
+            &self.allowed[self.allowed.partition_point(|a| a.last < from)..]
+        };
+        let used = iova::union(self.reserved.iter().map(|r| r.0).chain(self.areas.ranges_from(from)));
+        let mut holes = spans.iter().filter_map(|a| a.intersect(&window)).flat_map(|span| iova::holes(&used, span));
+        let Some(first) = holes.next() else {
+            self.areas.free_from = u64::MAX;
+            return Err(no_space);
+        };
+        // Everything between the search's start and the first hole is used.
+        self.areas.free_from = first.start;
+        std::iter::once(first).chain(holes).find_map(|hole| iova::fit(hole, len, align, offset)).ok_or(no_space)
     }
 
     /// Maps a new area into every domain (pinning first) and enters it.
@@ -972,7 +1014,87 @@ mod tests {
         }
     }
 
+    /// The lowest fitting IOVA found the plain way: every used range, every
+    /// hole from the bottom.
+    fn alloc_by_scanning(g: &Inner, hint: u64, len: u64) -> Option<u64> {
+        let align = iova::alloc_alignment(hint, len);
+        let window = IovaRange::new(PAGE_SIZE, u64::MAX - PAGE_SIZE);
+        let spans: Vec<IovaRange> = if g.allowed.is_empty() {
+            vec![window]
+        } else {
+            g.allowed.iter().filter_map(|a| a.intersect(&window)).collect()
+        };
+        let used =
+            iova::union(g.reserved.iter().map(|r| r.0).chain(g.areas.iter().map(|(&s, a)| IovaRange::new(s, a.last))));
+        spans
+            .iter()
+            .flat_map(|span| iova::holes(&used, *span))
+            .find_map(|hole| iova::fit(hole, len, align, hint % PAGE_SIZE))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Map { pages: u64, hint_page: u64 },
+        Unmap(usize),
+        Reserve { page: u64, pages: u64 },
+        Unreserve,
+        Allow(Vec<(u64, u64)>),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            // Small and many, so that reservations and holes soon lie
+            // below where the search starts.
+            6 => (1..8u64, 0..64u64).prop_map(|(pages, hint_page)| Step::Map { pages, hint_page }),
+            1 => any::<usize>().prop_map(Step::Unmap),
+            2 => (1..64u64, 1..8u64).prop_map(|(page, pages)| Step::Reserve { page, pages }),
+            1 => Just(Step::Unreserve),
+            1 => proptest::collection::vec((1..128u64, 1..64u64), 0..3).prop_map(Step::Allow),
+        ]
+    }
+
     proptest! {
+        /// Automatic IOVAs, searched from where nothing below is free, are
+        /// the ones a search from the bottom finds, through maps, unmaps,
+        /// reservations and changes of the allowed ranges.
+        #[test]
+        fn iova_allocation_from_the_free_mark_matches_a_full_search(steps in proptest::collection::vec(step(), 1..80)) {
+            let mut g = Inner { iova_alignment: 1, ..Default::default() };
+            for step in steps {
+                match step {
+                    Step::Map { pages, hint_page } => {
+                        let (hint, len) = (hint_page * PAGE_SIZE, pages * PAGE_SIZE);
+                        let want = alloc_by_scanning(&g, hint, len);
+                        let got = g.alloc_iova(hint, len).ok();
+                        prop_assert_eq!(got, want);
+                        if let Some(iova) = got {
+                            g.areas.insert(iova, area(iova + len - 1));
+                        }
+                    }
+                    Step::Unmap(i) => {
+                        let keys: Vec<u64> = g.areas.keys().copied().collect();
+                        if !keys.is_empty() {
+                            g.areas.remove(&keys[i % keys.len()]);
+                        }
+                    }
+                    Step::Reserve { page, pages } => {
+                        let r = IovaRange::from_len(page * PAGE_SIZE, pages * PAGE_SIZE).unwrap();
+                        let _ = g.reserve(r, Owner::User);
+                    }
+                    Step::Unreserve => g.unreserve(Owner::User),
+                    Step::Allow(spans) => {
+                        let mut allowed: Vec<IovaRange> = spans
+                            .iter()
+                            .map(|&(p, n)| IovaRange::from_len(p * PAGE_SIZE, n * PAGE_SIZE).unwrap())
+                            .collect();
+                        allowed.sort_unstable();
+                        allowed.dedup_by(|b, a| a.overlaps(b));
+                        let _ = g.allow(allowed);
+                    }
+                }
+            }
+        }
+
         /// The table of areas answers as a plain ordered map of IOVAs would,
         /// whatever the order of inserts and removes.
         #[test]
