@@ -201,11 +201,12 @@ for what, goal, got, met in targets:
 # Why a target is not met, for those a run can miss.
 target_why = {
     "one 4 KiB map through the library": (
-        "about 1,260 instructions and 3 locked read-modify-writes per map (callgrind): inserting the area in the "
-        "IOAS's tree of areas (a `BTreeMap` insert, about 370), making, pinning and charging the pages (about 240), "
-        "writing the page table (about 185); the area, the pin and the charge are what an iommufd map owes its "
-        "unmap and `RLIMIT_MEMLOCK`, and the plain IOAS, which does the same steps with fewer guarantees, takes "
-        "about 950 and 5 (see the rows behind their peer)"
+        "about 1,370 instructions and 2 locked read-modify-writes per map (callgrind): entering the area in the "
+        "IOAS's tree of areas (a `BTreeMap` insert of a 4-byte place past the highest key, about 300, most of it "
+        "the search along the tree's right edge), making, pinning and charging the pages (about 240), writing the "
+        "page table (about 185); the area, the pin and the charge are what an iommufd map owes its unmap and "
+        "`RLIMIT_MEMLOCK`, and the plain IOAS, which does the same steps with fewer guarantees, takes about 950 "
+        "and 5 (see the rows behind their peer)"
     ),
     "DMA through vm-memory's IommuMemory": iommu_memory_why,
     "64-byte DMA read through an IOTLB hit": (
@@ -292,27 +293,27 @@ why = {
         "instructions); the peer is a plain copy in the same guest, not the same work"
     ),
     "PASID: alloc + free": (
-        "the same four atomic read-modify-writes as the peer, plus the quota walk along the set hierarchy"
+        "two atomic read-modify-writes (the space's lock, taken twice; its release is a store) against the peer's "
+        "four, plus the quota walk along the set hierarchy"
     ),
 }
 # Reasons for one peer of a figure with several, before the figure's own.
 plain_footprint = (
-    "each mapping here keeps a 56-byte area and a 216-byte `Pages` (its pins, their accounting, its backing), the "
-    "plain IOAS's a 16-byte area: a batch of maps misses the L1 cache about 13 times per map and unmap here and "
-    "not at all there (cachegrind). The locked instructions left are the IOAS's lock and the charge, as the plain "
-    "IOAS's; finding the IOAS by ID takes none (an index read in an epoch section, no longer the object table's "
+    "each mapping here keeps a 56-byte area (in a table; the tree of areas holds its 4-byte place) and a 216-byte "
+    "`Pages` (its pins, their accounting, its backing), the plain IOAS's a 16-byte area in its tree. The locked instructions left are the IOAS's lock (one: its release is a store) "
+    "and the charge, where the plain IOAS pays two for its lock; finding the IOAS by ID takes none (an index read in an epoch section, no longer the object table's "
     "lock and a reference: 4), nor do pages taken from the pool and pinned (2)"
 )
 why_peer = {
     ("map: one 4 KiB page through the library", "plain IOAS"): (
-        "a map here runs about 1,260 instructions and 3 locked read-modify-writes (callgrind, counting the binary's "
+        "a map here runs about 1,370 instructions and 2 locked read-modify-writes (callgrind, counting the binary's "
         "lock-prefixed instructions), the plain IOAS's about 950 and 5; " + plain_footprint
     ),
     ("map + unmap: 1 GiB as one 1 GiB leaf", "plain IOAS"): (
-        "a map and unmap here run about 2,080 instructions and 8 locked read-modify-writes (callgrind), the plain "
-        "IOAS's about 880 and 10; perf puts a sixth of the time in the tree of areas (an insert and a remove of a "
-        "56-byte value), the rest in pinning, charging and unpinning, the IOTLB's invalidation and the grace "
-        "period's check for DMA in flight; " + plain_footprint
+        "a map and unmap here run about 2,240 instructions and 6 locked read-modify-writes (callgrind), the plain "
+        "IOAS's about 880 and 10; a `BTreeMap`'s insert and remove of its only entry take about 300 of them, the "
+        "rest go to pinning, charging and unpinning, the IOTLB's invalidation and the grace period's check for DMA "
+        "in flight; " + plain_footprint
     ),
 }
 behind = []
@@ -378,7 +379,8 @@ out.append(
     "make no system call (`memory.rs`). A PASID's entry is a slot of atomics that "
     "every allocation of that ID reuses (no allocation per ID); lookups read it as "
     "a seqlock and only the lock's holder writes it (references included), so "
-    "alloc + free pays its quota walk and two short locks, as the peer does. "
+    "alloc + free pays its quota walk and two short holds of a lock whose release is a plain "
+    "store (`crates/engine/src/lock.rs`): one atomic operation each, where the peer's mutex takes two. "
     f"Translate throughput (translations per second over all threads): {throughput}; on a "
     "2-core machine shared with other work the 2-thread figure is bounded by the cores "
     "actually free. Page-table memory counts the tables of the domain's page table "
