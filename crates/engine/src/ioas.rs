@@ -154,8 +154,12 @@ impl Areas {
 
     /// The areas that hold an IOVA at or above `iova`, as ranges.
     fn ranges_from(&self, iova: u64) -> impl Iterator<Item = IovaRange> {
-        let straddling = self.range(..iova).next_back().filter(|(_, a)| a.last >= iova);
-        straddling.into_iter().chain(self.range(iova..)).map(|(&s, a)| IovaRange::new(s, a.last))
+        // Often none (IOVAs chosen from the bottom up): the tree's right
+        // edge tells at once, where a range finds both of its ends.
+        let any = self.last_key_value().is_some_and(|(_, a)| a.last >= iova);
+        let straddling = any.then(|| self.range(..iova).next_back()).flatten().filter(|(_, a)| a.last >= iova);
+        let above = any.then(|| self.range(iova..)).into_iter().flatten();
+        straddling.into_iter().chain(above).map(|(&s, a)| IovaRange::new(s, a.last))
     }
 
     /// In IOVA order.
@@ -920,7 +924,8 @@ impl Inner {
             &self.allowed[self.allowed.partition_point(|a| a.last < from)..]
         };
         let used = iova::union(self.reserved.iter().map(|r| r.0).chain(self.areas.ranges_from(from)));
-        let mut holes = spans.iter().filter_map(|a| a.intersect(&window)).flat_map(|span| iova::holes(&used, span));
+        let mut holes =
+            spans.iter().filter_map(|a| a.intersect(&window)).flat_map(|span| iova::holes_iter(&used, span));
         let Some(first) = holes.next() else {
             self.areas.free_from = u64::MAX;
             return Err(no_space);

@@ -93,27 +93,31 @@ pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRang
 
 /// The holes of `used` (sorted, disjoint) inside `window`.
 pub(crate) fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
-    let mut out = Vec::new();
+    holes_iter(used, window).collect()
+}
+
+/// [`holes`], found one at a time as they are asked for, with no list made.
+pub(crate) fn holes_iter(used: &[IovaRange], window: IovaRange) -> impl Iterator<Item = IovaRange> + '_ {
+    // The first IOVA not known to be used; `None` past the top of the space.
     let mut cursor = Some(window.start);
-    for u in used {
-        let Some(c) = cursor else { break };
-        if u.last < c {
-            continue;
+    let mut used = used.iter();
+    std::iter::from_fn(move || {
+        loop {
+            let c = cursor?;
+            let Some(u) = used.next().filter(|u| u.start <= window.last) else {
+                // Nothing is used from `c` to the window's end.
+                cursor = None;
+                return (c <= window.last).then(|| IovaRange::new(c, window.last));
+            };
+            if u.last < c {
+                continue;
+            }
+            cursor = u.last.checked_add(1);
+            if u.start > c {
+                return Some(IovaRange::new(c, u.start - 1));
+            }
         }
-        if u.start > window.last {
-            break;
-        }
-        if u.start > c {
-            out.push(IovaRange::new(c, u.start - 1));
-        }
-        cursor = u.last.checked_add(1);
-    }
-    if let Some(c) = cursor
-        && c <= window.last
-    {
-        out.push(IovaRange::new(c, window.last));
-    }
-    out
+    })
 }
 
 /// Fits `length` bytes into `span` at `alignment`, keeping the sub-page offset
@@ -177,6 +181,28 @@ mod tests {
         assert_eq!(holes(&[IovaRange::ALL], IovaRange::ALL), vec![]);
         assert_eq!(holes(&[], IovaRange::ALL), vec![IovaRange::ALL]);
         assert_eq!(holes(&[IovaRange::new(5, u64::MAX)], IovaRange::ALL), vec![IovaRange::new(0, 4)]);
+    }
+
+    proptest::proptest! {
+        /// The holes are exactly the window's IOVAs no used range holds, as
+        /// maximal runs, whatever the ranges and the window.
+        #[test]
+        fn holes_are_the_unused_runs_of_the_window(
+            ranges in proptest::collection::vec((0..200u64, 0..20u64), 0..12),
+            (lo, len) in (0..200u64, 0..120u64),
+        ) {
+            let used = union(ranges.iter().map(|&(s, n)| IovaRange::new(s, s + n)));
+            let window = IovaRange::new(lo, lo + len);
+            let free = |i: u64| !used.iter().any(|u| u.start <= i && i <= u.last);
+            let mut want: Vec<IovaRange> = Vec::new();
+            for i in (window.start..=window.last).filter(|&i| free(i)) {
+                match want.last_mut() {
+                    Some(h) if h.last + 1 == i => h.last = i,
+                    _ => want.push(IovaRange::new(i, i)),
+                }
+            }
+            proptest::prop_assert_eq!(holes(&used, window), want);
+        }
     }
 
     #[test]
