@@ -9,6 +9,7 @@ use std::ops::RangeBounds;
 use std::sync::{Arc, Weak};
 
 use crate::lock::{Lock, LockGuard};
+use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::domain::Domain;
@@ -76,17 +77,15 @@ pub struct AreaInfo {
     pub file: bool,
 }
 
-/// The areas by first IOVA. The tree holds each area's place in a table
+/// The areas by first IOVA. The tree holds each area's place in a slab
 /// beside it, not the area: a map inserts a 4-byte value, and making room
 /// in a node moves a few of them, where 56-byte areas made the nodes five
 /// times as large and most of a one-page map's time was spent in them.
 #[derive(Default)]
 struct Areas {
     by_iova: BTreeMap<u64, u32>,
-    /// The areas, at the places `by_iova` names; `None` where one went.
-    table: Vec<Option<Area>>,
-    /// Places in `table` no area holds.
-    free: Vec<u32>,
+    /// The areas, at the places `by_iova` names.
+    table: Slab<Area>,
     /// No IOVA below it is free for automatic allocation: each one is
     /// mapped, reserved, or outside the allowed ranges or the allocation
     /// window. The allocator's search sets it to the first hole it meets,
@@ -98,7 +97,7 @@ struct Areas {
 
 impl Areas {
     fn at(&self, place: u32) -> &Area {
-        self.table[place as usize].as_ref().expect("an indexed place holds an area")
+        &self.table[place as usize]
     }
 
     fn get(&self, iova: &u64) -> Option<&Area> {
@@ -107,23 +106,14 @@ impl Areas {
 
     fn get_mut(&mut self, iova: &u64) -> Option<&mut Area> {
         let &p = self.by_iova.get(iova)?;
-        self.table[p as usize].as_mut()
+        self.table.get_mut(p as usize)
     }
 
     fn insert(&mut self, iova: u64, area: Area) {
-        let place = match self.free.pop() {
-            Some(p) => {
-                self.table[p as usize] = Some(area);
-                p
-            }
-            None => {
-                self.table.push(Some(area));
-                u32::try_from(self.table.len() - 1).expect("fewer than 2^32 areas")
-            }
-        };
         if iova == self.free_from {
-            self.free_from = self.at(place).last.saturating_add(1);
+            self.free_from = area.last.saturating_add(1);
         }
+        let place = u32::try_from(self.table.insert(area)).expect("fewer than 2^32 areas");
         // Callers check for overlaps (or remove) before they insert.
         assert!(self.by_iova.insert(iova, place).is_none(), "two areas start at one IOVA");
     }
@@ -131,15 +121,7 @@ impl Areas {
     fn remove(&mut self, iova: &u64) -> Option<Area> {
         let p = self.by_iova.remove(iova)?;
         self.free_from = self.free_from.min(*iova);
-        let area = self.table[p as usize].take();
-        if self.by_iova.is_empty() {
-            // Nothing left: start the places again from 0.
-            self.table.clear();
-            self.free.clear();
-        } else {
-            self.free.push(p);
-        }
-        area
+        Some(self.table.remove(p as usize))
     }
 
     fn is_empty(&self) -> bool {
@@ -184,12 +166,12 @@ impl Areas {
 
     /// In no particular order.
     fn values(&self) -> impl Iterator<Item = &Area> {
-        self.table.iter().flatten()
+        self.table.iter().map(|(_, a)| a)
     }
 
     /// In no particular order.
     fn values_mut(&mut self) -> impl Iterator<Item = &mut Area> {
-        self.table.iter_mut().flatten()
+        self.table.iter_mut().map(|(_, a)| a)
     }
 }
 
