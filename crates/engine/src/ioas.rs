@@ -134,14 +134,27 @@ impl Areas {
         self.free_from = 0;
     }
 
+    /// Whether an area holds an IOVA at or above `iova`. Often none (maps
+    /// placed in IOVA order, or IOVAs chosen from the bottom up): the
+    /// tree's right edge tells at once, where a range finds both its ends.
+    fn any_from(&self, iova: u64) -> bool {
+        self.last_key_value().is_some_and(|(_, a)| a.last >= iova)
+    }
+
+    /// The first area holding an IOVA of `r`, with its start.
+    fn first_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
+        if let Some((&s, a)) = self.range(..=r.start).next_back()
+            && a.last >= r.start
+        {
+            return Some((s, a));
+        }
+        self.range(r.start..=r.last).next().map(|(&s, a)| (s, a))
+    }
+
     /// The areas that hold an IOVA at or above `iova`, as ranges.
     fn ranges_from(&self, iova: u64) -> impl Iterator<Item = IovaRange> {
-        // Often none (IOVAs chosen from the bottom up): the tree's right
-        // edge tells at once, where a range finds both of its ends.
-        let any = self.last_key_value().is_some_and(|(_, a)| a.last >= iova);
-        let straddling = any.then(|| self.range(..iova).next_back()).flatten().filter(|(_, a)| a.last >= iova);
-        let above = any.then(|| self.range(iova..)).into_iter().flatten();
-        straddling.into_iter().chain(above).map(|(&s, a)| IovaRange::new(s, a.last))
+        let first = if self.any_from(iova) { self.first_in(IovaRange::new(iova, u64::MAX)) } else { None };
+        first.into_iter().flat_map(|(s, _)| self.range(s..)).map(|(&s, a)| IovaRange::new(s, a.last))
     }
 
     /// In IOVA order.
@@ -333,7 +346,7 @@ impl Ioas {
             let mut g = self.lock();
             let guard = epoch::pin();
             loop {
-                let Some((start, a)) = g.first_area_in(IovaRange::new(cur, range.last)) else {
+                let Some((start, a)) = g.areas.first_in(IovaRange::new(cur, range.last)) else {
                     break 'retry Ok(());
                 };
                 let (last, num_accesses) = (a.last, a.num_accesses);
@@ -401,7 +414,7 @@ impl Ioas {
     pub fn cut(&self, iovas: &[u64]) -> Result<()> {
         let mut g = self.lock();
         for &iova in iovas {
-            let Some((start, a)) = g.first_area_in(IovaRange::new(iova, iova)) else {
+            let Some((start, a)) = g.areas.first_in(IovaRange::new(iova, iova)) else {
                 continue;
             };
             if iova == start || iova == a.last {
@@ -822,22 +835,10 @@ impl Inner {
         out
     }
 
-    fn first_area_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
-        if let Some((&s, a)) = self.areas.range(..=r.start).next_back()
-            && a.last >= r.start
-        {
-            return Some((s, a));
-        }
-        self.areas.range(r.start..=r.last).next().map(|(&s, a)| (s, a))
-    }
-
     /// Whether an area overlaps `r`: the last area starting at or before
     /// its end is the only candidate, as areas are disjoint. One search.
     fn overlaps_area(&self, r: IovaRange) -> bool {
-        // Past the end of the highest area (maps placed in IOVA order, the
-        // common case) nothing overlaps: the rightmost edge of the tree is
-        // cheaper to reach than a range's two ends.
-        if self.areas.last_key_value().is_none_or(|(_, a)| a.last < r.start) {
+        if !self.areas.any_from(r.start) {
             return false;
         }
         self.areas.range(..=r.last).next_back().is_some_and(|(_, a)| a.last >= r.start)
