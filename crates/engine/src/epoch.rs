@@ -295,12 +295,7 @@ impl Collector {
     fn barrier(&self) {
         #[cfg(not(loom))]
         BARRIERS.fetch_add(1, Ordering::Relaxed);
-        #[cfg(not(loom))]
-        if self.membarrier {
-            expedited();
-            return;
-        }
-        fence(Ordering::SeqCst);
+        full_barrier(self.membarrier);
     }
 
     /// Starts a grace period: readers that enter from now on see what was
@@ -530,6 +525,19 @@ fn global() -> &'static Collector {
     })
 }
 
+/// A full memory barrier on every CPU running one of the process's
+/// threads when `membarrier` (registered), else on this one.
+fn full_barrier(membarrier: bool) {
+    #[cfg(not(loom))]
+    if membarrier {
+        expedited();
+        return;
+    }
+    #[cfg(loom)]
+    let _ = membarrier; // loom's model has only the fence
+    fence(Ordering::SeqCst);
+}
+
 /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, registered.
 #[cfg(not(loom))]
 fn expedited() {
@@ -556,12 +564,7 @@ pub(crate) fn asymmetric() -> bool {
 /// A full memory barrier on every CPU running one of the process's threads
 /// (where [`asymmetric`]), not counted as a grace period's.
 pub(crate) fn heavy_barrier() {
-    #[cfg(not(loom))]
-    if global().membarrier {
-        expedited();
-        return;
-    }
-    fence(Ordering::SeqCst);
+    full_barrier(global().membarrier);
 }
 
 /// The collector of lookups that take no lock (see [`Lookup`]), apart from
