@@ -307,7 +307,9 @@ impl Ioas {
                 }
                 return Err(e);
             }
-            cur += len;
+            // Past the last source this may wrap (a map ending at the last
+            // IOVA), and is not used.
+            cur = cur.wrapping_add(len);
         }
         Ok(iova)
     }

@@ -177,3 +177,33 @@ fn dma_into_memory_its_owner_unmapped_is_an_error_not_a_crash() {
     assert_eq!(dev.dma_read(iova + PAGE, &mut r), Err(ioasid_engine::DmaError::Memory { iova: iova + PAGE }));
     assert_eq!(ctx.unmap(ioas, iova, 2 * PAGE), Ok(2 * PAGE));
 }
+
+#[test]
+fn the_last_iova_maps_and_unmaps_like_any_other() {
+    // With no domain the IOVA alignment is one byte, so a mapping may start
+    // at the very last IOVA (one byte long) or end there.
+    let ctx = ctx();
+    let ioas = ctx.ioas_alloc().unwrap();
+    let mem = HostBuffer::new(2 * PAGE as usize).unwrap();
+    let below = u64::MAX - 2 * PAGE + 1;
+    // SAFETY: `mem` outlives the context's use of it (everything is unmapped below).
+    unsafe {
+        ctx.map_user(ioas, mem.addr(), PAGE, Some(below), Perm::RW).unwrap();
+        ctx.map_user(ioas, mem.addr() + PAGE, 1, Some(u64::MAX), Perm::RW).unwrap();
+        assert!(matches!(ctx.map_user(ioas, mem.addr(), 1, Some(u64::MAX), Perm::RW), Err(Error::Exists(_))));
+        assert!(matches!(ctx.map_user(ioas, mem.addr(), 2, Some(u64::MAX - 1), Perm::RW), Err(Error::Exists(_))));
+    }
+    let listed = |ctx: &ioasid_engine::Context| -> Vec<(u64, u64)> {
+        ctx.get(ioas).unwrap().areas().iter().map(|a| (a.iova, a.len)).collect()
+    };
+    assert_eq!(listed(&ctx), [(below, PAGE), (u64::MAX, 1)]);
+    // A range ending before the last byte leaves it mapped.
+    assert!(matches!(ctx.unmap(ioas, u64::MAX - PAGE + 1, PAGE - 1), Err(Error::NotFound(_))));
+    assert_eq!(ctx.unmap(ioas, u64::MAX, 1).unwrap(), 1);
+    assert_eq!(listed(&ctx), [(below, PAGE)]);
+    // SAFETY: as above.
+    unsafe { ctx.map_user(ioas, mem.addr() + PAGE, PAGE, Some(u64::MAX - PAGE + 1), Perm::RW).unwrap() };
+    assert_eq!(listed(&ctx), [(below, PAGE), (u64::MAX - PAGE + 1, PAGE)]);
+    assert_eq!(ctx.unmap(ioas, 0, u64::MAX).unwrap(), 2 * PAGE);
+    assert!(listed(&ctx).is_empty());
+}
