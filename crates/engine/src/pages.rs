@@ -390,7 +390,11 @@ pub fn origin(host: u64) -> Option<(i32, u64)> {
 
 impl Pages {
     /// Pages of the user address range `[uptr, uptr + length)`; returns them
-    /// and the byte offset of `uptr` inside them.
+    /// and the byte offset of `uptr` inside them. Inlined: returned through
+    /// memory, the pages and offset were read back with one 16-byte load
+    /// that straddled the two 8-byte stores writing them, and waited for
+    /// both (a failed store forwarding, about 5 ns of a one-page map).
+    #[inline(always)]
     pub(crate) fn user(
         uptr: u64,
         length: u64,
