@@ -167,12 +167,15 @@ impl Areas {
         taken: &mut SmallVec<[Area; 1]>,
     ) -> Option<(u64, u64)> {
         let mut cursor = match NonMaxU64::new(r.start) {
-            Some(key) => self.by_iova.cursor_mut_at(Bound::Excluded(key)),
+            Some(key) => self.by_iova.cursor_mut_at(Bound::Included(key)),
             None => self.by_iova.cursor_mut_at(Bound::Unbounded),
         };
-        // At the first area starting past `r.start`: the one before it may
-        // hold `r.start`.
-        if cursor.prev() && cursor.value().is_some_and(|&p| self.table[p as usize].last < r.start) {
+        // At the first area starting at or past `r.start`: unless it starts
+        // there (most unmaps), the one before may hold `r.start`.
+        if cursor.key().is_none_or(|key| key.get() != r.start)
+            && cursor.prev()
+            && cursor.value().is_some_and(|&p| self.table[p as usize].last < r.start)
+        {
             cursor.next();
         }
         let (start, p) = match cursor.entry() {
