@@ -201,7 +201,8 @@ impl Areas {
         self.free_from = self.free_from.min(iova);
         let area = self.table.remove(place as usize);
         if self.end == Some(area.last) {
-            self.end = self.last().map(|(_, a)| a.last);
+            // Often the only area (one mapping, mapped and unmapped again).
+            self.end = if self.table.is_empty() { None } else { self.last().map(|(_, a)| a.last) };
         }
         area
     }
