@@ -213,10 +213,11 @@ for what, goal, got, met in targets:
 # Why a target is not met, for those a run can miss.
 target_why = {
     "one 4 KiB map through the library": (
-        "about 1,370 instructions and 2 locked read-modify-writes per map (callgrind): entering the area in the "
-        "IOAS's tree of areas (a `BTreeMap` insert of a 4-byte place past the highest key, about 300, most of it "
-        "the search along the tree's right edge), making, pinning and charging the pages (about 240), writing the "
-        "page table (about 185); the area, the pin and the charge are what an iommufd map owes its unmap and "
+        "about 1,075 instructions and 2 locked read-modify-writes per map (callgrind): entering the area in the "
+        "IOAS's table of areas (a B+ tree insert of a 4-byte place past the highest key and the area's slot, about "
+        "165), making, pinning and charging the pages (about 240), writing the page table (about 200); the lock "
+        "and the charge, one locked instruction each, are a fifth of the time; the area, the pin and the charge are "
+        "what an iommufd map owes its unmap and "
         "`RLIMIT_MEMLOCK`, and the plain IOAS, which does the same steps with fewer guarantees, takes about 950 "
         "and 5 (see the rows behind their peer)"
     ),
@@ -323,12 +324,12 @@ why_peer = {
         "which an unmap waits for"
     ),
     ("map: one 4 KiB page through the library", "plain IOAS"): (
-        "a map here runs about 1,370 instructions and 2 locked read-modify-writes (callgrind, counting the binary's "
+        "a map here runs about 1,075 instructions and 2 locked read-modify-writes (callgrind, counting the binary's "
         "lock-prefixed instructions), the plain IOAS's about 950 and 5; " + plain_footprint
     ),
     ("map + unmap: 1 GiB as one 1 GiB leaf", "plain IOAS"): (
-        "a map and unmap here run about 2,240 instructions and 6 locked read-modify-writes (callgrind), the plain "
-        "IOAS's about 880 and 10; a `BTreeMap`'s insert and remove of its only entry take about 300 of them, the "
+        "a map and unmap here run about 1,990 instructions and 6 locked read-modify-writes (callgrind), the plain "
+        "IOAS's about 880 and 10; the tree of areas' insert and remove of its only entry take about 340 of them, the "
         "rest go to pinning, charging and unpinning, the IOTLB's invalidation and the grace period's check for DMA "
         "in flight; " + plain_footprint
     ),
