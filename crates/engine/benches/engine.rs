@@ -671,13 +671,21 @@ impl vm_memory::iommu::Iommu for VmIotlb {
         length: usize,
         access: Permissions,
     ) -> Result<vm_memory::iommu::IotlbIterator<Self::IotlbGuard<'_>>, vm_memory::iommu::Error> {
-        Iotlb::lookup(self.0.read().unwrap(), iova, length, access).map_err(|_| {
-            vm_memory::iommu::Error::CannotResolve {
-                iova_range: vm_memory::iommu::IovaRange { base: iova, length },
-                reason: "not mapped".into(),
-            }
-        })
+        lookup_or_fail(self.0.read().unwrap(), iova, length, access)
     }
+}
+
+/// `Iotlb::lookup` as a hand-written `Iommu` answers with it.
+fn lookup_or_fail<D: std::ops::Deref<Target = Iotlb>>(
+    iotlb: D,
+    iova: GuestAddress,
+    length: usize,
+    access: Permissions,
+) -> Result<vm_memory::iommu::IotlbIterator<D>, vm_memory::iommu::Error> {
+    Iotlb::lookup(iotlb, iova, length, access).map_err(|_| vm_memory::iommu::Error::CannotResolve {
+        iova_range: vm_memory::iommu::IovaRange { base: iova, length },
+        reason: "not mapped".into(),
+    })
 }
 
 /// An `Iotlb` read with no synchronization at all: what any `Iommu` costs
@@ -695,10 +703,7 @@ impl vm_memory::iommu::Iommu for BareIotlb {
         length: usize,
         access: Permissions,
     ) -> Result<vm_memory::iommu::IotlbIterator<Self::IotlbGuard<'_>>, vm_memory::iommu::Error> {
-        Iotlb::lookup(&self.0, iova, length, access).map_err(|_| vm_memory::iommu::Error::CannotResolve {
-            iova_range: vm_memory::iommu::IovaRange { base: iova, length },
-            reason: "not mapped".into(),
-        })
+        lookup_or_fail(&self.0, iova, length, access)
     }
 }
 
