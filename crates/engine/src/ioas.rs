@@ -166,22 +166,12 @@ impl Areas {
         take: impl FnOnce(u64, &mut Area) -> bool,
         taken: &mut SmallVec<[Area; 1]>,
     ) -> Option<(u64, u64)> {
+        let top = self.top_in(r);
         let mut cursor = match NonMaxU64::new(r.start) {
             Some(key) => self.by_iova.cursor_mut_at(Bound::Included(key)),
             None => self.by_iova.cursor_mut_at(Bound::Unbounded),
         };
-        // At the first area starting at or past `r.start`: unless it starts
-        // there (most unmaps), the one before may hold `r.start`.
-        if cursor.key().is_none_or(|key| key.get() != r.start)
-            && cursor.prev()
-            && cursor.value().is_some_and(|&p| self.table[p as usize].last < r.start)
-        {
-            cursor.next();
-        }
-        let (start, p) = match cursor.entry() {
-            Some((key, &p)) if key.get() <= r.last => (key.get(), p),
-            _ => (u64::MAX, self.top.filter(|_| r.last == u64::MAX)?),
-        };
+        let (start, p) = seek_first_in(&mut cursor, r, &self.table).or(top)?;
         let area = &mut self.table[p as usize];
         let found = Some((start, area.last));
         if !take(start, area) {
@@ -245,12 +235,17 @@ impl Areas {
 
     /// The first area holding an IOVA of `r`, with its start.
     fn first_in(&self, r: IovaRange) -> Option<(u64, &Area)> {
-        if let Some((s, a)) = self.at_or_below(r.start)
-            && a.last >= r.start
-        {
-            return Some((s, a));
-        }
-        self.starting_in(r.start, r.last).next()
+        let mut cursor = match NonMaxU64::new(r.start) {
+            Some(key) => self.by_iova.cursor_at(Bound::Included(key)),
+            None => self.by_iova.cursor_at(Bound::Unbounded),
+        };
+        let (start, p) = seek_first_in(&mut cursor, r, &self.table).or(self.top_in(r))?;
+        Some((start, self.at(p)))
+    }
+
+    /// The area at the last IOVA, with its start and place, if `r` holds it.
+    fn top_in(&self, r: IovaRange) -> Option<(u64, u32)> {
+        self.top.filter(|_| r.last == u64::MAX).map(|p| (u64::MAX, p))
     }
 
     /// The areas that hold an IOVA at or above `iova`, as ranges.
@@ -287,6 +282,49 @@ impl Areas {
     fn values_mut(&mut self) -> impl Iterator<Item = &mut Area> {
         self.table.iter_mut().map(|(_, a)| a)
     }
+}
+
+/// What `seek_first_in` needs of brie-tree's two cursors, which have these
+/// methods but no trait in common.
+trait Seek {
+    /// The start and place of the area at the cursor.
+    fn here(&self) -> Option<(u64, u32)>;
+    fn back(&mut self) -> bool;
+    fn on(&mut self);
+}
+
+macro_rules! seek_for {
+    ($($cursor:ty),*) => {$(
+        impl Seek for $cursor {
+            fn here(&self) -> Option<(u64, u32)> {
+                self.entry().map(|(key, &p)| (key.get(), p))
+            }
+            fn back(&mut self) -> bool {
+                self.prev()
+            }
+            fn on(&mut self) {
+                self.next()
+            }
+        }
+    )*};
+}
+
+seek_for!(brie_tree::Cursor<'_, NonMaxU64, u32>, brie_tree::CursorMut<'_, NonMaxU64, u32>);
+
+/// Moves `cursor`, at the first area of the tree starting at or past
+/// `r.start`, to the first holding an IOVA of `r`, and returns its start
+/// and place (`None`: the tree has none in `r`, though `top` may). Unless
+/// the area there starts at `r.start` (most unmaps), the one before may
+/// hold `r.start`. One search for both, where a search down to the area
+/// before and then one for the next took two.
+fn seek_first_in(cursor: &mut impl Seek, r: IovaRange, table: &Slab<Area>) -> Option<(u64, u32)> {
+    if cursor.here().is_none_or(|(start, _)| start != r.start)
+        && cursor.back()
+        && cursor.here().is_some_and(|(_, p)| table[p as usize].last < r.start)
+    {
+        cursor.on();
+    }
+    cursor.here().filter(|&(start, _)| start <= r.last)
 }
 
 impl std::ops::Index<u64> for Areas {
@@ -1214,12 +1252,22 @@ mod tests {
             // Areas are 0x100 bytes long but at the top (one byte each there).
             let iova = |k: u64| match k { 64 => u64::MAX, 63 => u64::MAX - 1, k => k << 12 };
             let end = |key: u64| if key >= u64::MAX - 1 { key } else { key + 0xff };
+            // Ranges from the key: starting at an area's first byte, inside it,
+            // at its last byte or just past it; ending inside the next place
+            // or at its first byte.
+            let ranges = |key: u64| {
+                [(0, 0x800), (0x80, 0), (0xff, 0xf01), (0x100, 0xf00), (0, 0x1000)]
+                    .map(|(at, len)| IovaRange::new(key.saturating_add(at), key.saturating_add(at + len)))
+            };
             let (mut areas, mut model) = (Areas::default(), BTreeMap::<u64, u64>::new());
+            // The model's first area holding an IOVA of `r`.
+            let first_in = |model: &BTreeMap<u64, u64>, r: IovaRange| {
+                model.range(..=r.last).find(|&(_, &l)| l >= r.start).map(|(&s, &l)| (s, l))
+            };
             for (op, k) in ops {
                 let key = iova(k);
-                // The model's first area holding an IOVA of `key..=key + 0x800`.
-                let r = IovaRange::new(key, key.saturating_add(0x800));
-                let first = model.range(..=r.last).find(|&(&s, &l)| l >= r.start && s <= r.last).map(|(&s, &l)| (s, l));
+                let r = ranges(key)[k as usize % 5];
+                let first = first_in(&model, r);
                 if op == 0 && !model.contains_key(&key) {
                     areas.insert(key, area(end(key)));
                     model.insert(key, end(key));
@@ -1247,7 +1295,9 @@ mod tests {
                 prop_assert_eq!(areas.values().count(), model.len());
                 prop_assert_eq!(areas.is_empty(), model.is_empty());
                 prop_assert_eq!(areas.get(key).map(|a| a.last), model.get(&key).copied());
-                prop_assert_eq!(areas.first_in(r).map(|(s, a)| (s, a.last)), model.range(..=r.last).find(|&(_, &l)| l >= r.start).map(|(&s, &l)| (s, l)));
+                for r in ranges(key) {
+                    prop_assert_eq!(areas.first_in(r).map(|(s, a)| (s, a.last)), first_in(&model, r));
+                }
                 for (lo, hi) in [(0, key), (key, u64::MAX), (key / 2, key), (key, key / 2), (u64::MAX, u64::MAX)] {
                     let want: Vec<(u64, u64)> = model.range(lo..=hi.max(lo)).filter(|&(&k, _)| k <= hi).map(|(&k, &v)| (k, v)).collect();
                     prop_assert_eq!(&listed(&mut areas.starting_in(lo, hi)), &want);
