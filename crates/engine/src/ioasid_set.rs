@@ -339,17 +339,18 @@ impl Sets {
         Sets { places: vec![(u32::MAX, None)], free: Vec::new() }
     }
 
-    fn place(&self, id: SetId) -> Option<&(u32, Option<SetState>)> {
-        self.places.get((id.0 & SET_INDEX) as usize).filter(|(reuses, _)| *reuses == id.0 >> SET_INDEX_BITS)
+    /// The place `id` names, while its reuses are the ID's.
+    fn place(&mut self, id: SetId) -> Option<&mut (u32, Option<SetState>)> {
+        self.places.get_mut((id.0 & SET_INDEX) as usize).filter(|(reuses, _)| *reuses == id.0 >> SET_INDEX_BITS)
     }
 
     fn get(&self, id: SetId) -> Option<&SetState> {
-        self.place(id)?.1.as_ref()
+        let (reuses, set) = self.places.get((id.0 & SET_INDEX) as usize)?;
+        set.as_ref().filter(|_| *reuses == id.0 >> SET_INDEX_BITS)
     }
 
     fn get_mut(&mut self, id: SetId) -> Option<&mut SetState> {
-        self.place(id)?;
-        self.places[(id.0 & SET_INDEX) as usize].1.as_mut()
+        self.place(id)?.1.as_mut()
     }
 
     /// Places `set`; `ENOSPC` when 2^20 sets exist.
@@ -368,12 +369,10 @@ impl Sets {
     }
 
     fn remove(&mut self, id: SetId) -> Option<SetState> {
-        self.place(id)?;
-        let index = id.0 & SET_INDEX;
-        let place = &mut self.places[index as usize];
+        let place = self.place(id)?;
         let set = place.1.take()?;
         place.0 = (place.0 + 1) & (u32::MAX >> SET_INDEX_BITS);
-        self.free.push(index);
+        self.free.push(id.0 & SET_INDEX);
         Some(set)
     }
 }
