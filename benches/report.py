@@ -290,10 +290,9 @@ why = {
     ),
     "daemon:": "a daemon answers over a socket: the round trip (and the daemon's copies in the program) is the floor",
     "back end in another process: 64-byte DMA read": (
-        "a back end's hit is read from what another process publishes: its section's slot and the table of "
-        "extents are in memory the daemon shares (the slot's depth and number, the table's state, its current "
-        "array, the extent, then the region's mapping), where the engine's hit is one IOTLB entry two pointers "
-        "from the device"
+        "a back end's hit enters its section in memory the daemon shares (the slot's depth and number) and checks "
+        "the table's state and generation there before it uses its thread's last translation, where the engine's "
+        "hit is one IOTLB entry two pointers from the device"
     ),
     "back end in another process: page request round trip": (
         "four hops between three processes (back end, daemon, VMM's fault queue, daemon) and the VMM's map "

@@ -7,7 +7,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
-use std::sync::atomic::{Ordering, compiler_fence, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, compiler_fence, fence};
 
 use parking_lot::Mutex;
 
@@ -110,6 +110,38 @@ pub struct Port {
     slots: Shared<SlotsPage>,
     fences: bool,
     regions: Box<[OnceLock<Region>]>,
+    /// Each thread's last translation, by slot number.
+    hits: Box<[Hit]>,
+}
+
+/// A thread's last translation through a port, used again while the
+/// table's generation stays the one it was found in: a hit then reads this
+/// line and the table's header, where a lookup searches the extents and
+/// finds the region, a chain of dependent loads. Only the thread holding
+/// the slot number touches it (relaxed atomics: plain loads and stores).
+#[repr(align(64))]
+struct Hit {
+    /// The table's generation when it was found; `u64::MAX`: none.
+    generation: AtomicU64,
+    /// The IOVAs it covers (inside one extent and its region's mapping).
+    first: AtomicU64,
+    last: AtomicU64,
+    /// The address here of `first`.
+    host: AtomicU64,
+    /// The rights it allows (`wire::PERM_*`; no write to a read-only region).
+    perm: AtomicU32,
+}
+
+impl Default for Hit {
+    fn default() -> Hit {
+        Hit {
+            generation: AtomicU64::new(u64::MAX),
+            first: AtomicU64::new(0),
+            last: AtomicU64::new(0),
+            host: AtomicU64::new(0),
+            perm: AtomicU32::new(0),
+        }
+    }
 }
 
 impl std::fmt::Debug for Port {
@@ -200,6 +232,7 @@ pub fn default_socket() -> std::path::PathBuf {
 /// unmap returns.
 pub(crate) struct Section<'a> {
     slot: &'a atc::Slot,
+    hit: &'a Hit,
 }
 
 impl Drop for Section<'_> {
@@ -259,7 +292,8 @@ impl Port {
             slots.fences.store(1, Ordering::SeqCst);
         }
         let regions = (0..atc::REGIONS).map(|_| OnceLock::new()).collect();
-        Ok(Port { channel: Mutex::new(Channel { sock }), index, table, slots, fences, regions })
+        let hits = (0..atc::SLOTS).map(|_| Hit::default()).collect();
+        Ok(Port { channel: Mutex::new(Channel { sock }), index, table, slots, fences, regions, hits })
     }
 
     #[inline]
@@ -282,24 +316,42 @@ impl Port {
             }
         }
         slot.depth.store(depth + 1, Ordering::Relaxed);
-        Ok(Section { slot })
+        Ok(Section { slot, hit: &self.hits[i] })
     }
 
     /// The address (here) of `len` bytes at `iova`, or fewer up to the end
-    /// of its extent, when the table has them with `perm`.
+    /// of its extent, when the table has them with `perm`: the thread's
+    /// last translation while the table has not changed since, else a
+    /// lookup, which becomes the last translation.
     #[inline]
-    fn lookup(&self, iova: u64, perm: u32) -> Option<(*mut u8, usize)> {
-        let f = self.table.lookup(iova)?;
-        if f.perm & perm != perm {
-            return None;
+    fn lookup(&self, iova: u64, perm: u32, hit: &Hit) -> Option<(*mut u8, usize)> {
+        // Read before the table's `current`: a switch of the array bumps
+        // it after, so a translation is never tagged with a generation
+        // newer than its array's (an older one only misses next time).
+        let generation = self.table.header.generation.load(Ordering::Acquire);
+        if hit.generation.load(Ordering::Relaxed) == generation {
+            let (first, last) = (hit.first.load(Ordering::Relaxed), hit.last.load(Ordering::Relaxed));
+            let off = iova.wrapping_sub(first);
+            if off <= last - first && perm & !hit.perm.load(Ordering::Relaxed) == 0 {
+                let host = hit.host.load(Ordering::Relaxed).wrapping_add(off);
+                return Some((host as *mut u8, (last - iova).saturating_add(1).min(usize::MAX as u64) as usize));
+            }
         }
+        let f = self.table.lookup(iova)?;
         let region = self.regions.get(f.region as usize)?.get()?;
-        if f.offset >= region.len || (perm & wire::PERM_W != 0 && !region.writable) {
+        let allowed = if region.writable { f.perm } else { f.perm & !wire::PERM_W };
+        if allowed & perm != perm || f.offset >= region.len {
             return None;
         }
         let n = f.len.min(region.len - f.offset);
         // SAFETY: `offset < len`, inside the region's mapping.
-        Some((unsafe { region.base.as_ptr().add(f.offset as usize) }, n.min(usize::MAX as u64) as usize))
+        let host = unsafe { region.base.as_ptr().add(f.offset as usize) };
+        hit.first.store(iova, Ordering::Relaxed);
+        hit.last.store(iova + (n - 1), Ordering::Relaxed);
+        hit.host.store(host as u64, Ordering::Relaxed);
+        hit.perm.store(allowed, Ordering::Relaxed);
+        hit.generation.store(generation, Ordering::Relaxed);
+        Some((host, n.min(usize::MAX as u64) as usize))
     }
 
     /// Runs a DMA of `len` bytes at `iova`, each translated piece handed to
@@ -315,7 +367,7 @@ impl Port {
         let section = self.enter()?;
         // The common case first: one extent holds it all.
         if self.table.header.state.load(Ordering::Relaxed) == atc::OPEN
-            && let Some((p, n)) = self.lookup(iova, perm)
+            && let Some((p, n)) = self.lookup(iova, perm, section.hit)
             && n >= len
         {
             copy(p, 0..len);
@@ -341,7 +393,7 @@ impl Port {
                 return Err(DmaError::Blocked);
             }
             let at = iova.wrapping_add(done as u64);
-            match self.lookup(at, perm) {
+            match self.lookup(at, perm, section.hit) {
                 Some((p, n)) => {
                     let n = n.min(len - done);
                     copy(p, done..done + n);
