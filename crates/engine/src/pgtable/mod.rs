@@ -583,15 +583,20 @@ impl<F: Format> PageTable<F> {
     /// `addr`, when one can: a page, or an aligned huge page (`huge`).
     #[inline]
     fn one_leaf(iova: u64, addr: u64, len: u64, huge: bool) -> Option<u32> {
-        let shift = len.trailing_zeros();
-        let above = shift.checked_sub(F::PAGE_SHIFT)?;
+        Self::leaf_level(iova | addr, len).filter(|&level| level == 0 || huge)
+    }
+
+    /// The level whose leaves are `len` bytes, when `aligned` (an IOVA, or
+    /// its bits or'ed with the memory's) is aligned to it.
+    #[inline]
+    fn leaf_level(aligned: u64, len: u64) -> Option<u32> {
+        let above = len.trailing_zeros().checked_sub(F::PAGE_SHIFT)?;
         let level = above / STRIDE;
         let fits = len.is_power_of_two()
             && above % STRIDE == 0
             && level < F::LEVELS
             && F::LEAF_LEVELS & (1 << level) != 0
-            && (level == 0 || huge)
-            && (iova | addr) & (len - 1) == 0;
+            && aligned & (len - 1) == 0;
         fits.then_some(level)
     }
 
@@ -600,6 +605,13 @@ impl<F: Format> PageTable<F> {
     /// with them; tables it only enters stay, even emptied, as in Linux.
     pub fn unmap(&self, iova: u64, len: u64, guard: &Guard) {
         if len == 0 || iova > Self::max_iova() {
+            return;
+        }
+        // The unmap of one leaf's range (what `map_one_leaf` mapped, most
+        // often): straight down to it.
+        if let Some(level) = Self::leaf_level(iova, len)
+            && unmap_one_leaf::<F>(&self.root, iova, level)
+        {
             return;
         }
         let last = iova.saturating_add(len - 1).min(Self::max_iova());
@@ -809,6 +821,28 @@ fn subtree_empty<F: Format>(table: &Table, level: u32) -> bool {
         Pte::Table(next) => level > 0 && subtree_empty::<F>(table.child(next), level - 1),
         Pte::Leaf { .. } => false,
     })
+}
+
+/// Clears the leaf at `level` holding `iova`, whose range is the whole
+/// unmap, walking straight down. False, having changed nothing, when there
+/// is no such leaf: the range walk decides what to do there.
+#[inline]
+fn unmap_one_leaf<F: Format>(root: &Table, iova: u64, level: u32) -> bool {
+    let mut table = root;
+    for l in (level + 1..F::LEVELS).rev() {
+        match F::decode(table.0[Table::index::<F>(iova, l)].load(Ordering::Relaxed), l) {
+            Pte::Table(next) => table = table.child(next),
+            _ => return false,
+        }
+    }
+    let index = Table::index::<F>(iova, level);
+    let slot = &table.0[index];
+    if !matches!(F::decode(slot.load(Ordering::Relaxed), level), Pte::Leaf { .. }) {
+        return false;
+    }
+    slot.store(0, Ordering::Release);
+    table.dirty().set(index, false);
+    true
 }
 
 fn unmap_level<F: Format>(table: &Table, level: u32, first: u64, last: u64, guard: &Guard, spares: &Arc<Spares<F>>) {
@@ -1227,6 +1261,40 @@ mod tests {
         assert_eq!((t.addr, t.shift, t.perm), (0x7000_000c, 12, Perm::R));
         assert_eq!(pt.summary().tables, vec![1, 2, 2, 1], "a leaf table for b only");
         assert!(matches!(pt.map(b, 0x7000_0000, 4096, Perm::R, Trust::Direct, false), Err(Error::Exists(_))));
+    }
+
+    /// An unmap of exactly one leaf's range goes straight to that leaf: it
+    /// clears the leaf and its dirty state, and nothing beside it.
+    #[test]
+    fn unmapping_one_leaf_clears_it_and_nothing_beside_it() {
+        let pt = PageTable::<VtdSs4>::new();
+        let gib = 1u64 << 30;
+        // Under another root entry than the first, at the same index below.
+        let far = 1u64 << 39;
+        for (iova, addr) in [(0, 0x4000_0000), (far, 0x8000_0000), (far + gib, 0xc000_0000)] {
+            pt.map(iova, addr, gib, Perm::RW, Trust::Direct, true).unwrap();
+        }
+        let page = 3 * gib + 5 * 4096;
+        pt.map(page, 0x5000, 4096, Perm::RW, Trust::Direct, true).unwrap();
+        pt.map(page + 4096, 0x6000, 4096, Perm::RW, Trust::Direct, true).unwrap();
+        let g = crate::epoch::pin();
+        for iova in [far + 8, page, page + 4096] {
+            assert!(pt.set_dirty(iova, &g));
+        }
+        pt.unmap(far, gib, &g);
+        pt.unmap(page, 4096, &g);
+        assert!(pt.walk(far, &g).is_none() && pt.walk(page, &g).is_none());
+        assert_eq!(pt.walk(0, &g).unwrap().addr, 0x4000_0000);
+        assert_eq!(pt.walk(far + gib, &g).unwrap().addr, 0xc000_0000);
+        assert_eq!(pt.walk(page + 4096, &g).unwrap().addr, 0x6000);
+        let mut dirty = Vec::new();
+        pt.read_and_clear_dirty(0, u64::MAX, true, &mut |iova, len| dirty.push((iova, len)));
+        assert_eq!(dirty, vec![(page + 4096, 4096)], "only the page left mapped is dirty");
+        // Nothing there, or not a leaf of that size: the range walk decides.
+        pt.unmap(far, gib, &g);
+        pt.unmap(3 * gib, MIB2, &g);
+        assert!(pt.walk(page + 4096, &g).is_none(), "a 2 MiB unmap over 4 KiB pages");
+        assert_eq!(pt.summary().leaves, vec![0, 0, 2, 0]);
     }
 
     #[test]
