@@ -69,6 +69,9 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
     tracing::debug!(pid, uid, "client connected");
     // Ports a back end opened on this channel, by number.
     let mut ports: Vec<Arc<crate::remote::RemotePort>> = Vec::new();
+    // The caller's failure injection runs on this thread for each call;
+    // its number is asked once, not a system call per request.
+    let tid = ioasid_engine::inject::current_tid();
     loop {
         let (msg, passed) = match wire::recv(sock.as_fd()) {
             Ok(Some(m)) => m,
@@ -79,8 +82,6 @@ pub fn serve_one(daemon: &Arc<Daemon>, sock: OwnedFd) {
             }
         };
         daemon.reap();
-        // The caller's failure injection runs on this thread for the call.
-        let tid = ioasid_engine::inject::current_tid();
         ioasid_engine::inject::set_fail_nth(tid, msg.fail_nth);
         let (mut reply, fds) = match msg.kind {
             wire::SUPERVISE => supervise(daemon, pid, passed),
