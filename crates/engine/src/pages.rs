@@ -140,6 +140,13 @@ impl PinState {
 
     /// Takes back one `pin` of `range`, uncharging the pages no other pin holds.
     fn unpin(&mut self, range: IovaRange) {
+        // The last pin, most often the only one there was.
+        if let [only] = self.ranges[..]
+            && only == range
+        {
+            self.ranges.clear();
+            return self.accounting.uncharge(range.len());
+        }
         let Some(i) = self.ranges.iter().position(|r| *r == range) else {
             debug_assert!(false, "unpin of a range that was not pinned");
             return;
