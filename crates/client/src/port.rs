@@ -120,28 +120,19 @@ pub struct Port {
 /// finds the region, a chain of dependent loads. Only the thread holding
 /// the slot number touches it (relaxed atomics: plain loads and stores).
 #[repr(align(64))]
+#[derive(Default)]
 struct Hit {
-    /// The table's generation when it was found; `u64::MAX`: none.
+    /// The table's generation when it was found.
     generation: AtomicU64,
     /// The IOVAs it covers (inside one extent and its region's mapping).
     first: AtomicU64,
     last: AtomicU64,
     /// The address here of `first`.
     host: AtomicU64,
-    /// The rights it allows (`wire::PERM_*`; no write to a read-only region).
+    /// The rights it allows (`wire::PERM_*`; no write to a read-only
+    /// region). None until a lookup fills it, so a new slot never hits: a
+    /// DMA asks for read at least.
     perm: AtomicU32,
-}
-
-impl Default for Hit {
-    fn default() -> Hit {
-        Hit {
-            generation: AtomicU64::new(u64::MAX),
-            first: AtomicU64::new(0),
-            last: AtomicU64::new(0),
-            host: AtomicU64::new(0),
-            perm: AtomicU32::new(0),
-        }
-    }
 }
 
 impl std::fmt::Debug for Port {
