@@ -9,13 +9,13 @@
 //! for, and a lookup checks with a raw system call, which no hooked C
 //! library function sees, that the number still names it; an entry whose
 //! file is gone is dropped with its objects. How it remembers (a `Mark`):
-//! - Files whose position Linux's never lets a program set (no `lseek`:
-//!   the iommufd, VFIO groups and devices, selftest accesses) are memfds
-//!   whose position starts at a mark of their own, far past any real
-//!   file's: one `lseek` tells it, at half the cost of an `fstat`, on every
-//!   `ioctl`. A VFIO device's `read` and `write` move the position on from
-//!   there, as its own; the shim answers a program's `lseek` on these files
-//!   with `ESPIPE`, as Linux does.
+//! - Linux's counterparts have no `lseek`, so a program never sets their
+//!   position (the shim answers `ESPIPE`, as Linux does). Most (the
+//!   iommufd, VFIO groups and devices, selftest accesses, `fail-nth`) are
+//!   memfds whose position starts at a mark of their own, far past any
+//!   real file's: one `lseek` tells it, at half the cost of an `fstat`, on
+//!   every `ioctl`. Reading a VFIO device or `fail-nth` (and writing a
+//!   device) moves the position on from there, as the file's own.
 //! - Any other by its inode (`st_dev`, `st_ino`: every memfd has its own),
 //!   with an `fstat`. The queues' eventfds share the kernel's one anonymous
 //!   inode, so for them the check only tells an eventfd from anything else.
@@ -76,17 +76,37 @@ pub enum File {
     Device(Arc<crate::device_file::DeviceFile>),
 }
 
+/// What Linux's counterpart of each file allows, from its file operations
+/// and how it is opened. None has `llseek`: `lseek` is `ESPIPE` on every
+/// one (the shim answers it).
 impl File {
-    /// Whether Linux's counterpart has no `lseek` (`ESPIPE`): the shim then
-    /// keeps its mark in the memfd's position (see `Mark`).
-    pub fn has_no_lseek(&self) -> bool {
-        self.has_no_read_write() || matches!(self, File::VfioDevice(_))
+    /// Whether the shim keeps the file's mark, and the position it has, in
+    /// the position of the memfd it is (see `Mark`). Fault queues and
+    /// vEVENTQs are eventfds, which `poll` needs, and a back end's device is
+    /// an open file other processes share (a back end opens its port
+    /// through it): they are known by their inode instead.
+    pub fn marked_by_position(&self) -> bool {
+        !matches!(self, File::Fault(_) | File::Veventq(_) | File::Device(_))
     }
 
-    /// Whether Linux's counterpart has neither `read` nor `write`: every
-    /// form of both is `EINVAL` there.
-    pub fn has_no_read_write(&self) -> bool {
-        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::TestAccess(_))
+    /// Whether it can be read (`FMODE_CAN_READ`: its operations have
+    /// `read`); every form of `read` is `EINVAL` otherwise.
+    pub fn can_read(&self) -> bool {
+        matches!(self, File::FailNth(_) | File::Fault(_) | File::Veventq(_) | File::VfioDevice(_) | File::Device(_))
+    }
+
+    /// Whether it can be written (`FMODE_CAN_WRITE`).
+    pub fn can_write(&self) -> bool {
+        matches!(self, File::FailNth(_) | File::Fault(_) | File::VfioDevice(_))
+    }
+
+    /// Whether it takes positioned reads and writes (`FMODE_PREAD` and
+    /// `FMODE_PWRITE`): files opened by path have them, and VFIO gives
+    /// them to the device files it makes; the other anonymous files (the
+    /// queues, selftest accesses) do not, so `pread`, `pwrite` and their
+    /// vector forms are `ESPIPE` there, whatever the offset.
+    pub fn has_pread(&self) -> bool {
+        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::FailNth(_))
     }
 }
 
@@ -133,7 +153,7 @@ impl Mark {
     /// The mark for a new entry of `file` at `fd`, set on the file now when
     /// it is one of those marked by position.
     fn new(fd: c_int, file: &File, serial: u64) -> Option<Mark> {
-        if !file.has_no_lseek() {
+        if !file.marked_by_position() {
             let (dev, ino) = inode(fd)?;
             return Some(Mark::Inode(dev, ino));
         }

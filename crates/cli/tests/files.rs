@@ -274,6 +274,9 @@ int main(void) {
     CHECK(pwritev(fd, &v, 1, 0) == -1 && errno == EINVAL);
     CHECK(preadv2(fd, &v, 1, -1, 0) == -1 && errno == EINVAL);
     CHECK(pwritev2(fd, &v, 1, -1, 0) == -1 && errno == EINVAL);
+    /* Refused before the vector is looked at. */
+    CHECK(readv(fd, NULL, 0) == -1 && errno == EINVAL);
+    CHECK(pwritev(fd, NULL, 1, 0) == -1 && errno == EINVAL);
     /* No lseek either, however it is called; and none moves anything. */
     CHECK(lseek(fd, 0, SEEK_SET) == -1 && errno == ESPIPE);
     CHECK(lseek(fd, 0, SEEK_CUR) == -1 && errno == ESPIPE);

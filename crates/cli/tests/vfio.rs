@@ -24,6 +24,7 @@ const COMMON: &str = r#"
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define IOMMUFD(nr) ((';' << 8) | (nr))
@@ -168,6 +169,16 @@ int main(void) {
     CHECK(pread(dev, &at0, 4, BAR0) == 4 && pread(dev, &at4, 4, BAR0 + 4) == 4);
     CHECK(read(dev, &v, 4) == 4 && v == at0);
     CHECK(read(dev, &v, 4) == 4 && v == at4);
+    /* A vector is read a buffer at a time, from where the last stopped; a
+       positioned one leaves the position alone. */
+    uint32_t id[2] = { 0, 0 }, again[2] = { 0, 0 };
+    struct iovec two[2] = { { &id[0], 2 }, { (uint8_t *)&id[0] + 2, 2 } };
+    CHECK(preadv(dev, two, 2, CONFIG) == 4 && id[0] == 0xb500104c);
+    struct iovec regs[2] = { { &again[0], 4 }, { &again[1], 4 } };
+    CHECK(preadv(dev, regs, 2, BAR0) == 8 && again[0] == at0 && again[1] == at4);
+    CHECK(pwritev(dev, regs, 2, BAR0 + bar0) == -1 && errno == EINVAL);
+    CHECK(readv(dev, regs, 2) == 8 && read(dev, &v, 4) == 4);
+    CHECK(pread(dev, &again[0], 4, BAR0 + 16) == 4 && v == again[0]);
 
     /* MSI: eventfds for its vectors */
     int msi = eventfd(0, EFD_CLOEXEC);

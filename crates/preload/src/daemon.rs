@@ -55,11 +55,7 @@ fn installed(fd: c_int, kind: u64) {
 /// waits (0 when nothing does) and, from a vEVENTQ, only whole events.
 /// `None` for any other descriptor, and for writes the kernel may have.
 pub fn queue_rw(fd: c_int, rw: Rw) -> Option<Result<usize, c_int>> {
-    if NQUEUES.load(Ordering::Acquire) == 0 {
-        return None;
-    }
-    let kind = *QUEUES.lock().unwrap_or_else(|e| e.into_inner()).get(&identity(fd)?)?;
-    let fault = kind == wire::FILE_FAULT;
+    let fault = is_fault_queue(fd)?;
     Some(match rw {
         Rw::Read { count, .. } if fault && count % ioasid_abi::fault::RECORD as u64 != 0 => Err(libc::ESPIPE),
         Rw::Read { buf, count } if fault => receive(fd, buf, count as usize, 0),
@@ -69,6 +65,16 @@ pub fn queue_rw(fd: c_int, rw: Rw) -> Option<Result<usize, c_int>> {
         Rw::Write { .. } if fault => return None,
         Rw::Write { .. } => Err(libc::EINVAL),
     })
+}
+
+/// Whether `fd` is a queue the daemon gave this process: a fault queue
+/// (`true`) or a vEVENTQ (`false`). `None` for any other descriptor.
+pub fn is_fault_queue(fd: c_int) -> Option<bool> {
+    if NQUEUES.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let kind = *QUEUES.lock().unwrap_or_else(|e| e.into_inner()).get(&identity(fd)?)?;
+    Some(kind == wire::FILE_FAULT)
 }
 
 /// A read into `buf` or a write, of `count` bytes.

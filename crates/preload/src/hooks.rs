@@ -411,67 +411,137 @@ macro_rules! fcntl_hook {
 fcntl_hook!(fcntl, fcntl);
 fcntl_hook!(fcntl64, fcntl64);
 
+/// One buffer's `read` or `write` (`pread` or `pwrite` with an offset
+/// `at`), as a hook gets it.
+#[derive(Clone, Copy)]
+struct Rw {
+    write: bool,
+    buf: u64,
+    count: usize,
+    at: Option<i64>,
+}
+
+impl Rw {
+    fn call(self) -> Call {
+        let (buf, count, offset) = (self.buf, self.count as u64, self.at.unwrap_or(0));
+        match self.write {
+            false => Call::Read { buf, count, offset },
+            true => Call::Write { buf, count, offset },
+        }
+    }
+}
+
+/// What Linux's file allows before its own `read` or `write` runs.
+#[derive(Clone, Copy)]
+struct Allows {
+    read: bool,
+    write: bool,
+    /// `FMODE_PREAD` and `FMODE_PWRITE`.
+    positioned: bool,
+}
+
+impl Allows {
+    fn of(file: &File) -> Allows {
+        Allows { read: file.can_read(), write: file.can_write(), positioned: file.has_pread() }
+    }
+
+    /// A queue the daemon gave this process: a fault queue is read and
+    /// written, a vEVENTQ only read; neither is positioned.
+    fn queue(fault: bool) -> Allows {
+        Allows { read: true, write: fault, positioned: false }
+    }
+
+    /// Linux's checks, in its order: a negative offset, a file without
+    /// positioned reads and writes (`ESPIPE`), one without `read` or
+    /// `write`.
+    fn check(self, at: Option<i64>, write: bool) -> Result<(), c_int> {
+        if at.is_some_and(|p| p < 0) {
+            return Err(libc::EINVAL);
+        }
+        if at.is_some() && !self.positioned {
+            return Err(libc::ESPIPE);
+        }
+        if !(if write { self.write } else { self.read }) {
+            return Err(libc::EINVAL);
+        }
+        Ok(())
+    }
+}
+
+/// One buffer's read or write of `fd`, when it is an ioasid file or a queue
+/// the daemon gave this process; `None` for any other, which the C
+/// library serves.
+fn rw_one(fd: c_int, rw: Rw) -> Option<isize> {
+    rw_ioasid(fd, rw).or_else(|| {
+        // A positioned one is left to the queue's socket, which refuses it
+        // as Linux's queue does (`EINVAL`, `ESPIPE`).
+        let queued = match rw {
+            Rw { at: Some(_), .. } => return None,
+            Rw { write: false, buf, count, .. } => crate::daemon::Rw::Read { buf, count: count as u64 },
+            Rw { write: true, count, .. } => crate::daemon::Rw::Write { count: count as u64 },
+        };
+        crate::daemon::queue_rw(fd, queued).map(finish)
+    })
+}
+
 /// What every read and write hook does with an ioasid file: a forked
-/// child's queue is answered by its parent; any other is `handle`d here.
-/// `None`: not an ioasid file, the C library's own function runs.
-fn rw_ioasid(fd: c_int, call: Call, handle: impl FnOnce(&File) -> Result<usize, c_int>) -> Option<isize> {
+/// child's queue is answered by its parent; any other is answered here.
+/// `None`: not an ioasid file.
+fn rw_ioasid(fd: c_int, rw: Rw) -> Option<isize> {
     caught(Some(-1), || {
         let entry = files::rw_file(fd)?;
         let _shield = crate::signals::Shield::raise();
         panic_for_test();
-        if let Some(r) = forwarded(&entry, call) {
+        if let Err(e) = Allows::of(&entry.file).check(rw.at, rw.write) {
+            return Some(finish(Err(e)));
+        }
+        if let Some(r) = forwarded(&entry, rw.call()) {
             return Some(r);
         }
-        Some(finish(handle(&entry.file)))
+        Some(finish(match rw.write {
+            false => read_ioasid(fd, &entry.file, rw),
+            true => write_ioasid(fd, &entry.file, rw),
+        }))
     })
 }
 
-/// `read(2)` of an ioasid file at `offset`.
-fn read_ioasid(file: &File, buf: *mut c_void, count: usize, offset: i64) -> Result<usize, c_int> {
+/// `read(2)` of an ioasid file that has one (see `Allows`).
+fn read_ioasid(fd: c_int, file: &File, Rw { buf, count, at, .. }: Rw) -> Result<usize, c_int> {
     match file {
-        File::FailNth(tid) => {
+        File::FailNth(tid) => at_position(fd, at, |off| {
+            let text = fail_nth::read(*tid, count, off as usize);
             // A checked copy: a bad buffer is EFAULT, as the kernel's copy_to_user gives.
-            let text = fail_nth::read(*tid, count, offset.max(0) as usize);
-            InProcess.write(buf as u64, &text).map_err(|e| e.0).map(|()| text.len())
-        }
-        File::Fault(f) => f.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-        File::Veventq(q) => q.read(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-        // Linux's iommufd, group and access files have no read (a device's
-        // is `at_position`'s).
-        File::Iommufd(_) | File::TestAccess(_) | File::VfioGroup(_) | File::VfioDevice(_) => Err(libc::EINVAL),
+            InProcess.write(buf, &text).map(|()| text.len())
+        }),
+        File::VfioDevice(d) => at_position(fd, at, |off| d.read(&InProcess, buf, count, off)),
+        // A queue's position stays 0: its `read` never moves it.
+        File::Fault(f) => f.read(&InProcess, buf, count, 0).map_err(|e| e.0),
+        File::Veventq(q) => q.read(&InProcess, buf, count, 0).map_err(|e| e.0),
         // Its events come from back ends, which need the daemon: none here.
         File::Device(_) => Err(libc::EAGAIN),
+        File::Iommufd(_) | File::TestAccess(_) | File::VfioGroup(_) => Err(libc::EINVAL),
     }
 }
 
-/// `write(2)` to an ioasid file at `offset`.
-fn write_ioasid(file: &File, buf: *const c_void, count: usize, offset: i64) -> Result<usize, c_int> {
+/// `write(2)` to an ioasid file that has one (see `Allows`).
+fn write_ioasid(fd: c_int, file: &File, Rw { buf, count, at, .. }: Rw) -> Result<usize, c_int> {
     match file {
+        // Linux's takes the number from the first bytes and leaves the
+        // position where it was.
         File::FailNth(tid) => {
-            // As Linux's kstrtouint_from_user: the number is in the first bytes.
             let mut data = vec![0u8; count.min(34)];
-            InProcess
-                .read(buf as u64, &mut data)
-                .map_err(|e| e.0)
-                .and_then(|()| fail_nth::write(*tid, &data))
-                .map(|_| count)
+            InProcess.read(buf, &mut data).map_err(|e| e.0).and_then(|()| fail_nth::write(*tid, &data)).map(|_| count)
         }
-        File::Fault(f) => f.write(&InProcess, buf as u64, count, offset).map_err(|e| e.0),
-        // Linux's iommufd, vEVENTQ, group and access files have no write
-        // (a device's is `at_position`'s).
-        File::Iommufd(_)
-        | File::Veventq(_)
-        | File::TestAccess(_)
-        | File::VfioGroup(_)
-        | File::VfioDevice(_)
-        | File::Device(_) => Err(libc::EINVAL),
+        File::VfioDevice(d) => at_position(fd, at, |off| d.write(&InProcess, buf, count, off)),
+        File::Fault(f) => f.write(&InProcess, buf, count, 0).map_err(|e| e.0),
+        _ => Err(libc::EINVAL),
     }
 }
 
-/// A VFIO device's region access at `at`, or for `read` and `write` at
-/// the file position, which then moves past what was done (the memfd's
-/// own position, below the mark `files` keeps in its high bits, serves as
-/// the file's, so a forked child shares it as on Linux).
+/// An access at `at`, or for `read` and `write` at the file position,
+/// which then moves past what was done (the memfd's own position, below
+/// the mark `files` keeps in its high bits, serves as the file's, so a
+/// forked child shares it as on Linux).
 fn at_position(
     fd: c_int,
     at: Option<i64>,
@@ -489,10 +559,12 @@ fn at_position(
     Ok(n)
 }
 
-/// `lseek` of an ioasid file whose Linux counterpart has none: `ESPIPE`
-/// (their position is the shim's, see `files`); `None` for any other.
+/// `lseek` of an ioasid file: `ESPIPE`, as none of Linux's counterparts
+/// has `llseek` (their position is the shim's, see `files`); `None` for
+/// any other file. A queue the daemon gave is a socket, which refuses it
+/// itself.
 fn lseek_ioasid(fd: c_int) -> Option<i64> {
-    files::rw_file(fd)?.file.has_no_lseek().then(|| {
+    files::rw_file(fd).map(|_| {
         set_errno(libc::ESPIPE);
         -1
     })
@@ -513,42 +585,147 @@ macro_rules! lseek_hook {
 lseek_hook!(lseek);
 lseek_hook!(lseek64);
 
-/// `readv`, `writev` and their positioned forms on an ioasid file whose
-/// Linux counterpart has neither `read` nor `write`: `EINVAL`, as
-/// `vfs_readv` and `vfs_writev` answer without `FMODE_CAN_READ` or
-/// `FMODE_CAN_WRITE`. `None` for any other file, which the C library serves.
-fn vectored_ioasid(fd: c_int) -> Option<isize> {
-    files::rw_file(fd)?.file.has_no_read_write().then(|| {
-        set_errno(libc::EINVAL);
-        -1
+/// Linux's bounds on a vector: buffers, and bytes moved by one call
+/// (`INT_MAX` rounded down to a page).
+const UIO_MAXIOV: c_int = 1024;
+const MAX_RW_COUNT: u64 = i32::MAX as u64 & !4095;
+/// The end of the user address space (x86-64, 4-level page tables), past
+/// which a buffer is `EFAULT` before anything is moved.
+const TASK_SIZE_MAX: u64 = (1 << 47) - 4096;
+/// The one flag Linux takes for a file without `read_iter` or `write_iter`.
+const RWF_HIPRI: c_int = 1;
+
+/// `readv`, `writev` and their positioned forms (offset `at`) on an
+/// ioasid file. Linux's files here have `read` and `write` but no
+/// `read_iter` or `write_iter`, so the kernel takes the vector apart
+/// (`do_loop_readv_writev`): one `read` or `write` per buffer, stopping at
+/// the first that fails or falls short, and failing only when nothing was
+/// moved. The hooks of those single-buffer calls do each buffer here.
+/// `None` for any other file.
+fn vectored(
+    fd: c_int,
+    iov: *const libc::iovec,
+    count: c_int,
+    at: Option<i64>,
+    flags: c_int,
+    write: bool,
+) -> Option<isize> {
+    let allows = match files::rw_file(fd) {
+        Some(entry) => Allows::of(&entry.file),
+        // The daemon's queue refuses the positioned forms itself (see `rw_one`).
+        None if at.is_none() => Allows::queue(crate::daemon::is_fault_queue(fd)?),
+        None => return None,
+    };
+    caught(Some(-1), || {
+        let moved = (|| {
+            allows.check(at, write)?;
+            let bufs = import_iovec(iov, count)?;
+            let total: u64 = bufs.iter().map(|&(_, len)| len).sum();
+            if total == 0 {
+                return Ok(0);
+            }
+            // `rw_verify_area`: the last byte's offset must fit.
+            if at.is_some_and(|p| p.checked_add(total as i64).is_none()) {
+                return Err(libc::EINVAL);
+            }
+            if flags & !RWF_HIPRI != 0 {
+                return Err(libc::EOPNOTSUPP);
+            }
+            // SAFETY: reading this thread's errno.
+            let errno = unsafe { *libc::__errno_location() };
+            let mut done = 0u64;
+            for (buf, len) in bufs {
+                let (ptr, count, at) = (buf as *mut c_void, len as usize, at.map(|p| p + done as i64));
+                // SAFETY: the program's own buffer, as it passed it.
+                let n = unsafe {
+                    match (write, at) {
+                        (false, None) => read(fd, ptr, count),
+                        (false, Some(p)) => pread(fd, ptr, count, p),
+                        (true, None) => self::write(fd, ptr, count),
+                        (true, Some(p)) => pwrite(fd, ptr, count, p),
+                    }
+                };
+                if n < 0 {
+                    if done == 0 {
+                        // SAFETY: reading this thread's errno, which the hook set.
+                        return Err(unsafe { *libc::__errno_location() });
+                    }
+                    // What was moved is the answer; errno is as it was.
+                    set_errno(errno);
+                    break;
+                }
+                done += n as u64;
+                if n as u64 != len {
+                    break;
+                }
+            }
+            Ok(done as usize)
+        })();
+        Some(finish(moved))
     })
 }
 
+/// A vector's buffers as Linux takes them (`import_iovec`): at most
+/// `UIO_MAXIOV`, read from the program (`EFAULT`), none whose length is
+/// negative as a signed number (`EINVAL`) or that ends past the user
+/// address space (`EFAULT`), cut to `MAX_RW_COUNT` bytes in all.
+fn import_iovec(iov: *const libc::iovec, count: c_int) -> Result<Vec<(u64, u64)>, c_int> {
+    if !(0..=UIO_MAXIOV).contains(&count) {
+        return Err(libc::EINVAL);
+    }
+    let mut bufs = Vec::with_capacity(count as usize);
+    for i in 0..count as u64 {
+        let mut raw = [0u8; size_of::<libc::iovec>()];
+        InProcess.read(iov as u64 + i * raw.len() as u64, &mut raw).map_err(|e| e.0)?;
+        let (base, len) = raw.split_at(8);
+        let (base, len) = (u64::from_ne_bytes(base.try_into().unwrap()), u64::from_ne_bytes(len.try_into().unwrap()));
+        if len as i64 <= -1 {
+            return Err(libc::EINVAL);
+        }
+        bufs.push((base, len));
+    }
+    let mut total = 0;
+    for (base, len) in &mut bufs {
+        // One buffer is cut before its check, several after theirs.
+        if count == 1 {
+            *len = (*len).min(MAX_RW_COUNT);
+        }
+        if base.checked_add(*len).is_none_or(|end| end > TASK_SIZE_MAX) {
+            return Err(libc::EFAULT);
+        }
+        *len = (*len).min(MAX_RW_COUNT - total);
+        total += *len;
+    }
+    Ok(bufs)
+}
+
 macro_rules! vectored_hook {
-    ($name:ident($($arg:ident: $ty:ty),*)) => {
+    ($name:ident, $write:literal, ($($arg:ident: $ty:ty),*), $at:expr, $flags:expr) => {
         /// # Safety
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, iov: *const libc::iovec, count: c_int $(, $arg: $ty)*) -> isize {
-            // SAFETY: forwarding the caller's own arguments.
-            caught(None, || vectored_ioasid(fd)).unwrap_or_else(|| unsafe { real::$name()(fd, iov, count $(, $arg)*) })
+            vectored(fd, iov, count, $at, $flags, $write)
+                // SAFETY: forwarding the caller's own arguments.
+                .unwrap_or_else(|| unsafe { real::$name()(fd, iov, count $(, $arg)*) })
         }
     };
 }
 
-vectored_hook!(readv());
-vectored_hook!(writev());
-vectored_hook!(preadv(offset: i64));
-vectored_hook!(pwritev(offset: i64));
-vectored_hook!(preadv64(offset: i64));
-vectored_hook!(pwritev64(offset: i64));
-vectored_hook!(preadv2(offset: i64, flags: c_int));
-vectored_hook!(pwritev2(offset: i64, flags: c_int));
-vectored_hook!(preadv64v2(offset: i64, flags: c_int));
-vectored_hook!(pwritev64v2(offset: i64, flags: c_int));
+vectored_hook!(readv, false, (), None, 0);
+vectored_hook!(writev, true, (), None, 0);
+vectored_hook!(preadv, false, (offset: i64), Some(offset), 0);
+vectored_hook!(pwritev, true, (offset: i64), Some(offset), 0);
+vectored_hook!(preadv64, false, (offset: i64), Some(offset), 0);
+vectored_hook!(pwritev64, true, (offset: i64), Some(offset), 0);
+// Offset -1: at the file position, as `readv` and `writev`.
+vectored_hook!(preadv2, false, (offset: i64, flags: c_int), (offset != -1).then_some(offset), flags);
+vectored_hook!(pwritev2, true, (offset: i64, flags: c_int), (offset != -1).then_some(offset), flags);
+vectored_hook!(preadv64v2, false, (offset: i64, flags: c_int), (offset != -1).then_some(offset), flags);
+vectored_hook!(pwritev64v2, true, (offset: i64, flags: c_int), (offset != -1).then_some(offset), flags);
 
 macro_rules! rw_hook {
-    ($name:ident, $real:ident, $ptr:ty, $call:ident, $ours:ident, $device:ident $(, $off:ident)?) => {
+    ($name:ident, $ptr:ty, $write:literal $(, $off:ident)?) => {
         /// # Safety
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
@@ -556,21 +733,9 @@ macro_rules! rw_hook {
             #[allow(unused_mut, unused_assignments)]
             let mut at: Option<i64> = None;
             $(at = Some($off);)?
-            let offset = at.unwrap_or(0);
-            let call = Call::$call { buf: buf as u64, count: count as u64, offset };
-            rw_ioasid(fd, call, |file| match file {
-                File::VfioDevice(d) => at_position(fd, at, |off| d.$device(&InProcess, buf as u64, count, off)),
-                _ => $ours(file, buf, count, offset),
-            })
-                .or_else(|| {
-                    let rw = match call {
-                        Call::Read { buf, count, .. } => crate::daemon::Rw::Read { buf, count },
-                        _ => crate::daemon::Rw::Write { count: count as u64 },
-                    };
-                    crate::daemon::queue_rw(fd, rw).map(finish)
-                })
+            rw_one(fd, Rw { write: $write, buf: buf as u64, count, at })
                 // SAFETY: forwarding the caller's own arguments.
-                .unwrap_or_else(|| unsafe { real::$real()(fd, buf, count $(, $off)?) })
+                .unwrap_or_else(|| unsafe { real::$name()(fd, buf, count $(, $off)?) })
         }
     };
 }
@@ -609,12 +774,12 @@ fn finish(r: Result<usize, c_int>) -> isize {
     )
 }
 
-rw_hook!(read, read, *mut c_void, Read, read_ioasid, read);
-rw_hook!(pread, pread, *mut c_void, Read, read_ioasid, read, offset);
-rw_hook!(pread64, pread64, *mut c_void, Read, read_ioasid, read, offset);
-rw_hook!(write, write, *const c_void, Write, write_ioasid, write);
-rw_hook!(pwrite, pwrite, *const c_void, Write, write_ioasid, write, offset);
-rw_hook!(pwrite64, pwrite64, *const c_void, Write, write_ioasid, write, offset);
+rw_hook!(read, *mut c_void, false);
+rw_hook!(pread, *mut c_void, false, offset);
+rw_hook!(pread64, *mut c_void, false, offset);
+rw_hook!(write, *const c_void, true);
+rw_hook!(pwrite, *const c_void, true, offset);
+rw_hook!(pwrite64, *const c_void, true, offset);
 
 /// # Safety
 /// As the C library's `close_range`.
@@ -1138,6 +1303,20 @@ mod tests {
         unsafe { *libc::__errno_location() }
     }
 
+    /// Linux's order: a negative offset, a file without positioned reads
+    /// and writes, one without the operation.
+    #[test]
+    fn reads_and_writes_are_refused_in_linuxs_order() {
+        let veventq = Allows::queue(false);
+        assert_eq!(veventq.check(Some(-1), true), Err(libc::EINVAL));
+        assert_eq!(veventq.check(Some(0), true), Err(libc::ESPIPE));
+        assert_eq!(veventq.check(None, true), Err(libc::EINVAL));
+        assert_eq!(veventq.check(None, false), Ok(()));
+        assert_eq!(Allows::queue(true).check(None, true), Ok(()));
+        let iommufd = Allows { read: false, write: false, positioned: true };
+        assert_eq!(iommufd.check(Some(0), false), Err(libc::EINVAL));
+    }
+
     /// A handler's panic must not unwind into the C caller (which aborts
     /// the program): the call fails with `EIO`, as every other hook's does.
     #[test]
@@ -1289,12 +1468,7 @@ macro_rules! pread_chk_hook {
                 // Overflowing the buffer: the C library's check fails the program.
                 return fwd();
             }
-            let call = Call::Read { buf: buf as u64, count: count as u64, offset };
-            rw_ioasid(fd, call, |file| match file {
-                File::VfioDevice(d) => at_position(fd, Some(offset), |off| d.read(&InProcess, buf as u64, count, off)),
-                _ => read_ioasid(file, buf, count, offset),
-            })
-            .unwrap_or_else(fwd)
+            rw_one(fd, Rw { write: false, buf: buf as u64, count, at: Some(offset) }).unwrap_or_else(fwd)
         }
     };
 }

@@ -254,6 +254,41 @@ static long ioas_unmap(int fd, __u32 ioas, __u64 iova, __u64 len) {
     return (long)u.length;
 }
 
+/* A mock device on `ioas` whose page requests go to a new fault queue
+   (through a nested HWPT over the IOAS): the queue's descriptor, and the
+   device's ID in *idev. */
+static int mock_with_fault_queue(int fd, __u32 ioas, __u32 *idev) {
+    struct test_cmd t = { sizeof(t), TEST_OP_MOCK_DOMAIN, ioas };
+    CHECK(ioctl(fd, IOMMU_TEST_CMD, &t) == 0);
+    __u32 stdev = ((__u32 *)t.arg)[0];
+    *idev = ((__u32 *)t.arg)[2];
+    struct hwpt_alloc parent = { sizeof(parent), HWPT_ALLOC_NEST_PARENT, *idev, ioas };
+    CHECK(ioctl(fd, IOMMU_HWPT_ALLOC, &parent) == 0);
+    struct fault_alloc f = { sizeof(f), 0, 0, 0 };
+    CHECK(ioctl(fd, IOMMU_FAULT_QUEUE_ALLOC, &f) == 0);
+    __u32 iotlb = TEST_IOTLB_DEFAULT;
+    struct hwpt_alloc nested = { sizeof(nested), HWPT_FAULT_ID_VALID, *idev, parent.out_hwpt_id, 0, 0,
+                                 HWPT_DATA_SELFTEST, sizeof(iotlb), (__u64)(unsigned long)&iotlb, f.out_fault_id };
+    CHECK(ioctl(fd, IOMMU_HWPT_ALLOC, &nested) == 0);
+    struct test_cmd r = { sizeof(r), TEST_OP_MOCK_DOMAIN_REPLACE, stdev };
+    ((__u32 *)r.arg)[0] = nested.out_hwpt_id;
+    CHECK(ioctl(fd, IOMMU_TEST_CMD, &r) == 0);
+    return (int)f.out_fault_fd;
+}
+
+/* A read page request of device `idev` at `iova`, in group `group`; returns
+   once `queue` shows it. */
+static void page_request(int fd, int queue, __u32 idev, __u32 group, __u64 iova) {
+    struct test_cmd iopf = { sizeof(iopf), TEST_OP_TRIGGER_IOPF, 0 };
+    ((__u32 *)iopf.arg)[0] = idev;
+    ((__u32 *)iopf.arg)[2] = group;
+    ((__u32 *)iopf.arg)[3] = 1;
+    iopf.arg[2] = iova;
+    CHECK(ioctl(fd, IOMMU_TEST_CMD, &iopf) == 0);
+    struct pollfd p = { queue, POLLIN, 0 };
+    CHECK(poll(&p, 1, 5000) == 1);
+}
+
 /* How many allowed ranges the IOAS has, or -errno. */
 static int iova_ranges(int fd, __u32 ioas) {
     struct iova_range r[8];
