@@ -76,37 +76,67 @@ pub enum File {
     Device(Arc<crate::device_file::DeviceFile>),
 }
 
+impl File {
+    pub fn kind(&self) -> Kind {
+        match self {
+            File::Iommufd(_) => Kind::Iommufd,
+            File::TestAccess(_) => Kind::TestAccess,
+            File::FailNth(_) => Kind::FailNth,
+            File::Fault(_) => Kind::Fault,
+            File::Veventq(_) => Kind::Veventq,
+            File::VfioDevice(_) => Kind::VfioDevice,
+            File::VfioGroup(_) => Kind::VfioGroup,
+            File::Device(_) => Kind::Device,
+        }
+    }
+}
+
+/// A `File` without its object: what the file's Linux counterpart allows
+/// goes by it, wherever the object lives (here, or in `ioasid serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Iommufd,
+    TestAccess,
+    FailNth,
+    Fault,
+    Veventq,
+    VfioDevice,
+    VfioGroup,
+    Device,
+}
+
 /// What Linux's counterpart of each file allows, from its file operations
 /// and how it is opened. None has `llseek`: `lseek` is `ESPIPE` on every
 /// one (the shim answers it).
-impl File {
+impl Kind {
     /// Whether the shim keeps the file's mark, and the position it has, in
     /// the position of the memfd it is (see `Mark`). Fault queues and
     /// vEVENTQs are eventfds, which `poll` needs, and a back end's device is
     /// an open file other processes share (a back end opens its port
     /// through it): they are known by their inode instead.
-    pub fn marked_by_position(&self) -> bool {
-        !matches!(self, File::Fault(_) | File::Veventq(_) | File::Device(_))
+    pub fn marked_by_position(self) -> bool {
+        !matches!(self, Kind::Fault | Kind::Veventq | Kind::Device)
     }
 
     /// Whether it can be read (`FMODE_CAN_READ`: its operations have
     /// `read`); every form of `read` is `EINVAL` otherwise.
-    pub fn can_read(&self) -> bool {
-        matches!(self, File::FailNth(_) | File::Fault(_) | File::Veventq(_) | File::VfioDevice(_) | File::Device(_))
+    pub fn can_read(self) -> bool {
+        matches!(self, Kind::FailNth | Kind::Fault | Kind::Veventq | Kind::VfioDevice | Kind::Device)
     }
 
     /// Whether it can be written (`FMODE_CAN_WRITE`).
-    pub fn can_write(&self) -> bool {
-        matches!(self, File::FailNth(_) | File::Fault(_) | File::VfioDevice(_))
+    pub fn can_write(self) -> bool {
+        matches!(self, Kind::FailNth | Kind::Fault | Kind::VfioDevice)
     }
 
     /// Whether it takes positioned reads and writes (`FMODE_PREAD` and
     /// `FMODE_PWRITE`): files opened by path have them, and VFIO gives
     /// them to the device files it makes; the other anonymous files (the
-    /// queues, selftest accesses) do not, so `pread`, `pwrite` and their
-    /// vector forms are `ESPIPE` there, whatever the offset.
-    pub fn has_pread(&self) -> bool {
-        matches!(self, File::Iommufd(_) | File::VfioGroup(_) | File::VfioDevice(_) | File::FailNth(_))
+    /// queues, selftest accesses, back ends' devices) do not, so `pread`,
+    /// `pwrite` and their vector forms are `ESPIPE` there, whatever the
+    /// offset.
+    pub fn has_pread(self) -> bool {
+        matches!(self, Kind::Iommufd | Kind::VfioGroup | Kind::VfioDevice | Kind::FailNth)
     }
 }
 
@@ -153,7 +183,7 @@ impl Mark {
     /// The mark for a new entry of `file` at `fd`, set on the file now when
     /// it is one of those marked by position.
     fn new(fd: c_int, file: &File, serial: u64) -> Option<Mark> {
-        if !file.marked_by_position() {
+        if !file.kind().marked_by_position() {
             let (dev, ino) = inode(fd)?;
             return Some(Mark::Inode(dev, ino));
         }

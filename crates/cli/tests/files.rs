@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::run_c;
+use common::{run_c, run_c_args};
 
 /// What every program here starts with.
 const PRELUDE: &str = r#"
@@ -251,14 +251,12 @@ int main(void) {
     );
 }
 
-/// At the descriptor limit Linux answers EMFILE, and the iommufd has no
-/// read or write.
-#[test]
-fn the_iommufd_has_linuxs_errnos_for_files() {
-    run(
-        "file-errnos",
-        r#"
+/// The iommufd has no read, write or lseek, whatever their form, in
+/// process or in the daemon (where it is a socket, which would otherwise
+/// wait for a message).
+const NO_READ_WRITE_C: &str = r#"
 int main(void) {
+    alarm(10);
     int fd = open("/dev/iommu", O_RDWR);
     CHECK(fd >= 0);
     char buf[16] = {0};
@@ -281,6 +279,35 @@ int main(void) {
     CHECK(lseek(fd, 0, SEEK_SET) == -1 && errno == ESPIPE);
     CHECK(lseek(fd, 0, SEEK_CUR) == -1 && errno == ESPIPE);
     CHECK(syscall(SYS_lseek, fd, 4096, SEEK_SET) == -1 && errno == ESPIPE);
+    /* A duplicate is the same file. */
+    int again = fcntl(fd, F_DUPFD_CLOEXEC, 100);
+    CHECK(again >= 100 && read(again, buf, sizeof(buf)) == -1 && errno == EINVAL);
+    CHECK(ioas_alloc(fd) == 1);
+    printf("ok\n");
+    return 0;
+}
+"#;
+
+#[test]
+fn the_iommufd_has_no_read_write_or_lseek() {
+    run("no-read-write", NO_READ_WRITE_C);
+}
+
+#[test]
+fn the_daemons_iommufd_has_no_read_write_or_lseek() {
+    let serve = common::Serve::start("no-read-write");
+    run_c_args("no-read-write-daemon", &format!("{PRELUDE}{NO_READ_WRITE_C}"), &[], &["--socket", serve.socket()]);
+}
+
+/// At the descriptor limit Linux answers EMFILE.
+#[test]
+fn the_iommufd_has_linuxs_errnos_for_files() {
+    run(
+        "file-errnos",
+        r#"
+int main(void) {
+    int fd = open("/dev/iommu", O_RDWR);
+    CHECK(fd >= 0);
     CHECK(ioas_alloc(fd) == 1);
 
     struct rlimit lim = { 64, 64 };

@@ -75,12 +75,14 @@ pub const NOT_OURS: u32 = 17;
 /// (close-on-exec when `request` is 1; what it is in `arg`, one of the
 /// `FILE_*`) and answer with [`INSTALLED`].
 pub const INSTALL: u32 = 18;
-/// What an installed descriptor is: a plain file (a dma-buf), a context's
-/// other file (a selftest access), a fault queue or a vEVENTQ.
+/// What an installed descriptor is, for the shim's answers to `read`,
+/// `write` and the like: a file it leaves to the kernel (a dma-buf), a
+/// selftest access, a fault queue, a vEVENTQ or a device for a back end.
 pub const FILE_PLAIN: u64 = 0;
-pub const FILE_OBJECT: u64 = 1;
+pub const FILE_ACCESS: u64 = 1;
 pub const FILE_FAULT: u64 = 2;
 pub const FILE_VEVENTQ: u64 = 3;
+pub const FILE_DEVICE: u64 = 4;
 /// Daemon to shim: close the program's descriptor `fd`, which a command that
 /// failed after [`INSTALL`] must not leave behind. Not answered.
 pub const UNINSTALL: u32 = 19;

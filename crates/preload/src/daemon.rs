@@ -9,9 +9,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_int;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard};
 
+use arc_swap::ArcSwap;
+use ioasid_abi::files::Kind;
 use ioasid_serve::client::{Chan, Client};
 use ioasid_serve::wire;
 
@@ -21,12 +23,22 @@ static CLIENT: LazyLock<Option<Client>> = LazyLock::new(|| {
     Some(Client::new(path, installed))
 });
 
-/// The queues the daemon gave this process, by open file, with what they
-/// are (`wire::FILE_FAULT` or `wire::FILE_VEVENTQ`): their reads and writes
-/// are the kernel's, but the sizes Linux refuses are refused here first.
-static QUEUES: LazyLock<Mutex<HashMap<(u64, u64), u64>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
-/// How many there are, so that a program without any pays nothing.
-static NQUEUES: AtomicUsize = AtomicUsize::new(0);
+/// A number the daemon gave: the open file (`wire::identity`) and what it is.
+type Given = ((u64, u64), Kind);
+
+/// The files the daemon gave this process (opened, installed or
+/// duplicated here), by number, with the open file each number was given
+/// (a number closed behind the shim's back and reused names another file,
+/// which is then not taken for it). Their reads and writes are the
+/// kernel's, on the daemon's socket, but what Linux's files refuse (any
+/// read of an iommufd, a positioned one of a queue, a size a queue does not
+/// take) is refused here first, and a read of an iommufd does not wait on
+/// the socket for ever. A file another process passed this one is not
+/// here. Read without a lock, as a signal handler's `read` may come in the
+/// middle of an update.
+static GIVEN: LazyLock<ArcSwap<HashMap<c_int, Given>>> = LazyLock::new(ArcSwap::default);
+/// Whether the daemon gave any, so that a program without pays nothing.
+static ANY_GIVEN: AtomicBool = AtomicBool::new(false);
 
 fn identity(fd: c_int) -> Option<(u64, u64)> {
     // SAFETY: only inspected for the call's duration; a closed fd fails fstat.
@@ -42,20 +54,54 @@ fn is_socket(fd: c_int) -> bool {
 }
 
 fn installed(fd: c_int, kind: u64) {
-    if kind == wire::FILE_FAULT || kind == wire::FILE_VEVENTQ {
-        let Some(key) = identity(fd) else { return };
-        let mut q = QUEUES.lock().unwrap_or_else(|e| e.into_inner());
-        q.insert(key, kind);
-        NQUEUES.store(q.len(), Ordering::Release);
+    let kind = match kind {
+        wire::FILE_ACCESS => Kind::TestAccess,
+        wire::FILE_FAULT => Kind::Fault,
+        wire::FILE_VEVENTQ => Kind::Veventq,
+        wire::FILE_DEVICE => Kind::Device,
+        _ => return,
+    };
+    given_as(fd, kind);
+}
+
+fn given_as(fd: c_int, kind: Kind) {
+    let Some(key) = identity(fd) else { return };
+    GIVEN.rcu(|given| {
+        let mut given = HashMap::clone(given);
+        given.insert(fd, (key, kind));
+        given
+    });
+    ANY_GIVEN.store(true, Ordering::Release);
+}
+
+/// What `fd` is when the daemon gave it to this process; `None` for any
+/// other descriptor.
+pub fn given(fd: c_int) -> Option<Kind> {
+    if !ANY_GIVEN.load(Ordering::Acquire) {
+        return None;
+    }
+    let (key, kind) = *GIVEN.load().get(&fd)?;
+    (identity(fd)? == key).then_some(kind)
+}
+
+/// `new` is a duplicate of `old`: a file the daemon gave stays known.
+pub fn duplicated(old: c_int, new: c_int) {
+    if let Some(kind) = given(old) {
+        given_as(new, kind);
     }
 }
 
-/// A read or write of a queue the daemon gave this process, as Linux's
-/// file takes it: sizes it refuses are refused, and a read takes only what
-/// waits (0 when nothing does) and, from a vEVENTQ, only whole events.
-/// `None` for any other descriptor, and for writes the kernel may have.
-pub fn queue_rw(fd: c_int, rw: Rw) -> Option<Result<usize, c_int>> {
-    let fault = is_fault_queue(fd)?;
+/// A read or write of a file the daemon gave this process, of a kind
+/// that has it (see `Kind`), as Linux's file takes it: a queue refuses the
+/// sizes Linux's does, and its read takes only what waits (0 when nothing
+/// does) and, from a vEVENTQ, only whole events. `None` for what the
+/// kernel does: a fault queue's write, a device's read.
+pub fn given_rw(fd: c_int, kind: Kind, rw: Rw) -> Option<Result<usize, c_int>> {
+    let fault = match kind {
+        Kind::Fault => true,
+        Kind::Veventq => false,
+        _ => return None,
+    };
     Some(match rw {
         Rw::Read { count, .. } if fault && count % ioasid_abi::fault::RECORD as u64 != 0 => Err(libc::ESPIPE),
         Rw::Read { buf, count } if fault => receive(fd, buf, count as usize, 0),
@@ -65,16 +111,6 @@ pub fn queue_rw(fd: c_int, rw: Rw) -> Option<Result<usize, c_int>> {
         Rw::Write { .. } if fault => return None,
         Rw::Write { .. } => Err(libc::EINVAL),
     })
-}
-
-/// Whether `fd` is a queue the daemon gave this process: a fault queue
-/// (`true`) or a vEVENTQ (`false`). `None` for any other descriptor.
-pub fn is_fault_queue(fd: c_int) -> Option<bool> {
-    if NQUEUES.load(Ordering::Acquire) == 0 {
-        return None;
-    }
-    let kind = *QUEUES.lock().unwrap_or_else(|e| e.into_inner()).get(&identity(fd)?)?;
-    Some(kind == wire::FILE_FAULT)
 }
 
 /// A read into `buf` or a write, of `count` bytes.
@@ -138,7 +174,11 @@ pub fn client() -> Option<&'static Client> {
 
 /// `open("/dev/iommu")` in daemon mode: `None` in-process.
 pub fn open(flags: c_int) -> Option<Result<c_int, c_int>> {
-    Some(client()?.open(flags))
+    let opened = client()?.open(flags);
+    if let Ok(fd) = opened {
+        given_as(fd, Kind::Iommufd);
+    }
+    Some(opened)
 }
 
 /// Whether `request` may be the daemon's: iommufd's type (VFIO's too) or

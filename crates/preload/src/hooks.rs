@@ -5,7 +5,7 @@ use std::ffi::{CStr, c_char, c_int, c_long, c_uint, c_ulong, c_void};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use ioasid_abi::files::{self, File};
+use ioasid_abi::files::{self, File, Kind};
 use ioasid_abi::{InProcess, UserMemory};
 use ioasid_engine::Context;
 
@@ -357,6 +357,7 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 fn duplicated(old: c_int, new: c_int) -> c_int {
     if new >= 0 {
         files::duplicate(old, new);
+        crate::daemon::duplicated(old, new);
     }
     new
 }
@@ -431,56 +432,36 @@ impl Rw {
     }
 }
 
-/// What Linux's file allows before its own `read` or `write` runs.
-#[derive(Clone, Copy)]
-struct Allows {
-    read: bool,
-    write: bool,
-    /// `FMODE_PREAD` and `FMODE_PWRITE`.
-    positioned: bool,
+/// Linux's checks before a file's own `read` or `write` runs, in its
+/// order: a negative offset, a file without positioned reads and writes
+/// (`ESPIPE`), one without the operation.
+fn refused(kind: Kind, at: Option<i64>, write: bool) -> Result<(), c_int> {
+    if at.is_some_and(|p| p < 0) {
+        return Err(libc::EINVAL);
+    }
+    if at.is_some() && !kind.has_pread() {
+        return Err(libc::ESPIPE);
+    }
+    if !(if write { kind.can_write() } else { kind.can_read() }) {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
 }
 
-impl Allows {
-    fn of(file: &File) -> Allows {
-        Allows { read: file.can_read(), write: file.can_write(), positioned: file.has_pread() }
-    }
-
-    /// A queue the daemon gave this process: a fault queue is read and
-    /// written, a vEVENTQ only read; neither is positioned.
-    fn queue(fault: bool) -> Allows {
-        Allows { read: true, write: fault, positioned: false }
-    }
-
-    /// Linux's checks, in its order: a negative offset, a file without
-    /// positioned reads and writes (`ESPIPE`), one without `read` or
-    /// `write`.
-    fn check(self, at: Option<i64>, write: bool) -> Result<(), c_int> {
-        if at.is_some_and(|p| p < 0) {
-            return Err(libc::EINVAL);
-        }
-        if at.is_some() && !self.positioned {
-            return Err(libc::ESPIPE);
-        }
-        if !(if write { self.write } else { self.read }) {
-            return Err(libc::EINVAL);
-        }
-        Ok(())
-    }
-}
-
-/// One buffer's read or write of `fd`, when it is an ioasid file or a queue
-/// the daemon gave this process; `None` for any other, which the C
-/// library serves.
+/// One buffer's read or write of `fd`, when it is an ioasid file or one
+/// the daemon gave this process; `None` for any other, which the C library
+/// serves.
 fn rw_one(fd: c_int, rw: Rw) -> Option<isize> {
     rw_ioasid(fd, rw).or_else(|| {
-        // A positioned one is left to the queue's socket, which refuses it
-        // as Linux's queue does (`EINVAL`, `ESPIPE`).
-        let queued = match rw {
-            Rw { at: Some(_), .. } => return None,
+        let kind = crate::daemon::given(fd)?;
+        if let Err(e) = refused(kind, rw.at, rw.write) {
+            return Some(finish(Err(e)));
+        }
+        let rw = match rw {
             Rw { write: false, buf, count, .. } => crate::daemon::Rw::Read { buf, count: count as u64 },
             Rw { write: true, count, .. } => crate::daemon::Rw::Write { count: count as u64 },
         };
-        crate::daemon::queue_rw(fd, queued).map(finish)
+        crate::daemon::given_rw(fd, kind, rw).map(finish)
     })
 }
 
@@ -492,7 +473,7 @@ fn rw_ioasid(fd: c_int, rw: Rw) -> Option<isize> {
         let entry = files::rw_file(fd)?;
         let _shield = crate::signals::Shield::raise();
         panic_for_test();
-        if let Err(e) = Allows::of(&entry.file).check(rw.at, rw.write) {
+        if let Err(e) = refused(entry.file.kind(), rw.at, rw.write) {
             return Some(finish(Err(e)));
         }
         if let Some(r) = forwarded(&entry, rw.call()) {
@@ -505,7 +486,7 @@ fn rw_ioasid(fd: c_int, rw: Rw) -> Option<isize> {
     })
 }
 
-/// `read(2)` of an ioasid file that has one (see `Allows`).
+/// `read(2)` of an ioasid file that has one (see `refused`).
 fn read_ioasid(fd: c_int, file: &File, Rw { buf, count, at, .. }: Rw) -> Result<usize, c_int> {
     match file {
         File::FailNth(tid) => at_position(fd, at, |off| {
@@ -523,7 +504,7 @@ fn read_ioasid(fd: c_int, file: &File, Rw { buf, count, at, .. }: Rw) -> Result<
     }
 }
 
-/// `write(2)` to an ioasid file that has one (see `Allows`).
+/// `write(2)` to an ioasid file that has one (see `refused`).
 fn write_ioasid(fd: c_int, file: &File, Rw { buf, count, at, .. }: Rw) -> Result<usize, c_int> {
     match file {
         // Linux's takes the number from the first bytes and leaves the
@@ -610,15 +591,13 @@ fn vectored(
     flags: c_int,
     write: bool,
 ) -> Option<isize> {
-    let allows = match files::rw_file(fd) {
-        Some(entry) => Allows::of(&entry.file),
-        // The daemon's queue refuses the positioned forms itself (see `rw_one`).
-        None if at.is_none() => Allows::queue(crate::daemon::is_fault_queue(fd)?),
-        None => return None,
+    let kind = match files::rw_file(fd) {
+        Some(entry) => entry.file.kind(),
+        None => crate::daemon::given(fd)?,
     };
     caught(Some(-1), || {
         let moved = (|| {
-            allows.check(at, write)?;
+            refused(kind, at, write)?;
             let bufs = import_iovec(iov, count)?;
             let total: u64 = bufs.iter().map(|&(_, len)| len).sum();
             if total == 0 {
@@ -1307,14 +1286,14 @@ mod tests {
     /// and writes, one without the operation.
     #[test]
     fn reads_and_writes_are_refused_in_linuxs_order() {
-        let veventq = Allows::queue(false);
-        assert_eq!(veventq.check(Some(-1), true), Err(libc::EINVAL));
-        assert_eq!(veventq.check(Some(0), true), Err(libc::ESPIPE));
-        assert_eq!(veventq.check(None, true), Err(libc::EINVAL));
-        assert_eq!(veventq.check(None, false), Ok(()));
-        assert_eq!(Allows::queue(true).check(None, true), Ok(()));
-        let iommufd = Allows { read: false, write: false, positioned: true };
-        assert_eq!(iommufd.check(Some(0), false), Err(libc::EINVAL));
+        assert_eq!(refused(Kind::Veventq, Some(-1), true), Err(libc::EINVAL));
+        assert_eq!(refused(Kind::Veventq, Some(0), true), Err(libc::ESPIPE));
+        assert_eq!(refused(Kind::Veventq, None, true), Err(libc::EINVAL));
+        assert_eq!(refused(Kind::Veventq, None, false), Ok(()));
+        assert_eq!(refused(Kind::Fault, None, true), Ok(()));
+        assert_eq!(refused(Kind::Iommufd, Some(0), false), Err(libc::EINVAL));
+        assert_eq!(refused(Kind::TestAccess, Some(0), false), Err(libc::ESPIPE));
+        assert_eq!(refused(Kind::VfioDevice, Some(1 << 40), true), Ok(()));
     }
 
     /// A handler's panic must not unwind into the C caller (which aborts

@@ -406,7 +406,9 @@ impl Descriptors for Peer<'_> {
         let kind = match file {
             File::Fault(_) => wire::FILE_FAULT,
             File::Veventq(_) => wire::FILE_VEVENTQ,
-            _ => wire::FILE_OBJECT,
+            File::Device(_) => wire::FILE_DEVICE,
+            File::TestAccess(_) => wire::FILE_ACCESS,
+            _ => wire::FILE_PLAIN,
         };
         if let File::Device(d) = &file {
             // Back ends' events are read from the program's end.
