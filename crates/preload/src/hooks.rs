@@ -570,9 +570,11 @@ lseek_hook!(lseek64);
 /// (`INT_MAX` rounded down to a page).
 const UIO_MAXIOV: c_int = 1024;
 const MAX_RW_COUNT: u64 = i32::MAX as u64 & !4095;
-/// The end of the user address space (x86-64, 4-level page tables), past
-/// which a buffer is `EFAULT` before anything is moved.
-const TASK_SIZE_MAX: u64 = (1 << 47) - 4096;
+/// The end of the user address space, past which a buffer is `EFAULT`
+/// before anything is moved: x86-64's with 5-level page tables, so that no
+/// buffer a program can have is refused. With 4-level tables Linux's bound
+/// is lower; a buffer between the two fails when its turn comes.
+const TASK_SIZE_MAX: u64 = (1 << 56) - 4096;
 /// The one flag Linux takes for a file without `read_iter` or `write_iter`.
 const RWF_HIPRI: c_int = 1;
 

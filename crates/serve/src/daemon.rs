@@ -265,6 +265,7 @@ impl Daemon {
             ..ioasid_engine::ContextConfig::of_client(pid)
         };
         let ctx = Arc::new(Context::with_config(config));
+        ends_reads(&ours);
         self.hold(&theirs, Arc::new(ours), Holding::File(File::Iommufd(ctx)), uid)?;
         tracing::debug!(pid, uid, "context opened");
         Ok(theirs)
@@ -410,9 +411,11 @@ impl Descriptors for Peer<'_> {
             File::TestAccess(_) => wire::FILE_ACCESS,
             _ => wire::FILE_PLAIN,
         };
-        if let File::Device(d) = &file {
+        match &file {
             // Back ends' events are read from the program's end.
-            d.send_events_to(ours.clone());
+            File::Device(d) => d.send_events_to(ours.clone()),
+            File::Fault(_) | File::Veventq(_) => {}
+            _ => ends_reads(&ours),
         }
         let key = self.daemon.hold(&theirs, ours.clone(), Holding::File(file.clone()), self.uid)?;
         if queue {
@@ -515,4 +518,14 @@ impl Installer for Notified<'_, '_> {
     /// answer is tried before it is added (see `Peer::install`), so only a
     /// program that unmaps its argument meanwhile is left holding one.
     fn uninstall(&self, _n: i32) {}
+}
+
+/// The daemon never writes to the socket of a file whose Linux counterpart
+/// has no `read` (an iommufd, a selftest access): shut for writing, a read
+/// of the program's end sees the end of the file at once instead of
+/// waiting for ever, where the shim cannot answer it (`EINVAL`) itself: in
+/// a supervised program, or one that received the file from another
+/// process. Its hang-up still shows: that is the program's end closing.
+fn ends_reads(ours: &OwnedFd) {
+    let _ = rustix::net::shutdown(ours, rustix::net::Shutdown::Write);
 }
