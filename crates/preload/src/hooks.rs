@@ -542,7 +542,7 @@ fn at_position(
 
 /// `lseek` of an ioasid file: `ESPIPE`, as none of Linux's counterparts
 /// has `llseek` (their position is the shim's, see `files`); `None` for
-/// any other file. A queue the daemon gave is a socket, which refuses it
+/// any other file. A file the daemon gave is a socket, which refuses it
 /// itself.
 fn lseek_ioasid(fd: c_int) -> Option<i64> {
     files::rw_file(fd).map(|_| {
@@ -660,7 +660,7 @@ fn import_iovec(iov: *const libc::iovec, count: c_int) -> Result<Vec<(u64, u64)>
         InProcess.read(iov as u64 + i * raw.len() as u64, &mut raw).map_err(|e| e.0)?;
         let (base, len) = raw.split_at(8);
         let (base, len) = (u64::from_ne_bytes(base.try_into().unwrap()), u64::from_ne_bytes(len.try_into().unwrap()));
-        if len as i64 <= -1 {
+        if len > i64::MAX as u64 {
             return Err(libc::EINVAL);
         }
         bufs.push((base, len));
@@ -686,7 +686,7 @@ macro_rules! vectored_hook {
         /// As the C library's function of the same name.
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name(fd: c_int, iov: *const libc::iovec, count: c_int $(, $arg: $ty)*) -> isize {
-            vectored(fd, iov, count, $at, $flags, $write)
+            caught(None, || vectored(fd, iov, count, $at, $flags, $write))
                 // SAFETY: forwarding the caller's own arguments.
                 .unwrap_or_else(|| unsafe { real::$name()(fd, iov, count $(, $arg)*) })
         }
