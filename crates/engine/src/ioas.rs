@@ -1065,16 +1065,22 @@ impl Inner {
         } else {
             &self.allowed[self.allowed.partition_point(|a| a.last < from)..]
         };
-        let used = iova::union(self.reserved.iter().map(|r| r.0).chain(self.areas.ranges_from(from)));
-        let mut holes =
-            spans.iter().filter_map(|a| a.intersect(&window)).flat_map(|span| iova::holes_iter(&used, span));
-        let Some(first) = holes.next() else {
-            self.areas.free_from = u64::MAX;
-            return Err(no_space);
-        };
+        // The used ranges are read as the search goes, never gathered: it
+        // mostly ends at the first hole, however many areas lie above.
+        let mut reserved: Vec<IovaRange> = self.reserved.iter().map(|r| r.0).filter(|r| r.last >= from).collect();
+        reserved.sort_unstable();
+        let (areas, reserved) = (&self.areas, &reserved);
+        let used_from = |at: u64| iova::merge(reserved.iter().copied(), areas.ranges_from(at));
+        let mut first_hole = None;
+        let found = spans
+            .iter()
+            .filter_map(|a| a.intersect(&window))
+            .flat_map(|span| iova::holes_iter(used_from(span.start), span))
+            .inspect(|hole| _ = first_hole.get_or_insert(hole.start))
+            .find_map(|hole| iova::fit(hole, len, align, offset));
         // Everything between the search's start and the first hole is used.
-        self.areas.free_from = first.start;
-        std::iter::once(first).chain(holes).find_map(|hole| iova::fit(hole, len, align, offset)).ok_or(no_space)
+        self.areas.free_from = first_hole.unwrap_or(u64::MAX);
+        found.ok_or(no_space)
     }
 
     /// Maps a new area into every domain (pinning first) and enters it.

@@ -93,14 +93,19 @@ pub(crate) fn union(ranges: impl IntoIterator<Item = IovaRange>) -> Vec<IovaRang
 
 /// The holes of `used` (sorted, disjoint) inside `window`.
 pub(crate) fn holes(used: &[IovaRange], window: IovaRange) -> Vec<IovaRange> {
-    holes_iter(used, window).collect()
+    holes_iter(used.iter().copied(), window).collect()
 }
 
-/// [`holes`], found one at a time as they are asked for, with no list made.
-pub(crate) fn holes_iter(used: &[IovaRange], window: IovaRange) -> impl Iterator<Item = IovaRange> + '_ {
+/// [`holes`], found one at a time as they are asked for, with no list made;
+/// `used` need only be sorted by start (its ranges may overlap), and is
+/// read no further than the holes asked for.
+pub(crate) fn holes_iter(
+    used: impl IntoIterator<Item = IovaRange>,
+    window: IovaRange,
+) -> impl Iterator<Item = IovaRange> {
     // The first IOVA not known to be used; `None` past the top of the space.
     let mut cursor = Some(window.start);
-    let mut used = used.iter();
+    let mut used = used.into_iter();
     std::iter::from_fn(move || {
         loop {
             let c = cursor?;
@@ -117,6 +122,20 @@ pub(crate) fn holes_iter(used: &[IovaRange], window: IovaRange) -> impl Iterator
                 return Some(IovaRange::new(c, u.start - 1));
             }
         }
+    })
+}
+
+/// The ranges of `a` and `b`, each sorted by start, as one run sorted by
+/// start.
+pub(crate) fn merge(
+    a: impl IntoIterator<Item = IovaRange>,
+    b: impl IntoIterator<Item = IovaRange>,
+) -> impl Iterator<Item = IovaRange> {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.start < x.start => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
     })
 }
 
