@@ -905,6 +905,43 @@ fn object_ids(h: &mut Harness) {
     );
 }
 
+/// A one-page map at an IOVA the IOAS chooses, and its unmap, in an IOAS
+/// holding 100 k one-page areas with a hole in the middle: the lowest hole
+/// that fits is the answer, as Linux's.
+fn map_anywhere(h: &mut Harness) {
+    const LIVE: u64 = 100_000;
+    let figure = "map + unmap: one page at an IOVA the IOAS chooses, 100 k areas, a hole among them";
+    if !h.wants(figure) {
+        return;
+    }
+    let mem = HostBuffer::new(PAGE as usize).unwrap();
+    let (ctx, _domain) = domain_with(&mem, 1, false);
+    let ioas = IoasId::new(1);
+    ctx.unmap(ioas, 0, u64::MAX).unwrap();
+    let plain = PlainIoas::new();
+    let mut iovas = Vec::new();
+    for _ in 0..LIVE {
+        // SAFETY: `mem` outlives the context.
+        iovas.push(unsafe { ctx.map_user(ioas, mem.addr(), PAGE, None, Perm::RW).unwrap() });
+        plain.map_anywhere(mem.addr(), PAGE);
+    }
+    let hole = iovas[LIVE as usize / 2];
+    ctx.unmap(ioas, hole, PAGE).unwrap();
+    plain.unmap(hole, PAGE);
+    h.compare(
+        figure,
+        iter("ioasid", "`map_user` of one page with no IOVA given (it gets the hole), then `unmap`", || {
+            // SAFETY: `mem` outlives the context.
+            let iova = unsafe { ctx.map_user(ioas, mem.addr(), PAGE, None, Perm::RW).unwrap() };
+            ctx.unmap(ioas, black_box(iova), PAGE).unwrap()
+        }),
+        iter(PLAIN, "`PlainIoas::map_anywhere`: the holes searched from the bottom, as Linux's; then `unmap`", || {
+            let iova = plain.map_anywhere(mem.addr(), PAGE);
+            plain.unmap(black_box(iova), PAGE)
+        }),
+    );
+}
+
 /// The allocator a VMM would write by hand: a lock around a set of free IDs.
 struct PlainAllocator(std::sync::Mutex<std::collections::BTreeSet<u32>>);
 
@@ -1186,7 +1223,7 @@ fn unmap_under_translation(h: &mut Harness) {
 
 fn main() {
     let mut h = Harness::new("engine");
-    let benches: [fn(&mut Harness); 16] = [
+    let benches: [fn(&mut Harness); 17] = [
         iotlb_hit,
         page_walk,
         nested_walk,
@@ -1202,6 +1239,7 @@ fn main() {
         fault_round_trip,
         pasid,
         object_ids,
+        map_anywhere,
         unmap_under_translation,
     ];
     for bench in benches {

@@ -111,6 +111,21 @@ impl PlainIoas {
         areas.insert(iova, Area { last, page });
     }
 
+    /// Maps `len` bytes at `host` (4 KiB leaves) at the lowest IOVA from
+    /// 4 KiB up that fits, found as Linux's `iopt_alloc_iova` finds it: the
+    /// holes between the areas, from the bottom. Returns the IOVA.
+    pub fn map_anywhere(&self, host: u64, len: u64) -> u64 {
+        let mut at = 4096;
+        for (&start, a) in self.areas.lock().unwrap().iter() {
+            if start - at >= len {
+                break;
+            }
+            at = at.max(a.last + 1);
+        }
+        self.map(at, host, len, 4096);
+        at
+    }
+
     /// Unmaps the areas inside `[iova, iova + len)`.
     pub fn unmap(&self, iova: u64, len: u64) {
         let last = iova + (len - 1);
