@@ -264,9 +264,9 @@ impl Daemon {
             max_queue_depth: Some(self.limits.queue_depth),
             ..ioasid_engine::ContextConfig::of_client(pid)
         };
-        let ctx = Arc::new(Context::with_config(config));
-        ends_reads(&ours);
-        self.hold(&theirs, Arc::new(ours), Holding::File(File::Iommufd(ctx)), uid)?;
+        let file = File::Iommufd(Arc::new(Context::with_config(config)));
+        end_reads_unless_readable(&file, &ours);
+        self.hold(&theirs, Arc::new(ours), Holding::File(file), uid)?;
         tracing::debug!(pid, uid, "context opened");
         Ok(theirs)
     }
@@ -411,12 +411,11 @@ impl Descriptors for Peer<'_> {
             File::TestAccess(_) => wire::FILE_ACCESS,
             _ => wire::FILE_PLAIN,
         };
-        match &file {
+        if let File::Device(d) = &file {
             // Back ends' events are read from the program's end.
-            File::Device(d) => d.send_events_to(ours.clone()),
-            File::Fault(_) | File::Veventq(_) => {}
-            _ => ends_reads(&ours),
+            d.send_events_to(ours.clone());
         }
+        end_reads_unless_readable(&file, &ours);
         let key = self.daemon.hold(&theirs, ours.clone(), Holding::File(file.clone()), self.uid)?;
         if queue {
             // `fd` is the queue's eventfd, readable while records wait.
@@ -521,11 +520,14 @@ impl Installer for Notified<'_, '_> {
 }
 
 /// The daemon never writes to the socket of a file whose Linux counterpart
-/// has no `read` (an iommufd, a selftest access): shut for writing, a read
-/// of the program's end sees the end of the file at once instead of
-/// waiting for ever, where the shim cannot answer it (`EINVAL`) itself: in
-/// a supervised program, or one that received the file from another
-/// process. Its hang-up still shows: that is the program's end closing.
-fn ends_reads(ours: &OwnedFd) {
-    let _ = rustix::net::shutdown(ours, rustix::net::Shutdown::Write);
+/// has no `read` (`Kind::can_read`: an iommufd, a selftest access): shut
+/// for writing, a read of the program's end sees the end of the file at
+/// once instead of waiting for ever, where the shim cannot answer it
+/// (`EINVAL`) itself: in a supervised program, or one that received the
+/// file from another process. Its hang-up still shows: that is the
+/// program's end closing.
+fn end_reads_unless_readable(file: &File, ours: &OwnedFd) {
+    if !file.kind().can_read() {
+        let _ = rustix::net::shutdown(ours, rustix::net::Shutdown::Write);
+    }
 }
